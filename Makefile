@@ -1,0 +1,39 @@
+# Run `make help` for the targets.
+PYTHON ?= .venv/bin/python
+VENV ?= .venv
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## Create .venv and install the service with its dev tools
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+proto: ## Regenerate generated/ from protos/
+	rm -rf generated/agent
+	mkdir -p generated
+	$(PYTHON) -m grpc_tools.protoc -I protos --python_out=generated --pyi_out=generated \
+		--grpc_python_out=generated protos/agent/v1/agent.proto
+	touch generated/agent/__init__.py generated/agent/v1/__init__.py
+
+run: ## Start the service (offline scripted model unless ANTHROPIC_API_KEY is set)
+	$(PYTHON) -m service
+
+lint: ## ruff and mypy
+	$(PYTHON) -m ruff check service tools tests bench
+	$(PYTHON) -m ruff format --check service tools tests bench
+	$(PYTHON) -m mypy
+
+fmt: ## Format the code
+	$(PYTHON) -m ruff format service tools tests bench
+	$(PYTHON) -m ruff check --fix service tools tests bench
+
+test: ## Run the tests
+	$(PYTHON) -m pytest
+
+check: lint test ## Lint, types and tests, as CI runs them
+
+.PHONY: help install proto run lint fmt test check

@@ -1,0 +1,287 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ToolStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_STATUS_UNSPECIFIED: _ClassVar[ToolStatus]
+    TOOL_STATUS_OK: _ClassVar[ToolStatus]
+    TOOL_STATUS_ERROR: _ClassVar[ToolStatus]
+    TOOL_STATUS_TIMEOUT: _ClassVar[ToolStatus]
+    TOOL_STATUS_PARTIAL: _ClassVar[ToolStatus]
+    TOOL_STATUS_REJECTED: _ClassVar[ToolStatus]
+    TOOL_STATUS_RATE_LIMITED: _ClassVar[ToolStatus]
+    TOOL_STATUS_CIRCUIT_OPEN: _ClassVar[ToolStatus]
+    TOOL_STATUS_CANCELLED: _ClassVar[ToolStatus]
+TOOL_STATUS_UNSPECIFIED: ToolStatus
+TOOL_STATUS_OK: ToolStatus
+TOOL_STATUS_ERROR: ToolStatus
+TOOL_STATUS_TIMEOUT: ToolStatus
+TOOL_STATUS_PARTIAL: ToolStatus
+TOOL_STATUS_REJECTED: ToolStatus
+TOOL_STATUS_RATE_LIMITED: ToolStatus
+TOOL_STATUS_CIRCUIT_OPEN: ToolStatus
+TOOL_STATUS_CANCELLED: ToolStatus
+
+class RunAgentRequest(_message.Message):
+    __slots__ = ("message", "system", "model", "max_turns", "tools", "metadata", "max_tokens")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_TURNS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    system: str
+    model: str
+    max_turns: int
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    metadata: _containers.ScalarMap[str, str]
+    max_tokens: int
+    def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("run_id", "seq", "time", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    RUN_STARTED_FIELD_NUMBER: _ClassVar[int]
+    THINKING_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_DELTA_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_READY_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RETRY_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FAILED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    seq: int
+    time: _timestamp_pb2.Timestamp
+    run_started: RunStarted
+    thinking: Thinking
+    text_delta: TextDelta
+    tool_call: ToolCall
+    tool_call_delta: ToolCallDelta
+    tool_call_ready: ToolCallReady
+    tool_result_chunk: ToolResultChunk
+    tool_retry: ToolRetry
+    tool_fallback: ToolFallback
+    tool_result: ToolResult
+    execution_failed: ExecutionFailed
+    usage: Usage
+    final_response: FinalResponse
+    error: Error
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class RunStarted(_message.Message):
+    __slots__ = ("model", "tools", "max_turns")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TURNS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    max_turns: int
+    def __init__(self, model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., max_turns: _Optional[int] = ...) -> None: ...
+
+class Thinking(_message.Message):
+    __slots__ = ("turn", "text")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    text: str
+    def __init__(self, turn: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("turn", "text")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    text: str
+    def __init__(self, turn: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("turn", "call_id", "name")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    call_id: str
+    name: str
+    def __init__(self, turn: _Optional[int] = ..., call_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ToolCallDelta(_message.Message):
+    __slots__ = ("call_id", "partial_json")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_JSON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    partial_json: str
+    def __init__(self, call_id: _Optional[str] = ..., partial_json: _Optional[str] = ...) -> None: ...
+
+class ToolCallReady(_message.Message):
+    __slots__ = ("call_id", "name", "input")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    name: str
+    input: _struct_pb2.Struct
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ToolResultChunk(_message.Message):
+    __slots__ = ("call_id", "index", "total", "data")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    index: int
+    total: int
+    data: _struct_pb2.Value
+    def __init__(self, call_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class ToolRetry(_message.Message):
+    __slots__ = ("call_id", "attempt", "max_attempts", "wait", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    attempt: int
+    max_attempts: int
+    wait: _duration_pb2.Duration
+    error: str
+    def __init__(self, call_id: _Optional[str] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ToolFallback(_message.Message):
+    __slots__ = ("call_id", "primary", "fallback", "reason")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    primary: str
+    fallback: str
+    reason: str
+    def __init__(self, call_id: _Optional[str] = ..., primary: _Optional[str] = ..., fallback: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ToolResult(_message.Message):
+    __slots__ = ("call_id", "name", "status", "duration", "data", "error", "attempts", "cache_hit", "answered_by")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    name: str
+    status: ToolStatus
+    duration: _duration_pb2.Duration
+    data: _struct_pb2.Value
+    error: str
+    attempts: int
+    cache_hit: bool
+    answered_by: str
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[ToolStatus, str]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., answered_by: _Optional[str] = ...) -> None: ...
+
+class ExecutionFailed(_message.Message):
+    __slots__ = ("execution_id", "call_id", "tool", "message")
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    execution_id: str
+    call_id: str
+    tool: str
+    message: str
+    def __init__(self, execution_id: _Optional[str] = ..., call_id: _Optional[str] = ..., tool: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("turn", "input_tokens", "output_tokens", "total_input_tokens", "total_output_tokens")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    input_tokens: int
+    output_tokens: int
+    total_input_tokens: int
+    total_output_tokens: int
+    def __init__(self, turn: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_input_tokens: _Optional[int] = ..., total_output_tokens: _Optional[int] = ...) -> None: ...
+
+class FinalResponse(_message.Message):
+    __slots__ = ("text", "stop_reason", "turns", "tool_calls", "input_tokens", "output_tokens", "duration")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    stop_reason: str
+    turns: int
+    tool_calls: int
+    input_tokens: int
+    output_tokens: int
+    duration: _duration_pb2.Duration
+    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[str] = ..., turns: _Optional[int] = ..., tool_calls: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "retryable")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    retryable: bool
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+
+class ListToolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ToolInfo(_message.Message):
+    __slots__ = ("name", "description", "input_schema", "streaming")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_schema: _struct_pb2.Struct
+    streaming: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., streaming: _Optional[bool] = ...) -> None: ...
+
+class ListToolsResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[ToolInfo]
+    def __init__(self, tools: _Optional[_Iterable[_Union[ToolInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,44 @@
+"""`python -m service`: start the agent service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from service.config import ConfigError, load_config
+from service.server import serve
+from service.telemetry import setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service", description="gRPC streaming agent service")
+    parser.add_argument("--listen", help="gRPC address HOST:PORT (env AGENT_LISTEN; default 0.0.0.0:50051)")
+    parser.add_argument(
+        "--metrics-listen",
+        help="Prometheus /metrics address HOST:PORT (env AGENT_METRICS_LISTEN; default 0.0.0.0:9464)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ["AGENT_CONFIG"]) if os.environ.get("AGENT_CONFIG") else None,
+        help="YAML config file (env AGENT_CONFIG; defaults need no file)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "INFO"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config, listen=args.listen, metrics_listen=args.metrics_listen)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

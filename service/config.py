@@ -1,0 +1,110 @@
+"""Service configuration: a YAML file (optional) over defaults that need no file, then flags and environment.
+
+Precedence, highest first: command-line flag, environment variable, YAML file, default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pacing(_Strict):
+    """Scripted-model timing: delay before the first token and between tokens."""
+
+    first_token_ms: float = Field(default=100.0, ge=0)
+    token_interval_ms: float = Field(default=20.0, ge=0)
+
+
+class ModelRetry(_Strict):
+    attempts: int = Field(default=3, ge=1, le=10, description="tries per model turn, the first included")
+    initial_backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=8.0, ge=0)
+
+
+class ModelConfig(_Strict):
+    provider: Literal["auto", "anthropic", "scripted"] = Field(
+        default="auto", description="auto: anthropic when ANTHROPIC_API_KEY is set, else scripted"
+    )
+    name: str = Field(default="claude-sonnet-4-5", description="default model for the anthropic provider")
+    max_tokens: int = Field(default=4096, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    thinking_budget: int | None = Field(default=None, ge=1024)
+    scenario: Path | None = Field(default=None, description="scripted provider: scenario file; the demo if unset")
+    pacing: Pacing | None = Field(default=None, description="scripted provider: overrides the scenario's pacing")
+    retry: ModelRetry = ModelRetry()
+
+
+class Limits(_Strict):
+    max_message_bytes: int = Field(default=100 * 1024, ge=1)
+    default_max_turns: int = Field(default=10, ge=1)
+    max_turns: int = Field(default=50, ge=1, description="largest max_turns a request may ask for")
+    max_tokens: int = Field(default=64000, ge=1, description="largest max_tokens a request may ask for")
+    max_system_bytes: int = Field(default=100 * 1024, ge=1)
+    max_metadata_entries: int = Field(default=64, ge=0)
+    max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    tool_timeout_s: float = Field(default=30.0, gt=0, description="hard timeout of one tool call")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Limits:
+        if self.default_max_turns > self.max_turns:
+            raise ValueError("default_max_turns must not exceed max_turns")
+        return self
+
+
+class Config(_Strict):
+    listen: str = "0.0.0.0:50051"
+    metrics_listen: str = "0.0.0.0:9464"
+    data_dir: Path = Path("var")
+    system_prompt: str = (
+        "You are an operations assistant for a logistics back office. Use the tools to look up facts; "
+        "say which tool each fact came from; be brief."
+    )
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    reflection: bool = True
+    model: ModelConfig = ModelConfig()
+    limits: Limits = Limits()
+    tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-tool options by tool name")
+    tool_modules: list[str] = Field(
+        default_factory=list, description="extra Python modules that define create(config) -> Tool"
+    )
+
+
+ENV_VARS = {
+    "listen": "AGENT_LISTEN",
+    "metrics_listen": "AGENT_METRICS_LISTEN",
+    "data_dir": "AGENT_DATA_DIR",
+}
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not YAML, or does not fit the schema."""
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Read `path` (if given), apply environment variables, then non-None `overrides` (from flags)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping, not {type(loaded).__name__}")
+        raw.update(loaded)
+    for key, var in ENV_VARS.items():
+        if os.environ.get(var):
+            raw[key] = os.environ[var]
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc

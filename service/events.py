@@ -1,0 +1,127 @@
+"""Domain events of a run: one small frozen dataclass per kind, and their union. The loop yields these; `api.py`
+turns them into `AgentEvent` protobufs, numbering them per run."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class ToolStatus(enum.Enum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    PARTIAL = "partial"
+    REJECTED = "rejected"
+    RATE_LIMITED = "rate_limited"
+    CIRCUIT_OPEN = "circuit_open"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunStarted:
+    model: str
+    tools: tuple[str, ...]
+    max_turns: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Thinking:
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TextDelta:
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolCall:
+    turn: int
+    call_id: str
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolCallDelta:
+    call_id: str
+    partial_json: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolCallReady:
+    call_id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolResultChunk:
+    call_id: str
+    index: int
+    total: int | None
+    data: Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolResult:
+    call_id: str
+    name: str
+    status: ToolStatus
+    duration_s: float
+    data: Any = None
+    error: str = ""
+    attempts: int = 1
+    cache_hit: bool = False
+    answered_by: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (ToolStatus.OK, ToolStatus.PARTIAL)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Usage:
+    turn: int
+    input_tokens: int
+    output_tokens: int
+    total_input_tokens: int
+    total_output_tokens: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FinalResponse:
+    text: str
+    stop_reason: str
+    turns: int
+    tool_calls: int
+    input_tokens: int
+    output_tokens: int
+    duration_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunFailed:
+    """The `error` event: the run ended with gRPC status `code` (a status code name)."""
+
+    code: str
+    message: str
+    retryable: bool
+
+
+Event = (
+    RunStarted
+    | Thinking
+    | TextDelta
+    | ToolCall
+    | ToolCallDelta
+    | ToolCallReady
+    | ToolResultChunk
+    | ToolResult
+    | Usage
+    | FinalResponse
+    | RunFailed
+)

@@ -1,0 +1,233 @@
+"""The agent loop: model turn → tool calls → results back to the model → next turn, until the model is done.
+
+It yields domain events (`service.events`) and knows nothing of gRPC. Cancellation contract: cancelling the task
+that iterates `AgentLoop.run` (or closing the generator) cancels the model stream and every running tool call, and
+waits for them, before the CancelledError leaves the loop; the loop never swallows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import RetryCallState, wait_exponential_jitter
+
+from service import telemetry
+from service.aio import merge
+from service.config import ModelRetry
+from service.errors import MaxTurnsExceeded, ModelError, ModelRequestFailed, ModelUnavailable, RunError
+from service.events import (
+    Event,
+    FinalResponse,
+    RunFailed,
+    RunStarted,
+    TextDelta,
+    Thinking,
+    ToolCall,
+    ToolCallDelta,
+    ToolResult,
+    ToolStatus,
+    Usage,
+)
+from service.executor import Executor, ToolCallRequest
+from service.models import base as m
+from tools.base import Tool
+
+log = logging.getLogger(__name__)
+
+# HTTP statuses of a model request that mean "the request itself is wrong" rather than "the model is down".
+_CALLER_FAULT = {400: "INVALID_ARGUMENT", 404: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """A validated request, in the loop's terms."""
+
+    message: str
+    model: str
+    system: str | None
+    max_turns: int
+    max_tokens: int
+    tools: tuple[str, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Totals:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: int = 0
+
+
+class AgentLoop:
+    """Drives one model with one executor. Stateless between runs; `sleep` and `clock` are injectable for tests."""
+
+    def __init__(
+        self,
+        model: m.Model,
+        executor: Executor,
+        *,
+        retry: ModelRetry | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.retry = retry or ModelRetry()
+        self.sleep = sleep
+        self.clock = clock
+        self._backoff = wait_exponential_jitter(multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s)
+
+    def tool_specs(self, names: Sequence[str]) -> list[m.ToolSpec]:
+        tools: Mapping[str, Tool[Any]] = self.executor.tools
+        return [
+            m.ToolSpec(name=n, description=tools[n].description, input_schema=tools[n].input_schema()) for n in names
+        ]
+
+    async def run(self, spec: RunSpec) -> AsyncIterator[Event]:
+        """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last."""
+        started = self.clock()
+        yield RunStarted(model=spec.model, tools=spec.tools, max_turns=spec.max_turns)
+        history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
+        specs = self.tool_specs(spec.tools)
+        totals = _Totals()
+        try:
+            for turn in range(1, spec.max_turns + 1):
+                request = m.TurnRequest(
+                    model=spec.model,
+                    system=spec.system,
+                    messages=list(history),
+                    tools=specs,
+                    max_tokens=spec.max_tokens,
+                )
+                end: m.TurnEnd | None = None
+                async for event in self.request_model(turn, request):
+                    if isinstance(event, m.TurnEnd):
+                        end = event
+                    else:
+                        yield event
+                assert end is not None, "a model turn ends with TurnEnd"
+                totals.input_tokens += end.input_tokens
+                totals.output_tokens += end.output_tokens
+                yield Usage(
+                    turn=turn,
+                    input_tokens=end.input_tokens,
+                    output_tokens=end.output_tokens,
+                    total_input_tokens=totals.input_tokens,
+                    total_output_tokens=totals.output_tokens,
+                )
+                history.append({"role": "assistant", "content": end.content})
+                calls = tool_calls_of(end)
+                if not calls:
+                    yield FinalResponse(
+                        text="".join(b["text"] for b in end.content if b["type"] == "text"),
+                        stop_reason=end.stop_reason,
+                        turns=turn,
+                        tool_calls=totals.tool_calls,
+                        input_tokens=totals.input_tokens,
+                        output_tokens=totals.output_tokens,
+                        duration_s=self.clock() - started,
+                    )
+                    return
+                totals.tool_calls += len(calls)
+                results: dict[str, ToolResult] = {}
+                async for event in self.execute_tools(calls, frozenset(spec.tools)):
+                    if isinstance(event, ToolResult):
+                        results[event.call_id] = event
+                    yield event
+                history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
+            raise MaxTurnsExceeded(
+                f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
+            )
+        except RunError as exc:
+            log.warning("run failed: %s", exc.message, extra={"code": exc.code})
+            yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+
+    async def request_model(self, turn: int, request: m.TurnRequest) -> AsyncIterator[Event | m.TurnEnd]:
+        """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has
+        reached the caller: once a delta is out, a retry would show the caller a different answer."""
+        emitted = False
+        started = self.clock()
+        try:
+            for attempt in range(1, self.retry.attempts + 1):
+                try:
+                    async with aclosing(self.model.stream_turn(request)) as stream:
+                        async for event in stream:
+                            mapped = _map_model_event(turn, event)
+                            emitted = emitted or not isinstance(mapped, m.TurnEnd)
+                            yield mapped
+                    return
+                except ModelError as exc:
+                    if not exc.retryable:
+                        code = _CALLER_FAULT.get(exc.status or 0, "FAILED_PRECONDITION")
+                        raise ModelRequestFailed(f"the model refused the request: {exc.message}", code=code) from exc
+                    if emitted:
+                        raise ModelUnavailable(
+                            f"model turn {turn} failed after part of it was streamed: {exc.message}"
+                        ) from exc
+                    if attempt == self.retry.attempts:
+                        raise ModelUnavailable(
+                            f"model turn {turn} failed after {attempt} attempt(s): {exc.message}"
+                        ) from exc
+                    delay = self._backoff(_attempt_state(attempt))
+                    telemetry.MODEL_RETRIES.inc()
+                    log.warning(
+                        "model turn failed, retrying",
+                        extra={"turn": turn, "attempt": attempt, "wait_s": round(delay, 3), "error": exc.message},
+                    )
+                    await self.sleep(delay)
+        finally:
+            telemetry.MODEL_TURN.observe(self.clock() - started)
+
+    async def execute_tools(self, calls: Sequence[ToolCallRequest], offered: frozenset[str]) -> AsyncIterator[Event]:
+        """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
+        async for event in merge(*(self.executor.execute(c, offered=offered) for c in calls)):
+            yield event
+
+
+def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
+    match event:
+        case m.TextDelta(text=text):
+            return TextDelta(turn=turn, text=text)
+        case m.ThinkingDelta(text=text):
+            return Thinking(turn=turn, text=text)
+        case m.ToolUseStart(call_id=call_id, name=name):
+            return ToolCall(turn=turn, call_id=call_id, name=name)
+        case m.ToolUseDelta(call_id=call_id, partial_json=piece):
+            return ToolCallDelta(call_id=call_id, partial_json=piece)
+        case m.TurnEnd():
+            return event
+    raise TypeError(f"unknown model event {event!r}")
+
+
+def _attempt_state(attempt: int) -> RetryCallState:
+    """tenacity's wait strategies read the attempt number from a RetryCallState; we drive the loop ourselves
+    because a turn is an async generator, which tenacity's retry wrappers cannot re-run part-way."""
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    return state
+
+
+def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
+    return [
+        ToolCallRequest(call_id=b["id"], name=b["name"], input=b["input"], parse_error=end.bad_inputs.get(b["id"]))
+        for b in end.content
+        if b["type"] == "tool_use"
+    ]
+
+
+def tool_result_block(result: ToolResult) -> dict[str, Any]:
+    """What the model reads: the data as JSON, or the error; a partial result says it is partial."""
+    if result.status is ToolStatus.OK:
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": json.dumps(result.data)}
+    if result.status is ToolStatus.PARTIAL:
+        body = json.dumps({"partial": True, "note": result.error, "data": result.data})
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
+    text = f"{result.status.value}: {result.error}"
+    return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

@@ -1,0 +1,209 @@
+"""The offline model: replays a scenario file (turns of thinking, text and tool calls, with pacing) so that the
+whole pipeline runs with no network. The default when no ANTHROPIC_API_KEY is set, and the model tests use.
+
+Scenario YAML::
+
+    name: demo
+    pacing: {first_token_ms: 100, token_interval_ms: 20}
+    turns:
+      - thinking: "I should look at the orders."
+        text: "Let me check."
+        tool_calls:
+          - {name: query_database, input: {sql: "select ..."}}
+      - text: "Here is what I found: {results}"     # {results}, {message} are filled in
+        fail: {status: 529, times: 1}               # optional: fail this turn's first request(s)
+
+The turn played is the number of assistant messages already in the history, so a scenario reacts to where the
+conversation is, not to how often it was called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncGenerator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.config import Pacing
+from service.errors import ModelError
+from service.models.base import (
+    ModelEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolUseDelta,
+    ToolUseStart,
+    TurnEnd,
+    TurnRequest,
+)
+
+_TOKEN = re.compile(r"\S*\s*")
+
+
+class ScriptedToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScriptedFailure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: int = 529
+    message: str = "overloaded"
+    times: int = Field(default=1, ge=1)
+    after_tokens: int = Field(default=0, ge=0, description="fail mid-stream after this many text tokens")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in (408, 429) or self.status >= 500
+
+
+class ScriptedTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    thinking: str = ""
+    text: str = ""
+    tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
+    fail: ScriptedFailure | None = None
+
+
+class Scenario(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "scenario"
+    pacing: Pacing = Pacing()
+    turns: list[ScriptedTurn] = Field(min_length=1)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Scenario:
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+    @classmethod
+    def demo(cls) -> Scenario:
+        text = resources.files("service").joinpath("scenarios/demo.yaml").read_text()
+        return cls.model_validate(yaml.safe_load(text))
+
+
+def tokens(text: str) -> list[str]:
+    """Split text into word-sized deltas whose concatenation is exactly `text`."""
+    return [t for t in _TOKEN.findall(text) if t]
+
+
+class ScriptedModel:
+    """Plays `scenario`; `pacing` overrides the scenario's. `requests` records every turn request (for tests)."""
+
+    def __init__(self, scenario: Scenario, *, pacing: Pacing | None = None) -> None:
+        self.scenario = scenario
+        self.pacing = pacing or scenario.pacing
+        self.requests: list[TurnRequest] = []
+        self._failures: dict[int, int] = {}
+
+    @property
+    def default_model(self) -> str:
+        return f"scripted:{self.scenario.name}"
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stream_turn(self, request: TurnRequest) -> AsyncGenerator[ModelEvent, None]:
+        self.requests.append(request)
+        index = sum(1 for m in request.messages if m["role"] == "assistant")
+        if index >= len(self.scenario.turns):
+            turn = ScriptedTurn(text="(the scenario has no more turns)")
+        else:
+            turn = self.scenario.turns[index]
+        failure = self._failure_due(index, turn)
+        first_wait = self.pacing.first_token_ms / 1000
+        step = self.pacing.token_interval_ms / 1000
+        emitted = 0
+
+        async def pace() -> None:
+            nonlocal emitted
+            await asyncio.sleep(first_wait if emitted == 0 else step)
+            emitted += 1
+
+        if failure is not None and failure.after_tokens == 0:
+            await asyncio.sleep(first_wait)
+            raise ModelError(failure.message, retryable=failure.retryable, status=failure.status)
+
+        content: list[dict[str, Any]] = []
+        if turn.thinking:
+            for piece in tokens(turn.thinking):
+                await pace()
+                yield ThinkingDelta(text=piece)
+            content.append({"type": "thinking", "thinking": turn.thinking, "signature": "scripted"})
+        text = _fill(turn.text, request)
+        if text:
+            for i, piece in enumerate(tokens(text)):
+                if failure is not None and i == failure.after_tokens:
+                    raise ModelError(failure.message, retryable=failure.retryable, status=failure.status)
+                await pace()
+                yield TextDelta(text=piece)
+            content.append({"type": "text", "text": text})
+        offered = {t.name for t in request.tools}
+        calls = [c for c in turn.tool_calls if c.name in offered]
+        for call in calls:
+            call_id = f"toolu_{uuid.uuid4().hex[:20]}"
+            await pace()
+            yield ToolUseStart(call_id=call_id, name=call.name)
+            for piece in _json_pieces(call.input):
+                await pace()
+                yield ToolUseDelta(call_id=call_id, partial_json=piece)
+            content.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call.input})
+        yield TurnEnd(
+            stop_reason="tool_use" if calls else "end_turn",
+            content=content,
+            input_tokens=len(json.dumps(list(request.messages))) // 4,
+            output_tokens=emitted,
+        )
+
+    def _failure_due(self, index: int, turn: ScriptedTurn) -> ScriptedFailure | None:
+        if turn.fail is None:
+            return None
+        seen = self._failures.get(index, 0)
+        if seen >= turn.fail.times:
+            return None
+        self._failures[index] = seen + 1
+        return turn.fail
+
+
+def _json_pieces(value: dict[str, Any], parts: int = 3) -> list[str]:
+    """The input JSON cut in a few pieces, as a model streams it."""
+    text = json.dumps(value)
+    size = max(1, -(-len(text) // parts))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _fill(template: str, request: TurnRequest) -> str:
+    if "{" not in template:
+        return template
+    return template.replace("{results}", _results_summary(request)).replace("{message}", _user_message(request))
+
+
+def _user_message(request: TurnRequest) -> str:
+    first = request.messages[0]["content"] if request.messages else ""
+    if isinstance(first, str):
+        return first
+    return " ".join(b.get("text", "") for b in first if b.get("type") == "text")
+
+
+def _results_summary(request: TurnRequest) -> str:
+    """One line per tool result in the last user message, named after the tool_use blocks that asked for them."""
+    names: dict[str, str] = {}
+    for message in request.messages:
+        if message["role"] == "assistant":
+            names.update({b["id"]: b["name"] for b in message["content"] if b.get("type") == "tool_use"})
+    last = request.messages[-1]["content"] if request.messages else []
+    lines = []
+    for block in last if isinstance(last, list) else []:
+        if block.get("type") != "tool_result":
+            continue
+        name = names.get(block["tool_use_id"], "?")
+        body = block["content"] if isinstance(block["content"], str) else json.dumps(block["content"])
+        state = "failed" if block.get("is_error") else "answered"
+        lines.append(f"\n- {name} {state}: {body[:160]}")
+    return "".join(lines) or "(no tool results)"

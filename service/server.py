@@ -1,0 +1,150 @@
+"""Process start: builds tools, model and loop from the config, serves gRPC (with health and reflection) and the
+Prometheus endpoint, and drains on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from agent.v1 import agent_pb2, agent_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service.api import AgentServicer
+from service.config import Config
+from service.executor import Executor
+from service.loop import AgentLoop
+from service.models.base import Model
+from service.models.scripted import Scenario, ScriptedModel
+from tools import load_tools
+from tools.base import Tool
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+
+def build_model(config: Config) -> Model:
+    """Claude when configured (or when auto and ANTHROPIC_API_KEY is set), else the offline scripted model."""
+    provider = config.model.provider
+    if provider == "auto":
+        provider = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "scripted"
+    if provider == "anthropic":
+        from service.models.anthropic import AnthropicModel
+
+        return AnthropicModel(
+            default_model=config.model.name,
+            timeout_s=config.model.timeout_s,
+            thinking_budget=config.model.thinking_budget,
+        )
+    scenario = Scenario.from_file(config.model.scenario) if config.model.scenario else Scenario.demo()
+    return ScriptedModel(scenario, pacing=config.model.pacing)
+
+
+def build_tools(config: Config) -> dict[str, Tool[Any]]:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
+
+
+@dataclass
+class Service:
+    """A running service: the gRPC server and what it serves. `port` is the bound port (useful with port 0)."""
+
+    config: Config
+    server: grpc.aio.Server
+    servicer: AgentServicer
+    health: health.aio.HealthServicer
+    model: Model
+    tools: dict[str, Tool[Any]]
+    port: int
+    metrics_port: int | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new runs with UNAVAILABLE, give in-flight runs `grace` seconds, then cancel them."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        log.info("draining", extra={"grace_s": grace, "active_runs": len(self.servicer.active)})
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        active = list(self.servicer.active)
+        if active:
+            _, pending = await asyncio.wait(active, timeout=grace)
+            if pending:
+                log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
+                await self.servicer.interrupt(pending)
+        await self.server.stop(0)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.model.aclose()
+        for tool in self.tools.values():
+            await tool.aclose()
+
+
+async def start(
+    config: Config,
+    *,
+    metrics: bool = True,
+    tools: dict[str, Tool[Any]] | None = None,
+    model: Model | None = None,
+) -> Service:
+    """Start serving. `tools` and `model` replace the ones the config describes (tests pass their own)."""
+    tools = build_tools(config) if tools is None else tools
+    model = build_model(config) if model is None else model
+    loop = AgentLoop(model, Executor(tools, timeout_s=config.limits.tool_timeout_s), retry=config.model.retry)
+    servicer = AgentServicer(loop, tools, config)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    metrics_port = None
+    if metrics:
+        host, _, mport = config.metrics_listen.rpartition(":")
+        metrics_server, _thread = start_http_server(int(mport), addr=host.strip("[]") or "0.0.0.0")
+        metrics_port = metrics_server.server_port
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={"listen": config.listen, "port": port, "metrics_port": metrics_port, "model": model.default_model},
+    )
+    return Service(config, server, servicer, health_servicer, model, tools, port, metrics_port)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    service = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(service.server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    with contextlib.suppress(Exception):
+        await service.drain()
+    for task in (waiter, stopper):
+        task.cancel()
+    await asyncio.gather(waiter, stopper, return_exceptions=True)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a real service on 127.0.0.1:0 with the scripted model and test tools, and a channel to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fake_tools import all_tools
+
+from agent.v1 import agent_pb2 as pb
+from agent.v1 import agent_pb2_grpc
+from service.config import Config, Pacing
+from service.models.scripted import Scenario, ScriptedModel
+from service.server import Service, start
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+ECHO_THEN_ANSWER = [
+    {"thinking": "Echo first.", "text": "Calling echo.", "tool_calls": [{"name": "echo", "input": {"text": "hi"}}]},
+    {"text": "The answer: {results}"},
+]
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "data_dir": tmp_path / "var"}
+    values.update(overrides)
+    return Config.model_validate(values)
+
+
+def scripted(turns: list[dict[str, Any]]) -> ScriptedModel:
+    scenario = Scenario.model_validate({"name": "test", "turns": turns})
+    return ScriptedModel(scenario, pacing=Pacing(first_token_ms=0, token_interval_ms=0))
+
+
+StartService = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
+    """Start a service with the given scenario turns (and config overrides); all are stopped at teardown."""
+    started: list[Service] = []
+
+    async def _start(turns: list[dict[str, Any]] | None = None, *, tools: Any = None, **config: Any) -> Service:
+        svc = await start(
+            make_config(tmp_path, **config),
+            metrics=False,
+            tools=all_tools() if tools is None else tools,
+            model=scripted(turns or ECHO_THEN_ANSWER),
+        )
+        started.append(svc)
+        return svc
+
+    yield _start
+    for svc in started:
+        await svc.server.stop(0)
+        await svc.close()
+
+
+@pytest.fixture
+async def channel_to() -> AsyncIterator[Callable[[Service], grpc.aio.Channel]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def _open(svc: Service) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}")
+        channels.append(channel)
+        return channel
+
+    yield _open
+    for channel in channels:
+        await channel.close()
+
+
+def stub(channel: grpc.aio.Channel) -> agent_pb2_grpc.AgentServiceStub:
+    return agent_pb2_grpc.AgentServiceStub(channel)
+
+
+async def run_events(channel: grpc.aio.Channel, **request: Any) -> list[pb.AgentEvent]:
+    request.setdefault("message", "hello")
+    return [e async for e in stub(channel).RunAgent(pb.RunAgentRequest(**request))]

@@ -1,0 +1,120 @@
+"""Tools for tests: each shows one behaviour (echo, slow, failing, buggy, streaming) and records what happened."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tools.base import JSON, Tool, ToolError
+
+
+class EchoInput(BaseModel):
+    text: str = Field(max_length=100)
+    times: int = Field(default=1, ge=1, le=3)
+
+
+class Echo(Tool[EchoInput]):
+    name = "echo"
+    description = "Echoes text."
+    Input = EchoInput
+
+    async def run(self, args: EchoInput) -> JSON:
+        return {"echo": args.text * args.times}
+
+
+class SleepInput(BaseModel):
+    seconds: float = Field(ge=0, le=60)
+
+
+class Sleep(Tool[SleepInput]):
+    """Sleeps; counts starts, finishes and cancellations so tests can see that cancellation reached it."""
+
+    name = "sleep"
+    description = "Sleeps for a while."
+    Input = SleepInput
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.running = asyncio.Event()
+
+    async def run(self, args: SleepInput) -> JSON:
+        self.started += 1
+        self.running.set()
+        try:
+            await asyncio.sleep(args.seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return {"slept": args.seconds}
+
+
+class Fail(Tool[EchoInput]):
+    name = "fail"
+    description = "Always fails."
+    Input = EchoInput
+
+    async def run(self, args: EchoInput) -> JSON:
+        raise ToolError(f"cannot do {args.text}")
+
+
+class Buggy(Tool[EchoInput]):
+    name = "buggy"
+    description = "Has a bug."
+    Input = EchoInput
+
+    async def run(self, args: EchoInput) -> JSON:
+        return {"oops": 1 / 0}
+
+
+class CountInput(BaseModel):
+    n: int = Field(ge=0, le=100)
+
+
+class Count(Tool[CountInput]):
+    name = "count"
+    description = "Streams the numbers 0..n-1."
+    Input = CountInput
+    streaming = True
+
+    def total_chunks(self, args: CountInput) -> int | None:
+        return args.n
+
+    async def stream(self, args: CountInput) -> AsyncIterator[JSON]:
+        for i in range(args.n):
+            await asyncio.sleep(0)
+            yield {"i": i}
+
+
+class MeetInput(BaseModel):
+    who: str
+
+
+class Meet(Tool[MeetInput]):
+    """Returns only once `party` calls are in progress at the same time: proves calls run concurrently."""
+
+    name = "meet"
+    description = "Waits for the others."
+    Input = MeetInput
+
+    def __init__(self, party: int = 2) -> None:
+        self.party = party
+        self.arrived = 0
+        self.all_here = asyncio.Event()
+
+    async def run(self, args: MeetInput) -> JSON:
+        self.arrived += 1
+        if self.arrived >= self.party:
+            self.all_here.set()
+        await self.all_here.wait()
+        return {"met": args.who}
+
+
+def all_tools() -> dict[str, Tool[Any]]:
+    tools: list[Tool[Any]] = [Echo(), Sleep(), Fail(), Buggy(), Count(), Meet()]
+    return {t.name: t for t in tools}

@@ -1,0 +1,254 @@
+"""The agent loop with the scripted model and test tools: no network, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+from fake_tools import all_tools
+
+from service import events as ev
+from service.config import ModelRetry, Pacing
+from service.executor import Executor
+from service.loop import AgentLoop, RunSpec
+from service.models import base as m
+from service.models.scripted import Scenario, ScriptedModel
+
+
+def scenario(*turns: dict[str, Any]) -> Scenario:
+    return Scenario.model_validate({"name": "test", "turns": list(turns)})
+
+
+def make_loop(model: Any, *, timeout_s: float = 5.0, attempts: int = 3) -> tuple[AgentLoop, list[float]]:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    retry = ModelRetry(attempts=attempts, initial_backoff_s=0.5, max_backoff_s=4)
+    loop = AgentLoop(model, Executor(all_tools(), timeout_s=timeout_s), retry=retry, sleep=sleep)
+    return loop, waits
+
+
+def spec(**overrides: Any) -> RunSpec:
+    values: dict[str, Any] = dict(
+        message="hello", model="m", system=None, max_turns=5, max_tokens=100, tools=tuple(all_tools())
+    )
+    values.update(overrides)
+    return RunSpec(**values)
+
+
+async def collect(loop: AgentLoop, run: RunSpec | None = None) -> list[ev.Event]:
+    return [e async for e in loop.run(run or spec())]
+
+
+def scripted(*turns: dict[str, Any]) -> ScriptedModel:
+    return ScriptedModel(scenario(*turns), pacing=Pacing(first_token_ms=0, token_interval_ms=0))
+
+
+def of(events: list[ev.Event], kind: type[Any]) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+async def test_full_run_streams_every_step_in_order() -> None:
+    model = scripted(
+        {"thinking": "I think.", "text": "Let me echo.", "tool_calls": [{"name": "echo", "input": {"text": "hi"}}]},
+        {"text": "Done: {results}"},
+    )
+    loop, _ = make_loop(model)
+    events = await collect(loop)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "RunStarted"
+    assert kinds[-1] == "FinalResponse"
+    assert kinds.index("Thinking") < kinds.index("TextDelta") < kinds.index("ToolCall")
+    assert kinds.index("ToolCall") < kinds.index("ToolCallDelta") < kinds.index("ToolCallReady")
+    assert kinds.index("ToolCallReady") < kinds.index("ToolResult") < kinds.index("FinalResponse")
+    assert "".join(e.text for e in of(events, ev.Thinking)) == "I think."
+    call = of(events, ev.ToolCall)[0]
+    partial = "".join(e.partial_json for e in of(events, ev.ToolCallDelta) if e.call_id == call.call_id)
+    assert json.loads(partial) == {"text": "hi"}
+    assert of(events, ev.ToolCallReady)[0].input == {"text": "hi"}
+    result = of(events, ev.ToolResult)[0]
+    assert (result.status, result.data) == (ev.ToolStatus.OK, {"echo": "hi"})
+    usage = of(events, ev.Usage)
+    assert [u.turn for u in usage] == [1, 2]
+    assert usage[-1].total_output_tokens == sum(u.output_tokens for u in usage) > 0
+    final = events[-1]
+    assert isinstance(final, ev.FinalResponse)
+    assert final.text.startswith("Done: \n- echo answered: ")
+    assert (final.turns, final.tool_calls, final.stop_reason) == (2, 1, "end_turn")
+
+
+async def test_tool_calls_of_one_turn_run_concurrently() -> None:
+    # `meet` returns only when both calls are in progress at once: run one after the other, they would time out.
+    calls = [{"name": "meet", "input": {"who": "a"}}, {"name": "meet", "input": {"who": "b"}}]
+    loop, _ = make_loop(scripted({"tool_calls": calls}, {"text": "ok"}), timeout_s=2)
+    events = await collect(loop)
+    assert [r.status for r in of(events, ev.ToolResult)] == [ev.ToolStatus.OK, ev.ToolStatus.OK]
+
+
+async def test_results_go_back_in_the_order_the_model_asked() -> None:
+    calls = [{"name": "sleep", "input": {"seconds": 0.05}}, {"name": "echo", "input": {"text": "fast"}}]
+    model = scripted({"tool_calls": calls}, {"text": "ok"})
+    loop, _ = make_loop(model)
+    events = await collect(loop)
+    finished = [r.name for r in of(events, ev.ToolResult)]
+    assert finished == ["echo", "sleep"]  # echo finished first...
+    asked = [c.call_id for c in of(events, ev.ToolCall)]
+    sent_back = model.requests[1].messages[-1]["content"]
+    assert [b["tool_use_id"] for b in sent_back] == asked  # ...but the model gets them in its own order
+
+
+async def test_tool_failures_become_results_the_model_reads() -> None:
+    calls = [
+        {"name": "fail", "input": {"text": "x"}},
+        {"name": "buggy", "input": {"text": "x"}},
+        {"name": "echo", "input": {"text": "x", "times": 99}},
+        {"name": "nonexistent", "input": {}},
+    ]
+    model = scripted({"tool_calls": calls}, {"text": "recovered"})
+    loop, _ = make_loop(model)
+    events = await collect(loop, spec(tools=("fail", "buggy", "echo")))
+    results = {r.name: r for r in of(events, ev.ToolResult)}
+    assert results["fail"].status is ev.ToolStatus.ERROR and results["fail"].error == "cannot do x"
+    assert results["buggy"].status is ev.ToolStatus.ERROR and "ZeroDivisionError" in results["buggy"].error
+    assert results["echo"].status is ev.ToolStatus.REJECTED
+    assert "times: Input should be less than or equal to 3" in results["echo"].error
+    # the scripted model only calls offered tools, so `nonexistent` was never asked for
+    assert "nonexistent" not in results
+    assert [r.name for r in of(events, ev.ToolCallReady)] == ["fail", "buggy"]  # rejected input never runs
+    sent_back = model.requests[1].messages[-1]["content"]
+    assert all(b["is_error"] for b in sent_back)
+    assert isinstance(events[-1], ev.FinalResponse)
+
+
+class OneShotModel:
+    """A model whose first turn is given verbatim (to send what the scripted model never would)."""
+
+    def __init__(self, first: m.TurnEnd) -> None:
+        self.first = first
+        self.turns = 0
+
+    @property
+    def default_model(self) -> str:
+        return "one-shot"
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stream_turn(self, request: m.TurnRequest) -> AsyncGenerator[m.ModelEvent, None]:
+        self.turns += 1
+        if self.turns == 1:
+            yield self.first
+        else:
+            yield m.TurnEnd(stop_reason="end_turn", content=[{"type": "text", "text": "ok"}], input_tokens=1, output_tokens=1)
+
+
+async def test_unknown_tool_and_bad_json_from_the_model_are_rejected() -> None:
+    first = m.TurnEnd(
+        stop_reason="tool_use",
+        content=[
+            {"type": "tool_use", "id": "a", "name": "rm_rf", "input": {}},
+            {"type": "tool_use", "id": "b", "name": "echo", "input": {}},
+        ],
+        input_tokens=1,
+        output_tokens=1,
+        bad_inputs={"b": "Expecting value: line 1 column 9"},
+    )
+    loop, _ = make_loop(OneShotModel(first))
+    events = await collect(loop, spec(tools=("echo",)))
+    a, b = of(events, ev.ToolResult)
+    assert (a.status, b.status) == (ev.ToolStatus.REJECTED, ev.ToolStatus.REJECTED)
+    assert a.error == "unknown tool 'rm_rf'; available tools: echo"
+    assert b.error.startswith("tool input is not valid JSON")
+    assert isinstance(events[-1], ev.FinalResponse)
+
+
+async def test_streaming_tool_emits_chunks() -> None:
+    loop, _ = make_loop(scripted({"tool_calls": [{"name": "count", "input": {"n": 3}}]}, {"text": "ok"}))
+    events = await collect(loop)
+    chunks = of(events, ev.ToolResultChunk)
+    assert [(c.index, c.total, c.data) for c in chunks] == [(0, 3, {"i": 0}), (1, 3, {"i": 1}), (2, 3, {"i": 2})]
+    assert of(events, ev.ToolResult)[0].data == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+async def test_tool_timeout_is_a_result() -> None:
+    loop, _ = make_loop(scripted({"tool_calls": [{"name": "sleep", "input": {"seconds": 10}}]}, {"text": "ok"}), timeout_s=0.05)
+    events = await collect(loop)
+    result = of(events, ev.ToolResult)[0]
+    assert result.status is ev.ToolStatus.TIMEOUT
+    assert result.error == "sleep did not finish within 0.05 s"
+
+
+async def test_max_turns_ends_the_run_with_an_error() -> None:
+    call = {"tool_calls": [{"name": "echo", "input": {"text": "again"}}]}
+    loop, _ = make_loop(scripted(call, call, call, call))
+    events = await collect(loop, spec(max_turns=2))
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed)
+    assert last.code == "RESOURCE_EXHAUSTED" and "max_turns=2" in last.message
+    assert len(of(events, ev.Usage)) == 2
+
+
+async def test_retryable_model_failure_is_retried_with_backoff() -> None:
+    model = scripted({"text": "fine", "fail": {"status": 529, "times": 2}})
+    loop, waits = make_loop(model)
+    events = await collect(loop)
+    assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "fine"
+    assert len(model.requests) == 3
+    assert len(waits) == 2 and 0 < waits[0] <= 4 and 0 < waits[1] <= 4
+
+
+async def test_model_down_after_all_attempts_is_unavailable() -> None:
+    loop, waits = make_loop(scripted({"text": "fine", "fail": {"status": 503, "times": 5}}), attempts=3)
+    events = await collect(loop)
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed)
+    assert (last.code, last.retryable) == ("UNAVAILABLE", True)
+    assert "after 3 attempt(s)" in last.message
+    assert len(waits) == 2
+
+
+async def test_no_retry_once_deltas_reached_the_caller() -> None:
+    model = scripted({"text": "one two three four", "fail": {"status": 529, "after_tokens": 2}})
+    loop, waits = make_loop(model)
+    events = await collect(loop)
+    assert "".join(e.text for e in of(events, ev.TextDelta)) == "one two "
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and last.code == "UNAVAILABLE" and last.retryable
+    assert "after part of it was streamed" in last.message
+    assert waits == [] and len(model.requests) == 1
+
+
+async def test_request_refused_by_the_model_is_not_retried() -> None:
+    loop, waits = make_loop(scripted({"text": "x", "fail": {"status": 400, "message": "prompt too long"}}))
+    events = await collect(loop)
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.retryable) == ("INVALID_ARGUMENT", False)
+    assert waits == []
+
+
+async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> None:
+    tools = all_tools()
+    sleep_tool = tools["sleep"]
+    calls = [{"name": "sleep", "input": {"seconds": 30}}, {"name": "sleep", "input": {"seconds": 30}}]
+    loop = AgentLoop(scripted({"tool_calls": calls}, {"text": "never"}), Executor(tools))
+    before = asyncio.all_tasks()
+
+    async def consume() -> None:
+        async for _ in loop.run(spec()):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(sleep_tool.running.wait(), 5)  # type: ignore[attr-defined]
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sleep_tool.cancelled == 2  # type: ignore[attr-defined]
+    assert sleep_tool.finished == 0  # type: ignore[attr-defined]
+    assert asyncio.all_tasks() == before
+

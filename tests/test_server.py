@@ -1,0 +1,201 @@
+"""The real gRPC server on 127.0.0.1:0: full runs, status codes, cancellation, deadlines, health and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+import pytest
+from conftest import run_events, stub
+from fake_tools import all_tools
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.v1 import agent_pb2 as pb
+
+
+async def test_full_run_streams_numbered_events(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    events = await run_events(channel_to(svc), message="what now?", metadata={"caller": "risk-engine"})
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "final_response"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert len({e.run_id for e in events}) == 1 and events[0].run_id.startswith("run_")
+    assert all(e.time.seconds > 0 for e in events)
+    assert set(kinds) >= {"thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "usage"}
+    started = events[0].run_started
+    assert started.model == "scripted:test" and set(started.tools) == set(all_tools()) and started.max_turns == 10
+    ready = next(e.tool_call_ready for e in events if e.HasField("tool_call_ready"))
+    assert dict(ready.input) == {"text": "hi"}
+    result = next(e.tool_result for e in events if e.HasField("tool_result"))
+    assert result.status == pb.TOOL_STATUS_OK and result.name == "echo"
+    assert dict(result.data.struct_value) == {"echo": "hi"}
+    assert result.duration.ToNanoseconds() >= 0
+    final = events[-1].final_response
+    assert final.text.startswith("The answer: ") and final.turns == 2 and final.tool_calls == 1
+
+
+async def test_parallel_tool_calls_interleave_over_grpc(start_service: Any, channel_to: Any) -> None:
+    calls = [{"name": "meet", "input": {"who": "a"}}, {"name": "meet", "input": {"who": "b"}}]
+    svc = await start_service([{"tool_calls": calls}, {"text": "ok"}], limits={"tool_timeout_s": 2})
+    events = await run_events(channel_to(svc))
+    results = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert [r.status for r in results] == [pb.TOOL_STATUS_OK] * 2
+    assert {json.dumps(dict(r.data.struct_value)) for r in results} == {'{"met": "a"}', '{"met": "b"}'}
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"message": ""}, "message must not be empty"),
+        ({"message": "   "}, "message must not be empty"),
+        ({"message": "x" * 2001}, "message is 2001 bytes; the limit is 2000 bytes"),
+        ({"message": "hi", "tools": ["echo", "teleport"]}, "unknown tool(s): teleport; available:"),
+        ({"message": "hi", "tools": ["echo", "echo"]}, "tools lists a name twice"),
+        ({"message": "hi", "max_turns": 0}, "max_turns must be between 1 and 50, got 0"),
+        ({"message": "hi", "max_turns": 51}, "max_turns must be between 1 and 50, got 51"),
+        ({"message": "hi", "max_tokens": 0}, "max_tokens must be between 1 and 64000, got 0"),
+    ],
+)
+async def test_invalid_requests_get_invalid_argument(
+    start_service: Any, channel_to: Any, request_fields: dict[str, Any], message: str
+) -> None:
+    svc = await start_service(limits={"max_message_bytes": 2000})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel_to(svc), **request_fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (info.value.details() or "")
+
+
+async def test_run_restricted_to_a_tool_subset(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    events = await run_events(channel_to(svc), tools=["count"])
+    assert list(events[0].run_started.tools) == ["count"]
+    assert not any(e.HasField("tool_call") for e in events)  # the scenario's echo call was not offered
+
+
+async def test_failed_run_ends_with_error_event_and_status(start_service: Any, channel_to: Any) -> None:
+    call = {"tool_calls": [{"name": "echo", "input": {"text": "again"}}]}
+    svc = await start_service([call, call, call])
+    call_ = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="loop", max_turns=2))
+    seen = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in call_:
+            seen.append(event)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_turns=2" in (info.value.details() or "")
+    assert seen[-1].HasField("error")
+    assert seen[-1].error.code == "RESOURCE_EXHAUSTED" and not seen[-1].error.retryable
+
+
+async def test_model_unavailable_maps_to_unavailable(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(
+        [{"text": "x", "fail": {"status": 529, "times": 9}}],
+        model={"retry": {"attempts": 2, "initial_backoff_s": 0.001, "max_backoff_s": 0.001}},
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel_to(svc))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "after 2 attempt(s)" in (info.value.details() or "")
+
+
+async def _until_tool_runs(call: Any) -> list[pb.AgentEvent]:
+    seen = []
+    async for event in call:
+        seen.append(event)
+        if event.HasField("tool_call_ready"):
+            return seen
+    raise AssertionError("the tool never started")
+
+
+async def test_client_cancel_stops_tools_and_leaves_no_task(start_service: Any, channel_to: Any) -> None:
+    tools = all_tools()
+    calls = [{"name": "sleep", "input": {"seconds": 30}}] * 2
+    svc = await start_service([{"tool_calls": calls}, {"text": "never"}], tools=tools)
+    channel = channel_to(svc)
+    await run_events(channel, tools=["echo"])  # warm up: let grpc start its own long-lived tasks
+    baseline = len(asyncio.all_tasks())
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="sleep"))
+    await _until_tool_runs(call)
+    await asyncio.sleep(0.05)
+    call.cancel()
+    for _ in range(200):
+        if tools["sleep"].cancelled == 2 and not svc.servicer.active:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    assert tools["sleep"].cancelled == 2  # type: ignore[attr-defined]
+    assert tools["sleep"].finished == 0  # type: ignore[attr-defined]
+    assert not svc.servicer.active
+    for _ in range(100):
+        if len(asyncio.all_tasks()) <= baseline:
+            break
+        await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) <= baseline
+
+
+async def test_deadline_cancels_the_run(start_service: Any, channel_to: Any) -> None:
+    tools = all_tools()
+    svc = await start_service([{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}], tools=tools)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="slow"), timeout=0.5):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(200):
+        if tools["sleep"].cancelled == 1:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+
+
+async def test_list_tools(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    response = await stub(channel_to(svc)).ListTools(pb.ListToolsRequest())
+    by_name = {t.name: t for t in response.tools}
+    assert set(by_name) == set(all_tools())
+    echo = by_name["echo"]
+    assert echo.description == "Echoes text." and not echo.streaming
+    assert echo.input_schema["properties"]["times"]["maximum"] == 3
+    assert by_name["count"].streaming
+
+
+async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return int(reply.status)
+
+
+async def test_health_and_graceful_drain(start_service: Any, channel_to: Any) -> None:
+    calls = [{"name": "sleep", "input": {"seconds": 0.3}}]
+    svc = await start_service([{"tool_calls": calls}, {"text": "finished"}], shutdown_grace_s=10)
+    channel = channel_to(svc)
+    assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert await _health(channel, "agent.v1.AgentService") == health_pb2.HealthCheckResponse.SERVING
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="in flight"))
+    seen = await _until_tool_runs(call)
+    drain = asyncio.create_task(svc.drain())
+    await asyncio.sleep(0.05)
+    assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    seen += [e async for e in call]  # the in-flight run finishes within the grace period
+    assert seen[-1].final_response.text == "finished"
+    await drain
+
+
+async def test_drain_cancels_runs_still_going_after_grace(start_service: Any, channel_to: Any) -> None:
+    tools = all_tools()
+    svc = await start_service([{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}], tools=tools)
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="stuck"))
+    await _until_tool_runs(call)
+    drain = asyncio.create_task(svc.drain(grace=0.1))
+    seen = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in call:
+            seen.append(event)
+    await drain
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    run_id = seen[-1].run_id
+    assert seen[-1].error.retryable and seen[-1].error.code == "UNAVAILABLE"
+    assert f"run {run_id} was interrupted: the server is shutting down" in seen[-1].error.message
+    assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
