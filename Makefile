@@ -10,7 +10,7 @@ help: ## List the targets
 install: ## Create .venv and install the service with its dev tools
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[dev,bench]'
 
 proto: ## Regenerate generated/ from protos/
 	rm -rf generated/agent
@@ -31,8 +31,8 @@ fmt: ## Format the code
 	$(PYTHON) -m ruff format service tools tests bench
 	$(PYTHON) -m ruff check --fix service tools tests bench
 
-test: ## Run the tests
-	$(PYTHON) -m pytest
+test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
+	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 check: lint test ## Lint, types and tests, as CI runs them
 

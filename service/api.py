@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
-from agent.v1 import agent_pb2 as pb
-from agent.v1 import agent_pb2_grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
+from agent.v1 import agent_pb2 as pb
+from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
 from service.config import Config
@@ -39,13 +39,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.active: set[asyncio.Task[Any]] = set()
         self._interrupted: set[asyncio.Task[Any]] = set()
 
-    async def interrupt(self, runs: set[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    async def interrupt(self, runs: set[asyncio.Task[Any]], wait_s: float = 5.0) -> None:
         """The service's own cancel (shutdown), told apart from a caller's: each run ends with a retryable
         `error` event naming its run id and UNAVAILABLE, after its model stream and tools were cancelled."""
         self._interrupted |= runs
         for task in runs:
             task.cancel()
-        await asyncio.wait(runs, timeout=timeout)
+        await asyncio.wait(runs, timeout=wait_s)
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         return pb.ListToolsResponse(

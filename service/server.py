@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from agent.v1 import agent_pb2, agent_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from agent.v1 import agent_pb2, agent_pb2_grpc
 from service.api import AgentServicer
 from service.config import Config
 from service.executor import Executor

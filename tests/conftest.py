@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-from fake_tools import all_tools
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
+from fake_tools import all_tools
 from service.config import Config, Pacing
 from service.models.scripted import Scenario, ScriptedModel
 from service.server import Service, start

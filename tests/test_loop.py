@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
-from fake_tools import all_tools
 
+from fake_tools import all_tools
 from service import events as ev
 from service.config import ModelRetry, Pacing
 from service.executor import Executor
@@ -144,7 +144,9 @@ class OneShotModel:
         if self.turns == 1:
             yield self.first
         else:
-            yield m.TurnEnd(stop_reason="end_turn", content=[{"type": "text", "text": "ok"}], input_tokens=1, output_tokens=1)
+            yield m.TurnEnd(
+                stop_reason="end_turn", content=[{"type": "text", "text": "ok"}], input_tokens=1, output_tokens=1
+            )
 
 
 async def test_unknown_tool_and_bad_json_from_the_model_are_rejected() -> None:
@@ -176,7 +178,9 @@ async def test_streaming_tool_emits_chunks() -> None:
 
 
 async def test_tool_timeout_is_a_result() -> None:
-    loop, _ = make_loop(scripted({"tool_calls": [{"name": "sleep", "input": {"seconds": 10}}]}, {"text": "ok"}), timeout_s=0.05)
+    loop, _ = make_loop(
+        scripted({"tool_calls": [{"name": "sleep", "input": {"seconds": 10}}]}, {"text": "ok"}), timeout_s=0.05
+    )
     events = await collect(loop)
     result = of(events, ev.ToolResult)[0]
     assert result.status is ev.ToolStatus.TIMEOUT
@@ -251,4 +255,3 @@ async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> 
     assert sleep_tool.cancelled == 2  # type: ignore[attr-defined]
     assert sleep_tool.finished == 0  # type: ignore[attr-defined]
     assert asyncio.all_tasks() == before
-

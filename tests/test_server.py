@@ -8,11 +8,11 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import run_events, stub
-from fake_tools import all_tools
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
+from conftest import run_events, stub
+from fake_tools import all_tools
 
 
 async def test_full_run_streams_numbered_events(start_service: Any, channel_to: Any) -> None:

@@ -1,0 +1,52 @@
+"""The CLI client, run as a person would run it: a subprocess against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+
+async def cli(port: int, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.client",
+        "--target",
+        f"127.0.0.1:{port}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_renders_a_run_for_a_person(start_service: Any) -> None:
+    svc = await start_service()
+    code, out, err = await cli(svc.port, "what is up?")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("run run_") and "scripted:test" in lines[0]
+    assert "Echo first.Calling echo." in out  # thinking and text inline, as they arrive
+    assert any(line.startswith('→ echo {"text":"hi"}') for line in lines)
+    assert any(line.startswith("← echo ok in ") and "bytes" in line for line in lines)
+    assert "The answer: " in out
+    assert lines[-1].startswith("— 2 turn(s), 1 tool call(s)")
+
+
+async def test_cli_json_prints_raw_events(start_service: Any) -> None:
+    svc = await start_service()
+    code, out, _ = await cli(svc.port, "--json", "hi")
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert "runStarted" in events[0] and "finalResponse" in events[-1]
+
+
+async def test_cli_exits_non_zero_on_error(start_service: Any) -> None:
+    svc = await start_service()
+    code, _, err = await cli(svc.port, "--tools", "nope", "hi")
+    assert code == 1
+    assert err.startswith("INVALID_ARGUMENT: unknown tool(s): nope")

@@ -1,0 +1,165 @@
+"""query_database: read-only SQL over a SQLite database, by default a small logistics demo database built from
+`tools/data/demo.sql`. Read-only is enforced by SQLite itself (read-only open plus an authorizer), not by
+inspecting the SQL text."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tools.base import JSON, Tool, ToolConfig, ToolError
+
+DEMO_SQL = Path(__file__).parent / "data" / "demo.sql"
+
+# What a plain SELECT (with joins, subqueries, window functions and CTEs) needs; everything else, including
+# ATTACH, PRAGMA, transactions and any write, is denied while the statement is prepared.
+_ALLOWED_ACTIONS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
+_READ_ONLY_HINT = "the database is read-only; only SELECT is allowed"
+
+Scalar = str | int | float | bool | None
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="tools.query_database options")
+
+    path: Path | None = Field(None, description="SQLite file to query; default <data_dir>/demo.db")
+    max_rows: int = Field(1000, ge=1, description="Upper bound on rows returned, whatever the input's limit")
+    timeout_s: float = Field(5.0, gt=0, description="A query running longer than this is aborted")
+
+
+class QueryInput(BaseModel):
+    sql: str = Field(
+        min_length=1,
+        description="Exactly one SQLite SELECT statement (WITH … SELECT is fine). Use ? placeholders for params.",
+    )
+    limit: int = Field(100, ge=1, le=1000, description="Maximum number of rows to return.")
+    params: list[Scalar] = Field(
+        default_factory=list, description="Values bound to the ? placeholders of `sql`, in order."
+    )
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
+    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
+
+
+def _json_value(value: Any) -> JSON:
+    # BLOBs are not JSON; hex keeps them readable and unambiguous.
+    return value.hex() if isinstance(value, bytes) else value
+
+
+class QueryDatabase(Tool[QueryInput]):
+    name: ClassVar[str] = "query_database"
+    description: ClassVar[str] = (
+        "Run one read-only SQL SELECT (SQLite dialect) against the operations database and get the rows back. "
+        "Use it for facts about customers, orders, products, shipments and carriers: counts, late or delayed "
+        "shipments, totals per customer, carrier performance. Only SELECT works; writes are refused. "
+        "Tables: carriers(id, name, mode ['road','air','sea','rail'], contact_email, on_time_target_pct); "
+        "warehouses(id, code, city, country); "
+        "customers(id, name, segment ['enterprise','smb','retail'], city, country, email, created_at); "
+        "products(id, sku, name, category, unit_price_eur, weight_kg, hazardous 0/1); "
+        "orders(id, customer_id, ordered_at, status ['pending','processing','shipped','delivered','cancelled'], "
+        "total_eur); order_items(order_id, product_id, quantity, unit_price_eur); "
+        "shipments(id, order_id, carrier_id, warehouse_id, tracking_number, "
+        "status ['in_transit','delivered','delayed','exception'], shipped_at, promised_at, delivered_at, "
+        "delay_reason). Timestamps are 'YYYY-MM-DD HH:MM' text. "
+        "The result is {columns, rows, row_count, truncated}; truncated means more rows matched than `limit`."
+    )
+    Input: ClassVar[type[BaseModel]] = QueryInput
+
+    def __init__(self, config: ToolConfig) -> None:
+        self._options = Options.model_validate(dict(config.options))
+        self._is_demo = self._options.path is None
+        self._path = self._options.path or config.data_dir / "demo.db"
+        self._demo_lock = threading.Lock()
+
+    async def run(self, args: QueryInput) -> JSON:
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._query, args, cancelled)
+        except asyncio.CancelledError:
+            # The worker thread cannot be cancelled; the progress handler sees this flag and stops the query.
+            cancelled.set()
+            raise
+
+    def _query(self, args: QueryInput, cancelled: threading.Event) -> JSON:
+        if self._is_demo:
+            self._ensure_demo()
+        timeout = self._options.timeout_s
+        deadline = time.monotonic() + timeout
+        timed_out = False
+
+        def progress() -> int:
+            nonlocal timed_out
+            timed_out = time.monotonic() > deadline
+            return int(timed_out or cancelled.is_set())
+
+        limit = min(args.limit, self._options.max_rows)
+        try:
+            conn = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
+        with closing(conn):
+            conn.set_authorizer(_authorize)
+            conn.set_progress_handler(progress, 1000)
+            try:
+                cursor = conn.execute(args.sql, args.params)
+                rows = cursor.fetchmany(limit + 1)
+            except sqlite3.Error as exc:
+                if timed_out:
+                    raise ToolError(f"query took longer than {timeout:g} s; narrow it down") from exc
+                raise ToolError(self._explain(exc, conn)) from exc
+            columns = [d[0] for d in cursor.description or ()]
+        truncated = len(rows) > limit
+        rows = rows[:limit]
+        return {
+            "columns": columns,
+            "rows": [[_json_value(v) for v in row] for row in rows],
+            "row_count": len(rows),
+            "truncated": truncated,
+        }
+
+    def _explain(self, exc: sqlite3.Error, conn: sqlite3.Connection) -> str:
+        """SQLite's message plus a hint that tells the model what to do differently."""
+        message = str(exc)
+        if isinstance(exc, sqlite3.ProgrammingError) and "one statement" in message:
+            return "only one SQL statement per call is allowed; send the statements one at a time"
+        if "not authorized" in message or "authorization denied" in message or "readonly" in message:
+            return f"{message}: {_READ_ONLY_HINT}"
+        if "no such table" in message:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
+            return f"{message}; the tables are: {', '.join(tables)}"
+        if "no such column" in message:
+            return f"{message}; read the table's columns with SELECT sql FROM sqlite_schema WHERE name = '<table>'"
+        return f"SQL error: {message}"
+
+    def _ensure_demo(self) -> None:
+        """Build the demo database on first use: in a temporary file renamed into place, so another process
+        never sees a half-built file and two processes building at once both end with a complete one."""
+        with self._demo_lock:
+            if self._path.exists():
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self._path.parent, prefix=".demo-", suffix=".db")
+            os.close(fd)
+            try:
+                with closing(sqlite3.connect(tmp_name)) as conn:
+                    conn.executescript(DEMO_SQL.read_text(encoding="utf-8"))
+                os.replace(tmp_name, self._path)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+
+
+def create(config: ToolConfig) -> QueryDatabase:
+    return QueryDatabase(config)
