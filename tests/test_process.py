@@ -1,0 +1,94 @@
+"""`python -m service` as a process: flags, environment, config file, metrics endpoint and SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import run_events
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import ConfigError, load_config
+
+
+async def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  pacing: {first_token_ms: 0, token_interval_ms: 0}\nshutdown_grace_s: 5\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "--config",
+        str(config),
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), **(env or {})},
+    )
+    assert proc.stderr is not None
+    while True:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, "the service exited before serving"
+        record = json.loads(line)
+        if record["msg"] == "serving":
+            return proc, record
+
+
+async def test_process_serves_exports_metrics_and_drains_on_sigterm(tmp_path: Path) -> None:
+    proc, serving = await _start(
+        tmp_path, "--listen", "127.0.0.1:0", env={"AGENT_METRICS_LISTEN": "127.0.0.1:0", "ANTHROPIC_API_KEY": ""}
+    )
+    try:
+        assert serving["model"] == "scripted:demo"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{serving['port']}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            events = await run_events(channel, message="Which shipments are late?")
+        final = events[-1].final_response
+        assert "query_database answered" in final.text and "search_documents answered" in final.text
+        url = f"http://127.0.0.1:{serving['metrics_port']}/metrics"
+        metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert 'agent_tool_calls_total{outcome="ok",tool="query_database"} 1.0' in metrics
+        assert 'agent_runs_total{outcome="OK"} 1.0' in metrics
+        assert "agent_time_to_first_event_seconds_count 1.0" in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_bad_config_file_is_a_clear_startup_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("limits:\n  max_turns: zero\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "invalid config" in err.decode() and "max_turns" in err.decode()
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: 1.1.1.1:1\nmetrics_listen: 2.2.2.2:2\nlimits: {max_message_bytes: 10}\n")
+    monkeypatch.setenv("AGENT_LISTEN", "3.3.3.3:3")
+    config = load_config(path, listen=None, metrics_listen="4.4.4.4:4")
+    assert (config.listen, config.metrics_listen, config.limits.max_message_bytes) == ("3.3.3.3:3", "4.4.4.4:4", 10)
+    monkeypatch.delenv("AGENT_LISTEN")
+    assert load_config().listen == "0.0.0.0:50051"
+
+
+def test_unknown_config_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("limits: {max_mesage_bytes: 10}\n")
+    with pytest.raises(ConfigError, match="max_mesage_bytes"):
+        load_config(path)
