@@ -34,7 +34,7 @@ class ModelConfig(_Strict):
     provider: Literal["auto", "anthropic", "scripted"] = Field(
         default="auto", description="auto: anthropic when ANTHROPIC_API_KEY is set, else scripted"
     )
-    name: str = Field(default="claude-sonnet-4-5", description="default model for the anthropic provider")
+    name: str = Field(default="claude-sonnet-4-6", description="default model for the anthropic provider")
     max_tokens: int = Field(default=4096, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
     thinking_budget: int | None = Field(default=None, ge=1024)

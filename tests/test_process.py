@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import run_events
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import run_events
 from service.config import ConfigError, load_config
 
 

@@ -1,0 +1,248 @@
+"""The Claude adapter: one turn through the Anthropic SDK's raw event stream, mapped to model events, with SDK
+failures mapped once to `ModelError`.
+
+Cancellation: `CancelledError` passes through untouched, and closing the generator (or cancelling its consumer)
+closes the HTTP stream in `finally`, so the upstream connection is dropped at once rather than read to the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anthropic
+import httpx2
+from anthropic.types import (
+    ContentBlock,
+    MessageParam,
+    RawContentBlockDelta,
+    RawMessageStreamEvent,
+    ThinkingConfigParam,
+    ToolParam,
+)
+
+from service.errors import ModelError
+from service.models.base import (
+    ModelEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolUseDelta,
+    ToolUseStart,
+    TurnEnd,
+    TurnRequest,
+)
+
+# Error types an `error` event can carry after HTTP 200 that are worth another try.
+_RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
+
+_LABELS = {
+    "overloaded_error": "overloaded",
+    "rate_limit_error": "rate limited",
+    "api_error": "server error",
+    "timeout_error": "timed out",
+    "invalid_request_error": "invalid request",
+    "authentication_error": "authentication failed",
+    "permission_error": "permission denied",
+    "not_found_error": "not found",
+    "request_too_large": "request too large",
+    "billing_error": "billing error",
+}
+
+
+class AnthropicModel:
+    """Streams turns from the Anthropic Messages API. `api_key` / `base_url` left None fall back to the SDK's
+    environment handling (`ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`)."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        default_model: str = "claude-sonnet-4-6",
+        timeout_s: float = 120.0,
+        thinking_budget: int | None = None,
+    ) -> None:
+        # SDK retries off: the service retries whole turns itself, and SDK retries would hide attempts from it.
+        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
+        self._default_model = default_model
+        self._thinking_budget = thinking_budget
+
+    @property
+    def default_model(self) -> str:
+        return self._default_model
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream_turn(self, request: TurnRequest) -> AsyncGenerator[ModelEvent, None]:
+        stream = await self._open(request)
+        turn = _Turn()
+        try:
+            async for event in stream:
+                for model_event in turn.feed(event):
+                    yield model_event
+        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
+            raise _model_error(err) from err
+        finally:
+            # Drops the connection when the turn is abandoned (cancel, aclose) rather than leaving it to the GC.
+            await stream.close()
+        yield turn.end()
+
+    async def _open(self, request: TurnRequest) -> anthropic.AsyncStream[RawMessageStreamEvent]:
+        tools = [ToolParam(name=t.name, description=t.description, input_schema=t.input_schema) for t in request.tools]
+        thinking: ThinkingConfigParam | anthropic.Omit = anthropic.omit
+        if self._thinking_budget is not None:
+            thinking = {"type": "enabled", "budget_tokens": self._thinking_budget}
+        try:
+            return await self._client.messages.create(
+                model=request.model,
+                system=request.system if request.system is not None else anthropic.omit,
+                # History is already in the Messages shape (see `service.models.base`).
+                messages=cast("list[MessageParam]", list(request.messages)),
+                tools=tools or anthropic.omit,
+                max_tokens=request.max_tokens,
+                thinking=thinking,
+                stream=True,
+            )
+        except Exception as err:
+            # Anything the SDK raises here is a failed call, e.g. a TypeError for missing credentials.
+            raise _model_error(err) from err
+
+
+@dataclass
+class _Block:
+    """One content block as it streams in."""
+
+    type: str
+    text: str = ""
+    signature: str = ""
+    call_id: str = ""
+    name: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)  # blocks we pass through as they started
+
+
+class _Turn:
+    """Folds the raw events of one message into model events and, at the end, the assistant content."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, _Block] = {}
+        self.stop_reason: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.stopped = False
+
+    def feed(self, event: RawMessageStreamEvent) -> Iterator[ModelEvent]:
+        if event.type == "message_start":
+            self.input_tokens = event.message.usage.input_tokens
+            self.output_tokens = event.message.usage.output_tokens
+        elif event.type == "content_block_start":
+            yield from self._start(event.index, event.content_block)
+        elif event.type == "content_block_delta":
+            yield from self._delta(self.blocks[event.index], event.delta)
+        elif event.type == "message_delta":
+            self.stop_reason = event.delta.stop_reason or self.stop_reason
+            self.output_tokens = event.usage.output_tokens
+        elif event.type == "message_stop":
+            self.stopped = True
+
+    def _start(self, index: int, start: ContentBlock) -> Iterator[ModelEvent]:
+        if start.type == "tool_use":
+            self.blocks[index] = _Block(type="tool_use", call_id=start.id, name=start.name)
+            yield ToolUseStart(call_id=start.id, name=start.name)
+        elif start.type in ("text", "thinking"):
+            self.blocks[index] = _Block(type=start.type)
+        else:
+            # e.g. redacted_thinking: complete at start, and must go back to the API as it came.
+            self.blocks[index] = _Block(type=start.type, raw=dict(start.to_dict()))
+
+    def _delta(self, block: _Block, delta: RawContentBlockDelta) -> Iterator[ModelEvent]:
+        if delta.type == "text_delta":
+            block.text += delta.text
+            yield TextDelta(text=delta.text)
+        elif delta.type == "thinking_delta":
+            block.text += delta.thinking
+            yield ThinkingDelta(text=delta.thinking)
+        elif delta.type == "signature_delta":
+            block.signature = delta.signature
+        elif delta.type == "input_json_delta" and delta.partial_json:
+            # The API opens each tool input with an empty piece; it tells a consumer nothing.
+            block.text += delta.partial_json
+            yield ToolUseDelta(call_id=block.call_id, partial_json=delta.partial_json)
+        # citations_delta: we send no documents, so there are no citations to keep.
+
+    def end(self) -> TurnEnd:
+        if not self.stopped:
+            raise ModelError("anthropic: the stream ended before message_stop", retryable=True)
+        content: list[dict[str, Any]] = []
+        bad_inputs: dict[str, str] = {}
+        for _, block in sorted(self.blocks.items()):
+            if block.type == "text":
+                # The API refuses empty text blocks in the history it is sent back.
+                if block.text:
+                    content.append({"type": "text", "text": block.text})
+            elif block.type == "thinking":
+                content.append({"type": "thinking", "thinking": block.text, "signature": block.signature})
+            elif block.type == "tool_use":
+                tool_input, error = _parse_input(block.text)
+                if error is not None:
+                    bad_inputs[block.call_id] = error
+                content.append({"type": "tool_use", "id": block.call_id, "name": block.name, "input": tool_input})
+            else:
+                content.append(block.raw)
+        return TurnEnd(
+            stop_reason=self.stop_reason or "end_turn",
+            content=content,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            bad_inputs=bad_inputs,
+        )
+
+
+def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
+    """The tool input as a dict, or `{}` and why not."""
+    if not raw.strip():
+        return {}, None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        return {}, f"tool input is not valid JSON: {err}"
+    if not isinstance(value, dict):
+        return {}, f"tool input is a JSON {type(value).__name__}, not an object"
+    return value, None
+
+
+def _model_error(err: Exception) -> ModelError:
+    """The one place SDK and transport failures become `ModelError`."""
+    if isinstance(err, anthropic.APIStatusError):
+        return _status_error(err)
+    if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return ModelError("anthropic: request timed out", retryable=True)
+    if isinstance(err, anthropic.APIConnectionError):
+        cause = err.__cause__ or err
+        return ModelError(f"anthropic: connection failed: {cause}", retryable=True)
+    if isinstance(err, httpx2.TransportError):
+        return ModelError(f"anthropic: connection lost mid-stream: {err!r}", retryable=True)
+    if isinstance(err, json.JSONDecodeError):
+        return ModelError(f"anthropic: malformed stream event: {err}", retryable=False)
+    return ModelError(f"anthropic: request failed: {type(err).__name__}: {err}", retryable=False)
+
+
+def _status_error(err: anthropic.APIStatusError) -> ModelError:
+    error_type = err.type or ""
+    label = _LABELS.get(error_type, error_type or "error")
+    detail = err.api_message or err.message
+    request_id = f" [request-id {err.request_id}]" if err.request_id else ""
+    if err.status_code == 200:
+        # An `error` event after the stream began: no HTTP status to speak of, the error type decides.
+        return ModelError(
+            f"anthropic: {label} mid-stream: {detail}{request_id}",
+            retryable=error_type in _RETRYABLE_STREAM_ERRORS,
+        )
+    status = err.status_code
+    return ModelError(
+        f"anthropic: {label} (HTTP {status}): {detail}{request_id}",
+        retryable=status in (408, 429) or status >= 500,
+        status=status,
+    )

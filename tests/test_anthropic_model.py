@@ -1,0 +1,379 @@
+"""The Claude adapter end to end: the real SDK against `FakeAnthropic`, a local server speaking the streaming
+protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from fake_anthropic import FakeAnthropic, Text, ToolUse
+from service.errors import ModelError
+from service.models.anthropic import AnthropicModel
+from service.models.base import (
+    ModelEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolSpec,
+    ToolUseDelta,
+    ToolUseStart,
+    TurnEnd,
+    TurnRequest,
+)
+
+MODEL = "claude-sonnet-4-6"  # not one the SDK flags as deprecated: its warning would fail the test
+QUERY_TOOL = ToolSpec(
+    name="query_database",
+    description="Run a read-only SQL query.",
+    input_schema={"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"]},
+)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAnthropic]:
+    async with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture
+async def model(fake: FakeAnthropic) -> AsyncIterator[AnthropicModel]:
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model=MODEL, timeout_s=5.0)
+    yield claude
+    await claude.aclose()
+
+
+def request(**overrides: Any) -> TurnRequest:
+    fields: dict[str, Any] = {
+        "model": MODEL,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "How many orders?"}]}],
+        "tools": [QUERY_TOOL],
+        "max_tokens": 1024,
+    }
+    return TurnRequest(**(fields | overrides))
+
+
+async def collect(model: AnthropicModel, turn: TurnRequest | None = None) -> list[ModelEvent]:
+    return [event async for event in model.stream_turn(turn or request())]
+
+
+async def failure(model: AnthropicModel) -> tuple[ModelError, list[ModelEvent]]:
+    """The ModelError a turn ends with, and the events that came before it."""
+    events: list[ModelEvent] = []
+    with pytest.raises(ModelError) as info:
+        async for event in model.stream_turn(request()):
+            events.append(event)
+    return info.value, events
+
+
+async def test_text_turn(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_turn(text="There are 42 orders.", input_tokens=31, output_tokens=9)
+
+    events = await collect(model)
+
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 1
+    assert "".join(d.text for d in deltas) == "There are 42 orders."
+    assert events[-1] == TurnEnd(
+        stop_reason="end_turn",
+        content=[{"type": "text", "text": "There are 42 orders."}],
+        input_tokens=31,
+        output_tokens=9,
+    )
+    assert sum(isinstance(e, TurnEnd) for e in events) == 1
+
+
+async def test_events_arrive_as_streamed(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_turn(text=["one ", "two ", "three"], delay=0.03)
+    loop = asyncio.get_running_loop()
+
+    stamps = [(event, loop.time()) async for event in model.stream_turn(request())]
+
+    first_text = next(t for e, t in stamps if isinstance(e, TextDelta))
+    assert stamps[-1][1] - first_text >= 0.1  # yielded as it came, not after the whole reply
+
+
+async def test_request_sent(fake: FakeAnthropic) -> None:
+    fake.script_turn(text="ok")
+    claude = AnthropicModel(api_key="secret-key", base_url=fake.base_url, thinking_budget=2048)
+    try:
+        await collect(claude, request(max_tokens=4096))
+    finally:
+        await claude.aclose()
+
+    sent = fake.last_request
+    assert sent.path == "/v1/messages"
+    assert sent.api_key == "secret-key"
+    assert sent.headers["x-stainless-retry-count"] == "0"
+    assert sent.body["model"] == MODEL
+    assert sent.body["system"] == "You are terse."
+    assert sent.body["max_tokens"] == 4096
+    assert sent.body["stream"] is True
+    assert sent.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "How many orders?"}]}]
+    assert sent.body["tools"] == [
+        {"name": QUERY_TOOL.name, "description": QUERY_TOOL.description, "input_schema": QUERY_TOOL.input_schema}
+    ]
+    assert sent.body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+
+
+async def test_optional_fields_omitted(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_turn(text="ok")
+
+    await collect(model, request(system=None, tools=[]))
+
+    assert {"system", "tools", "thinking"}.isdisjoint(fake.last_request.body)
+
+
+async def test_thinking_with_signature(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_turn(thinking="Count the rows.", signature="sig-123", text="42.")
+
+    events = await collect(model)
+
+    thinking = [e.text for e in events if isinstance(e, ThinkingDelta)]
+    assert "".join(thinking) == "Count the rows."
+    assert isinstance(events[0], ThinkingDelta)
+    end = events[-1]
+    assert isinstance(end, TurnEnd)
+    assert end.content == [
+        {"type": "thinking", "thinking": "Count the rows.", "signature": "sig-123"},
+        {"type": "text", "text": "42."},
+    ]
+
+
+async def test_tool_use_streamed_in_pieces(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_blocks(
+        [
+            Text("Let me look."),
+            ToolUse("query_database", '{"sql": "select count(*) from orders"}', id="toolu_1", pieces=4),
+        ],
+        output_tokens=40,
+    )
+
+    events = await collect(model)
+
+    tool_events = [e for e in events if isinstance(e, ToolUseStart | ToolUseDelta)]
+    assert tool_events[0] == ToolUseStart(call_id="toolu_1", name="query_database")
+    pieces = tool_events[1:]
+    assert len(pieces) == 4
+    assert all(isinstance(p, ToolUseDelta) and p.call_id == "toolu_1" for p in pieces)
+    assert "".join(p.partial_json for p in pieces if isinstance(p, ToolUseDelta)) == (
+        '{"sql": "select count(*) from orders"}'
+    )
+    end = events[-1]
+    assert isinstance(end, TurnEnd)
+    assert end.stop_reason == "tool_use"
+    assert end.output_tokens == 40
+    assert end.bad_inputs == {}
+    assert end.content == [
+        {"type": "text", "text": "Let me look."},
+        {
+            "type": "tool_use",
+            "id": "toolu_1",
+            "name": "query_database",
+            "input": {"sql": "select count(*) from orders"},
+        },
+    ]
+
+
+async def test_two_tool_uses(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_turn(tool_uses=[("query_database", {"sql": "select 1"}), ("query_database", {"sql": "select 2"})])
+
+    events = await collect(model)
+
+    starts = [e for e in events if isinstance(e, ToolUseStart)]
+    assert len(starts) == 2
+    assert starts[0].call_id != starts[1].call_id
+    end = events[-1]
+    assert isinstance(end, TurnEnd)
+    assert [(b["id"], b["input"]) for b in end.content] == [
+        (starts[0].call_id, {"sql": "select 1"}),
+        (starts[1].call_id, {"sql": "select 2"}),
+    ]
+    # Each delta belongs to the block that was open when it came.
+    for start, nxt in zip(starts, starts[1:] + [None], strict=True):
+        first = events.index(start)
+        last = events.index(nxt) if nxt is not None else len(events) - 1
+        assert all(isinstance(e, ToolUseDelta) and e.call_id == start.call_id for e in events[first + 1 : last])
+
+
+async def test_bad_tool_input(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_blocks(
+        [
+            ToolUse("query_database", '{"sql": "select', id="toolu_bad"),
+            ToolUse("query_database", "[1, 2]", id="toolu_list"),
+            ToolUse("query_database", "", id="toolu_empty"),
+        ]
+    )
+
+    end = (await collect(model))[-1]
+
+    assert isinstance(end, TurnEnd)
+    assert [b["input"] for b in end.content] == [{}, {}, {}]
+    assert set(end.bad_inputs) == {"toolu_bad", "toolu_list"}
+    assert "not valid JSON" in end.bad_inputs["toolu_bad"]
+    assert "not an object" in end.bad_inputs["toolu_list"]
+
+
+async def test_empty_text_block_left_out(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_blocks([Text(""), ToolUse("query_database", {"sql": "select 1"}, id="toolu_1")])
+
+    end = (await collect(model))[-1]
+
+    # The API rejects an empty text block when the history is sent back.
+    assert isinstance(end, TurnEnd)
+    assert [b["type"] for b in end.content] == ["tool_use"]
+
+
+async def test_pings_ignored(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_blocks([Text(["a", "b", "c", "d", "e", "f", "g"])], pings=True)
+
+    events = await collect(model)
+
+    assert [e.text for e in events if isinstance(e, TextDelta)] == list("abcdefg")
+    assert len(events) == 8
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "words"),
+    [
+        (529, True, "overloaded (HTTP 529)"),
+        (429, True, "rate limited (HTTP 429)"),
+        (500, True, "server error (HTTP 500)"),
+        (408, True, "HTTP 408"),
+        (400, False, "invalid request (HTTP 400)"),
+        (401, False, "authentication failed (HTTP 401)"),
+        (403, False, "HTTP 403"),
+        (404, False, "HTTP 404"),
+        (413, False, "request too large (HTTP 413)"),
+    ],
+)
+async def test_http_errors(
+    fake: FakeAnthropic, model: AnthropicModel, status: int, retryable: bool, words: str
+) -> None:
+    fake.script_http_error(status)
+
+    error, events = await failure(model)
+
+    assert events == []
+    assert error.status == status
+    assert error.retryable is retryable
+    assert error.message.startswith("anthropic: ")
+    assert words in error.message
+    assert isinstance(error.__cause__, Exception)
+    assert len(fake.requests) == 1  # the SDK did not retry
+    assert fake.pending == 0
+
+
+async def test_overload_message(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_http_error(529)
+
+    error, _ = await failure(model)
+
+    assert error.message == "anthropic: overloaded (HTTP 529): Overloaded [request-id req_fake]"
+
+
+async def test_overloaded_mid_stream(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_stream_error([Text("Partial answer")])
+
+    error, events = await failure(model)
+
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Partial answer"
+    assert not any(isinstance(e, TurnEnd) for e in events)
+    assert error.retryable is True
+    assert error.status is None
+    assert "overloaded mid-stream" in error.message
+
+
+async def test_invalid_request_mid_stream_is_final(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_stream_error(error_type="invalid_request_error", message="bad")
+
+    error, _ = await failure(model)
+
+    assert error.retryable is False
+
+
+async def test_stream_cut_short(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_cut([Text("Half")])
+
+    error, events = await failure(model)
+
+    assert error.retryable is True
+    assert "before message_stop" in error.message
+    assert not any(isinstance(e, TurnEnd) for e in events)
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The port is closed now: nothing listens there.
+    claude = AnthropicModel(api_key="test-key", base_url=f"http://127.0.0.1:{port}", timeout_s=2.0)
+    try:
+        error, _ = await failure(claude)
+    finally:
+        await claude.aclose()
+
+    assert error.retryable is True
+    assert error.status is None
+    assert error.message.startswith("anthropic: connection failed")
+
+
+async def test_read_timeout_mid_stream(fake: FakeAnthropic) -> None:
+    fake.script_hang([Text("Thinking about it")])
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, timeout_s=0.3)
+    try:
+        error, events = await failure(claude)
+    finally:
+        await claude.aclose()
+
+    assert error.retryable is True
+    assert "timed out" in error.message
+    assert any(isinstance(e, TextDelta) for e in events)
+
+
+async def test_cancel_drops_connection(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_hang([Text("Let me")])
+    started = asyncio.Event()
+    seen: list[ModelEvent] = []
+
+    async def consume() -> None:
+        async for event in model.stream_turn(request()):
+            seen.append(event)
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await asyncio.wait_for(fake.disconnected.wait(), 1)
+    assert fake.last_request.disconnected
+    assert isinstance(seen[0], TextDelta)
+
+
+async def test_close_generator_drops_connection(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_hang([Text("Let me")])
+    turn = model.stream_turn(request())
+
+    assert isinstance(await anext(turn), TextDelta)
+    await turn.aclose()
+
+    await asyncio.wait_for(fake.disconnected.wait(), 1)
+
+
+async def test_unscripted_request_is_an_error(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    error, _ = await failure(model)
+
+    assert error.retryable is False
+    assert "no scripted reply" in error.message
+
+
+async def test_default_model(model: AnthropicModel) -> None:
+    assert model.default_model == MODEL
+    other = AnthropicModel(api_key="k")
+    assert other.default_model == "claude-sonnet-4-6"
+    await other.aclose()

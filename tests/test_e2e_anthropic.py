@@ -1,0 +1,95 @@
+"""The whole service with the real Claude adapter: gRPC in, real SDK out to a local server that speaks the
+Messages streaming protocol."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.v1 import agent_pb2 as pb
+from conftest import make_config, run_events, stub
+from fake_anthropic import FakeAnthropic, Text
+from fake_tools import all_tools
+from service.models.anthropic import AnthropicModel
+from service.server import Service, start
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAnthropic]:
+    async with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture
+async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]:
+    model = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model="claude-sonnet-4-6")
+    config = make_config(tmp_path, model={"retry": {"attempts": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}})
+    svc = await start(config, metrics=False, tools=all_tools(), model=model)
+    yield svc
+    await svc.server.stop(0)
+    await svc.close()
+
+
+async def test_claude_run_with_parallel_tools_end_to_end(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_turn(
+        text="Checking both.",
+        thinking="Two lookups.",
+        tool_uses=[("echo", {"text": "a"}), ("count", {"n": 2})],
+    )
+    fake.script_turn(text="All done.")
+    events = await run_events(channel_to(service), message="go", tools=["echo", "count"])
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "final_response"
+    assert "".join(e.thinking.text for e in events if e.HasField("thinking")) == "Two lookups."
+    assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "Checking both.All done."
+    assert len([k for k in kinds if k == "tool_result_chunk"]) == 2
+    assert events[-1].final_response.text == "All done."
+    first, second = fake.requests
+    assert first.body["model"] == "claude-sonnet-4-6"
+    assert [t["name"] for t in first.body["tools"]] == ["echo", "count"]
+    assert first.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "go"}]}]
+    # the second request carries the assistant turn (with the thinking signature) and the results in order
+    assistant, results = second.body["messages"][1:]
+    assert assistant["content"][0]["type"] == "thinking" and assistant["content"][0]["signature"]
+    tool_ids = [b["id"] for b in assistant["content"] if b["type"] == "tool_use"]
+    assert [b["tool_use_id"] for b in results["content"]] == tool_ids
+    assert results["content"][0]["content"] == '{"echo": "a"}'
+    assert results["content"][1]["content"] == '[{"i": 0}, {"i": 1}]'
+
+
+async def test_overloaded_before_the_stream_is_retried_by_the_service(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_http_error(529)
+    fake.script_turn(text="Back.")
+    events = await run_events(channel_to(service))
+    assert events[-1].final_response.text == "Back."
+    assert len(fake.requests) == 2  # one failed request, one retry by the loop: the SDK itself did not retry
+
+
+async def test_overloaded_mid_stream_after_text_ends_the_run_retryable(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_stream_error([Text("partial answer")])
+    seen: list[pb.AgentEvent] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in stub(channel_to(service)).RunAgent(pb.RunAgentRequest(message="go")):
+            seen.append(event)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "".join(e.text_delta.text for e in seen if e.HasField("text_delta")) == "partial answer"
+    assert seen[-1].error.retryable and "after part of it was streamed" in seen[-1].error.message
+    assert len(fake.requests) == 1
+
+
+async def test_rejected_api_key_is_failed_precondition(fake: FakeAnthropic, service: Service, channel_to: Any) -> None:
+    fake.script_http_error(401)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel_to(service))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "authentication failed (HTTP 401)" in (info.value.details() or "")
