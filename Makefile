@@ -1,6 +1,7 @@
 # Run `make help` for the targets.
 PYTHON ?= .venv/bin/python
 VENV ?= .venv
+CODE := service tools tests $(wildcard bench)
 
 .DEFAULT_GOAL := help
 
@@ -23,13 +24,13 @@ run: ## Start the service (offline scripted model unless ANTHROPIC_API_KEY is se
 	$(PYTHON) -m service
 
 lint: ## ruff and mypy
-	$(PYTHON) -m ruff check service tools tests bench
-	$(PYTHON) -m ruff format --check service tools tests bench
+	$(PYTHON) -m ruff check $(CODE)
+	$(PYTHON) -m ruff format --check $(CODE)
 	$(PYTHON) -m mypy
 
 fmt: ## Format the code
-	$(PYTHON) -m ruff format service tools tests bench
-	$(PYTHON) -m ruff check --fix service tools tests bench
+	$(PYTHON) -m ruff format $(CODE)
+	$(PYTHON) -m ruff check --fix $(CODE)
 
 test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
