@@ -66,11 +66,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         received = time.perf_counter()
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        run_id = f"run_{uuid.uuid4().hex[:24]}"
         try:
-            spec = self.validate(request)
+            spec = self.validate(request, run_id)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        run_id = f"run_{uuid.uuid4().hex[:24]}"
         log.info("run started", extra={"run_id": run_id, "model": spec.model, "metadata": dict(spec.metadata)})
         task = asyncio.current_task()
         assert task is not None
@@ -120,7 +120,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if failure is not None:
             await context.abort(grpc.StatusCode[failure.code], failure.message)
 
-    def validate(self, request: pb.RunAgentRequest) -> RunSpec:
+    def validate(self, request: pb.RunAgentRequest, run_id: str) -> RunSpec:
         limits = self.config.limits
         if not request.message.strip():
             raise InvalidRequest("message must not be empty: put the user's question in `message`")
@@ -147,6 +147,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 f"metadata has {len(request.metadata)} entries; the limit is {limits.max_metadata_entries}"
             )
         return RunSpec(
+            run_id=run_id,
             message=request.message,
             model=request.model or self.loop.model.default_model,
             system=request.system if request.HasField("system") else self.config.system_prompt,
@@ -191,6 +192,28 @@ def to_proto(event: ev.Event, run_id: str, seq: int) -> pb.AgentEvent:
                     attempts=event.attempts,
                     cache_hit=event.cache_hit,
                     answered_by=event.answered_by,
+                )
+            )
+        case ev.ToolRetry():
+            out.tool_retry.CopyFrom(
+                pb.ToolRetry(
+                    call_id=event.call_id,
+                    attempt=event.attempt,
+                    max_attempts=event.max_attempts,
+                    wait=_duration(event.wait_s),
+                    error=event.error,
+                )
+            )
+        case ev.ToolFallback():
+            out.tool_fallback.CopyFrom(
+                pb.ToolFallback(
+                    call_id=event.call_id, primary=event.primary, fallback=event.fallback, reason=event.reason
+                )
+            )
+        case ev.ExecutionFailed():
+            out.execution_failed.CopyFrom(
+                pb.ExecutionFailed(
+                    execution_id=event.execution_id, call_id=event.call_id, tool=event.tool, message=event.message
                 )
             )
         case ev.Usage():

@@ -67,6 +67,31 @@ class ToolResultChunk:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ToolRetry:
+    call_id: str
+    attempt: int
+    max_attempts: int
+    wait_s: float
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolFallback:
+    call_id: str
+    primary: str
+    fallback: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutionFailed:
+    execution_id: str
+    call_id: str
+    tool: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ToolResult:
     call_id: str
     name: str
@@ -120,7 +145,10 @@ Event = (
     | ToolCallDelta
     | ToolCallReady
     | ToolResultChunk
+    | ToolRetry
+    | ToolFallback
     | ToolResult
+    | ExecutionFailed
     | Usage
     | FinalResponse
     | RunFailed

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +21,16 @@ from service.events import Event, ToolCallReady, ToolResult, ToolResultChunk, To
 from tools.base import JSON, Tool, ToolError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunContext:
+    """What the executor knows of the run a call belongs to: for audit, dead-letter, logs and budgets."""
+
+    run_id: str
+    offered: frozenset[str]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    succeeded: set[str] = field(default_factory=set)  # tools that have returned OK in this run
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,7 +57,7 @@ class Executor:
         self.timeout_s = timeout_s
         self.clock = clock
 
-    async def execute(self, call: ToolCallRequest, *, offered: frozenset[str]) -> AsyncIterator[Event]:
+    async def execute(self, call: ToolCallRequest, run: RunContext) -> AsyncIterator[Event]:
         started = self.clock()
 
         def result(status: ToolStatus, *, data: Any = None, error: str = "") -> ToolResult:
@@ -57,6 +67,7 @@ class Executor:
                 call_id=call.call_id, name=call.name, status=status, duration_s=elapsed, data=data, error=error
             )
 
+        offered = run.offered
         tool = self.tools.get(call.name) if call.name in offered else None
         if tool is None:
             yield result(

@@ -35,7 +35,7 @@ from service.events import (
     ToolStatus,
     Usage,
 )
-from service.executor import Executor, ToolCallRequest
+from service.executor import Executor, RunContext, ToolCallRequest
 from service.models import base as m
 from tools.base import Tool
 
@@ -49,6 +49,7 @@ _CALLER_FAULT = {400: "INVALID_ARGUMENT", 404: "INVALID_ARGUMENT", 413: "INVALID
 class RunSpec:
     """A validated request, in the loop's terms."""
 
+    run_id: str
     message: str
     model: str
     system: str | None
@@ -97,6 +98,7 @@ class AgentLoop:
         history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
         specs = self.tool_specs(spec.tools)
         totals = _Totals()
+        context = RunContext(run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata)
         try:
             for turn in range(1, spec.max_turns + 1):
                 request = m.TurnRequest(
@@ -137,9 +139,11 @@ class AgentLoop:
                     return
                 totals.tool_calls += len(calls)
                 results: dict[str, ToolResult] = {}
-                async for event in self.execute_tools(calls, frozenset(spec.tools)):
+                async for event in self.execute_tools(calls, context):
                     if isinstance(event, ToolResult):
                         results[event.call_id] = event
+                        if event.status is ToolStatus.OK:
+                            context.succeeded.add(event.name)
                     yield event
                 history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
             raise MaxTurnsExceeded(
@@ -185,9 +189,9 @@ class AgentLoop:
         finally:
             telemetry.MODEL_TURN.observe(self.clock() - started)
 
-    async def execute_tools(self, calls: Sequence[ToolCallRequest], offered: frozenset[str]) -> AsyncIterator[Event]:
+    async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
-        async for event in merge(*(self.executor.execute(c, offered=offered) for c in calls)):
+        async for event in merge(*(self.executor.execute(c, run) for c in calls)):
             yield event
 
 

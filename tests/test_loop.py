@@ -35,7 +35,13 @@ def make_loop(model: Any, *, timeout_s: float = 5.0, attempts: int = 3) -> tuple
 
 def spec(**overrides: Any) -> RunSpec:
     values: dict[str, Any] = dict(
-        message="hello", model="m", system=None, max_turns=5, max_tokens=100, tools=tuple(all_tools())
+        run_id="run_test",
+        message="hello",
+        model="m",
+        system=None,
+        max_turns=5,
+        max_tokens=100,
+        tools=tuple(all_tools()),
     )
     values.update(overrides)
     return RunSpec(**values)
@@ -255,3 +261,36 @@ async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> 
     assert sleep_tool.cancelled == 2  # type: ignore[attr-defined]
     assert sleep_tool.finished == 0  # type: ignore[attr-defined]
     assert asyncio.all_tasks() == before
+
+
+def test_every_domain_event_maps_to_its_protobuf_field() -> None:
+    from service.api import to_proto
+
+    samples: list[ev.Event] = [
+        ev.RunStarted(model="m", tools=("a",), max_turns=1),
+        ev.Thinking(turn=1, text="t"),
+        ev.TextDelta(turn=1, text="t"),
+        ev.ToolCall(turn=1, call_id="c", name="a"),
+        ev.ToolCallDelta(call_id="c", partial_json="{"),
+        ev.ToolCallReady(call_id="c", name="a", input={"x": [1, "y", None]}),
+        ev.ToolResultChunk(call_id="c", index=0, total=None, data={"k": 1}),
+        ev.ToolRetry(call_id="c", attempt=1, max_attempts=3, wait_s=0.25, error="boom"),
+        ev.ToolFallback(call_id="c", primary="a", fallback="b", reason="down"),
+        ev.ToolResult(call_id="c", name="a", status=ev.ToolStatus.PARTIAL, duration_s=0.5, data=[1]),
+        ev.ExecutionFailed(execution_id="x", call_id="c", tool="a", message="m"),
+        ev.Usage(turn=1, input_tokens=1, output_tokens=2, total_input_tokens=1, total_output_tokens=2),
+        ev.FinalResponse(
+            text="t", stop_reason="end_turn", turns=1, tool_calls=0, input_tokens=1, output_tokens=1, duration_s=1
+        ),
+        ev.RunFailed(code="UNAVAILABLE", message="m", retryable=True),
+    ]
+    fields = [to_proto(e, "run_x", i + 1).WhichOneof("event") for i, e in enumerate(samples)]
+    assert fields == [
+        "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready",
+        "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage",
+        "final_response", "error",
+    ]  # fmt: skip
+    retry = to_proto(samples[7], "run_x", 8).tool_retry
+    assert retry.wait.ToNanoseconds() == 250_000_000
+    result = to_proto(samples[9], "run_x", 10).tool_result
+    assert result.status == 4 and list(result.data.list_value.values)[0].number_value == 1
