@@ -4,6 +4,9 @@
     ├── ModelError            raised by a Model adapter; `retryable` says whether a turn may be tried again
     └── RunError              ends a run: an `error` event, then the gRPC status named by `code`
         ├── MaxTurnsExceeded      RESOURCE_EXHAUSTED
+        ├── BudgetExceeded        RESOURCE_EXHAUSTED: a per-run tool-call or output-token limit
+        ├── DeadlineExceeded      DEADLINE_EXCEEDED: the run's deadline (the caller's gRPC deadline) passed
+        ├── RunCancelled          CANCELLED: CancelRun, or the caller left a run that does not outlive it
         ├── ModelUnavailable      UNAVAILABLE (retryable): the model stayed down or failed mid-turn
         ├── ModelRequestFailed    FAILED_PRECONDITION / INVALID_ARGUMENT: the model refused the request
         └── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
@@ -59,3 +62,19 @@ class ModelRequestFailed(RunError):
 class RunInterrupted(RunError):
     code = "UNAVAILABLE"
     retryable = True
+
+
+class RunCancelled(RunError):
+    """Stopped on request (CancelRun, or the caller went away)."""
+
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(RunError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class BudgetExceeded(RunError):
+    """A per-run limit (tool calls, output tokens) was reached."""
+
+    code = "RESOURCE_EXHAUSTED"

@@ -2,7 +2,9 @@
 
 It yields domain events (`service.events`) and knows nothing of gRPC. Cancellation contract: cancelling the task
 that iterates `AgentLoop.run` (or closing the generator) cancels the model stream and every running tool call, and
-waits for them, before the CancelledError leaves the loop; the loop never swallows it.
+waits for them, before the CancelledError leaves the loop; the loop never swallows it. A stop asked through
+`RunControl` (deadline, CancelRun) instead ends the run with events: CANCELLED results for the calls in flight,
+then `RunFailed`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from tenacity import RetryCallState, wait_exponential_jitter
 from service import telemetry
 from service.aio import merge
 from service.config import ModelRetry
-from service.errors import MaxTurnsExceeded, ModelError, ModelRequestFailed, ModelUnavailable, RunError
+from service.control import RunControl
+from service.errors import (
+    BudgetExceeded,
+    DeadlineExceeded,
+    MaxTurnsExceeded,
+    ModelError,
+    ModelRequestFailed,
+    ModelUnavailable,
+    RunError,
+)
 from service.events import (
     Event,
     FinalResponse,
@@ -57,6 +68,8 @@ class RunSpec:
     max_tokens: int
     tools: tuple[str, ...]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    max_tool_calls: int | None = None
+    max_output_tokens: int | None = None
 
 
 @dataclass
@@ -64,6 +77,34 @@ class _Totals:
     input_tokens: int = 0
     output_tokens: int = 0
     tool_calls: int = 0
+
+
+class _RunState:
+    """What one run accumulates: the conversation, totals, and the tool calls in flight."""
+
+    def __init__(self, spec: RunSpec, *, started: float) -> None:
+        self.started = started
+        self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
+        self.totals = _Totals()
+        self.context = RunContext(run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata)
+        self.open_calls: dict[str, str] = {}
+        self.tools_started = started
+
+
+def check_budgets(spec: RunSpec, totals: _Totals, new_calls: int, control: RunControl) -> None:
+    """Before a turn's tool calls start: refuse them when a per-run limit or the deadline says they cannot run."""
+    if spec.max_tool_calls is not None and totals.tool_calls + new_calls > spec.max_tool_calls:
+        raise BudgetExceeded(
+            f"the model asked for {new_calls} more tool call(s) after {totals.tool_calls}; "
+            f"max_tool_calls={spec.max_tool_calls}"
+        )
+    if spec.max_output_tokens is not None and totals.output_tokens > spec.max_output_tokens:
+        raise BudgetExceeded(
+            f"the run produced {totals.output_tokens} output tokens; max_output_tokens={spec.max_output_tokens}"
+        )
+    remaining = control.remaining()
+    if remaining is not None and remaining < control.min_tool_budget_s:
+        raise DeadlineExceeded(f"not starting {new_calls} tool call(s): only {max(remaining, 0):.3f} s left")
 
 
 class AgentLoop:
@@ -91,67 +132,93 @@ class AgentLoop:
             m.ToolSpec(name=n, description=tools[n].description, input_schema=tools[n].input_schema()) for n in names
         ]
 
-    async def run(self, spec: RunSpec) -> AsyncIterator[Event]:
-        """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last."""
-        started = self.clock()
+    async def run(self, spec: RunSpec, control: RunControl | None = None) -> AsyncIterator[Event]:
+        """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last.
+
+        When `control` stops the run (deadline, immediate cancel), the tool calls in flight are cancelled and each
+        gets a `ToolResult` with status CANCELLED before the closing `RunFailed`."""
+        control = control or RunControl()
+        state = _RunState(spec, started=self.clock())
         yield RunStarted(model=spec.model, tools=spec.tools, max_turns=spec.max_turns)
-        history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
-        specs = self.tool_specs(spec.tools)
-        totals = _Totals()
-        context = RunContext(run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata)
         try:
-            for turn in range(1, spec.max_turns + 1):
-                request = m.TurnRequest(
-                    model=spec.model,
-                    system=spec.system,
-                    messages=list(history),
-                    tools=specs,
-                    max_tokens=spec.max_tokens,
-                )
-                end: m.TurnEnd | None = None
-                async for event in self.request_model(turn, request):
-                    if isinstance(event, m.TurnEnd):
-                        end = event
-                    else:
-                        yield event
-                assert end is not None, "a model turn ends with TurnEnd"
-                totals.input_tokens += end.input_tokens
-                totals.output_tokens += end.output_tokens
-                yield Usage(
-                    turn=turn,
-                    input_tokens=end.input_tokens,
-                    output_tokens=end.output_tokens,
-                    total_input_tokens=totals.input_tokens,
-                    total_output_tokens=totals.output_tokens,
-                )
-                history.append({"role": "assistant", "content": end.content})
-                calls = tool_calls_of(end)
-                if not calls:
-                    yield FinalResponse(
-                        text="".join(b["text"] for b in end.content if b["type"] == "text"),
-                        stop_reason=end.stop_reason,
-                        turns=turn,
-                        tool_calls=totals.tool_calls,
-                        input_tokens=totals.input_tokens,
-                        output_tokens=totals.output_tokens,
-                        duration_s=self.clock() - started,
-                    )
-                    return
-                totals.tool_calls += len(calls)
-                results: dict[str, ToolResult] = {}
-                async for event in self.execute_tools(calls, context):
-                    if isinstance(event, ToolResult):
-                        results[event.call_id] = event
-                        if event.status is ToolStatus.OK:
-                            context.succeeded.add(event.name)
+            async with control.scope():
+                async for event in self._turns(spec, state, control):
                     yield event
-                history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
-            raise MaxTurnsExceeded(
-                f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
-            )
+        except TimeoutError:
+            reason = control.stop_reason()
+            for call_id, name in state.open_calls.items():
+                yield ToolResult(
+                    call_id=call_id,
+                    name=name,
+                    status=ToolStatus.CANCELLED,
+                    duration_s=self.clock() - state.tools_started,
+                    error=f"cancelled: {reason.message}",
+                )
+            log.warning("run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
+            yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
-            log.warning("run failed: %s", exc.message, extra={"code": exc.code})
+            log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
             yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+
+    async def _turns(self, spec: RunSpec, state: _RunState, control: RunControl) -> AsyncIterator[Event]:
+        specs = self.tool_specs(spec.tools)
+        totals = state.totals
+        for turn in range(1, spec.max_turns + 1):
+            request = m.TurnRequest(
+                model=spec.model,
+                system=spec.system,
+                messages=list(state.history),
+                tools=specs,
+                max_tokens=spec.max_tokens,
+            )
+            end: m.TurnEnd | None = None
+            async for event in self.request_model(turn, request):
+                if isinstance(event, m.TurnEnd):
+                    end = event
+                else:
+                    yield event
+            assert end is not None, "a model turn ends with TurnEnd"
+            totals.input_tokens += end.input_tokens
+            totals.output_tokens += end.output_tokens
+            yield Usage(
+                turn=turn,
+                input_tokens=end.input_tokens,
+                output_tokens=end.output_tokens,
+                total_input_tokens=totals.input_tokens,
+                total_output_tokens=totals.output_tokens,
+            )
+            state.history.append({"role": "assistant", "content": end.content})
+            calls = tool_calls_of(end)
+            if not calls:
+                yield FinalResponse(
+                    text="".join(b["text"] for b in end.content if b["type"] == "text"),
+                    stop_reason=end.stop_reason,
+                    turns=turn,
+                    tool_calls=totals.tool_calls,
+                    input_tokens=totals.input_tokens,
+                    output_tokens=totals.output_tokens,
+                    duration_s=self.clock() - state.started,
+                )
+                return
+            check_budgets(spec, totals, len(calls), control)
+            totals.tool_calls += len(calls)
+            results: dict[str, ToolResult] = {}
+            state.open_calls = {c.call_id: c.name for c in calls}
+            state.tools_started = self.clock()
+            async for event in self.execute_tools(calls, state.context):
+                if isinstance(event, ToolResult):
+                    results[event.call_id] = event
+                    state.open_calls.pop(event.call_id, None)
+                    if event.status is ToolStatus.OK:
+                        state.context.succeeded.add(event.name)
+                yield event
+            state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
+            after_turn = control.after_turn_reason()
+            if after_turn is not None:
+                raise after_turn
+        raise MaxTurnsExceeded(
+            f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
+        )
 
     async def request_model(self, turn: int, request: m.TurnRequest) -> AsyncIterator[Event | m.TurnEnd]:
         """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has

@@ -294,3 +294,81 @@ def test_every_domain_event_maps_to_its_protobuf_field() -> None:
     assert retry.wait.ToNanoseconds() == 250_000_000
     result = to_proto(samples[9], "run_x", 10).tool_result
     assert result.status == 4 and list(result.data.list_value.values)[0].number_value == 1
+
+
+async def test_deadline_cancels_running_tools_and_ends_with_deadline_exceeded() -> None:
+    from service.control import RunControl
+
+    tools = all_tools()
+    calls = [{"name": "sleep", "input": {"seconds": 30}}, {"name": "echo", "input": {"text": "quick"}}]
+    loop = AgentLoop(scripted({"tool_calls": calls}, {"text": "never"}), Executor(tools))
+    control = RunControl(deadline=asyncio.get_running_loop().time() + 0.2)
+    events = [e async for e in loop.run(spec(), control)]
+    results = {r.name: r for r in of(events, ev.ToolResult)}
+    assert results["echo"].status is ev.ToolStatus.OK
+    assert results["sleep"].status is ev.ToolStatus.CANCELLED
+    assert results["sleep"].error == "cancelled: the run's deadline passed before it finished"
+    assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and last.code == "DEADLINE_EXCEEDED"
+
+
+async def test_no_tool_call_starts_when_the_deadline_is_too_close() -> None:
+    from service.control import RunControl
+
+    tools = all_tools()
+    model = scripted({"tool_calls": [{"name": "sleep", "input": {"seconds": 1}}]}, {"text": "never"})
+    loop = AgentLoop(model, Executor(tools))
+    control = RunControl(deadline=asyncio.get_running_loop().time() + 10, min_tool_budget_s=60)
+    events = [e async for e in loop.run(spec(), control)]
+    assert tools["sleep"].started == 0  # type: ignore[attr-defined]
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and last.code == "DEADLINE_EXCEEDED"
+    assert "not starting 1 tool call(s)" in last.message
+
+
+async def test_stop_now_and_stop_after_turn() -> None:
+    from service.control import RunControl
+    from service.errors import RunCancelled
+
+    calls = [{"name": "sleep", "input": {"seconds": 0.05}}]
+    turns = [{"tool_calls": calls}, {"tool_calls": calls}, {"text": "end"}]
+    # after the turn: the first turn's tool finishes, then the run stops before the second model turn
+    tools = all_tools()
+    model = scripted(*turns)
+    control = RunControl()
+    loop = AgentLoop(model, Executor(tools))
+    events = []
+    async for event in loop.run(spec(), control):
+        events.append(event)
+        if isinstance(event, ev.ToolCallReady):
+            control.stop_after_turn(RunCancelled("cancelled after the current turn"))
+    assert [r.status for r in of(events, ev.ToolResult)] == [ev.ToolStatus.OK]
+    assert len(model.requests) == 1
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.message) == (
+        "CANCELLED",
+        "cancelled after the current turn",
+    )
+    # now: the running tool is cancelled at once
+    tools = all_tools()
+    control = RunControl()
+    loop = AgentLoop(scripted(*turns), Executor(tools))
+    events = []
+    async for event in loop.run(spec(), control):
+        events.append(event)
+        if isinstance(event, ev.ToolCallReady):
+            control.stop_now(RunCancelled("cancelled by the caller"))
+    assert [r.status for r in of(events, ev.ToolResult)] == [ev.ToolStatus.CANCELLED]
+    assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+    assert isinstance(events[-1], ev.RunFailed) and events[-1].code == "CANCELLED"
+
+
+async def test_tool_call_budget() -> None:
+    calls = [{"name": "echo", "input": {"text": "a"}}, {"name": "echo", "input": {"text": "b"}}]
+    loop, _ = make_loop(scripted({"tool_calls": calls}, {"tool_calls": calls}, {"text": "end"}))
+    events = await collect(loop, spec(max_tool_calls=3))
+    assert len(of(events, ev.ToolResult)) == 2
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and last.code == "RESOURCE_EXHAUSTED"
+    assert "max_tool_calls=3" in last.message
