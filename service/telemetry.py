@@ -1,13 +1,21 @@
-"""Prometheus metrics and structured JSON logging (one line per event of interest)."""
+"""Prometheus metrics, OpenTelemetry tracing and structured JSON logging (one line per event of interest).
+
+Tracing is off by default and then costs next to nothing (the API's no-op tracer). It is switched on only by the
+standard environment variables: an OTLP exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is
+set, unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`; `OTEL_SERVICE_NAME` and the other `OTEL_*`
+variables are read by the SDK itself.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 # 1 ms to 60 s, roughly doubling: tool calls span cache hits to slow upstream APIs.
@@ -27,11 +35,104 @@ MODEL_TURN = Histogram(
 )
 MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after a retryable failure")
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
+TOOL_RETRIES = Counter("agent_tool_retries_total", "Tool call attempts retried after a transient failure", ["tool"])
+CIRCUIT_STATE = Gauge("agent_tool_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["tool"])
+CIRCUIT_TRANSITIONS = Counter(
+    "agent_tool_circuit_transitions_total", "Circuit breaker state changes", ["tool", "from", "to"]
+)
+RATE_LIMIT_WAIT = Histogram(
+    "agent_tool_rate_limit_wait_seconds", "Time calls waited for rate-limit capacity", ["tool"], buckets=LATENCY_BUCKETS
+)
+RATE_LIMITED = Counter("agent_tool_rate_limited_total", "Calls rejected by a rate limit", ["tool"])
+CACHE_HITS = Counter("agent_tool_cache_hits_total", "Calls answered from the result cache", ["tool"])
+FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback tool", ["tool", "fallback"])
+DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
+
+
+_tool_series: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
 def record_tool_call(tool: str, outcome: str, seconds: float) -> None:
-    TOOL_CALLS.labels(tool, outcome).inc()
-    TOOL_LATENCY.labels(tool).observe(seconds)
+    # The labelled children are looked up once per (tool, outcome): `labels()` takes a lock and builds a key.
+    series = _tool_series.get((tool, outcome))
+    if series is None:
+        series = _tool_series[(tool, outcome)] = (TOOL_CALLS.labels(tool, outcome), TOOL_LATENCY.labels(tool))
+    series[0].inc()
+    series[1].observe(seconds)
+
+
+_tracer: trace.Tracer = trace.NoOpTracer()
+_provider: trace.TracerProvider | None = None
+_tracing = False
+
+
+def tracer() -> trace.Tracer:
+    """The service's tracer: a no-op one unless tracing was set up."""
+    return _tracer
+
+
+def tracing_enabled() -> bool:
+    return _tracing
+
+
+def use_tracer_provider(provider: trace.TracerProvider | None) -> None:
+    """Trace with `provider` (tests pass one with an in-memory exporter), or stop tracing with None. The global
+    provider is left alone: OpenTelemetry allows setting it once per process."""
+    global _tracer, _tracing, _provider
+    _tracing, _provider = provider is not None, provider
+    _tracer = provider.get_tracer("agent-service") if provider is not None else trace.NoOpTracer()
+
+
+def setup_tracing() -> bool:
+    """Configure the OpenTelemetry SDK from the standard environment variables; True when traces are exported."""
+    if _tracing:
+        return True
+    env = os.environ
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true" or env.get("OTEL_TRACES_EXPORTER") == "none"
+    if not endpoint or disabled:
+        return False
+    # Imported here so that a process without tracing never loads the SDK or the exporter.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({} if env.get("OTEL_SERVICE_NAME") else {"service.name": "agent-service"})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    use_tracer_provider(provider)
+    return True
+
+
+def server_interceptors() -> list[Any]:
+    """The OpenTelemetry gRPC server interceptor when tracing is on (an RPC span, parent of `run`); none otherwise."""
+    if not _tracing:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(tracer_provider=_provider)]  # type: ignore[no-untyped-call]
+
+
+def end_span(span: trace.Span, error: BaseException | str | None = None) -> None:
+    """End `span`, ERROR when `error` is given, so that no span of ours is left UNSET on a failure or cancel."""
+    if error is not None and span.is_recording():
+        if isinstance(error, BaseException):
+            span.record_exception(error)
+            description = f"{type(error).__name__}: {error}"
+        else:
+            description = error
+        span.set_status(trace.Status(trace.StatusCode.ERROR, description))
+    span.end()
+
+
+def span_ids(span: trace.Span | None = None) -> dict[str, str]:
+    """trace_id and span_id (hex) of `span` (or the current one) for a log line; empty when not tracing."""
+    context = (span or trace.get_current_span()).get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +148,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        if "trace_id" not in out and _tracing:
+            out.update(span_ids())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -58,3 +161,8 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def context_with(span: trace.Span) -> Any:
+    """An OpenTelemetry context whose current span is `span`: the explicit parent for child spans."""
+    return trace.set_span_in_context(span)

@@ -118,3 +118,97 @@ class Meet(Tool[MeetInput]):
 def all_tools() -> dict[str, Tool[Any]]:
     tools: list[Tool[Any]] = [Echo(), Sleep(), Fail(), Buggy(), Count(), Meet()]
     return {t.name: t for t in tools}
+
+
+# Fault-injecting tools for the policy tests: each fails in one way and counts its calls.
+
+
+class Flaky(Tool[EchoInput]):
+    """Fails `failures` times (retryably unless told otherwise), then succeeds."""
+
+    name = "flaky"
+    description = "Fails a few times, then works."
+    Input = EchoInput
+
+    def __init__(self, failures: int = 2, *, retryable: bool = True, name: str = "flaky") -> None:
+        self.failures = failures
+        self.retryable = retryable
+        self.calls = 0
+        self.name = name  # type: ignore[misc]
+
+    async def run(self, args: EchoInput) -> JSON:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ToolError(f"upstream 503 (call {self.calls})", retryable=self.retryable)
+        return {"echo": args.text, "calls": self.calls}
+
+
+class Hang(Tool[EchoInput]):
+    """Never returns; counts cancellations."""
+
+    name = "hang"
+    description = "Hangs."
+    Input = EchoInput
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+
+    async def run(self, args: EchoInput) -> JSON:
+        self.calls += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return None  # pragma: no cover
+
+
+class StreamThenHang(Tool[CountInput]):
+    """Streams `n` chunks, then hangs."""
+
+    name = "stream_hang"
+    description = "Streams a little, then hangs."
+    Input = CountInput
+    streaming = True
+
+    async def stream(self, args: CountInput) -> AsyncIterator[JSON]:
+        for i in range(args.n):
+            yield {"i": i}
+        await asyncio.Event().wait()
+
+
+class Backup(Tool[EchoInput]):
+    """A fallback: answers anything an EchoInput tool was asked."""
+
+    name = "backup"
+    description = "Answers when the primary cannot."
+    Input = EchoInput
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def run(self, args: EchoInput) -> JSON:
+        self.calls += 1
+        return {"backup": args.text}
+
+
+class Counted(Tool[EchoInput]):
+    """Echo that counts its calls (for the cache)."""
+
+    name = "counted"
+    description = "Counts calls."
+    Input = EchoInput
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def run(self, args: EchoInput) -> JSON:
+        self.calls += 1
+        return {"echo": args.text, "calls": self.calls}
+
+
+def policy_tools(**flaky: Any) -> dict[str, Tool[Any]]:
+    """The fault-injecting tools, plus echo; `flaky` goes to `Flaky(...)`."""
+    tools: list[Tool[Any]] = [Echo(), Flaky(**flaky), Hang(), StreamThenHang(), Backup(), Counted(), Buggy(), Sleep()]
+    return {t.name: t for t in tools}

@@ -13,7 +13,7 @@ from tools.base import JSON, Tool, ToolConfig, ToolError
 
 __all__ = ["JSON", "Tool", "ToolConfig", "ToolError", "load_tools"]
 
-_NOT_TOOLS = {f"{__name__}.base"}
+_NOT_TOOLS = {f"{__name__}.base", f"{__name__}.policy"}
 
 
 def load_tools(

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from tools.policy import ToolPolicy
+
 # A JSON value: what a tool returns and what a chunk holds (dict, list, str, int, float, bool or None).
 JSON = Any
 
@@ -53,6 +55,7 @@ class Tool(abc.ABC, Generic[InputT]):
     description: ClassVar[str]
     Input: ClassVar[type[BaseModel]]
     streaming: ClassVar[bool] = False
+    policy: ClassVar[ToolPolicy] = ToolPolicy()  # how the executor calls it; `policies.<name>` in the config overrides
 
     def input_schema(self) -> dict[str, Any]:
         """The JSON Schema sent to the model and returned by ListTools."""

@@ -12,6 +12,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
+from tools.policy import BreakerPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHOWN_HEADERS = ("content-type", "content-length", "location")
@@ -89,6 +90,13 @@ class HttpRequest(Tool[RequestInput]):
         "request it yourself if its host is allowed); 5xx, timeouts and connection failures are errors."
     )
     Input: ClassVar[type[BaseModel]] = RequestInput
+    # Upstreams blip: retry timeouts, 5xx and connection errors a couple of times, and stop calling one that is down.
+    policy: ClassVar[ToolPolicy] = ToolPolicy(
+        timeout=TimeoutPolicy(seconds=30),
+        retry=RetryPolicy(attempts=3, initial_backoff_s=0.25, max_backoff_s=4),
+        breaker=BreakerPolicy(failure_threshold=5, cooldown_s=30),
+        slow_s=5,
+    )
 
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))

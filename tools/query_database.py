@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
+from tools.policy import TimeoutPolicy, ToolPolicy
 
 DEMO_SQL = Path(__file__).parent / "data" / "demo.sql"
 
@@ -76,6 +77,9 @@ class QueryDatabase(Tool[QueryInput]):
         "The result is {columns, rows, row_count, truncated}; truncated means more rows matched than `limit`."
     )
     Input: ClassVar[type[BaseModel]] = QueryInput
+    # Read-only, so idempotent; not cached, because the data under it changes. The query has its own time cap
+    # (options.timeout_s); this hard timeout is the backstop around the thread hop.
+    policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=10), idempotent=True, slow_s=2)
 
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))

@@ -1,0 +1,170 @@
+"""Dead letters: every tool call that finally failed, stored durably (SQLite by default) with its input, error and
+traceback, so that an operator can inspect it and a caller can quote its execution id.
+
+    python -m service.deadletter list [--limit N] [--tool NAME] [--db PATH | --config FILE]
+    python -m service.deadletter show EXECUTION_ID [--db PATH | --config FILE]
+
+Writes run on one worker thread (SQLite connections are not shared between threads); a write is awaited before the
+`execution_failed` event goes out, so an execution id a caller sees is always on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service import telemetry
+from service.store import add_db_arguments, cli_db_path, connect
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE = "deadletter.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dead_letters (
+    execution_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    run_id TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    input TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    message TEXT NOT NULL,
+    traceback TEXT NOT NULL,
+    attempts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_created ON dead_letters (created_at);
+"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeadLetter:
+    execution_id: str
+    created_at: float
+    run_id: str
+    call_id: str
+    tool: str
+    input: dict[str, Any]
+    status: str
+    error_type: str
+    message: str
+    traceback: str
+    attempts: int
+
+
+def new_execution_id() -> str:
+    return f"exec_{uuid.uuid4().hex[:24]}"
+
+
+class DeadLetterStore:
+    """SQLite store of dead letters. `add` is async (on the store's own thread); `recent`/`get` are for the CLI."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._conn.executescript(_SCHEMA)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deadletter")
+
+    async def add(self, letter: DeadLetter) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._insert, letter)
+
+    def _insert(self, letter: DeadLetter) -> None:
+        row = asdict(letter)
+        row["input"] = json.dumps(letter.input, sort_keys=True, default=str)
+        columns = ", ".join(row)
+        self._conn.execute(
+            f"INSERT INTO dead_letters ({columns}) VALUES ({', '.join('?' * len(row))})", [*row.values()]
+        )
+
+    def recent(self, *, limit: int = 50, tool: str | None = None) -> list[DeadLetter]:
+        sql = "SELECT * FROM dead_letters" + (" WHERE tool = ?" if tool else "") + " ORDER BY created_at DESC LIMIT ?"
+        return [_letter(r) for r in self._rows(sql, [*([tool] if tool else []), limit])]
+
+    def get(self, execution_id: str) -> DeadLetter | None:
+        rows = self._rows("SELECT * FROM dead_letters WHERE execution_id = ?", [execution_id])
+        return _letter(rows[0]) if rows else None
+
+    def _rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        cursor = self._conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._conn.close()
+
+
+async def capture(store: DeadLetterStore, **fields: Any) -> DeadLetter | None:
+    """Store a dead letter for a call that finally failed; None (and a logged error) when the store fails, since
+    that must not fail the call: the model still gets its result."""
+    letter = DeadLetter(execution_id=new_execution_id(), created_at=time.time(), **fields)
+    try:
+        await store.add(letter)
+    except Exception:
+        log.exception("dead-letter write failed", extra={"run_id": letter.run_id, "call_id": letter.call_id})
+        return None
+    telemetry.DEAD_LETTERS.labels(letter.tool).inc()
+    log.error(
+        "tool call failed; dead-lettered",
+        extra={
+            "run_id": letter.run_id,
+            "tool": letter.tool,
+            "execution_id": letter.execution_id,
+            "error": letter.message,
+            **telemetry.span_ids(),
+        },
+    )
+    return letter
+
+
+def _letter(row: dict[str, Any]) -> DeadLetter:
+    return DeadLetter(**{**row, "input": json.loads(row["input"])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.deadletter", description="Inspect dead letters")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="most recent first, one line each")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--tool", help="only this tool's")
+    add_db_arguments(listing)
+    show = commands.add_parser("show", help="one entry in full, as JSON")
+    show.add_argument("execution_id")
+    add_db_arguments(show)
+    args = parser.parse_args(argv)
+    path = cli_db_path(args, "dead_letter", DEFAULT_FILE)
+    if not path.exists():
+        print(f"no dead-letter store at {path}", file=sys.stderr)
+        return 2
+    store = DeadLetterStore(path)
+    try:
+        if args.command == "list":
+            for letter in store.recent(limit=args.limit, tool=args.tool):
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.created_at))
+                print(
+                    f"{letter.execution_id}  {when}  {letter.tool}  {letter.status}  attempts={letter.attempts}  "
+                    f"run={letter.run_id}  {letter.error_type}: {letter.message}"
+                )
+            return 0
+        found = store.get(args.execution_id)
+        if found is None:
+            print(f"no dead letter {args.execution_id} in {path}", file=sys.stderr)
+            return 1
+        print(json.dumps(asdict(found), indent=2))
+        return 0
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One attempt at a tool call under its timeout: the tool's chunks as events, then an `Outcome` saying how it ended.
+
+`hard` timeout: the call is cancelled and the outcome is `timeout`. `soft`: a streaming tool that has yielded
+chunks ends `partial` with them (nothing yielded: `timeout`, as with hard). The deadline covers the whole attempt,
+but only the awaits on the tool sit inside `asyncio.timeout`, never a `yield`: a timeout firing while the consumer
+holds an event would otherwise cancel the consumer instead of the tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.events import ToolResultChunk, ToolStatus
+from tools.base import JSON, Tool, ToolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an attempt (or a whole guarded call) ended, with what the dead-letter store needs when it failed."""
+
+    status: ToolStatus
+    data: Any = None
+    error: str = ""
+    retryable: bool = False
+    error_type: str = ""
+    traceback: str = ""
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (ToolStatus.OK, ToolStatus.PARTIAL)
+
+
+class ChunkCounter:
+    """Numbers a call's chunks across retries and the fallback, so indexes never repeat within a call."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n - 1
+
+
+async def attempt(
+    tool: Tool[Any],
+    args: Any,
+    *,
+    call_id: str,
+    timeout_s: float,
+    mode: Literal["hard", "soft"],
+    retry_timeouts: bool,
+    counter: ChunkCounter,
+) -> AsyncIterator[ToolResultChunk | Outcome]:
+    chunks: list[JSON] = []
+    try:
+        if tool.streaming:
+            total = tool.total_chunks(args)
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            stream = tool.stream(args)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = to_json(await anext(stream))
+                    except StopAsyncIteration:
+                        break
+                    chunks.append(chunk)
+                    yield ToolResultChunk(call_id=call_id, index=counter.next(), total=total, data=chunk)
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            data: JSON = chunks
+        else:
+            async with asyncio.timeout(timeout_s):
+                data = to_json(await tool.run(args))
+    except TimeoutError:
+        if mode == "soft" and chunks:
+            yield Outcome(
+                ToolStatus.PARTIAL,
+                data=chunks,
+                error=f"{tool.name} stopped after {timeout_s:g} s with {len(chunks)} chunk(s); the rest is missing",
+            )
+        else:
+            yield Outcome(
+                ToolStatus.TIMEOUT,
+                error=f"{tool.name} did not finish within {timeout_s:g} s",
+                retryable=retry_timeouts,
+                error_type="TimeoutError",
+            )
+    except ToolError as exc:
+        yield Outcome(
+            ToolStatus.ERROR,
+            error=exc.message,
+            retryable=exc.retryable,
+            error_type="ToolError",
+            traceback=traceback.format_exc(),
+        )
+    except Exception as exc:  # a bug in the tool: the model gets an error result, the operator a traceback
+        log.exception("tool %s raised", tool.name, extra={"call_id": call_id})
+        yield Outcome(
+            ToolStatus.ERROR,
+            error=f"internal error in tool {tool.name}: {type(exc).__name__}",
+            error_type=type(exc).__name__,
+            traceback=traceback.format_exc(),
+        )
+    else:
+        yield Outcome(ToolStatus.OK, data=data)
+
+
+def to_json(value: Any) -> JSON:
+    """A tool's value made JSON-safe (protobuf Struct/Value take only JSON types): dates and the like as strings.
+    Values that already are JSON (the usual case) are returned as they are, without a serialisation round trip."""
+    if _is_json(value):
+        return value
+    return json.loads(json.dumps(value, default=str))
+
+
+def _is_json(value: Any) -> bool:
+    if value is None or type(value) in _SCALARS:
+        return True
+    if type(value) is dict:
+        return all(type(k) is str and _is_json(v) for k, v in value.items())
+    if type(value) is list:
+        return all(_is_json(v) for v in value)
+    return False
+
+
+_SCALARS = frozenset({str, bool, int, float})

@@ -1,0 +1,49 @@
+"""What the SQLite-backed stores (audit log, dead letters) share: the path from the config's URL, a connection in
+WAL mode, and the config behind their command-line tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+from pathlib import Path
+
+from service.config import StoreConfig, load_config
+
+_SCHEME = "sqlite:///"
+
+
+def sqlite_path(store: StoreConfig, data_dir: Path, default_name: str) -> Path:
+    """`sqlite:///rel/path` or `sqlite:////abs/path`; unset: `<data_dir>/<default_name>`."""
+    if store.url is None:
+        return data_dir / default_name
+    if not store.url.startswith(_SCHEME):
+        raise ValueError(f"unsupported store url {store.url!r}: only {_SCHEME}PATH is implemented")
+    return Path(store.url.removeprefix(_SCHEME))
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Autocommit connection (transactions are explicit), WAL so readers (the CLI) never block the writer, and
+    synchronous=FULL because these rows are the record of what happened: a commit must survive a power cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def cli_db_path(args: argparse.Namespace, section: str, default_name: str) -> Path:
+    """`--db` if given, else the path the service itself would use, from `--config` / AGENT_CONFIG and the
+    environment (AGENT_DATA_DIR)."""
+    if args.db is not None:
+        return Path(args.db)
+    config_file = args.config or (Path(os.environ["AGENT_CONFIG"]) if os.environ.get("AGENT_CONFIG") else None)
+    config = load_config(config_file)
+    store: StoreConfig = getattr(config, section)
+    return sqlite_path(store, config.data_dir, default_name)
+
+
+def add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=Path, help="SQLite file (default: from the service config)")
+    parser.add_argument("--config", type=Path, help="the service's YAML config (env AGENT_CONFIG)")

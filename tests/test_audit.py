@@ -1,0 +1,82 @@
+"""The audit log: append-only with a hash chain; `verify` catches an edited row and a deleted one (in the middle or
+at the end); nothing is lost across a restart; the CLI's exit codes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from service.audit import AuditLog, AuditRecord, main, verify
+
+
+def record(i: int) -> AuditRecord:
+    return AuditRecord(
+        ts=time.time(),
+        run_id=f"run_{i}",
+        metadata={"caller": "risk"},
+        tool="echo",
+        call_id=f"c{i}",
+        input={"text": str(i)},
+        status="ok",
+        duration_s=0.001 * i,
+        attempts=1,
+        cache_hit=False,
+        answered_by="",
+        data={"echo": str(i)},
+    )
+
+
+def write(path: Path, start: int, count: int) -> None:
+    log = AuditLog(path, queue_size=2)  # smaller than the batch: a full queue waits, it does not drop
+    for i in range(start, start + count):
+        log.append(record(i))
+    log.close()
+
+
+def test_chain_survives_a_restart_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.db"
+    write(path, 1, 5)
+    write(path, 6, 3)  # a new process continues the chain
+    verdict = verify(path)
+    assert verdict.ok and verdict.rows == 8
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT result_bytes FROM audit WHERE seq = 1").fetchone()[0] == len('{"echo":"1"}')
+    assert main(["verify", "--db", str(path)]) == 0
+    assert "8 row(s), hash chain intact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ("UPDATE audit SET status = 'error' WHERE seq = 3", "row 3 was modified"),
+        ("DELETE FROM audit WHERE seq = 3", "row 3 is missing"),
+        ("DELETE FROM audit WHERE seq = 1", "row 1 is missing"),
+        ("DELETE FROM audit WHERE seq = 5", "rows after 4 are missing"),
+    ],
+)
+def test_verify_names_the_tampered_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str, problem: str
+) -> None:
+    path = tmp_path / "audit.db"
+    write(path, 1, 5)
+    with sqlite3.connect(path) as conn:
+        conn.execute(tamper)
+    verdict = verify(path)
+    assert not verdict.ok and problem in verdict.problem
+    assert main(["verify", "--db", str(path)]) == 1
+    assert problem in capsys.readouterr().err
+
+
+def test_rewriting_a_row_and_its_hash_still_breaks_the_next_link(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    write(path, 1, 3)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE audit SET hash = 'f' || substr(hash, 2), status = 'error' WHERE seq = 2")
+    assert "row 2" in verify(path).problem
+
+
+def test_cli_without_a_log_says_so(tmp_path: Path) -> None:
+    assert main(["verify", "--db", str(tmp_path / "none.db")]) == 2

@@ -1,0 +1,43 @@
+"""Dead letters through a real server: a call that finally fails is stored, survives a restart of the service on
+the same data_dir, and the CLI lists and shows it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from conftest import run_events
+from fake_tools import policy_tools
+from service.deadletter import main
+
+FAIL_THEN_ANSWER = [
+    {"text": "Calling flaky.", "tool_calls": [{"name": "flaky", "input": {"text": "boom"}}]},
+    {"text": "The answer: {results}"},
+]
+
+
+async def test_dead_letters_survive_a_restart_and_the_cli_lists_them(
+    start_service: Any, channel_to: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = {"flaky": {"retry": {"attempts": 2, "initial_backoff_s": 0.001}}}
+    svc = await start_service(FAIL_THEN_ANSWER, tools=policy_tools(failures=99), policies=overrides)
+    events = await run_events(channel_to(svc), metadata={"caller": "billing"})
+    failed = [e.execution_failed for e in events if e.HasField("execution_failed")]
+    assert len(failed) == 1 and failed[0].execution_id.startswith("exec_") and failed[0].tool == "flaky"
+    result = next(e.tool_result for e in events if e.HasField("tool_result"))
+    assert result.attempts == 2 and result.error == "upstream 503 (call 2)"
+    await svc.server.stop(0)
+    await svc.close()
+
+    again = await start_service(FAIL_THEN_ANSWER, tools=policy_tools(), policies=overrides)
+    path = again.config.data_dir / "deadletter.db"
+    assert main(["list", "--db", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert failed[0].execution_id in listed and "flaky  error  attempts=2" in listed
+    assert main(["show", failed[0].execution_id, "--db", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["input"] == {"text": "boom"} and shown["run_id"] == events[0].run_id
+    assert "ToolError" in shown["traceback"]
+    assert main(["show", "exec_nope", "--db", str(path)]) == 1

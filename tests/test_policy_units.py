@@ -1,0 +1,175 @@
+"""The policy units on their own: breaker transitions on a fake clock, limiter wait vs reject, cache TTL, backoff,
+and policy resolution from the tool's declaration and the config."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from fake_tools import policy_tools
+from service.policy.breaker import CircuitBreaker, State
+from service.policy.cache import ResultCache, cache_key
+from service.policy.config import PolicyError, resolve
+from service.policy.limiter import RateLimiter
+from service.policy.retry import Backoff
+from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy, RetryPolicy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(**policy: Any) -> tuple[CircuitBreaker, FakeClock, list[tuple[str, str]]]:
+    clock = FakeClock()
+    moves: list[tuple[str, str]] = []
+    b = CircuitBreaker(
+        "t", BreakerPolicy(**policy), clock=clock, on_transition=lambda _, a, b: moves.append((a.value, b.value))
+    )
+    return b, clock, moves
+
+
+def test_breaker_opens_after_consecutive_failures_and_recovers_through_half_open() -> None:
+    b, clock, moves = breaker(failure_threshold=3, cooldown_s=10)
+    for _ in range(2):
+        assert b.allow()
+        b.failure()
+    assert b.state is State.CLOSED
+    b.success()  # a success resets the streak
+    for _ in range(3):
+        assert b.allow()
+        b.failure()
+    assert b.state is State.OPEN and not b.allow()
+    clock.now += 9.9
+    assert not b.allow()
+    clock.now += 0.1
+    assert b.state is State.HALF_OPEN
+    assert b.allow()  # the one trial call
+    assert not b.allow()  # nobody else while it runs
+    b.success()
+    assert b.state is State.CLOSED and b.allow()
+    assert moves == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_failed_trial_reopens_and_a_cancelled_trial_frees_the_slot() -> None:
+    b, clock, moves = breaker(failure_threshold=1, cooldown_s=5)
+    b.allow()
+    b.failure()
+    clock.now += 5
+    assert b.allow()
+    b.failure()
+    assert b.state is State.OPEN and not b.allow()
+    clock.now += 5
+    assert b.allow()
+    b.release()  # cancelled: no verdict, the next caller may try
+    assert b.allow()
+    assert moves[-2:] == [("half_open", "open"), ("open", "half_open")]
+
+
+def test_breaker_opens_on_failure_rate_over_the_window() -> None:
+    b, clock, _ = breaker(failure_threshold=100, failure_rate=0.5, min_calls=4, window_s=10)
+    for failed in (True, False, True):
+        b.failure() if failed else b.success()
+    assert b.state is State.CLOSED  # 3 calls: under min_calls
+    b.success()
+    assert b.state is State.CLOSED  # 2/4 but the last was a success: rate is checked on failures
+    b.failure()
+    assert b.state is State.OPEN  # 3/5 >= 0.5
+    b2, clock2, _ = breaker(failure_threshold=100, failure_rate=0.5, min_calls=2, window_s=10)
+    b2.failure()
+    clock2.now += 11  # the old failure left the window
+    b2.success()
+    b2.failure()
+    assert b2.state is State.OPEN  # 1/2 in the window
+    b3, clock3, _ = breaker(failure_threshold=100, failure_rate=0.6, min_calls=2, window_s=10)
+    b3.failure()
+    clock3.now += 11
+    b3.success()
+    b3.success()
+    b3.failure()
+    assert b3.state is State.CLOSED  # 1/3 in the window, the first failure expired
+
+
+async def test_limiter_reject_mode_refuses_at_once() -> None:
+    limiter = RateLimiter(RateLimitPolicy(rate_per_s=1, burst=2, mode="reject"))
+    assert await limiter.acquire() == 0.0
+    assert await limiter.acquire() == 0.0
+    started = time.monotonic()
+    assert await limiter.acquire() is None
+    assert time.monotonic() - started < 0.05
+
+
+async def test_limiter_wait_mode_waits_for_capacity_then_gives_up_after_max_wait() -> None:
+    limiter = RateLimiter(RateLimitPolicy(rate_per_s=20, burst=1, mode="wait", max_wait_s=1))
+    assert await limiter.acquire() == 0.0
+    waited = await limiter.acquire()
+    assert waited is not None and 0.02 < waited < 0.5  # about 1/20 s
+    slow = RateLimiter(RateLimitPolicy(rate_per_s=0.5, burst=1, mode="wait", max_wait_s=0.05))
+    assert await slow.acquire() == 0.0
+    started = time.monotonic()
+    assert await slow.acquire() is None  # capacity would come in 2 s: give up after max_wait
+    assert 0.04 < time.monotonic() - started < 0.5
+
+
+async def test_limiter_waiters_are_served_in_order() -> None:
+    limiter = RateLimiter(RateLimitPolicy(rate_per_s=50, burst=1, mode="wait", max_wait_s=1))
+    results = await asyncio.gather(*(limiter.acquire() for _ in range(4)))
+    assert all(r is not None for r in results)
+    assert results == sorted(results)  # type: ignore[type-var]
+
+
+def test_cache_expires_and_is_bounded() -> None:
+    clock = FakeClock()
+    cache = ResultCache(CachePolicy(ttl_s=10, max_entries=2), clock=clock)
+    cache.put("a", None)
+    assert cache.get("a") == (True, None)  # None is a result too
+    clock.now += 10
+    assert cache.get("a") == (False, None)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    cache.get("a")  # a is now the most recently used
+    cache.put("c", 3)
+    assert cache.get("b") == (False, None) and cache.get("a") == (True, 1) and len(cache) == 2
+
+
+def test_cache_key_is_canonical() -> None:
+    assert cache_key("t", {"b": 1, "a": [1, 2]}) == cache_key("t", {"a": [1, 2], "b": 1})
+    assert cache_key("t", {"a": 1}) != cache_key("u", {"a": 1})
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+    backoff = Backoff(RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.5))
+    for attempt, low in [(1, 0.1), (2, 0.2), (3, 0.4)]:
+        wait = backoff.wait(attempt)
+        assert low <= wait <= min(low + 0.1, 0.5)
+    assert backoff.wait(6) == 0.5
+
+
+def test_config_overrides_the_tools_policy_field_by_field() -> None:
+    tools = policy_tools()
+    policies = resolve(tools, {"flaky": {"retry": {"attempts": 4}, "fallback": "backup", "breaker": None}})
+    flaky = policies["flaky"]
+    assert flaky.retry.attempts == 4 and flaky.retry.initial_backoff_s == 0.2  # the rest kept
+    assert flaky.fallback == "backup" and flaky.breaker is None
+    assert policies["echo"] == tools["echo"].policy
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"nope": {}}, "policies name unknown tools: nope"),
+        ({"flaky": {"fallback": "nope"}}, "refers to 'nope'"),
+        ({"flaky": {"requires": ["flaky"]}}, "refers to 'flaky'"),
+        ({"flaky": {"cache": {"ttl_s": 5}}}, "only allowed on an idempotent tool"),
+        ({"flaky": {"retry": {"attempts": 0}}}, "invalid policy for flaky"),
+    ],
+)
+def test_bad_policy_config_is_refused(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        resolve(policy_tools(), overrides)

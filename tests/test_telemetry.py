@@ -1,0 +1,159 @@
+"""Telemetry after real runs: Prometheus metrics read from the real /metrics endpoint, spans captured with an
+in-memory exporter (run → model_turn, run → tool_call → tool_retry / tool_fallback), trace ids in the JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from conftest import make_config, run_events, scripted
+from fake_tools import Backup, Flaky, policy_tools
+from service import telemetry
+from service.server import start
+
+
+def tools_for(flaky: str, down: str) -> dict[str, Any]:
+    """Per-test tool names: Prometheus' registry is process-wide, so each test counts its own series."""
+    tools = policy_tools()
+    tools[flaky] = Flaky(failures=1, name=flaky)
+    tools[down] = Flaky(failures=99, name=down)
+    tools["backup"] = Backup()
+    return tools
+
+
+def policies(flaky: str, down: str) -> dict[str, Any]:
+    fast = {"attempts": 2, "initial_backoff_s": 0.001, "max_backoff_s": 0.001}
+    return {flaky: {"retry": fast}, down: {"retry": fast, "fallback": "backup"}}
+
+
+def scenario(flaky: str, down: str) -> list[dict[str, Any]]:
+    calls = [{"name": flaky, "input": {"text": "a"}}, {"name": down, "input": {"text": "b"}}]
+    return [{"text": "Calling tools.", "tool_calls": calls}, {"text": "The answer: {results}"}]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.use_tracer_provider(provider)
+    yield exporter
+    telemetry.use_tracer_provider(None)
+    provider.shutdown()
+
+
+async def test_metrics_endpoint_shows_calls_retries_fallbacks_and_latency(tmp_path: Path, channel_to: Any) -> None:
+    flaky, down = "metrics_flaky", "metrics_down"
+    config = make_config(tmp_path, policies=policies(flaky, down))
+    svc = await start(config, metrics=True, tools=tools_for(flaky, down), model=scripted(scenario(flaky, down)))
+    try:
+        events = await run_events(channel_to(svc))
+        assert events[-1].HasField("final_response")
+        url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    finally:
+        await svc.server.stop(0)
+        await svc.close()
+    expected = [
+        f'agent_tool_calls_total{{outcome="ok",tool="{flaky}"}} 1.0',
+        f'agent_tool_calls_total{{outcome="ok",tool="{down}"}} 1.0',
+        f'agent_tool_retries_total{{tool="{flaky}"}} 1.0',
+        f'agent_tool_retries_total{{tool="{down}"}} 1.0',
+        f'agent_tool_fallbacks_total{{fallback="backup",tool="{down}"}} 1.0',
+        f'agent_tool_call_duration_seconds_bucket{{le="0.001",tool="{flaky}"}}',
+        f'agent_tool_call_duration_seconds_bucket{{le="60.0",tool="{flaky}"}} 1.0',
+        f'agent_tool_circuit_state{{tool="{down}"}} 0.0',
+        'agent_events_sent_total{kind="tool_retry"}',
+        'agent_events_sent_total{kind="tool_fallback"}',
+        "agent_time_to_first_event_seconds_count",
+        "agent_model_turn_duration_seconds_count",
+        "agent_active_runs",
+    ]
+    missing = [line for line in expected if line not in text]
+    assert not missing, missing
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+async def test_spans_nest_run_turns_calls_retries_and_fallbacks(
+    start_service: Any, channel_to: Any, spans: InMemorySpanExporter
+) -> None:
+    flaky, down = "span_flaky", "span_down"
+    svc = await start_service(scenario(flaky, down), tools=tools_for(flaky, down), policies=policies(flaky, down))
+    events = await run_events(channel_to(svc))
+    assert events[-1].HasField("final_response")
+    for _ in range(100):  # the run span ends when the run task finishes, just after the last event
+        if by_name(spans.get_finished_spans(), "run"):
+            break
+        await asyncio.sleep(0.01)
+    finished = spans.get_finished_spans()
+    (run,) = by_name(finished, "run")
+    assert run.context is not None and run.attributes is not None
+    assert run.attributes["run.id"] == events[0].run_id
+    turns = by_name(finished, "model_turn")
+    assert len(turns) == 2 and all(t.parent is not None and t.parent.span_id == run.context.span_id for t in turns)
+    calls = {s.attributes["tool.name"]: s for s in by_name(finished, "tool_call") if s.attributes}
+    assert all(c.parent is not None and c.parent.span_id == run.context.span_id for c in calls.values())
+    flaky_call, down_call = calls[flaky], calls[down]
+    assert flaky_call.attributes is not None and flaky_call.attributes["tool.attempts"] == 2
+    assert flaky_call.attributes["tool.breaker_state"] == "closed" and not flaky_call.attributes["tool.cache_hit"]
+    retries = by_name(finished, "tool_retry")
+    assert {r.parent.span_id for r in retries if r.parent} >= {flaky_call.context.span_id}  # type: ignore[union-attr]
+    (fallback,) = by_name(finished, "tool_fallback")
+    assert fallback.parent is not None and fallback.parent.span_id == down_call.context.span_id  # type: ignore[union-attr]
+    assert fallback.attributes is not None and fallback.attributes["tool.name"] == "backup"
+    assert down_call.attributes is not None and down_call.attributes["tool.answered_by"] == "backup"
+    failed_retry = next(r for r in retries if r.parent and r.parent.span_id == down_call.context.span_id)  # type: ignore[union-attr]
+    assert failed_retry.status.status_code is StatusCode.ERROR
+    assert run.status.status_code is not StatusCode.ERROR
+
+
+async def test_grpc_server_span_is_recorded_when_tracing(
+    start_service: Any, channel_to: Any, spans: InMemorySpanExporter
+) -> None:
+    svc = await start_service()
+    await run_events(channel_to(svc))
+    for _ in range(100):
+        if any(s.name.endswith("/RunAgent") for s in spans.get_finished_spans()):
+            break
+        await asyncio.sleep(0.01)
+    rpc = [s for s in spans.get_finished_spans() if s.name == "/agent.v1.AgentService/RunAgent"]
+    assert rpc and rpc[0].kind.name == "SERVER"
+
+
+async def test_failed_tool_calls_mark_spans_error_and_logs_carry_trace_ids(
+    spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.executor import Executor, RunContext, ToolCallRequest
+
+    ex = Executor(policy_tools(failures=9))
+    request = ToolCallRequest(call_id="c", name="flaky", input={"text": "x"})
+    with caplog.at_level(logging.INFO, logger="service.executor"):
+        _ = [e async for e in ex.execute(request, RunContext(run_id="r", offered=frozenset({"flaky"})))]
+    (call,) = by_name(spans.get_finished_spans(), "tool_call")
+    assert call.status.status_code is StatusCode.ERROR and call.status.description == "error: upstream 503 (call 1)"
+    ended = next(r for r in caplog.records if r.getMessage() == "tool call ended")
+    line = json.loads(telemetry.JsonFormatter().format(ended))
+    assert line["trace_id"] == format(call.context.trace_id, "032x")  # type: ignore[union-attr]
+    assert line["span_id"] == format(call.context.span_id, "016x")  # type: ignore[union-attr]
+    assert line["run_id"] == "r" and line["status"] == "error" and "elapsed_ms" in line
+
+
+def test_tracing_is_off_without_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert not telemetry.setup_tracing()
+    assert telemetry.server_interceptors() == [] and not telemetry.tracing_enabled()

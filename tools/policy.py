@@ -1,0 +1,67 @@
+"""What a tool declares about how it should be called: timeout, retries, breaker, rate limit, cache, dependencies and
+fallback. Plain data only: the executor (`service/executor.py`) enforces it, and `policies.<tool>` in the YAML
+config overrides any field of it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeoutPolicy(_Strict):
+    seconds: float | None = Field(default=None, gt=0, description="per attempt; unset: limits.tool_timeout_s")
+    mode: Literal["hard", "soft"] = Field(
+        default="hard", description="hard: cancel, status timeout; soft: a streaming tool's chunks so far, partial"
+    )
+
+
+class RetryPolicy(_Strict):
+    attempts: int = Field(default=1, ge=1, le=10, description="tries per call, the first included; 1: no retry")
+    initial_backoff_s: float = Field(default=0.2, ge=0, description="exponential backoff multiplier")
+    max_backoff_s: float = Field(default=5.0, ge=0)
+    on_timeout: bool = Field(default=True, description="retry a hard timeout as a transient failure")
+
+
+class BreakerPolicy(_Strict):
+    failure_threshold: int = Field(default=5, ge=1, description="consecutive failures that open the circuit")
+    failure_rate: float = Field(default=0.5, gt=0, le=1, description="or this failure rate over the window")
+    window_s: float = Field(default=60.0, gt=0)
+    min_calls: int = Field(default=10, ge=1, description="calls in the window before the rate counts")
+    cooldown_s: float = Field(default=30.0, ge=0, description="open this long, then half-open: one trial call")
+
+
+class RateLimitPolicy(_Strict):
+    rate_per_s: float = Field(gt=0, description="sustained calls per second")
+    burst: int = Field(default=1, ge=1, description="calls allowed at once above the sustained rate")
+    mode: Literal["wait", "reject"] = "wait"
+    max_wait_s: float = Field(default=1.0, ge=0, description="wait mode: wait at most this long, then reject")
+
+
+class CachePolicy(_Strict):
+    ttl_s: float = Field(gt=0)
+    max_entries: int = Field(default=1024, ge=1)
+
+
+class ToolPolicy(_Strict):
+    """A tool's policy. The defaults suit a tool nobody has thought about: a hard timeout, no retries, a breaker."""
+
+    timeout: TimeoutPolicy = TimeoutPolicy()
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy | None = BreakerPolicy()
+    rate_limit: RateLimitPolicy | None = None
+    cache: CachePolicy | None = None
+    idempotent: bool = Field(default=False, description="same input, same answer, no side effect: may be cached")
+    requires: tuple[str, ...] = Field(default=(), description="tools that must have succeeded earlier in the run")
+    fallback: str | None = Field(default=None, description="tool called with the same input when this one fails")
+    slow_s: float | None = Field(default=None, gt=0, description="log a warning when a call takes longer")
+
+    @model_validator(mode="after")
+    def _cache_needs_idempotent(self) -> ToolPolicy:
+        if self.cache is not None and not self.idempotent:
+            raise ValueError("cache is only allowed on an idempotent tool (set idempotent: true)")
+        return self
