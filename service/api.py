@@ -1,26 +1,29 @@
-"""The gRPC servicer: validates requests, maps domain events to protobuf, and maps run failures to status codes.
-
-It is thin on purpose: the agent loop lives in `service/loop.py` and knows nothing of gRPC.
+"""The gRPC servicer: validates requests, starts runs in the registry, streams their logs and maps run failures to
+status codes. It is thin on purpose: runs live in `service/runs.py`, the loop in `service/loop.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
 from service.config import Config
-from service.loop import AgentLoop, RunSpec
+from service.convert import entry_to_proto, run_result, run_state, run_to_proto, struct
+from service.errors import RunCancelled
+from service.loop import RunSpec
+from service.runs import IdempotencyConflict, NotFound, QueueFull, Run, RunRegistry, RunState, SubscriberTooSlow
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
@@ -30,22 +33,37 @@ class InvalidRequest(ValueError):
     """The request cannot run as sent; the message says what to change."""
 
 
+# The one map from the service's exceptions to gRPC status codes.
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+@contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except tuple(_STATUS) as exc:
+        raise _Abort(_STATUS[type(exc)], str(exc)) from exc
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, loop: AgentLoop, tools: Mapping[str, Tool[Any]], config: Config) -> None:
-        self.loop = loop
+    def __init__(self, registry: RunRegistry, tools: Mapping[str, Tool[Any]], config: Config) -> None:
+        self.registry = registry
         self.tools = tools
         self.config = config
         self.draining = False
-        self.active: set[asyncio.Task[Any]] = set()
-        self._interrupted: set[asyncio.Task[Any]] = set()
-
-    async def interrupt(self, runs: set[asyncio.Task[Any]], wait_s: float = 5.0) -> None:
-        """The service's own cancel (shutdown), told apart from a caller's: each run ends with a retryable
-        `error` event naming its run id and UNAVAILABLE, after its model stream and tools were cancelled."""
-        self._interrupted |= runs
-        for task in runs:
-            task.cancel()
-        await asyncio.wait(runs, timeout=wait_s)
+        self.streams: set[asyncio.Task[Any]] = set()
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         return pb.ListToolsResponse(
@@ -53,7 +71,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 pb.ToolInfo(
                     name=t.name,
                     description=t.description,
-                    input_schema=_struct(t.input_schema()),
+                    input_schema=struct(t.input_schema()),
                     streaming=t.streaming,
                 )
                 for t in self.tools.values()
@@ -64,64 +82,149 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AgentEvent]:
         received = time.perf_counter()
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-        run_id = f"run_{uuid.uuid4().hex[:24]}"
         try:
+            run, created = self._start(request, context, background=False)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        owner = created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
+        async for event in self._stream(run, 0, context, owner=owner, received=received):
+            yield event
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AgentEvent]:
+        try:
+            with _mapped():
+                run = self.registry.get(request.run_id)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        if run.finished and request.after_seq > len(run.log):
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"after_seq={request.after_seq}, but run {run.id} ended at seq {len(run.log)}",
+            )
+        async for event in self._stream(run, request.after_seq, context, owner=False):
+            yield event
+
+    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+        try:
+            with _mapped():
+                run = self.registry.get(request.run_id)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
+            return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
+        if run.finished:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.id} already ended ({run.state.value}); nothing to cancel",
+            )
+        after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
+        self.registry.cancel(run, after_turn=after_turn)
+        if not after_turn and run.task is not None:
+            # usually done within milliseconds: answer with the final state when it is there
+            await asyncio.wait([run.task], timeout=1.0)
+        return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
+
+    async def SubmitRun(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitRunResponse:
+        try:
+            run, _ = self._start(request, context, background=True)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state))
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
+        try:
+            with _mapped():
+                return run_to_proto(self.registry.get(request.run_id))
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def RunAgentUnary(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.RunResult:
+        try:
+            run, created = self._start(request, context, background=False)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        assert run.task is not None
+        try:
+            await asyncio.shield(run.task)
+        except asyncio.CancelledError:
+            if created and not run.finished:
+                run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
+            raise
+        await self._end_with_outcome(run, context)
+        return run_result(run)
+
+    def _start(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext, *, background: bool
+    ) -> tuple[Run, bool]:
+        if self.draining:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        run_id = f"run_{uuid.uuid4().hex[:24]}"
+        with _mapped():
             spec = self.validate(request, run_id)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        log.info("run started", extra={"run_id": run_id, "model": spec.model, "metadata": dict(spec.metadata)})
+            deadline = None
+            remaining = context.time_remaining()
+            if remaining is not None and not background:
+                margin = min(self.config.runs.deadline_margin_s, remaining / 10)
+                deadline = asyncio.get_running_loop().time() + remaining - margin
+            return self.registry.start(
+                spec,
+                caller=caller_of(context),
+                key=request.idempotency_key,
+                fingerprint=fingerprint(request),
+                deadline=deadline,
+                background=background,
+            )
+
+    async def _stream(
+        self,
+        run: Run,
+        after_seq: int,
+        context: grpc.aio.ServicerContext,
+        *,
+        owner: bool,
+        received: float | None = None,
+    ) -> AsyncIterator[pb.AgentEvent]:
+        """Send the run's log from `after_seq`, live, then end with the run's status. `owner`: the caller's
+        disconnect cancels the run (on_disconnect=CANCEL)."""
         task = asyncio.current_task()
         assert task is not None
-        self.active.add(task)
-        telemetry.ACTIVE_RUNS.inc()
-        outcome = "CANCELLED"
-        seq = 0
-        failure: ev.RunFailed | None = None
+        self.streams.add(task)
+        runs = self.config.runs
+        dropped: SubscriberTooSlow | None = None
         try:
-            async for event in self.loop.run(spec):
-                seq += 1
-                if seq == 1:
+            async for entry in run.follow(
+                after_seq, coalesce_lag=runs.subscriber_coalesce_lag, max_lag=runs.subscriber_max_lag
+            ):
+                message = entry_to_proto(run.id, entry)
+                if received is not None:
                     telemetry.FIRST_EVENT.observe(time.perf_counter() - received)
-                message = to_proto(event, run_id, seq)
-                telemetry.EVENTS.labels(message.WhichOneof("event")).inc()
+                    received = None
+                _count(message.WhichOneof("event"))
                 yield message
-                if isinstance(event, ev.RunFailed):
-                    failure = event
-            outcome = failure.code if failure else "OK"
-        except Exception:
-            # A bug, not a run failure: the caller gets INTERNAL with the run id to quote; the log has the traceback.
-            log.exception("run crashed", extra={"run_id": run_id})
-            outcome = "INTERNAL"
-            failure = ev.RunFailed(code="INTERNAL", message=f"internal error in run {run_id}", retryable=False)
-            seq += 1
-            yield to_proto(failure, run_id, seq)
+        except SubscriberTooSlow as exc:
+            log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
+            dropped = exc
         except asyncio.CancelledError:
-            if task not in self._interrupted:
-                remaining = context.time_remaining()
-                outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-                raise
-            task.uncancel()
-            outcome = "UNAVAILABLE"
-            failure = ev.RunFailed(
-                code="UNAVAILABLE",
-                message=f"run {run_id} was interrupted: the server is shutting down; retry on another replica",
-                retryable=True,
-            )
-            seq += 1
-            yield to_proto(failure, run_id, seq)
+            if owner and not run.finished:
+                run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
+            raise
         finally:
-            self._interrupted.discard(task)
-            self.active.discard(task)
-            telemetry.ACTIVE_RUNS.dec()
-            telemetry.RUNS.labels(outcome).inc()
-            log.info("run ended", extra={"run_id": run_id, "outcome": outcome, "events": seq})
-        if failure is not None:
-            await context.abort(grpc.StatusCode[failure.code], failure.message)
+            self.streams.discard(task)
+        if dropped is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(dropped))
+        await self._end_with_outcome(run, context)
+
+    @staticmethod
+    async def _end_with_outcome(run: Run, context: grpc.aio.ServicerContext) -> None:
+        outcome = run.outcome
+        if isinstance(outcome, ev.RunFailed):
+            await context.abort(grpc.StatusCode[outcome.code], outcome.message)
 
     def validate(self, request: pb.RunAgentRequest, run_id: str) -> RunSpec:
         limits = self.config.limits
+        runs = self.config.runs
         if not request.message.strip():
             raise InvalidRequest("message must not be empty: put the user's question in `message`")
         size = len(request.message.encode())
@@ -149,122 +252,43 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return RunSpec(
             run_id=run_id,
             message=request.message,
-            model=request.model or self.loop.model.default_model,
+            model=request.model or self.registry.loop.model.default_model,
             system=request.system if request.HasField("system") else self.config.system_prompt,
             max_turns=max_turns,
             max_tokens=max_tokens,
             tools=tuple(request.tools) or tuple(self.tools),
             metadata=dict(request.metadata),
+            max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
+            max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
         )
 
-
-def to_proto(event: ev.Event, run_id: str, seq: int) -> pb.AgentEvent:
-    """The one place where domain events become protobuf."""
-    out = pb.AgentEvent(run_id=run_id, seq=seq, time=_now())
-    match event:
-        case ev.RunStarted():
-            out.run_started.CopyFrom(pb.RunStarted(model=event.model, tools=event.tools, max_turns=event.max_turns))
-        case ev.Thinking():
-            out.thinking.CopyFrom(pb.Thinking(turn=event.turn, text=event.text))
-        case ev.TextDelta():
-            out.text_delta.CopyFrom(pb.TextDelta(turn=event.turn, text=event.text))
-        case ev.ToolCall():
-            out.tool_call.CopyFrom(pb.ToolCall(turn=event.turn, call_id=event.call_id, name=event.name))
-        case ev.ToolCallDelta():
-            out.tool_call_delta.CopyFrom(pb.ToolCallDelta(call_id=event.call_id, partial_json=event.partial_json))
-        case ev.ToolCallReady():
-            out.tool_call_ready.CopyFrom(
-                pb.ToolCallReady(call_id=event.call_id, name=event.name, input=_struct(event.input))
-            )
-        case ev.ToolResultChunk():
-            out.tool_result_chunk.CopyFrom(
-                pb.ToolResultChunk(call_id=event.call_id, index=event.index, total=event.total, data=_value(event.data))
-            )
-        case ev.ToolResult():
-            out.tool_result.CopyFrom(
-                pb.ToolResult(
-                    call_id=event.call_id,
-                    name=event.name,
-                    status=_TOOL_STATUS[event.status],
-                    duration=_duration(event.duration_s),
-                    data=_value(event.data) if event.ok else None,
-                    error=event.error,
-                    attempts=event.attempts,
-                    cache_hit=event.cache_hit,
-                    answered_by=event.answered_by,
-                )
-            )
-        case ev.ToolRetry():
-            out.tool_retry.CopyFrom(
-                pb.ToolRetry(
-                    call_id=event.call_id,
-                    attempt=event.attempt,
-                    max_attempts=event.max_attempts,
-                    wait=_duration(event.wait_s),
-                    error=event.error,
-                )
-            )
-        case ev.ToolFallback():
-            out.tool_fallback.CopyFrom(
-                pb.ToolFallback(
-                    call_id=event.call_id, primary=event.primary, fallback=event.fallback, reason=event.reason
-                )
-            )
-        case ev.ExecutionFailed():
-            out.execution_failed.CopyFrom(
-                pb.ExecutionFailed(
-                    execution_id=event.execution_id, call_id=event.call_id, tool=event.tool, message=event.message
-                )
-            )
-        case ev.Usage():
-            out.usage.CopyFrom(
-                pb.Usage(
-                    turn=event.turn,
-                    input_tokens=event.input_tokens,
-                    output_tokens=event.output_tokens,
-                    total_input_tokens=event.total_input_tokens,
-                    total_output_tokens=event.total_output_tokens,
-                )
-            )
-        case ev.FinalResponse():
-            out.final_response.CopyFrom(
-                pb.FinalResponse(
-                    text=event.text,
-                    stop_reason=event.stop_reason,
-                    turns=event.turns,
-                    tool_calls=event.tool_calls,
-                    input_tokens=event.input_tokens,
-                    output_tokens=event.output_tokens,
-                    duration=_duration(event.duration_s),
-                )
-            )
-        case ev.RunFailed():
-            out.error.CopyFrom(pb.Error(code=event.code, message=event.message, retryable=event.retryable))
-        case _:
-            raise TypeError(f"no protobuf mapping for {type(event).__name__}")
-    return out
+    @staticmethod
+    def _limit(request: pb.RunAgentRequest, name: str, maximum: int) -> int:
+        if not request.HasField(name):
+            return maximum
+        value = int(getattr(request, name))
+        if not 1 <= value <= maximum:
+            raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
+        return value
 
 
-_TOOL_STATUS = {status: pb.ToolStatus.Value(f"TOOL_STATUS_{status.name}") for status in ev.ToolStatus}
+_EVENT_COUNTERS: dict[str, Any] = {}
 
 
-def _now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts
+def _count(kind: str) -> None:
+    """events-sent counter by kind; the labelled child is looked up once per kind, not once per event."""
+    counter = _EVENT_COUNTERS.get(kind)
+    if counter is None:
+        counter = _EVENT_COUNTERS[kind] = telemetry.EVENTS.labels(kind)
+    counter.inc()
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling: the authenticated peer identity when there is one, else "anonymous" (one shared caller)."""
+    identities = context.peer_identities()
+    return identities[0].decode() if identities else "anonymous"
 
 
-def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(value)
-    return s
-
-
-def _value(value: Any) -> struct_pb2.Value:
-    return json_format.ParseDict(value, struct_pb2.Value())
+def fingerprint(request: pb.RunAgentRequest) -> str:
+    """What an idempotency key promises: the same request. Deterministic serialization, hashed."""
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()

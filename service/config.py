@@ -60,6 +60,33 @@ class Limits(_Strict):
         return self
 
 
+class StoreConfig(_Strict):
+    """Where a durable store lives: `sqlite:///PATH` (relative paths under the working directory); unset means
+    `<data_dir>/<default file>`. A URL so that a shared backend (PostgreSQL) can be chosen here later."""
+
+    url: str | None = None
+    queue_size: int = Field(default=10000, ge=1, description="audit: records buffered for the background writer")
+
+
+class RunsConfig(_Strict):
+    """Run lifecycle: retention, background queue, coalescing and slow-subscriber limits."""
+
+    retention_s: float = Field(default=900.0, gt=0, description="how long an ended run stays watchable")
+    max_retained_runs: int = Field(default=10_000, ge=1)
+    max_events_per_run: int = Field(default=100_000, ge=10)
+    max_run_s: float = Field(default=3600.0, gt=0, description="longest a run may take, whatever the deadline")
+    min_tool_budget_s: float = Field(default=0.05, ge=0, description="no tool call starts with less time left")
+    deadline_margin_s: float = Field(default=0.05, ge=0, description="the run ends this much before the deadline")
+    background_max_concurrent: int = Field(default=8, ge=1)
+    background_max_queued: int = Field(default=100, ge=0)
+    coalesce_window_s: float = Field(default=0.01, ge=0, description="text deltas this close together are merged")
+    coalesce_max_bytes: int = Field(default=1024, ge=1)
+    subscriber_coalesce_lag: int = Field(default=64, ge=1, description="a stream this far behind gets merged deltas")
+    subscriber_max_lag: int = Field(default=10_000, ge=1, description="a stream this far behind is dropped")
+    max_tool_calls: int = Field(default=200, ge=1, description="largest max_tool_calls a request may ask for")
+    max_output_tokens: int = Field(default=1_000_000, ge=1, description="largest max_output_tokens")
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9464"
@@ -72,10 +99,16 @@ class Config(_Strict):
     reflection: bool = True
     model: ModelConfig = ModelConfig()
     limits: Limits = Limits()
+    runs: RunsConfig = RunsConfig()
     tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-tool options by tool name")
     tool_modules: list[str] = Field(
         default_factory=list, description="extra Python modules that define create(config) -> Tool"
     )
+    policies: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-tool policy overrides by tool name (tools.policy.ToolPolicy fields)"
+    )
+    audit: StoreConfig = StoreConfig()
+    dead_letter: StoreConfig = StoreConfig()
 
 
 ENV_VARS = {

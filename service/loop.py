@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import RetryCallState, wait_exponential_jitter
@@ -70,6 +70,7 @@ class RunSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_tool_calls: int | None = None
     max_output_tokens: int | None = None
+    trace_context: Any = None  # set by `_traced`: the run span, parent of the model_turn and tool_call spans
 
 
 @dataclass
@@ -86,7 +87,9 @@ class _RunState:
         self.started = started
         self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
         self.totals = _Totals()
-        self.context = RunContext(run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata)
+        self.context = RunContext(
+            run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata, trace_context=spec.trace_context
+        )
         self.open_calls: dict[str, str] = {}
         self.tools_started = started
 
@@ -107,6 +110,32 @@ def check_budgets(spec: RunSpec, totals: _Totals, new_calls: int, control: RunCo
         raise DeadlineExceeded(f"not starting {new_calls} tool call(s): only {max(remaining, 0):.3f} s left")
 
 
+_RunMethod = Callable[..., AsyncIterator[Event]]
+
+
+def _traced(run: _RunMethod) -> _RunMethod:
+    """Wrap `AgentLoop.run` in the `run` span, ended ERROR on a failed or cancelled run. The span is passed down
+    explicitly (`RunSpec.trace_context`), never made current: a context set inside a generator would leak into
+    whatever iterates it."""
+
+    async def traced(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
+        span = telemetry.tracer().start_span("run", attributes={"run.id": spec.run_id, "run.model": spec.model})
+        spec = replace(spec, trace_context=telemetry.context_with(span))
+        try:
+            async with aclosing(run(self, spec, *args, **kwargs)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, RunFailed):
+                        telemetry.end_span(span, f"{event.code}: {event.message}")
+                    yield event
+        except BaseException as exc:
+            telemetry.end_span(span, "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc)
+            raise
+        span.end()  # a no-op (with a debug log) when already ended by a failure
+
+    traced.__doc__ = run.__doc__
+    return traced
+
+
 class AgentLoop:
     """Drives one model with one executor. Stateless between runs; `sleep` and `clock` are injectable for tests."""
 
@@ -124,22 +153,38 @@ class AgentLoop:
         self.retry = retry or ModelRetry()
         self.sleep = sleep
         self.clock = clock
+        self._specs: dict[str, m.ToolSpec] = {}
         self._backoff = wait_exponential_jitter(multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s)
 
-    def tool_specs(self, names: Sequence[str]) -> list[m.ToolSpec]:
-        tools: Mapping[str, Tool[Any]] = self.executor.tools
-        return [
-            m.ToolSpec(name=n, description=tools[n].description, input_schema=tools[n].input_schema()) for n in names
-        ]
+    @staticmethod
+    def started(spec: RunSpec) -> RunStarted:
+        return RunStarted(model=spec.model, tools=spec.tools, max_turns=spec.max_turns)
 
-    async def run(self, spec: RunSpec, control: RunControl | None = None) -> AsyncIterator[Event]:
+    def tool_specs(self, names: Sequence[str]) -> list[m.ToolSpec]:
+        """The tools as the model sees them; built once per tool (schema generation costs about a millisecond)."""
+        tools: Mapping[str, Tool[Any]] = self.executor.tools
+        for name in names:
+            if name not in self._specs:
+                tool = tools[name]
+                self._specs[name] = m.ToolSpec(
+                    name=name, description=tool.description, input_schema=tool.input_schema()
+                )
+        return [self._specs[n] for n in names]
+
+    @_traced
+    async def run(
+        self, spec: RunSpec, control: RunControl | None = None, *, announce: bool = True
+    ) -> AsyncIterator[Event]:
         """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last.
 
         When `control` stops the run (deadline, immediate cancel), the tool calls in flight are cancelled and each
-        gets a `ToolResult` with status CANCELLED before the closing `RunFailed`."""
+        gets a `ToolResult` with status CANCELLED before the closing `RunFailed`. `announce=False` leaves out
+        `RunStarted` for a caller that has already sent `started(spec)` itself (the registry does, so that the
+        first event does not wait for the run's task to be scheduled)."""
         control = control or RunControl()
         state = _RunState(spec, started=self.clock())
-        yield RunStarted(model=spec.model, tools=spec.tools, max_turns=spec.max_turns)
+        if announce:
+            yield self.started(spec)
         try:
             async with control.scope():
                 async for event in self._turns(spec, state, control):
@@ -172,7 +217,7 @@ class AgentLoop:
                 max_tokens=spec.max_tokens,
             )
             end: m.TurnEnd | None = None
-            async for event in self.request_model(turn, request):
+            async for event in self.request_model(turn, request, trace_context=spec.trace_context):
                 if isinstance(event, m.TurnEnd):
                     end = event
                 else:
@@ -220,11 +265,15 @@ class AgentLoop:
             f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
         )
 
-    async def request_model(self, turn: int, request: m.TurnRequest) -> AsyncIterator[Event | m.TurnEnd]:
+    async def request_model(
+        self, turn: int, request: m.TurnRequest, *, trace_context: Any = None
+    ) -> AsyncIterator[Event | m.TurnEnd]:
         """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has
         reached the caller: once a delta is out, a retry would show the caller a different answer."""
         emitted = False
         started = self.clock()
+        span = telemetry.tracer().start_span("model_turn", context=trace_context, attributes={"model.turn": turn})
+        failure: BaseException | None = None
         try:
             for attempt in range(1, self.retry.attempts + 1):
                 try:
@@ -253,8 +302,12 @@ class AgentLoop:
                         extra={"turn": turn, "attempt": attempt, "wait_s": round(delay, 3), "error": exc.message},
                     )
                     await self.sleep(delay)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             telemetry.MODEL_TURN.observe(self.clock() - started)
+            telemetry.end_span(span, failure)
 
     async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
@@ -295,6 +348,9 @@ def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
 
 def tool_result_block(result: ToolResult) -> dict[str, Any]:
     """What the model reads: the data as JSON, or the error; a partial result says it is partial."""
+    if result.status is ToolStatus.OK and result.answered_by:  # the model should know whose answer it reads
+        body = json.dumps({"answered_by": result.answered_by, "data": result.data})
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
     if result.status is ToolStatus.OK:
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": json.dumps(result.data)}
     if result.status is ToolStatus.PARTIAL:

@@ -17,12 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
+from service import telemetry
 from service.api import AgentServicer
 from service.config import Config
-from service.executor import Executor
+from service.executor import build_executor
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
+from service.runs import RunRegistry
 from tools import load_tools
 from tools.base import Tool
 
@@ -60,6 +62,7 @@ class Service:
     config: Config
     server: grpc.aio.Server
     servicer: AgentServicer
+    registry: RunRegistry
     health: health.aio.HealthServicer
     model: Model
     tools: dict[str, Tool[Any]]
@@ -68,25 +71,26 @@ class Service:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def drain(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new runs with UNAVAILABLE, give in-flight runs `grace` seconds, then cancel them."""
+        """NOT_SERVING, refuse new runs with UNAVAILABLE, give in-flight runs `grace` seconds, then stop them with
+        a retryable error event naming each run, let the streams send it, and stop the server."""
         grace = self.config.shutdown_grace_s if grace is None else grace
-        log.info("draining", extra={"grace_s": grace, "active_runs": len(self.servicer.active)})
+        log.info("draining", extra={"grace_s": grace, "active_streams": len(self.servicer.streams)})
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
-        active = list(self.servicer.active)
-        if active:
-            _, pending = await asyncio.wait(active, timeout=grace)
-            if pending:
-                log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
-                await self.servicer.interrupt(pending)
-        await self.server.stop(0)
+        await self.registry.shutdown(grace)
+        streams = list(self.servicer.streams)
+        if streams:
+            await asyncio.wait(streams, timeout=2.0)
+        await self.server.stop(1.0)
         await self.close()
 
     async def close(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        await self.registry.close()
         await self.model.aclose()
+        await self.registry.loop.executor.aclose()  # flushes the audit queue
         for tool in self.tools.values():
             await tool.aclose()
 
@@ -101,13 +105,16 @@ async def start(
     """Start serving. `tools` and `model` replace the ones the config describes (tests pass their own)."""
     tools = build_tools(config) if tools is None else tools
     model = build_model(config) if model is None else model
-    loop = AgentLoop(model, Executor(tools, timeout_s=config.limits.tool_timeout_s), retry=config.model.retry)
-    servicer = AgentServicer(loop, tools, config)
+    telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
+    loop = AgentLoop(model, build_executor(tools, config), retry=config.model.retry)
+    registry = RunRegistry(loop, config.runs)
+    servicer = AgentServicer(registry, tools, config)
     server = grpc.aio.server(
+        interceptors=telemetry.server_interceptors(),
         options=[
             ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -130,7 +137,7 @@ async def start(
         "serving",
         extra={"listen": config.listen, "port": port, "metrics_port": metrics_port, "model": model.default_model},
     )
-    return Service(config, server, servicer, health_servicer, model, tools, port, metrics_port)
+    return Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_port)
 
 
 async def serve(config: Config) -> None:

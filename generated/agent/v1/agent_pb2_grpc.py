@@ -44,6 +44,31 @@ class AgentServiceStub:
                 request_serializer=agent_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=agent_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/agent.v1.AgentService/WatchRun',
+                request_serializer=agent_dot_v1_dot_agent__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.AgentEvent.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/agent.v1.AgentService/CancelRun',
+                request_serializer=agent_dot_v1_dot_agent__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.CancelRunResponse.FromString,
+                _registered_method=True)
+        self.SubmitRun = channel.unary_unary(
+                '/agent.v1.AgentService/SubmitRun',
+                request_serializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.SubmitRunResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/agent.v1.AgentService/GetRun',
+                request_serializer=agent_dot_v1_dot_agent__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.Run.FromString,
+                _registered_method=True)
+        self.RunAgentUnary = channel.unary_unary(
+                '/agent.v1.AgentService/RunAgentUnary',
+                request_serializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.RunResult.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -64,6 +89,43 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRun(self, request, context):
+        """Replays a run's events after `after_seq`, then follows it live until it ends. Works after the run ended, within
+        retention; NOT_FOUND for an unknown or expired run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """Stops a run now or after its current turn. Idempotent; FAILED_PRECONDITION when the run already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRun(self, request, context):
+        """Starts a run in the background and returns its id at once; RESOURCE_EXHAUSTED when the queue is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """A run's state, last seq and outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunAgentUnary(self, request, context):
+        """For callers that cannot stream: runs to the end and returns the answer with the tool calls, built from the same
+        event log the stream is sent from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +138,31 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=agent_dot_v1_dot_agent__pb2.ListToolsRequest.FromString,
                     response_serializer=agent_dot_v1_dot_agent__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.WatchRunRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.AgentEvent.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.CancelRunRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'SubmitRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRun,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.SubmitRunResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.GetRunRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.Run.SerializeToString,
+            ),
+            'RunAgentUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunAgentUnary,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.RunResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +219,141 @@ class AgentService:
             '/agent.v1.AgentService/ListTools',
             agent_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
             agent_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agent.v1.AgentService/WatchRun',
+            agent_dot_v1_dot_agent__pb2.WatchRunRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.AgentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/CancelRun',
+            agent_dot_v1_dot_agent__pb2.CancelRunRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/SubmitRun',
+            agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.SubmitRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/GetRun',
+            agent_dot_v1_dot_agent__pb2.GetRunRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunAgentUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/RunAgentUnary',
+            agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.RunResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,393 @@
+"""The run registry: runs outlive the streams that started them, keep an event log with gapless seqs, and can be
+watched from any seq, cancelled, run in the background, and are forgotten after a retention period.
+
+Cancellation contract: a run is driven by its own task (`Run.task`), never by a caller's stream. Callers stop a run
+through its `RunControl` (the run then ends with events saying so); only `RunRegistry.close` cancels driver tasks
+outright. A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while
+it is behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`)
+and resumes from the log with its last seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+from service import events as ev
+from service import telemetry
+from service.config import RunsConfig
+from service.control import RunControl
+from service.errors import RunCancelled, RunInterrupted
+from service.loop import AgentLoop, RunSpec
+
+log = logging.getLogger(__name__)
+
+
+class RunState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A logged event. `first_seq` is set on a delivery that merges several deltas (seqs first_seq..seq)."""
+
+    seq: int
+    time_ns: int
+    event: ev.Event
+    first_seq: int = 0
+
+
+class NotFound(LookupError):
+    pass
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class IdempotencyConflict(ValueError):
+    pass
+
+
+class SubscriberTooSlow(RuntimeError):
+    def __init__(self, run_id: str, last_seq: int, lag: int) -> None:
+        super().__init__(
+            f"this stream fell {lag} events behind run {run_id} and was dropped; nothing is lost: resume with "
+            f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
+        )
+        self.last_seq = last_seq
+
+
+_DELTAS = (ev.TextDelta, ev.Thinking)
+
+
+class Run:
+    def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
+        self.spec = spec
+        self.control = control
+        self.caller = caller
+        self.idempotency_key = key
+        self.fingerprint = fingerprint
+        self.state = RunState.QUEUED
+        self.created_ns = time.time_ns()
+        self.ended_ns = 0
+        self.ended_at: float | None = None  # registry clock
+        self.log: list[Entry] = []
+        self.task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def id(self) -> str:
+        return self.spec.run_id
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+    @property
+    def outcome(self) -> ev.FinalResponse | ev.RunFailed | None:
+        last = self.log[-1].event if self.log else None
+        return last if isinstance(last, ev.FinalResponse | ev.RunFailed) else None
+
+    def append(self, event: ev.Event) -> None:
+        """Log an event with the next seq and wake the subscribers. Synchronous on purpose: the driver must not
+        await between events (see `RunControl.scope`)."""
+        self.log.append(Entry(seq=len(self.log) + 1, time_ns=time.time_ns(), event=event))
+        self._wake()
+
+    def finish(self) -> None:
+        """Set the final state from the last event; called once, by the driver."""
+        outcome = self.outcome
+        if isinstance(outcome, ev.FinalResponse):
+            self.state = RunState.SUCCEEDED
+        elif isinstance(outcome, ev.RunFailed) and outcome.code == "CANCELLED":
+            self.state = RunState.CANCELLED
+        else:
+            self.state = RunState.FAILED
+        self.ended_ns = time.time_ns()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+
+    async def _changed(self) -> None:
+        # one future per waiting subscriber: cancelling one subscriber must not wake or cancel the others
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def follow(
+        self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000
+    ) -> AsyncIterator[Entry]:
+        """The events after `after_seq`, then live ones until the run ends. Replaying history is not lagging: a
+        reader counts as behind only by the events logged since it subscribed that it has not read yet."""
+        cursor = after_seq
+        joined = len(self.log)
+        while True:
+            while cursor < len(self.log):
+                lag = len(self.log) - cursor
+                if len(self.log) - max(cursor, joined) > max_lag and not self.finished:
+                    raise SubscriberTooSlow(self.id, cursor, lag)
+                entry = self.log[cursor]
+                if lag > coalesce_lag and isinstance(entry.event, _DELTAS):
+                    entry = self._merged(cursor)
+                cursor = entry.seq
+                yield entry
+            if self.finished:
+                return
+            await self._changed()
+
+    def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
+        """The run of same-kind, same-turn deltas starting at `index`, as one entry."""
+        first = self.log[index]
+        head = first.event
+        assert isinstance(head, ev.TextDelta | ev.Thinking)
+        parts = [head.text]
+        size = len(head.text)
+        last = first
+        for entry in self.log[index + 1 :]:
+            e = entry.event
+            if type(e) is not type(head) or not isinstance(e, ev.TextDelta | ev.Thinking) or e.turn != head.turn:
+                break
+            if size >= max_bytes:
+                break
+            parts.append(e.text)
+            size += len(e.text)
+            last = entry
+        if last is first:
+            return first
+        merged = replace(head, text="".join(parts))
+        return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
+
+
+class _Coalescer:
+    """Merges small text/thinking deltas that follow each other within `window_s`, up to `max_bytes`, before they
+    are logged, so per-event cost does not dominate at high token rates. The first delta after a quiet spell goes
+    out at once, so time to first token does not wait for the window."""
+
+    def __init__(self, run: Run, window_s: float, max_bytes: int, clock: Callable[[], float]) -> None:
+        self.run = run
+        self.window_s = window_s
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.pending: ev.TextDelta | ev.Thinking | None = None
+        self.last_emit = float("-inf")
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, event: ev.Event) -> None:
+        if not isinstance(event, _DELTAS) or self.window_s <= 0:
+            self.flush()
+            self.run.append(event)
+            return
+        pending = self.pending
+        if pending is not None and (type(pending) is not type(event) or pending.turn != event.turn):
+            self.flush()
+            pending = None
+        if pending is None and self.clock() - self.last_emit >= self.window_s:
+            self._emit(event)
+            return
+        self.pending = event if pending is None else replace(pending, text=pending.text + event.text)
+        if len(self.pending.text) >= self.max_bytes:
+            self.flush()
+        elif self.timer is None:
+            delay = max(0.0, self.window_s - (self.clock() - self.last_emit))
+            self.timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._emit(pending)
+
+    def _emit(self, event: ev.Event) -> None:
+        self.last_emit = self.clock()
+        self.run.append(event)
+
+
+class RunRegistry:
+    def __init__(self, loop: AgentLoop, config: RunsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.loop = loop
+        self.config = config
+        self.clock = clock
+        self.runs: dict[str, Run] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        self._background = asyncio.Semaphore(config.background_max_concurrent)
+        self._background_runs = 0  # running or queued
+        self._janitor: asyncio.Task[None] | None = None
+
+    def get(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(
+                f"no run {run_id!r}: unknown, or it ended more than {self.config.retention_s:g} s ago and was forgotten"
+            )
+        return run
+
+    def find(self, caller: str, key: str, fingerprint: str) -> Run | None:
+        """The run this caller started with this idempotency key, if still retained."""
+        if not key:
+            return None
+        run_id = self._keys.get((caller, key))
+        run = self.runs.get(run_id) if run_id else None
+        if run is not None and run.fingerprint != fingerprint:
+            raise IdempotencyConflict(
+                f"idempotency_key {key!r} was used by run {run.id} with a different request; use a new key"
+            )
+        return run
+
+    def start(
+        self,
+        spec: RunSpec,
+        *,
+        caller: str,
+        key: str = "",
+        fingerprint: str = "",
+        deadline: float | None = None,
+        background: bool = False,
+    ) -> tuple[Run, bool]:
+        """Start a run (or return the one this caller's idempotency key names). True when a new run was started."""
+        existing = self.find(caller, key, fingerprint)
+        if existing is not None:
+            return existing, False
+        capacity = self.config.background_max_concurrent + self.config.background_max_queued
+        if background and self._background_runs >= capacity:
+            raise QueueFull(
+                f"the background queue is full ({self.config.background_max_queued} runs waiting); retry later"
+            )
+        now = asyncio.get_running_loop().time()
+        limit = now + self.config.max_run_s
+        control = RunControl(
+            deadline=limit if deadline is None else min(deadline, limit),
+            min_tool_budget_s=self.config.min_tool_budget_s,
+        )
+        run = Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        run.append(self.loop.started(spec))  # at once: the first event does not wait for the driver task
+        self.runs[run.id] = run
+        if key:
+            self._keys[(caller, key)] = run.id
+        if background:
+            self._background_runs += 1
+        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
+        return run, True
+
+    def cancel(self, run: Run, *, after_turn: bool = False) -> None:
+        reason = RunCancelled(
+            "cancelled by CancelRun after the current turn" if after_turn else "cancelled by CancelRun"
+        )
+        if run.state is RunState.QUEUED and run.task is not None:
+            run.control.stop_now(reason)
+            run.task.cancel()
+        elif after_turn:
+            run.control.stop_after_turn(reason)
+        else:
+            run.control.stop_now(reason)
+
+    async def _drive(self, run: Run, background: bool) -> None:
+        telemetry.ACTIVE_RUNS.inc()
+        try:
+            if background:
+                try:
+                    await self._background.acquire()
+                except asyncio.CancelledError:
+                    # cancelled while queued: our own cancel (CancelRun or shutdown), ended with an event
+                    reason = run.control.stop_reason()
+                    run.append(ev.RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable))
+                    return
+            try:
+                run.state = RunState.RUNNING
+                await self._play(run)
+            finally:
+                if background:
+                    self._background.release()
+        finally:
+            if background:
+                self._background_runs -= 1
+            telemetry.ACTIVE_RUNS.dec()
+            if run.outcome is None:
+                run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
+            run.finish()
+            run.ended_at = self.clock()
+            telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
+            log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
+
+    async def _play(self, run: Run) -> None:
+        coalescer = _Coalescer(run, self.config.coalesce_window_s, self.config.coalesce_max_bytes, self.clock)
+        log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
+        try:
+            async for event in self.loop.run(run.spec, run.control, announce=False):
+                coalescer.add(event)
+                if len(run.log) > self.config.max_events_per_run:
+                    run.control.stop_now(
+                        RunInterrupted(f"run {run.id} exceeded {self.config.max_events_per_run} events")
+                    )
+        except Exception:
+            # A bug, not a run failure: INTERNAL with the run id to quote; the log has the traceback.
+            log.exception("run crashed", extra={"run_id": run.id})
+            coalescer.flush()
+            run.append(ev.RunFailed(code="INTERNAL", message=f"internal error in run {run.id}", retryable=False))
+        finally:
+            coalescer.flush()
+
+    async def shutdown(self, grace: float) -> None:
+        """Give running runs `grace` seconds, then stop them with a retryable error naming each run."""
+        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        if live:
+            _, pending = await asyncio.wait(live, timeout=grace)
+            if pending:
+                log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
+        for run in self.runs.values():
+            if not run.finished:
+                reason = RunInterrupted(
+                    f"run {run.id} was interrupted: the server is shutting down; retry on another replica"
+                )
+                if run.state is RunState.QUEUED and run.task is not None:
+                    run.control.stop_now(reason)
+                    run.task.cancel()
+                run.control.stop_now(reason)
+        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        if live:
+            await asyncio.wait(live, timeout=5)
+
+    async def close(self) -> None:
+        tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        if self._janitor is not None:
+            tasks.append(self._janitor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def sweep(self) -> int:
+        """Forget runs that ended more than `retention_s` ago, and the oldest ended ones past `max_retained_runs`."""
+        now = self.clock()
+        ended = sorted(
+            ((r.ended_at, r) for r in self.runs.values() if r.ended_at is not None), key=lambda pair: pair[0]
+        )
+        excess = max(0, len(self.runs) - self.config.max_retained_runs)
+        drop = [r for i, (at, r) in enumerate(ended) if i < excess or now - at > self.config.retention_s]
+        for run in drop:
+            del self.runs[run.id]
+            if run.idempotency_key:
+                self._keys.pop((run.caller, run.idempotency_key), None)
+        return len(drop)
+
+    async def _sweep_forever(self) -> None:
+        interval = min(30.0, max(0.05, self.config.retention_s / 10))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()

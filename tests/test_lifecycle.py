@@ -1,0 +1,268 @@
+"""Run lifecycle over real gRPC: resume after a dropped stream, watchers, CancelRun, idempotency, background runs,
+deadlines, slow readers and the unary call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.v1 import agent_pb2 as pb
+from conftest import run_events, stub
+from fake_tools import all_tools
+
+SLOW_TOOL = [
+    {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},
+    {"text": "never"},
+]
+WORDS = " ".join(f"word{i}" for i in range(60))
+
+
+async def until(call: Any, kind: str, seen: list[pb.AgentEvent]) -> None:
+    async for event in call:
+        seen.append(event)
+        if event.HasField(kind):
+            return
+    raise AssertionError(f"no {kind} event")
+
+
+async def status_of(call: Any, seen: list[pb.AgentEvent]) -> grpc.StatusCode:
+    try:
+        async for event in call:
+            seen.append(event)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_dropped_continue_stream_resumes_with_watch_run_without_gap_or_duplicate(
+    start_service: Any, channel_to: Any
+) -> None:
+    turns = [{"text": WORDS, "tool_calls": [{"name": "sleep", "input": {"seconds": 0.2}}]}, {"text": WORDS}]
+    svc = await start_service(turns, model={"pacing": {"first_token_ms": 1, "token_interval_ms": 1}})
+    channel = channel_to(svc)
+    first: list[pb.AgentEvent] = []
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
+    await until(call, "tool_call_ready", first)
+    call.cancel()  # the stream drops mid-run; the run goes on
+    run_id, last = first[0].run_id, first[-1].seq
+    rest = [e async for e in stub(channel).WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=last))]
+    run = svc.registry.get(run_id)
+    assert covered(first + rest) == list(range(1, len(run.log) + 1))
+    assert rest[-1].HasField("final_response")
+
+
+async def test_cancel_on_disconnect_is_the_default(start_service: Any, channel_to: Any) -> None:
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools)
+    seen: list[pb.AgentEvent] = []
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"))
+    await until(call, "tool_call_ready", seen)
+    call.cancel()
+    run = svc.registry.get(seen[0].run_id)
+    assert run.task is not None
+    await asyncio.wait_for(run.task, 5)
+    assert run.state.value == "cancelled" and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+
+
+async def test_two_watchers_see_identical_sequences(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(
+        [{"text": WORDS}],
+        model={"pacing": {"first_token_ms": 5, "token_interval_ms": 1}},
+        runs={"subscriber_coalesce_lag": 10_000},  # so that neither gets merged deltas the other does not
+    )
+    channel = channel_to(svc)
+    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+    a, b = await asyncio.gather(
+        *(run_events_of(stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))) for _ in range(2))
+    )
+    assert [e.SerializeToString() for e in a] == [e.SerializeToString() for e in b]
+    assert a[-1].HasField("final_response") and a[-1].run_id == submitted.run_id
+
+
+async def run_events_of(call: Any) -> list[pb.AgentEvent]:
+    return [e async for e in call]
+
+
+@pytest.mark.parametrize("mode", [pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN])
+async def test_cancel_run_during_a_slow_tool(start_service: Any, channel_to: Any, mode: int) -> None:
+    tools = all_tools()
+    turns = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 0.3}}]}, {"text": "never"}]
+    svc = await start_service(turns, tools=tools)
+    channel = channel_to(svc)
+    seen: list[pb.AgentEvent] = []
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="go"))
+    await until(call, "tool_call_ready", seen)
+    reply = await stub(channel).CancelRun(pb.CancelRunRequest(run_id=seen[0].run_id, mode=mode))
+    assert reply.run_id == seen[0].run_id
+    await stub(channel).CancelRun(pb.CancelRunRequest(run_id=seen[0].run_id, mode=mode))  # idempotent while ending
+    assert await status_of(call, seen) == grpc.StatusCode.CANCELLED
+    result = next(e.tool_result for e in seen if e.HasField("tool_result"))
+    assert seen[-1].error.code == "CANCELLED"
+    if mode == pb.CancelRunRequest.IMMEDIATE:
+        assert reply.state == pb.Run.CANCELLED
+        assert result.status == pb.TOOL_STATUS_CANCELLED and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+        assert seen[-1].error.message == "cancelled by CancelRun"
+    else:
+        assert result.status == pb.TOOL_STATUS_OK and tools["sleep"].finished == 1  # type: ignore[attr-defined]
+        assert seen[-1].error.message == "cancelled by CancelRun after the current turn"
+    again = await stub(channel).CancelRun(pb.CancelRunRequest(run_id=seen[0].run_id))
+    assert again.state == pb.Run.CANCELLED
+
+
+async def test_cancelling_a_finished_run_is_failed_precondition(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    channel = channel_to(svc)
+    events = await run_events(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub(channel).CancelRun(pb.CancelRunRequest(run_id=events[0].run_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already ended (succeeded); nothing to cancel" in (info.value.details() or "")
+
+
+async def test_unknown_runs_are_not_found(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    channel = channel_to(svc)
+    calls = [
+        stub(channel).GetRun(pb.GetRunRequest(run_id="run_nope")),
+        stub(channel).CancelRun(pb.CancelRunRequest(run_id="run_nope")),
+        run_events_of(stub(channel).WatchRun(pb.WatchRunRequest(run_id="run_nope"))),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no run 'run_nope'" in (info.value.details() or "")
+
+
+async def test_idempotency_key_attaches_to_the_same_run(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    channel = channel_to(svc)
+    first = await run_events(channel, message="once", idempotency_key="k-1")
+    again = await run_events(channel, message="once", idempotency_key="k-1")
+    assert [e.SerializeToString() for e in first] == [e.SerializeToString() for e in again]
+    other = await run_events(channel, message="once", idempotency_key="k-2")
+    assert other[0].run_id != first[0].run_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel, message="something else", idempotency_key="k-1")
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"used by run {first[0].run_id} with a different request" in (info.value.details() or "")
+
+
+async def test_background_run_to_completion_and_full_queue(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(runs={"background_max_concurrent": 1, "background_max_queued": 1})
+    channel = channel_to(svc)
+    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="background"))
+    assert submitted.run_id.startswith("run_")
+    for _ in range(200):
+        run = await stub(channel).GetRun(pb.GetRunRequest(run_id=submitted.run_id))
+        if run.state == pb.Run.SUCCEEDED:
+            break
+        await asyncio.sleep(0.01)
+    assert run.state == pb.Run.SUCCEEDED and run.final_response.text.startswith("The answer: ")
+    assert run.last_seq > 5 and run.ended.seconds > 0
+    slow = await start_service(SLOW_TOOL, runs={"background_max_concurrent": 1, "background_max_queued": 1})
+    slow_channel = channel_to(slow)
+    await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="1"))
+    queued = await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="2"))
+    assert queued.state == pb.Run.QUEUED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="3"))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "background queue is full" in (info.value.details() or "")
+
+
+async def test_deadline_shorter_than_a_tool_ends_with_an_error_event(start_service: Any, channel_to: Any) -> None:
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools)
+    seen: list[pb.AgentEvent] = []
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"), timeout=1.0)
+    assert await status_of(call, seen) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen[-1].error.code == "DEADLINE_EXCEEDED"  # the caller was told before its deadline cut the stream
+    result = next(e.tool_result for e in seen if e.HasField("tool_result"))
+    assert result.status == pb.TOOL_STATUS_CANCELLED
+    assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+
+
+def covered(events: list[pb.AgentEvent]) -> list[int]:
+    return [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)]
+
+
+async def test_a_slow_reader_slows_neither_the_run_nor_a_fast_reader(start_service: Any, channel_to: Any) -> None:
+    # Dropping a reader that falls past `subscriber_max_lag` is tested in test_runs.py: over real HTTP/2 a stalled
+    # reader is only "behind" once flow control stops its writes, which takes megabytes of buffered data.
+    svc = await start_service(
+        [{"text": WORDS}],
+        model={"pacing": {"first_token_ms": 0, "token_interval_ms": 1}},
+        runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10},
+    )
+    channel = channel_to(svc)
+    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+    run = svc.registry.get(submitted.run_id)
+    slow_seen: list[pb.AgentEvent] = []
+    ended_while_slow_was_reading = False
+
+    async def slow() -> None:
+        nonlocal ended_while_slow_was_reading
+        async for event in stub(channel_to(svc)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id)):
+            slow_seen.append(event)
+            if len(slow_seen) == 3:
+                await asyncio.sleep(0.5)  # long past the run's end
+                ended_while_slow_was_reading = run.finished
+
+    fast, _ = await asyncio.gather(
+        run_events_of(stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))), slow()
+    )
+    assert ended_while_slow_was_reading
+    every_seq = list(range(1, len(run.log) + 1))
+    assert covered(fast) == every_seq and fast[-1].HasField("final_response")
+    assert covered(slow_seen) == every_seq  # the slow one got merged deltas, still accounting for every seq
+    assert any(e.first_seq for e in slow_seen)
+    text = "".join(e.text_delta.text for e in slow_seen if e.HasField("text_delta"))
+    assert text == "".join(e.text_delta.text for e in fast if e.HasField("text_delta")) == WORDS
+
+
+async def test_unary_result_equals_what_the_stream_said(start_service: Any, channel_to: Any) -> None:
+    turns = [
+        {"tool_calls": [{"name": "echo", "input": {"text": "a"}}, {"name": "count", "input": {"n": 2}}]},
+        {"text": "Final words."},
+    ]
+    svc = await start_service(turns)
+    channel = channel_to(svc)
+    streamed = await run_events(channel, message="q")
+    result = await stub(channel).RunAgentUnary(pb.RunAgentRequest(message="q"))
+    final = streamed[-1].final_response
+    assert result.final_response.text == final.text == "Final words."
+    assert (result.final_response.turns, result.final_response.tool_calls) == (final.turns, final.tool_calls)
+    stream_results = [e.tool_result for e in streamed if e.HasField("tool_result")]
+    assert [c.name for c in result.tool_calls] == ["echo", "count"]
+    assert [dict(c.input) for c in result.tool_calls] == [{"text": "a"}, {"n": 2.0}]
+    by_name = {r.name: r for r in stream_results}
+    for call in result.tool_calls:
+        assert call.result.status == by_name[call.name].status
+        assert call.result.data == by_name[call.name].data
+    own = await run_events_of(stub(channel).WatchRun(pb.WatchRunRequest(run_id=result.run_id)))
+    assert result.last_seq == len(own)
+
+
+async def test_unary_failure_is_a_status(start_service: Any, channel_to: Any) -> None:
+    call = {"tool_calls": [{"name": "echo", "input": {"text": "again"}}]}
+    svc = await start_service([call, call, call])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub(channel_to(svc)).RunAgentUnary(pb.RunAgentRequest(message="loop", max_turns=1))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_drain_interrupts_background_runs_with_a_retryable_error(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(SLOW_TOOL)
+    channel = channel_to(svc)
+    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+    await asyncio.sleep(0.1)
+    watch = stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))
+    seen: list[pb.AgentEvent] = []
+    drain = asyncio.create_task(svc.drain(grace=0.1))
+    assert await status_of(watch, seen) == grpc.StatusCode.UNAVAILABLE
+    await drain
+    assert seen[-1].error.retryable and submitted.run_id in seen[-1].error.message

@@ -1,0 +1,118 @@
+"""The run registry without gRPC: event log, followers, coalescing, slow subscribers, retention, background queue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from fake_tools import all_tools
+from service import events as ev
+from service.config import Pacing, RunsConfig
+from service.executor import Executor
+from service.loop import AgentLoop, RunSpec
+from service.models.scripted import Scenario, ScriptedModel
+from service.runs import QueueFull, RunRegistry, RunState, SubscriberTooSlow
+
+
+def registry(turns: list[dict[str, Any]], *, pacing_ms: float = 0, clock: Any = None, **config: Any) -> RunRegistry:
+    scenario = Scenario.model_validate({"name": "t", "turns": turns})
+    model = ScriptedModel(scenario, pacing=Pacing(first_token_ms=pacing_ms, token_interval_ms=pacing_ms))
+    loop = AgentLoop(model, Executor(all_tools()))
+    kwargs = {"clock": clock} if clock else {}
+    return RunRegistry(loop, RunsConfig(**config), **kwargs)
+
+
+def spec(run_id: str = "run_1", **overrides: Any) -> RunSpec:
+    values: dict[str, Any] = dict(
+        run_id=run_id, message="m", model="x", system=None, max_turns=5, max_tokens=10, tools=tuple(all_tools())
+    )
+    values.update(overrides)
+    return RunSpec(**values)
+
+
+WORDS = [{"text": " ".join(f"w{i}" for i in range(200))}]
+
+
+async def test_log_has_gapless_seqs_and_followers_see_it_all() -> None:
+    reg = registry(WORDS, coalesce_window_s=0)
+    run, created = reg.start(spec(), caller="a")
+    assert created
+    first = [e async for e in run.follow(0, coalesce_lag=10_000)]
+    second = [e async for e in run.follow(0, coalesce_lag=10_000)]
+    assert [e.seq for e in first] == list(range(1, len(run.log) + 1)) == [e.seq for e in second]
+    assert run.state is RunState.SUCCEEDED
+    late = [e.seq async for e in run.follow(150, coalesce_lag=10_000)]
+    assert late == list(range(151, len(run.log) + 1))
+    await reg.close()
+
+
+async def test_text_deltas_close_together_are_merged_at_the_source_and_the_text_is_unchanged() -> None:
+    reg = registry(WORDS, coalesce_window_s=0.05, coalesce_max_bytes=40)
+    run, _ = reg.start(spec(), caller="a")
+    entries = [e async for e in run.follow(0)]
+    deltas = [e.event for e in entries if isinstance(e.event, ev.TextDelta)]
+    assert "".join(d.text for d in deltas) == WORDS[0]["text"]
+    assert deltas[0].text == "w0 "  # the first token is not held back
+    assert 1 < len(deltas) < 200 and max(len(d.text) for d in deltas) <= 40 + 5
+    await reg.close()
+
+
+async def test_a_reader_that_falls_behind_gets_merged_deltas_then_is_dropped() -> None:
+    reg = registry(WORDS, coalesce_window_s=0)
+    run, _ = reg.start(spec(), caller="a")
+    assert run.task is not None
+    await run.task  # the whole log is there; a reader from 0 is 200+ events behind
+    merged = [e async for e in run.follow(0, coalesce_lag=5, max_lag=10_000)]
+    text = [e for e in merged if isinstance(e.event, ev.TextDelta)]
+    assert len(text) < 10 and text[0].first_seq > 0
+    assert "".join(e.event.text for e in text) == WORDS[0]["text"]  # type: ignore[union-attr]
+    covered = [s for e in merged for s in range(e.first_seq or e.seq, e.seq + 1)]
+    assert covered == list(range(1, len(run.log) + 1))  # merged deliveries still account for every seq
+    await reg.close()
+
+
+async def test_a_slow_reader_of_a_live_run_is_dropped_with_its_resume_point() -> None:
+    reg = registry(WORDS, pacing_ms=0.5, coalesce_window_s=0)
+    run, _ = reg.start(spec(), caller="a")
+    got = []
+    with pytest.raises(SubscriberTooSlow) as info:
+        async for entry in run.follow(0, coalesce_lag=10_000, max_lag=20):
+            got.append(entry.seq)
+            await asyncio.sleep(0.05)  # far slower than the run
+    assert info.value.last_seq == got[-1]
+    assert f"after_seq={got[-1]}" in str(info.value)
+    rest = [e.seq async for e in run.follow(info.value.last_seq, coalesce_lag=10_000)]
+    assert got + rest == list(range(1, len(run.log) + 1))
+    await reg.close()
+
+
+async def test_ended_runs_are_forgotten_after_retention() -> None:
+    now = [0.0]
+    reg = registry([{"text": "hi"}], clock=lambda: now[0], retention_s=60)
+    run, _ = reg.start(spec(), caller="a", key="k1")
+    assert run.task is not None
+    await run.task
+    now[0] = 59
+    assert reg.sweep() == 0 and reg.find("a", "k1", "") is run
+    now[0] = 61
+    assert reg.sweep() == 1 and run.id not in reg.runs and reg.find("a", "k1", "") is None
+    await reg.close()
+
+
+async def test_background_queue_is_bounded_and_queued_runs_can_be_cancelled() -> None:
+    slow = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 5}}]}, {"text": "ok"}]
+    reg = registry(slow, background_max_concurrent=1, background_max_queued=1)
+    running, _ = reg.start(spec("run_a"), caller="c", background=True)
+    queued, _ = reg.start(spec("run_b"), caller="c", background=True)
+    await asyncio.sleep(0.05)
+    assert (running.state, queued.state) == (RunState.RUNNING, RunState.QUEUED)
+    with pytest.raises(QueueFull, match="background queue is full"):
+        reg.start(spec("run_c"), caller="c", background=True)
+    reg.cancel(queued)
+    assert queued.task is not None
+    await queued.task
+    assert queued.state is RunState.CANCELLED
+    reg.start(spec("run_d"), caller="c", background=True)  # the slot freed up
+    await reg.close()
