@@ -37,4 +37,10 @@ test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 
 check: lint test ## Lint, types and tests, as CI runs them
 
-.PHONY: help install proto run lint fmt test check
+bench: ## Benchmark C=1,100,1000 against the baselines into bench/results/ (ARGS=--full adds C=5000)
+	$(PYTHON) -m bench $(ARGS)
+
+bench-smoke: ## Tiny benchmark run (CI runs it through the tests), into bench/results/smoke/
+	$(PYTHON) -m bench --smoke
+
+.PHONY: help install proto run lint fmt test check bench bench-smoke

@@ -1,0 +1,80 @@
+"""The limit: a bare `grpc.aio` server that streams the same `AgentEvent` messages with the same pacing as the
+service and no agent machinery. `python -m bench.bare_grpc --port P --workload JSON`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.v1 import agent_pb2 as pb
+from agent.v1 import agent_pb2_grpc
+from bench.workload import Step, timeline, workload_arg
+
+_PAYLOADS = {
+    "run_started": lambda s: {"run_started": pb.RunStarted(model="bare", tools=["bench_sleep"], max_turns=10)},
+    "text_delta": lambda s: {"text_delta": pb.TextDelta(turn=s.turn, text=s.text)},
+    "tool_call": lambda s: {"tool_call": pb.ToolCall(turn=s.turn, call_id="toolu_bare", name="bench_sleep")},
+    "tool_call_delta": lambda s: {"tool_call_delta": pb.ToolCallDelta(call_id="toolu_bare", partial_json=s.text)},
+    "tool_call_ready": lambda s: {"tool_call_ready": pb.ToolCallReady(call_id="toolu_bare", name="bench_sleep")},
+    "tool_result": lambda s: {
+        "tool_result": pb.ToolResult(call_id="toolu_bare", name="bench_sleep", status=pb.TOOL_STATUS_OK)
+    },
+    "usage": lambda s: {"usage": pb.Usage(turn=s.turn, input_tokens=10, output_tokens=20)},
+    "final_response": lambda s: {"final_response": pb.FinalResponse(text="done", stop_reason="end_turn")},
+}
+
+
+def _event(run_id: str, seq: int, step: Step) -> pb.AgentEvent:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return pb.AgentEvent(run_id=run_id, seq=seq, time=ts, **_PAYLOADS[step.kind](step))
+
+
+class BareServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+
+    async def RunAgent(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AgentEvent]:
+        run_id = f"run_{uuid.uuid4().hex[:24]}"
+        for seq, step in enumerate(self.steps, start=1):
+            if step.delay_s:
+                await asyncio.sleep(step.delay_s)
+            yield _event(run_id, seq, step)
+
+
+async def serve(port: int, steps: list[Step]) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on port {port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workload", type=workload_arg, required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, timeline(args.workload)))
+
+
+if __name__ == "__main__":
+    main()

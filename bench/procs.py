@@ -1,0 +1,167 @@
+"""Processes under test: start each system (the service, the bare gRPC server, the SSE endpoints) in its own
+process, wait until it is ready, read its CPU time and memory with psutil, and stop it with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.workload import Workload, write_service_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ("service", "bare", "sse-async", "sse-sync")
+LABELS = {
+    "service": "agent service",
+    "bare": "bare grpc.aio (limit)",
+    "sse-async": "FastAPI SSE, async gen",
+    "sse-sync": "FastAPI SSE, sync gen (naive)",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONUNBUFFERED="1")
+    env.pop("ANTHROPIC_API_KEY", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@dataclass
+class Server:
+    """One system under test, running in its own process."""
+
+    system: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    ps: psutil.Process = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ps = psutil.Process(self.proc.pid)
+
+    @property
+    def target(self) -> str:
+        if self.system.startswith("sse"):
+            return f"http://127.0.0.1:{self.port}/run"
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def proto(self) -> str:
+        return "sse" if self.system.startswith("sse") else "grpc"
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0) -> Server:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = json.dumps(workload.as_dict())
+    if system == "service":
+        config = write_service_config(workload, workdir / "service", port, free_port())
+        cmd = ["-m", "service", "--config", str(config), "--log-level", "WARNING"]
+    elif system == "bare":
+        cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec]
+    else:
+        mode = system.removeprefix("sse-")
+        cmd = ["-m", "bench.sse_server", "--port", str(port), "--mode", mode, "--workload", spec]
+    log_path = workdir / f"{system}-{workload.kind}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *cmd], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log
+        )
+    server = Server(system, proc, port, log_path)
+    try:
+        wait_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.system} exited: {server.log_path.read_text()[-2000:]}")
+        if _ready(server):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{server.system} not ready after {timeout} s")
+
+
+def _ready(server: Server) -> bool:
+    if server.proto == "sse":
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+    return asyncio.run(_grpc_serving(server.target))
+
+
+async def _grpc_serving(target: str) -> bool:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class RssSampler:
+    """Samples a process's RSS every `interval` seconds in a thread; `peak` is the largest seen."""
+
+    def __init__(self, server: Server, interval: float = 0.05) -> None:
+        self.server = server
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.server.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,227 @@
+"""Turns raw load records into figures (percentiles, rates, ratios), checks the issue's targets, and writes
+`results.md`, `results.json` and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.procs import LABELS, SYSTEMS
+
+KIB = 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; `inf` stands for a stream that never got there (cut at the deadline)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarize(load: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Per-level figures from one load run. A time a stream never reached counts as the deadline, and the figure
+    is then a lower bound (`censored`)."""
+    records = load["records"]
+    out: dict[str, Any] = {"streams": len(records), "wall_s": load["wall_s"], "censored": []}
+    for key, name in (("first_event_s", "first_event"), ("first_token_s", "first_token"), ("total_s", "total")):
+        values = [r[key] if r[key] is not None else math.inf for r in records]
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            value = percentile(values, q)
+            if math.isinf(value):
+                value = deadline
+                out["censored"].append(f"{name}_{label}")
+            out[f"{name}_{label}_ms"] = value * 1000
+    out["events"] = sum(r["events"] for r in records)
+    out["text_chars"] = sum(r.get("text_chars", 0) for r in records)
+    out["completed"] = sum(1 for r in records if r["total_s"] is not None and not r["error"])
+    out["events_per_s"] = out["events"] / load["wall_s"] if load["wall_s"] else 0.0
+    errors: dict[str, int] = {}
+    for r in records:
+        if r["error"]:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    out["errors"] = sum(errors.values())
+    out["error_kinds"] = errors
+    return out
+
+
+def _level(results: dict[str, Any], system: str, c: int) -> dict[str, Any] | None:
+    return next((row for row in results["paced"].get(system, []) if row["streams"] == c), None)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and pass/miss (None: not measured in this run)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, ok: bool | None, fmt: str) -> None:
+        rows.append({"target": name, "value": None if value is None else fmt.format(value), "pass": ok})
+
+    big = [c for c in results["levels"] if c >= 100] or results["levels"][-1:]
+    for c in big:
+        s, b = _level(results, "service", c), _level(results, "bare", c)
+        fe = ratio(s and s["first_event_p99_ms"], b and b["first_event_p99_ms"])
+        ft = ratio(s and s["first_token_p99_ms"], b and b["first_token_p99_ms"])
+        add(f"first-event p99 ≤ 1.25× bare (C={c})", fe, None if fe is None else fe <= 1.25, "{:.2f}×")
+        add(f"first-token p99 ≤ 1.1× bare (C={c})", ft, None if ft is None else ft <= 1.1, "{:.2f}×")
+    for n, row in results["unpaced"].items():
+        r = ratio(row["service"]["workload_events_per_s"], row["bare"]["workload_events_per_s"])
+        add(f"unpaced events/s ≥ 0.7× bare (streams={n})", r, None if r is None else r >= 0.7, "{:.2f}×")
+    c = 100 if 100 in results["levels"] else results["levels"][-1]
+    s, a = _level(results, "service", c), _level(results, "sse-async", c)
+    x = ratio(a and a["first_event_p99_ms"], s and s["first_event_p99_ms"])
+    add(f"first-event p99 ≥ 5× lower than FastAPI async SSE (C={c})", x, None if x is None else x >= 5, "{:.1f}×")
+    ov = results["overhead"]["stacks"]["executor"]["overhead_p50_us"]
+    add("tool-call overhead < 100 µs p50", ov, ov < 100, "{:.1f} µs")
+    mem = results["idle"].get("service")
+    kib = mem and mem["per_stream_bytes"] / KIB
+    add(
+        f"≤ 50 KiB per idle open stream ({mem and mem['streams']} streams)",
+        kib,
+        kib is not None and kib <= 50,
+        "{:.1f} KiB",
+    )
+    full = _level(results, "service", 5000)
+    add(
+        "5,000 paced streams, no error",
+        full and full["errors"],
+        None if full is None else full["errors"] == 0,
+        "{} errors",
+    )
+    return rows
+
+
+def _ms(row: dict[str, Any], key: str) -> str:
+    mark = "≥" if key.removesuffix("_ms") in row["censored"] else ""
+    return f"{mark}{row[key]:.1f}"
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    """Busy share of one core over the level, server and load generator: near 100 % means that side saturated."""
+    wall = row["wall_s"] or 1.0
+    return f"{100 * row['server_cpu_s'] / wall:.0f} / {100 * row.get('load_cpu_s', 0.0) / wall:.0f}"
+
+
+def _mark(ok: bool | None) -> str:
+    return {True: "pass", False: "**miss**", None: "not run"}[ok]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    w = results["workload"]
+    lines = [
+        f"# Benchmark results ({results['mode']})",
+        "",
+        f"{results['date']} · {m['cpus']} CPUs ({m['cpu_model']}) · {m['memory_gib']:.0f} GiB · Python {m['python']}"
+        f" · grpcio {m['grpcio']} · FastAPI {m['fastapi']} · uvicorn {m['uvicorn']} · {m['platform']}",
+        "",
+        f"Workload per stream: first event at once, first token after {w['first_token_s'] * 1000:g} ms, "
+        f"{w['text_tokens']} tokens {w['token_interval_s'] * 1000:g} ms apart, one tool call of "
+        f"{w['tool_latency_s'] * 1000:g} ms, then a {w['answer_tokens']}-token answer. Server and load generator "
+        "are separate processes on 127.0.0.1; every system in its own process. Times in ms.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | result |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['value'] or '-'} | {_mark(t['pass'])} |" for t in results["targets"]]
+    lines += [
+        "",
+        "## Paced streams",
+        "",
+        "| system | C | first event p50 | first event p99 | first token p50 | first token p99 | total p99 "
+        "| events/s | server CPU s / 1k events | CPU % server / load | RSS KiB / stream | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system in SYSTEMS:
+        for row in results["paced"].get(system, []):
+            errs = row["errors"] if not row["error_kinds"] else f"{row['errors']} {row['error_kinds']}"
+            lines.append(
+                f"| {LABELS[system]} | {row['streams']} | {_ms(row, 'first_event_p50_ms')} | "
+                f"{_ms(row, 'first_event_p99_ms')} | {_ms(row, 'first_token_p50_ms')} | "
+                f"{_ms(row, 'first_token_p99_ms')} | {_ms(row, 'total_p99_ms')} | {row['events_per_s']:.0f} | "
+                f"{row['cpu_s_per_1k_events']:.3f} | {_cpu(row)} | {row['rss_per_stream_bytes'] / KIB:.1f} | {errs} |"
+            )
+    lines += ["", "## Ratios: agent service ÷ other system (first event p99, first token p99, events/s)", ""]
+    lines += ["| vs | C | first event p99 | first token p99 | events/s |", "|---|---:|---:|---:|---:|"]
+    for other in SYSTEMS[1:]:
+        for c in results["levels"]:
+            s, o = _level(results, "service", c), _level(results, other, c)
+            if s and o:
+                cells = [ratio(s[k], o[k]) for k in ("first_event_p99_ms", "first_token_p99_ms", "events_per_s")]
+                text = " | ".join("-" if v is None else f"{v:.2f}" for v in cells)
+                lines.append(f"| {LABELS[other]} | {c} | {text} |")
+    lines += ["", f"## Unpaced throughput ({results['unpaced_events']:,} small events per stream)", ""]
+    lines += [
+        "Workload events/s counts the run's events as the bare server sends them; the service may send fewer,",
+        "larger messages (it coalesces back-to-back text deltas), so wire messages/s and text delivered are shown too.",
+        "",
+        "| streams | system | workload events/s | wire messages/s | messages / stream | text chars | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n, row in results["unpaced"].items():
+        for system in ("service", "bare"):
+            r = row[system]
+            lines.append(
+                f"| {n} | {LABELS[system]} | {r['workload_events_per_s']:.0f} | {r['events_per_s']:.0f} | "
+                f"{r['events'] / r['streams']:.0f} | {r['text_chars']} | {r['errors']} |"
+            )
+    lines += [
+        "",
+        "## Memory per idle open stream",
+        "",
+        "| system | streams | open | KiB / stream |",
+        "|---|---:|---:|---:|",
+    ]
+    for system, row in results["idle"].items():
+        lines.append(f"| {LABELS[system]} | {row['streams']} | {row['ready']} | {row['per_stream_bytes'] / KIB:.1f} |")
+    ov = results["overhead"]
+    lines += ["", f"## Tool-call overhead ({ov['calls']} calls; {ov['note']})", ""]
+    lines += ["| path | p50 µs | p99 µs | overhead p50 µs | overhead p99 µs |", "|---|---:|---:|---:|---:|"]
+    for name, row in ov["stacks"].items():
+        lines.append(
+            f"| {name} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['overhead_p50_us']:.1f} | "
+            f"{row['overhead_p99_us']:.1f} |"
+        )
+    lines += ["", "![first-event p99](first_event_p99.png) ![events/s](events_per_s.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, name, ylabel in (
+        ("first_event_p99_ms", "first_event_p99.png", "first-event p99 (ms, log)"),
+        ("events_per_s", "events_per_s.png", "events/s (log)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for system in SYSTEMS:
+            rows = results["paced"].get(system, [])
+            ax.plot([r["streams"] for r in rows], [max(r[key], 1e-3) for r in rows], marker="o", label=LABELS[system])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' (')[0]} vs concurrency ({results['date'][:10]})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    plots(results, out)

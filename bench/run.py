@@ -1,0 +1,245 @@
+"""The benchmark orchestrator: starts each system in its own process, drives it from a separate load process at
+each concurrency level, then writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`.
+
+Every load run is bounded: a per-level deadline cuts streams that have not finished (the naive SSE pattern
+serialises all streams, so its deadline is short and its figures are then lower bounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import report
+from bench.procs import ROOT, SYSTEMS, RssSampler, Server, child_env, start
+from bench.workload import SMOKE, Workload
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    levels: tuple[int, ...] = (1, 100, 1000)
+    workload: Workload = Workload()
+    unpaced_streams: tuple[int, ...] = (1, 100)
+    unpaced_events: int = 1000
+    idle_streams: int = 1000
+    deadline_s: float = 60.0
+    naive_deadline_s: float = 20.0
+    warmup_streams: int = 20
+    overhead_calls: int = 20000
+
+
+PLANS = {
+    "default": Plan("default"),
+    "full": Plan("full", levels=(1, 100, 1000, 5000), idle_streams=5000, deadline_s=120.0),
+    "smoke": Plan(
+        "smoke",
+        levels=(1, 5),
+        workload=SMOKE,
+        unpaced_streams=(1, 5),
+        unpaced_events=100,
+        idle_streams=5,
+        deadline_s=20.0,
+        naive_deadline_s=5.0,
+        warmup_streams=2,
+        overhead_calls=2000,
+    ),
+}
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def load_cmd(server: Server, streams: int, deadline: float, hold: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.load", "--proto", server.proto, "--target", server.target]
+    cmd += ["--streams", str(streams), "--deadline", str(deadline)]
+    return [*cmd, "--hold"] if hold else cmd
+
+
+def run_load(server: Server, streams: int, deadline: float) -> dict[str, Any]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        load_cmd(server, streams, deadline), cwd=ROOT, env=child_env(), capture_output=True, timeout=deadline + 60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load process failed: {done.stderr.decode()[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+    # Servers are reaped only when stopped, so the children's CPU time gained here is the load process's.
+    result["load_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def measure_level(server: Server, streams: int, deadline: float) -> dict[str, Any]:
+    """One level: CPU time and peak RSS of the server around one load run of `streams` concurrent streams."""
+    time.sleep(0.3)
+    cpu0, rss0 = server.cpu_s(), server.rss()
+    with RssSampler(server) as sampler:
+        load = run_load(server, streams, deadline)
+    cpu = server.cpu_s() - cpu0
+    row = report.summarize(load, deadline)
+    row["server_cpu_s"] = cpu
+    row["cpu_s_per_1k_events"] = cpu / row["events"] * 1000 if row["events"] else 0.0
+    row["rss_per_stream_bytes"] = max(0, sampler.peak - rss0) / streams
+    row["connections"] = load["connections"]
+    row["load_cpu_s"] = load["load_cpu_s"]
+    return row
+
+
+def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each system at each level, on a fresh server process per level (a cut naive run would leak into the next)."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    for c in plan.levels:
+        for system in SYSTEMS:
+            naive = system == "sse-sync"
+            deadline = plan.naive_deadline_s if naive else plan.deadline_s
+            server = start(system, plan.workload, workdir)
+            try:  # the naive server serialises streams: warm it with one
+                run_load(server, 1 if naive else min(plan.warmup_streams, c), deadline)
+                row = measure_level(server, c, deadline)
+            finally:
+                server.stop()
+            out[system].append(row)
+            say(
+                f"paced {system:9} C={c:<5} first event p99 {row['first_event_p99_ms']:8.1f} ms, first token p99 "
+                f"{row['first_token_p99_ms']:8.1f} ms, {row['events_per_s']:8.0f} ev/s, errors {row['errors']}"
+            )
+    return out
+
+
+def unpaced(plan: Plan, workdir: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    workload = plan.workload.unpaced(plan.unpaced_events)
+    out: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in plan.unpaced_streams}
+    for system in ("service", "bare"):
+        server = start(system, workload, workdir)
+        try:
+            run_load(server, plan.warmup_streams, plan.deadline_s)
+            for n in plan.unpaced_streams:
+                row = measure_level(server, n, plan.deadline_s)
+                row["workload_events_per_s"] = plan.unpaced_events * row["completed"] / row["wall_s"]
+                out[n][system] = row
+                say(f"unpaced {system:7} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
+        finally:
+            server.stop()
+    return out
+
+
+def idle(plan: Plan, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Server RSS with N open, quiet streams minus RSS with none, over N."""
+    out: dict[str, dict[str, Any]] = {}
+    for system in ("service", "bare", "sse-async"):
+        server = start(system, plan.workload.idle(), workdir)
+        try:
+            out[system] = hold_streams(server, min(plan.warmup_streams, plan.idle_streams), plan.deadline_s)
+            time.sleep(0.5)
+            out[system] = row = hold_streams(server, plan.idle_streams, plan.deadline_s)
+        finally:
+            server.stop()
+        say(f"idle {system:9} {row['ready']}/{row['streams']} open, {row['per_stream_bytes'] / 1024:.1f} KiB/stream")
+    return out
+
+
+def hold_streams(server: Server, streams: int, deadline: float) -> dict[str, Any]:
+    rss0 = server.rss()
+    proc = subprocess.Popen(
+        load_cmd(server, streams, deadline, hold=True),
+        cwd=ROOT,
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    ready = json.loads(proc.stdout.readline() or b'{"ready": 0}')["ready"]
+    time.sleep(1.0)  # let the server settle (buffers, freed request objects) before reading its memory
+    rss1 = server.rss()
+    proc.communicate(b"\n", timeout=deadline + 60)  # reads the final report too: a full pipe would block it
+    return {
+        "streams": streams,
+        "ready": ready,
+        "rss_before": rss0,
+        "rss_open": rss1,
+        "per_stream_bytes": (rss1 - rss0) / streams,
+    }
+
+
+def overhead(plan: Plan) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.overhead", "--calls", str(plan.overhead_calls)]
+    done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, timeout=300, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    say(f"tool-call overhead p50 {result['stacks']['executor']['overhead_p50_us']:.1f} µs")
+    return result
+
+
+def machine() -> dict[str, Any]:
+    import fastapi
+    import grpc
+    import uvicorn
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+    return {
+        "cpus": psutil.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": psutil.virtual_memory().total / 2**30,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "fastapi": fastapi.__version__,
+        "uvicorn": uvicorn.__version__,
+        "platform": platform.platform(terse=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_true", help="tiny levels and short pacing (CI; < 60 s)")
+    group.add_argument("--full", action="store_true", help="add C = 5000")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results, or bench/results/smoke)")
+    parser.add_argument("--levels", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 1,100")
+    args = parser.parse_args(argv)
+    plan = PLANS["smoke" if args.smoke else "full" if args.full else "default"]
+    if args.levels:
+        plan = replace(plan, levels=args.levels)
+    out = args.out or ROOT / "bench" / "results" / ("smoke" if args.smoke else "")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": plan.mode,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "workload": plan.workload.as_dict(),
+        "levels": list(plan.levels),
+        "unpaced_events": plan.unpaced_events,
+    }
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        workdir = Path(tmp)
+        results["overhead"] = overhead(plan)
+        results["paced"] = paced(plan, workdir)
+        results["unpaced"] = unpaced(plan, workdir)
+        results["idle"] = idle(plan, workdir)
+    results["elapsed_s"] = time.monotonic() - started
+    report.write(results, out)
+    say(f"done in {results['elapsed_s']:.0f} s: {out / 'results.md'}")
+    for t in results["targets"]:
+        say(f"  {t['target']}: {t['value']} {report._mark(t['pass'])}")
