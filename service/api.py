@@ -19,6 +19,7 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
+from service.auth import Authenticator, Caller, CallerLimits, current_caller
 from service.config import Config
 from service.convert import entry_to_proto, run_result, run_state, run_to_proto, struct
 from service.errors import RunCancelled
@@ -33,6 +34,14 @@ class InvalidRequest(ValueError):
     """The request cannot run as sent; the message says what to change."""
 
 
+class PermissionDenied(Exception):
+    """The caller may not do this (a tool outside its rights)."""
+
+
+class CallerLimited(Exception):
+    """The caller is at one of its limits (concurrent runs, runs per minute)."""
+
+
 # The one map from the service's exceptions to gRPC status codes.
 _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -40,6 +49,8 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    CallerLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -64,8 +75,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.config = config
         self.draining = False
         self.streams: set[asyncio.Task[Any]] = set()
+        self.auth = Authenticator(config.auth)
+        self.caller_limits = CallerLimits()
+
+    def caller(self) -> Caller:
+        """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
+        return current_caller() or self.auth.anonymous
+
+    def run_of(self, run_id: str) -> Run:
+        """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
+        run = self.registry.get(run_id)
+        if run.caller != self.caller().name:
+            raise NotFound(f"no run {run_id!r}")
+        return run
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
+        caller = self.caller()
         return pb.ListToolsResponse(
             tools=[
                 pb.ToolInfo(
@@ -75,6 +100,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                     streaming=t.streaming,
                 )
                 for t in self.tools.values()
+                if caller.may_use(t.name)
             ]
         )
 
@@ -95,7 +121,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.AgentEvent]:
         try:
             with _mapped():
-                run = self.registry.get(request.run_id)
+                run = self.run_of(request.run_id)
         except _Abort as exc:
             await context.abort(exc.code, exc.message)
         if run.finished and request.after_seq > len(run.log):
@@ -109,7 +135,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
         try:
             with _mapped():
-                run = self.registry.get(request.run_id)
+                run = self.run_of(request.run_id)
         except _Abort as exc:
             await context.abort(exc.code, exc.message)
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
@@ -136,7 +162,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
         try:
             with _mapped():
-                return run_to_proto(self.registry.get(request.run_id))
+                return run_to_proto(self.run_of(request.run_id))
         except _Abort as exc:
             await context.abort(exc.code, exc.message)
 
@@ -161,21 +187,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if self.draining:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         run_id = f"run_{uuid.uuid4().hex[:24]}"
+        caller = self.caller()
         with _mapped():
-            spec = self.validate(request, run_id)
+            spec = self.validate(request, run_id, caller)
+            existing = self.registry.find(caller.name, request.idempotency_key, fingerprint(request))
+            if existing is not None:
+                return existing, False
+            refused = self.caller_limits.admit(caller)
+            if refused is not None:
+                raise CallerLimited(refused)
             deadline = None
             remaining = context.time_remaining()
             if remaining is not None and not background:
                 margin = min(self.config.runs.deadline_margin_s, remaining / 10)
                 deadline = asyncio.get_running_loop().time() + remaining - margin
-            return self.registry.start(
+            run, created = self.registry.start(
                 spec,
-                caller=caller_of(context),
+                caller=caller.name,
                 key=request.idempotency_key,
                 fingerprint=fingerprint(request),
                 deadline=deadline,
                 background=background,
             )
+        if created and run.task is not None:
+            self.caller_limits.started(caller)
+            run.task.add_done_callback(lambda _: self.caller_limits.ended(caller))
+        return run, created
 
     async def _stream(
         self,
@@ -222,7 +259,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if isinstance(outcome, ev.RunFailed):
             await context.abort(grpc.StatusCode[outcome.code], outcome.message)
 
-    def validate(self, request: pb.RunAgentRequest, run_id: str) -> RunSpec:
+    def validate(self, request: pb.RunAgentRequest, run_id: str, caller: Caller) -> RunSpec:
         limits = self.config.limits
         runs = self.config.runs
         if not request.message.strip():
@@ -239,6 +276,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             )
         if len(set(request.tools)) != len(request.tools):
             raise InvalidRequest("tools lists a name twice")
+        denied = [name for name in request.tools if not caller.may_use(name)]
+        if denied:
+            raise PermissionDenied(f"caller {caller.name} may not use tool(s): {', '.join(denied)}")
         max_turns = request.max_turns if request.HasField("max_turns") else limits.default_max_turns
         if not 1 <= max_turns <= limits.max_turns:
             raise InvalidRequest(f"max_turns must be between 1 and {limits.max_turns}, got {max_turns}")
@@ -249,6 +289,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             raise InvalidRequest(
                 f"metadata has {len(request.metadata)} entries; the limit is {limits.max_metadata_entries}"
             )
+        total = 0
+        for key, value in request.metadata.items():
+            k, v = len(key.encode()), len(value.encode())
+            if max(k, v) > limits.max_metadata_value_bytes:
+                raise InvalidRequest(
+                    f"metadata entry {key[:40]!r} is {max(k, v)} bytes; keys and values may have at most "
+                    f"{limits.max_metadata_value_bytes} bytes"
+                )
+            total += k + v
+        if total > limits.max_metadata_bytes:
+            raise InvalidRequest(f"metadata is {total} bytes; the limit is {limits.max_metadata_bytes} bytes")
         return RunSpec(
             run_id=run_id,
             message=request.message,
@@ -256,8 +307,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             system=request.system if request.HasField("system") else self.config.system_prompt,
             max_turns=max_turns,
             max_tokens=max_tokens,
-            tools=tuple(request.tools) or tuple(self.tools),
-            metadata=dict(request.metadata),
+            tools=tuple(request.tools) or tuple(t for t in self.tools if caller.may_use(t)),
+            # the authenticated caller, for logs, spans and audit records; it overrides a "caller" the request sent
+            metadata={**request.metadata, "caller": caller.name},
             max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
         )
@@ -281,12 +333,6 @@ def _count(kind: str) -> None:
     if counter is None:
         counter = _EVENT_COUNTERS[kind] = telemetry.EVENTS.labels(kind)
     counter.inc()
-
-
-def caller_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: the authenticated peer identity when there is one, else "anonymous" (one shared caller)."""
-    identities = context.peer_identities()
-    return identities[0].decode() if identities else "anonymous"
 
 
 def fingerprint(request: pb.RunAgentRequest) -> str:

@@ -9,6 +9,10 @@ Trade-off: the executor must not wait for a disk write on every call, so records
 that one writer thread commits in batches every 50 ms (it is the only writer, which keeps the chain linear). A full
 queue makes callers wait rather than drop records (see `append`); `close()` commits the queue before returning, so a
 clean shutdown loses nothing. A crash (SIGKILL, power cut) loses what was still queued: the last 50 ms of calls.
+
+Input and metadata are redacted (`service/redact.py`) on the writer thread, before the row is hashed: the chain covers
+the row as stored. Input that cannot be written as JSON (nested too deeply) is recorded as a note saying so, never
+lost with its batch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service import redact
+from service.redact import Redactor, safe_json
 from service.store import add_db_arguments, cli_db_path, connect
 
 log = logging.getLogger(__name__)
@@ -105,8 +111,11 @@ def row_hash(row: dict[str, Any]) -> str:
 class AuditLog:
     """Append with `append(record)` (never awaits); `flush()` waits until everything appended is committed."""
 
-    def __init__(self, path: Path, *, queue_size: int = 10000, interval_s: float = 0.05) -> None:
+    def __init__(
+        self, path: Path, *, queue_size: int = 10000, interval_s: float = 0.05, redactor: Redactor | None = None
+    ) -> None:
         self.path = path
+        self._redactor = redactor  # None: the process-wide one, looked up per batch
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
         head = self._conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
@@ -173,18 +182,19 @@ class AuditLog:
 
     def _commit(self, records: list[AuditRecord]) -> None:
         seq, prev = self._seq, self._hash
+        redactor = self._redactor or redact.active()
         rows = []
         for r in records:
             seq += 1
-            size = len(_canonical(r.data)) if r.status in ("ok", "partial") else len(r.error.encode())
+            size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(r.error.encode())
             row = {
                 "seq": seq,
                 "ts": r.ts,
                 "run_id": r.run_id,
-                "metadata": _canonical(dict(r.metadata)),
+                "metadata": safe_json(redactor.value(dict(r.metadata))),
                 "tool": r.tool,
                 "call_id": r.call_id,
-                "input": _canonical(r.input),
+                "input": safe_json(redactor.value(r.input)),
                 "status": r.status,
                 "duration_s": r.duration_s,
                 "result_bytes": size,

@@ -87,7 +87,9 @@ class Renderer:
             size = len(json_format.MessageToJson(e.data, indent=None)) if e.HasField("data") else 0
             detail = f"{size} bytes" if status in ("ok", "partial") else e.error
             code = "32" if status == "ok" else "31"
-            self._line(self._style(code, f"← {e.name} {status} in {_ms(e.duration)} ({detail})"))
+            via = f", answered by {e.answered_by}" if e.answered_by else ""
+            cached = ", cached" if e.cache_hit else ""
+            self._line(self._style(code, f"← {e.name} {status} in {_ms(e.duration)} ({detail}{via}{cached})"))
         elif kind == "final_response":
             e = event.final_response
             summary = (

@@ -6,11 +6,14 @@ Precedence, highest first: command-line flag, environment variable, YAML file, d
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.auth import AuthConfig, TlsConfig
 
 
 class _Strict(BaseModel):
@@ -50,6 +53,9 @@ class Limits(_Strict):
     max_tokens: int = Field(default=64000, ge=1, description="largest max_tokens a request may ask for")
     max_system_bytes: int = Field(default=100 * 1024, ge=1)
     max_metadata_entries: int = Field(default=64, ge=0)
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="total bytes of metadata keys and values")
+    max_metadata_value_bytes: int = Field(default=1024, ge=0, description="longest metadata key or value")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="gRPC request headers (grpc metadata)")
     max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     tool_timeout_s: float = Field(default=30.0, gt=0, description="hard timeout of one tool call")
 
@@ -87,6 +93,26 @@ class RunsConfig(_Strict):
     max_output_tokens: int = Field(default=1_000_000, ge=1, description="largest max_output_tokens")
 
 
+class Redaction(_Strict):
+    """What is masked in logs, spans, audit and dead-letter records (never in what the model or the caller sees)."""
+
+    fields: list[str] = Field(
+        default_factory=list, description="keys whose values are masked anywhere in nested data (case-insensitive)"
+    )
+    patterns: list[str] = Field(default_factory=list, description="regular expressions masked inside strings")
+    mask: str = "[REDACTED]"
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad redaction pattern {pattern!r}: {exc}") from exc
+        return patterns
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9464"
@@ -97,6 +123,11 @@ class Config(_Strict):
     )
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     reflection: bool = True
+    tls: TlsConfig | None = Field(default=None, description="TLS on `listen`; with client_ca_file, mutual TLS")
+    auth: AuthConfig = AuthConfig()
+    health_listen: str | None = Field(
+        default=None, description="extra plaintext port serving only grpc.health.v1 (probes without credentials)"
+    )
     model: ModelConfig = ModelConfig()
     limits: Limits = Limits()
     runs: RunsConfig = RunsConfig()
@@ -109,6 +140,7 @@ class Config(_Strict):
     )
     audit: StoreConfig = StoreConfig()
     dead_letter: StoreConfig = StoreConfig()
+    redaction: Redaction = Redaction()
 
 
 ENV_VARS = {

@@ -5,7 +5,8 @@ traceback, so that an operator can inspect it and a caller can quote its executi
     python -m service.deadletter show EXECUTION_ID [--db PATH | --config FILE]
 
 Writes run on one worker thread (SQLite connections are not shared between threads); a write is awaited before the
-`execution_failed` event goes out, so an execution id a caller sees is always on disk.
+`execution_failed` event goes out, so an execution id a caller sees is always on disk. Input, message and traceback
+are redacted (`service/redact.py`) as they are written.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from service import telemetry
+from service import redact, telemetry
+from service.redact import Redactor, safe_json
 from service.store import add_db_arguments, cli_db_path, connect
 
 log = logging.getLogger(__name__)
@@ -69,8 +72,9 @@ def new_execution_id() -> str:
 class DeadLetterStore:
     """SQLite store of dead letters. `add` is async (on the store's own thread); `recent`/`get` are for the CLI."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, redactor: Redactor | None = None) -> None:
         self.path = path
+        self._redactor = redactor  # None: the process-wide one
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deadletter")
@@ -79,8 +83,12 @@ class DeadLetterStore:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._insert, letter)
 
     def _insert(self, letter: DeadLetter) -> None:
-        row = asdict(letter)
-        row["input"] = json.dumps(letter.input, sort_keys=True, default=str)
+        redactor = self._redactor or redact.active()
+        # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
+        row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}
+        row["input"] = safe_json(redactor.value(letter.input))
+        row["message"] = redactor.text(letter.message)
+        row["traceback"] = redactor.text(letter.traceback)
         columns = ", ".join(row)
         self._conn.execute(
             f"INSERT INTO dead_letters ({columns}) VALUES ({', '.join('?' * len(row))})", [*row.values()]

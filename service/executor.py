@@ -10,7 +10,9 @@
     fallback    on final failure or open circuit, same input          → tool_fallback, answered_by
     dead letter every call that finally failed, stored durably        → execution_failed
 
-and every call is audited, counted, traced (span `tool_call`, children for retries and the fallback) and logged.
+and every call is audited, counted, traced (span `tool_call`, children for retries and the fallback) and logged;
+what is recorded (span attributes, audit, dead letters, logs) is redacted (`service/redact.py`), what the model and
+the caller get is not.
 Whatever the tool does, the call ends in a `ToolResult` the model can read; only cancellation propagates, and a
 `CancelledError` is never swallowed (a half-open breaker's trial slot is released on the way out).
 """
@@ -28,7 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from service import telemetry
+from service import redact, telemetry
 from service.audit import DEFAULT_FILE as AUDIT_FILE
 from service.audit import AuditLog, AuditRecord
 from service.config import Config
@@ -41,6 +43,7 @@ from service.policy.breaker import BreakerStore, CircuitBreaker
 from service.policy.cache import cache_key
 from service.policy.config import resolve
 from service.policy.guards import build_guards, rate_limit, unwell
+from service.redact import Redactor, safe_json
 from service.store import sqlite_path
 from tools.base import Tool
 from tools.policy import ToolPolicy
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _FALLBACK_ON = frozenset({S.ERROR, S.TIMEOUT, S.CIRCUIT_OPEN})
 _DEAD_LETTER_ON = frozenset({S.ERROR, S.TIMEOUT})
+_SPAN_INPUT_CHARS = 1024  # tool input on a span: enough to read, bounded whatever the model sends
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,8 +94,10 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         breaker_store: BreakerStore | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.tools = tools
+        self._redactor = redactor  # None: the process-wide one
         self.timeout_s = timeout_s
         self.clock = clock
         self.sleep = sleep
@@ -109,11 +115,22 @@ class Executor:
             if store is not None:
                 await asyncio.to_thread(store.close)
 
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor or redact.active()
+
     async def execute(self, call: ToolCallRequest, run: RunContext) -> AsyncIterator[Event]:
         started = self.clock()
         span = telemetry.tracer().start_span("tool_call", context=run.trace_context)
         if span.is_recording():
-            span.set_attributes({"tool.name": call.name, "tool.call_id": call.call_id, "run.id": run.run_id})
+            span.set_attributes(
+                {
+                    "tool.name": call.name,
+                    "tool.call_id": call.call_id,
+                    "run.id": run.run_id,
+                    "tool.input": safe_json(self.redactor.value(call.input), limit=_SPAN_INPUT_CHARS),
+                }
+            )
         result: ToolResult | None = None
         try:
             async for event in self._execute(call, run, span, started):
@@ -128,10 +145,13 @@ class Executor:
                 )
                 self._account(call, run, span, cancelled)
                 telemetry.end_span(
-                    span, "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc
+                    span,
+                    "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc,
+                    self.redactor,
                 )
             raise
-        telemetry.end_span(span, None if result is None or result.ok else f"{result.status.value}: {result.error}")
+        failure = None if result is None or result.ok else f"{result.status.value}: {result.error}"
+        telemetry.end_span(span, failure, self.redactor)
 
     async def _execute(
         self, call: ToolCallRequest, run: RunContext, span: trace.Span, started: float
@@ -205,8 +225,8 @@ class Executor:
             return Outcome(S.REJECTED, error=f"tool input is not valid JSON: {call.parse_error}")
         try:
             args = tool.validate(call.input)
-        except ValidationError as exc:
-            return Outcome(S.REJECTED, error=f"invalid input for {call.name}: {describe(exc)}")
+        except Exception as exc:
+            return Outcome(S.REJECTED, error=f"invalid input for {call.name}: {invalid(exc, call.name)}")
         missing = [name for name in self.guards[tool.name].policy.requires if name not in run.succeeded]
         if missing:
             needed = ", ".join(missing)
@@ -298,8 +318,8 @@ class Executor:
         tool = self.tools[name]
         try:
             args = tool.validate(call.input)
-        except ValidationError as exc:
-            failed.error += f"; fallback {name} cannot take this input ({describe(exc)})"
+        except Exception as exc:
+            failed.error += f"; fallback {name} cannot take this input ({invalid(exc, name)})"
             yield failed
             return
         telemetry.FALLBACKS.labels(call.name, name).inc()
@@ -381,6 +401,8 @@ class Executor:
                     "tool.breaker_state": breaker.state.value if breaker is not None else "none",
                 }
             )
+            if result.error:
+                span.set_attribute("tool.error", self.redactor.text(result.error))
         slow = guards.policy.slow_s if guards is not None else None
         is_slow = slow is not None and result.duration_s > slow
         if not (is_slow or log.isEnabledFor(logging.INFO)):
@@ -419,19 +441,36 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
     policies = resolve(tools, config.policies)
     audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
     dead_path = sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE)
+    redactor = Redactor.from_config(config.redaction)
+    redact.install(redactor)  # logging is process-wide: the JSON log formatter masks with the same redactor
     return Executor(
         tools,
         timeout_s=config.limits.tool_timeout_s,
         policies=policies,
-        audit=AuditLog(audit_path, queue_size=config.audit.queue_size),
-        dead_letter=DeadLetterStore(dead_path),
+        audit=AuditLog(audit_path, queue_size=config.audit.queue_size, redactor=redactor),
+        dead_letter=DeadLetterStore(dead_path, redactor=redactor),
+        redactor=redactor,
     )
+
+
+def invalid(exc: Exception, tool: str) -> str:
+    """Why `tool.validate` refused an input, for the model. Not only pydantic errors: input nested deeper than the
+    validator goes raises RecursionError, and a tool's own rules may raise anything; none of it may end the run."""
+    if isinstance(exc, ValidationError):
+        return describe(exc)
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply"
+    if not isinstance(exc, ValueError | TypeError):
+        log.exception("validating input for %s raised", tool)
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def describe(exc: ValidationError) -> str:
     """Pydantic errors as one line the model can act on: `limit: Input should be less than or equal to 1000`."""
     parts = []
     for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "input"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) > 8:  # deeply nested input: the path's ends say where, the middle would be kilobytes
+            loc = [*loc[:3], "…", *loc[-3:]]
+        parts.append(f"{'.'.join(loc) or 'input'}: {err['msg']}")
+    return "; ".join(parts)[:2000]

@@ -119,7 +119,8 @@ def _traced(run: _RunMethod) -> _RunMethod:
     whatever iterates it."""
 
     async def traced(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
-        span = telemetry.tracer().start_span("run", attributes={"run.id": spec.run_id, "run.model": spec.model})
+        attributes = {"run.id": spec.run_id, "run.model": spec.model, "run.caller": spec.metadata.get("caller", "")}
+        span = telemetry.tracer().start_span("run", attributes=attributes)
         spec = replace(spec, trace_context=telemetry.context_with(span))
         try:
             async with aclosing(run(self, spec, *args, **kwargs)) as events:  # type: ignore[type-var]

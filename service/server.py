@@ -19,8 +19,10 @@ from prometheus_client import start_http_server
 from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import telemetry
 from service.api import AgentServicer
+from service.auth import AuthInterceptor, server_credentials
 from service.config import Config
 from service.executor import build_executor
+from service.interceptors import RejectUndecodable
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
@@ -68,6 +70,8 @@ class Service:
     tools: dict[str, Tool[Any]]
     port: int
     metrics_port: int | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def drain(self, grace: float | None = None) -> None:
@@ -88,6 +92,8 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.registry.close()
         await self.model.aclose()
         await self.registry.loop.executor.aclose()  # flushes the audit queue
@@ -110,10 +116,11 @@ async def start(
     registry = RunRegistry(loop, config.runs)
     servicer = AgentServicer(registry, tools, config)
     server = grpc.aio.server(
-        interceptors=telemetry.server_interceptors(),
+        interceptors=[AuthInterceptor(servicer.auth), RejectUndecodable(), *telemetry.server_interceptors()],
         options=[
             ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_metadata_size", config.limits.max_header_bytes),
         ],
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
@@ -122,9 +129,21 @@ async def start(
     if config.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(config.listen)
+    if config.tls is not None:
+        port = server.add_secure_port(config.listen, server_credentials(config.tls))
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    health_server, health_port = None, None
+    if config.health_listen:
+        # probes carry no credentials: health alone, in plaintext, on a port of its own
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(config.health_listen)
+        if health_port == 0:
+            raise OSError(f"cannot listen on {config.health_listen}")
+        await health_server.start()
     metrics_port = None
     if metrics:
         host, _, mport = config.metrics_listen.rpartition(":")
@@ -137,7 +156,9 @@ async def start(
         "serving",
         extra={"listen": config.listen, "port": port, "metrics_port": metrics_port, "model": model.default_model},
     )
-    return Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_port)
+    service = Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_port)
+    service.health_server, service.health_port = health_server, health_port
+    return service
 
 
 async def serve(config: Config) -> None:

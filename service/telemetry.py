@@ -13,10 +13,14 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
+
+from service import redact
+from service.redact import Redactor
 
 # 1 ms to 60 s, roughly doubling: tool calls span cache hits to slow upstream APIs.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -115,15 +119,21 @@ def server_interceptors() -> list[Any]:
     return [aio_server_interceptor(tracer_provider=_provider)]  # type: ignore[no-untyped-call]
 
 
-def end_span(span: trace.Span, error: BaseException | str | None = None) -> None:
-    """End `span`, ERROR when `error` is given, so that no span of ours is left UNSET on a failure or cancel."""
+def end_span(span: trace.Span, error: BaseException | str | None = None, redactor: Redactor | None = None) -> None:
+    """End `span`, ERROR when `error` is given, so that no span of ours is left UNSET on a failure or cancel. The
+    error text is redacted (`redactor`, else the process-wide one)."""
     if error is not None and span.is_recording():
+        redactor = redactor or redact.active()
         if isinstance(error, BaseException):
-            span.record_exception(error)
+            masked: dict[str, Any] | None = None
+            if redactor.enabled:
+                stack = "".join(traceback.format_exception(error))
+                masked = {"exception.message": redactor.text(str(error)), "exception.stacktrace": redactor.text(stack)}
+            span.record_exception(error, attributes=masked)
             description = f"{type(error).__name__}: {error}"
         else:
             description = error
-        span.set_status(trace.Status(trace.StatusCode.ERROR, description))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, redactor.text(description)))
     span.end()
 
 
@@ -136,23 +146,41 @@ def span_ids(span: trace.Span | None = None) -> dict[str, str]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any `extra=` fields."""
+    """One JSON object per line: time, level, logger, message and any `extra=` fields. Configured fields and patterns
+    are masked in the message arguments, the extra fields and the traceback (`redactor`, else the process-wide one)."""
 
     _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self.redactor = redactor
+
     def format(self, record: logging.LogRecord) -> str:
+        redactor = self.redactor or redact.active()
+        extra = {k: v for k, v in record.__dict__.items() if k not in self._STANDARD}
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _message(record, redactor) if redactor.enabled else record.getMessage(),
         }
-        out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        out.update(redactor.value(extra))
         if "trace_id" not in out and _tracing:
             out.update(span_ids())
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+            out["exc"] = redactor.text(self.formatException(record.exc_info))
+        return json.dumps(out, default=lambda v: redactor.text(str(v)))
+
+
+def _message(record: logging.LogRecord, redactor: Redactor) -> str:
+    """The formatted message with its arguments redacted first (so a dict argument's fields are masked by key)."""
+    message = str(record.msg)
+    if record.args:
+        try:
+            message = message % redactor.value(record.args)
+        except (TypeError, ValueError, KeyError):
+            message = record.getMessage()
+    return redactor.text(message)
 
 
 def setup_logging(level: str = "INFO") -> None:

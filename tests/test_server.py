@@ -203,3 +203,15 @@ async def test_drain_cancels_runs_still_going_after_grace(start_service: Any, ch
     assert seen[-1].error.retryable and seen[-1].error.code == "UNAVAILABLE"
     assert f"run {run_id} was interrupted: the server is shutting down" in seen[-1].error.message
     assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+
+
+async def test_metadata_size_limits(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(limits={"max_metadata_bytes": 100, "max_metadata_value_bytes": 40})
+    channel = channel_to(svc)
+    for metadata, message in [
+        ({"k": "v" * 41}, "metadata entry 'k' is 41 bytes; keys and values may have at most 40 bytes"),
+        ({f"k{i}": "v" * 30 for i in range(4)}, "metadata is 128 bytes; the limit is 100 bytes"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await run_events(channel, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == message

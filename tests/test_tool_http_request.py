@@ -1,4 +1,6 @@
-"""http_request against a real aiohttp server on 127.0.0.1."""
+"""http_request against a real aiohttp server on 127.0.0.1: requests, caps, redirects re-checked hop by hop, and the
+address rules (names resolved first, non-public addresses refused unless allowed, the connection pinned to the
+checked address). DNS is stood in for by replacing the tool's `_resolve`, so no test needs a network."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from pydantic import ValidationError
@@ -36,6 +39,33 @@ async def _redirect(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"Location": "http://elsewhere.example/json"})
 
 
+async def _hop(request: web.Request) -> web.Response:
+    return web.Response(status=302, headers={"Location": "/json"})  # relative: resolved against the request URL
+
+
+async def _loop(request: web.Request) -> web.Response:
+    return web.Response(status=307, headers={"Location": "/loop"})
+
+
+async def _to_ftp(request: web.Request) -> web.Response:
+    return web.Response(status=301, headers={"Location": "ftp://127.0.0.1/file"})
+
+
+async def _see_other(request: web.Request) -> web.Response:
+    return web.Response(status=303, headers={"Location": "/json"})
+
+
+async def _elsewhere(request: web.Request) -> web.Response:
+    """To another origin: `?to=` names it."""
+    return web.Response(status=302, headers={"Location": request.query["to"]})
+
+
+async def _headers(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"host": request.headers.get("Host"), "authorization": request.headers.get("Authorization")}
+    )
+
+
 async def _big(request: web.Request) -> web.Response:
     return web.Response(text="x" * 5000)
 
@@ -60,9 +90,15 @@ async def base_url() -> AsyncIterator[str]:
         ("/big", _big),
         ("/image", _image),
         ("/slow", _slow),
+        ("/hop", _hop),
+        ("/loop", _loop),
+        ("/to-ftp", _to_ftp),
+        ("/elsewhere", _elsewhere),
+        ("/headers", _headers),
     ]:
         app.router.add_get(path, handler)
     app.router.add_post("/echo", _echo)
+    app.router.add_post("/see-other", _see_other)
     # handler_cancellation: the slow handler stops when the client gives up, so cleanup does not wait for it.
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
@@ -87,6 +123,23 @@ async def tool(tmp_path: Path) -> AsyncIterator[HttpRequest]:
 
 async def call(tool: HttpRequest, **raw: Any) -> Any:
     return await tool.run(tool.validate(raw))
+
+
+def make(tmp_path: Path, **options: Any) -> HttpRequest:
+    return create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 2, **options}))
+
+
+def fake_dns(tool: HttpRequest, answers: dict[str, list[str]]) -> list[str]:
+    """Answer lookups for `answers`' names from it (others as usual); returns the list of names looked up."""
+    looked_up: list[str] = []
+    real = tool._resolve
+
+    async def resolve(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return answers[host] if host in answers else await real(host, port)
+
+    tool._resolve = resolve  # type: ignore[method-assign]
+    return looked_up
 
 
 async def test_get_json_is_parsed(tool: HttpRequest, base_url: str) -> None:
@@ -131,10 +184,127 @@ async def test_client_error_is_a_result(tool: HttpRequest, base_url: str) -> Non
     assert (result["status"], result["body"]) == (404, {"error": "no such order"})
 
 
-async def test_redirect_is_not_followed(tool: HttpRequest, base_url: str) -> None:
-    result = await call(tool, url=f"{base_url}/redirect")
+async def test_redirect_off_the_allow_list_is_refused(tool: HttpRequest, base_url: str) -> None:
+    with pytest.raises(ToolError, match="redirect to host elsewhere.example is not on the allow-list") as caught:
+        await call(tool, url=f"{base_url}/redirect")
+    assert caught.value.retryable is False
+
+
+async def test_redirect_is_returned_when_following_is_off(base_url: str, tmp_path: Path) -> None:
+    tool = make(tmp_path, allow_hosts=["127.0.0.1"], follow_redirects=0)
+    try:
+        result = await call(tool, url=f"{base_url}/redirect")
+    finally:
+        await tool.aclose()
     assert result["status"] == 302
     assert result["headers"]["location"] == "http://elsewhere.example/json"
+
+
+async def test_redirects_on_allowed_hosts_are_followed(tool: HttpRequest, base_url: str) -> None:
+    result = await call(tool, url=f"{base_url}/hop")
+    assert (result["status"], result["url"]) == (200, f"{base_url}/json")
+    assert result["body"]["carrier"] == "NordLine Freight"
+    # 303 after POST: the redirect target is fetched with GET, without the body
+    result = await call(tool, method="POST", url=f"{base_url}/see-other", json_body={"a": 1})
+    assert (result["status"], result["url"]) == (200, f"{base_url}/json")
+
+
+async def test_redirect_loops_and_other_schemes_are_refused(tool: HttpRequest, base_url: str) -> None:
+    with pytest.raises(ToolError, match=r"more than 3 redirect\(s\)"):
+        await call(tool, url=f"{base_url}/loop")
+    with pytest.raises(ToolError, match="only http:// and https:// URLs are followed"):
+        await call(tool, url=f"{base_url}/to-ftp")
+
+
+async def test_redirect_to_an_allowed_name_is_checked_by_address_and_loses_credentials(
+    base_url: str, tmp_path: Path
+) -> None:
+    port = base_url.rsplit(":", 1)[1]
+    target = f"http://api.test:{port}/headers"
+    tool = make(tmp_path, allow_hosts=["127.0.0.1", "api.test"])
+    fake_dns(tool, {"api.test": ["127.0.0.1"]})
+    try:
+        # api.test is on the allow-list, but it resolves to loopback, which only allow_private can permit
+        with pytest.raises(ToolError, match="api.test resolves to 127.0.0.1, a loopback address; refused"):
+            await call(tool, url=f"{base_url}/elsewhere?to={target}", headers={"Authorization": "Bearer s3cret"})
+    finally:
+        await tool.aclose()
+    tool = make(tmp_path, allow_hosts=["127.0.0.1", "api.test"], allow_private=["127.0.0.0/8"])
+    fake_dns(tool, {"api.test": ["127.0.0.1"]})
+    try:
+        result = await call(tool, url=f"{base_url}/elsewhere?to={target}", headers={"Authorization": "Bearer s3cret"})
+    finally:
+        await tool.aclose()
+    assert result["url"] == target
+    assert result["body"] == {"host": f"api.test:{port}", "authorization": None}  # not sent to another origin
+
+
+async def test_connection_goes_to_the_checked_address_with_the_original_host(base_url: str, tmp_path: Path) -> None:
+    """api.test exists in no DNS: the request can only work by connecting to the address that was checked."""
+    port = base_url.rsplit(":", 1)[1]
+    tool = make(tmp_path, allow_hosts=["api.test"], allow_private=["127.0.0.1/32"])
+    looked_up = fake_dns(tool, {"api.test": ["127.0.0.1"]})
+    try:
+        result = await call(tool, url=f"http://api.test:{port}/headers", headers={"Authorization": "Bearer t"})
+    finally:
+        await tool.aclose()
+    assert result["body"] == {"host": f"api.test:{port}", "authorization": "Bearer t"}
+    assert looked_up == ["api.test"]  # one lookup, and the connection used its answer: no second lookup to rebind
+
+
+@pytest.mark.parametrize(
+    ("addresses", "kind"),
+    [
+        (["169.254.169.254"], "link-local"),  # cloud metadata
+        (["127.0.0.1"], "loopback"),
+        (["::1"], "loopback"),
+        (["::ffff:127.0.0.1"], "loopback"),
+        (["10.1.2.3"], "private"),
+        (["172.16.0.9"], "private"),
+        (["192.168.1.1"], "private"),
+        (["fc00::5"], "private"),
+        (["fe80::1"], "link-local"),
+        (["0.0.0.0"], "unspecified"),
+        (["224.0.0.1"], "multicast"),
+        (["240.0.0.1"], "reserved"),
+        (["100.64.0.1"], "non-public"),  # carrier-grade NAT
+        (["93.184.215.14", "10.0.0.1"], "private"),  # any bad address refuses the host
+    ],
+)
+async def test_non_public_addresses_are_refused(tmp_path: Path, addresses: list[str], kind: str) -> None:
+    tool = make(tmp_path, allow_hosts=["api.test"], allow_private=["10.200.0.0/16"])
+    fake_dns(tool, {"api.test": addresses})
+    try:
+        with pytest.raises(ToolError, match=f"resolves to .*, a {kind} address; refused") as caught:
+            await call(tool, url="http://api.test/")
+    finally:
+        await tool.aclose()
+    assert caught.value.retryable is False
+
+
+async def test_public_and_allowed_private_addresses_pass_the_check(tmp_path: Path) -> None:
+    tool = make(tmp_path, allow_hosts=["api.test"], allow_private=["10.200.0.0/16", "fd00::/8"])
+    fake_dns(tool, {"api.test": ["93.184.215.14", "10.200.3.4", "fd00::1", "2606:4700::1111"]})
+    try:
+        checked = await tool._checked_addresses(httpx.URL("https://api.test/"))
+    finally:
+        await tool.aclose()
+    assert checked == ("93.184.215.14", "10.200.3.4", "fd00::1", "2606:4700::1111")
+
+
+async def test_unresolvable_host_is_a_retryable_error(tmp_path: Path) -> None:
+    tool = make(tmp_path, allow_hosts=["gone.test"])
+
+    async def no_answer(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    tool._resolve = no_answer  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ToolError, match="cannot resolve gone.test: .*Name or service not known") as caught:
+            await call(tool, url="http://gone.test/")
+    finally:
+        await tool.aclose()
+    assert caught.value.retryable is True
 
 
 async def test_oversized_body_is_truncated(tool: HttpRequest, base_url: str) -> None:
@@ -172,6 +342,11 @@ async def test_timeout_is_retryable(tool: HttpRequest, base_url: str) -> None:
         {"url": "http://127.0.0.1/", "method": "DELETE"},
         {"url": "http://127.0.0.1/", "json_body": {"a": 1}},
         {"url": "http://127.0.0.1/", "headers": {"Host": "internal.example"}},
+        {"url": "http://127.0.0.1/", "headers": {"X-A": "a\r\nX-Injected: 1"}},
+        {"url": "http://127.0.0.1/", "headers": {"X-A\nB": "a"}},
+        {"url": "http://127.0.0.1/", "method": "POST", "json_body": {"a": float("nan")}},
+        {"url": "http://127.0.0.1/", "method": "POST", "json_body": "x" * (1024 * 1024 + 1)},
+        {"url": "http://127.0.0.1/" + "a" * 9000},
     ],
 )
 def test_bad_input_is_rejected(tool: HttpRequest, raw: dict[str, Any]) -> None:
@@ -179,7 +354,21 @@ def test_bad_input_is_rejected(tool: HttpRequest, raw: dict[str, Any]) -> None:
         tool.validate(raw)
 
 
+def test_deeply_nested_body_is_rejected_not_raised(tool: HttpRequest) -> None:
+    body: Any = 1
+    for _ in range(5000):
+        body = [body]
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        tool.validate({"url": "http://127.0.0.1/", "method": "POST", "json_body": body})
+
+
 def test_bad_options_are_rejected(tmp_path: Path) -> None:
-    for options in ({"allow_hosts": ["http://example.com/path"]}, {"allow_hosts": ["example.com:99999"]}, {"x": 1}):
+    for options in (
+        {"allow_hosts": ["http://example.com/path"]},
+        {"allow_hosts": ["example.com:99999"]},
+        {"x": 1},
+        {"allow_private": ["10.0.0.0/33"]},
+        {"follow_redirects": -1},
+    ):
         with pytest.raises(ValidationError):
             create(ToolConfig(data_dir=tmp_path, options=options))

@@ -159,6 +159,40 @@ async def test_long_query_is_aborted(tmp_path: Path) -> None:
     assert time.monotonic() - started < 3
 
 
+async def test_a_slow_query_does_not_hold_up_other_calls(tmp_path: Path) -> None:
+    """One runaway query runs into its 0.5 s cap on its own worker thread while ten quick selects finish at once."""
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.5}))
+    await query(tool, "SELECT 1")  # builds the demo database first
+    forever = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
+    started = time.monotonic()
+    slow = asyncio.create_task(query(tool, forever))
+    await asyncio.sleep(0.05)
+    quick = await asyncio.gather(
+        *(query(tool, "SELECT count(*) FROM orders WHERE id > ?", params=[i]) for i in range(10))
+    )
+    quick_done = time.monotonic() - started
+    assert len(quick) == 10 and all(r["row_count"] == 1 for r in quick)
+    assert quick_done < 0.4 and not slow.done()
+    with pytest.raises(ToolError, match=r"query took longer than 0\.5 s"):
+        await slow
+    assert 0.45 < time.monotonic() - started < 2
+
+
+async def test_huge_values_and_results_are_capped(tmp_path: Path) -> None:
+    tool = create(ToolConfig(data_dir=tmp_path, options={"max_value_bytes": 4096, "max_result_bytes": 10_000}))
+    with pytest.raises(ToolError, match="too big: values are limited to 4096 bytes"):
+        await query(tool, "SELECT randomblob(1000000000)")
+    result = await query(tool, "SELECT hex(randomblob(1000)) FROM orders", limit=1000)
+    assert result["truncated"] is True and result["row_count"] == 5  # 2000 characters a row, 10 000 allowed
+
+
+def test_oversized_sql_and_params_are_rejected(tool: QueryDatabase) -> None:
+    with pytest.raises(ValidationError):
+        tool.validate({"sql": "SELECT " + "1+" * 20_000 + "1"})
+    with pytest.raises(ValidationError):
+        tool.validate({"sql": "SELECT ?", "params": [1] * 101})
+
+
 async def test_cancelling_a_call_stops_its_query(tmp_path: Path) -> None:
     tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 5}))
     forever = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"

@@ -1,13 +1,27 @@
 """http_request: GET or POST to hosts on a configured allow-list, with the response read in a streaming fashion
-and capped in size. Redirects are returned, not followed, so a redirect can never leave the allow-list."""
+and capped in size and time.
+
+Hostile targets: the host is resolved before connecting and every address it resolves to must be public, unless
+the operator allowed it (`allow_private` CIDRs, or the URL's host is an IP literal that is itself on `allow_hosts`);
+loopback, link-local (cloud metadata 169.254.169.254), private, shared, unspecified, multicast and reserved
+addresses are refused. The connection then goes to the address that was checked (`_PinnedBackend`), never to a
+second lookup, so DNS rebinding cannot swap it; TLS still verifies (and sends SNI for) the host name. Redirects are
+followed up to `follow_redirects` hops, each hop checked like the first request.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
+import typing
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +31,12 @@ from tools.policy import BreakerPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHOWN_HEADERS = ("content-type", "content-length", "location")
 _TEXT_MARKERS = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
+_MAX_BODY_BYTES = 1024 * 1024
+# Headers that must not follow a redirect to another origin.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Options(BaseModel):
@@ -27,12 +47,27 @@ class Options(BaseModel):
     )
     timeout_s: float = Field(10.0, gt=0, description="Limit for the whole request, body included")
     max_response_bytes: int = Field(1024 * 1024, ge=1, description="Longer bodies are cut and marked truncated")
+    allow_private: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks (CIDR, e.g. 10.20.0.0/16) that allowed host names may resolve to",
+    )
+    follow_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed, each re-checked; 0: returned")
 
     @field_validator("allow_hosts")
     @classmethod
     def _parse_hosts(cls, entries: list[str]) -> list[str]:
         for entry in entries:
             _parse_host_entry(entry)  # raises ValueError with the entry in the message
+        return entries
+
+    @field_validator("allow_private")
+    @classmethod
+    def _parse_networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"bad allow_private entry {entry!r}: {exc}") from exc
         return entries
 
 
@@ -49,8 +84,12 @@ def _parse_host_entry(entry: str) -> tuple[str, int | None]:
 
 class RequestInput(BaseModel):
     method: Literal["GET", "POST"] = Field("GET", description="HTTP method.")
-    url: str = Field(description="Absolute http:// or https:// URL; its host must be on the allow-list.")
-    headers: dict[str, str] | None = Field(None, description="Extra request headers, e.g. Accept or Authorization.")
+    url: str = Field(
+        max_length=8192, description="Absolute http:// or https:// URL; its host must be on the allow-list."
+    )
+    headers: dict[str, str] | None = Field(
+        None, max_length=50, description="Extra request headers, e.g. Accept or Authorization."
+    )
     json_body: Any = Field(None, description="JSON body to send; POST only.")
 
     @field_validator("url")
@@ -70,6 +109,22 @@ class RequestInput(BaseModel):
         # Overriding Host would address another virtual host than the allow-listed one.
         if value and any(name.lower() == "host" for name in value):
             raise ValueError("the Host header is set from the url and cannot be overridden")
+        for name, text in (value or {}).items():
+            if not name or any(c in name for c in ":\r\n\0 ") or any(c in text for c in "\r\n\0"):
+                raise ValueError(f"header {name[:50]!r}: names and values must not contain line breaks or NUL")
+        return value
+
+    @field_validator("json_body")
+    @classmethod
+    def _plain_json(cls, value: Any) -> Any:
+        try:
+            size = len(json.dumps(value, allow_nan=False))
+        except RecursionError:
+            raise ValueError("json_body is nested too deeply") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"json_body must be plain JSON ({exc})") from None
+        if size > _MAX_BODY_BYTES:
+            raise ValueError(f"json_body is {size} bytes as JSON; the limit is {_MAX_BODY_BYTES}")
         return value
 
     @model_validator(mode="after")
@@ -86,8 +141,8 @@ class HttpRequest(Tool[RequestInput]):
         "data from a service the operator has allowed; only hosts on the allow-list can be reached, any other "
         "host is refused. POST sends `json_body` as JSON. The result is {status, headers (content-type, "
         "content-length, location), body, truncated}; body is parsed JSON when the response is JSON, text "
-        "otherwise. 4xx answers come back as results to read; redirects are not followed (read `location` and "
-        "request it yourself if its host is allowed); 5xx, timeouts and connection failures are errors."
+        "otherwise; url is where the answer came from. 4xx answers come back as results to read; redirects are "
+        "followed a few hops as long as they stay on allowed hosts; 5xx, timeouts and connection failures are errors."
     )
     Input: ClassVar[type[BaseModel]] = RequestInput
     # Upstreams blip: retry timeouts, 5xx and connection errors a couple of times, and stop calling one that is down.
@@ -101,31 +156,65 @@ class HttpRequest(Tool[RequestInput]):
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))
         self._allowed = {_parse_host_entry(entry) for entry in self._options.allow_hosts}
+        self._private: list[IPNetwork] = [ipaddress.ip_network(n, strict=False) for n in self._options.allow_private]
         # trust_env=False: proxy variables from the environment must not route requests around the allow-list.
+        # Redirects are followed here, not by httpx, so that each hop is checked.
         self._client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(self._options.timeout_s)
+            transport=_PinnedTransport(),
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(self._options.timeout_s),
         )
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _check_allowed(self, url: httpx.URL) -> None:
+    def _check_allowed(self, url: httpx.URL, what: str = "host") -> None:
         host = url.host.lower()
         port = url.port or _DEFAULT_PORTS[url.scheme]
         if (host, None) in self._allowed or (host, port) in self._allowed:
             return
         shown = host if url.port is None else f"{host}:{port}"
         allowed = ", ".join(self._options.allow_hosts) or "nothing is allowed"
-        raise ToolError(f"host {shown} is not on the allow-list (allowed: {allowed})")
+        raise ToolError(f"{what} {shown} is not on the allow-list (allowed: {allowed})")
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The addresses `host` resolves to (a separate method so that tests can stand in for DNS)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    async def _checked_addresses(self, url: httpx.URL) -> tuple[str, ...]:
+        """Resolve the URL's host and refuse it unless every address is public or allowed."""
+        host = url.raw_host.decode("ascii")
+        try:
+            addresses = await self._resolve(host, url.port or _DEFAULT_PORTS[url.scheme])
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ToolError(f"cannot resolve {url.host}: {exc}", retryable=True) from exc
+        if not addresses:
+            raise ToolError(f"cannot resolve {url.host}: no addresses", retryable=True)
+        literal = _ip_or_none(host) is not None  # an IP literal on allow_hosts: the operator named the address
+        for address in addresses:
+            ip = _ip_or_none(address.split("%", 1)[0])
+            if ip is None:
+                raise ToolError(f"{url.host} resolved to {address!r}, which is not an IP address")
+            kind = _non_public(ip)
+            if kind is None or literal or any(_within(ip, network) for network in self._private):
+                continue
+            raise ToolError(
+                f"{url.host} resolves to {ip}, a {kind} address; refused (an operator can allow the network with "
+                "tools.http_request.allow_private)"
+            )
+        return tuple(addresses)
 
     async def run(self, args: RequestInput) -> JSON:
         url = httpx.URL(args.url)
         self._check_allowed(url)
         timeout = self._options.timeout_s
         try:
-            # httpx's timeout applies to each read; this one bounds the whole exchange (slowly dripping bodies).
+            # httpx's timeout applies to each read; this one bounds the whole exchange (redirects, slowly dripping
+            # bodies and name resolution included).
             async with asyncio.timeout(timeout):
-                return await self._send(args, url)
+                return await self._follow(args, url)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise ToolError(f"{args.method} {url.host} timed out after {timeout:g} s", retryable=True) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -133,17 +222,42 @@ class HttpRequest(Tool[RequestInput]):
         except httpx.HTTPError as exc:
             raise ToolError(f"{args.method} {url.host} failed: {_describe(exc)}") from exc
 
-    async def _send(self, args: RequestInput, url: httpx.URL) -> JSON:
-        request = self._client.build_request(args.method, url, headers=args.headers, json=args.json_body)
-        response = await self._client.send(request, stream=True)
-        try:
-            if response.status_code >= 500:
-                raise ToolError(f"upstream returned {response.status_code}", retryable=True)
-            data, truncated = await self._read_capped(response)
-        finally:
-            await response.aclose()
+    async def _follow(self, args: RequestInput, url: httpx.URL) -> JSON:
+        """Send, and follow redirects hop by hop: each new URL must be http(s), on the allow-list and resolve to
+        allowed addresses. 303 (and 301/302 after POST) turn into GET without the body, as browsers do;
+        credentials are not sent to another origin."""
+        method, body, headers = args.method, args.json_body, dict(args.headers or {})
+        hops = 0
+        while True:
+            token = _PINNED.set({url.raw_host.decode("ascii"): await self._checked_addresses(url)})
+            try:
+                request = self._client.build_request(method, url, headers=headers, json=body)
+                response = await self._client.send(request, stream=True)
+            finally:
+                _PINNED.reset(token)
+            try:
+                location = response.headers.get("location")
+                if not (response.is_redirect and location and self._options.follow_redirects):
+                    return await self._answer(response, url)
+                if hops == self._options.follow_redirects:
+                    raise ToolError(f"more than {hops} redirect(s); last one to {location[:200]}")
+                target = _redirect_target(url, location)
+                self._check_allowed(target, "redirect to host")
+            finally:
+                await response.aclose()
+            if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+                method, body = "GET", None
+            if (target.scheme, target.host, target.port) != (url.scheme, url.host, url.port):
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+            url, hops = target, hops + 1
+
+    async def _answer(self, response: httpx.Response, url: httpx.URL) -> JSON:
+        if response.status_code >= 500:
+            raise ToolError(f"upstream returned {response.status_code}", retryable=True)
+        data, truncated = await self._read_capped(response)
         return {
             "status": response.status_code,
+            "url": str(url),
             "headers": {k: response.headers[k] for k in _SHOWN_HEADERS if k in response.headers},
             "body": _body(response, data, truncated),
             "truncated": truncated,
@@ -164,6 +278,99 @@ class HttpRequest(Tool[RequestInput]):
 
 def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
+    try:
+        target = url.join(location)
+    except httpx.InvalidURL as exc:
+        raise ToolError(f"redirect to an invalid URL {location[:200]!r}: {exc}") from exc
+    if target.scheme not in _DEFAULT_PORTS or not target.host:
+        raise ToolError(f"redirect to {location[:200]!r} refused: only http:// and https:// URLs are followed")
+    return target
+
+
+def _ip_or_none(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _non_public(ip: IPAddress) -> str | None:
+    """What kind of non-public address `ip` is (loopback, link-local…), or None for a public one."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-public"
+
+
+def _within(ip: IPAddress, network: IPNetwork) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and network.version == 4:
+        ip = ip.ipv4_mapped
+    return ip.version == network.version and ip in network
+
+
+# The checked addresses of the host being requested, per task: the transport connects only to these.
+_PINNED: ContextVar[Mapping[str, tuple[str, ...]] | None] = ContextVar("http_request_pinned", default=None)
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the addresses `_checked_addresses` approved for the host, never to a fresh DNS answer; a host
+    with no approved addresses is not connected to at all. TLS is started by httpcore with the host name, so SNI
+    and certificate checks are unchanged."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = (_PINNED.get() or {}).get(host)
+        if not addresses:
+            raise httpcore.ConnectError(f"{host}: no checked address to connect to")
+        failure: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not used by http_request")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool whose network backend is `_PinnedBackend`. httpx has no public
+    parameter for the backend, so the pool is replaced after construction (the tests fail if that stops working)."""
+
+    def __init__(self) -> None:
+        super().__init__(trust_env=False)
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_PinnedBackend(),
+        )
 
 
 def _body(response: httpx.Response, data: bytes, truncated: bool) -> JSON:

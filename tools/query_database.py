@@ -1,6 +1,8 @@
 """query_database: read-only SQL over a SQLite database, by default a small logistics demo database built from
 `tools/data/demo.sql`. Read-only is enforced by SQLite itself (read-only open plus an authorizer), not by
-inspecting the SQL text."""
+inspecting the SQL text. Hostile queries are bounded too: a progress handler aborts one that runs past `timeout_s`
+(so it cannot hold its worker thread), SQLite refuses any string or blob longer than `max_value_bytes`, and rows
+stop being collected once the result passes `max_result_bytes` (marked truncated)."""
 
 from __future__ import annotations
 
@@ -37,16 +39,19 @@ class Options(BaseModel):
     path: Path | None = Field(None, description="SQLite file to query; default <data_dir>/demo.db")
     max_rows: int = Field(1000, ge=1, description="Upper bound on rows returned, whatever the input's limit")
     timeout_s: float = Field(5.0, gt=0, description="A query running longer than this is aborted")
+    max_value_bytes: int = Field(1024 * 1024, ge=1024, description="Longest string or blob a query may build")
+    max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Rows beyond this size are cut (truncated)")
 
 
 class QueryInput(BaseModel):
     sql: str = Field(
         min_length=1,
+        max_length=20_000,
         description="Exactly one SQLite SELECT statement (WITH … SELECT is fine). Use ? placeholders for params.",
     )
     limit: int = Field(100, ge=1, le=1000, description="Maximum number of rows to return.")
     params: list[Scalar] = Field(
-        default_factory=list, description="Values bound to the ? placeholders of `sql`, in order."
+        default_factory=list, max_length=100, description="Values bound to the ? placeholders of `sql`, in order."
     )
 
 
@@ -74,7 +79,8 @@ class QueryDatabase(Tool[QueryInput]):
         "shipments(id, order_id, carrier_id, warehouse_id, tracking_number, "
         "status ['in_transit','delivered','delayed','exception'], shipped_at, promised_at, delivered_at, "
         "delay_reason). Timestamps are 'YYYY-MM-DD HH:MM' text. "
-        "The result is {columns, rows, row_count, truncated}; truncated means more rows matched than `limit`."
+        "The result is {columns, rows, row_count, truncated}; truncated means more rows matched than `limit` "
+        "(or the rows passed the result size cap): narrow the query."
     )
     Input: ClassVar[type[BaseModel]] = QueryInput
     # Read-only, so idempotent; not cached, because the data under it changes. The query has its own time cap
@@ -116,15 +122,16 @@ class QueryDatabase(Tool[QueryInput]):
         with closing(conn):
             conn.set_authorizer(_authorize)
             conn.set_progress_handler(progress, 1000)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
             try:
                 cursor = conn.execute(args.sql, args.params)
-                rows = cursor.fetchmany(limit + 1)
+                rows, too_big = self._fetch(cursor, limit + 1)
             except sqlite3.Error as exc:
                 if timed_out:
                     raise ToolError(f"query took longer than {timeout:g} s; narrow it down") from exc
                 raise ToolError(self._explain(exc, conn)) from exc
             columns = [d[0] for d in cursor.description or ()]
-        truncated = len(rows) > limit
+        truncated = too_big or len(rows) > limit
         rows = rows[:limit]
         return {
             "columns": columns,
@@ -132,6 +139,20 @@ class QueryDatabase(Tool[QueryInput]):
             "row_count": len(rows),
             "truncated": truncated,
         }
+
+    def _fetch(self, cursor: sqlite3.Cursor, most: int) -> tuple[list[Any], bool]:
+        """Up to `most` rows, stopping early (True) when they pass `max_result_bytes`."""
+        budget = self._options.max_result_bytes
+        rows: list[Any] = []
+        while len(rows) < most:
+            row = cursor.fetchone()
+            if row is None:
+                break
+            budget -= sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
+            if budget < 0:
+                return rows, True
+            rows.append(row)
+        return rows, False
 
     def _explain(self, exc: sqlite3.Error, conn: sqlite3.Connection) -> str:
         """SQLite's message plus a hint that tells the model what to do differently."""
@@ -143,6 +164,8 @@ class QueryDatabase(Tool[QueryInput]):
         if "no such table" in message:
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
             return f"{message}; the tables are: {', '.join(tables)}"
+        if "too big" in message:
+            return f"{message}: values are limited to {self._options.max_value_bytes} bytes"
         if "no such column" in message:
             return f"{message}; read the table's columns with SELECT sql FROM sqlite_schema WHERE name = '<table>'"
         return f"SQL error: {message}"

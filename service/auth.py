@@ -1,0 +1,252 @@
+"""Who is calling, and what they may do: caller identity from the client certificate (mutual TLS) or a bearer token,
+checked once per call by a `grpc.aio` server interceptor, and per-caller rights (tools, concurrent runs, runs per
+minute) that the servicer enforces.
+
+The interceptor cannot see the TLS peer (interceptors get only the method name and metadata), so it wraps the
+handler and authenticates from the handler's `ServicerContext`; streaming handlers are async generators and are
+wrapped as such. The caller is handed to the servicer in a context variable: the wrapper and the handler run in the
+same task.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CallerConfig(BaseModel):
+    """One caller: how it proves who it is, and what it may do."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    cert_identities: list[str] = Field(
+        default_factory=list, description="client certificate SAN (DNS, URI) or CN values that identify this caller"
+    )
+    token_sha256: list[str] = Field(
+        default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
+    )
+    tools: list[str] | None = Field(default=None, description="tools this caller may use; all when unset")
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    runs_per_minute: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _hashes_are_hex(self) -> CallerConfig:
+        for digest in self.token_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"caller {self.name}: token_sha256 entries must be 64 hex characters")
+        return self
+
+
+class TlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = Field(default=None, description="enables client certificates (mutual TLS)")
+
+
+class AuthConfig(BaseModel):
+    """`required`: every call but health must identify a configured caller. Off by default (an open dev server)."""
+
+    model_config = ConfigDict(extra="forbid")
+    required: bool = False
+    callers: list[CallerConfig] = Field(default_factory=list)
+    anonymous: CallerConfig = Field(
+        default_factory=lambda: CallerConfig(name="anonymous"), description="rights of unauthenticated callers"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthConfig:
+        names = [c.name for c in self.callers]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.callers: caller names must be unique")
+        return self
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    config: CallerConfig
+    via: str  # "mtls", "token" or "none"
+
+    def may_use(self, tool: str) -> bool:
+        return self.config.tools is None or tool in self.config.tools
+
+
+_current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+
+
+def current_caller(default: Caller | None = None) -> Caller | None:
+    return _current.get() or default
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.anonymous = Caller(config.anonymous.name, config.anonymous, "none")
+        self._by_identity = {ident: c for c in config.callers for ident in c.cert_identities}
+        self._by_token = {digest.lower(): c for c in config.callers for digest in c.token_sha256}
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The caller of this call: certificate first, then bearer token; anonymous unless auth is required."""
+        auth = context.auth_context()
+        for key in ("x509_subject_alternative_name", "x509_common_name"):
+            for value in auth.get(key, []):
+                caller = self._by_identity.get(value.decode())
+                if caller is not None:
+                    return Caller(caller.name, caller, "mtls")
+        token = _bearer(context.invocation_metadata() or ())
+        if token is not None:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            for known, caller in self._by_token.items():
+                if hmac.compare_digest(known, digest):
+                    return Caller(caller.name, caller, "token")
+            raise Unauthenticated("the bearer token is not valid")
+        if self.config.required:
+            presented = [v.decode() for v in auth.get("x509_common_name", [])]
+            if presented:
+                raise Unauthenticated(f"the client certificate ({presented[0]}) belongs to no configured caller")
+            raise Unauthenticated("credentials required: a client certificate or an `authorization: Bearer` token")
+        return self.anonymous
+
+
+def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    for key, value in metadata:
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+_OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call except health checks; UNAUTHENTICATED with a clear message otherwise."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHODS):
+            return handler
+        identify = self.authenticator.identify
+        for kind, make in _HANDLER_KINDS:
+            inner = getattr(handler, kind)
+            if inner is None:
+                continue
+            if kind.endswith("_stream"):
+
+                async def streaming(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                    await _authenticate(identify, context)
+                    async for response in inner(request, context):
+                        yield response
+
+                wrapped: Any = streaming
+            else:
+
+                async def unary(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                    await _authenticate(identify, context)
+                    return await inner(request, context)
+
+                wrapped = unary
+            return make(wrapped, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+# Response-streaming handlers are async generators and must be wrapped as such; the others are coroutines.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+async def _authenticate(
+    identify: Callable[[grpc.aio.ServicerContext], Caller], context: grpc.aio.ServicerContext
+) -> None:
+    try:
+        caller = identify(context)
+    except Unauthenticated as exc:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    _current.set(caller)
+
+
+@dataclass
+class CallerLimits:
+    """Per-caller runs per minute (a sliding window) and concurrent runs. In-process: with several replicas the
+    limits apply per replica until they move to a shared store."""
+
+    clock: Callable[[], float] = time.monotonic
+    _starts: dict[str, deque[float]] = field(default_factory=dict)
+    active: dict[str, int] = field(default_factory=dict)
+
+    def admit(self, caller: Caller) -> str | None:
+        """None when the caller may start a run now, else the reason it may not."""
+        limit = caller.config.max_concurrent_runs
+        if limit is not None and self.active.get(caller.name, 0) >= limit:
+            return f"caller {caller.name} has {limit} runs in progress, its limit; wait for one to end"
+        per_minute = caller.config.runs_per_minute
+        if per_minute is not None:
+            now = self.clock()
+            starts = self._starts.setdefault(caller.name, deque())
+            while starts and now - starts[0] >= 60:
+                starts.popleft()
+            if len(starts) >= per_minute:
+                wait = 60 - (now - starts[0])
+                return (
+                    f"caller {caller.name} started {per_minute} runs in the last minute, its limit; "
+                    f"retry in {wait:.0f} s"
+                )
+            starts.append(now)
+        return None
+
+    def started(self, caller: Caller) -> None:
+        self.active[caller.name] = self.active.get(caller.name, 0) + 1
+
+    def ended(self, caller: Caller) -> None:
+        self.active[caller.name] = max(0, self.active.get(caller.name, 0) - 1)
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS; with a client CA, mutual TLS: grpc either requires and verifies a client certificate at the handshake or
+    does not ask for one at all (no "request but verify" mode), so health checks for probes that carry no
+    certificate are served on `health_listen`, a port of their own."""
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def token_hash(token: str) -> str:
+    """What goes in `token_sha256` for a token (`python -m service.auth TOKEN` prints it)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(token_hash(arg))

@@ -1,0 +1,184 @@
+"""Caller identity and rights over real TLS: client certificates (mutual TLS) and bearer tokens, per-caller tools
+and limits, health without credentials. Certificates are made at test time with trustme."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.v1 import agent_pb2 as pb
+from conftest import stub
+from service.auth import token_hash
+
+SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
+
+
+class Pki:
+    def __init__(self, tmp: Path) -> None:
+        self.ca = trustme.CA()
+        self.other_ca = trustme.CA()
+        server = self.ca.issue_cert("localhost", "127.0.0.1")
+        self.cert_file, self.key_file, self.ca_file = tmp / "server.pem", tmp / "server.key", tmp / "ca.pem"
+        server.cert_chain_pems[0].write_to_path(str(self.cert_file))
+        server.private_key_pem.write_to_path(str(self.key_file))
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def channel(self, port: int, *, identity: str | None = None, rogue: bool = False, **kw: Any) -> grpc.aio.Channel:
+        key: dict[str, bytes] = {}
+        if identity is not None:
+            cert = (self.other_ca if rogue else self.ca).issue_cert(identity, common_name=identity)
+            key = {"private_key": cert.private_key_pem.bytes(), "certificate_chain": cert.cert_chain_pems[0].bytes()}
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca.cert_pem.bytes(), **key)
+        return grpc.aio.secure_channel(f"localhost:{port}", creds, **kw)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Iterator[Pki]:
+    yield Pki(tmp_path)
+
+
+def mtls_config(pki: Pki) -> dict[str, Any]:
+    return {
+        "tls": {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file), "client_ca_file": str(pki.ca_file)},
+        "health_listen": "127.0.0.1:0",
+        "auth": {
+            "required": True,
+            "callers": [
+                {"name": "risk-engine", "cert_identities": ["risk.callers.internal"]},
+                {
+                    "name": "auditor",
+                    "cert_identities": ["audit.callers.internal"],
+                    "tools": ["echo", "sleep"],
+                    "max_concurrent_runs": 1,
+                    "runs_per_minute": 3,
+                },
+            ],
+        },
+    }
+
+
+async def events_of(call: Any) -> list[pb.AgentEvent]:
+    return [e async for e in call]
+
+
+async def code_of(awaitable: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        await awaitable
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_mtls_identifies_the_caller_and_refuses_strangers(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(**mtls_config(pki))
+    async with pki.channel(svc.port, identity="risk.callers.internal") as channel:
+        events = await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi", metadata={"caller": "x"})))
+        assert events[-1].HasField("final_response")
+        run = svc.registry.get(events[0].run_id)
+        assert run.caller == "risk-engine" and run.spec.metadata["caller"] == "risk-engine"  # not the spoofed "x"
+        audit = svc.registry.loop.executor.audit
+        await audit.flush()
+        rows = sqlite3.connect(audit.path).execute("SELECT run_id, metadata FROM audit").fetchall()
+        assert [json.loads(meta)["caller"] for run_id, meta in rows if run_id == run.id] == ["risk-engine"]
+    for channel in (pki.channel(svc.port), pki.channel(svc.port, identity="risk.callers.internal", rogue=True)):
+        async with channel:  # no certificate, and one from another CA: the TLS handshake fails
+            code, _ = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), timeout=5)))
+            assert code == grpc.StatusCode.UNAVAILABLE
+    async with pki.channel(svc.port, identity="stranger.callers.internal") as channel:  # right CA, unknown caller
+        code, details = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"))))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "belongs to no configured caller" in details
+
+
+async def test_health_is_reachable_without_credentials(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(**mtls_config(pki))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.health_port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        code, _ = await code_of(stub(channel).ListTools(pb.ListToolsRequest()))
+        assert code == grpc.StatusCode.UNIMPLEMENTED  # the probe port serves health only
+
+
+async def test_a_caller_sees_and_uses_only_its_tools(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(**mtls_config(pki))
+    async with pki.channel(svc.port, identity="audit.callers.internal") as channel:
+        listed = await stub(channel).ListTools(pb.ListToolsRequest())
+        assert sorted(t.name for t in listed.tools) == ["echo", "sleep"]
+        events = await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi")))
+        assert sorted(events[0].run_started.tools) == ["echo", "sleep"]  # tools outside its rights are not offered
+        code, details = await code_of(
+            events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi", tools=["count"])))
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert details == "caller auditor may not use tool(s): count"
+
+
+async def test_per_caller_concurrency_and_rate_limits(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(SLOW, **mtls_config(pki))
+    async with pki.channel(svc.port, identity="audit.callers.internal") as channel:
+        first = stub(channel).RunAgent(pb.RunAgentRequest(message="1"))
+        async for event in first:
+            if event.HasField("tool_call_ready"):
+                break
+        code, details = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="2"))))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details == "caller auditor has 1 runs in progress, its limit; wait for one to end"
+        first.cancel()
+        for _ in range(200):
+            if all(r.finished for r in svc.registry.runs.values()) and not svc.servicer.caller_limits.active.get(
+                "auditor"
+            ):
+                break
+            await asyncio.sleep(0.01)
+        # another caller is not affected by the auditor's limits
+        async with pki.channel(svc.port, identity="risk.callers.internal") as other:
+            submitted = await stub(other).SubmitRun(pb.RunAgentRequest(message="other"))
+            # ...nor can the auditor see the other caller's run
+            code, _ = await code_of(stub(channel).GetRun(pb.GetRunRequest(run_id=submitted.run_id)))
+            assert code == grpc.StatusCode.NOT_FOUND
+            await stub(other).CancelRun(pb.CancelRunRequest(run_id=submitted.run_id))
+        for message in ("3", "4"):  # the second and third runs of this minute, one after the other
+            await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message=message, tools=["echo"])))
+        code, details = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="5"))))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.startswith("caller auditor started 3 runs in the last minute, its limit; retry in")
+
+
+def token_config(pki: Pki) -> dict[str, Any]:
+    return {
+        "tls": {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)},
+        "auth": {"required": True, "callers": [{"name": "batch", "token_sha256": [token_hash("s3cret-token")]}]},
+    }
+
+
+async def test_bearer_tokens(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(**token_config(pki))
+    async with pki.channel(svc.port) as channel:
+        good = [("authorization", "Bearer s3cret-token")]
+        events = await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=good))
+        assert svc.registry.get(events[0].run_id).caller == "batch"
+        bad = [("authorization", "Bearer guessed")]
+        code, details = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=bad)))
+        assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
+        code, details = await code_of(stub(channel).ListTools(pb.ListToolsRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "credentials required" in details
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # health needs no token
+
+
+def test_config_holds_token_hashes_not_tokens() -> None:
+    from pydantic import ValidationError
+
+    from service.auth import AuthConfig
+
+    with pytest.raises(ValidationError, match="64 hex characters"):
+        AuthConfig.model_validate({"callers": [{"name": "x", "token_sha256": ["s3cret-token"]}]})

@@ -1,0 +1,311 @@
+"""The sandbox contains runaway programs: timeout, CPU, memory, process-count, file-size and output limits, cancel,
+scrubbed environment, temporary working directory, unprivileged user. Each test program is bounded by itself (it
+stops after a while, allocates, spawns or writes at most so much) so that a broken sandbox cannot harm the machine.
+
+Every program first writes its process group id to a marker file, so the test can check afterwards that no process
+of the group is left, not even a zombie."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import ToolError
+from tools._sandbox import Identity, Sandbox, SandboxOptions, usable_by
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox's limits and checks are Linux's")
+
+PRELUDE = """
+import json, os, sys, time
+request = json.load(sys.stdin)
+with open(request["marker"], "w") as f:
+    f.write(str(os.getpgrp()))
+started = time.monotonic()
+"""
+
+PROGRAMS = {
+    # Busy forever, with a sleeping child, but never longer than 30 s of wall time.
+    "spin": """
+if os.fork() == 0:
+    time.sleep(30)
+    os._exit(0)
+while time.monotonic() - started < 30:
+    pass
+""",
+    "sleep": """
+if os.fork() == 0:
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+""",
+    # Allocates 16 MiB at a time, at most 2 GiB (or what the request says).
+    "hog": """
+blocks = []
+for _ in range(min(request.get("mib", 2048), 2048) // 16):
+    blocks.append(bytearray(16 * 1024 * 1024))
+print(json.dumps({"allocated_mib": 16 * len(blocks)}))
+""",
+    # Spawns at most 200 children, each exits after 3 s by itself; reports how many forks succeeded.
+    "spawner": """
+spawned, refused = 0, None
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        refused = exc.strerror
+        break
+    if pid == 0:
+        time.sleep(3)
+        os._exit(0)
+    spawned += 1
+print(json.dumps({"spawned": spawned, "refused": refused}))
+""",
+    # Writes at most 50 MiB to stdout.
+    "flood": """
+block = "x" * (1024 * 1024)
+for _ in range(50):
+    sys.stdout.write(block)
+    sys.stdout.flush()
+""",
+    # Writes a file of at most 64 MiB into its working directory.
+    "bigfile": """
+with open("big.bin", "wb") as f:
+    for _ in range(64):
+        f.write(b"x" * (1024 * 1024))
+print("{}")
+""",
+    "whoami": """
+with open("scratch.txt", "w") as f:
+    f.write("the working directory is writable")
+print(json.dumps({
+    "env": dict(os.environ), "cwd": os.getcwd(), "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+    "request": request, "staged": open("input.txt").read() if os.path.exists("input.txt") else None,
+}))
+""",
+    "not_json": 'print("this is not JSON")',
+    "fails": 'print("no carrier matches zzz", file=sys.stderr)\nsys.exit(2)',
+}
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Path]:
+    """A folder the sandbox user can read (programs) and write (markers): pytest's tmp_path is root-only."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-test-") as folder:
+        root = Path(folder)
+        root.chmod(0o755)
+        for name, body in PROGRAMS.items():
+            (root / f"{name}.py").write_text(PRELUDE + textwrap.dedent(body))
+        markers = root / "markers"
+        markers.mkdir()
+        markers.chmod(0o1777)
+        yield root
+
+
+def sandbox(shared: Path, program: str, **options: Any) -> Sandbox:
+    return Sandbox.for_python(shared / f"{program}.py", SandboxOptions(**options), name=program)
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """Every process (zombies included) in process group `pgid`, as (pid, state)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append((int(entry.name), fields[0]))
+    return found
+
+
+async def run(shared: Path, program: str, request: dict[str, Any] | None = None, **options: Any) -> tuple[Any, int]:
+    """Run `program`; return its result (or the ToolError) and its process group id, checking nothing survived."""
+    marker = new_marker(shared)
+    try:
+        result: Any = await sandbox(shared, program, **options).run({"marker": str(marker), **(request or {})})
+    except ToolError as exc:
+        result = exc
+    pgid = int(marker.read_text())
+    assert group_members(pgid) == [], "processes of the sandboxed program survived the call"
+    return result, pgid
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
+
+
+def new_marker(shared: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=shared / "markers")
+    os.close(fd)
+    os.chmod(name, 0o666)
+    return Path(name)
+
+
+def sandbox_uid() -> int:
+    return pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
+
+
+async def test_timeout_kills_the_whole_process_group(shared: Path) -> None:
+    started = time.monotonic()
+    result, _ = await run(shared, "spin", timeout_s=1, cpu_s=20)
+    assert time.monotonic() - started < 5, "killed at the timeout, not when the program gave up by itself"
+    assert isinstance(result, ToolError)
+    assert result.message == "spin ran longer than 1 s and was stopped"
+
+
+async def test_cpu_limit_stops_a_busy_loop(shared: Path) -> None:
+    result, _ = await run(shared, "spin", timeout_s=20, cpu_s=1)
+    assert isinstance(result, ToolError)
+    assert "more than 1 s of CPU time" in result.message
+
+
+async def test_cpu_limit_without_prlimit_uses_preexec_fallback(shared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = sandbox(shared, "spin", timeout_s=20, cpu_s=1)
+    monkeypatch.setattr(box, "_prlimit", None)
+    argv, extra = box.command()
+    assert argv[-3:] == box.argv and "prlimit" not in " ".join(argv) and "preexec_fn" in extra
+    marker = new_marker(shared)
+    with pytest.raises(ToolError, match="more than 1 s of CPU time"):
+        await box.run({"marker": str(marker)})
+    assert group_members(int(marker.read_text())) == []
+
+
+async def test_memory_limit_makes_the_hog_fail(shared: Path) -> None:
+    result, _ = await run(shared, "hog", memory_mb=128)
+    assert isinstance(result, ToolError)
+    assert "memory" in result.message and "128 MiB" in result.message
+
+
+async def test_memory_within_the_limit_works(shared: Path) -> None:
+    # The same program, asking for less: the limit is what stopped it above.
+    result, _ = await run(shared, "hog", {"mib": 32}, memory_mb=128)
+    assert result == {"allocated_mib": 32}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="RLIMIT_NPROC counts the service's own threads when not root")
+async def test_process_limit_stops_a_spawner(shared: Path) -> None:
+    result, _ = await run(shared, "spawner", max_processes=8)
+    assert isinstance(result, dict), result
+    assert result["refused"] is not None and result["spawned"] < 8
+    unlimited, _ = await run(shared, "spawner", max_processes=64)
+    assert isinstance(unlimited, dict) and unlimited["spawned"] > result["spawned"]
+
+
+async def test_output_cap_stops_a_huge_writer(shared: Path) -> None:
+    result, _ = await run(shared, "flood", max_output_bytes=64 * 1024)
+    assert isinstance(result, ToolError)
+    assert result.message == "flood wrote more than 65536 bytes of output and was stopped"
+
+
+async def test_file_size_limit_stops_a_big_file(shared: Path) -> None:
+    result, _ = await run(shared, "bigfile", file_size_mb=1)
+    assert isinstance(result, ToolError)
+    assert "File too large" in result.message
+
+
+async def test_cancel_kills_the_group_and_propagates(shared: Path) -> None:
+    marker = new_marker(shared)
+    task = asyncio.create_task(sandbox(shared, "sleep").run({"marker": str(marker)}))
+    for _ in range(500):
+        if marker.read_text():
+            break
+        await asyncio.sleep(0.01)
+    pgid = int(marker.read_text())
+    await asyncio.sleep(0.05)  # the child is forked
+    assert len(group_members(pgid)) == 2
+    cancelled = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - cancelled < 3
+    assert group_members(pgid) == []
+
+
+async def test_environment_cwd_and_user(shared: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    staged = tmp_path / "input.txt"  # tmp_path is root-only: staging copies it where the program can read it
+    staged.write_text("staged by the tool")
+    box = sandbox(shared, "whoami", env={"REPORT_LOCALE": "en"})
+    marker = new_marker(shared)
+    out = await box.run({"marker": str(marker), "x": 1}, files={"input.txt": staged})
+    cwd = Path(out["cwd"])
+    assert set(out["env"]) == {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "REPORT_LOCALE"}
+    assert out["env"]["HOME"] == out["env"]["TMPDIR"] == str(cwd)
+    assert "secret" not in repr(out["env"])
+    assert out["request"]["x"] == 1 and out["staged"] == "staged by the tool"
+    assert cwd.name.startswith("sandbox-") and not exists(cwd)
+    assert out["uid"] == sandbox_uid()
+    if os.geteuid() == 0:
+        assert out["gid"] == pwd.getpwnam("nobody").pw_gid and out["groups"] == []
+
+
+async def test_program_errors_become_tool_errors(shared: Path) -> None:
+    result, _ = await run(shared, "not_json")
+    assert isinstance(result, ToolError) and result.message.startswith("not_json printed invalid JSON")
+    result, _ = await run(shared, "fails")
+    assert isinstance(result, ToolError)
+    assert result.message == "fails failed (exit status 2): no carrier matches zzz"
+
+
+def test_unreadable_program_or_interpreter_is_a_startup_error(tmp_path: Path) -> None:
+    nobody = Identity.lookup("nobody")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "p.py").write_text("print(1)")
+    assert not usable_by(private / "p.py", nobody)
+    assert usable_by(Path("/usr/bin/env"), nobody, execute=True)
+    if os.geteuid() == 0:
+        with pytest.raises(ValueError, match="not readable by the sandbox user"):
+            Sandbox.for_python(private / "p.py", SandboxOptions())
+        with pytest.raises(ValueError, match="no Python interpreter"):
+            Sandbox.for_python(Path("/usr/bin/env"), SandboxOptions(python=private / "p.py"))
+    with pytest.raises(ValueError, match="is root"):
+        Identity.lookup("root")
+    with pytest.raises(ValueError, match="does not exist"):
+        Identity.lookup("no-such-user-here")
+
+
+def test_limits_and_user_change_happen_in_exec_wrappers(shared: Path) -> None:
+    box = sandbox(shared, "spin", cpu_s=2, memory_mb=64, file_size_mb=1, max_processes=4, max_open_files=32)
+    if box._prlimit is None or box._setpriv is None:
+        pytest.skip("no prlimit or setpriv here")
+    argv, extra = box.command()
+    assert extra == {}  # nothing that would make subprocess fork() instead of vfork()
+    assert argv[-3:] == box.argv
+    nobody = pwd.getpwnam("nobody")
+    drop = [f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"] if os.geteuid() == 0 else []
+    assert argv[: len(drop) + 3] == [box._setpriv, *drop, "--no-new-privs", "--"]
+    limits = argv[len(drop) + 3 : -3]
+    assert limits == [
+        box._prlimit,
+        "--cpu=2:3",
+        f"--as={64 << 20}:{64 << 20}",
+        f"--fsize={1 << 20}:{1 << 20}",
+        "--nproc=4:4",
+        "--nofile=32:32",
+        "--core=0:0",
+        "--",
+    ]
+
+
+async def test_without_setpriv_the_user_still_changes(shared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = sandbox(shared, "whoami")
+    monkeypatch.setattr(box, "_setpriv", None)
+    argv, extra = box.command()
+    if os.geteuid() == 0:
+        assert extra == {"user": box.identity.uid, "group": box.identity.gid, "extra_groups": []}  # type: ignore[union-attr]
+    out = await box.run({"marker": str(new_marker(shared))})
+    assert out["uid"] == sandbox_uid()
