@@ -104,7 +104,7 @@ class QueryDatabase(Tool[QueryInput]):
 
     def _query(self, args: QueryInput, cancelled: threading.Event) -> JSON:
         if self._is_demo:
-            self._ensure_demo()
+            self.ensure_demo()
         timeout = self._options.timeout_s
         deadline = time.monotonic() + timeout
         timed_out = False
@@ -170,7 +170,7 @@ class QueryDatabase(Tool[QueryInput]):
             return f"{message}; read the table's columns with SELECT sql FROM sqlite_schema WHERE name = '<table>'"
         return f"SQL error: {message}"
 
-    def _ensure_demo(self) -> None:
+    def ensure_demo(self) -> None:
         """Build the demo database on first use: in a temporary file renamed into place, so another process
         never sees a half-built file and two processes building at once both end with a complete one."""
         with self._demo_lock:

@@ -60,7 +60,7 @@ class ShipmentReport(SandboxedTool[ReportInput]):
 
     async def prepare(self, args: ReportInput) -> tuple[JSON, Mapping[str, Path]]:
         if self._demo is not None:
-            await asyncio.to_thread(self._demo._ensure_demo)
+            await asyncio.to_thread(self._demo.ensure_demo)
         elif not self._db.is_file():
             raise ToolError(f"the database {self._db.name} is not there")
         # A copy in the program's working directory: readable by the sandbox user wherever the data folder is,
