@@ -1,9 +1,11 @@
-"""Policy overhead: µs per tool call through the executor's stack vs awaiting the tool's `run` directly, in one
-process with timeit-style loops. `python -m bench.overhead [--calls N]` prints JSON.
+"""Policy overhead: µs per tool call through the executor the server builds (`build_executor`) vs awaiting the tool's
+`run` directly, in one process with timeit-style loops. `python -m bench.overhead [--calls N]` prints JSON.
 
-The stack today is the executor (input validation, hard timeout, metrics, result events). The tool policies
-(rate limiter, circuit breaker, retries, span) are not built yet: add them to `STACKS` when they are, and the
-same measurement covers them.
+The executor stack is the full one: input validation, a rate limiter that never has to wait, a circuit breaker, a
+hard timeout, a retry wrapper (3 attempts; the call succeeds on the first), metrics, the audit record (SQLite
+under a temporary data_dir, written by its background thread) and the `tool_call` span. Rows differ only in
+tracing and logging: the default no-op tracer (production without `OTEL_*` variables), an SDK tracer exporting
+to nowhere, and the INFO log line the service writes per call at its default log level.
 """
 
 from __future__ import annotations
@@ -11,19 +13,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import inspect
+import io
 import json
+import logging
 import statistics
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from pydantic import BaseModel, Field
 
-from service.executor import Executor, ToolCallRequest
+from service import telemetry
+from service.config import Config
+from service.executor import Executor, RunContext, ToolCallRequest, build_executor
 from tools.base import JSON, Tool
+from tools.policy import BreakerPolicy, RateLimitPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 
-POLICIES_PENDING = "limiter, circuit breaker, retry wrapper and span are not in the stack yet (not built)"
+STACK = (
+    "build_executor: validation, rate limiter (never waits), circuit breaker, 30 s hard timeout, retry wrapper "
+    "(3 attempts), metrics, SQLite audit, tool_call span; log level WARNING unless stated"
+)
 
 
 class NoopInput(BaseModel):
@@ -37,59 +51,100 @@ class Noop(Tool[NoopInput]):
     name = "noop"
     description = "Returns its input."
     Input = NoopInput
+    policy = ToolPolicy(
+        timeout=TimeoutPolicy(seconds=30, mode="hard"),
+        retry=RetryPolicy(attempts=3),
+        breaker=BreakerPolicy(),
+        rate_limit=RateLimitPolicy(rate_per_s=1e9, burst=1_000_000),
+    )
 
     async def run(self, args: NoopInput) -> JSON:
         return {"city": args.city, "limit": args.limit}
 
 
 Call = Callable[[], Awaitable[Any]]
+Flush = Callable[[], Awaitable[None]]
 CALL = ToolCallRequest(call_id="toolu_bench", name="noop", input={"city": "Lyon", "limit": 5})
 
 
-def direct(tool: Noop) -> Call:
-    args = tool.validate(CALL.input)
+class NullExporter(SpanExporter):
+    """Takes the SDK's batches and drops them: the cost of recording spans without the cost of a collector."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+@contextmanager
+def sdk_tracer() -> Iterator[None]:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+    telemetry.use_tracer_provider(provider)
+    try:
+        yield
+    finally:
+        telemetry.use_tracer_provider(None)
+        provider.shutdown()
+
+
+@contextmanager
+def info_log() -> Iterator[None]:
+    """The service's JSON log line per call (INFO is its default level), written to memory instead of stderr."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(telemetry.JsonFormatter())
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@asynccontextmanager
+async def executor_call(tool: Noop, data_dir: Path) -> AsyncIterator[tuple[Call, Flush]]:
+    executor: Executor = build_executor({tool.name: tool}, Config(data_dir=data_dir))
+    run = RunContext(run_id="run_bench", offered=frozenset({tool.name}))
 
     async def call() -> Any:
-        return await tool.run(args)
+        return [event async for event in executor.execute(CALL, run)]
 
-    return call
+    async def flush() -> None:
+        if executor.audit is not None:
+            await executor.audit.flush()
 
-
-def executor_stack(tool: Noop) -> Call:
-    executor = Executor({tool.name: tool}, timeout_s=30)
-    offered = frozenset({tool.name})
-    # The executor's signature is changing while the policies land: support the run-context form and the old one.
-    params = inspect.signature(executor.execute).parameters
-    if "run" in params:
-        from service.executor import RunContext  # type: ignore[attr-defined]
-
-        kwargs: dict[str, Any] = {"run": RunContext(run_id="run_bench", offered=offered)}
-    else:
-        kwargs = {"offered": offered}
-
-    async def call() -> Any:
-        return [event async for event in executor.execute(CALL, **kwargs)]
-
-    return call
+    try:
+        yield call, flush
+    finally:
+        await executor.aclose()  # commits what is queued and stops the audit writer thread
 
 
-STACKS: dict[str, Callable[[Noop], Call]] = {"direct": direct, "executor": executor_stack}
+async def nothing() -> None:
+    return None
 
 
-async def measure(call: Call, calls: int, warmup: int = 500) -> list[float]:
-    for _ in range(warmup):
+async def measure(call: Call, calls: int, flush: Flush = nothing, batch: int = 1000) -> tuple[list[float], float]:
+    """Per-call wall times in µs, and CPU µs per call over the whole process (the audit writer thread included).
+    The audit queue is flushed between batches, untimed: a loop this tight calls tools far faster than any run
+    does, and would otherwise measure the writer's backlog rather than the call."""
+    for _ in range(min(500, calls)):
         await call()
+    await flush()
     samples = []
     clock = time.perf_counter_ns
+    cpu0 = time.process_time()
     gc.disable()
     try:
-        for _ in range(calls):
-            t = clock()
-            await call()
-            samples.append((clock() - t) / 1000)
+        for start in range(0, calls, batch):
+            for _ in range(min(batch, calls - start)):
+                t = clock()
+                await call()
+                samples.append((clock() - t) / 1000)
+            await flush()
     finally:
         gc.enable()
-    return samples
+    return samples, (time.process_time() - cpu0) / calls * 1e6
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -97,20 +152,38 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def row(measured: tuple[list[float], float]) -> dict[str, float]:
+    samples, cpu_us = measured
+    return {
+        "p50_us": pct(samples, 0.50),
+        "p99_us": pct(samples, 0.99),
+        "mean_us": statistics.fmean(samples),
+        "cpu_us_per_call": cpu_us,
+    }
+
+
 async def run(calls: int) -> dict[str, Any]:
+    logging.getLogger().setLevel(logging.WARNING)  # as the benchmarked server runs (`--log-level WARNING`)
     tool = Noop()
-    out: dict[str, Any] = {"calls": calls, "note": POLICIES_PENDING, "stacks": {}}
-    for name, build in STACKS.items():
-        samples = await measure(build(tool), calls)
-        out["stacks"][name] = {
-            "p50_us": pct(samples, 0.50),
-            "p99_us": pct(samples, 0.99),
-            "mean_us": statistics.fmean(samples),
-        }
+    args = tool.validate(CALL.input)
+
+    async def direct() -> Any:
+        return await tool.run(args)
+
+    out: dict[str, Any] = {"calls": calls, "note": STACK, "stacks": {"direct": row(await measure(direct, calls))}}
+    variants: dict[str, Callable[[], AbstractContextManager[Any]]] = {
+        "executor": nullcontext,
+        "executor + SDK tracer (batch, null exporter)": sdk_tracer,
+        "executor + INFO log line": info_log,
+    }
+    for name, setup in variants.items():
+        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, setup():
+            async with executor_call(tool, Path(tmp)) as (call, flush):
+                out["stacks"][name] = row(await measure(call, calls, flush))
     base = out["stacks"]["direct"]
-    for row in out["stacks"].values():
-        row["overhead_p50_us"] = row["p50_us"] - base["p50_us"]
-        row["overhead_p99_us"] = row["p99_us"] - base["p99_us"]
+    for stack in out["stacks"].values():
+        stack["overhead_p50_us"] = stack["p50_us"] - base["p50_us"]
+        stack["overhead_p99_us"] = stack["p99_us"] - base["p99_us"]
     return out
 
 

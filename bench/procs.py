@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -25,8 +26,16 @@ from bench.workload import Workload, write_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("service", "bare", "sse-async", "sse-sync")
+UNPACED = ("service", "service-raw", "bare")
+# Service variants: the `runs:` config each one runs with. Coalescing off makes the service send one message per
+# text delta, as the baselines do, for a like-for-like unpaced comparison.
+SERVICE_RUNS: dict[str, dict[str, Any]] = {
+    "service": {},
+    "service-raw": {"coalesce_window_s": 0, "subscriber_coalesce_lag": 1_000_000},
+}
 LABELS = {
     "service": "agent service",
+    "service-raw": "agent service, coalescing off",
     "bare": "bare grpc.aio (limit)",
     "sse-async": "FastAPI SSE, async gen",
     "sse-sync": "FastAPI SSE, sync gen (naive)",
@@ -90,8 +99,8 @@ def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0)
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
-    if system == "service":
-        config = write_service_config(workload, workdir / "service", port, free_port())
+    if system in SERVICE_RUNS:
+        config = write_service_config(workload, workdir / system, port, free_port(), SERVICE_RUNS[system])
         cmd = ["-m", "service", "--config", str(config), "--log-level", "WARNING"]
     elif system == "bare":
         cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec]

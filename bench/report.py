@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.procs import LABELS, SYSTEMS
+from bench.procs import LABELS, SYSTEMS, UNPACED
 
 KIB = 1024
 
@@ -70,14 +70,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"first-event p99 ≤ 1.25× bare (C={c})", fe, None if fe is None else fe <= 1.25, "{:.2f}×")
         add(f"first-token p99 ≤ 1.1× bare (C={c})", ft, None if ft is None else ft <= 1.1, "{:.2f}×")
     for n, row in results["unpaced"].items():
-        r = ratio(row["service"]["workload_events_per_s"], row["bare"]["workload_events_per_s"])
-        add(f"unpaced events/s ≥ 0.7× bare (streams={n})", r, None if r is None else r >= 0.7, "{:.2f}×")
+        bare = row["bare"]["workload_events_per_s"]
+        merged = ratio(row["service"]["workload_events_per_s"], bare)
+        raw = row.get("service-raw")  # absent from results older than the coalescing-off row
+        r = ratio(raw["workload_events_per_s"], bare) if raw else merged
+        fmt = "{:.2f}×" + (f" (coalescing on: {merged:.2f}×)" if raw and merged is not None else "")
+        add(f"unpaced events/s ≥ 0.7× bare, coalescing off (streams={n})", r, None if r is None else r >= 0.7, fmt)
     c = 100 if 100 in results["levels"] else results["levels"][-1]
     s, a = _level(results, "service", c), _level(results, "sse-async", c)
     x = ratio(a and a["first_event_p99_ms"], s and s["first_event_p99_ms"])
     add(f"first-event p99 ≥ 5× lower than FastAPI async SSE (C={c})", x, None if x is None else x >= 5, "{:.1f}×")
     ov = results["overhead"]["stacks"]["executor"]["overhead_p50_us"]
-    add("tool-call overhead < 100 µs p50", ov, ov < 100, "{:.1f} µs")
+    add("tool-call overhead < 100 µs p50 (full policy stack)", ov, ov < 100, "{:.1f} µs")
     mem = results["idle"].get("service")
     kib = mem and mem["per_stream_bytes"] / KIB
     add(
@@ -159,15 +163,19 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {LABELS[other]} | {c} | {text} |")
     lines += ["", f"## Unpaced throughput ({results['unpaced_events']:,} small events per stream)", ""]
     lines += [
-        "Workload events/s counts the run's events as the bare server sends them; the service may send fewer,",
-        "larger messages (it coalesces back-to-back text deltas), so wire messages/s and text delivered are shown too.",
+        "Workload events/s counts the run's events as the bare server sends them. The service by default merges",
+        "back-to-back text deltas at the source (`runs.coalesce_window_s`, 10 ms), so it sends far fewer, larger",
+        "messages; the coalescing-off row (`coalesce_window_s: 0`, `subscriber_coalesce_lag: 1000000`) sends one",
+        "message per delta, as the bare server does, and is the like-for-like comparison.",
         "",
         "| streams | system | workload events/s | wire messages/s | messages / stream | text chars | errors |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for n, row in results["unpaced"].items():
-        for system in ("service", "bare"):
-            r = row[system]
+        for system in UNPACED:
+            r = row.get(system)
+            if r is None:
+                continue
             lines.append(
                 f"| {n} | {LABELS[system]} | {r['workload_events_per_s']:.0f} | {r['events_per_s']:.0f} | "
                 f"{r['events'] / r['streams']:.0f} | {r['text_chars']} | {r['errors']} |"
@@ -182,12 +190,19 @@ def markdown(results: dict[str, Any]) -> str:
     for system, row in results["idle"].items():
         lines.append(f"| {LABELS[system]} | {row['streams']} | {row['ready']} | {row['per_stream_bytes'] / KIB:.1f} |")
     ov = results["overhead"]
-    lines += ["", f"## Tool-call overhead ({ov['calls']} calls; {ov['note']})", ""]
-    lines += ["| path | p50 µs | p99 µs | overhead p50 µs | overhead p99 µs |", "|---|---:|---:|---:|---:|"]
+    lines += ["", f"## Tool-call overhead ({ov['calls']} calls per row)", "", f"Stack: {ov['note']}.", ""]
+    lines += [
+        "CPU µs / call is the whole process's CPU time (the audit writer and span exporter threads included) over",
+        "the calls; overhead is the path's figure minus the direct call's.",
+        "",
+        "| path | p50 µs | p99 µs | overhead p50 µs | overhead p99 µs | CPU µs / call |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, row in ov["stacks"].items():
+        cpu = row.get("cpu_us_per_call")
         lines.append(
             f"| {name} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['overhead_p50_us']:.1f} | "
-            f"{row['overhead_p99_us']:.1f} |"
+            f"{row['overhead_p99_us']:.1f} | {'-' if cpu is None else f'{cpu:.1f}'} |"
         )
     lines += ["", "![first-event p99](first_event_p99.png) ![events/s](events_per_s.png)", ""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.procs import ROOT, SYSTEMS, RssSampler, Server, child_env, start
+from bench.procs import ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
 from bench.workload import SMOKE, Workload
 
 
@@ -39,6 +39,7 @@ class Plan:
     naive_deadline_s: float = 20.0
     warmup_streams: int = 20
     overhead_calls: int = 20000
+    settle_s: float = 1.0  # idle streams: wait this long before reading the server's memory
 
 
 PLANS = {
@@ -55,6 +56,7 @@ PLANS = {
         naive_deadline_s=5.0,
         warmup_streams=2,
         overhead_calls=2000,
+        settle_s=0.2,
     ),
 }
 
@@ -123,7 +125,7 @@ def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
 def unpaced(plan: Plan, workdir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     workload = plan.workload.unpaced(plan.unpaced_events)
     out: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in plan.unpaced_streams}
-    for system in ("service", "bare"):
+    for system in UNPACED:
         server = start(system, workload, workdir)
         try:
             run_load(server, plan.warmup_streams, plan.deadline_s)
@@ -131,7 +133,7 @@ def unpaced(plan: Plan, workdir: Path) -> dict[int, dict[str, dict[str, Any]]]:
                 row = measure_level(server, n, plan.deadline_s)
                 row["workload_events_per_s"] = plan.unpaced_events * row["completed"] / row["wall_s"]
                 out[n][system] = row
-                say(f"unpaced {system:7} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
+                say(f"unpaced {system:11} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
         finally:
             server.stop()
     return out
@@ -143,16 +145,16 @@ def idle(plan: Plan, workdir: Path) -> dict[str, dict[str, Any]]:
     for system in ("service", "bare", "sse-async"):
         server = start(system, plan.workload.idle(), workdir)
         try:
-            out[system] = hold_streams(server, min(plan.warmup_streams, plan.idle_streams), plan.deadline_s)
-            time.sleep(0.5)
-            out[system] = row = hold_streams(server, plan.idle_streams, plan.deadline_s)
+            hold_streams(server, min(plan.warmup_streams, plan.idle_streams), plan.deadline_s, plan.settle_s)
+            time.sleep(plan.settle_s / 2)
+            out[system] = row = hold_streams(server, plan.idle_streams, plan.deadline_s, plan.settle_s)
         finally:
             server.stop()
         say(f"idle {system:9} {row['ready']}/{row['streams']} open, {row['per_stream_bytes'] / 1024:.1f} KiB/stream")
     return out
 
 
-def hold_streams(server: Server, streams: int, deadline: float) -> dict[str, Any]:
+def hold_streams(server: Server, streams: int, deadline: float, settle_s: float) -> dict[str, Any]:
     rss0 = server.rss()
     proc = subprocess.Popen(
         load_cmd(server, streams, deadline, hold=True),
@@ -164,7 +166,7 @@ def hold_streams(server: Server, streams: int, deadline: float) -> dict[str, Any
     )
     assert proc.stdin is not None and proc.stdout is not None
     ready = json.loads(proc.stdout.readline() or b'{"ready": 0}')["ready"]
-    time.sleep(1.0)  # let the server settle (buffers, freed request objects) before reading its memory
+    time.sleep(settle_s)  # let the server settle (buffers, freed request objects) before reading its memory
     rss1 = server.rss()
     proc.communicate(b"\n", timeout=deadline + 60)  # reads the final report too: a full pipe would block it
     return {

@@ -111,8 +111,11 @@ def pacing_ms(w: Workload) -> dict[str, float]:
     return {"first_token_ms": first * 1000, "token_interval_ms": w.token_interval_s * 1000}
 
 
-def write_service_config(w: Workload, folder: Path, port: int, metrics_port: int) -> Path:
-    """Scenario and config files for `python -m service --config`; returns the config path."""
+def write_service_config(
+    w: Workload, folder: Path, port: int, metrics_port: int, runs: dict[str, Any] | None = None
+) -> Path:
+    """Scenario and config files for `python -m service --config`; returns the config path. `runs` overrides the
+    service's `runs:` section (e.g. coalescing off)."""
     folder.mkdir(parents=True, exist_ok=True)
     scenario_path = folder / f"scenario-{w.kind}.yaml"
     scenario_path.write_text(yaml.safe_dump(scenario(w), sort_keys=False))
@@ -126,6 +129,8 @@ def write_service_config(w: Workload, folder: Path, port: int, metrics_port: int
         "tools": {"bench_sleep": {"latency_ms": w.tool_latency_s * 1000}},
         "tool_modules": ["bench.bench_sleep"],
     }
+    if runs:
+        config["runs"] = runs
     path = folder / f"config-{w.kind}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -42,13 +42,22 @@ def test_smoke_benchmark_runs_every_system_without_errors(tmp_path: Path) -> Non
             assert row["events"] > 0
             assert not row["censored"], (system, row["censored"])
     for row in results["unpaced"].values():
-        assert row["service"]["errors"] == row["bare"]["errors"] == 0
+        assert row["service"]["errors"] == row["service-raw"]["errors"] == row["bare"]["errors"] == 0
+        # coalescing off: one message per text delta, as the bare server sends them
+        assert row["service-raw"]["events"] == row["bare"]["events"]
     for system, row in results["idle"].items():
         assert row["ready"] == row["streams"], system
-    assert results["overhead"]["stacks"]["executor"]["p50_us"] > 0
+    stacks = results["overhead"]["stacks"]
+    assert stacks["executor"]["p50_us"] > 0 and stacks["executor + SDK tracer (batch, null exporter)"]["p50_us"] > 0
 
     table = (tmp_path / "results.md").read_text()
-    for label in ("agent service", "bare grpc.aio", "FastAPI SSE, async gen", "FastAPI SSE, sync gen"):
+    for label in (
+        "agent service",
+        "coalescing off",
+        "bare grpc.aio",
+        "FastAPI SSE, async gen",
+        "FastAPI SSE, sync gen",
+    ):
         assert label in table
     assert (tmp_path / "first_event_p99.png").stat().st_size > 0
     assert (tmp_path / "events_per_s.png").stat().st_size > 0
