@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from fake_tools import all_tools
+from service import telemetry
 from service.config import Config, Pacing
 from service.models.scripted import Scenario, ScriptedModel
 from service.server import Service, start
@@ -37,6 +41,18 @@ def scripted(turns: list[dict[str, Any]]) -> ScriptedModel:
 
 
 StartService = Callable[..., Any]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans finished during the test, through an SDK tracer provider installed for it alone."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.use_tracer_provider(provider)
+    yield exporter
+    telemetry.use_tracer_provider(None)
+    provider.shutdown()
 
 
 @pytest.fixture

@@ -185,28 +185,14 @@ def test_config_holds_token_hashes_not_tokens() -> None:
 
 
 async def test_the_caller_is_in_the_run_span_and_the_log_lines(
-    start_service: Any, pki: Pki, caplog: pytest.LogCaptureFixture
+    start_service: Any, pki: Pki, caplog: pytest.LogCaptureFixture, spans: Any
 ) -> None:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from service import telemetry
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_tracer_provider(provider)
-    try:
-        svc = await start_service(**token_config(pki))
-        async with pki.channel(svc.port) as channel:
-            good = [("authorization", "Bearer s3cret-token")]
-            with caplog.at_level("INFO", logger="service.runs"):
-                await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=good))
-    finally:
-        telemetry.use_tracer_provider(None)
-        provider.shutdown()
-    run_span = next(s for s in exporter.get_finished_spans() if s.name == "run")
+    svc = await start_service(**token_config(pki))
+    async with pki.channel(svc.port) as channel:
+        good = [("authorization", "Bearer s3cret-token")]
+        with caplog.at_level("INFO", logger="service.runs"):
+            await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=good))
+    run_span = next(s for s in spans.get_finished_spans() if s.name == "run")
     assert run_span.attributes is not None and run_span.attributes["run.caller"] == "batch"
     started = next(r for r in caplog.records if r.getMessage() == "run started")
     assert started.metadata["caller"] == "batch"  # type: ignore[attr-defined]

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import ValidationError
 
@@ -107,17 +105,6 @@ def test_the_process_wide_redactor_applies_to_the_default_formatter() -> None:
     assert "ada@example.com" in telemetry.JsonFormatter().format(record)
     redact.install(redactor())
     assert "ada@example.com" not in telemetry.JsonFormatter().format(record)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_tracer_provider(provider)
-    yield exporter
-    telemetry.use_tracer_provider(None)
-    provider.shutdown()
 
 
 async def test_spans_audit_and_dead_letters_are_masked(tmp_path: Path, spans: InMemorySpanExporter) -> None:

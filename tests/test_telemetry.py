@@ -7,13 +7,11 @@ import asyncio
 import json
 import logging
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -40,17 +38,6 @@ def policies(flaky: str, down: str) -> dict[str, Any]:
 def scenario(flaky: str, down: str) -> list[dict[str, Any]]:
     calls = [{"name": flaky, "input": {"text": "a"}}, {"name": down, "input": {"text": "b"}}]
     return [{"text": "Calling tools.", "tool_calls": calls}, {"text": "The answer: {results}"}]
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_tracer_provider(provider)
-    yield exporter
-    telemetry.use_tracer_provider(None)
-    provider.shutdown()
 
 
 async def test_metrics_endpoint_shows_calls_retries_fallbacks_and_latency(tmp_path: Path, channel_to: Any) -> None:
