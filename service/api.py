@@ -91,16 +91,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         caller = self.caller()
+        allowed = [name for name in self.tools if caller.may_use(name)]
+        # the loop's specs: each tool's JSON Schema is generated once, not per call
+        specs = self.registry.loop.tool_specs(allowed)
         return pb.ListToolsResponse(
             tools=[
                 pb.ToolInfo(
-                    name=t.name,
-                    description=t.description,
-                    input_schema=struct(t.input_schema()),
-                    streaming=t.streaming,
+                    name=spec.name,
+                    description=spec.description,
+                    input_schema=struct(spec.input_schema),
+                    streaming=self.tools[spec.name].streaming,
                 )
-                for t in self.tools.values()
-                if caller.may_use(t.name)
+                for spec in specs
             ]
         )
 

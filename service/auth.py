@@ -3,9 +3,8 @@ checked once per call by a `grpc.aio` server interceptor, and per-caller rights 
 minute) that the servicer enforces.
 
 The interceptor cannot see the TLS peer (interceptors get only the method name and metadata), so it wraps the
-handler and authenticates from the handler's `ServicerContext`; streaming handlers are async generators and are
-wrapped as such. The caller is handed to the servicer in a context variable: the wrapper and the handler run in the
-same task.
+handler (`service.interceptors.wrap_handler`) and authenticates from the handler's `ServicerContext`. The caller is
+handed to the servicer in a context variable: the wrapper and the handler run in the same task.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from typing import Any
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.interceptors import wrap_handler
 
 
 class CallerConfig(BaseModel):
@@ -150,36 +151,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or details.method.startswith(_OPEN_METHODS):
             return handler
         identify = self.authenticator.identify
-        for kind, make in _HANDLER_KINDS:
-            inner = getattr(handler, kind)
-            if inner is None:
-                continue
-            if kind.endswith("_stream"):
 
-                async def streaming(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
-                    await _authenticate(identify, context)
-                    async for response in inner(request, context):
-                        yield response
+        async def authenticate(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await _authenticate(identify, context)
 
-                wrapped: Any = streaming
-            else:
-
-                async def unary(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
-                    await _authenticate(identify, context)
-                    return await inner(request, context)
-
-                wrapped = unary
-            return make(wrapped, handler.request_deserializer, handler.response_serializer)
-        return handler
-
-
-# Response-streaming handlers are async generators and must be wrapped as such; the others are coroutines.
-_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler),
-)
+        return wrap_handler(handler, authenticate)
 
 
 async def _authenticate(

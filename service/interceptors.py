@@ -1,13 +1,55 @@
-"""A server interceptor that answers a request whose bytes are not a valid message with INVALID_ARGUMENT (grpc's
-default is UNKNOWN with "Unexpected DecodeError", which tells the caller nothing it can act on)."""
+"""Server interceptors and the one helper they share: wrapping a handler of any call shape so that a check runs
+before it. Response-streaming handlers are async generators and must be wrapped as such (DEPENDENCIES.md); the others
+are coroutines.
+
+`RejectUndecodable` answers a request whose bytes are not a valid message with INVALID_ARGUMENT (grpc's default is
+UNKNOWN with "Unexpected DecodeError", which tells the caller nothing it can act on).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
+Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler, check: Check, *, request_deserializer: Callable[[bytes], Any] | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with `await check(request, context)` before it (the check aborts the call to refuse it).
+    For client-streaming shapes `request` is the request iterator."""
+    for kind, make in _HANDLER_KINDS:
+        inner = getattr(handler, kind)
+        if inner is None:
+            continue
+        if kind.endswith("_stream"):
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                await check(request, context)
+                async for response in inner(request, context):
+                    yield response
+
+            wrapped: Any = streaming
+        else:
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                await check(request, context)
+                return await inner(request, context)
+
+            wrapped = unary
+        return make(wrapped, request_deserializer or handler.request_deserializer, handler.response_serializer)
+    return handler
 
 
 class _Undecodable:
@@ -33,26 +75,10 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except DecodeError as exc:
                 return _Undecodable(str(exc))
 
-        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
-            )
-
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(stream, tolerant, handler.response_serializer)
-        inner_unary = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, _Undecodable):
-                await refuse(request, context)
-            return await inner_unary(request, context)
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
+                )
 
-        return grpc.unary_unary_rpc_method_handler(unary, tolerant, handler.response_serializer)
+        return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)
