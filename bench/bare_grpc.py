@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from bench.workload import Step, timeline, workload_arg
+from service.config import Limits
+from service.server import pending_rpc_options
 
 _PAYLOADS = {
     "run_started": lambda s: {"run_started": pb.RunStarted(model="bare", tools=["bench_sleep"], max_turns=10)},
@@ -53,7 +55,8 @@ class BareServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
 
 async def serve(port: int, steps: list[Step]) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # the service's queue for calls not yet taken up (`pending_rpc_options`): configuration, not agent machinery
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *pending_rpc_options(Limits())])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

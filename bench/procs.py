@@ -26,6 +26,7 @@ from bench.workload import Workload, write_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("service", "bare", "sse-async", "sse-sync")
+NAIVE = "sse-sync"  # serialises its streams: at C > 1 its runs are cut at a short deadline
 UNPACED = ("service", "service-raw", "bare")
 # Service variants: the `runs:` config each one runs with. Coalescing off makes the service send one message per
 # text delta, as the baselines do, for a like-for-like unpaced comparison.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,51 @@ def summarize(load: dict[str, Any], deadline: float) -> dict[str, Any]:
     return out
 
 
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several rounds of the same level: the median of each figure, errors added up, a figure censored
+    in any round censored, and the rounds themselves under "rounds" (for per-round ratios)."""
+    if len(rounds) == 1:
+        return {**rounds[0], "rounds": rounds}
+    row: dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in rounds)
+    kinds: dict[str, int] = {}
+    for r in rounds:
+        for kind, n in r["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    row.update(
+        streams=rounds[0]["streams"],
+        errors=sum(r["errors"] for r in rounds),
+        error_kinds=kinds,
+        censored=sorted({c for r in rounds for c in r["censored"]}),
+        rounds=rounds,
+    )
+    return row
+
+
+def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+    """a's figure over b's: the median of the per-round ratios when both ran the same rounds side by side (a noisy
+    spell then cancels out), else the ratio of the medians."""
+    if a is None or b is None:
+        return None
+    ra, rb = a.get("rounds", []), b.get("rounds", [])
+    if len(ra) > 1 and len(ra) == len(rb) and all(r[key] for r in rb):
+        return float(statistics.median(x[key] / y[key] for x, y in zip(ra, rb, strict=True)))
+    return ratio(a[key], b[key])
+
+
+def ratio_spread(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> str:
+    """The lowest and highest per-round ratio, e.g. "1.10–1.32"; empty for a single round."""
+    if a is None or b is None:
+        return ""
+    ra, rb = a.get("rounds", []), b.get("rounds", [])
+    if len(ra) < 2 or len(ra) != len(rb) or not all(r[key] for r in rb):
+        return ""
+    values = [x[key] / y[key] for x, y in zip(ra, rb, strict=True)]
+    return f"{min(values):.2f}–{max(values):.2f}"
+
+
 def _level(results: dict[str, Any], system: str, c: int) -> dict[str, Any] | None:
     return next((row for row in results["paced"].get(system, []) if row["streams"] == c), None)
 
@@ -65,8 +111,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     big = [c for c in results["levels"] if c >= 100] or results["levels"][-1:]
     for c in big:
         s, b = _level(results, "service", c), _level(results, "bare", c)
-        fe = ratio(s and s["first_event_p99_ms"], b and b["first_event_p99_ms"])
-        ft = ratio(s and s["first_token_p99_ms"], b and b["first_token_p99_ms"])
+        fe = paired_ratio(s, b, "first_event_p99_ms")
+        ft = paired_ratio(s, b, "first_token_p99_ms")
         add(f"first-event p99 ≤ 1.25× bare (C={c})", fe, None if fe is None else fe <= 1.25, "{:.2f}×")
         add(f"first-token p99 ≤ 1.1× bare (C={c})", ft, None if ft is None else ft <= 1.1, "{:.2f}×")
     for n, row in results["unpaced"].items():
@@ -78,7 +124,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"unpaced events/s ≥ 0.7× bare, coalescing off (streams={n})", r, None if r is None else r >= 0.7, fmt)
     c = 100 if 100 in results["levels"] else results["levels"][-1]
     s, a = _level(results, "service", c), _level(results, "sse-async", c)
-    x = ratio(a and a["first_event_p99_ms"], s and s["first_event_p99_ms"])
+    x = paired_ratio(a, s, "first_event_p99_ms")
     add(f"first-event p99 ≥ 5× lower than FastAPI async SSE (C={c})", x, None if x is None else x >= 5, "{:.1f}×")
     ov = results["overhead"]["stacks"]["executor"]["overhead_p50_us"]
     add("tool-call overhead < 100 µs p50 (full policy stack)", ov, ov < 100, "{:.1f} µs")
@@ -127,7 +173,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Workload per stream: first event at once, first token after {w['first_token_s'] * 1000:g} ms, "
         f"{w['text_tokens']} tokens {w['token_interval_s'] * 1000:g} ms apart, one tool call of "
         f"{w['tool_latency_s'] * 1000:g} ms, then a {w['answer_tokens']}-token answer. Server and load generator "
-        "are separate processes on 127.0.0.1; every system in its own process. Times in ms.",
+        "are separate processes on 127.0.0.1; every system in its own process. Times in ms. Paced figures are"
+        f" medians over {results.get('rounds', 1)} rounds.",
         "",
         "## Targets",
         "",
@@ -153,14 +200,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{row['cpu_s_per_1k_events']:.3f} | {_cpu(row)} | {row['rss_per_stream_bytes'] / KIB:.1f} | {errs} |"
             )
     lines += ["", "## Ratios: agent service ÷ other system (first event p99, first token p99, events/s)", ""]
-    lines += ["| vs | C | first event p99 | first token p99 | events/s |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "Medians of the per-round ratios (the systems took turns within each round), with the lowest and highest",
+        "round in brackets; the naive pattern ran one round.",
+        "",
+        "| vs | C | first event p99 | first token p99 | events/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for other in SYSTEMS[1:]:
         for c in results["levels"]:
             s, o = _level(results, "service", c), _level(results, other, c)
             if s and o:
-                cells = [ratio(s[k], o[k]) for k in ("first_event_p99_ms", "first_token_p99_ms", "events_per_s")]
-                text = " | ".join("-" if v is None else f"{v:.2f}" for v in cells)
-                lines.append(f"| {LABELS[other]} | {c} | {text} |")
+                cells = []
+                for k in ("first_event_p99_ms", "first_token_p99_ms", "events_per_s"):
+                    v, spread = paired_ratio(s, o, k), ratio_spread(s, o, k)
+                    cells.append("-" if v is None else f"{v:.2f}" + (f" ({spread})" if spread else ""))
+                lines.append(f"| {LABELS[other]} | {c} | {' | '.join(cells)} |")
     lines += ["", f"## Unpaced throughput ({results['unpaced_events']:,} small events per stream)", ""]
     lines += [
         "Workload events/s counts the run's events as the bare server sends them. The service by default merges",

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.procs import ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
+from bench.procs import NAIVE, ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
 from bench.workload import SMOKE, Workload
 
 
@@ -40,6 +40,7 @@ class Plan:
     warmup_streams: int = 20
     overhead_calls: int = 20000
     settle_s: float = 1.0  # idle streams: wait this long before reading the server's memory
+    rounds: int = 3  # paced levels: the systems take turns this many times; figures are medians over the rounds
 
 
 PLANS = {
@@ -57,6 +58,7 @@ PLANS = {
         warmup_streams=2,
         overhead_calls=2000,
         settle_s=0.2,
+        rounds=2,
     ),
 }
 
@@ -102,22 +104,37 @@ def measure_level(server: Server, streams: int, deadline: float) -> dict[str, An
 
 
 def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each system at each level, on a fresh server process per level (a cut naive run would leak into the next)."""
+    """Each level on fresh server processes, one per system. The systems take turns, `plan.rounds` times over and
+    in a rotating order, so that a noisy spell on the shared machine hits them all alike; each figure is the median
+    over the rounds, and a ratio the median of the per-round ratios (`report.paired_ratio`). The naive SSE pattern
+    runs once, last and alone: a cut run keeps its server busy long after the load process has gone."""
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    taking_turns = [s for s in SYSTEMS if s != NAIVE]
     for c in plan.levels:
-        for system in SYSTEMS:
-            naive = system == "sse-sync"
-            deadline = plan.naive_deadline_s if naive else plan.deadline_s
-            server = start(system, plan.workload, workdir)
-            try:  # the naive server serialises streams: warm it with one
-                run_load(server, 1 if naive else min(plan.warmup_streams, c), deadline)
-                row = measure_level(server, c, deadline)
-            finally:
+        rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+        servers: dict[str, Server] = {}
+        try:
+            for system in taking_turns:
+                servers[system] = start(system, plan.workload, workdir)
+                run_load(servers[system], min(plan.warmup_streams, c), plan.deadline_s)
+            for i in range(plan.rounds):
+                for system in taking_turns[i % len(taking_turns) :] + taking_turns[: i % len(taking_turns)]:
+                    rounds[system].append(measure_level(servers[system], c, plan.deadline_s))
+        finally:
+            for server in servers.values():
                 server.stop()
-            out[system].append(row)
+        server = start(NAIVE, plan.workload, workdir)
+        try:  # the naive server serialises streams: warm it with one
+            run_load(server, 1, plan.naive_deadline_s)
+            rounds[NAIVE].append(measure_level(server, c, plan.naive_deadline_s))
+        finally:
+            server.stop()
+        for system in SYSTEMS:
+            out[system].append(row := report.combine(rounds[system]))
             say(
                 f"paced {system:9} C={c:<5} first event p99 {row['first_event_p99_ms']:8.1f} ms, first token p99 "
                 f"{row['first_token_p99_ms']:8.1f} ms, {row['events_per_s']:8.0f} ev/s, errors {row['errors']}"
+                f" (median of {len(rounds[system])})"
             )
     return out
 
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "workload": plan.workload.as_dict(),
         "levels": list(plan.levels),
         "unpaced_events": plan.unpaced_events,
+        "rounds": plan.rounds,
     }
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -188,11 +188,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     ) -> tuple[Run, bool]:
         if self.draining:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-        run_id = f"run_{uuid.uuid4().hex[:24]}"
+        run_id = f"run_{secrets.token_hex(12)}"  # 96 random bits; uuid4() costs 5x more
         caller = self.caller()
+        key = request.idempotency_key
+        digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
         with _mapped():
             spec = self.validate(request, run_id, caller)
-            existing = self.registry.find(caller.name, request.idempotency_key, fingerprint(request))
+            existing = self.registry.find(caller.name, key, digest)
             if existing is not None:
                 return existing, False
             refused = self.caller_limits.admit(caller)
@@ -206,8 +208,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             run, created = self.registry.start(
                 spec,
                 caller=caller.name,
-                key=request.idempotency_key,
-                fingerprint=fingerprint(request),
+                key=key,
+                fingerprint=digest,
                 deadline=deadline,
                 background=background,
             )
@@ -271,14 +273,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             raise InvalidRequest(f"message is {size} bytes; the limit is {limits.max_message_bytes} bytes")
         if request.HasField("system") and len(request.system.encode()) > limits.max_system_bytes:
             raise InvalidRequest(f"system is longer than {limits.max_system_bytes} bytes")
-        unknown = [name for name in request.tools if name not in self.tools]
+        tools = list(request.tools)  # each access to a repeated field builds a new view: read it once
+        unknown = [name for name in tools if name not in self.tools]
         if unknown:
             raise InvalidRequest(
                 f"unknown tool(s): {', '.join(unknown)}; available: {', '.join(self.tools)} (see ListTools)"
             )
-        if len(set(request.tools)) != len(request.tools):
+        if len(set(tools)) != len(tools):
             raise InvalidRequest("tools lists a name twice")
-        denied = [name for name in request.tools if not caller.may_use(name)]
+        denied = [name for name in tools if not caller.may_use(name)]
         if denied:
             raise PermissionDenied(f"caller {caller.name} may not use tool(s): {', '.join(denied)}")
         max_turns = request.max_turns if request.HasField("max_turns") else limits.default_max_turns
@@ -287,12 +290,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.config.model.max_tokens
         if not 1 <= max_tokens <= limits.max_tokens:
             raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
-        if len(request.metadata) > limits.max_metadata_entries:
-            raise InvalidRequest(
-                f"metadata has {len(request.metadata)} entries; the limit is {limits.max_metadata_entries}"
-            )
+        metadata = dict(request.metadata)
+        if len(metadata) > limits.max_metadata_entries:
+            raise InvalidRequest(f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}")
         total = 0
-        for key, value in request.metadata.items():
+        for key, value in metadata.items():
             k, v = len(key.encode()), len(value.encode())
             if max(k, v) > limits.max_metadata_value_bytes:
                 raise InvalidRequest(
@@ -309,9 +311,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             system=request.system if request.HasField("system") else self.config.system_prompt,
             max_turns=max_turns,
             max_tokens=max_tokens,
-            tools=tuple(request.tools) or tuple(t for t in self.tools if caller.may_use(t)),
+            tools=tuple(tools) or tuple(t for t in self.tools if caller.may_use(t)),
             # the authenticated caller, for logs, spans and audit records; it overrides a "caller" the request sent
-            metadata={**request.metadata, "caller": caller.name},
+            metadata={**metadata, "caller": caller.name},
             max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
         )

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.interceptors import wrap_handler
+from service.interceptors import WrapCache, wrap_handler
 
 
 class CallerConfig(BaseModel):
@@ -141,6 +141,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        self._wrapped = WrapCache()
 
     async def intercept_service(
         self,
@@ -150,12 +151,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or details.method.startswith(_OPEN_METHODS):
             return handler
-        identify = self.authenticator.identify
+        return self._wrapped.get(details.method, handler, lambda: wrap_handler(handler, self._authenticate))
 
-        async def authenticate(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await _authenticate(identify, context)
-
-        return wrap_handler(handler, authenticate)
+    async def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await _authenticate(self.authenticator.identify, context)
 
 
 async def _authenticate(

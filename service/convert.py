@@ -32,7 +32,9 @@ def to_proto(
             piece = out.tool_call_delta
             piece.call_id, piece.partial_json = event.call_id, event.partial_json
         case ev.RunStarted():
-            out.run_started.CopyFrom(pb.RunStarted(model=event.model, tools=event.tools, max_turns=event.max_turns))
+            started = out.run_started
+            started.model, started.max_turns = event.model, event.max_turns
+            started.tools.extend(event.tools)
         case ev.ToolCall():
             out.tool_call.CopyFrom(pb.ToolCall(turn=event.turn, call_id=event.call_id, name=event.name))
         case ev.ToolCallReady():

@@ -52,12 +52,33 @@ def wrap_handler(
     return handler
 
 
+class WrapCache:
+    """Wrapped handlers by method, so that a call reuses the wrapper built for the first call of its method instead of
+    building closures and a handler each time. A changed inner handler (a server rebuilt in tests) is wrapped anew."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(
+        self, method: str, handler: grpc.RpcMethodHandler, build: Callable[[], grpc.RpcMethodHandler]
+    ) -> grpc.RpcMethodHandler:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = build()
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class _Undecodable:
     def __init__(self, error: str) -> None:
         self.error = error
 
 
 class RejectUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self._wrapped = WrapCache()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -66,19 +87,23 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
-        parse = handler.request_deserializer
-        method = details.method
+        return self._wrapped.get(details.method, handler, lambda: _tolerant(handler, details.method))
 
-        def tolerant(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return _Undecodable(str(exc))
 
-        async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if isinstance(request, _Undecodable):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
-                )
+def _tolerant(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with a deserializer that hands undecodable bytes on as `_Undecodable`, refused before the call."""
+    parse = handler.request_deserializer
 
-        return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
+            )
+
+    return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)

@@ -116,9 +116,9 @@ _RunMethod = Callable[..., AsyncIterator[Event]]
 def _traced(run: _RunMethod) -> _RunMethod:
     """Wrap `AgentLoop.run` in the `run` span, ended ERROR on a failed or cancelled run. The span is passed down
     explicitly (`RunSpec.trace_context`), never made current: a context set inside a generator would leak into
-    whatever iterates it."""
+    whatever iterates it. Without tracing, `run` is returned unwrapped: one generator layer less on every event."""
 
-    async def traced(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
+    async def in_span(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
         attributes = {"run.id": spec.run_id, "run.model": spec.model, "run.caller": spec.metadata.get("caller", "")}
         span = telemetry.tracer().start_span("run", attributes=attributes)
         spec = replace(spec, trace_context=telemetry.context_with(span))
@@ -132,6 +132,11 @@ def _traced(run: _RunMethod) -> _RunMethod:
             telemetry.end_span(span, "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc)
             raise
         span.end()  # a no-op (with a debug log) when already ended by a failure
+
+    def traced(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
+        if telemetry.tracing_enabled():
+            return in_span(self, spec, *args, **kwargs)
+        return run(self, spec, *args, **kwargs)
 
     traced.__doc__ = run.__doc__
     return traced

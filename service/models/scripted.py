@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
+import secrets
+from collections import deque
 from collections.abc import AsyncGenerator
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,7 @@ from service.models.base import (
 )
 
 _TOKEN = re.compile(r"\S*\s*")
+REQUESTS_KEPT = 100
 
 
 class ScriptedToolCall(BaseModel):
@@ -94,12 +96,13 @@ def tokens(text: str) -> list[str]:
 
 
 class ScriptedModel:
-    """Plays `scenario`; `pacing` overrides the scenario's. `requests` records every turn request (for tests)."""
+    """Plays `scenario`; `pacing` overrides the scenario's. `requests` keeps the latest turn requests (for tests)."""
 
     def __init__(self, scenario: Scenario, *, pacing: Pacing | None = None) -> None:
         self.scenario = scenario
         self.pacing = pacing or scenario.pacing
-        self.requests: list[TurnRequest] = []
+        # the latest turn requests, for tests; bounded, since the offline model also serves long-running processes
+        self.requests: deque[TurnRequest] = deque(maxlen=REQUESTS_KEPT)
         self._failures: dict[int, int] = {}
 
     @property
@@ -151,7 +154,7 @@ class ScriptedModel:
         offered = {t.name for t in request.tools}
         calls = [c for c in turn.tool_calls if c.name in offered]
         for call in calls:
-            call_id = f"toolu_{uuid.uuid4().hex[:20]}"
+            call_id = f"toolu_{secrets.token_hex(10)}"
             await pace()
             yield ToolUseStart(call_id=call_id, name=call.name)
             for piece in _json_pieces(call.input):

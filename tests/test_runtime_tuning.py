@@ -1,0 +1,131 @@
+"""What the benchmarks made us change on the hot path, held in place: garbage-collector tuning at start-up,
+interceptor wrappers built once per method, and an offline model whose request record stays bounded."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from pydantic import ValidationError
+
+from agent.v1 import agent_pb2 as pb
+from service.auth import AuthConfig, Authenticator, AuthInterceptor
+from service.config import GcConfig, Limits, Pacing
+from service.interceptors import RejectUndecodable
+from service.models import base as m
+from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
+from service.server import pending_rpc_options, tune_gc
+from service.telemetry import JsonFormatter, setup_logging
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_tune_gc_freezes_start_up_objects_and_sets_thresholds(restore_gc: None) -> None:
+    tune_gc(GcConfig())
+    assert gc.get_threshold() == (10_000, 50, 100)
+    assert gc.get_freeze_count() > 0
+
+
+def test_tune_gc_can_keep_start_up_objects_collectable(restore_gc: None) -> None:
+    gc.unfreeze()
+    tune_gc(GcConfig(freeze=False, thresholds=(700, 10, 10)))
+    assert gc.get_threshold() == (700, 10, 10)
+    assert gc.get_freeze_count() == 0
+
+
+def test_gc_config_refuses_a_zero_first_generation() -> None:
+    with pytest.raises(ValidationError, match="gen0 must be at least 1"):
+        GcConfig(thresholds=(0, 10, 10))
+
+
+def _handler(name: str) -> grpc.RpcMethodHandler:
+    async def respond(request: Any, context: Any) -> Any:
+        yield pb.AgentEvent(run_id=name)
+
+    return grpc.unary_stream_rpc_method_handler(respond, pb.RunAgentRequest.FromString, pb.AgentEvent.SerializeToString)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+@pytest.mark.parametrize("make", [lambda: AuthInterceptor(Authenticator(AuthConfig())), RejectUndecodable])
+async def test_interceptors_wrap_each_method_once(make: Any) -> None:
+    interceptor = make()
+    first, second = _handler("a"), _handler("b")
+    current = first
+
+    async def continuation(details: Any) -> grpc.RpcMethodHandler:
+        return current
+
+    run_agent = _Details("/agent.v1.AgentService/RunAgent")
+    wrapped = await interceptor.intercept_service(continuation, run_agent)
+    assert wrapped is not first and wrapped.unary_stream is not first.unary_stream
+    assert await interceptor.intercept_service(continuation, run_agent) is wrapped
+    # another method, or the same method served by a new handler, gets a wrapper of its own
+    assert await interceptor.intercept_service(continuation, _Details("/agent.v1.AgentService/Other")) is not wrapped
+    current = second
+    rewrapped = await interceptor.intercept_service(continuation, run_agent)
+    assert rewrapped is not wrapped
+
+
+async def test_scripted_model_keeps_only_the_latest_requests() -> None:
+    model = ScriptedModel(
+        Scenario.model_validate({"name": "t", "turns": [{"text": "hi"}]}),
+        pacing=Pacing(first_token_ms=0, token_interval_ms=0),
+    )
+    for i in range(REQUESTS_KEPT + 5):
+        request = m.TurnRequest(
+            model="m", system=None, messages=[{"role": "user", "content": str(i)}], tools=[], max_tokens=10
+        )
+        async for _ in model.stream_turn(request):
+            pass
+    assert len(model.requests) == REQUESTS_KEPT
+    assert model.requests[-1].messages[0]["content"] == str(REQUESTS_KEPT + 4)
+    assert model.requests[0].messages[0]["content"] == "5"
+
+
+def test_json_log_lines_keep_their_utc_timestamp_to_the_millisecond() -> None:
+    record = logging.LogRecord("service.test", logging.INFO, __file__, 1, "hello %s", ("there",), None)
+    record.created, record.msecs = 1_795_827_723.456, 456.0  # 2026-11-28T01:02:03.456Z
+    line = json.loads(JsonFormatter().format(record))
+    assert line["ts"] == "2026-11-28T01:02:03.456Z" and line["msg"] == "hello there"
+    record.created, record.msecs = 1_795_827_724.007, 7.0  # the next second, from the per-second cache
+    assert json.loads(JsonFormatter().format(record))["ts"] == "2026-11-28T01:02:04.007Z"
+
+
+def test_setup_logging_writes_json_lines_without_looking_up_the_caller(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging("INFO")
+        logging.getLogger("service.test").info("tool call ended", extra={"tool": "echo"})
+        assert logging._srcfile is None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["msg"] == "tool call ended" and line["tool"] == "echo" and line["level"] == "info"
+
+
+def test_pending_call_limits_keep_grpcs_proportions_and_default_to_five_times_grpcs() -> None:
+    assert dict(pending_rpc_options(Limits())) == {
+        "grpc.server.max_pending_requests": 5_000,
+        "grpc.server.max_pending_requests_hard_limit": 15_000,
+        "grpc.server_max_unrequested_time_in_server": 60,
+    }
+    with pytest.raises(ValidationError):
+        Limits(max_pending_rpcs=2)
