@@ -89,6 +89,7 @@ def sdk_tracer() -> Iterator[None]:
 @contextmanager
 def info_log() -> Iterator[None]:
     """The service's JSON log line per call (INFO is its default level), written to memory instead of stderr."""
+    telemetry.lean_log_records()  # as `setup_logging` does in the service
     root = logging.getLogger()
     handler = logging.StreamHandler(io.StringIO())
     handler.setFormatter(telemetry.JsonFormatter())

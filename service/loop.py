@@ -322,6 +322,8 @@ class AgentLoop:
 
 
 def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
+    if type(event) is m.TextDelta:  # most of a turn's events: skip the pattern matching
+        return TextDelta(turn=turn, text=event.text)
     match event:
         case m.TextDelta(text=text):
             return TextDelta(turn=turn, text=text)

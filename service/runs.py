@@ -15,7 +15,8 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 from service import events as ev
 from service import telemetry
@@ -35,9 +36,9 @@ class RunState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A logged event. `first_seq` is set on a delivery that merges several deltas (seqs first_seq..seq)."""
+class Entry(NamedTuple):
+    """A logged event. `first_seq` is set on a delivery that merges several deltas (seqs first_seq..seq). A named
+    tuple rather than a frozen dataclass: one is made per event, and this is three times cheaper to make."""
 
     seq: int
     time_ns: int
@@ -100,8 +101,10 @@ class Run:
     def append(self, event: ev.Event) -> None:
         """Log an event with the next seq and wake the subscribers. Synchronous on purpose: the driver must not
         await between events (see `RunControl.scope`)."""
-        self.log.append(Entry(seq=len(self.log) + 1, time_ns=time.time_ns(), event=event))
-        self._wake()
+        log = self.log
+        log.append(Entry(len(log) + 1, time.time_ns(), event))
+        if self._waiters:
+            self._wake()
 
     def finish(self) -> None:
         """Set the final state from the last event; called once, by the driver."""
@@ -116,11 +119,10 @@ class Run:
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiters:
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._waiters.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     async def _changed(self) -> None:
         # one future per waiting subscriber: cancelling one subscriber must not wake or cancel the others
@@ -133,14 +135,15 @@ class Run:
     ) -> AsyncIterator[Entry]:
         """The events after `after_seq`, then live ones until the run ends. Replaying history is not lagging: a
         reader counts as behind only by the events logged since it subscribed that it has not read yet."""
+        log = self.log  # appended to, never replaced
         cursor = after_seq
-        joined = len(self.log)
+        joined = len(log)
         while True:
-            while cursor < len(self.log):
-                lag = len(self.log) - cursor
-                if len(self.log) - max(cursor, joined) > max_lag and not self.finished:
+            while cursor < (logged := len(log)):
+                lag = logged - cursor
+                if lag > max_lag and logged - max(cursor, joined) > max_lag and not self.finished:
                     raise SubscriberTooSlow(self.id, cursor, lag)
-                entry = self.log[cursor]
+                entry = log[cursor]
                 if lag > coalesce_lag and isinstance(entry.event, _DELTAS):
                     entry = self._merged(cursor)
                 cursor = entry.seq

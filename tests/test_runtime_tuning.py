@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +15,12 @@ import pytest
 from pydantic import ValidationError
 
 from agent.v1 import agent_pb2 as pb
+from service import events as ev
+from service import telemetry
+from service.api import _SentCounts
 from service.auth import AuthConfig, Authenticator, AuthInterceptor
 from service.config import GcConfig, Limits, Pacing
+from service.convert import event_kind, to_proto
 from service.interceptors import RejectUndecodable
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
@@ -129,3 +134,26 @@ def test_pending_call_limits_keep_grpcs_proportions_and_default_to_five_times_gr
     }
     with pytest.raises(ValidationError):
         Limits(max_pending_rpcs=2)
+
+
+def test_every_event_type_has_the_metric_kind_of_its_oneof_field() -> None:
+    oneof = {f.name for f in pb.AgentEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
+    kinds = {event_kind(kind) for kind in typing.get_args(ev.Event)}
+    assert kinds == oneof
+    for event in (ev.TextDelta(turn=1, text="a"), ev.RunFailed(code="INTERNAL", message="m", retryable=False)):
+        assert to_proto(event, "run_x", 1).WhichOneof("event") == event_kind(type(event))
+
+
+async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> None:
+    def sent(kind: str) -> float:
+        return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
+
+    before = sent("text_delta"), sent("usage")
+    counts = _SentCounts()
+    for _ in range(_SentCounts.every):
+        counts.add(ev.TextDelta)
+    assert sent("text_delta") == before[0] + _SentCounts.every  # a full batch is added at once
+    counts.add(ev.Usage)
+    assert sent("usage") == before[1]
+    counts.flush()  # the stream ended
+    assert sent("usage") == before[1] + 1
