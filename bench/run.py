@@ -140,19 +140,28 @@ def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def unpaced(plan: Plan, workdir: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """Throughput without pacing, the systems taking turns `plan.rounds` times as in `paced`."""
     workload = plan.workload.unpaced(plan.unpaced_events)
-    out: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in plan.unpaced_streams}
-    for system in UNPACED:
-        server = start(system, workload, workdir)
-        try:
-            run_load(server, plan.warmup_streams, plan.deadline_s)
+    rounds: dict[int, dict[str, list[dict[str, Any]]]] = {n: {s: [] for s in UNPACED} for n in plan.unpaced_streams}
+    servers: dict[str, Server] = {}
+    try:
+        for system in UNPACED:
+            servers[system] = start(system, workload, workdir)
+            run_load(servers[system], plan.warmup_streams, plan.deadline_s)
+        for i in range(plan.rounds):
             for n in plan.unpaced_streams:
-                row = measure_level(server, n, plan.deadline_s)
-                row["workload_events_per_s"] = plan.unpaced_events * row["completed"] / row["wall_s"]
-                out[n][system] = row
-                say(f"unpaced {system:11} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
-        finally:
+                for system in UNPACED[i % len(UNPACED) :] + UNPACED[: i % len(UNPACED)]:
+                    row = measure_level(servers[system], n, plan.deadline_s)
+                    row["workload_events_per_s"] = plan.unpaced_events * row["completed"] / row["wall_s"]
+                    rounds[n][system].append(row)
+    finally:
+        for server in servers.values():
             server.stop()
+    out: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in plan.unpaced_streams}
+    for n, by_system in rounds.items():
+        for system, rows in by_system.items():
+            out[n][system] = row = report.combine(rows)
+            say(f"unpaced {system:11} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
     return out
 
 
