@@ -95,6 +95,11 @@ class RunsConfig(_Strict):
     background_max_concurrent: int = Field(default=8, ge=1)
     background_max_queued: int = Field(default=100, ge=0)
     coalesce_window_s: float = Field(default=0.01, ge=0, description="text deltas this close together are merged")
+    coalesce_max_window_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="as the event loop nears saturation the window widens, up to this (never below the window)",
+    )
     coalesce_max_bytes: int = Field(default=1024, ge=1)
     subscriber_coalesce_lag: int = Field(default=64, ge=1, description="a stream this far behind gets merged deltas")
     subscriber_max_lag: int = Field(default=10_000, ge=1, description="a stream this far behind is dropped")

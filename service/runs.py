@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from service import events as ev
 from service import telemetry
+from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
 from service.errors import RunCancelled, RunInterrupted
@@ -65,9 +66,6 @@ class SubscriberTooSlow(RuntimeError):
             f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
         )
         self.last_seq = last_seq
-
-
-_DELTAS = (ev.TextDelta, ev.Thinking)
 
 
 class Run:
@@ -144,7 +142,7 @@ class Run:
                 if lag > max_lag and logged - max(cursor, joined) > max_lag and not self.finished:
                     raise SubscriberTooSlow(self.id, cursor, lag)
                 entry = log[cursor]
-                if lag > coalesce_lag and isinstance(entry.event, _DELTAS):
+                if lag > coalesce_lag and isinstance(entry.event, DELTAS):
                     entry = self._merged(cursor)
                 cursor = entry.seq
                 yield entry
@@ -175,57 +173,20 @@ class Run:
         return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
 
 
-class _Coalescer:
-    """Merges small text/thinking deltas that follow each other within `window_s`, up to `max_bytes`, before they
-    are logged, so per-event cost does not dominate at high token rates. The first delta after a quiet spell goes
-    out at once, so time to first token does not wait for the window."""
-
-    def __init__(self, run: Run, window_s: float, max_bytes: int, clock: Callable[[], float]) -> None:
-        self.run = run
-        self.window_s = window_s
-        self.max_bytes = max_bytes
-        self.clock = clock
-        self.pending: ev.TextDelta | ev.Thinking | None = None
-        self.last_emit = float("-inf")
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, event: ev.Event) -> None:
-        if not isinstance(event, _DELTAS) or self.window_s <= 0:
-            self.flush()
-            self.run.append(event)
-            return
-        pending = self.pending
-        if pending is not None and (type(pending) is not type(event) or pending.turn != event.turn):
-            self.flush()
-            pending = None
-        if pending is None and self.clock() - self.last_emit >= self.window_s:
-            self._emit(event)
-            return
-        self.pending = event if pending is None else replace(pending, text=pending.text + event.text)
-        if len(self.pending.text) >= self.max_bytes:
-            self.flush()
-        elif self.timer is None:
-            delay = max(0.0, self.window_s - (self.clock() - self.last_emit))
-            self.timer = asyncio.get_running_loop().call_later(delay, self.flush)
-
-    def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self._emit(pending)
-
-    def _emit(self, event: ev.Event) -> None:
-        self.last_emit = self.clock()
-        self.run.append(event)
-
-
 class RunRegistry:
-    def __init__(self, loop: AgentLoop, config: RunsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        loop: AgentLoop,
+        config: RunsConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        load: LoopLoad | None = None,
+    ) -> None:
         self.loop = loop
         self.config = config
         self.clock = clock
+        self.load = load or LoopLoad()
+        self._load_probe: asyncio.Task[None] | None = None
         self.runs: dict[str, Run] = {}
         self._keys: dict[tuple[str, str], str] = {}
         self._background = asyncio.Semaphore(config.background_max_concurrent)
@@ -287,6 +248,7 @@ class RunRegistry:
         run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
+            self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
         return run, True
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
@@ -330,7 +292,15 @@ class RunRegistry:
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
 
     async def _play(self, run: Run) -> None:
-        coalescer = _Coalescer(run, self.config.coalesce_window_s, self.config.coalesce_max_bytes, self.clock)
+        config = self.config
+        coalescer = Coalescer(
+            run.append,
+            window_s=config.coalesce_window_s,
+            max_window_s=config.coalesce_max_window_s,
+            max_bytes=config.coalesce_max_bytes,
+            clock=self.clock,
+            load=self.load,
+        )
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
         try:
             async for event in self.loop.run(run.spec, run.control, announce=False):
@@ -369,8 +339,7 @@ class RunRegistry:
 
     async def close(self) -> None:
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
-        if self._janitor is not None:
-            tasks.append(self._janitor)
+        tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -40,6 +40,8 @@ MODEL_TURN = Histogram(
 )
 MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after a retryable failure")
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
+LOOP_LAG = Gauge("agent_event_loop_lag_seconds", "How late the event loop wakes a timer (smoothed)")
+LOOP_BUSY = Gauge("agent_event_loop_busy_ratio", "Share of a core the event loop thread uses (smoothed, 0 to 1)")
 TOOL_RETRIES = Counter("agent_tool_retries_total", "Tool call attempts retried after a transient failure", ["tool"])
 CIRCUIT_STATE = Gauge("agent_tool_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["tool"])
 CIRCUIT_TRANSITIONS = Counter(
