@@ -173,7 +173,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{w['text_tokens']} tokens {w['token_interval_s'] * 1000:g} ms apart, one tool call of "
         f"{w['tool_latency_s'] * 1000:g} ms, then a {w['answer_tokens']}-token answer. Server and load generator "
         "are separate processes on 127.0.0.1; every system in its own process. Times in ms. Paced figures are"
-        f" medians over {results.get('rounds', 1)} rounds.",
+        f" medians over {results.get('rounds_small', results.get('rounds', 1))} rounds at C ≤ 100 and"
+        f" {results.get('rounds', 1)} above.",
         "",
         "## Targets",
         "",
@@ -245,7 +246,8 @@ def markdown(results: dict[str, Any]) -> str:
     for system, row in results["idle"].items():
         lines.append(f"| {LABELS[system]} | {row['streams']} | {row['ready']} | {row['per_stream_bytes'] / KIB:.1f} |")
     ov = results["overhead"]
-    lines += ["", f"## Tool-call overhead ({ov['calls']} calls per row)", "", f"Stack: {ov['note']}.", ""]
+    rounds = f", median of {ov['rounds']} processes" if ov.get("rounds", 1) > 1 else ""
+    lines += ["", f"## Tool-call overhead ({ov['calls']} calls per row{rounds})", "", f"Stack: {ov['note']}.", ""]
     lines += [
         "CPU µs / call is the whole process's CPU time (the audit writer and span exporter threads included) over",
         "the calls; overhead is the path's figure minus the direct call's.",

@@ -205,7 +205,9 @@ class AgentLoop:
                     duration_s=self.clock() - state.tools_started,
                     error=f"cancelled: {reason.message}",
                 )
-            log.warning("run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
+            # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
+            level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
+            log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
             yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})

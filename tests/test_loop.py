@@ -372,3 +372,26 @@ async def test_tool_call_budget() -> None:
     last = events[-1]
     assert isinstance(last, ev.RunFailed) and last.code == "RESOURCE_EXHAUSTED"
     assert "max_tool_calls=3" in last.message
+
+
+async def test_a_callers_cancel_is_logged_as_info_a_missed_deadline_as_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from service.control import RunControl
+    from service.errors import DeadlineExceeded, RunCancelled, RunError
+
+    calls = [{"name": "sleep", "input": {"seconds": 30}}]
+    reasons: list[tuple[RunError, str]] = [
+        (RunCancelled("the caller cancelled or disconnected"), "INFO"),
+        (DeadlineExceeded("the run's deadline passed before it finished"), "WARNING"),
+    ]
+    for reason, level in reasons:
+        control = RunControl()
+        loop = AgentLoop(scripted({"tool_calls": calls}, {"text": "never"}), Executor(all_tools()))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="service.loop"):
+            async for event in loop.run(spec(), control):
+                if isinstance(event, ev.ToolCallReady):
+                    control.stop_now(reason)
+        stopped = [r for r in caplog.records if r.getMessage().startswith("run stopped")]
+        assert [(r.levelname, r.code) for r in stopped] == [(level, reason.code)]  # type: ignore[attr-defined]
