@@ -8,8 +8,7 @@ calls are cancelled; the loop then reports which calls were cut short and why th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 from service.errors import DeadlineExceeded, RunError
 
@@ -53,17 +52,31 @@ class RunControl:
         """Why the scope ended the run."""
         return self._stop or DeadlineExceeded("the run's deadline passed before it finished")
 
-    @asynccontextmanager
-    async def scope(self) -> AsyncIterator[asyncio.Timeout]:
+    def scope(self) -> _Scope:
         """Runs the body under the deadline; `stop_now` fires it early. Exits with TimeoutError when it fired.
 
         The task running the body must not await anything outside it while inside (the agent loop is consumed by
         `service.runs`, whose driver only appends events), or the cancellation would land in the wrong place."""
-        async with asyncio.timeout_at(self.deadline) as scope:
-            self._scope = scope
-            if self._stop is not None:
-                scope.reschedule(asyncio.get_running_loop().time())
-            try:
-                yield scope
-            finally:
-                self._scope = None
+        return _Scope(self)
+
+
+class _Scope:
+    """`RunControl.scope()`: an `asyncio.timeout_at` that the control can fire early. A class rather than an
+    `asynccontextmanager`, which would cost every run a generator and its bookkeeping."""
+
+    def __init__(self, control: RunControl) -> None:
+        self.control = control
+        self.timeout = asyncio.timeout_at(control.deadline)
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        scope = await self.timeout.__aenter__()
+        self.control._scope = scope
+        if self.control._stop is not None:
+            scope.reschedule(asyncio.get_running_loop().time())
+        return scope
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.control._scope = None
+        await self.timeout.__aexit__(kind, exc, tb)  # never suppresses: an expired scope raises TimeoutError

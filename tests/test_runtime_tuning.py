@@ -21,7 +21,7 @@ from service.api import _SentCounts
 from service.auth import AuthConfig, Authenticator, AuthInterceptor
 from service.config import GcConfig, Limits, Pacing
 from service.convert import event_kind, to_proto
-from service.interceptors import RejectUndecodable
+from service.interceptors import RejectUndecodable, wrap_handler
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
 from service.server import pending_rpc_options, tune_gc
@@ -157,3 +157,20 @@ async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> No
     assert sent("usage") == before[1]
     counts.flush()  # the stream ended
     assert sent("usage") == before[1] + 1
+
+
+async def test_a_wrapped_handler_wrapped_again_gets_one_layer_running_both_checks_outer_first() -> None:
+    seen: list[str] = []
+
+    def check(name: str) -> Any:
+        async def run(request: Any, context: Any) -> None:
+            seen.append(name)
+
+        return run
+
+    original = _handler("a")
+    inner = wrap_handler(original, check("inner"))
+    outer = wrap_handler(inner, check("outer"))
+    assert outer.unary_stream._guarded == (original.unary_stream, outer.unary_stream._guarded[1])
+    events = [e async for e in outer.unary_stream(pb.RunAgentRequest(), None)]
+    assert seen == ["outer", "inner"] and [e.run_id for e in events] == ["a"]
