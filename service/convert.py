@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from agent.v1 import agent_pb2 as pb
 from service import events as ev
-from service.runs import Entry, Run, RunState
+from service.runs import Run, RunState
 
 
 def to_proto(
@@ -164,10 +164,6 @@ _KINDS: dict[type[ev.Event], str] = {
 def event_kind(kind: type[ev.Event]) -> str:
     """The `AgentEvent` oneof field an event type becomes (the `kind` label of the events-sent metric)."""
     return _KINDS[kind]
-
-
-def entry_to_proto(run_id: str, entry: Entry) -> pb.AgentEvent:
-    return to_proto(entry.event, run_id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
 
 
 _RUN_STATE = {state: pb.Run.State.Value(state.name) for state in RunState}
