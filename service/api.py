@@ -349,15 +349,9 @@ class _SentCounts:
 
     def flush(self) -> None:
         for kind, n in self.counts.items():
-            counter = _EVENT_COUNTERS.get(kind)
-            if counter is None:
-                counter = _EVENT_COUNTERS[kind] = telemetry.EVENTS.labels(event_kind(kind))
-            counter.inc(n)
+            telemetry.child(telemetry.EVENTS, event_kind(kind)).inc(n)
         self.counts.clear()
         self.pending = 0
-
-
-_EVENT_COUNTERS: dict[type[ev.Event], Any] = {}
 
 
 def fingerprint(request: pb.RunAgentRequest) -> str:

@@ -129,8 +129,8 @@ class Redaction(_Strict):
 
 class GcConfig(_Strict):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
-    objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: at 1,000 open
-    streams this doubled the CPU time of a run's start (README, Benchmarks)."""
+    objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
+    runs open this doubled the CPU time of a run's start (README, Benchmarks)."""
 
     freeze: bool = Field(default=True, description="move everything allocated at start-up out of the collector's way")
     thresholds: tuple[int, int, int] = Field(
@@ -181,6 +181,19 @@ ENV_VARS = {
     "metrics_listen": "AGENT_METRICS_LISTEN",
     "data_dir": "AGENT_DATA_DIR",
 }
+
+
+def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
+    """grpc core queues calls until the server takes them up; grpc.aio takes up one per turn of the event loop, so a
+    burst of new streams while the loop is busy with running ones waits there. Past the soft limit grpc cancels new
+    calls at random, past the hard one all of them, and any call that waited too long (CANCELLED, for 2,000 of 5,000
+    streams opened at once with grpc's defaults: 1,000, 3,000 and 30 s). Same proportions as grpc's, larger; the
+    caller's deadline still bounds the wait."""
+    return [
+        ("grpc.server.max_pending_requests", limits.max_pending_rpcs // 3),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_rpcs),
+        ("grpc.server_max_unrequested_time_in_server", limits.max_pending_s),
+    ]
 
 
 class ConfigError(Exception):

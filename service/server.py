@@ -21,7 +21,7 @@ from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import telemetry
 from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
-from service.config import Config, GcConfig, Limits
+from service.config import Config, GcConfig, pending_rpc_options
 from service.executor import build_executor
 from service.interceptors import RejectUndecodable
 from service.loop import AgentLoop
@@ -161,19 +161,6 @@ async def start(
     service = Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_port)
     service.health_server, service.health_port = health_server, health_port
     return service
-
-
-def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
-    """grpc core queues calls until the server takes them up; grpc.aio takes up one per turn of the event loop, so a
-    burst of new streams while the loop is busy with running ones waits there. Past the soft limit grpc cancels new
-    calls at random, past the hard one all of them, and any call that waited too long (CANCELLED, for 2,000 of 5,000
-    streams opened at once with grpc's defaults: 1,000, 3,000 and 30 s). Same proportions as grpc's, larger; the
-    caller's deadline still bounds the wait."""
-    return [
-        ("grpc.server.max_pending_requests", limits.max_pending_rpcs // 3),
-        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_rpcs),
-        ("grpc.server_max_unrequested_time_in_server", limits.max_pending_s),
-    ]
 
 
 def tune_gc(config: GcConfig) -> None:

@@ -56,16 +56,16 @@ FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback 
 DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
 
 
-_tool_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once per label set: `labels()` takes a lock and builds a key, which shows
+    on paths that run per event or per tool call."""
+    return metric.labels(*labels)
 
 
 def record_tool_call(tool: str, outcome: str, seconds: float) -> None:
-    # The labelled children are looked up once per (tool, outcome): `labels()` takes a lock and builds a key.
-    series = _tool_series.get((tool, outcome))
-    if series is None:
-        series = _tool_series[(tool, outcome)] = (TOOL_CALLS.labels(tool, outcome), TOOL_LATENCY.labels(tool))
-    series[0].inc()
-    series[1].observe(seconds)
+    child(TOOL_CALLS, tool, outcome).inc()
+    child(TOOL_LATENCY, tool).observe(seconds)
 
 
 _tracer: trace.Tracer = trace.NoOpTracer()

@@ -19,12 +19,12 @@ from service import events as ev
 from service import telemetry
 from service.api import _SentCounts
 from service.auth import AuthConfig, Authenticator, AuthInterceptor
-from service.config import GcConfig, Limits, Pacing
+from service.config import GcConfig, Limits, Pacing, pending_rpc_options
 from service.convert import event_kind, to_proto
 from service.interceptors import RejectUndecodable, wrap_handler
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
-from service.server import pending_rpc_options, tune_gc
+from service.server import tune_gc
 from service.telemetry import JsonFormatter, setup_logging
 
 
@@ -174,3 +174,9 @@ async def test_a_wrapped_handler_wrapped_again_gets_one_layer_running_both_check
     assert outer.unary_stream._guarded == (original.unary_stream, outer.unary_stream._guarded[1])
     events = [e async for e in outer.unary_stream(pb.RunAgentRequest(), None)]
     assert seen == ["outer", "inner"] and [e.run_id for e in events] == ["a"]
+
+
+def test_labelled_metric_children_are_looked_up_once_and_are_prometheus_own() -> None:
+    usage = telemetry.child(telemetry.EVENTS, "usage")
+    assert usage is telemetry.child(telemetry.EVENTS, "usage") is telemetry.EVENTS.labels("usage")
+    assert telemetry.child(telemetry.EVENTS, "usage") is not telemetry.child(telemetry.EVENTS, "text_delta")

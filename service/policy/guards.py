@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from service import telemetry
 from service.events import ToolStatus as S
@@ -61,14 +60,8 @@ async def rate_limit(tool: str, limiter: RateLimiter) -> Outcome | None:
             error=f"{tool} is rate limited ({limit.rate_per_s:g}/s, burst {limit.burst}); "
             "try again later or use another approach",
         )
-    waits = _WAITS.get(tool)
-    if waits is None:  # the labelled child, looked up once per tool: `labels()` takes a lock and builds a key
-        waits = _WAITS[tool] = telemetry.RATE_LIMIT_WAIT.labels(tool)
-    waits.observe(waited)
+    telemetry.child(telemetry.RATE_LIMIT_WAIT, tool).observe(waited)
     return None
-
-
-_WAITS: dict[str, Any] = {}
 
 
 def unwell(outcome: Outcome) -> bool:
