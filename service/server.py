@@ -188,3 +188,5 @@ async def serve(config: Config) -> None:
     for task in (waiter, stopper):
         task.cancel()
     await asyncio.gather(waiter, stopper, return_exceptions=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)

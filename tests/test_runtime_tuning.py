@@ -3,11 +3,18 @@ interceptor wrappers built once per method, and an offline model whose request r
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
+import os
+import signal
+import threading
+import time
 import typing
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,8 +22,10 @@ import pytest
 from pydantic import ValidationError
 
 from agent.v1 import agent_pb2 as pb
+from agent.v1 import agent_pb2_grpc
+from conftest import StartService, make_config
 from service import events as ev
-from service import telemetry
+from service import server, telemetry
 from service.api import _SentCounts
 from service.auth import AuthConfig, Authenticator, AuthInterceptor
 from service.config import GcConfig, Limits, Pacing, pending_rpc_options
@@ -180,3 +189,56 @@ def test_labelled_metric_children_are_looked_up_once_and_are_prometheus_own() ->
     usage = telemetry.child(telemetry.EVENTS, "usage")
     assert usage is telemetry.child(telemetry.EVENTS, "usage") is telemetry.EVENTS.labels("usage")
     assert telemetry.child(telemetry.EVENTS, "usage") is not telemetry.child(telemetry.EVENTS, "text_delta")
+
+
+async def test_serve_tunes_the_collector_once_serving_and_drains_on_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_gc: None
+) -> None:
+    tuned: list[GcConfig] = []
+
+    def tune_and_record(config: GcConfig) -> None:
+        tuned.append(config)
+        tune_gc(config)
+
+    monkeypatch.setattr(server, "tune_gc", tune_and_record)
+    gc.unfreeze()
+    config = make_config(tmp_path, gc={"thresholds": [5_000, 20, 30]})
+    serving = asyncio.create_task(server.serve(config))
+    for _ in range(500):
+        if tuned or serving.done():
+            break
+        await asyncio.sleep(0.01)
+    assert tuned == [config.gc]
+    assert gc.get_threshold() == (5_000, 20, 30) and gc.get_freeze_count() > 0
+    os.kill(os.getpid(), signal.SIGTERM)  # caught by the loop's handler that serve() installed
+    await asyncio.wait_for(serving, timeout=10)
+
+
+def _burst(port: int, calls: int, outcomes: Counter[str]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        futures = [stub.ListTools.future(pb.ListToolsRequest(), timeout=10) for _ in range(calls)]
+        for future in futures:
+            try:
+                future.result()
+                outcomes["OK"] += 1
+            except grpc.RpcError as exc:
+                outcomes[exc.code().name] += 1
+
+
+@pytest.mark.parametrize("limit", [3, None])
+async def test_calls_waiting_for_a_busy_event_loop_are_kept_up_to_the_pending_limit(
+    start_service: StartService, limit: int | None
+) -> None:
+    """30 calls arrive while the event loop is blocked, so grpc core queues them: with the default limit all are
+    served once the loop is free; with a hard limit of 3, grpc cancels the calls beyond it."""
+    svc = await start_service(**({"limits": {"max_pending_rpcs": limit}} if limit else {}))
+    outcomes: Counter[str] = Counter()
+    burst = threading.Thread(target=_burst, args=(svc.port, 30, outcomes))
+    burst.start()
+    time.sleep(0.5)  # noqa: ASYNC251 - on purpose: a blocked event loop takes up no call meanwhile
+    await asyncio.to_thread(burst.join)
+    if limit is None:
+        assert outcomes == {"OK": 30}
+    else:
+        assert outcomes["OK"] <= limit and outcomes["CANCELLED"] >= 30 - limit
