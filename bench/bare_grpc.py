@@ -1,5 +1,8 @@
 """The limit: a bare `grpc.aio` server that streams the same `AgentEvent` messages with the same pacing as the
-service and no agent machinery. `python -m bench.bare_grpc --port P --workload JSON`."""
+service and no agent machinery. `python -m bench.bare_grpc --port P --workload JSON [--start-cpu-us N]`.
+
+`--start-cpu-us N` makes each call first spend N µs of CPU, as a heavier start would: the start-budget stage of
+the benchmark (`bench.run.start_budget`) uses it to learn what a given start cost does to the first-event ratio."""
 
 from __future__ import annotations
 
@@ -39,13 +42,23 @@ def _event(run_id: str, seq: int, step: Step) -> pb.AgentEvent:
     return pb.AgentEvent(run_id=run_id, seq=seq, time=ts, **_PAYLOADS[step.kind](step))
 
 
+def spend_cpu(seconds: float) -> None:
+    """Busy for `seconds` of this thread's CPU time (not wall time: a preempted thread keeps spending)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 class BareServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, steps: list[Step]) -> None:
+    def __init__(self, steps: list[Step], start_cpu_s: float = 0.0) -> None:
         self.steps = steps
+        self.start_cpu_s = start_cpu_s
 
     async def RunAgent(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AgentEvent]:
+        if self.start_cpu_s:
+            spend_cpu(self.start_cpu_s)
         run_id = f"run_{uuid.uuid4().hex[:24]}"
         for seq, step in enumerate(self.steps, start=1):
             if step.delay_s:
@@ -53,10 +66,10 @@ class BareServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             yield _event(run_id, seq, step)
 
 
-async def serve(port: int, steps: list[Step]) -> None:
+async def serve(port: int, steps: list[Step], start_cpu_s: float = 0.0) -> None:
     # the service's queue for calls not yet taken up (`pending_rpc_options`): configuration, not agent machinery
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *pending_rpc_options(Limits())])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps, start_cpu_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
@@ -74,8 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workload", type=workload_arg, required=True)
+    parser.add_argument("--start-cpu-us", type=float, default=0.0, help="CPU µs each call spends before its stream")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, timeline(args.workload)))
+    asyncio.run(serve(args.port, timeline(args.workload), args.start_cpu_us / 1e6))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class Server:
                 self.proc.wait()
 
 
-def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0) -> Server:
+def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0, *, start_cpu_us: float = 0) -> Server:
+    """`start_cpu_us`: the bare server spends this much CPU at each call's start (`bench.bare_grpc`)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
@@ -104,11 +105,11 @@ def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0)
         config = write_service_config(workload, workdir / system, port, free_port(), SERVICE_RUNS[system])
         cmd = ["-m", "service", "--config", str(config), "--log-level", "WARNING"]
     elif system == "bare":
-        cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec]
+        cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec, "--start-cpu-us", str(start_cpu_us)]
     else:
         mode = system.removeprefix("sse-")
         cmd = ["-m", "bench.sse_server", "--port", str(port), "--mode", mode, "--workload", spec]
-    log_path = workdir / f"{system}-{workload.kind}.log"
+    log_path = workdir / f"{system}-{workload.kind}{f'-{start_cpu_us:g}us' if start_cpu_us else ''}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *cmd], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log

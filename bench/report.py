@@ -261,8 +261,33 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['overhead_p50_us']:.1f} | "
             f"{row['overhead_p99_us']:.1f} | {'-' if cpu is None else f'{cpu:.1f}'} |"
         )
+    lines += _start_budget(results.get("start_budget"))
     lines += ["", "![first-event p99](first_event_p99.png) ![events/s](events_per_s.png)", ""]
     return "\n".join(lines)
+
+
+def _start_budget(budget: dict[str, Any] | None) -> list[str]:
+    if not budget:
+        return []
+    cost = budget["startcost"]
+    lines = [
+        "",
+        f"## Start budget (C = {budget['streams']})",
+        "",
+        "The bare server with each call first spending extra CPU, against itself unchanged: what a heavier start",
+        "does to the first-event p99 ratio. In-process, starting a run (first event, and for the service the run",
+        f"driver's first step) costs the agent service {cost['service_us']:.0f} µs of CPU and the bare servicer",
+        f"{cost['bare_us']:.0f} µs (median of {cost['batches']} bursts of {cost['runs_per_batch']}).",
+        "",
+        "| extra CPU µs per call | first event p99 | ratio to bare | errors |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in budget["rows"]:
+        ratio_text = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        if row["spread"]:
+            ratio_text += f" ({row['spread']})"
+        lines.append(f"| {row['start_cpu_us']} | {row['first_event_p99_ms']:.1f} | {ratio_text} | {row['errors']} |")
+    return lines
 
 
 def plots(results: dict[str, Any], out: Path) -> None:

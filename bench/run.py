@@ -43,6 +43,10 @@ class Plan:
     settle_s: float = 1.0  # idle streams: wait this long before reading the server's memory
     rounds: int = 3  # paced levels: the systems take turns this many times; figures are medians over the rounds
     rounds_small: int = 9  # at C <= 100, where a round takes seconds and one noisy round sways a median of three
+    # start budget: the bare server at C = budget_streams, spending each of these CPU µs at every call's start
+    budget_streams: int = 100
+    budget_cpu_us: tuple[int, ...] = (0, 100, 200, 300)
+    startcost_batches: int = 30
 
     def rounds_at(self, c: int) -> int:
         return self.rounds_small if c <= 100 else self.rounds
@@ -65,6 +69,9 @@ PLANS = {
         settle_s=0.2,
         rounds=2,
         rounds_small=2,
+        budget_streams=5,
+        budget_cpu_us=(0, 200),
+        startcost_batches=3,
     ),
 }
 
@@ -227,6 +234,48 @@ def overhead(plan: Plan) -> dict[str, Any]:
     return result
 
 
+def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """What a run's start may cost. The bare server runs at C = `plan.budget_streams` once as is and once per CPU
+    cost in `plan.budget_cpu_us`, spent at each call's start; the variants take turns as in `paced`, and each
+    row's ratio is its first-event p99 over the unchanged bare server's. Beside it, `bench.startcost` measures what
+    starting a run costs the service and the bare servicer in CPU: together they say how far the service's start
+    is from a given first-event ratio."""
+    c = plan.budget_streams
+    costs = tuple(dict.fromkeys((0, *plan.budget_cpu_us)))
+    rounds: dict[int, list[dict[str, Any]]] = {us: [] for us in costs}
+    servers: dict[int, Server] = {}
+    try:
+        for us in costs:
+            servers[us] = start("bare", plan.workload, workdir, start_cpu_us=us)
+            run_load(servers[us], min(plan.warmup_streams, c), plan.deadline_s)
+        for i in range(plan.rounds_at(c)):
+            for us in costs[i % len(costs) :] + costs[: i % len(costs)]:
+                rounds[us].append(measure_level(servers[us], c, plan.deadline_s))
+    finally:
+        for server in servers.values():
+            server.stop()
+    rows = {us: report.combine(rows) for us, rows in rounds.items()}
+    out: dict[str, Any] = {"streams": c, "rows": []}
+    for us in costs:
+        row = rows[us]
+        out["rows"].append(
+            {
+                "start_cpu_us": us,
+                "first_event_p99_ms": row["first_event_p99_ms"],
+                "ratio": report.paired_ratio(row, rows[0], "first_event_p99_ms"),
+                "spread": report.ratio_spread(row, rows[0], "first_event_p99_ms"),
+                "errors": row["errors"],
+                "rounds": len(rounds[us]),
+            }
+        )
+        say(f"start budget +{us:4} µs CPU/call: first event p99 {row['first_event_p99_ms']:.1f} ms")
+    cmd = [sys.executable, "-m", "bench.startcost", "--runs", str(c), "--batches", str(plan.startcost_batches)]
+    done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, timeout=600, check=True)
+    out["startcost"] = cost = json.loads(done.stdout)
+    say(f"start cost in-process: service {cost['service_us']:.0f} µs, bare {cost['bare_us']:.0f} µs of CPU per run")
+    return out
+
+
 def machine() -> dict[str, Any]:
     import fastapi
     import grpc
@@ -283,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         results["paced"] = paced(plan, workdir)
         results["unpaced"] = unpaced(plan, workdir)
         results["idle"] = idle(plan, workdir)
+        results["start_budget"] = start_budget(plan, workdir)
     results["elapsed_s"] = time.monotonic() - started
     report.write(results, out)
     say(f"done in {results['elapsed_s']:.0f} s: {out / 'results.md'}")

@@ -50,6 +50,12 @@ def test_smoke_benchmark_runs_every_system_without_errors(tmp_path: Path) -> Non
         assert row["service-raw"]["events"] == row["bare"]["events"]
     for system, row in results["idle"].items():
         assert row["ready"] == row["streams"], system
+    budget = results["start_budget"]
+    assert [row["start_cpu_us"] for row in budget["rows"]] == [0, 200]
+    assert all(row["errors"] == 0 and row["rounds"] == results["rounds"] for row in budget["rows"])
+    assert budget["rows"][0]["ratio"] == 1.0  # the unchanged bare server against itself
+    # in-process, a run's start costs the service more CPU than the bare servicer's first message
+    assert budget["startcost"]["service_us"] > budget["startcost"]["bare_us"] > 0
     stacks = results["overhead"]["stacks"]
     assert stacks["executor"]["p50_us"] > 0 and stacks["executor + SDK tracer (batch, null exporter)"]["p50_us"] > 0
 
@@ -60,6 +66,7 @@ def test_smoke_benchmark_runs_every_system_without_errors(tmp_path: Path) -> Non
         "bare grpc.aio",
         "FastAPI SSE, async gen",
         "FastAPI SSE, sync gen",
+        "Start budget (C = 5)",
     ):
         assert label in table
     assert (tmp_path / "first_event_p99.png").stat().st_size > 0
