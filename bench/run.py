@@ -17,15 +17,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 from bench import report
 from bench.procs import NAIVE, ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
 from bench.workload import SMOKE, Workload
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,25 @@ def measure_level(server: Server, streams: int, deadline: float) -> dict[str, An
     return row
 
 
+def take_turns(starters: Mapping[K, Callable[[], Server]], c: int, plan: Plan) -> dict[K, list[dict[str, Any]]]:
+    """Start one server per key, warm each up, then measure them at C = `c` taking turns, `plan.rounds_at(c)`
+    times in a rotating order: the rows of each key's rounds. The servers are stopped at the end."""
+    keys = list(starters)
+    rounds: dict[K, list[dict[str, Any]]] = {k: [] for k in keys}
+    servers: dict[K, Server] = {}
+    try:
+        for k in keys:
+            servers[k] = starters[k]()
+            run_load(servers[k], min(plan.warmup_streams, c), plan.deadline_s)
+        for i in range(plan.rounds_at(c)):
+            for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+                rounds[k].append(measure_level(servers[k], c, plan.deadline_s))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return rounds
+
+
 def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
     """Each level on fresh server processes, one per system. The systems take turns, `plan.rounds_at(c)` times and
     in a rotating order, so that a noisy spell on the shared machine hits them all alike; each figure is the median
@@ -124,22 +147,12 @@ def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
     taking_turns = [s for s in SYSTEMS if s != NAIVE]
     for c in plan.levels:
-        rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
-        servers: dict[str, Server] = {}
-        try:
-            for system in taking_turns:
-                servers[system] = start(system, plan.workload, workdir)
-                run_load(servers[system], min(plan.warmup_streams, c), plan.deadline_s)
-            for i in range(plan.rounds_at(c)):
-                for system in taking_turns[i % len(taking_turns) :] + taking_turns[: i % len(taking_turns)]:
-                    rounds[system].append(measure_level(servers[system], c, plan.deadline_s))
-        finally:
-            for server in servers.values():
-                server.stop()
+        starters = {system: partial(start, system, plan.workload, workdir) for system in taking_turns}
+        rounds = take_turns(starters, c, plan)
         server = start(NAIVE, plan.workload, workdir)
         try:  # the naive server serialises streams: warm it with one
             run_load(server, 1, plan.naive_deadline_s)
-            rounds[NAIVE].append(measure_level(server, c, plan.naive_deadline_s))
+            rounds[NAIVE] = [measure_level(server, c, plan.naive_deadline_s)]
         finally:
             server.stop()
         for system in SYSTEMS:
@@ -242,18 +255,8 @@ def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
     is from a given first-event ratio."""
     c = plan.budget_streams
     costs = tuple(dict.fromkeys((0, *plan.budget_cpu_us)))
-    rounds: dict[int, list[dict[str, Any]]] = {us: [] for us in costs}
-    servers: dict[int, Server] = {}
-    try:
-        for us in costs:
-            servers[us] = start("bare", plan.workload, workdir, start_cpu_us=us)
-            run_load(servers[us], min(plan.warmup_streams, c), plan.deadline_s)
-        for i in range(plan.rounds_at(c)):
-            for us in costs[i % len(costs) :] + costs[: i % len(costs)]:
-                rounds[us].append(measure_level(servers[us], c, plan.deadline_s))
-    finally:
-        for server in servers.values():
-            server.stop()
+    starters = {us: partial(start, "bare", plan.workload, workdir, start_cpu_us=us) for us in costs}
+    rounds = take_turns(starters, c, plan)
     rows = {us: report.combine(rows) for us, rows in rounds.items()}
     out: dict[str, Any] = {"streams": c, "rows": []}
     for us in costs:
