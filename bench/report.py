@@ -173,8 +173,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{w['text_tokens']} tokens {w['token_interval_s'] * 1000:g} ms apart, one tool call of "
         f"{w['tool_latency_s'] * 1000:g} ms, then a {w['answer_tokens']}-token answer. Server and load generator "
         "are separate processes on 127.0.0.1; every system in its own process. Times in ms. Paced figures are"
-        f" medians over {results.get('rounds_small', results.get('rounds', 1))} rounds at C ≤ 100 and"
-        f" {results.get('rounds', 1)} above.",
+        f" medians over {results.get('rounds_small', results.get('rounds', 1))} rounds at C ≤ 100,"
+        f" {results.get('rounds_mid', results.get('rounds', 1))} up to C = 1000 and {results.get('rounds', 1)} above.",
         "",
         "## Targets",
         "",

@@ -47,13 +47,17 @@ class Plan:
     settle_s: float = 1.0  # idle streams: wait this long before reading the server's memory
     rounds: int = 3  # paced levels: the systems take turns this many times; figures are medians over the rounds
     rounds_small: int = 9  # at C <= 100, where a round takes seconds and one noisy round sways a median of three
+    # at 100 < C <= 1000 (a round takes about 20 s): with three rounds, two full runs read 1.15x and 1.29x
+    rounds_mid: int = 5
     # start budget: the bare server at C = budget_streams, spending each of these CPU µs at every call's start
     budget_streams: int = 100
     budget_cpu_us: tuple[int, ...] = (0, 100, 200, 300)
     startcost_batches: int = 30
 
     def rounds_at(self, c: int) -> int:
-        return self.rounds_small if c <= 100 else self.rounds
+        if c <= 100:
+            return self.rounds_small
+        return self.rounds_mid if c <= 1000 else self.rounds
 
 
 PLANS = {
@@ -73,6 +77,7 @@ PLANS = {
         settle_s=0.2,
         rounds=2,
         rounds_small=2,
+        rounds_mid=2,
         budget_streams=5,
         budget_cpu_us=(0, 200),
         startcost_batches=3,
@@ -328,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         "unpaced_events": plan.unpaced_events,
         "rounds": plan.rounds,
         "rounds_small": plan.rounds_small,
+        "rounds_mid": plan.rounds_mid,
     }
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)

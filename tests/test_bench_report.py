@@ -48,3 +48,11 @@ def test_paired_ratio_falls_back_to_the_medians_when_rounds_do_not_pair() -> Non
     assert report.paired_ratio(service, naive, "first_event_p99_ms") == pytest.approx(0.13)
     assert report.ratio_spread(service, naive, "first_event_p99_ms") == ""
     assert report.paired_ratio(None, naive, "first_event_p99_ms") is None
+
+
+def test_rounds_grow_where_a_round_is_short_and_one_noisy_round_would_decide() -> None:
+    from bench.run import PLANS
+
+    plan = PLANS["full"]
+    assert [plan.rounds_at(c) for c in (1, 100, 1000, 5000)] == [9, 9, 5, 3]
+    assert {PLANS["smoke"].rounds_at(c) for c in PLANS["smoke"].levels} == {PLANS["smoke"].rounds}
