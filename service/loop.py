@@ -280,7 +280,12 @@ class AgentLoop:
         reached the caller: once a delta is out, a retry would show the caller a different answer."""
         emitted = False
         started = self.clock()
-        span = telemetry.tracer().start_span("model_turn", context=trace_context, attributes={"model.turn": turn})
+        # without tracing, no span at all: the no-op one still costs every turn its creation and ending
+        span = (
+            telemetry.tracer().start_span("model_turn", context=trace_context, attributes={"model.turn": turn})
+            if telemetry.tracing_enabled()
+            else None
+        )
         failure: BaseException | None = None
         try:
             for attempt in range(1, self.retry.attempts + 1):
@@ -315,7 +320,8 @@ class AgentLoop:
             raise
         finally:
             telemetry.MODEL_TURN.observe(self.clock() - started)
-            telemetry.end_span(span, failure)
+            if span is not None:
+                telemetry.end_span(span, failure)
 
     async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""

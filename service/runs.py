@@ -301,7 +301,10 @@ class RunRegistry:
             clock=self.clock,
             load=self.load,
         )
-        log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
+        if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
+            log.info(
+                "run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)}
+            )
         try:
             async for event in self.loop.run(run.spec, run.control, announce=False):
                 coalescer.add(event)

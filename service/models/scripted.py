@@ -20,6 +20,7 @@ conversation is, not to how often it was called.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import secrets
@@ -90,9 +91,11 @@ class Scenario(BaseModel):
         return cls.model_validate(yaml.safe_load(text))
 
 
-def tokens(text: str) -> list[str]:
-    """Split text into word-sized deltas whose concatenation is exactly `text`."""
-    return [t for t in _TOKEN.findall(text) if t]
+@functools.lru_cache(maxsize=256)
+def tokens(text: str) -> tuple[str, ...]:
+    """Split text into word-sized deltas whose concatenation is exactly `text`. Cached: a scenario replays the same
+    texts run after run."""
+    return tuple(t for t in _TOKEN.findall(text) if t)
 
 
 class ScriptedModel:
