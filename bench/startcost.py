@@ -16,7 +16,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class _Context:
 Open = Callable[[], AsyncGenerator[pb.AgentEvent, None]]
 
 
-async def _batches(open_stream: Open, runs: int, batches: int, settle: Callable[[], Any]) -> list[float]:
+async def _batches(open_stream: Open, runs: int, batches: int, settle: Callable[[], Awaitable[None]]) -> list[float]:
     """CPU µs per start, one figure per batch."""
     samples = []
     for _ in range(batches):

@@ -11,6 +11,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,10 +71,14 @@ class Service:
     model: Model
     tools: dict[str, Tool[Any]]
     port: int
-    metrics_port: int | None = None
+    metrics_server: WSGIServer | None = None  # prometheus_client's, serving /metrics from its own thread
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else int(self.metrics_server.server_port)
 
     async def drain(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new runs with UNAVAILABLE, give in-flight runs `grace` seconds, then stop them with
@@ -95,6 +100,10 @@ class Service:
         self._stopped.set()
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.metrics_server is not None:
+            # shutdown() waits for the serving thread's loop to notice (up to its 0.5 s poll): off the event loop
+            await asyncio.to_thread(self.metrics_server.shutdown)
+            self.metrics_server.server_close()
         await self.registry.close()
         await self.model.aclose()
         await self.registry.loop.executor.aclose()  # flushes the audit queue
@@ -146,19 +155,23 @@ async def start(
         if health_port == 0:
             raise OSError(f"cannot listen on {config.health_listen}")
         await health_server.start()
-    metrics_port = None
+    metrics_server = None
     if metrics:
         host, _, mport = config.metrics_listen.rpartition(":")
         metrics_server, _thread = start_http_server(int(mport), addr=host.strip("[]") or "0.0.0.0")
-        metrics_port = metrics_server.server_port
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
-        extra={"listen": config.listen, "port": port, "metrics_port": metrics_port, "model": model.default_model},
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "metrics_port": metrics_server.server_port if metrics_server else None,
+            "model": model.default_model,
+        },
     )
-    service = Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_port)
+    service = Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_server)
     service.health_server, service.health_port = health_server, health_port
     return service
 

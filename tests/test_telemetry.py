@@ -52,6 +52,8 @@ async def test_metrics_endpoint_shows_calls_retries_fallbacks_and_latency(tmp_pa
     finally:
         await svc.server.stop(0)
         await svc.close()
+    with pytest.raises(OSError):  # closing the service closed its metrics endpoint too
+        await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5))
     expected = [
         f'agent_tool_calls_total{{outcome="ok",tool="{flaky}"}} 1.0',
         f'agent_tool_calls_total{{outcome="ok",tool="{down}"}} 1.0',
