@@ -256,7 +256,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         except SubscriberTooSlow as exc:
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
             dropped = exc
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
+            # grpc waits to send a message this stream yielded (grpc then closes the generator, not the task).
             if owner and not run.finished:
                 run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
             raise

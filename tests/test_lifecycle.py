@@ -67,6 +67,25 @@ async def test_cancel_on_disconnect_is_the_default(start_service: Any, channel_t
     assert run.state.value == "cancelled" and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
 
 
+async def test_disconnect_while_a_write_is_stuck_still_cancels_the_run(start_service: Any, channel_to: Any) -> None:
+    """A client that stops reading and then gives up: its cancel lands while the server waits to send, where grpc
+    closes the stream's generator (GeneratorExit) instead of cancelling it. The owned run must stop all the same."""
+    tools = all_tools()
+    big = "x" * 2_000_000  # one delta larger than the HTTP/2 window: its write waits for a reader
+    turns = [{"text": f"{big} {big}", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
+    svc = await start_service(turns, tools=tools, model={"pacing": {"first_token_ms": 1, "token_interval_ms": 1}})
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"))
+    first = await call.read()
+    assert isinstance(first, pb.AgentEvent) and first.HasField("run_started")
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)  # type: ignore[attr-defined]
+    run = svc.registry.get(first.run_id)
+    assert not run.finished  # the run went on while its stream waited on the unread write
+    call.cancel()
+    assert run.task is not None
+    await asyncio.wait_for(asyncio.shield(run.task), 5)
+    assert run.state.value == "cancelled" and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+
+
 async def test_two_watchers_see_identical_sequences(start_service: Any, channel_to: Any) -> None:
     svc = await start_service(
         [{"text": WORDS}],
