@@ -83,6 +83,20 @@ class Server:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
+    def thread_cpu_s(self) -> float:
+        """CPU time of the process's live threads, to the nanosecond where Linux has `schedstat` (psutil's figure
+        moves in 10 ms clock ticks, too coarse for a burst of a hundred calls). Threads that have exited are not
+        counted: use it over spans in which the server starts and stops none (its grpc and helper threads live as
+        long as it does)."""
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        if not tasks.is_dir():
+            return self.cpu_s()
+        total = 0
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended while we read
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 

@@ -278,6 +278,7 @@ def _start_budget(budget: dict[str, Any] | None) -> list[str]:
         "does to the first-event p99 ratio. In-process, starting a run (first event, and for the service the run",
         f"driver's first step) costs the agent service {cost['service_us']:.0f} µs of CPU and the bare servicer",
         f"{cost['bare_us']:.0f} µs (median of {cost['batches']} bursts of {cost['runs_per_batch']}).",
+        *_live_start(budget),
         "",
         "| extra CPU µs per call | first event p99 | ratio to bare | errors |",
         "|---:|---:|---:|---:|",
@@ -288,6 +289,20 @@ def _start_budget(budget: dict[str, Any] | None) -> list[str]:
             ratio_text += f" ({row['spread']})"
         lines.append(f"| {row['start_cpu_us']} | {row['first_event_p99_ms']:.1f} | {ratio_text} | {row['errors']} |")
     return lines
+
+
+def _live_start(budget: dict[str, Any]) -> list[str]:
+    live = budget.get("live")
+    if not live:
+        return []
+    service, bare = live["service"], live["bare"]
+    return [
+        "",
+        f"Live, a burst of {budget['streams']} new streams that go quiet after their first event costs the server, all",
+        f"its threads and grpc's work included, {service['cpu_us_per_call']:.0f} µs of CPU per call for the agent",
+        f"service and {bare['cpu_us_per_call']:.0f} µs for the bare server: {budget['live_ratio']:.2f}x (median of",
+        f"{service['rounds']} bursts each, the two taking turns).",
+    ]
 
 
 def plots(results: dict[str, Any], out: Path) -> None:

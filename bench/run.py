@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -125,8 +126,13 @@ def measure_level(server: Server, streams: int, deadline: float) -> dict[str, An
     return row
 
 
-def take_turns(starters: Mapping[K, Callable[[], Server]], c: int, plan: Plan) -> dict[K, list[dict[str, Any]]]:
-    """Start one server per key, warm each up, then measure them at C = `c` taking turns, `plan.rounds_at(c)`
+Measure = Callable[[Server, int, float], dict[str, Any]]
+
+
+def take_turns(
+    starters: Mapping[K, Callable[[], Server]], c: int, plan: Plan, measure: Measure = measure_level
+) -> dict[K, list[dict[str, Any]]]:
+    """Start one server per key, warm each up, then `measure` them at C = `c` taking turns, `plan.rounds_at(c)`
     times in a rotating order: the rows of each key's rounds. The servers are stopped at the end."""
     keys = list(starters)
     rounds: dict[K, list[dict[str, Any]]] = {k: [] for k in keys}
@@ -134,10 +140,10 @@ def take_turns(starters: Mapping[K, Callable[[], Server]], c: int, plan: Plan) -
     try:
         for k in keys:
             servers[k] = starters[k]()
-            run_load(servers[k], min(plan.warmup_streams, c), plan.deadline_s)
+            measure(servers[k], min(plan.warmup_streams, c), plan.deadline_s)  # warm-up, not kept
         for i in range(plan.rounds_at(c)):
             for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
-                rounds[k].append(measure_level(servers[k], c, plan.deadline_s))
+                rounds[k].append(measure(servers[k], c, plan.deadline_s))
     finally:
         for server in servers.values():
             server.stop()
@@ -211,8 +217,10 @@ def idle(plan: Plan, workdir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def hold_streams(server: Server, streams: int, deadline: float, settle_s: float) -> dict[str, Any]:
-    rss0 = server.rss()
+@contextmanager
+def held(server: Server, streams: int, deadline: float) -> Iterator[int]:
+    """Open `streams` streams from a load process and hold them open: yields how many got their first event
+    (the load process has connected and opened them all, or reached `deadline`); closes them on exit."""
     proc = subprocess.Popen(
         load_cmd(server, streams, deadline, hold=True),
         cwd=ROOT,
@@ -222,10 +230,29 @@ def hold_streams(server: Server, streams: int, deadline: float, settle_s: float)
         stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None
-    ready = json.loads(proc.stdout.readline() or b'{"ready": 0}')["ready"]
-    time.sleep(settle_s)  # let the server settle (buffers, freed request objects) before reading its memory
-    rss1 = server.rss()
-    proc.communicate(b"\n", timeout=deadline + 60)  # reads the final report too: a full pipe would block it
+    try:
+        yield json.loads(proc.stdout.readline() or b'{"ready": 0}')["ready"]
+    finally:
+        proc.communicate(b"\n", timeout=deadline + 60)  # reads the final report too: a full pipe would block it
+
+
+def open_burst(server: Server, streams: int, deadline: float) -> dict[str, Any]:
+    """The server's CPU (all its threads) per call for a burst of `streams` new streams, from before the load
+    process starts until every stream has its first event. On the idle workload nothing else is sent, so this is
+    what starting a call costs live, grpc's share included (and, over the burst, the load's one connection per
+    hundred streams)."""
+    time.sleep(0.3)  # the previous burst's streams are closed and reaped
+    cpu0 = server.thread_cpu_s()
+    with held(server, streams, deadline) as ready:
+        cpu = server.thread_cpu_s() - cpu0
+    return {"ready": ready, "cpu_us_per_call": cpu / streams * 1e6}
+
+
+def hold_streams(server: Server, streams: int, deadline: float, settle_s: float) -> dict[str, Any]:
+    rss0 = server.rss()
+    with held(server, streams, deadline) as ready:
+        time.sleep(settle_s)  # let the server settle (buffers, freed request objects) before reading its memory
+        rss1 = server.rss()
     return {
         "streams": streams,
         "ready": ready,
@@ -255,9 +282,10 @@ def overhead(plan: Plan) -> dict[str, Any]:
 def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
     """What a run's start may cost. The bare server runs at C = `plan.budget_streams` once as is and once per CPU
     cost in `plan.budget_cpu_us`, spent at each call's start; the variants take turns as in `paced`, and each
-    row's ratio is its first-event p99 over the unchanged bare server's. Beside it, `bench.startcost` measures what
-    starting a run costs the service and the bare servicer in CPU: together they say how far the service's start
-    is from a given first-event ratio."""
+    row's ratio is its first-event p99 over the unchanged bare server's. Beside it, what starting a call costs the
+    service and the bare server in CPU: live (`open_burst`: bursts of C idle streams, the two servers taking turns)
+    and in-process (`bench.startcost`, without grpc). Together they say how far the service's start is from a
+    given first-event ratio."""
     c = plan.budget_streams
     costs = tuple(dict.fromkeys((0, *plan.budget_cpu_us)))
     starters = {us: partial(start, "bare", plan.workload, workdir, start_cpu_us=us) for us in costs}
@@ -277,6 +305,25 @@ def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
             }
         )
         say(f"start budget +{us:4} µs CPU/call: first event p99 {row['first_event_p99_ms']:.1f} ms")
+    idle = plan.workload.idle()
+    live = take_turns(
+        {system: partial(start, system, idle, workdir) for system in ("service", "bare")}, c, plan, open_burst
+    )
+    out["live"] = {
+        system: {
+            "cpu_us_per_call": statistics.median(r["cpu_us_per_call"] for r in rows),
+            "ready": min(r["ready"] for r in rows),
+            "rounds": len(rows),
+        }
+        for system, rows in live.items()
+    }
+    out["live_ratio"] = statistics.median(
+        s["cpu_us_per_call"] / b["cpu_us_per_call"] for s, b in zip(live["service"], live["bare"], strict=True)
+    )
+    say(
+        f"start cost live: service {out['live']['service']['cpu_us_per_call']:.0f} µs, bare "
+        f"{out['live']['bare']['cpu_us_per_call']:.0f} µs of server CPU per call ({out['live_ratio']:.2f}x)"
+    )
     cmd = [sys.executable, "-m", "bench.startcost", "--runs", str(c), "--batches", str(plan.startcost_batches)]
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, timeout=600, check=True)
     out["startcost"] = cost = json.loads(done.stdout)

@@ -56,6 +56,12 @@ def test_smoke_benchmark_runs_every_system_without_errors(tmp_path: Path) -> Non
     assert budget["rows"][0]["ratio"] == 1.0  # the unchanged bare server against itself
     # in-process, a run's start costs the service more CPU than the bare servicer's first message
     assert budget["startcost"]["service_us"] > budget["startcost"]["bare_us"] > 0
+    # live: every burst's streams all opened, and the server's CPU for them was read
+    for system in ("service", "bare"):
+        live = budget["live"][system]
+        assert live["ready"] == budget["streams"] and live["rounds"] == results["rounds"]
+        assert live["cpu_us_per_call"] > 0
+    assert budget["live_ratio"] > 0
     stacks = results["overhead"]["stacks"]
     assert stacks["executor"]["p50_us"] > 0 and stacks["executor + SDK tracer (batch, null exporter)"]["p50_us"] > 0
 
@@ -67,6 +73,7 @@ def test_smoke_benchmark_runs_every_system_without_errors(tmp_path: Path) -> Non
         "FastAPI SSE, async gen",
         "FastAPI SSE, sync gen",
         "Start budget (C = 5)",
+        "new streams that go quiet after their first event",
     ):
         assert label in table
     assert (tmp_path / "first_event_p99.png").stat().st_size > 0
