@@ -265,9 +265,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         finally:
             sent.flush()
             self.streams.discard(task)
+        # The stream's status is set, not raised with `context.abort`: the exception abort raises would pass through
+        # this stack, and grpc keeps it, with its traceback and so these frames, in a reference cycle.
         if dropped is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(dropped))
-        await self._end_with_outcome(run, context)
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(str(dropped))
+            return
+        outcome = run.outcome
+        if isinstance(outcome, ev.RunFailed):
+            context.set_code(grpc.StatusCode[outcome.code])
+            context.set_details(outcome.message)
 
     @staticmethod
     async def _end_with_outcome(run: Run, context: grpc.aio.ServicerContext) -> None:

@@ -322,6 +322,9 @@ class AgentLoop:
             telemetry.MODEL_TURN.observe(self.clock() - started)
             if span is not None:
                 telemetry.end_span(span, failure)
+            # This frame holds the exception and the exception's traceback holds this frame: without this, every
+            # cancelled or failed turn leaves a reference cycle for the collector.
+            failure = None
 
     async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""

@@ -35,9 +35,10 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     return Config.model_validate(values)
 
 
-def scripted(turns: list[dict[str, Any]]) -> ScriptedModel:
+def scripted(turns: list[dict[str, Any]], pacing: Pacing | None = None) -> ScriptedModel:
+    """The scenario `turns`, unpaced unless `pacing` is given."""
     scenario = Scenario.model_validate({"name": "test", "turns": turns})
-    return ScriptedModel(scenario, pacing=Pacing(first_token_ms=0, token_interval_ms=0))
+    return ScriptedModel(scenario, pacing=pacing or Pacing(first_token_ms=0, token_interval_ms=0))
 
 
 StartService = Callable[..., Any]
@@ -61,11 +62,14 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
     started: list[Service] = []
 
     async def _start(turns: list[dict[str, Any]] | None = None, *, tools: Any = None, **config: Any) -> Service:
+        settings = make_config(tmp_path, **config)
+        # the config's pacing when the test sets one (`model={"pacing": {...}}`), else unpaced
+        pacing = settings.model.pacing if "pacing" in config.get("model", {}) else None
         svc = await start(
-            make_config(tmp_path, **config),
+            settings,
             metrics=False,
             tools=all_tools() if tools is None else tools,
-            model=scripted(turns or ECHO_THEN_ANSWER),
+            model=scripted(turns or ECHO_THEN_ANSWER, pacing),
         )
         started.append(svc)
         return svc

@@ -73,7 +73,7 @@ async def test_disconnect_while_a_write_is_stuck_still_cancels_the_run(start_ser
     tools = all_tools()
     big = "x" * 2_000_000  # one delta larger than the HTTP/2 window: its write waits for a reader
     turns = [{"text": f"{big} {big}", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
-    svc = await start_service(turns, tools=tools, model={"pacing": {"first_token_ms": 1, "token_interval_ms": 1}})
+    svc = await start_service(turns, tools=tools)
     call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"))
     first = await call.read()
     assert isinstance(first, pb.AgentEvent) and first.HasField("run_started")
@@ -212,11 +212,7 @@ def covered(events: list[pb.AgentEvent]) -> list[int]:
 async def test_a_slow_reader_slows_neither_the_run_nor_a_fast_reader(start_service: Any, channel_to: Any) -> None:
     # Dropping a reader that falls past `subscriber_max_lag` is tested in test_runs.py: over real HTTP/2 a stalled
     # reader is only "behind" once flow control stops its writes, which takes megabytes of buffered data.
-    svc = await start_service(
-        [{"text": WORDS}],
-        model={"pacing": {"first_token_ms": 0, "token_interval_ms": 1}},
-        runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10},
-    )
+    svc = await start_service([{"text": WORDS}], runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10})
     channel = channel_to(svc)
     submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
     run = svc.registry.get(submitted.run_id)

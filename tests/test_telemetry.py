@@ -10,12 +10,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from conftest import make_config, run_events, scripted
+from agent.v1 import agent_pb2 as pb
+from conftest import make_config, run_events, scripted, stub
 from fake_tools import Backup, Flaky, policy_tools
 from service import telemetry
 from service.server import start
@@ -121,6 +123,27 @@ async def test_grpc_server_span_is_recorded_when_tracing(
         await asyncio.sleep(0.01)
     rpc = [s for s in spans.get_finished_spans() if s.name == "/agent.v1.AgentService/RunAgent"]
     assert rpc and rpc[0].kind.name == "SERVER"
+
+
+async def test_a_failed_run_marks_its_grpc_server_span(
+    start_service: Any, channel_to: Any, spans: InMemorySpanExporter
+) -> None:
+    # the stream's status is set rather than raised (service/api.py): the span must still carry it
+    svc = await start_service(
+        [{"text": "never", "fail": {"status": 529, "times": 10}}],
+        model={"retry": {"attempts": 1}},
+    )
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _ = [e async for e in call]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    for _ in range(100):
+        if any(s.name.endswith("/RunAgent") for s in spans.get_finished_spans()):
+            break
+        await asyncio.sleep(0.01)
+    (rpc,) = [s for s in spans.get_finished_spans() if s.name == "/agent.v1.AgentService/RunAgent"]
+    assert rpc.attributes is not None and rpc.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert rpc.status.status_code is StatusCode.ERROR and "failed after 1 attempt" in (rpc.status.description or "")
 
 
 async def test_failed_tool_calls_mark_spans_error_and_logs_carry_trace_ids(
