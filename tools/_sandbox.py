@@ -352,14 +352,13 @@ class Sandbox:
             await asyncio.gather(*tasks, return_exceptions=True)
             await protocol.exited.wait()
             await asyncio.to_thread(_reap_group, pgid)
-            try:
-                async with asyncio.timeout(1.0):
-                    await proc.wait()  # asyncio is done with it once its pipes are closed too
-            except TimeoutError:
-                # A descendant that left the process group (setsid) holds them: close our ends, don't wait.
-                transport.close()
-                log.warning("a sandboxed program left a process outside its group", extra={"pid": proc.pid})
-        assert proc.returncode is not None
+            # Our ends of the pipes are closed here. asyncio closes them by itself only once each has reported end of
+            # file: some loop turns later, or never when output was left unread (past the output cap the reader
+            # stops; what the program wrote meanwhile fills the stream's buffer and pauses the pipe) or a descendant
+            # that left the group (setsid) still holds them. Until then their descriptors stay open.
+            transport.close()
+            await asyncio.sleep(0)  # the pipes close their descriptors in callbacks close() has queued: let them run
+        assert proc.returncode is not None  # set when the program exited (`protocol.exited`)
         returncode = proc.returncode
         return _Finished(
             returncode=returncode,
