@@ -76,6 +76,15 @@ _MAPPED = tuple(_STATUS)
 _mapped = _Mapped()  # stateless: one instance serves every call
 
 
+def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code` and `message`; the handler then returns (None for a unary call: grpc sends no
+    message with a status that is not OK). Set rather than raised with `context.abort`: grpc keeps the exception
+    abort raises, and with it the handler's frames, in a reference cycle that only the collector frees
+    (tests/test_gc_hygiene.py)."""
+    context.set_code(code)
+    context.set_details(message)
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     def __init__(self, registry: RunRegistry, tools: Mapping[str, Tool[Any]], config: Config) -> None:
         self.registry = registry
@@ -121,7 +130,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             run, created = self._start(request, context, background=False)
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return
         owner = created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
         async for event in self._stream(run, 0, context, owner=owner, received=received):
             yield event
@@ -133,28 +143,30 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             with _mapped:
                 run = self.run_of(request.run_id)
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return
         if run.finished and request.after_seq > len(run.log):
-            await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"after_seq={request.after_seq}, but run {run.id} ended at seq {len(run.log)}",
-            )
+            message = f"after_seq={request.after_seq}, but run {run.id} ended at seq {len(run.log)}"
+            refuse(context, grpc.StatusCode.OUT_OF_RANGE, message)
+            return
         async for event in self._stream(run, request.after_seq, context, owner=False):
             yield event
 
-    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelRunResponse | None:
         try:
             with _mapped:
                 run = self.run_of(request.run_id)
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return None
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
             return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
         if run.finished:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {run.id} already ended ({run.state.value}); nothing to cancel",
-            )
+            message = f"run {run.id} already ended ({run.state.value}); nothing to cancel"
+            refuse(context, grpc.StatusCode.FAILED_PRECONDITION, message)
+            return None
         after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
         self.registry.cancel(run, after_turn=after_turn)
         if not after_turn and run.task is not None:
@@ -162,25 +174,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             await asyncio.wait([run.task], timeout=1.0)
         return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
 
-    async def SubmitRun(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitRunResponse:
+    async def SubmitRun(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitRunResponse | None:
         try:
             run, _ = self._start(request, context, background=True)
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return None
         return pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state))
 
-    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run | None:
         try:
             with _mapped:
                 return run_to_proto(self.run_of(request.run_id))
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return None
 
-    async def RunAgentUnary(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.RunResult:
+    async def RunAgentUnary(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunResult | None:
         try:
             run, created = self._start(request, context, background=False)
         except _Abort as exc:
-            await context.abort(exc.code, exc.message)
+            refuse(context, exc.code, exc.message)
+            return None
         assert run.task is not None
         try:
             await asyncio.shield(run.task)
@@ -188,7 +207,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             if created and not run.finished:
                 run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
             raise
-        await self._end_with_outcome(run, context)
+        outcome = run.outcome
+        if isinstance(outcome, ev.RunFailed):
+            refuse(context, grpc.StatusCode[outcome.code], outcome.message)
+            return None
         return run_result(run)
 
     def _start(
@@ -265,22 +287,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         finally:
             sent.flush()
             self.streams.discard(task)
-        # The stream's status is set, not raised with `context.abort`: the exception abort raises would pass through
-        # this stack, and grpc keeps it, with its traceback and so these frames, in a reference cycle.
         if dropped is not None:
-            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(str(dropped))
+            refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(dropped))
             return
         outcome = run.outcome
         if isinstance(outcome, ev.RunFailed):
-            context.set_code(grpc.StatusCode[outcome.code])
-            context.set_details(outcome.message)
-
-    @staticmethod
-    async def _end_with_outcome(run: Run, context: grpc.aio.ServicerContext) -> None:
-        outcome = run.outcome
-        if isinstance(outcome, ev.RunFailed):
-            await context.abort(grpc.StatusCode[outcome.code], outcome.message)
+            refuse(context, grpc.StatusCode[outcome.code], outcome.message)
 
     def validate(self, request: pb.RunAgentRequest, run_id: str, caller: Caller) -> RunSpec:
         limits = self.config.limits

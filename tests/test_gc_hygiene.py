@@ -84,6 +84,25 @@ CASES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+async def test_a_failed_unary_run_and_a_refused_request_leave_no_cycles(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(
+        [{"text": "never", "fail": {"status": 529, "times": 10}}], model={"retry": {"attempts": 1}}
+    )
+    channel = channel_to(svc)
+
+    async def body() -> None:
+        for request in (pb.RunAgentRequest(message="go"), pb.RunAgentRequest(message="")):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub(channel).RunAgentUnary(request)
+            await drain(stub(channel).RunAgent(request))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub(channel).GetRun(pb.GetRunRequest(run_id="run_unknown"))
+
+    await body()  # connected and warm
+    frames = await cyclic_frames_of_ours(body)
+    assert frames == [], frames
+
+
 @pytest.mark.parametrize("case", list(CASES))
 async def test_a_run_that_ends_by_itself_leaves_no_cycles(start_service: Any, channel_to: Any, case: str) -> None:
     turns, config = CASES[case]
