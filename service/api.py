@@ -23,6 +23,7 @@ from service.auth import Authenticator, Caller, CallerLimits, current_caller
 from service.config import Config
 from service.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
 from service.errors import RunCancelled
+from service.interceptors import refuse
 from service.loop import RunSpec
 from service.runs import IdempotencyConflict, NotFound, QueueFull, Run, RunRegistry, RunState, SubscriberTooSlow
 from tools.base import Tool
@@ -74,15 +75,6 @@ class _Mapped:
 
 _MAPPED = tuple(_STATUS)
 _mapped = _Mapped()  # stateless: one instance serves every call
-
-
-def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """End the call with `code` and `message`; the handler then returns (None for a unary call: grpc sends no
-    message with a status that is not OK). Set rather than raised with `context.abort`: grpc keeps the exception
-    abort raises, and with it the handler's frames, in a reference cycle that only the collector frees
-    (tests/test_gc_hygiene.py)."""
-    context.set_code(code)
-    context.set_details(message)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]

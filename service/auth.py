@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.interceptors import WrapCache, wrap_handler
+from service.interceptors import Refusal, WrapCache, wrap_handler
 
 
 class CallerConfig(BaseModel):
@@ -153,18 +153,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         return self._wrapped.get(details.method, handler, lambda: wrap_handler(handler, self._authenticate))
 
-    async def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await _authenticate(self.authenticator.identify, context)
-
-
-async def _authenticate(
-    identify: Callable[[grpc.aio.ServicerContext], Caller], context: grpc.aio.ServicerContext
-) -> None:
-    try:
-        caller = identify(context)
-    except Unauthenticated as exc:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-    _current.set(caller)
+    def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> Refusal | None:
+        try:
+            caller = self.authenticator.identify(context)
+        except Unauthenticated as exc:
+            return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+        _current.set(caller)
+        return None
 
 
 @dataclass

@@ -14,7 +14,19 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+Refusal = tuple[grpc.StatusCode, str]
+# A check on a call before its handler runs: None to let it through, else the status to end the call with.
+Check = Callable[[Any, grpc.aio.ServicerContext], Refusal | None]
+
+
+def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code` and `message`; the handler then returns (None for a unary call: grpc sends no
+    message with a status that is not OK). Set rather than raised with `context.abort`: grpc keeps the exception
+    abort raises, and with it the handler's frames, in a reference cycle that only the collector frees
+    (tests/test_gc_hygiene.py)."""
+    context.set_code(code)
+    context.set_details(message)
+
 
 _HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -27,7 +39,7 @@ _HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
 def wrap_handler(
     handler: grpc.RpcMethodHandler, check: Check, *, request_deserializer: Callable[[bytes], Any] | None = None
 ) -> grpc.RpcMethodHandler:
-    """`handler` with `await check(request, context)` before it (the check aborts the call to refuse it).
+    """`handler` with `check(request, context)` before it: a refusal ends the call with its status.
     For client-streaming shapes `request` is the request iterator. A handler this function already wrapped gets one
     wrapper running both checks, this one first, rather than a wrapper around a wrapper: each layer would cost every
     call an extra generator, and every streamed message an extra hop through it."""
@@ -49,7 +61,10 @@ def wrap_handler(
 def _streaming(inner: Any, checks: tuple[Check, ...]) -> Any:
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
         for check in checks:
-            await check(request, context)
+            refusal = check(request, context)
+            if refusal is not None:
+                refuse(context, *refusal)
+                return
         async for response in inner(request, context):
             yield response
 
@@ -59,7 +74,10 @@ def _streaming(inner: Any, checks: tuple[Check, ...]) -> Any:
 def _unary(inner: Any, checks: tuple[Check, ...]) -> Any:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         for check in checks:
-            await check(request, context)
+            refusal = check(request, context)
+            if refusal is not None:
+                refuse(context, *refusal)
+                return None
         return await inner(request, context)
 
     return unary
@@ -113,10 +131,9 @@ def _tolerant(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
         except DecodeError as exc:
             return _Undecodable(str(exc))
 
-    async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> Refusal | None:
         if isinstance(request, _Undecodable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
-            )
+            return grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
+        return None
 
     return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)

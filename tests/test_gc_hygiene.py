@@ -97,6 +97,10 @@ async def test_a_failed_unary_run_and_a_refused_request_leave_no_cycles(start_se
             await drain(stub(channel).RunAgent(request))
         with pytest.raises(grpc.aio.AioRpcError):
             await stub(channel).GetRun(pb.GetRunRequest(run_id="run_unknown"))
+        with pytest.raises(grpc.aio.AioRpcError):  # refused by the interceptors: undecodable, then unauthenticated
+            await channel.unary_unary("/agent.v1.AgentService/GetRun")(b"\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub(channel).GetRun(pb.GetRunRequest(run_id="x"), metadata=[("authorization", "Bearer wrong")])
 
     await body()  # connected and warm
     frames = await cyclic_frames_of_ours(body)
