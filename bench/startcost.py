@@ -32,13 +32,14 @@ REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 
 
 class _Context:
-    """The little of `grpc.aio.ServicerContext` a successful start touches: no deadline, and abort as an error."""
+    """The little of `grpc.aio.ServicerContext` a successful start touches: no deadline, and a refused call (its
+    status set, `service.interceptors.refuse`) as an error."""
 
     def time_remaining(self) -> float | None:
         return None
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise RuntimeError(f"{code.name}: {details}")
+    def set_code(self, code: grpc.StatusCode) -> None:
+        raise RuntimeError(f"the call was refused: {code.name}")
 
 
 Open = Callable[[], AsyncGenerator[pb.AgentEvent, None]]

@@ -199,9 +199,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             if created and not run.finished:
                 run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
             raise
-        outcome = run.outcome
-        if isinstance(outcome, ev.RunFailed):
-            refuse(context, grpc.StatusCode[outcome.code], outcome.message)
+        if _ended_with_failure(run, context):
             return None
         return run_result(run)
 
@@ -282,9 +280,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if dropped is not None:
             refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(dropped))
             return
-        outcome = run.outcome
-        if isinstance(outcome, ev.RunFailed):
-            refuse(context, grpc.StatusCode[outcome.code], outcome.message)
+        _ended_with_failure(run, context)
 
     def validate(self, request: pb.RunAgentRequest, run_id: str, caller: Caller) -> RunSpec:
         limits = self.config.limits
@@ -349,6 +345,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if not 1 <= value <= maximum:
             raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
         return value
+
+
+def _ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:
+    """True when the run failed; the call then ends with the failure's status code and message."""
+    outcome = run.outcome
+    if isinstance(outcome, ev.RunFailed):
+        refuse(context, grpc.StatusCode[outcome.code], outcome.message)
+        return True
+    return False
 
 
 class _SentCounts:
