@@ -20,7 +20,7 @@ from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
 from service.auth import Authenticator, Caller, CallerLimits, current_caller
-from service.config import Config
+from service.config import Config, Limits
 from service.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
 from service.errors import RunCancelled
 from service.interceptors import refuse
@@ -74,6 +74,7 @@ class _Mapped:
 
 
 _MAPPED = tuple(_STATUS)
+_ON_DISCONNECT = frozenset(pb.RunAgentRequest.OnDisconnect.values())
 _mapped = _Mapped()  # stateless: one instance serves every call
 
 
@@ -93,6 +94,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     def run_of(self, run_id: str) -> Run:
         """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
+        if not run_id:
+            raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
         run = self.registry.get(run_id)
         if run.caller != self.caller().name:
             raise NotFound(f"no run {run_id!r}")
@@ -137,9 +140,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         except _Abort as exc:
             refuse(context, exc.code, exc.message)
             return
-        if run.finished and request.after_seq > len(run.log):
-            message = f"after_seq={request.after_seq}, but run {run.id} ended at seq {len(run.log)}"
-            refuse(context, grpc.StatusCode.OUT_OF_RANGE, message)
+        logged = len(run.log)
+        if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
+            where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
+            refuse(context, grpc.StatusCode.OUT_OF_RANGE, f"after_seq={request.after_seq}, but run {run.id} {where}")
             return
         async for event in self._stream(run, request.after_seq, context, owner=False):
             yield event
@@ -149,6 +153,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     ) -> pb.CancelRunResponse | None:
         try:
             with _mapped:
+                if request.mode not in pb.CancelRunRequest.Mode.values():
+                    raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
                 run = self.run_of(request.run_id)
         except _Abort as exc:
             refuse(context, exc.code, exc.message)
@@ -196,7 +202,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             await asyncio.shield(run.task)
         except asyncio.CancelledError:
-            if created and not run.finished:
+            # as for the stream: CONTINUE leaves the run going; the same idempotency key attaches to it again
+            if created and not run.finished and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
                 run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
             raise
         if _ended_with_failure(run, context):
@@ -222,7 +229,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 raise CallerLimited(refused)
             deadline = None
             remaining = context.time_remaining()
-            if remaining is not None and not background:
+            # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
+            if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
                 margin = min(self.config.runs.deadline_margin_s, remaining / 10)
                 deadline = asyncio.get_running_loop().time() + remaining - margin
             run, created = self.registry.start(
@@ -268,11 +276,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         except SubscriberTooSlow as exc:
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
             dropped = exc
-        except (asyncio.CancelledError, GeneratorExit):
+        except BaseException as exc:
             # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
-            # grpc waits to send a message this stream yielded (grpc then closes the generator, not the task).
+            # grpc waits to send a message this stream yielded (grpc then closes the generator, not the task). Any
+            # other exception is a bug of ours that ends the call: nobody is left to read an owned run either.
             if owner and not run.finished:
-                run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
+                left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+                why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
+                run.control.stop_now(RunCancelled(why))
             raise
         finally:
             sent.flush()
@@ -299,7 +310,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 f"unknown tool(s): {', '.join(unknown)}; available: {', '.join(self.tools)} (see ListTools)"
             )
         if len(set(tools)) != len(tools):
-            raise InvalidRequest("tools lists a name twice")
+            twice = sorted({name for name in tools if tools.count(name) > 1})
+            raise InvalidRequest(f"tools lists {', '.join(twice)} more than once")
         denied = [name for name in tools if not caller.may_use(name)]
         if denied:
             raise PermissionDenied(f"caller {caller.name} may not use tool(s): {', '.join(denied)}")
@@ -309,20 +321,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.config.model.max_tokens
         if not 1 <= max_tokens <= limits.max_tokens:
             raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
-        metadata = dict(request.metadata)
-        if len(metadata) > limits.max_metadata_entries:
-            raise InvalidRequest(f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}")
-        total = 0
-        for key, value in metadata.items():
-            k, v = len(key.encode()), len(value.encode())
-            if max(k, v) > limits.max_metadata_value_bytes:
-                raise InvalidRequest(
-                    f"metadata entry {key[:40]!r} is {max(k, v)} bytes; keys and values may have at most "
-                    f"{limits.max_metadata_value_bytes} bytes"
-                )
-            total += k + v
-        if total > limits.max_metadata_bytes:
-            raise InvalidRequest(f"metadata is {total} bytes; the limit is {limits.max_metadata_bytes} bytes")
+        if request.on_disconnect not in _ON_DISCONNECT:
+            raise InvalidRequest(f"unknown on_disconnect {request.on_disconnect}: CANCEL or CONTINUE")
+        key_bytes = len(request.idempotency_key.encode())
+        if key_bytes > limits.max_idempotency_key_bytes:
+            raise InvalidRequest(
+                f"idempotency_key is {key_bytes} bytes; the limit is {limits.max_idempotency_key_bytes} bytes"
+            )
+        metadata = _checked_metadata(request, limits)
         return RunSpec(
             run_id=run_id,
             message=request.message,
@@ -345,6 +351,26 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if not 1 <= value <= maximum:
             raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
         return value
+
+
+def _checked_metadata(request: pb.RunAgentRequest, limits: Limits) -> dict[str, str]:
+    metadata = dict(request.metadata)
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidRequest(f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}")
+    total = 0
+    for key, value in metadata.items():
+        if not key:
+            raise InvalidRequest("metadata has an empty key")
+        k, v = len(key.encode()), len(value.encode())
+        if max(k, v) > limits.max_metadata_value_bytes:
+            raise InvalidRequest(
+                f"metadata entry {key[:40]!r} is {max(k, v)} bytes; keys and values may have at most "
+                f"{limits.max_metadata_value_bytes} bytes"
+            )
+        total += k + v
+    if total > limits.max_metadata_bytes:
+        raise InvalidRequest(f"metadata is {total} bytes; the limit is {limits.max_metadata_bytes} bytes")
+    return metadata
 
 
 def _ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:

@@ -55,6 +55,7 @@ class Limits(_Strict):
     max_metadata_entries: int = Field(default=64, ge=0)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="total bytes of metadata keys and values")
     max_metadata_value_bytes: int = Field(default=1024, ge=0, description="longest metadata key or value")
+    max_idempotency_key_bytes: int = Field(default=256, ge=1)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="gRPC request headers (grpc metadata)")
     max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     tool_timeout_s: float = Field(default=30.0, gt=0, description="hard timeout of one tool call")
@@ -127,6 +128,35 @@ class Redaction(_Strict):
         return patterns
 
 
+class KeepaliveConfig(_Strict):
+    """HTTP/2 keepalive on the gRPC port. A stream here can stay quiet for minutes (a queued run, a long tool call, a
+    slow first token) and callers ping to keep such connections open through proxies and NATs; with grpc's server
+    defaults a ping more often than every 5 minutes on a quiet connection counts as abuse, and the second one closes
+    the connection (GOAWAY "too many pings"), failing every stream on it with UNAVAILABLE."""
+
+    time_s: float = Field(
+        default=60.0, gt=0, description="ping a quiet connection this often, to find callers that vanished"
+    )
+    timeout_s: float = Field(
+        default=20.0, gt=0, description="close a connection whose ping is not answered within this (its runs stop)"
+    )
+    min_client_ping_interval_s: float = Field(
+        default=10.0, ge=0, description="callers may ping a quiet connection this often (grpc's default: 300)"
+    )
+    permit_without_calls: bool = Field(default=True, description="accept pings on a connection with no call open")
+
+
+def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(keepalive.min_client_ping_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
+        # our own pings on a quiet connection: without this grpc stops after 2 with no data sent in between
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 class GcConfig(_Strict):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
     objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
@@ -162,6 +192,7 @@ class Config(_Strict):
     )
     model: ModelConfig = ModelConfig()
     limits: Limits = Limits()
+    keepalive: KeepaliveConfig = KeepaliveConfig()
     runs: RunsConfig = RunsConfig()
     tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-tool options by tool name")
     tool_modules: list[str] = Field(

@@ -1,6 +1,7 @@
 """Server interceptors and the one helper they share: wrapping a handler of any call shape so that a check runs
-before it. Response-streaming handlers are async generators and must be wrapped as such (DEPENDENCIES.md); the others
-are coroutines.
+before it. A response-streaming handler is either an async generator (it yields its messages: ours) or a coroutine
+that sends them with `context.write` (grpcio-health-checking's `Watch`); a wrapper must keep the handler's style,
+since grpc.aio tells the two apart by the function it is given. The other shapes are coroutines.
 
 `RejectUndecodable` answers a request whose bytes are not a valid message with INVALID_ARGUMENT (grpc's default is
 UNKNOWN with "Unexpected DecodeError", which tells the caller nothing it can act on).
@@ -8,6 +9,7 @@ UNKNOWN with "Unexpected DecodeError", which tells the caller nothing it can act
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,7 +54,8 @@ def wrap_handler(
         if guarded is not None:
             inner, earlier = guarded
             checks += earlier
-        wrapped: Any = _streaming(inner, checks) if kind.endswith("_stream") else _unary(inner, checks)
+        streams_by_yield = kind.endswith("_stream") and inspect.isasyncgenfunction(inner)
+        wrapped: Any = _streaming(inner, checks) if streams_by_yield else _unary(inner, checks)
         wrapped._guarded = (inner, checks)
         return make(wrapped, request_deserializer or handler.request_deserializer, handler.response_serializer)
     return handler
@@ -72,6 +75,8 @@ def _streaming(inner: Any, checks: tuple[Check, ...]) -> Any:
 
 
 def _unary(inner: Any, checks: tuple[Check, ...]) -> Any:
+    """For unary responses, and for streaming handlers that write with `context.write` and return None."""
+
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         for check in checks:
             refusal = check(request, context)

@@ -22,7 +22,7 @@ from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import telemetry
 from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
-from service.config import Config, GcConfig, pending_rpc_options
+from service.config import Config, GcConfig, keepalive_options, pending_rpc_options
 from service.executor import build_executor
 from service.interceptors import RejectUndecodable
 from service.loop import AgentLoop
@@ -59,6 +59,18 @@ def build_tools(config: Config) -> dict[str, Tool[Any]]:
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpcio-health-checking's servicer, with `List`: health.proto has it (and reflection lists it), but the
+    library's asyncio servicer answers it with UNIMPLEMENTED and logs a traceback on every call."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        # the library keeps the statuses in `_server_status`; tests/test_server.py checks List against Check
+        statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 @dataclass
 class Service:
     """A running service: the gRPC server and what it serves. `port` is the bound port (useful with port 0)."""
@@ -67,7 +79,7 @@ class Service:
     server: grpc.aio.Server
     servicer: AgentServicer
     registry: RunRegistry
-    health: health.aio.HealthServicer
+    health: HealthServicer
     model: Model
     tools: dict[str, Tool[Any]]
     port: int
@@ -130,12 +142,15 @@ async def start(
         options=[
             ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
             ("grpc.so_reuseport", 0),
+            # both limits: with the soft one alone, grpc refuses headers between it and 1.25x it at random
             ("grpc.max_metadata_size", config.limits.max_header_bytes),
+            ("grpc.absolute_max_metadata_size", config.limits.max_header_bytes),
             *pending_rpc_options(config.limits),
+            *keepalive_options(config.keepalive),
         ],
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

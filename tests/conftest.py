@@ -98,6 +98,11 @@ def stub(channel: grpc.aio.Channel) -> agent_pb2_grpc.AgentServiceStub:
     return agent_pb2_grpc.AgentServiceStub(channel)
 
 
+async def run_events_of(call: Any) -> list[pb.AgentEvent]:
+    """Every event of a streaming call, to its end (its error status raised as AioRpcError)."""
+    return [e async for e in call]
+
+
 async def run_events(channel: grpc.aio.Channel, **request: Any) -> list[pb.AgentEvent]:
     request.setdefault("message", "hello")
     return [e async for e in stub(channel).RunAgent(pb.RunAgentRequest(**request))]

@@ -90,7 +90,7 @@ def requests(draw: st.DrawFn) -> pb.RunAgentRequest:
         tools=draw(st.lists(st.sampled_from(["echo", "fail", "sleep", "count", "nope", "", "ECHO"]), max_size=4)),
         metadata=draw(st.dictionaries(TEXT, TEXT | st.just("v" * 20_000), max_size=70)),
         idempotency_key=draw(st.sampled_from(["", "", "key-a", "key-b"])),
-        on_disconnect=draw(st.sampled_from([0, 1, 2])),
+        on_disconnect=draw(st.sampled_from([0, 1, 2, 7])),
     )
     if draw(st.booleans()):
         request.system = draw(TEXT | HUGE)

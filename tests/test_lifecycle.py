@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events, stub
+from conftest import run_events, run_events_of, stub
 from fake_tools import all_tools
 
 SLOW_TOOL = [
@@ -67,6 +67,26 @@ async def test_cancel_on_disconnect_is_the_default(start_service: Any, channel_t
     assert run.state.value == "cancelled" and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
 
 
+async def test_continue_runs_outlive_their_call_and_its_deadline(start_service: Any, channel_to: Any) -> None:
+    """CONTINUE: neither the streaming call's deadline nor a unary caller going away stops the run; the same
+    idempotency key attaches the unary caller to it again."""
+    svc = await start_service([{"tool_calls": [{"name": "sleep", "input": {"seconds": 0.5}}]}, {"text": "done"}])
+    channel = channel_to(svc)
+    cont = pb.RunAgentRequest.CONTINUE
+    seen: list[pb.AgentEvent] = []
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=cont), timeout=0.2)
+    assert await status_of(call, seen) == grpc.StatusCode.DEADLINE_EXCEEDED
+    streamed = svc.registry.get(seen[0].run_id)
+    unary = stub(channel).RunAgentUnary(pb.RunAgentRequest(message="go", on_disconnect=cont, idempotency_key="k"))
+    await asyncio.sleep(0.1)
+    unary.cancel()
+    again = await stub(channel).RunAgentUnary(pb.RunAgentRequest(message="go", on_disconnect=cont, idempotency_key="k"))
+    assert again.final_response.text == "done"
+    assert streamed.task is not None
+    await asyncio.wait_for(streamed.task, 5)
+    assert streamed.state.value == "succeeded"
+
+
 async def test_disconnect_while_a_write_is_stuck_still_cancels_the_run(start_service: Any, channel_to: Any) -> None:
     """A client that stops reading and then gives up: its cancel lands while the server waits to send, where grpc
     closes the stream's generator (GeneratorExit) instead of cancelling it. The owned run must stop all the same."""
@@ -99,10 +119,6 @@ async def test_two_watchers_see_identical_sequences(start_service: Any, channel_
     )
     assert [e.SerializeToString() for e in a] == [e.SerializeToString() for e in b]
     assert a[-1].HasField("final_response") and a[-1].run_id == submitted.run_id
-
-
-async def run_events_of(call: Any) -> list[pb.AgentEvent]:
-    return [e async for e in call]
 
 
 @pytest.mark.parametrize("mode", [pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN])
@@ -281,3 +297,23 @@ async def test_drain_interrupts_background_runs_with_a_retryable_error(start_ser
     assert await status_of(watch, seen) == grpc.StatusCode.UNAVAILABLE
     await drain
     assert seen[-1].error.retryable and submitted.run_id in seen[-1].error.message
+
+
+async def test_watch_after_a_seq_not_logged_yet_is_out_of_range_live_or_ended(
+    start_service: Any, channel_to: Any
+) -> None:
+    """The same answer whether the run still runs or has ended: it used to wait for a live run to end, then end OK
+    with no events."""
+    svc = await start_service(SLOW_TOOL)
+    channel = channel_to(svc)
+    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+    watch = stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id, after_seq=1000), timeout=2)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events_of(watch)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "after_seq=1000" in str(info.value.details()) and "is running" in str(info.value.details())
+    await stub(channel).CancelRun(pb.CancelRunRequest(run_id=submitted.run_id))
+    ended = stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id, after_seq=1000), timeout=2)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events_of(ended)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE and "ended at seq" in str(info.value.details())

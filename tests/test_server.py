@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events, stub
+from conftest import run_events, run_events_of, stub
 from fake_tools import all_tools
 
 
@@ -52,7 +52,10 @@ async def test_parallel_tool_calls_interleave_over_grpc(start_service: Any, chan
         ({"message": "   "}, "message must not be empty"),
         ({"message": "x" * 2001}, "message is 2001 bytes; the limit is 2000 bytes"),
         ({"message": "hi", "tools": ["echo", "teleport"]}, "unknown tool(s): teleport; available:"),
-        ({"message": "hi", "tools": ["echo", "echo"]}, "tools lists a name twice"),
+        ({"message": "hi", "tools": ["echo", "count", "echo"]}, "tools lists echo more than once"),
+        ({"message": "hi", "on_disconnect": 7}, "unknown on_disconnect 7: CANCEL or CONTINUE"),
+        ({"message": "hi", "idempotency_key": "k" * 257}, "idempotency_key is 257 bytes; the limit is 256 bytes"),
+        ({"message": "hi", "metadata": {"": "v"}}, "metadata has an empty key"),
         ({"message": "hi", "max_turns": 0}, "max_turns must be between 1 and 50, got 0"),
         ({"message": "hi", "max_turns": 51}, "max_turns must be between 1 and 50, got 51"),
         ({"message": "hi", "max_tokens": 0}, "max_tokens must be between 1 and 64000, got 0"),
@@ -66,6 +69,26 @@ async def test_invalid_requests_get_invalid_argument(
         await run_events(channel_to(svc), **request_fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (info.value.details() or "")
+
+
+async def test_run_id_and_cancel_mode_are_checked(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    service = stub(channel_to(svc))
+    calls = [
+        service.GetRun(pb.GetRunRequest()),
+        service.CancelRun(pb.CancelRunRequest()),
+        run_events_of(service.WatchRun(pb.WatchRunRequest())),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith("run_id is required")
+    run_id = (await run_events(channel_to(svc)))[0].run_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await service.CancelRun(pb.CancelRunRequest(run_id=run_id, mode=9))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "unknown mode 9: IMMEDIATE or AFTER_TURN"
 
 
 async def test_run_restricted_to_a_tool_subset(start_service: Any, channel_to: Any) -> None:
@@ -187,6 +210,26 @@ async def test_health_and_graceful_drain(start_service: Any, channel_to: Any) ->
     await drain
 
 
+async def test_health_watch_and_list_on_the_main_port(start_service: Any, channel_to: Any) -> None:
+    """Watch is a handler that writes with `context.write` (not an async generator): the interceptors' wrappers
+    must keep that style, or every Watch fails with UNKNOWN. Clients with a health-checking service config use it."""
+    svc = await start_service(shutdown_grace_s=0)
+    health = health_pb2_grpc.HealthStub(channel_to(svc))
+    listed = await health.List(health_pb2.HealthListRequest())
+    assert {name: r.status for name, r in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        "agent.v1.AgentService": health_pb2.HealthCheckResponse.SERVING,
+    }
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="agent.v1.AgentService"))
+    first = await asyncio.wait_for(watch.read(), 5)
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    drain = asyncio.create_task(svc.drain())
+    second = await asyncio.wait_for(watch.read(), 5)
+    assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+    await drain
+
+
 async def test_drain_cancels_runs_still_going_after_grace(start_service: Any, channel_to: Any) -> None:
     tools = all_tools()
     svc = await start_service([{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}], tools=tools)
@@ -215,3 +258,38 @@ async def test_metadata_size_limits(start_service: Any, channel_to: Any) -> None
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await run_events(channel, metadata=metadata)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == message
+
+
+async def test_a_quiet_stream_survives_a_client_that_pings(start_service: Any) -> None:
+    """A caller pinging every second on a stream that stays quiet for 3.5 s (a tool call): with grpc's server
+    defaults (a ping at most every 5 minutes without data, 2 strikes) the connection was closed after about 3 s with
+    UNAVAILABLE "too many pings". The allowed interval is lowered here so that a short test shows it."""
+    svc = await start_service(
+        [{"tool_calls": [{"name": "sleep", "input": {"seconds": 3.5}}]}, {"text": "done"}],
+        keepalive={"min_client_ping_interval_s": 0.5},
+    )
+    options = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}", options=options) as channel:
+        events = await run_events(channel, message="wait quietly")
+    assert events[-1].final_response.text == "done"
+
+
+async def test_request_headers_over_the_limit_are_refused_every_time(start_service: Any, channel_to: Any) -> None:
+    """`limits.max_header_bytes` is a fixed cut-off: grpc's soft limit alone refused headers of 1–1.25x the limit
+    only some of the time."""
+    svc = await start_service(limits={"max_header_bytes": 4096})
+    channel = channel_to(svc)
+    for size, expected in ((3000, None), (4400, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+        for _ in range(8):
+            call = stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=[("x-padding", "p" * size)])
+            try:
+                async for _event in call:
+                    pass
+                code = None
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            assert code == expected, f"{size} bytes of headers"

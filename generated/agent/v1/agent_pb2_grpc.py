@@ -91,7 +91,7 @@ class AgentServiceServicer:
 
     def WatchRun(self, request, context):
         """Replays a run's events after `after_seq`, then follows it live until it ends. Works after the run ended, within
-        retention; NOT_FOUND for an unknown or expired run.
+        retention; NOT_FOUND for an unknown or expired run, OUT_OF_RANGE for an `after_seq` past the run's last seq.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
