@@ -14,7 +14,8 @@ and every call is audited, counted, traced (span `tool_call`, children for retri
 what is recorded (span attributes, audit, dead letters, logs) is redacted (`service/redact.py`), what the model and
 the caller get is not.
 Whatever the tool does, the call ends in a `ToolResult` the model can read; only cancellation propagates, and a
-`CancelledError` is never swallowed (a half-open breaker's trial slot is released on the way out).
+`CancelledError` is never swallowed (a half-open breaker's trial slot is released on the way out, by the call that
+holds it).
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ class Executor:
         outcome = Outcome(S.ERROR)
         for number in range(1, attempts + 1):
             breaker = guards.breaker
-            if breaker is not None and not breaker.allow():
+            permit = breaker.allow() if breaker is not None else None
+            if breaker is not None and permit is None:
                 yield Outcome(
                     S.CIRCUIT_OPEN,
                     error=f"{tool.name} is unavailable (circuit open after repeated failures); try another approach",
@@ -279,14 +281,14 @@ class Executor:
                     else:
                         yield item
             except BaseException as exc:
-                if breaker is not None:
-                    breaker.release()
+                if breaker is not None and permit is not None:
+                    breaker.release(permit)
                 if attempt_span is not span:
                     telemetry.end_span(attempt_span, exc)
                 raise
             outcome.attempts = number
-            if breaker is not None:
-                breaker.failure() if unwell(outcome) else breaker.success()
+            if breaker is not None and permit is not None:
+                breaker.failure(permit) if unwell(outcome) else breaker.success(permit)
             _end_attempt(attempt_span, span, outcome, breaker)
             final = outcome.ok or not outcome.retryable or number == attempts
             if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them

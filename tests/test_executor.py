@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+from pydantic import BaseModel
 
 from fake_tools import policy_tools
 from service import events as ev
@@ -16,7 +17,7 @@ from service.audit import AuditLog, verify
 from service.deadletter import DeadLetterStore
 from service.executor import Executor, RunContext, ToolCallRequest
 from service.policy.config import resolve
-from tools.base import Tool
+from tools.base import JSON, Tool, ToolError
 
 S = ev.ToolStatus
 
@@ -120,6 +121,51 @@ async def test_open_circuit_refuses_at_once_then_half_open_trial_closes_it() -> 
     events = await call(ex, "flaky", {"text": "x"})
     assert events[-1].status is S.OK  # type: ignore[union-attr]
     assert ex.guards["flaky"].breaker.state.value == "closed"  # type: ignore[union-attr]
+
+
+class GateInput(BaseModel):
+    mode: Literal["ok", "fail", "hang"]
+
+
+class Gate(Tool[GateInput]):
+    """Answers, fails, or hangs until cancelled, as asked; `entered` counts hanging calls that have started."""
+
+    name = "gate"
+    description = "Answers, fails or hangs."
+    Input = GateInput
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Semaphore(0)
+
+    async def run(self, args: GateInput) -> JSON:
+        if args.mode == "fail":
+            raise ToolError("upstream down", retryable=True)
+        if args.mode == "hang":
+            self.entered.release()
+            await asyncio.Event().wait()
+        return {"ok": True}
+
+
+async def test_a_cancelled_call_from_before_the_circuit_opened_leaves_the_trial_slot_alone() -> None:
+    clock, gate = Clock(), Gate()
+    ex, _ = executor({"gate": gate}, {"gate": {"breaker": {"failure_threshold": 1, "cooldown_s": 10}}}, clock=clock)
+    old = asyncio.create_task(call(ex, "gate", {"mode": "hang"}))  # admitted while closed
+    await gate.entered.acquire()
+    assert (await call(ex, "gate", {"mode": "fail"}))[-1].status is S.ERROR  # type: ignore[union-attr]
+    clock.now += 10
+    trial = asyncio.create_task(call(ex, "gate", {"mode": "hang"}))  # half-open: takes the one trial slot
+    await gate.entered.acquire()
+    assert (await call(ex, "gate", {"mode": "ok"}))[-1].status is S.CIRCUIT_OPEN  # type: ignore[union-attr]
+    old.cancel()  # e.g. its run was cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await old
+    # Were the slot freed, this call would run beside the trial (and its success would close the circuit).
+    assert (await call(ex, "gate", {"mode": "ok"}))[-1].status is S.CIRCUIT_OPEN  # type: ignore[union-attr]
+    trial.cancel()  # the trial's own cancel does free it
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert (await call(ex, "gate", {"mode": "ok"}))[-1].status is S.OK  # type: ignore[union-attr]
+    assert ex.guards["gate"].breaker.state.value == "closed"  # type: ignore[union-attr]
 
 
 async def test_fallback_answers_when_the_primary_finally_fails() -> None:

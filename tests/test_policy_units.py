@@ -35,64 +35,113 @@ def breaker(**policy: Any) -> tuple[CircuitBreaker, FakeClock, list[tuple[str, s
     return b, clock, moves
 
 
+def call(b: CircuitBreaker, *, failed: bool) -> None:
+    """One admitted call to its end."""
+    permit = b.allow()
+    assert permit is not None
+    b.failure(permit) if failed else b.success(permit)
+
+
 def test_breaker_opens_after_consecutive_failures_and_recovers_through_half_open() -> None:
     b, clock, moves = breaker(failure_threshold=3, cooldown_s=10)
     for _ in range(2):
-        assert b.allow()
-        b.failure()
+        call(b, failed=True)
     assert b.state is State.CLOSED
-    b.success()  # a success resets the streak
+    call(b, failed=False)  # a success resets the streak
     for _ in range(3):
-        assert b.allow()
-        b.failure()
+        call(b, failed=True)
     assert b.state is State.OPEN and not b.allow()
     clock.now += 9.9
     assert not b.allow()
     clock.now += 0.1
     assert b.state is State.HALF_OPEN
-    assert b.allow()  # the one trial call
+    trial = b.allow()  # the one trial call
+    assert trial is not None and trial.trial
     assert not b.allow()  # nobody else while it runs
-    b.success()
+    b.success(trial)
     assert b.state is State.CLOSED and b.allow()
     assert moves == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
 def test_failed_trial_reopens_and_a_cancelled_trial_frees_the_slot() -> None:
     b, clock, moves = breaker(failure_threshold=1, cooldown_s=5)
-    b.allow()
-    b.failure()
+    call(b, failed=True)
     clock.now += 5
-    assert b.allow()
-    b.failure()
+    call(b, failed=True)  # the trial
     assert b.state is State.OPEN and not b.allow()
     clock.now += 5
-    assert b.allow()
-    b.release()  # cancelled: no verdict, the next caller may try
+    trial = b.allow()
+    assert trial is not None
+    b.release(trial)  # cancelled: no verdict, the next caller may try
     assert b.allow()
     assert moves[-2:] == [("half_open", "open"), ("open", "half_open")]
+
+
+def test_only_the_trial_frees_the_trial_slot() -> None:
+    b, clock, _ = breaker(failure_threshold=1, cooldown_s=5)
+    old = b.allow()  # admitted while closed, still running
+    assert old is not None and not old.trial
+    call(b, failed=True)
+    clock.now += 5
+    trial = b.allow()
+    assert trial is not None and trial.trial
+    b.release(old)  # the old call is cancelled: the slot is not its to free
+    assert not b.allow()
+    b.release(trial)
+    assert b.allow()
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_verdict_from_before_the_circuit_opened_does_not_decide_the_trial(failed: bool) -> None:
+    b, clock, moves = breaker(failure_threshold=1, cooldown_s=5)
+    old = b.allow()
+    assert old is not None
+    call(b, failed=True)
+    clock.now += 5
+    trial = b.allow()
+    assert trial is not None
+    # The old call started before the outage was seen: it tells nothing of the tool after the cool-down.
+    b.failure(old) if failed else b.success(old)
+    assert b.state is State.HALF_OPEN and not b.allow()  # the trial still holds the slot, nobody else is let in
+    b.success(trial)  # the trial decides
+    assert b.state is State.CLOSED
+    assert moves == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_a_failure_from_an_earlier_closed_period_does_not_count_in_the_next() -> None:
+    b, clock, _ = breaker(failure_threshold=2, cooldown_s=5)
+    old = b.allow()
+    assert old is not None
+    call(b, failed=True)
+    call(b, failed=True)
+    clock.now += 5
+    call(b, failed=False)  # the trial closes the circuit
+    call(b, failed=True)
+    b.failure(old)  # would be the second failure in a row of the new period
+    assert b.state is State.CLOSED
 
 
 def test_breaker_opens_on_failure_rate_over_the_window() -> None:
     b, clock, _ = breaker(failure_threshold=100, failure_rate=0.5, min_calls=4, window_s=10)
     for failed in (True, False, True):
-        b.failure() if failed else b.success()
+        call(b, failed=failed)
     assert b.state is State.CLOSED  # 3 calls: under min_calls
-    b.success()
+    call(b, failed=False)
     assert b.state is State.CLOSED  # 2/4 but the last was a success: rate is checked on failures
-    b.failure()
+    call(b, failed=True)
     assert b.state is State.OPEN  # 3/5 >= 0.5
     b2, clock2, _ = breaker(failure_threshold=100, failure_rate=0.5, min_calls=2, window_s=10)
-    b2.failure()
+    call(b2, failed=True)
     clock2.now += 11  # the old failure left the window
-    b2.success()
-    b2.failure()
+    call(b2, failed=False)
+    call(b2, failed=True)
     assert b2.state is State.OPEN  # 1/2 in the window
     b3, clock3, _ = breaker(failure_threshold=100, failure_rate=0.6, min_calls=2, window_s=10)
-    b3.failure()
+    call(b3, failed=True)
     clock3.now += 11
-    b3.success()
-    b3.success()
-    b3.failure()
+    call(b3, failed=False)
+    call(b3, failed=False)
+    call(b3, failed=True)
     assert b3.state is State.CLOSED  # 1/3 in the window, the first failure expired
 
 

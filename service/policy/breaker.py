@@ -6,6 +6,14 @@ only (circuitbreaker) or pin old Redis clients with non-atomic updates (purgator
 `BreakerStore` protocol (in memory by default) so a shared store can come later, and time comes from an injectable
 clock so tests need no sleeping. Only failures that are the tool's fault are recorded: the executor never reports
 validation or dependency refusals here.
+
+Every admitted call gets a `Permit`: the epoch it was admitted in (counted up on every change of state) and whether
+it holds the half-open trial slot. Only the slot's holder frees it, and a verdict counts only in the epoch its call
+was admitted in. A call admitted while closed that ends after the circuit opened tells how the tool was before the
+cool-down, not whether it has recovered: its failure does not reopen a half-open circuit, its success does not
+close it (the trial decides; closing early would let every caller in beside the trial), and neither counts in a
+later closed period. While the circuit is open such verdicts never mattered: counts and the window restart on
+closing.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class BreakerState:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     trial_in_flight: bool = False
+    epoch: int = 0  # counts changes of state: tells a permit of this state from one of an earlier state
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed) within the window
 
 
@@ -65,8 +74,18 @@ class MemoryBreakerStore:
 Transition = Callable[[str, State, State], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """An admitted call's ticket, handed back with its verdict: the epoch it was admitted in, and whether it holds
+    the half-open trial slot."""
+
+    epoch: int
+    trial: bool = False
+
+
 class CircuitBreaker:
-    """`allow()` before a call; then exactly one of `success()`, `failure()` or `release()` (cancelled: no verdict)."""
+    """`allow()` before a call; then, with the permit it gave, exactly one of `success()`, `failure()` or `release()`
+    (cancelled: no verdict)."""
 
     def __init__(
         self,
@@ -90,45 +109,51 @@ class CircuitBreaker:
             return State.HALF_OPEN
         return s.state
 
-    def allow(self) -> bool:
+    def allow(self) -> Permit | None:
+        """A permit for one call, or None when the circuit refuses it."""
         s = self.store.load(self.name)
         if s.state is State.CLOSED:
-            return True
+            return Permit(s.epoch)
         if s.state is State.OPEN:
             if self.clock() - s.opened_at < self.policy.cooldown_s:
-                return False
+                return None
             self._move(s, State.HALF_OPEN)
         if s.trial_in_flight:  # half-open: one trial call at a time
-            return False
+            self.store.save(self.name, s)
+            return None
         s.trial_in_flight = True
         self.store.save(self.name, s)
-        return True
+        return Permit(s.epoch, trial=True)
 
-    def success(self) -> None:
+    def success(self, permit: Permit) -> None:
         s = self.store.load(self.name)
+        if permit.epoch != s.epoch:  # admitted in an earlier state: see the module docstring
+            return
         s.consecutive_failures = 0
-        s.trial_in_flight = False
         self._remember(s, failed=False)
-        if s.state is State.HALF_OPEN:
+        if s.state is State.HALF_OPEN:  # a permit of this epoch, half-open, is the trial's
             s.outcomes.clear()
             self._move(s, State.CLOSED)
         self.store.save(self.name, s)
 
-    def failure(self) -> None:
+    def failure(self, permit: Permit) -> None:
         s = self.store.load(self.name)
+        if permit.epoch != s.epoch:
+            return
         s.consecutive_failures += 1
-        s.trial_in_flight = False
         self._remember(s, failed=True)
         if s.state is State.HALF_OPEN or (s.state is State.CLOSED and self._tripped(s)):
             s.opened_at = self.clock()
             self._move(s, State.OPEN)
         self.store.save(self.name, s)
 
-    def release(self) -> None:
-        """The call ended without a verdict (cancelled): free the half-open trial slot."""
+    def release(self, permit: Permit) -> None:
+        """The call ended without a verdict (cancelled): if it held the half-open trial slot, the next caller may
+        try. Any other call leaves the slot alone: it may be another call's."""
         s = self.store.load(self.name)
-        s.trial_in_flight = False
-        self.store.save(self.name, s)
+        if permit.trial and permit.epoch == s.epoch:
+            s.trial_in_flight = False
+            self.store.save(self.name, s)
 
     def _remember(self, s: BreakerState, *, failed: bool) -> None:
         now = self.clock()
@@ -147,6 +172,9 @@ class CircuitBreaker:
 
     def _move(self, s: BreakerState, to: State) -> None:
         before, s.state = s.state, to
+        if before is not to:
+            s.epoch += 1
+            s.trial_in_flight = False  # the slot belongs to one half-open period; a new one starts free
         if to is State.CLOSED:
             s.consecutive_failures = 0
         if self.on_transition is not None and before is not to:
