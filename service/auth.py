@@ -165,37 +165,48 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 @dataclass
 class CallerLimits:
     """Per-caller runs per minute (a sliding window) and concurrent runs. In-process: with several replicas the
-    limits apply per replica until they move to a shared store."""
+    limits apply per replica until they move to a shared store.
+
+    `admit` only checks; `started` counts a run once it exists, so a run refused after the check (the background
+    queue is full, say) uses up none of the caller's runs per minute. The servicer calls both in one synchronous
+    step, with no await between them, so no other start of the same caller can pass the check in between."""
 
     clock: Callable[[], float] = time.monotonic
     _starts: dict[str, deque[float]] = field(default_factory=dict)
     active: dict[str, int] = field(default_factory=dict)
 
     def admit(self, caller: Caller) -> str | None:
-        """None when the caller may start a run now, else the reason it may not."""
+        """None when the caller may start a run now, else the reason it may not. Records nothing."""
         limit = caller.config.max_concurrent_runs
         if limit is not None and self.active.get(caller.name, 0) >= limit:
             return f"caller {caller.name} has {limit} runs in progress, its limit; wait for one to end"
         per_minute = caller.config.runs_per_minute
         if per_minute is not None:
-            now = self.clock()
-            starts = self._starts.setdefault(caller.name, deque())
-            while starts and now - starts[0] >= 60:
-                starts.popleft()
+            starts = self._last_minute(caller.name)
             if len(starts) >= per_minute:
-                wait = 60 - (now - starts[0])
+                wait = 60 - (self.clock() - starts[0])
                 return (
                     f"caller {caller.name} started {per_minute} runs in the last minute, its limit; "
                     f"retry in {wait:.0f} s"
                 )
-            starts.append(now)
         return None
 
     def started(self, caller: Caller) -> None:
+        """A run of this caller was created (after `admit` let it through)."""
         self.active[caller.name] = self.active.get(caller.name, 0) + 1
+        if caller.config.runs_per_minute is not None:
+            self._last_minute(caller.name).append(self.clock())
 
     def ended(self, caller: Caller) -> None:
         self.active[caller.name] = max(0, self.active.get(caller.name, 0) - 1)
+
+    def _last_minute(self, name: str) -> deque[float]:
+        """The caller's starts of the last 60 s (older ones are dropped here)."""
+        now = self.clock()
+        starts = self._starts.setdefault(name, deque())
+        while starts and now - starts[0] >= 60:
+            starts.popleft()
+        return starts
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
-from service.auth import token_hash
+from service.auth import Caller, CallerConfig, CallerLimits, token_hash
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 
@@ -151,6 +151,36 @@ async def test_per_caller_concurrency_and_rate_limits(start_service: Any, pki: P
         code, details = await code_of(events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="5"))))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details.startswith("caller auditor started 3 runs in the last minute, its limit; retry in")
+
+
+def test_only_started_runs_count_against_runs_per_minute() -> None:
+    now = [1000.0]
+    limits = CallerLimits(clock=lambda: now[0])
+    caller = Caller("batch", CallerConfig(name="batch", runs_per_minute=2), "token")
+    for _ in range(5):  # admitted, then refused further on (queue full, ...): nothing counted
+        assert limits.admit(caller) is None
+    for _ in range(2):
+        assert limits.admit(caller) is None
+        limits.started(caller)
+        now[0] += 10
+    refused = limits.admit(caller)
+    assert refused == "caller batch started 2 runs in the last minute, its limit; retry in 40 s"
+    now[0] += 40  # the first start leaves the window
+    assert limits.admit(caller) is None
+
+
+async def test_runs_refused_for_a_full_queue_use_up_no_runs_per_minute(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(
+        SLOW,
+        runs={"background_max_concurrent": 1, "background_max_queued": 0},
+        auth={"anonymous": {"name": "anon", "runs_per_minute": 3}},
+    )
+    api = stub(channel_to(svc))
+    await api.SubmitRun(pb.RunAgentRequest(message="a"))  # runs, and fills the background queue
+    for _ in range(3):  # the third would be the caller's fourth start of the minute, had refused runs counted
+        code, details = await code_of(api.SubmitRun(pb.RunAgentRequest(message="b")))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.startswith("the background queue is full"), details
 
 
 def token_config(pki: Pki) -> dict[str, Any]:
