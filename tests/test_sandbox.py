@@ -251,6 +251,30 @@ async def test_cancel_kills_the_group_and_propagates(shared: Path) -> None:
     assert open_fds() == fds, "the call left file descriptors open"
 
 
+@pytest.mark.parametrize("turns", [1, 2, 3])
+async def test_a_second_cancel_during_the_cleanup_still_reaps_and_closes(shared: Path, turns: int) -> None:
+    # A tool timeout, then within milliseconds the run is stopped and cancels the call again: the second cancel
+    # lands `turns` loop turns into the cleanup of the first. Cut short, the cleanup left the forked child a zombie.
+    marker = new_marker(shared)
+    fds = open_fds()
+    task = asyncio.create_task(sandbox(shared, "sleep").run({"marker": str(marker)}))
+    for _ in range(500):
+        if marker.read_text() and len(group_members(int(marker.read_text()))) == 2:  # the child is forked
+            break
+        await asyncio.sleep(0.01)
+    pgid = int(marker.read_text())
+    assert len(group_members(pgid)) == 2
+    task.cancel()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    assert not task.done()  # still cleaning up
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert group_members(pgid) == [], "a process of the group (a zombie) survived the call"
+    assert open_fds() == fds, "the call left file descriptors open"
+
+
 async def test_environment_cwd_and_user(shared: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")

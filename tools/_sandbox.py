@@ -5,7 +5,8 @@ The containment contract of `Sandbox.run`, whatever happens (normal end, timeout
 the service, or cancellation of the calling task):
 
 - the program runs in its own session and process group; when the call ends the whole group is killed with
-  SIGKILL and reaped before `run` returns or raises (`CancelledError` is re-raised after that, never swallowed);
+  SIGKILL and reaped before `run` returns or raises, even when cancelled again during that cleanup
+  (`CancelledError` is re-raised after it, never swallowed);
 - limits are set by `prlimit(1)` and the user changed by `setpriv(1)` (util-linux) as the program is exec'd, so
   the service only vfork()s: no Python and no fork handler runs in a forked copy of the threaded service
   (`preexec_fn`/`user=` and a full fork() are only the fallback where those commands are missing);
@@ -36,7 +37,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -143,6 +144,29 @@ def _reap_group(pgid: int) -> None:
             return
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
             continue
+
+
+async def _despite_cancel(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Run `cleanup` to its end even when the calling task is cancelled meanwhile, then re-raise that cancel.
+
+    Cleanup after a first cancel must survive a second one: a tool timeout followed within milliseconds by the run
+    being stopped, whose stream merge cancels the call again. Cut short, it would skip the reap and leave a zombie
+    per call (this process is the programs' subreaper) and the pipes' descriptors open. `asyncio.wait` returns
+    when the caller is cancelled without cancelling the cleanup task, which is always awaited to its end here.
+    """
+    task = asyncio.create_task(cleanup)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is None:
+        task.result()
+        return
+    if not task.cancelled() and task.exception() is not None:  # the caller sees its cancel; the failure goes to logs
+        log.error("sandbox cleanup failed after a cancel", exc_info=task.exception())
+    raise cancelled
 
 
 class _Overflow(Exception):
@@ -349,15 +373,19 @@ class Sandbox:
             _kill_group(pgid)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await protocol.exited.wait()
-            await asyncio.to_thread(_reap_group, pgid)
-            # Our ends of the pipes are closed here. asyncio closes them by itself only once each has reported end of
-            # file: some loop turns later, or never when output was left unread (past the output cap the reader
-            # stops; what the program wrote meanwhile fills the stream's buffer and pauses the pipe) or a descendant
-            # that left the group (setsid) still holds them. Until then their descriptors stay open.
-            transport.close()
-            await asyncio.sleep(0)  # the pipes close their descriptors in callbacks close() has queued: let them run
+
+            async def clean_up() -> None:
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await protocol.exited.wait()
+                await asyncio.to_thread(_reap_group, pgid)
+                # Our ends of the pipes are closed here. asyncio closes them by itself only once each has reported
+                # end of file: some loop turns later, or never when output was left unread (past the output cap the
+                # reader stops; what the program wrote meanwhile fills the stream's buffer and pauses the pipe) or a
+                # descendant that left the group (setsid) still holds them. Until then their descriptors stay open.
+                transport.close()
+                await asyncio.sleep(0)  # the pipes close their descriptors in callbacks close() queued: let them run
+
+            await _despite_cancel(clean_up())
         assert proc.returncode is not None  # set when the program exited (`protocol.exited`)
         returncode = proc.returncode
         return _Finished(
