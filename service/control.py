@@ -53,7 +53,8 @@ class RunControl:
         return self._stop or DeadlineExceeded("the run's deadline passed before it finished")
 
     def scope(self) -> _Scope:
-        """Runs the body under the deadline; `stop_now` fires it early. Exits with TimeoutError when it fired.
+        """Runs the body under the deadline; `stop_now` fires it early. Exits with TimeoutError when it fired, and
+        `fired` then says so: a TimeoutError raised inside the body (a socket timeout, say) passes through it too.
 
         The task running the body must not await anything outside it while inside (the agent loop is consumed by
         `service.runs`, whose driver only appends events), or the cancellation would land in the wrong place."""
@@ -67,6 +68,11 @@ class _Scope:
     def __init__(self, control: RunControl) -> None:
         self.control = control
         self.timeout = asyncio.timeout_at(control.deadline)
+
+    @property
+    def fired(self) -> bool:
+        """Whether the deadline or `stop_now` ended the body, rather than the body raising TimeoutError itself."""
+        return self.timeout.expired()
 
     async def __aenter__(self) -> asyncio.Timeout:
         scope = await self.timeout.__aenter__()

@@ -191,11 +191,14 @@ class AgentLoop:
         state = _RunState(spec, started=self.clock())
         if announce:
             yield self.started(spec)
+        scope = control.scope()
         try:
-            async with control.scope():
+            async with scope:
                 async for event in self._turns(spec, state, control):
                     yield event
         except TimeoutError:
+            if not scope.fired:
+                raise  # not the deadline, nor a stop: a bug, which the registry reports as INTERNAL with its traceback
             reason = control.stop_reason()
             for call_id, name in state.open_calls.items():
                 yield ToolResult(
@@ -290,12 +293,15 @@ class AgentLoop:
         try:
             for attempt in range(1, self.retry.attempts + 1):
                 try:
-                    async with aclosing(self.model.stream_turn(request)) as stream:
-                        async for event in stream:
-                            mapped = _map_model_event(turn, event)
-                            emitted = emitted or not isinstance(mapped, m.TurnEnd)
-                            yield mapped
-                    return
+                    try:
+                        async with aclosing(self.model.stream_turn(request)) as stream:
+                            async for event in stream:
+                                mapped = _map_model_event(turn, event)
+                                emitted = emitted or not isinstance(mapped, m.TurnEnd)
+                                yield mapped
+                        return
+                    except TimeoutError as err:
+                        raise _timed_out(err) from err
                 except ModelError as exc:
                     if not exc.retryable:
                         code = _CALLER_FAULT.get(exc.status or 0, "FAILED_PRECONDITION")
@@ -347,6 +353,13 @@ def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
         case m.TurnEnd():
             return event
     raise TypeError(f"unknown model event {event!r}")
+
+
+def _timed_out(err: TimeoutError) -> ModelError:
+    """A TimeoutError from the model's stream (an SDK, socket or `asyncio.timeout` in an adapter that did not map
+    it): a model failure worth another try, as the adapters' own timeouts are. Left alone, it would reach the run's
+    scope and be taken for the run's deadline."""
+    return ModelError(f"the model timed out: {err or 'no detail'}", retryable=True)
 
 
 def _attempt_state(attempt: int) -> RetryCallState:

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from fake_tools import all_tools
+from fake_tools import EchoInput, all_tools
 from service import events as ev
 from service.config import ModelRetry, Pacing
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
+from tools.base import JSON, Tool
 
 
 def scenario(*turns: dict[str, Any]) -> Scenario:
@@ -395,3 +396,91 @@ async def test_a_callers_cancel_is_logged_as_info_a_missed_deadline_as_a_warning
                     control.stop_now(reason)
         stopped = [r for r in caplog.records if r.getMessage().startswith("run stopped")]
         assert [(r.levelname, r.code) for r in stopped] == [(level, reason.code)]  # type: ignore[attr-defined]
+
+
+class TimingOutModel:
+    """Raises TimeoutError, as an SDK or socket timeout an adapter let through would, `times` times (after streaming
+    `first` text when given), then plays `then`."""
+
+    def __init__(self, then: ScriptedModel, *, times: int, first: str = "") -> None:
+        self.then = then
+        self.times = times
+        self.first = first
+        self.calls = 0
+
+    @property
+    def default_model(self) -> str:
+        return "timing-out"
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stream_turn(self, request: m.TurnRequest) -> AsyncGenerator[m.ModelEvent, None]:
+        self.calls += 1
+        if self.calls <= self.times:
+            if self.first:
+                yield m.TextDelta(text=self.first)
+            raise TimeoutError("The read operation timed out")
+        async for event in self.then.stream_turn(request):
+            yield event
+
+
+async def test_a_model_timeout_is_retried_not_taken_for_the_runs_deadline() -> None:
+    from service.control import RunControl
+
+    model = TimingOutModel(scripted({"text": "fine"}), times=2)
+    loop, waits = make_loop(model)
+    events = [e async for e in loop.run(spec(), RunControl(deadline=None))]
+    assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "fine"
+    assert model.calls == 3 and len(waits) == 2
+
+
+async def test_a_model_that_keeps_timing_out_is_unavailable() -> None:
+    loop, waits = make_loop(TimingOutModel(scripted({"text": "never"}), times=9), attempts=3)
+    last = (await collect(loop))[-1]
+    assert isinstance(last, ev.RunFailed)
+    assert (last.code, last.retryable) == ("UNAVAILABLE", True)
+    assert last.message == "model turn 1 failed after 3 attempt(s): the model timed out: The read operation timed out"
+    assert len(waits) == 2
+
+
+async def test_a_model_timeout_after_streaming_is_not_retried() -> None:
+    model = TimingOutModel(scripted({"text": "never"}), times=1, first="partial ")
+    loop, waits = make_loop(model)
+    last = (await collect(loop))[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.retryable) == ("UNAVAILABLE", True)
+    assert "after part of it was streamed" in last.message
+    assert waits == [] and model.calls == 1
+
+
+async def test_a_timeout_error_the_scope_did_not_raise_is_a_crash_not_a_deadline() -> None:
+    """Anything but the model raising TimeoutError inside the run is a bug: the registry reports it as INTERNAL with
+    the traceback, rather than the loop claiming a deadline passed."""
+
+    class BrokenExecutor(Executor):
+        async def execute(self, call: Any, run: Any) -> AsyncGenerator[ev.Event, None]:
+            raise TimeoutError("not the run's")
+            yield
+
+    model = scripted({"tool_calls": [{"name": "echo", "input": {"text": "x"}}]}, {"text": "never"})
+    loop = AgentLoop(model, BrokenExecutor(all_tools()))
+    with pytest.raises(TimeoutError, match="not the run's"):
+        await collect(loop)
+
+
+async def test_a_tool_raising_timeout_error_is_a_tool_result() -> None:
+    class TimesOut(Tool[EchoInput]):
+        name = "times_out"
+        description = "Its upstream times out."
+        Input = EchoInput
+
+        async def run(self, args: EchoInput) -> JSON:
+            raise TimeoutError("upstream read timed out")
+
+    tools = {**all_tools(), "times_out": TimesOut()}
+    model = scripted({"tool_calls": [{"name": "times_out", "input": {"text": "x"}}]}, {"text": "recovered"})
+    loop = AgentLoop(model, Executor(tools))
+    events = await collect(loop, spec(tools=("times_out",)))
+    (result,) = of(events, ev.ToolResult)
+    assert result.status is ev.ToolStatus.TIMEOUT
+    assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "recovered"

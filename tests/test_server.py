@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,8 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events, run_events_of, stub
+from conftest import make_config, run_events, run_events_of, stub
 from fake_tools import all_tools
+from service.server import start
 
 
 async def test_full_run_streams_numbered_events(start_service: Any, channel_to: Any) -> None:
@@ -121,6 +124,35 @@ async def test_model_unavailable_maps_to_unavailable(start_service: Any, channel
         await run_events(channel_to(svc))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "after 2 attempt(s)" in (info.value.details() or "")
+
+
+class TimingOutModel:
+    """Its stream raises TimeoutError, as an SDK or socket read timeout that an adapter let through would."""
+
+    default_model = "timing-out"
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stream_turn(self, request: Any) -> AsyncIterator[Any]:
+        raise TimeoutError("The read operation timed out")
+        yield
+
+
+async def test_a_model_timeout_is_unavailable_not_the_runs_deadline(tmp_path: Path, channel_to: Any) -> None:
+    config = make_config(tmp_path, model={"retry": {"attempts": 2, "initial_backoff_s": 0.001, "max_backoff_s": 0.001}})
+    svc = await start(config, metrics=False, tools=all_tools(), model=TimingOutModel())
+    seen: list[pb.AgentEvent] = []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for event in stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hi")):
+                seen.append(event)
+    finally:
+        await svc.server.stop(0)
+        await svc.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (seen[-1].error.code, seen[-1].error.retryable) == ("UNAVAILABLE", True)
+    assert "after 2 attempt(s): the model timed out" in seen[-1].error.message
 
 
 def idle(svc: Any) -> bool:
