@@ -12,7 +12,7 @@ import pytest
 
 from fake_anthropic import FakeAnthropic, Text, ToolUse
 from service.errors import ModelError
-from service.models.anthropic import AnthropicModel
+from service.models.anthropic import AnthropicModel, _Turn
 from service.models.base import (
     ModelEvent,
     TextDelta,
@@ -377,3 +377,37 @@ async def test_default_model(model: AnthropicModel) -> None:
     other = AnthropicModel(api_key="k")
     assert other.default_model == "claude-sonnet-4-6"
     await other.aclose()
+
+
+async def test_a_bare_timeout_error_is_a_retryable_timeout(
+    fake: FakeAnthropic, model: AnthropicModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket or SSL timeout the SDK let through unwrapped, opening the stream or reading it."""
+
+    async def times_out(**kwargs: Any) -> Any:
+        raise TimeoutError("_ssl.c:989: The handshake operation timed out")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model._client.messages, "create", times_out)
+        error, _ = await failure(model)
+    assert (error.retryable, error.message) == (True, "anthropic: request timed out")
+
+    def read_times_out(self: Any, event: Any) -> Any:
+        raise TimeoutError("The read operation timed out")
+
+    fake.script_turn(text="never read")
+    monkeypatch.setattr(_Turn, "feed", read_times_out)
+    error, _ = await failure(model)
+    assert (error.retryable, error.message) == (True, "anthropic: request timed out")
+
+
+async def test_a_tool_input_with_an_integer_too_long_to_read_is_a_bad_input(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    fake.script_blocks([ToolUse("query_database", '{"sql": "select 1", "n": ' + "9" * 5000 + "}", id="toolu_big")])
+
+    end = (await collect(model))[-1]
+
+    assert isinstance(end, TurnEnd)
+    assert end.content[0]["input"] == {}
+    assert end.bad_inputs["toolu_big"].startswith("tool input could not be read: Exceeds the limit (4300 digits)")

@@ -83,7 +83,7 @@ class AnthropicModel:
             async for event in stream:
                 for model_event in turn.feed(event):
                     yield model_event
-        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError, TimeoutError) as err:
             raise _model_error(err) from err
         finally:
             # Drops the connection when the turn is abandoned (cancel, aclose) rather than leaving it to the GC.
@@ -208,6 +208,8 @@ def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
         value = json.loads(raw)
     except json.JSONDecodeError as err:
         return {}, f"tool input is not valid JSON: {err}"
+    except ValueError as err:  # an integer of more digits than Python reads (4300 unless configured)
+        return {}, f"tool input could not be read: {err}"
     if not isinstance(value, dict):
         return {}, f"tool input is a JSON {type(value).__name__}, not an object"
     return value, None
@@ -217,7 +219,8 @@ def _model_error(err: Exception) -> ModelError:
     """The one place SDK and transport failures become `ModelError`."""
     if isinstance(err, anthropic.APIStatusError):
         return _status_error(err)
-    if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException):
+    # TimeoutError: a socket or SSL timeout that reached us unwrapped; as worth another try as the SDK's own.
+    if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException | TimeoutError):
         return ModelError("anthropic: request timed out", retryable=True)
     if isinstance(err, anthropic.APIConnectionError):
         cause = err.__cause__ or err
