@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,16 @@ async def _image(request: web.Request) -> web.Response:
     return web.Response(body=b"\x89PNG\r\n", content_type="image/png")
 
 
+def _deep_json() -> str:
+    """Arrays nested past the recursion limit, which json.loads' C parser also keeps (the test runner raises it)."""
+    depth = sys.getrecursionlimit() + 100
+    return "[" * depth + "]" * depth
+
+
+async def _deep(request: web.Request) -> web.Response:
+    return web.Response(text=_deep_json(), content_type="application/json")
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(5)
     return web.Response(text="late")
@@ -90,6 +101,7 @@ async def base_url() -> AsyncIterator[str]:
         ("/big", _big),
         ("/image", _image),
         ("/slow", _slow),
+        ("/deep", _deep),
         ("/hop", _hop),
         ("/loop", _loop),
         ("/to-ftp", _to_ftp),
@@ -148,6 +160,15 @@ async def test_get_json_is_parsed(tool: HttpRequest, base_url: str) -> None:
     assert result["body"] == {"carrier": "NordLine Freight", "status": "ok"}
     assert result["headers"]["content-type"].startswith("application/json")
     assert result["truncated"] is False
+
+
+async def test_json_nested_past_the_parsers_limit_comes_back_as_text(base_url: str, tmp_path: Path) -> None:
+    tool = make(tmp_path, allow_hosts=["127.0.0.1"], max_response_bytes=len(_deep_json()) + 1)
+    try:
+        result = await call(tool, url=f"{base_url}/deep")
+    finally:
+        await tool.aclose()
+    assert result["status"] == 200 and result["body"] == _deep_json()  # was a RecursionError
 
 
 async def test_post_sends_json_and_headers(tool: HttpRequest, base_url: str) -> None:

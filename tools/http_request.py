@@ -384,8 +384,10 @@ def _body(response: httpx.Response, data: bytes, truncated: bool) -> JSON:
     if not truncated and (media_type == "application/json" or media_type.endswith("+json")):
         try:
             return json.loads(text)
-        except ValueError:
-            pass  # a server that says JSON but sends something else: show the text
+        except (ValueError, RecursionError):
+            # a server that says JSON but sends something else, an integer of more digits than Python reads, or
+            # arrays nested past the parser's recursion limit: show the text
+            pass
     return text
 
 
