@@ -67,15 +67,32 @@ class Redactor:
         if isinstance(value, dict | list | tuple) and depth >= self.max_depth:
             return TOO_DEEP
         if isinstance(value, dict):
-            fields = self._fields
-            return {
-                k: self.mask if fields and _key(k) in fields else self._walk(v, depth + 1) for k, v in value.items()
-            }
+            return self._walk_dict(value, depth)
         if isinstance(value, list):
             return [self._walk(v, depth + 1) for v in value]
         if isinstance(value, tuple):
             return tuple(self._walk(v, depth + 1) for v in value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and self._pattern is not None:
+            # a card number sent as a JSON number is the same secret as the string: masked, it becomes text
+            digits = str(value)
+            masked = self.text(digits)
+            return value if masked == digits else masked
         return value
+
+    def _walk_dict(self, value: dict[Any, Any], depth: int) -> dict[Any, Any]:
+        fields = self._fields
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            item = self.mask if fields and _key(k) in fields else self._walk(v, depth + 1)
+            # patterns apply to keys too (data keyed by e-mail address); two keys masked alike stay two entries
+            key = self.text(k) if isinstance(k, str) else k
+            if key != k:
+                base, n = key, 1
+                while key in out or key in value:
+                    n += 1
+                    key = f"{base} #{n}"
+            out[key] = item
+        return out
 
 
 _active = Redactor()

@@ -59,6 +59,14 @@ def test_patterns_are_masked_inside_strings() -> None:
     assert r.value(["ada@example.com", 7, None, 1.5]) == [M, 7, None, 1.5]
 
 
+def test_patterns_are_masked_in_keys_and_numbers_too() -> None:
+    """Data keyed by an e-mail address, and a card number sent as a JSON number, are the same secrets as strings."""
+    r = redactor()
+    data = {"alice@example.com": {"note": "hi"}, "bob@example.com": 1, "amount": 4111111111111111, "n": 42}
+    assert r.value(data) == {M: {"note": "hi"}, f"{M} #2": 1, "amount": M, "n": 42}
+    assert r.value([4111111111111111, 3.5, True, None]) == [M, 3.5, True, None]
+
+
 def test_deep_input_is_cut_not_a_recursion_error() -> None:
     deep: Any = "x"
     for _ in range(sys.getrecursionlimit() * 3):
