@@ -79,6 +79,17 @@ class ToolCallRequest:
     parse_error: str | None = None
 
 
+def _fallback_for(fallback: str | None, outcome: Outcome, run: RunContext) -> str | None:
+    """The fallback to try after `outcome`, if any. One the run was not offered is not tried (the caller's rights, or
+    its own choice of tools, leave it out: answering through it would hand the caller a tool it may not call)."""
+    if fallback is None or outcome.status not in _FALLBACK_ON:
+        return None
+    if fallback not in run.offered:
+        outcome.error += f"; fallback {fallback} is not offered to this run, so it was not tried"
+        return None
+    return fallback
+
+
 class Executor:
     """Executes tool calls against a fixed set of tools, each under its policy (the tool's own, unless `policies`
     gives the resolved ones). `clock`, `sleep` and `breaker_store` are injectable for tests; `audit` and
@@ -200,8 +211,8 @@ class Executor:
             else:
                 yield item
         answered_by = ""
-        fallback = guards.policy.fallback
-        if fallback is not None and outcome.status in _FALLBACK_ON:
+        fallback = _fallback_for(guards.policy.fallback, outcome, run)
+        if fallback is not None:
             async for item in self._fallback(call, fallback, outcome, span, counter):
                 if isinstance(item, Outcome):
                     answered_by = fallback if item is not outcome else ""

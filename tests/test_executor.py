@@ -180,6 +180,18 @@ async def test_fallback_answers_when_the_primary_finally_fails() -> None:
     assert result.attempts == 3
 
 
+async def test_no_fallback_to_a_tool_the_run_was_not_offered() -> None:
+    """A caller without rights to the fallback (or that left it out of its tools) must not get its answers."""
+    tools = policy_tools(failures=9)
+    ex, _ = executor(tools, {"flaky": {"retry": {"attempts": 1}, "fallback": "backup"}})
+    events = await call(ex, "flaky", {"text": "x"}, RunContext(run_id="r", offered=frozenset({"flaky"})))
+    assert kinds(events) == ["ToolCallReady", "ToolResult"]
+    result = events[-1]
+    assert isinstance(result, ev.ToolResult) and result.status is S.ERROR and not result.answered_by
+    assert result.error == "upstream 503 (call 1); fallback backup is not offered to this run, so it was not tried"
+    assert tools["backup"].calls == 0  # type: ignore[attr-defined]
+
+
 async def test_open_circuit_goes_straight_to_the_fallback() -> None:
     tools = policy_tools(failures=9)
     overrides = {"flaky": {"breaker": {"failure_threshold": 1, "cooldown_s": 60}, "fallback": "backup"}}
