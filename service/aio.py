@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -92,51 +92,6 @@ def _abandon(task: asyncio.Task[Any], within: float, fields: Mapping[str, Any]) 
         )
 
     task.add_done_callback(ended)
-
-
-async def run_within(
-    coro: Awaitable[T],
-    timeout_s: float,
-    *,
-    abandon_after_s: float = ABANDON_AFTER_S,
-    name: str | None = None,
-    fields: Mapping[str, Any] | None = None,
-    on_abandon: Callable[[], object] | None = None,
-) -> T:
-    """`coro`'s result, or TimeoutError after `timeout_s`. Unlike an `asyncio.timeout` around the await, this ends
-    within `abandon_after_s` of the timeout or of the caller's cancellation even when `coro` ignores its
-    cancellation, because `coro` runs in a task of its own (abandoned then, see `cancel_and_wait`).
-
-    Not `asyncio.wait`: this is on every tool call's path, and a future that the task itself sets as it ends, with
-    a timer, costs about half as much (17 against 30 µs a call in a micro-benchmark)."""
-    loop = asyncio.get_running_loop()
-    woken = loop.create_future()
-    task: asyncio.Task[T] | None = loop.create_task(_waking(coro, woken), name=name)
-    assert task is not None
-    timer = loop.call_later(timeout_s, _wake, woken)
-    try:
-        await woken
-        if not task.done():
-            raise TimeoutError
-        return task.result()
-    finally:
-        timer.cancel()
-        if not task.done():  # timed out, or the caller was cancelled
-            await cancel_and_wait((task,), abandon_after_s, fields=fields, on_abandon=on_abandon)
-        # The exception's traceback holds this frame, and the task holds the exception: a cycle, unless dropped.
-        task = None
-
-
-async def _waking(coro: Awaitable[T], woken: asyncio.Future[None]) -> T:
-    try:
-        return await coro
-    finally:
-        _wake(woken)
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 async def merge(

@@ -21,7 +21,7 @@ from typing import Any
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from service import telemetry
-from service.aio import merge
+from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
 from service.control import RunControl
 from service.errors import (
@@ -153,8 +153,10 @@ class AgentLoop:
         retry: ModelRetry | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        abandon_after_s: float = ABANDON_AFTER_S,
     ) -> None:
         self.model = model
+        self.abandon_after_s = abandon_after_s
         self.executor = executor
         self.retry = retry or ModelRetry()
         self.sleep = sleep
@@ -334,7 +336,16 @@ class AgentLoop:
 
     async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
-        async for event in merge(*(self.executor.execute(c, run) for c in calls)):
+        # A call whose tool ignores its cancellation is abandoned when the run stops, `abandon_after_s` after its
+        # cancel (`service.aio`): CancelRun, deadlines and drains are not held up by it. Its own hard timeout is
+        # not bounded that way (that would cost every call a task of its own): the run's deadline is.
+        calls_of_turn = merge(
+            *(self.executor.execute(c, run) for c in calls),
+            abandon_after_s=self.abandon_after_s,
+            name=f"tool calls of run {run.run_id}",
+            fields={"run_id": run.run_id},
+        )
+        async for event in calls_of_turn:
             yield event
 
 

@@ -3,9 +3,11 @@ watched from any seq, cancelled, run in the background, and are forgotten after 
 
 Cancellation contract: a run is driven by its own task (`Run.task`), never by a caller's stream. Callers stop a run
 through its `RunControl` (the run then ends with events saying so); only `RunRegistry.close` cancels driver tasks
-outright. A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while
-it is behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`)
-and resumes from the log with its last seq.
+outright, and it waits a bounded time for them: a driver that does not stop is abandoned (`service.aio`).
+
+A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while it is
+behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`) and
+resumes from the log with its last seq.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import NamedTuple
 
 from service import events as ev
 from service import telemetry
+from service.aio import cancel_and_wait
 from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
@@ -341,11 +344,12 @@ class RunRegistry:
             await asyncio.wait(live, timeout=5)
 
     async def close(self) -> None:
+        """Cancel the runs still going (after `shutdown`, none should be) and the registry's own tasks. A driver
+        that has not stopped after `2 * abandon_after_s` of the loop is abandoned: longer than the calls of a turn
+        wait (1x), so that the layer that can say which calls are stuck is the one that does."""
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
 
     def sweep(self) -> int:
         """Forget runs that ended more than `retention_s` ago, and the oldest ended ones past `max_retained_runs`."""

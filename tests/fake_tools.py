@@ -178,6 +178,46 @@ class StreamThenHang(Tool[CountInput]):
         await asyncio.Event().wait()
 
 
+class Stubborn(Tool[EchoInput]):
+    """Ignores cancellation until `release` is set, as a tool that swallows CancelledError, or is stuck in code that
+    cannot be cancelled, would. Not in the default sets: a test that uses it sets `release` before it ends, or the
+    event loop's own shutdown would wait for it."""
+
+    name = "stubborn"
+    description = "Ignores cancellation."
+    Input = EchoInput
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.running = asyncio.Event()
+        self.cancels = 0
+        self.ended = 0
+
+    async def hold(self) -> None:
+        self.running.set()
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancels += 1  # swallowed, which is the point
+        self.ended += 1
+
+    async def run(self, args: EchoInput) -> JSON:
+        await self.hold()
+        return {"late": args.text}
+
+
+class StubbornStream(Stubborn):
+    """Streams one chunk, then ignores cancellation as `Stubborn` does."""
+
+    name = "stubborn_stream"
+    streaming = True
+
+    async def stream(self, args: EchoInput) -> AsyncIterator[JSON]:
+        yield {"i": 0}
+        await self.hold()
+
+
 class Backup(Tool[EchoInput]):
     """A fallback: answers anything an EchoInput tool was asked."""
 

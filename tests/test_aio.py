@@ -64,32 +64,3 @@ async def test_closing_a_merge_abandons_a_source_that_ignores_its_cancellation(
             assert end.run_id == "run_m" and end.outcome == "returned"  # type: ignore[attr-defined]
     finally:
         stuck.release.set()
-
-
-async def test_run_within_times_out_on_a_coroutine_that_ignores_the_cancel() -> None:
-    stuck = Stuck()
-    abandoned: list[int] = []
-    call = asyncio.create_task(
-        aio.run_within(stuck.hold(), 0.05, abandon_after_s=0.05, on_abandon=lambda: abandoned.append(1))
-    )
-    try:
-        took = await ended(call)
-        assert took is not None and took < 1.0
-        with pytest.raises(TimeoutError):
-            call.result()
-        assert abandoned == [1] and stuck.cancels == 1
-    finally:
-        stuck.release.set()
-    assert await aio.run_within(asyncio.sleep(0, "now"), 1) == "now"
-
-
-async def test_run_within_leaves_with_its_caller_cancelled_and_cancels_the_coroutine() -> None:
-    stuck = Stuck()
-    call = asyncio.create_task(aio.run_within(stuck.hold(), 30, abandon_after_s=0.05))
-    try:
-        await asyncio.sleep(0.01)
-        call.cancel()
-        assert await ended(call) is not None
-        assert call.cancelled() and stuck.cancels == 1
-    finally:
-        stuck.release.set()

@@ -4,6 +4,7 @@ deadlines, slow readers and the unary call."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -11,7 +12,8 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import run_events, run_events_of, stub
-from fake_tools import all_tools
+from fake_tools import Stubborn, all_tools
+from service.runs import RunState
 
 SLOW_TOOL = [
     {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},
@@ -317,3 +319,36 @@ async def test_watch_after_a_seq_not_logged_yet_is_out_of_range_live_or_ended(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run_events_of(ended)
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE and "ended at seq" in str(info.value.details())
+
+
+async def test_cancel_run_and_drain_do_not_wait_for_a_tool_that_ignores_cancellation(
+    start_service: Any, channel_to: Any
+) -> None:
+    stubborn = Stubborn()
+    turns = [{"tool_calls": [{"name": "stubborn", "input": {"text": "x"}}]}, {"text": "never"}]
+    svc = await start_service(turns, tools={**all_tools(), "stubborn": stubborn})
+    svc.registry.loop.abandon_after_s = 0.05
+    channel = channel_to(svc)
+    try:
+        cancelled = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+        await asyncio.wait_for(stubborn.running.wait(), 5)
+        reply = await stub(channel).CancelRun(pb.CancelRunRequest(run_id=cancelled.run_id))
+        assert reply.state == pb.Run.CANCELLED
+        seen: list[pb.AgentEvent] = []
+        watch = stub(channel).WatchRun(pb.WatchRunRequest(run_id=cancelled.run_id))
+        assert await status_of(watch, seen) == grpc.StatusCode.CANCELLED
+        result = next(e.tool_result for e in seen if e.HasField("tool_result"))
+        assert result.status == pb.TOOL_STATUS_CANCELLED and seen[-1].error.code == "CANCELLED"
+
+        stubborn.running.clear()
+        interrupted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+        await asyncio.wait_for(stubborn.running.wait(), 5)
+        started = time.monotonic()
+        drain = asyncio.create_task(svc.drain(grace=0.1))
+        done, _ = await asyncio.wait({drain}, timeout=5)  # not wait_for: it would wait for the tool too
+        assert done, "drain waited for a tool that ignored its cancellation"
+        assert time.monotonic() - started < 3
+        assert svc.registry.get(interrupted.run_id).state is RunState.FAILED
+        assert stubborn.ended == 0  # both calls abandoned, still running
+    finally:
+        stubborn.release.set()

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from fake_tools import all_tools
+from fake_tools import Stubborn, all_tools
+from service import aio
 from service import events as ev
 from service.config import Pacing, RunsConfig
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
+from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
 from service.runs import QueueFull, RunRegistry, RunState, SubscriberTooSlow
+from tools.base import Tool
 
 
-def registry(turns: list[dict[str, Any]], *, pacing_ms: float = 0, clock: Any = None, **config: Any) -> RunRegistry:
+def registry(
+    turns: list[dict[str, Any]],
+    *,
+    pacing_ms: float = 0,
+    clock: Any = None,
+    model: Any = None,
+    tools: dict[str, Tool[Any]] | None = None,
+    abandon_after_s: float = 0.5,
+    **config: Any,
+) -> RunRegistry:
     scenario = Scenario.model_validate({"name": "t", "turns": turns})
-    model = ScriptedModel(scenario, pacing=Pacing(first_token_ms=pacing_ms, token_interval_ms=pacing_ms))
-    loop = AgentLoop(model, Executor(all_tools()))
+    model = model or ScriptedModel(scenario, pacing=Pacing(first_token_ms=pacing_ms, token_interval_ms=pacing_ms))
+    loop = AgentLoop(model, Executor(tools or all_tools()), abandon_after_s=abandon_after_s)
     kwargs = {"clock": clock} if clock else {}
     return RunRegistry(loop, RunsConfig(**config), **kwargs)
 
@@ -116,3 +130,60 @@ async def test_background_queue_is_bounded_and_queued_runs_can_be_cancelled() ->
     assert queued.state is RunState.CANCELLED
     reg.start(spec("run_d"), caller="c", background=True)  # the slot freed up
     await reg.close()
+
+
+async def test_cancelling_a_run_whose_tool_ignores_it_ends_the_run_within_the_bound() -> None:
+    stubborn = Stubborn()
+    turns = [{"tool_calls": [{"name": "stubborn", "input": {"text": "x"}}]}, {"text": "never"}]
+    reg = registry(turns, tools={**all_tools(), "stubborn": stubborn}, abandon_after_s=0.05)
+    run, _ = reg.start(spec(tools=("stubborn",)), caller="a")
+    try:
+        await asyncio.wait_for(stubborn.running.wait(), 5)
+        reg.cancel(run)
+        assert run.task is not None
+        await asyncio.wait([run.task], timeout=1.0)  # as long as CancelRun waits for the final state
+        assert run.state is RunState.CANCELLED
+        results = [e.event for e in run.log if isinstance(e.event, ev.ToolResult)]
+        assert [(r.name, r.status) for r in results] == [("stubborn", ev.ToolStatus.CANCELLED)]
+        last = run.log[-1].event
+        assert isinstance(last, ev.RunFailed) and last.code == "CANCELLED"
+        assert stubborn.ended == 0  # abandoned, still running
+    finally:
+        stubborn.release.set()
+        await reg.close()
+
+
+class StuckModel:
+    """A model whose stream ignores cancellation: the run's driver itself is stuck, outside any tool call."""
+
+    default_model = "stuck"
+
+    def __init__(self) -> None:
+        self.stuck = Stubborn()
+
+    async def stream_turn(self, request: m.TurnRequest) -> AsyncIterator[m.ModelEvent]:
+        await self.stuck.hold()
+        yield m.TurnEnd(stop_reason="end_turn", content=[], input_tokens=0, output_tokens=0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_close_abandons_a_run_that_ignores_its_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    model = StuckModel()
+    reg = registry(WORDS, model=model, abandon_after_s=0.05)
+    run, _ = reg.start(spec(), caller="a")
+    try:
+        await asyncio.wait_for(model.stuck.running.wait(), 5)
+        closing = asyncio.create_task(reg.close())
+        with caplog.at_level(logging.WARNING, logger="service.aio"):
+            done, _ = await asyncio.wait({closing}, timeout=2)  # not wait_for: it would wait for the run too
+        assert done, "close() waited for a run that ignored its cancellation"
+        warning = next(r for r in caplog.records if "abandoned" in r.getMessage())
+        assert warning.getMessage().startswith("task run run_1 did not stop within 0.1 s")
+        assert run.task is not None and run.task in aio.abandoned() and not run.finished
+    finally:
+        model.stuck.release.set()
+    assert run.task is not None
+    await asyncio.wait_for(run.task, 5)
+    assert run.finished
