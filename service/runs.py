@@ -3,7 +3,8 @@ watched from any seq, cancelled, run in the background, and are forgotten after 
 
 Cancellation contract: a run is driven by its own task (`Run.task`), never by a caller's stream. Callers stop a run
 through its `RunControl` (the run then ends with events saying so); only `RunRegistry.close` cancels driver tasks
-outright, and it waits a bounded time for them: a driver that does not stop is abandoned (`service.aio`).
+outright, and it waits a bounded time for them: a driver that does not stop is abandoned (`service.aio`). A run ends
+with its closing event and final state even when its driver is cancelled before it first runs.
 
 A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while it is
 behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`) and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -249,6 +251,7 @@ class RunRegistry:
         if background:
             self._background_runs += 1
         run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
             self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
@@ -274,8 +277,7 @@ class RunRegistry:
                     await self._background.acquire()
                 except asyncio.CancelledError:
                     # cancelled while queued: our own cancel (CancelRun or shutdown), ended with an event
-                    reason = run.control.stop_reason()
-                    run.append(ev.RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable))
+                    run.append(_stopped(run))
                     return
             try:
                 run.state = RunState.RUNNING
@@ -284,15 +286,26 @@ class RunRegistry:
                 if background:
                     self._background.release()
         finally:
-            if background:
-                self._background_runs -= 1
             telemetry.ACTIVE_RUNS.dec()
-            if run.outcome is None:
-                run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
-            run.finish()
-            run.ended_at = self.clock()
-            telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
-            log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
+            self._end(run, background)
+
+    def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
+        # without this the run would stay QUEUED, and its followers wait, for ever.
+        if not run.finished:
+            run.append(_stopped(run))
+            self._end(run, background)
+
+    def _end(self, run: Run, background: bool) -> None:
+        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line."""
+        if background:
+            self._background_runs -= 1
+        if run.outcome is None:
+            run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
+        run.finish()
+        run.ended_at = self.clock()
+        telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
+        log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
 
     async def _play(self, run: Run) -> None:
         config = self.config
@@ -370,3 +383,11 @@ class RunRegistry:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+
+def _stopped(run: Run) -> ev.RunFailed:
+    """The closing event of a run stopped before it ran: why the control stopped it, else a retryable error."""
+    if run.control.stopping:
+        reason = run.control.stop_reason()
+        return ev.RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
+    return ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from fake_tools import Stubborn, all_tools
 from service import aio
@@ -17,7 +18,7 @@ from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
-from service.runs import QueueFull, RunRegistry, RunState, SubscriberTooSlow
+from service.runs import Entry, QueueFull, RunRegistry, RunState, SubscriberTooSlow
 from tools.base import Tool
 
 
@@ -132,6 +133,23 @@ async def test_background_queue_is_bounded_and_queued_runs_can_be_cancelled() ->
     await reg.close()
 
 
+@pytest.mark.parametrize("background", [False, True])
+async def test_a_run_cancelled_before_its_driver_first_runs_still_ends(background: bool) -> None:
+    reg = registry(WORDS, background_max_concurrent=1, background_max_queued=0)
+    active = REGISTRY.get_sample_value("agent_active_runs")
+    run, _ = reg.start(spec("run_a"), caller="c", background=background)
+    reg.cancel(run)  # in the same step as start: the driver task is cancelled before its coroutine ever runs
+    entries = await asyncio.wait_for(_all(run.follow(0)), 1)
+    assert run.task is not None and run.task.cancelled()
+    assert run.state is RunState.CANCELLED
+    assert [type(e.event) for e in entries] == [ev.RunStarted, ev.RunFailed]
+    assert entries[-1].event == ev.RunFailed(code="CANCELLED", message="cancelled by CancelRun", retryable=False)
+    assert REGISTRY.get_sample_value("agent_active_runs") == active
+    if background:
+        reg.start(spec("run_b"), caller="c", background=True)  # its place in the queue was given back
+    await reg.close()
+
+
 async def test_cancelling_a_run_whose_tool_ignores_it_ends_the_run_within_the_bound() -> None:
     stubborn = Stubborn()
     turns = [{"tool_calls": [{"name": "stubborn", "input": {"text": "x"}}]}, {"text": "never"}]
@@ -187,3 +205,7 @@ async def test_close_abandons_a_run_that_ignores_its_cancellation(caplog: pytest
     assert run.task is not None
     await asyncio.wait_for(run.task, 5)
     assert run.finished
+
+
+async def _all(entries: AsyncIterator[Entry]) -> list[Entry]:
+    return [e async for e in entries]
