@@ -5,9 +5,14 @@ checked address). DNS is stood in for by replacing the tool's `_resolve`, so no 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import socket
+import struct
 import sys
-from collections.abc import AsyncIterator
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +90,49 @@ async def _deep(request: web.Request) -> web.Response:
     return web.Response(text=_deep_json(), content_type="application/json")
 
 
+def _gzip(*parts: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join([*(compressor.compress(part) for part in parts), compressor.flush()])
+
+
+@functools.cache
+def _bomb() -> bytes:
+    """50 MB of zeros in ~50 KB of gzip (~100 bytes once gzipped again)."""
+    return _gzip(*[bytes(2**20)] * 50)
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _gzip_padded(data: bytes, empty_blocks: int) -> bytes:
+    """Valid gzip of `data` whose deflate stream starts with `empty_blocks` empty blocks: 5 bytes each, no output."""
+    header, trailer = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03", struct.pack("<II", zlib.crc32(data), len(data))
+    return header + b"\x00\x00\x00\xff\xff" * empty_blocks + _raw_deflate(data) + trailer
+
+
+_CARRIER = b'{"carrier": "NordLine Freight"}'
+# ?body= names one: (Content-Encoding, the body as sent)
+ENCODED: dict[str, tuple[str, Callable[[], bytes]]] = {
+    "gzip": ("gzip", lambda: gzip.compress(_CARRIER)),
+    "x-gzip": ("x-gzip", lambda: gzip.compress(_CARRIER)),
+    "deflate": ("deflate", lambda: zlib.compress(_CARRIER)),
+    "raw-deflate": ("deflate", lambda: _raw_deflate(_CARRIER)),
+    "identity": ("identity", lambda: _CARRIER),
+    "bomb": ("gzip", _bomb),
+    "double-bomb": ("gzip, gzip", lambda: _gzip(_bomb())),
+    "br": ("br", lambda: b"\x0b\x0f\x80" + _CARRIER + b"\x03"),  # brotli's uncompressed meta-block
+    "not-gzip": ("gzip", lambda: _CARRIER),
+    "padded": ("gzip", lambda: _gzip_padded(b'"late"', 40_000)),  # 200 KB on the wire for 6 bytes
+}
+
+
+async def _encoded(request: web.Request) -> web.Response:
+    coding, body = ENCODED[request.query["body"]]
+    return web.Response(body=body(), headers={"Content-Encoding": coding, "Content-Type": "application/json"})
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(5)
     return web.Response(text="late")
@@ -107,6 +155,7 @@ async def base_url() -> AsyncIterator[str]:
         ("/to-ftp", _to_ftp),
         ("/elsewhere", _elsewhere),
         ("/headers", _headers),
+        ("/encoded", _encoded),
     ]:
         app.router.add_get(path, handler)
     app.router.add_post("/echo", _echo)
@@ -333,6 +382,44 @@ async def test_oversized_body_is_truncated(tool: HttpRequest, base_url: str) -> 
     assert result["truncated"] is True
     assert result["body"] == "x" * 1000
     assert result["headers"]["content-length"] == "5000"
+
+
+@pytest.mark.parametrize("body", ["gzip", "x-gzip", "deflate", "raw-deflate", "identity"])
+async def test_compressed_bodies_are_decoded(tool: HttpRequest, base_url: str, body: str) -> None:
+    result = await call(tool, url=f"{base_url}/encoded?body={body}")
+    assert (result["body"], result["truncated"]) == ({"carrier": "NordLine Freight"}, False)
+
+
+async def test_gzip_bomb_is_decoded_only_up_to_the_cap(tool: HttpRequest, base_url: str) -> None:
+    _bomb()  # made before memory is traced
+    tracemalloc.start()
+    try:
+        result = await call(tool, url=f"{base_url}/encoded?body=bomb")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (result["body"], result["truncated"]) == ("\0" * 1000, True)
+    assert peak < 5 * 2**20  # was > 50 MB: httpx inflated each network read in full before the cap was looked at
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("double-bomb", "encoded as 'gzip, gzip'; only a single gzip or deflate encoding is read"),  # was 50 MB
+        ("br", "encoded as 'br'; only a single gzip or deflate"),  # was shown still encoded
+        ("not-gzip", "not valid gzip"),
+    ],
+)
+async def test_other_encodings_are_refused(tool: HttpRequest, base_url: str, body: str, message: str) -> None:
+    with pytest.raises(ToolError, match=message) as caught:
+        await call(tool, url=f"{base_url}/encoded?body={body}")
+    assert caught.value.retryable is False
+
+
+async def test_compressed_body_is_capped_on_the_wire_too(tool: HttpRequest, base_url: str) -> None:
+    """Deflate can send any number of bytes that decode to nothing: reading stops past the cap + 64 KiB."""
+    result = await call(tool, url=f"{base_url}/encoded?body=padded")
+    assert (result["body"], result["truncated"]) == ("", True)  # was all 200 KB read for '"late"'
 
 
 async def test_binary_body_is_not_shown(tool: HttpRequest, base_url: str) -> None:

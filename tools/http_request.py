@@ -25,6 +25,7 @@ import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tools._http_body import ACCEPT_ENCODING, read_capped
 from tools.base import JSON, Tool, ToolConfig, ToolError
 from tools.policy import BreakerPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 
@@ -164,6 +165,7 @@ class HttpRequest(Tool[RequestInput]):
             follow_redirects=False,
             trust_env=False,
             timeout=httpx.Timeout(self._options.timeout_s),
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
 
     async def aclose(self) -> None:
@@ -254,7 +256,7 @@ class HttpRequest(Tool[RequestInput]):
     async def _answer(self, response: httpx.Response, url: httpx.URL) -> JSON:
         if response.status_code >= 500:
             raise ToolError(f"upstream returned {response.status_code}", retryable=True)
-        data, truncated = await self._read_capped(response)
+        data, truncated = await read_capped(response, self._options.max_response_bytes)
         return {
             "status": response.status_code,
             "url": str(url),
@@ -262,18 +264,6 @@ class HttpRequest(Tool[RequestInput]):
             "body": _body(response, data, truncated),
             "truncated": truncated,
         }
-
-    async def _read_capped(self, response: httpx.Response) -> tuple[bytes, bool]:
-        cap = self._options.max_response_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            if size + len(chunk) > cap:
-                chunks.append(chunk[: cap - size])
-                return b"".join(chunks), True
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks), False
 
 
 def _describe(exc: Exception) -> str:

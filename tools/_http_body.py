@@ -1,0 +1,81 @@
+"""Reading an `http_request` response body within the size cap. The cap applies to the decoded body, so the body is
+read raw and at most one layer of gzip or deflate is decoded here, never more than the cap at a time: httpx's own
+decoders inflate each network read in full (a few KiB of gzip bomb become gigabytes, on the event loop)."""
+
+from __future__ import annotations
+
+import zlib
+
+import httpx
+
+from tools.base import ToolError
+
+# What requests ask for: the codings `_Inflater` reads (httpx would add br and zstd whenever their packages happen to
+# be installed).
+ACCEPT_ENCODING = "gzip, deflate"
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Bytes read from the wire beyond the cap before a compressed body counts as cut: deflate can spend any number of
+# bytes on no output (empty blocks), and never grows real data by more than this below ~200 MiB.
+_WIRE_SLACK = 64 * 1024
+
+
+async def read_capped(response: httpx.Response, cap: int) -> tuple[bytes, bool]:
+    """The body, decoded, cut at `cap` bytes, and whether it was cut. Raises `ToolError` for a content coding that
+    is not read here (several layers, br, zstd…) or a body that is not valid gzip or deflate."""
+    inflater = _inflater(response.headers)
+    chunks: list[bytes] = []
+    size = wire = 0
+    async for raw in response.aiter_raw():
+        wire += len(raw)
+        chunk = raw if inflater is None else inflater.inflate(raw, cap - size + 1)
+        if size + len(chunk) > cap:
+            chunks.append(chunk[: cap - size])
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+        if inflater is not None and inflater.done:
+            break  # bytes after the end of the compressed stream are not part of the body (httpx ignores them too)
+        if wire > cap + _WIRE_SLACK:
+            return b"".join(chunks), True
+    return b"".join(chunks), False
+
+
+def _inflater(headers: httpx.Headers) -> _Inflater | None:
+    codings = [c.lower() for c in headers.get_list("content-encoding", split_commas=True) if c]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _WBITS:
+        return _Inflater(codings[0])
+    raise ToolError(
+        f"the response is encoded as {', '.join(codings)[:200]!r}; only a single gzip or deflate encoding is read"
+    )
+
+
+class _Inflater:
+    """One layer of gzip or deflate, decoded at most `limit` bytes at a time: zlib's `max_length` stops inside a
+    bomb instead of after it has filled memory."""
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._zlib = zlib.decompressobj(_WBITS[coding])
+        self._started = False
+
+    @property
+    def done(self) -> bool:
+        return self._zlib.eof
+
+    def inflate(self, data: bytes, limit: int) -> bytes:
+        """At most `limit` (≥ 1; 0 would mean no limit) bytes decoded from `data`. When fewer come back, all of
+        `data` was used or the stream ended; when `limit` bytes come back, the caller stops reading."""
+        assert limit >= 1
+        try:
+            out = self._zlib.decompress(data, limit)
+        except zlib.error as exc:
+            if self._coding == "deflate" and not self._started:
+                # deflate should come wrapped in zlib's header, but some servers send it raw (httpx reads both)
+                self._zlib, self._started = zlib.decompressobj(-zlib.MAX_WBITS), True
+                return self.inflate(data, limit)
+            raise ToolError(f"the response body is not valid {self._coding}: {exc}") from None
+        self._started = True
+        return out
