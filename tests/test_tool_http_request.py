@@ -15,6 +15,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -133,6 +134,11 @@ async def _encoded(request: web.Request) -> web.Response:
     return web.Response(body=body(), headers={"Content-Encoding": coding, "Content-Type": "application/json"})
 
 
+async def _typed(request: web.Request) -> web.Response:
+    """The body `?hex=` with the Content-Type `?type=`."""
+    return web.Response(body=bytes.fromhex(request.query["hex"]), headers={"Content-Type": request.query["type"]})
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(5)
     return web.Response(text="late")
@@ -156,6 +162,7 @@ async def base_url() -> AsyncIterator[str]:
         ("/elsewhere", _elsewhere),
         ("/headers", _headers),
         ("/encoded", _encoded),
+        ("/typed", _typed),
     ]:
         app.router.add_get(path, handler)
     app.router.add_post("/echo", _echo)
@@ -420,6 +427,26 @@ async def test_compressed_body_is_capped_on_the_wire_too(tool: HttpRequest, base
     """Deflate can send any number of bytes that decode to nothing: reading stops past the cap + 64 KiB."""
     result = await call(tool, url=f"{base_url}/encoded?body=padded")
     assert (result["body"], result["truncated"]) == ("", True)  # was all 200 KB read for '"late"'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "shown"),
+    [
+        ("text/plain; charset=punycode", "héllo".encode(), "héllo"),  # punycode decodes in quadratic time
+        ("text/plain; charset=unicode_escape", b"\\x41", "\\x41"),  # was "A": any Python codec
+        ("text/plain; charset*=punycode''abc-", b"abc", "abc"),  # RFC 2231 is not read
+        ("text/plain; charset=ISO-8859-1", b"caf\xe9", "café"),
+        ('text/plain; charset="windows-1252"', b"\x80", "€"),
+        ("text/plain;charset=US_ASCII", b"caf\xe9", "caf\ufffd"),
+        ("application/json; charset=UTF-16", '{"a": "é"}'.encode("utf-16"), {"a": "é"}),
+        ("text/plain", "é".encode(), "é"),
+    ],
+)
+async def test_only_text_charsets_are_used(
+    tool: HttpRequest, base_url: str, content_type: str, body: bytes, shown: Any
+) -> None:
+    result = await call(tool, url=f"{base_url}/typed?{urlencode({'type': content_type, 'hex': body.hex()})}")
+    assert result["body"] == shown
 
 
 async def test_binary_body_is_not_shown(tool: HttpRequest, base_url: str) -> None:

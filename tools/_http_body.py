@@ -1,14 +1,16 @@
-"""Reading an `http_request` response body within the size cap. The cap applies to the decoded body, so the body is
-read raw and at most one layer of gzip or deflate is decoded here, never more than the cap at a time: httpx's own
-decoders inflate each network read in full (a few KiB of gzip bomb become gigabytes, on the event loop)."""
+"""Reading an `http_request` response body within the size cap, and showing it to the model. The cap applies to the
+decoded body, so the body is read raw and at most one layer of gzip or deflate is decoded here, never more than the
+cap at a time: httpx's own decoders inflate each network read in full (a few KiB of gzip bomb become gigabytes, on
+the event loop). Text is decoded with one of a few charsets, never a codec the server names."""
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import httpx
 
-from tools.base import ToolError
+from tools.base import JSON, ToolError
 
 # What requests ask for: the codings `_Inflater` reads (httpx would add br and zstd whenever their packages happen to
 # be installed).
@@ -17,6 +19,25 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 # Bytes read from the wire beyond the cap before a compressed body counts as cut: deflate can spend any number of
 # bytes on no output (empty blocks), and never grows real data by more than this below ~200 MiB.
 _WIRE_SLACK = 64 * 1024
+_TEXT_MARKERS = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
+# The charsets a body is decoded with, by label without "-" and "_"; any other reads as UTF-8. The server must not
+# choose among all of Python's codecs: some are not text encodings at all, and punycode decodes in quadratic time
+# (300 KB stalled the event loop for 1.5 s).
+_CHARSETS = {
+    "utf8": "utf-8",
+    "utf16": "utf-16",
+    "utf16le": "utf-16-le",
+    "utf16be": "utf-16-be",
+    "utf32": "utf-32",
+    "utf32le": "utf-32-le",
+    "utf32be": "utf-32-be",
+    "usascii": "ascii",
+    "ascii": "ascii",
+    "iso88591": "latin-1",
+    "latin1": "latin-1",
+    "windows1252": "cp1252",
+    "cp1252": "cp1252",
+}
 
 
 async def read_capped(response: httpx.Response, cap: int) -> tuple[bytes, bool]:
@@ -79,3 +100,31 @@ class _Inflater:
             raise ToolError(f"the response body is not valid {self._coding}: {exc}") from None
         self._started = True
         return out
+
+
+def shown(content_type: str, data: bytes, truncated: bool) -> JSON:
+    """The body as the model sees it: parsed JSON when it is whole JSON, text for text types, else a placeholder."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type and not media_type.startswith("text/") and not any(m in media_type for m in _TEXT_MARKERS):
+        return f"<{len(data)} bytes of {media_type}, not shown>"
+    text = data.decode(_charset(content_type), errors="replace")
+    if not truncated and (media_type == "application/json" or media_type.endswith("+json")):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            # a server that says JSON but sends something else, an integer of more digits than Python reads, or
+            # arrays nested past the parser's recursion limit: show the text
+            pass
+    return text
+
+
+def _charset(content_type: str) -> str:
+    """The codec for the `charset` parameter of `content_type`, from `_CHARSETS`. Parsed here, not with httpx's
+    `charset_encoding`: its email-based parser also reads RFC 2231 `charset*=` values, decoding them with a codec
+    of the server's choosing (a 90 KB `charset*=punycode''…` header took 0.2 s)."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            label = value.strip().strip("\"'").lower().replace("-", "").replace("_", "")
+            return _CHARSETS.get(label, "utf-8")
+    return "utf-8"

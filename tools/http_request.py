@@ -25,13 +25,12 @@ import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tools._http_body import ACCEPT_ENCODING, read_capped
+from tools._http_body import ACCEPT_ENCODING, read_capped, shown
 from tools.base import JSON, Tool, ToolConfig, ToolError
 from tools.policy import BreakerPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHOWN_HEADERS = ("content-type", "content-length", "location")
-_TEXT_MARKERS = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
 _MAX_BODY_BYTES = 1024 * 1024
 # Headers that must not follow a redirect to another origin.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -261,7 +260,7 @@ class HttpRequest(Tool[RequestInput]):
             "status": response.status_code,
             "url": str(url),
             "headers": {k: response.headers[k] for k in _SHOWN_HEADERS if k in response.headers},
-            "body": _body(response, data, truncated),
+            "body": shown(response.headers.get("content-type", ""), data, truncated),
             "truncated": truncated,
         }
 
@@ -361,24 +360,6 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_PinnedBackend(),
         )
-
-
-def _body(response: httpx.Response, data: bytes, truncated: bool) -> JSON:
-    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type and not media_type.startswith("text/") and not any(m in media_type for m in _TEXT_MARKERS):
-        return f"<{len(data)} bytes of {media_type}, not shown>"
-    try:
-        text = data.decode(response.charset_encoding or "utf-8", errors="replace")
-    except LookupError:  # an unknown charset name in the response
-        text = data.decode("utf-8", errors="replace")
-    if not truncated and (media_type == "application/json" or media_type.endswith("+json")):
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError):
-            # a server that says JSON but sends something else, an integer of more digits than Python reads, or
-            # arrays nested past the parser's recursion limit: show the text
-            pass
-    return text
 
 
 def create(config: ToolConfig) -> HttpRequest:
