@@ -5,6 +5,8 @@ the event loop). Text is decoded with one of a few charsets, never a codec the s
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import json
 import zlib
 
@@ -19,6 +21,11 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 # Bytes read from the wire beyond the cap before a compressed body counts as cut: deflate can spend any number of
 # bytes on no output (empty blocks), and never grows real data by more than this below ~200 MiB.
 _WIRE_SLACK = 64 * 1024
+# Text is decoded this many bytes at a time, with a turn for the event loop in between: where a charset's error
+# handler runs on every byte (windows-1252's undefined bytes, UTF-16's lone surrogates) 1 MiB takes 125-250 ms in
+# one call, 8 KiB ~2 ms. A thread would not help: a decode (or json.loads) is a single C call that holds the GIL
+# throughout, so the event loop waits for it whichever thread runs it (measured: the same stall).
+_DECODE_PIECE = 8 * 1024
 _TEXT_MARKERS = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
 # The charsets a body is decoded with, by label without "-" and "_"; any other reads as UTF-8. The server must not
 # choose among all of Python's codecs: some are not text encodings at all, and punycode decodes in quadratic time
@@ -102,20 +109,37 @@ class _Inflater:
         return out
 
 
-def shown(content_type: str, data: bytes, truncated: bool) -> JSON:
+async def shown(content_type: str, data: bytes, truncated: bool) -> JSON:
     """The body as the model sees it: parsed JSON when it is whole JSON, text for text types, else a placeholder."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type and not media_type.startswith("text/") and not any(m in media_type for m in _TEXT_MARKERS):
         return f"<{len(data)} bytes of {media_type}, not shown>"
-    text = data.decode(_charset(content_type), errors="replace")
+    text = await _decoded(data, _charset(content_type))
     if not truncated and (media_type == "application/json" or media_type.endswith("+json")):
         try:
+            # One C call on the event loop (see _DECODE_PIECE), bounded by the cap: 1 MiB of ordinary JSON takes
+            # ~13 ms, JSON made to be slow (all floats, all empty arrays) up to ~55 ms with the service's gc
+            # settings (~190 ms with Python's default thresholds); a higher max_response_bytes raises that in
+            # proportion.
             return json.loads(text)
         except (ValueError, RecursionError):
             # a server that says JSON but sends something else, an integer of more digits than Python reads, or
             # arrays nested past the parser's recursion limit: show the text
             pass
     return text
+
+
+async def _decoded(data: bytes, codec: str) -> str:
+    """`data` as text, decoded `_DECODE_PIECE` bytes at a time with a turn for the event loop after each piece."""
+    decoder = codecs.getincrementaldecoder(codec)(errors="replace")
+    view = memoryview(data)
+    parts: list[str] = []
+    for start in range(0, len(data), _DECODE_PIECE):
+        if start:
+            await asyncio.sleep(0)
+        parts.append(decoder.decode(view[start : start + _DECODE_PIECE]))
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
 
 
 def _charset(content_type: str) -> str:

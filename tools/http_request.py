@@ -256,11 +256,12 @@ class HttpRequest(Tool[RequestInput]):
         if response.status_code >= 500:
             raise ToolError(f"upstream returned {response.status_code}", retryable=True)
         data, truncated = await read_capped(response, self._options.max_response_bytes)
+        body = await shown(response.headers.get("content-type", ""), data, truncated)
         return {
             "status": response.status_code,
             "url": str(url),
             "headers": {k: response.headers[k] for k in _SHOWN_HEADERS if k in response.headers},
-            "body": shown(response.headers.get("content-type", ""), data, truncated),
+            "body": body,
             "truncated": truncated,
         }
 
