@@ -345,6 +345,9 @@ async def test_connection_goes_to_the_checked_address_with_the_original_host(bas
         (["224.0.0.1"], "multicast"),
         (["240.0.0.1"], "reserved"),
         (["100.64.0.1"], "non-public"),  # carrier-grade NAT
+        (["2002:a9fe:a9fe::1"], r"link-local \(6to4\)"),  # the metadata address through a 6to4 relay
+        (["2002:a00:1::1"], r"private \(6to4\)"),
+        (["fec0::1"], "site-local"),
         (["93.184.215.14", "10.0.0.1"], "private"),  # any bad address refuses the host
     ],
 )

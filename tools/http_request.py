@@ -289,8 +289,14 @@ def _ip_or_none(text: str) -> IPAddress | None:
 
 def _non_public(ip: IPAddress) -> str | None:
     """What kind of non-public address `ip` is (loopback, link-local…), or None for a public one."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        elif ip.sixtofour is not None:  # 2002:a9fe:a9fe::/48 routes, through a 6to4 relay, to 169.254.169.254
+            inner = _non_public(ip.sixtofour)
+            return None if inner is None else f"{inner} (6to4)"
+        elif ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks; Python calls it global
+            return "site-local"
     for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
