@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import time
+import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,31 @@ from pydantic import ValidationError
 
 from tools import ToolConfig, ToolError, load_tools
 from tools.query_database import QueryDatabase, create
+
+FOREVER = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
+# About 60 ms a row (trim() over 16 000 characters with a set of 1 300), a dozen VM steps: SQLite's progress
+# handler (every 1000 steps) sees its deadline only every ~3 s, an interrupt at the next row.
+SLOW_ROWS = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 1000) "
+    "SELECT sum(length(trim(printf('%.16000c', 'a') || i, printf('%.1300c', 'b') || 'a'))) FROM n"
+)
+
+
+async def settle(tool: QueryDatabase) -> None:
+    """Wait for the steps a test left running on the tool's threads, so that later tests do not share the CPU."""
+    await asyncio.to_thread(tool._pool.shutdown)
+
+
+def one_long_step(repeat: int) -> str:
+    """A statement SQLite cannot interrupt for a while: the query flattener copies instr() over 16 000 and 8 000
+    characters (~1.5 ms a call) into one row's expression `100 × repeat` times, and no check runs inside a row."""
+    return (
+        "WITH t(h, n) AS (SELECT printf('%.16000c', 'a'), printf('%.8000c', 'a') || 'b'), "
+        "a(x) AS (SELECT instr(h, n) FROM t), "
+        f"b(y) AS (SELECT {' + '.join(['x'] * 10)} FROM a), "
+        f"c(z) AS (SELECT {' + '.join(['y'] * 10)} FROM b) "
+        f"SELECT {' + '.join(['z'] * repeat)} FROM c"
+    )
 
 
 @pytest.fixture
@@ -152,10 +180,9 @@ async def test_concurrent_calls(tool: QueryDatabase) -> None:
 
 async def test_long_query_is_aborted(tmp_path: Path) -> None:
     tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.2}))
-    forever = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"query took longer than 0\.2 s"):
-        await query(tool, forever)
+        await query(tool, FOREVER)
     assert time.monotonic() - started < 3
 
 
@@ -163,9 +190,8 @@ async def test_a_slow_query_does_not_hold_up_other_calls(tmp_path: Path) -> None
     """One runaway query runs into its 0.5 s cap on its own worker thread while ten quick selects finish at once."""
     tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.5}))
     await query(tool, "SELECT 1")  # builds the demo database first
-    forever = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
     started = time.monotonic()
-    slow = asyncio.create_task(query(tool, forever))
+    slow = asyncio.create_task(query(tool, FOREVER))
     await asyncio.sleep(0.05)
     quick = await asyncio.gather(
         *(query(tool, "SELECT count(*) FROM orders WHERE id > ?", params=[i]) for i in range(10))
@@ -176,6 +202,58 @@ async def test_a_slow_query_does_not_hold_up_other_calls(tmp_path: Path) -> None
     with pytest.raises(ToolError, match=r"query took longer than 0\.5 s"):
         await slow
     assert 0.45 < time.monotonic() - started < 2
+
+
+async def test_a_step_sqlite_cannot_interrupt_still_ends_the_call_at_its_timeout(tmp_path: Path) -> None:
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.2}))
+    await query(tool, "SELECT 1")
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"query took longer than 0\.2 s"):
+        await query(tool, one_long_step(10))  # about 1 s of work inside one row
+    assert time.monotonic() - started < 0.5
+    await settle(tool)
+
+
+async def test_stuck_queries_never_hold_the_shared_thread_pool(tmp_path: Path) -> None:
+    """The loop's default pool (search_documents, DNS lookups, sandbox staging) stays free while queries that
+    SQLite cannot stop keep running past their calls."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.2}))
+    await query(tool, "SELECT 1")
+    stuck = [asyncio.create_task(query(tool, one_long_step(10))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    assert await asyncio.to_thread(lambda: "free") == "free"
+    assert time.monotonic() - started < 0.1
+    for call in stuck:
+        with pytest.raises(ToolError, match="took longer"):
+            await call
+    await settle(tool)
+
+
+async def test_a_call_that_finds_every_thread_busy_waits_its_timeout_then_says_so(tmp_path: Path) -> None:
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.3, "max_concurrent": 1}))
+    await query(tool, "SELECT 1")
+    stuck = asyncio.create_task(query(tool, one_long_step(10)))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"busy \(1 queries running\); try again") as caught:
+        await query(tool, "SELECT 1")
+    assert caught.value.retryable is True
+    assert 0.25 < time.monotonic() - started < 0.6
+    with pytest.raises(ToolError, match="took longer"):
+        await stuck
+    await settle(tool)
+
+
+async def test_the_deadline_interrupts_a_query_at_its_next_row(tmp_path: Path) -> None:
+    """Without the interrupt the query's only thread would stay busy until the progress handler's next tick."""
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.3, "max_concurrent": 1}))
+    with pytest.raises(ToolError, match=r"query took longer than 0\.3 s"):
+        await query(tool, SLOW_ROWS)
+    started = time.monotonic()
+    assert (await query(tool, "SELECT 1"))["rows"] == [[1]]
+    assert time.monotonic() - started < 0.25
 
 
 async def test_huge_values_and_results_are_capped(tmp_path: Path) -> None:
@@ -194,15 +272,44 @@ def test_oversized_sql_and_params_are_rejected(tool: QueryDatabase) -> None:
 
 
 async def test_cancelling_a_call_stops_its_query(tmp_path: Path) -> None:
-    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 5}))
-    forever = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
-    task = asyncio.create_task(query(tool, forever))
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 5, "max_concurrent": 1}))
+    task = asyncio.create_task(query(tool, SLOW_ROWS))
     await asyncio.sleep(0.2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The worker thread is free again at once, well before the 5 s timeout: shutting the executor down does not wait.
-    await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 1)
+    # The tool's only thread is free again at once, well before the 5 s timeout.
+    started = time.monotonic()
+    assert (await query(tool, "SELECT 1"))["rows"] == [[1]]
+    assert time.monotonic() - started < 0.25
+
+
+async def test_aclose_stops_the_queries_still_running(tmp_path: Path) -> None:
+    tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 5}))
+    task = asyncio.create_task(query(tool, SLOW_ROWS))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await tool.aclose()
+    with pytest.raises(ToolError):
+        await task
+    assert time.monotonic() - started < 0.5
+
+
+async def test_a_failed_call_leaves_no_cycle_for_the_collector(tool: QueryDatabase) -> None:
+    """The error holds the call's frames in its traceback; the frames must not hold the error back (see
+    tests/test_gc_hygiene.py for why the service avoids cycles)."""
+    await query(tool, "SELECT 1")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        with pytest.raises(ToolError):
+            await query(tool, "SELECT nope FROM orders")
+        gc.collect()
+        ours = [o for o in gc.garbage if isinstance(o, types.FrameType) and "query_database" in o.f_code.co_filename]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
 
 
 async def test_load_tools_finds_the_builtin_tools(tmp_path: Path) -> None:

@@ -1,8 +1,13 @@
 """query_database: read-only SQL over a SQLite database, by default a small logistics demo database built from
 `tools/data/demo.sql`. Read-only is enforced by SQLite itself (read-only open plus an authorizer), not by
-inspecting the SQL text. Hostile queries are bounded too: a progress handler aborts one that runs past `timeout_s`
-(so it cannot hold its worker thread), SQLite refuses any string or blob longer than `max_value_bytes`, and rows
-stop being collected once the result passes `max_result_bytes` (marked truncated)."""
+inspecting the SQL text.
+
+Hostile queries are bounded too. Queries run on the tool's own threads (`max_concurrent`), never on the event
+loop's shared pool, and a call ends at `timeout_s` whatever its query is doing: then the loop interrupts the
+statement, which SQLite stops at its next row or loop step. SQLite cannot stop inside one step (compiling the
+statement, or computing one row's expressions), so such a step keeps its thread until it ends. SQLite refuses any
+string or blob longer than `max_value_bytes`, and rows stop being collected once the result passes
+`max_result_bytes` (marked truncated)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import sqlite3
 import tempfile
 import threading
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,9 +45,10 @@ class Options(BaseModel):
 
     path: Path | None = Field(None, description="SQLite file to query; default <data_dir>/demo.db")
     max_rows: int = Field(1000, ge=1, description="Upper bound on rows returned, whatever the input's limit")
-    timeout_s: float = Field(5.0, gt=0, description="A query running longer than this is aborted")
+    timeout_s: float = Field(5.0, gt=0, description="A call ends after this long; its query is interrupted")
     max_value_bytes: int = Field(1024 * 1024, ge=1024, description="Longest string or blob a query may build")
     max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Rows beyond this size are cut (truncated)")
+    max_concurrent: int = Field(2, ge=1, le=64, description="Queries running at once, each on a thread of the tool")
 
 
 class QueryInput(BaseModel):
@@ -57,6 +65,36 @@ class QueryInput(BaseModel):
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
     return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
+
+
+class _Deadline:
+    """One call's deadline, shared by the thread running its query and the event loop waiting for it: the loop
+    calls `stop` when the time is up or the call is cancelled, which interrupts the running statement."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.stopped = False
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # so that `stop` never interrupts a connection being closed
+
+    def passed(self) -> bool:
+        return self.stopped or time.monotonic() > self.at
+
+    @contextmanager
+    def watching(self, conn: sqlite3.Connection) -> Iterator[None]:
+        with self._lock:
+            self._conn = conn
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._conn = None
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            if self._conn is not None:
+                self._conn.interrupt()
 
 
 def _json_value(value: Any) -> JSON:
@@ -83,8 +121,8 @@ class QueryDatabase(Tool[QueryInput]):
         "(or the rows passed the result size cap): narrow the query."
     )
     Input: ClassVar[type[BaseModel]] = QueryInput
-    # Read-only, so idempotent; not cached, because the data under it changes. The query has its own time cap
-    # (options.timeout_s); this hard timeout is the backstop around the thread hop.
+    # Read-only, so idempotent; not cached, because the data under it changes. The call ends at options.timeout_s;
+    # this hard timeout is the executor's backstop.
     policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=10), idempotent=True, slow_s=2)
 
     def __init__(self, config: ToolConfig) -> None:
@@ -92,43 +130,58 @@ class QueryDatabase(Tool[QueryInput]):
         self._is_demo = self._options.path is None
         self._path = self._options.path or config.data_dir / "demo.db"
         self._demo_lock = threading.Lock()
+        # Its own threads: a query SQLite cannot stop at once never holds a thread of the loop's shared pool, which
+        # search_documents, DNS lookups and the sandbox's file staging need.
+        self._pool = ThreadPoolExecutor(self._options.max_concurrent, thread_name_prefix=self.name)
+        self._running: set[_Deadline] = set()
 
     async def run(self, args: QueryInput) -> JSON:
-        cancelled = threading.Event()
+        timeout = self._options.timeout_s
+        deadline = _Deadline(timeout)
+        self._running.add(deadline)
+        job = self._pool.submit(self._query, args, deadline)
+        done = asyncio.wrap_future(job)
         try:
-            return await asyncio.to_thread(self._query, args, cancelled)
-        except asyncio.CancelledError:
-            # The worker thread cannot be cancelled; the progress handler sees this flag and stops the query.
-            cancelled.set()
-            raise
+            await asyncio.wait({done}, timeout=timeout)
+            if done.done():
+                return done.result()
+            if job.cancel():  # still waiting for a thread
+                raise ToolError(self._busy(), retryable=True)
+            # The query's thread stops at SQLite's next check, or at the end of the step it is in; the call ends now.
+            raise ToolError(_too_long(timeout))
+        finally:
+            deadline.stop()
+            self._running.discard(deadline)
+            done.cancel()  # drops a result that comes too late
+            del job, done  # they hold the query's error, whose traceback holds this frame: no cycle for the GC
 
-    def _query(self, args: QueryInput, cancelled: threading.Event) -> JSON:
+    async def aclose(self) -> None:
+        for deadline in list(self._running):
+            deadline.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _busy(self) -> str:
+        n = self._options.max_concurrent
+        return f"the database is busy ({n} queries running); try again in a moment"
+
+    def _query(self, args: QueryInput, deadline: _Deadline) -> JSON:
+        if deadline.passed():  # waited for a thread until the call's time was up
+            raise ToolError(self._busy(), retryable=True)
         if self._is_demo:
             self.ensure_demo()
-        timeout = self._options.timeout_s
-        deadline = time.monotonic() + timeout
-        timed_out = False
-
-        def progress() -> int:
-            nonlocal timed_out
-            timed_out = time.monotonic() > deadline
-            return int(timed_out or cancelled.is_set())
-
         limit = min(args.limit, self._options.max_rows)
         try:
             conn = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
-        with closing(conn):
-            conn.set_authorizer(_authorize)
-            conn.set_progress_handler(progress, 1000)
-            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
+        with closing(conn), deadline.watching(conn):
+            self._restrict(conn, deadline)
             try:
                 cursor = conn.execute(args.sql, args.params)
                 rows, too_big = self._fetch(cursor, limit + 1)
             except sqlite3.Error as exc:
-                if timed_out:
-                    raise ToolError(f"query took longer than {timeout:g} s; narrow it down") from exc
+                if deadline.passed():
+                    raise ToolError(_too_long(self._options.timeout_s)) from exc
                 raise ToolError(self._explain(exc, conn)) from exc
             columns = [d[0] for d in cursor.description or ()]
         truncated = too_big or len(rows) > limit
@@ -139,6 +192,13 @@ class QueryDatabase(Tool[QueryInput]):
             "row_count": len(rows),
             "truncated": truncated,
         }
+
+    def _restrict(self, conn: sqlite3.Connection, deadline: _Deadline) -> None:
+        """The authorizer, the deadline check and SQLite's limits, on a connection about to run a query."""
+        conn.set_authorizer(_authorize)
+        # Between rows and loop steps, like the interrupt from `_Deadline.stop`, which does not wait for this tick.
+        conn.set_progress_handler(deadline.passed, 1000)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
 
     def _fetch(self, cursor: sqlite3.Cursor, most: int) -> tuple[list[Any], bool]:
         """Up to `most` rows, stopping early (True) when they pass `max_result_bytes`."""
@@ -186,6 +246,10 @@ class QueryDatabase(Tool[QueryInput]):
             except BaseException:
                 Path(tmp_name).unlink(missing_ok=True)
                 raise
+
+
+def _too_long(timeout: float) -> str:
+    return f"query took longer than {timeout:g} s; narrow it down"
 
 
 def create(config: ToolConfig) -> QueryDatabase:

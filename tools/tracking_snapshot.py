@@ -39,6 +39,9 @@ class TrackingSnapshot(Tool[TrackingInput]):
         row = dict(zip(result["columns"], result["rows"][0], strict=True))
         return {**row, "source": "operations database snapshot"}
 
+    async def aclose(self) -> None:
+        await self._db.aclose()
+
 
 def create(config: ToolConfig) -> TrackingSnapshot:
     return TrackingSnapshot(config)
