@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from tools import ToolConfig, ToolError, load_tools
-from tools.query_database import QueryDatabase, create
+from tools.query_database import Options, QueryDatabase, create
 
 FOREVER = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
 # About 60 ms a row (trim() over 16 000 characters with a set of 1 300), a dozen VM steps: SQLite's progress
@@ -262,6 +262,31 @@ async def test_huge_values_and_results_are_capped(tmp_path: Path) -> None:
         await query(tool, "SELECT randomblob(1000000000)")
     result = await query(tool, "SELECT hex(randomblob(1000)) FROM orders", limit=1000)
     assert result["truncated"] is True and result["row_count"] == 5  # 2000 characters a row, 10 000 allowed
+
+
+# The costliest single calls SQLite has (quadratic in their arguments) at the largest values the defaults allow.
+BIG = Options.model_fields["max_value_bytes"].default - 16
+COSTLY_CALLS = {
+    "instr": f"SELECT instr(printf('%.{BIG}c', 'a'), printf('%.{BIG // 2}c', 'a') || 'b')",
+    "replace": f"SELECT length(replace(printf('%.{BIG}c', 'a'), printf('%.{BIG // 2}c', 'a') || 'b', ''))",
+    "trim": f"SELECT length(trim(printf('%.{BIG}c', 'a'), printf('%.1300c', 'b') || 'a'))",
+    "glob": f"SELECT printf('%.{BIG}c', 'a') GLOB '*' || replace(printf('%.199c', 'x'), 'x', '[a-z]') || 'b'",
+}
+
+
+@pytest.mark.parametrize("sql", COSTLY_CALLS.values(), ids=COSTLY_CALLS.keys())
+async def test_one_function_call_takes_milliseconds_at_the_default_limits(tool: QueryDatabase, sql: str) -> None:
+    await query(tool, "SELECT 1")
+    started = time.monotonic()
+    result = await query(tool, sql)
+    assert time.monotonic() - started < 1  # 1 to 60 ms; 3 to 7 s each with the old 1 MiB limit
+    assert result["rows"][0][0] in (0, BIG)
+
+
+async def test_long_like_and_glob_patterns_are_refused(tool: QueryDatabase) -> None:
+    # GLOB '*[a-z][a-z]…' as long as a value (16 KiB) took 0.5 s a call; a pattern is held to 1000 bytes.
+    with pytest.raises(ToolError, match="patterns are limited to 1000 bytes"):
+        await query(tool, "SELECT 'a' GLOB '*' || replace(printf('%.200c', 'x'), 'x', '[a-z]')")
 
 
 def test_oversized_sql_and_params_are_rejected(tool: QueryDatabase) -> None:

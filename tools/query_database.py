@@ -5,9 +5,10 @@ inspecting the SQL text.
 Hostile queries are bounded too. Queries run on the tool's own threads (`max_concurrent`), never on the event
 loop's shared pool, and a call ends at `timeout_s` whatever its query is doing: then the loop interrupts the
 statement, which SQLite stops at its next row or loop step. SQLite cannot stop inside one step (compiling the
-statement, or computing one row's expressions), so such a step keeps its thread until it ends. SQLite refuses any
-string or blob longer than `max_value_bytes`, and rows stop being collected once the result passes
-`max_result_bytes` (marked truncated)."""
+statement, or computing one row's expressions), so such a step keeps its thread until it ends. The small value
+cap (`max_value_bytes`, with a short LIKE/GLOB pattern cap) keeps one function call in it to milliseconds, but
+SQLite's query flattener can repeat a call or an expression any number of times in one step (README, "Hostile
+input"). Rows stop being collected once the result passes `max_result_bytes` (marked truncated)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ _ALLOWED_ACTIONS = frozenset(
 )
 _READ_ONLY_HINT = "the database is read-only; only SELECT is allowed"
 
+# LIKE and GLOB patterns: the cost of a match grows with the pattern times the text ("*[a-z][a-z]…" over a long
+# string), and a pattern an agent writes is a few words.
+_MAX_PATTERN_BYTES = 1000
+
 Scalar = str | int | float | bool | None
 
 
@@ -46,7 +51,9 @@ class Options(BaseModel):
     path: Path | None = Field(None, description="SQLite file to query; default <data_dir>/demo.db")
     max_rows: int = Field(1000, ge=1, description="Upper bound on rows returned, whatever the input's limit")
     timeout_s: float = Field(5.0, gt=0, description="A call ends after this long; its query is interrupted")
-    max_value_bytes: int = Field(1024 * 1024, ge=1024, description="Longest string or blob a query may build")
+    max_value_bytes: int = Field(
+        16 * 1024, ge=1024, description="Longest string or blob a query may read or build (SQLITE_LIMIT_LENGTH)"
+    )
     max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Rows beyond this size are cut (truncated)")
     max_concurrent: int = Field(2, ge=1, le=64, description="Queries running at once, each on a thread of the tool")
 
@@ -199,6 +206,7 @@ class QueryDatabase(Tool[QueryInput]):
         # Between rows and loop steps, like the interrupt from `_Deadline.stop`, which does not wait for this tick.
         conn.set_progress_handler(deadline.passed, 1000)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, _MAX_PATTERN_BYTES)
 
     def _fetch(self, cursor: sqlite3.Cursor, most: int) -> tuple[list[Any], bool]:
         """Up to `most` rows, stopping early (True) when they pass `max_result_bytes`."""
@@ -226,6 +234,8 @@ class QueryDatabase(Tool[QueryInput]):
             return f"{message}; the tables are: {', '.join(tables)}"
         if "too big" in message:
             return f"{message}: values are limited to {self._options.max_value_bytes} bytes"
+        if "pattern too complex" in message:
+            return f"{message}: LIKE and GLOB patterns are limited to {_MAX_PATTERN_BYTES} bytes"
         if "no such column" in message:
             return f"{message}; read the table's columns with SELECT sql FROM sqlite_schema WHERE name = '<table>'"
         return f"SQL error: {message}"
