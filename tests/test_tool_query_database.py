@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import sqlite3
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -257,7 +258,9 @@ async def test_the_deadline_interrupts_a_query_at_its_next_row(tmp_path: Path) -
 
 
 async def test_huge_values_and_results_are_capped(tmp_path: Path) -> None:
-    tool = create(ToolConfig(data_dir=tmp_path, options={"max_value_bytes": 4096, "max_result_bytes": 10_000}))
+    tool = create(
+        ToolConfig(data_dir=tmp_path, options={"max_value_bytes": 4096, "max_columns": 2, "max_result_bytes": 10_000})
+    )
     with pytest.raises(ToolError, match="too big: values are limited to 4096 bytes"):
         await query(tool, "SELECT randomblob(1000000000)")
     result = await query(tool, "SELECT hex(randomblob(1000)) FROM orders", limit=1000)
@@ -287,6 +290,39 @@ async def test_long_like_and_glob_patterns_are_refused(tool: QueryDatabase) -> N
     # GLOB '*[a-z][a-z]…' as long as a value (16 KiB) took 0.5 s a call; a pattern is held to 1000 bytes.
     with pytest.raises(ToolError, match="patterns are limited to 1000 bytes"):
         await query(tool, "SELECT 'a' GLOB '*' || replace(printf('%.200c', 'x'), 'x', '[a-z]')")
+
+
+async def test_a_row_never_holds_more_than_the_result_cap(tmp_path: Path) -> None:
+    tool = create(ToolConfig(data_dir=tmp_path))
+    # 1500 columns of a 1 MB blob took 2.9 GB before the result cap saw the row.
+    with pytest.raises(ToolError, match="at most 100 columns; select fewer"):
+        await query(tool, "WITH t(b) AS (SELECT zeroblob(1000)) SELECT " + ", ".join(["b"] * 101) + " FROM t")
+    small = create(
+        ToolConfig(data_dir=tmp_path, options={"max_value_bytes": 1024, "max_columns": 4, "max_result_bytes": 4096})
+    )
+    row = await query(small, "WITH t(b) AS (SELECT zeroblob(1000)) SELECT b, b, b, b FROM t")
+    assert row["row_count"] == 1 and len(row["columns"]) == 4
+    with pytest.raises(ToolError, match="at most 4 columns"):
+        await query(small, "WITH t(b) AS (SELECT zeroblob(1000)) SELECT b, b, b, b, b FROM t")
+
+
+def test_the_largest_row_must_fit_the_result_cap(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="largest row"):
+        create(ToolConfig(data_dir=tmp_path, options={"max_value_bytes": 1024 * 1024}))
+
+
+async def test_a_wide_table_elsewhere_in_the_database_does_not_break_queries(tmp_path: Path) -> None:
+    path = tmp_path / "ops.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"CREATE TABLE wide ({', '.join(f'c{i}' for i in range(150))})")
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('hello')")
+    conn.close()
+    tool = create(ToolConfig(data_dir=tmp_path, options={"path": str(path)}))
+    assert (await query(tool, "SELECT body FROM notes"))["rows"] == [["hello"]]
+    assert (await query(tool, "SELECT c0, c149 FROM wide"))["row_count"] == 0
+    with pytest.raises(ToolError, match="at most 100 columns"):
+        await query(tool, "SELECT * FROM wide")
 
 
 def test_oversized_sql_and_params_are_rejected(tool: QueryDatabase) -> None:

@@ -8,7 +8,8 @@ statement, which SQLite stops at its next row or loop step. SQLite cannot stop i
 statement, or computing one row's expressions), so such a step keeps its thread until it ends. The small value
 cap (`max_value_bytes`, with a short LIKE/GLOB pattern cap) keeps one function call in it to milliseconds, but
 SQLite's query flattener can repeat a call or an expression any number of times in one step (README, "Hostile
-input"). Rows stop being collected once the result passes `max_result_bytes` (marked truncated)."""
+input"). A row has at most `max_columns` values, so the largest row fits in `max_result_bytes`, after which rows
+stop being collected (marked truncated)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
 from tools.policy import TimeoutPolicy, ToolPolicy
@@ -54,8 +55,19 @@ class Options(BaseModel):
     max_value_bytes: int = Field(
         16 * 1024, ge=1024, description="Longest string or blob a query may read or build (SQLITE_LIMIT_LENGTH)"
     )
+    max_columns: int = Field(100, ge=1, le=2000, description="Most values in a result row (SQLITE_LIMIT_COLUMN)")
     max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Rows beyond this size are cut (truncated)")
     max_concurrent: int = Field(2, ge=1, le=64, description="Queries running at once, each on a thread of the tool")
+
+    @model_validator(mode="after")
+    def _largest_row_fits(self) -> Options:
+        # A row is fetched whole before it is charged to max_result_bytes: bound it before it is built.
+        if self.max_value_bytes * self.max_columns > self.max_result_bytes:
+            raise ValueError(
+                f"max_value_bytes × max_columns ({self.max_value_bytes} × {self.max_columns}) must not exceed "
+                f"max_result_bytes ({self.max_result_bytes}): that is the largest row a query can return"
+            )
+        return self
 
 
 class QueryInput(BaseModel):
@@ -182,7 +194,10 @@ class QueryDatabase(Tool[QueryInput]):
         except sqlite3.Error as exc:
             raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
         with closing(conn), deadline.watching(conn):
-            self._restrict(conn, deadline)
+            try:
+                self._restrict(conn, deadline)
+            except sqlite3.Error as exc:
+                raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
             try:
                 cursor = conn.execute(args.sql, args.params)
                 rows, too_big = self._fetch(cursor, limit + 1)
@@ -202,10 +217,14 @@ class QueryDatabase(Tool[QueryInput]):
 
     def _restrict(self, conn: sqlite3.Connection, deadline: _Deadline) -> None:
         """The authorizer, the deadline check and SQLite's limits, on a connection about to run a query."""
+        # The schema is read before the column limit applies, so a wide table elsewhere in the file does not make
+        # every query fail ("malformed database schema"); selecting all its columns still does.
+        conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0").close()
         conn.set_authorizer(_authorize)
         # Between rows and loop steps, like the interrupt from `_Deadline.stop`, which does not wait for this tick.
         conn.set_progress_handler(deadline.passed, 1000)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, self._options.max_columns)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, _MAX_PATTERN_BYTES)
 
     def _fetch(self, cursor: sqlite3.Cursor, most: int) -> tuple[list[Any], bool]:
@@ -234,6 +253,8 @@ class QueryDatabase(Tool[QueryInput]):
             return f"{message}; the tables are: {', '.join(tables)}"
         if "too big" in message:
             return f"{message}: values are limited to {self._options.max_value_bytes} bytes"
+        if "too many columns" in message:
+            return f"{message}: a row may have at most {self._options.max_columns} columns; select fewer"
         if "pattern too complex" in message:
             return f"{message}: LIKE and GLOB patterns are limited to {_MAX_PATTERN_BYTES} bytes"
         if "no such column" in message:
