@@ -325,6 +325,40 @@ async def test_a_wide_table_elsewhere_in_the_database_does_not_break_queries(tmp
         await query(tool, "SELECT * FROM wide")
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT fts3_tokenizer('simple')",  # returns a native pointer
+        "SELECT fts3_tokenizer('simple', x'4141414141414141')",  # overwrites it
+        "SELECT load_extension('/tmp/x.so')",
+        "SELECT sqlite_log(1, 'forged log line')",
+        "SELECT rtreenode(2, x'00')",
+    ],
+)
+async def test_functions_outside_the_allowed_list_are_refused(tool: QueryDatabase, sql: str) -> None:
+    name = sql.split()[1].split("(")[0]
+    with pytest.raises(ToolError, match=rf"the function {name}\(\) is not allowed") as caught:
+        await query(tool, sql)
+    assert caught.value.retryable is False
+
+
+async def test_everyday_functions_are_allowed(tool: QueryDatabase) -> None:
+    result = await query(
+        tool,
+        """
+        SELECT upper(substr(name, 1, 3)), length(name), lower(mode) LIKE 'r%', coalesce(NULL, id), iif(id, 'y', 'n'),
+               printf('%05.1f', on_time_target_pct), round(sqrt(id * 1.0), 2), date('2026-01-31', '+1 day'),
+               json_extract('{"a": [1, 2]}', '$.a[1]'), '{"b": 3}' ->> '$.b', replace(trim(' x '), 'x', 'y'),
+               instr(name, 'a') >= 0, typeof(id), abs(-id), hex(zeroblob(2)), nullif(1, 1),
+               count(*) OVER (), rank() OVER (ORDER BY id), lag(id) OVER (ORDER BY id),
+               (SELECT group_concat(code) FROM warehouses), (SELECT max(total_eur) FROM orders)
+        FROM carriers ORDER BY id LIMIT 1
+        """,
+    )
+    row = result["rows"][0]
+    assert row[7] == "2026-02-01" and row[8] == 2 and row[9] == 3 and row[10] == "y" and row[14] == "0000"
+
+
 def test_oversized_sql_and_params_are_rejected(tool: QueryDatabase) -> None:
     with pytest.raises(ValidationError):
         tool.validate({"sql": "SELECT " + "1+" * 20_000 + "1"})

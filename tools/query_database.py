@@ -1,6 +1,6 @@
 """query_database: read-only SQL over a SQLite database, by default a small logistics demo database built from
-`tools/data/demo.sql`. Read-only is enforced by SQLite itself (read-only open plus an authorizer), not by
-inspecting the SQL text.
+`tools/data/demo.sql`. Read-only is enforced by SQLite itself (read-only open plus an authorizer that also allows
+only known functions), not by inspecting the SQL text.
 
 Hostile queries are bounded too. Queries run on the tool's own threads (`max_concurrent`), never on the event
 loop's shared pool, and a call ends at `timeout_s` whatever its query is doing: then the loop interrupts the
@@ -34,11 +34,29 @@ DEMO_SQL = Path(__file__).parent / "data" / "demo.sql"
 
 # What a plain SELECT (with joins, subqueries, window functions and CTEs) needs; everything else, including
 # ATTACH, PRAGMA, transactions and any write, is denied while the statement is prepared.
-_ALLOWED_ACTIONS = frozenset(
-    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-)
+_ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
 _READ_ONLY_HINT = "the database is read-only; only SELECT is allowed"
 
+# The functions a query may call: SQLite's scalar, aggregate, window, date, math and JSON functions and the
+# full-text search ones. Everything else is denied as the statement is prepared: fts3_tokenizer (it reads and
+# overwrites a native pointer), load_extension, sqlite_log, the rtree debugging functions, and whatever a later
+# SQLite adds until it is listed here.
+_ALLOWED_FUNCTIONS = frozenset(
+    """
+    abs char coalesce concat concat_ws format glob hex ifnull iif instr length like likelihood likely lower ltrim
+    max min nullif octet_length printf quote random randomblob replace round rtrim sign sqlite_version substr
+    substring trim typeof unhex unicode unlikely upper zeroblob
+    avg count group_concat string_agg sum total
+    row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
+    date time datetime julianday unixepoch strftime timediff current_date current_time current_timestamp
+    acos acosh asin asinh atan atan2 atanh ceil ceiling cos cosh degrees exp floor ln log log10 log2 mod pi pow
+    power radians sin sinh sqrt tan tanh trunc
+    json json_array json_array_length json_error_position json_extract json_insert json_object json_patch
+    json_pretty json_quote json_remove json_replace json_set json_type json_valid json_group_array
+    json_group_object -> ->>
+    match matchinfo offsets snippet highlight bm25
+    """.split()  # noqa: SIM905 - grouped by kind, a line each, rather than one name a line
+)
 # LIKE and GLOB patterns: the cost of a match grows with the pattern times the text ("*[a-z][a-z]…" over a long
 # string), and a pattern an agent writes is a few words.
 _MAX_PATTERN_BYTES = 1000
@@ -80,10 +98,6 @@ class QueryInput(BaseModel):
     params: list[Scalar] = Field(
         default_factory=list, max_length=100, description="Values bound to the ? placeholders of `sql`, in order."
     )
-
-
-def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
-    return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
 
 
 class _Deadline:
@@ -189,13 +203,14 @@ class QueryDatabase(Tool[QueryInput]):
         if self._is_demo:
             self.ensure_demo()
         limit = min(args.limit, self._options.max_rows)
+        denied: list[str] = []
         try:
             conn = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
         with closing(conn), deadline.watching(conn):
             try:
-                self._restrict(conn, deadline)
+                self._restrict(conn, denied, deadline)
             except sqlite3.Error as exc:
                 raise ToolError(f"cannot open the database {self._path.name}: {exc}") from exc
             try:
@@ -204,7 +219,7 @@ class QueryDatabase(Tool[QueryInput]):
             except sqlite3.Error as exc:
                 if deadline.passed():
                     raise ToolError(_too_long(self._options.timeout_s)) from exc
-                raise ToolError(self._explain(exc, conn)) from exc
+                raise ToolError(self._explain(exc, conn, denied)) from exc
             columns = [d[0] for d in cursor.description or ()]
         truncated = too_big or len(rows) > limit
         rows = rows[:limit]
@@ -215,12 +230,21 @@ class QueryDatabase(Tool[QueryInput]):
             "truncated": truncated,
         }
 
-    def _restrict(self, conn: sqlite3.Connection, deadline: _Deadline) -> None:
+    def _restrict(self, conn: sqlite3.Connection, denied: list[str], deadline: _Deadline) -> None:
         """The authorizer, the deadline check and SQLite's limits, on a connection about to run a query."""
+
+        def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
+            if action == sqlite3.SQLITE_FUNCTION:
+                if arg2 in _ALLOWED_FUNCTIONS:
+                    return sqlite3.SQLITE_OK
+                denied.append(arg2 or "?")
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK if action in _ALLOWED_ACTIONS else sqlite3.SQLITE_DENY
+
         # The schema is read before the column limit applies, so a wide table elsewhere in the file does not make
         # every query fail ("malformed database schema"); selecting all its columns still does.
         conn.execute("SELECT 1 FROM sqlite_schema LIMIT 0").close()
-        conn.set_authorizer(_authorize)
+        conn.set_authorizer(authorize)
         # Between rows and loop steps, like the interrupt from `_Deadline.stop`, which does not wait for this tick.
         conn.set_progress_handler(deadline.passed, 1000)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._options.max_value_bytes)
@@ -241,11 +265,16 @@ class QueryDatabase(Tool[QueryInput]):
             rows.append(row)
         return rows, False
 
-    def _explain(self, exc: sqlite3.Error, conn: sqlite3.Connection) -> str:
+    def _explain(self, exc: sqlite3.Error, conn: sqlite3.Connection, denied: list[str]) -> str:
         """SQLite's message plus a hint that tells the model what to do differently."""
         message = str(exc)
         if isinstance(exc, sqlite3.ProgrammingError) and "one statement" in message:
             return "only one SQL statement per call is allowed; send the statements one at a time"
+        if denied:
+            return (
+                f"the function {denied[0]}() is not allowed; use SQLite's core, aggregate, window, date, math "
+                "and JSON functions"
+            )
         if "not authorized" in message or "authorization denied" in message or "readonly" in message:
             return f"{message}: {_READ_ONLY_HINT}"
         if "no such table" in message:
