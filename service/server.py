@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import telemetry
+from service.aio import abandoned
 from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
 from service.config import Config, GcConfig, keepalive_options, pending_rpc_options
@@ -218,3 +219,12 @@ async def serve(config: Config) -> None:
     await asyncio.gather(waiter, stopper, return_exceptions=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
+    stuck = abandoned()
+    if stuck:
+        # Tasks that ignored their cancellation (a stubborn tool, `service.aio`): asyncio.run would cancel them once
+        # more and wait for them without limit, keeping the pod up until it is killed. Everything worth keeping is
+        # written by now (the drain closed the audit and dead-letter stores), so end the process here.
+        log.warning("exiting without waiting for tasks that ignored their cancellation", extra={"tasks": len(stuck)})
+        telemetry.shutdown()
+        logging.shutdown()
+        os._exit(0)

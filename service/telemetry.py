@@ -113,6 +113,13 @@ def setup_tracing() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Flush and stop the span exporter, for a process that ends without running its exit handlers."""
+    shutdown_provider = getattr(_provider, "shutdown", None)
+    if shutdown_provider is not None:
+        shutdown_provider()
+
+
 def server_interceptors() -> list[Any]:
     """The OpenTelemetry gRPC server interceptor when tracing is on (an RPC span, parent of `run`); none otherwise."""
     if not _tracing:

@@ -15,7 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import run_events
+from agent.v1 import agent_pb2 as pb
+from conftest import run_events, stub
 from service.config import ConfigError, load_config
 
 
@@ -92,3 +93,79 @@ def test_unknown_config_keys_are_refused(tmp_path: Path) -> None:
     path.write_text("limits: {max_mesage_bytes: 10}\n")
     with pytest.raises(ConfigError, match="max_mesage_bytes"):
         load_config(path)
+
+
+STUBBORN_TOOL = """
+import asyncio
+
+from pydantic import BaseModel
+
+from tools.base import Tool
+
+
+class In(BaseModel):
+    pass
+
+
+class Stubborn(Tool[In]):
+    name = "stubborn"
+    description = "Ignores cancellation."
+    Input = In
+
+    async def run(self, args):
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # swallowed, which is the point
+
+
+def create(config):
+    return Stubborn()
+"""
+
+
+async def test_sigterm_exits_even_with_a_tool_that_ignores_its_cancellation(tmp_path: Path) -> None:
+    """The drain abandons the stuck call; the process must then end rather than wait for it (asyncio.run would)."""
+    (tmp_path / "stubborn_tool.py").write_text(STUBBORN_TOOL)
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("name: stuck\nturns:\n  - tool_calls: [{name: stubborn, input: {}}]\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {{scenario: {scenario}}}\ntool_modules: [stubborn_tool]\nshutdown_grace_s: 0.2\n"
+        "metrics_listen: 127.0.0.1:0\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "--config",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "AGENT_DATA_DIR": str(tmp_path / "var"),
+            "PYTHONPATH": str(tmp_path),
+            "ANTHROPIC_API_KEY": "",
+        },
+    )
+    assert proc.stderr is not None
+    try:
+        while (record := json.loads(await asyncio.wait_for(proc.stderr.readline(), 30)))["msg"] != "serving":
+            pass
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{record['port']}") as channel:
+            call = stub(channel).RunAgent(pb.RunAgentRequest(message="go"))
+            async for event in call:
+                if event.HasField("tool_call_ready"):
+                    break
+            await asyncio.sleep(0.1)  # the tool is running
+            proc.send_signal(signal.SIGTERM)
+            rest = (await asyncio.wait_for(proc.stderr.read(), 15)).decode()
+            assert await asyncio.wait_for(proc.wait(), 5) == 0
+        assert "exiting without waiting for tasks that ignored their cancellation" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
