@@ -74,7 +74,10 @@ class Redactor:
             return tuple(self._walk(v, depth + 1) for v in value)
         if isinstance(value, int | float) and not isinstance(value, bool) and self._pattern is not None:
             # a card number sent as a JSON number is the same secret as the string: masked, it becomes text
-            digits = str(value)
+            try:
+                digits = str(value)
+            except ValueError:  # an int of more digits than Python writes in decimal: no pattern of ours is that long
+                return value
             masked = self.text(digits)
             return value if masked == digits else masked
         return value

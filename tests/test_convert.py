@@ -167,3 +167,17 @@ async def test_a_huge_int_from_a_tool_or_the_model_reaches_every_reader(start_se
     unary = await stub(channel).RunAgentUnary(pb.RunAgentRequest(message="go", tools=["big"]))
     assert plain(unary.tool_calls[0].result.data) == {"id": str(BIG), "given": str(-BIG)}
     assert unary.final_response.text == "done"
+
+
+def test_lone_surrogates_become_replacement_characters_instead_of_raising() -> None:
+    """json.loads reads the escape "\\ud83d" (half an emoji) into a str that UTF-8 cannot encode; protobuf refused it
+    and the stream ended. Values, keys, deep data and plain text fields are all cleaned."""
+    half = "\ud83d"
+    data = {"name": f"{half} x", f"{half}k": [1, {"deep": half}]}
+    result = ev.ToolResult(call_id="c", name="t", status=ev.ToolStatus.OK, duration_s=0.1, data=data)
+    out = to_proto(result, "run_1", 5)
+    fields = out.tool_result.data.struct_value.fields
+    assert fields["name"].string_value == "\ufffd x"
+    assert fields["\ufffdk"].list_value.values[1].struct_value.fields["deep"].string_value == "\ufffd"
+    assert to_proto(ev.TextDelta(turn=1, text=f"a{half}b"), "run_1", 6).text_delta.text == "a\ufffdb"
+    assert struct({half: half})["\ufffd"] == "\ufffd"

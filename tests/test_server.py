@@ -74,6 +74,17 @@ async def test_invalid_requests_get_invalid_argument(
     assert message in (info.value.details() or "")
 
 
+async def test_a_long_list_of_repeated_tools_is_refused_quickly(start_service: Any, channel_to: Any) -> None:
+    """The message names the repeated tools; counting them per entry took minutes of event loop for 100,000."""
+    svc = await start_service()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events_of(
+            stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hi", tools=["echo"] * 50_000), timeout=5)
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "tools lists echo more than once"
+
+
 async def test_run_id_and_cancel_mode_are_checked(start_service: Any, channel_to: Any) -> None:
     svc = await start_service()
     service = stub(channel_to(svc))
