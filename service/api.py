@@ -308,14 +308,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         unknown = [name for name in tools if name not in self.tools]
         if unknown:
             raise InvalidRequest(
-                f"unknown tool(s): {', '.join(unknown)}; available: {', '.join(self.tools)} (see ListTools)"
+                f"unknown tool(s): {_some(unknown)}; available: {', '.join(self.tools)} (see ListTools)"
             )
         if len(set(tools)) != len(tools):
             twice = sorted(name for name, n in Counter(tools).items() if n > 1)  # linear: tools may be 100,000 long
-            raise InvalidRequest(f"tools lists {', '.join(twice)} more than once")
+            raise InvalidRequest(f"tools lists {_some(twice)} more than once")
         denied = [name for name in tools if not caller.may_use(name)]
         if denied:
-            raise PermissionDenied(f"caller {caller.name} may not use tool(s): {', '.join(denied)}")
+            raise PermissionDenied(f"caller {caller.name} may not use tool(s): {_some(denied)}")
         max_turns = request.max_turns if request.HasField("max_turns") else limits.default_max_turns
         if not 1 <= max_turns <= limits.max_turns:
             raise InvalidRequest(f"max_turns must be between 1 and {limits.max_turns}, got {max_turns}")
@@ -352,6 +352,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if not 1 <= value <= maximum:
             raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
         return value
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    """The first names, for a message that goes back in the call's trailers: grpc clients refuse trailers of more
+    than 8 KiB by default, and a request may list thousands of names."""
+    text = ", ".join(name[:100] for name in names[:shown])
+    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
 
 
 def _checked_metadata(request: pb.RunAgentRequest, limits: Limits) -> dict[str, str]:

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 Refusal = tuple[grpc.StatusCode, str]
+MAX_DETAILS = 2000  # characters of a status message
 # A check on a call before its handler runs: None to let it through, else the status to end the call with.
 Check = Callable[[Any, grpc.aio.ServicerContext], Refusal | None]
 
@@ -27,7 +28,9 @@ def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: st
     abort raises, and with it the handler's frames, in a reference cycle that only the collector frees
     (tests/test_gc_hygiene.py)."""
     context.set_code(code)
-    context.set_details(message)
+    # the details travel in the trailers, which grpc clients refuse past 8 KiB by default (the call would then fail
+    # with RESOURCE_EXHAUSTED instead of this status); a message quoting what the caller sent could be longer
+    context.set_details(message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "…")
 
 
 _HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (

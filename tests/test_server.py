@@ -85,6 +85,25 @@ async def test_a_long_list_of_repeated_tools_is_refused_quickly(start_service: A
     assert info.value.details() == "tools lists echo more than once"
 
 
+async def test_many_unknown_tools_are_named_within_the_trailers_limit(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    names = [f"tool_{i:05d}_{'x' * 50}" for i in range(2000)]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel_to(svc), tools=names)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(f"unknown tool(s): {names[0]}, {names[1]}")
+    assert "and 1990 more; available: " in (info.value.details() or "")
+
+
+async def test_a_status_message_quoting_a_huge_run_id_is_cut(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub(channel_to(svc)).GetRun(pb.GetRunRequest(run_id="r" * 100_000))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # not RESOURCE_EXHAUSTED: the trailers stay small
+    details = info.value.details() or ""
+    assert details.startswith("no run 'rrr") and details.endswith("…") and len(details) == 2000
+
+
 async def test_run_id_and_cancel_mode_are_checked(start_service: Any, channel_to: Any) -> None:
     svc = await start_service()
     service = stub(channel_to(svc))
