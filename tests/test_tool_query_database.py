@@ -150,6 +150,13 @@ async def test_syntax_error_is_a_tool_error(tool: QueryDatabase) -> None:
         await query(tool, "SELEC * FROM orders")
 
 
+async def test_a_call_after_close_is_a_retryable_tool_error(tool: QueryDatabase) -> None:
+    await tool.aclose()  # as the drain does; a call still arriving must not fail with the pool's RuntimeError
+    with pytest.raises(ToolError, match="the database is closed") as caught:
+        await query(tool, "SELECT 1")
+    assert caught.value.retryable and not tool._running
+
+
 def test_limit_rule_is_validated_and_in_the_schema(tool: QueryDatabase) -> None:
     with pytest.raises(ValidationError):
         tool.validate({"sql": "SELECT 1", "limit": 1001})

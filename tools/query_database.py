@@ -171,8 +171,11 @@ class QueryDatabase(Tool[QueryInput]):
     async def run(self, args: QueryInput) -> JSON:
         timeout = self._options.timeout_s
         deadline = _Deadline(timeout)
+        try:
+            job = self._pool.submit(self._query, args, deadline)
+        except RuntimeError:  # after aclose(): the pool takes no more work
+            raise ToolError("the database is closed: the server is shutting down", retryable=True) from None
         self._running.add(deadline)
-        job = self._pool.submit(self._query, args, deadline)
         done = asyncio.wrap_future(job)
         try:
             await asyncio.wait({done}, timeout=timeout)
