@@ -76,6 +76,7 @@ class _Mapped:
 
 _MAPPED = tuple(_STATUS)
 _ON_DISCONNECT = frozenset(pb.RunAgentRequest.OnDisconnect.values())
+_CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
 _mapped = _Mapped()  # stateless: one instance serves every call
 
 
@@ -154,7 +155,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     ) -> pb.CancelRunResponse | None:
         try:
             with _mapped:
-                if request.mode not in pb.CancelRunRequest.Mode.values():
+                if request.mode not in _CANCEL_MODES:
                     raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
                 run = self.run_of(request.run_id)
         except _Abort as exc:

@@ -19,10 +19,15 @@ from agent.v1 import agent_pb2 as pb
 from conftest import run_events, stub
 from service.config import ConfigError, load_config
 
+DEFAULT_CONFIG = "model:\n  pacing: {first_token_ms: 0, token_interval_ms: 0}\nshutdown_grace_s: 5\n"
 
-async def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
+
+async def _start(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, config_text: str = DEFAULT_CONFIG
+) -> tuple[Any, dict[str, Any]]:
+    """`python -m service` with `config_text` as its config file, once it logs that it is serving."""
     config = tmp_path / "config.yaml"
-    config.write_text("model:\n  pacing: {first_token_ms: 0, token_interval_ms: 0}\nshutdown_grace_s: 5\n")
+    config.write_text(config_text)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -130,31 +135,16 @@ async def test_sigterm_exits_even_with_a_tool_that_ignores_its_cancellation(tmp_
     (tmp_path / "stubborn_tool.py").write_text(STUBBORN_TOOL)
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text("name: stuck\nturns:\n  - tool_calls: [{name: stubborn, input: {}}]\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"model: {{scenario: {scenario}}}\ntool_modules: [stubborn_tool]\nshutdown_grace_s: 0.2\n"
-        "metrics_listen: 127.0.0.1:0\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "--config",
-        str(config),
+    proc, record = await _start(
+        tmp_path,
         "--listen",
         "127.0.0.1:0",
-        stderr=asyncio.subprocess.PIPE,
-        env={
-            **os.environ,
-            "AGENT_DATA_DIR": str(tmp_path / "var"),
-            "PYTHONPATH": str(tmp_path),
-            "ANTHROPIC_API_KEY": "",
-        },
+        env={"PYTHONPATH": str(tmp_path), "ANTHROPIC_API_KEY": ""},
+        config_text=f"model: {{scenario: {scenario}}}\ntool_modules: [stubborn_tool]\nshutdown_grace_s: 0.2\n"
+        "metrics_listen: 127.0.0.1:0\n",
     )
     assert proc.stderr is not None
     try:
-        while (record := json.loads(await asyncio.wait_for(proc.stderr.readline(), 30)))["msg"] != "serving":
-            pass
         async with grpc.aio.insecure_channel(f"127.0.0.1:{record['port']}") as channel:
             call = stub(channel).RunAgent(pb.RunAgentRequest(message="go"))
             async for event in call:
