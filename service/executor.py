@@ -383,7 +383,8 @@ class Executor:
 
     def _account(self, call: ToolCallRequest, run: RunContext, span: trace.Span, result: ToolResult) -> None:
         """Metrics, audit, span attributes and the log line of a finished call."""
-        telemetry.record_tool_call(call.name, result.status.value, result.duration_s)
+        label = call.name if call.name in self.tools else telemetry.UNKNOWN_TOOL
+        telemetry.record_tool_call(label, result.status.value, result.duration_s)
         if self.audit is not None:
             self.audit.append(
                 AuditRecord(

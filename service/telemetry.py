@@ -56,6 +56,11 @@ FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback 
 DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
 
 
+UNKNOWN_TOOL = "(unknown)"
+"""The `tool` label of a call to a tool the executor does not have: the model names a call's tool, and each name it
+makes up would otherwise be a new series (and a new entry in `child`'s cache) for as long as the process lives."""
+
+
 @functools.cache
 def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, looked up once per label set: `labels()` takes a lock and builds a key, which shows

@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from prometheus_client import REGISTRY
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, scripted, stub
@@ -171,3 +172,19 @@ def test_tracing_is_off_without_otel_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     assert not telemetry.setup_tracing()
     assert telemetry.server_interceptors() == [] and not telemetry.tracing_enabled()
+
+
+async def test_tool_names_the_model_made_up_share_one_label_value() -> None:
+    # the model names the tool of a call: names it made up (or was talked into) must not each become a series
+    from service.executor import Executor, RunContext, ToolCallRequest
+
+    ex = Executor(policy_tools())
+    run = RunContext(run_id="r", offered=frozenset({"echo"}))
+    labels = {"tool": "(unknown)", "outcome": "rejected"}
+    before = REGISTRY.get_sample_value("agent_tool_calls_total", labels) or 0
+    for i in range(3):
+        request = ToolCallRequest(call_id=f"c{i}", name=f"made_up_{i}", input={})
+        _ = [e async for e in ex.execute(request, run)]
+    exported = {s.labels.get("tool") for family in REGISTRY.collect() for s in family.samples}
+    assert not {"made_up_0", "made_up_1", "made_up_2"} & exported
+    assert REGISTRY.get_sample_value("agent_tool_calls_total", labels) == before + 3
