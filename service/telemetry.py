@@ -8,11 +8,13 @@ variables are read by the SDK itself.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -22,6 +24,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from service import redact
 from service.redact import Redactor
+
+log = logging.getLogger(__name__)
 
 # 1 ms to 60 s, roughly doubling: tool calls span cache hits to slow upstream APIs.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -111,18 +115,33 @@ def setup_tracing() -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({} if env.get("OTEL_SERVICE_NAME") else {"service.name": "agent-service"})
-    provider = TracerProvider(resource=resource)
+    # the SDK's own exit handler would wait for the collector without a useful bound: ours below waits a little
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     use_tracer_provider(provider)
+    atexit.register(shutdown)
     return True
 
 
-def shutdown() -> None:
-    """Flush and stop the span exporter, for a process that ends without running its exit handlers."""
+SHUTDOWN_FLUSH_S = 2.0
+"""How long the exit waits for the spans still queued to be exported. An unreachable collector would otherwise hold
+it for the exporter's timeout per batch (10 s) up to the batch processor's 30 s: past the pod's termination grace
+period, which the drain has already used up (k8s/deployment.yaml)."""
+
+
+def shutdown(timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
+    """Flush and stop the span exporter, waiting at most `timeout_s`: spans not sent by then are dropped. Runs at
+    exit, and is called by a process that ends without running its exit handlers."""
     shutdown_provider = getattr(_provider, "shutdown", None)
-    if shutdown_provider is not None:
-        shutdown_provider()
+    if shutdown_provider is None:
+        return
+    # on a thread of its own, which the exit does not wait for: the SDK's shutdown takes no timeout
+    flush = threading.Thread(target=shutdown_provider, name="span exporter shutdown", daemon=True)
+    flush.start()
+    flush.join(timeout_s)
+    if flush.is_alive():
+        log.warning("spans not exported within %g s of shutdown were dropped", timeout_s)
 
 
 def server_interceptors() -> list[Any]:

@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import socket
+import threading
+import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY
+from test_process import _start as start_process
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, scripted, stub
@@ -188,3 +195,55 @@ async def test_tool_names_the_model_made_up_share_one_label_value() -> None:
     exported = {s.labels.get("tool") for family in REGISTRY.collect() for s in family.samples}
     assert not {"made_up_0", "made_up_1", "made_up_2"} & exported
     assert REGISTRY.get_sample_value("agent_tool_calls_total", labels) == before + 3
+
+
+class StuckExporter(SpanExporter):
+    """A collector that does not answer: each export blocks until `answer` is set."""
+
+    def __init__(self) -> None:
+        self.answer = threading.Event()
+        self.exports = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exports += 1
+        self.answer.wait()
+        return SpanExportResult.SUCCESS
+
+
+async def test_shutdown_flushes_spans_but_does_not_wait_long_for_a_collector_that_does_not_answer() -> None:
+    exporter = StuckExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    telemetry.use_tracer_provider(provider)
+    try:
+        telemetry.tracer().start_span("queued").end()
+        assert exporter.exports == 0  # still queued: only the shutdown's flush can send it
+        await asyncio.wait_for(asyncio.to_thread(telemetry.shutdown, 0.05), 5)
+        assert exporter.exports == 1
+    finally:
+        exporter.answer.set()
+        telemetry.use_tracer_provider(None)
+
+
+async def test_the_process_exits_soon_after_sigterm_when_the_otlp_collector_does_not_answer(tmp_path: Path) -> None:
+    collector = socket.socket()  # accepts connections (in its backlog) and never answers, like a black-holed route
+    collector.bind(("127.0.0.1", 0))
+    collector.listen(16)
+    endpoint = f"http://127.0.0.1:{collector.getsockname()[1]}"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "ANTHROPIC_API_KEY": "", "AGENT_METRICS_LISTEN": "127.0.0.1:0"}
+    proc, serving = await start_process(tmp_path, "--listen", "127.0.0.1:0", env=env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{serving['port']}") as channel:
+            events = await run_events(channel, message="Which shipments are late?")
+        assert events[-1].HasField("final_response")  # the unreachable collector did not hold up the run
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        # the run's spans are queued for export: the exit waits telemetry.SHUTDOWN_FLUSH_S for them, not the
+        # exporter's 10 s per batch (up to the batch processor's 30 s), past the pod's termination grace period
+        assert time.monotonic() - started < telemetry.SHUTDOWN_FLUSH_S + 3
+    finally:
+        collector.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
