@@ -247,3 +247,29 @@ async def test_the_process_exits_soon_after_sigterm_when_the_otlp_collector_does
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_circuit_state_gauge_follows_the_breaker_through_its_cooldown() -> None:
+    from service.executor import Executor, RunContext, ToolCallRequest
+    from service.policy.config import resolve
+
+    now = [0.0]
+    tools: dict[str, Any] = {"gauge_flaky": Flaky(failures=1, name="gauge_flaky"), "backup": Backup()}
+    policy = {"gauge_flaky": {"retry": {"attempts": 1}, "breaker": {"failure_threshold": 1, "cooldown_s": 30}}}
+    ex = Executor(tools, policies=resolve(tools, policy), clock=lambda: now[0])
+    run = RunContext(run_id="r", offered=frozenset(tools))
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("agent_tool_circuit_state", {"tool": "gauge_flaky"})
+
+    async def call() -> None:
+        _ = [e async for e in ex.execute(ToolCallRequest(call_id="c", name="gauge_flaky", input={"text": "x"}), run)]
+
+    assert gauge() == 0
+    await call()  # fails: the circuit opens
+    assert gauge() == 2
+    now[0] += 30  # cooled down: the next call is let through as the trial, though none has come yet
+    assert ex.guards["gauge_flaky"].breaker is not None and ex.guards["gauge_flaky"].breaker.state.value == "half_open"
+    assert gauge() == 1
+    await call()  # the trial succeeds
+    assert gauge() == 0

@@ -40,8 +40,11 @@ def build_guards(
 ) -> Guards:
     guards = Guards(policy, policy.timeout.seconds or default_timeout_s, Backoff(policy.retry))
     if policy.breaker is not None:
-        guards.breaker = CircuitBreaker(name, policy.breaker, store=store, clock=clock, on_transition=breaker_moved)
-        telemetry.CIRCUIT_STATE.labels(name).set(guards.breaker.state.gauge)
+        breaker = CircuitBreaker(name, policy.breaker, store=store, clock=clock, on_transition=breaker_moved)
+        # read at each scrape rather than set at each transition: an open circuit turns half-open when its cooldown
+        # ends, with no call (and so no transition) to say so, and a shared store changes under other replicas' calls
+        telemetry.CIRCUIT_STATE.labels(name).set_function(lambda: breaker.state.gauge)
+        guards.breaker = breaker
     if policy.rate_limit is not None:
         guards.limiter = RateLimiter(policy.rate_limit, clock=clock)
     if policy.cache is not None:
@@ -73,6 +76,5 @@ def unwell(outcome: Outcome) -> bool:
 
 
 def breaker_moved(tool: str, before: State, after: State) -> None:
-    telemetry.CIRCUIT_STATE.labels(tool).set(after.gauge)
     telemetry.CIRCUIT_TRANSITIONS.labels(tool, before.value, after.value).inc()
     log.warning("circuit breaker state changed", extra={"tool": tool, "from": before.value, "to": after.value})
