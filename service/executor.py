@@ -161,9 +161,10 @@ class Executor:
                     "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc,
                     self.redactor,
                 )
+            else:  # closed while its result was held: the call ended as the result says
+                telemetry.end_span(span, _failure(result), self.redactor)
             raise
-        failure = None if result is None or result.ok else f"{result.status.value}: {result.error}"
-        telemetry.end_span(span, failure, self.redactor)
+        telemetry.end_span(span, _failure(result), self.redactor)
 
     async def _execute(
         self, call: ToolCallRequest, run: RunContext, span: trace.Span, started: float
@@ -435,6 +436,11 @@ class Executor:
         log.info("tool call ended", extra=fields)
         if is_slow:
             log.warning("tool call slow", extra={**fields, "slow_s": slow})
+
+
+def _failure(result: ToolResult | None) -> str | None:
+    """The error status text of a call's span, None when it succeeded."""
+    return None if result is None or result.ok else f"{result.status.value}: {result.error}"
 
 
 def _end_attempt(

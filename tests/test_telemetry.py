@@ -273,3 +273,19 @@ async def test_circuit_state_gauge_follows_the_breaker_through_its_cooldown() ->
     assert gauge() == 1
     await call()  # the trial succeeds
     assert gauge() == 0
+
+
+async def test_a_call_closed_just_after_its_result_still_ends_its_span(spans: InMemorySpanExporter) -> None:
+    # merge() closes a call's events when its run stops while the result waits for room in the turn's queue
+    from service.events import ToolResult
+    from service.executor import Executor, RunContext, ToolCallRequest
+
+    ex = Executor(policy_tools(failures=9))
+    request = ToolCallRequest(call_id="c", name="flaky", input={"text": "x"})
+    events = ex.execute(request, RunContext(run_id="r", offered=frozenset({"flaky"})))
+    async for event in events:
+        if isinstance(event, ToolResult):
+            break
+    await events.aclose()  # type: ignore[attr-defined]
+    (call,) = by_name(spans.get_finished_spans(), "tool_call")
+    assert call.status.status_code is StatusCode.ERROR and call.status.description == "error: upstream 503 (call 1)"
