@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -81,8 +81,16 @@ _mapped = _Mapped()  # stateless: one instance serves every call
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, registry: RunRegistry, tools: Mapping[str, Tool[Any]], config: Config) -> None:
+    def __init__(
+        self,
+        registry: RunRegistry,
+        tools: Mapping[str, Tool[Any]],
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.registry = registry
+        self.clock = clock  # for the time to first event
         self.tools = tools
         self.config = config
         self.draining = False
@@ -123,7 +131,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     async def RunAgent(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AgentEvent]:
-        received = time.perf_counter()
+        received = self.clock()
         try:
             run, created = self._start(request, context, background=False)
         except _Abort as exc:
@@ -270,11 +278,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 after_seq, coalesce_lag=runs.subscriber_coalesce_lag, max_lag=runs.subscriber_max_lag
             ):
                 message = to_proto(entry.event, run.id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
-                if received is not None:
-                    telemetry.FIRST_EVENT.observe(time.perf_counter() - received)
-                    received = None
                 sent.add(type(entry.event))
                 yield message
+                if received is not None:  # grpc asks for the next message once it has sent this one
+                    telemetry.FIRST_EVENT.observe(self.clock() - received)
+                    received = None
         except SubscriberTooSlow as exc:
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
             dropped = exc
