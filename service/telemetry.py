@@ -46,8 +46,13 @@ FIRST_EVENT = Histogram(
     "From the start of a RunAgent call to its first event sent",
     buckets=FIRST_EVENT_BUCKETS,
 )
+# 50 ms to 10 min: a turn streams a whole answer, and its retries (three tries of up to model.timeout_s, 120 s, each)
+# are in it; with the tools' buckets every turn longer than a minute fell in +Inf.
+MODEL_TURN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 MODEL_TURN = Histogram(
-    "agent_model_turn_duration_seconds", "Model turn latency, first request to end of stream", buckets=LATENCY_BUCKETS
+    "agent_model_turn_duration_seconds",
+    "Model turn latency, first request to end of stream",
+    buckets=MODEL_TURN_BUCKETS,
 )
 MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after a retryable failure")
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])

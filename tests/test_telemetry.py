@@ -333,3 +333,26 @@ async def test_time_to_first_event_counts_until_the_event_is_sent(start_service:
     # a first event is usually out within a millisecond: the histogram tells 0.2 ms from 0.9 ms
     fast, slower = await first_event_observed(svc, 0.0002), await first_event_observed(svc, 0.0009)
     assert {le for le in fast if le[0].isdigit()} != {le for le in slower if le[0].isdigit()}
+
+
+def bucket_counts(metric: str) -> dict[str, float]:
+    family = next(f for f in REGISTRY.collect() if f.name == metric)
+    return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+
+
+async def test_model_turn_histogram_tells_long_turns_apart() -> None:
+    # a turn is a whole streamed answer, retries included: minutes for a long one (model.timeout_s is 120 s a try)
+    from service.executor import Executor
+    from service.loop import AgentLoop
+    from service.models import base as m
+
+    async def buckets_counting(seconds: float) -> set[str]:
+        times = iter([0.0, seconds])  # the turn's start and end, as the loop's clock reads them
+        loop = AgentLoop(scripted([{"text": "a long answer"}]), Executor({}), clock=lambda: next(times))
+        before = bucket_counts("agent_model_turn_duration_seconds")
+        request = m.TurnRequest(model="m", system=None, messages=[], tools=[], max_tokens=10)
+        _ = [e async for e in loop.request_model(1, request)]
+        after = bucket_counts("agent_model_turn_duration_seconds")
+        return {le for le, n in after.items() if n != before[le]}
+
+    assert await buckets_counting(100.0) != await buckets_counting(290.0)  # a finite bucket between the two
