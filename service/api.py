@@ -338,6 +338,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             raise InvalidRequest(
                 f"idempotency_key is {key_bytes} bytes; the limit is {limits.max_idempotency_key_bytes} bytes"
             )
+        model_bytes = len(request.model.encode())
+        if model_bytes > limits.max_model_bytes:  # it goes into logs, spans and the model request: bounded
+            raise InvalidRequest(
+                f"model is {model_bytes} bytes; a model id has at most {limits.max_model_bytes} bytes "
+                f"(leave it empty for the server's default)"
+            )
         metadata = _checked_metadata(request, limits)
         return RunSpec(
             run_id=run_id,

@@ -56,6 +56,7 @@ class Limits(_Strict):
     max_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="total bytes of metadata keys and values")
     max_metadata_value_bytes: int = Field(default=1024, ge=0, description="longest metadata key or value")
     max_idempotency_key_bytes: int = Field(default=256, ge=1)
+    max_model_bytes: int = Field(default=256, ge=1, description="longest model id a request may name")
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="gRPC request headers (grpc metadata)")
     max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     tool_timeout_s: float = Field(default=30.0, gt=0, description="hard timeout of one tool call")

@@ -59,6 +59,7 @@ async def test_parallel_tool_calls_interleave_over_grpc(start_service: Any, chan
         ({"message": "hi", "on_disconnect": 7}, "unknown on_disconnect 7: CANCEL or CONTINUE"),
         ({"message": "hi", "idempotency_key": "k" * 257}, "idempotency_key is 257 bytes; the limit is 256 bytes"),
         ({"message": "hi", "metadata": {"": "v"}}, "metadata has an empty key"),
+        ({"message": "hi", "model": "m" * 257}, "model is 257 bytes; a model id has at most 256 bytes"),
         ({"message": "hi", "max_turns": 0}, "max_turns must be between 1 and 50, got 0"),
         ({"message": "hi", "max_turns": 51}, "max_turns must be between 1 and 50, got 51"),
         ({"message": "hi", "max_tokens": 0}, "max_tokens must be between 1 and 64000, got 0"),
