@@ -301,7 +301,7 @@ class Executor:
             outcome.attempts = number
             if breaker is not None and permit is not None:
                 breaker.failure(permit) if unwell(outcome) else breaker.success(permit)
-            _end_attempt(attempt_span, span, outcome, breaker)
+            _end_attempt(attempt_span, span, outcome, breaker, self.redactor)
             final = outcome.ok or not outcome.retryable or number == attempts
             if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them
                 yield outcome
@@ -444,7 +444,11 @@ def _failure(result: ToolResult | None) -> str | None:
 
 
 def _end_attempt(
-    attempt_span: trace.Span, call_span: trace.Span, outcome: Outcome, breaker: CircuitBreaker | None
+    attempt_span: trace.Span,
+    call_span: trace.Span,
+    outcome: Outcome,
+    breaker: CircuitBreaker | None,
+    redactor: Redactor,
 ) -> None:
     if attempt_span.is_recording():
         attempt_span.set_attribute("tool.attempt", outcome.attempts)
@@ -452,7 +456,18 @@ def _end_attempt(
         if breaker is not None:
             attempt_span.set_attribute("tool.breaker_state", breaker.state.value)
     if attempt_span is not call_span:  # the first attempt runs in the call's own span, ended by execute()
-        telemetry.end_span(attempt_span, None if outcome.ok else outcome.error)
+        telemetry.end_span(attempt_span, None if outcome.ok else outcome.error, redactor)
+    elif not outcome.ok and call_span.is_recording():
+        # the call's span ends with the final result's status: a failed first attempt that a retry made good would
+        # otherwise leave no trace of its error in it
+        call_span.add_event(
+            "tool.attempt_failed",
+            {
+                "tool.attempt": outcome.attempts,
+                "tool.status": outcome.status.value,
+                "error": redactor.text(outcome.error),
+            },
+        )
 
 
 def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:

@@ -109,6 +109,10 @@ async def test_spans_nest_run_turns_calls_retries_and_fallbacks(
     flaky_call, down_call = calls[flaky], calls[down]
     assert flaky_call.attributes is not None and flaky_call.attributes["tool.attempts"] == 2
     assert flaky_call.attributes["tool.breaker_state"] == "closed" and not flaky_call.attributes["tool.cache_hit"]
+    (first_failure,) = flaky_call.events  # its first attempt failed, the retry succeeded: the error is still there
+    assert first_failure.name == "tool.attempt_failed" and first_failure.attributes is not None
+    assert first_failure.attributes["tool.attempt"] == 1 and first_failure.attributes["tool.status"] == "error"
+    assert first_failure.attributes["error"]
     retries = by_name(finished, "tool_retry")
     assert {r.parent.span_id for r in retries if r.parent} >= {flaky_call.context.span_id}  # type: ignore[union-attr]
     (fallback,) = by_name(finished, "tool_fallback")
