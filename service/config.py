@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.auth import AuthConfig, TlsConfig
 
@@ -176,6 +184,21 @@ class GcConfig(_Strict):
         return value
 
 
+# HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one ([::]); empty for every interface (metrics).
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.%\w-]+\]|[\w.-]*):(\d{1,5})")
+
+
+def _address(value: str | None, info: ValidationInfo) -> str | None:
+    """Checked with the rest of the config: otherwise a bad address shows only when the server binds it, as a
+    traceback (for metrics, after the gRPC port is taken)."""
+    if value is None or (info.field_name != "metrics_listen" and value.startswith(("unix:", "unix-abstract:"))):
+        return value  # grpc also serves on Unix domain sockets
+    match = _ADDRESS.fullmatch(value)
+    if match is None or int(match.group(1)) > 65535:
+        raise ValueError(f"{info.field_name} must be HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:50051")
+    return value
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9464"
@@ -206,6 +229,8 @@ class Config(_Strict):
     dead_letter: StoreConfig = StoreConfig()
     redaction: Redaction = Redaction()
     gc: GcConfig = GcConfig()
+
+    _addresses = field_validator("listen", "metrics_listen", "health_listen")(_address)
 
 
 ENV_VARS = {

@@ -83,6 +83,52 @@ async def test_bad_config_file_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert "invalid config" in err.decode() and "max_turns" in err.decode()
 
 
+async def _fails_to_start(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, config_text: str = DEFAULT_CONFIG
+) -> str:
+    """`python -m service` that must exit at once, non-zero, with a message rather than a traceback: its stderr."""
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "--config",
+        str(config),
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), "ANTHROPIC_API_KEY": "", **(env or {})},
+    )
+    assert proc.stderr is not None
+    lines = []
+    try:
+        while line := await asyncio.wait_for(proc.stderr.readline(), 30):
+            lines.append(line.decode())
+            assert '"msg": "serving"' not in lines[-1], f"it started: {lines[-1]}"
+        await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode != 0
+    text = "".join(lines)
+    assert "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--listen", "127.0.0.1:0"], {"AGENT_METRICS_LISTEN": "garbage"}, "metrics_listen must be HOST:PORT"),
+        (["--listen", "127.0.0.1:99999", "--metrics-listen", "127.0.0.1:0"], {}, "listen must be HOST:PORT"),
+    ],
+)
+async def test_bad_addresses_are_clear_startup_errors(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    assert expected in await _fails_to_start(tmp_path, *args, env=env)
+
+
 def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("listen: 1.1.1.1:1\nmetrics_listen: 2.2.2.2:2\nlimits: {max_message_bytes: 10}\n")
