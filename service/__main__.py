@@ -12,6 +12,8 @@ from service.config import ConfigError, load_config
 from service.server import serve
 from service.telemetry import setup_logging
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description="gRPC streaming agent service")
@@ -26,8 +28,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(os.environ["AGENT_CONFIG"]) if os.environ.get("AGENT_CONFIG") else None,
         help="YAML config file (env AGENT_CONFIG; defaults need no file)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "INFO"))
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,  # logging knows only upper-case names (`AGENT_LOG_LEVEL=info` is common)
+        choices=LOG_LEVELS,
+        default=os.environ.get("AGENT_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (env AGENT_LOG_LEVEL; default INFO)",
+    )
+    args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # argparse checks the choices of a flag, not of a default from the env
+        parser.error(f"AGENT_LOG_LEVEL={args.log_level}: choose from {', '.join(LOG_LEVELS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

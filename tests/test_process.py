@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
 from conftest import run_events, stub
+from service.__main__ import parse_args
 from service.config import ConfigError, load_config
 
 DEFAULT_CONFIG = "model:\n  pacing: {first_token_ms: 0, token_interval_ms: 0}\nshutdown_grace_s: 5\n"
@@ -121,12 +122,19 @@ async def _fails_to_start(
     [
         (["--listen", "127.0.0.1:0"], {"AGENT_METRICS_LISTEN": "garbage"}, "metrics_listen must be HOST:PORT"),
         (["--listen", "127.0.0.1:99999", "--metrics-listen", "127.0.0.1:0"], {}, "listen must be HOST:PORT"),
+        (["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"], {"AGENT_LOG_LEVEL": "LOUD"}, "LOUD"),
     ],
 )
-async def test_bad_addresses_are_clear_startup_errors(
+async def test_bad_addresses_and_log_levels_are_clear_startup_errors(
     tmp_path: Path, args: list[str], env: dict[str, str], expected: str
 ) -> None:
     assert expected in await _fails_to_start(tmp_path, *args, env=env)
+
+
+def test_log_level_names_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    monkeypatch.setenv("AGENT_LOG_LEVEL", "warning")  # lower case is common in k8s manifests
+    assert parse_args([]).log_level == "WARNING"
 
 
 def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
