@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from service.config import ConfigError, load_config
-from service.server import serve
+from service.server import StartupError, serve
 from service.telemetry import setup_logging
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, listen=args.listen, metrics_listen=args.metrics_listen)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

@@ -156,25 +156,22 @@ async def start(
     if config.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    if config.tls is not None:
-        port = server.add_secure_port(config.listen, server_credentials(config.tls))
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    credentials = None if config.tls is None else server_credentials(config.tls)
+    port = _listen(server, config.listen, credentials)
     health_server, health_port = None, None
     if config.health_listen:
         # probes carry no credentials: health alone, in plaintext, on a port of its own
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = health_server.add_insecure_port(config.health_listen)
-        if health_port == 0:
-            raise OSError(f"cannot listen on {config.health_listen}")
+        health_port = _listen(health_server, config.health_listen)
         await health_server.start()
     metrics_server = None
     if metrics:
         host, _, mport = config.metrics_listen.rpartition(":")
-        metrics_server, _thread = start_http_server(int(mport), addr=host.strip("[]") or "0.0.0.0")
+        try:
+            metrics_server, _thread = start_http_server(int(mport), addr=host.strip("[]") or "0.0.0.0")
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror or exc}") from exc
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -192,6 +189,15 @@ async def start(
     return service
 
 
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    try:
+        if credentials is None:
+            return int(server.add_insecure_port(address))
+        return int(server.add_secure_port(address, credentials))
+    except RuntimeError as exc:  # grpc says only "Failed to bind to address", and to ask its debug log why
+        raise OSError(f"cannot listen on {address}: the port is in use, or the address is not this host's") from exc
+
+
 def tune_gc(config: GcConfig) -> None:
     """Process-wide, so called by `serve` only: objects made at start-up (modules, tools, schemas) are frozen out of
     the collector's scans, and collections are made rarer (the service makes short-lived cycles at a modest rate)."""
@@ -201,9 +207,18 @@ def tune_gc(config: GcConfig) -> None:
     gc.set_threshold(*config.thresholds)
 
 
+class StartupError(Exception):
+    """The service cannot start as configured: a port it cannot listen on, or something the config names (a tool
+    module or option, a scenario, a TLS file, a store) that cannot be loaded."""
+
+
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    service = await start(config)
+    """Run until SIGTERM or SIGINT, then drain. Raises StartupError when it cannot start."""
+    try:
+        service = await start(config)
+    except (OSError, ValueError, ImportError) as exc:
+        log.debug("cannot start", exc_info=True)  # the traceback, for when the message is not enough
+        raise StartupError(f"cannot start: {exc}") from exc
     tune_gc(config.gc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -135,6 +136,27 @@ def test_log_level_names_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -
     assert parse_args(["--log-level", "debug"]).log_level == "DEBUG"
     monkeypatch.setenv("AGENT_LOG_LEVEL", "warning")  # lower case is common in k8s manifests
     assert parse_args([]).log_level == "WARNING"
+
+
+async def test_a_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        err = await _fails_to_start(tmp_path, "--listen", address, "--metrics-listen", "127.0.0.1:0")
+        assert f"cannot listen on {address}" in err
+        err = await _fails_to_start(tmp_path, "--listen", "127.0.0.1:0", "--metrics-listen", address)
+        assert f"cannot serve metrics on {address}" in err
+
+
+async def test_what_the_config_names_but_cannot_be_loaded_is_a_clear_startup_error(tmp_path: Path) -> None:
+    base = "listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\n"
+    err = await _fails_to_start(tmp_path, config_text=base + "tool_modules: [no_such_tool_module]\n")
+    assert "no_such_tool_module" in err
+    err = await _fails_to_start(tmp_path, config_text=base + "tools: {shipment_report: {bogus: 1}}\n")
+    assert "shipment_report" in err and "bogus" in err
+    err = await _fails_to_start(tmp_path, config_text=base + f"model: {{scenario: {tmp_path / 'none.yaml'}}}\n")
+    assert "none.yaml" in err
 
 
 def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
