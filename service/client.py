@@ -136,7 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--no-color", action="store_true")
     args = parser.parse_args(argv)
-    sys.exit(asyncio.run(run(args, sys.stdout)))
+    try:
+        sys.exit(asyncio.run(run(args, sys.stdout)))
+    except BrokenPipeError:
+        # The reader left (`| head`): the run is cancelled with the call; stop without a traceback, and without
+        # another one when Python flushes stdout on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

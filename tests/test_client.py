@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -50,3 +51,22 @@ async def test_cli_exits_non_zero_on_error(start_service: Any) -> None:
     code, _, err = await cli(svc.port, "--tools", "nope", "hi")
     assert code == 1
     assert err.startswith("INVALID_ARGUMENT: unknown tool(s): nope")
+
+
+async def test_cli_stops_quietly_when_its_reader_leaves(start_service: Any) -> None:
+    """`python -m service.client --json … | head -1`: the reader closes the pipe while events still come."""
+    svc = await start_service(model={"pacing": {"first_token_ms": 0, "token_interval_ms": 20}})
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service.client", "--target", f"127.0.0.1:{svc.port}", "--json", "hi"),
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = await asyncio.to_thread(reader.readline)
+    assert b"runStarted" in first
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode() == ""
