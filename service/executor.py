@@ -71,7 +71,8 @@ class RunContext:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolCallRequest:
-    """One tool_use block of a model turn. `parse_error` is set when the model's input JSON did not parse."""
+    """One tool_use block of a model turn. `parse_error` is set when the model's input cannot be used (its JSON did
+    not parse, or is not an object): a whole sentence the model reads as the call's error, as the adapter wrote it."""
 
     call_id: str
     name: str
@@ -235,7 +236,7 @@ class Executor:
             available = ", ".join(sorted(run.offered)) or "none"
             return Outcome(S.REJECTED, error=f"unknown tool {call.name!r}; available tools: {available}")
         if call.parse_error is not None:
-            return Outcome(S.REJECTED, error=f"tool input is not valid JSON: {call.parse_error}")
+            return Outcome(S.REJECTED, error=call.parse_error)
         try:
             args = tool.validate(call.input)
         except Exception as exc:

@@ -12,7 +12,7 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, stub
-from fake_anthropic import FakeAnthropic, Text
+from fake_anthropic import FakeAnthropic, Text, ToolUse
 from fake_tools import all_tools
 from service.models.anthropic import AnthropicModel
 from service.server import Service, start
@@ -93,3 +93,17 @@ async def test_rejected_api_key_is_failed_precondition(fake: FakeAnthropic, serv
         await run_events(channel_to(service))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "authentication failed (HTTP 401)" in (info.value.details() or "")
+
+
+async def test_a_tool_input_that_is_not_json_is_named_once_in_the_result_the_model_reads(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_blocks([ToolUse("echo", '{"text": "a', id="toolu_bad"), ToolUse("echo", "[1]", id="toolu_list")])
+    fake.script_turn(text="Sorry.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert events[-1].final_response.text == "Sorry."
+    results = fake.requests[1].body["messages"][2]["content"]
+    assert [(r["tool_use_id"], r["is_error"]) for r in results] == [("toolu_bad", True), ("toolu_list", True)]
+    assert results[0]["content"].startswith("rejected: tool input is not valid JSON: Unterminated string")
+    assert results[0]["content"].count("not valid JSON") == 1
+    assert results[1]["content"] == "rejected: tool input is a JSON list, not an object"

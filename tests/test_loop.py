@@ -165,14 +165,14 @@ async def test_unknown_tool_and_bad_json_from_the_model_are_rejected() -> None:
         ],
         input_tokens=1,
         output_tokens=1,
-        bad_inputs={"b": "Expecting value: line 1 column 9"},
+        bad_inputs={"b": "tool input is not valid JSON: Expecting value: line 1 column 9"},
     )
     loop, _ = make_loop(OneShotModel(first))
     events = await collect(loop, spec(tools=("echo",)))
     a, b = of(events, ev.ToolResult)
     assert (a.status, b.status) == (ev.ToolStatus.REJECTED, ev.ToolStatus.REJECTED)
     assert a.error == "unknown tool 'rm_rf'; available tools: echo"
-    assert b.error.startswith("tool input is not valid JSON")
+    assert b.error == "tool input is not valid JSON: Expecting value: line 1 column 9"
     assert isinstance(events[-1], ev.FinalResponse)
 
 

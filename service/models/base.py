@@ -58,8 +58,8 @@ class ToolUseDelta:
 @dataclass(frozen=True, kw_only=True)
 class TurnEnd:
     """The turn is complete. `content` is the assistant message's blocks, ready to go back into the history
-    (tool_use blocks carry the parsed `input`; a block whose JSON did not parse carries `{}` and is listed in
-    `bad_inputs` with the parse error)."""
+    (tool_use blocks carry the parsed `input`; a block whose input cannot be used carries `{}` and is listed in
+    `bad_inputs` with why, in a sentence the model reads as the call's error)."""
 
     stop_reason: str
     content: list[dict[str, Any]]
