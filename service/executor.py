@@ -72,7 +72,8 @@ class RunContext:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolCallRequest:
     """One tool_use block of a model turn. `parse_error` is set when the model's input cannot be used (its JSON did
-    not parse, or is not an object): a whole sentence the model reads as the call's error, as the adapter wrote it."""
+    not parse or is not an object, or the turn ended before it was complete): a whole sentence the model reads as the
+    call's error, as the adapter wrote it."""
 
     call_id: str
     name: str

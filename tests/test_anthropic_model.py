@@ -217,6 +217,31 @@ async def test_bad_tool_input(fake: FakeAnthropic, model: AnthropicModel) -> Non
     assert "not an object" in end.bad_inputs["toolu_list"]
 
 
+@pytest.mark.parametrize("stop_reason", ["max_tokens", "model_context_window_exceeded"])
+@pytest.mark.parametrize("cut_input", ["", '{"sql": "select 1"}', '{"sql": "sel'])
+async def test_a_tool_use_cut_off_by_the_output_limit_is_a_bad_input(
+    fake: FakeAnthropic, model: AnthropicModel, stop_reason: str, cut_input: str
+) -> None:
+    """The API ends the turn inside the tool_use block it was writing: whatever of its input came (nothing, or JSON
+    that happens to parse) is not what the model meant to send, so the call must not run."""
+    fake.script_blocks(
+        [ToolUse("query_database", {"sql": "select 2"}, id="toolu_whole"), ToolUse("query_database", cut_input)],
+        stop_reason=stop_reason,
+    )
+
+    end = (await collect(model))[-1]
+
+    assert isinstance(end, TurnEnd)
+    whole, cut = end.content
+    assert whole["input"] == {"sql": "select 2"}
+    assert cut["input"] == {}
+    assert list(end.bad_inputs) == [cut["id"]]
+    assert end.bad_inputs[cut["id"]] == (
+        f"the turn ended ({stop_reason}) before this tool call's input was complete, so the call did not run; "
+        "try again with a shorter input"
+    )
+
+
 async def test_empty_text_block_left_out(fake: FakeAnthropic, model: AnthropicModel) -> None:
     fake.script_blocks([Text(""), ToolUse("query_database", {"sql": "select 1"}, id="toolu_1")])
 

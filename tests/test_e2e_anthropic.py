@@ -107,3 +107,21 @@ async def test_a_tool_input_that_is_not_json_is_named_once_in_the_result_the_mod
     assert results[0]["content"].startswith("rejected: tool input is not valid JSON: Unterminated string")
     assert results[0]["content"].count("not valid JSON") == 1
     assert results[1]["content"] == "rejected: tool input is a JSON list, not an object"
+
+
+async def test_a_tool_call_cut_off_by_max_tokens_does_not_run_and_the_model_is_told_why(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_blocks(
+        [ToolUse("echo", {"text": "whole"}, id="toolu_whole"), ToolUse("echo", '{"text": "cu', id="toolu_cut")],
+        stop_reason="max_tokens",
+    )
+    fake.script_turn(text="Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert events[-1].final_response.text == "Done."
+    ran = [e.tool_call_ready.call_id for e in events if e.HasField("tool_call_ready")]
+    assert ran == ["toolu_whole"]
+    results = fake.requests[1].body["messages"][2]["content"]
+    assert [r["tool_use_id"] for r in results] == ["toolu_whole", "toolu_cut"]
+    assert results[1]["is_error"] is True
+    assert results[1]["content"].startswith("rejected: the turn ended (max_tokens) before this tool call's input")

@@ -37,6 +37,9 @@ from service.models.base import (
 # Error types an `error` event can carry after HTTP 200 that are worth another try.
 _RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
 
+# Stop reasons that end a turn wherever the output is: a tool_use block last in such a turn was cut off mid-input.
+_CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
+
 _LABELS = {
     "overloaded_error": "overloaded",
     "rate_limit_error": "rate limited",
@@ -177,7 +180,9 @@ class _Turn:
             raise ModelError("anthropic: the stream ended before message_stop", retryable=True)
         content: list[dict[str, Any]] = []
         bad_inputs: dict[str, str] = {}
-        for _, block in sorted(self.blocks.items()):
+        stop_reason = self.stop_reason or "end_turn"
+        blocks = [block for _, block in sorted(self.blocks.items())]
+        for block in blocks:
             if block.type == "text":
                 # The API refuses empty text blocks in the history it is sent back.
                 if block.text:
@@ -191,8 +196,15 @@ class _Turn:
                 content.append({"type": "tool_use", "id": block.call_id, "name": block.name, "input": tool_input})
             else:
                 content.append(block.raw)
+        if stop_reason in _CUT_OFF and blocks and blocks[-1].type == "tool_use":
+            # Its input is whatever came before the cut: nothing, or JSON that may even parse but is not all of it.
+            bad_inputs[blocks[-1].call_id] = (
+                f"the turn ended ({stop_reason}) before this tool call's input was complete, so the call did not run; "
+                "try again with a shorter input"
+            )
+            content[-1]["input"] = {}
         return TurnEnd(
-            stop_reason=self.stop_reason or "end_turn",
+            stop_reason=stop_reason,
             content=content,
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
