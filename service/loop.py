@@ -247,6 +247,19 @@ class AgentLoop:
             )
             state.history.append({"role": "assistant", "content": end.content})
             calls = tool_calls_of(end)
+            if end.stop_reason == "refusal":
+                # The API stopped the turn for safety: the calls in it are not the model's to make, and none runs.
+                # Each still gets a result, as every call the caller saw begin does.
+                for call in calls:
+                    yield ToolResult(
+                        call_id=call.call_id,
+                        name=call.name,
+                        status=ToolStatus.REJECTED,
+                        duration_s=0.0,
+                        error="not run: the model's turn was stopped (refusal)",
+                        attempts=0,
+                    )
+                calls = []
             if not calls:
                 yield FinalResponse(
                     text="".join(b["text"] for b in end.content if b["type"] == "text"),

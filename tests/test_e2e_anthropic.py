@@ -125,3 +125,19 @@ async def test_a_tool_call_cut_off_by_max_tokens_does_not_run_and_the_model_is_t
     assert [r["tool_use_id"] for r in results] == ["toolu_whole", "toolu_cut"]
     assert results[1]["is_error"] is True
     assert results[1]["content"].startswith("rejected: the turn ended (max_tokens) before this tool call's input")
+
+
+async def test_a_refused_turn_runs_none_of_its_tool_calls_and_ends_the_run(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """stop_reason refusal: the API stopped the turn for safety, so the calls in it are not the model's to make."""
+    fake.script_blocks([Text("Sure, "), ToolUse("echo", {"text": "x"}, id="toolu_refused")], stop_reason="refusal")
+    fake.script_turn(text="never asked for")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert not any(e.HasField("tool_call_ready") for e in events)
+    (result,) = [e.tool_result for e in events if e.HasField("tool_result")]  # the caller saw the call begin
+    assert (result.call_id, result.status) == ("toolu_refused", pb.TOOL_STATUS_REJECTED)
+    assert result.error == "not run: the model's turn was stopped (refusal)"
+    final = events[-1].final_response
+    assert (final.stop_reason, final.text, final.tool_calls) == ("refusal", "Sure, ", 0)
+    assert len(fake.requests) == 1
