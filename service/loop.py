@@ -92,6 +92,18 @@ class _RunState:
         )
         self.open_calls: dict[str, str] = {}
         self.tools_started = started
+        self.paused = False  # the last turn ended with pause_turn
+
+    def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
+        """Add a model turn to the history and return the assistant message's content: the continuation of a paused
+        turn is more of the same message (and its answer the text of all of it)."""
+        if self.paused:
+            self.history[-1]["content"] = [*self.history[-1]["content"], *end.content]
+        else:
+            self.history.append({"role": "assistant", "content": end.content})
+        self.paused = end.stop_reason == "pause_turn"
+        content: list[dict[str, Any]] = self.history[-1]["content"]
+        return content
 
 
 def check_budgets(spec: RunSpec, totals: _Totals, new_calls: int, control: RunControl) -> None:
@@ -245,24 +257,23 @@ class AgentLoop:
                 total_input_tokens=totals.input_tokens,
                 total_output_tokens=totals.output_tokens,
             )
-            state.history.append({"role": "assistant", "content": end.content})
+            answer = state.record(end)
+            if end.stop_reason == "pause_turn":
+                # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
+                after_turn = control.after_turn_reason()
+                if after_turn is not None:
+                    raise after_turn
+                continue
             calls = tool_calls_of(end)
             if end.stop_reason == "refusal":
                 # The API stopped the turn for safety: the calls in it are not the model's to make, and none runs.
                 # Each still gets a result, as every call the caller saw begin does.
                 for call in calls:
-                    yield ToolResult(
-                        call_id=call.call_id,
-                        name=call.name,
-                        status=ToolStatus.REJECTED,
-                        duration_s=0.0,
-                        error="not run: the model's turn was stopped (refusal)",
-                        attempts=0,
-                    )
+                    yield not_run(call, "the model's turn was stopped (refusal)")
                 calls = []
             if not calls:
                 yield FinalResponse(
-                    text="".join(b["text"] for b in end.content if b["type"] == "text"),
+                    text="".join(b["text"] for b in answer if b["type"] == "text"),
                     stop_reason=end.stop_reason,
                     turns=turn,
                     tool_calls=totals.tool_calls,
@@ -400,6 +411,18 @@ def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
         for b in end.content
         if b["type"] == "tool_use"
     ]
+
+
+def not_run(call: ToolCallRequest, why: str) -> ToolResult:
+    """The result of a call the loop did not run."""
+    return ToolResult(
+        call_id=call.call_id,
+        name=call.name,
+        status=ToolStatus.REJECTED,
+        duration_s=0.0,
+        error=f"not run: {why}",
+        attempts=0,
+    )
 
 
 def tool_result_block(result: ToolResult) -> dict[str, Any]:

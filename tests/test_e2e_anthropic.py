@@ -141,3 +141,30 @@ async def test_a_refused_turn_runs_none_of_its_tool_calls_and_ends_the_run(
     final = events[-1].final_response
     assert (final.stop_reason, final.text, final.tool_calls) == ("refusal", "Sure, ", 0)
     assert len(fake.requests) == 1
+
+
+async def test_a_paused_turn_is_continued_as_the_same_assistant_message(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """stop_reason pause_turn: the API paused a long turn; sending it back as it stands lets the model go on."""
+    fake.script_blocks([Text("Searching")], stop_reason="pause_turn")
+    fake.script_blocks([Text(" still"), ToolUse("echo", {"text": "x"}, id="toolu_1")])
+    fake.script_turn(text=" Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    final = events[-1].final_response
+    assert (final.text, final.stop_reason, final.turns, final.tool_calls) == (" Done.", "end_turn", 3, 1)
+    paused = {"role": "assistant", "content": [{"type": "text", "text": "Searching"}]}
+    assert fake.requests[1].body["messages"][1:] == [paused]
+    user, assistant, results = fake.requests[2].body["messages"]
+    assert [b.get("text") or b["id"] for b in assistant["content"]] == ["Searching", " still", "toolu_1"]
+    assert [b["tool_use_id"] for b in results["content"]] == ["toolu_1"]
+
+
+async def test_the_answer_of_a_paused_turn_is_all_of_its_text(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    fake.script_blocks([Text("The answer")], stop_reason="pause_turn")
+    fake.script_turn(text=" is 42.")
+    events = await run_events(channel_to(service))
+    final = events[-1].final_response
+    assert (final.text, final.stop_reason, final.turns) == ("The answer is 42.", "end_turn", 2)
