@@ -22,13 +22,17 @@ class AgentError(Exception):
 
 
 class ModelError(AgentError):
-    """A model call failed. `status` is the upstream HTTP status when there was one."""
+    """A model call failed. `status` is the upstream HTTP status when there was one; `retry_after_s` how long the
+    upstream asked to wait before another try, when it said."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class RunError(AgentError):

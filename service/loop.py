@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 # HTTP statuses of a model request that mean "the request itself is wrong" rather than "the model is down".
 _CALLER_FAULT = {400: "INVALID_ARGUMENT", 404: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}
 
+# The longest wait a model's retry-after may ask of a run; beyond it the run ends at once, retryable, for the caller
+# to try again later rather than hold a stream open that long.
+MAX_RETRY_AFTER_S = 60.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
@@ -340,7 +344,13 @@ class AgentLoop:
                         raise ModelUnavailable(
                             f"model turn {turn} failed after {attempt} attempt(s): {exc.message}"
                         ) from exc
-                    delay = self._backoff(_attempt_state(attempt))
+                    if exc.retry_after_s is not None and exc.retry_after_s > MAX_RETRY_AFTER_S:
+                        raise ModelUnavailable(
+                            f"model turn {turn} failed and the model asks to retry after {exc.retry_after_s:.0f} s: "
+                            f"{exc.message}"
+                        ) from exc
+                    # The model's own word on when to come back beats our guess.
+                    delay = exc.retry_after_s or self._backoff(_attempt_state(attempt))
                     telemetry.MODEL_RETRIES.inc()
                     log.warning(
                         "model turn failed, retrying",

@@ -96,6 +96,7 @@ class _Reply:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     hang: bool = False  # after the events, hold the stream open until the client goes away
     delay: float = 0.0  # seconds before each event
+    headers: dict[str, str] = field(default_factory=dict)  # of an error reply
 
 
 class FakeAnthropic:
@@ -201,13 +202,18 @@ class FakeAnthropic:
         self._replies.append(_Reply(events=events, delay=delay))
 
     def script_http_error(
-        self, status: int = 529, *, error_type: str | None = None, message: str | None = None
+        self,
+        status: int = 529,
+        *,
+        error_type: str | None = None,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """An HTTP error before any stream, with the API's error body (type and message default by status)."""
+        """An HTTP error before any stream, with the API's error body (type and message default by status) and
+        `headers` (such as `retry-after`)."""
         default_type, default_message = _ERROR_TYPES.get(status, ("api_error", f"HTTP {status}"))
-        self._replies.append(
-            _Reply(status=status, error_body=_error_body(error_type or default_type, message or default_message))
-        )
+        body = _error_body(error_type or default_type, message or default_message)
+        self._replies.append(_Reply(status=status, error_body=body, headers=dict(headers or {})))
 
     def script_stream_error(
         self,
@@ -306,7 +312,8 @@ class FakeAnthropic:
             return web.json_response(error, status=400)
         reply = self._replies.popleft()
         if reply.error_body is not None:
-            return web.json_response(reply.error_body, status=reply.status, headers={"request-id": "req_fake"})
+            headers = {"request-id": "req_fake", **reply.headers}
+            return web.json_response(reply.error_body, status=reply.status, headers=headers)
         if body.get("stream") is not True:
             error = _error_body("invalid_request_error", "FakeAnthropic only serves stream=true")
             return web.json_response(error, status=400)

@@ -4,7 +4,9 @@ protocol."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -290,6 +292,36 @@ async def test_http_errors(
     assert isinstance(error.__cause__, Exception)
     assert len(fake.requests) == 1  # the SDK did not retry
     assert fake.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": "0.25"}, 0.25),
+        ({"retry-after-ms": "1500", "retry-after": "2"}, 1.5),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),  # a date in the past: no wait asked for
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
+async def test_retry_after(
+    fake: FakeAnthropic, model: AnthropicModel, headers: dict[str, str], wait: float | None
+) -> None:
+    fake.script_http_error(429, headers=headers)
+
+    error, _ = await failure(model)
+
+    assert error.retryable is True
+    assert error.retry_after_s == wait
+
+
+async def test_retry_after_as_a_date(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    fake.script_http_error(529, headers={"retry-after": email.utils.formatdate(time.time() + 30, usegmt=True)})
+
+    error, _ = await failure(model)
+
+    assert error.retry_after_s is not None and 25 <= error.retry_after_s <= 30
 
 
 async def test_overload_message(fake: FakeAnthropic, model: AnthropicModel) -> None:

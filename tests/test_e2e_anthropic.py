@@ -14,6 +14,10 @@ from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, stub
 from fake_anthropic import FakeAnthropic, Text, ToolUse
 from fake_tools import all_tools
+from service import events as ev
+from service.config import ModelRetry
+from service.executor import Executor
+from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
 from service.server import Service, start
 
@@ -32,6 +36,25 @@ async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]
     yield svc
     await svc.server.stop(0)
     await svc.close()
+
+
+async def loop_run(fake: FakeAnthropic, *, attempts: int = 3) -> tuple[list[ev.Event], list[float]]:
+    """One run through the loop and the real adapter, without gRPC: the loop's waits recorded, not slept."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    model = AnthropicModel(api_key="test-key", base_url=fake.base_url)
+    retry = ModelRetry(attempts=attempts, initial_backoff_s=0.5, max_backoff_s=4)
+    loop = AgentLoop(model, Executor(all_tools(), timeout_s=5), retry=retry, sleep=sleep)
+    spec = RunSpec(
+        run_id="run_e2e", message="go", model=model.default_model, system=None, max_turns=5, max_tokens=1024, tools=()
+    )
+    try:
+        return [e async for e in loop.run(spec)], waits
+    finally:
+        await model.aclose()
 
 
 async def test_claude_run_with_parallel_tools_end_to_end(
@@ -168,3 +191,22 @@ async def test_the_answer_of_a_paused_turn_is_all_of_its_text(
     events = await run_events(channel_to(service))
     final = events[-1].final_response
     assert (final.text, final.stop_reason, final.turns) == ("The answer is 42.", "end_turn", 2)
+
+
+async def test_the_loop_waits_as_long_as_retry_after_asks(fake: FakeAnthropic) -> None:
+    fake.script_http_error(429, headers={"retry-after": "7"})
+    fake.script_http_error(529, headers={"retry-after-ms": "20"})
+    fake.script_turn(text="Back.")
+    events, waits = await loop_run(fake)
+    assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "Back."
+    assert waits == [7.0, 0.02]  # not the backoff's 0.5 s and 1 s
+
+
+async def test_a_retry_after_beyond_what_a_run_waits_ends_the_run_at_once(fake: FakeAnthropic) -> None:
+    fake.script_http_error(429, headers={"retry-after": "3600"})
+    events, waits = await loop_run(fake)
+    failed = events[-1]
+    assert isinstance(failed, ev.RunFailed)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert "asks to retry after 3600 s" in failed.message
+    assert (waits, len(fake.requests)) == ([], 1)

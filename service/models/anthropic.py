@@ -7,7 +7,9 @@ closes the HTTP stream in `finally`, so the upstream connection is dropped at on
 
 from __future__ import annotations
 
+import email.utils
 import json
+import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -260,4 +262,21 @@ def _status_error(err: anthropic.APIStatusError) -> ModelError:
         f"anthropic: {label} (HTTP {status}): {detail}{request_id}",
         retryable=status in (408, 429) or status >= 500,
         status=status,
+        retry_after_s=_retry_after(err.response.headers),
     )
+
+
+def _retry_after(headers: httpx2.Headers) -> float | None:
+    """How long the API asks us to wait (`retry-after-ms`, else `retry-after` in seconds or as a date), if it does:
+    a 429's wait is how long the rate limit lasts, and another try before that fails again."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+        return seconds if seconds > 0 else None
+    when = email.utils.parsedate_tz(headers.get("retry-after", ""))
+    if when is None:
+        return None
+    seconds = email.utils.mktime_tz(when) - time.time()
+    return seconds if seconds > 0 else None
