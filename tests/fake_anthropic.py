@@ -317,6 +317,11 @@ class FakeAnthropic:
         if body.get("stream") is not True:
             error = _error_body("invalid_request_error", "FakeAnthropic only serves stream=true")
             return web.json_response(error, status=400)
+        thinking = body.get("thinking") or {}
+        if thinking.get("type") == "enabled" and thinking.get("budget_tokens", 0) >= body.get("max_tokens", 0):
+            # As the real API: thinking tokens count against max_tokens, so the budget must leave room below it.
+            error = _error_body("invalid_request_error", "`max_tokens` must be greater than `thinking.budget_tokens`")
+            return web.json_response(error, status=400)
 
         response = web.StreamResponse(
             status=200, headers={"content-type": "text/event-stream", "request-id": "req_fake"}

@@ -121,6 +121,23 @@ async def test_request_sent(fake: FakeAnthropic) -> None:
     assert sent.body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
 
 
+@pytest.mark.parametrize(("max_tokens", "thinking"), [(2049, {"type": "enabled", "budget_tokens": 2048}), (2048, None)])
+async def test_thinking_only_when_its_budget_fits_below_max_tokens(
+    fake: FakeAnthropic, max_tokens: int, thinking: dict[str, Any] | None
+) -> None:
+    """The API refuses a thinking budget not below max_tokens: a caller's small max_tokens turns the server's
+    thinking off for its run rather than failing it with an error about a setting the caller cannot see."""
+    fake.script_turn(text="ok")
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, thinking_budget=2048)
+    try:
+        events = await collect(claude, request(max_tokens=max_tokens))
+    finally:
+        await claude.aclose()
+
+    assert isinstance(events[-1], TurnEnd)
+    assert fake.last_request.body.get("thinking") == thinking
+
+
 async def test_optional_fields_omitted(fake: FakeAnthropic, model: AnthropicModel) -> None:
     fake.script_turn(text="ok")
 

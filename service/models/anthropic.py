@@ -98,7 +98,9 @@ class AnthropicModel:
     async def _open(self, request: TurnRequest) -> anthropic.AsyncStream[RawMessageStreamEvent]:
         tools = [ToolParam(name=t.name, description=t.description, input_schema=t.input_schema) for t in request.tools]
         thinking: ThinkingConfigParam | anthropic.Omit = anthropic.omit
-        if self._thinking_budget is not None:
+        # Thinking counts against max_tokens and the API refuses a budget not below it: with a caller's smaller
+        # max_tokens the run goes without thinking rather than fail over a setting the caller cannot see.
+        if self._thinking_budget is not None and self._thinking_budget < request.max_tokens:
             thinking = {"type": "enabled", "budget_tokens": self._thinking_budget}
         try:
             return await self._client.messages.create(
