@@ -68,7 +68,14 @@ class ToolUse:
     pieces: int = 3
 
 
-Block = Text | Thinking | ToolUse
+@dataclass(frozen=True)
+class RedactedThinking:
+    """A redacted_thinking block: complete at its start (encrypted `data`), no deltas."""
+
+    data: str = "fake-encrypted-thinking"
+
+
+Block = Text | Thinking | ToolUse | RedactedThinking
 
 
 @dataclass
@@ -286,6 +293,8 @@ class FakeAnthropic:
             ]
             deltas.append({"delta": {"type": "signature_delta", "signature": block.signature}})
             return {"content_block": {"type": "thinking", "thinking": "", "signature": ""}}, deltas
+        if isinstance(block, RedactedThinking):
+            return {"content_block": {"type": "redacted_thinking", "data": block.data}}, []
         raw = json.dumps(block.input) if isinstance(block.input, Mapping) else block.input
         # The real API opens every tool input with an empty partial_json.
         pieces = ["", *_pieces(raw, block.pieces)]

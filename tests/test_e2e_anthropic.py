@@ -12,7 +12,7 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, stub
-from fake_anthropic import FakeAnthropic, Text, ToolUse
+from fake_anthropic import FakeAnthropic, RedactedThinking, Text, Thinking, ToolUse
 from fake_tools import all_tools
 from service import events as ev
 from service.config import ModelRetry
@@ -210,3 +210,30 @@ async def test_a_retry_after_beyond_what_a_run_waits_ends_the_run_at_once(fake: 
     assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
     assert "asks to retry after 3600 s" in failed.message
     assert (waits, len(fake.requests)) == ([], 1)
+
+
+async def test_thinking_blocks_go_back_to_the_model_as_they_came(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """With thinking and tool use, the API checks that the assistant turn it is sent back has its thinking blocks,
+    signatures and redacted ones unchanged and in their places."""
+    fake.script_blocks(
+        [
+            Thinking("Look it up.", signature="sig-1"),
+            RedactedThinking("opaque-1"),
+            Text("Checking."),
+            ToolUse("echo", {"text": "a"}, id="toolu_1"),
+        ]
+    )
+    fake.script_turn(text="Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert "".join(e.thinking.text for e in events if e.HasField("thinking")) == "Look it up."
+    assert fake.requests[1].body["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "Look it up.", "signature": "sig-1"},
+            {"type": "redacted_thinking", "data": "opaque-1"},
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {"text": "a"}},
+        ],
+    }
