@@ -242,6 +242,12 @@ class FakeAnthropic:
         events = self._opening(25, True) + self._block_events(blocks, False)
         self._replies.append(_Reply(events=events, delay=delay))
 
+    def script_events(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """HTTP 200 and exactly these `(event name, data)` pairs, after the usual message_start: for streams the
+        other scripts cannot make, such as ones that break the protocol."""
+        opening = self._opening(25, False)
+        self._replies.append(_Reply(events=opening + [(name, dict(data)) for name, data in events]))
+
     def script_hang(self, blocks: Sequence[Block] = (), *, delay: float = 0.0) -> None:
         """HTTP 200 and the start of a stream (`blocks`), then nothing, until the client disconnects."""
         events = self._opening(25, True) + self._block_events(blocks, False)

@@ -369,6 +369,20 @@ async def test_invalid_request_mid_stream_is_final(fake: FakeAnthropic, model: A
     assert error.retryable is False
 
 
+async def test_a_delta_for_a_block_that_never_started_is_a_model_error(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    """The upstream broke the protocol: a model failure the run reports as such, not a bug of ours (INTERNAL)."""
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}
+    fake.script_events([("content_block_delta", delta)])
+
+    error, events = await failure(model)
+
+    assert events == []
+    assert error.retryable is False
+    assert error.message == "anthropic: malformed stream: a delta for content block 0, which never started"
+
+
 async def test_stream_cut_short(fake: FakeAnthropic, model: AnthropicModel) -> None:
     fake.script_cut([Text("Half")])
 

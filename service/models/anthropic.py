@@ -147,7 +147,11 @@ class _Turn:
         elif event.type == "content_block_start":
             yield from self._start(event.index, event.content_block)
         elif event.type == "content_block_delta":
-            yield from self._delta(self.blocks[event.index], event.delta)
+            block = self.blocks.get(event.index)
+            if block is None:
+                message = f"anthropic: malformed stream: a delta for content block {event.index}, which never started"
+                raise ModelError(message, retryable=False)
+            yield from self._delta(block, event.delta)
         elif event.type == "message_delta":
             self.stop_reason = event.delta.stop_reason or self.stop_reason
             self.output_tokens = event.usage.output_tokens
