@@ -246,7 +246,7 @@ class AgentLoop:
                 max_tokens=spec.max_tokens,
             )
             end: m.TurnEnd | None = None
-            async for event in self.request_model(turn, request, trace_context=spec.trace_context):
+            async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
                 if isinstance(event, m.TurnEnd):
                     end = event
                 else:
@@ -307,7 +307,7 @@ class AgentLoop:
         )
 
     async def request_model(
-        self, turn: int, request: m.TurnRequest, *, trace_context: Any = None
+        self, turn: int, request: m.TurnRequest, *, trace_context: Any = None, control: RunControl | None = None
     ) -> AsyncIterator[Event | m.TurnEnd]:
         """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has
         reached the caller: once a delta is out, a retry would show the caller a different answer."""
@@ -344,11 +344,16 @@ class AgentLoop:
                         raise ModelUnavailable(
                             f"model turn {turn} failed after {attempt} attempt(s): {exc.message}"
                         ) from exc
-                    if exc.retry_after_s is not None and exc.retry_after_s > MAX_RETRY_AFTER_S:
-                        raise ModelUnavailable(
-                            f"model turn {turn} failed and the model asks to retry after {exc.retry_after_s:.0f} s: "
-                            f"{exc.message}"
-                        ) from exc
+                    if exc.retry_after_s is not None:
+                        # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked
+                        # too little: end it now, retryable, with the model's reason
+                        left = control.remaining() if control is not None else None
+                        limit = MAX_RETRY_AFTER_S if left is None else min(MAX_RETRY_AFTER_S, left)
+                        if exc.retry_after_s > limit:
+                            raise ModelUnavailable(
+                                f"model turn {turn} failed and the model asks to retry after "
+                                f"{exc.retry_after_s:.0f} s{_beyond(left, exc.retry_after_s)}: {exc.message}"
+                            ) from exc
                     # The model's own word on when to come back beats our guess.
                     delay = exc.retry_after_s or self._backoff(_attempt_state(attempt))
                     telemetry.MODEL_RETRIES.inc()
@@ -398,6 +403,15 @@ def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
         case m.TurnEnd():
             return event
     raise TypeError(f"unknown model event {event!r}")
+
+
+def _beyond(left: float | None, wait_s: float) -> str:
+    """Why a retry-after is not waited for, when it is the run's deadline rather than the longest wait."""
+    return (
+        f", after the run's deadline ({max(left, 0):.1f} s left)"
+        if left is not None and wait_s <= MAX_RETRY_AFTER_S
+        else ""
+    )
 
 
 def _timed_out(err: TimeoutError) -> ModelError:

@@ -3,6 +3,7 @@ Messages streaming protocol."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from fake_anthropic import FakeAnthropic, RedactedThinking, Text, Thinking, Tool
 from fake_tools import all_tools
 from service import events as ev
 from service.config import ModelRetry
+from service.control import RunControl
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
@@ -38,7 +40,9 @@ async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]
     await svc.close()
 
 
-async def loop_run(fake: FakeAnthropic, *, attempts: int = 3) -> tuple[list[ev.Event], list[float]]:
+async def loop_run(
+    fake: FakeAnthropic, *, attempts: int = 3, control: RunControl | None = None
+) -> tuple[list[ev.Event], list[float]]:
     """One run through the loop and the real adapter, without gRPC: the loop's waits recorded, not slept."""
     waits: list[float] = []
 
@@ -52,7 +56,7 @@ async def loop_run(fake: FakeAnthropic, *, attempts: int = 3) -> tuple[list[ev.E
         run_id="run_e2e", message="go", model=model.default_model, system=None, max_turns=5, max_tokens=1024, tools=()
     )
     try:
-        return [e async for e in loop.run(spec)], waits
+        return [e async for e in loop.run(spec, control)], waits
     finally:
         await model.aclose()
 
@@ -209,6 +213,19 @@ async def test_a_retry_after_beyond_what_a_run_waits_ends_the_run_at_once(fake: 
     assert isinstance(failed, ev.RunFailed)
     assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
     assert "asks to retry after 3600 s" in failed.message
+    assert (waits, len(fake.requests)) == ([], 1)
+
+
+async def test_a_retry_after_past_the_runs_deadline_ends_the_run_at_once_retryable(fake: FakeAnthropic) -> None:
+    """Waiting would only end the run DEADLINE_EXCEEDED when the deadline comes; the caller learns now that the
+    model is what is unavailable, and that another try later may work."""
+    fake.script_http_error(429, headers={"retry-after": "30"})
+    control = RunControl(deadline=asyncio.get_running_loop().time() + 10)
+    events, waits = await loop_run(fake, control=control)
+    failed = events[-1]
+    assert isinstance(failed, ev.RunFailed)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert "asks to retry after 30 s, after the run's deadline" in failed.message
     assert (waits, len(fake.requests)) == ([], 1)
 
 
