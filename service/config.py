@@ -48,10 +48,24 @@ class ModelConfig(_Strict):
     name: str = Field(default="claude-sonnet-4-6", description="default model for the anthropic provider")
     max_tokens: int = Field(default=4096, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
-    thinking_budget: int | None = Field(default=None, ge=1024)
+    thinking: Literal["adaptive"] | None = Field(
+        default=None, description="adaptive: the model decides when and how much to think (Claude 4.6 and later)"
+    )
+    thinking_budget: int | None = Field(
+        default=None, ge=1024, description="manual extended thinking, for models before 4.6 (Opus 4.7 refuses it)"
+    )
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
+        default=None, description="output_config.effort; the model's default when unset"
+    )
     scenario: Path | None = Field(default=None, description="scripted provider: scenario file; the demo if unset")
     pacing: Pacing | None = Field(default=None, description="scripted provider: overrides the scenario's pacing")
     retry: ModelRetry = ModelRetry()
+
+    @model_validator(mode="after")
+    def _one_kind_of_thinking(self) -> ModelConfig:
+        if self.thinking is not None and self.thinking_budget is not None:
+            raise ValueError("set model.thinking (adaptive) or model.thinking_budget (manual), not both")
+        return self
 
 
 class Limits(_Strict):

@@ -50,6 +50,8 @@ def build_model(config: Config) -> Model:
             default_model=config.model.name,
             timeout_s=config.model.timeout_s,
             thinking_budget=config.model.thinking_budget,
+            adaptive_thinking=config.model.thinking == "adaptive",
+            effort=config.model.effort,
         )
     scenario = Scenario.from_file(config.model.scenario) if config.model.scenario else Scenario.demo()
     return ScriptedModel(scenario, pacing=config.model.pacing)

@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from fake_anthropic import FakeAnthropic, Text, ToolUse
+from service.config import ModelConfig
 from service.errors import ModelError
 from service.models.anthropic import AnthropicModel, _Turn
 from service.models.base import (
@@ -138,12 +140,32 @@ async def test_thinking_only_when_its_budget_fits_below_max_tokens(
     assert fake.last_request.body.get("thinking") == thinking
 
 
+async def test_adaptive_thinking_and_effort_go_as_configured_whatever_max_tokens(fake: FakeAnthropic) -> None:
+    """Claude 4.6 and later decide how much to think (manual budgets are deprecated there and Opus 4.7 refuses
+    them): no budget to fit below max_tokens, so even a small max_tokens keeps thinking on."""
+    fake.script_turn(text="ok")
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, adaptive_thinking=True, effort="low")
+    try:
+        await collect(claude, request(max_tokens=100))
+    finally:
+        await claude.aclose()
+
+    assert fake.last_request.body["thinking"] == {"type": "adaptive"}
+    assert fake.last_request.body["output_config"] == {"effort": "low"}
+
+
+def test_the_config_takes_one_kind_of_thinking() -> None:
+    assert ModelConfig(thinking="adaptive", effort="high").thinking == "adaptive"
+    with pytest.raises(ValidationError, match="model.thinking .adaptive. or model.thinking_budget .manual., not both"):
+        ModelConfig(thinking="adaptive", thinking_budget=2048)
+
+
 async def test_optional_fields_omitted(fake: FakeAnthropic, model: AnthropicModel) -> None:
     fake.script_turn(text="ok")
 
     await collect(model, request(system=None, tools=[]))
 
-    assert {"system", "tools", "thinking"}.isdisjoint(fake.last_request.body)
+    assert {"system", "tools", "thinking", "output_config"}.isdisjoint(fake.last_request.body)
 
 
 async def test_thinking_with_signature(fake: FakeAnthropic, model: AnthropicModel) -> None:

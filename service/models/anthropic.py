@@ -12,13 +12,14 @@ import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import anthropic
 import httpx2
 from anthropic.types import (
     ContentBlock,
     MessageParam,
+    OutputConfigParam,
     RawContentBlockDelta,
     RawMessageStreamEvent,
     ThinkingConfigParam,
@@ -35,6 +36,8 @@ from service.models.base import (
     TurnEnd,
     TurnRequest,
 )
+
+EffortLevel = Literal["low", "medium", "high", "xhigh", "max"]
 
 # Error types an `error` event can carry after HTTP 200 that are worth another try.
 _RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
@@ -68,11 +71,15 @@ class AnthropicModel:
         default_model: str = "claude-sonnet-4-6",
         timeout_s: float = 120.0,
         thinking_budget: int | None = None,
+        adaptive_thinking: bool = False,
+        effort: EffortLevel | None = None,
     ) -> None:
         # SDK retries off: the service retries whole turns itself, and SDK retries would hide attempts from it.
         self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
         self._default_model = default_model
         self._thinking_budget = thinking_budget
+        self._adaptive: ThinkingConfigParam | None = {"type": "adaptive"} if adaptive_thinking else None
+        self._output_config: OutputConfigParam | anthropic.Omit = {"effort": effort} if effort else anthropic.omit
 
     @property
     def default_model(self) -> str:
@@ -97,8 +104,8 @@ class AnthropicModel:
 
     async def _open(self, request: TurnRequest) -> anthropic.AsyncStream[RawMessageStreamEvent]:
         tools = [ToolParam(name=t.name, description=t.description, input_schema=t.input_schema) for t in request.tools]
-        thinking: ThinkingConfigParam | anthropic.Omit = anthropic.omit
-        # Thinking counts against max_tokens and the API refuses a budget not below it: with a caller's smaller
+        thinking: ThinkingConfigParam | anthropic.Omit = self._adaptive or anthropic.omit
+        # Manual thinking counts against max_tokens and the API refuses a budget not below it: with a caller's smaller
         # max_tokens the run goes without thinking rather than fail over a setting the caller cannot see.
         if self._thinking_budget is not None and self._thinking_budget < request.max_tokens:
             thinking = {"type": "enabled", "budget_tokens": self._thinking_budget}
@@ -111,6 +118,7 @@ class AnthropicModel:
                 tools=tools or anthropic.omit,
                 max_tokens=request.max_tokens,
                 thinking=thinking,
+                output_config=self._output_config,
                 stream=True,
             )
         except Exception as err:
