@@ -254,6 +254,8 @@ class AgentLoop:
             assert end is not None, "a model turn ends with TurnEnd"
             totals.input_tokens += end.input_tokens
             totals.output_tokens += end.output_tokens
+            telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
+            telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
             yield Usage(
                 turn=turn,
                 input_tokens=end.input_tokens,

@@ -55,6 +55,9 @@ MODEL_TURN = Histogram(
     buckets=MODEL_TURN_BUCKETS,
 )
 MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after a retryable failure")
+MODEL_TOKENS = Counter(
+    "agent_model_tokens_total", "Tokens of completed model turns, as the model reported them", ["kind"]
+)  # kind: input, output; no model label: the model is the caller's to name
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
 LOOP_LAG = Gauge("agent_event_loop_lag_seconds", "How late the event loop wakes a timer (smoothed)")
 LOOP_BUSY = Gauge("agent_event_loop_busy_ratio", "Share of a core the event loop thread uses (smoothed, 0 to 1)")

@@ -27,6 +27,7 @@ from test_process import _start as start_process
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, scripted, stub
 from fake_tools import Backup, Flaky, policy_tools
+from service import events as ev
 from service import telemetry
 from service.server import start
 
@@ -360,3 +361,22 @@ async def test_model_turn_histogram_tells_long_turns_apart() -> None:
         return {le for le, n in after.items() if n != before[le]}
 
     assert await buckets_counting(100.0) != await buckets_counting(290.0)  # a finite bucket between the two
+
+
+async def test_model_tokens_are_counted_per_completed_turn() -> None:
+    from service.executor import Executor
+    from service.loop import AgentLoop, RunSpec
+
+    def tokens() -> dict[str, float]:
+        family = next(f for f in REGISTRY.collect() if f.name == "agent_model_tokens")
+        return {s.labels["kind"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    before = tokens()
+    loop = AgentLoop(scripted([{"text": "an answer"}]), Executor({}))
+    spec = RunSpec(run_id="r", message="hi", model="m", system=None, max_turns=2, max_tokens=10, tools=())
+    events = [e async for e in loop.run(spec)]
+    final = events[-1]
+    assert isinstance(final, ev.FinalResponse) and final.output_tokens > 0
+    after = tokens()
+    assert after["input"] - before.get("input", 0) == final.input_tokens
+    assert after["output"] - before.get("output", 0) == final.output_tokens
