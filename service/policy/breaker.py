@@ -50,6 +50,7 @@ class BreakerState:
     trial_in_flight: bool = False
     epoch: int = 0  # counts changes of state: tells a permit of this state from one of an earlier state
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed) within the window
+    failures: int = 0  # how many of `outcomes` failed: kept as they come and go, never summed per call
 
 
 class BreakerStore(Protocol):
@@ -133,6 +134,7 @@ class CircuitBreaker:
         self._remember(s, failed=False)
         if s.state is State.HALF_OPEN:  # a permit of this epoch, half-open, is the trial's
             s.outcomes.clear()
+            s.failures = 0
             self._move(s, State.CLOSED)
         self.store.save(self.name, s)
 
@@ -158,9 +160,10 @@ class CircuitBreaker:
     def _remember(self, s: BreakerState, *, failed: bool) -> None:
         now = self.clock()
         s.outcomes.append((now, failed))
+        s.failures += failed
         horizon = now - self.policy.window_s
         while s.outcomes and s.outcomes[0][0] < horizon:
-            s.outcomes.popleft()
+            s.failures -= s.outcomes.popleft()[1]
 
     def _tripped(self, s: BreakerState) -> bool:
         if s.consecutive_failures >= self.policy.failure_threshold:
@@ -168,7 +171,7 @@ class CircuitBreaker:
         calls = len(s.outcomes)
         if calls < self.policy.min_calls:
             return False
-        return sum(failed for _, failed in s.outcomes) / calls >= self.policy.failure_rate
+        return s.failures / calls >= self.policy.failure_rate
 
     def _move(self, s: BreakerState, to: State) -> None:
         before, s.state = s.state, to
