@@ -40,7 +40,7 @@ from service.deadletter import DeadLetterStore, capture
 from service.events import Event, ExecutionFailed, ToolCallReady, ToolFallback, ToolResult, ToolResultChunk, ToolRetry
 from service.events import ToolStatus as S
 from service.policy.attempt import ChunkCounter, Outcome, attempt, to_json
-from service.policy.breaker import BreakerStore, CircuitBreaker
+from service.policy.breaker import BreakerStore, CircuitBreaker, State
 from service.policy.cache import cache_key
 from service.policy.config import resolve
 from service.policy.guards import build_guards, rate_limit, unwell
@@ -268,6 +268,10 @@ class Executor:
             breaker = guards.breaker
             permit = breaker.allow() if breaker is not None else None
             if breaker is not None and permit is None:
+                if number > 1:  # opened while this call waited to retry: the failure it had is its answer
+                    outcome.error += f"; not retried: {tool.name}'s circuit opened"
+                    yield outcome
+                    return
                 yield Outcome(
                     S.CIRCUIT_OPEN,
                     error=f"{tool.name} is unavailable (circuit open after repeated failures); try another approach",
@@ -306,6 +310,10 @@ class Executor:
             _end_attempt(attempt_span, span, outcome, breaker, self.redactor)
             final = outcome.ok or not outcome.retryable or number == attempts
             if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them
+                yield outcome
+                return
+            if breaker is not None and breaker.state is State.OPEN:  # this failure opened it: a retry would be refused
+                outcome.error += f"; not retried: {tool.name}'s circuit opened"
                 yield outcome
                 return
             wait = guards.backoff.wait(number)

@@ -123,6 +123,41 @@ async def test_open_circuit_refuses_at_once_then_half_open_trial_closes_it() -> 
     assert ex.guards["flaky"].breaker.state.value == "closed"  # type: ignore[union-attr]
 
 
+async def test_a_failure_that_opens_the_circuit_is_not_retried_and_is_dead_lettered(tmp_path: Path) -> None:
+    """It was retried into the open circuit: a tool_retry and a backoff for nothing, then CIRCUIT_OPEN in place of
+    the tool's own error, and no dead letter though the tool had run and failed."""
+    store = DeadLetterStore(tmp_path / "dl.db")
+    overrides = {"flaky": {"retry": {"attempts": 3}, "breaker": {"failure_threshold": 1, "cooldown_s": 30}}}
+    ex, waits = executor(policy_tools(failures=9), overrides, dead_letter=store, clock=Clock())
+    events = await call(ex, "flaky", {"text": "x"})
+    assert kinds(events) == ["ToolCallReady", "ExecutionFailed", "ToolResult"] and waits == []
+    result = events[-1]
+    assert isinstance(result, ev.ToolResult) and (result.status, result.attempts) == (S.ERROR, 1)
+    assert result.error == "upstream 503 (call 1); not retried: flaky's circuit opened"
+    assert store.get(events[1].execution_id) is not None  # type: ignore[union-attr]
+    store.close()
+
+
+async def test_a_circuit_opened_during_the_backoff_ends_the_call_with_its_last_failure() -> None:
+    tools = policy_tools(failures=9)
+    ex, _ = executor(tools, {"flaky": {"retry": {"attempts": 3}, "breaker": {"failure_threshold": 2}}}, clock=Clock())
+    breaker = ex.guards["flaky"].breaker
+    assert breaker is not None
+
+    async def another_call_fails(seconds: float) -> None:
+        permit = breaker.allow()
+        assert permit is not None
+        breaker.failure(permit)  # the second failure in a row: the circuit opens
+
+    ex.sleep = another_call_fails
+    events = await call(ex, "flaky", {"text": "x"})
+    assert kinds(events) == ["ToolCallReady", "ToolRetry", "ToolResult"]
+    result = events[-1]
+    assert isinstance(result, ev.ToolResult) and (result.status, result.attempts) == (S.ERROR, 1)
+    assert result.error == "upstream 503 (call 1); not retried: flaky's circuit opened"
+    assert tools["flaky"].calls == 1  # type: ignore[attr-defined]
+
+
 class GateInput(BaseModel):
     mode: Literal["ok", "fail", "hang"]
 
