@@ -33,7 +33,7 @@ from typing import Any
 
 from service import redact
 from service.redact import Redactor, safe_json
-from service.store import add_db_arguments, cli_db_path, connect
+from service.store import add_db_arguments, cli_db_path, connect, storable
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +186,21 @@ class AuditLog:
         rows = []
         for r in records:
             seq += 1
-            size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(r.error.encode())
-            row = {
+            size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(storable(r.error).encode())
+            row = {  # JSON columns are ASCII (safe_json escapes); text from the model goes through storable()
                 "seq": seq,
                 "ts": r.ts,
-                "run_id": r.run_id,
+                "run_id": storable(r.run_id),
                 "metadata": safe_json(redactor.value(dict(r.metadata))),
-                "tool": r.tool,
-                "call_id": r.call_id,
+                "tool": storable(r.tool),
+                "call_id": storable(r.call_id),
                 "input": safe_json(redactor.value(r.input)),
                 "status": r.status,
                 "duration_s": r.duration_s,
                 "result_bytes": size,
                 "attempts": r.attempts,
                 "cache_hit": int(r.cache_hit),
-                "answered_by": r.answered_by,
+                "answered_by": storable(r.answered_by),
                 "prev_hash": prev,
             }
             prev = row["hash"] = row_hash(row)

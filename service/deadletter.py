@@ -26,7 +26,7 @@ from typing import Any
 
 from service import redact, telemetry
 from service.redact import Redactor, safe_json
-from service.store import add_db_arguments, cli_db_path, connect
+from service.store import add_db_arguments, cli_db_path, connect, storable
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ class DeadLetterStore:
         redactor = self._redactor or redact.active()
         # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
         row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}
+        row = {name: storable(v) if type(v) is str else v for name, v in row.items()}  # see storable()
         row["input"] = safe_json(redactor.value(letter.input))
-        row["message"] = redactor.text(letter.message)
-        row["traceback"] = redactor.text(letter.traceback)
+        row["message"] = storable(redactor.text(letter.message))
+        row["traceback"] = storable(redactor.text(letter.traceback))
         columns = ", ".join(row)
         self._conn.execute(
             f"INSERT INTO dead_letters ({columns}) VALUES ({', '.join('?' * len(row))})", [*row.values()]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sqlite3
 from pathlib import Path
 
 from service.config import StoreConfig, load_config
 
 _SCHEME = "sqlite:///"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def sqlite_path(store: StoreConfig, data_dir: Path, default_name: str) -> Path:
@@ -31,6 +33,13 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+def storable(text: str) -> str:
+    """`text` as SQLite can store it: a lone surrogate (half an emoji, as `json.loads` decodes the model's broken JSON,
+    in a tool name or an error quoting the input) replaced by U+FFFD. sqlite3 refuses to bind one, which would lose
+    the row, and with it the audit batch it was in."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def cli_db_path(args: argparse.Namespace, section: str, default_name: str) -> Path:

@@ -3,6 +3,7 @@ at the end); nothing is lost across a restart; the CLI's exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -80,3 +81,18 @@ def test_rewriting_a_row_and_its_hash_still_breaks_the_next_link(tmp_path: Path)
 
 def test_cli_without_a_log_says_so(tmp_path: Path) -> None:
     assert main(["verify", "--db", str(tmp_path / "none.db")]) == 2
+
+
+def test_a_lone_surrogate_does_not_lose_the_batch(tmp_path: Path) -> None:
+    """Half an emoji from the model's JSON, in a tool name it made up or an error quoting its input: sqlite3 refused
+    the row, and the writer dropped the whole batch with it, other calls' records included."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(path)
+    log.append(record(1))
+    log.append(dataclasses.replace(record(2), tool="ec\ud83dho", status="rejected", error="unknown tool \udc00"))
+    log.append(record(3))
+    log.close()
+    verdict = verify(path)
+    assert verdict.ok and verdict.rows == 3
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT tool FROM audit WHERE seq = 2").fetchone()[0] == "ec\ufffdho"

@@ -4,13 +4,14 @@ the same data_dir, and the CLI lists and shows it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import run_events
 from fake_tools import policy_tools
-from service.deadletter import main
+from service.deadletter import DeadLetterStore, capture, main
 
 FAIL_THEN_ANSWER = [
     {"text": "Calling flaky.", "tool_calls": [{"name": "flaky", "input": {"text": "boom"}}]},
@@ -41,3 +42,23 @@ async def test_dead_letters_survive_a_restart_and_the_cli_lists_them(
     assert shown["input"] == {"text": "boom"} and shown["run_id"] == events[0].run_id
     assert "ToolError" in shown["traceback"]
     assert main(["show", "exec_nope", "--db", str(path)]) == 1
+
+
+async def test_a_lone_surrogate_in_the_error_does_not_lose_the_dead_letter(tmp_path: Path) -> None:
+    store = DeadLetterStore(tmp_path / "deadletter.db")
+    letter = await capture(
+        store,
+        run_id="run_1",
+        call_id="c1",
+        tool="fail",
+        input={"text": "\ud83d"},
+        status="error",
+        error_type="ToolError",
+        message="cannot do \ud83d",
+        traceback="ToolError: cannot do \ud83d",
+        attempts=1,
+    )
+    assert letter is not None
+    stored = store.get(letter.execution_id)
+    store.close()
+    assert stored is not None and stored.message == "cannot do \ufffd" and stored.input == {"text": "\ud83d"}
