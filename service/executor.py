@@ -119,7 +119,7 @@ class Executor:
         self.dead_letter = dead_letter
         self.policies = dict(policies) if policies is not None else resolve(tools, {})
         self.guards = {
-            name: build_guards(name, p, default_timeout_s=timeout_s, store=breaker_store, clock=clock)
+            name: build_guards(name, p, default_timeout_s=timeout_s, store=breaker_store, clock=clock, sleep=sleep)
             for name, p in self.policies.items()
         }
 

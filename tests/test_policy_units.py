@@ -168,32 +168,74 @@ def test_failure_rate_costs_the_same_however_full_the_window() -> None:
     assert b.state is State.OPEN  # 81/90
 
 
-async def test_limiter_reject_mode_refuses_at_once() -> None:
-    limiter = RateLimiter(RateLimitPolicy(rate_per_s=1, burst=2, mode="reject"))
-    assert await limiter.acquire() == 0.0
-    assert await limiter.acquire() == 0.0
+def limiter(**policy: Any) -> tuple[RateLimiter, FakeClock, list[float]]:
+    """A limiter on a fake clock whose sleeps are recorded and never end (the test cancels them)."""
+    clock = FakeClock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await asyncio.Event().wait()
+
+    return RateLimiter(RateLimitPolicy(**policy), clock=clock, sleep=sleep), clock, slept
+
+
+async def test_limiter_allows_the_burst_then_refills_at_the_rate() -> None:
+    lim, clock, slept = limiter(rate_per_s=2, burst=3, mode="reject")
+    assert [await lim.acquire() for _ in range(4)] == [0.0, 0.0, 0.0, None]
+    clock.now += 0.5  # one token
+    assert [await lim.acquire() for _ in range(2)] == [0.0, None]
+    clock.now += 100  # never more than the burst
+    assert [await lim.acquire() for _ in range(4)] == [0.0, 0.0, 0.0, None]
+    assert slept == []
+
+
+async def test_limiter_waiters_are_served_in_order_and_a_newcomer_queues_behind_them() -> None:
+    lim, clock, slept = limiter(rate_per_s=10, burst=1, mode="wait", max_wait_s=1)
+    assert await lim.acquire() == 0.0
+    waiters = [asyncio.create_task(lim.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert slept == pytest.approx([0.1, 0.2, 0.3])
+    clock.now += 0.15  # the first waiter's turn has come (its timer may not have fired yet: a busy loop)
+    newcomer = asyncio.create_task(lim.acquire())  # aiolimiter let it take the first waiter's token
+    await asyncio.sleep(0)
+    assert slept[-1] == pytest.approx(0.25)  # after the third waiter, at 0.4
+    for task in [*waiters, newcomer]:
+        task.cancel()
+    await asyncio.gather(*waiters, newcomer, return_exceptions=True)
+
+
+async def test_limiter_refuses_at_once_a_turn_beyond_max_wait() -> None:
+    """It waited the whole max_wait_s for capacity it could tell would come too late, then refused."""
+    lim, _, slept = limiter(rate_per_s=0.5, burst=1, mode="wait", max_wait_s=1)
+    assert await lim.acquire() == 0.0
+    assert await lim.acquire() is None  # the next token comes in 2 s
+    assert slept == []
+
+
+async def test_a_cancelled_waiter_gives_its_token_back() -> None:
+    lim, clock, slept = limiter(rate_per_s=1, burst=1, mode="wait", max_wait_s=5)
+    assert await lim.acquire() == 0.0
+    first, second = asyncio.create_task(lim.acquire()), asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    third = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    assert slept == [1.0, 2.0, 2.0]  # the third is not kept waiting for the cancelled first's token
+    for task in (second, third):
+        task.cancel()
+    await asyncio.gather(second, third, return_exceptions=True)
+    clock.now += 2  # both gone: the bucket is full again, not in debt
+    assert await lim.acquire() == 0.0
+
+
+async def test_limiter_really_waits_with_the_default_clock() -> None:
+    real = RateLimiter(RateLimitPolicy(rate_per_s=20, burst=1, mode="wait", max_wait_s=1))
+    assert await real.acquire() == 0.0
     started = time.monotonic()
-    assert await limiter.acquire() is None
-    assert time.monotonic() - started < 0.05
-
-
-async def test_limiter_wait_mode_waits_for_capacity_then_gives_up_after_max_wait() -> None:
-    limiter = RateLimiter(RateLimitPolicy(rate_per_s=20, burst=1, mode="wait", max_wait_s=1))
-    assert await limiter.acquire() == 0.0
-    waited = await limiter.acquire()
-    assert waited is not None and 0.02 < waited < 0.5  # about 1/20 s
-    slow = RateLimiter(RateLimitPolicy(rate_per_s=0.5, burst=1, mode="wait", max_wait_s=0.05))
-    assert await slow.acquire() == 0.0
-    started = time.monotonic()
-    assert await slow.acquire() is None  # capacity would come in 2 s: give up after max_wait
-    assert 0.04 < time.monotonic() - started < 0.5
-
-
-async def test_limiter_waiters_are_served_in_order() -> None:
-    limiter = RateLimiter(RateLimitPolicy(rate_per_s=50, burst=1, mode="wait", max_wait_s=1))
-    results = await asyncio.gather(*(limiter.acquire() for _ in range(4)))
-    assert all(r is not None for r in results)
-    assert results == sorted(results)  # type: ignore[type-var]
+    assert await real.acquire() == pytest.approx(0.05, abs=0.005)
+    assert time.monotonic() - started >= 0.04
 
 
 def test_cache_expires_and_is_bounded() -> None:

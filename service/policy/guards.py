@@ -3,9 +3,10 @@ executor, plus the small decisions the executor asks of them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from service import telemetry
@@ -37,6 +38,7 @@ def build_guards(
     default_timeout_s: float,
     store: BreakerStore | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Guards:
     guards = Guards(policy, policy.timeout.seconds or default_timeout_s, Backoff(policy.retry))
     if policy.breaker is not None:
@@ -46,7 +48,7 @@ def build_guards(
         telemetry.CIRCUIT_STATE.labels(name).set_function(lambda: breaker.state.gauge)
         guards.breaker = breaker
     if policy.rate_limit is not None:
-        guards.limiter = RateLimiter(policy.rate_limit, clock=clock)
+        guards.limiter = RateLimiter(policy.rate_limit, clock=clock, sleep=sleep)
     if policy.cache is not None:
         guards.cache = ResultCache(policy.cache, clock=clock)
     return guards

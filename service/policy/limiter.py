@@ -1,40 +1,55 @@
 """Per-tool rate limiting: `rate_per_s` sustained with `burst` at once, either waiting up to `max_wait_s` for
 capacity or rejecting at once.
 
-Built on `aiolimiter`'s leaky bucket: it is awaitable and serves waiters in order, so "wait up to max_wait" is one
-`asyncio.wait_for` around `acquire()` and "reject" is `has_capacity()` checked before acquiring (nothing awaits in
-between, so no other task can take the capacity). `limits` was the alternative, but its `hit()` never waits, so
-waiting would be a polling loop of our own; its storage URIs (`async+redis://`) are the way to a shared limiter
-later, behind the same `acquire()`.
+A token bucket of our own, by reservation: a caller that finds no token takes the next one to come (the bucket goes
+into debt) and sleeps until then, so waiters are served in the order they came, and a caller whose turn would come
+after `max_wait_s` is refused at once, not after waiting `max_wait_s` for nothing (as with `aiolimiter`, used here
+before: `wait_for(acquire(), max_wait_s)` cannot know in advance). A waiter cancelled before its turn gives its token
+back. Time comes from the injected `clock` and `sleep` (aiolimiter read the event loop's clock, so the executor's
+injected clock never refilled it). `limits` (`async+redis://`) is the way to a shared limiter later, behind the same
+`acquire()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-
-from aiolimiter import AsyncLimiter
+from collections.abc import Awaitable, Callable
 
 from tools.policy import RateLimitPolicy
 
 
 class RateLimiter:
-    def __init__(self, policy: RateLimitPolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: RateLimitPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.policy = policy
         self.clock = clock
-        self._bucket = AsyncLimiter(policy.burst, policy.burst / policy.rate_per_s)
+        self.sleep = sleep
+        self._tokens = float(policy.burst)  # at `_at`; below 0 while callers wait for reserved tokens
+        self._at = clock()
 
     async def acquire(self) -> float | None:
         """Take capacity for one call: the seconds waited for it, or None when the call must be rejected."""
-        if self._bucket.has_capacity():
-            await self._bucket.acquire()  # returns at once: capacity was just seen, and nothing awaited since
+        now = self.clock()
+        rate = self.policy.rate_per_s
+        tokens = min(float(self.policy.burst), self._tokens + (now - self._at) * rate)
+        self._at = now
+        if tokens >= 1:
+            self._tokens = tokens - 1
             return 0.0
-        if self.policy.mode == "reject" or self.policy.max_wait_s <= 0:
+        wait = (1 - tokens) / rate  # until this caller's token has come, the earlier waiters' before it
+        self._tokens = tokens
+        if self.policy.mode == "reject" or wait > self.policy.max_wait_s:
             return None
-        started = self.clock()
+        self._tokens -= 1  # reserved: whoever comes next waits behind this caller
         try:
-            await asyncio.wait_for(self._bucket.acquire(), self.policy.max_wait_s)
-        except TimeoutError:
-            return None
-        return self.clock() - started
+            await self.sleep(wait)
+        except BaseException:
+            self._tokens += 1  # cancelled before its turn: the token goes back (later waiters keep their turns)
+            raise
+        return wait
