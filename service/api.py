@@ -106,10 +106,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
         if not run_id:
             raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
-        run = self.registry.get(run_id)
-        if run.caller != self.caller().name:
-            raise NotFound(f"no run {run_id!r}")
-        return run
+        return self.registry.get(run_id, caller=self.caller().name)
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         caller = self.caller()

@@ -198,9 +198,11 @@ class RunRegistry:
         self._background_runs = 0  # running or queued
         self._janitor: asyncio.Task[None] | None = None
 
-    def get(self, run_id: str) -> Run:
+    def get(self, run_id: str, caller: str | None = None) -> Run:
+        """The run `run_id`; with `caller`, only if that caller started it: another caller's run is NotFound with
+        the very message of an unknown id, so that nothing confirms the id names a run."""
         run = self.runs.get(run_id)
-        if run is None:
+        if run is None or (caller is not None and run.caller != caller):
             raise NotFound(
                 f"no run {run_id!r}: unknown, or it ended more than {self.config.retention_s:g} s ago and was forgotten"
             )

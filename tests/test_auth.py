@@ -226,3 +226,33 @@ async def test_the_caller_is_in_the_run_span_and_the_log_lines(
     assert run_span.attributes is not None and run_span.attributes["run.caller"] == "batch"
     started = next(r for r in caplog.records if r.getMessage() == "run started")
     assert started.metadata["caller"] == "batch"  # type: ignore[attr-defined]
+
+
+def two_token_callers(**extra: Any) -> dict[str, Any]:
+    """Plaintext is enough for tokens: two callers, `a` and `b`, whose tokens are their names."""
+    callers = [{"name": name, "token_sha256": [token_hash(f"token-{name}")], **extra} for name in ("a", "b")]
+    return {"auth": {"required": True, "callers": callers}}
+
+
+def as_caller(name: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer token-{name}")]
+
+
+async def test_another_callers_run_is_not_found_exactly_as_an_unknown_one(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(SLOW, **two_token_callers())
+    api = stub(channel_to(svc))
+    theirs = (await api.SubmitRun(pb.RunAgentRequest(message="a's"), metadata=as_caller("a"))).run_id
+    unknown = "run_" + "0" * 24
+    calls = {
+        "GetRun": lambda run_id: api.GetRun(pb.GetRunRequest(run_id=run_id), metadata=as_caller("b")),
+        "WatchRun": lambda run_id: events_of(api.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=as_caller("b"))),
+        "CancelRun": lambda run_id: api.CancelRun(pb.CancelRunRequest(run_id=run_id), metadata=as_caller("b")),
+    }
+    for name, call in calls.items():
+        code, details = await code_of(call(theirs))
+        unknown_code, unknown_details = await code_of(call(unknown))
+        # nothing tells b that the id names a run: not the code, not the message
+        assert code == unknown_code == grpc.StatusCode.NOT_FOUND, name
+        assert details.replace(theirs, "ID") == unknown_details.replace(unknown, "ID"), name
+    assert not svc.registry.get(theirs).finished  # b's CancelRun did not reach it
+    await api.CancelRun(pb.CancelRunRequest(run_id=theirs), metadata=as_caller("a"))
