@@ -313,9 +313,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         tools = list(request.tools)  # each access to a repeated field builds a new view: read it once
         unknown = [name for name in tools if name not in self.tools]
         if unknown:
-            raise InvalidRequest(
-                f"unknown tool(s): {_some(unknown)}; available: {', '.join(self.tools)} (see ListTools)"
-            )
+            # the caller's tools only, as ListTools lists them: the others' names are not for this caller to learn
+            available = ", ".join(name for name in self.tools if caller.may_use(name)) or "none"
+            raise InvalidRequest(f"unknown tool(s): {_some(unknown)}; available: {available} (see ListTools)")
         if len(set(tools)) != len(tools):
             twice = sorted(name for name, n in Counter(tools).items() if n > 1)  # linear: tools may be 100,000 long
             raise InvalidRequest(f"tools lists {_some(twice)} more than once")

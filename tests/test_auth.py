@@ -256,3 +256,11 @@ async def test_another_callers_run_is_not_found_exactly_as_an_unknown_one(start_
         assert details.replace(theirs, "ID") == unknown_details.replace(unknown, "ID"), name
     assert not svc.registry.get(theirs).finished  # b's CancelRun did not reach it
     await api.CancelRun(pb.CancelRunRequest(run_id=theirs), metadata=as_caller("a"))
+
+
+async def test_an_unknown_tool_is_answered_with_the_callers_tools_only(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(**two_token_callers(tools=["echo", "sleep"]))
+    request = pb.RunAgentRequest(message="hi", tools=["echo", "nope"])
+    code, details = await code_of(events_of(stub(channel_to(svc)).RunAgent(request, metadata=as_caller("a"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "unknown tool(s): nope; available: echo, sleep (see ListTools)"  # not count, fail, buggy…
