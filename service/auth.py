@@ -31,7 +31,9 @@ class CallerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)
     cert_identities: list[str] = Field(
-        default_factory=list, description="client certificate SAN (DNS, URI) or CN values that identify this caller"
+        default_factory=list,
+        description="client certificate SANs (DNS, URI, IP) that identify this caller; a CN only counts in a "
+        "certificate without SANs",
     )
     token_sha256: list[str] = Field(
         default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
@@ -104,11 +106,13 @@ class Authenticator:
     def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller of this call: certificate first, then bearer token; anonymous unless auth is required."""
         auth = context.auth_context()
-        for key in ("x509_subject_alternative_name", "x509_common_name"):
-            for value in auth.get(key, []):
-                caller = self._by_identity.get(value.decode())
-                if caller is not None:
-                    return Caller(caller.name, caller, "mtls")
+        # a certificate with SANs is named by them alone: its CN counts only when it has none (RFC 6125), or a CA
+        # that checks the SANs it signs but not the CN would let any holder name itself after a configured caller
+        names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
+        for value in names:
+            caller = self._by_identity.get(value.decode(errors="replace"))
+            if caller is not None:
+                return Caller(caller.name, caller, "mtls")
         token = _bearer(context.invocation_metadata() or ())
         if token is not None:
             digest = hashlib.sha256(token.encode()).hexdigest()
@@ -117,9 +121,9 @@ class Authenticator:
                     return Caller(caller.name, caller, "token")
             raise Unauthenticated("the bearer token is not valid")
         if self.config.required:
-            presented = [v.decode() for v in auth.get("x509_common_name", [])]
-            if presented:
-                raise Unauthenticated(f"the client certificate ({presented[0]}) belongs to no configured caller")
+            if names:
+                presented = names[0].decode(errors="replace")
+                raise Unauthenticated(f"the client certificate ({presented}) belongs to no configured caller")
             raise Unauthenticated("credentials required: a client certificate or an `authorization: Bearer` token")
         return self.anonymous
 

@@ -32,10 +32,20 @@ class Pki:
         server.private_key_pem.write_to_path(str(self.key_file))
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
-    def channel(self, port: int, *, identity: str | None = None, rogue: bool = False, **kw: Any) -> grpc.aio.Channel:
+    def channel(
+        self,
+        port: int,
+        *,
+        identity: str | None = None,
+        rogue: bool = False,
+        sans: tuple[str, ...] | None = None,
+        **kw: Any,
+    ) -> grpc.aio.Channel:
+        """A channel with a client certificate whose CN is `identity`, and so are its SANs unless `sans` says."""
         key: dict[str, bytes] = {}
         if identity is not None:
-            cert = (self.other_ca if rogue else self.ca).issue_cert(identity, common_name=identity)
+            names = (identity,) if sans is None else sans
+            cert = (self.other_ca if rogue else self.ca).issue_cert(*names, common_name=identity)
             key = {"private_key": cert.private_key_pem.bytes(), "certificate_chain": cert.cert_chain_pems[0].bytes()}
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca.cert_pem.bytes(), **key)
         return grpc.aio.secure_channel(f"localhost:{port}", creds, **kw)
@@ -264,3 +274,18 @@ async def test_an_unknown_tool_is_answered_with_the_callers_tools_only(start_ser
     code, details = await code_of(events_of(stub(channel_to(svc)).RunAgent(request, metadata=as_caller("a"))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "unknown tool(s): nope; available: echo, sleep (see ListTools)"  # not count, fail, buggy…
+
+
+async def test_a_certificate_with_sans_is_identified_by_them_never_by_its_cn(start_service: Any, pki: Pki) -> None:
+    svc = await start_service(**mtls_config(pki))
+    # the CN names a caller, the SAN names none: the SAN is the identity (RFC 6125: a CN is not looked at then)
+    async with pki.channel(svc.port, identity="risk.callers.internal", sans=("build-bot.internal",)) as channel:
+        code, details = await code_of(stub(channel).ListTools(pb.ListToolsRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert details == "the client certificate (build-bot.internal) belongs to no configured caller"
+    async with pki.channel(svc.port, identity="unused", sans=("x.internal", "audit.callers.internal")) as channel:
+        listed = await stub(channel).ListTools(pb.ListToolsRequest())  # any SAN of the certificate may name it
+        assert sorted(t.name for t in listed.tools) == ["echo", "sleep"]
+    async with pki.channel(svc.port, identity="audit.callers.internal", sans=()) as channel:
+        listed = await stub(channel).ListTools(pb.ListToolsRequest())  # no SAN at all: the CN names the caller
+        assert sorted(t.name for t in listed.tools) == ["echo", "sleep"]
