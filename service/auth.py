@@ -129,12 +129,22 @@ class Authenticator:
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    """The token of the call's `authorization: Bearer <token>`, None without the header. Anything else is refused:
+    another scheme, no token, or more than one header (one of them may be a proxy's, and which cannot be told)."""
+    header = None
     for key, value in metadata:
         if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return None
+            if header is not None:
+                raise Unauthenticated("more than one authorization header; send one: `Bearer <token>`")
+            header = value
+    if header is None:
+        return None
+    text = header.decode(errors="replace") if isinstance(header, bytes) else str(header)
+    scheme, _, token = text.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the authorization header must be `Bearer <token>`")
+    return token
 
 
 _OPEN_METHODS = ("/grpc.health.v1.Health/",)

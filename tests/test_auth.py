@@ -289,3 +289,31 @@ async def test_a_certificate_with_sans_is_identified_by_them_never_by_its_cn(sta
     async with pki.channel(svc.port, identity="audit.callers.internal", sans=()) as channel:
         listed = await stub(channel).ListTools(pb.ListToolsRequest())  # no SAN at all: the CN names the caller
         assert sorted(t.name for t in listed.tools) == ["echo", "sleep"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "outcome"),
+    [
+        ([("authorization", "bearer token-a")], "a"),  # the scheme is case-insensitive (RFC 9110)
+        ([("authorization", "Bearer   token-a  ")], "a"),
+        ([("authorization", "Bearer token-a"), ("authorization", "Bearer token-b")], "more than one"),
+        ([("authorization", "Bearer token-a"), ("authorization", "Basic YTpi")], "more than one"),
+        ([("authorization", "Basic YTpi")], "must be `Bearer <token>`"),
+        ([("authorization", "Bearer")], "must be `Bearer <token>`"),
+        ([("authorization", "Bearer  ")], "must be `Bearer <token>`"),
+        ([("authorization", "token-a")], "must be `Bearer <token>`"),
+    ],
+)
+async def test_the_authorization_header(
+    start_service: Any, channel_to: Any, metadata: list[tuple[str, str]], outcome: str
+) -> None:
+    svc = await start_service(**two_token_callers())
+    api = stub(channel_to(svc))
+    code, details = await code_of(api.SubmitRun(pb.RunAgentRequest(message="hi"), metadata=metadata))
+    if outcome == "a":
+        assert code == grpc.StatusCode.OK
+        assert [run.caller for run in svc.registry.runs.values()] == ["a"]
+    else:  # never one of the headers picked: which one a proxy in between added is anyone's guess
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert outcome in details and "token-a" not in details
+        assert not svc.registry.runs
