@@ -68,10 +68,26 @@ class AuthConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> AuthConfig:
+    def _callers_are_told_apart(self) -> AuthConfig:
+        """A caller is its name (runs, idempotency keys and limits are kept by name) and its credentials: two callers
+        must share neither, nor may a caller share the anonymous callers' name."""
         names = [c.name for c in self.callers]
         if len(set(names)) != len(names):
             raise ValueError("auth.callers: caller names must be unique")
+        if self.anonymous.name in names:
+            raise ValueError(
+                f"auth.callers: {self.anonymous.name!r} is the anonymous callers' name (auth.anonymous.name); "
+                "unauthenticated calls would see its runs: name one of them otherwise"
+            )
+        if self.anonymous.cert_identities or self.anonymous.token_sha256:
+            raise ValueError("auth.anonymous: anonymous callers present no credentials; give them to a caller")
+        owners: dict[str, str] = {}
+        for caller in self.callers:
+            for credential in [*caller.cert_identities, *(d.lower() for d in caller.token_sha256)]:
+                other = owners.setdefault(credential, caller.name)
+                if other != caller.name:
+                    shown = credential if credential in caller.cert_identities else f"token {credential[:8]}…"
+                    raise ValueError(f"auth.callers: {shown} identifies both {other} and {caller.name}")
         return self
 
 

@@ -317,3 +317,40 @@ async def test_the_authorization_header(
         assert code == grpc.StatusCode.UNAUTHENTICATED
         assert outcome in details and "token-a" not in details
         assert not svc.registry.runs
+
+
+@pytest.mark.parametrize(
+    ("auth", "error"),
+    [
+        # unauthenticated calls would run as that caller: its runs, idempotency keys and limits
+        ({"callers": [{"name": "anonymous", "token_sha256": [token_hash("t")]}]}, "anonymous callers' name"),
+        ({"anonymous": {"name": "ops"}, "callers": [{"name": "ops"}]}, "anonymous callers' name"),
+        # one of the two would silently be the other
+        (
+            {
+                "callers": [
+                    {"name": "a", "token_sha256": [token_hash("t")]},
+                    {"name": "b", "token_sha256": [token_hash("t").upper()]},
+                ]
+            },
+            "both a and b",
+        ),
+        (
+            {
+                "callers": [
+                    {"name": "a", "cert_identities": ["x.internal"]},
+                    {"name": "b", "cert_identities": ["x.internal"]},
+                ]
+            },
+            "both a and b",
+        ),
+        ({"anonymous": {"name": "anon", "token_sha256": [token_hash("t")]}}, "anonymous callers present no"),
+    ],
+)
+def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[str, Any], error: str) -> None:
+    from pydantic import ValidationError
+
+    from service.auth import AuthConfig
+
+    with pytest.raises(ValidationError, match=error):
+        AuthConfig.model_validate(auth)
