@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -252,12 +252,28 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 
 
 def token_hash(token: str) -> str:
-    """What goes in `token_sha256` for a token (`python -m service.auth TOKEN` prints it)."""
+    """What goes in `token_sha256` for a token (`python -m service.auth < token-file` prints it)."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def main(argv: Sequence[str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """`python -m service.auth`: the hash of each token read from stdin, one a line. Never from arguments, which
+    every user of the machine sees in `ps` and the shell keeps in its history."""
+    if argv:
+        print(
+            "usage: python -m service.auth < token-file  (tokens on stdin, one a line; not as arguments, which "
+            "other users see in ps and the shell keeps in its history)",
+            file=stderr,
+        )
+        return 2
+    for line in stdin:
+        token = line.strip()  # as the server strips the header's token
+        if token:
+            print(token_hash(token), file=stdout)
+    return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    for arg in sys.argv[1:]:
-        print(token_hash(arg))
+    sys.exit(main(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr))

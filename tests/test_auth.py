@@ -354,3 +354,17 @@ def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[s
 
     with pytest.raises(ValidationError, match=error):
         AuthConfig.model_validate(auth)
+
+
+def test_token_hashes_are_made_from_stdin_never_from_arguments() -> None:
+    import io
+
+    from service import auth
+
+    out, err = io.StringIO(), io.StringIO()
+    assert auth.main([], io.StringIO("s3cret-token\n  other \n\n"), out, err) == 0
+    assert out.getvalue().split() == [token_hash("s3cret-token"), token_hash("other")]  # as the server strips it
+    out, err = io.StringIO(), io.StringIO()
+    # an argument is in every user's `ps` and in the shell's history: refused, and not echoed
+    assert auth.main(["s3cret-token"], io.StringIO(""), out, err) == 2
+    assert out.getvalue() == "" and "stdin" in err.getvalue() and "s3cret-token" not in err.getvalue()
