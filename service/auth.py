@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -214,10 +215,9 @@ class CallerLimits:
         if per_minute is not None:
             starts = self._last_minute(caller.name)
             if len(starts) >= per_minute:
-                wait = 60 - (self.clock() - starts[0])
+                wait = math.ceil(60 - (self.clock() - starts[0]))  # rounded up: a retry on time is let in
                 return (
-                    f"caller {caller.name} started {per_minute} runs in the last minute, its limit; "
-                    f"retry in {wait:.0f} s"
+                    f"caller {caller.name} started {per_minute} runs in the last minute, its limit; retry in {wait} s"
                 )
         return None
 

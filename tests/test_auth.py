@@ -368,3 +368,14 @@ def test_token_hashes_are_made_from_stdin_never_from_arguments() -> None:
     # an argument is in every user's `ps` and in the shell's history: refused, and not echoed
     assert auth.main(["s3cret-token"], io.StringIO(""), out, err) == 2
     assert out.getvalue() == "" and "stdin" in err.getvalue() and "s3cret-token" not in err.getvalue()
+
+
+def test_the_wait_a_caller_is_told_is_never_short() -> None:
+    now = [1000.0]
+    limits = CallerLimits(clock=lambda: now[0])
+    caller = Caller("batch", CallerConfig(name="batch", runs_per_minute=1), "token")
+    limits.started(caller)
+    now[0] += 59.6  # 0.4 s left: "retry in 0 s" sent callers straight back into the limit
+    assert limits.admit(caller) == "caller batch started 1 runs in the last minute, its limit; retry in 1 s"
+    now[0] += 0.4
+    assert limits.admit(caller) is None
