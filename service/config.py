@@ -246,6 +246,17 @@ class Config(_Strict):
 
     _addresses = field_validator("listen", "metrics_listen", "health_listen")(_address)
 
+    @model_validator(mode="after")
+    def _certificates_need_mutual_tls(self) -> Config:
+        if self.tls is None or self.tls.client_ca_file is None:
+            for caller in self.auth.callers:
+                if caller.cert_identities:
+                    raise ValueError(
+                        f"auth.callers {caller.name}: cert_identities need tls.client_ca_file (mutual TLS); without "
+                        "it no call carries a client certificate, and the caller is never identified by one"
+                    )
+        return self
+
 
 ENV_VARS = {
     "listen": "AGENT_LISTEN",

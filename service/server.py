@@ -159,6 +159,12 @@ async def start(
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     credentials = None if config.tls is None else server_credentials(config.tls)
+    if credentials is None and any(c.token_sha256 for c in config.auth.callers):
+        log.warning(
+            "bearer tokens are configured but listen has no TLS: they travel in clear, which is safe only where "
+            "something else encrypts the connection (a service mesh)",
+            extra={"listen": config.listen},
+        )
     port = _listen(server, config.listen, credentials)
     health_server, health_port = None, None
     if config.health_listen:

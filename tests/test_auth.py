@@ -16,7 +16,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import stub
+from conftest import make_config, stub
 from service.auth import Caller, CallerConfig, CallerLimits, token_hash
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
@@ -379,3 +379,21 @@ def test_the_wait_a_caller_is_told_is_never_short() -> None:
     assert limits.admit(caller) == "caller batch started 1 runs in the last minute, its limit; retry in 1 s"
     now[0] += 0.4
     assert limits.admit(caller) is None
+
+
+def test_config_refuses_certificate_identities_without_mutual_tls(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    callers = [{"name": "risk-engine", "cert_identities": ["risk.callers.internal"]}]
+    tls = {"cert_file": str(tmp_path / "c.pem"), "key_file": str(tmp_path / "k.pem")}
+    for without_client_ca in ({}, {"tls": tls}):  # no call can carry a client certificate: the caller never matches
+        with pytest.raises(ValidationError, match="risk-engine: cert_identities need tls.client_ca_file"):
+            make_config(tmp_path, auth={"callers": callers}, **without_client_ca)
+    make_config(tmp_path, auth={"callers": callers}, tls={**tls, "client_ca_file": str(tmp_path / "ca.pem")})
+
+
+async def test_tokens_without_tls_are_warned_about(start_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="service.server"):
+        await start_service(**two_token_callers())
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert warning.getMessage().startswith("bearer tokens are configured but listen has no TLS")
