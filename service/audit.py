@@ -109,7 +109,8 @@ def row_hash(row: dict[str, Any]) -> str:
 
 
 class AuditLog:
-    """Append with `append(record)` (never awaits); `flush()` waits until everything appended is committed."""
+    """Append with `append(record)` (never waits), after `await room()` when `full`; `flush()` waits until everything
+    appended is committed."""
 
     def __init__(
         self, path: Path, *, queue_size: int = 10000, interval_s: float = 0.05, redactor: Redactor | None = None
@@ -134,20 +135,33 @@ class AuditLog:
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
-    def append(self, record: AuditRecord) -> None:
-        """Queue `record` without waiting. A full queue makes the caller wait for the writer: a short stall (a
-        batch commits in milliseconds) is better than a hole in the record."""
-        if len(self._pending) >= self._max:
-            if not self._full:
-                log.warning("audit queue full; calls wait for the writer", extra={"queue_size": self._max})
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self._max
+
+    async def room(self) -> None:
+        """Wait until the queue is below `queue_size`: the writer is behind. The call about to append waits for it,
+        not the event loop (a stall of the loop would stop every run), and nothing is dropped: a hole in the record
+        is worse than a slow call."""
+        if not self.full:
+            return
+        if not self._full:
+            log.warning("audit queue full; calls wait for the writer", extra={"queue_size": self._max})
             self._full = True
-            self._wake.set()
-            while len(self._pending) >= self._max and self._writer.is_alive():
-                time.sleep(0.001)
+        self._wake.set()
+        # Polling: the writer is a plain thread, and this runs only while the queue is full.
+        while len(self._pending) >= self._max and self._writer.is_alive():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+    def append(self, record: AuditRecord) -> None:
+        """Queue `record`; never waits, never drops. `queue_size` is kept by callers awaiting `room()` first; a
+        record appended past it (a cancelled call's, which cannot wait) is kept as well."""
         self._pending.append(record)
         self._appended += 1
         if self._full and len(self._pending) < self._max // 2:
             self._full = False
+        elif len(self._pending) >= self._max:
+            self._wake.set()
 
     async def flush(self) -> None:
         target = self._appended

@@ -150,7 +150,11 @@ class Executor:
             async for event in self._execute(call, run, span, started):
                 if isinstance(event, ToolResult):
                     result = event
-                    self._account(call, run, span, event)
+                    try:
+                        if self.audit is not None and self.audit.full:
+                            await self.audit.room()  # the audit writer is behind: this call waits, not the loop
+                    finally:
+                        self._account(call, run, span, event)
                 yield event
         except BaseException as exc:  # cancelled, or the consumer closed the stream: still audited and counted
             if result is None:

@@ -3,14 +3,22 @@ at the end); nothing is lost across a restart; the CLI's exit codes."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fake_tools import all_tools
 from service.audit import AuditLog, AuditRecord, main, verify
+from service.events import Event, ToolResult
+from service.executor import Executor, RunContext, ToolCallRequest
+from service.redact import Redactor
 
 
 def record(i: int) -> AuditRecord:
@@ -31,7 +39,7 @@ def record(i: int) -> AuditRecord:
 
 
 def write(path: Path, start: int, count: int) -> None:
-    log = AuditLog(path, queue_size=2)  # smaller than the batch: a full queue waits, it does not drop
+    log = AuditLog(path, queue_size=2)  # smaller than the batch: past it, append keeps records, never drops
     for i in range(start, start + count):
         log.append(record(i))
     log.close()
@@ -96,3 +104,71 @@ def test_a_lone_surrogate_does_not_lose_the_batch(tmp_path: Path) -> None:
     assert verdict.ok and verdict.rows == 3
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT tool FROM audit WHERE seq = 2").fetchone()[0] == "ec\ufffdho"
+
+
+class _HeldRedactor(Redactor):
+    """Holds the writer thread inside its batch until released: a writer that has fallen behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def value(self, value: Any) -> Any:
+        self.entered.set()
+        self.release.wait(10)
+        return value
+
+
+async def test_a_full_queue_makes_the_call_wait_never_the_event_loop_and_drops_nothing(tmp_path: Path) -> None:
+    held = _HeldRedactor()
+    log = AuditLog(tmp_path / "audit.db", queue_size=2, interval_s=0.001, redactor=held)
+    try:
+        log.append(record(1))
+        assert await asyncio.to_thread(held.entered.wait, 10)  # the writer is busy with record 1
+        log.append(record(2))
+        log.append(record(3))
+        assert log.full
+        waiting = asyncio.create_task(log.room())
+        for _ in range(20):  # the event loop goes on while the call waits
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        log.append(record(4))  # a record that cannot wait (a cancelled call's) is kept past the bound
+        held.release.set()
+        await asyncio.wait_for(waiting, 10)
+        await asyncio.wait_for(log.flush(), 10)
+    finally:
+        held.release.set()
+        log.close()
+    verdict = verify(tmp_path / "audit.db")
+    assert verdict.ok and verdict.rows == 4
+
+
+async def _events(events: AsyncIterator[Event]) -> list[Event]:
+    return [e async for e in events]
+
+
+async def test_a_tool_call_waits_for_a_full_audit_queue_and_is_recorded(tmp_path: Path) -> None:
+    held = _HeldRedactor()
+    log = AuditLog(tmp_path / "audit.db", queue_size=1, interval_s=0.001, redactor=held)
+    tools = all_tools()
+    executor = Executor(tools, audit=log)
+    try:
+        log.append(record(1))
+        assert await asyncio.to_thread(held.entered.wait, 10)
+        log.append(record(2))  # full: the writer holds record 1, record 2 waits
+        request = ToolCallRequest(call_id="c1", name="echo", input={"text": "a"})
+        run = RunContext(run_id="run_t", offered=frozenset(tools))
+        call = asyncio.create_task(_events(executor.execute(request, run)))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not call.done()  # its result waits for the audit queue, and the event loop goes on meanwhile
+        held.release.set()
+        (result,) = [e for e in await asyncio.wait_for(call, 10) if isinstance(e, ToolResult)]
+        assert result.ok
+        await asyncio.wait_for(log.flush(), 10)
+    finally:
+        held.release.set()
+        await executor.aclose()
+    verdict = verify(tmp_path / "audit.db")
+    assert verdict.ok and verdict.rows == 3
