@@ -102,6 +102,36 @@ class Renderer:
             self._line(self._style("31", f"error {e.code}: {e.message}" + (" (retryable)" if e.retryable else "")))
 
 
+def _token(path: str | None) -> str:
+    """The bearer token: from a file, else `AGENT_TOKEN`; never an argument, which every user of the machine sees in
+    `ps` and the shell keeps in its history."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get("AGENT_TOKEN", "").strip()
+
+
+def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """Plaintext, or TLS when a CA file is given (with a client certificate and key for mutual TLS)."""
+    if not args.ca_file:
+        if args.cert_file or args.key_file:
+            raise SystemExit("error: --cert-file and --key-file need --ca-file (TLS)")
+        return grpc.aio.insecure_channel(args.target)
+    if bool(args.cert_file) != bool(args.key_file):
+        raise SystemExit("error: --cert-file and --key-file go together")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.ca_file), private_key=read(args.key_file), certificate_chain=read(args.cert_file)
+    )
+    return grpc.aio.secure_channel(args.target, credentials)
+
+
 async def run(args: argparse.Namespace, out: TextIO) -> int:
     request = pb.RunAgentRequest(message=args.message, tools=args.tools or [], model=args.model or "")
     if args.max_turns is not None:
@@ -109,8 +139,10 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.system is not None:
         request.system = args.system
     renderer = Renderer(out, color=not args.no_color and out.isatty())
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).RunAgent(request, timeout=args.timeout)
+    token = _token(args.token_file)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    async with _channel(args) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).RunAgent(request, timeout=args.timeout, metadata=metadata)
         try:
             async for event in call:
                 if args.json:
@@ -135,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int)
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--no-color", action="store_true")
+    env = os.environ.get
+    parser.add_argument("--ca-file", default=env("AGENT_TLS_CA"), help="CA of the server's certificate: use TLS")
+    parser.add_argument("--cert-file", default=env("AGENT_TLS_CERT"), help="client certificate, for mutual TLS")
+    parser.add_argument("--key-file", default=env("AGENT_TLS_KEY"), help="client certificate's key, for mutual TLS")
+    parser.add_argument(
+        "--token-file", default=env("AGENT_TOKEN_FILE"), help="file holding a bearer token (or env AGENT_TOKEN)"
+    )
     args = parser.parse_args(argv)
     try:
         sys.exit(asyncio.run(run(args, sys.stdout)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,19 @@ async def run_events_of(call: Any) -> list[pb.AgentEvent]:
 async def run_events(channel: grpc.aio.Channel, **request: Any) -> list[pb.AgentEvent]:
     request.setdefault("message", "hello")
     return [e async for e in stub(channel).RunAgent(pb.RunAgentRequest(**request))]
+
+
+async def cli(
+    port: int, *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """`python -m service.client --target HOST:PORT ARGS…` as a person runs it: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service.client", "--target", f"{host}:{port}", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

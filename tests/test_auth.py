@@ -16,7 +16,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import make_config, stub
+from conftest import cli, make_config, stub
 from service.auth import Caller, CallerConfig, CallerLimits, token_hash
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
@@ -397,3 +397,31 @@ async def test_tokens_without_tls_are_warned_about(start_service: Any, caplog: p
         await start_service(**two_token_callers())
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
     assert warning.getMessage().startswith("bearer tokens are configured but listen has no TLS")
+
+
+async def test_the_cli_client_sends_a_token_from_the_environment_or_a_file(start_service: Any, tmp_path: Path) -> None:
+    auth = {"required": True, "callers": [{"name": "batch", "token_sha256": [token_hash("s3cret-token")]}]}
+    svc = await start_service(auth=auth)
+    code, _, err = await cli(svc.port, "hi", env={"AGENT_TOKEN": ""})
+    assert code == 1 and err.startswith("UNAUTHENTICATED: credentials required")
+    code, out, err = await cli(svc.port, "--json", "hi", env={"AGENT_TOKEN": "s3cret-token"})
+    assert code == 0, err
+    assert svc.registry.get(json.loads(out.splitlines()[0])["runId"]).caller == "batch"
+    (tmp_path / "token").write_text("s3cret-token\n")
+    code, _, err = await cli(svc.port, "--token-file", str(tmp_path / "token"), "hi", env={"AGENT_TOKEN": ""})
+    assert code == 0, err
+
+
+async def test_the_cli_client_speaks_mutual_tls(start_service: Any, pki: Pki, tmp_path: Path) -> None:
+    svc = await start_service(**mtls_config(pki))
+    cert = pki.ca.issue_cert("risk.callers.internal")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    tls = ("--ca-file", str(pki.ca_file), "--cert-file", str(tmp_path / "client.pem"))
+    code, out, err = await cli(
+        svc.port, *tls, "--key-file", str(tmp_path / "client.key"), "--json", "hi", host="localhost"
+    )
+    assert code == 0, err
+    assert svc.registry.get(json.loads(out.splitlines()[0])["runId"]).caller == "risk-engine"
+    code, _, err = await cli(svc.port, *tls, "hi", host="localhost")
+    assert code == 1 and "--cert-file and --key-file go together" in err

@@ -8,21 +8,7 @@ import os
 import sys
 from typing import Any
 
-
-async def cli(port: int, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.client",
-        "--target",
-        f"127.0.0.1:{port}",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from conftest import cli
 
 
 async def test_cli_renders_a_run_for_a_person(start_service: Any) -> None:
