@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import os
 import pwd
+import shutil
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +160,13 @@ def exists(path: Path) -> bool:
     return path.exists()
 
 
+def fresh_folder(shared: Path) -> Path:
+    """An empty folder for working directories, which the sandbox user can reach."""
+    folder = Path(tempfile.mkdtemp(dir=shared))
+    folder.chmod(0o755)
+    return folder
+
+
 def new_marker(shared: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=shared / "markers")
     os.close(fd)
@@ -292,6 +301,26 @@ async def test_environment_cwd_and_user(shared: Path, monkeypatch: pytest.Monkey
     assert out["uid"] == sandbox_uid()
     if os.geteuid() == 0:
         assert out["gid"] == pwd.getpwnam("nobody").pw_gid and out["groups"] == []
+
+
+async def test_the_working_directory_is_removed_off_the_event_loop(
+    shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A runaway program can leave a hundred thousand files in its working directory within its timeout; deleting
+    # them takes seconds, and on the event loop that would stall every stream of the server meanwhile.
+    loop_thread = threading.get_ident()
+    removed_on: list[int] = []
+    rmtree = shutil.rmtree
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> None:
+        removed_on.append(threading.get_ident())
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", spy)
+    workdirs = fresh_folder(shared)
+    out = await sandbox(shared, "whoami", tmp_dir=workdirs).run({"marker": str(new_marker(shared))})
+    assert Path(out["cwd"]).parent == workdirs and list(workdirs.iterdir()) == []
+    assert removed_on and loop_thread not in removed_on
 
 
 async def test_program_errors_become_tool_errors(shared: Path) -> None:

@@ -315,10 +315,14 @@ class Sandbox:
         if not Sandbox._subreaper_done:
             _become_subreaper()
             Sandbox._subreaper_done = True
-        with tempfile.TemporaryDirectory(prefix="sandbox-", dir=self.options.tmp_dir, ignore_cleanup_errors=True) as t:
-            workdir = Path(t)
+        folder = tempfile.TemporaryDirectory(prefix="sandbox-", dir=self.options.tmp_dir, ignore_cleanup_errors=True)
+        try:
+            workdir = Path(folder.name)
             await asyncio.to_thread(self._prepare, workdir, files or {})
             finished = await self._execute(workdir, data)
+        finally:
+            # Off the event loop: a runaway program can leave so many files that deleting them takes seconds.
+            await _despite_cancel(asyncio.to_thread(folder.cleanup))
         return self._result(finished)
 
     def _prepare(self, workdir: Path, files: Mapping[str, Path]) -> None:
