@@ -160,6 +160,21 @@ def exists(path: Path) -> bool:
     return path.exists()
 
 
+def group_of(marker: Path) -> int | None:
+    text = marker.read_text()
+    return int(text) if text else None
+
+
+async def forked(marker: Path) -> int:
+    """The process group of the "sleep" program writing to `marker`, once it has forked its child."""
+    for _ in range(500):
+        pgid = group_of(marker)
+        if pgid is not None and len(group_members(pgid)) == 2:
+            return pgid
+        await asyncio.sleep(0.01)
+    raise AssertionError("the program did not start and fork its child within 5 s")
+
+
 def fresh_folder(shared: Path) -> Path:
     """An empty folder for working directories, which the sandbox user can reach."""
     folder = Path(tempfile.mkdtemp(dir=shared))
@@ -241,16 +256,10 @@ async def test_file_size_limit_stops_a_big_file(shared: Path) -> None:
 
 
 async def test_cancel_kills_the_group_and_propagates(shared: Path) -> None:
-    marker = new_marker(shared)
+    marker, workdirs = new_marker(shared), fresh_folder(shared)
     fds = open_fds()
-    task = asyncio.create_task(sandbox(shared, "sleep").run({"marker": str(marker)}))
-    for _ in range(500):
-        if marker.read_text():
-            break
-        await asyncio.sleep(0.01)
-    pgid = int(marker.read_text())
-    await asyncio.sleep(0.05)  # the child is forked
-    assert len(group_members(pgid)) == 2
+    task = asyncio.create_task(sandbox(shared, "sleep", tmp_dir=workdirs).run({"marker": str(marker)}))
+    pgid = await forked(marker)
     cancelled = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -258,21 +267,17 @@ async def test_cancel_kills_the_group_and_propagates(shared: Path) -> None:
     assert time.monotonic() - cancelled < 3
     assert group_members(pgid) == []
     assert open_fds() == fds, "the call left file descriptors open"
+    assert list(workdirs.iterdir()) == [], "the working directory outlived the call"
 
 
 @pytest.mark.parametrize("turns", [1, 2, 3])
 async def test_a_second_cancel_during_the_cleanup_still_reaps_and_closes(shared: Path, turns: int) -> None:
     # A tool timeout, then within milliseconds the run is stopped and cancels the call again: the second cancel
     # lands `turns` loop turns into the cleanup of the first. Cut short, the cleanup left the forked child a zombie.
-    marker = new_marker(shared)
+    marker, workdirs = new_marker(shared), fresh_folder(shared)
     fds = open_fds()
-    task = asyncio.create_task(sandbox(shared, "sleep").run({"marker": str(marker)}))
-    for _ in range(500):
-        if marker.read_text() and len(group_members(int(marker.read_text()))) == 2:  # the child is forked
-            break
-        await asyncio.sleep(0.01)
-    pgid = int(marker.read_text())
-    assert len(group_members(pgid)) == 2
+    task = asyncio.create_task(sandbox(shared, "sleep", tmp_dir=workdirs).run({"marker": str(marker)}))
+    pgid = await forked(marker)
     task.cancel()
     for _ in range(turns):
         await asyncio.sleep(0)
@@ -282,6 +287,7 @@ async def test_a_second_cancel_during_the_cleanup_still_reaps_and_closes(shared:
         await task
     assert group_members(pgid) == [], "a process of the group (a zombie) survived the call"
     assert open_fds() == fds, "the call left file descriptors open"
+    assert list(workdirs.iterdir()) == [], "the working directory outlived the call"
 
 
 async def test_environment_cwd_and_user(shared: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
