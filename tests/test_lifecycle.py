@@ -242,7 +242,10 @@ async def test_a_slow_reader_slows_neither_the_run_nor_a_fast_reader(start_servi
         async for event in stub(channel_to(svc)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id)):
             slow_seen.append(event)
             if len(slow_seen) == 3:
-                await asyncio.sleep(0.5)  # long past the run's end
+                for _ in range(500):  # reads nothing more until the run has ended (within 5 s)
+                    if run.finished:
+                        break
+                    await asyncio.sleep(0.01)
                 ended_while_slow_was_reading = run.finished
 
     fast, _ = await asyncio.gather(
