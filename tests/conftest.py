@@ -58,9 +58,14 @@ def spans() -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
+# What the stores log when a write fails and its records are lost: never a test's intent.
+LOST_RECORDS = {("service.audit", "audit write failed"), ("service.deadletter", "dead-letter write failed")}
+
+
 @pytest.fixture
-async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
-    """Start a service with the given scenario turns (and config overrides); all are stopped at teardown."""
+async def start_service(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[StartService]:
+    """Start a service with the given scenario turns (and config overrides); all are stopped at teardown, and the
+    test fails if one of them lost an audit or dead-letter record."""
     started: list[Service] = []
 
     async def _start(turns: list[dict[str, Any]] | None = None, *, tools: Any = None, **config: Any) -> Service:
@@ -80,6 +85,8 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
     for svc in started:
         await svc.server.stop(0)
         await svc.close()
+    lost = [r.getMessage() for r in (*caplog.get_records("call"), *caplog.records) if (r.name, r.msg) in LOST_RECORDS]
+    assert not lost, f"a service of this test lost records: {lost}"
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -188,7 +189,7 @@ async def test_idempotency_key_attaches_to_the_same_run(start_service: Any, chan
     assert f"used by run {first[0].run_id} with a different request" in (info.value.details() or "")
 
 
-async def test_background_run_to_completion_and_full_queue(start_service: Any, channel_to: Any) -> None:
+async def test_background_run_to_completion_and_full_queue(start_service: Any, channel_to: Any, tmp_path: Path) -> None:
     svc = await start_service(runs={"background_max_concurrent": 1, "background_max_queued": 1})
     channel = channel_to(svc)
     submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="background"))
@@ -200,7 +201,10 @@ async def test_background_run_to_completion_and_full_queue(start_service: Any, c
         await asyncio.sleep(0.01)
     assert run.state == pb.Run.SUCCEEDED and run.final_response.text.startswith("The answer: ")
     assert run.last_seq > 5 and run.ended.seconds > 0
-    slow = await start_service(SLOW_TOOL, runs={"background_max_concurrent": 1, "background_max_queued": 1})
+    # a second service running beside the first: its own data folder (one audit log has one writer)
+    slow = await start_service(
+        SLOW_TOOL, runs={"background_max_concurrent": 1, "background_max_queued": 1}, data_dir=tmp_path / "slow"
+    )
     slow_channel = channel_to(slow)
     await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="1"))
     queued = await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="2"))
