@@ -27,7 +27,15 @@ from service import events as ev
 from service.audit import AuditLog, verify
 from service.deadletter import DeadLetterStore
 from service.executor import Executor, RunContext, ToolCallRequest
-from tools import ToolConfig, http_request, query_database, search_documents, shipment_tracker, tracking_snapshot
+from tools import (
+    ToolConfig,
+    http_request,
+    query_database,
+    search_documents,
+    shipment_report,
+    shipment_tracker,
+    tracking_snapshot,
+)
 from tools.base import Tool
 
 FUZZ = settings(
@@ -273,6 +281,20 @@ def tool_calls(draw: st.DrawFn, tools: dict[str, Tool[Any]]) -> ToolCallRequest:
         data |= draw(st.dictionaries(keys, values, max_size=2))
     parse_error = draw(st.sampled_from([None] * 7 + ["Expecting value: line 1 column 1 (char 0)"]))
     return ToolCallRequest(call_id="c1", name=name, input=data, parse_error=parse_error)
+
+
+async def test_a_field_the_model_made_up_is_refused_by_every_builtin_tool(tmp_path: Path) -> None:
+    """Ignored, a made-up field (`max_results`, a misspelt `header`) would leave the model believing it had effect;
+    the schema says so up front, and a call sending one is REJECTED naming it."""
+    tools = {**builtin_tools(tmp_path), "shipment_report": shipment_report.create(ToolConfig(data_dir=tmp_path))}
+    executor = Executor(tools, timeout_s=5)
+    run = RunContext(run_id="run_extra", offered=frozenset(tools))
+    for name, tool in tools.items():
+        assert tool.input_schema().get("additionalProperties") is False, name
+        request = ToolCallRequest(call_id="c1", name=name, input={"max_results": 3})
+        (result,) = [e async for e in executor.execute(request, run) if isinstance(e, ev.ToolResult)]
+        assert result.status is ev.ToolStatus.REJECTED and "max_results" in result.error, name
+    await executor.aclose()
 
 
 async def test_executor_turns_any_tool_input_into_a_result(tmp_path: Path) -> None:

@@ -83,6 +83,8 @@ def _parse_host_entry(entry: str) -> tuple[str, int | None]:
 
 
 class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the model made up is an error it reads, not ignored
+
     method: Literal["GET", "POST"] = Field("GET", description="HTTP method.")
     url: str = Field(
         max_length=8192, description="Absolute http:// or https:// URL; its host must be on the allow-list."

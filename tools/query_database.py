@@ -89,6 +89,8 @@ class Options(BaseModel):
 
 
 class QueryInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the model made up is an error it reads, not ignored
+
     sql: str = Field(
         min_length=1,
         max_length=20_000,

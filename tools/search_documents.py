@@ -35,6 +35,8 @@ class Options(BaseModel):
 
 
 class SearchInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the model made up is an error it reads, not ignored
+
     query: str = Field(
         min_length=1, max_length=500, description="Plain words to look for; no operators or quoting needed."
     )

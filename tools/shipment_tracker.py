@@ -24,6 +24,8 @@ class Options(BaseModel):
 
 
 class TrackingInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the model made up is an error it reads, not ignored
+
     tracking_number: str = Field(
         pattern=r"^[A-Z]{2}[0-9]{9}$", description="The carrier tracking number, e.g. AT335493870."
     )
