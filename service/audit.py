@@ -119,8 +119,6 @@ class AuditLog:
         self._redactor = redactor  # None: the process-wide one, looked up per batch
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
-        head = self._conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        self._seq, self._hash = (int(head[0]), str(head[1])) if head else (0, GENESIS)
         # A deque, not a queue.Queue: appending takes no lock and wakes no thread, so a call pays well under a
         # microsecond; the writer wakes every `interval_s` (or when told) and commits what has accumulated.
         self._pending: deque[AuditRecord] = deque()
@@ -195,41 +193,44 @@ class AuditLog:
                 return
 
     def _commit(self, records: list[AuditRecord]) -> None:
-        seq, prev = self._seq, self._hash
         redactor = self._redactor or redact.active()
         rows = []
         for r in records:
-            seq += 1
             size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(storable(r.error).encode())
-            row = {  # JSON columns are ASCII (safe_json escapes); text from the model goes through storable()
-                "seq": seq,
-                "ts": r.ts,
-                "run_id": storable(r.run_id),
-                "metadata": safe_json(redactor.value(dict(r.metadata))),
-                "tool": storable(r.tool),
-                "call_id": storable(r.call_id),
-                "input": safe_json(redactor.value(r.input)),
-                "status": r.status,
-                "duration_s": r.duration_s,
-                "result_bytes": size,
-                "attempts": r.attempts,
-                "cache_hit": int(r.cache_hit),
-                "answered_by": storable(r.answered_by),
-                "prev_hash": prev,
-            }
-            prev = row["hash"] = row_hash(row)
-            rows.append(row)
+            rows.append(
+                {  # JSON columns are ASCII (safe_json escapes); text from the model goes through storable()
+                    "ts": r.ts,
+                    "run_id": storable(r.run_id),
+                    "metadata": safe_json(redactor.value(dict(r.metadata))),
+                    "tool": storable(r.tool),
+                    "call_id": storable(r.call_id),
+                    "input": safe_json(redactor.value(r.input)),
+                    "status": r.status,
+                    "duration_s": r.duration_s,
+                    "result_bytes": size,
+                    "attempts": r.attempts,
+                    "cache_hit": int(r.cache_hit),
+                    "answered_by": storable(r.answered_by),
+                }
+            )
         names = [*_COLUMNS, "hash"]
         sql = f"INSERT INTO audit ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            # The chain's head is read under the write lock: another process writing to the same file (a second
+            # server on the same data_dir) has moved it since our last batch, and our rows must follow its rows.
+            head = self._conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+            for row in rows:
+                seq += 1
+                row["seq"], row["prev_hash"] = seq, prev
+                prev = row["hash"] = row_hash(row)
             self._conn.executemany(sql, [[row[n] for n in names] for row in rows])
             self._conn.execute("INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)", (seq, prev))
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        self._seq, self._hash = seq, prev
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,3 +172,20 @@ async def test_a_tool_call_waits_for_a_full_audit_queue_and_is_recorded(tmp_path
         await executor.aclose()
     verdict = verify(tmp_path / "audit.db")
     assert verdict.ok and verdict.rows == 3
+
+
+async def test_two_writers_on_one_file_continue_one_chain(tmp_path: Path) -> None:
+    """Two servers on the same data_dir: each writer numbered rows from the head it read at its start, so the
+    second's batches failed (UNIQUE on seq) and were lost."""
+    path = tmp_path / "audit.db"
+    first, second = AuditLog(path), AuditLog(path)
+    try:
+        for i in range(1, 7):
+            log = first if i % 2 else second
+            log.append(record(i))
+            await asyncio.wait_for(log.flush(), 10)
+    finally:
+        first.close()
+        second.close()
+    verdict = verify(path)
+    assert verdict.ok and verdict.rows == 6
