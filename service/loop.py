@@ -18,8 +18,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tenacity import RetryCallState, wait_exponential_jitter
-
 from service import telemetry
 from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
@@ -48,6 +46,7 @@ from service.events import (
 )
 from service.executor import Executor, RunContext, ToolCallRequest
 from service.models import base as m
+from service.policy.retry import jittered_backoff, wait_after
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
@@ -178,7 +177,8 @@ class AgentLoop:
         self.sleep = sleep
         self.clock = clock
         self._specs: dict[str, m.ToolSpec] = {}
-        self._backoff = wait_exponential_jitter(multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s)
+        # up to 1 s of jitter, as tenacity's default: model turns are retried by many runs at once when the API is down
+        self._backoff = jittered_backoff(self.retry.initial_backoff_s, self.retry.max_backoff_s, 1.0)
 
     @staticmethod
     def started(spec: RunSpec) -> RunStarted:
@@ -357,7 +357,7 @@ class AgentLoop:
                                 f"{exc.retry_after_s:.0f} s{_beyond(left, exc.retry_after_s)}: {exc.message}"
                             ) from exc
                     # The model's own word on when to come back beats our guess.
-                    delay = exc.retry_after_s or self._backoff(_attempt_state(attempt))
+                    delay = exc.retry_after_s or wait_after(self._backoff, attempt)
                     telemetry.MODEL_RETRIES.inc()
                     log.warning(
                         "model turn failed, retrying",
@@ -421,14 +421,6 @@ def _timed_out(err: TimeoutError) -> ModelError:
     it): a model failure worth another try, as the adapters' own timeouts are. Left alone, it would reach the run's
     scope and be taken for the run's deadline."""
     return ModelError(f"the model timed out: {err or 'no detail'}", retryable=True)
-
-
-def _attempt_state(attempt: int) -> RetryCallState:
-    """tenacity's wait strategies read the attempt number from a RetryCallState; we drive the loop ourselves
-    because a turn is an async generator, which tenacity's retry wrappers cannot re-run part-way."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempt
-    return state
 
 
 def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:

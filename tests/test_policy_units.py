@@ -16,7 +16,7 @@ from service.policy.breaker import CircuitBreaker, State
 from service.policy.cache import ResultCache, cache_key
 from service.policy.config import PolicyError, resolve
 from service.policy.limiter import RateLimiter
-from service.policy.retry import Backoff
+from service.policy.retry import Backoff, jittered_backoff, wait_after
 from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy, RetryPolicy
 
 
@@ -262,12 +262,22 @@ def test_cache_key_is_canonical() -> None:
     assert cache_key("t", {"a": 1}) != cache_key("u", {"a": 1})
 
 
-def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+def test_backoff_grows_exponentially_with_jitter_that_stays_on_at_the_cap() -> None:
     backoff = Backoff(RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.5))
     for attempt, low in [(1, 0.1), (2, 0.2), (3, 0.4)]:
         wait = backoff.wait(attempt)
         assert low <= wait <= min(low + 0.1, 0.5)
-    assert backoff.wait(6) == 0.5
+    at_cap = {backoff.wait(6) for _ in range(20)}
+    assert all(0.4 <= wait <= 0.5 for wait in at_cap)
+    assert len(at_cap) > 1  # callers that reached the cap still spread out (tenacity's jitter is capped away)
+
+
+def test_model_turn_retries_keep_their_jitter_at_the_cap() -> None:
+    strategy = jittered_backoff(0.5, 8.0, 1.0)
+    waits = {wait_after(strategy, 10) for _ in range(20)}
+    assert all(7.0 <= wait <= 8.0 for wait in waits) and len(waits) > 1
+    assert 0.5 <= wait_after(strategy, 1) <= 1.5
+    assert 0 <= wait_after(jittered_backoff(0.1, 0.05, 1.0), 3) <= 0.05  # a jitter larger than the cap shrinks
 
 
 def test_config_overrides_the_tools_policy_field_by_field() -> None:
