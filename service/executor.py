@@ -81,13 +81,18 @@ class ToolCallRequest:
     parse_error: str | None = None
 
 
-def _fallback_for(fallback: str | None, outcome: Outcome, run: RunContext) -> str | None:
+def _fallback_for(fallback: str | None, outcome: Outcome, run: RunContext, requires: tuple[str, ...]) -> str | None:
     """The fallback to try after `outcome`, if any. One the run was not offered is not tried (the caller's rights, or
-    its own choice of tools, leave it out: answering through it would hand the caller a tool it may not call)."""
+    its own choice of tools, leave it out: answering through it would hand the caller a tool it may not call), nor
+    one whose own `requires` have not succeeded in this run (called directly, it would be refused)."""
     if fallback is None or outcome.status not in _FALLBACK_ON:
         return None
     if fallback not in run.offered:
         outcome.error += f"; fallback {fallback} is not offered to this run, so it was not tried"
+        return None
+    missing = [name for name in requires if name not in run.succeeded]
+    if missing:
+        outcome.error += f"; fallback {fallback} can only run after {', '.join(missing)} succeeded, so it was not tried"
         return None
     return fallback
 
@@ -218,7 +223,8 @@ class Executor:
             else:
                 yield item
         answered_by = ""
-        fallback = _fallback_for(guards.policy.fallback, outcome, run)
+        fallback = guards.policy.fallback
+        fallback = _fallback_for(fallback, outcome, run, self.guards[fallback].policy.requires if fallback else ())
         if fallback is not None:
             async for item in self._fallback(call, fallback, outcome, span, counter):
                 if isinstance(item, Outcome):

@@ -227,6 +227,23 @@ async def test_no_fallback_to_a_tool_the_run_was_not_offered() -> None:
     assert tools["backup"].calls == 0  # type: ignore[attr-defined]
 
 
+async def test_no_fallback_before_its_own_prerequisites_succeeded() -> None:
+    tools = policy_tools(failures=9)
+    ex, _ = executor(
+        tools, {"flaky": {"retry": {"attempts": 1}, "fallback": "backup"}, "backup": {"requires": ["echo"]}}
+    )
+    run = run_ctx(tools)
+    result = (await call(ex, "flaky", {"text": "x"}, run))[-1]
+    assert isinstance(result, ev.ToolResult) and result.status is S.ERROR and not result.answered_by
+    assert (
+        result.error == "upstream 503 (call 1); fallback backup can only run after echo succeeded, so it was not tried"
+    )
+    assert tools["backup"].calls == 0  # type: ignore[attr-defined]
+    run.succeeded.add("echo")
+    result = (await call(ex, "flaky", {"text": "x"}, run))[-1]
+    assert isinstance(result, ev.ToolResult) and result.answered_by == "backup"
+
+
 async def test_open_circuit_goes_straight_to_the_fallback() -> None:
     tools = policy_tools(failures=9)
     overrides = {"flaky": {"breaker": {"failure_threshold": 1, "cooldown_s": 60}, "fallback": "backup"}}
