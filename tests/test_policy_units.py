@@ -277,7 +277,8 @@ def test_model_turn_retries_keep_their_jitter_at_the_cap() -> None:
     waits = {wait_after(strategy, 10) for _ in range(20)}
     assert all(7.0 <= wait <= 8.0 for wait in waits) and len(waits) > 1
     assert 0.5 <= wait_after(strategy, 1) <= 1.5
-    assert 0 <= wait_after(jittered_backoff(0.1, 0.05, 1.0), 3) <= 0.05  # a jitter larger than the cap shrinks
+    assert wait_after(jittered_backoff(0.1, 0.05, 1.0), 1) == 0.05  # a first wait above the cap: the cap, no jitter
+    assert 2.0 <= wait_after(jittered_backoff(2.0, 2.5, 1.0), 1) <= 2.5  # the jitter fits between first wait and cap
 
 
 def test_config_overrides_the_tools_policy_field_by_field() -> None:

@@ -20,8 +20,9 @@ from tools.policy import RetryPolicy
 
 def jittered_backoff(initial_s: float, max_s: float, jitter_s: float) -> wait_base:
     """`initial_s * 2**(attempt-1)`, capped so that with up to `jitter_s` of random jitter added it stays within
-    `max_s`; the jitter shrinks to `max_s` when it is larger."""
-    jitter = min(jitter_s, max_s)
+    `max_s`. The jitter shrinks to what lies between the first wait and the cap, so that no wait is shorter than
+    `initial_s` (or `max_s` when that is lower)."""
+    jitter = max(0.0, min(jitter_s, max_s - initial_s))
     return wait_exponential(multiplier=initial_s, max=max_s - jitter) + wait_random(0, jitter)
 
 
