@@ -67,6 +67,7 @@ class RunContext:
     metadata: Mapping[str, str] = field(default_factory=dict)
     succeeded: set[str] = field(default_factory=set)  # tools that have returned OK in this run
     trace_context: otel_context.Context | None = None  # the run's span: parent of every tool_call span
+    remaining: Callable[[], float | None] | None = None  # seconds to the run's deadline (None: no deadline)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -217,7 +218,7 @@ class Executor:
 
         counter = ChunkCounter()
         outcome = Outcome(S.ERROR)
-        async for item in self._guarded(call.call_id, tool, args, span, counter):
+        async for item in self._guarded(call.call_id, tool, args, span, counter, run):
             if isinstance(item, Outcome):
                 outcome = item
             else:
@@ -226,7 +227,7 @@ class Executor:
         fallback = guards.policy.fallback
         fallback = _fallback_for(fallback, outcome, run, self.guards[fallback].policy.requires if fallback else ())
         if fallback is not None:
-            async for item in self._fallback(call, fallback, outcome, span, counter):
+            async for item in self._fallback(call, run, fallback, outcome, span, counter):
                 if isinstance(item, Outcome):
                     answered_by = fallback if item is not outcome else ""
                     outcome = item
@@ -262,7 +263,7 @@ class Executor:
         return tool, args
 
     async def _guarded(
-        self, call_id: str, tool: Tool[Any], args: Any, span: trace.Span, counter: ChunkCounter
+        self, call_id: str, tool: Tool[Any], args: Any, span: trace.Span, counter: ChunkCounter, run: RunContext
     ) -> AsyncIterator[Event | Outcome]:
         """Rate limit, then attempts under breaker and timeout, retried with backoff: events, then one Outcome."""
         guards = self.guards[tool.name]
@@ -322,11 +323,12 @@ class Executor:
             if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them
                 yield outcome
                 return
-            if breaker is not None and breaker.state is State.OPEN:  # this failure opened it: a retry would be refused
-                outcome.error += f"; not retried: {tool.name}'s circuit opened"
+            wait = guards.backoff.wait(number)
+            why = _not_retried(tool.name, breaker, wait, run)
+            if why is not None:  # this failure is the call's answer
+                outcome.error += f"; not retried: {why}"
                 yield outcome
                 return
-            wait = guards.backoff.wait(number)
             telemetry.TOOL_RETRIES.labels(tool.name).inc()
             log.warning(
                 "tool call failed, retrying",
@@ -345,7 +347,13 @@ class Executor:
         yield outcome
 
     async def _fallback(
-        self, call: ToolCallRequest, name: str, failed: Outcome, span: trace.Span, counter: ChunkCounter
+        self,
+        call: ToolCallRequest,
+        run: RunContext,
+        name: str,
+        failed: Outcome,
+        span: trace.Span,
+        counter: ChunkCounter,
     ) -> AsyncIterator[Event | Outcome]:
         """The fallback tool with the same input, under its own policy (but never its own fallback: no chains). Ends
         with the fallback's outcome when it answered, else with `failed`, its error saying why that did not help."""
@@ -366,7 +374,7 @@ class Executor:
         fallback_span.set_attribute("tool.name", name)
         outcome = Outcome(S.ERROR)
         try:
-            async for item in self._guarded(call.call_id, tool, args, fallback_span, counter):
+            async for item in self._guarded(call.call_id, tool, args, fallback_span, counter, run):
                 if isinstance(item, Outcome):
                     outcome = item
                 else:
@@ -456,6 +464,18 @@ class Executor:
         log.info("tool call ended", extra=fields)
         if is_slow:
             log.warning("tool call slow", extra={**fields, "slow_s": slow})
+
+
+def _not_retried(tool: str, breaker: CircuitBreaker | None, wait: float, run: RunContext) -> str | None:
+    """Why a retryable failure is not retried after all, or None: the failure opened the circuit (the retry would be
+    refused), or the run's deadline comes before the backoff ends (the run would be stopped while waiting, and the
+    call end CANCELLED instead of with its error)."""
+    if breaker is not None and breaker.state is State.OPEN:
+        return f"{tool}'s circuit opened"
+    left = run.remaining() if run.remaining is not None else None
+    if left is not None and wait >= left:
+        return f"the run's deadline is {max(left, 0):.2f} s away, the backoff {wait:.2f} s"
+    return None
 
 
 def _failure(result: ToolResult | None) -> str | None:

@@ -86,12 +86,16 @@ class _Totals:
 class _RunState:
     """What one run accumulates: the conversation, totals, and the tool calls in flight."""
 
-    def __init__(self, spec: RunSpec, *, started: float) -> None:
+    def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
         self.started = started
         self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
         self.totals = _Totals()
         self.context = RunContext(
-            run_id=spec.run_id, offered=frozenset(spec.tools), metadata=spec.metadata, trace_context=spec.trace_context
+            run_id=spec.run_id,
+            offered=frozenset(spec.tools),
+            metadata=spec.metadata,
+            trace_context=spec.trace_context,
+            remaining=control.remaining if control.deadline is not None else None,
         )
         self.open_calls: dict[str, str] = {}
         self.tools_started = started
@@ -206,7 +210,7 @@ class AgentLoop:
         `RunStarted` for a caller that has already sent `started(spec)` itself (the registry does, so that the
         first event does not wait for the run's task to be scheduled)."""
         control = control or RunControl()
-        state = _RunState(spec, started=self.clock())
+        state = _RunState(spec, started=self.clock(), control=control)
         if announce:
             yield self.started(spec)
         scope = control.scope()

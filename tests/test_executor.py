@@ -227,6 +227,20 @@ async def test_no_fallback_to_a_tool_the_run_was_not_offered() -> None:
     assert tools["backup"].calls == 0  # type: ignore[attr-defined]
 
 
+async def test_no_retry_whose_backoff_ends_after_the_runs_deadline() -> None:
+    """Waiting would only see the run stopped and the call end CANCELLED: it ends with its own error instead."""
+    tools = policy_tools(failures=9)
+    ex, waits = executor(tools, {"flaky": {"retry": {"attempts": 3, "initial_backoff_s": 0.2}}})
+    run = RunContext(run_id="r", offered=frozenset(tools), remaining=lambda: 0.15)
+    events = await call(ex, "flaky", {"text": "x"}, run)
+    assert kinds(events) == ["ToolCallReady", "ToolResult"] and waits == []
+    result = events[-1]
+    assert isinstance(result, ev.ToolResult) and result.status is S.ERROR and result.attempts == 1
+    assert result.error.startswith("upstream 503 (call 1); not retried: the run's deadline is 0.15 s away, the backoff")
+    run = RunContext(run_id="r", offered=frozenset(tools), remaining=lambda: 60.0)
+    assert kinds(await call(ex, "flaky", {"text": "x"}, run)).count("ToolRetry") == 2  # time enough: retried
+
+
 async def test_no_fallback_before_its_own_prerequisites_succeeded() -> None:
     tools = policy_tools(failures=9)
     ex, _ = executor(

@@ -314,6 +314,22 @@ async def test_deadline_cancels_running_tools_and_ends_with_deadline_exceeded() 
     assert isinstance(last, ev.RunFailed) and last.code == "DEADLINE_EXCEEDED"
 
 
+async def test_a_tool_retry_that_would_outlast_the_deadline_leaves_the_model_the_tools_error() -> None:
+    from fake_tools import policy_tools
+    from service.control import RunControl
+    from service.policy.config import resolve
+
+    tools = policy_tools(failures=9)
+    policies = resolve(tools, {"flaky": {"retry": {"attempts": 3, "initial_backoff_s": 30, "max_backoff_s": 60}}})
+    model = scripted({"tool_calls": [{"name": "flaky", "input": {"text": "x"}}]}, {"text": "done"})
+    loop = AgentLoop(model, Executor(tools, policies=policies))
+    control = RunControl(deadline=asyncio.get_running_loop().time() + 10)
+    events = [e async for e in loop.run(spec(tools=tuple(tools)), control)]
+    (result,) = of(events, ev.ToolResult)
+    assert result.status is ev.ToolStatus.ERROR and "not retried: the run's deadline is" in result.error
+    assert not of(events, ev.ToolRetry) and isinstance(events[-1], ev.FinalResponse)
+
+
 async def test_no_tool_call_starts_when_the_deadline_is_too_close() -> None:
     from service.control import RunControl
 
