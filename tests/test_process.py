@@ -24,22 +24,23 @@ from service.config import ConfigError, load_config
 DEFAULT_CONFIG = "model:\n  pacing: {first_token_ms: 0, token_interval_ms: 0}\nshutdown_grace_s: 5\n"
 
 
+async def _spawn(tmp_path: Path, *args: str, env: dict[str, str] | None, config_text: str) -> Any:
+    """`python -m service --config FILE ARGS…` with `config_text` in FILE and its data under tmp_path; stderr piped."""
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service", "--config", str(config), *args),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), **(env or {})},
+    )
+
+
 async def _start(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, config_text: str = DEFAULT_CONFIG
 ) -> tuple[Any, dict[str, Any]]:
     """`python -m service` with `config_text` as its config file, once it logs that it is serving."""
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "--config",
-        str(config),
-        *args,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), **(env or {})},
-    )
+    proc = await _spawn(tmp_path, *args, env=env, config_text=config_text)
     assert proc.stderr is not None
     while True:
         line = await asyncio.wait_for(proc.stderr.readline(), 30)
@@ -89,18 +90,7 @@ async def _fails_to_start(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, config_text: str = DEFAULT_CONFIG
 ) -> str:
     """`python -m service` that must exit at once, non-zero, with a message rather than a traceback: its stderr."""
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "--config",
-        str(config),
-        *args,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), "ANTHROPIC_API_KEY": "", **(env or {})},
-    )
+    proc = await _spawn(tmp_path, *args, env={"ANTHROPIC_API_KEY": "", **(env or {})}, config_text=config_text)
     assert proc.stderr is not None
     lines = []
     try:
