@@ -303,12 +303,24 @@ async def test_pings_ignored(fake: FakeAnthropic, model: AnthropicModel) -> None
 
 
 @pytest.mark.parametrize(
+    ("status", "header", "retryable"), [(500, "false", False), (400, "true", True), (503, "TRUE", True)]
+)
+async def test_the_apis_x_should_retry_decides_over_the_status(
+    fake: FakeAnthropic, model: AnthropicModel, status: int, header: str, retryable: bool
+) -> None:
+    fake.script_http_error(status, headers={"x-should-retry": header})
+    error, _ = await failure(model)
+    assert (error.status, error.retryable) == (status, retryable)
+
+
+@pytest.mark.parametrize(
     ("status", "retryable", "words"),
     [
         (529, True, "overloaded (HTTP 529)"),
         (429, True, "rate limited (HTTP 429)"),
         (500, True, "server error (HTTP 500)"),
         (408, True, "HTTP 408"),
+        (409, True, "HTTP 409"),
         (400, False, "invalid request (HTTP 400)"),
         (401, False, "authentication failed (HTTP 401)"),
         (403, False, "HTTP 403"),

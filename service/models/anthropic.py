@@ -272,11 +272,18 @@ def _status_error(err: anthropic.APIStatusError) -> ModelError:
             retryable=error_type in _RETRYABLE_STREAM_ERRORS,
         )
     status = err.status_code
+    headers = err.response.headers
+    # As the SDK's own retries decide (they are off here: the loop retries whole turns): the API's word first
+    # (`x-should-retry`), else timeouts, lock conflicts, rate limits and server errors.
+    should_retry = headers.get("x-should-retry", "").lower()
+    retryable = (
+        should_retry == "true" if should_retry in ("true", "false") else status in (408, 409, 429) or status >= 500
+    )
     return ModelError(
         f"anthropic: {label} (HTTP {status}): {detail}{request_id}",
-        retryable=status in (408, 429) or status >= 500,
+        retryable=retryable,
         status=status,
-        retry_after_s=_retry_after(err.response.headers),
+        retry_after_s=_retry_after(headers),
     )
 
 
