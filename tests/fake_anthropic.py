@@ -100,7 +100,7 @@ class RecordedRequest:
 class _Reply:
     status: int = 200
     error_body: dict[str, Any] | None = None
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
     hang: bool = False  # after the events, hold the stream open until the client goes away
     delay: float = 0.0  # seconds before each event
     headers: dict[str, str] = field(default_factory=dict)  # of an error reply
@@ -242,11 +242,12 @@ class FakeAnthropic:
         events = self._opening(25, True) + self._block_events(blocks, False)
         self._replies.append(_Reply(events=events, delay=delay))
 
-    def script_events(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    def script_events(self, events: Sequence[tuple[str, Mapping[str, Any] | str]]) -> None:
         """HTTP 200 and exactly these `(event name, data)` pairs, after the usual message_start: for streams the
-        other scripts cannot make, such as ones that break the protocol."""
-        opening = self._opening(25, False)
-        self._replies.append(_Reply(events=opening + [(name, dict(data)) for name, data in events]))
+        other scripts cannot make, such as ones that break the protocol. Data given as a str is sent as it is."""
+        opening: list[tuple[str, dict[str, Any] | str]] = list(self._opening(25, False))
+        scripted = [(name, data if isinstance(data, str) else dict(data)) for name, data in events]
+        self._replies.append(_Reply(events=opening + scripted))
 
     def script_hang(self, blocks: Sequence[Block] = (), *, delay: float = 0.0) -> None:
         """HTTP 200 and the start of a stream (`blocks`), then nothing, until the client disconnects."""
@@ -348,7 +349,8 @@ class FakeAnthropic:
                     await asyncio.sleep(reply.delay)
                 if name == "message_start":
                     data = {**data, "message": {**data["message"], "model": body.get("model", "")}}
-                await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                text = data if isinstance(data, str) else json.dumps(data)  # a str: sent as it is, not as JSON
+                await response.write(f"event: {name}\ndata: {text}\n\n".encode())
             if reply.hang:
                 await self._wait_for_disconnect(request)
         except ConnectionError:

@@ -395,6 +395,17 @@ async def test_overloaded_mid_stream(fake: FakeAnthropic, model: AnthropicModel)
     assert "overloaded mid-stream" in error.message
 
 
+async def test_an_error_event_that_is_not_the_apis_json_is_worth_another_try(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    fake.script_events([("error", "upstream connect error or disconnect/reset before headers")])
+
+    error, _ = await failure(model)
+
+    assert error.retryable is True and error.status is None
+    assert "upstream connect error" in error.message
+
+
 async def test_invalid_request_mid_stream_is_final(fake: FakeAnthropic, model: AnthropicModel) -> None:
     fake.script_stream_error(error_type="invalid_request_error", message="bad")
 

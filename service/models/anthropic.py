@@ -39,8 +39,19 @@ from service.models.base import (
 
 EffortLevel = Literal["low", "medium", "high", "xhigh", "max"]
 
-# Error types an `error` event can carry after HTTP 200 that are worth another try.
-_RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
+# Error types an `error` event can carry after HTTP 200 that no other try will change: the request's own fault.
+# Any other (overloaded, api_error, rate limit, timeout, a type not known yet, or data that is not the API's JSON,
+# such as a proxy's "upstream connect error") is the upstream's trouble, worth another try.
+_FINAL_STREAM_ERRORS = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "billing_error",
+    }
+)
 
 # Stop reasons that end a turn wherever the output is: a tool_use block last in such a turn was cut off mid-input.
 _CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
@@ -269,7 +280,7 @@ def _status_error(err: anthropic.APIStatusError) -> ModelError:
         # An `error` event after the stream began: no HTTP status to speak of, the error type decides.
         return ModelError(
             f"anthropic: {label} mid-stream: {detail}{request_id}",
-            retryable=error_type in _RETRYABLE_STREAM_ERRORS,
+            retryable=error_type not in _FINAL_STREAM_ERRORS,
         )
     status = err.status_code
     headers = err.response.headers
