@@ -223,16 +223,40 @@ async def test_a_cancelled_waiter_gives_its_token_back() -> None:
     assert await lim.acquire() == 0.0
     first, second = asyncio.create_task(lim.acquire()), asyncio.create_task(lim.acquire())
     await asyncio.sleep(0)
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
     third = asyncio.create_task(lim.acquire())
     await asyncio.sleep(0)
-    assert slept == [1.0, 2.0, 2.0]  # the third is not kept waiting for the cancelled first's token
-    for task in (second, third):
+    assert slept == [1.0, 2.0, 2.0]  # the third is not kept waiting for the cancelled second's token
+    for task in (first, third):
         task.cancel()
-    await asyncio.gather(second, third, return_exceptions=True)
+    await asyncio.gather(first, third, return_exceptions=True)
     clock.now += 2  # both gone: the bucket is full again, not in debt
     assert await lim.acquire() == 0.0
+
+
+async def test_a_cancelled_waiter_with_others_behind_it_does_not_hand_out_their_turn_again() -> None:
+    """The third waiter's turn was counted after the second's: given the second's token back, a newcomer took the
+    third's turn as well, two calls at once where the burst allows one."""
+    lim, _, slept = limiter(rate_per_s=1, burst=1, mode="wait", max_wait_s=10)
+    assert await lim.acquire() == 0.0
+    waiters = [asyncio.create_task(lim.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert slept == [1.0, 2.0, 3.0]
+    waiters[1].cancel()  # the first and the third keep their turns, at 1 and 3
+    await asyncio.gather(waiters[1], return_exceptions=True)
+    newcomer = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    assert slept[-1] == 4.0  # not 3.0, the third waiter's turn
+    for task in (waiters[2], newcomer):  # all behind the first leave: their turns, the second's too, come back
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    late = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    assert slept[-1] == 2.0  # behind the first waiter only
+    for task in (waiters[0], late):
+        task.cancel()
+    await asyncio.gather(waiters[0], late, return_exceptions=True)
 
 
 async def test_limiter_really_waits_with_the_default_clock() -> None:

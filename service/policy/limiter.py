@@ -5,9 +5,10 @@ A token bucket of our own, by reservation: a caller that finds no token takes th
 into debt) and sleeps until then, so waiters are served in the order they came, and a caller whose turn would come
 after `max_wait_s` is refused at once, not after waiting `max_wait_s` for nothing (as with `aiolimiter`, used here
 before: `wait_for(acquire(), max_wait_s)` cannot know in advance). A waiter cancelled before its turn gives its token
-back. Time comes from the injected `clock` and `sleep` (aiolimiter read the event loop's clock, so the executor's
-injected clock never refilled it). `limits` (`async+redis://`) is the way to a shared limiter later, behind the same
-`acquire()`.
+back when no one waits behind it (later waiters keep their turns: a token given back from the middle of the line
+would be taken twice). Time comes from the injected `clock` and `sleep` (aiolimiter read the event loop's clock, so
+the executor's injected clock never refilled it). `limits` (`async+redis://`) is the way to a shared limiter later,
+behind the same `acquire()`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class RateLimiter:
         self.sleep = sleep
         self._tokens = float(policy.burst)  # at `_at`; below 0 while callers wait for reserved tokens
         self._at = clock()
+        self._issued = 0  # the last turn counted in the debt, by number
+        self._served = 0  # the last turn a waiter took
+        self._waiting: dict[int, None] = {}  # the turns of the waiters still waiting, in order
 
     async def acquire(self) -> float | None:
         """Take capacity for one call: the seconds waited for it, or None when the call must be rejected."""
@@ -47,9 +51,24 @@ class RateLimiter:
         if self.policy.mode == "reject" or wait > self.policy.max_wait_s:
             return None
         self._tokens -= 1  # reserved: whoever comes next waits behind this caller
+        self._issued += 1
+        turn = self._issued
+        self._waiting[turn] = None
         try:
             await self.sleep(wait)
         except BaseException:
-            self._tokens += 1  # cancelled before its turn: the token goes back (later waiters keep their turns)
+            del self._waiting[turn]
+            self._give_back(turn)
             raise
+        del self._waiting[turn]
+        self._served = turn
         return wait
+
+    def _give_back(self, turn: int) -> None:
+        """A waiter cancelled before its turn gives its token back, but only with no one waiting behind it: a later
+        waiter's turn was counted after this one, and a newcomer given the token would take that turn too (two
+        calls where the burst allows one). The turns of waiters that left before, behind it, come back with it."""
+        last = next(reversed(self._waiting), self._served)
+        if last < turn:
+            self._tokens += self._issued - last
+            self._issued = last
