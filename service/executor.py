@@ -279,8 +279,8 @@ class Executor:
             breaker = guards.breaker
             permit = breaker.allow() if breaker is not None else None
             if breaker is not None and permit is None:
-                if number > 1:  # opened while this call waited to retry: the failure it had is its answer
-                    outcome.error += f"; not retried: {tool.name}'s circuit opened"
+                if number > 1:  # refused while this call waited to retry: the failure it had is its answer
+                    outcome.error += f"; not retried: {tool.name}'s circuit refused the call ({breaker.state.value})"
                     yield outcome
                     return
                 yield Outcome(

@@ -154,8 +154,28 @@ async def test_a_circuit_opened_during_the_backoff_ends_the_call_with_its_last_f
     assert kinds(events) == ["ToolCallReady", "ToolRetry", "ToolResult"]
     result = events[-1]
     assert isinstance(result, ev.ToolResult) and (result.status, result.attempts) == (S.ERROR, 1)
-    assert result.error == "upstream 503 (call 1); not retried: flaky's circuit opened"
+    assert result.error == "upstream 503 (call 1); not retried: flaky's circuit refused the call (open)"
     assert tools["flaky"].calls == 1  # type: ignore[attr-defined]
+
+
+async def test_a_half_open_circuit_whose_trial_is_taken_is_named_as_such() -> None:
+    tools = policy_tools(failures=9)
+    overrides = {"flaky": {"retry": {"attempts": 3}, "breaker": {"failure_threshold": 5, "cooldown_s": 0}}}
+    ex, _ = executor(tools, overrides, clock=Clock())
+    breaker = ex.guards["flaky"].breaker
+    assert breaker is not None
+
+    async def another_call_takes_the_trial(seconds: float) -> None:
+        for _ in range(5):  # five failures in a row open it; with no cooldown it is half-open at once
+            permit = breaker.allow()
+            assert permit is not None
+            breaker.failure(permit)
+        assert breaker.allow() is not None  # the one trial call: taken, and still running
+
+    ex.sleep = another_call_takes_the_trial
+    result = (await call(ex, "flaky", {"text": "x"}))[-1]
+    assert isinstance(result, ev.ToolResult) and result.status is S.ERROR
+    assert result.error == "upstream 503 (call 1); not retried: flaky's circuit refused the call (half_open)"
 
 
 class GateInput(BaseModel):
