@@ -104,8 +104,9 @@ class _RunState:
     def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
         """Add a model turn to the history and return the assistant message's content: the continuation of a paused
         turn is more of the same message (and its answer the text of all of it)."""
-        if self.paused:
-            self.history[-1]["content"] = [*self.history[-1]["content"], *end.content]
+        if self.paused:  # a new message in its place: requests already made share the old one
+            last = self.history[-1]
+            self.history[-1] = {**last, "content": [*last["content"], *end.content]}
         else:
             self.history.append({"role": "assistant", "content": end.content})
         self.paused = end.stop_reason == "pause_turn"
@@ -350,18 +351,17 @@ class AgentLoop:
                         raise ModelUnavailable(
                             f"model turn {turn} failed after {attempt} attempt(s): {exc.message}"
                         ) from exc
-                    if exc.retry_after_s is not None:
-                        # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked
-                        # too little: end it now, retryable, with the model's reason
-                        left = control.remaining() if control is not None else None
-                        limit = MAX_RETRY_AFTER_S if left is None else min(MAX_RETRY_AFTER_S, left)
-                        if exc.retry_after_s > limit:
-                            raise ModelUnavailable(
-                                f"model turn {turn} failed and the model asks to retry after "
-                                f"{exc.retry_after_s:.0f} s{_beyond(left, exc.retry_after_s)}: {exc.message}"
-                            ) from exc
                     # The model's own word on when to come back beats our guess.
                     delay = exc.retry_after_s or wait_after(self._backoff, attempt)
+                    left = control.remaining() if control is not None else None
+                    if (exc.retry_after_s and delay > MAX_RETRY_AFTER_S) or (left is not None and delay >= left):
+                        # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked
+                        # too little: end it now, retryable, with the model's reason
+                        asked = "the model asks to retry" if exc.retry_after_s else "the next try would come"
+                        raise ModelUnavailable(
+                            f"model turn {turn} failed and {asked} after {delay:.0f} s{_beyond(left, delay)}: "
+                            f"{exc.message}"
+                        ) from exc
                     telemetry.MODEL_RETRIES.inc()
                     log.warning(
                         "model turn failed, retrying",

@@ -213,6 +213,18 @@ async def test_retryable_model_failure_is_retried_with_backoff() -> None:
     assert len(waits) == 2 and 0 < waits[0] <= 4 and 0 < waits[1] <= 4
 
 
+async def test_a_model_retry_that_would_come_after_the_deadline_ends_the_run_at_once_retryable() -> None:
+    from service.control import RunControl
+
+    loop, waits = make_loop(scripted({"text": "fine", "fail": {"status": 529, "times": 2}}))
+    control = RunControl(deadline=asyncio.get_running_loop().time() + 0.3)  # the first backoff is 0.5 s or more
+    events = [e async for e in loop.run(spec(), control)]
+    last = events[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.retryable) == ("UNAVAILABLE", True)
+    assert "the next try would come after" in last.message and "after the run's deadline" in last.message
+    assert waits == []
+
+
 async def test_model_down_after_all_attempts_is_unavailable() -> None:
     loop, waits = make_loop(scripted({"text": "fine", "fail": {"status": 503, "times": 5}}), attempts=3)
     events = await collect(loop)
