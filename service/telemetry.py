@@ -135,6 +135,7 @@ def setup_tracing() -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     use_tracer_provider(provider)
+    atexit.unregister(shutdown)  # once, however often tracing is set up
     atexit.register(shutdown)
     return True
 
