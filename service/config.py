@@ -107,6 +107,12 @@ class StoreConfig(_Strict):
     queue_size: int = Field(default=10000, ge=1, description="audit: records buffered for the background writer")
 
 
+class DeadLetterConfig(StoreConfig):
+    retention_days: float | None = Field(
+        default=30.0, gt=0, description="dead letters older than this are deleted (at start, then hourly); null: kept"
+    )
+
+
 class RunsConfig(_Strict):
     """Run lifecycle: retention, background queue, coalescing and slow-subscriber limits."""
 
@@ -240,7 +246,7 @@ class Config(_Strict):
         default_factory=dict, description="per-tool policy overrides by tool name (tools.policy.ToolPolicy fields)"
     )
     audit: StoreConfig = StoreConfig()
-    dead_letter: StoreConfig = StoreConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
     redaction: Redaction = Redaction()
     gc: GcConfig = GcConfig()
 

@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
@@ -31,6 +32,7 @@ from service.store import add_db_arguments, cli_db_path, connect, storable
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "deadletter.db"
+_PURGE_EVERY_S = 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -72,17 +74,42 @@ def new_execution_id() -> str:
 class DeadLetterStore:
     """SQLite store of dead letters. `add` is async (on the store's own thread); `recent`/`get` are for the CLI."""
 
-    def __init__(self, path: Path, *, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        redactor: Redactor | None = None,
+        retention_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
         self._redactor = redactor  # None: the process-wide one
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deadletter")
+        self._retention_s = retention_s
+        self._clock = clock
+        self._purged_at = float("-inf")
+        self._purge()
+
+    def _purge(self) -> None:
+        """Delete the letters older than the retention, at most once an hour (on the thread that writes): without
+        it the store grows for as long as tools fail."""
+        now = self._clock()
+        if self._retention_s is None or now - self._purged_at < _PURGE_EVERY_S:
+            return
+        self._purged_at = now
+        deleted = self._conn.execute(
+            "DELETE FROM dead_letters WHERE created_at < ?", [now - self._retention_s]
+        ).rowcount
+        if deleted:
+            log.info("dead letters past their retention deleted", extra={"deleted": deleted})
 
     async def add(self, letter: DeadLetter) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._insert, letter)
 
     def _insert(self, letter: DeadLetter) -> None:
+        self._purge()
         redactor = self._redactor or redact.active()
         # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
         row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}

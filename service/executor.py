@@ -523,7 +523,13 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
         timeout_s=config.limits.tool_timeout_s,
         policies=policies,
         audit=AuditLog(audit_path, queue_size=config.audit.queue_size, redactor=redactor),
-        dead_letter=DeadLetterStore(dead_path, redactor=redactor),
+        dead_letter=DeadLetterStore(
+            dead_path,
+            redactor=redactor,
+            retention_s=None
+            if config.dead_letter.retention_days is None
+            else config.dead_letter.retention_days * 86400,
+        ),
         redactor=redactor,
     )
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_events
 from fake_tools import policy_tools
-from service.deadletter import DeadLetterStore, capture, main
+from service.deadletter import DeadLetter, DeadLetterStore, capture, main
 
 FAIL_THEN_ANSWER = [
     {"text": "Calling flaky.", "tool_calls": [{"name": "flaky", "input": {"text": "boom"}}]},
@@ -62,3 +62,46 @@ async def test_a_lone_surrogate_in_the_error_does_not_lose_the_dead_letter(tmp_p
     stored = store.get(letter.execution_id)
     store.close()
     assert stored is not None and stored.message == "cannot do \ufffd" and stored.input == {"text": "\ud83d"}
+
+
+def _letter(n: int, created_at: float) -> DeadLetter:
+    return DeadLetter(
+        execution_id=f"exec_{n}",
+        created_at=created_at,
+        run_id="run_1",
+        call_id=f"c{n}",
+        tool="fail",
+        input={},
+        status="error",
+        error_type="ToolError",
+        message="boom",
+        traceback="",
+        attempts=1,
+    )
+
+
+async def test_dead_letters_past_their_retention_are_deleted_at_start_and_hourly(tmp_path: Path) -> None:
+    day, t0 = 86400.0, 1_000_000.0
+    now = [t0]
+    path = tmp_path / "deadletter.db"
+
+    def kept(store: DeadLetterStore) -> set[str]:
+        return {letter.execution_id for letter in store.recent()}
+
+    store = DeadLetterStore(path, retention_s=day, clock=lambda: now[0])
+    await store.add(_letter(1, t0 - 2 * day))  # already past its retention: the next purge takes it
+    await store.add(_letter(2, t0))
+    now[0] = t0 + 1800
+    await store.add(_letter(3, now[0]))
+    assert kept(store) == {"exec_1", "exec_2", "exec_3"}  # within the hour since the last purge: none yet
+    now[0] = t0 + 5400
+    await store.add(_letter(4, now[0]))
+    assert kept(store) == {"exec_2", "exec_3", "exec_4"}
+    store.close()
+    now[0] = t0 + 5400 + day - 100
+    reopened = DeadLetterStore(path, retention_s=day, clock=lambda: now[0])  # a restart purges at once
+    assert kept(reopened) == {"exec_4"}
+    reopened.close()
+    forever = DeadLetterStore(path, clock=lambda: now[0] + 100 * day)  # no retention: the CLI's, kept for ever
+    assert kept(forever) == {"exec_4"}
+    forever.close()
