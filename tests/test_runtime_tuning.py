@@ -47,7 +47,7 @@ def restore_gc() -> Iterator[None]:
 
 def test_tune_gc_freezes_start_up_objects_and_sets_thresholds(restore_gc: None) -> None:
     tune_gc(GcConfig())
-    assert gc.get_threshold() == (10_000, 50, 100)
+    assert gc.get_threshold() == (100_000, 50, 100)
     assert gc.get_freeze_count() > 0
 
 
