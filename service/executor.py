@@ -82,22 +82,6 @@ class ToolCallRequest:
     parse_error: str | None = None
 
 
-def _fallback_for(fallback: str | None, outcome: Outcome, run: RunContext, requires: tuple[str, ...]) -> str | None:
-    """The fallback to try after `outcome`, if any. One the run was not offered is not tried (the caller's rights, or
-    its own choice of tools, leave it out: answering through it would hand the caller a tool it may not call), nor
-    one whose own `requires` have not succeeded in this run (called directly, it would be refused)."""
-    if fallback is None or outcome.status not in _FALLBACK_ON:
-        return None
-    if fallback not in run.offered:
-        outcome.error += f"; fallback {fallback} is not offered to this run, so it was not tried"
-        return None
-    missing = [name for name in requires if name not in run.succeeded]
-    if missing:
-        outcome.error += f"; fallback {fallback} can only run after {', '.join(missing)} succeeded, so it was not tried"
-        return None
-    return fallback
-
-
 class Executor:
     """Executes tool calls against a fixed set of tools, each under its policy (the tool's own, unless `policies`
     gives the resolved ones). `clock`, `sleep` and `breaker_store` are injectable for tests; `audit` and
@@ -224,8 +208,7 @@ class Executor:
             else:
                 yield item
         answered_by = ""
-        fallback = guards.policy.fallback
-        fallback = _fallback_for(fallback, outcome, run, self.guards[fallback].policy.requires if fallback else ())
+        fallback = self._fallback_for(guards.policy.fallback, outcome, run)
         if fallback is not None:
             async for item in self._fallback(call, run, fallback, outcome, span, counter):
                 if isinstance(item, Outcome):
@@ -253,7 +236,7 @@ class Executor:
             args = tool.validate(call.input)
         except Exception as exc:
             return Outcome(S.REJECTED, error=f"invalid input for {call.name}: {invalid(exc, call.name)}")
-        missing = [name for name in self.guards[tool.name].policy.requires if name not in run.succeeded]
+        missing = self._missing(tool.name, run)
         if missing:
             needed = ", ".join(missing)
             return Outcome(
@@ -261,6 +244,27 @@ class Executor:
                 error=f"{call.name} can only run after {needed} succeeded in this run: call {missing[0]} first",
             )
         return tool, args
+
+    def _missing(self, tool: str, run: RunContext) -> list[str]:
+        """The tools `tool` requires that have not succeeded in this run yet."""
+        return [name for name in self.guards[tool].policy.requires if name not in run.succeeded]
+
+    def _fallback_for(self, fallback: str | None, outcome: Outcome, run: RunContext) -> str | None:
+        """The fallback to try after `outcome`, if any. One the run was not offered is not tried (the caller's rights,
+        or its own choice of tools, leave it out: answering through it would hand the caller a tool it may not call),
+        nor one whose own `requires` have not succeeded in this run (called directly, it would be refused)."""
+        if fallback is None or outcome.status not in _FALLBACK_ON:
+            return None
+        if fallback not in run.offered:
+            outcome.error += f"; fallback {fallback} is not offered to this run, so it was not tried"
+            return None
+        missing = self._missing(fallback, run)
+        if missing:
+            outcome.error += (
+                f"; fallback {fallback} can only run after {', '.join(missing)} succeeded, so it was not tried"
+            )
+            return None
+        return fallback
 
     async def _guarded(
         self, call_id: str, tool: Tool[Any], args: Any, span: trace.Span, counter: ChunkCounter, run: RunContext

@@ -354,13 +354,18 @@ class AgentLoop:
                     # The model's own word on when to come back beats our guess.
                     delay = exc.retry_after_s or wait_after(self._backoff, attempt)
                     left = control.remaining() if control is not None else None
-                    if (exc.retry_after_s and delay > MAX_RETRY_AFTER_S) or (left is not None and delay >= left):
+                    too_long = bool(exc.retry_after_s) and delay > MAX_RETRY_AFTER_S
+                    if too_long or (left is not None and delay >= left):
                         # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked
                         # too little: end it now, retryable, with the model's reason
                         asked = "the model asks to retry" if exc.retry_after_s else "the next try would come"
+                        why = (
+                            ""
+                            if too_long or left is None
+                            else f", after the run's deadline ({max(left, 0):.1f} s left)"
+                        )
                         raise ModelUnavailable(
-                            f"model turn {turn} failed and {asked} after {delay:.0f} s{_beyond(left, delay)}: "
-                            f"{exc.message}"
+                            f"model turn {turn} failed and {asked} after {delay:.0f} s{why}: {exc.message}"
                         ) from exc
                     telemetry.MODEL_RETRIES.inc()
                     log.warning(
@@ -409,15 +414,6 @@ def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
         case m.TurnEnd():
             return event
     raise TypeError(f"unknown model event {event!r}")
-
-
-def _beyond(left: float | None, wait_s: float) -> str:
-    """Why a retry-after is not waited for, when it is the run's deadline rather than the longest wait."""
-    return (
-        f", after the run's deadline ({max(left, 0):.1f} s left)"
-        if left is not None and wait_s <= MAX_RETRY_AFTER_S
-        else ""
-    )
 
 
 def _timed_out(err: TimeoutError) -> ModelError:
