@@ -1,16 +1,20 @@
 """The audit log: every tool call (run id, caller metadata, tool, input, status, duration, result size) appended to
-an append-only SQLite table where each row carries the hash of the one before, so `verify` finds any edited or
-deleted row.
+an append-only SQLite table. Each row carries an HMAC-SHA256 over its fields, its key id and the hash of the row before
+it (`service/audit_chain.py`), so `verify` finds an edited, deleted or reordered row, and one rewritten with its chain
+recomputed by someone without the key. What this proves and what it does not: docs/audit.md.
 
-    python -m service.audit verify [--db PATH | --config FILE]     exit 0: intact; 1: tampered (says which row)
+    python -m service.audit verify [--db PATH | --config FILE] [--key-file F] [--anchor SEQ:HASH]   exit 0 intact, 1 not
+    python -m service.audit head [--db PATH | --config FILE]      the chain's head, to keep outside the database
     python -m service.audit tail [-n N] [--db PATH | --config FILE]
 
 Trade-off: the executor must not wait for a disk write on every call, so records go into a bounded in-memory queue
 that one writer thread commits in batches every 50 ms (it is the only writer, which keeps the chain linear). A full
 queue makes callers wait rather than drop records (see `append`); `close()` commits the queue before returning, so a
-clean shutdown loses nothing. A crash (SIGKILL, power cut) loses what was still queued: the last 50 ms of calls.
+clean shutdown loses nothing. A crash (SIGKILL, power cut) loses what was still queued: the last 50 ms of calls. The
+writer also logs the chain's head (row and hash) at start, every `head_log_interval_s` when it moved, and at close:
+an anchor outside the database.
 
-Input and metadata are redacted (`service/redact.py`) on the writer thread, before the row is hashed: the chain covers
+Input and metadata are redacted (`service/redact.py`) on the writer thread, before the row is signed: the chain covers
 the row as stored. Input that cannot be written as JSON (nested too deeply) is recorded as a note saying so, never
 lost with its batch.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import logging
 import sqlite3
@@ -27,36 +30,35 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service import redact
+from service.audit_chain import FIELDS, GENESIS, Keyring, head_mac, load_keyring, row_mac
+from service.audit_verify import (
+    Head,
+    Verdict,
+    add_key_arguments,
+    cli_keyring,
+    columns,
+    parse_anchor,
+    read_head,
+    verify,
+)
 from service.redact import Redactor, safe_json
 from service.store import add_db_arguments, cli_db_path, connect, storable
+
+__all__ = ["DEFAULT_FILE", "AuditLog", "AuditRecord", "Verdict", "main", "verify"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "audit.db"
-GENESIS = "0" * 64
 _BATCH = 500
-_COLUMNS = [
-    "seq",
-    "ts",
-    "run_id",
-    "metadata",
-    "tool",
-    "call_id",
-    "input",
-    "status",
-    "duration_s",
-    "result_bytes",
-    "attempts",
-    "cache_hit",
-    "answered_by",
-    "prev_hash",
-]
+_NAMES = [*FIELDS, "prev_hash", "hash", "key_id"]
 
+# key_id NULL: a row written before keys (unkeyed-legacy), whose `hash` is the plain sha256 of the chain's fields.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
@@ -73,11 +75,17 @@ CREATE TABLE IF NOT EXISTS audit (
     cache_hit INTEGER NOT NULL,
     answered_by TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    key_id TEXT
 );
--- The last row's seq and hash: deleting the newest rows would otherwise leave a chain that still verifies.
-CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
+-- The last row's seq and hash, with a MAC over both: deleting the newest rows would otherwise leave a chain that
+-- still verifies.
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL, key_id TEXT, mac TEXT
+);
 """
+# Columns that logs written before keys lack, added when such a log is opened.
+_ADDED = (("audit", "key_id"), ("audit_head", "key_id"), ("audit_head", "mac"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -99,31 +107,36 @@ class AuditRecord:
     error: str = ""
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def row_hash(row: dict[str, Any]) -> str:
-    """sha256 over the canonical JSON of the row's columns (prev_hash included), which chains each row to the last."""
-    return hashlib.sha256(_canonical({c: row[c] for c in _COLUMNS}).encode()).hexdigest()
-
-
 class AuditLog:
     """Append with `append(record)` (never waits), after `await room()` when `full`; `flush()` waits until everything
-    appended is committed."""
+    appended is committed. `keyring` signs the rows (by default `audit.key` beside the database, made if absent)."""
 
     def __init__(
-        self, path: Path, *, queue_size: int = 10000, interval_s: float = 0.05, redactor: Redactor | None = None
+        self,
+        path: Path,
+        *,
+        keyring: Keyring | None = None,
+        queue_size: int = 10000,
+        interval_s: float = 0.05,
+        head_log_interval_s: float | None = 300.0,
+        redactor: Redactor | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self.keyring = load_keyring(None, path) if keyring is None else keyring
         self._redactor = redactor  # None: the process-wide one, looked up per batch
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
+        self._migrate()
         # A deque, not a queue.Queue: appending takes no lock and wakes no thread, so a call pays well under a
         # microsecond; the writer wakes every `interval_s` (or when told) and commits what has accumulated.
         self._pending: deque[AuditRecord] = deque()
         self._max = queue_size
         self._interval = interval_s
+        self._head_interval = head_log_interval_s
+        self._clock = clock
+        self._head = read_head(self._conn)
+        self._log_head("start")
         self._appended = 0
         self._handled = 0
         self._wake = threading.Event()
@@ -169,13 +182,61 @@ class AuditLog:
             await asyncio.sleep(0.002)
 
     def close(self) -> None:
-        """Commit everything appended, stop the writer. Idempotent."""
+        """Commit everything appended, log the head, stop the writer. Idempotent."""
         if self._closed:
             return
         self._closed = self._closing = True
         self._wake.set()
         self._writer.join()
         self._conn.close()
+        self._log_head("close")
+
+    def _migrate(self) -> None:
+        """Give a log written before keys the key columns, and sign its head at once: its rows stay as written
+        (unkeyed-legacy), bound from now on by the head's MAC and then by the first keyed row's `prev_hash`."""
+        self._conn.execute("BEGIN IMMEDIATE")  # two servers opening one old file: one of them migrates it
+        try:
+            added = [
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                for table, column in _ADDED
+                if column not in columns(self._conn, table)
+            ]
+            head = read_head(self._conn)
+            if added and head is not None:
+                self._write_head(head.seq, head.hash)
+                log.warning(
+                    "the audit log predates keys: its rows stay unkeyed-legacy (verify names them) and new rows are "
+                    "keyed; compare the head logged here with the last one its previous server logged",
+                    extra={"path": str(self.path), "audit_seq": head.seq, "key_id": self.keyring.active},
+                )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _write_head(self, seq: int, row_hash: str) -> Head:
+        head = Head(seq, row_hash, self.keyring.active, head_mac(self.keyring.key, self.keyring.active, seq, row_hash))
+        self._conn.execute(
+            "INSERT OR REPLACE INTO audit_head (id, seq, hash, key_id, mac) VALUES (1, ?, ?, ?, ?)", head
+        )
+        return head
+
+    def _log_head(self, at: str) -> None:
+        """The head as a log line: kept by the log system, out of the database's reach, it lets `verify --anchor`
+        find a log rewritten whole, or cut back to an older head."""
+        self._head_logged_at = self._clock()
+        self._logged_head = self._head
+        head = self._head or Head(0, GENESIS, None, None)
+        log.info(
+            "audit chain head",
+            extra={
+                "path": str(self.path),
+                "at": at,
+                "audit_seq": head.seq,
+                "audit_hash": head.hash,
+                "key_id": head.key_id,
+            },
+        )
 
     def _write_loop(self) -> None:
         while True:
@@ -191,6 +252,12 @@ class AuditLog:
                 self._handled += len(batch)
             if closing:
                 return
+            if (
+                self._head_interval is not None
+                and self._head != self._logged_head
+                and self._clock() - self._head_logged_at >= self._head_interval
+            ):
+                self._log_head("interval")
 
     def _commit(self, records: list[AuditRecord]) -> None:
         redactor = self._redactor or redact.active()
@@ -213,63 +280,34 @@ class AuditLog:
                     "answered_by": storable(r.answered_by),
                 }
             )
-        names = [*_COLUMNS, "hash"]
-        sql = f"INSERT INTO audit ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        key_id, key = self.keyring.active, self.keyring.key
+        sql = f"INSERT INTO audit ({', '.join(_NAMES)}) VALUES ({', '.join('?' * len(_NAMES))})"
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             # The chain's head is read under the write lock: another process writing to the same file (a second
             # server on the same data_dir) has moved it since our last batch, and our rows must follow its rows.
-            head = self._conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-            seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+            head = read_head(self._conn)
+            seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
             for row in rows:
                 seq += 1
-                row["seq"], row["prev_hash"] = seq, prev
-                prev = row["hash"] = row_hash(row)
-            self._conn.executemany(sql, [[row[n] for n in names] for row in rows])
-            self._conn.execute("INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)", (seq, prev))
+                row["seq"], row["prev_hash"], row["key_id"] = seq, prev, key_id
+                prev = row["hash"] = row_mac(key, key_id, row, prev)
+            self._conn.executemany(sql, [[row[n] for n in _NAMES] for row in rows])
+            written = self._write_head(seq, prev)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    ok: bool
-    rows: int
-    problem: str = ""
-
-
-def verify(path: Path) -> Verdict:
-    """Walk the chain: each row's hash recomputed, each prev_hash the hash before it, seq without gaps, and the
-    head row naming the last row (so deleting the newest rows is caught too)."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)}, hash FROM audit ORDER BY seq")
-        expected_seq, prev, count = 1, GENESIS, 0
-        for values in cursor:
-            row = dict(zip([*_COLUMNS, "hash"], values, strict=True))
-            seq = row["seq"]
-            if seq != expected_seq:
-                return Verdict(False, count, f"row {expected_seq} is missing (found row {seq} next)")
-            if row["prev_hash"] != prev:
-                return Verdict(False, count, f"row {seq}: prev_hash does not match row {seq - 1}'s hash")
-            if row_hash(row) != row["hash"]:
-                return Verdict(False, count, f"row {seq} was modified: its content does not match its hash")
-            prev, expected_seq, count = row["hash"], seq + 1, count + 1
-        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        head_seq, head_hash = (head[0], head[1]) if head else (0, GENESIS)
-        if (head_seq, head_hash) != (count, prev):
-            return Verdict(False, count, f"rows after {count} are missing: the log's head is row {head_seq}")
-        return Verdict(True, count)
-    finally:
-        conn.close()
+        self._head = written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.audit", description="Check and read the audit log")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_db_arguments(commands.add_parser("verify", help="check the hash chain; exit 1 when tampered"))
+    check = commands.add_parser("verify", help="check the chain and its MACs; exit 1 when it does not hold")
+    add_db_arguments(check)
+    add_key_arguments(check)
+    add_db_arguments(commands.add_parser("head", help="the last row's seq and hash, as JSON: keep it elsewhere"))
     tail = commands.add_parser("tail", help="the last records, one JSON object per line")
     tail.add_argument("-n", type=int, default=20)
     add_db_arguments(tail)
@@ -279,17 +317,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no audit log at {path}", file=sys.stderr)
         return 2
     if args.command == "verify":
-        verdict = verify(path)
+        try:
+            anchors = [parse_anchor(a) for a in args.anchor]
+            keyring = cli_keyring(args, path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        verdict = verify(path, keyring, anchors=anchors)
         if not verdict.ok:
             print(f"TAMPERED {path}: {verdict.problem} ({verdict.rows} row(s) verified before it)", file=sys.stderr)
             return 1
-        print(f"ok {path}: {verdict.rows} row(s), hash chain intact")
+        print(f"ok {path}: {verdict.summary()}")
         return 0
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM audit ORDER BY seq DESC LIMIT ?", (args.n,))
+        if args.command == "head":
+            head = read_head(conn) or Head(0, GENESIS, None, None)
+            print(json.dumps({"seq": head.seq, "hash": head.hash, "key_id": head.key_id, "at": time.time()}))
+            return 0
+        names = [*FIELDS, "key_id"] if "key_id" in columns(conn, "audit") else list(FIELDS)
+        cursor = conn.execute(f"SELECT {', '.join(names)} FROM audit ORDER BY seq DESC LIMIT ?", (args.n,))
         for values in reversed(cursor.fetchall()):
-            row = dict(zip(_COLUMNS, values, strict=True))
+            row = dict(zip(names, values, strict=True))
             row["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["ts"]))
             print(json.dumps(row))
     finally:

@@ -107,6 +107,19 @@ class StoreConfig(_Strict):
     queue_size: int = Field(default=10000, ge=1, description="audit: records buffered for the background writer")
 
 
+class AuditConfig(StoreConfig):
+    """The audit log's store, the keys that sign its rows (docs/audit.md) and how often its head is logged."""
+
+    key_file: Path | None = Field(
+        default=None,
+        description="file of ID:SECRET keys, the last one signing new rows; AGENT_AUDIT_KEY overrides it; unset: "
+        "audit.key beside the database, generated on the first start",
+    )
+    head_log_interval_s: float | None = Field(
+        default=300.0, gt=0, description="log the chain's head this often when it moved (also at start and close)"
+    )
+
+
 class DeadLetterConfig(StoreConfig):
     retention_days: float | None = Field(
         default=30.0, gt=0, description="dead letters older than this are deleted (at start, then hourly); null: kept"
@@ -248,7 +261,7 @@ class Config(_Strict):
     policies: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-tool policy overrides by tool name (tools.policy.ToolPolicy fields)"
     )
-    audit: StoreConfig = StoreConfig()
+    audit: AuditConfig = AuditConfig()
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     redaction: Redaction = Redaction()
     gc: GcConfig = GcConfig()

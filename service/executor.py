@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from service import redact, telemetry
 from service.audit import DEFAULT_FILE as AUDIT_FILE
 from service.audit import AuditLog, AuditRecord
+from service.audit_chain import load_keyring
 from service.config import Config
 from service.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.deadletter import DeadLetterStore, capture
@@ -526,7 +527,13 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
         tools,
         timeout_s=config.limits.tool_timeout_s,
         policies=policies,
-        audit=AuditLog(audit_path, queue_size=config.audit.queue_size, redactor=redactor),
+        audit=AuditLog(
+            audit_path,
+            keyring=load_keyring(config.audit.key_file, audit_path),
+            queue_size=config.audit.queue_size,
+            head_log_interval_s=config.audit.head_log_interval_s,
+            redactor=redactor,
+        ),
         dead_letter=DeadLetterStore(
             dead_path,
             redactor=redactor,

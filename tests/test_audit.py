@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -60,7 +62,7 @@ def test_chain_survives_a_restart_and_verifies(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.parametrize(
     ("tamper", "problem"),
     [
-        ("UPDATE audit SET status = 'error' WHERE seq = 3", "row 3 was modified"),
+        ("UPDATE audit SET status = 'error' WHERE seq = 3", "row 3: wrong MAC"),
         ("DELETE FROM audit WHERE seq = 3", "row 3 is missing"),
         ("DELETE FROM audit WHERE seq = 1", "row 1 is missing"),
         ("DELETE FROM audit WHERE seq = 5", "rows after 4 are missing"),
@@ -85,6 +87,50 @@ def test_rewriting_a_row_and_its_hash_still_breaks_the_next_link(tmp_path: Path)
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE audit SET hash = 'f' || substr(hash, 2), status = 'error' WHERE seq = 2")
     assert "row 2" in verify(path).problem
+
+
+def _recompute_plain_chain(conn: sqlite3.Connection, start: int, *, unkey: bool = False) -> None:
+    """What someone who can write the file but has no key does after editing row `start`: the hashes from it on
+    recomputed with the public sha256 of the columns, each linked to the one before, and the head pointed at the new
+    last hash (`unkey`: the rows also made to look as if written before keys)."""
+    dropped = {"hash", "key_id"} if unkey else {"hash"}
+    names = [r[1] for r in conn.execute("PRAGMA table_info(audit)") if r[1] not in dropped]
+    if unkey:
+        conn.execute("UPDATE audit SET key_id = NULL WHERE seq >= ?", (start,))
+        conn.execute("UPDATE audit_head SET key_id = NULL, mac = NULL")
+    prev = conn.execute("SELECT coalesce(max(hash), ?) FROM audit WHERE seq = ?", ("0" * 64, start - 1)).fetchone()[0]
+    query = f"SELECT {', '.join(names)} FROM audit WHERE seq >= ? ORDER BY seq"
+    for values in conn.execute(query, (start,)).fetchall():
+        row = dict(zip(names, values, strict=True))
+        row["prev_hash"] = prev
+        prev = hashlib.sha256(json.dumps(row, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        conn.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", (row["prev_hash"], prev, row["seq"]))
+    conn.execute("UPDATE audit_head SET seq = (SELECT max(seq) FROM audit), hash = ?", (prev,))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "start", "unkey", "problem"),
+    [
+        ("UPDATE audit SET status = 'error' WHERE seq = 3", 3, False, "row 3: wrong MAC"),
+        ("UPDATE audit SET status = 'error' WHERE seq = 3", 3, True, "row 3 has no key id but follows keyed rows"),
+        ("UPDATE audit SET input = '{}' WHERE seq = 2", 1, True, "the head carries no MAC"),
+        ("DELETE FROM audit WHERE seq = 5", 5, False, "the head's MAC is wrong"),
+    ],
+)
+def test_a_row_rewritten_with_its_chain_recomputed_is_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str, start: int, unkey: bool, problem: str
+) -> None:
+    """The chain was a plain sha256: editing a row (or dropping the newest one) and recomputing the hashes after it
+    gave a log that `verify` called intact. Keyed, a row's hash is an HMAC that no one without the key can redo."""
+    path = tmp_path / "audit.db"
+    write(path, 1, 5)
+    with sqlite3.connect(path) as conn:
+        conn.execute(tamper)
+        _recompute_plain_chain(conn, start, unkey=unkey)
+    verdict = verify(path)
+    assert not verdict.ok and problem in verdict.problem
+    assert main(["verify", "--db", str(path)]) == 1
+    assert problem in capsys.readouterr().err
 
 
 def test_cli_without_a_log_says_so(tmp_path: Path) -> None:
