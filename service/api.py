@@ -23,6 +23,7 @@ from service import telemetry
 from service.auth import Authenticator, Caller, CallerLimits, current_caller
 from service.config import Config, Limits
 from service.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
+from service.deadline import run_margin_s
 from service.errors import RunCancelled
 from service.interceptors import refuse
 from service.loop import RunSpec
@@ -238,7 +239,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             remaining = context.time_remaining()
             # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
             if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
-                margin = min(self.config.runs.deadline_margin_s, remaining / 10)
+                margin = run_margin_s(remaining, self.config.runs.deadline_margin_s)
                 deadline = asyncio.get_running_loop().time() + remaining - margin
             run, created = self.registry.start(
                 spec,

@@ -78,6 +78,13 @@ class Renderer:
                     f"in {_ms(e.wait)}: {e.error}",
                 )
             )
+        elif kind == "model_retry":
+            e = event.model_retry
+            self._line(
+                self._style(
+                    "33", f"↻ model turn {e.turn} retry {e.attempt}/{e.max_attempts} in {_ms(e.wait)}: {e.error}"
+                )
+            )
         elif kind == "tool_fallback":
             e = event.tool_fallback
             self._line(self._style("33", f"⇢ {e.primary} failed, falling back to {e.fallback}: {e.reason}"))

@@ -134,7 +134,11 @@ class RunsConfig(_Strict):
     max_events_per_run: int = Field(default=100_000, ge=10)
     max_run_s: float = Field(default=3600.0, gt=0, description="longest a run may take, whatever the deadline")
     min_tool_budget_s: float = Field(default=0.05, ge=0, description="no tool call starts with less time left")
-    deadline_margin_s: float = Field(default=0.05, ge=0, description="the run ends this much before the deadline")
+    deadline_margin_s: float = Field(
+        default=0.05,
+        ge=0,
+        description="the run ends this much before the deadline, plus the rounding of the caller's timeout on the wire",
+    )
     background_max_concurrent: int = Field(default=8, ge=1)
     background_max_queued: int = Field(default=100, ge=0)
     coalesce_window_s: float = Field(default=0.01, ge=0, description="text deltas this close together are merged")

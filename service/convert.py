@@ -84,10 +84,27 @@ def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
             )
             if event.ok:
                 _set_value(out.tool_result.data, event.data, 0)
+        case _:
+            _set_occasional(out, event)
+
+
+def _set_occasional(out: pb.AgentEvent, event: ev.Event) -> None:
+    """The events a run sends a few of (retries, fallbacks, one per turn or per run), after the frequent ones."""
+    match event:
         case ev.ToolRetry():
             out.tool_retry.CopyFrom(
                 pb.ToolRetry(
                     call_id=event.call_id,
+                    attempt=event.attempt,
+                    max_attempts=event.max_attempts,
+                    wait=_duration(event.wait_s),
+                    error=event.error,
+                )
+            )
+        case ev.ModelRetry():
+            out.model_retry.CopyFrom(
+                pb.ModelRetry(
+                    turn=event.turn,
                     attempt=event.attempt,
                     max_attempts=event.max_attempts,
                     wait=_duration(event.wait_s),
@@ -315,6 +332,7 @@ _KINDS: dict[type[ev.Event], str] = {
     ev.ToolResult: "tool_result",
     ev.ExecutionFailed: "execution_failed",
     ev.Usage: "usage",
+    ev.ModelRetry: "model_retry",
     ev.FinalResponse: "final_response",
     ev.RunFailed: "error",
 }

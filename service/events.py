@@ -76,6 +76,17 @@ class ToolRetry:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ModelRetry:
+    """A model turn failed before any of it reached the caller and is tried again after `wait_s`."""
+
+    turn: int
+    attempt: int
+    max_attempts: int
+    wait_s: float
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ToolFallback:
     call_id: str
     primary: str
@@ -150,6 +161,7 @@ Event = (
     | ToolResult
     | ExecutionFailed
     | Usage
+    | ModelRetry
     | FinalResponse
     | RunFailed
 )

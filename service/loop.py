@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from service import events as ev
 from service import telemetry
 from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
@@ -371,6 +372,10 @@ class AgentLoop:
                     log.warning(
                         "model turn failed, retrying",
                         extra={"turn": turn, "attempt": attempt, "wait_s": round(delay, 3), "error": exc.message},
+                    )
+                    # the caller would otherwise see nothing for as long as the wait and the next try take
+                    yield ev.ModelRetry(
+                        turn=turn, attempt=attempt, max_attempts=self.retry.attempts, wait_s=delay, error=exc.message
                     )
                     await self.sleep(delay)
         except BaseException as exc:

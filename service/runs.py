@@ -272,6 +272,7 @@ class RunRegistry:
             run.control.stop_now(reason)
 
     async def _drive(self, run: Run, background: bool) -> None:
+        telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         telemetry.ACTIVE_RUNS.inc()
         try:
             if background:

@@ -75,7 +75,7 @@ class RunAgentRequest(_message.Message):
     def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., on_disconnect: _Optional[_Union[RunAgentRequest.OnDisconnect, str]] = ..., max_tool_calls: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error")
+    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class AgentEvent(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_RETRY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -112,7 +113,8 @@ class AgentEvent(_message.Message):
     usage: Usage
     final_response: FinalResponse
     error: Error
-    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    model_retry: ModelRetry
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("model", "tools", "max_turns")
@@ -239,6 +241,20 @@ class ExecutionFailed(_message.Message):
     tool: str
     message: str
     def __init__(self, execution_id: _Optional[str] = ..., call_id: _Optional[str] = ..., tool: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ModelRetry(_message.Message):
+    __slots__ = ("turn", "attempt", "max_attempts", "wait", "error")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    attempt: int
+    max_attempts: int
+    wait: _duration_pb2.Duration
+    error: str
+    def __init__(self, turn: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("turn", "input_tokens", "output_tokens", "total_input_tokens", "total_output_tokens")

@@ -1,0 +1,41 @@
+"""How much earlier than the caller's gRPC deadline a run must end for its `error` event to reach the caller.
+
+A caller's deadline travels as a timeout in the `grpc-timeout` header, and the server knows only that header. gRPC's
+C core (grpcio, and every client built on it) rounds the timeout UP to three significant figures before sending it
+(whole milliseconds under 1 s; 10 ms steps to 10 s, 100 ms to 100 s, whole seconds to 1000 s, and so on, into
+minutes and hours further on): a 100.2 s timeout arrives as 101 s, a 119.2 s one as 2 minutes. A client that
+writes the header in the finest unit its 8 digits allow (grpc-go, for one) rounds it by at most a millisecond below
+27 hours. The server's view of the deadline can so be later than the caller's by nearly one step of the header's
+precision at that magnitude; a fixed margin alone (50 ms) is below that step from 10 s on, and the caller's deadline
+then cuts the stream before the run's `DEADLINE_EXCEEDED` event is sent.
+"""
+
+from __future__ import annotations
+
+import math
+
+_MILLISECOND = 0.001
+
+
+def header_rounding_s(timeout_s: float) -> float:
+    """The most a caller's timeout of about `timeout_s` (as the server sees it) may have been rounded up on the way:
+    one step of its third significant figure, at least a millisecond."""
+    if timeout_s < 1.0:
+        return _MILLISECOND
+    if timeout_s < 100_000:
+        return float(10 ** (math.floor(math.log10(timeout_s)) - 2))
+    return 6000.0  # past 100,000 s the C core sends 10-minute steps, then 100-minute ones, then hours
+
+
+WAITED_SHARE = 0.01
+"""The share of its timeout a call may have waited, after its header was read, before the servicer reads what is
+left: the header's magnitude (which decides its rounding) is taken as up to this much more than what is left. Just
+below a power of ten that costs one step more; a call that waited longer than this and whose header lay just above
+one (a 10.001 s timeout sent as 10.1 s, read after 0.2 s) can be left less than the fixed part."""
+
+
+def run_margin_s(remaining_s: float, fixed_s: float) -> float:
+    """How long before the server's deadline (`remaining_s` away) the run ends: the header's rounding, plus
+    `fixed_s` (`runs.deadline_margin_s`: for the error event to be sent and to travel back) but never more than a
+    tenth of what is left, so that a short deadline is not eaten by it."""
+    return header_rounding_s(remaining_s * (1 + WAITED_SHARE)) + min(fixed_s, remaining_s / 10)
