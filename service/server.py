@@ -58,8 +58,28 @@ def build_model(config: Config) -> Model:
 
 
 def build_tools(config: Config) -> dict[str, Tool[Any]]:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Private to the service (0700 when made here): it holds the audit log and the dead letters, which no other
+    # user, the sandbox's among them, is to read.
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = config.data_dir.stat().st_mode & 0o777
+    if mode & 0o007:
+        log.warning(
+            "the data folder can be entered by other users; its databases are private files (0600), but make the "
+            "folder 0700 too",
+            extra={"data_dir": str(config.data_dir), "mode": f"{mode:04o}"},
+        )
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
+
+
+def warn_unavailable(tools: dict[str, Tool[Any]]) -> None:
+    for name, tool in tools.items():
+        if tool.unavailable:
+            log.warning(
+                "tool %s is unavailable on this server and left out of ListTools: %s",
+                name,
+                tool.unavailable,
+                extra={"tool": name},
+            )
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -135,6 +155,7 @@ async def start(
 ) -> Service:
     """Start serving. `tools` and `model` replace the ones the config describes (tests pass their own)."""
     tools = build_tools(config) if tools is None else tools
+    warn_unavailable(tools)
     model = build_model(config) if model is None else model
     telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
     loop = AgentLoop(model, build_executor(tools, config), retry=config.model.retry)
