@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
-from service import telemetry
+from service import hardening, telemetry
 from service.aio import abandoned
 from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
@@ -58,16 +58,9 @@ def build_model(config: Config) -> Model:
 
 
 def build_tools(config: Config) -> dict[str, Tool[Any]]:
-    # Private to the service (0700 when made here): it holds the audit log and the dead letters, which no other
-    # user, the sandbox's among them, is to read.
+    # Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
+    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (service/store.py).
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = config.data_dir.stat().st_mode & 0o777
-    if mode & 0o007:
-        log.warning(
-            "the data folder can be entered by other users; its databases are private files (0600), but make the "
-            "folder 0700 too",
-            extra={"data_dir": str(config.data_dir), "mode": f"{mode:04o}"},
-        )
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
 
 
@@ -243,9 +236,12 @@ class StartupError(Exception):
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain. Raises StartupError when it cannot start."""
+    hardening.make_undumpable()  # before anything runs a program: this process's environment holds the API key
+    reaper = hardening.reap_orphans()
     try:
         service = await start(config)
     except (OSError, ValueError, ImportError) as exc:
+        reaper.cancel()
         log.debug("cannot start", exc_info=True)  # the traceback, for when the message is not enough
         raise StartupError(f"cannot start: {exc}") from exc
     tune_gc(config.gc)
@@ -258,9 +254,9 @@ async def serve(config: Config) -> None:
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     with contextlib.suppress(Exception):
         await service.drain()
-    for task in (waiter, stopper):
+    for task in (waiter, stopper, reaper):
         task.cancel()
-    await asyncio.gather(waiter, stopper, return_exceptions=True)
+    await asyncio.gather(waiter, stopper, reaper, return_exceptions=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     stuck = abandoned()

@@ -8,11 +8,11 @@ container (a `kubectl exec` shell's leftovers).
 Why not `waitpid(-1, WNOHANG)`: it would also take the exit status of a child asyncio's child watcher waits for
 (on Python 3.11 a thread blocked in `waitpid(pid)`, later a pidfd read on the loop); the watcher would then report
 returncode 255 and log "Unknown child process pid", and the sandbox would read a failed call. So `OrphanReaper`
-waits only for children that (1) are zombies, (2) are not a launcher still running (`track`ed from spawn until
-asyncio reported its exit), and (3) were already zombies with the same start time at the previous sweep, a period
-(seconds) earlier: a watcher reaps its child the moment it exits, so a zombie that stays one that long has nobody
-waiting for it. Rule (3) also covers the moment between a spawn and its `track`. Code that starts a child process
-in the service must wait for it promptly, as asyncio does.
+waits, by pid, only for children that (1) are zombies, (2) are not a launcher still running (`track`ed from its
+spawn until asyncio reported its exit), and (3) have been zombies, with the same start time, for `grace_s` (1 s):
+a watcher reaps its child the moment it exits, so a zombie that stays one that long has nobody waiting for it.
+Rule (3) also covers the moment between a spawn and its `track`. Code that starts a child process in the service
+must wait for it promptly, as asyncio does.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import ctypes
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
 from tools._launcher import PR_SET_CHILD_SUBREAPER, children
 
@@ -62,22 +64,27 @@ def _zombie_start_time(pid: int) -> int | None:
 class OrphanReaper:
     """Waits for the zombie children nobody else waits for (see the module's docstring for the rules)."""
 
-    def __init__(self) -> None:
-        self._seen: set[tuple[int, int]] = set()
+    def __init__(self, *, grace_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s = grace_s
+        self._clock = clock
+        self._since: dict[tuple[int, int], float] = {}  # (pid, start time) of each zombie → when first seen
 
     def sweep(self) -> list[int]:
         """Reap the orphans found; return their pids."""
-        zombies = set()
+        now = self._clock()
+        zombies = []
         for pid in children(os.getpid()):
             started = _zombie_start_time(pid)
             if started is not None and pid not in _running:
-                zombies.add((pid, started))
+                zombies.append((pid, started))
+        self._since = {zombie: self._since.get(zombie, now) for zombie in zombies}
         reaped = []
-        for pid, _ in zombies & self._seen:
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    reaped.append(pid)
-        self._seen = {zombie for zombie in zombies if zombie[0] not in reaped}
+        for (pid, started), since in list(self._since.items()):
+            if now - since >= self.grace_s:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        reaped.append(pid)
+                        del self._since[pid, started]
         if reaped:
             log.info("reaped orphaned processes", extra={"pids": sorted(reaped)})
         return reaped
