@@ -34,6 +34,7 @@ import asyncio
 import functools
 import json
 import logging
+import marshal
 import os
 import pwd
 import shutil
@@ -230,7 +231,7 @@ class Sandbox:
         ]
 
     def command(self, workdir: Path) -> list[str]:
-        """The launcher's argv for a call working in `workdir`: the launcher's text and what it is to do, as JSON."""
+        """The launcher's argv for a call working in `workdir`: its text, and what it is to do as `marshal` data."""
         o, who, abi = self.options, self.identity, self.landlock_abi
         landlock = None
         if abi:
@@ -246,7 +247,7 @@ class Sandbox:
             "gid": who.gid if who else None,
             "landlock": landlock,
         }
-        return [self.python, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)]
+        return [self.python, "-I", "-S", "-c", _LAUNCHER, marshal.dumps(spec, 4).hex()]
 
     def environment(self, workdir: Path) -> dict[str, str]:
         return {
