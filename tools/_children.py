@@ -30,7 +30,7 @@ from tools._launcher import PR_SET_CHILD_SUBREAPER, children
 
 log = logging.getLogger(__name__)
 
-_running: set[int] = set()  # launchers spawned and not yet reaped by asyncio: children, as their process's
+_running: set[int] = set()  # pids of launchers not yet reaped by asyncio (module-wide, as children are)
 
 
 def track(pid: int) -> None:
