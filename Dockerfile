@@ -18,12 +18,10 @@ RUN /opt/venv/bin/pip install . \
 
 # Runtime stage: the venv and nothing else; a fixed non-root UID that k8s/deployment.yaml's runAsUser repeats.
 FROM ${PYTHON_IMAGE} AS runtime
-# The sandbox (tools/_sandbox.py) runs programs through prlimit and setpriv from util-linux: fail the build if the
-# base image ever lacks them rather than fall back to fork()-based limits in a threaded server.
-RUN test -x /usr/bin/prlimit && test -x /usr/bin/setpriv \
-    && groupadd --system --gid 10001 agent \
+# The data folder holds the audit log and the dead letters: the service's alone (0700), as it makes one itself.
+RUN groupadd --system --gid 10001 agent \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin agent \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/agent
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/agent
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin \
     PYTHONUNBUFFERED=1 \

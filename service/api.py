@@ -45,6 +45,10 @@ class CallerLimited(Exception):
     """The caller is at one of its limits (concurrent runs, runs per minute)."""
 
 
+class ToolUnavailable(Exception):
+    """A tool the request names cannot work on this server (`Tool.unavailable` says why)."""
+
+
 # The one map from the service's exceptions to gRPC status codes.
 _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -54,6 +58,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     CallerLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ToolUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -92,7 +97,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.registry = registry
         self.clock = clock  # for the time to first event
-        self.tools = tools
+        # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
+        self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
+        self.unavailable = {name: tool.unavailable for name, tool in tools.items() if tool.unavailable}
         self.config = config
         self.draining = False
         self.streams: set[asyncio.Task[Any]] = set()
@@ -312,6 +319,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if request.HasField("system") and len(request.system.encode()) > limits.max_system_bytes:
             raise InvalidRequest(f"system is longer than {limits.max_system_bytes} bytes")
         tools = list(request.tools)  # each access to a repeated field builds a new view: read it once
+        down = sorted(set(tools) & self.unavailable.keys()) if self.unavailable else []
+        if down:
+            more = f" (so are {_some(down[1:])})" if len(down) > 1 else ""
+            raise ToolUnavailable(f"tool {down[0]} is unavailable on this server: {self.unavailable[down[0]]}{more}")
         unknown = [name for name in tools if name not in self.tools]
         if unknown:
             # the caller's tools only, as ListTools lists them: the others' names are not for this caller to learn

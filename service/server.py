@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
-from service import telemetry
+from service import hardening, telemetry
 from service.aio import abandoned
 from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
@@ -58,8 +58,21 @@ def build_model(config: Config) -> Model:
 
 
 def build_tools(config: Config) -> dict[str, Tool[Any]]:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
+    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (service/store.py).
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
+
+
+def warn_unavailable(tools: dict[str, Tool[Any]]) -> None:
+    for name, tool in tools.items():
+        if tool.unavailable:
+            log.warning(
+                "tool %s is unavailable on this server and left out of ListTools: %s",
+                name,
+                tool.unavailable,
+                extra={"tool": name},
+            )
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -135,6 +148,7 @@ async def start(
 ) -> Service:
     """Start serving. `tools` and `model` replace the ones the config describes (tests pass their own)."""
     tools = build_tools(config) if tools is None else tools
+    warn_unavailable(tools)
     model = build_model(config) if model is None else model
     telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
     loop = AgentLoop(model, build_executor(tools, config), retry=config.model.retry)
@@ -222,9 +236,12 @@ class StartupError(Exception):
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain. Raises StartupError when it cannot start."""
+    hardening.make_undumpable()  # before anything runs a program: this process's environment holds the API key
+    reaper = hardening.reap_orphans()
     try:
         service = await start(config)
     except (OSError, ValueError, ImportError) as exc:
+        reaper.cancel()
         log.debug("cannot start", exc_info=True)  # the traceback, for when the message is not enough
         raise StartupError(f"cannot start: {exc}") from exc
     tune_gc(config.gc)
@@ -237,9 +254,9 @@ async def serve(config: Config) -> None:
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     with contextlib.suppress(Exception):
         await service.drain()
-    for task in (waiter, stopper):
+    for task in (waiter, stopper, reaper):
         task.cancel()
-    await asyncio.gather(waiter, stopper, return_exceptions=True)
+    await asyncio.gather(waiter, stopper, reaper, return_exceptions=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     stuck = abandoned()

@@ -4,6 +4,7 @@ WAL mode, and the config behind their command-line tools."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sqlite3
@@ -26,8 +27,17 @@ def sqlite_path(store: StoreConfig, data_dir: Path, default_name: str) -> Path:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Autocommit connection (transactions are explicit), WAL so readers (the CLI) never block the writer, and
-    synchronous=FULL because these rows are the record of what happened: a commit must survive a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    synchronous=FULL because these rows are the record of what happened: a commit must survive a power cut.
+
+    The file is the service's alone (0600, in a folder made 0700): SQLite gives its -wal and -shm files the mode
+    of the database, and a sandboxed program running as another user must not read the records. A file an older
+    version made 0644 is narrowed."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for part in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if part.stat().st_mode & 0o077:
+                part.chmod(0o600)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")

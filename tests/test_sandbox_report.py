@@ -10,11 +10,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from pydantic import ValidationError
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events
+from conftest import run_events, stub
+from fake_tools import all_tools
 from tools import ToolConfig, ToolError, load_tools
 from tools.shipment_report import ShipmentReport, create
 
@@ -133,3 +135,30 @@ async def test_over_grpc(start_service: Any, channel_to: Any, tmp_path: Path) ->
     carriers = result.data.struct_value["carriers"]
     assert [c["carrier"] for c in carriers] == ["SwiftParcel"]
     assert events[-1].HasField("final_response")
+
+
+async def test_a_tool_that_cannot_work_here_is_left_out_and_refused(
+    start_service: Any, channel_to: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No interpreter the sandbox user can run: the service starts all the same, says so once, and leaves it out.
+    broken = create(ToolConfig(data_dir=tmp_path, options={"python": str(tmp_path / "no-python-here")}))
+    assert broken.unavailable is not None and "no Python interpreter" in broken.unavailable
+    turns = [{"tool_calls": [{"name": "shipment_report", "input": {}}, {"name": "echo", "input": {"text": "hi"}}]}]
+    svc = await start_service([*turns, {"text": "{results}"}], tools={**all_tools(), "shipment_report": broken})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "unavailable" in r.getMessage()]
+    assert warnings == [
+        f"tool shipment_report is unavailable on this server and left out of ListTools: {broken.unavailable}"
+    ]
+    channel = channel_to(svc)
+    listed = await stub(channel).ListTools(pb.ListToolsRequest())
+    assert "shipment_report" not in {t.name for t in listed.tools} and "echo" in {t.name for t in listed.tools}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run_events(channel, message="report", tools=["echo", "shipment_report"])
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details() == f"tool shipment_report is unavailable on this server: {broken.unavailable}"
+    events = await run_events(channel, message="report")  # the default tools: the available ones
+    assert "shipment_report" not in events[0].run_started.tools
+    assert [e.tool_result.name for e in events if e.HasField("tool_result")] == ["echo"]
+    assert events[-1].HasField("final_response")
+    with pytest.raises(ToolError, match="shipment_report is unavailable on this server: no Python interpreter"):
+        await report(broken)  # as a fallback of another tool would call it

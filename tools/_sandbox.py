@@ -1,24 +1,29 @@
 """Sandboxed tools: a registered program run in a subprocess, its input as JSON on stdin, its result as JSON on
-stdout, under time, CPU, memory, file-size, process-count and output limits.
+stdout, under time, CPU, memory, file-size, process-count and output limits, as another user when the service is
+root, and (with Landlock) with the file system, TCP and signals fenced off. docs/security.md says exactly what this
+contains and what it does not.
 
 The containment contract of `Sandbox.run`, whatever happens (normal end, timeout, output overflow, a failure of
 the service, or cancellation of the calling task):
 
-- the program runs in its own session and process group; when the call ends the whole group is killed with
-  SIGKILL and reaped before `run` returns or raises, even when cancelled again during that cleanup
-  (`CancelledError` is re-raised after it, never swallowed);
-- limits are set by `prlimit(1)` and the user changed by `setpriv(1)` (util-linux) as the program is exec'd, so
-  the service only vfork()s: no Python and no fork handler runs in a forked copy of the threaded service
-  (`preexec_fn`/`user=` and a full fork() are only the fallback where those commands are missing);
+- every call has its own launcher (`tools/_launcher.py`), the subreaper of everything the program starts; when
+  the program exits or the call ends, the launcher kills every process below it (also those that left the
+  process group with setsid()) and reaps them, and `run` returns or raises only once the launcher has exited,
+  even when cancelled again during that cleanup (`CancelledError` is re-raised after it, never swallowed);
+- the service only vfork()s and execs the launcher, a fresh single-threaded Python: no Python code and no
+  pthread_atfork handler (gRPC installs some) runs in a forked copy of the threaded service;
 - when the service runs as root, the program runs as `user` (default `nobody`) with no supplementary groups:
   the process-count limit does not bind root; `no_new_privs` is set, so no setuid binary gains privileges;
+- with Landlock (Linux ≥ 5.13) the program reads only the system's and its interpreter's folders, writes only in
+  its working directory, and (by kernel version) opens no TCP connection and signals no process outside its call;
 - the environment holds only PATH, LANG, LC_ALL, HOME and TMPDIR (plus `env` from the options): no secret of
   the service (API keys, tokens) reaches the program;
-- the working directory is a fresh temporary directory (the program's HOME and TMPDIR too), removed afterwards.
+- the working directory is a fresh temporary directory (the program's HOME and TMPDIR too), removed afterwards;
+  the program's own file is copied there from memory at each call, so the service's folder need not be readable
+  by the sandbox user (a clone in a mode-700 home works).
 
-This contains runaway programs; it is not an isolation boundary for hostile code (no namespaces, no seccomp
-filter, the file system is visible as the user may see it). A program that calls setsid() leaves the process
-group; the limits still bind it. See the README, "Security".
+A sandbox that cannot work here (no such user, no interpreter or working folder the user can reach) raises
+`SandboxUnavailable`; `SandboxedTool` then marks its tool unavailable rather than stopping the service.
 
 The module name starts with an underscore so that `tools.load_tools` does not take it for a tool.
 """
@@ -26,31 +31,37 @@ The module name starts with an underscore so that `tools.load_tools` does not ta
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import functools
 import json
 import logging
+import marshal
 import os
 import pwd
-import resource
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tools._launcher import SETUP_FAILED, landlock_abi
+from tools._sandbox_call import Finished, despite_cancel, run_launcher
 from tools.base import JSON, InputT, Tool, ToolConfig, ToolError
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-_PR_SET_CHILD_SUBREAPER = 36
+# The launcher's text, read by the service (the sandbox user need not read the service's files): it goes in argv.
+_LAUNCHER = (Path(__file__).parent / "_launcher.py").read_text()
+# What any program may read and execute under Landlock: the system's programs and libraries, the dynamic linker's
+# cache, the time zone. Not /etc as a whole (configs, mounted secrets), not /home, /root, /tmp, /var or /proc.
+_SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache", "/etc/localtime")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 
 
 class SandboxOptions(BaseModel):
@@ -58,7 +69,7 @@ class SandboxOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    timeout_s: float = Field(10.0, gt=0, description="wall-clock time, then the process group is killed")
+    timeout_s: float = Field(10.0, gt=0, description="wall-clock time, then every process of the call is killed")
     cpu_s: int = Field(5, ge=1, description="CPU seconds (RLIMIT_CPU): SIGXCPU, then SIGKILL a second later")
     memory_mb: int = Field(256, ge=32, description="address space (RLIMIT_AS) of each process")
     file_size_mb: int = Field(16, ge=0, description="largest file a process may write (RLIMIT_FSIZE)")
@@ -72,6 +83,17 @@ class SandboxOptions(BaseModel):
     python: Path | None = Field(None, description="interpreter for Python programs; default: the service's")
     tmp_dir: Path | None = Field(None, description="where working directories are made; default: TMPDIR, /tmp")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for the program")
+    read_paths: list[Path] = Field(
+        default_factory=list, description="more files or folders the program may read (Landlock), beyond the system's"
+    )
+    write_paths: list[Path] = Field(
+        default_factory=list, description="files or folders the program may also write (Landlock), beyond its own"
+    )
+    tcp: bool = Field(False, description="allow TCP connections and listening (Landlock, Linux ≥ 6.7)")
+
+
+class SandboxUnavailable(ValueError):
+    """The sandbox cannot run programs here: the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -119,130 +141,67 @@ def usable_by(path: Path, who: Identity | None, *, execute: bool = False) -> boo
     return _permits(path.resolve(), who, need)
 
 
-def _become_subreaper() -> None:
-    """Orphans of sandboxed programs become children of this process rather than of PID 1, so that `run` can reap
-    them (an init that does not reap, or a container without one, would keep them as zombies that count against
-    the sandbox user's process limit)."""
-    if sys.platform != "linux":  # pragma: no cover - Linux only
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:  # pragma: no cover - cannot fail on Linux ≥ 3.4
-        log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+@functools.cache
+def _landlock() -> int:
+    """The kernel's Landlock ABI, probed once per process; says so in the log once when there is none."""
+    abi = landlock_abi()
+    if abi == 0:
+        log.warning(
+            "Landlock is not available (kernel before 5.13, not enabled, or refused by a seccomp profile): "
+            "sandboxed programs can read and write what their user can, open network connections and signal the "
+            "service's other processes of their user (see docs/security.md)"
+        )
+    return abi
 
 
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _reap_group(pgid: int) -> None:
-    """Wait for every child of this process still in group `pgid` (all were sent SIGKILL; they exit at once)."""
-    while True:
-        try:
-            os.waitpid(-pgid, 0)
-        except ChildProcessError:
-            return
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
-            continue
-
-
-async def _despite_cancel(cleanup: Coroutine[Any, Any, None]) -> None:
-    """Run `cleanup` to its end even when the calling task is cancelled meanwhile, then re-raise that cancel.
-
-    Cleanup after a first cancel must survive a second one: a tool timeout followed within milliseconds by the run
-    being stopped, whose stream merge cancels the call again. Cut short, it would skip the reap and leave a zombie
-    per call (this process is the programs' subreaper) and the pipes' descriptors open. `asyncio.wait` returns
-    when the caller is cancelled without cancelling the cleanup task, which is always awaited to its end here.
-    """
-    task = asyncio.create_task(cleanup)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is None:
-        task.result()
-        return
-    if not task.cancelled() and task.exception() is not None:  # the caller sees its cancel; the failure goes to logs
-        log.error("sandbox cleanup failed after a cancel", exc_info=task.exception())
-    raise cancelled
-
-
-class _Overflow(Exception):
-    pass
-
-
-async def _read_capped(stream: asyncio.StreamReader, cap: int, on_overflow: Callable[[], None]) -> bytes:
-    data = bytearray()
-    while chunk := await stream.read(65536):
-        data += chunk
-        if len(data) > cap:
-            on_overflow()
-            raise _Overflow
-    return bytes(data)
-
-
-async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
-    tail = b""
-    while chunk := await stream.read(65536):
-        tail = (tail + chunk)[-keep:] if keep else b""
-    return tail
-
-
-async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the program need not read its input
-        stream.write(data)
-        await stream.drain()
-        stream.close()
-        await stream.wait_closed()
-
-
-class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Tells when the program itself has exited. `Process.wait()` cannot: on Python 3.11 it also waits until every
-    process holding the program's stdout or stderr has closed them, so a lingering child would keep it waiting."""
-
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=limit, loop=loop)
-        self.exited = asyncio.Event()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        self.exited.set()
-
-
-@dataclass(frozen=True)
-class _Finished:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-    overflow: bool
+def _interpreter_folders(python: str) -> list[str]:
+    """What the interpreter needs to start: its prefix (bin/.. of the real binary: the standard library) and, for
+    a virtual environment, the environment (pyvenv.cfg, site-packages)."""
+    folders = [Path(os.path.realpath(python)).parent.parent]
+    if (Path(python).parent.parent / "pyvenv.cfg").is_file():
+        folders.append(Path(python).absolute().parent.parent)
+    return [str(folder) for folder in folders if folder != Path("/")]
 
 
 class Sandbox:
-    """Runs one program (`argv`) per call under `options`. Built once per tool; `run` may be called concurrently."""
+    """Runs one program (`argv`) per call under `options`. Built once per tool; `run` may be called concurrently.
 
-    _subreaper_done: ClassVar[bool] = False
+    `staged` (name → content) are files written into each call's working directory before the program starts (a
+    Python program's own file among them). Raises `SandboxUnavailable` when programs cannot run here as asked.
+    """
 
-    def __init__(self, argv: Sequence[str], options: SandboxOptions, *, name: str = "program") -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        options: SandboxOptions,
+        *,
+        name: str = "program",
+        staged: Mapping[str, bytes] | None = None,
+    ) -> None:
         if not argv:
             raise ValueError("a sandboxed program needs an argv")
         self.name = name
         self.options = options
-        self.identity = Identity.lookup(options.user) if os.geteuid() == 0 else None
-        self._prlimit = shutil.which("prlimit", path=_SAFE_PATH)
-        self._setpriv = shutil.which("setpriv", path=_SAFE_PATH)
         self.argv = list(argv)
+        self.staged = dict(staged or {})
+        try:
+            self.identity = Identity.lookup(options.user) if os.geteuid() == 0 else None
+        except ValueError as exc:
+            raise SandboxUnavailable(str(exc)) from exc
+        self.python = self._interpreter()
+        folder = Path(options.tmp_dir or tempfile.gettempdir())
+        if not (folder.is_dir() and usable_by(folder, self.identity, execute=True)):
+            raise SandboxUnavailable(f"the sandbox user {options.user!r} cannot reach the working folder {folder}")
+        self.landlock_abi = _landlock()
 
     @classmethod
     def for_python(cls, script: Path, options: SandboxOptions, *, name: str = "program") -> Sandbox:
         """A sandbox for a Python script, run in isolated mode (`-I`: no user site, no PYTHON* variables, the
-        script's folder not on sys.path) by an interpreter the sandbox user can run."""
-        sandbox = cls([sys.executable], options, name=name)
-        python = sandbox._interpreter()
-        if not usable_by(script, sandbox.identity):
-            raise ValueError(f"{name}: {script} is not readable by the sandbox user {options.user!r}")
-        sandbox.argv = [python, "-I", str(script.resolve())]
+        script's folder not on sys.path) by an interpreter the sandbox user can run. The script is read now and
+        copied into each call's working directory: one file of a few KiB, and its folder (a private clone, a
+        mode-700 home) need not be readable by the sandbox user nor be allowed by the Landlock rules."""
+        sandbox = cls([sys.executable], options, name=name, staged={script.name: script.read_bytes()})
+        sandbox.argv = [sandbox.python, "-I", script.name]  # the interpreter chosen for the sandbox user
         return sandbox
 
     def _interpreter(self) -> str:
@@ -250,53 +209,45 @@ class Sandbox:
             candidates = [self.options.python]
         else:
             # The service's own interpreter may sit where an unprivileged user cannot reach (e.g. under /root);
-            # the program needs only the standard library, so the system's Python will do.
+            # the launcher and the programs need only the standard library, so the system's Python will do.
             system = shutil.which("python3", path=_SAFE_PATH)
             candidates = [Path(sys.executable), *([Path(system)] if system else [])]
         for candidate in candidates:
             if usable_by(candidate, self.identity, execute=True):
                 return str(candidate)
         tried = ", ".join(map(str, candidates))
-        raise ValueError(f"{self.name}: no Python interpreter the sandbox user {self.options.user!r} can run ({tried})")
+        raise SandboxUnavailable(f"no Python interpreter the sandbox user {self.options.user!r} can run ({tried})")
 
-    def _rlimits(self) -> list[tuple[str, int, int, int]]:
-        """(prlimit option, resource, soft, hard) for every limit."""
+    def _limits(self) -> list[tuple[str, int, int]]:
+        """(resource, soft, hard) for every limit, as the launcher sets them."""
         o = self.options
         return [
-            ("--cpu", resource.RLIMIT_CPU, o.cpu_s, o.cpu_s + 1),  # SIGXCPU at the soft limit, SIGKILL at the hard
-            ("--as", resource.RLIMIT_AS, o.memory_mb * MIB, o.memory_mb * MIB),
-            ("--fsize", resource.RLIMIT_FSIZE, o.file_size_mb * MIB, o.file_size_mb * MIB),
-            ("--nproc", resource.RLIMIT_NPROC, o.max_processes, o.max_processes),
-            ("--nofile", resource.RLIMIT_NOFILE, o.max_open_files, o.max_open_files),
-            ("--core", resource.RLIMIT_CORE, 0, 0),
+            ("CPU", o.cpu_s, o.cpu_s + 1),  # SIGXCPU at the soft limit, SIGKILL at the hard
+            ("AS", o.memory_mb * MIB, o.memory_mb * MIB),
+            ("FSIZE", o.file_size_mb * MIB, o.file_size_mb * MIB),
+            ("NPROC", o.max_processes, o.max_processes),
+            ("NOFILE", o.max_open_files, o.max_open_files),
+            ("CORE", 0, 0),
         ]
 
-    def command(self) -> tuple[list[str], dict[str, Any]]:
-        """The argv to execute and extra arguments for the subprocess call.
-
-        `setpriv` drops to the sandbox user (no supplementary groups, no_new_privs) and `prlimit` sets the limits,
-        each then exec'ing the next, so this process only vfork()s and execs: no Python code and no
-        pthread_atfork handler (gRPC installs some) runs in a forked copy of a threaded process. Without those
-        util-linux commands the same is done by `user=`/`preexec_fn=`, which need a full fork().
-        """
-        limits = self._rlimits()
-        argv, extra = list(self.argv), dict[str, Any]()
-        if self._prlimit:
-            argv = [self._prlimit, *(f"{opt}={soft}:{hard}" for opt, _, soft, hard in limits), "--", *argv]
-        else:
-
-            def set_limits() -> None:  # pragma: no cover - runs in the forked child
-                for _, which, soft, hard in limits:
-                    resource.setrlimit(which, (soft, hard))
-
-            extra["preexec_fn"] = set_limits
-        who = self.identity
-        if self._setpriv:
-            drop = [f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups"] if who else []
-            argv = [self._setpriv, *drop, "--no-new-privs", "--", *argv]
-        elif who:
-            extra.update(user=who.uid, group=who.gid, extra_groups=[])
-        return argv, extra
+    def command(self, workdir: Path) -> list[str]:
+        """The launcher's argv for a call working in `workdir`: its text, and what it is to do as `marshal` data."""
+        o, who, abi = self.options, self.identity, self.landlock_abi
+        landlock = None
+        if abi:
+            programs = [str(Path(a).resolve()) for a in self.argv[:1] if os.path.isabs(a)]
+            read = [*_SYSTEM_READ, *_interpreter_folders(self.python), *programs, *map(str, o.read_paths)]
+            write = [str(workdir), *map(str, o.write_paths)]
+            landlock = {"abi": abi, "read": read, "write": write, "devices": list(_DEVICES), "tcp": o.tcp}
+        spec = {
+            "parent": os.getpid(),
+            "argv": self.argv,
+            "limits": self._limits(),
+            "uid": who.uid if who else None,
+            "gid": who.gid if who else None,
+            "landlock": landlock,
+        }
+        return [self.python, "-I", "-S", "-c", _LAUNCHER, marshal.dumps(spec, 4).hex()]
 
     def environment(self, workdir: Path) -> dict[str, str]:
         return {
@@ -311,95 +262,37 @@ class Sandbox:
     async def run(self, payload: JSON, *, files: Mapping[str, Path] | None = None) -> JSON:
         """Run the program with `payload` on stdin and return the JSON it printed; `files` (name → source) are
         copied read-only into its working directory first. Failures raise `ToolError`."""
-        data = json.dumps(payload).encode()
-        if not Sandbox._subreaper_done:
-            _become_subreaper()
-            Sandbox._subreaper_done = True
-        folder = tempfile.TemporaryDirectory(prefix="sandbox-", dir=self.options.tmp_dir, ignore_cleanup_errors=True)
+        data, o = json.dumps(payload).encode(), self.options
+        folder = tempfile.TemporaryDirectory(prefix="sandbox-", dir=o.tmp_dir, ignore_cleanup_errors=True)
         try:
             workdir = Path(folder.name)
             await asyncio.to_thread(self._prepare, workdir, files or {})
-            finished = await self._execute(workdir, data)
+            try:
+                finished = await run_launcher(self.command(workdir), workdir, self.environment(workdir), data, o)
+            except TimeoutError:
+                raise ToolError(f"{self.name} ran longer than {o.timeout_s:g} s and was stopped") from None
         finally:
             # Off the event loop: a runaway program can leave so many files that deleting them takes seconds.
-            await _despite_cancel(asyncio.to_thread(folder.cleanup))
+            await despite_cancel(asyncio.to_thread(folder.cleanup))
         return self._result(finished)
 
     def _prepare(self, workdir: Path, files: Mapping[str, Path]) -> None:
-        for name, source in files.items():
+        if set(files) & set(self.staged):
+            raise ValueError(f"staged file names clash with the program's: {', '.join(set(files) & set(self.staged))}")
+        for name in [*files, *self.staged]:
             if Path(name).name != name or name in {"", ".", ".."}:
                 raise ValueError(f"staged file names are plain names, not {name!r}")
-            target = workdir / name
-            shutil.copyfile(source, target)
-            target.chmod(0o444)
+        for name, source in files.items():
+            shutil.copyfile(source, workdir / name)
+        for name, content in self.staged.items():
+            (workdir / name).write_bytes(content)
+        for name in [*files, *self.staged]:
+            (workdir / name).chmod(0o444)
         if self.identity is not None:
             os.chown(workdir, self.identity.uid, self.identity.gid)
         workdir.chmod(0o700)
 
-    async def _execute(self, workdir: Path, data: bytes) -> _Finished:
-        argv, extra = self.command()
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(limit=65536, loop=loop),
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=workdir,
-            env=self.environment(workdir),
-            start_new_session=True,  # its own session and process group: pgid == pid
-            close_fds=True,
-            **extra,
-        )
-        proc = asyncio.subprocess.Process(transport, protocol, loop)
-        pgid = proc.pid
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        overflow = False
-
-        def kill_on_overflow() -> None:
-            nonlocal overflow
-            overflow = True
-            _kill_group(pgid)
-
-        tasks = [
-            asyncio.create_task(_read_capped(proc.stdout, self.options.max_output_bytes, kill_on_overflow)),
-            asyncio.create_task(_read_tail(proc.stderr, self.options.max_stderr_bytes)),
-            asyncio.create_task(_feed(proc.stdin, data)),
-        ]
-        try:
-            async with asyncio.timeout(self.options.timeout_s):
-                await protocol.exited.wait()
-                _kill_group(pgid)  # whatever the program left behind; its pipes close with it
-                stdout, stderr, _ = await asyncio.gather(*tasks, return_exceptions=True)
-        except TimeoutError:
-            raise ToolError(f"{self.name} ran longer than {self.options.timeout_s:g} s and was stopped") from None
-        finally:
-            _kill_group(pgid)
-            for task in tasks:
-                task.cancel()
-
-            async def clean_up() -> None:
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await protocol.exited.wait()
-                await asyncio.to_thread(_reap_group, pgid)
-                # Our ends of the pipes are closed here. asyncio closes them by itself only once each has reported
-                # end of file: some loop turns later, or never when output was left unread (past the output cap the
-                # reader stops; what the program wrote meanwhile fills the stream's buffer and pauses the pipe) or a
-                # descendant that left the group (setsid) still holds them. Until then their descriptors stay open.
-                transport.close()
-                await asyncio.sleep(0)  # the pipes close their descriptors in callbacks close() queued: let them run
-
-            await _despite_cancel(clean_up())
-        assert proc.returncode is not None  # set when the program exited (`protocol.exited`)
-        returncode = proc.returncode
-        return _Finished(
-            returncode=returncode,
-            stdout=stdout if isinstance(stdout, bytes) else b"",
-            stderr=stderr if isinstance(stderr, bytes) else b"",
-            overflow=overflow or isinstance(stdout, _Overflow),
-        )
-
-    def _result(self, finished: _Finished) -> JSON:
+    def _result(self, finished: Finished) -> JSON:
         o = self.options
         if finished.overflow:
             raise ToolError(f"{self.name} wrote more than {o.max_output_bytes} bytes of output and was stopped")
@@ -413,6 +306,8 @@ class Sandbox:
                 int(signal.SIGKILL): f"was killed (CPU limit {o.cpu_s} s, or memory limit {o.memory_mb} MiB)",
             }
             raise ToolError(f"{self.name} {reasons.get(-code, f'died of signal {-code}')}")
+        if code == SETUP_FAILED and last.startswith("sandbox: "):
+            raise ToolError(f"{self.name} could not be started in the sandbox: {last.removeprefix('sandbox: ')}")
         if code != 0:
             if "MemoryError" in tail:
                 raise ToolError(f"{self.name} ran out of memory (limit {o.memory_mb} MiB)")
@@ -430,6 +325,7 @@ class SandboxedTool(Tool[InputT]):
 
     Subclasses set `name`, `description`, `Input` and `program`; they may widen `Options` (a `SandboxOptions`
     subclass) and override `prepare` to add to the payload or stage files, and `result` to shape the answer.
+    Where the sandbox cannot work (`SandboxUnavailable`), the tool is built `unavailable` with the reason.
     """
 
     program: ClassVar[Path]
@@ -438,7 +334,11 @@ class SandboxedTool(Tool[InputT]):
     def __init__(self, config: ToolConfig) -> None:
         self.config = config
         self.options = self.Options.model_validate(dict(config.options))
-        self.sandbox = Sandbox.for_python(self.program, self.options, name=self.name)
+        self.sandbox: Sandbox | None = None
+        try:
+            self.sandbox = Sandbox.for_python(self.program, self.options, name=self.name)
+        except SandboxUnavailable as exc:
+            self.unavailable = str(exc)
 
     async def prepare(self, args: InputT) -> tuple[JSON, Mapping[str, Path]]:
         """The program's input and the files (name → source) staged in its working directory."""
@@ -448,8 +348,10 @@ class SandboxedTool(Tool[InputT]):
         return output
 
     async def run(self, args: InputT) -> JSON:
+        if self.sandbox is None:
+            raise ToolError(f"{self.name} is unavailable on this server: {self.unavailable}")
         payload, files = await self.prepare(args)
         return self.result(await self.sandbox.run(payload, files=files))
 
 
-__all__ = ["Identity", "Sandbox", "SandboxOptions", "SandboxedTool", "usable_by"]
+__all__ = ["Identity", "Sandbox", "SandboxOptions", "SandboxUnavailable", "SandboxedTool", "usable_by"]

@@ -56,6 +56,9 @@ class Tool(abc.ABC, Generic[InputT]):
     Input: ClassVar[type[BaseModel]]
     streaming: ClassVar[bool] = False
     policy: ClassVar[ToolPolicy] = ToolPolicy()  # how the executor calls it; `policies.<name>` in the config overrides
+    # Why the tool cannot work on this server (set when it is built: a sandbox with no usable interpreter…). The
+    # service then logs it once, leaves the tool out of ListTools and refuses runs that name it.
+    unavailable: str | None = None
 
     def input_schema(self) -> dict[str, Any]:
         """The JSON Schema sent to the model and returned by ListTools."""
