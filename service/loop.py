@@ -27,9 +27,9 @@ from service.errors import (
     DeadlineExceeded,
     MaxTurnsExceeded,
     ModelError,
-    ModelRequestFailed,
     ModelUnavailable,
     RunError,
+    model_failure,
 )
 from service.events import (
     Event,
@@ -50,9 +50,6 @@ from service.policy.retry import jittered_backoff, wait_after
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-# HTTP statuses of a model request that mean "the request itself is wrong" rather than "the model is down".
-_CALLER_FAULT = {400: "INVALID_ARGUMENT", 404: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}
 
 # The longest wait a model's retry-after may ask of a run; beyond it the run ends at once, retryable, for the caller
 # to try again later rather than hold a stream open that long.
@@ -97,7 +94,7 @@ class _RunState:
             trace_context=spec.trace_context,
             remaining=control.remaining if control.deadline is not None else None,
         )
-        self.open_calls: dict[str, str] = {}
+        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
         self.tools_started = started
         self.paused = False  # the last turn ended with pause_turn
 
@@ -236,6 +233,16 @@ class AgentLoop:
             log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
             yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
+            # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
+            for call_id, name in state.open_calls.items():
+                yield ToolResult(
+                    call_id=call_id,
+                    name=name,
+                    status=ToolStatus.REJECTED,
+                    duration_s=0.0,
+                    error=f"not run: {exc.message}",
+                    attempts=0,
+                )
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
             yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
 
@@ -255,6 +262,8 @@ class AgentLoop:
                 if isinstance(event, m.TurnEnd):
                     end = event
                 else:
+                    if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
+                        state.open_calls[event.call_id] = event.name
                     yield event
             assert end is not None, "a model turn ends with TurnEnd"
             totals.input_tokens += end.input_tokens
@@ -281,6 +290,7 @@ class AgentLoop:
                 # Each still gets a result, as every call the caller saw begin does.
                 for call in calls:
                     yield not_run(call, "the model's turn was stopped (refusal)")
+                state.open_calls = {}
                 calls = []
             if not calls:
                 yield FinalResponse(
@@ -341,8 +351,7 @@ class AgentLoop:
                         raise _timed_out(err) from err
                 except ModelError as exc:
                     if not exc.retryable:
-                        code = _CALLER_FAULT.get(exc.status or 0, "FAILED_PRECONDITION")
-                        raise ModelRequestFailed(f"the model refused the request: {exc.message}", code=code) from exc
+                        raise model_failure(turn, exc) from exc
                     if emitted:
                         raise ModelUnavailable(
                             f"model turn {turn} failed after part of it was streamed: {exc.message}"
@@ -453,5 +462,6 @@ def tool_result_block(result: ToolResult) -> dict[str, Any]:
     if result.status is ToolStatus.PARTIAL:
         body = json.dumps({"partial": True, "note": result.error, "data": result.data})
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    text = f"{result.status.value}: {result.error}"
+    # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
+    text = m.plain_text(f"{result.status.value}: {result.error}")
     return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
