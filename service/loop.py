@@ -96,7 +96,7 @@ class _RunState:
         )
         self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
         self.tools_started = started
-        self.paused = False  # the last turn ended with pause_turn
+        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
 
     def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
         """Add a model turn to the history and return the assistant message's content: the continuation of a paused
@@ -106,7 +106,9 @@ class _RunState:
             self.history[-1] = {**last, "content": [*last["content"], *end.content]}
         else:
             self.history.append({"role": "assistant", "content": end.content})
-        self.paused = end.stop_reason == "pause_turn"
+        # A paused turn that asked for tools is a tool turn: left as it stands, its tool_use blocks would go back
+        # without results, which the API refuses, and the caller would never see the calls end.
+        self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
         content: list[dict[str, Any]] = self.history[-1]["content"]
         return content
 
@@ -278,7 +280,7 @@ class AgentLoop:
                 total_output_tokens=totals.output_tokens,
             )
             answer = state.record(end)
-            if end.stop_reason == "pause_turn":
+            if state.paused:
                 # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
                 after_turn = control.after_turn_reason()
                 if after_turn is not None:

@@ -279,7 +279,9 @@ async def test_tool_inputs_the_api_could_not_take_back_are_refused_and_the_run_g
     assistant, answers = fake.requests[1].body["messages"][1:]
     assert [b["input"] for b in assistant["content"]] == [{}, {}, {}, {"text": "fine"}]
     said = {a["tool_use_id"]: a["content"] for a in answers["content"]}
-    assert said["toolu_deep"] == "rejected: tool input is nested more than 100 levels deep"
+    assert said["toolu_deep"] == (
+        "rejected: tool input is nested more than 100 levels deep; it is replaced by {} in the conversation"
+    )
     assert said["toolu_inf"].startswith("rejected: tool input has a number JSON cannot carry")
     assert said["toolu_half"].startswith("rejected: tool input has text that is not valid Unicode")
     assert said["toolu_inf"].endswith("it is replaced by {} in the conversation")
@@ -405,3 +407,19 @@ async def test_the_model_bounds_come_from_the_config(tmp_path: Path) -> None:
     assert isinstance(model, AnthropicModel)
     assert (model._idle_timeout_s, model._turn_timeout_s) == (7, 70)
     await model.aclose()
+
+
+async def test_a_paused_turn_that_asks_for_tools_runs_them(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """Sent back as it stands, the paused turn's tool_use would have no result (the API refuses such a history) and
+    the caller would never see the call end: it is a tool turn like any other."""
+    fake.script_blocks([Text("Let me"), ToolUse("echo", {"text": "a"}, id="toolu_p")], stop_reason="pause_turn")
+    fake.script_turn(text="Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert events[-1].final_response.text == "Done."
+    (result,) = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert (result.call_id, result.status) == ("toolu_p", pb.TOOL_STATUS_OK)
+    user, assistant, results = fake.requests[1].body["messages"]
+    assert [b["type"] for b in assistant["content"]] == ["text", "tool_use"]
+    assert [(b["type"], b["tool_use_id"]) for b in results["content"]] == [("tool_result", "toolu_p")]

@@ -236,8 +236,8 @@ class _Turn:
             self.stopped = True
 
     def _start(self, index: int, start: ContentBlock) -> Iterator[ModelEvent]:
-        if type(index) is not int:
-            raise _malformed(f"a content block index that is not an integer: {index!r}"[:200])
+        if type(index) is not int or type(start.type) is not str:
+            raise _malformed(f"a content block {index!r} of type {start.type!r}"[:200])
         if start.type == "tool_use":
             call_id, name = start.id, start.name
             if not (isinstance(call_id, str) and call_id and isinstance(name, str)):
@@ -252,7 +252,7 @@ class _Turn:
             self.blocks[index] = _Block(type=start.type)
         else:
             # e.g. redacted_thinking: complete at start, and must go back to the API as it came (when it can).
-            raw = dict(start.to_dict())
+            raw = dict(start.to_dict(warnings=False))  # fields of types the SDK does not expect are no bug of ours
             problem = unsendable(raw)
             if problem is not None:
                 raise _malformed(f"a {start.type!r} block that {problem}"[:200])
@@ -311,6 +311,9 @@ class _Turn:
         )
 
 
+_REPLACED = "; it is replaced by {} in the conversation"
+
+
 def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
     """The tool input as a dict, or `{}` (what goes back to the API in its place) and why not."""
     if not raw.strip():
@@ -322,13 +325,13 @@ def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
     except ValueError as err:  # an integer of more digits than Python reads (4300 unless configured)
         return {}, f"tool input could not be read: {err}"
     except RecursionError:
-        return {}, f"tool input is nested more than {MAX_INPUT_DEPTH} levels deep"
+        return {}, f"tool input is nested more than {MAX_INPUT_DEPTH} levels deep{_REPLACED}"
     if not isinstance(value, dict):
         return {}, f"tool input is a JSON {type(value).__name__}, not an object"
     problem = unsendable(value)
     if problem is not None:
         # As it came it would make the next request fail (the SDK refuses to encode it): the history gets {}.
-        return {}, f"tool input {problem}; it is replaced by {{}} in the conversation"
+        return {}, f"tool input {problem}{_REPLACED}"
     return value, None
 
 
