@@ -254,6 +254,27 @@ async def test_request_refused_by_the_model_is_not_retried() -> None:
     assert waits == []
 
 
+CREDENTIALS = "the model API refused the server's credentials or account, a problem of the server's set-up, not of "
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, "FAILED_PRECONDITION", CREDENTIALS + "the request: no"),
+        (403, "FAILED_PRECONDITION", CREDENTIALS + "the request: no"),
+        (404, "INVALID_ARGUMENT", "the model API rejected the request: no"),
+        (422, "FAILED_PRECONDITION", "the model request failed: no"),
+    ],
+)
+async def test_a_model_failure_of_an_adapter_that_gives_only_the_http_status_says_what_failed(
+    status: int, code: str, message: str
+) -> None:
+    loop, waits = make_loop(scripted({"text": "x", "fail": {"status": status, "message": "no"}}))
+    last = (await collect(loop))[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.retryable, last.message) == (code, False, message)
+    assert waits == []
+
+
 async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> None:
     tools = all_tools()
     sleep_tool = tools["sleep"]

@@ -78,7 +78,8 @@ ModelEvent = ThinkingDelta | TextDelta | ToolUseStart | ToolUseDelta | TurnEnd
 
 class Model(Protocol):
     """Streams one turn. Raises `service.errors.ModelError` on failure (with `retryable` set for 429, 529, 5xx,
-    connection errors and mid-stream overload). The last event of a successful turn is `TurnEnd`."""
+    connection errors and mid-stream overload, and `kind` saying what failed). The last event of a successful turn
+    is `TurnEnd`, whose content can go back to the API as it is (see `unsendable`, `plain_text`)."""
 
     @property
     def default_model(self) -> str: ...
