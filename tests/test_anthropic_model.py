@@ -682,10 +682,11 @@ async def test_a_stream_that_breaks_the_protocol_is_a_malformed_stream(
     assert words in error.message
 
 
-async def test_a_stream_of_pings_alone_ends_after_the_silence_bound(fake: FakeAnthropic) -> None:
+@pytest.mark.parametrize("ping_as", ["ping", "mystery_keepalive"])
+async def test_a_stream_of_pings_alone_ends_after_the_silence_bound(fake: FakeAnthropic, ping_as: str) -> None:
     """The SDK's timeout is per read, and each ping is a read: without a bound of its own, an upstream that pings
-    and never answers holds the turn for ever."""
-    fake.script_hang([Text("Let me")], ping_every=0.05)
+    and never answers holds the turn for ever. An event of a type the protocol does not have is no content either."""
+    fake.script_hang([Text("Let me")], ping_every=0.05, ping_as=ping_as)
     claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, timeout_s=5.0, idle_timeout_s=0.3)
     started = time.monotonic()
     try:

@@ -75,6 +75,18 @@ _KINDS: dict[str, ModelFailure] = {
 # the Messages protocol: a field missing or of another type, JSON that is not JSON or is nested past the parser.
 _GARBLED = (AttributeError, TypeError, KeyError, ValueError, RecursionError)
 
+# The events of the Messages protocol: any of them is news from the model, which resets the silence bound.
+_CONTENT = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    }
+)
+
 # Stop reasons that end a turn wherever the output is: a tool_use block last in such a turn was cut off mid-input.
 _CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
 
@@ -127,16 +139,20 @@ class AnthropicModel:
         await self._client.close()
 
     async def stream_turn(self, request: TurnRequest) -> AsyncGenerator[ModelEvent, None]:
-        turn_due = asyncio.get_running_loop().time() + self._turn_timeout_s
+        clock = asyncio.get_running_loop().time
+        turn_due = clock() + self._turn_timeout_s
         # Until the response's headers come, the SDK's own timeout is the silence bound: nothing is read before.
-        stream = await self._bounded(self._open(request), turn_due, idle=False)
+        stream = await self._bounded(self._open(request), turn_due, None)
         turn = _Turn()
         try:
+            heard = clock()
             while True:
                 try:
-                    event = await self._bounded(anext(stream), turn_due)
+                    event = await self._bounded(anext(stream), turn_due, heard + self._idle_timeout_s)
                 except StopAsyncIteration:
                     break
+                if getattr(event, "type", None) in _CONTENT:  # the SDK drops pings; an event of no known type is noise
+                    heard = clock()
                 for model_event in turn.feed(event):
                     yield model_event
         except (anthropic.AnthropicError, httpx2.HTTPError, TimeoutError, *_GARBLED) as err:
@@ -146,11 +162,11 @@ class AnthropicModel:
             await stream.close()
         yield turn.end()
 
-    async def _bounded(self, step: Awaitable[T], turn_due: float, *, idle: bool = True) -> T:
-        """`step` (opening the stream, or reading its next event), within the turn's total bound and, if `idle`, its
-        silence bound. Only this await is bounded, never the consumer's work between events: a timeout around a
-        `yield` would cancel whatever the consumer awaits."""
-        idle_due = asyncio.get_running_loop().time() + self._idle_timeout_s if idle else turn_due
+    async def _bounded(self, step: Awaitable[T], turn_due: float, idle_due: float | None) -> T:
+        """`step` (opening the stream, or reading its next event), within the turn's total bound and its silence
+        bound (`idle_due`, if any). Only this await is bounded, never the consumer's work between events: a timeout
+        around a `yield` would cancel whatever the consumer awaits."""
+        idle_due = turn_due if idle_due is None else idle_due
         bound = asyncio.timeout_at(min(idle_due, turn_due))
         try:
             async with bound:
