@@ -47,7 +47,15 @@ class ModelConfig(_Strict):
     )
     name: str = Field(default="claude-sonnet-4-6", description="default model for the anthropic provider")
     max_tokens: int = Field(default=4096, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0, description="HTTP timeout of a model request, per read")
+    idle_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a model turn with no content for this long fails (keep-alive pings do not count)",
+    )
+    turn_timeout_s: float = Field(
+        default=1800.0, gt=0, description="a model turn, from its request to its last event, fails after this long"
+    )
     thinking: Literal["adaptive"] | None = Field(
         default=None, description="adaptive: the model decides when and how much to think (Claude 4.6 and later)"
     )

@@ -28,9 +28,9 @@ from service.errors import (
     DeadlineExceeded,
     MaxTurnsExceeded,
     ModelError,
-    ModelRequestFailed,
     ModelUnavailable,
     RunError,
+    model_failure,
 )
 from service.events import (
     Event,
@@ -51,9 +51,6 @@ from service.policy.retry import jittered_backoff, wait_after
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-# HTTP statuses of a model request that mean "the request itself is wrong" rather than "the model is down".
-_CALLER_FAULT = {400: "INVALID_ARGUMENT", 404: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}
 
 # The longest wait a model's retry-after may ask of a run; beyond it the run ends at once, retryable, for the caller
 # to try again later rather than hold a stream open that long.
@@ -98,9 +95,9 @@ class _RunState:
             trace_context=spec.trace_context,
             remaining=control.remaining if control.deadline is not None else None,
         )
-        self.open_calls: dict[str, str] = {}
+        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
         self.tools_started = started
-        self.paused = False  # the last turn ended with pause_turn
+        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
 
     def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
         """Add a model turn to the history and return the assistant message's content: the continuation of a paused
@@ -110,7 +107,9 @@ class _RunState:
             self.history[-1] = {**last, "content": [*last["content"], *end.content]}
         else:
             self.history.append({"role": "assistant", "content": end.content})
-        self.paused = end.stop_reason == "pause_turn"
+        # A paused turn that asked for tools is a tool turn: left as it stands, its tool_use blocks would go back
+        # without results, which the API refuses, and the caller would never see the calls end.
+        self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
         content: list[dict[str, Any]] = self.history[-1]["content"]
         return content
 
@@ -237,6 +236,16 @@ class AgentLoop:
             log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
             yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
+            # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
+            for call_id, name in state.open_calls.items():
+                yield ToolResult(
+                    call_id=call_id,
+                    name=name,
+                    status=ToolStatus.REJECTED,
+                    duration_s=0.0,
+                    error=f"not run: {exc.message}",
+                    attempts=0,
+                )
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
             yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
 
@@ -256,6 +265,8 @@ class AgentLoop:
                 if isinstance(event, m.TurnEnd):
                     end = event
                 else:
+                    if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
+                        state.open_calls[event.call_id] = event.name
                     yield event
             assert end is not None, "a model turn ends with TurnEnd"
             totals.input_tokens += end.input_tokens
@@ -270,7 +281,7 @@ class AgentLoop:
                 total_output_tokens=totals.output_tokens,
             )
             answer = state.record(end)
-            if end.stop_reason == "pause_turn":
+            if state.paused:
                 # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
                 after_turn = control.after_turn_reason()
                 if after_turn is not None:
@@ -282,6 +293,7 @@ class AgentLoop:
                 # Each still gets a result, as every call the caller saw begin does.
                 for call in calls:
                     yield not_run(call, "the model's turn was stopped (refusal)")
+                state.open_calls = {}
                 calls = []
             if not calls:
                 yield FinalResponse(
@@ -342,8 +354,7 @@ class AgentLoop:
                         raise _timed_out(err) from err
                 except ModelError as exc:
                     if not exc.retryable:
-                        code = _CALLER_FAULT.get(exc.status or 0, "FAILED_PRECONDITION")
-                        raise ModelRequestFailed(f"the model refused the request: {exc.message}", code=code) from exc
+                        raise model_failure(turn, exc) from exc
                     if emitted:
                         raise ModelUnavailable(
                             f"model turn {turn} failed after part of it was streamed: {exc.message}"
@@ -458,5 +469,6 @@ def tool_result_block(result: ToolResult) -> dict[str, Any]:
     if result.status is ToolStatus.PARTIAL:
         body = json.dumps({"partial": True, "note": result.error, "data": result.data})
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    text = f"{result.status.value}: {result.error}"
+    # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
+    text = m.plain_text(f"{result.status.value}: {result.error}")
     return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

@@ -49,6 +49,8 @@ def build_model(config: Config) -> Model:
         return AnthropicModel(
             default_model=config.model.name,
             timeout_s=config.model.timeout_s,
+            idle_timeout_s=config.model.idle_timeout_s,
+            turn_timeout_s=config.model.turn_timeout_s,
             thinking_budget=config.model.thinking_budget,
             adaptive_thinking=config.model.thinking == "adaptive",
             effort=config.model.effort,

@@ -102,6 +102,8 @@ class _Reply:
     error_body: dict[str, Any] | None = None
     events: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
     hang: bool = False  # after the events, hold the stream open until the client goes away
+    ping_every: float | None = None  # while hanging, a `ping` event this often (seconds)
+    ping_as: str = "ping"  # the event type sent as the ping
     delay: float = 0.0  # seconds before each event
     headers: dict[str, str] = field(default_factory=dict)  # of an error reply
 
@@ -249,10 +251,23 @@ class FakeAnthropic:
         scripted = [(name, data if isinstance(data, str) else dict(data)) for name, data in events]
         self._replies.append(_Reply(events=opening + scripted))
 
-    def script_hang(self, blocks: Sequence[Block] = (), *, delay: float = 0.0) -> None:
-        """HTTP 200 and the start of a stream (`blocks`), then nothing, until the client disconnects."""
+    def script_hang(
+        self,
+        blocks: Sequence[Block] = (),
+        *,
+        delay: float = 0.0,
+        ping_every: float | None = None,
+        ping_as: str = "ping",
+    ) -> None:
+        """HTTP 200 and the start of a stream (`blocks`), then nothing until the client disconnects, or only `ping`
+        events (of type `ping_as`) every `ping_every` seconds, as an upstream that keeps the connection alive without
+        content does."""
         events = self._opening(25, True) + self._block_events(blocks, False)
-        self._replies.append(_Reply(events=events, hang=True, delay=delay))
+        self._replies.append(_Reply(events=events, hang=True, delay=delay, ping_every=ping_every, ping_as=ping_as))
+
+    def clear(self) -> None:
+        """Forget the scripted replies not used yet."""
+        self._replies.clear()
 
     # Rendering scripts into the wire events.
 
@@ -318,7 +333,13 @@ class FakeAnthropic:
     # Serving.
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        try:
+            # As strict as the API: JSON proper, without Python's NaN and Infinity (the SDK refuses to send them).
+            body = json.loads(await request.read(), parse_constant=_no_constant)
+        except ValueError as err:
+            self.requests.append(RecordedRequest(path=request.path, headers=dict(request.headers), body={}))
+            error = _error_body("invalid_request_error", f"The request body is not valid JSON: {err}")
+            return web.json_response(error, status=400)
         record = RecordedRequest(
             path=request.path, headers={k.lower(): v for k, v in request.headers.items()}, body=body
         )
@@ -352,7 +373,7 @@ class FakeAnthropic:
                 text = data if isinstance(data, str) else json.dumps(data)  # a str: sent as it is, not as JSON
                 await response.write(f"event: {name}\ndata: {text}\n\n".encode())
             if reply.hang:
-                await self._wait_for_disconnect(request)
+                await self._wait_for_disconnect(request, response, reply.ping_every, reply.ping_as)
         except ConnectionError:
             pass  # the client went away mid-write
         if request.transport is None or request.transport.is_closing():
@@ -362,12 +383,23 @@ class FakeAnthropic:
         await response.write_eof()
         return response
 
-    async def _wait_for_disconnect(self, request: web.Request) -> None:
+    async def _wait_for_disconnect(
+        self, request: web.Request, response: web.StreamResponse, ping_every: float | None, ping_as: str
+    ) -> None:
         # aiohttp has no disconnect callback for a handler; the transport is dropped when the peer closes.
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + (ping_every or 0)
         while not self._stopping.is_set():
             if request.transport is None or request.transport.is_closing():
                 return
+            if ping_every is not None and loop.time() >= next_ping:
+                await response.write(f'event: {ping_as}\ndata: {{"type": "{ping_as}"}}\n\n'.encode())
+                next_ping += ping_every
             await asyncio.sleep(0.01)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _error_body(error_type: str, message: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -417,14 +418,15 @@ async def test_invalid_request_mid_stream_is_final(fake: FakeAnthropic, model: A
 async def test_a_delta_for_a_block_that_never_started_is_a_model_error(
     fake: FakeAnthropic, model: AnthropicModel
 ) -> None:
-    """The upstream broke the protocol: a model failure the run reports as such, not a bug of ours (INTERNAL)."""
+    """The upstream broke the protocol: a model failure the run reports as such, not a bug of ours (INTERNAL), and
+    worth another try as a gateway's 502 is."""
     delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}
     fake.script_events([("content_block_delta", delta)])
 
     error, events = await failure(model)
 
     assert events == []
-    assert error.retryable is False
+    assert (error.retryable, error.kind) == (True, "malformed")
     assert error.message == "anthropic: malformed stream: a delta for content block 0, which never started"
 
 
@@ -544,3 +546,187 @@ async def test_a_tool_input_with_an_integer_too_long_to_read_is_a_bad_input(
     assert isinstance(end, TurnEnd)
     assert end.content[0]["input"] == {}
     assert end.bad_inputs["toolu_big"].startswith("tool input could not be read: Exceeds the limit (4300 digits)")
+
+
+def nested(depth: int) -> str:
+    return '{"sql": "select 1", "deep": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (nested(5000), "is nested more than 100 levels deep"),  # past what json.loads itself can read
+        (nested(101), "is nested more than 100 levels deep"),
+        ('{"sql": "select 1", "n": 1e400}', "has a number JSON cannot carry"),
+        ('{"sql": "select 1", "n": [-1e999]}', "has a number JSON cannot carry"),
+        ('{"sql": "select 1", "n": NaN}', "has a number JSON cannot carry"),
+        ('{"sql": "select \\ud800"}', "has text that is not valid Unicode"),
+        ('{"sql": "select 1", "\\udfff": 1}', "has text that is not valid Unicode"),
+    ],
+)
+async def test_a_tool_input_that_could_not_go_back_to_the_api_is_a_bad_input(
+    fake: FakeAnthropic, model: AnthropicModel, raw: str, why: str
+) -> None:
+    """As it came, such an input would make the next request fail (the SDK cannot encode it) or the run crash
+    (json.loads raising RecursionError): the call is refused and the history gets {} in its place."""
+    fake.script_blocks([ToolUse("query_database", raw, id="toolu_odd")])
+
+    end = (await collect(model))[-1]
+
+    assert isinstance(end, TurnEnd)
+    assert end.content[0]["input"] == {}
+    assert end.bad_inputs["toolu_odd"].startswith(f"tool input {why}")
+    assert end.bad_inputs["toolu_odd"].endswith("; it is replaced by {} in the conversation")
+
+
+async def test_unusual_but_sendable_tool_inputs_are_kept(fake: FakeAnthropic, model: AnthropicModel) -> None:
+    raw = '{"sql": "\\ud83d\\ude00", "": 1e308, "deep": ' + "[" * 99 + "]" * 99 + ', "big": ' + "9" * 400 + "}"
+    fake.script_blocks([ToolUse("query_database", raw, id="toolu_ok")])
+
+    end = (await collect(model))[-1]
+
+    assert isinstance(end, TurnEnd) and end.bad_inputs == {}
+    assert end.content[0]["input"]["sql"] == "\U0001f600"
+
+
+async def test_lone_surrogates_in_the_turns_text_and_ids_do_not_reach_the_history(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    """The history goes back to the API as UTF-8: a lone surrogate the model's JSON escapes produced would fail the
+    next request, so it becomes U+FFFD there (the caller's events get the same from `service.convert`)."""
+    fake.script_events(
+        [
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),
+            (
+                "content_block_delta",
+                '{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "half \\ud83d"}}',
+            ),
+            (
+                "content_block_start",
+                '{"type": "content_block_start", "index": 1, "content_block": '
+                '{"type": "tool_use", "id": "toolu_\\udc00", "name": "query_\\ud800", "input": {}}}',
+            ),
+            (
+                "message_delta",
+                {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 3}},
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    )
+
+    events = await collect(model)
+
+    end = events[-1]
+    assert isinstance(end, TurnEnd)
+    assert end.content == [
+        {"type": "text", "text": "half \ufffd"},
+        {"type": "tool_use", "id": "toolu_\ufffd", "name": "query_\ufffd", "input": {}},
+    ]
+    assert ToolUseStart(call_id="toolu_\ufffd", name="query_\ufffd") in events  # the same id everywhere
+    json.dumps(end.content, ensure_ascii=False).encode()
+
+
+START_TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+
+
+@pytest.mark.parametrize(
+    ("events", "words"),
+    [
+        ([("content_block_start", {"type": "content_block_start", "index": 0})], "AttributeError"),
+        ([("content_block_start", {**START_TEXT, "index": "first"})], "a content block 'first' of type 'text'"),
+        ([("content_block_start", {**START_TEXT, "content_block": {"type": 5}})], "a content block 0 of type 5"),
+        (
+            [("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": "many"}})],
+            "token count",
+        ),
+        (
+            [("message_delta", {"type": "message_delta", "delta": {"stop_reason": 7}, "usage": {"output_tokens": 1}})],
+            "stop_reason that is not a string",
+        ),
+        (
+            [
+                ("content_block_start", START_TEXT),
+                (
+                    "content_block_delta",
+                    '{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}}',
+                ),
+            ],
+            "TypeError",
+        ),
+        ([("content_block_start", "not json")], "JSONDecodeError"),
+        ([("message_delta", '{"type": "message_delta", "x": ' + "[" * 5000 + "]" * 5000 + "}")], "RecursionError"),
+        (
+            [
+                ("content_block_start", {"type": "content_block_start", "index": i, "content_block": block})
+                for i, block in enumerate([{"type": "tool_use", "id": "toolu_1", "name": "q", "input": {}}] * 2)
+            ],
+            "two tool_use blocks with the id 'toolu_1'",
+        ),
+        (
+            [("content_block_start", {**START_TEXT, "content_block": {"type": "tool_use", "id": 1, "name": "q"}})],
+            "a tool_use block without a string id and name",
+        ),
+    ],
+)
+async def test_a_stream_that_breaks_the_protocol_is_a_malformed_stream(
+    fake: FakeAnthropic, model: AnthropicModel, events: list[tuple[str, Any]], words: str
+) -> None:
+    """Whatever the upstream sends (a proxy's garbage, fields missing or of the wrong type), the turn ends with a
+    model error saying the stream was malformed, never an exception of ours (INTERNAL)."""
+    fake.script_events([*events, ("message_stop", {"type": "message_stop"})])
+
+    error, _ = await failure(model)
+
+    assert (error.kind, error.retryable) == ("malformed", True)
+    assert error.message.startswith("anthropic: malformed stream: ")
+    assert words in error.message
+
+
+@pytest.mark.parametrize("ping_as", ["ping", "mystery_keepalive"])
+async def test_a_stream_of_pings_alone_ends_after_the_silence_bound(fake: FakeAnthropic, ping_as: str) -> None:
+    """The SDK's timeout is per read, and each ping is a read: without a bound of its own, an upstream that pings
+    and never answers holds the turn for ever. An event of a type the protocol does not have is no content either."""
+    fake.script_hang([Text("Let me")], ping_every=0.05, ping_as=ping_as)
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, timeout_s=5.0, idle_timeout_s=0.3)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(5):
+            error, events = await failure(claude)
+    finally:
+        await claude.aclose()
+
+    assert 0.3 <= time.monotonic() - started < 2
+    assert (error.kind, error.retryable) == ("unavailable", True)
+    assert error.message == "anthropic: the model sent no content for 0.3 s (model.idle_timeout_s)"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Let me"
+    await asyncio.wait_for(fake.disconnected.wait(), 1)  # the connection is dropped, not left pinging
+
+
+async def test_a_turn_that_trickles_ends_after_the_total_bound(fake: FakeAnthropic) -> None:
+    fake.script_blocks([Text(["tick "] * 200)], delay=0.02, pings=False)
+    claude = AnthropicModel(
+        api_key="test-key", base_url=fake.base_url, timeout_s=5.0, idle_timeout_s=1.0, turn_timeout_s=0.4
+    )
+    try:
+        async with asyncio.timeout(5):
+            error, events = await failure(claude)
+    finally:
+        await claude.aclose()
+
+    assert (error.kind, error.retryable) == ("unavailable", True)
+    assert error.message == "anthropic: the model turn took longer than 0.4 s (model.turn_timeout_s)"
+    assert len(events) < 200  # cut short, not read to its end
+
+
+async def test_a_consumer_slower_than_the_silence_bound_is_not_the_models_silence(fake: FakeAnthropic) -> None:
+    """Only the wait for the upstream is bounded, never the consumer's own work between two events."""
+    fake.script_turn(text=["a", "b"])
+    claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, idle_timeout_s=0.1)
+    seen: list[ModelEvent] = []
+    try:
+        async for event in claude.stream_turn(request()):
+            seen.append(event)
+            await asyncio.sleep(0.15)
+    finally:
+        await claude.aclose()
+    assert isinstance(seen[-1], TurnEnd)

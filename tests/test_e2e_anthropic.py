@@ -41,7 +41,7 @@ async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]
 
 
 async def loop_run(
-    fake: FakeAnthropic, *, attempts: int = 3, control: RunControl | None = None
+    fake: FakeAnthropic, *, attempts: int = 3, control: RunControl | None = None, **model_options: Any
 ) -> tuple[list[ev.Event], list[float]]:
     """One run through the loop and the real adapter, without gRPC: the loop's waits recorded, not slept."""
     waits: list[float] = []
@@ -49,7 +49,7 @@ async def loop_run(
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    model = AnthropicModel(api_key="test-key", base_url=fake.base_url)
+    model = AnthropicModel(api_key="test-key", base_url=fake.base_url, **model_options)
     retry = ModelRetry(attempts=attempts, initial_backoff_s=0.5, max_backoff_s=4)
     loop = AgentLoop(model, Executor(all_tools(), timeout_s=5), retry=retry, sleep=sleep)
     spec = RunSpec(
@@ -254,3 +254,172 @@ async def test_thinking_blocks_go_back_to_the_model_as_they_came(
             {"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {"text": "a"}},
         ],
     }
+
+
+async def test_tool_inputs_the_api_could_not_take_back_are_refused_and_the_run_goes_on(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """Each of these inputs used to end the run: nested past json.loads with INTERNAL, the others by failing the
+    next request, reported as the model refusing it."""
+    deep = '{"text": ' + "[" * 5000 + "]" * 5000 + "}"
+    fake.script_blocks(
+        [
+            ToolUse("echo", deep, id="toolu_deep"),
+            ToolUse("echo", '{"text": "a", "times": 1e400}', id="toolu_inf"),
+            ToolUse("echo", '{"text": "\\ud800"}', id="toolu_half"),
+            ToolUse("echo", '{"text": "fine"}', id="toolu_fine"),
+        ]
+    )
+    fake.script_turn(text="Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert events[-1].final_response.text == "Done."
+    results = {e.tool_result.call_id: e.tool_result for e in events if e.HasField("tool_result")}
+    assert [results[c].status for c in ("toolu_deep", "toolu_inf", "toolu_half")] == [pb.TOOL_STATUS_REJECTED] * 3
+    assert results["toolu_fine"].status == pb.TOOL_STATUS_OK
+    assistant, answers = fake.requests[1].body["messages"][1:]
+    assert [b["input"] for b in assistant["content"]] == [{}, {}, {}, {"text": "fine"}]
+    said = {a["tool_use_id"]: a["content"] for a in answers["content"]}
+    assert said["toolu_deep"] == (
+        "rejected: tool input is nested more than 100 levels deep; it is replaced by {} in the conversation"
+    )
+    assert said["toolu_inf"].startswith("rejected: tool input has a number JSON cannot carry")
+    assert said["toolu_half"].startswith("rejected: tool input has text that is not valid Unicode")
+    assert said["toolu_inf"].endswith("it is replaced by {} in the conversation")
+
+
+async def test_a_tool_call_begun_in_a_turn_that_failed_still_gets_a_result(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """The caller saw the call begin (tool_call) before the model failed mid-turn: it learns the call never ran."""
+    fake.script_stream_error([ToolUse("echo", {"text": "a"}, id="toolu_begun")])
+    seen: list[pb.AgentEvent] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in stub(channel_to(service)).RunAgent(pb.RunAgentRequest(message="go", tools=["echo"])):
+            seen.append(event)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    kinds = [e.WhichOneof("event") for e in seen]
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("error") == len(kinds) - 1
+    (result,) = [e.tool_result for e in seen if e.HasField("tool_result")]
+    assert (result.call_id, result.status) == ("toolu_begun", pb.TOOL_STATUS_REJECTED)
+    assert result.error.startswith("not run: model turn 1 failed after part of it was streamed: ")
+
+
+async def run_failure(fake: FakeAnthropic, **kwargs: Any) -> tuple[ev.RunFailed, list[float]]:
+    events, waits = await loop_run(fake, **kwargs)
+    assert isinstance(events[-1], ev.RunFailed), events[-1]
+    return events[-1], waits
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (529, "the model is unavailable (turn 1, not retried as the API asks): anthropic: overloaded (HTTP 529)"),
+        (500, "the model is unavailable (turn 1, not retried as the API asks): anthropic: server error (HTTP 500)"),
+    ],
+)
+async def test_a_model_down_that_the_api_says_not_to_retry_is_unavailable(
+    fake: FakeAnthropic, status: int, message: str
+) -> None:
+    fake.script_http_error(status, headers={"x-should-retry": "false"})
+    failed, waits = await run_failure(fake)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert failed.message.startswith(message)
+    assert (waits, len(fake.requests)) == ([], 1)
+
+
+async def test_a_model_server_error_is_retried_then_unavailable(fake: FakeAnthropic) -> None:
+    for _ in range(3):
+        fake.script_http_error(500)
+    failed, waits = await run_failure(fake)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert failed.message.startswith("model turn 1 failed after 3 attempt(s): anthropic: server error (HTTP 500)")
+    assert len(waits) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_the_servers_model_credentials_refused_is_failed_precondition_and_says_whose(
+    fake: FakeAnthropic, status: int
+) -> None:
+    """Not UNAUTHENTICATED / PERMISSION_DENIED: those tell a caller that its own credentials are wrong."""
+    fake.script_http_error(status)
+    failed, waits = await run_failure(fake)
+    assert (failed.code, failed.retryable) == ("FAILED_PRECONDITION", False)
+    assert failed.message.startswith(
+        "the model API refused the server's credentials or account, a problem of the server's set-up, not of the "
+        "request: anthropic: "
+    )
+    assert f"(HTTP {status})" in failed.message
+    assert (waits, len(fake.requests)) == ([], 1)
+
+
+async def test_a_request_the_model_api_rejects_is_invalid_argument(fake: FakeAnthropic) -> None:
+    fake.script_http_error(400, message="prompt is too long: 210000 tokens > 200000 maximum")
+    failed, _ = await run_failure(fake)
+    assert (failed.code, failed.retryable) == ("INVALID_ARGUMENT", False)
+    assert failed.message == (
+        "the model API rejected the request: anthropic: invalid request (HTTP 400): prompt is too long: 210000 "
+        "tokens > 200000 maximum [request-id req_fake]"
+    )
+
+
+async def test_a_malformed_stream_is_retried_then_unavailable_and_says_so(fake: FakeAnthropic) -> None:
+    fake.script_events([("content_block_start", "<html>502 Bad Gateway</html>")])
+    fake.script_events([("content_block_start", {"type": "content_block_start", "index": 0})])
+    failed, waits = await run_failure(fake, attempts=2)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert failed.message.startswith("model turn 1 failed after 2 attempt(s): anthropic: malformed stream: ")
+    assert (len(waits), len(fake.requests)) == (1, 2)
+
+
+async def test_a_malformed_stream_once_is_made_good_by_a_retry(fake: FakeAnthropic) -> None:
+    fake.script_events([("content_block_start", "not json")])
+    fake.script_turn(text="Back.")
+    events, _ = await loop_run(fake)
+    assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "Back."
+
+
+async def test_a_model_that_only_pings_is_retried_then_unavailable(fake: FakeAnthropic) -> None:
+    fake.script_hang(ping_every=0.05)
+    fake.script_hang(ping_every=0.05)
+    failed, waits = await run_failure(fake, attempts=2, idle_timeout_s=0.2)
+    assert (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert failed.message == (
+        "model turn 1 failed after 2 attempt(s): anthropic: the model sent no content for 0.2 s (model.idle_timeout_s)"
+    )
+    assert (len(waits), len(fake.requests)) == (1, 2)
+
+
+async def test_a_model_that_pings_after_some_text_ends_the_run_unavailable(fake: FakeAnthropic) -> None:
+    """Text reached the caller: another try would show it a different answer, so the run ends, retryable."""
+    fake.script_hang([Text("Half an ans")], ping_every=0.05)
+    events, waits = await loop_run(fake, idle_timeout_s=0.2)
+    failed = events[-1]
+    assert isinstance(failed, ev.RunFailed) and (failed.code, failed.retryable) == ("UNAVAILABLE", True)
+    assert "failed after part of it was streamed: anthropic: the model sent no content for 0.2 s" in failed.message
+    assert waits == []
+
+
+async def test_the_model_bounds_come_from_the_config(tmp_path: Path) -> None:
+    from service.server import build_model
+
+    config = make_config(tmp_path, model={"provider": "anthropic", "idle_timeout_s": 7, "turn_timeout_s": 70})
+    model = build_model(config)
+    assert isinstance(model, AnthropicModel)
+    assert (model._idle_timeout_s, model._turn_timeout_s) == (7, 70)
+    await model.aclose()
+
+
+async def test_a_paused_turn_that_asks_for_tools_runs_them(
+    fake: FakeAnthropic, service: Service, channel_to: Any
+) -> None:
+    """Sent back as it stands, the paused turn's tool_use would have no result (the API refuses such a history) and
+    the caller would never see the call end: it is a tool turn like any other."""
+    fake.script_blocks([Text("Let me"), ToolUse("echo", {"text": "a"}, id="toolu_p")], stop_reason="pause_turn")
+    fake.script_turn(text="Done.")
+    events = await run_events(channel_to(service), tools=["echo"])
+    assert events[-1].final_response.text == "Done."
+    (result,) = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert (result.call_id, result.status) == ("toolu_p", pb.TOOL_STATUS_OK)
+    user, assistant, results = fake.requests[1].body["messages"]
+    assert [b["type"] for b in assistant["content"]] == ["text", "tool_use"]
+    assert [(b["type"], b["tool_use_id"]) for b in results["content"]] == [("tool_result", "toolu_p")]

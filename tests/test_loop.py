@@ -13,7 +13,7 @@ from fake_tools import EchoInput, all_tools
 from service import events as ev
 from service.config import ModelRetry, Pacing
 from service.executor import Executor
-from service.loop import AgentLoop, RunSpec
+from service.loop import AgentLoop, RunSpec, tool_result_block
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
 from tools.base import JSON, Tool
@@ -254,6 +254,27 @@ async def test_request_refused_by_the_model_is_not_retried() -> None:
     assert waits == []
 
 
+CREDENTIALS = "the model API refused the server's credentials or account, a problem of the server's set-up, not of "
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, "FAILED_PRECONDITION", CREDENTIALS + "the request: no"),
+        (403, "FAILED_PRECONDITION", CREDENTIALS + "the request: no"),
+        (404, "INVALID_ARGUMENT", "the model API rejected the request: no"),
+        (422, "FAILED_PRECONDITION", "the model request failed: no"),
+    ],
+)
+async def test_a_model_failure_of_an_adapter_that_gives_only_the_http_status_says_what_failed(
+    status: int, code: str, message: str
+) -> None:
+    loop, waits = make_loop(scripted({"text": "x", "fail": {"status": status, "message": "no"}}))
+    last = (await collect(loop))[-1]
+    assert isinstance(last, ev.RunFailed) and (last.code, last.retryable, last.message) == (code, False, message)
+    assert waits == []
+
+
 async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> None:
     tools = all_tools()
     sleep_tool = tools["sleep"]
@@ -397,7 +418,12 @@ async def test_tool_call_budget() -> None:
     calls = [{"name": "echo", "input": {"text": "a"}}, {"name": "echo", "input": {"text": "b"}}]
     loop, _ = make_loop(scripted({"tool_calls": calls}, {"tool_calls": calls}, {"text": "end"}))
     events = await collect(loop, spec(max_tool_calls=3))
-    assert len(of(events, ev.ToolResult)) == 2
+    ran, refused = of(events, ev.ToolResult)[:2], of(events, ev.ToolResult)[2:]
+    assert [r.status for r in ran] == [ev.ToolStatus.OK] * 2
+    # the second turn's calls began (the caller saw them) but did not run: each still gets its result
+    assert [r.call_id for r in refused] == [c.call_id for c in of(events, ev.ToolCall)[2:]]
+    assert all(r.status is ev.ToolStatus.REJECTED and r.attempts == 0 for r in refused)
+    assert all(r.error.startswith("not run: the model asked for 2 more tool call(s)") for r in refused)
     last = events[-1]
     assert isinstance(last, ev.RunFailed) and last.code == "RESOURCE_EXHAUSTED"
     assert "max_tool_calls=3" in last.message
@@ -512,3 +538,9 @@ async def test_a_tool_raising_timeout_error_is_a_tool_result() -> None:
     (result,) = of(events, ev.ToolResult)
     assert result.status is ev.ToolStatus.TIMEOUT
     assert isinstance(events[-1], ev.FinalResponse) and events[-1].text == "recovered"
+
+
+def test_a_tool_error_quoting_a_lone_surrogate_goes_back_to_the_model_as_utf8() -> None:
+    """A tool's error may quote what it read (a remote body, a program's stderr); the history must stay UTF-8."""
+    result = ev.ToolResult(call_id="c", name="t", status=ev.ToolStatus.ERROR, duration_s=0, error="bad \ud800 byte")
+    assert tool_result_block(result)["content"] == "error: bad \ufffd byte"

@@ -1,5 +1,7 @@
 """The Claude adapter: one turn through the Anthropic SDK's raw event stream, mapped to model events, with SDK
-failures mapped once to `ModelError`.
+failures mapped once to `ModelError`. The upstream is not trusted: a stream that breaks the protocol is a
+`malformed` ModelError, a turn is bounded in silence and in total time, and whatever the history gets back from a
+turn (text, tool inputs, ids) can be sent to the API again.
 
 Cancellation: `CancelledError` passes through untouched, and closing the generator (or cancelling its consumer)
 closes the HTTP stream in `finally`, so the upstream connection is dropped at once rather than read to the end.
@@ -7,12 +9,13 @@ closes the HTTP stream in `finally`, so the upstream connection is dropped at on
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import anthropic
 import httpx2
@@ -26,8 +29,9 @@ from anthropic.types import (
     ToolParam,
 )
 
-from service.errors import ModelError
+from service.errors import ModelError, ModelFailure, failure_of_status
 from service.models.base import (
+    MAX_INPUT_DEPTH,
     ModelEvent,
     TextDelta,
     ThinkingDelta,
@@ -35,8 +39,11 @@ from service.models.base import (
     ToolUseStart,
     TurnEnd,
     TurnRequest,
+    plain_text,
+    unsendable,
 )
 
+T = TypeVar("T")
 EffortLevel = Literal["low", "medium", "high", "xhigh", "max"]
 
 # Error types an `error` event can carry after HTTP 200 that no other try will change: the request's own fault.
@@ -50,6 +57,33 @@ _FINAL_STREAM_ERRORS = frozenset(
         "not_found_error",
         "request_too_large",
         "billing_error",
+    }
+)
+
+# What each error type says about the failure, for the run's status (see `service.errors.ModelFailure`); a type not
+# listed is taken for the upstream's trouble.
+_KINDS: dict[str, ModelFailure] = {
+    "invalid_request_error": "rejected",
+    "not_found_error": "rejected",
+    "request_too_large": "rejected",
+    "authentication_error": "credentials",
+    "permission_error": "credentials",
+    "billing_error": "credentials",
+}
+
+# Errors the SDK's stream raises, or that reading its loosely built events raises, when the upstream's data is not
+# the Messages protocol: a field missing or of another type, JSON that is not JSON or is nested past the parser.
+_GARBLED = (AttributeError, TypeError, KeyError, ValueError, RecursionError)
+
+# The events of the Messages protocol: any of them is news from the model, which resets the silence bound.
+_CONTENT = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
     }
 )
 
@@ -81,6 +115,8 @@ class AnthropicModel:
         base_url: str | None = None,
         default_model: str = "claude-sonnet-4-6",
         timeout_s: float = 120.0,
+        idle_timeout_s: float = 120.0,
+        turn_timeout_s: float = 1800.0,
         thinking_budget: int | None = None,
         adaptive_thinking: bool = False,
         effort: EffortLevel | None = None,
@@ -88,6 +124,9 @@ class AnthropicModel:
         # SDK retries off: the service retries whole turns itself, and SDK retries would hide attempts from it.
         self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
         self._default_model = default_model
+        # `timeout_s` bounds each read, and keep-alive pings are reads: these bound what the SDK cannot see.
+        self._idle_timeout_s = idle_timeout_s
+        self._turn_timeout_s = turn_timeout_s
         self._thinking_budget = thinking_budget
         self._adaptive: ThinkingConfigParam | None = {"type": "adaptive"} if adaptive_thinking else None
         self._output_config: OutputConfigParam | anthropic.Omit = {"effort": effort} if effort else anthropic.omit
@@ -100,18 +139,48 @@ class AnthropicModel:
         await self._client.close()
 
     async def stream_turn(self, request: TurnRequest) -> AsyncGenerator[ModelEvent, None]:
-        stream = await self._open(request)
+        clock = asyncio.get_running_loop().time
+        turn_due = clock() + self._turn_timeout_s
+        # Until the response's headers come, the SDK's own timeout is the silence bound: nothing is read before.
+        stream = await self._bounded(self._open(request), turn_due, None)
         turn = _Turn()
         try:
-            async for event in stream:
+            heard = clock()
+            while True:
+                try:
+                    event = await self._bounded(anext(stream), turn_due, heard + self._idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                if getattr(event, "type", None) in _CONTENT:  # the SDK drops pings; an event of no known type is noise
+                    heard = clock()
                 for model_event in turn.feed(event):
                     yield model_event
-        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError, TimeoutError) as err:
+        except (anthropic.AnthropicError, httpx2.HTTPError, TimeoutError, *_GARBLED) as err:
             raise _model_error(err) from err
         finally:
             # Drops the connection when the turn is abandoned (cancel, aclose) rather than leaving it to the GC.
             await stream.close()
         yield turn.end()
+
+    async def _bounded(self, step: Awaitable[T], turn_due: float, idle_due: float | None) -> T:
+        """`step` (opening the stream, or reading its next event), within the turn's total bound and its silence
+        bound (`idle_due`, if any). Only this await is bounded, never the consumer's work between events: a timeout
+        around a `yield` would cancel whatever the consumer awaits."""
+        idle_due = turn_due if idle_due is None else idle_due
+        bound = asyncio.timeout_at(min(idle_due, turn_due))
+        try:
+            async with bound:
+                return await step
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the SDK's or the socket's own
+            if idle_due < turn_due:
+                message = f"anthropic: the model sent no content for {self._idle_timeout_s:g} s (model.idle_timeout_s)"
+            else:
+                message = (
+                    f"anthropic: the model turn took longer than {self._turn_timeout_s:g} s (model.turn_timeout_s)"
+                )
+            raise ModelError(message, retryable=True, kind="unavailable") from None
 
     async def _open(self, request: TurnRequest) -> anthropic.AsyncStream[RawMessageStreamEvent]:
         tools = [ToolParam(name=t.name, description=t.description, input_schema=t.input_schema) for t in request.tools]
@@ -132,9 +201,12 @@ class AnthropicModel:
                 output_config=self._output_config,
                 stream=True,
             )
-        except Exception as err:
-            # Anything the SDK raises here is a failed call, e.g. a TypeError for missing credentials.
+        except (anthropic.AnthropicError, httpx2.HTTPError, TimeoutError) as err:
             raise _model_error(err) from err
+        except Exception as err:
+            # Anything else the SDK raises here is a request it could not make, e.g. a TypeError for missing
+            # credentials: the server's own set-up, which no other try changes.
+            raise ModelError(f"anthropic: request failed: {type(err).__name__}: {err}", retryable=False) from err
 
 
 @dataclass
@@ -161,31 +233,46 @@ class _Turn:
 
     def feed(self, event: RawMessageStreamEvent) -> Iterator[ModelEvent]:
         if event.type == "message_start":
-            self.input_tokens = event.message.usage.input_tokens
-            self.output_tokens = event.message.usage.output_tokens
+            self.input_tokens = _count(event.message.usage.input_tokens)
+            self.output_tokens = _count(event.message.usage.output_tokens)
         elif event.type == "content_block_start":
             yield from self._start(event.index, event.content_block)
         elif event.type == "content_block_delta":
             block = self.blocks.get(event.index)
             if block is None:
-                message = f"anthropic: malformed stream: a delta for content block {event.index}, which never started"
-                raise ModelError(message, retryable=False)
+                raise _malformed(f"a delta for content block {event.index!r}, which never started")
             yield from self._delta(block, event.delta)
         elif event.type == "message_delta":
-            self.stop_reason = event.delta.stop_reason or self.stop_reason
-            self.output_tokens = event.usage.output_tokens
+            stop_reason = event.delta.stop_reason
+            if stop_reason is not None and not isinstance(stop_reason, str):
+                raise _malformed(f"a stop_reason that is not a string: {stop_reason!r}"[:200])
+            self.stop_reason = stop_reason or self.stop_reason
+            self.output_tokens = _count(event.usage.output_tokens)
         elif event.type == "message_stop":
             self.stopped = True
 
     def _start(self, index: int, start: ContentBlock) -> Iterator[ModelEvent]:
+        if type(index) is not int or type(start.type) is not str:
+            raise _malformed(f"a content block {index!r} of type {start.type!r}"[:200])
         if start.type == "tool_use":
-            self.blocks[index] = _Block(type="tool_use", call_id=start.id, name=start.name)
-            yield ToolUseStart(call_id=start.id, name=start.name)
+            call_id, name = start.id, start.name
+            if not (isinstance(call_id, str) and call_id and isinstance(name, str)):
+                raise _malformed("a tool_use block without a string id and name")
+            # Sent back in the history, which must be UTF-8, and told apart by id there: the API's ids never repeat.
+            call_id, name = plain_text(call_id), plain_text(name)
+            if any(b.call_id == call_id for b in self.blocks.values()):
+                raise _malformed(f"two tool_use blocks with the id {call_id!r}"[:200])
+            self.blocks[index] = _Block(type="tool_use", call_id=call_id, name=name)
+            yield ToolUseStart(call_id=call_id, name=name)
         elif start.type in ("text", "thinking"):
             self.blocks[index] = _Block(type=start.type)
         else:
-            # e.g. redacted_thinking: complete at start, and must go back to the API as it came.
-            self.blocks[index] = _Block(type=start.type, raw=dict(start.to_dict()))
+            # e.g. redacted_thinking: complete at start, and must go back to the API as it came (when it can).
+            raw = dict(start.to_dict(warnings=False))  # fields of types the SDK does not expect are no bug of ours
+            problem = unsendable(raw)
+            if problem is not None:
+                raise _malformed(f"a {start.type!r} block that {problem}"[:200])
+            self.blocks[index] = _Block(type=start.type, raw=raw)
 
     def _delta(self, block: _Block, delta: RawContentBlockDelta) -> Iterator[ModelEvent]:
         if delta.type == "text_delta":
@@ -213,9 +300,10 @@ class _Turn:
             if block.type == "text":
                 # The API refuses empty text blocks in the history it is sent back.
                 if block.text:
-                    content.append({"type": "text", "text": block.text})
+                    content.append({"type": "text", "text": plain_text(block.text)})
             elif block.type == "thinking":
-                content.append({"type": "thinking", "thinking": block.text, "signature": block.signature})
+                thinking = {"thinking": plain_text(block.text), "signature": plain_text(block.signature)}
+                content.append({"type": "thinking", **thinking})
             elif block.type == "tool_use":
                 tool_input, error = _parse_input(block.text)
                 if error is not None:
@@ -239,8 +327,11 @@ class _Turn:
         )
 
 
+_REPLACED = "; it is replaced by {} in the conversation"
+
+
 def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
-    """The tool input as a dict, or `{}` and why not."""
+    """The tool input as a dict, or `{}` (what goes back to the API in its place) and why not."""
     if not raw.strip():
         return {}, None
     try:
@@ -249,26 +340,43 @@ def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
         return {}, f"tool input is not valid JSON: {err}"
     except ValueError as err:  # an integer of more digits than Python reads (4300 unless configured)
         return {}, f"tool input could not be read: {err}"
+    except RecursionError:
+        return {}, f"tool input is nested more than {MAX_INPUT_DEPTH} levels deep{_REPLACED}"
     if not isinstance(value, dict):
         return {}, f"tool input is a JSON {type(value).__name__}, not an object"
+    problem = unsendable(value)
+    if problem is not None:
+        # As it came it would make the next request fail (the SDK refuses to encode it): the history gets {}.
+        return {}, f"tool input {problem}{_REPLACED}"
     return value, None
 
 
+def _count(value: Any) -> int:
+    """A token count from the stream."""
+    if type(value) is not int or value < 0:
+        raise _malformed(f"a token count that is not a whole number: {value!r}"[:200])
+    return value
+
+
+def _malformed(detail: str) -> ModelError:
+    # Worth another try, as a 502 from a gateway is: a proxy's error page, a cut or garbled stream.
+    return ModelError(f"anthropic: malformed stream: {detail}", retryable=True, kind="malformed")
+
+
 def _model_error(err: Exception) -> ModelError:
-    """The one place SDK and transport failures become `ModelError`."""
+    """The one place SDK, transport and stream-reading failures become `ModelError`."""
     if isinstance(err, anthropic.APIStatusError):
         return _status_error(err)
     # TimeoutError: a socket or SSL timeout that reached us unwrapped; as worth another try as the SDK's own.
     if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException | TimeoutError):
-        return ModelError("anthropic: request timed out", retryable=True)
+        return ModelError("anthropic: request timed out", retryable=True, kind="unavailable")
     if isinstance(err, anthropic.APIConnectionError):
         cause = err.__cause__ or err
-        return ModelError(f"anthropic: connection failed: {cause}", retryable=True)
+        return ModelError(f"anthropic: connection failed: {cause}", retryable=True, kind="unavailable")
     if isinstance(err, httpx2.TransportError):
-        return ModelError(f"anthropic: connection lost mid-stream: {err!r}", retryable=True)
-    if isinstance(err, json.JSONDecodeError):
-        return ModelError(f"anthropic: malformed stream event: {err}", retryable=False)
-    return ModelError(f"anthropic: request failed: {type(err).__name__}: {err}", retryable=False)
+        return ModelError(f"anthropic: connection lost mid-stream: {err!r}", retryable=True, kind="unavailable")
+    # Nothing else reaches here but from reading the stream (see `stream_turn`): the upstream's data is garbled.
+    return _malformed(f"{type(err).__name__}: {err}"[:500])
 
 
 def _status_error(err: anthropic.APIStatusError) -> ModelError:
@@ -281,6 +389,7 @@ def _status_error(err: anthropic.APIStatusError) -> ModelError:
         return ModelError(
             f"anthropic: {label} mid-stream: {detail}{request_id}",
             retryable=error_type not in _FINAL_STREAM_ERRORS,
+            kind=_KINDS.get(error_type, "unavailable"),
         )
     status = err.status_code
     headers = err.response.headers
@@ -295,6 +404,7 @@ def _status_error(err: anthropic.APIStatusError) -> ModelError:
         retryable=retryable,
         status=status,
         retry_after_s=_retry_after(headers),
+        kind=failure_of_status(status),
     )
 
 

@@ -7,9 +7,14 @@ translate from it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# Deeper than any tool's schema goes, far below what the JSON encoders, the SDK and protobuf (32 levels, then JSON
+# text) can take: a tool input nested deeper is refused rather than allowed to fail later in one of them.
+MAX_INPUT_DEPTH = 100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +78,8 @@ ModelEvent = ThinkingDelta | TextDelta | ToolUseStart | ToolUseDelta | TurnEnd
 
 class Model(Protocol):
     """Streams one turn. Raises `service.errors.ModelError` on failure (with `retryable` set for 429, 529, 5xx,
-    connection errors and mid-stream overload). The last event of a successful turn is `TurnEnd`."""
+    connection errors and mid-stream overload, and `kind` saying what failed). The last event of a successful turn
+    is `TurnEnd`, whose content can go back to the API as it is (see `unsendable`, `plain_text`)."""
 
     @property
     def default_model(self) -> str: ...
@@ -81,3 +87,38 @@ class Model(Protocol):
     def stream_turn(self, request: TurnRequest) -> AsyncGenerator[ModelEvent, None]: ...
 
     async def aclose(self) -> None: ...
+
+
+def unsendable(value: Any) -> str | None:
+    """Why `value`, a tool input as `json.loads` read it from the model, cannot go back to the model API in the
+    history (whose JSON must be UTF-8, with finite numbers), or None when it can: a clause to follow "tool input".
+    Walked with a stack of its own, not recursion, since the input is the model's to nest."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and plain_text(item) is not item:
+                return "has text that is not valid Unicode (a lone surrogate escape such as \\ud800)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "has a number JSON cannot carry (beyond a double's range, such as 1e400, or NaN)"
+        elif isinstance(item, dict | list):
+            if depth >= MAX_INPUT_DEPTH:
+                return f"is nested more than {MAX_INPUT_DEPTH} levels deep"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def plain_text(text: str) -> str:
+    """`text` with each lone surrogate (half an emoji, as `json.loads` reads the escape "\\ud83d") replaced by
+    U+FFFD: such a string cannot be encoded as UTF-8, so a request carrying it fails before it is sent. `text`
+    itself (the same object) when it has none."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
