@@ -1,5 +1,6 @@
 """The benchmark orchestrator: starts each system in its own process, drives it from a separate load process at
-each concurrency level, then writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`.
+each concurrency level (h2load first, `bench.h2bench`; then the Python load for what h2load cannot see), then
+writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`; the method is in bench/README.md.
 
 Every load run is bounded: a per-level deadline cuts streams that have not finished (the naive SSE pattern
 serialises all streams, so its deadline is short and its figures are then lower bounds).
