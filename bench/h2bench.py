@@ -55,6 +55,7 @@ def row(runs: list[dict[str, Any]], server_cpu_s: float, events_per_call: int, c
                 kinds[kind] = kinds.get(kind, 0) + r["requests"][kind]
     load_pct = max(r["load_cpu_pct"] for r in runs)
     out = {f"ttfb_{k}_ms": v * 1000 for k, v in first["ttfb"].items()}
+    out |= {f"connect_{k}_ms": v * 1000 for k, v in first.get("connect", {}).items() if k in ("mean", "max")}
     out |= {f"req_{k}_ms": v * 1000 for k, v in last["request"].items() if k in ("mean", "max")}
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         out[f"req_{label}_ms"] = stats.percentile(last["times"], q) * 1000

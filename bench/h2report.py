@@ -50,7 +50,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
     pct = h2["saturated_pct"]
     lines += [
         f"{h2['version']}, one thread. **Time to first byte**: C streams on C connections, from the start of",
-        "connecting to the first byte of the first event (h2load's figure is per connection). **Request times**:",
+        "connecting to the first byte of the first event (h2load's figure is per connection; *connect max* is the",
+        "slowest connection set-up in it). **Request times**:",
         f"C streams, up to {h2['streams_per_connection']} to a connection (SSE: one per connection,"
         " HTTP/1.1 does not multiplex), from",
         "the request to the end of the stream; p50 and p99 from h2load's per-request log. **Server CPU** per call and",
@@ -60,9 +61,9 @@ def markdown(results: dict[str, Any]) -> list[str]:
         "stream went through a real client before h2load's (h2load reads no trailers): "
         + "; ".join(f"{LABELS[s]} {v['status']}, {v['events']} events, {v['body_bytes']} B" for s, v in _valid(h2)),
         "",
-        "| system | C | ttfb mean | ttfb max | ttfb min | ttfb sd | request p50 | request p99 | request max | req/s"
-        " | body B / stream | server CPU µs / call | µs / event | h2load CPU % | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | C | ttfb mean | ttfb max | ttfb min | ttfb sd | connect max | request p50 | request p99"
+        " | request max | req/s | body B / stream | server CPU µs / call | µs / event | h2load CPU % | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for system in PACED:
         for r in h2["paced"]["rows"][system]:
@@ -70,7 +71,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
             errs = r["errors"] if not r["error_kinds"] else f"{r['errors']} {r['error_kinds']}"
             lines.append(
                 f"| {LABELS[system]} | {r['streams']} | {r['ttfb_mean_ms']:.1f} | {r['ttfb_max_ms']:.1f} | "
-                f"{r['ttfb_min_ms']:.1f} | {r['ttfb_sd_ms']:.1f} | {r['req_p50_ms']:.1f} | {r['req_p99_ms']:.1f} | "
+                f"{r['ttfb_min_ms']:.1f} | {r['ttfb_sd_ms']:.1f} | {_get(r, 'connect_max_ms')} | "
+                f"{r['req_p50_ms']:.1f} | {r['req_p99_ms']:.1f} | "
                 f"{r['req_max_ms']:.1f} | {r['req_per_s']:.0f} | {r['body_bytes_per_stream']:.0f} | "
                 f"{r['server_cpu_us_per_call']:.0f} | {r['server_cpu_us_per_event']:.1f} | "
                 f"{r['load_cpu_pct']:.0f}{sat} | {errs} |"
@@ -88,6 +90,10 @@ def markdown(results: dict[str, Any]) -> list[str]:
             keys = ("ttfb_mean_ms", "ttfb_max_ms", "req_p99_ms", "server_cpu_us_per_call")
             lines.append(f"| {LABELS[other]} | {c} | {' | '.join(ratio_cell(s, o, k) for k in keys)} |")
     return lines + _cpu(h2["cpu"])
+
+
+def _get(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else "-"  # absent from runs before the column
 
 
 def _valid(h2: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
