@@ -1,5 +1,6 @@
 """The load process: opens C concurrent `RunAgent` streams (gRPC, over several channels) or SSE requests (aiohttp)
-and records, per stream, the time to the first event, to the first text token, to the end, and the event count.
+and records, per stream, the time to the first event, to the first text token, to the end, and the event count,
+and its own CPU time over the streams (`load_cpu_s`, the orchestrator's saturation check).
 
 `python -m bench.load --proto grpc|sse --target ADDR --streams C [--hold]` prints one JSON object on stdout.
 With `--hold` it opens the streams, waits for each one's first event, prints `{"ready": n}`, and cancels them all
@@ -124,6 +125,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         closers += [s.close for s in sessions]
         coros = [sse_stream(sessions[i % n_conn], args.target, r, opened[i]) for i, r in enumerate(records)]
     started = time.perf_counter()
+    cpu0 = time.process_time()  # all threads: grpc's own threads work for the load too
     tasks = [asyncio.create_task(c) for c in coros]
     try:
         if args.hold:
@@ -139,6 +141,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await asyncio.wait(tasks, timeout=args.deadline + 5)
         wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu0
         for t, r in zip(tasks, records, strict=True):
             if not t.done() and r.error is None and not args.hold:
                 r.error = "TIMEOUT"
@@ -147,7 +150,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for close in closers:
             await close()
-    return {"wall_s": wall, "connections": n_conn, "records": [asdict(r) for r in records]}
+    return {"wall_s": wall, "load_cpu_s": cpu, "connections": n_conn, "records": [asdict(r) for r in records]}
 
 
 def main() -> None:

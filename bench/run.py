@@ -1,5 +1,6 @@
 """The benchmark orchestrator: starts each system in its own process, drives it from a separate load process at
-each concurrency level, then writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`.
+each concurrency level (h2load first, `bench.h2bench`; then the Python load for what h2load cannot see), then
+writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`; the method is in bench/README.md.
 
 Every load run is bounded: a per-level deadline cuts streams that have not finished (the naive SSE pattern
 serialises all streams, so its deadline is short and its figures are then lower bounds).
@@ -17,77 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
-from bench import report
+from bench import h2bench, report, stats
+from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
 from bench.procs import NAIVE, ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
-from bench.workload import SMOKE, Workload
-
-K = TypeVar("K")
-
-
-@dataclass(frozen=True)
-class Plan:
-    mode: str
-    levels: tuple[int, ...] = (1, 100, 1000)
-    workload: Workload = Workload()
-    unpaced_streams: tuple[int, ...] = (1, 100)
-    unpaced_events: int = 1000
-    idle_streams: int = 1000
-    deadline_s: float = 60.0
-    naive_deadline_s: float = 20.0
-    warmup_streams: int = 20
-    overhead_calls: int = 20000
-    settle_s: float = 1.0  # idle streams: wait this long before reading the server's memory
-    rounds: int = 3  # paced levels: the systems take turns this many times; figures are medians over the rounds
-    rounds_small: int = 9  # at C <= 100, where a round takes seconds and one noisy round sways a median of three
-    # at 100 < C <= 1000 (a round takes about 20 s): with three rounds, two full runs read 1.15x and 1.29x
-    rounds_mid: int = 5
-    # start budget: the bare server at C = budget_streams, spending each of these CPU µs at every call's start
-    budget_streams: int = 100
-    budget_cpu_us: tuple[int, ...] = (0, 100, 200, 300)
-    startcost_batches: int = 30
-
-    def rounds_at(self, c: int) -> int:
-        if c <= 100:
-            return self.rounds_small
-        return self.rounds_mid if c <= 1000 else self.rounds
-
-
-PLANS = {
-    "default": Plan("default"),
-    "full": Plan("full", levels=(1, 100, 1000, 5000), idle_streams=5000, deadline_s=120.0),
-    "smoke": Plan(
-        "smoke",
-        levels=(1, 5),
-        workload=SMOKE,
-        unpaced_streams=(1, 5),
-        unpaced_events=100,
-        idle_streams=5,
-        deadline_s=20.0,
-        naive_deadline_s=5.0,
-        warmup_streams=2,
-        overhead_calls=2000,
-        settle_s=0.2,
-        rounds=2,
-        rounds_small=2,
-        rounds_mid=2,
-        budget_streams=5,
-        budget_cpu_us=(0, 200),
-        startcost_batches=3,
-    ),
-}
-
-
-def say(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def load_cmd(server: Server, streams: int, deadline: float, hold: bool = False) -> list[str]:
@@ -97,17 +39,14 @@ def load_cmd(server: Server, streams: int, deadline: float, hold: bool = False) 
 
 
 def run_load(server: Server, streams: int, deadline: float) -> dict[str, Any]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """One Python load process; its report carries its own CPU time over its measuring window (`load_cpu_s`, all
+    its threads), without the interpreter's start and imports, which would read as a busy load."""
     done = subprocess.run(
         load_cmd(server, streams, deadline), cwd=ROOT, env=child_env(), capture_output=True, timeout=deadline + 60
     )
     if done.returncode != 0:
         raise RuntimeError(f"load process failed: {done.stderr.decode()[-2000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
-    # Servers are reaped only when stopped, so the children's CPU time gained here is the load process's.
-    result["load_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return result
+    return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
 
 
 def measure_level(server: Server, streams: int, deadline: float) -> dict[str, Any]:
@@ -123,31 +62,9 @@ def measure_level(server: Server, streams: int, deadline: float) -> dict[str, An
     row["rss_per_stream_bytes"] = max(0, sampler.peak - rss0) / streams
     row["connections"] = load["connections"]
     row["load_cpu_s"] = load["load_cpu_s"]
+    row["load_cpu_pct"] = 100 * load["load_cpu_s"] / load["wall_s"] if load["wall_s"] else 0.0
+    row["saturated"] = row["load_cpu_pct"] > SATURATED_PCT
     return row
-
-
-Measure = Callable[[Server, int, float], dict[str, Any]]
-
-
-def take_turns(
-    starters: Mapping[K, Callable[[], Server]], c: int, plan: Plan, measure: Measure = measure_level
-) -> dict[K, list[dict[str, Any]]]:
-    """Start one server per key, warm each up, then `measure` them at C = `c` taking turns, `plan.rounds_at(c)`
-    times in a rotating order: the rows of each key's rounds. The servers are stopped at the end."""
-    keys = list(starters)
-    rounds: dict[K, list[dict[str, Any]]] = {k: [] for k in keys}
-    servers: dict[K, Server] = {}
-    try:
-        for k in keys:
-            servers[k] = starters[k]()
-            measure(servers[k], min(plan.warmup_streams, c), plan.deadline_s)  # warm-up, not kept
-        for i in range(plan.rounds_at(c)):
-            for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
-                rounds[k].append(measure(servers[k], c, plan.deadline_s))
-    finally:
-        for server in servers.values():
-            server.stop()
-    return rounds
 
 
 def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -159,7 +76,7 @@ def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
     taking_turns = [s for s in SYSTEMS if s != NAIVE]
     for c in plan.levels:
         starters = {system: partial(start, system, plan.workload, workdir) for system in taking_turns}
-        rounds = take_turns(starters, c, plan)
+        rounds = take_turns(starters, c, plan, measure_level)
         server = start(NAIVE, plan.workload, workdir)
         try:  # the naive server serialises streams: warm it with one
             run_load(server, 1, plan.naive_deadline_s)
@@ -167,7 +84,7 @@ def paced(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
         finally:
             server.stop()
         for system in SYSTEMS:
-            out[system].append(row := report.combine(rounds[system]))
+            out[system].append(row := stats.combine(rounds[system]))
             say(
                 f"paced {system:9} C={c:<5} first event p99 {row['first_event_p99_ms']:8.1f} ms, first token p99 "
                 f"{row['first_token_p99_ms']:8.1f} ms, {row['events_per_s']:8.0f} ev/s, errors {row['errors']}"
@@ -197,7 +114,7 @@ def unpaced(plan: Plan, workdir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     out: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in plan.unpaced_streams}
     for n, by_system in rounds.items():
         for system, rows in by_system.items():
-            out[n][system] = row = report.combine(rows)
+            out[n][system] = row = stats.combine(rows)
             say(f"unpaced {system:11} streams={n:<4} {row['workload_events_per_s']:9.0f} ev/s, err {row['errors']}")
     return out
 
@@ -289,8 +206,8 @@ def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
     c = plan.budget_streams
     costs = tuple(dict.fromkeys((0, *plan.budget_cpu_us)))
     starters = {us: partial(start, "bare", plan.workload, workdir, start_cpu_us=us) for us in costs}
-    rounds = take_turns(starters, c, plan)
-    rows = {us: report.combine(rows) for us, rows in rounds.items()}
+    rounds = take_turns(starters, c, plan, measure_level)
+    rows = {us: stats.combine(rows) for us, rows in rounds.items()}
     out: dict[str, Any] = {"streams": c, "rows": []}
     for us in costs:
         row = rows[us]
@@ -298,8 +215,8 @@ def start_budget(plan: Plan, workdir: Path) -> dict[str, Any]:
             {
                 "start_cpu_us": us,
                 "first_event_p99_ms": row["first_event_p99_ms"],
-                "ratio": report.paired_ratio(row, rows[0], "first_event_p99_ms"),
-                "spread": report.ratio_spread(row, rows[0], "first_event_p99_ms"),
+                "ratio": stats.paired_ratio(row, rows[0], "first_event_p99_ms"),
+                "spread": stats.ratio_spread(row, rows[0], "first_event_p99_ms"),
                 "errors": row["errors"],
                 "rounds": len(rounds[us]),
             }
@@ -381,9 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": plan.rounds,
         "rounds_small": plan.rounds_small,
         "rounds_mid": plan.rounds_mid,
+        "saturated_pct": SATURATED_PCT,
     }
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         workdir = Path(tmp)
+        results["h2load"] = h2bench.stage(plan, workdir)
         results["overhead"] = overhead(plan)
         results["paced"] = paced(plan, workdir)
         results["unpaced"] = unpaced(plan, workdir)
