@@ -225,3 +225,50 @@ async def test_sigterm_exits_even_with_a_tool_that_ignores_its_cancellation(tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+TESTS_DIR = Path(__file__).parent
+
+
+async def test_tools_options_reach_a_tool_module_named_otherwise_than_its_tool(tmp_path: Path) -> None:
+    """`tool_modules: [probe_tool]` builds the tool `probe`; its options are `tools.probe`, as documented."""
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("name: probe\nturns:\n  - tool_calls: [{name: probe, input: {}}]\n  - text: done\n")
+    proc, record = await _start(
+        tmp_path,
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+            "ANTHROPIC_API_KEY": "",
+        },
+        config_text=f"model: {{scenario: {scenario}}}\ntool_modules: [probe_tool]\nmetrics_listen: 127.0.0.1:0\n"
+        "tools:\n  probe: {reply: from the config}\n",
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{record['port']}") as channel:
+            events = await run_events(channel, message="go", tools=["probe"])
+        results = [e.tool_result for e in events if e.HasField("tool_result")]
+        assert [(r.name, r.data.struct_value["reply"]) for r in results] == [("probe", "from the config")]
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def test_tool_options_that_cannot_be_placed_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import load_tools
+
+    with pytest.raises(ValueError, match="tools.probe and tools.probe_tool all name module probe_tool"):
+        load_tools(tmp_path, {"probe": {}, "probe_tool": {}}, extra_modules=["probe_tool"])
+    with pytest.raises(ValueError, match="unknown tools: nope"):
+        load_tools(tmp_path, {"nope": {}}, extra_modules=["probe_tool"])
+    # the module name still works, as before
+    tools = load_tools(tmp_path, {"probe_tool": {"reply": "by module"}}, extra_modules=["probe_tool"])
+    assert tools["probe"].reply == "by module"  # type: ignore[attr-defined]
+    # a module building a tool whose class it imports cannot be matched by the tool's name: said so, not "unknown"
+    (tmp_path / "reexport_tool.py").write_text(
+        "from probe_tool import Probe\n\ndef create(config):\n    return Probe('x')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="builds tool 'probe' from a class defined elsewhere.*tools.reexport_tool"):
+        load_tools(tmp_path, {"probe": {}}, extra_modules=["reexport_tool"])
