@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events, stub
+from conftest import cli, run_events, stub
 from service.__main__ import parse_args
 from service.config import ConfigError, load_config
 
@@ -272,3 +273,39 @@ def test_tool_options_that_cannot_be_placed_are_clear_errors(tmp_path: Path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="builds tool 'probe' from a class defined elsewhere.*tools.reexport_tool"):
         load_tools(tmp_path, {"probe": {}}, extra_modules=["reexport_tool"])
+
+
+def _demo_shape(output: str) -> list[str]:
+    """The tool lines of a rendered demo run (results, retries, fallbacks) and its summary, times left out, in a fixed
+    order: the four calls run concurrently and their lines interleave differently from run to run."""
+    lines = [line for line in output.splitlines() if line[:1] in ("←", "↻", "⇢", "—")]
+    return sorted(re.sub(r"\d+ ms", "_ ms", line) for line in lines)
+
+
+def _readme_demo() -> str:
+    readme = (TESTS_DIR.parent / "README.md").read_text()
+    start = readme.index("\nrun run_")
+    return readme[start : readme.index("```", start)]
+
+
+async def test_the_readme_demo_gives_the_same_output_every_time(tmp_path: Path) -> None:
+    """The README's demo, run again and again against one server: the same retries, fallback and results each time
+    (the carrier API's failures once opened the tracker's circuit on the second run). From the second run on,
+    search_documents answers from its cache, as the README says."""
+    proc, serving = await _start(
+        tmp_path, "--listen", "127.0.0.1:0", env={"ANTHROPIC_API_KEY": "", "AGENT_METRICS_LISTEN": "127.0.0.1:0"}
+    )
+    readme = _demo_shape(_readme_demo())
+    cached = sorted(
+        re.sub(r"search_documents ok in _ ms \((\d+) bytes\)", r"search_documents ok in _ ms (\1 bytes, cached)", line)
+        for line in readme
+    )
+    assert any("falling back" in line for line in readme) and any("retry 2/3" in line for line in readme)
+    try:
+        for i in range(5):
+            code, out, err = await cli(serving["port"], "Which shipments are late?")
+            assert code == 0, err
+            assert _demo_shape(out) == (readme if i == 0 else cached), f"run {i + 1}:\n{out}"
+    finally:
+        proc.kill()
+        await proc.wait()
