@@ -159,16 +159,20 @@ class QueryDatabase(Tool[QueryInput]):
         answered = False
         try:
             if self._closed:
-                raise ToolError("the database is closed: the server is shutting down", retryable=True)
+                raise ToolError(_CLOSED, retryable=True)
             if self._is_demo and not self._path.exists():
                 await asyncio.to_thread(self.ensure_demo)  # once, and bounded: the demo's own SQL
             worker = await self._checkout()  # a new process takes about 0.1 s, not the query's time
+            if self._closed:  # while it started
+                raise ToolError(_CLOSED, retryable=True)
             async with asyncio.timeout(timeout):
                 reply = await worker.ask(self._request(args))
             answered = True
         except TimeoutError:
             raise ToolError(_too_long(timeout)) from None
         except (OSError, asyncio.IncompleteReadError) as exc:
+            if self._closed:  # aclose() killed it
+                raise ToolError(_CLOSED, retryable=True) from None
             status = worker.proc.returncode if worker is not None else None
             raise ToolError(f"the query's process ended unexpectedly (exit status {status}): {exc!r}") from None
         finally:
@@ -261,6 +265,9 @@ class QueryDatabase(Tool[QueryInput]):
             except BaseException:
                 Path(tmp_name).unlink(missing_ok=True)
                 raise
+
+
+_CLOSED = "the database is closed: the server is shutting down"
 
 
 def _too_long(timeout: float) -> str:
