@@ -40,6 +40,7 @@ class Renderer:
         self.color = color
         self.at_line_start = True
         self.names: dict[str, str] = {}
+        self.part_bytes: dict[str, int] = {}  # tool data that comes in parts, by call id
 
     def _style(self, code: str, text: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
@@ -88,10 +89,15 @@ class Renderer:
         elif kind == "tool_fallback":
             e = event.tool_fallback
             self._line(self._style("33", f"⇢ {e.primary} failed, falling back to {e.fallback}: {e.reason}"))
+        elif kind == "tool_data_part":
+            part = event.tool_data_part
+            self.part_bytes[part.call_id] = self.part_bytes.get(part.call_id, 0) + len(part.json.encode())
         elif kind == "tool_result":
             e = event.tool_result
             status = pb.ToolStatus.Name(e.status).removeprefix("TOOL_STATUS_").lower()
             size = len(json_format.MessageToJson(e.data, indent=None)) if e.HasField("data") else 0
+            if e.data_parts:  # too large for one event: it came in parts
+                size = self.part_bytes.pop(e.call_id, 0)
             detail = f"{size} bytes" if status in ("ok", "partial") else e.error
             code = "32" if status == "ok" else "31"
             via = f", answered by {e.answered_by}" if e.answered_by else ""

@@ -139,6 +139,19 @@ class RunsConfig(_Strict):
 
     retention_s: float = Field(default=900.0, gt=0, description="how long an ended run stays watchable")
     max_retained_runs: int = Field(default=10_000, ge=1)
+    max_retained_bytes: int = Field(
+        default=256 * 2**20,
+        ge=2**20,
+        description="ended runs' logs (tool data as JSON, text, ~200 bytes an event) past this total: the oldest "
+        "ended runs are forgotten first",
+    )
+    max_event_data_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=512 * 1024,
+        description="tool data whose JSON text is larger goes in tool_data_part events of at most this many bytes "
+        "(as a protobuf Value, data can take 5 times its JSON size: this keeps every event under 3 MiB)",
+    )
     max_events_per_run: int = Field(default=100_000, ge=10)
     max_run_s: float = Field(default=3600.0, gt=0, description="longest a run may take, whatever the deadline")
     min_tool_budget_s: float = Field(default=0.05, ge=0, description="no tool call starts with less time left")

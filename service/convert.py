@@ -65,25 +65,8 @@ def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
             ready.call_id, ready.name = event.call_id, event.name
             ready.input.SetInParent()  # present even when empty, as the model sent it
             _fill_struct(ready.input, event.input, 1)
-        case ev.ToolResultChunk():
-            chunk = out.tool_result_chunk
-            chunk.CopyFrom(pb.ToolResultChunk(call_id=event.call_id, index=event.index, total=event.total))
-            _set_value(chunk.data, event.data, 0)
-        case ev.ToolResult():
-            out.tool_result.CopyFrom(
-                pb.ToolResult(
-                    call_id=event.call_id,
-                    name=event.name,
-                    status=_TOOL_STATUS[event.status],
-                    duration=_duration(event.duration_s),
-                    error=event.error,
-                    attempts=event.attempts,
-                    cache_hit=event.cache_hit,
-                    answered_by=event.answered_by,
-                )
-            )
-            if event.ok:
-                _set_value(out.tool_result.data, event.data, 0)
+        case ev.ToolResultChunk() | ev.ToolDataPart() | ev.ToolResult():
+            _set_tool_data(out, event)
         case _:
             _set_occasional(out, event)
 
@@ -149,6 +132,36 @@ def _set_occasional(out: pb.AgentEvent, event: ev.Event) -> None:
             out.error.CopyFrom(pb.Error(code=event.code, message=event.message, retryable=event.retryable))
         case _:
             raise TypeError(f"no protobuf mapping for {type(event).__name__}")
+
+
+def _set_tool_data(out: pb.AgentEvent, event: ev.ToolResultChunk | ev.ToolDataPart | ev.ToolResult) -> None:
+    """The events that carry tool data. Data that came in parts (`data_parts`) is not set again."""
+    if type(event) is ev.ToolDataPart:
+        part = out.tool_data_part
+        part.call_id, part.index, part.total, part.json = event.call_id, event.index, event.total, event.json
+    elif type(event) is ev.ToolResultChunk:
+        chunk = out.tool_result_chunk
+        chunk.CopyFrom(
+            pb.ToolResultChunk(call_id=event.call_id, index=event.index, total=event.total, data_parts=event.data_parts)
+        )
+        if not event.data_parts:
+            _set_value(chunk.data, event.data, 0)
+    elif type(event) is ev.ToolResult:
+        out.tool_result.CopyFrom(
+            pb.ToolResult(
+                call_id=event.call_id,
+                name=event.name,
+                status=_TOOL_STATUS[event.status],
+                duration=_duration(event.duration_s),
+                error=event.error,
+                attempts=event.attempts,
+                cache_hit=event.cache_hit,
+                answered_by=event.answered_by,
+                data_parts=event.data_parts,
+            )
+        )
+        if event.ok and not event.data_parts:
+            _set_value(out.tool_result.data, event.data, 0)
 
 
 _TOOL_STATUS = {status: pb.ToolStatus.Value(f"TOOL_STATUS_{status.name}") for status in ev.ToolStatus}
@@ -327,6 +340,7 @@ _KINDS: dict[type[ev.Event], str] = {
     ev.ToolCallDelta: "tool_call_delta",
     ev.ToolCallReady: "tool_call_ready",
     ev.ToolResultChunk: "tool_result_chunk",
+    ev.ToolDataPart: "tool_data_part",
     ev.ToolRetry: "tool_retry",
     ev.ToolFallback: "tool_fallback",
     ev.ToolResult: "tool_result",
@@ -364,18 +378,47 @@ def run_to_proto(run: Run) -> pb.Run:
     return out
 
 
-def run_result(run: Run) -> pb.RunResult:
-    """The unary answer, built from the run's event log: the final response and every tool call with its result."""
+# A unary answer's budget for tool inputs and data, well under the 4 MiB gRPC clients accept by default.
+UNARY_MAX_BYTES = 2 * 2**20
+
+
+def run_result(run: Run, max_bytes: int = UNARY_MAX_BYTES) -> pb.RunResult:
+    """The unary answer, built from the run's event log: the final response and every tool call with its result.
+
+    Bounded: tool inputs and data go in, in the log's order, while the answer stays under `max_bytes`; what does
+    not fit is left out (unset) and `data_omitted` says so. Failing the call instead would throw away a run that
+    succeeded, and its answer, for the sake of its tools' bulk, which WatchRun(run_id) still replays in full."""
     out = pb.RunResult(run_id=run.id, last_seq=len(run.log))
+    if isinstance(run.outcome, ev.FinalResponse):
+        out.final_response.CopyFrom(to_proto(run.outcome, run.id, len(run.log)).final_response)
+    room = max_bytes - out.ByteSize()
     calls: dict[str, pb.ToolCallRecord] = {}
+    parts: dict[str, list[str]] = {}
     for entry in run.log:
         event = entry.event
         if isinstance(event, ev.ToolCall):
-            calls[event.call_id] = out.tool_calls.add(call_id=event.call_id, name=event.name, turn=event.turn)
+            calls[event.call_id] = record = out.tool_calls.add(call_id=event.call_id, name=event.name, turn=event.turn)
+            room -= record.ByteSize() + 8  # and its tag and length in the list
         elif isinstance(event, ev.ToolCallReady) and event.call_id in calls:
-            calls[event.call_id].input.CopyFrom(struct(event.input))
+            value = struct(event.input)
+            if value.ByteSize() + 8 <= room:
+                calls[event.call_id].input.CopyFrom(value)
+                room -= value.ByteSize() + 8
+            else:
+                out.data_omitted = True
+        elif isinstance(event, ev.ToolDataPart):
+            parts.setdefault(event.call_id, []).append(event.json)
+        elif isinstance(event, ev.ToolResultChunk) and event.data_parts:
+            parts.pop(event.call_id, None)  # a streaming tool's chunk: not part of the unary answer
         elif isinstance(event, ev.ToolResult) and event.call_id in calls:
-            calls[event.call_id].result.CopyFrom(to_proto(event, run.id, entry.seq).tool_result)
-        elif isinstance(event, ev.FinalResponse):
-            out.final_response.CopyFrom(to_proto(event, run.id, entry.seq).final_response)
+            result = to_proto(event, run.id, entry.seq).tool_result
+            text = "".join(parts.pop(event.call_id, ()))
+            if event.data_parts and len(text) <= room:  # JSON text: at least one byte a character
+                _set_value(result.data, json.loads(text), 0)
+            if result.HasField("data") and result.ByteSize() + 8 > room:
+                result.ClearField("data")
+            if event.ok and not result.HasField("data"):
+                out.data_omitted = True
+            calls[event.call_id].result.CopyFrom(result)
+            room -= result.ByteSize() + 8
     return out

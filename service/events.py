@@ -64,6 +64,17 @@ class ToolResultChunk:
     index: int
     total: int | None
     data: Any
+    data_parts: int = 0  # > 0: `data` came just before in this many ToolDataParts (see service/parts.py)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolDataPart:
+    """A piece of the JSON text of tool data too large for one event; the event it belongs to follows the last."""
+
+    call_id: str
+    index: int
+    total: int
+    json: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +124,7 @@ class ToolResult:
     attempts: int = 1
     cache_hit: bool = False
     answered_by: str = ""
+    data_parts: int = 0  # > 0: `data` came just before in this many ToolDataParts (see service/parts.py)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +168,7 @@ Event = (
     | ToolCallDelta
     | ToolCallReady
     | ToolResultChunk
+    | ToolDataPart
     | ToolRetry
     | ToolFallback
     | ToolResult

@@ -30,6 +30,8 @@ from service.config import RunsConfig
 from service.control import RunControl
 from service.errors import RunCancelled, RunInterrupted
 from service.loop import AgentLoop, RunSpec
+from service.parts import split
+from service.retention import Ended, Retention
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Run:
         self.ended_ns = 0
         self.ended_at: float | None = None  # registry clock
         self.log: list[Entry] = []
+        self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
         self.task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -106,6 +109,7 @@ class Run:
         await between events (see `RunControl.scope`)."""
         log = self.log
         log.append(Entry(len(log) + 1, time.time_ns(), event))
+        self.bytes += _EVENT_BYTES + len(getattr(event, "text", ""))
         if self._waiters:
             self._wake()
 
@@ -194,6 +198,7 @@ class RunRegistry:
         self._load_probe: asyncio.Task[None] | None = None
         self.runs: dict[str, Run] = {}
         self._keys: dict[tuple[str, str], str] = {}
+        self.retention = Retention(config)
         self._background = asyncio.Semaphore(config.background_max_concurrent)
         self._background_runs = 0  # running or queued
         self._janitor: asyncio.Task[None] | None = None
@@ -203,6 +208,9 @@ class RunRegistry:
         the very message of an unknown id, so that nothing confirms the id names a run."""
         run = self.runs.get(run_id)
         if run is None or (caller is not None and run.caller != caller):
+            why = self.retention.why_forgotten(run_id, caller)
+            if why is not None:
+                raise NotFound(f"run {run_id!r} ended and was forgotten: {why}")
             raise NotFound(
                 f"no run {run_id!r}: unknown, or it ended more than {self.config.retention_s:g} s ago and was forgotten"
             )
@@ -307,6 +315,9 @@ class RunRegistry:
             run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
         run.finish()
         run.ended_at = self.clock()
+        self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
+        if self.retention.bytes > self.config.max_retained_bytes:
+            self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
         telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
         log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
 
@@ -326,7 +337,13 @@ class RunRegistry:
             )
         try:
             async for event in self.loop.run(run.spec, run.control, announce=False):
-                coalescer.add(event)
+                if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:
+                    pieces, size = split(event, config.max_event_data_bytes)
+                    run.bytes += size
+                    for piece in pieces:
+                        coalescer.add(piece)
+                else:
+                    coalescer.add(event)
                 if len(run.log) > self.config.max_events_per_run:
                     run.control.stop_now(
                         RunInterrupted(f"run {run.id} exceeded {self.config.max_events_per_run} events")
@@ -368,15 +385,10 @@ class RunRegistry:
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
 
     def sweep(self) -> int:
-        """Forget runs that ended more than `retention_s` ago, and the oldest ended ones past `max_retained_runs`."""
-        now = self.clock()
-        ended = sorted(
-            ((r.ended_at, r) for r in self.runs.values() if r.ended_at is not None), key=lambda pair: pair[0]
-        )
-        excess = max(0, len(self.runs) - self.config.max_retained_runs)
-        drop = [r for i, (at, r) in enumerate(ended) if i < excess or now - at > self.config.retention_s]
-        for run in drop:
-            del self.runs[run.id]
+        """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""
+        drop = self.retention.over(self.clock(), len(self.runs))
+        for ended in drop:
+            run = self.runs.pop(ended.run_id)
             if run.idempotency_key:
                 self._keys.pop((run.caller, run.idempotency_key), None)
         return len(drop)
@@ -386,6 +398,10 @@ class RunRegistry:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+
+# What an event costs the log besides its text and data: the entry, the event object, the timestamp.
+_EVENT_BYTES = 200
 
 
 def _stopped(run: Run) -> ev.RunFailed:

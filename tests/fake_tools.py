@@ -252,3 +252,32 @@ def policy_tools(**flaky: Any) -> dict[str, Tool[Any]]:
     """The fault-injecting tools, plus echo; `flaky` goes to `Flaky(...)`."""
     tools: list[Tool[Any]] = [Echo(), Flaky(**flaky), Hang(), StreamThenHang(), Backup(), Counted(), Buggy(), Sleep()]
     return {t.name: t for t in tools}
+
+
+class BulkInput(BaseModel):
+    rows: int = Field(ge=0, le=100_000)
+
+
+class Bulky(Tool[BulkInput]):
+    """Returns `rows` rows of 1000 characters and a number, as query_database returns rows: 4200 of them are just
+    over 4 MiB."""
+
+    name = "bulky"
+    description = "Returns a lot of data."
+    Input = BulkInput
+
+    async def run(self, args: BulkInput) -> JSON:
+        return {"columns": ["text", "n"], "rows": [[f"{i:08d}" + "é" * 496, i] for i in range(args.rows)]}
+
+
+class BulkyStream(Tool[BulkInput]):
+    """Streams two chunks of `rows` rows each (see Bulky)."""
+
+    name = "bulky_stream"
+    description = "Streams a lot of data."
+    Input = BulkInput
+    streaming = True
+
+    async def stream(self, args: BulkInput) -> AsyncIterator[JSON]:
+        for chunk in range(2):
+            yield [[f"{chunk}:{i:08d}" + "x" * 990, i] for i in range(args.rows)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
-from conftest import run_events, stub
+from conftest import cli, run_events, stub
 from service.__main__ import parse_args
 from service.config import ConfigError, load_config
 
@@ -225,3 +226,86 @@ async def test_sigterm_exits_even_with_a_tool_that_ignores_its_cancellation(tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+TESTS_DIR = Path(__file__).parent
+
+
+async def test_tools_options_reach_a_tool_module_named_otherwise_than_its_tool(tmp_path: Path) -> None:
+    """`tool_modules: [probe_tool]` builds the tool `probe`; its options are `tools.probe`, as documented."""
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("name: probe\nturns:\n  - tool_calls: [{name: probe, input: {}}]\n  - text: done\n")
+    proc, record = await _start(
+        tmp_path,
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+            "ANTHROPIC_API_KEY": "",
+        },
+        config_text=f"model: {{scenario: {scenario}}}\ntool_modules: [probe_tool]\nmetrics_listen: 127.0.0.1:0\n"
+        "tools:\n  probe: {reply: from the config}\n",
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{record['port']}") as channel:
+            events = await run_events(channel, message="go", tools=["probe"])
+        results = [e.tool_result for e in events if e.HasField("tool_result")]
+        assert [(r.name, r.data.struct_value["reply"]) for r in results] == [("probe", "from the config")]
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def test_tool_options_that_cannot_be_placed_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import load_tools
+
+    with pytest.raises(ValueError, match="tools.probe and tools.probe_tool all name module probe_tool"):
+        load_tools(tmp_path, {"probe": {}, "probe_tool": {}}, extra_modules=["probe_tool"])
+    with pytest.raises(ValueError, match="unknown tools: nope"):
+        load_tools(tmp_path, {"nope": {}}, extra_modules=["probe_tool"])
+    # the module name still works, as before
+    tools = load_tools(tmp_path, {"probe_tool": {"reply": "by module"}}, extra_modules=["probe_tool"])
+    assert tools["probe"].reply == "by module"  # type: ignore[attr-defined]
+    # a module building a tool whose class it imports cannot be matched by the tool's name: said so, not "unknown"
+    (tmp_path / "reexport_tool.py").write_text(
+        "from probe_tool import Probe\n\ndef create(config):\n    return Probe('x')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="builds tool 'probe' from a class defined elsewhere.*tools.reexport_tool"):
+        load_tools(tmp_path, {"probe": {}}, extra_modules=["reexport_tool"])
+
+
+def _demo_shape(output: str) -> list[str]:
+    """The tool lines of a rendered demo run (results, retries, fallbacks) and its summary, times left out, in a fixed
+    order: the four calls run concurrently and their lines interleave differently from run to run."""
+    lines = [line for line in output.splitlines() if line[:1] in ("←", "↻", "⇢", "—")]
+    return sorted(re.sub(r"\d+ ms", "_ ms", line) for line in lines)
+
+
+def _readme_demo() -> str:
+    readme = (TESTS_DIR.parent / "README.md").read_text()
+    start = readme.index("\nrun run_")
+    return readme[start : readme.index("```", start)]
+
+
+async def test_the_readme_demo_gives_the_same_output_every_time(tmp_path: Path) -> None:
+    """The README's demo, run again and again against one server: the same retries, fallback and results each time
+    (the carrier API's failures once opened the tracker's circuit on the second run). From the second run on,
+    search_documents answers from its cache, as the README says."""
+    proc, serving = await _start(
+        tmp_path, "--listen", "127.0.0.1:0", env={"ANTHROPIC_API_KEY": "", "AGENT_METRICS_LISTEN": "127.0.0.1:0"}
+    )
+    readme = _demo_shape(_readme_demo())
+    cached = sorted(
+        re.sub(r"search_documents ok in _ ms \((\d+) bytes\)", r"search_documents ok in _ ms (\1 bytes, cached)", line)
+        for line in readme
+    )
+    assert any("falling back" in line for line in readme) and any("retry 2/3" in line for line in readme)
+    try:
+        for i in range(5):
+            code, out, err = await cli(serving["port"], "Which shipments are late?")
+            assert code == 0, err
+            assert _demo_shape(out) == (readme if i == 0 else cached), f"run {i + 1}:\n{out}"
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import json
 import sqlite3
+import sys
 import time
 import types
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,6 @@ SLOW_ROWS = (
 )
 
 
-async def settle(tool: QueryDatabase) -> None:
-    """Wait for the steps a test left running on the tool's threads, so that later tests do not share the CPU."""
-    await asyncio.to_thread(tool._pool.shutdown)
-
-
 def one_long_step(repeat: int) -> str:
     """A statement SQLite cannot interrupt for a while: the query flattener copies instr() over 16 000 and 8 000
     characters (~1.5 ms a call) into one row's expression `100 × repeat` times, and no check runs inside a row."""
@@ -45,8 +43,10 @@ def one_long_step(repeat: int) -> str:
 
 
 @pytest.fixture
-def tool(tmp_path: Path) -> QueryDatabase:
-    return create(ToolConfig(data_dir=tmp_path))
+async def tool(tmp_path: Path) -> AsyncIterator[QueryDatabase]:
+    tool = create(ToolConfig(data_dir=tmp_path))
+    yield tool
+    await tool.aclose()
 
 
 async def query(tool: QueryDatabase, sql: str, **extra: Any) -> Any:
@@ -154,7 +154,7 @@ async def test_a_call_after_close_is_a_retryable_tool_error(tool: QueryDatabase)
     await tool.aclose()  # as the drain does; a call still arriving must not fail with the pool's RuntimeError
     with pytest.raises(ToolError, match="the database is closed") as caught:
         await query(tool, "SELECT 1")
-    assert caught.value.retryable and not tool._running
+    assert caught.value.retryable and not tool._workers
 
 
 def test_limit_rule_is_validated_and_in_the_schema(tool: QueryDatabase) -> None:
@@ -219,7 +219,8 @@ async def test_a_step_sqlite_cannot_interrupt_still_ends_the_call_at_its_timeout
     with pytest.raises(ToolError, match=r"query took longer than 0\.2 s"):
         await query(tool, one_long_step(10))  # about 1 s of work inside one row
     assert time.monotonic() - started < 0.5
-    await settle(tool)
+    assert not tool._workers  # its process was killed: the step does not go on using a CPU
+    await tool.aclose()
 
 
 async def test_stuck_queries_never_hold_the_shared_thread_pool(tmp_path: Path) -> None:
@@ -236,13 +237,14 @@ async def test_stuck_queries_never_hold_the_shared_thread_pool(tmp_path: Path) -
     for call in stuck:
         with pytest.raises(ToolError, match="took longer"):
             await call
-    await settle(tool)
+    await tool.aclose()
 
 
-async def test_a_call_that_finds_every_thread_busy_waits_its_timeout_then_says_so(tmp_path: Path) -> None:
+async def test_a_call_that_finds_every_process_busy_waits_its_timeout_then_says_so(tmp_path: Path) -> None:
+    """The one process is taken by a slow query for its 0.3 s, after the demo database is built and the process
+    started (neither counts as the query's time): a call queued behind it gives up after its own 0.3 s."""
     tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.3, "max_concurrent": 1}))
-    await query(tool, "SELECT 1")
-    stuck = asyncio.create_task(query(tool, one_long_step(10)))
+    slow = asyncio.create_task(query(tool, FOREVER))
     await asyncio.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"busy \(1 queries running\); try again") as caught:
@@ -250,8 +252,8 @@ async def test_a_call_that_finds_every_thread_busy_waits_its_timeout_then_says_s
     assert caught.value.retryable is True
     assert 0.25 < time.monotonic() - started < 0.6
     with pytest.raises(ToolError, match="took longer"):
-        await stuck
-    await settle(tool)
+        await slow
+    await tool.aclose()
 
 
 async def test_the_deadline_interrupts_a_query_at_its_next_row(tmp_path: Path) -> None:
@@ -425,3 +427,64 @@ async def test_load_tools_finds_the_builtin_tools(tmp_path: Path) -> None:
     finally:
         for tool in tools.values():
             await tool.aclose()
+
+
+# 26 CTEs that each add their column to itself: the query flattener copies each into the next while the statement
+# compiles, doubling the expression at every level (2**26 terms, gigabytes), in one step nothing interrupts.
+DOUBLING = "WITH a0(x) AS (SELECT 1), " + ", ".join(f"a{i}(x) AS (SELECT x + x FROM a{i - 1})" for i in range(1, 26))
+DOUBLING += " SELECT x FROM a25"
+
+MEASURE = """
+import asyncio, json, resource, sys
+from pathlib import Path
+
+from tools import ToolConfig, ToolError
+from tools.query_database import create
+
+# A backstop for this test's own sake: a tool that let the query have its way would take the machine's memory.
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+
+def peak_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def main() -> None:
+    tool = create(ToolConfig(data_dir=Path(sys.argv[1]), options={"timeout_s": 60}))
+    await tool.run(tool.validate({"sql": "SELECT 1"}))
+    before = peak_kib()
+    try:
+        await tool.run(tool.validate({"sql": sys.argv[2]}))
+        error = "no error"
+    except ToolError as exc:
+        error = exc.message
+    except MemoryError:
+        error = "MemoryError"
+    grown = peak_kib() - before
+    await tool.aclose()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"error": error, "grown_kib": grown, "children_kib": children}))
+
+
+asyncio.run(main())
+"""
+
+
+async def test_a_query_that_asks_for_gigabytes_fails_at_once_and_the_process_stays_small(tmp_path: Path) -> None:
+    """Measured in a child process: its peak RSS, and the peak of the query processes it started and reaped."""
+    assert len(DOUBLING) < 1000
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-c", MEASURE, str(tmp_path), DOUBLING),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    measured = json.loads(out)
+    assert "more than the 64 MiB of memory a query may use" in measured["error"], measured
+    assert measured["grown_kib"] < 32 * 1024, measured  # the server's process: nothing of the query's memory
+    assert measured["children_kib"] < (64 + 64) * 1024, measured  # the query's process: its heap limit, and Python

@@ -75,7 +75,7 @@ class RunAgentRequest(_message.Message):
     def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., on_disconnect: _Optional[_Union[RunAgentRequest.OnDisconnect, str]] = ..., max_tool_calls: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry")
+    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry", "tool_data_part")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class AgentEvent(_message.Message):
     FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_RETRY_FIELD_NUMBER: _ClassVar[int]
+    TOOL_DATA_PART_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -114,7 +115,8 @@ class AgentEvent(_message.Message):
     final_response: FinalResponse
     error: Error
     model_retry: ModelRetry
-    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ...) -> None: ...
+    tool_data_part: ToolDataPart
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ..., tool_data_part: _Optional[_Union[ToolDataPart, _Mapping]] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("model", "tools", "max_turns")
@@ -171,16 +173,30 @@ class ToolCallReady(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ToolResultChunk(_message.Message):
-    __slots__ = ("call_id", "index", "total", "data")
+    __slots__ = ("call_id", "index", "total", "data", "data_parts")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARTS_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     index: int
     total: int
     data: _struct_pb2.Value
-    def __init__(self, call_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    data_parts: int
+    def __init__(self, call_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data_parts: _Optional[int] = ...) -> None: ...
+
+class ToolDataPart(_message.Message):
+    __slots__ = ("call_id", "index", "total", "json")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    index: int
+    total: int
+    json: str
+    def __init__(self, call_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., json: _Optional[str] = ...) -> None: ...
 
 class ToolRetry(_message.Message):
     __slots__ = ("call_id", "attempt", "max_attempts", "wait", "error")
@@ -209,7 +225,7 @@ class ToolFallback(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., primary: _Optional[str] = ..., fallback: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ToolResult(_message.Message):
-    __slots__ = ("call_id", "name", "status", "duration", "data", "error", "attempts", "cache_hit", "answered_by")
+    __slots__ = ("call_id", "name", "status", "duration", "data", "error", "attempts", "cache_hit", "answered_by", "data_parts")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +235,7 @@ class ToolResult(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARTS_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     name: str
     status: ToolStatus
@@ -228,7 +245,8 @@ class ToolResult(_message.Message):
     attempts: int
     cache_hit: bool
     answered_by: str
-    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[ToolStatus, str]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., answered_by: _Optional[str] = ...) -> None: ...
+    data_parts: int
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[ToolStatus, str]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., data: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., answered_by: _Optional[str] = ..., data_parts: _Optional[int] = ...) -> None: ...
 
 class ExecutionFailed(_message.Message):
     __slots__ = ("execution_id", "call_id", "tool", "message")
@@ -413,13 +431,15 @@ class ToolCallRecord(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., turn: _Optional[int] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[ToolResult, _Mapping]] = ...) -> None: ...
 
 class RunResult(_message.Message):
-    __slots__ = ("run_id", "final_response", "tool_calls", "last_seq")
+    __slots__ = ("run_id", "final_response", "tool_calls", "last_seq", "data_omitted")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DATA_OMITTED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     final_response: FinalResponse
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCallRecord]
     last_seq: int
-    def __init__(self, run_id: _Optional[str] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallRecord, _Mapping]]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    data_omitted: bool
+    def __init__(self, run_id: _Optional[str] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallRecord, _Mapping]]] = ..., last_seq: _Optional[int] = ..., data_omitted: _Optional[bool] = ...) -> None: ...

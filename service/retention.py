@@ -1,0 +1,71 @@
+"""Which ended runs the registry keeps watchable: for `retention_s` after they end, at most `max_retained_runs` of
+them, and at most `max_retained_bytes` of their logs (a run whose tools returned megabytes keeps them until it is
+forgotten), the oldest forgotten first. Runs it forgot are remembered by id for a while, so that WatchRun and GetRun
+of one can say why it is gone rather than that it never was."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+from service.config import RunsConfig
+
+_REMEMBERED = 10_000  # forgotten runs whose reason is kept: about 1 MB
+
+
+class Ended(NamedTuple):
+    run_id: str
+    caller: str
+    at: float  # the registry's clock
+    bytes: int
+
+
+class Retention:
+    def __init__(self, config: RunsConfig) -> None:
+        self.config = config
+        self._ended: OrderedDict[str, Ended] = OrderedDict()  # in the order they ended, oldest first
+        self.bytes = 0
+        self._forgotten: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (caller, why)
+
+    def add(self, ended: Ended) -> None:
+        self._ended[ended.run_id] = ended
+        self.bytes += ended.bytes
+
+    def over(self, now: float, runs: int) -> list[Ended]:
+        """The ended runs to forget now, oldest first: past their retention, or beyond the count (of all `runs`
+        the registry holds, running ones included) or the byte budget. Each is forgotten once returned."""
+        config = self.config
+        excess = max(0, runs - config.max_retained_runs)
+        drop: list[tuple[Ended, str]] = []
+        kept_bytes = self.bytes
+        for ended in self._ended.values():
+            if now - ended.at > config.retention_s:
+                why = f"it ended more than runs.retention_s = {config.retention_s:g} s ago"
+            elif len(drop) < excess:
+                why = f"the server keeps at most runs.max_retained_runs = {config.max_retained_runs} ended runs"
+            elif kept_bytes > config.max_retained_bytes:
+                why = (
+                    f"the ended runs' logs passed runs.max_retained_bytes = {config.max_retained_bytes // 2**20} MiB "
+                    "and it was among the oldest (runs whose tools return megabytes are kept for less time)"
+                )
+            else:
+                break  # the ones after it ended later: within every limit too
+            drop.append((ended, why))
+            kept_bytes -= ended.bytes
+        for ended, why in drop:
+            self._forget(ended, why)
+        return [ended for ended, _ in drop]
+
+    def _forget(self, ended: Ended, why: str) -> None:
+        del self._ended[ended.run_id]
+        self.bytes -= ended.bytes
+        self._forgotten[ended.run_id] = (ended.caller, why)
+        if len(self._forgotten) > _REMEMBERED:
+            self._forgotten.popitem(last=False)
+
+    def why_forgotten(self, run_id: str, caller: str | None) -> str | None:
+        """Why this caller's run `run_id` was forgotten, if it was (recently); None for another caller's run."""
+        entry = self._forgotten.get(run_id)
+        if entry is None or (caller is not None and entry[0] != caller):
+            return None
+        return entry[1]
