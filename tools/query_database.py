@@ -7,9 +7,9 @@ loop's shared pool, and a call ends at `timeout_s` whatever its query is doing: 
 statement, which SQLite stops at its next row or loop step. SQLite cannot stop inside one step (compiling the
 statement, or computing one row's expressions), so such a step keeps its thread until it ends. The small value
 cap (`max_value_bytes`, with a short LIKE/GLOB pattern cap) keeps one function call in it to milliseconds, but
-SQLite's query flattener can repeat a call or an expression any number of times in one step (README, "Hostile
-input"). A row has at most `max_columns` values, so the largest row fits in `max_result_bytes`, after which rows
-stop being collected (marked truncated)."""
+SQLite's query flattener can repeat a call or an expression any number of times in one step (docs/security.md,
+"Hostile input"). A row has at most `max_columns` values, so the largest row fits in `max_result_bytes`, after which
+rows stop being collected (marked truncated)."""
 
 from __future__ import annotations
 
