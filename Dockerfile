@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The agent service image: `docker build -t agent-service:0.1.0 .`, then
 # `docker run --rm -p 50051:50051 -p 9464:9464 agent-service:0.1.0` serves the offline demo (scripted model, demo
-# database); add `-e ANTHROPIC_API_KEY=…` for Claude. See README, "Deployment".
+# database); add `-e ANTHROPIC_API_KEY=…` for Claude. See docs/operations.md.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Build stage: a virtualenv with the service and its dependencies (wheels only; no compiler in the final image).

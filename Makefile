@@ -13,12 +13,26 @@ install: ## Create .venv and install the service with its dev tools
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[dev,bench]'
 
+# $(call protoc,DIR): the stubs of protos/ into DIR, as they are committed in generated/.
+protoc = rm -rf $(1)/agent && mkdir -p $(1) && \
+	$(PYTHON) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
+		protos/agent/v1/agent.proto && \
+	touch $(1)/agent/__init__.py $(1)/agent/v1/__init__.py
+
 proto: ## Regenerate generated/ from protos/
-	rm -rf generated/agent
-	mkdir -p generated
-	$(PYTHON) -m grpc_tools.protoc -I protos --python_out=generated --pyi_out=generated \
-		--grpc_python_out=generated protos/agent/v1/agent.proto
-	touch generated/agent/__init__.py generated/agent/v1/__init__.py
+	$(call protoc,generated)
+
+proto-check: ## Fail if generated/ is not what `make proto` would make
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(call protoc,$$tmp) && \
+		diff -r -x __pycache__ generated "$$tmp" >&2 || \
+		{ echo "generated/ is stale: run 'make proto' and commit the result" >&2; exit 1; }
+
+docs: ## Regenerate docs/configuration.md from the config models
+	$(PYTHON) -m service.configdoc > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
+
+docs-check: ## Fail if docs/configuration.md is not what `make docs` would write
+	$(PYTHON) -m service.configdoc --check docs/configuration.md
 
 run: ## Start the service (offline scripted model unless ANTHROPIC_API_KEY is set)
 	$(PYTHON) -m service
@@ -35,7 +49,7 @@ fmt: ## Format the code
 test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
-check: lint test ## Lint, types and tests, as CI runs them
+check: lint proto-check docs-check test ## Everything CI runs: lint, types, generated/ and docs fresh, tests
 
 bench: h2load ## Benchmark C=1,100,1000 against the baselines into bench/results/ (ARGS=--full adds C=5000)
 	$(PYTHON) -m bench $(ARGS)
@@ -53,4 +67,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto run lint fmt test check bench bench-smoke h2load
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke h2load

@@ -30,7 +30,9 @@ class CallerConfig(BaseModel):
     """One caller: how it proves who it is, and what it may do."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(
+        min_length=1, description="runs, idempotency keys and limits are kept by it; written into run metadata"
+    )
     cert_identities: list[str] = Field(
         default_factory=list,
         description="client certificate SANs (DNS, URI, IP) that identify this caller; a CN only counts in a "
@@ -40,8 +42,15 @@ class CallerConfig(BaseModel):
         default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
     )
     tools: list[str] | None = Field(default=None, description="tools this caller may use; all when unset")
-    max_concurrent_runs: int | None = Field(default=None, ge=1)
-    runs_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent_runs: int | None = Field(
+        default=None, ge=1, description="runs in progress at once; beyond it RESOURCE_EXHAUSTED; unset: no limit"
+    )
+    runs_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="runs started in a sliding minute (refused requests do not count); beyond it RESOURCE_EXHAUSTED "
+        "saying when to retry; unset: no limit",
+    )
 
     @model_validator(mode="after")
     def _hashes_are_hex(self) -> CallerConfig:
@@ -52,9 +61,11 @@ class CallerConfig(BaseModel):
 
 
 class TlsConfig(BaseModel):
+    """TLS on the gRPC port; with a client CA, mutual TLS (callers identified by their certificates)."""
+
     model_config = ConfigDict(extra="forbid")
-    cert_file: Path
-    key_file: Path
+    cert_file: Path = Field(description="the server's certificate chain (PEM)")
+    key_file: Path = Field(description="the server's private key (PEM)")
     client_ca_file: Path | None = Field(default=None, description="enables client certificates (mutual TLS)")
 
 
@@ -62,8 +73,10 @@ class AuthConfig(BaseModel):
     """`required`: every call but health must identify a configured caller. Off by default (an open dev server)."""
 
     model_config = ConfigDict(extra="forbid")
-    required: bool = False
-    callers: list[CallerConfig] = Field(default_factory=list)
+    required: bool = Field(
+        default=False, description="refuse calls (UNAUTHENTICATED) that identify no configured caller"
+    )
+    callers: list[CallerConfig] = Field(default_factory=list, description="the callers this server knows")
     anonymous: CallerConfig = Field(
         default_factory=lambda: CallerConfig(name="anonymous"), description="rights of unauthenticated callers"
     )

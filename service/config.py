@@ -31,41 +31,62 @@ class _Strict(BaseModel):
 class Pacing(_Strict):
     """Scripted-model timing: delay before the first token and between tokens."""
 
-    first_token_ms: float = Field(default=100.0, ge=0)
-    token_interval_ms: float = Field(default=20.0, ge=0)
+    first_token_ms: float = Field(default=100.0, ge=0, description="delay before the first token of a turn")
+    token_interval_ms: float = Field(default=20.0, ge=0, description="delay between tokens")
 
 
 class ModelRetry(_Strict):
+    """Retries of a model turn that failed before any of it reached the caller: exponential backoff with jitter,
+    or the wait the API asks for (`retry-after`)."""
+
     attempts: int = Field(default=3, ge=1, le=10, description="tries per model turn, the first included")
-    initial_backoff_s: float = Field(default=0.5, ge=0)
-    max_backoff_s: float = Field(default=8.0, ge=0)
+    initial_backoff_s: float = Field(default=0.5, ge=0, description="first backoff, doubled on each retry")
+    max_backoff_s: float = Field(default=8.0, ge=0, description="longest backoff between two tries")
 
 
 class ModelConfig(_Strict):
+    """The model: Claude through the anthropic SDK, or the offline scripted model."""
+
     provider: Literal["auto", "anthropic", "scripted"] = Field(
         default="auto", description="auto: anthropic when ANTHROPIC_API_KEY is set, else scripted"
     )
-    name: str = Field(default="claude-sonnet-4-6", description="default model for the anthropic provider")
-    max_tokens: int = Field(default=4096, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0, description="HTTP timeout of a model request, per read")
+    name: str = Field(
+        default="claude-sonnet-4-6", description="default model for the anthropic provider (requests may name another)"
+    )
+    max_tokens: int = Field(default=4096, ge=1, description="output tokens per turn unless the request says")
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="HTTP timeout of a model request, per read (a keep-alive ping is a read)"
+    )
     idle_timeout_s: float = Field(
         default=120.0,
         gt=0,
-        description="a model turn with no content for this long fails (keep-alive pings do not count)",
+        description="a model turn with no content for this long fails, and is retried like a timeout (keep-alive "
+        "pings do not count)",
     )
     turn_timeout_s: float = Field(
-        default=1800.0, gt=0, description="a model turn, from its request to its last event, fails after this long"
+        default=1800.0,
+        gt=0,
+        description="a model turn, from its request to its last event, fails after this long (64,000 tokens at 40 a "
+        "second take 27 minutes)",
     )
     thinking: Literal["adaptive"] | None = Field(
-        default=None, description="adaptive: the model decides when and how much to think (Claude 4.6 and later)"
+        default=None,
+        description="adaptive: the model decides when and how much to think (Claude 4.6 and later; thinking blocks "
+        "go back to it unchanged across tool turns)",
     )
     thinking_budget: int | None = Field(
-        default=None, ge=1024, description="manual extended thinking, for models before 4.6 (Opus 4.7 refuses it)"
+        default=None,
+        ge=1024,
+        description="manual extended thinking with this budget, for models before 4.6 (deprecated on 4.6, refused by "
+        "Opus 4.7); left off for a run whose max_tokens is not above it, which the API refuses; not with "
+        "model.thinking",
     )
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
         default=None, description="output_config.effort; the model's default when unset"
     )
-    scenario: Path | None = Field(default=None, description="scripted provider: scenario file; the demo if unset")
+    scenario: Path | None = Field(
+        default=None, description="scripted provider: scenario file (see service/models/scripted.py); the demo if unset"
+    )
     pacing: Pacing | None = Field(default=None, description="scripted provider: overrides the scenario's pacing")
     retry: ModelRetry = ModelRetry()
 
@@ -77,18 +98,26 @@ class ModelConfig(_Strict):
 
 
 class Limits(_Strict):
-    max_message_bytes: int = Field(default=100 * 1024, ge=1)
-    default_max_turns: int = Field(default=10, ge=1)
+    """What one request may ask for; a request beyond a limit gets INVALID_ARGUMENT saying what to fix."""
+
+    max_message_bytes: int = Field(default=100 * 1024, ge=1, description="largest message")
+    default_max_turns: int = Field(default=10, ge=1, description="model turns of a run whose request sets none")
     max_turns: int = Field(default=50, ge=1, description="largest max_turns a request may ask for")
     max_tokens: int = Field(default=64000, ge=1, description="largest max_tokens a request may ask for")
-    max_system_bytes: int = Field(default=100 * 1024, ge=1)
-    max_metadata_entries: int = Field(default=64, ge=0)
+    max_system_bytes: int = Field(default=100 * 1024, ge=1, description="largest system prompt")
+    max_metadata_entries: int = Field(default=64, ge=0, description="most entries in a request's metadata")
     max_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="total bytes of metadata keys and values")
     max_metadata_value_bytes: int = Field(default=1024, ge=0, description="longest metadata key or value")
-    max_idempotency_key_bytes: int = Field(default=256, ge=1)
+    max_idempotency_key_bytes: int = Field(default=256, ge=1, description="longest idempotency_key")
     max_model_bytes: int = Field(default=256, ge=1, description="longest model id a request may name")
-    max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="gRPC request headers (grpc metadata)")
-    max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="gRPC request headers (grpc metadata); a fixed cut-off, RESOURCE_EXHAUSTED above it",
+    )
+    max_receive_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="gRPC receive limit: a larger request gets RESOURCE_EXHAUSTED"
+    )
     tool_timeout_s: float = Field(default=30.0, gt=0, description="hard timeout of one tool call")
     max_pending_rpcs: int = Field(
         default=15_000,
@@ -111,8 +140,13 @@ class StoreConfig(_Strict):
     """Where a durable store lives: `sqlite:///PATH` (relative paths under the working directory); unset means
     `<data_dir>/<default file>`. A URL so that a shared backend (PostgreSQL) can be chosen here later."""
 
-    url: str | None = None
-    queue_size: int = Field(default=10000, ge=1, description="audit: records buffered for the background writer")
+    url: str | None = Field(default=None, description="sqlite:///PATH; unset: the default file under data_dir")
+    queue_size: int = Field(
+        default=10000,
+        ge=1,
+        description="records buffered for the audit log's background writer; when it falls that far behind, a "
+        "finishing tool call waits for it (the event loop does not, and no record is dropped); unused by dead_letter",
+    )
 
 
 class AuditConfig(StoreConfig):
@@ -129,6 +163,8 @@ class AuditConfig(StoreConfig):
 
 
 class DeadLetterConfig(StoreConfig):
+    """The dead-letter store: tool calls that finally failed, with input, error and traceback."""
+
     retention_days: float | None = Field(
         default=30.0, gt=0, description="dead letters older than this are deleted (at start, then hourly); null: kept"
     )
@@ -138,7 +174,7 @@ class RunsConfig(_Strict):
     """Run lifecycle: retention, background queue, coalescing and slow-subscriber limits."""
 
     retention_s: float = Field(default=900.0, gt=0, description="how long an ended run stays watchable")
-    max_retained_runs: int = Field(default=10_000, ge=1)
+    max_retained_runs: int = Field(default=10_000, ge=1, description="how many ended runs stay watchable")
     max_retained_bytes: int = Field(
         default=256 * 2**20,
         ge=2**20,
@@ -152,7 +188,7 @@ class RunsConfig(_Strict):
         description="tool data whose JSON text is larger goes in tool_data_part events of at most this many bytes "
         "(as a protobuf Value, data can take 5 times its JSON size: this keeps every event under 3 MiB)",
     )
-    max_events_per_run: int = Field(default=100_000, ge=10)
+    max_events_per_run: int = Field(default=100_000, ge=10, description="largest event log of one run")
     max_run_s: float = Field(default=3600.0, gt=0, description="longest a run may take, whatever the deadline")
     min_tool_budget_s: float = Field(default=0.05, ge=0, description="no tool call starts with less time left")
     deadline_margin_s: float = Field(
@@ -160,15 +196,17 @@ class RunsConfig(_Strict):
         ge=0,
         description="the run ends this much before the deadline, plus the rounding of the caller's timeout on the wire",
     )
-    background_max_concurrent: int = Field(default=8, ge=1)
-    background_max_queued: int = Field(default=100, ge=0)
+    background_max_concurrent: int = Field(default=8, ge=1, description="SubmitRun runs running at once")
+    background_max_queued: int = Field(
+        default=100, ge=0, description="SubmitRun runs waiting; beyond it RESOURCE_EXHAUSTED"
+    )
     coalesce_window_s: float = Field(default=0.01, ge=0, description="text deltas this close together are merged")
     coalesce_max_window_s: float = Field(
         default=0.1,
         ge=0,
         description="as the event loop nears saturation the window widens, up to this (never below the window)",
     )
-    coalesce_max_bytes: int = Field(default=1024, ge=1)
+    coalesce_max_bytes: int = Field(default=1024, ge=1, description="largest merged text delta")
     subscriber_coalesce_lag: int = Field(default=64, ge=1, description="a stream this far behind gets merged deltas")
     subscriber_max_lag: int = Field(default=10_000, ge=1, description="a stream this far behind is dropped")
     max_tool_calls: int = Field(default=200, ge=1, description="largest max_tool_calls a request may ask for")
@@ -182,7 +220,7 @@ class Redaction(_Strict):
         default_factory=list, description="keys whose values are masked anywhere in nested data (case-insensitive)"
     )
     patterns: list[str] = Field(default_factory=list, description="regular expressions masked inside strings")
-    mask: str = "[REDACTED]"
+    mask: str = Field(default="[REDACTED]", description="what a masked value is replaced by")
 
     @field_validator("patterns")
     @classmethod
@@ -210,7 +248,9 @@ class KeepaliveConfig(_Strict):
     min_client_ping_interval_s: float = Field(
         default=10.0, ge=0, description="callers may ping a quiet connection this often (grpc's default: 300)"
     )
-    permit_without_calls: bool = Field(default=True, description="accept pings on a connection with no call open")
+    permit_without_calls: bool = Field(
+        default=True, description="accept pings on a connection with no call open (grpc's default: no)"
+    )
 
 
 def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
@@ -227,7 +267,7 @@ def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
 class GcConfig(_Strict):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
     objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
-    runs open this doubled the CPU time of a run's start (README, Benchmarks). A young generation of 100,000 objects
+    runs open this doubled the CPU time of a run's start (docs/performance.md). A young generation of 100,000 objects
     lets most of a run's objects die before any collection looks at them (a run lives about a second), and keeps
     collections out of a burst of new calls: the first-event p99 at C=100 fell by 11-22 % against 10,000, for a
     pause of about 3 ms per young collection instead of 0.2 ms, ten times rarer."""
@@ -261,15 +301,24 @@ def _address(value: str | None, info: ValidationInfo) -> str | None:
 
 
 class Config(_Strict):
-    listen: str = "0.0.0.0:50051"
-    metrics_listen: str = "0.0.0.0:9464"
-    data_dir: Path = Path("var")
-    system_prompt: str = (
-        "You are an operations assistant for a logistics back office. Use the tools to look up facts; "
-        "say which tool each fact came from; be brief."
+    """The whole configuration. Defaults need no file."""
+
+    listen: str = Field(default="0.0.0.0:50051", description="gRPC address HOST:PORT (or unix:PATH)")
+    metrics_listen: str = Field(default="0.0.0.0:9464", description="Prometheus /metrics address HOST:PORT")
+    data_dir: Path = Field(
+        default=Path("var"), description="demo database, search index, audit log and dead letters (made 0700)"
     )
-    shutdown_grace_s: float = Field(default=20.0, ge=0)
-    reflection: bool = True
+    system_prompt: str = Field(
+        default=(
+            "You are an operations assistant for a logistics back office. Use the tools to look up facts; "
+            "say which tool each fact came from; be brief."
+        ),
+        description="system prompt of a request that sends none",
+    )
+    shutdown_grace_s: float = Field(
+        default=20.0, ge=0, description="on SIGTERM, how long in-flight runs may finish before they are stopped"
+    )
+    reflection: bool = Field(default=True, description="gRPC server reflection (grpcurl needs no proto files)")
     tls: TlsConfig | None = Field(default=None, description="TLS on `listen`; with client_ca_file, mutual TLS")
     auth: AuthConfig = AuthConfig()
     health_listen: str | None = Field(

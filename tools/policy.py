@@ -14,6 +14,8 @@ class _Strict(BaseModel):
 
 
 class TimeoutPolicy(_Strict):
+    """The time one attempt may take."""
+
     seconds: float | None = Field(default=None, gt=0, description="per attempt; unset: limits.tool_timeout_s")
     mode: Literal["hard", "soft"] = Field(
         default="hard", description="hard: cancel, status timeout; soft: a streaming tool's chunks so far, partial"
@@ -21,30 +23,42 @@ class TimeoutPolicy(_Strict):
 
 
 class RetryPolicy(_Strict):
+    """Retries of timeouts and `ToolError(retryable=True)`: exponential backoff with jitter; never after chunks went
+    out, into an open circuit, or past the run's deadline."""
+
     attempts: int = Field(default=1, ge=1, le=10, description="tries per call, the first included; 1: no retry")
     initial_backoff_s: float = Field(default=0.2, ge=0, description="exponential backoff multiplier")
-    max_backoff_s: float = Field(default=5.0, ge=0)
+    max_backoff_s: float = Field(default=5.0, ge=0, description="longest backoff (jitter stays on there)")
     on_timeout: bool = Field(default=True, description="retry a hard timeout as a transient failure")
 
 
 class BreakerPolicy(_Strict):
+    """The circuit breaker: open, calls fail fast with CIRCUIT_OPEN (or go to the fallback); half-open, one trial
+    call whose result alone closes or reopens it."""
+
     failure_threshold: int = Field(default=5, ge=1, description="consecutive failures that open the circuit")
     failure_rate: float = Field(default=0.5, gt=0, le=1, description="or this failure rate over the window")
-    window_s: float = Field(default=60.0, gt=0)
+    window_s: float = Field(default=60.0, gt=0, description="the window of the failure rate")
     min_calls: int = Field(default=10, ge=1, description="calls in the window before the rate counts")
     cooldown_s: float = Field(default=30.0, ge=0, description="open this long, then half-open: one trial call")
 
 
 class RateLimitPolicy(_Strict):
+    """A token bucket per tool: a call over the rate waits its turn or is refused with RATE_LIMITED."""
+
     rate_per_s: float = Field(gt=0, description="sustained calls per second")
     burst: int = Field(default=1, ge=1, description="calls allowed at once above the sustained rate")
-    mode: Literal["wait", "reject"] = "wait"
+    mode: Literal["wait", "reject"] = Field(
+        default="wait", description="wait: in turn, refused at once when the turn would come after max_wait_s"
+    )
     max_wait_s: float = Field(default=1.0, ge=0, description="wait mode: wait at most this long, then reject")
 
 
 class CachePolicy(_Strict):
-    ttl_s: float = Field(gt=0)
-    max_entries: int = Field(default=1024, ge=1)
+    """Results of an idempotent tool, per input (canonical JSON)."""
+
+    ttl_s: float = Field(gt=0, description="how long a result is served from the cache")
+    max_entries: int = Field(default=1024, ge=1, description="inputs kept; the least recently used go first")
 
 
 class ToolPolicy(_Strict):
@@ -52,9 +66,9 @@ class ToolPolicy(_Strict):
 
     timeout: TimeoutPolicy = TimeoutPolicy()
     retry: RetryPolicy = RetryPolicy()
-    breaker: BreakerPolicy | None = BreakerPolicy()
-    rate_limit: RateLimitPolicy | None = None
-    cache: CachePolicy | None = None
+    breaker: BreakerPolicy | None = Field(default=BreakerPolicy(), description="null: no breaker")
+    rate_limit: RateLimitPolicy | None = Field(default=None, description="null: no rate limit")
+    cache: CachePolicy | None = Field(default=None, description="null: no cache")
     idempotent: bool = Field(default=False, description="same input, same answer, no side effect: may be cached")
     requires: tuple[str, ...] = Field(default=(), description="tools that must have succeeded earlier in the run")
     fallback: str | None = Field(default=None, description="tool called with the same input when this one fails")

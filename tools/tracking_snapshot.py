@@ -9,13 +9,16 @@ from pydantic import BaseModel
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
 from tools.policy import CachePolicy, TimeoutPolicy, ToolPolicy
-from tools.query_database import QueryDatabase, QueryInput
+from tools.query_database import Options, QueryDatabase, QueryInput
 from tools.shipment_tracker import TrackingInput
 
 _SQL = (
     "SELECT s.tracking_number, s.status, s.shipped_at, s.promised_at, s.delivered_at, s.delay_reason, "
     "c.name AS carrier FROM shipments s JOIN carriers c ON c.id = s.carrier_id WHERE s.tracking_number = ?"
 )
+
+
+__all__ = ["Options", "TrackingSnapshot", "create"]  # its options (`tools.tracking_snapshot`) are the database's
 
 
 class TrackingSnapshot(Tool[TrackingInput]):
