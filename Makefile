@@ -35,7 +35,10 @@ fmt: ## Format the code
 test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
-check: lint test ## Lint, types and tests, as CI runs them
+layers: ## The import contract alone: the core imports no grpc, protobuf or generated code (a test)
+	$(PYTHON) -m pytest tests/test_layers.py
+
+check: lint test ## Lint, types and tests (the import contract among them), as CI runs them
 
 bench: ## Benchmark C=1,100,1000 against the baselines into bench/results/ (ARGS=--full adds C=5000)
 	$(PYTHON) -m bench $(ARGS)
@@ -43,4 +46,4 @@ bench: ## Benchmark C=1,100,1000 against the baselines into bench/results/ (ARGS
 bench-smoke: ## Tiny benchmark run (CI runs it through the tests), into bench/results/smoke/
 	$(PYTHON) -m bench --smoke
 
-.PHONY: help install proto run lint fmt test check bench bench-smoke
+.PHONY: help install proto run lint fmt test layers check bench bench-smoke

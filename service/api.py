@@ -20,7 +20,8 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
-from service.auth import Authenticator, Caller, CallerLimits, current_caller
+from service.auth import Authenticator
+from service.callers import Caller, CallerLimits, current_caller
 from service.config import Config, Limits
 from service.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
 from service.deadline import run_margin_s

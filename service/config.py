@@ -21,8 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-from service.auth import AuthConfig, TlsConfig
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -230,6 +228,69 @@ class GcConfig(_Strict):
         if value[0] < 1 or min(value) < 0:
             raise ValueError("gen0 must be at least 1 and no threshold negative")
         return value
+
+
+class CallerConfig(_Strict):
+    """One caller: how it proves who it is, and what it may do."""
+
+    name: str = Field(min_length=1)
+    cert_identities: list[str] = Field(
+        default_factory=list,
+        description="client certificate SANs (DNS, URI, IP) that identify this caller; a CN only counts in a "
+        "certificate without SANs",
+    )
+    token_sha256: list[str] = Field(
+        default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
+    )
+    tools: list[str] | None = Field(default=None, description="tools this caller may use; all when unset")
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    runs_per_minute: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _hashes_are_hex(self) -> CallerConfig:
+        for digest in self.token_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"caller {self.name}: token_sha256 entries must be 64 hex characters")
+        return self
+
+
+class TlsConfig(_Strict):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = Field(default=None, description="enables client certificates (mutual TLS)")
+
+
+class AuthConfig(_Strict):
+    """`required`: every call but health must identify a configured caller. Off by default (an open dev server)."""
+
+    required: bool = False
+    callers: list[CallerConfig] = Field(default_factory=list)
+    anonymous: CallerConfig = Field(
+        default_factory=lambda: CallerConfig(name="anonymous"), description="rights of unauthenticated callers"
+    )
+
+    @model_validator(mode="after")
+    def _callers_are_told_apart(self) -> AuthConfig:
+        """A caller is its name (runs, idempotency keys and limits are kept by name) and its credentials: two callers
+        must share neither, nor may a caller share the anonymous callers' name."""
+        names = [c.name for c in self.callers]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.callers: caller names must be unique")
+        if self.anonymous.name in names:
+            raise ValueError(
+                f"auth.callers: {self.anonymous.name!r} is the anonymous callers' name (auth.anonymous.name); "
+                "unauthenticated calls would see its runs: name one of them otherwise"
+            )
+        if self.anonymous.cert_identities or self.anonymous.token_sha256:
+            raise ValueError("auth.anonymous: anonymous callers present no credentials; give them to a caller")
+        owners: dict[str, str] = {}
+        for caller in self.callers:
+            for credential in [*caller.cert_identities, *(d.lower() for d in caller.token_sha256)]:
+                other = owners.setdefault(credential, caller.name)
+                if other != caller.name:
+                    shown = credential if credential in caller.cert_identities else f"token {credential[:8]}…"
+                    raise ValueError(f"auth.callers: {shown} identifies both {other} and {caller.name}")
+        return self
 
 
 # HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one ([::]); empty for every interface (metrics).

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from service import telemetry
+
 Refusal = tuple[grpc.StatusCode, str]
 MAX_DETAILS = 2000  # characters of a status message
 # A check on a call before its handler runs: None to let it through, else the status to end the call with.
@@ -145,3 +147,13 @@ def _tolerant(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
         return None
 
     return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)
+
+
+def tracing_interceptors() -> list[Any]:
+    """The OpenTelemetry gRPC server interceptor when tracing is on (an RPC span, parent of `run`); none otherwise."""
+    provider = telemetry.tracer_provider()
+    if provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]

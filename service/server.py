@@ -25,7 +25,7 @@ from service.api import AgentServicer
 from service.auth import AuthInterceptor, server_credentials
 from service.config import Config, GcConfig, keepalive_options, pending_rpc_options
 from service.executor import build_executor
-from service.interceptors import RejectUndecodable
+from service.interceptors import RejectUndecodable, tracing_interceptors
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
@@ -157,7 +157,7 @@ async def start(
     registry = RunRegistry(loop, config.runs)
     servicer = AgentServicer(registry, tools, config)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(servicer.auth), RejectUndecodable(), *telemetry.server_interceptors()],
+        interceptors=[AuthInterceptor(servicer.auth), RejectUndecodable(), *tracing_interceptors()],
         options=[
             ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
             ("grpc.so_reuseport", 0),

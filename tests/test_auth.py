@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
 from conftest import cli, make_config, stub
-from service.auth import Caller, CallerConfig, CallerLimits, token_hash
+from service.callers import Caller, CallerLimits, token_hash
+from service.config import CallerConfig
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 
@@ -218,7 +219,7 @@ async def test_bearer_tokens(start_service: Any, pki: Pki) -> None:
 def test_config_holds_token_hashes_not_tokens() -> None:
     from pydantic import ValidationError
 
-    from service.auth import AuthConfig
+    from service.config import AuthConfig
 
     with pytest.raises(ValidationError, match="64 hex characters"):
         AuthConfig.model_validate({"callers": [{"name": "x", "token_sha256": ["s3cret-token"]}]})
@@ -350,7 +351,7 @@ async def test_the_authorization_header(
 def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[str, Any], error: str) -> None:
     from pydantic import ValidationError
 
-    from service.auth import AuthConfig
+    from service.config import AuthConfig
 
     with pytest.raises(ValidationError, match=error):
         AuthConfig.model_validate(auth)
@@ -359,14 +360,14 @@ def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[s
 def test_token_hashes_are_made_from_stdin_never_from_arguments() -> None:
     import io
 
-    from service import auth
+    from service import callers
 
     out, err = io.StringIO(), io.StringIO()
-    assert auth.main([], io.StringIO("s3cret-token\n  other \n\n"), out, err) == 0
+    assert callers.main([], io.StringIO("s3cret-token\n  other \n\n"), out, err) == 0
     assert out.getvalue().split() == [token_hash("s3cret-token"), token_hash("other")]  # as the server strips it
     out, err = io.StringIO(), io.StringIO()
     # an argument is in every user's `ps` and in the shell's history: refused, and not echoed
-    assert auth.main(["s3cret-token"], io.StringIO(""), out, err) == 2
+    assert callers.main(["s3cret-token"], io.StringIO(""), out, err) == 2
     assert out.getvalue() == "" and "stdin" in err.getvalue() and "s3cret-token" not in err.getvalue()
 
 

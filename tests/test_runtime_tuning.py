@@ -27,8 +27,8 @@ from conftest import StartService, make_config
 from service import events as ev
 from service import server, telemetry
 from service.api import _SentCounts
-from service.auth import AuthConfig, Authenticator, AuthInterceptor
-from service.config import GcConfig, Limits, Pacing, pending_rpc_options
+from service.auth import Authenticator, AuthInterceptor
+from service.config import AuthConfig, GcConfig, Limits, Pacing, pending_rpc_options
 from service.convert import event_kind, to_proto
 from service.interceptors import RejectUndecodable, wrap_handler
 from service.models import base as m

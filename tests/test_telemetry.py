@@ -29,6 +29,7 @@ from conftest import make_config, run_events, scripted, stub
 from fake_tools import Backup, Flaky, policy_tools
 from service import events as ev
 from service import telemetry
+from service.interceptors import tracing_interceptors
 from service.server import start
 
 
@@ -183,7 +184,7 @@ def test_tracing_is_off_without_otel_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     assert not telemetry.setup_tracing()
-    assert telemetry.server_interceptors() == [] and not telemetry.tracing_enabled()
+    assert tracing_interceptors() == [] and not telemetry.tracing_enabled()
 
 
 async def test_tool_names_the_model_made_up_share_one_label_value() -> None:
