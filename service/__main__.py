@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from service.config import ConfigError, load_config
-from service.server import StartupError, serve
+from service.rpc.server import StartupError, serve
 from service.telemetry import setup_logging
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -13,7 +13,7 @@
         │                         refused the server's own credentials or account (the caller is not at fault)
         └── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
 
-`code` is a gRPC status code name so that this module needs no gRPC import; `service/api.py` maps it once.
+`code` is a gRPC status code name so that this module needs no gRPC import; `service/rpc/` maps it once.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Domain events of a run: one small frozen dataclass per kind, and their union. The loop yields these; `api.py`
-turns them into `AgentEvent` protobufs, numbering them per run."""
+"""Domain events of a run: one small frozen dataclass per kind, and their union. The loop yields these;
+`service/rpc/convert.py` turns them into `AgentEvent` protobufs, numbering them per run."""
 
 from __future__ import annotations
 

@@ -394,7 +394,7 @@ def test_config_refuses_certificate_identities_without_mutual_tls(tmp_path: Path
 
 
 async def test_tokens_without_tls_are_warned_about(start_service: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="service.server"):
+    with caplog.at_level("WARNING", logger="service.rpc.server"):
         await start_service(**two_token_callers())
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
     assert warning.getMessage().startswith("bearer tokens are configured but listen has no TLS")

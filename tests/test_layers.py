@@ -10,11 +10,9 @@ import sys
 
 import service
 
-# Above the core: the transport, the module that wires it to the core, the CLI entry, and the shims that keep
-# `python -m service.client` and `python -m service.auth` working.
+# Above the core: the transport, the module that wires it to the core, the CLI entry, and the shim that keeps
+# `python -m service.client` working.
 TOP = ("service.rpc", "service.wiring", "service.__main__", "service.client")
-# the transport modules still beside the core, until they move into service/rpc/
-TOP += ("service.api", "service.auth", "service.convert", "service.interceptors", "service.server")
 FORBIDDEN = ("grpc", "google.protobuf", "agent")
 
 # Imports each module in turn and reports the first one after which a forbidden package is loaded.

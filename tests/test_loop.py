@@ -298,7 +298,7 @@ async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> 
 
 
 def test_every_domain_event_maps_to_its_protobuf_field() -> None:
-    from service.convert import to_proto
+    from service.rpc.convert import to_proto
 
     samples: list[ev.Event] = [
         ev.RunStarted(model="m", tools=("a",), max_turns=1),

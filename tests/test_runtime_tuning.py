@@ -25,15 +25,16 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from conftest import StartService, make_config
 from service import events as ev
-from service import server, telemetry
-from service.api import _SentCounts
-from service.auth import Authenticator, AuthInterceptor
+from service import telemetry
 from service.config import AuthConfig, GcConfig, Limits, Pacing, pending_rpc_options
-from service.convert import event_kind, to_proto
-from service.interceptors import RejectUndecodable, wrap_handler
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
-from service.server import tune_gc
+from service.rpc import server
+from service.rpc.auth import Authenticator, AuthInterceptor
+from service.rpc.convert import event_kind, to_proto
+from service.rpc.interceptors import RejectUndecodable, wrap_handler
+from service.rpc.server import tune_gc
+from service.rpc.servicer import _SentCounts
 from service.telemetry import JsonFormatter, setup_logging
 
 

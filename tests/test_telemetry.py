@@ -29,8 +29,8 @@ from conftest import make_config, run_events, scripted, stub
 from fake_tools import Backup, Flaky, policy_tools
 from service import events as ev
 from service import telemetry
-from service.interceptors import tracing_interceptors
-from service.server import start
+from service.rpc.interceptors import tracing_interceptors
+from service.rpc.server import start
 
 
 def tools_for(flaky: str, down: str) -> dict[str, Any]:
@@ -148,7 +148,7 @@ async def run_agent_spans(spans: InMemorySpanExporter) -> list[ReadableSpan]:
 async def test_a_failed_run_marks_its_grpc_server_span(
     start_service: Any, channel_to: Any, spans: InMemorySpanExporter
 ) -> None:
-    # the stream's status is set rather than raised (service/api.py): the span must still carry it
+    # the stream's status is set rather than raised (service/rpc/servicer.py): the span must still carry it
     svc = await start_service(
         [{"text": "never", "fail": {"status": 529, "times": 10}}],
         model={"retry": {"attempts": 1}},

@@ -3,7 +3,7 @@ checked once per call by a `grpc.aio` server interceptor. What a caller may do, 
 (`service/callers.py`); the servicer enforces them.
 
 The interceptor cannot see the TLS peer (interceptors get only the method name and metadata), so it wraps the
-handler (`service.interceptors.wrap_handler`) and authenticates from the handler's `ServicerContext`. The caller is
+handler (`interceptors.wrap_handler`) and authenticates from the handler's `ServicerContext`. The caller is
 handed to the servicer in a context variable (`callers.bind_caller`): the wrapper and the handler run in the same
 task.
 """
@@ -20,7 +20,7 @@ import grpc
 from service.callers import Caller, bind_caller
 from service.callers import main as main
 from service.config import AuthConfig, TlsConfig
-from service.interceptors import Refusal, WrapCache, wrap_handler
+from service.rpc.interceptors import Refusal, WrapCache, wrap_handler
 
 
 class Unauthenticated(Exception):

@@ -21,14 +21,14 @@ from prometheus_client import start_http_server
 from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import hardening, telemetry
 from service.aio import abandoned
-from service.api import AgentServicer
-from service.auth import AuthInterceptor, server_credentials
 from service.config import Config, GcConfig, keepalive_options, pending_rpc_options
 from service.executor import build_executor
-from service.interceptors import RejectUndecodable, tracing_interceptors
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
+from service.rpc.auth import AuthInterceptor, server_credentials
+from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
+from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
 from tools import load_tools
 from tools.base import Tool

@@ -20,14 +20,14 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
-from service.auth import Authenticator
 from service.callers import Caller, CallerLimits, current_caller
 from service.config import Config, Limits
-from service.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
 from service.deadline import run_margin_s
 from service.errors import RunCancelled
-from service.interceptors import refuse
 from service.loop import RunSpec
+from service.rpc.auth import Authenticator
+from service.rpc.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
+from service.rpc.interceptors import refuse
 from service.runs import IdempotencyConflict, NotFound, QueueFull, Run, RunRegistry, RunState, SubscriberTooSlow
 from tools.base import Tool
 
