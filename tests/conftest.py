@@ -120,10 +120,10 @@ async def run_events(channel: grpc.aio.Channel, **request: Any) -> list[pb.Agent
 async def cli(
     port: int, *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
-    """`python -m service.rpc.client --target HOST:PORT ARGS…` as a person runs it: exit code, stdout, stderr."""
+    """`python -m service.client --target HOST:PORT ARGS…` as a person runs it: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "service.rpc.client", "--target", f"{host}:{port}", *args),
+        *("-m", "service.client", "--target", f"{host}:{port}", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=None if env is None else {**os.environ, **env},

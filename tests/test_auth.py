@@ -371,6 +371,16 @@ def test_token_hashes_are_made_from_stdin_never_from_arguments() -> None:
     assert out.getvalue() == "" and "stdin" in err.getvalue() and "s3cret-token" not in err.getvalue()
 
 
+def test_token_hashes_come_from_the_command_the_readme_names() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service.auth"], input="s3cret-token\n", capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.split()) == (0, [token_hash("s3cret-token")]), done.stderr
+
+
 def test_the_wait_a_caller_is_told_is_never_short() -> None:
     now = [1000.0]
     limits = CallerLimits(clock=lambda: now[0])

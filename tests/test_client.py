@@ -40,12 +40,12 @@ async def test_cli_exits_non_zero_on_error(start_service: Any) -> None:
 
 
 async def test_cli_stops_quietly_when_its_reader_leaves(start_service: Any) -> None:
-    """`python -m service.rpc.client --json … | head -1`: the reader closes the pipe while events still come."""
+    """`python -m service.client --json … | head -1`: the reader closes the pipe while events still come."""
     svc = await start_service(model={"pacing": {"first_token_ms": 0, "token_interval_ms": 20}})
     read_end, write_end = os.pipe()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "service.rpc.client", "--target", f"127.0.0.1:{svc.port}", "--json", "hi"),
+        *("-m", "service.client", "--target", f"127.0.0.1:{svc.port}", "--json", "hi"),
         stdout=write_end,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -84,7 +84,7 @@ async def test_make_run_and_the_client_work_from_a_private_clone(private_clone: 
                 port = json.loads(line)["port"]
                 break
         client = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "service.rpc.client", "--target", f"127.0.0.1:{port}", "--json", QUESTION),
+            *(sys.executable, "-m", "service.client", "--target", f"127.0.0.1:{port}", "--json", QUESTION),
             cwd=private_clone,
             env=env,
             stdout=asyncio.subprocess.PIPE,

@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 
 from service.callers import Caller, bind_caller
-from service.callers import main as main
 from service.config import AuthConfig, TlsConfig
 from service.rpc.interceptors import Refusal, WrapCache, wrap_handler
 
@@ -117,9 +116,3 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr))
