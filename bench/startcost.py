@@ -26,7 +26,8 @@ from agent.v1 import agent_pb2 as pb
 from bench.bare_grpc import BareServicer
 from bench.workload import Workload, timeline, write_service_config
 from service.config import load_config
-from service.rpc.server import start, tune_gc
+from service.rpc.server import tune_gc
+from service.wiring import start
 
 REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 

@@ -198,17 +198,6 @@ class KeepaliveConfig(_Strict):
     permit_without_calls: bool = Field(default=True, description="accept pings on a connection with no call open")
 
 
-def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
-    return [
-        ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
-        ("grpc.http2.min_ping_interval_without_data_ms", round(keepalive.min_client_ping_interval_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
-        # our own pings on a quiet connection: without this grpc stops after 2 with no data sent in between
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
 class GcConfig(_Strict):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
     objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
@@ -358,19 +347,6 @@ ENV_VARS = {
     "metrics_listen": "AGENT_METRICS_LISTEN",
     "data_dir": "AGENT_DATA_DIR",
 }
-
-
-def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
-    """grpc core queues calls until the server takes them up; grpc.aio takes up one per turn of the event loop, so a
-    burst of new streams while the loop is busy with running ones waits there. Past the soft limit grpc cancels new
-    calls at random, past the hard one all of them, and any call that waited too long (CANCELLED, for 2,000 of 5,000
-    streams opened at once with grpc's defaults: 1,000, 3,000 and 30 s). Same proportions as grpc's, larger; the
-    caller's deadline still bounds the wait."""
-    return [
-        ("grpc.server.max_pending_requests", limits.max_pending_rpcs // 3),
-        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_rpcs),
-        ("grpc.server_max_unrequested_time_in_server", limits.max_pending_s),
-    ]
 
 
 class ConfigError(Exception):

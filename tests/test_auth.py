@@ -96,7 +96,7 @@ async def test_mtls_identifies_the_caller_and_refuses_strangers(start_service: A
         assert events[-1].HasField("final_response")
         run = svc.registry.get(events[0].run_id)
         assert run.caller == "risk-engine" and run.spec.metadata["caller"] == "risk-engine"  # not the spoofed "x"
-        audit = svc.registry.loop.executor.audit
+        audit = svc.executor.audit
         await audit.flush()
         rows = sqlite3.connect(audit.path).execute("SELECT run_id, metadata FROM audit").fetchall()
         assert [json.loads(meta)["caller"] for run_id, meta in rows if run_id == run.id] == ["risk-engine"]

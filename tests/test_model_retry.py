@@ -21,7 +21,8 @@ from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
 from service.rpc.client import Renderer
 from service.rpc.convert import to_proto
-from service.rpc.server import Service, start
+from service.rpc.server import Service
+from service.wiring import start
 
 
 @pytest.fixture

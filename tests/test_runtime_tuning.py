@@ -26,16 +26,17 @@ from agent.v1 import agent_pb2_grpc
 from conftest import StartService, make_config
 from service import events as ev
 from service import telemetry
-from service.config import AuthConfig, GcConfig, Limits, Pacing, pending_rpc_options
+from service.config import AuthConfig, GcConfig, Limits, Pacing
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
 from service.rpc import server
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.convert import event_kind, to_proto
 from service.rpc.interceptors import RejectUndecodable, wrap_handler
-from service.rpc.server import tune_gc
+from service.rpc.server import pending_rpc_options, tune_gc
 from service.rpc.servicer import _SentCounts
 from service.telemetry import JsonFormatter, setup_logging
+from service.wiring import start
 
 
 @pytest.fixture
@@ -204,7 +205,7 @@ async def test_serve_tunes_the_collector_once_serving_and_drains_on_sigterm(
     monkeypatch.setattr(server, "tune_gc", tune_and_record)
     gc.unfreeze()
     config = make_config(tmp_path, gc={"thresholds": [5_000, 20, 30]})
-    serving = asyncio.create_task(server.serve(config))
+    serving = asyncio.create_task(server.serve(config, start))
     for _ in range(500):
         if tuned or serving.done():
             break

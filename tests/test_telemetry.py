@@ -30,7 +30,7 @@ from fake_tools import Backup, Flaky, policy_tools
 from service import events as ev
 from service import telemetry
 from service.rpc.interceptors import tracing_interceptors
-from service.rpc.server import start
+from service.wiring import start
 
 
 def tools_for(flaky: str, down: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,7 @@ from service.config import Config, Limits
 from service.deadline import run_margin_s
 from service.errors import RunCancelled
 from service.loop import RunSpec
-from service.rpc.auth import Authenticator
+from service.models.base import ToolSpec
 from service.rpc.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
 from service.rpc.interceptors import refuse
 from service.runs import IdempotencyConflict, NotFound, QueueFull, Run, RunRegistry, RunState, SubscriberTooSlow
@@ -94,8 +94,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         tools: Mapping[str, Tool[Any]],
         config: Config,
         *,
+        anonymous: Caller,
+        caller_limits: CallerLimits,
+        tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
+        default_model: str,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`anonymous`: the caller of calls that name none (auth off). `tool_specs`: the tools as the model sees them,
+        by name; `default_model`: the model of a request that names none."""
         self.registry = registry
         self.clock = clock  # for the time to first event
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
@@ -104,12 +110,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.config = config
         self.draining = False
         self.streams: set[asyncio.Task[Any]] = set()
-        self.auth = Authenticator(config.auth)
-        self.caller_limits = CallerLimits()
+        self.anonymous = anonymous
+        self.caller_limits = caller_limits
+        self.tool_specs = tool_specs
+        self.default_model = default_model
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
-        return current_caller() or self.auth.anonymous
+        return current_caller() or self.anonymous
 
     def run_of(self, run_id: str) -> Run:
         """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
@@ -121,7 +129,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         caller = self.caller()
         allowed = [name for name in self.tools if caller.may_use(name)]
         # the loop's specs: each tool's JSON Schema is generated once, not per call
-        specs = self.registry.loop.tool_specs(allowed)
+        specs = self.tool_specs(allowed)
         return pb.ListToolsResponse(
             tools=[
                 pb.ToolInfo(
@@ -358,7 +366,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return RunSpec(
             run_id=run_id,
             message=request.message,
-            model=request.model or self.registry.loop.model.default_model,
+            model=request.model or self.default_model,
             system=request.system if request.HasField("system") else self.config.system_prompt,
             max_turns=max_turns,
             max_tokens=max_tokens,
