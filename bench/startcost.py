@@ -34,7 +34,7 @@ REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 
 class _Context:
     """The little of `grpc.aio.ServicerContext` a successful start touches: no deadline, and a refused call (its
-    status set, `service.rpc.interceptors.refuse`) as an error."""
+    status set, `service.rpc.status.refuse`) as an error."""
 
     def time_remaining(self) -> float | None:
         return None

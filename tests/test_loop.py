@@ -324,6 +324,7 @@ def test_every_domain_event_maps_to_its_protobuf_field() -> None:
         "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage",
         "final_response", "error",
     ]  # fmt: skip
+    assert fields == [e.kind for e in samples]  # each event names the field it becomes
     retry = to_proto(samples[7], "run_x", 8).tool_retry
     assert retry.wait.ToNanoseconds() == 250_000_000
     result = to_proto(samples[9], "run_x", 10).tool_result

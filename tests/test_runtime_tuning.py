@@ -31,7 +31,7 @@ from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
 from service.rpc import server
 from service.rpc.auth import Authenticator, AuthInterceptor
-from service.rpc.convert import event_kind, to_proto
+from service.rpc.convert import to_proto
 from service.rpc.interceptors import RejectUndecodable, wrap_handler
 from service.rpc.server import pending_rpc_options, tune_gc
 from service.rpc.servicer import _SentCounts
@@ -149,10 +149,10 @@ def test_pending_call_limits_keep_grpcs_proportions_and_default_to_five_times_gr
 
 def test_every_event_type_has_the_metric_kind_of_its_oneof_field() -> None:
     oneof = {f.name for f in pb.AgentEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
-    kinds = {event_kind(kind) for kind in typing.get_args(ev.Event)}
+    kinds = {kind.kind for kind in typing.get_args(ev.Event)}
     assert kinds == oneof
     for event in (ev.TextDelta(turn=1, text="a"), ev.RunFailed(code="INTERNAL", message="m", retryable=False)):
-        assert to_proto(event, "run_x", 1).WhichOneof("event") == event_kind(type(event))
+        assert to_proto(event, "run_x", 1).WhichOneof("event") == event.kind
 
 
 async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> None:

@@ -19,11 +19,8 @@ import grpc
 
 from service.callers import Caller, bind_caller
 from service.config import AuthConfig, TlsConfig
-from service.rpc.interceptors import Refusal, WrapCache, wrap_handler
-
-
-class Unauthenticated(Exception):
-    pass
+from service.errors import AgentError, Unauthenticated
+from service.rpc.interceptors import WrapCache, wrap_handler
 
 
 class Authenticator:
@@ -97,11 +94,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         return self._wrapped.get(details.method, handler, lambda: wrap_handler(handler, self._authenticate))
 
-    def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> Refusal | None:
+    def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> AgentError | None:
         try:
             caller = self.authenticator.identify(context)
         except Unauthenticated as exc:
-            return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+            return exc.with_traceback(None)  # not its frames: the call ends here
         bind_caller(caller)
         return None
 

@@ -1,17 +1,15 @@
-"""The gRPC servicer: validates requests, starts runs in the registry, streams their logs and maps run failures to
-status codes. It is thin on purpose: runs live in `service/runs.py`, the loop in `service/loop.py`.
+"""The gRPC servicer: validates requests, starts runs in the registry, streams their logs and ends each call with
+its status. It is thin on purpose: runs live in `service/runs.py`, the loop in `service/loop.py`, validation in
+`validate.py`; a handler raises the service's errors (`service/errors.py`) and `status.py` maps them, once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -21,70 +19,28 @@ from agent.v1 import agent_pb2_grpc
 from service import events as ev
 from service import telemetry
 from service.callers import Caller, CallerLimits, current_caller
-from service.config import Config, Limits
+from service.config import Config
 from service.deadline import run_margin_s
-from service.errors import RunCancelled
-from service.loop import RunSpec
+from service.errors import (
+    AfterSeqOutOfRange,
+    CallerLimited,
+    InvalidRequest,
+    RunAlreadyEnded,
+    RunCancelled,
+    ServerDraining,
+    SubscriberTooSlow,
+)
 from service.models.base import ToolSpec
-from service.rpc.convert import event_kind, run_result, run_state, run_to_proto, struct, to_proto
-from service.rpc.interceptors import refuse
-from service.runs import IdempotencyConflict, NotFound, QueueFull, Run, RunRegistry, RunState, SubscriberTooSlow
+from service.rpc.convert import run_result, run_state, run_to_proto, struct, to_proto
+from service.rpc.status import end_call, streaming, unary
+from service.rpc.validate import Validator, fingerprint
+from service.runs import Run, RunRegistry, RunState
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
 
 
-class InvalidRequest(ValueError):
-    """The request cannot run as sent; the message says what to change."""
-
-
-class PermissionDenied(Exception):
-    """The caller may not do this (a tool outside its rights)."""
-
-
-class CallerLimited(Exception):
-    """The caller is at one of its limits (concurrent runs, runs per minute)."""
-
-
-class ToolUnavailable(Exception):
-    """A tool the request names cannot work on this server (`Tool.unavailable` says why)."""
-
-
-# The one map from the service's exceptions to gRPC status codes.
-_STATUS: dict[type[Exception], grpc.StatusCode] = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    CallerLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ToolUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code = code
-        self.message = message
-
-
-class _Mapped:
-    """`with _mapped:` turns the service's exceptions into `_Abort` with their status code. A class rather than a
-    `@contextmanager`, which would cost every run start a generator."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if isinstance(exc, _MAPPED):
-            raise _Abort(_STATUS[type(exc)], str(exc)) from exc
-
-
-_MAPPED = tuple(_STATUS)
-_ON_DISCONNECT = frozenset(pb.RunAgentRequest.OnDisconnect.values())
 _CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
-_mapped = _Mapped()  # stateless: one instance serves every call
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
@@ -113,7 +69,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.anonymous = anonymous
         self.caller_limits = caller_limits
         self.tool_specs = tool_specs
-        self.default_model = default_model
+        self.validator = Validator(config, self.tools, self.unavailable, default_model)
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
@@ -142,53 +98,31 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             ]
         )
 
-    async def RunAgent(
-        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.AgentEvent]:
+    @streaming
+    def RunAgent(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
         received = self.clock()
-        try:
-            run, created = self._start(request, context, background=False)
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return
+        run, created = self._start(request, context, background=False)
         owner = created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
-        async for event in self._stream(run, 0, context, owner=owner, received=received):
-            yield event
+        return self._stream(run, 0, context, owner=owner, received=received)
 
-    async def WatchRun(
-        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.AgentEvent]:
-        try:
-            with _mapped:
-                run = self.run_of(request.run_id)
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return
+    @streaming
+    def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
+        run = self.run_of(request.run_id)
         logged = len(run.log)
         if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
             where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
-            refuse(context, grpc.StatusCode.OUT_OF_RANGE, f"after_seq={request.after_seq}, but run {run.id} {where}")
-            return
-        async for event in self._stream(run, request.after_seq, context, owner=False):
-            yield event
+            raise AfterSeqOutOfRange(f"after_seq={request.after_seq}, but run {run.id} {where}")
+        return self._stream(run, request.after_seq, context, owner=False)
 
-    async def CancelRun(
-        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CancelRunResponse | None:
-        try:
-            with _mapped:
-                if request.mode not in _CANCEL_MODES:
-                    raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
-                run = self.run_of(request.run_id)
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return None
+    @unary
+    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+        if request.mode not in _CANCEL_MODES:
+            raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
+        run = self.run_of(request.run_id)
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
             return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
         if run.finished:
-            message = f"run {run.id} already ended ({run.state.value}); nothing to cancel"
-            refuse(context, grpc.StatusCode.FAILED_PRECONDITION, message)
-            return None
+            raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
         after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
         self.registry.cancel(run, after_turn=after_turn)
         if not after_turn and run.task is not None:
@@ -196,32 +130,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             await asyncio.wait([run.task], timeout=1.0)
         return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
 
-    async def SubmitRun(
-        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SubmitRunResponse | None:
-        try:
-            run, _ = self._start(request, context, background=True)
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return None
+    @unary
+    async def SubmitRun(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitRunResponse:
+        run, _ = self._start(request, context, background=True)
         return pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state))
 
-    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run | None:
-        try:
-            with _mapped:
-                return run_to_proto(self.run_of(request.run_id))
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return None
+    @unary
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
+        return run_to_proto(self.run_of(request.run_id))
 
+    @unary
     async def RunAgentUnary(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunResult | None:
-        try:
-            run, created = self._start(request, context, background=False)
-        except _Abort as exc:
-            refuse(context, exc.code, exc.message)
-            return None
+        run, created = self._start(request, context, background=False)
         assert run.task is not None
         try:
             await asyncio.shield(run.task)
@@ -238,33 +160,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext, *, background: bool
     ) -> tuple[Run, bool]:
         if self.draining:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            raise ServerDraining("the server is shutting down; retry on another replica")
         run_id = f"run_{secrets.token_hex(12)}"  # 96 random bits; uuid4() costs 5x more
         caller = self.caller()
         key = request.idempotency_key
         digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
-        with _mapped:
-            spec = self.validate(request, run_id, caller)
-            existing = self.registry.find(caller.name, key, digest)
-            if existing is not None:
-                return existing, False
-            refused = self.caller_limits.admit(caller)
-            if refused is not None:
-                raise CallerLimited(refused)
-            deadline = None
-            remaining = context.time_remaining()
-            # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
-            if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
-                margin = run_margin_s(remaining, self.config.runs.deadline_margin_s)
-                deadline = asyncio.get_running_loop().time() + remaining - margin
-            run, created = self.registry.start(
-                spec,
-                caller=caller.name,
-                key=key,
-                fingerprint=digest,
-                deadline=deadline,
-                background=background,
-            )
+        spec = self.validator.run_spec(request, run_id, caller)
+        existing = self.registry.find(caller.name, key, digest)
+        if existing is not None:
+            return existing, False
+        refused = self.caller_limits.admit(caller)
+        if refused is not None:
+            raise CallerLimited(refused)
+        deadline = None
+        remaining = context.time_remaining()
+        # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
+        if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
+            margin = run_margin_s(remaining, self.config.runs.deadline_margin_s)
+            deadline = asyncio.get_running_loop().time() + remaining - margin
+        run, created = self.registry.start(
+            spec,
+            caller=caller.name,
+            key=key,
+            fingerprint=digest,
+            deadline=deadline,
+            background=background,
+        )
         if created and run.task is not None:
             self.caller_limits.started(caller)
             run.task.add_done_callback(lambda _: self.caller_limits.ended(caller))
@@ -285,7 +206,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         assert task is not None
         self.streams.add(task)
         runs = self.config.runs
-        dropped: SubscriberTooSlow | None = None
         sent = _SentCounts()
         try:
             async for entry in run.follow(
@@ -299,7 +219,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                     received = None
         except SubscriberTooSlow as exc:
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
-            dropped = exc
+            raise  # RESOURCE_EXHAUSTED, telling it where to resume
         except BaseException as exc:
             # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
             # grpc waits to send a message this stream yielded (grpc then closes the generator, not the task). Any
@@ -312,113 +232,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         finally:
             sent.flush()
             self.streams.discard(task)
-        if dropped is not None:
-            refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(dropped))
-            return
         _ended_with_failure(run, context)
-
-    def validate(self, request: pb.RunAgentRequest, run_id: str, caller: Caller) -> RunSpec:
-        limits = self.config.limits
-        runs = self.config.runs
-        if not request.message.strip():
-            raise InvalidRequest("message must not be empty: put the user's question in `message`")
-        size = len(request.message.encode())
-        if size > limits.max_message_bytes:
-            raise InvalidRequest(f"message is {size} bytes; the limit is {limits.max_message_bytes} bytes")
-        if request.HasField("system") and len(request.system.encode()) > limits.max_system_bytes:
-            raise InvalidRequest(f"system is longer than {limits.max_system_bytes} bytes")
-        tools = list(request.tools)  # each access to a repeated field builds a new view: read it once
-        down = sorted(set(tools) & self.unavailable.keys()) if self.unavailable else []
-        if down:
-            more = f" (so are {_some(down[1:])})" if len(down) > 1 else ""
-            raise ToolUnavailable(f"tool {down[0]} is unavailable on this server: {self.unavailable[down[0]]}{more}")
-        unknown = [name for name in tools if name not in self.tools]
-        if unknown:
-            # the caller's tools only, as ListTools lists them: the others' names are not for this caller to learn
-            available = ", ".join(name for name in self.tools if caller.may_use(name)) or "none"
-            raise InvalidRequest(f"unknown tool(s): {_some(unknown)}; available: {available} (see ListTools)")
-        if len(set(tools)) != len(tools):
-            twice = sorted(name for name, n in Counter(tools).items() if n > 1)  # linear: tools may be 100,000 long
-            raise InvalidRequest(f"tools lists {_some(twice)} more than once")
-        denied = [name for name in tools if not caller.may_use(name)]
-        if denied:
-            raise PermissionDenied(f"caller {caller.name} may not use tool(s): {_some(denied)}")
-        max_turns = request.max_turns if request.HasField("max_turns") else limits.default_max_turns
-        if not 1 <= max_turns <= limits.max_turns:
-            raise InvalidRequest(f"max_turns must be between 1 and {limits.max_turns}, got {max_turns}")
-        max_tokens = request.max_tokens if request.HasField("max_tokens") else self.config.model.max_tokens
-        if not 1 <= max_tokens <= limits.max_tokens:
-            raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
-        if request.on_disconnect not in _ON_DISCONNECT:
-            raise InvalidRequest(f"unknown on_disconnect {request.on_disconnect}: CANCEL or CONTINUE")
-        key_bytes = len(request.idempotency_key.encode())
-        if key_bytes > limits.max_idempotency_key_bytes:
-            raise InvalidRequest(
-                f"idempotency_key is {key_bytes} bytes; the limit is {limits.max_idempotency_key_bytes} bytes"
-            )
-        model_bytes = len(request.model.encode())
-        if model_bytes > limits.max_model_bytes:  # it goes into logs, spans and the model request: bounded
-            raise InvalidRequest(
-                f"model is {model_bytes} bytes; a model id has at most {limits.max_model_bytes} bytes "
-                f"(leave it empty for the server's default)"
-            )
-        metadata = _checked_metadata(request, limits)
-        return RunSpec(
-            run_id=run_id,
-            message=request.message,
-            model=request.model or self.default_model,
-            system=request.system if request.HasField("system") else self.config.system_prompt,
-            max_turns=max_turns,
-            max_tokens=max_tokens,
-            tools=tuple(tools) or tuple(t for t in self.tools if caller.may_use(t)),
-            # the authenticated caller, for logs, spans and audit records; it overrides a "caller" the request sent
-            metadata={**metadata, "caller": caller.name},
-            max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
-            max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
-        )
-
-    @staticmethod
-    def _limit(request: pb.RunAgentRequest, name: str, maximum: int) -> int:
-        if not request.HasField(name):
-            return maximum
-        value = int(getattr(request, name))
-        if not 1 <= value <= maximum:
-            raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
-        return value
-
-
-def _some(names: list[str], shown: int = 10) -> str:
-    """The first names, for a message that goes back in the call's trailers: grpc clients refuse trailers of more
-    than 8 KiB by default, and a request may list thousands of names."""
-    text = ", ".join(name[:100] for name in names[:shown])
-    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
-
-
-def _checked_metadata(request: pb.RunAgentRequest, limits: Limits) -> dict[str, str]:
-    metadata = dict(request.metadata)
-    if len(metadata) > limits.max_metadata_entries:
-        raise InvalidRequest(f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}")
-    total = 0
-    for key, value in metadata.items():
-        if not key:
-            raise InvalidRequest("metadata has an empty key")
-        k, v = len(key.encode()), len(value.encode())
-        if max(k, v) > limits.max_metadata_value_bytes:
-            raise InvalidRequest(
-                f"metadata entry {key[:40]!r} is {max(k, v)} bytes; keys and values may have at most "
-                f"{limits.max_metadata_value_bytes} bytes"
-            )
-        total += k + v
-    if total > limits.max_metadata_bytes:
-        raise InvalidRequest(f"metadata is {total} bytes; the limit is {limits.max_metadata_bytes} bytes")
-    return metadata
 
 
 def _ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:
     """True when the run failed; the call then ends with the failure's status code and message."""
     outcome = run.outcome
     if isinstance(outcome, ev.RunFailed):
-        refuse(context, grpc.StatusCode[outcome.code], outcome.message)
+        end_call(context, outcome.code, outcome.message)
         return True
     return False
 
@@ -442,11 +263,6 @@ class _SentCounts:
 
     def flush(self) -> None:
         for kind, n in self.counts.items():
-            telemetry.child(telemetry.EVENTS, event_kind(kind)).inc(n)
+            telemetry.child(telemetry.EVENTS, kind.kind).inc(n)
         self.counts.clear()
         self.pending = 0
-
-
-def fingerprint(request: pb.RunAgentRequest) -> str:
-    """What an idempotency key promises: the same request. Deterministic serialization, hashed."""
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
