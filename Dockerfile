@@ -14,7 +14,7 @@ COPY generated ./generated
 COPY service ./service
 COPY tools ./tools
 RUN /opt/venv/bin/pip install . \
-    && /opt/venv/bin/python -c "import service.server, tools.shipment_report"
+    && /opt/venv/bin/python -c "import service.wiring, tools.shipment_report"
 
 # Runtime stage: the venv and nothing else; a fixed non-root UID that k8s/deployment.yaml's runAsUser repeats.
 FROM ${PYTHON_IMAGE} AS runtime

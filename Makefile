@@ -49,7 +49,10 @@ fmt: ## Format the code
 test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
-check: lint proto-check docs-check test ## Everything CI runs: lint, types, generated/ and docs fresh, tests
+layers: ## The import contract alone: the core imports no grpc, protobuf or generated code (a test)
+	$(PYTHON) -m pytest tests/test_layers.py
+
+check: lint proto-check docs-check test ## Everything CI runs: lint, types, generated/ and docs fresh, tests (the import contract among them)
 
 bench: h2load ## Benchmark C=1,100,1000 against the baselines into bench/results/ (ARGS=--full adds C=5000)
 	$(PYTHON) -m bench $(ARGS)
@@ -67,4 +70,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke h2load
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke h2load layers

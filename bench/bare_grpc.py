@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from bench.workload import Step, timeline, workload_arg
-from service.config import Limits, pending_rpc_options
+from service.config import Limits
+from service.rpc.server import pending_rpc_options
 
 _PAYLOADS = {
     "run_started": lambda s: {"run_started": pb.RunStarted(model="bare", tools=["bench_sleep"], max_turns=10)},

@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 
 from service import telemetry
 from service.config import Config
-from service.executor import Executor, RunContext, ToolCallRequest, build_executor
+from service.executor import Executor, RunContext, ToolCallRequest
+from service.wiring import build_executor
 from tools.base import JSON, Tool
 from tools.policy import BreakerPolicy, RateLimitPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
 

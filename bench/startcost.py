@@ -26,14 +26,15 @@ from agent.v1 import agent_pb2 as pb
 from bench.bare_grpc import BareServicer
 from bench.workload import Workload, timeline, write_service_config
 from service.config import load_config
-from service.server import start, tune_gc
+from service.rpc.server import tune_gc
+from service.wiring import start
 
 REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 
 
 class _Context:
     """The little of `grpc.aio.ServicerContext` a successful start touches: no deadline, and a refused call (its
-    status set, `service.interceptors.refuse`) as an error."""
+    status set, `service.rpc.status.refuse`) as an error."""
 
     def time_remaining(self) -> float | None:
         return None

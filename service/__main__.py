@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from service.config import ConfigError, load_config
-from service.server import StartupError, serve
+from service.rpc.server import StartupError, serve
 from service.telemetry import setup_logging
+from service.wiring import start
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, start))
     except StartupError as exc:
         sys.exit(f"error: {exc}")
 

@@ -21,8 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-from service.auth import AuthConfig, TlsConfig
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -253,17 +251,6 @@ class KeepaliveConfig(_Strict):
     )
 
 
-def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
-    return [
-        ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
-        ("grpc.http2.min_ping_interval_without_data_ms", round(keepalive.min_client_ping_interval_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
-        # our own pings on a quiet connection: without this grpc stops after 2 with no data sent in between
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
 class GcConfig(_Strict):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
     objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
@@ -283,6 +270,82 @@ class GcConfig(_Strict):
         if value[0] < 1 or min(value) < 0:
             raise ValueError("gen0 must be at least 1 and no threshold negative")
         return value
+
+
+class CallerConfig(_Strict):
+    """One caller: how it proves who it is, and what it may do."""
+
+    name: str = Field(
+        min_length=1, description="runs, idempotency keys and limits are kept by it; written into run metadata"
+    )
+    cert_identities: list[str] = Field(
+        default_factory=list,
+        description="client certificate SANs (DNS, URI, IP) that identify this caller; a CN only counts in a "
+        "certificate without SANs",
+    )
+    token_sha256: list[str] = Field(
+        default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
+    )
+    tools: list[str] | None = Field(default=None, description="tools this caller may use; all when unset")
+    max_concurrent_runs: int | None = Field(
+        default=None, ge=1, description="runs in progress at once; beyond it RESOURCE_EXHAUSTED; unset: no limit"
+    )
+    runs_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="runs started in a sliding minute (refused requests do not count); beyond it RESOURCE_EXHAUSTED "
+        "saying when to retry; unset: no limit",
+    )
+
+    @model_validator(mode="after")
+    def _hashes_are_hex(self) -> CallerConfig:
+        for digest in self.token_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"caller {self.name}: token_sha256 entries must be 64 hex characters")
+        return self
+
+
+class TlsConfig(_Strict):
+    """TLS on the gRPC port; with a client CA, mutual TLS (callers identified by their certificates)."""
+
+    cert_file: Path = Field(description="the server's certificate chain (PEM)")
+    key_file: Path = Field(description="the server's private key (PEM)")
+    client_ca_file: Path | None = Field(default=None, description="enables client certificates (mutual TLS)")
+
+
+class AuthConfig(_Strict):
+    """`required`: every call but health must identify a configured caller. Off by default (an open dev server)."""
+
+    required: bool = Field(
+        default=False, description="refuse calls (UNAUTHENTICATED) that identify no configured caller"
+    )
+    callers: list[CallerConfig] = Field(default_factory=list, description="the callers this server knows")
+    anonymous: CallerConfig = Field(
+        default_factory=lambda: CallerConfig(name="anonymous"), description="rights of unauthenticated callers"
+    )
+
+    @model_validator(mode="after")
+    def _callers_are_told_apart(self) -> AuthConfig:
+        """A caller is its name (runs, idempotency keys and limits are kept by name) and its credentials: two callers
+        must share neither, nor may a caller share the anonymous callers' name."""
+        names = [c.name for c in self.callers]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.callers: caller names must be unique")
+        if self.anonymous.name in names:
+            raise ValueError(
+                f"auth.callers: {self.anonymous.name!r} is the anonymous callers' name (auth.anonymous.name); "
+                "unauthenticated calls would see its runs: name one of them otherwise"
+            )
+        if self.anonymous.cert_identities or self.anonymous.token_sha256:
+            raise ValueError("auth.anonymous: anonymous callers present no credentials; give them to a caller")
+        owners: dict[str, str] = {}
+        for caller in self.callers:
+            for credential in [*caller.cert_identities, *(d.lower() for d in caller.token_sha256)]:
+                other = owners.setdefault(credential, caller.name)
+                if other != caller.name:
+                    shown = credential if credential in caller.cert_identities else f"token {credential[:8]}…"
+                    raise ValueError(f"auth.callers: {shown} identifies both {other} and {caller.name}")
+        return self
 
 
 # HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one ([::]); empty for every interface (metrics).
@@ -359,19 +422,6 @@ ENV_VARS = {
     "metrics_listen": "AGENT_METRICS_LISTEN",
     "data_dir": "AGENT_DATA_DIR",
 }
-
-
-def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
-    """grpc core queues calls until the server takes them up; grpc.aio takes up one per turn of the event loop, so a
-    burst of new streams while the loop is busy with running ones waits there. Past the soft limit grpc cancels new
-    calls at random, past the hard one all of them, and any call that waited too long (CANCELLED, for 2,000 of 5,000
-    streams opened at once with grpc's defaults: 1,000, 3,000 and 30 s). Same proportions as grpc's, larger; the
-    caller's deadline still bounds the wait."""
-    return [
-        ("grpc.server.max_pending_requests", limits.max_pending_rpcs // 3),
-        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_rpcs),
-        ("grpc.server_max_unrequested_time_in_server", limits.max_pending_s),
-    ]
 
 
 class ConfigError(Exception):

@@ -1,19 +1,34 @@
-"""Failures that end a run, kept apart from tool failures (those are data the model reads, see `tools.base`).
+"""The service's exceptions, one tree. Each class carries the gRPC status its failure ends a call with (`code`, a status
+code name, so that this module needs no gRPC import) and a stable `reason` (UPPER_SNAKE, ready for
+`google.rpc.ErrorInfo`); `service/rpc/status.py` maps them to the call's status, once. Tool failures are not here:
+they are data the model reads (`tools.base.ToolError`).
 
     AgentError
-    ├── ModelError            raised by a Model adapter; `retryable` says whether a turn may be tried again
-    └── RunError              ends a run: an `error` event, then the gRPC status named by `code`
-        ├── MaxTurnsExceeded      RESOURCE_EXHAUSTED
-        ├── BudgetExceeded        RESOURCE_EXHAUSTED: a per-run tool-call or output-token limit
-        ├── DeadlineExceeded      DEADLINE_EXCEEDED: the run's deadline (the caller's gRPC deadline) passed
-        ├── RunCancelled          CANCELLED: CancelRun, or the caller left a run that does not outlive it
-        ├── ModelUnavailable      UNAVAILABLE (retryable): the model stayed down, went silent, sent a malformed
-        │                         stream, or failed mid-turn
-        ├── ModelRequestFailed    INVALID_ARGUMENT: the model API rejected the request; FAILED_PRECONDITION: it
-        │                         refused the server's own credentials or account (the caller is not at fault)
-        └── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
-
-`code` is a gRPC status code name so that this module needs no gRPC import; `service/api.py` maps it once.
+    ├── ModelError            raised by a Model adapter; `retryable` says whether a turn may be tried again; never
+    │                         reaches a caller as such (`model_failure` turns it into a RunError)
+    ├── RunError              ends a run: an `error` event, then the call's status
+    │   ├── MaxTurnsExceeded      RESOURCE_EXHAUSTED
+    │   ├── BudgetExceeded        RESOURCE_EXHAUSTED: a per-run tool-call or output-token limit
+    │   ├── DeadlineExceeded      DEADLINE_EXCEEDED: the run's deadline (the caller's gRPC deadline) passed
+    │   ├── RunCancelled          CANCELLED: CancelRun, or the caller left a run that does not outlive it
+    │   ├── ModelUnavailable      UNAVAILABLE (retryable): the model stayed down, went silent, sent a malformed
+    │   │                         stream, or failed mid-turn
+    │   ├── ModelRequestFailed    INVALID_ARGUMENT: the model API rejected the request; FAILED_PRECONDITION: it
+    │   │                         refused the server's own credentials or account (the caller is not at fault)
+    │   └── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
+    └── RequestError          refuses a call as sent; no run starts (or none is touched)
+        ├── InvalidRequest        INVALID_ARGUMENT: the message says what to change
+        ├── Unauthenticated       UNAUTHENTICATED: no valid credentials where they are required
+        ├── PermissionDenied      PERMISSION_DENIED: a tool outside the caller's rights
+        ├── CallerLimited         RESOURCE_EXHAUSTED: the caller's concurrent runs or runs per minute
+        ├── QueueFull             RESOURCE_EXHAUSTED: the background queue
+        ├── SubscriberTooSlow     RESOURCE_EXHAUSTED: a stream fell too far behind its run and was dropped
+        ├── NotFound              NOT_FOUND: no such run (or another caller's)
+        ├── IdempotencyConflict   ALREADY_EXISTS: the key was used with a different request
+        ├── ToolUnavailable       FAILED_PRECONDITION: a tool that cannot work on this server
+        ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
+        ├── AfterSeqOutOfRange    OUT_OF_RANGE: a seq the run has not logged
+        └── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
 """
 
 from __future__ import annotations
@@ -29,13 +44,23 @@ ModelFailure = Literal["unavailable", "credentials", "rejected", "malformed"]
 
 
 class AgentError(Exception):
-    """Base of the service's own exceptions."""
+    """Base of the service's own exceptions: `message` for the caller, `code` and `reason` (see the module)."""
+
+    code = "INTERNAL"
+    reason = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class ModelError(AgentError):
     """A model call failed. `status` is the upstream HTTP status when there was one; `retry_after_s` how long the
     upstream asked to wait before another try, when it said; `kind` what failed (None: judged from `status` and
     `retryable`)."""
+
+    code = "UNAVAILABLE"
+    reason = "MODEL_ERROR"
 
     def __init__(
         self,
@@ -47,7 +72,6 @@ class ModelError(AgentError):
         kind: ModelFailure | None = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
         self.retryable = retryable
         self.status = status
         self.retry_after_s = retry_after_s
@@ -57,33 +81,36 @@ class ModelError(AgentError):
 class RunError(AgentError):
     """Ends a run with an `error` event and the gRPC status `code`."""
 
-    code = "INTERNAL"
+    reason = "RUN_FAILED"
     retryable = False
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class MaxTurnsExceeded(RunError):
     code = "RESOURCE_EXHAUSTED"
+    reason = "MAX_TURNS_EXCEEDED"
 
 
 class ModelUnavailable(RunError):
     code = "UNAVAILABLE"
+    reason = "MODEL_UNAVAILABLE"
     retryable = True
 
 
 class ModelRequestFailed(RunError):
     code = "FAILED_PRECONDITION"
+    reason = "MODEL_REQUEST_FAILED"
 
-    def __init__(self, message: str, *, code: str = "FAILED_PRECONDITION") -> None:
+    def __init__(
+        self, message: str, *, code: str = "FAILED_PRECONDITION", reason: str = "MODEL_REQUEST_FAILED"
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class RunInterrupted(RunError):
     code = "UNAVAILABLE"
+    reason = "RUN_INTERRUPTED"
     retryable = True
 
 
@@ -91,16 +118,101 @@ class RunCancelled(RunError):
     """Stopped on request (CancelRun, or the caller went away)."""
 
     code = "CANCELLED"
+    reason = "RUN_CANCELLED"
 
 
 class DeadlineExceeded(RunError):
     code = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_EXCEEDED"
 
 
 class BudgetExceeded(RunError):
     """A per-run limit (tool calls, output tokens) was reached."""
 
     code = "RESOURCE_EXHAUSTED"
+    reason = "BUDGET_EXCEEDED"
+
+
+class RequestError(AgentError):
+    """Refuses a call as sent: the call ends with status `code` and the message, and no run starts."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "REQUEST_REFUSED"
+
+
+class InvalidRequest(RequestError):
+    """The request cannot run as sent; the message says what to change."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_REQUEST"
+
+
+class Unauthenticated(RequestError):
+    code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RequestError):
+    """The caller may not do this (a tool outside its rights)."""
+
+    code = "PERMISSION_DENIED"
+    reason = "TOOL_NOT_PERMITTED"
+
+
+class CallerLimited(RequestError):
+    """The caller is at one of its limits (concurrent runs, runs per minute)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "CALLER_LIMITED"
+
+
+class QueueFull(RequestError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "QUEUE_FULL"
+
+
+class SubscriberTooSlow(RequestError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "SUBSCRIBER_TOO_SLOW"
+
+    def __init__(self, run_id: str, last_seq: int, lag: int) -> None:
+        super().__init__(
+            f"this stream fell {lag} events behind run {run_id} and was dropped; nothing is lost: resume with "
+            f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
+        )
+        self.last_seq = last_seq
+
+
+class NotFound(RequestError):
+    code = "NOT_FOUND"
+    reason = "RUN_NOT_FOUND"
+
+
+class IdempotencyConflict(RequestError):
+    code = "ALREADY_EXISTS"
+    reason = "IDEMPOTENCY_CONFLICT"
+
+
+class ToolUnavailable(RequestError):
+    """A tool the request names cannot work on this server (`Tool.unavailable` says why)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "TOOL_UNAVAILABLE"
+
+
+class RunAlreadyEnded(RequestError):
+    code = "FAILED_PRECONDITION"
+    reason = "RUN_ALREADY_ENDED"
+
+
+class AfterSeqOutOfRange(RequestError):
+    code = "OUT_OF_RANGE"
+    reason = "AFTER_SEQ_OUT_OF_RANGE"
+
+
+class ServerDraining(RequestError):
+    code = "UNAVAILABLE"
+    reason = "SERVER_DRAINING"
 
 
 def failure_of_status(status: int) -> ModelFailure:
@@ -126,8 +238,13 @@ def model_failure(turn: int, exc: ModelError) -> RunError:
     if kind == "credentials":
         return ModelRequestFailed(
             f"the model API refused the server's credentials or account, a problem of the server's set-up, not of "
-            f"the request: {exc.message}"
+            f"the request: {exc.message}",
+            reason="MODEL_CREDENTIALS_REFUSED",
         )
     if kind == "rejected" and status in (None, 400, 404, 413):
-        return ModelRequestFailed(f"the model API rejected the request: {exc.message}", code="INVALID_ARGUMENT")
+        return ModelRequestFailed(
+            f"the model API rejected the request: {exc.message}",
+            code="INVALID_ARGUMENT",
+            reason="MODEL_REQUEST_REJECTED",
+        )
     return ModelRequestFailed(f"the model request failed: {exc.message}")

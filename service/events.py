@@ -1,11 +1,12 @@
-"""Domain events of a run: one small frozen dataclass per kind, and their union. The loop yields these; `api.py`
-turns them into `AgentEvent` protobufs, numbering them per run."""
+"""Domain events of a run: one small frozen dataclass per kind, and their union. The loop yields these;
+`service/rpc/convert.py` turns them into `AgentEvent` protobufs, numbering them per run. Each class names its kind
+(`kind`): the `AgentEvent` field it becomes on the wire, and the label it is counted under."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ToolStatus(enum.Enum):
@@ -21,6 +22,8 @@ class ToolStatus(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunStarted:
+    kind: ClassVar[str] = "run_started"
+
     model: str
     tools: tuple[str, ...]
     max_turns: int
@@ -28,18 +31,24 @@ class RunStarted:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Thinking:
+    kind: ClassVar[str] = "thinking"
+
     turn: int
     text: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TextDelta:
+    kind: ClassVar[str] = "text_delta"
+
     turn: int
     text: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolCall:
+    kind: ClassVar[str] = "tool_call"
+
     turn: int
     call_id: str
     name: str
@@ -47,12 +56,16 @@ class ToolCall:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolCallDelta:
+    kind: ClassVar[str] = "tool_call_delta"
+
     call_id: str
     partial_json: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolCallReady:
+    kind: ClassVar[str] = "tool_call_ready"
+
     call_id: str
     name: str
     input: dict[str, Any]
@@ -60,6 +73,8 @@ class ToolCallReady:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolResultChunk:
+    kind: ClassVar[str] = "tool_result_chunk"
+
     call_id: str
     index: int
     total: int | None
@@ -71,6 +86,7 @@ class ToolResultChunk:
 class ToolDataPart:
     """A piece of the JSON text of tool data too large for one event; the event it belongs to follows the last."""
 
+    kind: ClassVar[str] = "tool_data_part"
     call_id: str
     index: int
     total: int
@@ -79,6 +95,8 @@ class ToolDataPart:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolRetry:
+    kind: ClassVar[str] = "tool_retry"
+
     call_id: str
     attempt: int
     max_attempts: int
@@ -90,6 +108,8 @@ class ToolRetry:
 class ModelRetry:
     """A model turn failed before any of it reached the caller and is tried again after `wait_s`."""
 
+    kind: ClassVar[str] = "model_retry"
+
     turn: int
     attempt: int
     max_attempts: int
@@ -99,6 +119,8 @@ class ModelRetry:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolFallback:
+    kind: ClassVar[str] = "tool_fallback"
+
     call_id: str
     primary: str
     fallback: str
@@ -107,6 +129,8 @@ class ToolFallback:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExecutionFailed:
+    kind: ClassVar[str] = "execution_failed"
+
     execution_id: str
     call_id: str
     tool: str
@@ -115,6 +139,8 @@ class ExecutionFailed:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ToolResult:
+    kind: ClassVar[str] = "tool_result"
+
     call_id: str
     name: str
     status: ToolStatus
@@ -133,6 +159,8 @@ class ToolResult:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Usage:
+    kind: ClassVar[str] = "usage"
+
     turn: int
     input_tokens: int
     output_tokens: int
@@ -142,6 +170,8 @@ class Usage:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FinalResponse:
+    kind: ClassVar[str] = "final_response"
+
     text: str
     stop_reason: str
     turns: int
@@ -154,6 +184,8 @@ class FinalResponse:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunFailed:
     """The `error` event: the run ended with gRPC status `code` (a status code name)."""
+
+    kind: ClassVar[str] = "error"
 
     code: str
     message: str

@@ -32,11 +32,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from service import redact, telemetry
-from service.audit import DEFAULT_FILE as AUDIT_FILE
 from service.audit import AuditLog, AuditRecord
-from service.audit_chain import load_keyring
-from service.config import Config
-from service.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.deadletter import DeadLetterStore, capture
 from service.events import Event, ExecutionFailed, ToolCallReady, ToolFallback, ToolResult, ToolResultChunk, ToolRetry
 from service.events import ToolStatus as S
@@ -46,11 +42,10 @@ from service.policy.cache import cache_key
 from service.policy.config import resolve
 from service.policy.guards import build_guards, rate_limit, unwell
 from service.redact import Redactor, safe_json
-from service.store import sqlite_path
 from tools.base import Tool
 from tools.policy import ToolPolicy
 
-__all__ = ["Executor", "RunContext", "ToolCallRequest", "build_executor", "describe", "to_json"]
+__all__ = ["Executor", "RunContext", "ToolCallRequest", "describe", "to_json"]
 
 log = logging.getLogger(__name__)
 
@@ -513,36 +508,6 @@ def _end_attempt(
                 "error": redactor.text(outcome.error),
             },
         )
-
-
-def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
-    """The executor a server runs: policies resolved from the tools and `policies`, durable audit and dead-letter
-    stores where the config says (by default under data_dir)."""
-    policies = resolve(tools, config.policies)
-    audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
-    dead_path = sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE)
-    redactor = Redactor.from_config(config.redaction)
-    redact.install(redactor)  # logging is process-wide: the JSON log formatter masks with the same redactor
-    return Executor(
-        tools,
-        timeout_s=config.limits.tool_timeout_s,
-        policies=policies,
-        audit=AuditLog(
-            audit_path,
-            keyring=load_keyring(config.audit.key_file, audit_path),
-            queue_size=config.audit.queue_size,
-            head_log_interval_s=config.audit.head_log_interval_s,
-            redactor=redactor,
-        ),
-        dead_letter=DeadLetterStore(
-            dead_path,
-            redactor=redactor,
-            retention_s=None
-            if config.dead_letter.retention_days is None
-            else config.dead_letter.retention_days * 86400,
-        ),
-        redactor=redactor,
-    )
 
 
 def invalid(exc: Exception, tool: str) -> str:

@@ -28,7 +28,7 @@ from service.aio import cancel_and_wait
 from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
-from service.errors import RunCancelled, RunInterrupted
+from service.errors import IdempotencyConflict, NotFound, QueueFull, RunCancelled, RunInterrupted, SubscriberTooSlow
 from service.loop import AgentLoop, RunSpec
 from service.parts import split
 from service.retention import Ended, Retention
@@ -52,27 +52,6 @@ class Entry(NamedTuple):
     time_ns: int
     event: ev.Event
     first_seq: int = 0
-
-
-class NotFound(LookupError):
-    pass
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-class IdempotencyConflict(ValueError):
-    pass
-
-
-class SubscriberTooSlow(RuntimeError):
-    def __init__(self, run_id: str, last_seq: int, lag: int) -> None:
-        super().__init__(
-            f"this stream fell {lag} events behind run {run_id} and was dropped; nothing is lost: resume with "
-            f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
-        )
-        self.last_seq = last_seq
 
 
 class Run:

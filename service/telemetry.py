@@ -107,6 +107,11 @@ def tracing_enabled() -> bool:
     return _tracing
 
 
+def tracer_provider() -> trace.TracerProvider | None:
+    """The provider traces go to, None when not tracing (the transport's interceptor traces calls with it)."""
+    return _provider
+
+
 def use_tracer_provider(provider: trace.TracerProvider | None) -> None:
     """Trace with `provider` (tests pass one with an in-memory exporter), or stop tracing with None. The global
     provider is left alone: OpenTelemetry allows setting it once per process."""
@@ -159,15 +164,6 @@ def shutdown(timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
     flush.join(timeout_s)
     if flush.is_alive():
         log.warning("spans not exported within %g s of shutdown were dropped", timeout_s)
-
-
-def server_interceptors() -> list[Any]:
-    """The OpenTelemetry gRPC server interceptor when tracing is on (an RPC span, parent of `run`); none otherwise."""
-    if not _tracing:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return [aio_server_interceptor(tracer_provider=_provider)]  # type: ignore[no-untyped-call]
 
 
 def end_span(span: trace.Span, error: BaseException | str | None = None, redactor: Redactor | None = None) -> None:

@@ -21,7 +21,8 @@ from fake_tools import all_tools
 from service import telemetry
 from service.config import Config, Pacing
 from service.models.scripted import Scenario, ScriptedModel
-from service.server import Service, start
+from service.rpc.server import Service
+from service.wiring import start
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 

@@ -593,7 +593,7 @@ async def test_lone_surrogates_in_the_turns_text_and_ids_do_not_reach_the_histor
     fake: FakeAnthropic, model: AnthropicModel
 ) -> None:
     """The history goes back to the API as UTF-8: a lone surrogate the model's JSON escapes produced would fail the
-    next request, so it becomes U+FFFD there (the caller's events get the same from `service.convert`)."""
+    next request, so it becomes U+FFFD there (the caller's events get the same from `service.rpc.convert`)."""
     fake.script_events(
         [
             ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),

@@ -154,12 +154,12 @@ async def test_the_default_start_makes_a_private_key_and_keeps_using_it(
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     (generated,) = [r for r in caplog.records if r.getMessage().startswith("generated an audit key")]
     key_id = generated.key_id  # type: ignore[attr-defined]
-    audit = svc.registry.loop.executor.audit
+    audit = svc.executor.audit
     audit.append(record(1))
     await audit.flush()
     await svc.close()
     again = await start_service()  # the same folder: the same key, no new one
-    assert again.registry.loop.executor.audit.keyring.active == key_id
+    assert again.executor.audit.keyring.active == key_id
     assert not [name for name in os.listdir(key_file.parent) if "audit-key" in name]  # no temporary file left
     await again.close()
     verdict = verify(tmp_path / "var" / "audit.db")

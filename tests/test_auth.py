@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
 from conftest import cli, make_config, stub
-from service.auth import Caller, CallerConfig, CallerLimits, token_hash
+from service.callers import Caller, CallerLimits, token_hash
+from service.config import CallerConfig
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 
@@ -95,7 +96,7 @@ async def test_mtls_identifies_the_caller_and_refuses_strangers(start_service: A
         assert events[-1].HasField("final_response")
         run = svc.registry.get(events[0].run_id)
         assert run.caller == "risk-engine" and run.spec.metadata["caller"] == "risk-engine"  # not the spoofed "x"
-        audit = svc.registry.loop.executor.audit
+        audit = svc.executor.audit
         await audit.flush()
         rows = sqlite3.connect(audit.path).execute("SELECT run_id, metadata FROM audit").fetchall()
         assert [json.loads(meta)["caller"] for run_id, meta in rows if run_id == run.id] == ["risk-engine"]
@@ -218,7 +219,7 @@ async def test_bearer_tokens(start_service: Any, pki: Pki) -> None:
 def test_config_holds_token_hashes_not_tokens() -> None:
     from pydantic import ValidationError
 
-    from service.auth import AuthConfig
+    from service.config import AuthConfig
 
     with pytest.raises(ValidationError, match="64 hex characters"):
         AuthConfig.model_validate({"callers": [{"name": "x", "token_sha256": ["s3cret-token"]}]})
@@ -350,7 +351,7 @@ async def test_the_authorization_header(
 def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[str, Any], error: str) -> None:
     from pydantic import ValidationError
 
-    from service.auth import AuthConfig
+    from service.config import AuthConfig
 
     with pytest.raises(ValidationError, match=error):
         AuthConfig.model_validate(auth)
@@ -359,15 +360,25 @@ def test_config_refuses_callers_that_could_be_taken_for_one_another(auth: dict[s
 def test_token_hashes_are_made_from_stdin_never_from_arguments() -> None:
     import io
 
-    from service import auth
+    from service import callers
 
     out, err = io.StringIO(), io.StringIO()
-    assert auth.main([], io.StringIO("s3cret-token\n  other \n\n"), out, err) == 0
+    assert callers.main([], io.StringIO("s3cret-token\n  other \n\n"), out, err) == 0
     assert out.getvalue().split() == [token_hash("s3cret-token"), token_hash("other")]  # as the server strips it
     out, err = io.StringIO(), io.StringIO()
     # an argument is in every user's `ps` and in the shell's history: refused, and not echoed
-    assert auth.main(["s3cret-token"], io.StringIO(""), out, err) == 2
+    assert callers.main(["s3cret-token"], io.StringIO(""), out, err) == 2
     assert out.getvalue() == "" and "stdin" in err.getvalue() and "s3cret-token" not in err.getvalue()
+
+
+def test_token_hashes_come_from_the_command_the_readme_names() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service.auth"], input="s3cret-token\n", capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.split()) == (0, [token_hash("s3cret-token")]), done.stderr
 
 
 def test_the_wait_a_caller_is_told_is_never_short() -> None:
@@ -393,7 +404,7 @@ def test_config_refuses_certificate_identities_without_mutual_tls(tmp_path: Path
 
 
 async def test_tokens_without_tls_are_warned_about(start_service: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="service.server"):
+    with caplog.at_level("WARNING", logger="service.rpc.server"):
         await start_service(**two_token_callers())
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
     assert warning.getMessage().startswith("bearer tokens are configured but listen has no TLS")

@@ -20,9 +20,9 @@ from conftest import run_events, stub
 from fake_tools import all_tools
 from service import events as ev
 from service.control import RunControl
-from service.convert import MAX_DEPTH, run_result, struct, to_proto
 from service.loop import RunSpec
 from service.redact import TOO_DEEP
+from service.rpc.convert import MAX_DEPTH, run_result, struct, to_proto
 from service.runs import Run
 from tools.base import JSON, Tool
 

@@ -26,7 +26,7 @@ from tools import load_tools
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.30"
-DRAIN_TAIL_S = 3  # service.server.Service.drain after the grace: up to 2 s for streams to flush, 1 s server stop
+DRAIN_TAIL_S = 3  # service.rpc.server.Service.drain after the grace: up to 2 s for streams to flush, 1 s server stop
 
 
 def manifests() -> dict[str, dict[str, Any]]:

@@ -21,7 +21,8 @@ from service.control import RunControl
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
-from service.server import Service, start
+from service.rpc.server import Service
+from service.wiring import start
 
 
 @pytest.fixture
@@ -400,7 +401,7 @@ async def test_a_model_that_pings_after_some_text_ends_the_run_unavailable(fake:
 
 
 async def test_the_model_bounds_come_from_the_config(tmp_path: Path) -> None:
-    from service.server import build_model
+    from service.wiring import build_model
 
     config = make_config(tmp_path, model={"provider": "anthropic", "idle_timeout_s": 7, "turn_timeout_s": 70})
     model = build_model(config)

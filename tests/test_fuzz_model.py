@@ -26,7 +26,8 @@ from conftest import make_config, stub
 from fake_anthropic import FakeAnthropic
 from fake_tools import Echo
 from service.models.anthropic import AnthropicModel
-from service.server import Service, start
+from service.rpc.server import Service
+from service.wiring import start
 from tools.base import JSON, Tool
 
 

@@ -28,8 +28,8 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events
-from service.server import build_tools
 from service.store import connect
+from service.wiring import build_tools
 from tools._launcher import children, landlock_abi
 from tools._sandbox import Identity, usable_by
 
@@ -171,7 +171,7 @@ def service_python() -> tuple[str, dict[str, str]]:
     # The tests' interpreter may be under root's home; the system's Python of the same version loads the same wheels.
     for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
         if candidate and usable_by(Path(candidate), nobody, execute=True):
-            probe = f"import sys, service.server; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"
+            probe = f"import sys, service.rpc.server; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"
             done = subprocess.run([candidate, "-c", probe], env=env, capture_output=True, **as_service_user())
             if done.returncode == 0:
                 return candidate, env

@@ -298,7 +298,7 @@ async def test_cancelling_the_run_cancels_running_tools_and_leaves_no_task() -> 
 
 
 def test_every_domain_event_maps_to_its_protobuf_field() -> None:
-    from service.convert import to_proto
+    from service.rpc.convert import to_proto
 
     samples: list[ev.Event] = [
         ev.RunStarted(model="m", tools=("a",), max_turns=1),
@@ -324,6 +324,7 @@ def test_every_domain_event_maps_to_its_protobuf_field() -> None:
         "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage",
         "final_response", "error",
     ]  # fmt: skip
+    assert fields == [e.kind for e in samples]  # each event names the field it becomes
     retry = to_proto(samples[7], "run_x", 8).tool_retry
     assert retry.wait.ToNanoseconds() == 250_000_000
     result = to_proto(samples[9], "run_x", 10).tool_result

@@ -15,13 +15,14 @@ from conftest import make_config, run_events
 from fake_anthropic import FakeAnthropic
 from fake_tools import all_tools
 from service import events as ev
-from service.client import Renderer
 from service.config import ModelRetry
-from service.convert import to_proto
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
-from service.server import Service, start
+from service.rpc.client import Renderer
+from service.rpc.convert import to_proto
+from service.rpc.server import Service
+from service.wiring import start
 
 
 @pytest.fixture

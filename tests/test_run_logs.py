@@ -20,7 +20,8 @@ from fake_anthropic import FakeAnthropic
 from fake_tools import all_tools
 from service import telemetry
 from service.models.anthropic import AnthropicModel
-from service.server import Service, start
+from service.rpc.server import Service
+from service.wiring import start
 from tools.base import JSON, Tool
 
 tool_log = logging.getLogger("tools.chatty")

@@ -14,12 +14,13 @@ from fake_tools import Stubborn, all_tools
 from service import aio
 from service import events as ev
 from service.config import Pacing, RunsConfig
+from service.errors import QueueFull, SubscriberTooSlow
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
 from service.retention import Ended, Retention
-from service.runs import Entry, QueueFull, RunRegistry, RunState, SubscriberTooSlow
+from service.runs import Entry, RunRegistry, RunState
 from tools.base import Tool
 
 

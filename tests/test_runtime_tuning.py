@@ -25,16 +25,18 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from conftest import StartService, make_config
 from service import events as ev
-from service import server, telemetry
-from service.api import _SentCounts
-from service.auth import AuthConfig, Authenticator, AuthInterceptor
-from service.config import GcConfig, Limits, Pacing, pending_rpc_options
-from service.convert import event_kind, to_proto
-from service.interceptors import RejectUndecodable, wrap_handler
+from service import telemetry
+from service.config import AuthConfig, GcConfig, Limits, Pacing
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
-from service.server import tune_gc
+from service.rpc import server
+from service.rpc.auth import Authenticator, AuthInterceptor
+from service.rpc.convert import to_proto
+from service.rpc.interceptors import RejectUndecodable, wrap_handler
+from service.rpc.server import pending_rpc_options, tune_gc
+from service.rpc.servicer import _SentCounts
 from service.telemetry import JsonFormatter, setup_logging
+from service.wiring import start
 
 
 @pytest.fixture
@@ -147,10 +149,10 @@ def test_pending_call_limits_keep_grpcs_proportions_and_default_to_five_times_gr
 
 def test_every_event_type_has_the_metric_kind_of_its_oneof_field() -> None:
     oneof = {f.name for f in pb.AgentEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
-    kinds = {event_kind(kind) for kind in typing.get_args(ev.Event)}
+    kinds = {kind.kind for kind in typing.get_args(ev.Event)}
     assert kinds == oneof
     for event in (ev.TextDelta(turn=1, text="a"), ev.RunFailed(code="INTERNAL", message="m", retryable=False)):
-        assert to_proto(event, "run_x", 1).WhichOneof("event") == event_kind(type(event))
+        assert to_proto(event, "run_x", 1).WhichOneof("event") == event.kind
 
 
 async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> None:
@@ -203,7 +205,7 @@ async def test_serve_tunes_the_collector_once_serving_and_drains_on_sigterm(
     monkeypatch.setattr(server, "tune_gc", tune_and_record)
     gc.unfreeze()
     config = make_config(tmp_path, gc={"thresholds": [5_000, 20, 30]})
-    serving = asyncio.create_task(server.serve(config))
+    serving = asyncio.create_task(server.serve(config, start))
     for _ in range(500):
         if tuned or serving.done():
             break

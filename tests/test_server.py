@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, run_events_of, stub
 from fake_tools import all_tools
-from service.server import start
+from service.wiring import start
 
 
 async def test_full_run_streams_numbered_events(start_service: Any, channel_to: Any) -> None:

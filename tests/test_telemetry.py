@@ -29,7 +29,8 @@ from conftest import make_config, run_events, scripted, stub
 from fake_tools import Backup, Flaky, policy_tools
 from service import events as ev
 from service import telemetry
-from service.server import start
+from service.rpc.interceptors import tracing_interceptors
+from service.wiring import start
 
 
 def tools_for(flaky: str, down: str) -> dict[str, Any]:
@@ -147,7 +148,7 @@ async def run_agent_spans(spans: InMemorySpanExporter) -> list[ReadableSpan]:
 async def test_a_failed_run_marks_its_grpc_server_span(
     start_service: Any, channel_to: Any, spans: InMemorySpanExporter
 ) -> None:
-    # the stream's status is set rather than raised (service/api.py): the span must still carry it
+    # the stream's status is set rather than raised (service/rpc/servicer.py): the span must still carry it
     svc = await start_service(
         [{"text": "never", "fail": {"status": 529, "times": 10}}],
         model={"retry": {"attempts": 1}},
@@ -183,7 +184,7 @@ def test_tracing_is_off_without_otel_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     assert not telemetry.setup_tracing()
-    assert telemetry.server_interceptors() == [] and not telemetry.tracing_enabled()
+    assert tracing_interceptors() == [] and not telemetry.tracing_enabled()
 
 
 async def test_tool_names_the_model_made_up_share_one_label_value() -> None:

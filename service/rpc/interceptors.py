@@ -16,21 +16,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-Refusal = tuple[grpc.StatusCode, str]
-MAX_DETAILS = 2000  # characters of a status message
-# A check on a call before its handler runs: None to let it through, else the status to end the call with.
-Check = Callable[[Any, grpc.aio.ServicerContext], Refusal | None]
+from service import telemetry
+from service.errors import AgentError, InvalidRequest
+from service.rpc.status import refuse
 
-
-def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """End the call with `code` and `message`; the handler then returns (None for a unary call: grpc sends no
-    message with a status that is not OK). Set rather than raised with `context.abort`: grpc keeps the exception
-    abort raises, and with it the handler's frames, in a reference cycle that only the collector frees
-    (tests/test_gc_hygiene.py)."""
-    context.set_code(code)
-    # the details travel in the trailers, which grpc clients refuse past 8 KiB by default (the call would then fail
-    # with RESOURCE_EXHAUSTED instead of this status); a message quoting what the caller sent could be longer
-    context.set_details(message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "…")
+# A check on a call before its handler runs: None to let it through, else the error to end the call with.
+Check = Callable[[Any, grpc.aio.ServicerContext], AgentError | None]
 
 
 _HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
@@ -69,7 +60,7 @@ def _streaming(inner: Any, checks: tuple[Check, ...]) -> Any:
         for check in checks:
             refusal = check(request, context)
             if refusal is not None:
-                refuse(context, *refusal)
+                refuse(context, refusal)
                 return
         async for response in inner(request, context):
             yield response
@@ -84,7 +75,7 @@ def _unary(inner: Any, checks: tuple[Check, ...]) -> Any:
         for check in checks:
             refusal = check(request, context)
             if refusal is not None:
-                refuse(context, *refusal)
+                refuse(context, refusal)
                 return None
         return await inner(request, context)
 
@@ -139,9 +130,19 @@ def _tolerant(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
         except DecodeError as exc:
             return _Undecodable(str(exc))
 
-    def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> Refusal | None:
+    def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> AgentError | None:
         if isinstance(request, _Undecodable):
-            return grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {method} message: {request.error}"
+            return InvalidRequest(f"request is not a valid {method} message: {request.error}")
         return None
 
     return wrap_handler(handler, refuse_undecodable, request_deserializer=tolerant)
+
+
+def tracing_interceptors() -> list[Any]:
+    """The OpenTelemetry gRPC server interceptor when tracing is on (an RPC span, parent of `run`); none otherwise."""
+    provider = telemetry.tracer_provider()
+    if provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]

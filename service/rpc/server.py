@@ -1,5 +1,5 @@
-"""Process start: builds tools, model and loop from the config, serves gRPC (with health and reflection) and the
-Prometheus endpoint, and drains on SIGTERM/SIGINT."""
+"""The gRPC server process: serves the servicer the composition root (`service/wiring.py`) built, with health,
+reflection and the Prometheus endpoint, and drains on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -21,60 +22,17 @@ from prometheus_client import start_http_server
 from agent.v1 import agent_pb2, agent_pb2_grpc
 from service import hardening, telemetry
 from service.aio import abandoned
-from service.api import AgentServicer
-from service.auth import AuthInterceptor, server_credentials
-from service.config import Config, GcConfig, keepalive_options, pending_rpc_options
-from service.executor import build_executor
-from service.interceptors import RejectUndecodable
-from service.loop import AgentLoop
+from service.config import Config, GcConfig, KeepaliveConfig, Limits
+from service.executor import Executor
 from service.models.base import Model
-from service.models.scripted import Scenario, ScriptedModel
+from service.rpc.auth import server_credentials
+from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
-from tools import load_tools
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-
-
-def build_model(config: Config) -> Model:
-    """Claude when configured (or when auto and ANTHROPIC_API_KEY is set), else the offline scripted model."""
-    provider = config.model.provider
-    if provider == "auto":
-        provider = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "scripted"
-    if provider == "anthropic":
-        from service.models.anthropic import AnthropicModel
-
-        return AnthropicModel(
-            default_model=config.model.name,
-            timeout_s=config.model.timeout_s,
-            idle_timeout_s=config.model.idle_timeout_s,
-            turn_timeout_s=config.model.turn_timeout_s,
-            thinking_budget=config.model.thinking_budget,
-            adaptive_thinking=config.model.thinking == "adaptive",
-            effort=config.model.effort,
-        )
-    scenario = Scenario.from_file(config.model.scenario) if config.model.scenario else Scenario.demo()
-    return ScriptedModel(scenario, pacing=config.model.pacing)
-
-
-def build_tools(config: Config) -> dict[str, Tool[Any]]:
-    # Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
-    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (service/store.py).
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
-
-
-def warn_unavailable(tools: dict[str, Tool[Any]]) -> None:
-    for name, tool in tools.items():
-        if tool.unavailable:
-            log.warning(
-                "tool %s is unavailable on this server and left out of ListTools: %s",
-                name,
-                tool.unavailable,
-                extra={"tool": name},
-            )
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -91,16 +49,18 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 
 @dataclass
 class Service:
-    """A running service: the gRPC server and what it serves. `port` is the bound port (useful with port 0)."""
+    """A running service: the gRPC server, what it serves, and the parts the composition root built for it, which
+    `close` closes. `port` is the bound port (useful with port 0)."""
 
     config: Config
     server: grpc.aio.Server
     servicer: AgentServicer
-    registry: RunRegistry
     health: HealthServicer
-    model: Model
-    tools: dict[str, Tool[Any]]
     port: int
+    registry: RunRegistry
+    model: Model
+    executor: Executor
+    tools: Mapping[str, Tool[Any]]
     metrics_server: WSGIServer | None = None  # prometheus_client's, serving /metrics from its own thread
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
@@ -136,38 +96,25 @@ class Service:
             self.metrics_server.server_close()
         await self.registry.close()
         await self.model.aclose()
-        await self.registry.loop.executor.aclose()  # flushes the audit queue
+        await self.executor.aclose()  # flushes the audit queue
         for tool in self.tools.values():
             await tool.aclose()
 
 
-async def start(
+async def start_server(
     config: Config,
+    servicer: AgentServicer,
     *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    registry: RunRegistry,
+    model: Model,
+    executor: Executor,
+    tools: Mapping[str, Tool[Any]],
     metrics: bool = True,
-    tools: dict[str, Tool[Any]] | None = None,
-    model: Model | None = None,
 ) -> Service:
-    """Start serving. `tools` and `model` replace the ones the config describes (tests pass their own)."""
-    tools = build_tools(config) if tools is None else tools
-    warn_unavailable(tools)
-    model = build_model(config) if model is None else model
-    telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
-    loop = AgentLoop(model, build_executor(tools, config), retry=config.model.retry)
-    registry = RunRegistry(loop, config.runs)
-    servicer = AgentServicer(registry, tools, config)
-    server = grpc.aio.server(
-        interceptors=[AuthInterceptor(servicer.auth), RejectUndecodable(), *telemetry.server_interceptors()],
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
-            ("grpc.so_reuseport", 0),
-            # both limits: with the soft one alone, grpc refuses headers between it and 1.25x it at random
-            ("grpc.max_metadata_size", config.limits.max_header_bytes),
-            ("grpc.absolute_max_metadata_size", config.limits.max_header_bytes),
-            *pending_rpc_options(config.limits),
-            *keepalive_options(config.keepalive),
-        ],
-    )
+    """Serve `servicer` (with health and reflection) where `config` says, and /metrics unless `metrics` is False.
+    The other parts are the servicer's, handed over to be closed with the service."""
+    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(config))
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -208,9 +155,56 @@ async def start(
             "model": model.default_model,
         },
     )
-    service = Service(config, server, servicer, registry, health_servicer, model, tools, port, metrics_server)
-    service.health_server, service.health_port = health_server, health_port
-    return service
+    return Service(
+        config,
+        server,
+        servicer,
+        health_servicer,
+        port,
+        registry,
+        model,
+        executor,
+        tools,
+        metrics_server=metrics_server,
+        health_server=health_server,
+        health_port=health_port,
+    )
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
+        ("grpc.so_reuseport", 0),
+        # both limits: with the soft one alone, grpc refuses headers between it and 1.25x it at random
+        ("grpc.max_metadata_size", config.limits.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.limits.max_header_bytes),
+        *pending_rpc_options(config.limits),
+        *keepalive_options(config.keepalive),
+    ]
+
+
+def keepalive_options(keepalive: KeepaliveConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(keepalive.min_client_ping_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
+        # our own pings on a quiet connection: without this grpc stops after 2 with no data sent in between
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
+    """grpc core queues calls until the server takes them up; grpc.aio takes up one per turn of the event loop, so a
+    burst of new streams while the loop is busy with running ones waits there. Past the soft limit grpc cancels new
+    calls at random, past the hard one all of them, and any call that waited too long (CANCELLED, for 2,000 of 5,000
+    streams opened at once with grpc's defaults: 1,000, 3,000 and 30 s). Same proportions as grpc's, larger; the
+    caller's deadline still bounds the wait."""
+    return [
+        ("grpc.server.max_pending_requests", limits.max_pending_rpcs // 3),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_rpcs),
+        ("grpc.server_max_unrequested_time_in_server", limits.max_pending_s),
+    ]
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -236,8 +230,9 @@ class StartupError(Exception):
     module or option, a scenario, a TLS file, a store) that cannot be loaded."""
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain. Raises StartupError when it cannot start."""
+async def serve(config: Config, start: Callable[[Config], Awaitable[Service]]) -> None:
+    """Start the service with `start` (the composition root's), run until SIGTERM or SIGINT, then drain. Raises
+    StartupError when it cannot start."""
     hardening.make_undumpable()  # before anything runs a program: this process's environment holds the API key
     reaper = hardening.reap_orphans()
     try:

@@ -332,31 +332,6 @@ def _text(value: Any) -> str:
         return f"<{type(value).__name__}>"
 
 
-_KINDS: dict[type[ev.Event], str] = {
-    ev.RunStarted: "run_started",
-    ev.Thinking: "thinking",
-    ev.TextDelta: "text_delta",
-    ev.ToolCall: "tool_call",
-    ev.ToolCallDelta: "tool_call_delta",
-    ev.ToolCallReady: "tool_call_ready",
-    ev.ToolResultChunk: "tool_result_chunk",
-    ev.ToolDataPart: "tool_data_part",
-    ev.ToolRetry: "tool_retry",
-    ev.ToolFallback: "tool_fallback",
-    ev.ToolResult: "tool_result",
-    ev.ExecutionFailed: "execution_failed",
-    ev.Usage: "usage",
-    ev.ModelRetry: "model_retry",
-    ev.FinalResponse: "final_response",
-    ev.RunFailed: "error",
-}
-
-
-def event_kind(kind: type[ev.Event]) -> str:
-    """The `AgentEvent` oneof field an event type becomes (the `kind` label of the events-sent metric)."""
-    return _KINDS[kind]
-
-
 _RUN_STATE = {state: pb.Run.State.Value(state.name) for state in RunState}
 
 

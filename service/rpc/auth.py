@@ -1,0 +1,115 @@
+"""Who is calling, as gRPC tells: caller identity from the client certificate (mutual TLS) or a bearer token,
+checked once per call by a `grpc.aio` server interceptor. What a caller may do, and its limits, are the core's
+(`service/callers.py`); the servicer enforces them.
+
+The interceptor cannot see the TLS peer (interceptors get only the method name and metadata), so it wraps the
+handler (`interceptors.wrap_handler`) and authenticates from the handler's `ServicerContext`. The caller is
+handed to the servicer in a context variable (`callers.bind_caller`): the wrapper and the handler run in the same
+task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from service.callers import Caller, bind_caller
+from service.config import AuthConfig, TlsConfig
+from service.errors import AgentError, Unauthenticated
+from service.rpc.interceptors import WrapCache, wrap_handler
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.anonymous = Caller(config.anonymous.name, config.anonymous, "none")
+        self._by_identity = {ident: c for c in config.callers for ident in c.cert_identities}
+        self._by_token = {digest.lower(): c for c in config.callers for digest in c.token_sha256}
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The caller of this call: certificate first, then bearer token; anonymous unless auth is required."""
+        auth = context.auth_context()
+        # a certificate with SANs is named by them alone: its CN counts only when it has none (RFC 6125), or a CA
+        # that checks the SANs it signs but not the CN would let any holder name itself after a configured caller
+        names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
+        for value in names:
+            caller = self._by_identity.get(value.decode(errors="replace"))
+            if caller is not None:
+                return Caller(caller.name, caller, "mtls")
+        token = _bearer(context.invocation_metadata() or ())
+        if token is not None:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            for known, caller in self._by_token.items():
+                if hmac.compare_digest(known, digest):
+                    return Caller(caller.name, caller, "token")
+            raise Unauthenticated("the bearer token is not valid")
+        if self.config.required:
+            if names:
+                presented = names[0].decode(errors="replace")
+                raise Unauthenticated(f"the client certificate ({presented}) belongs to no configured caller")
+            raise Unauthenticated("credentials required: a client certificate or an `authorization: Bearer` token")
+        return self.anonymous
+
+
+def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    """The token of the call's `authorization: Bearer <token>`, None without the header. Anything else is refused:
+    another scheme, no token, or more than one header (one of them may be a proxy's, and which cannot be told)."""
+    header = None
+    for key, value in metadata:
+        if key == "authorization":
+            if header is not None:
+                raise Unauthenticated("more than one authorization header; send one: `Bearer <token>`")
+            header = value
+    if header is None:
+        return None
+    text = header.decode(errors="replace") if isinstance(header, bytes) else str(header)
+    scheme, _, token = text.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the authorization header must be `Bearer <token>`")
+    return token
+
+
+_OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call except health checks; UNAUTHENTICATED with a clear message otherwise."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+        self._wrapped = WrapCache()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHODS):
+            return handler
+        return self._wrapped.get(details.method, handler, lambda: wrap_handler(handler, self._authenticate))
+
+    def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> AgentError | None:
+        try:
+            caller = self.authenticator.identify(context)
+        except Unauthenticated as exc:
+            return exc.with_traceback(None)  # not its frames: the call ends here
+        bind_caller(caller)
+        return None
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS; with a client CA, mutual TLS: grpc either requires and verifies a client certificate at the handshake or
+    does not ask for one at all (no "request but verify" mode), so health checks for probes that carry no
+    certificate are served on `health_listen`, a port of their own."""
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

@@ -1,0 +1,268 @@
+"""The gRPC servicer: validates requests, starts runs in the registry, streams their logs and ends each call with
+its status. It is thin on purpose: runs live in `service/runs.py`, the loop in `service/loop.py`, validation in
+`validate.py`; a handler raises the service's errors (`service/errors.py`) and `status.py` maps them, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from agent.v1 import agent_pb2 as pb
+from agent.v1 import agent_pb2_grpc
+from service import events as ev
+from service import telemetry
+from service.callers import Caller, CallerLimits, current_caller
+from service.config import Config
+from service.deadline import run_margin_s
+from service.errors import (
+    AfterSeqOutOfRange,
+    CallerLimited,
+    InvalidRequest,
+    RunAlreadyEnded,
+    RunCancelled,
+    ServerDraining,
+    SubscriberTooSlow,
+)
+from service.models.base import ToolSpec
+from service.rpc.convert import run_result, run_state, run_to_proto, struct, to_proto
+from service.rpc.status import end_call, streaming, unary
+from service.rpc.validate import Validator, fingerprint
+from service.runs import Run, RunRegistry, RunState
+from tools.base import Tool
+
+log = logging.getLogger(__name__)
+
+
+_CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        registry: RunRegistry,
+        tools: Mapping[str, Tool[Any]],
+        config: Config,
+        *,
+        anonymous: Caller,
+        caller_limits: CallerLimits,
+        tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
+        default_model: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """`anonymous`: the caller of calls that name none (auth off). `tool_specs`: the tools as the model sees them,
+        by name; `default_model`: the model of a request that names none."""
+        self.registry = registry
+        self.clock = clock  # for the time to first event
+        # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
+        self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
+        self.unavailable = {name: tool.unavailable for name, tool in tools.items() if tool.unavailable}
+        self.config = config
+        self.draining = False
+        self.streams: set[asyncio.Task[Any]] = set()
+        self.anonymous = anonymous
+        self.caller_limits = caller_limits
+        self.tool_specs = tool_specs
+        self.validator = Validator(config, self.tools, self.unavailable, default_model)
+
+    def caller(self) -> Caller:
+        """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
+        return current_caller() or self.anonymous
+
+    def run_of(self, run_id: str) -> Run:
+        """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
+        if not run_id:
+            raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
+        return self.registry.get(run_id, caller=self.caller().name)
+
+    async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
+        caller = self.caller()
+        allowed = [name for name in self.tools if caller.may_use(name)]
+        # the loop's specs: each tool's JSON Schema is generated once, not per call
+        specs = self.tool_specs(allowed)
+        return pb.ListToolsResponse(
+            tools=[
+                pb.ToolInfo(
+                    name=spec.name,
+                    description=spec.description,
+                    input_schema=struct(spec.input_schema),
+                    streaming=self.tools[spec.name].streaming,
+                )
+                for spec in specs
+            ]
+        )
+
+    @streaming
+    def RunAgent(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
+        received = self.clock()
+        run, created = self._start(request, context, background=False)
+        owner = created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
+        return self._stream(run, 0, context, owner=owner, received=received)
+
+    @streaming
+    def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
+        run = self.run_of(request.run_id)
+        logged = len(run.log)
+        if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
+            where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
+            raise AfterSeqOutOfRange(f"after_seq={request.after_seq}, but run {run.id} {where}")
+        return self._stream(run, request.after_seq, context, owner=False)
+
+    @unary
+    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+        if request.mode not in _CANCEL_MODES:
+            raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
+        run = self.run_of(request.run_id)
+        if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
+            return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
+        if run.finished:
+            raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
+        after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
+        self.registry.cancel(run, after_turn=after_turn)
+        if not after_turn and run.task is not None:
+            # usually done within milliseconds: answer with the final state when it is there
+            await asyncio.wait([run.task], timeout=1.0)
+        return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
+
+    @unary
+    async def SubmitRun(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitRunResponse:
+        run, _ = self._start(request, context, background=True)
+        return pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state))
+
+    @unary
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
+        return run_to_proto(self.run_of(request.run_id))
+
+    @unary
+    async def RunAgentUnary(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunResult | None:
+        run, created = self._start(request, context, background=False)
+        assert run.task is not None
+        try:
+            await asyncio.shield(run.task)
+        except asyncio.CancelledError:
+            # as for the stream: CONTINUE leaves the run going; the same idempotency key attaches to it again
+            if created and not run.finished and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
+                run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
+            raise
+        if _ended_with_failure(run, context):
+            return None
+        return run_result(run)
+
+    def _start(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext, *, background: bool
+    ) -> tuple[Run, bool]:
+        if self.draining:
+            raise ServerDraining("the server is shutting down; retry on another replica")
+        run_id = f"run_{secrets.token_hex(12)}"  # 96 random bits; uuid4() costs 5x more
+        caller = self.caller()
+        key = request.idempotency_key
+        digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
+        spec = self.validator.run_spec(request, run_id, caller)
+        existing = self.registry.find(caller.name, key, digest)
+        if existing is not None:
+            return existing, False
+        refused = self.caller_limits.admit(caller)
+        if refused is not None:
+            raise CallerLimited(refused)
+        deadline = None
+        remaining = context.time_remaining()
+        # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
+        if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
+            margin = run_margin_s(remaining, self.config.runs.deadline_margin_s)
+            deadline = asyncio.get_running_loop().time() + remaining - margin
+        run, created = self.registry.start(
+            spec,
+            caller=caller.name,
+            key=key,
+            fingerprint=digest,
+            deadline=deadline,
+            background=background,
+        )
+        if created and run.task is not None:
+            self.caller_limits.started(caller)
+            run.task.add_done_callback(lambda _: self.caller_limits.ended(caller))
+        return run, created
+
+    async def _stream(
+        self,
+        run: Run,
+        after_seq: int,
+        context: grpc.aio.ServicerContext,
+        *,
+        owner: bool,
+        received: float | None = None,
+    ) -> AsyncIterator[pb.AgentEvent]:
+        """Send the run's log from `after_seq`, live, then end with the run's status. `owner`: the caller's
+        disconnect cancels the run (on_disconnect=CANCEL)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams.add(task)
+        runs = self.config.runs
+        sent = _SentCounts()
+        try:
+            async for entry in run.follow(
+                after_seq, coalesce_lag=runs.subscriber_coalesce_lag, max_lag=runs.subscriber_max_lag
+            ):
+                message = to_proto(entry.event, run.id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
+                sent.add(type(entry.event))
+                yield message
+                if received is not None:  # grpc asks for the next message once it has sent this one
+                    telemetry.FIRST_EVENT.observe(self.clock() - received)
+                    received = None
+        except SubscriberTooSlow as exc:
+            log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
+            raise  # RESOURCE_EXHAUSTED, telling it where to resume
+        except BaseException as exc:
+            # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
+            # grpc waits to send a message this stream yielded (grpc then closes the generator, not the task). Any
+            # other exception is a bug of ours that ends the call: nobody is left to read an owned run either.
+            if owner and not run.finished:
+                left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+                why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
+                run.control.stop_now(RunCancelled(why))
+            raise
+        finally:
+            sent.flush()
+            self.streams.discard(task)
+        _ended_with_failure(run, context)
+
+
+def _ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:
+    """True when the run failed; the call then ends with the failure's status code and message."""
+    outcome = run.outcome
+    if isinstance(outcome, ev.RunFailed):
+        end_call(context, outcome.code, outcome.message)
+        return True
+    return False
+
+
+class _SentCounts:
+    """The events-sent counter for one stream: counted locally by event type and added to the Prometheus counter
+    every `every` events and when the stream ends, since a labelled `inc()` per event (a lock each time) was a
+    measurable share of the per-event cost."""
+
+    every = 64
+
+    def __init__(self) -> None:
+        self.counts: dict[type[ev.Event], int] = {}
+        self.pending = 0
+
+    def add(self, kind: type[ev.Event]) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.pending += 1
+        if self.pending >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        for kind, n in self.counts.items():
+            telemetry.child(telemetry.EVENTS, kind.kind).inc(n)
+        self.counts.clear()
+        self.pending = 0
