@@ -206,10 +206,10 @@ async def test_a_slow_query_does_not_hold_up_other_calls(tmp_path: Path) -> None
     )
     quick_done = time.monotonic() - started
     assert len(quick) == 10 and all(r["row_count"] == 1 for r in quick)
-    assert quick_done < 0.4 and not slow.done()
+    assert not slow.done(), f"the quick selects waited for the slow one ({quick_done:.2f} s)"
     with pytest.raises(ToolError, match=r"query took longer than 0\.5 s"):
         await slow
-    assert 0.45 < time.monotonic() - started < 2
+    assert 0.45 < time.monotonic() - started < 5
 
 
 async def test_a_step_sqlite_cannot_interrupt_still_ends_the_call_at_its_timeout(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ async def test_a_step_sqlite_cannot_interrupt_still_ends_the_call_at_its_timeout
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"query took longer than 0\.2 s"):
         await query(tool, one_long_step(10))  # about 1 s of work inside one row
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.9  # the step alone takes about 1 s
     assert not tool._workers  # its process was killed: the step does not go on using a CPU
     await tool.aclose()
 
@@ -233,7 +233,7 @@ async def test_stuck_queries_never_hold_the_shared_thread_pool(tmp_path: Path) -
     await asyncio.sleep(0.05)
     started = time.monotonic()
     assert await asyncio.to_thread(lambda: "free") == "free"
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.5  # the stuck steps take about 1 s each
     for call in stuck:
         with pytest.raises(ToolError, match="took longer"):
             await call
@@ -244,15 +244,17 @@ async def test_a_call_that_finds_every_process_busy_waits_its_timeout_then_says_
     """The one process is taken by a slow query for its 0.3 s, after the demo database is built and the process
     started (neither counts as the query's time): a call queued behind it gives up after its own 0.3 s."""
     tool = create(ToolConfig(data_dir=tmp_path, options={"timeout_s": 0.3, "max_concurrent": 1}))
-    slow = asyncio.create_task(query(tool, FOREVER))
-    await asyncio.sleep(0.05)
+    await query(tool, "SELECT 1")  # the demo database and the process, made before the clock starts
+    # The one slot held, as a query that runs past the waiter's timeout holds it: a slow query's own 0.3 s would
+    # race the waiter's 0.3 s.
+    await tool._slots.acquire()
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"busy \(1 queries running\); try again") as caught:
         await query(tool, "SELECT 1")
     assert caught.value.retryable is True
-    assert 0.25 < time.monotonic() - started < 0.6
-    with pytest.raises(ToolError, match="took longer"):
-        await slow
+    assert time.monotonic() - started >= 0.3
+    tool._slots.release()
+    assert (await query(tool, "SELECT 1"))["rows"] == [[1]]
     await tool.aclose()
 
 
@@ -263,7 +265,7 @@ async def test_the_deadline_interrupts_a_query_at_its_next_row(tmp_path: Path) -
         await query(tool, SLOW_ROWS)
     started = time.monotonic()
     assert (await query(tool, "SELECT 1"))["rows"] == [[1]]
-    assert time.monotonic() - started < 0.25
+    assert time.monotonic() - started < 2
 
 
 async def test_huge_values_and_results_are_capped(tmp_path: Path) -> None:
@@ -382,10 +384,10 @@ async def test_cancelling_a_call_stops_its_query(tmp_path: Path) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The tool's only thread is free again at once, well before the 5 s timeout.
+    # The tool's only process is free again at once (a new one starts), well before the 5 s timeout.
     started = time.monotonic()
     assert (await query(tool, "SELECT 1"))["rows"] == [[1]]
-    assert time.monotonic() - started < 0.25
+    assert time.monotonic() - started < 2.5
 
 
 async def test_aclose_stops_the_queries_still_running(tmp_path: Path) -> None:
@@ -396,7 +398,7 @@ async def test_aclose_stops_the_queries_still_running(tmp_path: Path) -> None:
     await tool.aclose()
     with pytest.raises(ToolError):
         await task
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.5  # the query's own timeout is 5 s
 
 
 async def test_a_failed_call_leaves_no_cycle_for_the_collector(tool: QueryDatabase) -> None:
