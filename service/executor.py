@@ -1,18 +1,19 @@
 """Runs one tool call under its policy and yields its events: `tool_call_ready`, then any `tool_result_chunk`,
 `tool_retry`, `tool_fallback` and `execution_failed`, then one `tool_result`. The stages, in order:
 
-    admit       unknown tool, bad JSON, input validation, `requires`  → rejected (the tool never runs)
-    cache       idempotent tools, per input, for a TTL                → ok, cache_hit
-    rate limit  wait up to max_wait, or reject                        → rate_limited
-    breaker     checked before every attempt                          → circuit_open
-    timeout     hard: cancel; soft: a streaming tool's chunks so far  → timeout / partial
-    retry       retryable failures, backoff with jitter               → tool_retry before each wait
-    fallback    on final failure or open circuit, same input          → tool_fallback, answered_by
-    dead letter every call that finally failed, stored durably        → execution_failed
+    admit        unknown tool, bad JSON, input validation, `requires`  → rejected (the tool never runs)  policy/admit
+    cache        idempotent tools, per input, for a TTL                → ok, cache_hit               policy/pipeline
+    rate limit   wait up to max_wait, or reject                        → rate_limited                policy/guarded
+    breaker      checked before every attempt                          → circuit_open                policy/guarded
+    timeout      hard: cancel; soft: a streaming tool's chunks so far  → timeout / partial           policy/attempt
+    retry        retryable failures, backoff with jitter               → tool_retry before each wait policy/guarded
+    fallback     on final failure or open circuit, same input          → tool_fallback, answered_by  policy/fallback
+    dead letter  every call that finally failed, stored durably        → execution_failed            recording
 
-The stages after admission live in `service/policy/` (`pipeline.py` composes them, once per tool). Every call is
-audited, counted, traced and logged by its `CallRecord` (`service/recording.py`), the one observer the executor and
-the stages notify; what is recorded is redacted (`service/redact.py`), what the model and the caller get is not.
+The policy stages are built once per tool (`policy/pipeline.py` composes them). Each call is audited, counted, traced
+(span `tool_call`, children for retries and the fallback) and logged by its `CallRecord` (`recording.py`), the one
+observer the executor and the stages notify; what is recorded is redacted (`redact.py`), what the model and the
+caller get is not.
 Whatever the tool does, the call ends in a `ToolResult` the model can read; only cancellation propagates, and a
 `CancelledError` is never swallowed (a half-open breaker's trial slot is released on the way out, by the call that
 holds it).

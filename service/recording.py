@@ -23,6 +23,7 @@ from service.policy.breaker import CircuitBreaker
 from service.policy.call import RunContext, ToolCallRequest
 from service.policy.guards import Guards
 from service.redact import Redactor, safe_json
+from tools.base import Tool
 
 # Named for the executor, not this module: these are the executor's lines, the logger operators configure for them.
 log = logging.getLogger("service.executor")
@@ -38,7 +39,7 @@ class Recorder:
 
     def __init__(
         self,
-        tools: Mapping[str, Any],
+        tools: Mapping[str, Tool[Any]],
         guards: Mapping[str, Guards],
         *,
         audit: AuditLog | None,
