@@ -88,6 +88,7 @@ class Executor:
         )
 
     def _fallback(self, name: str | None) -> tuple[Tool[Any], Guards] | None:
+        """The tool and guards of the fallback a policy names (`resolve` checked that it names another tool)."""
         if name is None or name not in self.tools or name not in self.guards:
             return None
         return self.tools[name], self.guards[name]
@@ -133,7 +134,7 @@ class Executor:
                 call_id=call.call_id,
                 name=call.name,
                 status=outcome.status,
-                duration_s=self.clock() - record.started,
+                duration_s=record.elapsed(),
                 data=outcome.data if outcome.ok else None,
                 error=outcome.error,
                 attempts=outcome.attempts,

@@ -174,6 +174,10 @@ class CallRecord:
 
     # what the executor tells
 
+    def elapsed(self) -> float:
+        """Seconds since the call began."""
+        return self._recorder.clock() - self.started
+
     async def dead_letter(self, outcome: Outcome) -> ExecutionFailed | None:
         """Capture a call that finally failed; the event that says so, or None (no store, or the capture failed)."""
         store, call = self._recorder.dead_letter, self.call
@@ -214,10 +218,8 @@ class CallRecord:
         if result is not None:  # closed while its result was held: the call ended as the result says
             telemetry.end_span(self.span, _failure(result), redactor)
             return
-        duration = self._recorder.clock() - self.started
-        self._account(
-            ToolResult(call_id=self.call.call_id, name=self.call.name, status=S.CANCELLED, duration_s=duration)
-        )
+        call = self.call
+        self._account(ToolResult(call_id=call.call_id, name=call.name, status=S.CANCELLED, duration_s=self.elapsed()))
         cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
         telemetry.end_span(self.span, "cancelled" if cancelled else exc, redactor)
 
