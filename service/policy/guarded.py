@@ -17,6 +17,7 @@ from service.events import ToolStatus as S
 from service.policy.attempt import ChunkCounter, Outcome, attempt, attempt_stream
 from service.policy.breaker import CircuitBreaker, State
 from service.policy.guards import Guards
+from service.policy.limiter import RateLimiter
 from service.policy.observer import CallObserver
 from tools.base import Tool
 
@@ -34,30 +35,16 @@ async def guarded(
 ) -> AsyncIterator[Event | Outcome]:
     name, policy, breaker = tool.name, guards.policy, guards.breaker
     if guards.limiter is not None:
-        waited = await guards.limiter.acquire()
-        observer.rate_limited(name, waited)
-        if waited is None:
-            limit = guards.limiter.policy
-            yield Outcome(
-                S.RATE_LIMITED,
-                error=f"{name} is rate limited ({limit.rate_per_s:g}/s, burst {limit.burst}); "
-                "try again later or use another approach",
-            )
+        refused = await rate_limit(name, guards.limiter, observer)
+        if refused is not None:
+            yield refused
             return
     attempts = policy.retry.attempts
     outcome = Outcome(S.ERROR)
     for number in range(1, attempts + 1):
         permit = breaker.allow() if breaker is not None else None
         if breaker is not None and permit is None:
-            if number > 1:  # refused while this call waited to retry: the failure it had is its answer
-                outcome.error += f"; not retried: {name}'s circuit refused the call ({breaker.state.value})"
-                yield outcome
-                return
-            yield Outcome(
-                S.CIRCUIT_OPEN,
-                error=f"{name} is unavailable (circuit open after repeated failures); try another approach",
-                attempts=number - 1,
-            )
+            yield refused_by(breaker, name, number, outcome)
             return
         observer.attempt_started(number)
         chunks_before = counter.n
@@ -89,7 +76,8 @@ async def guarded(
         if breaker is not None and permit is not None:
             breaker.failure(permit) if unwell(outcome) else breaker.success(permit)
         observer.attempt_ended(outcome, breaker)
-        if outcome.ok or not outcome.retryable or number == attempts or counter.n > chunks_before:
+        final = outcome.ok or not outcome.retryable or number == attempts
+        if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them
             yield outcome
             return
         wait = guards.backoff.wait(number)
@@ -102,6 +90,32 @@ async def guarded(
         yield ToolRetry(call_id=call_id, attempt=number, max_attempts=attempts, wait_s=wait, error=outcome.error)
         await sleep(wait)
     yield outcome
+
+
+async def rate_limit(tool: str, limiter: RateLimiter, observer: CallObserver) -> Outcome | None:
+    """Take rate-limit capacity (waiting if the policy says so), or the rate_limited outcome."""
+    waited = await limiter.acquire()
+    observer.rate_limited(tool, waited)
+    if waited is not None:
+        return None
+    limit = limiter.policy
+    return Outcome(
+        S.RATE_LIMITED,
+        error=f"{tool} is rate limited ({limit.rate_per_s:g}/s, burst {limit.burst}); "
+        "try again later or use another approach",
+    )
+
+
+def refused_by(breaker: CircuitBreaker, tool: str, number: int, last: Outcome) -> Outcome:
+    """The answer of a call whose attempt `number` the breaker refused."""
+    if number > 1:  # refused while this call waited to retry: the failure it had is its answer
+        last.error += f"; not retried: {tool}'s circuit refused the call ({breaker.state.value})"
+        return last
+    return Outcome(
+        S.CIRCUIT_OPEN,
+        error=f"{tool} is unavailable (circuit open after repeated failures); try another approach",
+        attempts=number - 1,
+    )
 
 
 def unwell(outcome: Outcome) -> bool:
