@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Outcome:
-    """How an attempt (or a whole guarded call) ended, with what the dead-letter store needs when it failed."""
+    """How an attempt (or a whole call) ended, with what the dead-letter store needs when it failed."""
 
     status: ToolStatus
     data: Any = None
@@ -33,6 +33,8 @@ class Outcome:
     error_type: str = ""
     traceback: str = ""
     attempts: int = 0
+    cache_hit: bool = False
+    answered_by: str = ""  # the fallback that answered in the tool's place
 
     @property
     def ok(self) -> bool:
@@ -52,7 +54,18 @@ class ChunkCounter:
         return self.n - 1
 
 
-async def attempt(
+async def attempt(tool: Tool[Any], args: Any, *, call_id: str, timeout_s: float, retry_timeouts: bool) -> Outcome:
+    """One attempt at a tool that answers in one piece. A coroutine, not a generator: with nothing to stream, the
+    common call is spared a generator layer on its way through the stages."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            data = to_json(await tool.run(args))
+    except Exception as exc:
+        return _failed(exc, tool, call_id=call_id, timeout_s=timeout_s, retry_timeouts=retry_timeouts)
+    return Outcome(ToolStatus.OK, data=data)
+
+
+async def attempt_stream(
     tool: Tool[Any],
     args: Any,
     *,
@@ -62,61 +75,63 @@ async def attempt(
     retry_timeouts: bool,
     counter: ChunkCounter,
 ) -> AsyncIterator[ToolResultChunk | Outcome]:
+    """One attempt at a streaming tool: its chunks as events, then the Outcome."""
     chunks: list[JSON] = []
     try:
-        if tool.streaming:
-            total = tool.total_chunks(args)
-            deadline = asyncio.get_running_loop().time() + timeout_s
-            stream = tool.stream(args)
-            try:
-                while True:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            chunk = to_json(await anext(stream))
-                    except StopAsyncIteration:
-                        break
-                    chunks.append(chunk)
-                    yield ToolResultChunk(call_id=call_id, index=counter.next(), total=total, data=chunk)
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            data: JSON = chunks
-        else:
-            async with asyncio.timeout(timeout_s):
-                data = to_json(await tool.run(args))
-    except TimeoutError:
-        if mode == "soft" and chunks:
+        total = tool.total_chunks(args)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        stream = tool.stream(args)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = to_json(await anext(stream))
+                except StopAsyncIteration:
+                    break
+                chunks.append(chunk)
+                yield ToolResultChunk(call_id=call_id, index=counter.next(), total=total, data=chunk)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and mode == "soft" and chunks:
             yield Outcome(
                 ToolStatus.PARTIAL,
                 data=chunks,
                 error=f"{tool.name} stopped after {timeout_s:g} s with {len(chunks)} chunk(s); the rest is missing",
             )
         else:
-            yield Outcome(
-                ToolStatus.TIMEOUT,
-                error=f"{tool.name} did not finish within {timeout_s:g} s",
-                retryable=retry_timeouts,
-                error_type="TimeoutError",
-            )
-    except ToolError as exc:
-        yield Outcome(
+            yield _failed(exc, tool, call_id=call_id, timeout_s=timeout_s, retry_timeouts=retry_timeouts)
+    else:
+        yield Outcome(ToolStatus.OK, data=chunks)
+
+
+def _failed(exc: Exception, tool: Tool[Any], *, call_id: str, timeout_s: float, retry_timeouts: bool) -> Outcome:
+    """How an attempt that raised `exc` ended. Called inside the `except` block: the traceback is the current one."""
+    if isinstance(exc, TimeoutError):
+        return Outcome(
+            ToolStatus.TIMEOUT,
+            error=f"{tool.name} did not finish within {timeout_s:g} s",
+            retryable=retry_timeouts,
+            error_type="TimeoutError",
+        )
+    if isinstance(exc, ToolError):
+        return Outcome(
             ToolStatus.ERROR,
             error=exc.message,
             retryable=exc.retryable,
             error_type="ToolError",
             traceback=traceback.format_exc(),
         )
-    except Exception as exc:  # a bug in the tool: the model gets an error result, the operator a traceback
-        log.exception("tool %s raised", tool.name, extra={"call_id": call_id})
-        yield Outcome(
-            ToolStatus.ERROR,
-            error=f"internal error in tool {tool.name}: {type(exc).__name__}",
-            error_type=type(exc).__name__,
-            traceback=traceback.format_exc(),
-        )
-    else:
-        yield Outcome(ToolStatus.OK, data=data)
+    # a bug in the tool: the model gets an error result, the operator a traceback
+    log.exception("tool %s raised", tool.name, extra={"call_id": call_id})
+    return Outcome(
+        ToolStatus.ERROR,
+        error=f"internal error in tool {tool.name}: {type(exc).__name__}",
+        error_type=type(exc).__name__,
+        traceback=traceback.format_exc(),
+    )
 
 
 def to_json(value: Any) -> JSON:

@@ -1,5 +1,5 @@
 """A tool's policy and the stateful parts that enforce it (breaker, limiter, cache, backoff), built once per
-executor, plus the small decisions the executor asks of them."""
+executor."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from service import telemetry
-from service.events import ToolStatus as S
-from service.policy.attempt import Outcome
 from service.policy.breaker import BreakerStore, CircuitBreaker, State
 from service.policy.cache import ResultCache
 from service.policy.limiter import RateLimiter
@@ -52,29 +50,6 @@ def build_guards(
     if policy.cache is not None:
         guards.cache = ResultCache(policy.cache, clock=clock)
     return guards
-
-
-async def rate_limit(tool: str, limiter: RateLimiter) -> Outcome | None:
-    """Take rate-limit capacity (waiting if the policy says so), or the rate_limited outcome."""
-    waited = await limiter.acquire()
-    if waited is None:
-        telemetry.RATE_LIMITED.labels(tool).inc()
-        limit = limiter.policy
-        return Outcome(
-            S.RATE_LIMITED,
-            error=f"{tool} is rate limited ({limit.rate_per_s:g}/s, burst {limit.burst}); "
-            "try again later or use another approach",
-        )
-    telemetry.child(telemetry.RATE_LIMIT_WAIT, tool).observe(waited)
-    return None
-
-
-def unwell(outcome: Outcome) -> bool:
-    """Whether an attempt counts against the breaker. Timeouts, retryable errors and bugs say the tool is unwell;
-    a non-retryable ToolError is the tool answering about this input (bad SQL, host not allowed): it is working."""
-    if outcome.status is S.TIMEOUT:
-        return True
-    return outcome.status is S.ERROR and (outcome.retryable or outcome.error_type != "ToolError")
 
 
 def breaker_moved(tool: str, before: State, after: State) -> None:
