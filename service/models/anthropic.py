@@ -10,9 +10,7 @@ closes the HTTP stream in `finally`, so the upstream connection is dropped at on
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
@@ -29,7 +27,8 @@ from anthropic.types import (
     ToolParam,
 )
 
-from service.errors import ModelError, ModelFailure, failure_of_status
+from service.errors import ModelError
+from service.models.anthropic_errors import malformed, model_error
 from service.models.base import (
     MAX_INPUT_DEPTH,
     ModelEvent,
@@ -45,31 +44,6 @@ from service.models.base import (
 
 T = TypeVar("T")
 EffortLevel = Literal["low", "medium", "high", "xhigh", "max"]
-
-# Error types an `error` event can carry after HTTP 200 that no other try will change: the request's own fault.
-# Any other (overloaded, api_error, rate limit, timeout, a type not known yet, or data that is not the API's JSON,
-# such as a proxy's "upstream connect error") is the upstream's trouble, worth another try.
-_FINAL_STREAM_ERRORS = frozenset(
-    {
-        "invalid_request_error",
-        "authentication_error",
-        "permission_error",
-        "not_found_error",
-        "request_too_large",
-        "billing_error",
-    }
-)
-
-# What each error type says about the failure, for the run's status (see `service.errors.ModelFailure`); a type not
-# listed is taken for the upstream's trouble.
-_KINDS: dict[str, ModelFailure] = {
-    "invalid_request_error": "rejected",
-    "not_found_error": "rejected",
-    "request_too_large": "rejected",
-    "authentication_error": "credentials",
-    "permission_error": "credentials",
-    "billing_error": "credentials",
-}
 
 # Errors the SDK's stream raises, or that reading its loosely built events raises, when the upstream's data is not
 # the Messages protocol: a field missing or of another type, JSON that is not JSON or is nested past the parser.
@@ -89,19 +63,6 @@ _CONTENT = frozenset(
 
 # Stop reasons that end a turn wherever the output is: a tool_use block last in such a turn was cut off mid-input.
 _CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
-
-_LABELS = {
-    "overloaded_error": "overloaded",
-    "rate_limit_error": "rate limited",
-    "api_error": "server error",
-    "timeout_error": "timed out",
-    "invalid_request_error": "invalid request",
-    "authentication_error": "authentication failed",
-    "permission_error": "permission denied",
-    "not_found_error": "not found",
-    "request_too_large": "request too large",
-    "billing_error": "billing error",
-}
 
 
 class AnthropicModel:
@@ -156,7 +117,7 @@ class AnthropicModel:
                 for model_event in turn.feed(event):
                     yield model_event
         except (anthropic.AnthropicError, httpx2.HTTPError, TimeoutError, *_GARBLED) as err:
-            raise _model_error(err) from err
+            raise model_error(err) from err
         finally:
             # Drops the connection when the turn is abandoned (cancel, aclose) rather than leaving it to the GC.
             await stream.close()
@@ -202,7 +163,7 @@ class AnthropicModel:
                 stream=True,
             )
         except (anthropic.AnthropicError, httpx2.HTTPError, TimeoutError) as err:
-            raise _model_error(err) from err
+            raise model_error(err) from err
         except Exception as err:
             # Anything else the SDK raises here is a request it could not make, e.g. a TypeError for missing
             # credentials: the server's own set-up, which no other try changes.
@@ -240,12 +201,12 @@ class _Turn:
         elif event.type == "content_block_delta":
             block = self.blocks.get(event.index)
             if block is None:
-                raise _malformed(f"a delta for content block {event.index!r}, which never started")
+                raise malformed(f"a delta for content block {event.index!r}, which never started")
             yield from self._delta(block, event.delta)
         elif event.type == "message_delta":
             stop_reason = event.delta.stop_reason
             if stop_reason is not None and not isinstance(stop_reason, str):
-                raise _malformed(f"a stop_reason that is not a string: {stop_reason!r}"[:200])
+                raise malformed(f"a stop_reason that is not a string: {stop_reason!r}"[:200])
             self.stop_reason = stop_reason or self.stop_reason
             self.output_tokens = _count(event.usage.output_tokens)
         elif event.type == "message_stop":
@@ -253,15 +214,15 @@ class _Turn:
 
     def _start(self, index: int, start: ContentBlock) -> Iterator[ModelEvent]:
         if type(index) is not int or type(start.type) is not str:
-            raise _malformed(f"a content block {index!r} of type {start.type!r}"[:200])
+            raise malformed(f"a content block {index!r} of type {start.type!r}"[:200])
         if start.type == "tool_use":
             call_id, name = start.id, start.name
             if not (isinstance(call_id, str) and call_id and isinstance(name, str)):
-                raise _malformed("a tool_use block without a string id and name")
+                raise malformed("a tool_use block without a string id and name")
             # Sent back in the history, which must be UTF-8, and told apart by id there: the API's ids never repeat.
             call_id, name = plain_text(call_id), plain_text(name)
             if any(b.call_id == call_id for b in self.blocks.values()):
-                raise _malformed(f"two tool_use blocks with the id {call_id!r}"[:200])
+                raise malformed(f"two tool_use blocks with the id {call_id!r}"[:200])
             self.blocks[index] = _Block(type="tool_use", call_id=call_id, name=name)
             yield ToolUseStart(call_id=call_id, name=name)
         elif start.type in ("text", "thinking"):
@@ -271,7 +232,7 @@ class _Turn:
             raw = dict(start.to_dict(warnings=False))  # fields of types the SDK does not expect are no bug of ours
             problem = unsendable(raw)
             if problem is not None:
-                raise _malformed(f"a {start.type!r} block that {problem}"[:200])
+                raise malformed(f"a {start.type!r} block that {problem}"[:200])
             self.blocks[index] = _Block(type=start.type, raw=raw)
 
     def _delta(self, block: _Block, delta: RawContentBlockDelta) -> Iterator[ModelEvent]:
@@ -354,71 +315,5 @@ def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
 def _count(value: Any) -> int:
     """A token count from the stream."""
     if type(value) is not int or value < 0:
-        raise _malformed(f"a token count that is not a whole number: {value!r}"[:200])
+        raise malformed(f"a token count that is not a whole number: {value!r}"[:200])
     return value
-
-
-def _malformed(detail: str) -> ModelError:
-    # Worth another try, as a 502 from a gateway is: a proxy's error page, a cut or garbled stream.
-    return ModelError(f"anthropic: malformed stream: {detail}", retryable=True, kind="malformed")
-
-
-def _model_error(err: Exception) -> ModelError:
-    """The one place SDK, transport and stream-reading failures become `ModelError`."""
-    if isinstance(err, anthropic.APIStatusError):
-        return _status_error(err)
-    # TimeoutError: a socket or SSL timeout that reached us unwrapped; as worth another try as the SDK's own.
-    if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException | TimeoutError):
-        return ModelError("anthropic: request timed out", retryable=True, kind="unavailable")
-    if isinstance(err, anthropic.APIConnectionError):
-        cause = err.__cause__ or err
-        return ModelError(f"anthropic: connection failed: {cause}", retryable=True, kind="unavailable")
-    if isinstance(err, httpx2.TransportError):
-        return ModelError(f"anthropic: connection lost mid-stream: {err!r}", retryable=True, kind="unavailable")
-    # Nothing else reaches here but from reading the stream (see `stream_turn`): the upstream's data is garbled.
-    return _malformed(f"{type(err).__name__}: {err}"[:500])
-
-
-def _status_error(err: anthropic.APIStatusError) -> ModelError:
-    error_type = err.type or ""
-    label = _LABELS.get(error_type, error_type or "error")
-    detail = err.api_message or err.message
-    request_id = f" [request-id {err.request_id}]" if err.request_id else ""
-    if err.status_code == 200:
-        # An `error` event after the stream began: no HTTP status to speak of, the error type decides.
-        return ModelError(
-            f"anthropic: {label} mid-stream: {detail}{request_id}",
-            retryable=error_type not in _FINAL_STREAM_ERRORS,
-            kind=_KINDS.get(error_type, "unavailable"),
-        )
-    status = err.status_code
-    headers = err.response.headers
-    # As the SDK's own retries decide (they are off here: the loop retries whole turns): the API's word first
-    # (`x-should-retry`), else timeouts, lock conflicts, rate limits and server errors.
-    should_retry = headers.get("x-should-retry", "").lower()
-    retryable = (
-        should_retry == "true" if should_retry in ("true", "false") else status in (408, 409, 429) or status >= 500
-    )
-    return ModelError(
-        f"anthropic: {label} (HTTP {status}): {detail}{request_id}",
-        retryable=retryable,
-        status=status,
-        retry_after_s=_retry_after(headers),
-        kind=failure_of_status(status),
-    )
-
-
-def _retry_after(headers: httpx2.Headers) -> float | None:
-    """How long the API asks us to wait (`retry-after-ms`, else `retry-after` in seconds or as a date), if it does:
-    a 429's wait is how long the rate limit lasts, and another try before that fails again."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(name, "")) * scale
-        except ValueError:
-            continue
-        return seconds if seconds > 0 else None
-    when = email.utils.parsedate_tz(headers.get("retry-after", ""))
-    if when is None:
-        return None
-    seconds = email.utils.mktime_tz(when) - time.time()
-    return seconds if seconds > 0 else None
