@@ -116,7 +116,7 @@ def _row(key: str, model: type[BaseModel], field: FieldInfo, default: Any) -> st
     if sub is not None:
         item = _item_key(key, field.annotation)
         description += f" ([`{item}`](#{_anchor(item)}))"
-    if model is Config and key in ENV_VARS:
+    if key in ENV_VARS:
         description += f"; env `{ENV_VARS[key]}`"
     if model is Config and key in (_POLICIES, _TOOLS):
         target = f"{_POLICIES}.<tool>" if key == _POLICIES else "tools.http_request"

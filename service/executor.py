@@ -26,8 +26,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from service.audit import AuditLog
-from service.deadletter import DeadLetterStore
 from service.events import Event, ToolCallReady, ToolResult
 from service.events import ToolStatus as S
 from service.policy.admit import admit, describe
@@ -38,6 +36,8 @@ from service.policy.config import resolve
 from service.policy.guards import Guards, build_guards
 from service.policy.pipeline import Pipeline
 from service.recording import DEAD_LETTER_ON, Recorder
+from service.records.audit import AuditLog
+from service.records.deadletter import DeadLetterStore
 from service.redact import Redactor
 from tools.base import Tool
 from tools.policy import ToolPolicy

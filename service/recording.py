@@ -14,14 +14,14 @@ from typing import Any
 from opentelemetry import trace
 
 from service import redact, telemetry
-from service.audit import AuditLog, AuditRecord
-from service.deadletter import DeadLetterStore, capture
 from service.events import ExecutionFailed, ToolResult
 from service.events import ToolStatus as S
 from service.policy.attempt import Outcome
 from service.policy.breaker import CircuitBreaker
 from service.policy.call import RunContext, ToolCallRequest
 from service.policy.guards import Guards
+from service.records.audit import AuditLog, AuditRecord
+from service.records.deadletter import DeadLetterStore, capture
 from service.redact import Redactor, safe_json
 from tools.base import Tool
 

@@ -15,25 +15,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from service import redact, telemetry
-from service.audit import DEFAULT_FILE as AUDIT_FILE
-from service.audit import AuditLog
-from service.audit_chain import load_keyring
 from service.callers import CallerLimits
 from service.config import Config
-from service.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
-from service.deadletter import DeadLetterStore
 from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import resolve
+from service.records.audit import DEFAULT_FILE as AUDIT_FILE
+from service.records.audit import AuditLog
+from service.records.audit_chain import load_keyring
+from service.records.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
+from service.records.deadletter import DeadLetterStore
+from service.records.sqlite import sqlite_path
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
 from service.rpc.server import Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
-from service.store import sqlite_path
 from tools import load_tools
 from tools.base import Tool
 
@@ -101,7 +101,7 @@ def build_model(config: Config) -> Model:
 
 def build_tools(config: Config) -> dict[str, Tool[Any]]:
     # Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
-    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (service/store.py).
+    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (records/sqlite.py).
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from backends import postgres_schema, redis_ns  # noqa: F401  (fixtures: the real Redis and PostgreSQL)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -60,7 +61,10 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 # What the stores log when a write fails and its records are lost: never a test's intent.
-LOST_RECORDS = {("service.audit", "audit write failed"), ("service.deadletter", "dead-letter write failed")}
+LOST_RECORDS = {
+    ("service.records.audit", "audit write failed"),
+    ("service.records.deadletter", "dead-letter write failed"),
+}
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from fake_tools import all_tools
-from service.audit import AuditLog, AuditRecord, main, verify
 from service.events import Event, ToolResult
 from service.executor import Executor, RunContext, ToolCallRequest
+from service.records.audit import AuditLog, AuditRecord, main, verify
 from service.redact import Redactor
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from test_audit import record
 
-from service.audit import AuditLog, main, verify
-from service.audit_chain import ENV_VAR, AuditKeyError, Keyring, load_keyring, parse_keys, row_mac
+from service.records.audit import AuditLog, main, verify
+from service.records.audit_chain import ENV_VAR, AuditKeyError, Keyring, load_keyring, parse_keys, row_mac
 
 SECRET_1 = "1" * 64
 SECRET_2 = "2" * 64
@@ -107,7 +107,7 @@ def test_a_log_from_before_keys_opens_verifies_and_continues_keyed(
     old = verify(path, ring)  # untouched by a server with keys: still readable, flagged as proving nothing
     assert old.ok and old.rows == 3 and old.legacy == 3 and "NOT keyed" in old.summary()
 
-    with caplog.at_level(logging.WARNING, logger="service.audit"):
+    with caplog.at_level(logging.WARNING, logger="service.records.audit"):
         AuditLog(path, keyring=ring).close()  # opened: migrated, and its head signed at once
     assert any(r.getMessage().startswith("the audit log predates keys") for r in caplog.records)
     sealed = verify(path, ring)
@@ -147,7 +147,7 @@ async def test_the_default_start_makes_a_private_key_and_keeps_using_it(
     key_file = tmp_path / "var" / "audit.key"
     umask = os.umask(0)  # a permissive umask must not widen it
     try:
-        with caplog.at_level(logging.INFO, logger="service.audit_chain"):
+        with caplog.at_level(logging.INFO, logger="service.records.audit_chain"):
             svc = await start_service()
     finally:
         os.umask(umask)
@@ -231,7 +231,7 @@ class _Heads(logging.Handler):
 
 async def test_the_head_is_logged_at_start_when_it_moved_and_at_close(tmp_path: Path) -> None:
     heads = _Heads()
-    logger = logging.getLogger("service.audit")
+    logger = logging.getLogger("service.records.audit")
     logger.addHandler(heads)
     level = logger.level
     logger.setLevel(logging.INFO)

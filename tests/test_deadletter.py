@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_events
 from fake_tools import policy_tools
-from service.deadletter import DeadLetter, DeadLetterStore, capture, main
+from service.records.deadletter import DeadLetter, DeadLetterStore, capture, main
 
 FAIL_THEN_ANSWER = [
     {"text": "Calling flaky.", "tool_calls": [{"name": "flaky", "input": {"text": "boom"}}]},

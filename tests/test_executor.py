@@ -13,10 +13,10 @@ from pydantic import BaseModel
 
 from fake_tools import policy_tools
 from service import events as ev
-from service.audit import AuditLog, verify
-from service.deadletter import DeadLetterStore
 from service.executor import Executor, RunContext, ToolCallRequest
 from service.policy.config import resolve
+from service.records.audit import AuditLog, verify
+from service.records.deadletter import DeadLetterStore
 from tools.base import JSON, Tool, ToolError
 
 S = ev.ToolStatus

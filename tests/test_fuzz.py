@@ -24,9 +24,9 @@ from pydantic import BaseModel
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from service import events as ev
-from service.audit import AuditLog, verify
-from service.deadletter import DeadLetterStore
 from service.executor import Executor, RunContext, ToolCallRequest
+from service.records.audit import AuditLog, verify
+from service.records.deadletter import DeadLetterStore
 from tools import (
     ToolConfig,
     http_request,

@@ -28,7 +28,7 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events
-from service.store import connect
+from service.records.sqlite import connect
 from service.wiring import build_tools
 from tools._launcher import children, landlock_abi
 from tools._sandbox import Identity, usable_by

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from conftest import run_events
 from fake_tools import all_tools
 from service import redact, telemetry
-from service.audit import AuditLog, verify
 from service.config import Config
-from service.deadletter import DeadLetterStore
 from service.executor import Executor, RunContext, ToolCallRequest
+from service.records.audit import AuditLog, verify
+from service.records.deadletter import DeadLetterStore
 from service.redact import TOO_DEEP, Redactor, safe_json
 
 EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"

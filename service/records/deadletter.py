@@ -1,8 +1,8 @@
 """Dead letters: every tool call that finally failed, stored durably (SQLite by default) with its input, error and
 traceback, so that an operator can inspect it and a caller can quote its execution id.
 
-    python -m service.deadletter list [--limit N] [--tool NAME] [--db PATH | --config FILE]
-    python -m service.deadletter show EXECUTION_ID [--db PATH | --config FILE]
+    python -m service.records.deadletter list [--limit N] [--tool NAME] [--db PATH | --config FILE]
+    python -m service.records.deadletter show EXECUTION_ID [--db PATH | --config FILE]
 
 Writes run on one worker thread (SQLite connections are not shared between threads); a write is awaited before the
 `execution_failed` event goes out, so an execution id a caller sees is always on disk. Input, message and traceback
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from service import redact, telemetry
+from service.records.sqlite import add_db_arguments, cli_db_path, connect, storable
 from service.redact import Redactor, safe_json
-from service.store import add_db_arguments, cli_db_path, connect, storable
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _letter(row: dict[str, Any]) -> DeadLetter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.deadletter", description="Inspect dead letters")
+    parser = argparse.ArgumentParser(prog="python -m service.records.deadletter", description="Inspect dead letters")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="most recent first, one line each")
     listing.add_argument("--limit", type=int, default=50)

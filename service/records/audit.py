@@ -1,11 +1,12 @@
 """The audit log: every tool call (run id, caller metadata, tool, input, status, duration, result size) appended to
 an append-only SQLite table. Each row carries an HMAC-SHA256 over its fields, its key id and the hash of the row before
-it (`service/audit_chain.py`), so `verify` finds an edited, deleted or reordered row, and one rewritten with its chain
+it (`audit_chain.py`), so `verify` finds an edited, deleted or reordered row, and one rewritten with its chain
 recomputed by someone without the key. What this proves and what it does not: docs/audit.md.
 
-    python -m service.audit verify [--db PATH | --config FILE] [--key-file F] [--anchor SEQ:HASH]   exit 0 intact, 1 not
-    python -m service.audit head [--db PATH | --config FILE]      the chain's head, to keep outside the database
-    python -m service.audit tail [-n N] [--db PATH | --config FILE]
+    python -m service.records.audit verify [--db PATH | --config FILE] [--key-file F] [--anchor SEQ:HASH]
+        exit 0 intact, 1 not
+    python -m service.records.audit head [--db PATH | --config FILE]      the chain's head, to keep outside the database
+    python -m service.records.audit tail [-n N] [--db PATH | --config FILE]
 
 Trade-off: the executor must not wait for a disk write on every call, so records go into a bounded in-memory queue
 that one writer thread commits in batches every 50 ms (it is the only writer, which keeps the chain linear). A full
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from service import redact
-from service.audit_chain import FIELDS, GENESIS, Keyring, head_mac, load_keyring, row_mac
-from service.audit_verify import (
+from service.records.audit_chain import FIELDS, GENESIS, Keyring, head_mac, load_keyring, row_mac
+from service.records.audit_verify import (
     Head,
     Verdict,
     add_key_arguments,
@@ -47,8 +48,8 @@ from service.audit_verify import (
     read_head,
     verify,
 )
+from service.records.sqlite import add_db_arguments, cli_db_path, connect, storable
 from service.redact import Redactor, safe_json
-from service.store import add_db_arguments, cli_db_path, connect, storable
 
 __all__ = ["DEFAULT_FILE", "AuditLog", "AuditRecord", "Verdict", "main", "verify"]
 
@@ -302,7 +303,7 @@ class AuditLog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.audit", description="Check and read the audit log")
+    parser = argparse.ArgumentParser(prog="python -m service.records.audit", description="Check and read the audit log")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("verify", help="check the chain and its MACs; exit 1 when it does not hold")
     add_db_arguments(check)

@@ -1,6 +1,6 @@
-"""Checking the audit log (`python -m service.audit verify`): each row's link to the one before, its MAC under the key
-its id names (for rows written before keys, their plain hash, and that they come first), the head's MAC, and heads
-anchored outside the database. The first row that fails is named, with why."""
+"""Checking the audit log (`python -m service.records.audit verify`): each row's link to the one before, its MAC
+under the key its id names (for rows written before keys, their plain hash, and that they come first), the head's
+MAC, and heads anchored outside the database. The first row that fails is named, with why."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from service.audit_chain import (
+from service.config import load_config
+from service.records.audit_chain import (
     ENV_VAR,
     FIELDS,
     GENESIS,
@@ -26,7 +27,6 @@ from service.audit_chain import (
     same,
     verifier_keyring,
 )
-from service.config import load_config
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 

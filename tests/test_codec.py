@@ -1,0 +1,49 @@
+"""Events survive the trip through JSON that the shared stores make: every kind, unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import codec
+from service import events as ev
+
+SAMPLES: list[ev.Event] = [
+    ev.RunStarted(model="m", tools=("echo", "search"), max_turns=3),
+    ev.Thinking(turn=1, text="hmm"),
+    ev.TextDelta(turn=1, text="héllo 😀"),
+    ev.ToolCall(turn=1, call_id="c1", name="echo"),
+    ev.ToolCallDelta(call_id="c1", partial_json='{"te'),
+    ev.ToolCallReady(call_id="c1", name="echo", input={"text": "hi", "n": [1, 2.5, None]}),
+    ev.ToolResultChunk(call_id="c1", index=0, total=None, data={"rows": [[1, "a"]]}),
+    ev.ToolDataPart(call_id="c1", index=0, total=2, json='{"a":'),
+    ev.ToolRetry(call_id="c1", attempt=1, max_attempts=3, wait_s=0.5, error="boom"),
+    ev.ModelRetry(turn=1, attempt=1, max_attempts=3, wait_s=0.5, error="overloaded"),
+    ev.ToolFallback(call_id="c1", primary="a", fallback="b", reason="open"),
+    ev.ExecutionFailed(execution_id="exec_1", call_id="c1", tool="echo", message="x"),
+    ev.ToolResult(call_id="c1", name="echo", status=ev.ToolStatus.PARTIAL, duration_s=0.25, data=[1], attempts=2),
+    ev.Usage(turn=1, input_tokens=1, output_tokens=2, total_input_tokens=3, total_output_tokens=4),
+    ev.FinalResponse(
+        text="done", stop_reason="end_turn", turns=1, tool_calls=1, input_tokens=1, output_tokens=2, duration_s=1.5
+    ),
+    ev.RunFailed(code="CANCELLED", message="stop", retryable=False),
+]
+
+
+def test_every_kind_is_sampled() -> None:
+    assert {type(e) for e in SAMPLES} == set(ev.Event.__args__)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: e.kind)
+def test_an_event_comes_back_equal(event: ev.Event) -> None:
+    back = codec.loads(codec.dumps(event))
+    assert back == event
+    assert type(back) is type(event)
+
+
+def test_an_unknown_kind_or_field_is_refused_loudly() -> None:
+    with pytest.raises(ValueError, match="unknown event kind"):
+        codec.loads(b'{"kind": "telepathy"}')
+    with pytest.raises(ValueError, match="bad text_delta"):
+        codec.loads(b'{"kind": "text_delta", "turn": 1, "text": "x", "colour": "red"}')
+    with pytest.raises(ValueError, match="JSON object"):
+        codec.loads(b"[1]")
