@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel
 
@@ -36,9 +36,9 @@ class ToolError(Exception):
         self.retryable = retryable
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CallInfo:
-    """The tool call an attempt belongs to, as `current_call()` tells the tool running it.
+class CallInfo(NamedTuple):
+    """The tool call an attempt belongs to, as `current_call()` tells the tool running it. A named tuple rather than
+    a frozen dataclass: one is made per attempt, and it builds in a fifth of the time.
 
     `idempotency_key` names the call, not the attempt: every retry of the call and its fallback see the same key,
     and so will a process that recovers the run after a crash. A tool with side effects passes it to whatever it
