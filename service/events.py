@@ -19,7 +19,7 @@ class ToolStatus(enum.Enum):
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
     # A call not safe to repeat was cut off (its process died) before its result was recorded: whether its side
-    # effect happened is not known, and it was not sent again. Only recovery reports it (`executor.outcome_unknown`).
+    # effect happened is not known, and it was not sent again. Only `Executor.resume` reports it (`policy/repeat.py`).
     OUTCOME_UNKNOWN = "outcome_unknown"
 
 

@@ -258,7 +258,7 @@ async def test_the_shipped_tools_declare_what_their_calls_change(tmp_path: Path)
 
 
 def test_idempotent_is_still_read_as_side_effects_none() -> None:
-    assert ToolPolicy().side_effects == "unsafe" and not ToolPolicy().repeat_safe
+    assert ToolPolicy().side_effects == "unsafe"  # a tool nobody has thought about
     assert ToolPolicy.model_validate({"idempotent": True, "cache": {"ttl_s": 5}}).side_effects == "none"
     with pytest.raises(ValueError, match="only allowed on a tool without side effects"):
         ToolPolicy.model_validate({"side_effects": "idempotent", "cache": {"ttl_s": 5}})

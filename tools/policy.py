@@ -86,11 +86,6 @@ class ToolPolicy(_Strict):
     fallback: str | None = Field(default=None, description="tool called with the same input when this one fails")
     slow_s: float | None = Field(default=None, gt=0, description="log a warning when a call takes longer")
 
-    @property
-    def repeat_safe(self) -> bool:
-        """Whether a call may be run again without risking its side effect twice."""
-        return self.side_effects != "unsafe"
-
     @model_validator(mode="before")
     @classmethod
     def _idempotent_is_side_effects_none(cls, data: Any) -> Any:
