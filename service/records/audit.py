@@ -3,10 +3,12 @@ an append-only SQLite table. Each row carries an HMAC-SHA256 over its fields, it
 it (`audit_chain.py`), so `verify` finds an edited, deleted or reordered row, and one rewritten with its chain
 recomputed by someone without the key. What this proves and what it does not: docs/audit.md.
 
-    python -m service.records.audit verify [--db PATH | --config FILE] [--key-file F] [--anchor SEQ:HASH]
+    python -m service.records.audit verify [--db PATH | --url URL | --config FILE] [--key-file F] [--anchor SEQ:HASH]
         exit 0 intact, 1 not
-    python -m service.records.audit head [--db PATH | --config FILE]      the chain's head, to keep outside the database
-    python -m service.records.audit tail [-n N] [--db PATH | --config FILE]
+    python -m service.records.audit head [--db PATH | --url URL | --config FILE]   the chain's head, to keep elsewhere
+    python -m service.records.audit tail [-n N] [--db PATH | --url URL | --config FILE]
+
+(`--url`, or the config's `records.url`: the log in PostgreSQL, `pg_audit.py`.)
 
 Trade-off: the executor must not wait for a disk write on every call, so records go into a bounded in-memory queue
 that one writer thread commits in batches every 50 ms (it is the only writer, which keeps the chain linear). A full
