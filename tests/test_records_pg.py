@@ -287,3 +287,21 @@ async def test_a_service_on_postgresql_records_its_calls_there(
     keys = parse_keys((svc.config.data_dir / "audit.key").read_text(), "key")
     assert verify_pg(postgres_schema.url, keys).ok
     assert not (svc.config.data_dir / "audit.db").exists()  # nothing went to the SQLite file
+
+
+async def test_text_postgresql_refuses_does_not_lose_the_batch(
+    replicas: Any, keyring: Keyring, postgres_schema: PostgresSchema
+) -> None:
+    """A NUL (which PostgreSQL's text refuses and SQLite keeps) or half an emoji in a tool name the model made up:
+    the row is kept with U+FFFD in their place, and the rest of its batch with it."""
+    db = replicas("a")
+    await db.open()
+    log = PgAuditLog(db, keyring=keyring)
+    log.append(record(1))
+    log.append(dataclasses.replace(record(2), tool="ec\x00ho\ud83d", status="rejected", error="unknown \x00"))
+    log.append(record(3))
+    await log.aclose()
+    assert db.pending == 0
+    assert sql(postgres_schema, "SELECT tool FROM audit WHERE seq = 2") == [("ec\ufffdho\ufffd",)]
+    verdict = verify_pg(postgres_schema.url, keyring)
+    assert verdict.ok and verdict.rows == 3

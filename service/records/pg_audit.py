@@ -39,7 +39,7 @@ log = logging.getLogger("service.records.audit")
 _BATCH = 500
 _CHAIN_LOCK = advisory_key("agent-audit-chain")
 _COLUMNS = [*FIELDS, "trace_id", "record_id", "prev_hash", "hash", "key_id"]
-_INSERT = f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
+_COPY = f"COPY audit ({', '.join(_COLUMNS)}) FROM STDIN"
 
 
 def pg_text(value: Any) -> Any:
@@ -182,8 +182,9 @@ class PgAuditLog:
                 return
             head = await read_head(conn)
             values, new_head = await asyncio.to_thread(self._chain, rows, head)
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT, values)
+            async with conn.cursor() as cur, cur.copy(_COPY) as copy:
+                for value in values:
+                    await copy.write_row(value)
             await conn.execute(
                 "INSERT INTO audit_head (id, seq, hash, key_id, mac) VALUES (1, %s, %s, %s, %s) "
                 "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, key_id = EXCLUDED.key_id, "
