@@ -200,3 +200,19 @@ async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
     assert rows(postgres_schema, "SELECT run_id, tool FROM audit") == [(events[0].run_id, "flaky")]
     assert rows(postgres_schema, "SELECT execution_id FROM dead_letters") == [(failed.execution_id,)]
     assert verify_pg(postgres_schema.url, keys).ok
+
+
+def test_workers_sharing_a_spool_drain_it_one_at_a_time(tmp_path: Path) -> None:
+    """`--workers` on one data_dir share the spool file: entries from both are kept in order, and only one process
+    holds the drain lock, so no entry is sent twice by two drainers."""
+    first, second = Spool(tmp_path / "spool.db"), Spool(tmp_path / "spool.db")
+    try:
+        first.put("audit", [{"n": 1}])
+        second.put("dead_letter", [{"n": 2}])
+        assert [(e.kind, e.body) for e in first.first(10)] == [("audit", {"n": 1}), ("dead_letter", {"n": 2})]
+        assert first.try_lock() and not second.try_lock()
+        first.unlock()
+        assert second.try_lock()
+    finally:
+        first.close()
+        second.close()
