@@ -199,6 +199,7 @@ class PgRecords:
         self._pump: asyncio.Task[None] | None = None
         self._users = 0
         self._opened = False
+        self._open_lock = asyncio.Lock()
         self._closed = False
         telemetry.RECORDS_UP.set(0)
 
@@ -217,21 +218,24 @@ class PgRecords:
     async def open(self) -> None:
         """Open the pool, the spool, and try the database once (bounded by `timeout_s`): migrated now, or by the pump
         once the database answers. Never raises for an unreachable database: the service runs without it."""
-        if self._opened:
-            return
-        self._opened = True
-        await self.pool.open(wait=False)
-        self._spool = await self._on_disk(Spool, self._spool_path)
-        self._spooled = await self._on_disk(self._spool.count)
-        self._set_pending()
-        if self._spooled:
-            log.warning("records wait in the local spool from an earlier run", extra={"pending": self._spooled})
-        await self._ensure_up()
-        self._pump = asyncio.get_running_loop().create_task(self._pump_loop(), name="records-pump")
+        async with self._open_lock:  # a first write may race the composition root's open
+            if self._opened:
+                return
+            await self.pool.open(wait=False)
+            self._spool = await self._on_disk(Spool, self._spool_path)
+            self._spooled = await self._on_disk(self._spool.count)
+            self._set_pending()
+            if self._spooled:
+                log.warning("records wait in the local spool from an earlier run", extra={"pending": self._spooled})
+            await self._ensure_up()
+            self._pump = asyncio.get_running_loop().create_task(self._pump_loop(), name="records-pump")
+            self._opened = True
 
     async def write(self, kind: str, bodies: list[dict[str, Any]]) -> None:
         """Write `bodies` now, or spool them (on disk) when the database is away or something is spooled already.
         Returns once they are in one or the other; raises only when both failed."""
+        if not self._opened:
+            await self.open()  # a store built without the composition root's `open` (a script, a bench)
         if self.up and not self._spooled:
             try:
                 async with asyncio.timeout(self.timeout_s), self.pool.connection() as conn:
