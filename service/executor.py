@@ -41,8 +41,7 @@ from service.policy.guards import Guards, build_guards
 from service.policy.pipeline import Pipeline
 from service.policy.repeat import INTERRUPTED, outcome_unknown, repeat_safe
 from service.recording import DEAD_LETTER_ON, Recorder
-from service.records.audit import AuditLog
-from service.records.deadletter import DeadLetterStore
+from service.records.stores import AuditSink, DeadLetterSink
 from service.redact import Redactor
 from tools.base import Tool
 from tools.policy import ToolPolicy
@@ -61,8 +60,8 @@ class Executor:
         *,
         timeout_s: float = 30.0,
         policies: Mapping[str, ToolPolicy] | None = None,
-        audit: AuditLog | None = None,
-        dead_letter: DeadLetterStore | None = None,
+        audit: AuditSink | None = None,
+        dead_letter: DeadLetterSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         breaker_store: BreakerStore | None = None,
@@ -93,11 +92,11 @@ class Executor:
         return self.tools[name], self.guards[name]
 
     @property
-    def audit(self) -> AuditLog | None:
+    def audit(self) -> AuditSink | None:
         return self.recorder.audit
 
     @property
-    def dead_letter(self) -> DeadLetterStore | None:
+    def dead_letter(self) -> DeadLetterSink | None:
         return self.recorder.dead_letter
 
     @property
