@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,36 @@ def _config(tmp_path: Path, redis_ns: RedisNamespace | None, extra: str = "") ->
     return path
 
 
+@contextlib.asynccontextmanager
+async def _supervisor(
+    tmp_path: Path, config: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Any, Log]]:
+    """`python -m service --config CONFIG ARGS…` and its log. At the end the supervisor is killed if it still runs,
+    and so is every worker it started that outlived it (a test that failed), before the log is read to its end."""
+    proc = await _spawn(tmp_path, config, *args, env=env)
+    assert proc.stderr is not None
+    log = Log(proc.stderr)
+    try:
+        yield proc, log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        for record in log.records:
+            if record.get("msg") == "worker started" and _worker_of(proc.pid, record["pid"]):
+                os.kill(record["pid"], signal.SIGKILL)
+        await proc.wait()  # asyncio waits for its stderr to close too: for every worker's end
+        await log.end()
+
+
+def _worker_of(supervisor: int, pid: int) -> bool:
+    """Whether `pid` is still a worker of `supervisor` (and not a process that reuses the pid of one)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"--supervisor\0{supervisor}\0".encode() in f.read()
+    except OSError:
+        return False
+
+
 async def _spawn(tmp_path: Path, config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -174,52 +204,47 @@ async def _health(port: int) -> int:
 async def test_two_workers_share_the_port_and_metrics_and_a_dead_one_is_restarted(
     tmp_path: Path, redis_ns: RedisNamespace
 ) -> None:
-    proc = await _spawn(tmp_path, _config(tmp_path, redis_ns), "--workers", "2")
-    assert proc.stderr is not None
-    log = Log(proc.stderr)
     channels: list[grpc.aio.Channel] = []
-    try:
+    async with _supervisor(tmp_path, _config(tmp_path, redis_ns), "--workers", "2") as (proc, log):
         serving = await log.wait_for(_supervisor_serving)
         pids, port = serving["pids"], serving["port"]
         assert len(pids) == 2 and serving["workers"] == 2 and port != 0
         assert await _health(port) == health_pb2.HealthCheckResponse.SERVING  # a worker's
         assert await _health(serving["health_port"]) == health_pb2.HealthCheckResponse.SERVING  # the supervisor's
+        try:
+            channels = _channels(port)
+            runs = await asyncio.gather(*(_run(channel) for channel in channels))
+            assert all(events[-1].HasField("final_response") for events in runs)
+            ended = [await log.wait_for(_run_ended(events[0].run_id)) for events in runs]
+            by_worker = {w: sum(1 for r in ended if r["worker"] == w) for w in (0, 1)}
+            assert by_worker[0] > 0 and by_worker[1] > 0, by_worker  # both served
+            metrics = await _metrics(serving["metrics_port"])
+            assert metrics["agent_runs_total", (("outcome", "OK"),)] == CONNECTIONS  # both workers' counts, summed
+            busy = {labels for name, labels in metrics if name == "agent_event_loop_busy_ratio"}
+            assert busy == {(("pid", str(pid)),) for pid in pids}  # one per worker
 
-        channels = _channels(port)
-        runs = await asyncio.gather(*(_run(channel) for channel in channels))
-        assert all(events[-1].HasField("final_response") for events in runs)
-        run_ids = {events[0].run_id for events in runs}
-        ended = [await log.wait_for(lambda r, i=i: r.get("msg") == "run ended" and r["run_id"] == i) for i in run_ids]
-        by_worker = {w: sum(1 for r in ended if r["worker"] == w) for w in (0, 1)}
-        assert by_worker[0] > 0 and by_worker[1] > 0, by_worker  # both served
-        metrics = await _metrics(serving["metrics_port"])
-        assert metrics["agent_runs_total", (("outcome", "OK"),)] == CONNECTIONS  # the sum of both workers' counts
-        busy = {labels for name, labels in metrics if name == "agent_event_loop_busy_ratio"}
-        assert busy == {(("pid", str(pid)),) for pid in pids}  # one per worker
-
-        os.kill(pids[1], signal.SIGKILL)
-        died = await log.wait_for(lambda r: r.get("msg") == "worker died: restarting it")
-        assert (died["worker"], died["pid"], died["signal"]) == (1, pids[1], "SIGKILL")
-        restarted = await log.wait_for(
-            lambda r: r.get("msg") == "serving" and r.get("worker") == 1, after=log.records.index(died)
-        )
-        assert restarted["port"] == port  # the supervisor held it
-        metrics = await _metrics(serving["metrics_port"])
-        assert metrics["agent_worker_restarts_total", ()] == 1
-        assert metrics["agent_runs_total", (("outcome", "OK"),)] == CONNECTIONS  # the dead worker's count stays
-        runs = await asyncio.gather(*(_run(channel) for channel in channels))
-        assert all(events[-1].HasField("final_response") for events in runs)
+            os.kill(pids[1], signal.SIGKILL)
+            died = await log.wait_for(lambda r: r.get("msg") == "worker died: restarting it")
+            assert (died["worker"], died["pid"], died["signal"]) == (1, pids[1], "SIGKILL")
+            after = log.records.index(died)
+            restarted = await log.wait_for(lambda r: r.get("msg") == "serving" and r.get("worker") == 1, after=after)
+            assert restarted["port"] == port  # the supervisor held it
+            metrics = await _metrics(serving["metrics_port"])
+            assert metrics["agent_worker_restarts_total", ()] == 1
+            assert metrics["agent_runs_total", (("outcome", "OK"),)] == CONNECTIONS  # the dead worker's count stays
+            runs = await asyncio.gather(*(_run(channel) for channel in channels))
+            assert all(events[-1].HasField("final_response") for events in runs)
+        finally:
+            for channel in channels:
+                await channel.close()
 
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
-        await log.end()  # every worker closed its end of stderr: all have exited
+        assert await asyncio.wait_for(proc.wait(), 60) == 0  # asyncio's wait is also for every worker's stderr
         assert not [pid for pid in pids if _alive(pid)]
-    finally:
-        for channel in channels:
-            await channel.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+def _run_ended(run_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: record.get("msg") == "run ended" and record.get("run_id") == run_id
 
 
 async def _run(channel: grpc.aio.Channel, message: str = "hello") -> list[pb.AgentEvent]:
@@ -233,59 +258,45 @@ async def test_sigterm_drains_the_runs_in_flight_on_every_worker(tmp_path: Path,
     gate = tmp_path / "open"
     config = _config(tmp_path, redis_ns, "tool_modules: [gate_tool]\n")
     config.write_text(config.read_text().replace("model:\n", f"model:\n  scenario: {scenario}\n"))
-    proc = await _spawn(tmp_path, config, "--workers", "2", env={"PYTHONPATH": str(tmp_path), "GATE_FILE": str(gate)})
-    assert proc.stderr is not None
-    log = Log(proc.stderr)
+    env = {"PYTHONPATH": str(tmp_path), "GATE_FILE": str(gate)}
     channels: list[grpc.aio.Channel] = []
-    try:
-        serving = await log.wait_for(_supervisor_serving)
-        channels = _channels(serving["port"])
-        calls = [stub(channel).RunAgent(pb.RunAgentRequest(message="go")) for channel in channels]
-        for call in calls:  # every run is in its tool call, held at the gate
-            async for event in call:
-                if event.HasField("tool_call_ready"):
-                    break
-        metrics = await _metrics(serving["metrics_port"])
-        assert metrics["agent_active_runs", ()] == CONNECTIONS  # both workers' runs, summed
+    async with _supervisor(tmp_path, config, "--workers", "2", env=env) as (proc, log):
+        try:
+            serving = await log.wait_for(_supervisor_serving)
+            channels = _channels(serving["port"])
+            calls = [stub(channel).RunAgent(pb.RunAgentRequest(message="go")) for channel in channels]
+            for call in calls:  # every run is in its tool call, held at the gate
+                async for event in call:
+                    if event.HasField("tool_call_ready"):
+                        break
+            metrics = await _metrics(serving["metrics_port"])
+            assert metrics["agent_active_runs", ()] == CONNECTIONS  # both workers' runs, summed
 
-        proc.send_signal(signal.SIGTERM)
-        draining = [
-            await log.wait_for(lambda r, w=w: r.get("msg") == "draining" and r.get("worker") == w) for w in (0, 1)
-        ]
-        assert all(d["active_streams"] > 0 for d in draining), draining  # runs in flight on both
-        assert sum(d["active_streams"] for d in draining) == CONNECTIONS
-        assert proc.returncode is None  # the supervisor waits for its draining workers
-        gate.touch()
-        rest = [[e async for e in call] for call in calls]
-        assert all(events[-1].final_response.text == "done" for events in rest)
+            proc.send_signal(signal.SIGTERM)
+            draining = [
+                await log.wait_for(lambda r, w=w: r.get("msg") == "draining" and r.get("worker") == w) for w in (0, 1)
+            ]
+            assert all(d["active_streams"] > 0 for d in draining), draining  # runs in flight on both
+            assert sum(d["active_streams"] for d in draining) == CONNECTIONS
+            assert proc.returncode is None  # the supervisor waits for its draining workers
+            gate.touch()
+            rest = [[e async for e in call] for call in calls]
+            assert all(events[-1].final_response.text == "done" for events in rest)
+        finally:
+            gate.touch()
+            for channel in channels:
+                await channel.close()
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-        await log.end()
         assert not [pid for pid in serving["pids"] if _alive(pid)]
-    finally:
-        gate.touch()
-        for channel in channels:
-            await channel.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_killing_the_supervisor_stops_its_workers(tmp_path: Path, redis_ns: RedisNamespace) -> None:
-    proc = await _spawn(tmp_path, _config(tmp_path, redis_ns), "--workers", "2")
-    assert proc.stderr is not None
-    log = Log(proc.stderr)
-    try:
+    async with _supervisor(tmp_path, _config(tmp_path, redis_ns), "--workers", "2") as (proc, log):
         serving = await log.wait_for(_supervisor_serving)
         workers = [os.pidfd_open(pid) for pid in serving["pids"]]  # not this process's children: no waitpid
         proc.kill()
-        await proc.wait()
         await _ended(workers)
-        await log.end()
         assert {r.get("worker") for r in log.records if r.get("msg") == "draining"} == {0, 1}  # they drained
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 @pytest.mark.parametrize(

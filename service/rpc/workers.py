@@ -206,6 +206,7 @@ class Supervisor:
         finally:
             os.close(write_end)
         track(process.pid)  # the orphan reaper leaves it to asyncio's child watcher
+        log.info("worker started", extra={"worker": index, "pid": process.pid})
         assert process.stdin is not None
         process.stdin.write(self.worker_config.encode())
         with contextlib.suppress(ConnectionError):  # it died at once: its exit says why
