@@ -146,11 +146,19 @@ def _worker_of(supervisor: int, pid: int) -> bool:
 
 
 async def _spawn(tmp_path: Path, config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """The service with its data and temporary files (the supervisor's metrics folder) under `tmp_path`."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "service", "--config", str(config), *args),
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), "ANTHROPIC_API_KEY": "", **(env or {})},
+        env={
+            **os.environ,
+            "AGENT_DATA_DIR": str(tmp_path / "var"),
+            "TMPDIR": str(tmp_path / "tmp"),
+            "ANTHROPIC_API_KEY": "",
+            **(env or {}),
+        },
     )
 
 
@@ -238,9 +246,12 @@ async def test_two_workers_share_the_port_and_metrics_and_a_dead_one_is_restarte
             for channel in channels:
                 await channel.close()
 
+        metrics_dir = Path(serving["metrics_dir"])
+        assert metrics_dir.parent == tmp_path / "tmp" and os.listdir(metrics_dir)  # the workers' files
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0  # asyncio's wait is also for every worker's stderr
         assert not [pid for pid in pids if _alive(pid)]
+        assert metrics_dir.name not in os.listdir(metrics_dir.parent)  # the supervisor removed it
 
 
 def _run_ended(run_id: str) -> Callable[[dict[str, Any]], bool]:
@@ -297,6 +308,17 @@ async def test_killing_the_supervisor_stops_its_workers(tmp_path: Path, redis_ns
         proc.kill()
         await _ended(workers)
         assert {r.get("worker") for r in log.records if r.get("msg") == "draining"} == {0, 1}  # they drained
+
+
+async def test_a_worker_that_cannot_start_fails_the_start(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    config = _config(tmp_path, redis_ns, "tool_modules: [no_such_tool_module]\n")
+    async with _supervisor(tmp_path, config, "--workers", "2") as (proc, log):
+        assert await asyncio.wait_for(proc.wait(), 60) == 1
+        failed = await log.wait_for(lambda r: r.get("msg") == "worker exited before serving")
+        assert failed["exit_code"] == 1
+    text = "".join(log.text)
+    assert "error: cannot start: No module named 'no_such_tool_module'" in text and "Traceback" not in text
+    assert not any(_supervisor_serving(r) for r in log.records)
 
 
 @pytest.mark.parametrize(

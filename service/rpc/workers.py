@@ -152,6 +152,7 @@ class Supervisor:
                         "port": int(listen.rpartition(":")[2]),
                         "metrics_port": metrics_port,
                         "health_port": health_port,
+                        "metrics_dir": self.folder,
                     },
                 )
                 code = await self._supervise()
