@@ -43,7 +43,7 @@ def build_guards(
         breaker = CircuitBreaker(name, policy.breaker, store=store, clock=clock, on_transition=breaker_moved)
         # read at each scrape rather than set at each transition: an open circuit turns half-open when its cooldown
         # ends, with no call (and so no transition) to say so, and a shared store changes under other replicas' calls
-        telemetry.CIRCUIT_STATE.labels(name).set_function(lambda: breaker.state.gauge)
+        telemetry.observe(telemetry.CIRCUIT_STATE.labels(name), lambda: breaker.state.gauge)
         guards.breaker = breaker
     if policy.rate_limit is not None:
         guards.limiter = RateLimiter(policy.rate_limit, clock=clock, sleep=sleep)
