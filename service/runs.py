@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from service import events as ev
 from service import telemetry
@@ -28,10 +28,23 @@ from service.aio import cancel_and_wait
 from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
-from service.errors import IdempotencyConflict, NotFound, QueueFull, RunCancelled, RunInterrupted, SubscriberTooSlow
+from service.errors import (
+    CallerLimited,
+    IdempotencyConflict,
+    NotFound,
+    QueueFull,
+    RunAlreadyEnded,
+    RunCancelled,
+    RunInterrupted,
+    SubscriberTooSlow,
+)
 from service.loop import AgentLoop, RunSpec
 from service.parts import split
 from service.retention import Ended, Retention
+from service.state.base import RunRecord, RunStore
+
+if TYPE_CHECKING:
+    from service.callers import Caller, CallerLimits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,7 @@ class Entry(NamedTuple):
 
 class Run:
     def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
+        self.id = spec.run_id
         self.spec = spec
         self.control = control
         self.caller = caller
@@ -69,10 +83,6 @@ class Run:
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
         self.task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def id(self) -> str:
-        return self.spec.run_id
 
     @property
     def finished(self) -> bool:
@@ -103,6 +113,23 @@ class Run:
             self.state = RunState.FAILED
         self.ended_ns = time.time_ns()
         self._wake()
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            self.id,
+            self.caller,
+            self.state.value,
+            len(self.log),
+            self.created_ns,
+            self.ended_ns,
+            self.outcome,
+            self.fingerprint,
+        )
+
+    async def ended(self) -> None:
+        """Return once the run has ended."""
+        while not self.finished:
+            await self._changed()
 
     def _wake(self) -> None:
         for waiter in self._waiters:
@@ -161,6 +188,51 @@ class Run:
         return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
 
 
+class SharedRun(Run):
+    """A run this process drives while its log is shared: each change also tells the store's shipper, which sends
+    the new entries in its next batch (a set insertion here, never a wait)."""
+
+    def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changed = shipped
+
+    def append(self, event: ev.Event) -> None:
+        super().append(event)
+        self.changed(self)
+
+    def finish(self) -> None:
+        super().finish()
+        self.changed(self)
+
+
+class MirrorRun(Run):
+    """Another process's run, as this one sees it: its log is filled from the shared store with the entries (seqs,
+    times) the driver logged, so that `follow` (coalescing, slow-subscriber drop) serves watchers here as it does
+    there. It has no driver here: `task` is None and its control steers nothing."""
+
+    def __init__(self, record: RunRecord) -> None:
+        spec = RunSpec(run_id=record.run_id, message="", model="", system=None, max_turns=0, max_tokens=0, tools=())
+        super().__init__(spec, RunControl(), caller=record.caller, key="", fingerprint=record.fingerprint)
+        self.state = RunState(record.state) if not record.finished else RunState.RUNNING
+        self.created_ns = record.created_ns
+        self.remote_last_seq = record.last_seq  # what the store had logged when this mirror was made
+
+    def extend(self, entries: list[Entry], ended_ns: int = 0) -> None:
+        """Entries read from the store, in order, continuing the log without a gap; the run's last one ends it."""
+        for entry in entries:
+            if entry.seq != len(self.log) + 1:
+                continue  # read twice across a reconnect: already here
+            self.log.append(entry)
+            self.bytes += _EVENT_BYTES
+        if self.state is RunState.QUEUED and len(self.log) > 1:
+            self.state = RunState.RUNNING
+        if self.outcome is not None and not self.finished:
+            self.finish()
+            self.ended_ns = ended_ns or self.log[-1].time_ns
+        elif self._waiters:
+            self._wake()
+
+
 class RunRegistry:
     def __init__(
         self,
@@ -169,8 +241,13 @@ class RunRegistry:
         *,
         clock: Callable[[], float] = time.monotonic,
         load: LoopLoad | None = None,
+        store: RunStore | None = None,
     ) -> None:
+        """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://)."""
         self.loop = loop
+        self.store = store
+        if store is not None:
+            store.on_cancel(self._cancel_requested)
         self.config = config
         self.clock = clock
         self.load = load or LoopLoad()
@@ -202,10 +279,134 @@ class RunRegistry:
         run_id = self._keys.get((caller, key))
         run = self.runs.get(run_id) if run_id else None
         if run is not None and run.fingerprint != fingerprint:
-            raise IdempotencyConflict(
-                f"idempotency_key {key!r} was used by run {run.id} with a different request; use a new key"
-            )
+            raise _conflict(key, run.id)
         return run
+
+    async def open(
+        self,
+        spec: RunSpec,
+        *,
+        caller: Caller,
+        limits: CallerLimits,
+        key: str = "",
+        fingerprint: str = "",
+        deadline: float | None = None,
+        background: bool = False,
+    ) -> tuple[Run, bool]:
+        """Start a run for `caller` within its quotas, or return the one its idempotency key names (wherever it
+        runs, with a shared store). True when a new run was started."""
+        existing = self.find(caller.name, key, fingerprint)
+        if existing is not None:
+            return existing, False
+        store = self.store
+        if store is None:
+            # check and count in one synchronous step: no other start of this caller can pass in between
+            refused = limits.admit(caller)
+            if refused is not None:
+                raise CallerLimited(refused)
+            run, created = self.start(
+                spec, caller=caller.name, key=key, fingerprint=fingerprint, deadline=deadline, background=background
+            )
+            if created and run.task is not None:
+                limits.started(caller)
+                run.task.add_done_callback(lambda _: limits.ended(caller))
+            return run, created
+        self._check_queue(background)
+        run = self._new_run(spec, caller.name, key, fingerprint, deadline, store)
+        admitted = await store.admit(
+            run,
+            key=key,
+            fingerprint=fingerprint,
+            limits=caller.config,
+            ttl_s=self.config.max_run_s + self.config.retention_s,
+        )
+        if admitted.existing:
+            other = self.runs.get(admitted.existing)
+            record = other.record() if other is not None else await store.record(admitted.existing)
+            if record is None:
+                raise NotFound(
+                    f"idempotency_key {key!r} names run {admitted.existing}, which was forgotten; use a new key"
+                )
+            if record.fingerprint != fingerprint:
+                raise _conflict(key, record.run_id)
+            return (other if other is not None else await store.mirror(record)), False
+        if admitted.refused:
+            raise CallerLimited(admitted.refused)
+        self._check_queue(background)  # the admission awaited: others may have queued meanwhile
+        self._launch(run, background)
+        return run, True
+
+    async def record(self, run_id: str, caller: str) -> RunRecord:
+        """What GetRun answers: this process's run, else the shared store's record of it."""
+        try:
+            return self.get(run_id, caller).record()
+        except NotFound:
+            if self.store is None:
+                raise
+            record = await self.store.record(run_id)
+            if record is None or record.caller != caller:
+                raise
+            return record
+
+    async def watch(self, run_id: str, caller: str) -> Run:
+        """The run to follow: this process's own, else a mirror of the one another process drives."""
+        try:
+            return self.get(run_id, caller)
+        except NotFound:
+            if self.store is None:
+                raise
+            record = await self.store.record(run_id)
+            if record is None or record.caller != caller:
+                raise
+            return await self.store.mirror(record)
+
+    async def cancel_elsewhere(self, record: RunRecord, *, after_turn: bool) -> RunRecord:
+        """Cancel a run another process drives: the store reaches its owner; the final record when the run ends
+        within a second (IMMEDIATE), else the record as it stands."""
+        assert self.store is not None
+        if record.state == RunState.CANCELLED.value:
+            return record
+        if record.finished:
+            raise RunAlreadyEnded(f"run {record.run_id} already ended ({record.state}); nothing to cancel")
+        return await self.store.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
+
+    def _cancel_requested(self, run_id: str, after_turn: bool) -> None:
+        run = self.runs.get(run_id)
+        if run is not None and not run.finished and not isinstance(run, MirrorRun):
+            self.cancel(run, after_turn=after_turn)
+
+    def _check_queue(self, background: bool) -> None:
+        capacity = self.config.background_max_concurrent + self.config.background_max_queued
+        if background and self._background_runs >= capacity:
+            raise QueueFull(
+                f"the background queue is full ({self.config.background_max_queued} runs waiting); retry later"
+            )
+
+    def _new_run(
+        self, spec: RunSpec, caller: str, key: str, fingerprint: str, deadline: float | None, store: RunStore | None
+    ) -> Run:
+        now = asyncio.get_running_loop().time()
+        limit = now + self.config.max_run_s
+        control = RunControl(
+            deadline=limit if deadline is None else min(deadline, limit),
+            min_tool_budget_s=self.config.min_tool_budget_s,
+        )
+        if store is None:
+            return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=store.shipped)
+
+    def _launch(self, run: Run, background: bool) -> None:
+        run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+        self.runs[run.id] = run
+        if run.idempotency_key:
+            self._keys[(run.caller, run.idempotency_key)] = run.id
+        if background:
+            self._background_runs += 1
+        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
+            self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
 
     def start(
         self,
@@ -221,29 +422,9 @@ class RunRegistry:
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
-        capacity = self.config.background_max_concurrent + self.config.background_max_queued
-        if background and self._background_runs >= capacity:
-            raise QueueFull(
-                f"the background queue is full ({self.config.background_max_queued} runs waiting); retry later"
-            )
-        now = asyncio.get_running_loop().time()
-        limit = now + self.config.max_run_s
-        control = RunControl(
-            deadline=limit if deadline is None else min(deadline, limit),
-            min_tool_budget_s=self.config.min_tool_budget_s,
-        )
-        run = Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        run.append(self.loop.started(spec))  # at once: the first event does not wait for the driver task
-        self.runs[run.id] = run
-        if key:
-            self._keys[(caller, key)] = run.id
-        if background:
-            self._background_runs += 1
-        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
-        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
-        if self._janitor is None:
-            self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
-            self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
+        self._check_queue(background)
+        run = self._new_run(spec, caller, key, fingerprint, deadline, None)
+        self._launch(run, background)
         return run, True
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
@@ -381,6 +562,12 @@ class RunRegistry:
 
 # What an event costs the log besides its text and data: the entry, the event object, the timestamp.
 _EVENT_BYTES = 200
+
+
+def _conflict(key: str, run_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency_key {key!r} was used by run {run_id} with a different request; use a new key"
+    )
 
 
 def _stopped(run: Run) -> ev.RunFailed:
