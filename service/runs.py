@@ -318,7 +318,6 @@ class RunRegistry:
             key=key,
             fingerprint=fingerprint,
             limits=caller.config,
-            ttl_s=self.config.max_run_s + self.config.retention_s,
         )
         if admitted.existing:
             other = self.runs.get(admitted.existing)
@@ -543,6 +542,8 @@ class RunRegistry:
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
+        if self.store is not None:
+            await self.store.close()  # after the runs: their last events are shipped first
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""

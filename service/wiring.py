@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from grpc_health.v1.health_pb2 import HealthCheckResponse
+
 from service import redact, telemetry
 from service.callers import CallerLimits
 from service.config import Config
@@ -31,13 +33,16 @@ from service.records.sqlite import sqlite_path
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
-from service.rpc.server import Service, start_server
+from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
+from service.state.redis_runs import RedisRunStore
 from tools import load_tools
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
+
+SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
 async def start(
@@ -55,7 +60,9 @@ async def start(
     telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
     executor = build_executor(tools, config)
     loop = AgentLoop(model, executor, retry=config.model.retry)
-    registry = RunRegistry(loop, config.runs)
+    health = HealthReport()
+    store = await build_run_store(config, health)
+    registry = RunRegistry(loop, config.runs, store=store)
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -66,7 +73,7 @@ async def start(
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
     )
-    return await start_server(
+    service = await start_server(
         config,
         servicer,
         interceptors=[AuthInterceptor(authenticator), RejectUndecodable(), *tracing_interceptors()],
@@ -76,6 +83,39 @@ async def start(
         tools=tools,
         metrics=metrics,
     )
+    if store is not None:
+        await health.attach(service.health, store.up)
+    return service
+
+
+STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
+
+
+class HealthReport:
+    """Carries the state store's health to the gRPC health service, which exists only once the server started: the
+    store's own name, so that probes of the main service (and so traffic) do not depend on it."""
+
+    def __init__(self) -> None:
+        self.health: HealthServicer | None = None
+
+    async def attach(self, health: HealthServicer, up: bool) -> None:
+        self.health = health
+        await self.changed(up)
+
+    async def changed(self, up: bool) -> None:
+        if self.health is not None:
+            await self.health.set(STATE_HEALTH, SERVING if up else NOT_SERVING)
+
+
+async def build_run_store(config: Config, health: HealthReport) -> RedisRunStore | None:
+    """The shared run-state store `state.url` names; None for memory:// (the registry keeps runs in this process)."""
+    if not config.state.shared:
+        return None
+    store = RedisRunStore(
+        config.state, retention_s=config.runs.retention_s, max_run_s=config.runs.max_run_s, on_health=health.changed
+    )
+    await store.start()
+    return store
 
 
 def build_model(config: Config) -> Model:

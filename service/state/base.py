@@ -54,7 +54,7 @@ class RunStore(Protocol):
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(run_id, after_turn)` when another replica asks to cancel a run this process drives."""
 
-    async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig, ttl_s: float) -> Admission:
+    async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         """Atomically: the run this caller's key names, if any; else the caller's quotas; else record `run`."""
 
     def shipped(self, run: Run) -> None:
