@@ -29,6 +29,7 @@ from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
 from service.errors import (
+    AgentError,
     CallerLimited,
     IdempotencyConflict,
     NotFound,
@@ -36,6 +37,7 @@ from service.errors import (
     RunAlreadyEnded,
     RunCancelled,
     RunInterrupted,
+    StateUnavailable,
     SubscriberTooSlow,
 )
 from service.loop import AgentLoop, RunSpec
@@ -82,6 +84,7 @@ class Run:
         self.log: list[Entry] = []
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
         self.task: asyncio.Task[None] | None = None
+        self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -129,6 +132,8 @@ class Run:
     async def ended(self) -> None:
         """Return once the run has ended."""
         while not self.finished:
+            if self.lost is not None:
+                raise self.lost
             await self._changed()
 
     def _wake(self) -> None:
@@ -163,6 +168,8 @@ class Run:
                 yield entry
             if self.finished:
                 return
+            if self.lost is not None:
+                raise self.lost
             await self._changed()
 
     def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
@@ -220,8 +227,14 @@ class MirrorRun(Run):
     def extend(self, entries: list[Entry], ended_ns: int = 0) -> None:
         """Entries read from the store, in order, continuing the log without a gap; the run's last one ends it."""
         for entry in entries:
-            if entry.seq != len(self.log) + 1:
+            if entry.seq <= len(self.log):
                 continue  # read twice across a reconnect: already here
+            if entry.seq > len(self.log) + 1:
+                self.lost = StateUnavailable(
+                    f"run {self.id}'s events {len(self.log) + 1}..{entry.seq - 1} are missing from the shared store; "
+                    f"the replica that drives the run still has them: retry shortly"
+                )
+                break
             self.log.append(entry)
             self.bytes += _EVENT_BYTES
         if self.state is RunState.QUEUED and len(self.log) > 1:

@@ -41,7 +41,7 @@ class Gate(Tool[GateInput]):
         return {"opened": args.label}
 
 
-GATED = [
+GATED: list[dict[str, Any]] = [
     {"thinking": "Wait first.", "text": "Waiting. " + WORDS, "tool_calls": [{"name": "gate", "input": {}}]},
     {"text": "Done: " + WORDS},
 ]

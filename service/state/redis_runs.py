@@ -207,14 +207,14 @@ class RedisRunStore:
         )
 
     async def _call(self, what: Awaitable[Any]) -> Any:
-        if not self.up:
-            if asyncio.iscoroutine(what):
-                what.close()
-            raise self._unavailable()
+        """A caller's request: tried even while the store is marked down (a refused connection fails at once, an
+        unreachable host after `state.timeout_s`), so that the first call after Redis is back succeeds."""
         try:
-            return await what
+            answer = await what
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
+        self.reached()
+        return answer
 
     async def _probe(self) -> None:
         renewed = 0.0
@@ -361,8 +361,6 @@ class RedisRunStore:
     async def mirror(self, record: RunRecord) -> Run:
         mirror = self._mirrors.get(record.run_id)
         if mirror is None:
-            if not self.up:
-                raise self._unavailable()
             mirror = self._mirrors[record.run_id] = MirrorRun(record)
             task = self._spawn(self._feed(mirror), f"mirror {record.run_id}")
             task.add_done_callback(lambda _: self._mirrors.pop(record.run_id, None))
@@ -371,7 +369,7 @@ class RedisRunStore:
     async def _feed(self, mirror: MirrorRun) -> None:
         """Fill `mirror` from its stream until its last event: blocking reads, history first."""
         key = self.events_key(mirror.id)
-        while not mirror.finished:
+        while not mirror.finished and mirror.lost is None:
             try:
                 read = await self.reader.xread(
                     {key: f"0-{len(mirror.log)}"}, count=READ_COUNT, block=int(BLOCK_S * 1000)
