@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from service import events as ev
 from service import telemetry
@@ -37,7 +37,6 @@ from service.errors import (
     RunAlreadyEnded,
     RunCancelled,
     RunInterrupted,
-    StateUnavailable,
     SubscriberTooSlow,
 )
 from service.loop import AgentLoop, RunSpec
@@ -101,7 +100,7 @@ class Run:
         await between events (see `RunControl.scope`)."""
         log = self.log
         log.append(Entry(len(log) + 1, time.time_ns(), event))
-        self.bytes += _EVENT_BYTES + len(getattr(event, "text", ""))
+        self.bytes += EVENT_BYTES + len(getattr(event, "text", ""))
         if self._waiters:
             self._wake()
 
@@ -193,57 +192,6 @@ class Run:
             return first
         merged = replace(head, text="".join(parts))
         return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
-
-
-class SharedRun(Run):
-    """A run this process drives while its log is shared: each change also tells the store's shipper, which sends
-    the new entries in its next batch (a set insertion here, never a wait)."""
-
-    def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.changed = shipped
-
-    def append(self, event: ev.Event) -> None:
-        super().append(event)
-        self.changed(self)
-
-    def finish(self) -> None:
-        super().finish()
-        self.changed(self)
-
-
-class MirrorRun(Run):
-    """Another process's run, as this one sees it: its log is filled from the shared store with the entries (seqs,
-    times) the driver logged, so that `follow` (coalescing, slow-subscriber drop) serves watchers here as it does
-    there. It has no driver here: `task` is None and its control steers nothing."""
-
-    def __init__(self, record: RunRecord) -> None:
-        spec = RunSpec(run_id=record.run_id, message="", model="", system=None, max_turns=0, max_tokens=0, tools=())
-        super().__init__(spec, RunControl(), caller=record.caller, key="", fingerprint=record.fingerprint)
-        self.state = RunState(record.state) if not record.finished else RunState.RUNNING
-        self.created_ns = record.created_ns
-        self.remote_last_seq = record.last_seq  # what the store had logged when this mirror was made
-
-    def extend(self, entries: list[Entry], ended_ns: int = 0) -> None:
-        """Entries read from the store, in order, continuing the log without a gap; the run's last one ends it."""
-        for entry in entries:
-            if entry.seq <= len(self.log):
-                continue  # read twice across a reconnect: already here
-            if entry.seq > len(self.log) + 1:
-                self.lost = StateUnavailable(
-                    f"run {self.id}'s events {len(self.log) + 1}..{entry.seq - 1} are missing from the shared store; "
-                    f"the replica that drives the run still has them: retry shortly"
-                )
-                break
-            self.log.append(entry)
-            self.bytes += _EVENT_BYTES
-        if self.state is RunState.QUEUED and len(self.log) > 1:
-            self.state = RunState.RUNNING
-        if self.outcome is not None and not self.finished:
-            self.finish()
-            self.ended_ns = ended_ns or self.log[-1].time_ns
-        elif self._waiters:
-            self._wake()
 
 
 class RunRegistry:
@@ -384,7 +332,7 @@ class RunRegistry:
 
     def _cancel_requested(self, run_id: str, after_turn: bool) -> None:
         run = self.runs.get(run_id)
-        if run is not None and not run.finished and not isinstance(run, MirrorRun):
+        if run is not None and not run.finished:
             self.cancel(run, after_turn=after_turn)
 
     def _check_queue(self, background: bool) -> None:
@@ -405,7 +353,7 @@ class RunRegistry:
         )
         if store is None:
             return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=store.shipped)
+        return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
 
     def _launch(self, run: Run, background: bool) -> None:
         run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
@@ -575,7 +523,7 @@ class RunRegistry:
 
 
 # What an event costs the log besides its text and data: the entry, the event object, the timestamp.
-_EVENT_BYTES = 200
+EVENT_BYTES = 200
 
 
 def _conflict(key: str, run_id: str) -> IdempotencyConflict:

@@ -16,6 +16,8 @@ from service import events as ev
 from service.config import CallerConfig
 
 if TYPE_CHECKING:
+    from service.control import RunControl
+    from service.loop import RunSpec
     from service.runs import Run
 
 
@@ -57,8 +59,8 @@ class RunStore(Protocol):
     async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         """Atomically: the run this caller's key names, if any; else the caller's quotas; else record `run`."""
 
-    def shipped(self, run: Run) -> None:
-        """`run` (admitted, driven here) logged entries or ended: ship them in the background. Never waits."""
+    def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
+        """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
 
     async def record(self, run_id: str) -> RunRecord | None: ...
 
