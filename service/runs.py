@@ -41,6 +41,7 @@ from service.errors import (
 )
 from service.loop import AgentLoop, RunSpec
 from service.parts import split
+from service.records.summaries import RunSummary, RunSummaryStore
 from service.retention import Ended, Retention
 from service.state.base import RunRecord, RunStore
 
@@ -203,10 +204,14 @@ class RunRegistry:
         clock: Callable[[], float] = time.monotonic,
         load: LoopLoad | None = None,
         store: RunStore | None = None,
+        summaries: RunSummaryStore | None = None,
     ) -> None:
-        """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://)."""
+        """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten."""
         self.loop = loop
         self.store = store
+        self.summaries = summaries
+        self._summary_writes: set[asyncio.Task[None]] = set()
         if store is not None:
             store.on_cancel(self._cancel_requested)
         self.config = config
@@ -297,13 +302,23 @@ class RunRegistry:
         return run, True
 
     async def record(self, run_id: str, caller: str) -> RunRecord:
-        """What GetRun answers: this process's run, else the shared store's record of it."""
+        """What GetRun answers: this process's run, else the shared store's record of it, else its summary."""
         try:
             return self.get(run_id, caller).record()
         except NotFound:
-            if self.store is None:
-                raise
-            record = await self.store.record(run_id)
+            record = None if self.store is None else await self.store.record(run_id)
+            if record is None and self.summaries is not None:
+                summary = await self.summaries.get(run_id)
+                if summary is not None:
+                    record = RunRecord(
+                        summary.run_id,
+                        summary.caller,
+                        summary.state,
+                        summary.last_seq,
+                        summary.created_ns,
+                        summary.ended_ns,
+                        summary.outcome,
+                    )
             if record is None or record.caller != caller:
                 raise
             return record
@@ -440,6 +455,27 @@ class RunRegistry:
             self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
         telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
         log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
+        if self.summaries is not None:
+            task = asyncio.create_task(self._summarize(self.summaries, run), name=f"summary {run.id}")
+            self._summary_writes.add(task)
+            task.add_done_callback(self._summary_writes.discard)
+
+    async def _summarize(self, summaries: RunSummaryStore, run: Run) -> None:
+        record = run.record()
+        summary = RunSummary(
+            run_id=run.id,
+            caller=run.caller,
+            state=record.state,
+            last_seq=record.last_seq,
+            created_ns=record.created_ns,
+            ended_ns=record.ended_ns,
+            outcome=record.outcome,
+        )
+        try:
+            await summaries.put(summary)
+        except Exception:
+            # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
+            log.exception("run summary not written", extra={"run_id": run.id})
 
     async def _play(self, run: Run) -> None:
         config = self.config
@@ -503,6 +539,8 @@ class RunRegistry:
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
+        if self._summary_writes:
+            await asyncio.wait(self._summary_writes, timeout=5.0)
         if self.store is not None:
             await self.store.close()  # after the runs: their last events are shipped first
 

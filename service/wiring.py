@@ -36,7 +36,7 @@ from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
 from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
-from service.state.redis_runs import RedisRunStore
+from service.state.base import RunStore
 from tools import load_tools
 from tools.base import Tool
 
@@ -107,10 +107,13 @@ class HealthReport:
             await self.health.set(STATE_HEALTH, SERVING if up else NOT_SERVING)
 
 
-async def build_run_store(config: Config, health: HealthReport) -> RedisRunStore | None:
+async def build_run_store(config: Config, health: HealthReport) -> RunStore | None:
     """The shared run-state store `state.url` names; None for memory:// (the registry keeps runs in this process)."""
     if not config.state.shared:
         return None
+    # imported here: a memory:// service loads nothing of redis (and runs where its client is not installed)
+    from service.state.redis_runs import RedisRunStore
+
     store = RedisRunStore(
         config.state, retention_s=config.runs.retention_s, max_run_s=config.runs.max_run_s, on_health=health.changed
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from fake_tools import all_tools
+from service.records.summaries import RunSummary
 from service.rpc.server import Service
 from service.runs import RunState
 from tools.base import JSON, Tool
@@ -156,9 +157,9 @@ async def test_cancel_run_on_b_stops_the_run_a_drives(
         assert results[0].status == pb.TOOL_STATUS_OK
         assert seen[-1].error.message == "cancelled by CancelRun after the current turn"
         assert not any(e.HasField("final_response") for e in seen)
+    await a.registry.store.shipper.flushed(5)  # type: ignore[union-attr]  # B sees A's runs as A ships them
     again = await on_b.CancelRun(pb.CancelRunRequest(run_id=run_id, mode=mode))
     assert again.state == pb.Run.CANCELLED
-    await a.registry.store.shipper.flushed(5)  # type: ignore[union-attr]
     got = await on_b.GetRun(pb.GetRunRequest(run_id=run_id))
     assert got.state == pb.Run.CANCELLED and got.error.code == "CANCELLED"
 
@@ -214,3 +215,34 @@ async def test_a_callers_concurrency_and_rate_hold_across_replicas(
         await on_b.SubmitRun(pb.RunAgentRequest(message="4"))
     assert rate.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rate.value.details().startswith("caller anonymous started 3 runs in the last minute, its limit; retry in ")
+
+
+class Summaries:
+    """A run-summary store in a dict: the protocol's behaviour, for the registry's side of it (the SQLite and
+    PostgreSQL stores are tested with the records)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, RunSummary] = {}
+
+    async def put(self, summary: RunSummary) -> None:
+        self.kept.setdefault(summary.run_id, summary)
+
+    async def get(self, run_id: str) -> RunSummary | None:
+        return self.kept.get(run_id)
+
+
+async def test_get_run_answers_from_the_summary_once_the_run_is_forgotten(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(runs={"max_retained_runs": 1})
+    summaries = svc.registry.summaries = Summaries()
+    on = stub(channel_to(svc))
+    first = [e async for e in on.RunAgent(pb.RunAgentRequest(message="one"))]
+    got = await on.GetRun(pb.GetRunRequest(run_id=first[0].run_id))
+    [e async for e in on.RunAgent(pb.RunAgentRequest(message="two"))]
+    assert svc.registry.sweep() == 1  # the first is forgotten: one run kept
+    await asyncio.gather(*svc.registry._summary_writes)
+    assert first[0].run_id not in svc.registry.runs and first[0].run_id in summaries.kept
+    assert await on.GetRun(pb.GetRunRequest(run_id=first[0].run_id)) == got
+    svc.registry.summaries = None
+    with pytest.raises(grpc.aio.AioRpcError) as forgotten:
+        await on.GetRun(pb.GetRunRequest(run_id=first[0].run_id))
+    assert forgotten.value.code() == grpc.StatusCode.NOT_FOUND

@@ -52,6 +52,7 @@ class RunStore(Protocol):
     reached, except `shipped`, which never wait on it (the driving process ships in the background)."""
 
     instance: str  # this process's id, written as the owner of the runs it drives
+    up: bool  # False while the store cannot be reached (health, metrics)
 
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(run_id, after_turn)` when another replica asks to cancel a run this process drives."""

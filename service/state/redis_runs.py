@@ -5,7 +5,7 @@ Keys, all under `state.prefix`:
 
     run:{id}                hash: caller, state, owner, created_ns, ended_ns, fingerprint, key, last_seq, outcome,
                             cancel_requested
-    run:{id}:events         stream: one entry per event, id 0-<seq>, fields e (the event as JSON) and t (time_ns)
+    run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py)
     idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
     caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
     caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -322,7 +323,7 @@ class RedisRunStore:
                 self.failed("watch", exc)
                 await asyncio.sleep(PROBE_S)
                 continue
-            mirror.extend([_entry(raw_id, fields) for raw_id, fields in _read(read)])
+            mirror.extend([entry for _, fields in _read(read) for entry in _entries(fields)])
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         mode = "after_turn" if after_turn else "now"
@@ -348,7 +349,7 @@ class RedisRunStore:
                 return
             entries = answer[0][1]
             last = entries[-1][0]
-            if isinstance(codec.loads(entries[-1][1][b"e"]), ev.FinalResponse | ev.RunFailed):
+            if isinstance(_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return
 
 
@@ -361,8 +362,15 @@ def _read(answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return list(answer[0][1])
 
 
-def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> Entry:
-    return Entry(int(raw_id.split(b"-")[1]), int(fields[b"t"]), codec.loads(fields[b"e"]))
+def _entries(fields: dict[bytes, bytes]) -> list[Entry]:
+    """The log entries one stream entry carries (see `redis_ship`)."""
+    first = int(fields[b"f"])
+    times = fields[b"t"].split(b",")
+    events = json.loads(fields[b"e"])
+    return [
+        Entry(first + i, int(stamp), codec.from_dict(event))
+        for i, (stamp, event) in enumerate(zip(times, events, strict=True))
+    ]
 
 
 def _record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
