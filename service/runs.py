@@ -14,6 +14,7 @@ resumes from the log with its last seq.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -128,6 +129,13 @@ class Run:
             self.outcome,
             self.fingerprint,
         )
+
+    async def reached(self, seq: int) -> None:
+        """Return once the log holds `seq`, or the run has ended."""
+        while len(self.log) < seq and not self.finished:
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
 
     async def ended(self) -> None:
         """Return once the run has ended."""
@@ -323,8 +331,9 @@ class RunRegistry:
                 raise
             return record
 
-    async def watch(self, run_id: str, caller: str) -> Run:
-        """The run to follow: this process's own, else a mirror of the one another process drives."""
+    async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
+        """The run to follow: this process's own, else a mirror of the one another process drives. A caller may
+        have seen, from the driving process, a seq not yet shipped here: up to a second is given for it to arrive."""
         try:
             return self.get(run_id, caller)
         except NotFound:
@@ -333,7 +342,11 @@ class RunRegistry:
             record = await self.store.record(run_id)
             if record is None or record.caller != caller:
                 raise
-            return await self.store.mirror(record)
+            mirror = await self.store.mirror(record)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await mirror.reached(after_seq)
+            return mirror
 
     async def cancel_elsewhere(self, record: RunRecord, *, after_turn: bool) -> RunRecord:
         """Cancel a run another process drives: the store reaches its owner; the final record when the run ends

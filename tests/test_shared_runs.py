@@ -129,6 +129,21 @@ async def test_a_run_on_a_is_got_and_watched_on_b_live_and_after_its_end(
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_stream_dropped_on_a_resumes_on_b_from_its_last_seq(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED)
+    on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
+    first: list[pb.AgentEvent] = []
+    call = on_a.RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
+    await read_until(call, "tool_call_ready", first)
+    call.cancel()  # at once, on B: what A streamed may not be shipped yet; B waits for it rather than refuse
+    rest = on_b.WatchRun(pb.WatchRunRequest(run_id=first[0].run_id, after_seq=first[-1].seq))
+    opened.set()
+    events = first + [e async for e in rest]
+    assert covered(events) == list(range(1, len(a.registry.get(first[0].run_id).log) + 1))
+
+
 @pytest.mark.parametrize("mode", [pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN])
 async def test_cancel_run_on_b_stops_the_run_a_drives(
     start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace, mode: int

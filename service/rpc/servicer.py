@@ -110,8 +110,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     @streaming
     def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
         async def opened() -> tuple[Run, int, bool]:
-            run = await self.registry.watch(self.run_id(request.run_id), self.caller().name)
-            logged = max(len(run.log), getattr(run, "remote_last_seq", 0))
+            run = await self.registry.watch(self.run_id(request.run_id), self.caller().name, request.after_seq)
+            logged = len(run.log)
             if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
                 where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
                 raise AfterSeqOutOfRange(f"after_seq={request.after_seq}, but run {run.id} {where}")

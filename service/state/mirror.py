@@ -41,7 +41,6 @@ class MirrorRun(Run):
         super().__init__(spec, RunControl(), caller=record.caller, key="", fingerprint=record.fingerprint)
         self.state = RunState(record.state) if not record.finished else RunState.RUNNING
         self.created_ns = record.created_ns
-        self.remote_last_seq = record.last_seq  # what the store had logged when this mirror was made
 
     def extend(self, entries: list[Entry], ended_ns: int = 0) -> None:
         """Entries read from the store, in order, continuing the log without a gap; the run's last one ends it."""
