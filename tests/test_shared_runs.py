@@ -15,9 +15,11 @@ from pydantic import BaseModel
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from fake_tools import all_tools
+from service.aio import cancel_and_wait
 from service.records.summaries import RunSummary
 from service.rpc.server import Service
 from service.runs import RunState
+from service.state import redis_runs
 from tools.base import JSON, Tool
 
 WORDS = " ".join(f"word{i}" for i in range(80))
@@ -230,6 +232,31 @@ async def test_a_callers_concurrency_and_rate_hold_across_replicas(
         await on_b.SubmitRun(pb.RunAgentRequest(message="4"))
     assert rate.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rate.value.details().startswith("caller anonymous started 3 runs in the last minute, its limit; retry in ")
+
+
+async def test_a_dead_replicas_runs_release_their_callers_slot_and_their_watchers(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_runs, "LEASE_S", 1.0)
+    monkeypatch.setattr(redis_runs, "BLOCK_S", 0.2)
+    limits = {"anonymous": {"name": "anonymous", "max_concurrent_runs": 1}}
+    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED, auth=limits)
+    on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
+    run_id = (await on_a.SubmitRun(pb.RunAgentRequest(message="go"))).run_id
+    seen: list[pb.AgentEvent] = []
+    watch = on_b.WatchRun(pb.WatchRunRequest(run_id=run_id))
+    await read_until(watch, "tool_call_ready", seen)
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await on_b.SubmitRun(pb.RunAgentRequest(message="2"))
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    store = a.registry.store
+    assert isinstance(store, redis_runs.RedisRunStore)
+    await cancel_and_wait(list(store._tasks), 5)  # A goes silent: no shipping, no lease renewal
+    assert await status_of(watch, seen) == grpc.StatusCode.UNAVAILABLE  # B's watcher is told, not left waiting
+    again = await on_b.SubmitRun(pb.RunAgentRequest(message="2"))  # the lease ran out: the slot is free
+    assert again.run_id
+    opened.set()
+    await store.start()  # A comes back, and ships the rest before it closes
 
 
 class Summaries:

@@ -43,7 +43,7 @@ from service import events as ev
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
-from service.errors import StateUnavailable
+from service.errors import RunInterrupted, StateUnavailable
 from service.loop import RunSpec
 from service.runs import Entry, Run
 from service.state.base import Admission, RunRecord
@@ -78,6 +78,7 @@ class RedisRunStore:
         self._on_cancel: Callable[[str, bool], None] = lambda run_id, after_turn: None
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
+        self._renew_now = False
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
         self._mirrors: dict[str, MirrorRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -143,6 +144,7 @@ class RedisRunStore:
             log.info("state store reachable again")
             self._spawn(self._on_health(True), "state store health")
             self.shipper.note_all(self._live.values())
+            self._renew_now = True  # a Redis restarted empty has lost the leases: at the probe's next round
 
     def _unavailable(self, exc: BaseException | None = None) -> StateUnavailable:
         if exc is not None:
@@ -166,8 +168,9 @@ class RedisRunStore:
         while True:
             await asyncio.sleep(PROBE_S)
             due = time.monotonic() - renewed >= LEASE_S / 3
-            if self.up and not due:
+            if self.up and not due and not self._renew_now:
                 continue
+            self._renew_now = False
             try:
                 await self._renew_leases()
             except (RedisError, OSError) as exc:
@@ -323,7 +326,33 @@ class RedisRunStore:
                 self.failed("watch", exc)
                 await asyncio.sleep(PROBE_S)
                 continue
-            mirror.extend([entry for _, fields in _read(read) for entry in _entries(fields)])
+            entries = [entry for _, fields in _read(read) for entry in _entries(fields)]
+            if entries:
+                mirror.extend(entries)
+                continue
+            try:
+                alive = await self._driven(mirror)
+            except (RedisError, OSError) as exc:
+                self.failed("watch", exc)
+                continue
+            if not alive:
+                mirror.give_up(
+                    RunInterrupted(
+                        f"run {mirror.id} stopped at seq {len(mirror.log)}: the replica that drove it stopped "
+                        "renewing its lease (it died or lost Redis for longer than the lease)"
+                    )
+                )
+
+    async def _driven(self, mirror: MirrorRun) -> bool:
+        """Whether a process still holds the run's lease (checked when its stream is quiet for a blocking read)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zscore(self._caller_key(mirror.caller, "active"), mirror.id)
+        pipe.time()
+        pipe.hget(self.run_key(mirror.id), "state")
+        expiry, (seconds, micros), state = await pipe.execute()
+        if state in (b"succeeded", b"failed", b"cancelled"):
+            return True  # its last events are on their way
+        return expiry is not None and float(expiry) > seconds * 1000 + micros // 1000
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         mode = "after_turn" if after_turn else "now"
