@@ -29,6 +29,7 @@ they are data the model reads (`tools.base.ToolError`).
         ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
         ├── AfterSeqOutOfRange    OUT_OF_RANGE: a seq the run has not logged
         ├── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
+        ├── RecordsUnavailable    UNAVAILABLE (retry later): the records database (records.url) does not answer
         └── StateUnavailable      UNAVAILABLE: the shared run state (Redis) cannot be reached; retry shortly
 """
 
@@ -214,6 +215,11 @@ class AfterSeqOutOfRange(RequestError):
 class ServerDraining(RequestError):
     code = "UNAVAILABLE"
     reason = "SERVER_DRAINING"
+
+
+class RecordsUnavailable(RequestError):
+    code = "UNAVAILABLE"
+    reason = "RECORDS_UNAVAILABLE"
 
 
 class StateUnavailable(RequestError):

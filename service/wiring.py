@@ -26,10 +26,14 @@ from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import resolve
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
-from service.records.audit_chain import load_keyring
+from service.records.audit_chain import ENV_VAR, load_keyring
 from service.records.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.records.deadletter import DeadLetterStore
+from service.records.spool import DEFAULT_FILE as SPOOL_FILE
 from service.records.sqlite import sqlite_path
+from service.records.stores import Records
+from service.records.summaries import DEFAULT_FILE as SUMMARIES_FILE
+from service.records.summaries import SqliteRunSummaryStore
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
@@ -58,11 +62,16 @@ async def start(
     warn_unavailable(tools)
     model = build_model(config) if model is None else model
     telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
-    executor = build_executor(tools, config)
+    records = build_records(config)
+    await records.open()  # PostgreSQL: connected and migrated, or (unreachable) records spool until it answers
+    executor = build_executor(tools, config, records)
     loop = AgentLoop(model, executor, retry=config.model.retry)
     health = HealthReport()
     store = await build_run_store(config, health)
-    registry = RunRegistry(loop, config.runs, store=store)
+    # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
+    # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
+    summaries = records.summaries if config.records.url is not None else None
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -160,31 +169,70 @@ def warn_unavailable(tools: Mapping[str, Tool[Any]]) -> None:
             )
 
 
-def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
-    """The executor a server runs: policies resolved from the tools and `policies`, durable audit and dead-letter
-    stores where the config says (by default under data_dir), and the config's redaction, installed process-wide."""
+def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Records | None = None) -> Executor:
+    """The executor a server runs: policies resolved from the tools and `policies`, the record stores (`records`, by
+    default `build_records`'s), and the config's redaction, installed process-wide (the stores use that one)."""
     policies = resolve(tools, config.policies)
-    audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
-    dead_path = sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE)
     redactor = Redactor.from_config(config.redaction)
     redact.install(redactor)  # logging is process-wide: the JSON log formatter masks with the same redactor
+    records = build_records(config) if records is None else records
     return Executor(
         tools,
         timeout_s=config.limits.tool_timeout_s,
         policies=policies,
-        audit=AuditLog(
-            audit_path,
-            keyring=load_keyring(config.audit.key_file, audit_path),
+        audit=records.audit,
+        dead_letter=records.dead_letter,
+        redactor=redactor,
+    )
+
+
+def build_records(config: Config) -> Records:
+    """The audit log, dead letters and run summaries: in PostgreSQL when `records.url` is set (one chain and one
+    table for every replica, spooled under data_dir while it is away), else SQLite files under data_dir. They redact
+    with the process-wide redactor (`build_executor` installs the config's)."""
+    audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
+    keyring = load_keyring(config.audit.key_file, audit_path)
+    retention_s = None if config.dead_letter.retention_days is None else config.dead_letter.retention_days * 86400
+    if config.records.url is None:
+        return Records(
+            audit=AuditLog(
+                audit_path,
+                keyring=keyring,
+                queue_size=config.audit.queue_size,
+                head_log_interval_s=config.audit.head_log_interval_s,
+            ),
+            dead_letter=DeadLetterStore(
+                sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE), retention_s=retention_s
+            ),
+            summaries=SqliteRunSummaryStore(config.data_dir / SUMMARIES_FILE),
+        )
+    from service.records.pg_audit import PgAuditLog  # psycopg only when the config asks for PostgreSQL
+    from service.records.pg_deadletter import PgDeadLetterStore
+    from service.records.pg_summaries import PgRunSummaryStore
+    from service.records.postgres import PgRecords
+
+    if config.audit.key_file is None and not os.environ.get(ENV_VAR):
+        log.warning(
+            "the audit log is in PostgreSQL but its key is the one beside this replica's data_dir: every replica then "
+            "signs with a key of its own, which verify needs too; give all replicas one key (audit.key_file or %s)",
+            ENV_VAR,
+            extra={"key_id": keyring.active},
+        )
+    database = PgRecords(
+        config.records.url,
+        spool_path=config.data_dir / SPOOL_FILE,
+        pool_min=config.records.pool_min,
+        pool_max=config.records.pool_max,
+        timeout_s=config.records.timeout_s,
+    )
+    return Records(
+        audit=PgAuditLog(
+            database,
+            keyring=keyring,
             queue_size=config.audit.queue_size,
             head_log_interval_s=config.audit.head_log_interval_s,
-            redactor=redactor,
         ),
-        dead_letter=DeadLetterStore(
-            dead_path,
-            redactor=redactor,
-            retention_s=None
-            if config.dead_letter.retention_days is None
-            else config.dead_letter.retention_days * 86400,
-        ),
-        redactor=redactor,
+        dead_letter=PgDeadLetterStore(database, retention_s=retention_s),
+        summaries=PgRunSummaryStore(database),
+        database=database,
     )

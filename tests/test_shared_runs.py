@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from backends import RedisNamespace
 from pydantic import BaseModel
 
@@ -257,6 +258,28 @@ async def test_a_dead_replicas_runs_release_their_callers_slot_and_their_watcher
     assert again.run_id
     opened.set()
     await store.start()  # A comes back, and ships the rest before it closes
+
+
+async def test_get_run_on_b_answers_from_postgresql_once_redis_forgot_the_run(
+    postgres_schema: Any, start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    # postgres_schema first: its schema is dropped after the services (set up later, closed first) wrote to it
+    (a, b), opened = await replicas(
+        start_service, tmp_path, redis_ns, GATED, records={"url": postgres_schema.url}, runs={"retention_s": 1}
+    )
+    on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
+    opened.set()
+    done = [e async for e in on_a.RunAgent(pb.RunAgentRequest(message="go"))]
+    run_id = done[0].run_id
+    await a.registry.store.shipper.flushed(5)  # type: ignore[union-attr]
+    got = await on_b.GetRun(pb.GetRunRequest(run_id=run_id))
+    await asyncio.gather(*a.registry._summary_writes)
+    client = aioredis.Redis.from_url(redis_ns.url)
+    try:
+        assert await client.delete(f"{redis_ns.prefix}run:{run_id}", f"{redis_ns.prefix}run:{run_id}:events") == 2
+    finally:
+        await client.aclose()  # as the retention TTL would
+    assert await on_b.GetRun(pb.GetRunRequest(run_id=run_id)) == got
 
 
 class Summaries:

@@ -131,9 +131,9 @@ class QueryDatabase(Tool[QueryInput]):
         "(or the rows passed the result size cap): narrow the query."
     )
     Input: ClassVar[type[BaseModel]] = QueryInput
-    # Read-only, so idempotent; not cached, because the data under it changes. The call ends at options.timeout_s;
-    # this hard timeout is the executor's backstop.
-    policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=10), idempotent=True, slow_s=2)
+    # Read-only, so safe to repeat; not cached, because the data under it changes. The call ends at
+    # options.timeout_s; this hard timeout is the executor's backstop.
+    policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=10), side_effects="none", slow_s=2)
 
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))

@@ -79,7 +79,7 @@ class SearchDocuments(Tool[SearchInput]):
     streaming: ClassVar[bool] = True
     # The shipped documents change only with a release: the same query gets the same matches, so cache them.
     policy: ClassVar[ToolPolicy] = ToolPolicy(
-        timeout=TimeoutPolicy(seconds=10, mode="soft"), idempotent=True, cache=CachePolicy(ttl_s=300)
+        timeout=TimeoutPolicy(seconds=10, mode="soft"), side_effects="none", cache=CachePolicy(ttl_s=300)
     )
 
     def __init__(self, config: ToolConfig) -> None:

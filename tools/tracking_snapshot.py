@@ -29,7 +29,7 @@ class TrackingSnapshot(Tool[TrackingInput]):
     )
     Input: ClassVar[type[BaseModel]] = TrackingInput
     policy: ClassVar[ToolPolicy] = ToolPolicy(
-        timeout=TimeoutPolicy(seconds=10), idempotent=True, cache=CachePolicy(ttl_s=60)
+        timeout=TimeoutPolicy(seconds=10), side_effects="none", cache=CachePolicy(ttl_s=60)
     )
 
     def __init__(self, config: ToolConfig) -> None:
