@@ -210,6 +210,28 @@ async def test_an_idempotency_key_reused_on_b_reattaches_to_the_run_on_a(
     assert len(a.registry.runs) == 1 and not b.registry.runs  # one run in the fleet
 
 
+async def test_a_cancel_published_while_the_owner_was_away_is_seen_when_it_listens_again(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    (a,), _ = await replicas(start_service, tmp_path, redis_ns, GATED, n=1)
+    on_a = stub(channel_to(a))
+    seen: list[pb.AgentEvent] = []
+    call = on_a.RunAgent(pb.RunAgentRequest(message="go"))
+    await read_until(call, "tool_call_ready", seen)
+    store = a.registry.store
+    assert isinstance(store, redis_runs.RedisRunStore)
+    control = next(t for t in store._tasks if t.get_name() == "state store control")
+    await cancel_and_wait([control], 5)  # its subscription is gone, as when its connection to Redis breaks
+    client = aioredis.Redis.from_url(redis_ns.url)
+    try:  # what CancelRun on another replica writes (its PUBLISH reaches nobody now)
+        await client.hset(f"{redis_ns.prefix}run:{seen[0].run_id}", "cancel_requested", "now")
+    finally:
+        await client.aclose()
+    store._spawn(store._listen(), "state store control")  # subscribed again: it reads the runs' hashes
+    assert await status_of(call, seen) == grpc.StatusCode.CANCELLED
+    assert seen[-1].error.message == "cancelled by CancelRun"
+
+
 async def test_a_callers_concurrency_and_rate_hold_across_replicas(
     start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
 ) -> None:
