@@ -287,12 +287,13 @@ class RunRegistry:
             return run, created
         self._check_queue(background)
         run = self._new_run(spec, caller.name, key, fingerprint, deadline, store)
-        admitted = await store.admit(
-            run,
-            key=key,
-            fingerprint=fingerprint,
-            limits=caller.config,
-        )
+        # the background slot is held across the admission's await: once admitted (its quota and key taken) the run
+        # must start, so no other start may fill the queue meanwhile
+        self._background_runs += background
+        try:
+            admitted = await store.admit(run, key=key, fingerprint=fingerprint, limits=caller.config)
+        finally:
+            self._background_runs -= background
         if admitted.existing:
             other = self.runs.get(admitted.existing)
             record = other.record() if other is not None else await store.record(admitted.existing)
@@ -305,7 +306,6 @@ class RunRegistry:
             return (other if other is not None else await store.mirror(record)), False
         if admitted.refused:
             raise CallerLimited(admitted.refused)
-        self._check_queue(background)  # the admission awaited: others may have queued meanwhile
         self._launch(run, background)
         return run, True
 
