@@ -93,8 +93,29 @@ RATE_LIMITED = Counter("agent_tool_rate_limited_total", "Calls rejected by a rat
 CACHE_HITS = Counter("agent_tool_cache_hits_total", "Calls answered from the result cache", ["tool"])
 FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback tool", ["tool", "fallback"])
 DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
-RECORDS_UP = Gauge("agent_records_up", "1 while the records database (records.url) answers; 0 while records spool")
-RECORDS_PENDING = Gauge("agent_records_pending", "Records waiting in the local spool for the records database")
+# Under --workers: up is the worst a live worker sees (min), what waits is summed over them (the spool is shared).
+RECORDS_UP = Gauge(
+    "agent_records_up",
+    "1 while the records database (records.url) answers; 0 while records spool",
+    multiprocess_mode="livemin",
+)
+RECORDS_PENDING = Gauge(
+    "agent_records_pending",
+    "Records waiting in the local spool for the records database",
+    multiprocess_mode="livemax",
+)
+# the shared run-state store (state.url redis://); absent from a memory:// service's scrape until it sets them
+STATE_UP = Gauge(
+    "agent_state_store_up",
+    "1 while the shared run-state store answers, 0 while it cannot be reached",
+    multiprocess_mode="livemin",
+)
+STATE_ERRORS = Counter("agent_state_store_errors_total", "Failed operations on the shared run-state store")
+STATE_UNSHIPPED = Gauge(
+    "agent_state_unshipped_events",
+    "Events logged here and not yet in the shared store",
+    multiprocess_mode="livesum",
+)
 
 
 UNKNOWN_TOOL = "(unknown)"

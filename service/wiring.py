@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from grpc_health.v1.health_pb2 import HealthCheckResponse
+
 from service import redact, telemetry
 from service.callers import CallerLimits
 from service.config import Config
@@ -35,13 +37,16 @@ from service.records.summaries import SqliteRunSummaryStore
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
-from service.rpc.server import Service, start_server
+from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
+from service.state.base import RunStore
 from tools import load_tools
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
+
+SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
 async def start(
@@ -61,7 +66,12 @@ async def start(
     await records.open()  # PostgreSQL: connected and migrated, or (unreachable) records spool until it answers
     executor = build_executor(tools, config, records)
     loop = AgentLoop(model, executor, retry=config.model.retry)
-    registry = RunRegistry(loop, config.runs)
+    health = HealthReport()
+    store = await build_run_store(config, health)
+    # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
+    # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
+    summaries = records.summaries if config.records.url is not None else None
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -72,7 +82,7 @@ async def start(
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
     )
-    return await start_server(
+    service = await start_server(
         config,
         servicer,
         interceptors=[AuthInterceptor(authenticator), RejectUndecodable(), *tracing_interceptors()],
@@ -82,6 +92,42 @@ async def start(
         tools=tools,
         metrics=metrics,
     )
+    if store is not None:
+        await health.attach(service.health, store.up)
+    return service
+
+
+STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
+
+
+class HealthReport:
+    """Carries the state store's health to the gRPC health service, which exists only once the server started: the
+    store's own name, so that probes of the main service (and so traffic) do not depend on it."""
+
+    def __init__(self) -> None:
+        self.health: HealthServicer | None = None
+
+    async def attach(self, health: HealthServicer, up: bool) -> None:
+        self.health = health
+        await self.changed(up)
+
+    async def changed(self, up: bool) -> None:
+        if self.health is not None:
+            await self.health.set(STATE_HEALTH, SERVING if up else NOT_SERVING)
+
+
+async def build_run_store(config: Config, health: HealthReport) -> RunStore | None:
+    """The shared run-state store `state.url` names; None for memory:// (the registry keeps runs in this process)."""
+    if not config.state.shared:
+        return None
+    # imported here: a memory:// service loads nothing of redis (and runs where its client is not installed)
+    from service.state.redis_runs import RedisRunStore
+
+    store = RedisRunStore(
+        config.state, retention_s=config.runs.retention_s, max_run_s=config.runs.max_run_s, on_health=health.changed
+    )
+    await store.start()
+    return store
 
 
 def build_model(config: Config) -> Model:

@@ -188,17 +188,19 @@ async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
     await svc.server.stop(0)
     await svc.close()
     spool_path = svc.config.data_dir / "records-spool.db"
-    assert Spool(spool_path).count() == 2  # its audit row and its dead letter
+    assert Spool(spool_path).count() == 3  # its audit row, its dead letter and the run's summary
 
     back = PgRecords(postgres_schema.url, spool_path=spool_path)
     await back.open()
     keys = parse_keys((svc.config.data_dir / "audit.key").read_text(), "key")
     log, dead = PgAuditLog(back, keyring=keys), PgDeadLetterStore(back)
+    PgRunSummaryStore(back)
     await asyncio.wait_for(back.settle(), 30)
     await log.aclose()
     await dead.aclose()
     assert rows(postgres_schema, "SELECT run_id, tool FROM audit") == [(events[0].run_id, "flaky")]
     assert rows(postgres_schema, "SELECT execution_id FROM dead_letters") == [(failed.execution_id,)]
+    assert rows(postgres_schema, "SELECT run_id, state FROM run_summaries") == [(events[0].run_id, "succeeded")]
     assert verify_pg(postgres_schema.url, keys).ok
 
 

@@ -1,0 +1,1 @@
+"""Shared run state: the store protocol (base.py) and its Redis implementation."""
