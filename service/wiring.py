@@ -9,6 +9,7 @@ module builds its siblings; follow `start` to see the whole service.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -66,7 +67,7 @@ async def start(
     await records.open()  # PostgreSQL: connected and migrated, or (unreachable) records spool until it answers
     executor = build_executor(tools, config, records)
     loop = AgentLoop(model, executor, retry=config.model.retry)
-    health = HealthReport()
+    health = HealthReport(STATE_HEALTH)
     store = await build_run_store(config, health)
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
@@ -94,18 +95,26 @@ async def start(
     )
     if store is not None:
         await health.attach(service.health, store.up)
+    if records.database is not None:
+        records_health = HealthReport(RECORDS_HEALTH)
+        records.database.on_health = records_health.changed_soon
+        await records_health.attach(service.health, records.database.up)
     return service
 
 
 STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
+RECORDS_HEALTH = "agent.v1.RecordsStore"  # NOT_SERVING while records spool locally (PostgreSQL unreachable)
 
 
 class HealthReport:
-    """Carries the state store's health to the gRPC health service, which exists only once the server started: the
-    store's own name, so that probes of the main service (and so traffic) do not depend on it."""
+    """Carries a store's health to the gRPC health service, which exists only once the server started: under the
+    store's own name, so that probes of the main service (and so traffic) do not depend on it: a replica whose
+    store is away still finishes its runs and (records) spools what it must write."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.health: HealthServicer | None = None
+        self._sets: set[asyncio.Task[None]] = set()
 
     async def attach(self, health: HealthServicer, up: bool) -> None:
         self.health = health
@@ -113,7 +122,14 @@ class HealthReport:
 
     async def changed(self, up: bool) -> None:
         if self.health is not None:
-            await self.health.set(STATE_HEALTH, SERVING if up else NOT_SERVING)
+            await self.health.set(self.name, SERVING if up else NOT_SERVING)
+
+    def changed_soon(self, up: bool) -> None:
+        """`changed`, for a store that notices from synchronous code; in order, the health service's set is quick."""
+        if self.health is not None:
+            task = asyncio.get_running_loop().create_task(self.changed(up))
+            self._sets.add(task)
+            task.add_done_callback(self._sets.discard)
 
 
 async def build_run_store(config: Config, health: HealthReport) -> RunStore | None:

@@ -218,3 +218,40 @@ def test_workers_sharing_a_spool_drain_it_one_at_a_time(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+async def _health(channel: Any, name: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name))
+    return int(reply.status)
+
+
+async def test_health_says_when_records_spool_and_when_postgresql_is_back(
+    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema
+) -> None:
+    """`agent.v1.RecordsStore` goes NOT_SERVING while PostgreSQL cannot be reached and SERVING once it answers again,
+    on its own; the main service stays SERVING throughout (a replica whose records spool still runs)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    forwarder = Forwarder()
+    await forwarder.start()
+    await forwarder.stop()  # the port is known, nothing answers on it yet
+    svc = await start_service(FAIL_THEN_ANSWER, records={"url": forwarder.url(postgres_schema), "timeout_s": 0.5})
+    channel = channel_to(svc)
+    try:
+        assert await _health(channel, "agent.v1.RecordsStore") == not_serving
+        assert await _health(channel, "agent.v1.AgentService") == serving
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="agent.v1.RecordsStore")
+        )
+        assert (await watch.read()).status == not_serving
+        await forwarder.start()
+        async with asyncio.timeout(30):  # the pool's reconnect back-off is capped at 8 s
+            assert (await watch.read()).status == serving
+        watch.cancel()
+    finally:
+        await svc.server.stop(0)
+        await svc.close()
+        await forwarder.stop()

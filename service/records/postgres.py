@@ -201,6 +201,8 @@ class PgRecords:
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._closed = False
+        # told of each change of reachability (the composition root shows it on the gRPC health service)
+        self.on_health: Callable[[bool], None] | None = None
         telemetry.RECORDS_UP.set(0)
 
     def register(self, kind: str, writer: Writer, *, owner: bool = True) -> PgRecords:
@@ -307,6 +309,8 @@ class PgRecords:
             self.up = True
             telemetry.RECORDS_UP.set(1)
             log.info("records database reachable", extra={"pending": self._spooled})
+            if self.on_health is not None:
+                self.on_health(True)
         return True
 
     def _went_down(self, exc: BaseException) -> None:
@@ -316,6 +320,8 @@ class PgRecords:
                 "records database unreachable; records wait in the local spool until it answers",
                 extra={"error": f"{type(exc).__name__}: {exc}"[:500], "spool": str(self._spool_path)},
             )
+            if self.on_health is not None:
+                self.on_health(False)
         self.up = False
         telemetry.RECORDS_UP.set(0)
 
