@@ -1,0 +1,68 @@
+"""What the loop and the registry need of the checkpoint store, and what a checkpoint is. The store is chosen by the
+composition root from `records.url` (SQLite file by default, PostgreSQL for a fleet); nothing here knows which."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+StepKind = Literal["turn", "tool", "intent"]
+"""`turn`: a model turn's result (its TurnEnd: content blocks, stop reason, usage) — never requested again once
+recorded. `tool`: a tool call's result (the ToolResult as the model gets it) — never run again. `intent`: written and
+committed before an unsafe tool call starts; an intent with no `tool` step after it means the call may have happened
+(OUTCOME_UNKNOWN on recovery)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Step:
+    run_id: str
+    step_no: int  # 1, 2, 3… per run, in the order the run recorded them
+    kind: StepKind
+    key: str  # what the step is of: "turn:3", "call:toolu_01…": replay finds a step by it
+    value: dict[str, Any]  # JSON-able; events through service/codec
+    seq: int = 0  # the run's last event seq when the step was recorded (recovery resumes the log after it)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DurableRun:
+    run_id: str
+    caller: str
+    owner: str  # the process (executor id) that drives it; "" while handed over and not yet claimed
+    state: str  # "running" until the run ends; then its RunState value
+    request: dict[str, Any]  # the RunSpec as JSON, to rebuild the run elsewhere
+    background: bool = False
+    steps: list[Step] = field(default_factory=list)
+
+
+class TakenOver(Exception):
+    """The store refused a write: another process owns the run now (this one was thought dead). The run must stop at
+    once and emit nothing more: its new owner continues it."""
+
+
+class CheckpointStore(Protocol):
+    owner: str  # this process's executor id
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def begin(self, run: DurableRun) -> None:
+        """Record the run as owned by this process; returns once committed. A run id already there is not replaced."""
+
+    async def put(self, step: Step) -> None:
+        """Record `step`; returns once committed (batched with other runs' steps). Idempotent on (run_id, step_no).
+        Raises TakenOver when this process no longer owns the run."""
+
+    async def end(self, run_id: str, state: str) -> None: ...
+
+    async def load(self, run_id: str) -> DurableRun | None:
+        """The run and its steps, in step order."""
+
+    async def release(self, run_id: str) -> None:
+        """Give the run up (drain): owner cleared, so a peer claims it at once."""
+
+    async def recover(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
+        """Run until cancelled: hand `resume` every running run this process should continue — its own left from
+        before a restart (same owner id), those released by a draining peer, and those of a peer found dead — each
+        claimed first (the claim is the fence: the old owner's writes are refused from then on)."""
