@@ -196,6 +196,99 @@ async def test_a_write_after_another_owner_claimed_is_refused(backend: Backend, 
     assert [s.value for s in loaded.steps] == [{"v": 1}, {"v": "new owner"}]
 
 
+async def test_no_acknowledged_step_is_lost_to_a_claim_racing_it(postgres_schema: Any, opened: Any) -> None:
+    """Writes in flight while a peer claims: each either commits before the claim (and the claimer loads it) or is
+    refused; never acknowledged and then missing from what the new owner continues from."""
+    a = await opened(PgCheckpointStore(postgres_schema.url, "a"))
+    b = await opened(PgCheckpointStore(postgres_schema.url, "b", recover_interval_s=0.01))
+    ids = [f"r{i}" for i in range(20)]
+    await asyncio.gather(*(a.begin(run(r)) for r in ids))
+    acked: dict[str, int] = dict.fromkeys(ids, 0)
+    writing = asyncio.Event()
+
+    async def write(run_id: str) -> None:
+        for n in range(1, 10_000):
+            try:
+                await a.put(step(run_id, n))
+            except TakenOver:
+                return
+            acked[run_id] = n
+            if min(acked.values()) >= 3:
+                writing.set()
+
+    writers = [asyncio.get_running_loop().create_task(write(r)) for r in ids]
+    async with asyncio.timeout(10):
+        await writing.wait()  # every run is writing
+    async with await PgCheckpointStore._connect(a) as admin:
+        assert a._control is not None
+        await admin.execute("SELECT pg_terminate_backend(%s)", (a._control.info.backend_pid,))
+    resumed = Resumed()
+    task = await recovering(b, resumed)
+    try:
+        claimed = await resumed.take(len(ids))
+        async with asyncio.timeout(10):
+            await asyncio.gather(*writers)
+    finally:
+        await stop(task)
+    for r in claimed:
+        assert [s.step_no for s in r.steps] == list(range(1, len(r.steps) + 1))
+        assert len(r.steps) >= acked[r.run_id]  # nothing acknowledged is missing
+        assert len(r.steps) <= acked[r.run_id] + 1  # at most the one in flight at the claim, never acknowledged
+
+
+async def test_a_claim_waits_for_a_write_in_flight(postgres_schema: Any, opened: Any) -> None:
+    """The window the fence's share lock closes, held open: a's write of step 2 waits (on another transaction
+    inserting the same key) after it found the run its own; b claims meanwhile. b must not load the run before that
+    write commits, or b would continue without a step a was told is recorded."""
+    a = await opened(PgCheckpointStore(postgres_schema.url, "a"))
+    b = await opened(PgCheckpointStore(postgres_schema.url, "b", recover_interval_s=0.01))
+    await a.begin(run("r1"))
+    await a.put(step("r1", 1))
+    async with await PgCheckpointStore._connect(a) as admin, await PgCheckpointStore._connect(a) as blocker:
+        assert a._writer_conn is not None and a._control is not None and b._control is not None
+        await blocker.execute("BEGIN")
+        await blocker.execute(
+            "INSERT INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES ('r1', 2, 'turn', 'x', 0, '{}')"
+        )
+        put = asyncio.get_running_loop().create_task(a.put(step("r1", 2, "from a")))
+        writer_pid, claimer_pid = a._writer_conn.info.backend_pid, b._control.info.backend_pid
+
+        async def waiting(pid: int) -> bool:
+            query = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+            return bool((await (await admin.execute(query, (pid,))).fetchone() or (False,))[0])
+
+        await until_async(lambda: waiting(writer_pid))
+        await admin.execute("SELECT pg_terminate_backend(%s)", (a._control.info.backend_pid,))  # a is "dead"
+        resumed = Resumed()
+        task = await recovering(b, resumed)
+        try:
+            await until_async(lambda: waiting_or_claimed(waiting(claimer_pid), resumed))
+            await blocker.execute("ROLLBACK")
+            try:
+                await put
+                acked = True
+            except TakenOver:
+                acked = False
+            [claimed] = await resumed.take(1)
+        finally:
+            await stop(task)
+    values = [s.value for s in claimed.steps]
+    assert values == ([{"v": 1}, {"v": "from a"}] if acked else [{"v": 1}])
+
+
+async def waiting_or_claimed(waiting: Any, resumed: Resumed) -> bool:
+    return not resumed.runs.empty() or await waiting
+
+
+async def until_async(condition: Callable[[], Any], within: float = 10.0) -> None:
+    """Until `condition()` (a state of the database, which nothing here can wait on) is true."""
+    async with asyncio.timeout(within):
+        while True:
+            if await condition():
+                return
+            await asyncio.sleep(0.005)
+
+
 async def test_a_restart_with_the_same_id_recovers_its_running_runs(backend: Backend, opened: Any) -> None:
     first = backend.make("node-1")
     await first.open()

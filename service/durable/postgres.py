@@ -62,6 +62,18 @@ WITH u AS (
 )
 SELECT run_id FROM mine
 """
+# The same for a batch of one step (a run alone, or the only one at a checkpoint): scalars rather than arrays, which
+# cost psycopg ~0.1 ms of CPU to adapt (a third of such a checkpoint's CPU)
+_STEP = """
+WITH mine AS (
+    SELECT run_id FROM durable_runs WHERE run_id = %s AND owner = %s FOR SHARE
+), ins AS (
+    INSERT INTO run_steps (run_id, step_no, kind, key, seq, value)
+    SELECT run_id, %s::int, %s::text, %s::text, %s::bigint, %s::text FROM mine
+    ON CONFLICT (run_id, step_no) DO NOTHING
+)
+SELECT run_id FROM mine
+"""
 _ENDS = """
 UPDATE durable_runs d SET state = u.state, updated = now()
 FROM unnest(%s::text[], %s::text[]) AS u(run_id, state)
@@ -212,7 +224,11 @@ class PgCheckpointStore(BatchingStore):
             )
             statements.append((_BEGIN, (self.owner, *rows, [encode(r.request) for r in b])))
         steps_at = ends_at = -1
-        if batch.steps:
+        if len(batch.steps) == 1:
+            x = batch.steps[0]
+            steps_at = len(statements)
+            statements.append((_STEP, (x.run_id, self.owner, x.step_no, x.kind, x.key, x.seq, encode(x.value))))
+        elif batch.steps:
             s = batch.steps
             steps_at = len(statements)
             rows = ([x.run_id for x in s], [x.step_no for x in s], [x.kind for x in s], [x.key for x in s])
