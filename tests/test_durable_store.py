@@ -384,3 +384,18 @@ def test_executor_id_is_kept_in_data_dir_and_can_be_set(tmp_path: Path) -> None:
     assert executor_id(tmp_path / "var", "agent-0") == "agent-0"
     with pytest.raises(ValueError):
         executor_id(tmp_path / "var", "has space")
+
+
+def test_the_composition_root_picks_the_store_from_records_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import make_config
+    from service.config import load_config
+    from service.wiring import build_checkpoints
+
+    store = build_checkpoints(make_config(tmp_path))
+    assert isinstance(store, SqliteCheckpointStore) and store.path == tmp_path / "var" / "durable.db"
+    assert store.owner == executor_id(tmp_path / "var")
+    pg = build_checkpoints(make_config(tmp_path, records={"url": "postgresql://db/x"}), worker=1)
+    assert isinstance(pg, PgCheckpointStore) and pg.owner == f"{store.owner}-w1"
+    monkeypatch.setenv("AGENT_EXECUTOR_ID", "agent-2")
+    monkeypatch.setenv("AGENT_DATA_DIR", str(tmp_path / "var"))
+    assert build_checkpoints(load_config()).owner == "agent-2"
