@@ -140,6 +140,48 @@ async def test_concurrent_puts_commit_in_one_batch(backend: Backend, opened: Any
         assert loaded is not None and [s.step_no for s in loaded.steps] == [1]
 
 
+async def test_a_mixed_batch_gives_each_write_its_own_verdict(backend: Backend, opened: Any) -> None:
+    a = await opened(backend.make("a"))
+    b = await opened(backend.make("b"))
+    await b.begin(run("theirs"))
+    await a.begin(run("r1"))
+    await a.begin(run("r2"))
+    before = a.batches
+    results = await asyncio.gather(
+        a.begin(run("r3")),
+        a.put(step("r1", 1)),
+        a.end("r2", "completed"),
+        a.put(step("theirs", 1)),
+        a.end("theirs", "failed"),
+        a.release("theirs"),
+        return_exceptions=True,
+    )
+    assert a.batches - before == 1  # one transaction
+    assert [type(r).__name__ for r in results] == ["NoneType"] * 3 + ["TakenOver"] * 2 + ["NoneType"]
+    r1, r2, r3, theirs = [await a.load(r) for r in ("r1", "r2", "r3", "theirs")]
+    assert r1 is not None and [s.step_no for s in r1.steps] == [1]
+    assert r2 is not None and r2.state == "completed"
+    assert r3 is not None and r3.owner == "a"
+    assert theirs is not None and (theirs.owner, theirs.state, theirs.steps) == ("b", "running", [])
+
+
+async def test_recover_outlives_a_lost_connection(postgres_schema: Any, opened: Any) -> None:
+    a = await opened(PgCheckpointStore(postgres_schema.url, "a"))
+    b = await opened(PgCheckpointStore(postgres_schema.url, "b", recover_interval_s=0.05))
+    await a.begin(run("r1"))
+    resumed = Resumed()
+    task = await recovering(b, resumed)
+    try:
+        async with await PgCheckpointStore._connect(a) as admin:
+            assert b._control is not None
+            await admin.execute("SELECT pg_terminate_backend(%s)", (b._control.info.backend_pid,))
+        await a.release("r1")
+        [claimed] = await resumed.take(1)
+    finally:
+        await stop(task)
+    assert claimed.owner == "b"
+
+
 async def test_release_hands_the_run_to_a_peer_at_once(postgres_schema: Any, opened: Any) -> None:
     # a poll interval far longer than the wait: only the NOTIFY of the release can wake the peer in time
     a = await opened(PgCheckpointStore(postgres_schema.url, "a", recover_interval_s=60))

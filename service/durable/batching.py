@@ -97,14 +97,28 @@ class BatchingStore:
 
     async def recover(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
         while True:
-            for run_id in await self._claim():
-                run = await self.load(run_id)
-                if run is None or run.owner != self.owner:
-                    continue  # ended or taken between the claim and the load
-                self._driving.add(run_id)
-                log.info("durable run claimed", extra={"run_id": run_id, "steps": len(run.steps)})
-                await resume(run)
+            try:
+                await self._claim_and_resume(resume)
+            except Exception:  # the database away (or a bug): the runs stay where they are for the next look
+                log.exception("durable runs could not be recovered now; trying again")
             await self._wait_for_work()
+
+    async def _claim_and_resume(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
+        claimed = await self._claim()
+        for i, run_id in enumerate(claimed):
+            try:
+                run = await self.load(run_id)
+            except BaseException:  # ours now, so no peer will take them: the next look hands them over
+                self._leftovers[:0] = claimed[i:]
+                raise
+            if run is None or run.owner != self.owner:
+                continue  # ended or taken between the claim and the load
+            self._driving.add(run_id)
+            log.info("durable run claimed", extra={"run_id": run_id, "steps": len(run.steps)})
+            try:
+                await resume(run)
+            except Exception:
+                log.exception("resuming a durable run failed", extra={"run_id": run_id})
 
     async def load(self, run_id: str) -> DurableRun | None:
         raise NotImplementedError
