@@ -22,6 +22,7 @@ from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import resolve
+from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
 from service.records.audit_chain import load_keyring
@@ -34,6 +35,7 @@ from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
 from service.rpc.server import Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
+from service.state.redis_limits import RedisPolicyState, client
 from tools import load_tools
 from tools.base import Tool
 
@@ -144,4 +146,14 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
             else config.dead_letter.retention_days * 86400,
         ),
         redactor=redactor,
+        shared=build_shared_policy(config),
     )
+
+
+def build_shared_policy(config: Config) -> SharedPolicy | None:
+    """Rate limits, fleet breakers and (with `state.shared_cache`) result caches on the shared state, when
+    `state.url` names one; None on memory:// (each process its own, as before)."""
+    if not config.state.shared:
+        return None
+    state = RedisPolicyState(client(config.state), config.state.prefix)
+    return SharedPolicy(state, Reachability("limits", state.ping), cache=config.state.shared_cache)

@@ -1,0 +1,1 @@
+"""Shared live state on Redis, behind the core's small protocols (the core never imports a Redis client)."""
