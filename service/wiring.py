@@ -35,7 +35,6 @@ from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
 from service.rpc.server import Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
-from service.state.redis_limits import RedisPolicyState, client
 from tools import load_tools
 from tools.base import Tool
 
@@ -155,5 +154,9 @@ def build_shared_policy(config: Config) -> SharedPolicy | None:
     `state.url` names one; None on memory:// (each process its own, as before)."""
     if not config.state.shared:
         return None
+    # imported here: the embedded default never loads the Redis client (nor needs what it needs, e.g. async_timeout
+    # on a Python before 3.11.3)
+    from service.state.redis_limits import RedisPolicyState, client
+
     state = RedisPolicyState(client(config.state), config.state.prefix)
     return SharedPolicy(state, Reachability("limits", state.ping), cache=config.state.shared_cache)

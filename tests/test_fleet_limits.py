@@ -19,7 +19,7 @@ from service.policy.cache import ResultCache
 from service.policy.fleet import FleetCache, FleetLimiter
 from service.policy.fleet_breaker import FleetBreaker
 from service.policy.limiter import RateLimiter
-from service.policy.shared import Reachability, SharedPolicy
+from service.policy.shared import Reachability, SharedPolicy, Take
 from service.state.redis_limits import RedisPolicyState, client
 from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy
 
@@ -117,6 +117,23 @@ async def test_waiters_are_served_in_the_order_they_came(replica: Replica) -> No
         waits = [w for _, w in mine]
         assert waits == sorted(waits), "a later waiter was given an earlier turn"
     assert sorted(w for *_, w in done) == pytest.approx([k / 20 for k in range(12)])  # one turn each, none twice
+
+
+async def test_callers_that_come_together_share_a_round_trip(replica: Replica) -> None:
+    shared = replica()
+    lim = limiter(shared, FakeClock(), rate_per_s=1000, burst=1, max_wait_s=10)
+    lim.sleep = Sleeps()
+    sent: list[int] = []
+    take = shared.state.take
+
+    async def counted(name: str, policy: RateLimitPolicy, now: float | None, count: int) -> list[Take]:
+        sent.append(count)
+        return await take(name, policy, now, count)
+
+    shared.state.take = counted  # type: ignore[method-assign]
+    waits = await asyncio.gather(*(lim.acquire() for _ in range(50)))
+    assert waits == pytest.approx([k / 1000 for k in range(50)])  # in the order they came
+    assert sum(sent) == 50 and len(sent) <= 2, f"{len(sent)} round trips for 50 callers"
 
 
 async def test_a_cancelled_waiter_gives_its_turn_back(replica: Replica) -> None:

@@ -52,7 +52,8 @@ class BreakerAnswer:
 class SharedPolicyState(Protocol):
     """Rate-limit buckets, breaker states and cached results the fleet shares. `now` None: the store's own clock."""
 
-    async def take(self, name: str, policy: RateLimitPolicy, now: float | None) -> Take: ...
+    async def take(self, name: str, policy: RateLimitPolicy, now: float | None, count: int) -> list[Take]:
+        """The answers to `count` callers, in the order they came."""
 
     async def give_back(self, name: str, turn: int) -> None: ...
 

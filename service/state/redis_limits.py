@@ -41,8 +41,8 @@ end
 """
 
 # A token bucket by reservation, as service/policy/limiter.py's: no token, and the caller takes the next one to come
-# (the bucket goes into debt) unless its wait would pass max_wait (-1: reject mode, never wait). {code, wait, turn}:
-# 0 go, 1 wait then go, -1 refused.
+# (the bucket goes into debt) unless its wait would pass max_wait (-1: reject mode, never wait). ARGV[5] callers in
+# turn, each {code, wait, turn}: 0 go, 1 wait then go, -1 refused.
 _TAKE = (
     _PRELUDE
     + """
@@ -52,22 +52,28 @@ local tokens = tonumber(b[1]) or burst
 local at = tonumber(b[2]) or now
 local issued = tonumber(b[3]) or 0
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local code, wait = 0, 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait = (1 - tokens) / rate
-  if max_wait < 0 or wait > max_wait then
-    code = -1
-  else
-    code = 1
+local out = {}
+for _ = 1, tonumber(ARGV[5]) do
+  local code, wait = 0, 0
+  if tokens >= 1 then
     tokens = tokens - 1
-    issued = issued + 1
+  else
+    wait = (1 - tokens) / rate
+    if max_wait < 0 or wait > max_wait then
+      code = -1
+    else
+      code = 1
+      tokens = tokens - 1
+      issued = issued + 1
+    end
   end
+  out[#out + 1] = code
+  out[#out + 1] = num(wait)
+  out[#out + 1] = issued
 end
 redis.call('HSET', KEYS[1], 'tokens', num(tokens), 'at', num(now), 'issued', issued)
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return {code, num(wait), issued}
+return out
 """
 )
 
@@ -246,16 +252,17 @@ class RedisPolicyState:
     def _cache_key(self, name: str, key: str) -> str:
         return f"{self.prefix}cache:{{{name}}}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    async def take(self, name: str, policy: RateLimitPolicy, now: float | None) -> Take:
+    async def take(self, name: str, policy: RateLimitPolicy, now: float | None, count: int) -> list[Take]:
         max_wait = -1.0 if policy.mode == "reject" else policy.max_wait_s
-        args: list[str | int] = [_now(now), repr(policy.rate_per_s), policy.burst, repr(max_wait)]
+        args: list[str | int] = [_now(now), repr(policy.rate_per_s), policy.burst, repr(max_wait), count]
         try:
-            code, wait, turn = await self._take(keys=[self._rate_key(name)], args=args)
+            reply = await self._take(keys=[self._rate_key(name)], args=args)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        if code < 0:
-            return Take(None)
-        return Take(float(wait) if code else 0.0, int(turn))
+        return [
+            Take(None) if code < 0 else Take(float(wait) if code else 0.0, int(turn))
+            for code, wait, turn in zip(reply[::3], reply[1::3], reply[2::3], strict=True)
+        ]
 
     async def give_back(self, name: str, turn: int) -> None:
         try:
