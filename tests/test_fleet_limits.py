@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,7 +102,7 @@ async def test_a_wait_past_max_wait_is_refused_at_once(replica: Replica) -> None
 
 async def test_waiters_are_served_in_the_order_they_came(replica: Replica) -> None:
     clock = FakeClock()
-    a, b = (limiter(replica(), clock, rate_per_s=20, burst=1, max_wait_s=10) for _ in range(2))
+    a, b = (limiter(replica(), clock, rate_per_s=100, burst=1, max_wait_s=10) for _ in range(2))
     done: list[tuple[str, int, float | None]] = []
 
     async def take(name: str, lim: FleetLimiter, i: int) -> None:
@@ -116,7 +117,7 @@ async def test_waiters_are_served_in_the_order_they_came(replica: Replica) -> No
         assert [i for i, _ in mine] == list(range(6)), "a process's waiters woke out of their order"
         waits = [w for _, w in mine]
         assert waits == sorted(waits), "a later waiter was given an earlier turn"
-    assert sorted(w for *_, w in done) == pytest.approx([k / 20 for k in range(12)])  # one turn each, none twice
+    assert sorted(w for *_, w in done) == pytest.approx([k / 100 for k in range(12)])  # one turn each, none twice
 
 
 async def test_callers_that_come_together_share_a_round_trip(replica: Replica) -> None:
@@ -302,3 +303,18 @@ async def test_a_result_cached_by_one_replica_is_a_hit_on_the_other(replica: Rep
         assert 0 < await conn.pttl(key) <= 30_000  # the policy's TTL, kept by the store
     finally:
         await conn.aclose()
+
+
+def test_the_client_takes_the_password_file_tls_files_and_timeouts(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = StateConfig(
+        url="rediss://redis.example:6380/2",
+        password_file=tmp_path / "pw",
+        tls_ca_file=tmp_path / "ca.pem",
+        timeout_s=0.5,
+    )
+    made = client(config)
+    kwargs = made.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == ("redis.example", 6380, 2, "s3cret")
+    assert kwargs["ssl_ca_certs"] == str(tmp_path / "ca.pem") and "ssl_certfile" not in kwargs
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.5
