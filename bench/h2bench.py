@@ -75,20 +75,29 @@ def row(runs: list[dict[str, Any]], server_cpu_s: float, events_per_call: int, c
     }
 
 
+def paced_loads(plan: Plan, c: int, proto: str) -> list[Load]:
+    """The paced round's h2load runs at C = `c`: one stream per connection (time to first byte), then
+    `plan.streams_per_connection` to a connection (request times) unless that is the same run."""
+    ttfb = Load.spread(c, 1)
+    spread = Load.spread(c, plan.streams_per_connection, proto)
+    return [ttfb] if spread == ttfb else [ttfb, spread]
+
+
+def cpu_loads(calls: int, in_flight: int, c: int, proto: str) -> list[Load]:
+    """The server-CPU round's one h2load run: `calls` calls, `c` at a time, at most a hundred to a connection; a
+    warm-up (`c` below `in_flight`) runs as many fewer calls."""
+    per = min(c, 100)
+    return [Load(max(c, calls * c // in_flight), math.ceil(c / per), per)]
+
+
 def paced(plan: Plan, workdir: Path, path: str) -> dict[str, Any]:
     """At each level, C streams on C connections (time to first byte), then C streams `plan.streams_per_connection`
     to a connection (request times), on the paced workload; the systems take turns as in the Python-load stage."""
     body = h2load.request_file(workdir)
     levels = plan.h2load_levels or plan.levels
-
-    def loads(c: int, proto: str) -> list[Load]:
-        ttfb = Load.spread(c, 1)
-        spread = Load.spread(c, plan.streams_per_connection, proto)
-        return [ttfb] if spread == ttfb else [ttfb, spread]
-
     out: dict[str, Any] = {"levels": list(levels), "rows": {s: [] for s in PACED}, "validation": {}}
     for c in levels:
-        measure = Rounds(path, body, plan.workload, loads, plan.deadline_s)
+        measure = Rounds(path, body, plan.workload, partial(paced_loads, plan), plan.deadline_s)
         rounds = take_turns({s: partial(start, s, plan.workload, workdir) for s in PACED}, c, plan, measure)
         out["validation"] |= measure.validated
         for system in PACED:
@@ -115,12 +124,7 @@ def server_cpu(plan: Plan, workdir: Path, path: str) -> dict[str, Any]:
         ("event", plan.cpu_event_calls, plan.unpaced_events, ("service-raw", "bare")),
     ):
         workload = plan.workload.unpaced(events)
-
-        def loads(c: int, proto: str, calls: int = calls) -> list[Load]:
-            per = min(c, 100)
-            return [Load(max(c, calls * c // n), math.ceil(c / per), per)]
-
-        measure = Rounds(path, body, workload, loads, plan.deadline_s)
+        measure = Rounds(path, body, workload, partial(cpu_loads, calls, n), plan.deadline_s)
         starters = {s: partial(start, s, workload, workdir) for s in systems}
         rounds = take_turns(starters, n, plan, measure)
         out[name] = {"calls": calls, "events_per_call": events, "rows": {s: stats.combine(rounds[s]) for s in systems}}

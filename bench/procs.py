@@ -49,10 +49,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def child_env() -> dict[str, str]:
+def child_env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONUNBUFFERED="1")
     env.pop("ANTHROPIC_API_KEY", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -110,8 +110,19 @@ class Server:
                 self.proc.wait()
 
 
-def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0, *, start_cpu_us: float = 0) -> Server:
-    """`start_cpu_us`: the bare server spends this much CPU at each call's start (`bench.bare_grpc`)."""
+def start(
+    system: str,
+    workload: Workload,
+    workdir: Path,
+    timeout: float = 30.0,
+    *,
+    start_cpu_us: float = 0,
+    root: Path = ROOT,
+    python: str = sys.executable,
+) -> Server:
+    """`start_cpu_us`: the bare server spends this much CPU at each call's start (`bench.bare_grpc`). `root` and
+    `python`: the checkout and interpreter the system runs from (`bench.versus` starts another checkout's service
+    with that checkout's own venv)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
@@ -125,9 +136,7 @@ def start(system: str, workload: Workload, workdir: Path, timeout: float = 30.0,
         cmd = ["-m", "bench.sse_server", "--port", str(port), "--mode", mode, "--workload", spec]
     log_path = workdir / f"{system}-{workload.kind}{f'-{start_cpu_us:g}us' if start_cpu_us else ''}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *cmd], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log
-        )
+        proc = subprocess.Popen([python, *cmd], cwd=root, env=child_env(root), stdout=subprocess.DEVNULL, stderr=log)
     server = Server(system, proc, port, log_path)
     try:
         wait_ready(server, timeout)

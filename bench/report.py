@@ -81,13 +81,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     x = paired_ratio(a, s, "first_event_p99_ms")
     add(f"first-event p99 ≥ 5× lower than FastAPI async SSE (C={c})", x, None if x is None else x >= 5, "{:.1f}×")
     ov = results["overhead"]["stacks"]["executor"]["overhead_p50_us"]
-    add("tool-call overhead < 100 µs p50 (full policy stack)", ov, ov < 100, "{:.1f} µs")
+    add("tool-call overhead < 50 µs p50 (full policy stack)", ov, ov < 50, "{:.1f} µs")
     mem = results["idle"].get("service")
     kib = mem and mem["per_stream_bytes"] / KIB
     add(
-        f"≤ 50 KiB per idle open stream ({mem and mem['streams']} streams)",
+        f"≤ 40 KiB per idle open stream ({mem and mem['streams']} streams)",
         kib,
-        kib is not None and kib <= 50,
+        kib is not None and kib <= 40,
         "{:.1f} KiB",
     )
     full = _level(results, "service", 5000)

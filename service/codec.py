@@ -16,15 +16,21 @@ from service import events as ev
 _CLASSES: dict[str, type[Any]] = {cls.kind: cls for cls in ev.Event.__args__}
 
 
+# each event class's field names: `dataclasses.fields` builds its tuple on every call, a third of an event's encoding
+_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES.values()
+}
+
+
 def to_dict(event: ev.Event) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": event.kind}
-    for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
+    for name in _FIELDS[type(event)]:
+        value = getattr(event, name)
         if isinstance(value, ev.ToolStatus):
             value = value.value
         elif isinstance(value, tuple):
             value = list(value)
-        out[field.name] = value
+        out[name] = value
     return out
 
 
@@ -44,6 +50,11 @@ def from_dict(data: dict[str, Any]) -> ev.Event:
         return cls(**values)  # type: ignore[no-any-return]
     except TypeError as exc:
         raise ValueError(f"bad {kind} event: {exc}") from exc
+
+
+def dumps_many(events: list[ev.Event]) -> bytes:
+    """Several events as one JSON array, in one call of the encoder (cheaper than joining `dumps` of each)."""
+    return json.dumps([to_dict(e) for e in events], ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def dumps(event: ev.Event) -> bytes:

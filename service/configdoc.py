@@ -47,6 +47,7 @@ or an address that is not HOST:PORT stops the start with one `error: …` line a
 | `--listen HOST:PORT` | `AGENT_LISTEN` | `listen` |
 | `--metrics-listen HOST:PORT` | `AGENT_METRICS_LISTEN` | `metrics_listen` |
 | | `AGENT_DATA_DIR` | `data_dir` |
+| `--workers N` | `AGENT_WORKERS` | `workers` ([operations.md](operations.md#workers)) |
 | `--log-level LEVEL` | `AGENT_LOG_LEVEL` | DEBUG, INFO (default), WARNING, ERROR or CRITICAL, any case |
 | | `AGENT_AUDIT_KEY` | audit keys, over `audit.key_file` ([audit.md](audit.md)) |
 | | `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` | Claude's key (the scripted model runs without it), and a gateway |

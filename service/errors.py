@@ -28,7 +28,9 @@ they are data the model reads (`tools.base.ToolError`).
         ├── ToolUnavailable       FAILED_PRECONDITION: a tool that cannot work on this server
         ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
         ├── AfterSeqOutOfRange    OUT_OF_RANGE: a seq the run has not logged
-        └── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
+        ├── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
+        ├── RecordsUnavailable    UNAVAILABLE (retry later): the records database (records.url) does not answer
+        └── StateUnavailable      UNAVAILABLE: the shared run state (Redis) cannot be reached; retry shortly
 """
 
 from __future__ import annotations
@@ -213,6 +215,19 @@ class AfterSeqOutOfRange(RequestError):
 class ServerDraining(RequestError):
     code = "UNAVAILABLE"
     reason = "SERVER_DRAINING"
+
+
+class RecordsUnavailable(RequestError):
+    code = "UNAVAILABLE"
+    reason = "RECORDS_UNAVAILABLE"
+
+
+class StateUnavailable(RequestError):
+    """A new run, or a call about a run another replica drives, needs the shared state store, which this replica
+    cannot reach now (runs it already drives go on)."""
+
+    code = "UNAVAILABLE"
+    reason = "STATE_STORE_UNAVAILABLE"
 
 
 def failure_of_status(status: int) -> ModelFailure:

@@ -18,6 +18,9 @@ class ToolStatus(enum.Enum):
     RATE_LIMITED = "rate_limited"
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
+    # A call not safe to repeat was cut off (its process died) before its result was recorded: whether its side
+    # effect happened is not known, and it was not sent again. Only `Executor.resume` reports it (`policy/repeat.py`).
+    OUTCOME_UNKNOWN = "outcome_unknown"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -17,6 +17,10 @@ caller get is not.
 Whatever the tool does, the call ends in a `ToolResult` the model can read; only cancellation propagates, and a
 `CancelledError` is never swallowed (a half-open breaker's trial slot is released on the way out, by the call that
 holds it).
+
+Each attempt runs with `tools.base.current_call()` naming its call; the call's idempotency key, `run_id:call_id`, is
+the same for every attempt and the fallback. `resume` is for a call a crash cut off: run again only if safe to repeat
+(`policy/repeat.py`), otherwise ended `outcome_unknown`.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ from service.policy.call import RunContext, ToolCallRequest
 from service.policy.config import resolve
 from service.policy.guards import Guards, build_guards
 from service.policy.pipeline import Pipeline
+from service.policy.repeat import INTERRUPTED, outcome_unknown, repeat_safe
 from service.policy.shared import SharedPolicy
 from service.recording import DEAD_LETTER_ON, Recorder
-from service.records.audit import AuditLog
-from service.records.deadletter import DeadLetterStore
+from service.records.stores import AuditSink, DeadLetterSink
 from service.redact import Redactor
 from tools.base import Tool
 from tools.policy import ToolPolicy
@@ -57,8 +61,8 @@ class Executor:
         *,
         timeout_s: float = 30.0,
         policies: Mapping[str, ToolPolicy] | None = None,
-        audit: AuditLog | None = None,
-        dead_letter: DeadLetterStore | None = None,
+        audit: AuditSink | None = None,
+        dead_letter: DeadLetterSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         shared: SharedPolicy | None = None,
@@ -99,11 +103,11 @@ class Executor:
         return self.tools[name], self.guards[name]
 
     @property
-    def audit(self) -> AuditLog | None:
+    def audit(self) -> AuditSink | None:
         return self.recorder.audit
 
     @property
-    def dead_letter(self) -> DeadLetterStore | None:
+    def dead_letter(self) -> DeadLetterSink | None:
         return self.recorder.dead_letter
 
     @property
@@ -152,5 +156,35 @@ class Executor:
             yield result
         except BaseException as exc:  # cancelled, or the consumer closed the stream: still audited and counted
             record.aborted(result, exc)
+            raise
+        record.ended(result)
+
+    def repeat_safe(self, call: ToolCallRequest) -> bool:
+        """Whether `call` may be run again without risking its side effect twice (its tool's `side_effects`)."""
+        return repeat_safe(call, self.tools, self.policies)
+
+    async def resume(
+        self, call: ToolCallRequest, run: RunContext, *, why: str = INTERRUPTED, attempts: int = 1
+    ) -> AsyncIterator[Event]:
+        """The events of a call that `why` cut off before its result was recorded, after `attempts` had started.
+        A call safe to repeat runs again, as `execute` runs it, with the same idempotency key. Any other is not sent
+        again: its result is `outcome_unknown`, audited, counted and dead-lettered for reconciliation like a call
+        that failed. (Recovery of durable runs will call this; nothing else does.)"""
+        if self.repeat_safe(call):
+            async for event in self.execute(call, run):
+                yield event
+            return
+        record = self.recorder.start(call, run)
+        result = outcome_unknown(call.call_id, call.name, why=why, attempts=attempts)
+        try:
+            failed = await record.dead_letter(
+                Outcome(result.status, error=result.error, error_type="OutcomeUnknown", attempts=attempts)
+            )
+            if failed is not None:
+                yield failed
+            await record.finished(result)
+            yield result
+        except BaseException as exc:
+            record.aborted(None, exc)
             raise
         record.ended(result)

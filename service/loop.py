@@ -377,6 +377,9 @@ def tool_result_block(result: ToolResult) -> dict[str, Any]:
     if result.status is ToolStatus.PARTIAL:
         body = json.dumps({"partial": True, "note": result.error, "data": result.data})
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
+    if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
+        text = m.plain_text(f"outcome unknown: {result.error}")
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
     # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
     text = m.plain_text(f"{result.status.value}: {result.error}")
     return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

@@ -20,8 +20,9 @@ from service.policy.attempt import Outcome
 from service.policy.call import RunContext, ToolCallRequest
 from service.policy.fleet_breaker import Breaker
 from service.policy.guards import Guards
-from service.records.audit import AuditLog, AuditRecord
-from service.records.deadletter import DeadLetterStore, capture
+from service.records.audit import AuditRecord
+from service.records.deadletter import capture
+from service.records.stores import AuditSink, DeadLetterSink
 from service.redact import Redactor, safe_json
 from tools.base import Tool
 
@@ -42,8 +43,8 @@ class Recorder:
         tools: Mapping[str, Tool[Any]],
         guards: Mapping[str, Guards],
         *,
-        audit: AuditLog | None,
-        dead_letter: DeadLetterStore | None,
+        audit: AuditSink | None,
+        dead_letter: DeadLetterSink | None,
         redactor: Redactor | None,
         clock: Callable[[], float],
     ) -> None:
@@ -74,10 +75,11 @@ class Recorder:
         return CallRecord(self, call, run, span, started)
 
     async def aclose(self) -> None:
-        """Flush the audit queue and close the stores (on the stores' threads: closing waits for writes)."""
-        for store in (self.audit, self.dead_letter):
-            if store is not None:
-                await asyncio.to_thread(store.close)
+        """Flush the audit queue and close the stores (closing waits for their writes)."""
+        if self.audit is not None:
+            await self.audit.aclose()
+        if self.dead_letter is not None:
+            await self.dead_letter.aclose()
 
 
 class CallRecord:
@@ -194,6 +196,7 @@ class CallRecord:
             message=outcome.error,
             traceback=outcome.traceback,
             attempts=outcome.attempts,
+            trace_id=telemetry.span_ids(self.span).get("trace_id", ""),
         )
         if letter is None:
             return None
@@ -244,6 +247,7 @@ class CallRecord:
                     answered_by=result.answered_by,
                     data=result.data,
                     error=result.error,
+                    trace_id=telemetry.span_ids(span).get("trace_id", ""),
                 )
             )
         guards = recorder.guards.get(call.name)

@@ -14,13 +14,14 @@ resumes from the log with its last seq.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from service import events as ev
 from service import telemetry
@@ -28,10 +29,25 @@ from service.aio import cancel_and_wait
 from service.coalesce import DELTAS, Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
-from service.errors import IdempotencyConflict, NotFound, QueueFull, RunCancelled, RunInterrupted, SubscriberTooSlow
+from service.errors import (
+    AgentError,
+    CallerLimited,
+    IdempotencyConflict,
+    NotFound,
+    QueueFull,
+    RunAlreadyEnded,
+    RunCancelled,
+    RunInterrupted,
+    SubscriberTooSlow,
+)
 from service.loop import AgentLoop, RunSpec
 from service.parts import split
+from service.records.summaries import RunSummary, RunSummaryStore
 from service.retention import Ended, Retention
+from service.state.base import RunRecord, RunStore
+
+if TYPE_CHECKING:
+    from service.callers import Caller, CallerLimits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,7 @@ class Entry(NamedTuple):
 
 class Run:
     def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
+        self.id = spec.run_id
         self.spec = spec
         self.control = control
         self.caller = caller
@@ -68,11 +85,8 @@ class Run:
         self.log: list[Entry] = []
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
         self.task: asyncio.Task[None] | None = None
+        self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
         self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def id(self) -> str:
-        return self.spec.run_id
 
     @property
     def finished(self) -> bool:
@@ -88,7 +102,7 @@ class Run:
         await between events (see `RunControl.scope`)."""
         log = self.log
         log.append(Entry(len(log) + 1, time.time_ns(), event))
-        self.bytes += _EVENT_BYTES + len(getattr(event, "text", ""))
+        self.bytes += EVENT_BYTES + len(getattr(event, "text", ""))
         if self._waiters:
             self._wake()
 
@@ -103,6 +117,32 @@ class Run:
             self.state = RunState.FAILED
         self.ended_ns = time.time_ns()
         self._wake()
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            self.id,
+            self.caller,
+            self.state.value,
+            len(self.log),
+            self.created_ns,
+            self.ended_ns,
+            self.outcome,
+            self.fingerprint,
+        )
+
+    async def reached(self, seq: int) -> None:
+        """Return once the log holds `seq`, or the run has ended."""
+        while len(self.log) < seq and not self.finished:
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
+
+    async def ended(self) -> None:
+        """Return once the run has ended."""
+        while not self.finished:
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
 
     def _wake(self) -> None:
         for waiter in self._waiters:
@@ -136,6 +176,8 @@ class Run:
                 yield entry
             if self.finished:
                 return
+            if self.lost is not None:
+                raise self.lost
             await self._changed()
 
     def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
@@ -169,8 +211,17 @@ class RunRegistry:
         *,
         clock: Callable[[], float] = time.monotonic,
         load: LoopLoad | None = None,
+        store: RunStore | None = None,
+        summaries: RunSummaryStore | None = None,
     ) -> None:
+        """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten."""
         self.loop = loop
+        self.store = store
+        self.summaries = summaries
+        self._summary_writes: set[asyncio.Task[None]] = set()
+        if store is not None:
+            store.on_cancel(self._cancel_requested)
         self.config = config
         self.clock = clock
         self.load = load or LoopLoad()
@@ -202,10 +253,148 @@ class RunRegistry:
         run_id = self._keys.get((caller, key))
         run = self.runs.get(run_id) if run_id else None
         if run is not None and run.fingerprint != fingerprint:
-            raise IdempotencyConflict(
-                f"idempotency_key {key!r} was used by run {run.id} with a different request; use a new key"
-            )
+            raise _conflict(key, run.id)
         return run
+
+    async def open(
+        self,
+        spec: RunSpec,
+        *,
+        caller: Caller,
+        limits: CallerLimits,
+        key: str = "",
+        fingerprint: str = "",
+        deadline: float | None = None,
+        background: bool = False,
+    ) -> tuple[Run, bool]:
+        """Start a run for `caller` within its quotas, or return the one its idempotency key names (wherever it
+        runs, with a shared store). True when a new run was started."""
+        existing = self.find(caller.name, key, fingerprint)
+        if existing is not None:
+            return existing, False
+        store = self.store
+        if store is None:
+            # check and count in one synchronous step: no other start of this caller can pass in between
+            refused = limits.admit(caller)
+            if refused is not None:
+                raise CallerLimited(refused)
+            run, created = self.start(
+                spec, caller=caller.name, key=key, fingerprint=fingerprint, deadline=deadline, background=background
+            )
+            if created and run.task is not None:
+                limits.started(caller)
+                run.task.add_done_callback(lambda _: limits.ended(caller))
+            return run, created
+        self._check_queue(background)
+        run = self._new_run(spec, caller.name, key, fingerprint, deadline, store)
+        # the background slot is held across the admission's await: once admitted (its quota and key taken) the run
+        # must start, so no other start may fill the queue meanwhile
+        self._background_runs += background
+        try:
+            admitted = await store.admit(run, key=key, fingerprint=fingerprint, limits=caller.config)
+        finally:
+            self._background_runs -= background
+        if admitted.existing:
+            other = self.runs.get(admitted.existing)
+            record = other.record() if other is not None else await store.record(admitted.existing)
+            if record is None:
+                raise NotFound(
+                    f"idempotency_key {key!r} names run {admitted.existing}, which was forgotten; use a new key"
+                )
+            if record.fingerprint != fingerprint:
+                raise _conflict(key, record.run_id)
+            return (other if other is not None else await store.mirror(record)), False
+        if admitted.refused:
+            raise CallerLimited(admitted.refused)
+        self._launch(run, background)
+        return run, True
+
+    async def record(self, run_id: str, caller: str) -> RunRecord:
+        """What GetRun answers: this process's run, else the shared store's record of it, else its summary."""
+        try:
+            return self.get(run_id, caller).record()
+        except NotFound:
+            record = None if self.store is None else await self.store.record(run_id)
+            if record is None and self.summaries is not None:
+                summary = await self.summaries.get(run_id)
+                if summary is not None:
+                    record = RunRecord(
+                        summary.run_id,
+                        summary.caller,
+                        summary.state,
+                        summary.last_seq,
+                        summary.created_ns,
+                        summary.ended_ns,
+                        summary.outcome,
+                    )
+            if record is None or record.caller != caller:
+                raise
+            return record
+
+    async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
+        """The run to follow: this process's own, else a mirror of the one another process drives. A caller may
+        have seen, from the driving process, a seq not yet shipped here: up to a second is given for it to arrive."""
+        try:
+            return self.get(run_id, caller)
+        except NotFound:
+            if self.store is None:
+                raise
+            record = await self.store.record(run_id)
+            if record is None or record.caller != caller:
+                raise
+            mirror = await self.store.mirror(record)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await mirror.reached(after_seq)
+            return mirror
+
+    async def cancel_elsewhere(self, record: RunRecord, *, after_turn: bool) -> RunRecord:
+        """Cancel a run another process drives: the store reaches its owner; the final record when the run ends
+        within a second (IMMEDIATE), else the record as it stands."""
+        assert self.store is not None
+        if record.state == RunState.CANCELLED.value:
+            return record
+        if record.finished:
+            raise RunAlreadyEnded(f"run {record.run_id} already ended ({record.state}); nothing to cancel")
+        return await self.store.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
+
+    def _cancel_requested(self, run_id: str, after_turn: bool) -> None:
+        run = self.runs.get(run_id)
+        if run is not None and not run.finished:
+            self.cancel(run, after_turn=after_turn)
+
+    def _check_queue(self, background: bool) -> None:
+        capacity = self.config.background_max_concurrent + self.config.background_max_queued
+        if background and self._background_runs >= capacity:
+            raise QueueFull(
+                f"the background queue is full ({self.config.background_max_queued} runs waiting); retry later"
+            )
+
+    def _new_run(
+        self, spec: RunSpec, caller: str, key: str, fingerprint: str, deadline: float | None, store: RunStore | None
+    ) -> Run:
+        now = asyncio.get_running_loop().time()
+        limit = now + self.config.max_run_s
+        control = RunControl(
+            deadline=limit if deadline is None else min(deadline, limit),
+            min_tool_budget_s=self.config.min_tool_budget_s,
+        )
+        if store is None:
+            return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+
+    def _launch(self, run: Run, background: bool) -> None:
+        run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+        self.runs[run.id] = run
+        if run.idempotency_key:
+            self._keys[(run.caller, run.idempotency_key)] = run.id
+        if background:
+            self._background_runs += 1
+        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
+            self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
 
     def start(
         self,
@@ -221,29 +410,9 @@ class RunRegistry:
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
-        capacity = self.config.background_max_concurrent + self.config.background_max_queued
-        if background and self._background_runs >= capacity:
-            raise QueueFull(
-                f"the background queue is full ({self.config.background_max_queued} runs waiting); retry later"
-            )
-        now = asyncio.get_running_loop().time()
-        limit = now + self.config.max_run_s
-        control = RunControl(
-            deadline=limit if deadline is None else min(deadline, limit),
-            min_tool_budget_s=self.config.min_tool_budget_s,
-        )
-        run = Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        run.append(self.loop.started(spec))  # at once: the first event does not wait for the driver task
-        self.runs[run.id] = run
-        if key:
-            self._keys[(caller, key)] = run.id
-        if background:
-            self._background_runs += 1
-        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
-        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
-        if self._janitor is None:
-            self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
-            self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
+        self._check_queue(background)
+        run = self._new_run(spec, caller, key, fingerprint, deadline, None)
+        self._launch(run, background)
         return run, True
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
@@ -299,6 +468,27 @@ class RunRegistry:
             self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
         telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
         log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
+        if self.summaries is not None:
+            task = asyncio.create_task(self._summarize(self.summaries, run), name=f"summary {run.id}")
+            self._summary_writes.add(task)
+            task.add_done_callback(self._summary_writes.discard)
+
+    async def _summarize(self, summaries: RunSummaryStore, run: Run) -> None:
+        record = run.record()
+        summary = RunSummary(
+            run_id=run.id,
+            caller=run.caller,
+            state=record.state,
+            last_seq=record.last_seq,
+            created_ns=record.created_ns,
+            ended_ns=record.ended_ns,
+            outcome=record.outcome,
+        )
+        try:
+            await summaries.put(summary)
+        except Exception:
+            # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
+            log.exception("run summary not written", extra={"run_id": run.id})
 
     async def _play(self, run: Run) -> None:
         config = self.config
@@ -362,6 +552,10 @@ class RunRegistry:
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
+        if self._summary_writes:
+            await asyncio.wait(self._summary_writes, timeout=5.0)
+        if self.store is not None:
+            await self.store.close()  # after the runs: their last events are shipped first
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""
@@ -380,7 +574,13 @@ class RunRegistry:
 
 
 # What an event costs the log besides its text and data: the entry, the event object, the timestamp.
-_EVENT_BYTES = 200
+EVENT_BYTES = 200
+
+
+def _conflict(key: str, run_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency_key {key!r} was used by run {run_id} with a different request; use a new key"
+    )
 
 
 def _stopped(run: Run) -> ev.RunFailed:

@@ -1,5 +1,9 @@
 """Prometheus metrics, OpenTelemetry tracing and structured JSON logging (one line per event of interest).
 
+Metrics are kept in this process, or, under `--workers N` (`service/rpc/workers.py`), in prometheus_client's
+multiprocess mode: each worker writes its values to files in `PROMETHEUS_MULTIPROC_DIR` and the supervisor serves
+their aggregate. A gauge's `multiprocess_mode` says how the workers' values combine (ignored by one process).
+
 Tracing is off by default and then costs next to nothing (the API's no-op tracer). It is switched on only by the
 standard environment variables: an OTLP exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is
 set, unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`; `OTEL_SERVICE_NAME` and the other `OTEL_*`
@@ -8,6 +12,7 @@ variables are read by the SDK itself.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextvars
 import functools
@@ -18,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -36,7 +42,7 @@ TOOL_LATENCY = Histogram(
     "agent_tool_call_duration_seconds", "Tool call latency by tool", ["tool"], buckets=LATENCY_BUCKETS
 )
 RUNS = Counter("agent_runs_total", "Runs by outcome (gRPC status code name)", ["outcome"])
-ACTIVE_RUNS = Gauge("agent_active_runs", "Runs in progress")
+ACTIVE_RUNS = Gauge("agent_active_runs", "Runs in progress", multiprocess_mode="livesum")
 # 100 µs to 30 s: a first event is usually sent within a millisecond of the call's start (about 0.3 ms here, all of
 # it in the 1 ms bucket before), and seconds only when the process is saturated.
 FIRST_EVENT_BUCKETS = (
@@ -60,10 +66,23 @@ MODEL_TOKENS = Counter(
     "agent_model_tokens_total", "Tokens of completed model turns, as the model reported them", ["kind"]
 )  # kind: input, output; no model label: the model is the caller's to name
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
-LOOP_LAG = Gauge("agent_event_loop_lag_seconds", "How late the event loop wakes a timer (smoothed)")
-LOOP_BUSY = Gauge("agent_event_loop_busy_ratio", "Share of a core the event loop thread uses (smoothed, 0 to 1)")
+# Each worker's own loop, by `pid`: a sum means nothing, and a saturated worker must show beside an idle one.
+LOOP_LAG = Gauge(
+    "agent_event_loop_lag_seconds", "How late the event loop wakes a timer (smoothed)", multiprocess_mode="liveall"
+)
+LOOP_BUSY = Gauge(
+    "agent_event_loop_busy_ratio",
+    "Share of a core the event loop thread uses (smoothed, 0 to 1)",
+    multiprocess_mode="liveall",
+)
 TOOL_RETRIES = Counter("agent_tool_retries_total", "Tool call attempts retried after a transient failure", ["tool"])
-CIRCUIT_STATE = Gauge("agent_tool_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["tool"])
+# The worst state any worker sees: with `scope: process` one worker's circuit may be open while another's is closed.
+CIRCUIT_STATE = Gauge(
+    "agent_tool_circuit_state",
+    "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+    ["tool"],
+    multiprocess_mode="livemax",
+)
 CIRCUIT_TRANSITIONS = Counter(
     "agent_tool_circuit_transitions_total", "Circuit breaker state changes", ["tool", "from", "to"]
 )
@@ -76,10 +95,36 @@ STATE_DEGRADED = Counter(
     "agent_state_degraded_total", "Times a part found the shared state (Redis) unreachable and went local", ["part"]
 )
 STATE_DEGRADED_NOW = Gauge(
-    "agent_state_unreachable", "1 while a part runs on this process's own state, the shared state unreachable", ["part"]
+    "agent_state_unreachable",
+    "1 while a part runs on this process's own state, the shared state unreachable",
+    ["part"],
+    multiprocess_mode="livemax",  # 1 while any worker is on its own
 )
 FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback tool", ["tool", "fallback"])
 DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
+# Under --workers: up is the worst a live worker sees (min), what waits is summed over them (the spool is shared).
+RECORDS_UP = Gauge(
+    "agent_records_up",
+    "1 while the records database (records.url) answers; 0 while records spool",
+    multiprocess_mode="livemin",
+)
+RECORDS_PENDING = Gauge(
+    "agent_records_pending",
+    "Records waiting in the local spool for the records database",
+    multiprocess_mode="livemax",
+)
+# the shared run-state store (state.url redis://); absent from a memory:// service's scrape until it sets them
+STATE_UP = Gauge(
+    "agent_state_store_up",
+    "1 while the shared run-state store answers, 0 while it cannot be reached",
+    multiprocess_mode="livemin",
+)
+STATE_ERRORS = Counter("agent_state_store_errors_total", "Failed operations on the shared run-state store")
+STATE_UNSHIPPED = Gauge(
+    "agent_state_unshipped_events",
+    "Events logged here and not yet in the shared store",
+    multiprocess_mode="livesum",
+)
 
 
 UNKNOWN_TOOL = "(unknown)"
@@ -97,6 +142,37 @@ def child(metric: Any, *labels: str) -> Any:
 def record_tool_call(tool: str, outcome: str, seconds: float) -> None:
     child(TOOL_CALLS, tool, outcome).inc()
     child(TOOL_LATENCY, tool).observe(seconds)
+
+
+def multiprocess() -> bool:
+    """Whether metrics go to the workers' shared folder (prometheus_client reads the same variable at import)."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
+OBSERVE_PERIOD_S = 1.0
+"""How often, under `--workers N`, a gauge read by a function is written to its file: Prometheus scrapes every 15 s
+or more, and the reads are of in-memory state."""
+
+_observed: list[tuple[Any, Callable[[], float]]] = []
+
+
+def observe(gauge: Any, read: Callable[[], float]) -> None:
+    """`gauge` (a child of a Gauge) shows `read()`. One process reads it at each scrape (`set_function`); a worker
+    cannot, as the scrape happens in the supervisor, which reads only the workers' files, so `keep_observed` writes
+    it there every `OBSERVE_PERIOD_S`."""
+    if not multiprocess():
+        gauge.set_function(read)
+        return
+    gauge.set(read())
+    _observed.append((gauge, read))
+
+
+async def keep_observed(period_s: float = OBSERVE_PERIOD_S) -> None:
+    """Write every `observe`d gauge every `period_s` until cancelled (under `--workers N` only)."""
+    while True:
+        await asyncio.sleep(period_s)
+        for gauge, read in _observed:
+            gauge.set(read())
 
 
 _tracer: trace.Tracer = trace.NoOpTracer()
@@ -204,9 +280,10 @@ class JsonFormatter(logging.Formatter):
 
     _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
-    def __init__(self, redactor: Redactor | None = None) -> None:
+    def __init__(self, redactor: Redactor | None = None, fields: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.redactor = redactor
+        self.fields = dict(fields or {})  # on every line: a worker's index tells its lines apart
 
     def format(self, record: logging.LogRecord) -> str:
         redactor = self.redactor or redact.active()
@@ -216,6 +293,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": _message(record, redactor) if redactor.enabled else record.getMessage(),
+            **self.fields,
         }
         out.update(redactor.value(extra))
         if "trace_id" not in out and _tracing:
@@ -264,10 +342,11 @@ class RunIdFilter(logging.Filter):
         return True
 
 
-def json_handler(stream: Any) -> logging.Handler:
-    """The service's log handler: JSON lines on `stream`, each logged inside a run carrying its id."""
+def json_handler(stream: Any, fields: Mapping[str, Any] | None = None) -> logging.Handler:
+    """The service's log handler: JSON lines on `stream`, each logged inside a run carrying its id, and every one
+    carrying `fields`."""
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields=fields))
     handler.addFilter(RunIdFilter())
     return handler
 
@@ -279,10 +358,10 @@ def lean_log_records() -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", fields: Mapping[str, Any] | None = None) -> None:
     lean_log_records()
     root = logging.getLogger()
-    root.handlers[:] = [json_handler(sys.stderr)]
+    root.handlers[:] = [json_handler(sys.stderr, fields)]
     root.setLevel(level)
 
 

@@ -9,10 +9,13 @@ module builds its siblings; follow `start` to see the whole service.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
 from service.callers import CallerLimits
@@ -25,20 +28,27 @@ from service.policy.config import resolve
 from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
-from service.records.audit_chain import load_keyring
+from service.records.audit_chain import ENV_VAR, load_keyring
 from service.records.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.records.deadletter import DeadLetterStore
+from service.records.spool import DEFAULT_FILE as SPOOL_FILE
 from service.records.sqlite import sqlite_path
+from service.records.stores import Records
+from service.records.summaries import DEFAULT_FILE as SUMMARIES_FILE
+from service.records.summaries import SqliteRunSummaryStore
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
-from service.rpc.server import Service, start_server
+from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
+from service.state.base import RunStore
 from tools import load_tools
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
+
+SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
 async def start(
@@ -54,9 +64,16 @@ async def start(
     warn_unavailable(tools)
     model = build_model(config) if model is None else model
     telemetry.setup_tracing()  # only when the OTEL_* environment asks for it; a no-op tracer otherwise
-    executor = build_executor(tools, config)
+    records = build_records(config)
+    await records.open()  # PostgreSQL: connected and migrated, or (unreachable) records spool until it answers
+    executor = build_executor(tools, config, records)
     loop = AgentLoop(model, executor, retry=config.model.retry)
-    registry = RunRegistry(loop, config.runs)
+    health = HealthReport(STATE_HEALTH)
+    store = await build_run_store(config, health)
+    # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
+    # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
+    summaries = records.summaries if config.records.url is not None else None
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -67,7 +84,7 @@ async def start(
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
     )
-    return await start_server(
+    service = await start_server(
         config,
         servicer,
         interceptors=[AuthInterceptor(authenticator), RejectUndecodable(), *tracing_interceptors()],
@@ -77,6 +94,57 @@ async def start(
         tools=tools,
         metrics=metrics,
     )
+    if store is not None:
+        await health.attach(service.health, store.up)
+    if records.database is not None:
+        records_health = HealthReport(RECORDS_HEALTH)
+        records.database.on_health = records_health.changed_soon
+        await records_health.attach(service.health, records.database.up)
+    return service
+
+
+STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
+RECORDS_HEALTH = "agent.v1.RecordsStore"  # NOT_SERVING while records spool locally (PostgreSQL unreachable)
+
+
+class HealthReport:
+    """Carries a store's health to the gRPC health service, which exists only once the server started: under the
+    store's own name, so that probes of the main service (and so traffic) do not depend on it: a replica whose
+    store is away still finishes its runs and (records) spools what it must write."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.health: HealthServicer | None = None
+        self._sets: set[asyncio.Task[None]] = set()
+
+    async def attach(self, health: HealthServicer, up: bool) -> None:
+        self.health = health
+        await self.changed(up)
+
+    async def changed(self, up: bool) -> None:
+        if self.health is not None:
+            await self.health.set(self.name, SERVING if up else NOT_SERVING)
+
+    def changed_soon(self, up: bool) -> None:
+        """`changed`, for a store that notices from synchronous code; in order, the health service's set is quick."""
+        if self.health is not None:
+            task = asyncio.get_running_loop().create_task(self.changed(up))
+            self._sets.add(task)
+            task.add_done_callback(self._sets.discard)
+
+
+async def build_run_store(config: Config, health: HealthReport) -> RunStore | None:
+    """The shared run-state store `state.url` names; None for memory:// (the registry keeps runs in this process)."""
+    if not config.state.shared:
+        return None
+    # imported here: a memory:// service loads nothing of redis (and runs where its client is not installed)
+    from service.state.redis_runs import RedisRunStore
+
+    store = RedisRunStore(
+        config.state, retention_s=config.runs.retention_s, max_run_s=config.runs.max_run_s, on_health=health.changed
+    )
+    await store.start()
+    return store
 
 
 def build_model(config: Config) -> Model:
@@ -118,34 +186,73 @@ def warn_unavailable(tools: Mapping[str, Tool[Any]]) -> None:
             )
 
 
-def build_executor(tools: Mapping[str, Tool[Any]], config: Config) -> Executor:
-    """The executor a server runs: policies resolved from the tools and `policies`, durable audit and dead-letter
-    stores where the config says (by default under data_dir), and the config's redaction, installed process-wide."""
+def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Records | None = None) -> Executor:
+    """The executor a server runs: policies resolved from the tools and `policies`, the record stores (`records`, by
+    default `build_records`'s), and the config's redaction, installed process-wide (the stores use that one)."""
     policies = resolve(tools, config.policies)
-    audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
-    dead_path = sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE)
     redactor = Redactor.from_config(config.redaction)
     redact.install(redactor)  # logging is process-wide: the JSON log formatter masks with the same redactor
+    records = build_records(config) if records is None else records
     return Executor(
         tools,
         timeout_s=config.limits.tool_timeout_s,
         policies=policies,
-        audit=AuditLog(
-            audit_path,
-            keyring=load_keyring(config.audit.key_file, audit_path),
-            queue_size=config.audit.queue_size,
-            head_log_interval_s=config.audit.head_log_interval_s,
-            redactor=redactor,
-        ),
-        dead_letter=DeadLetterStore(
-            dead_path,
-            redactor=redactor,
-            retention_s=None
-            if config.dead_letter.retention_days is None
-            else config.dead_letter.retention_days * 86400,
-        ),
+        audit=records.audit,
+        dead_letter=records.dead_letter,
         redactor=redactor,
         shared=build_shared_policy(config),
+    )
+
+
+def build_records(config: Config) -> Records:
+    """The audit log, dead letters and run summaries: in PostgreSQL when `records.url` is set (one chain and one
+    table for every replica, spooled under data_dir while it is away), else SQLite files under data_dir. They redact
+    with the process-wide redactor (`build_executor` installs the config's)."""
+    audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
+    keyring = load_keyring(config.audit.key_file, audit_path)
+    retention_s = None if config.dead_letter.retention_days is None else config.dead_letter.retention_days * 86400
+    if config.records.url is None:
+        return Records(
+            audit=AuditLog(
+                audit_path,
+                keyring=keyring,
+                queue_size=config.audit.queue_size,
+                head_log_interval_s=config.audit.head_log_interval_s,
+            ),
+            dead_letter=DeadLetterStore(
+                sqlite_path(config.dead_letter, config.data_dir, DEAD_LETTER_FILE), retention_s=retention_s
+            ),
+            summaries=SqliteRunSummaryStore(config.data_dir / SUMMARIES_FILE),
+        )
+    from service.records.pg_audit import PgAuditLog  # psycopg only when the config asks for PostgreSQL
+    from service.records.pg_deadletter import PgDeadLetterStore
+    from service.records.pg_summaries import PgRunSummaryStore
+    from service.records.postgres import PgRecords
+
+    if config.audit.key_file is None and not os.environ.get(ENV_VAR):
+        log.warning(
+            "the audit log is in PostgreSQL but its key is the one beside this replica's data_dir: every replica then "
+            "signs with a key of its own, which verify needs too; give all replicas one key (audit.key_file or %s)",
+            ENV_VAR,
+            extra={"key_id": keyring.active},
+        )
+    database = PgRecords(
+        config.records.url,
+        spool_path=config.data_dir / SPOOL_FILE,
+        pool_min=config.records.pool_min,
+        pool_max=config.records.pool_max,
+        timeout_s=config.records.timeout_s,
+    )
+    return Records(
+        audit=PgAuditLog(
+            database,
+            keyring=keyring,
+            queue_size=config.audit.queue_size,
+            head_log_interval_s=config.audit.head_log_interval_s,
+        ),
+        dead_letter=PgDeadLetterStore(database, retention_s=retention_s),
+        summaries=PgRunSummaryStore(database),
+        database=database,
     )
 
 
@@ -156,7 +263,8 @@ def build_shared_policy(config: Config) -> SharedPolicy | None:
         return None
     # imported here: the embedded default never loads the Redis client (nor needs what it needs, e.g. async_timeout
     # on a Python before 3.11.3)
-    from service.state.redis_limits import RedisPolicyState, client
+    from service.state.redis_client import connect
+    from service.state.redis_limits import RedisPolicyState
 
-    state = RedisPolicyState(client(config.state), config.state.prefix)
+    state = RedisPolicyState(connect(config.state), config.state.prefix)
     return SharedPolicy(state, Reachability("limits", state.ping), cache=config.state.shared_cache)

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
+from fake_anthropic import FakeAnthropic
 from fake_tools import all_tools
 from service import telemetry
 from service.config import Config, Pacing
@@ -136,3 +137,23 @@ async def cli(
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAnthropic]:
+    """A local server that speaks the Anthropic Messages API, scripted by the test."""
+    async with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture
+async def claude_service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]:
+    """The service on Claude through the real SDK against `fake`, with the test tools and quick model retries."""
+    from service.models.anthropic import AnthropicModel
+
+    model = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model="claude-sonnet-4-6")
+    config = make_config(tmp_path, model={"retry": {"attempts": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}})
+    svc = await start(config, metrics=False, tools=all_tools(), model=model)
+    yield svc
+    await svc.server.stop(0)
+    await svc.close()

@@ -38,12 +38,6 @@ QUERY_TOOL = ToolSpec(
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    async with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture
 async def model(fake: FakeAnthropic) -> AsyncIterator[AnthropicModel]:
     claude = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model=MODEL, timeout_s=5.0)
     yield claude

@@ -154,3 +154,24 @@ def test_without_h2load_its_stage_says_how_to_get_it_and_its_targets_are_not_run
     assert "nghttp2-client" in results["h2load"]["skipped"]
     assert "**Not run.**" in "\n".join(h2report.markdown(results))
     assert {t["pass"] for t in h2report.targets(results)} == {None}
+
+
+def test_targets_hold_the_performance_issues_thresholds() -> None:
+    """Tool-call overhead under 50 µs and at most 40 KiB per idle stream (issue 15), not the older 100 µs / 50 KiB:
+    a run at 60 µs and 45 KiB misses both."""
+    from bench.report import targets
+
+    results: dict[str, Any] = {
+        "levels": [100],
+        "paced": {},
+        "unpaced": {},
+        "overhead": {"stacks": {"executor": {"overhead_p50_us": 60.0}}},
+        "idle": {"service": {"per_stream_bytes": 45 * 1024, "streams": 5000}},
+    }
+    rows = {row["target"].split(" (")[0]: row for row in targets(results)}
+    assert rows["tool-call overhead < 50 µs p50"]["pass"] is False
+    assert rows["≤ 40 KiB per idle open stream"]["pass"] is False
+    results["overhead"]["stacks"]["executor"]["overhead_p50_us"] = 40.0
+    results["idle"]["service"]["per_stream_bytes"] = 36 * 1024
+    rows = {row["target"].split(" (")[0]: row for row in targets(results)}
+    assert rows["tool-call overhead < 50 µs p50"]["pass"] and rows["≤ 40 KiB per idle open stream"]["pass"]

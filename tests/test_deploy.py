@@ -295,6 +295,23 @@ def test_pod_is_locked_down() -> None:
     assert key["valueFrom"]["secretKeyRef"]["optional"] is True  # the offline demo starts without the Secret
 
 
+def test_a_fleet_shares_its_state_and_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two or more replicas must share run state (Redis) and records (PostgreSQL), or GetRun, WatchRun and CancelRun
+    land on a pod that never saw the run: the URLs come from the Secret, required, and the service reads them."""
+    assert resource("Deployment")["spec"]["replicas"] >= 2
+    env = {e["name"]: e for e in container()["env"]}
+    for name, key in (("AGENT_STATE_URL", "state-url"), ("AGENT_RECORDS_URL", "records-url")):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == key and not ref.get("optional", False), name
+    egress = {p["port"] for rule in resource("NetworkPolicy")["spec"]["egress"] for p in rule["ports"]}
+    assert {6379, 5432} <= egress
+    monkeypatch.setenv("AGENT_STATE_URL", "redis://:secret@redis-master.data:6379/0")
+    monkeypatch.setenv("AGENT_RECORDS_URL", "postgresql://agent@agent-pg-rw.data:5432/agent")
+    config = config_from_configmap(tmp_path)
+    assert config.state.shared and config.state.url.startswith("redis://")
+    assert config.records.url == "postgresql://agent@agent-pg-rw.data:5432/agent"
+
+
 SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "summary": ["_count"]}
 
 

@@ -18,6 +18,8 @@ import service.telemetry  # noqa: F401 - registers the service's metrics
 from agent.v1 import agent_pb2
 from service import configdoc
 from service.__main__ import parse_args
+from service.config import Config
+from service.rpc.workers import Supervisor
 from tools.base import ToolConfig, ToolError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,9 +136,10 @@ def test_event_tables_name_every_event_of_the_contract_once() -> None:
 
 
 def test_metrics_in_operations_are_the_ones_the_service_exports() -> None:
+    supervisor = Supervisor(Config(), log_level="INFO")  # its own metrics, beside the workers', under --workers
     exported = {
         f"{family.name}_total" if family.type == "counter" else family.name
-        for family in REGISTRY.collect()
+        for family in (*REGISTRY.collect(), *supervisor.registry.collect())
         if family.name.startswith("agent_")
     }
     text = (ROOT / "docs" / "operations.md").read_text()

@@ -1,10 +1,9 @@
-"""The whole service with the real Claude adapter: gRPC in, real SDK out to a local server that speaks the
+"""The whole claude_service with the real Claude adapter: gRPC in, real SDK out to a local server that speaks the
 Messages streaming protocol."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,6 @@ from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.anthropic import AnthropicModel
 from service.rpc.server import Service
-from service.wiring import start
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    async with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture
-async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]:
-    model = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model="claude-sonnet-4-6")
-    config = make_config(tmp_path, model={"retry": {"attempts": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}})
-    svc = await start(config, metrics=False, tools=all_tools(), model=model)
-    yield svc
-    await svc.server.stop(0)
-    await svc.close()
 
 
 async def loop_run(
@@ -63,7 +45,7 @@ async def loop_run(
 
 
 async def test_claude_run_with_parallel_tools_end_to_end(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_turn(
         text="Checking both.",
@@ -71,7 +53,7 @@ async def test_claude_run_with_parallel_tools_end_to_end(
         tool_uses=[("echo", {"text": "a"}), ("count", {"n": 2})],
     )
     fake.script_turn(text="All done.")
-    events = await run_events(channel_to(service), message="go", tools=["echo", "count"])
+    events = await run_events(channel_to(claude_service), message="go", tools=["echo", "count"])
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "run_started" and kinds[-1] == "final_response"
     assert "".join(e.thinking.text for e in events if e.HasField("thinking")) == "Two lookups."
@@ -92,22 +74,22 @@ async def test_claude_run_with_parallel_tools_end_to_end(
 
 
 async def test_overloaded_before_the_stream_is_retried_by_the_service(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_http_error(529)
     fake.script_turn(text="Back.")
-    events = await run_events(channel_to(service))
+    events = await run_events(channel_to(claude_service))
     assert events[-1].final_response.text == "Back."
     assert len(fake.requests) == 2  # one failed request, one retry by the loop: the SDK itself did not retry
 
 
 async def test_overloaded_mid_stream_after_text_ends_the_run_retryable(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_stream_error([Text("partial answer")])
     seen: list[pb.AgentEvent] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for event in stub(channel_to(service)).RunAgent(pb.RunAgentRequest(message="go")):
+        async for event in stub(channel_to(claude_service)).RunAgent(pb.RunAgentRequest(message="go")):
             seen.append(event)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "".join(e.text_delta.text for e in seen if e.HasField("text_delta")) == "partial answer"
@@ -115,20 +97,22 @@ async def test_overloaded_mid_stream_after_text_ends_the_run_retryable(
     assert len(fake.requests) == 1
 
 
-async def test_rejected_api_key_is_failed_precondition(fake: FakeAnthropic, service: Service, channel_to: Any) -> None:
+async def test_rejected_api_key_is_failed_precondition(
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
+) -> None:
     fake.script_http_error(401)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await run_events(channel_to(service))
+        await run_events(channel_to(claude_service))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "authentication failed (HTTP 401)" in (info.value.details() or "")
 
 
 async def test_a_tool_input_that_is_not_json_is_named_once_in_the_result_the_model_reads(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_blocks([ToolUse("echo", '{"text": "a', id="toolu_bad"), ToolUse("echo", "[1]", id="toolu_list")])
     fake.script_turn(text="Sorry.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert events[-1].final_response.text == "Sorry."
     results = fake.requests[1].body["messages"][2]["content"]
     assert [(r["tool_use_id"], r["is_error"]) for r in results] == [("toolu_bad", True), ("toolu_list", True)]
@@ -138,14 +122,14 @@ async def test_a_tool_input_that_is_not_json_is_named_once_in_the_result_the_mod
 
 
 async def test_a_tool_call_cut_off_by_max_tokens_does_not_run_and_the_model_is_told_why(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_blocks(
         [ToolUse("echo", {"text": "whole"}, id="toolu_whole"), ToolUse("echo", '{"text": "cu', id="toolu_cut")],
         stop_reason="max_tokens",
     )
     fake.script_turn(text="Done.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert events[-1].final_response.text == "Done."
     ran = [e.tool_call_ready.call_id for e in events if e.HasField("tool_call_ready")]
     assert ran == ["toolu_whole"]
@@ -156,12 +140,12 @@ async def test_a_tool_call_cut_off_by_max_tokens_does_not_run_and_the_model_is_t
 
 
 async def test_a_refused_turn_runs_none_of_its_tool_calls_and_ends_the_run(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """stop_reason refusal: the API stopped the turn for safety, so the calls in it are not the model's to make."""
     fake.script_blocks([Text("Sure, "), ToolUse("echo", {"text": "x"}, id="toolu_refused")], stop_reason="refusal")
     fake.script_turn(text="never asked for")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert not any(e.HasField("tool_call_ready") for e in events)
     (result,) = [e.tool_result for e in events if e.HasField("tool_result")]  # the caller saw the call begin
     assert (result.call_id, result.status) == ("toolu_refused", pb.TOOL_STATUS_REJECTED)
@@ -172,13 +156,13 @@ async def test_a_refused_turn_runs_none_of_its_tool_calls_and_ends_the_run(
 
 
 async def test_a_paused_turn_is_continued_as_the_same_assistant_message(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """stop_reason pause_turn: the API paused a long turn; sending it back as it stands lets the model go on."""
     fake.script_blocks([Text("Searching")], stop_reason="pause_turn")
     fake.script_blocks([Text(" still"), ToolUse("echo", {"text": "x"}, id="toolu_1")])
     fake.script_turn(text=" Done.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     final = events[-1].final_response
     assert (final.text, final.stop_reason, final.turns, final.tool_calls) == (" Done.", "end_turn", 3, 1)
     paused = {"role": "assistant", "content": [{"type": "text", "text": "Searching"}]}
@@ -189,11 +173,11 @@ async def test_a_paused_turn_is_continued_as_the_same_assistant_message(
 
 
 async def test_the_answer_of_a_paused_turn_is_all_of_its_text(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_blocks([Text("The answer")], stop_reason="pause_turn")
     fake.script_turn(text=" is 42.")
-    events = await run_events(channel_to(service))
+    events = await run_events(channel_to(claude_service))
     final = events[-1].final_response
     assert (final.text, final.stop_reason, final.turns) == ("The answer is 42.", "end_turn", 2)
 
@@ -231,7 +215,7 @@ async def test_a_retry_after_past_the_runs_deadline_ends_the_run_at_once_retryab
 
 
 async def test_thinking_blocks_go_back_to_the_model_as_they_came(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """With thinking and tool use, the API checks that the assistant turn it is sent back has its thinking blocks,
     signatures and redacted ones unchanged and in their places."""
@@ -244,7 +228,7 @@ async def test_thinking_blocks_go_back_to_the_model_as_they_came(
         ]
     )
     fake.script_turn(text="Done.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert "".join(e.thinking.text for e in events if e.HasField("thinking")) == "Look it up."
     assert fake.requests[1].body["messages"][1] == {
         "role": "assistant",
@@ -258,7 +242,7 @@ async def test_thinking_blocks_go_back_to_the_model_as_they_came(
 
 
 async def test_tool_inputs_the_api_could_not_take_back_are_refused_and_the_run_goes_on(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """Each of these inputs used to end the run: nested past json.loads with INTERNAL, the others by failing the
     next request, reported as the model refusing it."""
@@ -272,7 +256,7 @@ async def test_tool_inputs_the_api_could_not_take_back_are_refused_and_the_run_g
         ]
     )
     fake.script_turn(text="Done.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert events[-1].final_response.text == "Done."
     results = {e.tool_result.call_id: e.tool_result for e in events if e.HasField("tool_result")}
     assert [results[c].status for c in ("toolu_deep", "toolu_inf", "toolu_half")] == [pb.TOOL_STATUS_REJECTED] * 3
@@ -289,13 +273,13 @@ async def test_tool_inputs_the_api_could_not_take_back_are_refused_and_the_run_g
 
 
 async def test_a_tool_call_begun_in_a_turn_that_failed_still_gets_a_result(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """The caller saw the call begin (tool_call) before the model failed mid-turn: it learns the call never ran."""
     fake.script_stream_error([ToolUse("echo", {"text": "a"}, id="toolu_begun")])
     seen: list[pb.AgentEvent] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for event in stub(channel_to(service)).RunAgent(pb.RunAgentRequest(message="go", tools=["echo"])):
+        async for event in stub(channel_to(claude_service)).RunAgent(pb.RunAgentRequest(message="go", tools=["echo"])):
             seen.append(event)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     kinds = [e.WhichOneof("event") for e in seen]
@@ -411,13 +395,13 @@ async def test_the_model_bounds_come_from_the_config(tmp_path: Path) -> None:
 
 
 async def test_a_paused_turn_that_asks_for_tools_runs_them(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     """Sent back as it stands, the paused turn's tool_use would have no result (the API refuses such a history) and
     the caller would never see the call end: it is a tool turn like any other."""
     fake.script_blocks([Text("Let me"), ToolUse("echo", {"text": "a"}, id="toolu_p")], stop_reason="pause_turn")
     fake.script_turn(text="Done.")
-    events = await run_events(channel_to(service), tools=["echo"])
+    events = await run_events(channel_to(claude_service), tools=["echo"])
     assert events[-1].final_response.text == "Done."
     (result,) = [e.tool_result for e in events if e.HasField("tool_result")]
     assert (result.call_id, result.status) == ("toolu_p", pb.TOOL_STATUS_OK)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +20,8 @@ from service.policy.fleet import FleetCache, FleetLimiter
 from service.policy.fleet_breaker import FleetBreaker
 from service.policy.limiter import RateLimiter
 from service.policy.shared import Reachability, SharedPolicy, Take
-from service.state.redis_limits import RedisPolicyState, client
+from service.state.redis_client import connect
+from service.state.redis_limits import RedisPolicyState
 from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy
 
 
@@ -42,7 +42,7 @@ async def replica(redis_ns: RedisNamespace) -> AsyncIterator[Replica]:
     made: list[SharedPolicy] = []
 
     def _make(url: str | None = None, *, cache: bool = False, probe_interval_s: float = 1.0) -> SharedPolicy:
-        state = RedisPolicyState(client(StateConfig(url=url or redis_ns.url, timeout_s=1.0)), redis_ns.prefix)
+        state = RedisPolicyState(connect(StateConfig(url=url or redis_ns.url, timeout_s=1.0)), redis_ns.prefix)
         shared = SharedPolicy(state, Reachability("limits", state.ping, probe_interval_s=probe_interval_s), cache=cache)
         made.append(shared)
         return shared
@@ -303,18 +303,3 @@ async def test_a_result_cached_by_one_replica_is_a_hit_on_the_other(replica: Rep
         assert 0 < await conn.pttl(key) <= 30_000  # the policy's TTL, kept by the store
     finally:
         await conn.aclose()
-
-
-def test_the_client_takes_the_password_file_tls_files_and_timeouts(tmp_path: Path) -> None:
-    (tmp_path / "pw").write_text("s3cret\n")
-    config = StateConfig(
-        url="rediss://redis.example:6380/2",
-        password_file=tmp_path / "pw",
-        tls_ca_file=tmp_path / "ca.pem",
-        timeout_s=0.5,
-    )
-    made = client(config)
-    kwargs = made.connection_pool.connection_kwargs
-    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == ("redis.example", 6380, 2, "s3cret")
-    assert kwargs["ssl_ca_certs"] == str(tmp_path / "ca.pem") and "ssl_certfile" not in kwargs
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.5

@@ -22,7 +22,8 @@ from service.policy.fleet import FleetCache, FleetLimiter
 from service.policy.fleet_breaker import FleetBreaker
 from service.policy.limiter import RateLimiter
 from service.policy.shared import Reachability, SharedPolicy
-from service.state.redis_limits import RedisPolicyState, client
+from service.state.redis_client import connect
+from service.state.redis_limits import RedisPolicyState
 from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -89,7 +90,7 @@ def degraded_count() -> float:
 async def test_calls_go_on_with_local_policies_while_redis_is_down_and_share_again_after(
     own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    state = RedisPolicyState(client(StateConfig(url=own_redis.url, timeout_s=1.0)), "t:")
+    state = RedisPolicyState(connect(StateConfig(url=own_redis.url, timeout_s=1.0)), "t:")
     shared = SharedPolicy(state, Reachability("limits", state.ping, probe_interval_s=0.02), cache=True)
     lim = FleetLimiter("tool", RateLimiter(RateLimitPolicy(rate_per_s=0.001, burst=1, mode="reject")), shared)
     breaker = FleetBreaker(CircuitBreaker("tool", BreakerPolicy()), shared, trial_ttl_s=5)

@@ -65,7 +65,7 @@ async def test_a_result_cached_on_one_replica_answers_on_the_other(
 ) -> None:
     config: dict[str, Any] = {
         "state": {"url": redis_ns.url, "prefix": redis_ns.prefix, "shared_cache": True},
-        "policies": {"counted": {"idempotent": True, "cache": {"ttl_s": 60}}},
+        "policies": {"counted": {"side_effects": "none", "cache": {"ttl_s": 60}}},
     }
     tools_a, tools_b = policy_tools(), policy_tools()
     a = await start_service(calls("counted"), tools=tools_a, **config)

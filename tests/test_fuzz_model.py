@@ -47,12 +47,6 @@ class Anything(Tool[AnyInput]):
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    async with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture
 async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]:
     model = AnthropicModel(api_key="test-key", base_url=fake.base_url, timeout_s=5)
     retry = {"attempts": 2, "initial_backoff_s": 0.001, "max_backoff_s": 0.002}

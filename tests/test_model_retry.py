@@ -4,14 +4,10 @@ Anthropic server, so that a caller whose model turn is being retried does not se
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.v1 import agent_pb2 as pb
-from conftest import make_config, run_events
+from conftest import run_events
 from fake_anthropic import FakeAnthropic
 from fake_tools import all_tools
 from service import events as ev
@@ -22,31 +18,14 @@ from service.models.anthropic import AnthropicModel
 from service.rpc.client import Renderer
 from service.rpc.convert import to_proto
 from service.rpc.server import Service
-from service.wiring import start
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    async with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture
-async def service(fake: FakeAnthropic, tmp_path: Path) -> AsyncIterator[Service]:
-    model = AnthropicModel(api_key="test-key", base_url=fake.base_url, default_model="claude-sonnet-4-6")
-    config = make_config(tmp_path, model={"retry": {"attempts": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}})
-    svc = await start(config, metrics=False, tools=all_tools(), model=model)
-    yield svc
-    await svc.server.stop(0)
-    await svc.close()
 
 
 async def test_a_turn_retried_after_529_shows_the_retry_then_the_turn(
-    fake: FakeAnthropic, service: Service, channel_to: Any
+    fake: FakeAnthropic, claude_service: Service, channel_to: Any
 ) -> None:
     fake.script_http_error(529, headers={"retry-after-ms": "20"})
     fake.script_turn(text="Back.")
-    events = await run_events(channel_to(service))
+    events = await run_events(channel_to(claude_service))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[:3] == ["run_started", "model_retry", "text_delta"]
     assert kinds[-2:] == ["usage", "final_response"]

@@ -320,7 +320,7 @@ def test_config_overrides_the_tools_policy_field_by_field() -> None:
         ({"nope": {}}, "policies name unknown tools: nope"),
         ({"flaky": {"fallback": "nope"}}, "refers to 'nope'"),
         ({"flaky": {"requires": ["flaky"]}}, "refers to 'flaky'"),
-        ({"flaky": {"cache": {"ttl_s": 5}}}, "only allowed on an idempotent tool"),
+        ({"flaky": {"cache": {"ttl_s": 5}}}, "only allowed on a tool without side effects"),
         ({"flaky": {"retry": {"attempts": 0}}}, "invalid policy for flaky"),
     ],
 )

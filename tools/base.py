@@ -1,5 +1,5 @@
 """What a tool is: a name, a description, a pydantic input model (its JSON Schema goes to the model) and an async
-implementation that returns a result or yields result chunks.
+implementation that returns a result or yields result chunks; and `current_call()`, which call it is running for.
 
 A tool knows nothing of gRPC, the agent loop or its policies; the executor (`service/executor.py`) validates the
 input, runs the tool and turns what it returns or raises into events.
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel
 
-from tools.policy import ToolPolicy
+from tools.policy import SideEffects, ToolPolicy
 
 # A JSON value: what a tool returns and what a chunk holds (dict, list, str, int, float, bool or None).
 JSON = Any
@@ -33,6 +34,36 @@ class ToolError(Exception):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+
+
+class CallInfo(NamedTuple):
+    """The tool call an attempt belongs to, as `current_call()` tells the tool running it. A named tuple rather than
+    a frozen dataclass: one is made per attempt, and it builds in a fifth of the time.
+
+    `idempotency_key` names the call, not the attempt: every retry of the call and its fallback see the same key,
+    and so will a process that recovers the run after a crash. A tool with side effects passes it to whatever it
+    changes (`http_request` sends it as the `Idempotency-Key` header), so that a repeat is recognised there.
+    `attempt` counts the attempts of the tool running, from 1 (a fallback starts again at 1), as `tool_retry`
+    events do.
+    """
+
+    run_id: str
+    call_id: str
+    attempt: int = 1
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.run_id}:{self.call_id}"
+
+
+# Set by the executor around each attempt (`service/policy/attempt.py`), never by a tool. A context variable rather
+# than an argument of `run`, so that no tool's signature changes; `asyncio.to_thread` copies it into the thread.
+CURRENT_CALL: ContextVar[CallInfo | None] = ContextVar("tool_call", default=None)
+
+
+def current_call() -> CallInfo | None:
+    """The call the running tool works for, or None outside the executor (a tool called directly, in a test)."""
+    return CURRENT_CALL.get()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +98,12 @@ class Tool(abc.ABC, Generic[InputT]):
     def validate(self, raw: Mapping[str, Any]) -> InputT:
         """Parse the model's input; raises `pydantic.ValidationError`. Override to add rules the schema cannot say."""
         return self.Input.model_validate(raw)  # type: ignore[return-value]
+
+    def side_effects_of(self, args: InputT, declared: SideEffects) -> SideEffects:
+        """What this call may change, when the tool can tell from its input better than its policy's
+        `side_effects` (`declared`, after `policies.<name>` overrides it): `http_request` answers "none" for a GET.
+        Whether a call cut off by a crash may be run again follows from it (`service/policy/repeat.py`)."""
+        return declared
 
     async def run(self, args: InputT) -> JSON:
         """The tool's result. Streaming tools get this for free: the list of their chunks."""

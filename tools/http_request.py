@@ -7,6 +7,10 @@ loopback, link-local (cloud metadata 169.254.169.254), private, shared, unspecif
 addresses are refused. The connection then goes to the address that was checked (`_PinnedBackend`), never to a
 second lookup, so DNS rebinding cannot swap it; TLS still verifies (and sends SNI for) the host name. Redirects are
 followed up to `follow_redirects` hops, each hop checked like the first request.
+
+Every request carries the call's idempotency key (`tools.base.current_call()`) in an `Idempotency-Key` header, so
+that an upstream that honours it recognises a request sent again (a retry, or a run recovered after a crash). A GET
+changes nothing (HTTP's safe method); a POST is unsafe to repeat unless the operator declares otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tools._http_body import ACCEPT_ENCODING, read_capped, shown
-from tools.base import JSON, Tool, ToolConfig, ToolError
-from tools.policy import BreakerPolicy, RetryPolicy, TimeoutPolicy, ToolPolicy
+from tools.base import JSON, Tool, ToolConfig, ToolError, current_call
+from tools.policy import BreakerPolicy, RetryPolicy, SideEffects, TimeoutPolicy, ToolPolicy
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHOWN_HEADERS = ("content-type", "content-length", "location")
@@ -52,6 +56,13 @@ class Options(BaseModel):
         description="Non-public networks (CIDR, e.g. 10.20.0.0/16) that allowed host names may resolve to",
     )
     follow_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed, each re-checked; 0: returned")
+    idempotency_header: str | None = Field(
+        "Idempotency-Key",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        description="Header that carries the call's idempotency key (run_id:call_id), unless the request sets it "
+        "itself; null sends none",
+    )
 
     @field_validator("allow_hosts")
     @classmethod
@@ -148,10 +159,13 @@ class HttpRequest(Tool[RequestInput]):
     )
     Input: ClassVar[type[BaseModel]] = RequestInput
     # Upstreams blip: retry timeouts, 5xx and connection errors a couple of times, and stop calling one that is down.
+    # `side_effects` is a POST's: a GET is always "none" (`side_effects_of`). An operator whose upstreams all honour
+    # the Idempotency-Key header can declare "idempotent" in `policies.http_request`.
     policy: ClassVar[ToolPolicy] = ToolPolicy(
         timeout=TimeoutPolicy(seconds=30),
         retry=RetryPolicy(attempts=3, initial_backoff_s=0.25, max_backoff_s=4),
         breaker=BreakerPolicy(failure_threshold=5, cooldown_s=30),
+        side_effects="unsafe",
         slow_s=5,
     )
 
@@ -171,6 +185,18 @@ class HttpRequest(Tool[RequestInput]):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def side_effects_of(self, args: RequestInput, declared: SideEffects) -> SideEffects:
+        return "none" if args.method == "GET" else declared
+
+    def _headers(self, args: RequestInput) -> dict[str, str]:
+        """The request's headers, with the call's idempotency key added. A key the request sets itself is kept: the
+        model may be following an upstream's own rules for it (a format it checks, one key across several calls)."""
+        headers = dict(args.headers or {})
+        name, call = self._options.idempotency_header, current_call()
+        if name is not None and call is not None and not any(k.lower() == name.lower() for k in headers):
+            headers[name] = call.idempotency_key
+        return headers
 
     def _check_allowed(self, url: httpx.URL, what: str = "host") -> None:
         host = url.host.lower()
@@ -229,7 +255,7 @@ class HttpRequest(Tool[RequestInput]):
         """Send, and follow redirects hop by hop: each new URL must be http(s), on the allow-list and resolve to
         allowed addresses. 303 (and 301/302 after POST) turn into GET without the body, as browsers do;
         credentials are not sent to another origin."""
-        method, body, headers = args.method, args.json_body, dict(args.headers or {})
+        method, body, headers = args.method, args.json_body, self._headers(args)
         hops = 0
         while True:
             token = _PINNED.set({url.raw_host.decode("ascii"): await self._checked_addresses(url)})

@@ -1,12 +1,20 @@
-"""What a tool declares about how it should be called: timeout, retries, breaker, rate limit, cache, dependencies and
-fallback. Plain data only: the executor (`service/executor.py`) enforces it, and `policies.<tool>` in the YAML
-config overrides any field of it."""
+"""What a tool declares about how it should be called: timeout, retries, breaker, rate limit, cache, dependencies,
+fallback, and what its calls change (`side_effects`). Plain data only: the executor (`service/executor.py`) enforces
+it, and `policies.<tool>` in the YAML config overrides any field of it."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# What a call may change, and so whether it is safe to repeat (after a crash cut it off, say):
+#   none        it reads only: a repeat changes nothing (its answer may differ, the world does not). May be cached.
+#   idempotent  it changes something, but a repeat with the same idempotency key (`tools.base.CallInfo`) changes
+#               nothing more: the upstream deduplicates, or the change is a "set to" rather than an "add". Safe to
+#               repeat, never cached (each call must reach the upstream).
+#   unsafe      a repeat may do it twice (send the e-mail again, book the payment twice). Never repeated unasked.
+SideEffects = Literal["none", "idempotent", "unsafe"]
 
 
 class _Strict(BaseModel):
@@ -61,7 +69,7 @@ class RateLimitPolicy(_Strict):
 
 
 class CachePolicy(_Strict):
-    """Results of an idempotent tool, per input (canonical JSON). Shared by the fleet with state.shared_cache."""
+    """Results of a tool without side effects, per input (canonical JSON); the fleet's with state.shared_cache."""
 
     ttl_s: float = Field(gt=0, description="how long a result is served from the cache")
     max_entries: int = Field(
@@ -79,13 +87,30 @@ class ToolPolicy(_Strict):
     breaker: BreakerPolicy | None = Field(default=BreakerPolicy(), description="null: no breaker")
     rate_limit: RateLimitPolicy | None = Field(default=None, description="null: no rate limit")
     cache: CachePolicy | None = Field(default=None, description="null: no cache")
-    idempotent: bool = Field(default=False, description="same input, same answer, no side effect: may be cached")
+    side_effects: SideEffects = Field(
+        default="unsafe",
+        description="none: reads only (may be cached); idempotent: a repeat with the same idempotency key changes "
+        "nothing more; unsafe: a repeat may do it twice. none and idempotent calls are safe to repeat",
+    )
     requires: tuple[str, ...] = Field(default=(), description="tools that must have succeeded earlier in the run")
     fallback: str | None = Field(default=None, description="tool called with the same input when this one fails")
     slow_s: float | None = Field(default=None, gt=0, description="log a warning when a call takes longer")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _idempotent_is_side_effects_none(cls, data: Any) -> Any:
+        """`idempotent: true` is the old spelling of `side_effects: none` (same input, same answer, no side effect:
+        may be cached), still read so that configs and tool modules written for it keep working."""
+        if isinstance(data, dict) and "idempotent" in data:
+            data = dict(data)
+            flag = data.pop("idempotent")
+            if not isinstance(flag, bool):
+                raise ValueError("idempotent (the old spelling of side_effects: none) must be true or false")
+            data["side_effects"] = "none" if flag else "unsafe"
+        return data
+
     @model_validator(mode="after")
-    def _cache_needs_idempotent(self) -> ToolPolicy:
-        if self.cache is not None and not self.idempotent:
-            raise ValueError("cache is only allowed on an idempotent tool (set idempotent: true)")
+    def _cache_needs_no_side_effects(self) -> ToolPolicy:
+        if self.cache is not None and self.side_effects != "none":
+            raise ValueError("cache is only allowed on a tool without side effects (set side_effects: none)")
         return self

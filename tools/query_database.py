@@ -131,12 +131,12 @@ class QueryDatabase(Tool[QueryInput]):
         "(or the rows passed the result size cap): narrow the query."
     )
     Input: ClassVar[type[BaseModel]] = QueryInput
-    # Read-only, so idempotent; not cached, because the data under it changes. The call ends at options.timeout_s;
-    # this hard timeout is the executor's backstop.
+    # Read-only, so safe to repeat; not cached, because the data under it changes. The call ends at
+    # options.timeout_s; this hard timeout is the executor's backstop.
     policy: ClassVar[ToolPolicy] = ToolPolicy(
         timeout=TimeoutPolicy(seconds=10),
         breaker=BreakerPolicy(scope="process"),  # a database file of this pod's: its failures are this process's
-        idempotent=True,
+        side_effects="none",
         slow_s=2,
     )
 

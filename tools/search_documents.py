@@ -81,7 +81,7 @@ class SearchDocuments(Tool[SearchInput]):
     policy: ClassVar[ToolPolicy] = ToolPolicy(
         timeout=TimeoutPolicy(seconds=10, mode="soft"),
         breaker=BreakerPolicy(scope="process"),  # an index on this pod's disk: its failures are this process's
-        idempotent=True,
+        side_effects="none",
         cache=CachePolicy(ttl_s=300),
     )
 

@@ -47,12 +47,12 @@ class ShipmentReport(SandboxedTool[ReportInput]):
     Input: ClassVar[type[BaseModel]] = ReportInput
     program: ClassVar[Path] = PROGRAM
     Options: ClassVar[type[SandboxOptions]] = Options
-    # Read-only, so idempotent. The sandbox stops the program after options.timeout_s (10 s); this hard timeout
+    # Read-only, so safe to repeat. The sandbox stops the program after options.timeout_s (10 s); this hard timeout
     # is the executor's backstop around it.
     policy: ClassVar[ToolPolicy] = ToolPolicy(
         timeout=TimeoutPolicy(seconds=15),
         breaker=BreakerPolicy(scope="process"),  # a sandbox on this machine: its failures are this process's
-        idempotent=True,
+        side_effects="none",
         slow_s=3,
     )
 

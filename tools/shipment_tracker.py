@@ -48,7 +48,7 @@ class ShipmentTracker(Tool[TrackingInput]):
         retry=RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=1),
         breaker=BreakerPolicy(failure_threshold=10, failure_rate=0.9, min_calls=20, cooldown_s=30),
         fallback="tracking_snapshot",
-        idempotent=True,
+        side_effects="none",
         slow_s=2,
     )
 

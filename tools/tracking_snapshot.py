@@ -31,7 +31,7 @@ class TrackingSnapshot(Tool[TrackingInput]):
     policy: ClassVar[ToolPolicy] = ToolPolicy(
         timeout=TimeoutPolicy(seconds=10),
         breaker=BreakerPolicy(scope="process"),  # the local operations database: its failures are this process's
-        idempotent=True,
+        side_effects="none",
         cache=CachePolicy(ttl_s=60),
     )
 

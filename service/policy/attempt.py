@@ -4,6 +4,9 @@
 chunks ends `partial` with them (nothing yielded: `timeout`, as with hard). The deadline covers the whole attempt,
 but only the awaits on the tool sit inside `asyncio.timeout`, never a `yield`: a timeout firing while the consumer
 holds an event would otherwise cancel the consumer instead of the tool.
+
+The tool runs with `tools.base.current_call()` telling it its call. The context variable is set only around the
+awaits on the tool, never across a `yield` either: set there, it would leak into the consumer's code.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.events import ToolResultChunk, ToolStatus
-from tools.base import JSON, Tool, ToolError
+from tools.base import CURRENT_CALL, JSON, CallInfo, Tool, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,17 @@ class ChunkCounter:
         return self.n - 1
 
 
-async def attempt(tool: Tool[Any], args: Any, *, call_id: str, timeout_s: float, retry_timeouts: bool) -> Outcome:
+async def attempt(tool: Tool[Any], args: Any, *, call: CallInfo, timeout_s: float, retry_timeouts: bool) -> Outcome:
     """One attempt at a tool that answers in one piece. A coroutine, not a generator: with nothing to stream, the
     common call is spared a generator layer on its way through the stages."""
+    token = CURRENT_CALL.set(call)
     try:
         async with asyncio.timeout(timeout_s):
             data = to_json(await tool.run(args))
     except Exception as exc:
-        return _failed(exc, tool, call_id=call_id, timeout_s=timeout_s, retry_timeouts=retry_timeouts)
+        return _failed(exc, tool, call_id=call.call_id, timeout_s=timeout_s, retry_timeouts=retry_timeouts)
+    finally:
+        CURRENT_CALL.reset(token)
     return Outcome(ToolStatus.OK, data=data)
 
 
@@ -69,13 +75,14 @@ async def attempt_stream(
     tool: Tool[Any],
     args: Any,
     *,
-    call_id: str,
+    call: CallInfo,
     timeout_s: float,
     mode: Literal["hard", "soft"],
     retry_timeouts: bool,
     counter: ChunkCounter,
 ) -> AsyncIterator[ToolResultChunk | Outcome]:
     """One attempt at a streaming tool: its chunks as events, then the Outcome."""
+    call_id = call.call_id
     chunks: list[JSON] = []
     try:
         total = tool.total_chunks(args)
@@ -83,17 +90,24 @@ async def attempt_stream(
         stream = tool.stream(args)
         try:
             while True:
+                token = CURRENT_CALL.set(call)  # each step of the tool's generator runs in this context
                 try:
                     async with asyncio.timeout_at(deadline):
                         chunk = to_json(await anext(stream))
                 except StopAsyncIteration:
                     break
+                finally:
+                    CURRENT_CALL.reset(token)
                 chunks.append(chunk)
                 yield ToolResultChunk(call_id=call_id, index=counter.next(), total=total, data=chunk)
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
-                await aclose()
+                token = CURRENT_CALL.set(call)  # the generator's own `finally` may still want its call
+                try:
+                    await aclose()
+                finally:
+                    CURRENT_CALL.reset(token)
     except Exception as exc:
         if isinstance(exc, TimeoutError) and mode == "soft" and chunks:
             yield Outcome(

@@ -64,6 +64,7 @@ async def fall_back(
             tool,
             args,
             guards,
+            run_id=run.run_id,
             call_id=call.call_id,
             counter=counter,
             observer=observer,

@@ -22,7 +22,7 @@ from service.policy.fleet_breaker import Breaker
 from service.policy.guards import Guards
 from service.policy.limiter import RateLimiter
 from service.policy.observer import CallObserver
-from tools.base import Tool
+from tools.base import CallInfo, Tool
 
 
 async def guarded(
@@ -30,6 +30,7 @@ async def guarded(
     args: Any,
     guards: Guards,
     *,
+    run_id: str,
     call_id: str,
     counter: ChunkCounter,
     observer: CallObserver,
@@ -55,12 +56,13 @@ async def guarded(
                 return
         observer.attempt_started(number)
         chunks_before = counter.n
+        call = CallInfo(run_id=run_id, call_id=call_id, attempt=number)
         try:
             if tool.streaming:
                 async for item in attempt_stream(
                     tool,
                     args,
-                    call_id=call_id,
+                    call=call,
                     timeout_s=guards.timeout_s,
                     mode=policy.timeout.mode,
                     retry_timeouts=policy.retry.on_timeout,
@@ -72,7 +74,7 @@ async def guarded(
                         yield item
             else:
                 outcome = await attempt(
-                    tool, args, call_id=call_id, timeout_s=guards.timeout_s, retry_timeouts=policy.retry.on_timeout
+                    tool, args, call=call, timeout_s=guards.timeout_s, retry_timeouts=policy.retry.on_timeout
                 )
         except BaseException as exc:
             if breaker is not None and permit is not None:

@@ -57,7 +57,7 @@ def build_guards(
             )
         # read at each scrape rather than set at each transition: an open circuit turns half-open when its cooldown
         # ends, with no call (and so no transition) to say so, and a shared store changes under other replicas' calls
-        telemetry.CIRCUIT_STATE.labels(name).set_function(lambda: breaker.state.gauge)
+        telemetry.observe(telemetry.CIRCUIT_STATE.labels(name), lambda: breaker.state.gauge)
         guards.breaker = breaker
     if policy.rate_limit is not None:
         limiter = RateLimiter(policy.rate_limit, clock=clock, sleep=sleep)

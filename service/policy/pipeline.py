@@ -62,6 +62,7 @@ class Pipeline:
             tool,
             args,
             self.guards,
+            run_id=run.run_id,
             call_id=call.call_id,
             counter=counter,
             observer=observer,

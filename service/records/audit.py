@@ -3,10 +3,12 @@ an append-only SQLite table. Each row carries an HMAC-SHA256 over its fields, it
 it (`audit_chain.py`), so `verify` finds an edited, deleted or reordered row, and one rewritten with its chain
 recomputed by someone without the key. What this proves and what it does not: docs/audit.md.
 
-    python -m service.records.audit verify [--db PATH | --config FILE] [--key-file F] [--anchor SEQ:HASH]
+    python -m service.records.audit verify [--db PATH | --url URL | --config FILE] [--key-file F] [--anchor SEQ:HASH]
         exit 0 intact, 1 not
-    python -m service.records.audit head [--db PATH | --config FILE]      the chain's head, to keep outside the database
-    python -m service.records.audit tail [-n N] [--db PATH | --config FILE]
+    python -m service.records.audit head [--db PATH | --url URL | --config FILE]   the chain's head, to keep elsewhere
+    python -m service.records.audit tail [-n N] [--db PATH | --url URL | --config FILE]
+
+(`--url`, or the config's `records.url`: the log in PostgreSQL, `pg_audit.py`.)
 
 Trade-off: the executor must not wait for a disk write on every call, so records go into a bounded in-memory queue
 that one writer thread commits in batches every 50 ms (it is the only writer, which keeps the chain linear). A full
@@ -48,7 +50,7 @@ from service.records.audit_verify import (
     read_head,
     verify,
 )
-from service.records.sqlite import add_db_arguments, cli_db_path, connect, storable
+from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url, storable
 from service.redact import Redactor, safe_json
 
 __all__ = ["DEFAULT_FILE", "AuditLog", "AuditRecord", "Verdict", "main", "verify"]
@@ -106,6 +108,27 @@ class AuditRecord:
     answered_by: str
     data: Any = None
     error: str = ""
+    trace_id: str = ""  # kept (and signed) by the PostgreSQL log; the SQLite file has no column for it
+
+
+def audit_row(r: AuditRecord, redactor: Redactor) -> dict[str, Any]:
+    """A record as the chain's fields store it (all but `seq`): redacted, JSON columns as ASCII text (safe_json
+    escapes), text from the model made storable, the result's size measured."""
+    size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(storable(r.error).encode())
+    return {
+        "ts": r.ts,
+        "run_id": storable(r.run_id),
+        "metadata": safe_json(redactor.value(dict(r.metadata))),
+        "tool": storable(r.tool),
+        "call_id": storable(r.call_id),
+        "input": safe_json(redactor.value(r.input)),
+        "status": r.status,
+        "duration_s": r.duration_s,
+        "result_bytes": size,
+        "attempts": r.attempts,
+        "cache_hit": int(r.cache_hit),
+        "answered_by": storable(r.answered_by),
+    }
 
 
 class AuditLog:
@@ -181,6 +204,9 @@ class AuditLog:
         # Polling, not an asyncio.Event: the writer is a plain thread, and flush() is for tests and shutdown only.
         while self._handled < target and self._writer.is_alive():  # noqa: ASYNC110
             await asyncio.sleep(0.002)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)  # closing waits for the writer thread's last batch
 
     def close(self) -> None:
         """Commit everything appended, log the head, stop the writer. Idempotent."""
@@ -262,25 +288,7 @@ class AuditLog:
 
     def _commit(self, records: list[AuditRecord]) -> None:
         redactor = self._redactor or redact.active()
-        rows = []
-        for r in records:
-            size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(storable(r.error).encode())
-            rows.append(
-                {  # JSON columns are ASCII (safe_json escapes); text from the model goes through storable()
-                    "ts": r.ts,
-                    "run_id": storable(r.run_id),
-                    "metadata": safe_json(redactor.value(dict(r.metadata))),
-                    "tool": storable(r.tool),
-                    "call_id": storable(r.call_id),
-                    "input": safe_json(redactor.value(r.input)),
-                    "status": r.status,
-                    "duration_s": r.duration_s,
-                    "result_bytes": size,
-                    "attempts": r.attempts,
-                    "cache_hit": int(r.cache_hit),
-                    "answered_by": storable(r.answered_by),
-                }
-            )
+        rows = [audit_row(r, redactor) for r in records]
         key_id, key = self.keyring.active, self.keyring.key
         sql = f"INSERT INTO audit ({', '.join(_NAMES)}) VALUES ({', '.join('?' * len(_NAMES))})"
         self._conn.execute("BEGIN IMMEDIATE")
@@ -314,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     add_db_arguments(tail)
     args = parser.parse_args(argv)
     path = cli_db_path(args, "audit", DEFAULT_FILE)
+    url = cli_records_url(args)
+    if url is not None:
+        return _main_pg(args, url, path)
     if not path.exists():
         print(f"no audit log at {path}", file=sys.stderr)
         return 2
@@ -344,6 +355,43 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
     finally:
         conn.close()
+    return 0
+
+
+def _main_pg(args: argparse.Namespace, url: str, key_path: Path) -> int:
+    """The same commands against PostgreSQL; keys as for the file (`audit.key` beside where it would be)."""
+    import psycopg
+
+    from service.records import pg_audit  # psycopg only when asked for
+
+    try:
+        if not pg_audit.has_log(url):
+            print(f"no audit log in {display_url(url)}", file=sys.stderr)
+            return 2
+        if args.command == "head":
+            print(json.dumps(pg_audit.head_pg(url)))
+            return 0
+        if args.command == "tail":
+            for line in pg_audit.tail_pg(url, args.n):
+                print(line)
+            return 0
+        try:
+            anchors = [parse_anchor(a) for a in args.anchor]
+            keyring = cli_keyring(args, key_path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        verdict = pg_audit.verify_pg(url, keyring, anchors=anchors)
+    except psycopg.OperationalError as exc:
+        print(f"cannot read {display_url(url)}: {exc}", file=sys.stderr)
+        return 2
+    if not verdict.ok:
+        print(
+            f"TAMPERED {display_url(url)}: {verdict.problem} ({verdict.rows} row(s) verified before it)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"ok {display_url(url)}: {verdict.summary()}")
     return 0
 
 

@@ -56,9 +56,12 @@ def _canonical(value: Any) -> bytes:
 
 
 def row_mac(key: bytes, key_id: str, fields: Mapping[str, Any], prev_hash: str) -> str:
-    """HMAC-SHA256 (hex) of a row: its `FIELDS` as stored, the key id it names and the hash of the row before it
-    (which chains the rows: changing, removing or reordering one breaks the next row's link)."""
+    """HMAC-SHA256 (hex) of a row: its `FIELDS` as stored (and its `trace_id` when it has one), the key id it names
+    and the hash of the row before it (which chains the rows: changing, removing or reordering one breaks the next
+    row's link)."""
     body = {name: fields[name] for name in FIELDS}
+    if fields.get("trace_id"):  # rows on PostgreSQL carry the call's trace id: covered when there is one
+        body["trace_id"] = fields["trace_id"]
     body["key_id"], body["prev_hash"] = key_id, prev_hash
     return hmac.new(key, _ROW + _canonical(body), hashlib.sha256).hexdigest()
 

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,34 +84,45 @@ def verify(path: Path, keyring: Keyring | None = None, *, anchors: Sequence[tupl
         keyring = verifier_keyring(None, path) or Keyring({}, "", "no key file beside the database")
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return _walk(conn, keyring, dict(anchors))
+        names = [*FIELDS, "prev_hash", "hash"] + (["key_id"] if "key_id" in columns(conn, "audit") else [])
+        rows = (
+            dict(zip(names, v, strict=True)) for v in conn.execute(f"SELECT {', '.join(names)} FROM audit ORDER BY seq")
+        )
+        return walk(rows, lambda: read_head(conn), keyring, anchors, head_signed="mac" in columns(conn, "audit_head"))
     finally:
         conn.close()
 
 
-def _walk(conn: sqlite3.Connection, keyring: Keyring, wanted: dict[int, str]) -> Verdict:
-    names = [*FIELDS, "prev_hash", "hash"] + (["key_id"] if "key_id" in columns(conn, "audit") else [])
-    rows, prev, legacy = 0, GENESIS, 0
+def walk(
+    rows: Iterable[dict[str, Any]],
+    head: Callable[[], Head | None],
+    keyring: Keyring,
+    anchors: Sequence[tuple[int, str]] = (),
+    *,
+    head_signed: bool = True,
+) -> Verdict:
+    """Check `rows` (in seq order, as stored: any store's) and then the `head` they end at. `head_signed` False: a
+    log no server with keys has opened yet, whose head never had a MAC."""
+    wanted = dict(anchors)
+    rows_seen, prev, legacy = 0, GENESIS, 0
     used: dict[str, None] = {}  # key ids in order of first use
-    for values in conn.execute(f"SELECT {', '.join(names)} FROM audit ORDER BY seq"):
-        row = dict(zip(names, values, strict=True))
-        problem = _row_problem(row, rows + 1, prev, keyring, keyed_before=bool(used))
+    for row in rows:
+        problem = _row_problem(row, rows_seen + 1, prev, keyring, keyed_before=bool(used))
         anchored = wanted.pop(row["seq"], None)
         if problem is None and anchored is not None and not same(anchored, str(row["hash"])):
             problem = f"row {row['seq']} does not match its anchor: the log was rewritten from that row or before"
         if problem is not None:
-            return Verdict(False, rows, problem, legacy, tuple(used))
+            return Verdict(False, rows_seen, problem, legacy, tuple(used))
         if row.get("key_id") is None:
             legacy += 1
         else:
             used[row["key_id"]] = None
-        prev, rows = str(row["hash"]), rows + 1
+        prev, rows_seen = str(row["hash"]), rows_seen + 1
     if wanted:
-        problem = f"anchored row {min(wanted)} is missing: the log ends at row {rows}"
+        problem = f"anchored row {min(wanted)} is missing: the log ends at row {rows_seen}"
     else:
-        problem = _head_problem(conn, rows, prev, keyring)
-    signed = "mac" in columns(conn, "audit_head")
-    return Verdict(problem is None, rows, problem or "", legacy, tuple(used), signed)
+        problem = _head_problem(head(), rows_seen, prev, keyring, signed=head_signed)
+    return Verdict(problem is None, rows_seen, problem or "", legacy, tuple(used), head_signed)
 
 
 def _row_problem(row: dict[str, Any], seq: int, prev: str, keyring: Keyring, *, keyed_before: bool) -> str | None:
@@ -138,16 +149,15 @@ def _row_problem(row: dict[str, Any], seq: int, prev: str, keyring: Keyring, *, 
     return None
 
 
-def _head_problem(conn: sqlite3.Connection, rows: int, last_hash: str, keyring: Keyring) -> str | None:
+def _head_problem(head: Head | None, rows: int, last_hash: str, keyring: Keyring, *, signed: bool) -> str | None:
     """The head must name the last row, and carry a valid MAC once the log has the columns for one."""
-    head = read_head(conn)
     if head is None:
         return "the log has no head row" if rows else None
     if head.seq != rows:
         return f"rows after {rows} are missing: the log's head is row {head.seq}"
     if not same(head.hash, last_hash):
         return f"the head's hash is not row {rows}'s"
-    if "mac" not in columns(conn, "audit_head"):
+    if not signed:
         return None  # a log no server with keys has opened yet: its head never had a MAC
     if head.key_id is None or head.mac is None:
         return "the head carries no MAC: it was written without the key (or by a server from before keys)"

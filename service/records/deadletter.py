@@ -1,8 +1,8 @@
 """Dead letters: every tool call that finally failed, stored durably (SQLite by default) with its input, error and
 traceback, so that an operator can inspect it and a caller can quote its execution id.
 
-    python -m service.records.deadletter list [--limit N] [--tool NAME] [--db PATH | --config FILE]
-    python -m service.records.deadletter show EXECUTION_ID [--db PATH | --config FILE]
+    python -m service.records.deadletter list [--limit N] [--tool NAME] [--db PATH | --url URL | --config FILE]
+    python -m service.records.deadletter show EXECUTION_ID [--db PATH | --url URL | --config FILE]
 
 Writes run on one worker thread (SQLite connections are not shared between threads); a write is awaited before the
 `execution_failed` event goes out, so an execution id a caller sees is always on disk. Input, message and traceback
@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from service import redact, telemetry
-from service.records.sqlite import add_db_arguments, cli_db_path, connect, storable
+from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url, storable
 from service.redact import Redactor, safe_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,18 @@ class DeadLetter:
     message: str
     traceback: str
     attempts: int
+    trace_id: str = ""
+
+
+def letter_row(letter: DeadLetter, redactor: Redactor) -> dict[str, Any]:
+    """A letter as stored: input as JSON text, input, message and traceback redacted, text made storable."""
+    # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
+    row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}
+    row = {name: storable(v) if type(v) is str else v for name, v in row.items()}  # see storable()
+    row["input"] = safe_json(redactor.value(letter.input))
+    row["message"] = storable(redactor.text(letter.message))
+    row["traceback"] = storable(redactor.text(letter.traceback))
+    return row
 
 
 def new_execution_id() -> str:
@@ -110,13 +122,8 @@ class DeadLetterStore:
 
     def _insert(self, letter: DeadLetter) -> None:
         self._purge()
-        redactor = self._redactor or redact.active()
-        # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
-        row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}
-        row = {name: storable(v) if type(v) is str else v for name, v in row.items()}  # see storable()
-        row["input"] = safe_json(redactor.value(letter.input))
-        row["message"] = storable(redactor.text(letter.message))
-        row["traceback"] = storable(redactor.text(letter.traceback))
+        row = letter_row(letter, self._redactor or redact.active())
+        del row["trace_id"]  # kept by the PostgreSQL store; the SQLite file has no column for it
         columns = ", ".join(row)
         self._conn.execute(
             f"INSERT INTO dead_letters ({columns}) VALUES ({', '.join('?' * len(row))})", [*row.values()]
@@ -135,12 +142,15 @@ class DeadLetterStore:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)  # closing waits for a write in flight
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._conn.close()
 
 
-async def capture(store: DeadLetterStore, **fields: Any) -> DeadLetter | None:
+async def capture(store: DeadLetterSink, **fields: Any) -> DeadLetter | None:
     """Store a dead letter for a call that finally failed; None (and a logged error) when the store fails, since
     that must not fail the call: the model still gets its result."""
     letter = DeadLetter(execution_id=new_execution_id(), created_at=time.time(), **fields)
@@ -163,6 +173,15 @@ async def capture(store: DeadLetterStore, **fields: Any) -> DeadLetter | None:
     return letter
 
 
+class DeadLetterSink(Protocol):
+    """What the executor needs of a dead-letter store (this one, or PostgreSQL's): `add` returns once the letter is
+    durable, so the caller may quote its execution id."""
+
+    async def add(self, letter: DeadLetter) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 def _letter(row: dict[str, Any]) -> DeadLetter:
     return DeadLetter(**{**row, "input": json.loads(row["input"])})
 
@@ -178,28 +197,48 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("execution_id")
     add_db_arguments(show)
     args = parser.parse_args(argv)
+    url = cli_records_url(args)
+    if url is not None:
+        import psycopg
+
+        from service.records import pg_deadletter  # psycopg only when asked for
+
+        try:
+            return _show(args, display_url(url), *pg_deadletter.readers(url))
+        except psycopg.Error as exc:
+            print(f"cannot read dead letters in {display_url(url)}: {exc}", file=sys.stderr)
+            return 2
     path = cli_db_path(args, "dead_letter", DEFAULT_FILE)
     if not path.exists():
         print(f"no dead-letter store at {path}", file=sys.stderr)
         return 2
     store = DeadLetterStore(path)
     try:
-        if args.command == "list":
-            for letter in store.recent(limit=args.limit, tool=args.tool):
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.created_at))
-                print(
-                    f"{letter.execution_id}  {when}  {letter.tool}  {letter.status}  attempts={letter.attempts}  "
-                    f"run={letter.run_id}  {letter.error_type}: {letter.message}"
-                )
-            return 0
-        found = store.get(args.execution_id)
-        if found is None:
-            print(f"no dead letter {args.execution_id} in {path}", file=sys.stderr)
-            return 1
-        print(json.dumps(asdict(found), indent=2))
-        return 0
+        return _show(args, str(path), store.recent, store.get)
     finally:
         store.close()
+
+
+def _show(
+    args: argparse.Namespace,
+    where: str,
+    recent: Callable[..., list[DeadLetter]],
+    get: Callable[[str], DeadLetter | None],
+) -> int:
+    if args.command == "list":
+        for letter in recent(limit=args.limit, tool=args.tool):
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.created_at))
+            print(
+                f"{letter.execution_id}  {when}  {letter.tool}  {letter.status}  attempts={letter.attempts}  "
+                f"run={letter.run_id}  {letter.error_type}: {letter.message}"
+            )
+        return 0
+    found = get(args.execution_id)
+    if found is None:
+        print(f"no dead letter {args.execution_id} in {where}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(found), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What the SQLite-backed stores (audit log, dead letters) share: the path from the config's URL, a connection in
-WAL mode, and the config behind their command-line tools."""
+WAL mode, and the config behind their command-line tools (which also read the PostgreSQL records database)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,24 @@ def cli_db_path(args: argparse.Namespace, section: str, default_name: str) -> Pa
     return sqlite_path(store, config.data_dir, default_name)
 
 
+def cli_records_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL records database to read: `--url`, else (without `--db`) the config's `records.url`; None for
+    the SQLite file."""
+    if args.url is not None or args.db is not None:
+        return str(args.url) if args.url is not None else None
+    config_file = args.config or (Path(os.environ["AGENT_CONFIG"]) if os.environ.get("AGENT_CONFIG") else None)
+    return load_config(config_file).records.url
+
+
 def add_db_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=Path, help="SQLite file (default: from the service config)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--db", type=Path, help="SQLite file (default: from the service config)")
+    where.add_argument("--url", help="PostgreSQL records database, postgresql://… (default: the config's records.url)")
     parser.add_argument("--config", type=Path, help="the service's YAML config (env AGENT_CONFIG)")
+
+
+def display_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}{at}{host}" if at else url

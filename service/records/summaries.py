@@ -1,13 +1,27 @@
 """Run summaries: what `GetRun` answers for a run after the live state forgot it (Redis keeps a run's events for
 `runs.retention_s`; the records database keeps its summary for as long as records are kept). Written once, when a
-run ends, by the replica that drove it."""
+run ends, by the replica that drove it.
+
+`RunSummaryStore` is the interface; `SqliteRunSummaryStore` (here, `<data_dir>/summaries.db`) and
+`PgRunSummaryStore` (`pg_summaries.py`) implement it. The outcome event is kept as `service/codec.py` JSON.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+from service import codec
 from service import events as ev
+from service.records.sqlite import connect, storable
+
+DEFAULT_FILE = "summaries.db"
+COLUMNS = ("run_id", "caller", "state", "last_seq", "created_ns", "ended_ns", "outcome", "trace_id")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,3 +41,70 @@ class RunSummaryStore(Protocol):
         """Keep `summary`; a second put of the same run changes nothing (a handed-over run may end twice)."""
 
     async def get(self, run_id: str) -> RunSummary | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def summary_row(summary: RunSummary) -> dict[str, Any]:
+    """A summary as stored: the outcome as codec JSON text (None when the run ended without one)."""
+    outcome = None if summary.outcome is None else codec.dumps(summary.outcome).decode()
+    row = {name: getattr(summary, name) for name in COLUMNS if name != "outcome"}
+    return {**{k: storable(v) if type(v) is str else v for k, v in row.items()}, "outcome": outcome}
+
+
+def summary_of(row: dict[str, Any]) -> RunSummary:
+    outcome = None if row["outcome"] is None else codec.loads(row["outcome"])
+    if outcome is not None and not isinstance(outcome, ev.FinalResponse | ev.RunFailed):
+        raise ValueError(f"run {row['run_id']}: a summary's outcome is a {outcome.kind} event")
+    return RunSummary(**{**{name: row[name] for name in COLUMNS}, "outcome": outcome})
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_summaries (
+    run_id TEXT PRIMARY KEY,
+    caller TEXT NOT NULL,
+    state TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    ended_ns INTEGER NOT NULL,
+    outcome TEXT,
+    trace_id TEXT NOT NULL
+);
+"""
+
+
+class SqliteRunSummaryStore:
+    """The embedded default: one SQLite file, opened at the first use, written and read on a thread of its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summaries")
+
+    async def put(self, summary: RunSummary) -> None:
+        row = summary_row(summary)
+        sql = f"INSERT OR IGNORE INTO run_summaries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        await self._run(lambda conn: conn.execute(sql, [row[n] for n in COLUMNS]))
+
+    async def get(self, run_id: str) -> RunSummary | None:
+        def read(conn: sqlite3.Connection) -> RunSummary | None:
+            sql = f"SELECT {', '.join(COLUMNS)} FROM run_summaries WHERE run_id = ?"
+            found = conn.execute(sql, (run_id,)).fetchone()
+            return None if found is None else summary_of(dict(zip(COLUMNS, found, strict=True)))
+
+        result: RunSummary | None = await self._run(read)
+        return result
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._conn.close)
+        self._pool.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._on_thread, fn)
+
+    def _on_thread(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._conn is None:
+            self._conn = connect(self.path)
+            self._conn.executescript(_SCHEMA)
+        return fn(self._conn)

@@ -16,6 +16,7 @@ from agent.v1 import agent_pb2 as pb
 from service import events as ev
 from service.redact import TOO_DEEP
 from service.runs import Run, RunState
+from service.state.base import RunRecord
 
 
 def to_proto(
@@ -339,13 +340,20 @@ def run_state(state: RunState) -> int:
     return int(_RUN_STATE[state])
 
 
-def run_to_proto(run: Run) -> pb.Run:
-    out = pb.Run(run_id=run.id, state=_RUN_STATE[run.state], last_seq=len(run.log), created=_timestamp(run.created_ns))
-    if run.ended_ns:
-        out.ended.CopyFrom(_timestamp(run.ended_ns))
-    outcome = run.outcome
+def run_to_proto(run: Run | RunRecord) -> pb.Run:
+    """GetRun's answer, from a run of this process or another's record."""
+    record = run.record() if isinstance(run, Run) else run
+    out = pb.Run(
+        run_id=record.run_id,
+        state=_RUN_STATE[RunState(record.state)],
+        last_seq=record.last_seq,
+        created=_timestamp(record.created_ns),
+    )
+    if record.ended_ns:
+        out.ended.CopyFrom(_timestamp(record.ended_ns))
+    outcome = record.outcome
     if outcome is not None:
-        field = to_proto(outcome, run.id, len(run.log))
+        field = to_proto(outcome, record.run_id, record.last_seq)
         if isinstance(outcome, ev.FinalResponse):
             out.final_response.CopyFrom(field.final_response)
         else:

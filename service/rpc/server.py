@@ -128,13 +128,13 @@ async def start_server(
             "something else encrypts the connection (a service mesh)",
             extra={"listen": config.listen},
         )
-    port = _listen(server, config.listen, credentials)
+    port = listen_on(server, config.listen, credentials)
     health_server, health_port = None, None
     if config.health_listen:
         # probes carry no credentials: health alone, in plaintext, on a port of its own
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = _listen(health_server, config.health_listen)
+        health_port = listen_on(health_server, config.health_listen)
         await health_server.start()
     metrics_server = None
     if metrics:
@@ -174,7 +174,9 @@ async def start_server(
 def server_options(config: Config) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.limits.max_receive_bytes),
-        ("grpc.so_reuseport", 0),
+        # off for one process, so that a port already in use is an error rather than silently shared; on for the
+        # workers of `--workers N`, which share theirs (service/rpc/workers.py)
+        ("grpc.so_reuseport", int(config.workers > 1)),
         # both limits: with the soft one alone, grpc refuses headers between it and 1.25x it at random
         ("grpc.max_metadata_size", config.limits.max_header_bytes),
         ("grpc.absolute_max_metadata_size", config.limits.max_header_bytes),
@@ -207,7 +209,7 @@ def pending_rpc_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+def listen_on(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     try:
         if credentials is None:
             return int(server.add_insecure_port(address))
@@ -230,9 +232,14 @@ class StartupError(Exception):
     module or option, a scenario, a TLS file, a store) that cannot be loaded."""
 
 
-async def serve(config: Config, start: Callable[[Config], Awaitable[Service]]) -> None:
-    """Start the service with `start` (the composition root's), run until SIGTERM or SIGINT, then drain. Raises
-    StartupError when it cannot start."""
+async def serve(
+    config: Config,
+    start: Callable[[Config], Awaitable[Service]],
+    *,
+    on_serving: Callable[[Service], object] | None = None,
+) -> None:
+    """Start the service with `start` (the composition root's), call `on_serving` (a worker tells its supervisor),
+    run until SIGTERM or SIGINT, then drain. Raises StartupError when it cannot start."""
     hardening.make_undumpable()  # before anything runs a program: this process's environment holds the API key
     reaper = hardening.reap_orphans()
     try:
@@ -242,18 +249,25 @@ async def serve(config: Config, start: Callable[[Config], Awaitable[Service]]) -
         log.debug("cannot start", exc_info=True)  # the traceback, for when the message is not enough
         raise StartupError(f"cannot start: {exc}") from exc
     tune_gc(config.gc)
+    # under --workers N a worker's gauges read at the scrape are written to its metrics files instead
+    observer = (
+        asyncio.create_task(telemetry.keep_observed(), name="observed-gauges") if telemetry.multiprocess() else None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_serving is not None:  # once a SIGTERM drains: a supervisor may stop its workers as soon as they serve
+        on_serving(service)
     waiter = asyncio.create_task(service.server.wait_for_termination())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     with contextlib.suppress(Exception):
         await service.drain()
-    for task in (waiter, stopper, reaper):
+    tasks = [task for task in (waiter, stopper, reaper, observer) if task is not None]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(waiter, stopper, reaper, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     stuck = abandoned()

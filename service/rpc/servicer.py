@@ -9,7 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -23,8 +23,8 @@ from service.config import Config
 from service.deadline import run_margin_s
 from service.errors import (
     AfterSeqOutOfRange,
-    CallerLimited,
     InvalidRequest,
+    NotFound,
     RunAlreadyEnded,
     RunCancelled,
     ServerDraining,
@@ -75,11 +75,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
         return current_caller() or self.anonymous
 
-    def run_of(self, run_id: str) -> Run:
-        """A run the caller may see: another caller's run is NOT_FOUND, as if it did not exist."""
+    def run_id(self, run_id: str) -> str:
         if not run_id:
             raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
-        return self.registry.get(run_id, caller=self.caller().name)
+        return run_id
 
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         caller = self.caller()
@@ -101,29 +100,43 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     @streaming
     def RunAgent(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
         received = self.clock()
-        run, created = self._start(request, context, background=False)
-        owner = created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
-        return self._stream(run, 0, context, owner=owner, received=received)
+
+        async def opened() -> tuple[Run, int, bool]:
+            run, created = await self._start(request, context, background=False)
+            return run, 0, created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
+
+        return self._stream(opened, context, received=received)
 
     @streaming
     def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
-        run = self.run_of(request.run_id)
-        logged = len(run.log)
-        if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
-            where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
-            raise AfterSeqOutOfRange(f"after_seq={request.after_seq}, but run {run.id} {where}")
-        return self._stream(run, request.after_seq, context, owner=False)
+        async def opened() -> tuple[Run, int, bool]:
+            run = await self.registry.watch(self.run_id(request.run_id), self.caller().name, request.after_seq)
+            logged = len(run.log)
+            if request.after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
+                where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
+                raise AfterSeqOutOfRange(f"after_seq={request.after_seq}, but run {run.id} {where}")
+            return run, request.after_seq, False
+
+        return self._stream(opened, context)
 
     @unary
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
         if request.mode not in _CANCEL_MODES:
             raise InvalidRequest(f"unknown mode {request.mode}: IMMEDIATE or AFTER_TURN")
-        run = self.run_of(request.run_id)
+        caller = self.caller().name
+        after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
+        try:
+            run = self.registry.get(self.run_id(request.run_id), caller=caller)
+        except NotFound:
+            if self.registry.store is None:
+                raise
+            record = await self.registry.record(request.run_id, caller)  # driven by another process
+            record = await self.registry.cancel_elsewhere(record, after_turn=after_turn)
+            return pb.CancelRunResponse(run_id=record.run_id, state=run_state(RunState(record.state)))
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
             return pb.CancelRunResponse(run_id=run.id, state=run_state(run.state))
         if run.finished:
             raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
-        after_turn = request.mode == pb.CancelRunRequest.AFTER_TURN
         self.registry.cancel(run, after_turn=after_turn)
         if not after_turn and run.task is not None:
             # usually done within milliseconds: answer with the final state when it is there
@@ -132,21 +145,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     @unary
     async def SubmitRun(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitRunResponse:
-        run, _ = self._start(request, context, background=True)
+        run, _ = await self._start(request, context, background=True)
         return pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state))
 
     @unary
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
-        return run_to_proto(self.run_of(request.run_id))
+        return run_to_proto(await self.registry.record(self.run_id(request.run_id), self.caller().name))
 
     @unary
     async def RunAgentUnary(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunResult | None:
-        run, created = self._start(request, context, background=False)
-        assert run.task is not None
+        run, created = await self._start(request, context, background=False)
         try:
-            await asyncio.shield(run.task)
+            # another process's run (an idempotency key that names it) has no task here: wait for its end
+            await asyncio.shield(run.task if run.task is not None else run.ended())
         except asyncio.CancelledError:
             # as for the stream: CONTINUE leaves the run going; the same idempotency key attaches to it again
             if created and not run.finished and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
@@ -156,7 +169,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             return None
         return run_result(run)
 
-    def _start(
+    async def _start(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext, *, background: bool
     ) -> tuple[Run, bool]:
         if self.draining:
@@ -166,42 +179,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         key = request.idempotency_key
         digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
         spec = self.validator.run_spec(request, run_id, caller)
-        existing = self.registry.find(caller.name, key, digest)
-        if existing is not None:
-            return existing, False
-        refused = self.caller_limits.admit(caller)
-        if refused is not None:
-            raise CallerLimited(refused)
         deadline = None
         remaining = context.time_remaining()
         # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
         if remaining is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
             margin = run_margin_s(remaining, self.config.runs.deadline_margin_s)
             deadline = asyncio.get_running_loop().time() + remaining - margin
-        run, created = self.registry.start(
+        return await self.registry.open(
             spec,
-            caller=caller.name,
+            caller=caller,
+            limits=self.caller_limits,
             key=key,
             fingerprint=digest,
             deadline=deadline,
             background=background,
         )
-        if created and run.task is not None:
-            self.caller_limits.started(caller)
-            run.task.add_done_callback(lambda _: self.caller_limits.ended(caller))
-        return run, created
 
     async def _stream(
         self,
-        run: Run,
-        after_seq: int,
+        opened: Callable[[], Awaitable[tuple[Run, int, bool]]],
         context: grpc.aio.ServicerContext,
         *,
-        owner: bool,
         received: float | None = None,
     ) -> AsyncIterator[pb.AgentEvent]:
-        """Send the run's log from `after_seq`, live, then end with the run's status. `owner`: the caller's
-        disconnect cancels the run (on_disconnect=CANCEL)."""
+        """Open the run (`opened`: the run, the seq to send after, and whether this stream owns it), send its log
+        from there, live, then end with the run's status. An owner's disconnect cancels the run (on_disconnect=CANCEL).
+        Opened here, inside the stream, so that a start that awaits the shared store costs no extra hop per event."""
+        run, after_seq, owner = await opened()
         task = asyncio.current_task()
         assert task is not None
         self.streams.add(task)

@@ -1,1 +1,2 @@
-"""Shared live state on Redis, behind the core's small protocols (the core never imports a Redis client)."""
+"""Shared live state on Redis: the run store protocol (base.py) and its Redis implementation, and the policies'
+shared state (redis_limits.py: rate limits, breakers, result caches)."""

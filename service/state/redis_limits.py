@@ -19,12 +19,8 @@ import hashlib
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from service.config.stores import StateConfig
 from service.policy.breaker import State
 from service.policy.shared import BreakerAnswer, StateUnavailable, Take
 from tools.policy import BreakerPolicy, RateLimitPolicy
@@ -190,28 +186,6 @@ return 0
 
 _KEEP_BREAKER_S = 86400.0
 _STATES = {s.value: s for s in State}
-
-
-def client(config: StateConfig) -> redis.Redis:
-    """A client for `state.url` with its password file, TLS files and timeouts."""
-    kwargs: dict[str, Any] = {
-        "socket_timeout": config.timeout_s,
-        "socket_connect_timeout": config.timeout_s,
-        # One retry, at once, on a connection error only: a pooled connection that died with a Redis restart is
-        # reopened. More, or on timeouts, would make calls wait on a store that is down (and run a script twice).
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    }
-    if config.password_file is not None:
-        kwargs["password"] = config.password_file.read_text().strip()
-    if config.url.startswith("rediss://"):
-        for option, path in (
-            ("ssl_ca_certs", config.tls_ca_file),
-            ("ssl_certfile", config.tls_cert_file),
-            ("ssl_keyfile", config.tls_key_file),
-        ):
-            if path is not None:
-                kwargs[option] = str(path)
-    return redis.Redis.from_url(config.url, **kwargs)
 
 
 def _now(now: float | None) -> str:

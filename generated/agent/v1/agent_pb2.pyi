@@ -23,6 +23,7 @@ class ToolStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOOL_STATUS_RATE_LIMITED: _ClassVar[ToolStatus]
     TOOL_STATUS_CIRCUIT_OPEN: _ClassVar[ToolStatus]
     TOOL_STATUS_CANCELLED: _ClassVar[ToolStatus]
+    TOOL_STATUS_OUTCOME_UNKNOWN: _ClassVar[ToolStatus]
 TOOL_STATUS_UNSPECIFIED: ToolStatus
 TOOL_STATUS_OK: ToolStatus
 TOOL_STATUS_ERROR: ToolStatus
@@ -32,6 +33,7 @@ TOOL_STATUS_REJECTED: ToolStatus
 TOOL_STATUS_RATE_LIMITED: ToolStatus
 TOOL_STATUS_CIRCUIT_OPEN: ToolStatus
 TOOL_STATUS_CANCELLED: ToolStatus
+TOOL_STATUS_OUTCOME_UNKNOWN: ToolStatus
 
 class RunAgentRequest(_message.Message):
     __slots__ = ("message", "system", "model", "max_turns", "tools", "metadata", "max_tokens", "idempotency_key", "on_disconnect", "max_tool_calls", "max_output_tokens")

@@ -1,0 +1,70 @@
+"""The two kinds of `Run` a shared store adds: `SharedRun`, driven here with its log shipped to the store, and
+`MirrorRun`, driven by another process and read here from the store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from service import events as ev
+from service.control import RunControl
+from service.errors import AgentError, StateUnavailable
+from service.loop import RunSpec
+from service.runs import EVENT_BYTES, Entry, Run, RunState
+from service.state.base import RunRecord
+
+
+class SharedRun(Run):
+    """A run this process drives while its log is shared: each change also tells the store's shipper, which sends
+    the new entries in its next batch (a set insertion here, never a wait)."""
+
+    def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changed = shipped
+
+    def append(self, event: ev.Event) -> None:
+        super().append(event)
+        self.changed(self)
+
+    def finish(self) -> None:
+        super().finish()
+        self.changed(self)
+
+
+class MirrorRun(Run):
+    """Another process's run, as this one sees it: its log is filled from the shared store with the entries (seqs,
+    times) the driver logged, so that `follow` (coalescing, slow-subscriber drop) serves watchers here as it does
+    there. It has no driver here: `task` is None and its control steers nothing."""
+
+    def __init__(self, record: RunRecord) -> None:
+        spec = RunSpec(run_id=record.run_id, message="", model="", system=None, max_turns=0, max_tokens=0, tools=())
+        super().__init__(spec, RunControl(), caller=record.caller, key="", fingerprint=record.fingerprint)
+        self.state = RunState(record.state) if not record.finished else RunState.RUNNING
+        self.created_ns = record.created_ns
+
+    def extend(self, entries: list[Entry], ended_ns: int = 0) -> None:
+        """Entries read from the store, in order, continuing the log without a gap; the run's last one ends it."""
+        for entry in entries:
+            if entry.seq <= len(self.log):
+                continue  # read twice across a reconnect: already here
+            if entry.seq > len(self.log) + 1:
+                self.lost = StateUnavailable(
+                    f"run {self.id}'s events {len(self.log) + 1}..{entry.seq - 1} are missing from the shared store; "
+                    f"the replica that drives the run still has them: retry shortly"
+                )
+                break
+            self.log.append(entry)
+            self.bytes += EVENT_BYTES
+        if self.state is RunState.QUEUED and len(self.log) > 1:
+            self.state = RunState.RUNNING
+        if self.outcome is not None and not self.finished:
+            self.finish()
+            self.ended_ns = ended_ns or self.log[-1].time_ns
+        elif self._waiters:
+            self._wake()
+
+    def give_up(self, why: AgentError) -> None:
+        """The log cannot be continued: followers get `why` once they have read what is here."""
+        self.lost = why
+        if self._waiters:
+            self._wake()

@@ -1,0 +1,69 @@
+"""Redis for the run-state store: the client `state` configures, and the Lua scripts that make admission and lease
+renewal atomic (no library offers these: they are the store's own rules, a few lines each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.config import StateConfig
+
+# Idempotency key, then quotas, then the record: one round trip and atomic, so no two replicas both start a run for
+# one key, nor both let in a caller's last allowed run. Times are Redis's (TIME), one clock for the fleet.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] ~= '' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {'existing', existing} end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local most = tonumber(ARGV[4])
+if most >= 0 and redis.call('ZCARD', KEYS[3]) >= most then return {'busy', ARGV[4]} end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
+local per_minute = tonumber(ARGV[5])
+if per_minute >= 0 and redis.call('ZCARD', KEYS[4]) >= per_minute then
+  local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  return {'rate', tostring(tonumber(oldest[2]) + 60000 - now)}
+end
+local lease = tonumber(ARGV[6])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+redis.call('ZADD', KEYS[3], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], lease)
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[4], 60000)
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {'ok'}
+"""
+
+# A lease renewed: the run's score moves on, if the set still has it or lost it (Redis restarted), and the set lives on.
+RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], expiry, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+
+def connect(config: StateConfig, *, read_timeout_s: float | None = None) -> redis.Redis:
+    """A client for `config.url`; `read_timeout_s` longer than the command timeout for blocking reads."""
+    options: dict[str, Any] = {
+        "socket_timeout": read_timeout_s or config.timeout_s,
+        "socket_connect_timeout": config.timeout_s,
+        "socket_keepalive": True,
+        # one quick retry covers a pooled connection that Redis closed (a restart); more would only delay the
+        # failure a caller is told of, and the shipper has a backoff of its own
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if config.password_file is not None:
+        options["password"] = config.password_file.read_text().strip()
+    if config.url.startswith("rediss://"):
+        options["ssl_ca_certs"] = None if config.tls_ca_file is None else str(config.tls_ca_file)
+        options["ssl_certfile"] = None if config.tls_cert_file is None else str(config.tls_cert_file)
+        options["ssl_keyfile"] = None if config.tls_key_file is None else str(config.tls_key_file)
+    return redis.Redis.from_url(config.url, **options)
