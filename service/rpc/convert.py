@@ -15,8 +15,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from agent.v1 import agent_pb2 as pb
 from service import events as ev
 from service.redact import TOO_DEEP
-from service.runs import Run, RunState
-from service.state.base import RunRecord
+from service.run import Run, RunRecord, RunState
 
 
 def to_proto(

@@ -33,7 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
@@ -45,14 +45,11 @@ from service.config import CallerConfig, StateConfig
 from service.control import RunControl
 from service.errors import RunInterrupted, StateUnavailable
 from service.loop import RunSpec
-from service.runs import Entry, Run
-from service.state.base import Admission, RunRecord
+from service.run import Entry, Run, RunRecord
+from service.state.base import Admission
 from service.state.mirror import MirrorRun, SharedRun
 from service.state.redis_client import ADMIT, RENEW, connect
 from service.state.redis_ship import Shipper
-
-if TYPE_CHECKING:
-    from service.runs import Run as _Run
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +192,7 @@ class RedisRunStore:
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         self._on_cancel = callback
 
-    async def admit(self, run: _Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
+    async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         caller = run.caller
         fields = self.fields_of(run, 0, ended=False)
         fields.update(owner=self.instance, created_ns=run.created_ns, fingerprint=fingerprint, key=key)
@@ -239,7 +236,7 @@ class RedisRunStore:
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.shipper.note)
 
-    def fields_of(self, run: _Run, last_seq: int, *, ended: bool) -> dict[Any, Any]:
+    def fields_of(self, run: Run, last_seq: int, *, ended: bool) -> dict[Any, Any]:
         """The hash fields a shipment writes; the full record, so that a Redis restarted empty gets it back."""
         fields: dict[Any, Any] = {
             "caller": run.caller,
@@ -257,7 +254,7 @@ class RedisRunStore:
                 fields["outcome"] = codec.dumps(outcome).decode()
         return fields
 
-    def ended_commands(self, pipe: Pipeline, run: _Run) -> None:
+    def ended_commands(self, pipe: Pipeline, run: Run) -> None:
         """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""
         ttl = max(1, int(self.retention_s))
         pipe.expire(self.run_key(run.id), ttl)
@@ -266,7 +263,7 @@ class RedisRunStore:
             pipe.expire(f"{self.prefix}idem:{run.caller}:{run.idempotency_key}", ttl)
         pipe.zrem(self._caller_key(run.caller, "active"), run.id)
 
-    def settled(self, run: _Run) -> None:
+    def settled(self, run: Run) -> None:
         self._live.pop(run.id, None)
 
     async def _listen(self) -> None:

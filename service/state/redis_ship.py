@@ -29,7 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 from service import codec, telemetry
 
 if TYPE_CHECKING:
-    from service.runs import Run
+    from service.run import Run
     from service.state.redis_runs import RedisRunStore
 
 log = logging.getLogger(__name__)
