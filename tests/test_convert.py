@@ -22,8 +22,9 @@ from service import events as ev
 from service.control import RunControl
 from service.loop import RunSpec
 from service.redact import TOO_DEEP
-from service.rpc.convert import MAX_DEPTH, run_result, struct, to_proto
-from service.runs import Run
+from service.rpc.convert import run_result, to_proto
+from service.rpc.values import MAX_DEPTH, struct
+from service.run import Run
 from tools.base import JSON, Tool
 
 BIG = 10**400  # beyond a double's range: float(BIG) raises OverflowError

@@ -31,10 +31,12 @@ from service.errors import (
     SubscriberTooSlow,
 )
 from service.models.base import ToolSpec
-from service.rpc.convert import run_result, run_state, run_to_proto, struct, to_proto
+from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
 from service.rpc.status import end_call, streaming, unary
 from service.rpc.validate import Validator, fingerprint
-from service.runs import Run, RunRegistry, RunState
+from service.rpc.values import struct
+from service.run import Run, RunState
+from service.runs import RunRegistry
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
