@@ -200,7 +200,7 @@ class AgentLoop:
         if announce:
             yield self.started(spec)
         scope = control.scope()
-        outcome: FinalResponse | RunFailed | None = None
+        ended = "succeeded"  # the state a durable run is left in: no more to recover
         try:
             async with scope:
                 if journal is not None:
@@ -209,8 +209,6 @@ class AgentLoop:
                         yield recovered
                 async for event in self._turns(spec, state, control, journal):
                     yield event
-                    if journal is not None and type(event) is FinalResponse:
-                        outcome = event
         except TimeoutError:
             if not scope.fired:
                 raise  # not the deadline, nor a stop: a bug, which the registry reports as INTERNAL with its traceback
@@ -226,8 +224,8 @@ class AgentLoop:
             # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
             level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
             log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
-            outcome = RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
-            yield outcome
+            ended = "cancelled" if reason.code == "CANCELLED" else "failed"
+            yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
             # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
             for call_id, name in state.open_calls.items():
@@ -240,11 +238,11 @@ class AgentLoop:
                     attempts=0,
                 )
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
-            outcome = RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
-            yield outcome
-        if journal is not None and outcome is not None:
+            ended = "failed"
+            yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+        if journal is not None:
             # after the closing event has gone on: a crash in between recovers the run and sends it again
-            await journal.end(outcome)
+            await journal.end(ended)
 
     async def _turns(
         self, spec: RunSpec, state: _RunState, control: RunControl, journal: Journal | None

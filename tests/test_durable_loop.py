@@ -16,8 +16,10 @@ from pydantic import BaseModel
 
 from service import events as ev
 from service.config import Pacing
+from service.control import RunControl
 from service.durable.base import TakenOver
 from service.durable.journal import FORMAT, Journal
+from service.errors import RunCancelled
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.scripted import Scenario, ScriptedModel
@@ -304,3 +306,20 @@ async def test_a_step_of_a_newer_format_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format"):
         Journal.resume(first.store, replace(run, steps=[newer]))
     await first.aclose()
+
+
+async def test_a_durable_run_that_fails_or_is_stopped_is_left_ended(tmp_path: Path) -> None:
+    ledger = Ledger()
+    proc = Process(ledger, "p1", tmp_path)
+    spec = make_spec(max_turns=2)  # the scenario needs 3
+    events = await proc.collect(spec, proc.journal(spec))
+    assert isinstance(events[-1], ev.RunFailed) and events[-1].code == "RESOURCE_EXHAUSTED"
+    assert ledger.runs[RUN].state == "failed"
+
+    control = RunControl()
+    control.stop_now(RunCancelled("cancelled by CancelRun"))
+    stopped = make_spec(run_id="run_s")
+    events = [e async for e in proc.loop.run(stopped, control, journal=proc.journal(stopped))]
+    assert isinstance(events[-1], ev.RunFailed) and events[-1].code == "CANCELLED"
+    assert ledger.runs["run_s"].state == "cancelled"
+    await proc.aclose()

@@ -17,7 +17,7 @@ from typing import Any
 
 from service import codec
 from service.durable.base import CheckpointStore, DurableRun, Step, StepKind
-from service.events import Event, FinalResponse, RunFailed, RunRecovered, ToolResult
+from service.events import Event, RunRecovered, ToolResult
 from service.models import base as m
 from service.policy.call import ToolCallRequest
 
@@ -167,12 +167,9 @@ class Journal:
                     self._results[event.call_id] = event
                 yield event
 
-    async def end(self, outcome: FinalResponse | RunFailed) -> None:
-        """The run has ended with `outcome` (already passed to the caller): it is not to be recovered any more."""
-        if isinstance(outcome, FinalResponse):
-            state = "succeeded"
-        else:
-            state = "cancelled" if outcome.code == "CANCELLED" else "failed"
+    async def end(self, state: str) -> None:
+        """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
+        "failed" or "cancelled". It is not to be recovered any more."""
         await self.store.end(self.run_id, state)
 
     async def _put(self, kind: StepKind, key: str, value: dict[str, Any]) -> None:
