@@ -15,13 +15,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service import telemetry
 from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
 from service.control import RunControl
+from service.durable.journal import Journal, recorded_results
 from service.errors import (
     BudgetExceeded,
     DeadlineExceeded,
@@ -42,26 +43,10 @@ from service.executor import Executor, RunContext, ToolCallRequest
 from service.model_turn import stream_turn
 from service.models import base as m
 from service.policy.retry import jittered_backoff
+from service.spec import RunSpec as RunSpec  # where it was defined before: many import it from here
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSpec:
-    """A validated request, in the loop's terms."""
-
-    run_id: str
-    message: str
-    model: str
-    system: str | None
-    max_turns: int
-    max_tokens: int
-    tools: tuple[str, ...]
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    max_tool_calls: int | None = None
-    max_output_tokens: int | None = None
-    trace_context: Any = None  # set by `_traced`: the run span, parent of the model_turn and tool_call spans
 
 
 @dataclass
@@ -192,22 +177,37 @@ class AgentLoop:
 
     @_traced
     async def run(
-        self, spec: RunSpec, control: RunControl | None = None, *, announce: bool = True
+        self,
+        spec: RunSpec,
+        control: RunControl | None = None,
+        *,
+        announce: bool = True,
+        journal: Journal | None = None,
     ) -> AsyncIterator[Event]:
         """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last.
 
         When `control` stops the run (deadline, immediate cancel), the tool calls in flight are cancelled and each
         gets a `ToolResult` with status CANCELLED before the closing `RunFailed`. `announce=False` leaves out
         `RunStarted` for a caller that has already sent `started(spec)` itself (the registry does, so that the
-        first event does not wait for the run's task to be scheduled)."""
+        first event does not wait for the run's task to be scheduled).
+
+        With a `journal` the run is durable: each model turn and tool result is checkpointed before its events go
+        on, and an unsafe call's intent before the call starts. A journal of recorded steps (`Journal.resume`)
+        replays them first, silently, after a `RunRecovered` event. `TakenOver` from the store ends the run at once,
+        with nothing more sent: another process drives it now."""
         control = control or RunControl()
         state = _RunState(spec, started=self.clock(), control=control)
         if announce:
             yield self.started(spec)
         scope = control.scope()
+        ended = "succeeded"  # the state a durable run is left in: no more to recover
         try:
             async with scope:
-                async for event in self._turns(spec, state, control):
+                if journal is not None:
+                    recovered = await journal.open()
+                    if recovered is not None:
+                        yield recovered
+                async for event in self._turns(spec, state, control, journal):
                     yield event
         except TimeoutError:
             if not scope.fired:
@@ -224,6 +224,7 @@ class AgentLoop:
             # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
             level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
             log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
+            ended = "cancelled" if reason.code == "CANCELLED" else "failed"
             yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
             # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
@@ -237,45 +238,45 @@ class AgentLoop:
                     attempts=0,
                 )
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
+            ended = "failed"
             yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+        if journal is not None:
+            # after the closing event has gone on: a crash in between recovers the run and sends it again
+            await journal.end(ended)
 
-    async def _turns(self, spec: RunSpec, state: _RunState, control: RunControl) -> AsyncIterator[Event]:
+    async def _turns(
+        self, spec: RunSpec, state: _RunState, control: RunControl, journal: Journal | None
+    ) -> AsyncIterator[Event]:
         specs = self.tool_specs(spec.tools)
         totals = state.totals
         for turn in range(1, spec.max_turns + 1):
-            request = m.TurnRequest(
-                model=spec.model,
-                system=spec.system,
-                messages=list(state.history),
-                tools=specs,
-                max_tokens=spec.max_tokens,
-            )
-            end: m.TurnEnd | None = None
-            async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
-                if isinstance(event, m.TurnEnd):
-                    end = event
-                else:
-                    if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
-                        state.open_calls[event.call_id] = event.name
-                    yield event
-            assert end is not None, "a model turn ends with TurnEnd"
-            totals.input_tokens += end.input_tokens
-            totals.output_tokens += end.output_tokens
-            telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
-            telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
-            yield Usage(
-                turn=turn,
-                input_tokens=end.input_tokens,
-                output_tokens=end.output_tokens,
-                total_input_tokens=totals.input_tokens,
-                total_output_tokens=totals.output_tokens,
-            )
+            end = None if journal is None else journal.turn(turn)
+            if end is None:
+                request = m.TurnRequest(
+                    model=spec.model,
+                    system=spec.system,
+                    messages=list(state.history),
+                    tools=specs,
+                    max_tokens=spec.max_tokens,
+                )
+                async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
+                    if isinstance(event, m.TurnEnd):
+                        end = event
+                    else:
+                        if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
+                            state.open_calls[event.call_id] = event.name
+                        yield event
+                assert end is not None, "a model turn ends with TurnEnd"
+                if journal is not None:
+                    await journal.turn_ended(turn, end)
+                yield counted(turn, end, totals)
+            else:  # recorded before a crash: not requested again, and its events are in the log already
+                totals.input_tokens += end.input_tokens
+                totals.output_tokens += end.output_tokens
             answer = state.record(end)
             if state.paused:
                 # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
-                after_turn = control.after_turn_reason()
-                if after_turn is not None:
-                    raise after_turn
+                stop_if_asked(control)
                 continue
             calls = tool_calls_of(end)
             if end.stop_reason == "refusal":
@@ -301,7 +302,7 @@ class AgentLoop:
             results: dict[str, ToolResult] = {}
             state.open_calls = {c.call_id: c.name for c in calls}
             state.tools_started = self.clock()
-            async for event in self.execute_tools(calls, state.context):
+            async for event in self._calls(turn, calls, state, results, journal):
                 if isinstance(event, ToolResult):
                     results[event.call_id] = event
                     state.open_calls.pop(event.call_id, None)
@@ -309,9 +310,7 @@ class AgentLoop:
                         state.context.succeeded.add(event.name)
                 yield event
             state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
-            after_turn = control.after_turn_reason()
-            if after_turn is not None:
-                raise after_turn
+            stop_if_asked(control)
         raise MaxTurnsExceeded(
             f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
         )
@@ -332,19 +331,80 @@ class AgentLoop:
             control=control,
         )
 
-    async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
+    def _calls(
+        self,
+        turn: int,
+        calls: Sequence[ToolCallRequest],
+        state: _RunState,
+        results: dict[str, ToolResult],
+        journal: Journal | None,
+    ) -> AsyncIterator[Event]:
+        """The events of the calls of `turn`. In a durable run, those whose results were recorded before a crash
+        go straight into `results` instead: not run again, and nothing of them is sent again."""
+        if journal is None:
+            return self.execute_tools(calls, state.context)
+        for call_id, result in recorded_results(journal, calls).items():
+            results[call_id] = result
+            del state.open_calls[call_id]
+            if result.status is ToolStatus.OK:
+                state.context.succeeded.add(result.name)
+        left = [c for c in calls if c.call_id not in results]
+        return self.execute_durably(turn, left, state.context, journal)
+
+    def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
+        return self._merged([self.executor.execute(c, run) for c in calls], run)
+
+    async def execute_durably(
+        self, turn: int, calls: Sequence[ToolCallRequest], run: RunContext, journal: Journal
+    ) -> AsyncIterator[Event]:
+        """`execute_tools` for a durable run: the intents of the unsafe calls are committed before any call starts,
+        and each result before it is passed on. A call whose intent was recorded before a crash (and no result) is
+        resumed (`Executor.resume`): run again if it is safe to repeat, else `outcome_unknown`, never sent again."""
+        executor = self.executor
+        cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
+        await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
+        sources = [
+            journal.recording(turn, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run))
+            for c in calls
+        ]
+        async for event in self._merged(sources, run):
+            yield event
+
+    async def _merged(self, sources: Sequence[AsyncIterator[Event]], run: RunContext) -> AsyncIterator[Event]:
         # A call whose tool ignores its cancellation is abandoned when the run stops, `abandon_after_s` after its
         # cancel (`service.aio`): CancelRun, deadlines and drains are not held up by it. Its own hard timeout is
         # not bounded that way (that would cost every call a task of its own): the run's deadline is.
         calls_of_turn = merge(
-            *(self.executor.execute(c, run) for c in calls),
+            *sources,
             abandon_after_s=self.abandon_after_s,
             name=f"tool calls of run {run.run_id}",
             fields={"run_id": run.run_id},
         )
         async for event in calls_of_turn:
             yield event
+
+
+def stop_if_asked(control: RunControl) -> None:
+    """At the end of a turn: raise the reason the run was asked to stop after it, if it was."""
+    after_turn = control.after_turn_reason()
+    if after_turn is not None:
+        raise after_turn
+
+
+def counted(turn: int, end: m.TurnEnd, totals: _Totals) -> Usage:
+    """A model turn's tokens added to the run's totals, and the `Usage` event that says so."""
+    totals.input_tokens += end.input_tokens
+    totals.output_tokens += end.output_tokens
+    telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
+    telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
+    return Usage(
+        turn=turn,
+        input_tokens=end.input_tokens,
+        output_tokens=end.output_tokens,
+        total_input_tokens=totals.input_tokens,
+        total_output_tokens=totals.output_tokens,
+    )
 
 
 def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:

@@ -182,3 +182,11 @@ def test_lone_surrogates_become_replacement_characters_instead_of_raising() -> N
     assert fields["\ufffdk"].list_value.values[1].struct_value.fields["deep"].string_value == "\ufffd"
     assert to_proto(ev.TextDelta(turn=1, text=f"a{half}b"), "run_1", 6).text_delta.text == "a\ufffdb"
     assert struct({half: half})["\ufffd"] == "\ufffd"
+
+
+def test_run_recovered_reaches_the_wire() -> None:
+    event = ev.RunRecovered(step_no=4, turn=1, seq=17, reason="its process stopped")
+    wire = pb.AgentEvent.FromString(to_proto(event, "run_x", 18).SerializeToString())
+    assert wire.WhichOneof("event") == "run_recovered"
+    e = wire.run_recovered
+    assert (e.step_no, e.turn, e.seq, e.reason) == (4, 1, 17, "its process stopped")

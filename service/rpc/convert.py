@@ -103,6 +103,10 @@ def _set_occasional(out: pb.AgentEvent, event: ev.Event) -> None:
                     execution_id=event.execution_id, call_id=event.call_id, tool=event.tool, message=event.message
                 )
             )
+        case ev.RunRecovered():
+            out.run_recovered.CopyFrom(
+                pb.RunRecovered(step_no=event.step_no, turn=event.turn, seq=event.seq, reason=event.reason)
+            )
         case ev.Usage():
             out.usage.CopyFrom(
                 pb.Usage(

@@ -180,7 +180,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         caller = self.caller()
         key = request.idempotency_key
         digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
-        spec = self.validator.run_spec(request, run_id, caller)
+        spec = self.validator.run_spec(request, run_id, caller, background=background)
         deadline = None
         remaining = context.time_remaining()
         # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it

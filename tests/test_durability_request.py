@@ -1,0 +1,35 @@
+"""Which runs are durable: the request's `durability`, else the default (the runs that outlive their call)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.v1 import agent_pb2 as pb
+from fake_tools import all_tools
+from service.callers import Caller
+from service.config import CallerConfig, Config
+from service.rpc.validate import Validator
+
+R = pb.RunAgentRequest
+
+
+@pytest.mark.parametrize(
+    ("durability", "on_disconnect", "background", "durable"),
+    [
+        (R.DURABILITY_UNSPECIFIED, R.ON_DISCONNECT_UNSPECIFIED, False, False),  # CANCEL: the caller retries
+        (R.DURABILITY_UNSPECIFIED, R.CANCEL, False, False),
+        (R.DURABILITY_UNSPECIFIED, R.CONTINUE, False, True),  # outlives its call
+        (R.DURABILITY_UNSPECIFIED, R.ON_DISCONNECT_UNSPECIFIED, True, True),  # SubmitRun
+        (R.DURABLE, R.CANCEL, False, True),
+        (R.NOT_DURABLE, R.CONTINUE, False, False),
+        (R.NOT_DURABLE, R.CANCEL, True, False),
+    ],
+)
+def test_durability_follows_the_request_else_whether_the_run_outlives_its_call(
+    durability: int, on_disconnect: int, background: bool, durable: bool
+) -> None:
+    validator = Validator(Config(), all_tools(), {}, "m")
+    caller = Caller("alice", CallerConfig(name="alice"), "none")
+    request = R(message="hi", durability=durability, on_disconnect=on_disconnect)  # type: ignore[arg-type]
+    spec = validator.run_spec(request, "run_1", caller, background=background)
+    assert spec.durable is durable
