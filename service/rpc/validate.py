@@ -10,7 +10,7 @@ from typing import Any
 from agent.v1 import agent_pb2 as pb
 from service.callers import Caller
 from service.config import Config, Limits
-from service.errors import InvalidRequest, PermissionDenied, ToolUnavailable
+from service.errors import DurabilityUnavailable, InvalidRequest, PermissionDenied, ToolUnavailable
 from service.loop import RunSpec
 from tools.base import Tool
 
@@ -23,12 +23,21 @@ class Validator:
     that work here; `unavailable` says why each of the others does not."""
 
     def __init__(
-        self, config: Config, tools: Mapping[str, Tool[Any]], unavailable: Mapping[str, str], default_model: str
+        self,
+        config: Config,
+        tools: Mapping[str, Tool[Any]],
+        unavailable: Mapping[str, str],
+        default_model: str,
+        *,
+        durable: bool = False,
     ) -> None:
+        """`durable`: whether this server checkpoints runs; without it no run is durable and a request that asks
+        for one explicitly is refused, rather than given a run that would silently not survive a crash."""
         self.config = config
         self.tools = tools
         self.unavailable = unavailable
         self.default_model = default_model
+        self.durable = durable
 
     def run_spec(
         self, request: pb.RunAgentRequest, run_id: str, caller: Caller, *, background: bool = False
@@ -70,6 +79,11 @@ class Validator:
             raise InvalidRequest(f"unknown on_disconnect {request.on_disconnect}: CANCEL or CONTINUE")
         if request.durability not in _DURABILITY:
             raise InvalidRequest(f"unknown durability {request.durability}: DURABLE or NOT_DURABLE (unset: default)")
+        if request.durability == pb.RunAgentRequest.DURABLE and not self.durable:
+            raise DurabilityUnavailable(
+                "durability DURABLE: this server does not checkpoint runs yet, so the run would not survive a crash; "
+                "send NOT_DURABLE or leave durability unset"
+            )
         key_bytes = len(request.idempotency_key.encode())
         if key_bytes > limits.max_idempotency_key_bytes:
             raise InvalidRequest(
@@ -94,7 +108,7 @@ class Validator:
             metadata={**metadata, "caller": caller.name},
             max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
-            durable=durable(request, background=background),
+            durable=self.durable and durable(request, background=background),
         )
 
     @staticmethod
