@@ -10,12 +10,11 @@ then `RunFailed`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from service import telemetry
@@ -24,8 +23,6 @@ from service.config import ModelRetry
 from service.control import RunControl
 from service.durable.journal import Journal, recorded_results
 from service.errors import (
-    BudgetExceeded,
-    DeadlineExceeded,
     MaxTurnsExceeded,
     RunError,
 )
@@ -37,72 +34,24 @@ from service.events import (
     ToolCall,
     ToolResult,
     ToolStatus,
-    Usage,
 )
 from service.executor import Executor, RunContext, ToolCallRequest
 from service.model_turn import stream_turn
 from service.models import base as m
 from service.policy.retry import jittered_backoff
 from service.spec import RunSpec as RunSpec  # where it was defined before: many import it from here
+from service.turns import (
+    LoopState,
+    check_budgets,
+    counted,
+    not_run,
+    stop_if_asked,
+    tool_calls_of,
+    tool_result_block,
+)
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Totals:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    tool_calls: int = 0
-
-
-class _RunState:
-    """What one run accumulates: the conversation, totals, and the tool calls in flight."""
-
-    def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
-        self.started = started
-        self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
-        self.totals = _Totals()
-        self.context = RunContext(
-            run_id=spec.run_id,
-            offered=frozenset(spec.tools),
-            metadata=spec.metadata,
-            trace_context=spec.trace_context,
-            remaining=control.remaining if control.deadline is not None else None,
-        )
-        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
-        self.tools_started = started
-        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
-
-    def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
-        """Add a model turn to the history and return the assistant message's content: the continuation of a paused
-        turn is more of the same message (and its answer the text of all of it)."""
-        if self.paused:  # a new message in its place: requests already made share the old one
-            last = self.history[-1]
-            self.history[-1] = {**last, "content": [*last["content"], *end.content]}
-        else:
-            self.history.append({"role": "assistant", "content": end.content})
-        # A paused turn that asked for tools is a tool turn: left as it stands, its tool_use blocks would go back
-        # without results, which the API refuses, and the caller would never see the calls end.
-        self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
-        content: list[dict[str, Any]] = self.history[-1]["content"]
-        return content
-
-
-def check_budgets(spec: RunSpec, totals: _Totals, new_calls: int, control: RunControl) -> None:
-    """Before a turn's tool calls start: refuse them when a per-run limit or the deadline says they cannot run."""
-    if spec.max_tool_calls is not None and totals.tool_calls + new_calls > spec.max_tool_calls:
-        raise BudgetExceeded(
-            f"the model asked for {new_calls} more tool call(s) after {totals.tool_calls}; "
-            f"max_tool_calls={spec.max_tool_calls}"
-        )
-    if spec.max_output_tokens is not None and totals.output_tokens > spec.max_output_tokens:
-        raise BudgetExceeded(
-            f"the run produced {totals.output_tokens} output tokens; max_output_tokens={spec.max_output_tokens}"
-        )
-    remaining = control.remaining()
-    if remaining is not None and remaining < control.min_tool_budget_s:
-        raise DeadlineExceeded(f"not starting {new_calls} tool call(s): only {max(remaining, 0):.3f} s left")
 
 
 _RunMethod = Callable[..., AsyncIterator[Event]]
@@ -196,7 +145,7 @@ class AgentLoop:
         replays them first, silently, after a `RunRecovered` event. `TakenOver` from the store ends the run at once,
         with nothing more sent: another process drives it now."""
         control = control or RunControl()
-        state = _RunState(spec, started=self.clock(), control=control)
+        state = LoopState(spec, started=self.clock(), control=control)
         if announce:
             yield self.started(spec)
         scope = control.scope()
@@ -245,7 +194,7 @@ class AgentLoop:
             await journal.end(ended)
 
     async def _turns(
-        self, spec: RunSpec, state: _RunState, control: RunControl, journal: Journal | None
+        self, spec: RunSpec, state: LoopState, control: RunControl, journal: Journal | None
     ) -> AsyncIterator[Event]:
         specs = self.tool_specs(spec.tools)
         totals = state.totals
@@ -335,7 +284,7 @@ class AgentLoop:
         self,
         turn: int,
         calls: Sequence[ToolCallRequest],
-        state: _RunState,
+        state: LoopState,
         results: dict[str, ToolResult],
         journal: Journal | None,
     ) -> AsyncIterator[Event]:
@@ -383,63 +332,3 @@ class AgentLoop:
         )
         async for event in calls_of_turn:
             yield event
-
-
-def stop_if_asked(control: RunControl) -> None:
-    """At the end of a turn: raise the reason the run was asked to stop after it, if it was."""
-    after_turn = control.after_turn_reason()
-    if after_turn is not None:
-        raise after_turn
-
-
-def counted(turn: int, end: m.TurnEnd, totals: _Totals) -> Usage:
-    """A model turn's tokens added to the run's totals, and the `Usage` event that says so."""
-    totals.input_tokens += end.input_tokens
-    totals.output_tokens += end.output_tokens
-    telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
-    telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
-    return Usage(
-        turn=turn,
-        input_tokens=end.input_tokens,
-        output_tokens=end.output_tokens,
-        total_input_tokens=totals.input_tokens,
-        total_output_tokens=totals.output_tokens,
-    )
-
-
-def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
-    return [
-        ToolCallRequest(call_id=b["id"], name=b["name"], input=b["input"], parse_error=end.bad_inputs.get(b["id"]))
-        for b in end.content
-        if b["type"] == "tool_use"
-    ]
-
-
-def not_run(call: ToolCallRequest, why: str) -> ToolResult:
-    """The result of a call the loop did not run."""
-    return ToolResult(
-        call_id=call.call_id,
-        name=call.name,
-        status=ToolStatus.REJECTED,
-        duration_s=0.0,
-        error=f"not run: {why}",
-        attempts=0,
-    )
-
-
-def tool_result_block(result: ToolResult) -> dict[str, Any]:
-    """What the model reads: the data as JSON, or the error; a partial result says it is partial."""
-    if result.status is ToolStatus.OK and result.answered_by:  # the model should know whose answer it reads
-        body = json.dumps({"answered_by": result.answered_by, "data": result.data})
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    if result.status is ToolStatus.OK:
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": json.dumps(result.data)}
-    if result.status is ToolStatus.PARTIAL:
-        body = json.dumps({"partial": True, "note": result.error, "data": result.data})
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
-        text = m.plain_text(f"outcome unknown: {result.error}")
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
-    # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
-    text = m.plain_text(f"{result.status.value}: {result.error}")
-    return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
