@@ -57,7 +57,7 @@ class RunControl:
         `fired` then says so: a TimeoutError raised inside the body (a socket timeout, say) passes through it too.
 
         The task running the body must not await anything outside it while inside (the agent loop is consumed by
-        `service.runs`, whose driver only appends events), or the cancellation would land in the wrong place."""
+        `service.driver`, which only appends events), or the cancellation would land in the wrong place."""
         return _Scope(self)
 
 

@@ -26,6 +26,7 @@ they are data the model reads (`tools.base.ToolError`).
         ├── NotFound              NOT_FOUND: no such run (or another caller's)
         ├── IdempotencyConflict   ALREADY_EXISTS: the key was used with a different request
         ├── ToolUnavailable       FAILED_PRECONDITION: a tool that cannot work on this server
+        ├── DurabilityUnavailable FAILED_PRECONDITION: a durable run asked of a server that cannot checkpoint
         ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
         ├── AfterSeqOutOfRange    OUT_OF_RANGE: a seq the run has not logged
         ├── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
@@ -193,6 +194,13 @@ class NotFound(RequestError):
 class IdempotencyConflict(RequestError):
     code = "ALREADY_EXISTS"
     reason = "IDEMPOTENCY_CONFLICT"
+
+
+class DurabilityUnavailable(RequestError):
+    """The request asks for a durable run and this server cannot checkpoint runs (yet: issue 18)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "DURABILITY_UNAVAILABLE"
 
 
 class ToolUnavailable(RequestError):

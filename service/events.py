@@ -172,6 +172,21 @@ class Usage:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RunRecovered:
+    """The process driving the run stopped; this one goes on from the run's last checkpoint (step `step_no`, taken
+    when the log's last seq was `seq`; `turn`: the last model turn recorded). What the log holds after `seq` and
+    before this event was cut off: the next model turn is streamed again from its start, and a tool call with no
+    recorded result is run again if it is safe to repeat, else ends `outcome_unknown`."""
+
+    kind: ClassVar[str] = "run_recovered"
+
+    step_no: int
+    turn: int
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class FinalResponse:
     kind: ClassVar[str] = "final_response"
 
@@ -210,6 +225,7 @@ Event = (
     | ExecutionFailed
     | Usage
     | ModelRetry
+    | RunRecovered
     | FinalResponse
     | RunFailed
 )

@@ -34,12 +34,12 @@ from service.events import Event, ToolCallReady, ToolResult
 from service.events import ToolStatus as S
 from service.policy.admit import admit, describe
 from service.policy.attempt import Outcome, to_json
-from service.policy.breaker import BreakerStore
 from service.policy.call import RunContext, ToolCallRequest
 from service.policy.config import resolve
 from service.policy.guards import Guards, build_guards
 from service.policy.pipeline import Pipeline
 from service.policy.repeat import INTERRUPTED, outcome_unknown, repeat_safe
+from service.policy.shared import SharedPolicy
 from service.recording import DEAD_LETTER_ON, Recorder
 from service.records.stores import AuditSink, DeadLetterSink
 from service.redact import Redactor
@@ -51,8 +51,9 @@ __all__ = ["Executor", "RunContext", "ToolCallRequest", "describe", "to_json"]
 
 class Executor:
     """Executes tool calls against a fixed set of tools, each under its policy (the tool's own, unless `policies`
-    gives the resolved ones). `clock`, `sleep` and `breaker_store` are injectable for tests; `audit` and
-    `dead_letter` are optional so that unit tests need no files."""
+    gives the resolved ones). `shared` is the fleet's state for limits, breakers and caches (None: this process's
+    own; the executor closes it), on its own clock unless `shared_clock` is given. `clock` and `sleep` are injectable
+    for tests; `audit` and `dead_letter` are optional so that unit tests need no files."""
 
     def __init__(
         self,
@@ -64,7 +65,8 @@ class Executor:
         dead_letter: DeadLetterSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        breaker_store: BreakerStore | None = None,
+        shared: SharedPolicy | None = None,
+        shared_clock: Callable[[], float] | None = None,
         redactor: Redactor | None = None,
     ) -> None:
         self.tools = tools
@@ -73,7 +75,15 @@ class Executor:
         self.sleep = sleep
         self.policies = dict(policies) if policies is not None else resolve(tools, {})
         self.guards = {
-            name: build_guards(name, p, default_timeout_s=timeout_s, store=breaker_store, clock=clock, sleep=sleep)
+            name: build_guards(
+                name,
+                p,
+                default_timeout_s=timeout_s,
+                shared=shared,
+                shared_clock=shared_clock,
+                clock=clock,
+                sleep=sleep,
+            )
             for name, p in self.policies.items()
         }
         self.pipelines = {
@@ -81,6 +91,7 @@ class Executor:
             for name, guards in self.guards.items()
             if name in tools
         }
+        self.shared = shared
         self.recorder = Recorder(
             tools, self.guards, audit=audit, dead_letter=dead_letter, redactor=redactor, clock=clock
         )
@@ -106,6 +117,8 @@ class Executor:
     async def aclose(self) -> None:
         """Flush the audit queue and close the stores."""
         await self.recorder.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
 
     async def execute(self, call: ToolCallRequest, run: RunContext) -> AsyncIterator[Event]:
         """The call's events, ending with its one `ToolResult`; recorded whatever happens."""

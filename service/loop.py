@@ -10,21 +10,19 @@ then `RunFailed`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from service import telemetry
 from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
 from service.control import RunControl
+from service.durable.journal import Journal, recorded_results
 from service.errors import (
-    BudgetExceeded,
-    DeadlineExceeded,
     MaxTurnsExceeded,
     RunError,
 )
@@ -36,88 +34,24 @@ from service.events import (
     ToolCall,
     ToolResult,
     ToolStatus,
-    Usage,
 )
 from service.executor import Executor, RunContext, ToolCallRequest
 from service.model_turn import stream_turn
 from service.models import base as m
 from service.policy.retry import jittered_backoff
+from service.spec import RunSpec as RunSpec  # where it was defined before: many import it from here
+from service.turns import (
+    LoopState,
+    check_budgets,
+    counted,
+    not_run,
+    stop_if_asked,
+    tool_calls_of,
+    tool_result_block,
+)
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSpec:
-    """A validated request, in the loop's terms."""
-
-    run_id: str
-    message: str
-    model: str
-    system: str | None
-    max_turns: int
-    max_tokens: int
-    tools: tuple[str, ...]
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    max_tool_calls: int | None = None
-    max_output_tokens: int | None = None
-    trace_context: Any = None  # set by `_traced`: the run span, parent of the model_turn and tool_call spans
-
-
-@dataclass
-class _Totals:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    tool_calls: int = 0
-
-
-class _RunState:
-    """What one run accumulates: the conversation, totals, and the tool calls in flight."""
-
-    def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
-        self.started = started
-        self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
-        self.totals = _Totals()
-        self.context = RunContext(
-            run_id=spec.run_id,
-            offered=frozenset(spec.tools),
-            metadata=spec.metadata,
-            trace_context=spec.trace_context,
-            remaining=control.remaining if control.deadline is not None else None,
-        )
-        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
-        self.tools_started = started
-        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
-
-    def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
-        """Add a model turn to the history and return the assistant message's content: the continuation of a paused
-        turn is more of the same message (and its answer the text of all of it)."""
-        if self.paused:  # a new message in its place: requests already made share the old one
-            last = self.history[-1]
-            self.history[-1] = {**last, "content": [*last["content"], *end.content]}
-        else:
-            self.history.append({"role": "assistant", "content": end.content})
-        # A paused turn that asked for tools is a tool turn: left as it stands, its tool_use blocks would go back
-        # without results, which the API refuses, and the caller would never see the calls end.
-        self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
-        content: list[dict[str, Any]] = self.history[-1]["content"]
-        return content
-
-
-def check_budgets(spec: RunSpec, totals: _Totals, new_calls: int, control: RunControl) -> None:
-    """Before a turn's tool calls start: refuse them when a per-run limit or the deadline says they cannot run."""
-    if spec.max_tool_calls is not None and totals.tool_calls + new_calls > spec.max_tool_calls:
-        raise BudgetExceeded(
-            f"the model asked for {new_calls} more tool call(s) after {totals.tool_calls}; "
-            f"max_tool_calls={spec.max_tool_calls}"
-        )
-    if spec.max_output_tokens is not None and totals.output_tokens > spec.max_output_tokens:
-        raise BudgetExceeded(
-            f"the run produced {totals.output_tokens} output tokens; max_output_tokens={spec.max_output_tokens}"
-        )
-    remaining = control.remaining()
-    if remaining is not None and remaining < control.min_tool_budget_s:
-        raise DeadlineExceeded(f"not starting {new_calls} tool call(s): only {max(remaining, 0):.3f} s left")
 
 
 _RunMethod = Callable[..., AsyncIterator[Event]]
@@ -192,22 +126,37 @@ class AgentLoop:
 
     @_traced
     async def run(
-        self, spec: RunSpec, control: RunControl | None = None, *, announce: bool = True
+        self,
+        spec: RunSpec,
+        control: RunControl | None = None,
+        *,
+        announce: bool = True,
+        journal: Journal | None = None,
     ) -> AsyncIterator[Event]:
         """One run's events: `RunStarted` first, then turns, then `FinalResponse` or `RunFailed` last.
 
         When `control` stops the run (deadline, immediate cancel), the tool calls in flight are cancelled and each
         gets a `ToolResult` with status CANCELLED before the closing `RunFailed`. `announce=False` leaves out
         `RunStarted` for a caller that has already sent `started(spec)` itself (the registry does, so that the
-        first event does not wait for the run's task to be scheduled)."""
+        first event does not wait for the run's task to be scheduled).
+
+        With a `journal` the run is durable: each model turn and tool result is checkpointed before its events go
+        on, and an unsafe call's intent before the call starts. A journal of recorded steps (`Journal.resume`)
+        replays them first, silently, after a `RunRecovered` event. `TakenOver` from the store ends the run at once,
+        with nothing more sent: another process drives it now."""
         control = control or RunControl()
-        state = _RunState(spec, started=self.clock(), control=control)
+        state = LoopState(spec, started=self.clock(), control=control)
         if announce:
             yield self.started(spec)
         scope = control.scope()
+        ended = "succeeded"  # the state a durable run is left in: no more to recover
         try:
             async with scope:
-                async for event in self._turns(spec, state, control):
+                if journal is not None:
+                    recovered = await journal.open()
+                    if recovered is not None:
+                        yield recovered
+                async for event in self._turns(spec, state, control, journal):
                     yield event
         except TimeoutError:
             if not scope.fired:
@@ -224,6 +173,7 @@ class AgentLoop:
             # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
             level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
             log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
+            ended = "cancelled" if reason.code == "CANCELLED" else "failed"
             yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
         except RunError as exc:
             # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
@@ -237,45 +187,45 @@ class AgentLoop:
                     attempts=0,
                 )
             log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
+            ended = "failed"
             yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+        if journal is not None:
+            # after the closing event has gone on: a crash in between recovers the run and sends it again
+            await journal.end(ended)
 
-    async def _turns(self, spec: RunSpec, state: _RunState, control: RunControl) -> AsyncIterator[Event]:
+    async def _turns(
+        self, spec: RunSpec, state: LoopState, control: RunControl, journal: Journal | None
+    ) -> AsyncIterator[Event]:
         specs = self.tool_specs(spec.tools)
         totals = state.totals
         for turn in range(1, spec.max_turns + 1):
-            request = m.TurnRequest(
-                model=spec.model,
-                system=spec.system,
-                messages=list(state.history),
-                tools=specs,
-                max_tokens=spec.max_tokens,
-            )
-            end: m.TurnEnd | None = None
-            async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
-                if isinstance(event, m.TurnEnd):
-                    end = event
-                else:
-                    if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
-                        state.open_calls[event.call_id] = event.name
-                    yield event
-            assert end is not None, "a model turn ends with TurnEnd"
-            totals.input_tokens += end.input_tokens
-            totals.output_tokens += end.output_tokens
-            telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
-            telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
-            yield Usage(
-                turn=turn,
-                input_tokens=end.input_tokens,
-                output_tokens=end.output_tokens,
-                total_input_tokens=totals.input_tokens,
-                total_output_tokens=totals.output_tokens,
-            )
+            end = None if journal is None else journal.turn(turn)
+            if end is None:
+                request = m.TurnRequest(
+                    model=spec.model,
+                    system=spec.system,
+                    messages=list(state.history),
+                    tools=specs,
+                    max_tokens=spec.max_tokens,
+                )
+                async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
+                    if isinstance(event, m.TurnEnd):
+                        end = event
+                    else:
+                        if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
+                            state.open_calls[event.call_id] = event.name
+                        yield event
+                assert end is not None, "a model turn ends with TurnEnd"
+                if journal is not None:
+                    await journal.turn_ended(turn, end)
+                yield counted(turn, end, totals)
+            else:  # recorded before a crash: not requested again, and its events are in the log already
+                totals.input_tokens += end.input_tokens
+                totals.output_tokens += end.output_tokens
             answer = state.record(end)
             if state.paused:
                 # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
-                after_turn = control.after_turn_reason()
-                if after_turn is not None:
-                    raise after_turn
+                stop_if_asked(control)
                 continue
             calls = tool_calls_of(end)
             if end.stop_reason == "refusal":
@@ -301,7 +251,7 @@ class AgentLoop:
             results: dict[str, ToolResult] = {}
             state.open_calls = {c.call_id: c.name for c in calls}
             state.tools_started = self.clock()
-            async for event in self.execute_tools(calls, state.context):
+            async for event in self._calls(turn, calls, state, results, journal):
                 if isinstance(event, ToolResult):
                     results[event.call_id] = event
                     state.open_calls.pop(event.call_id, None)
@@ -309,9 +259,7 @@ class AgentLoop:
                         state.context.succeeded.add(event.name)
                 yield event
             state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
-            after_turn = control.after_turn_reason()
-            if after_turn is not None:
-                raise after_turn
+            stop_if_asked(control)
         raise MaxTurnsExceeded(
             f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
         )
@@ -332,54 +280,55 @@ class AgentLoop:
             control=control,
         )
 
-    async def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
+    def _calls(
+        self,
+        turn: int,
+        calls: Sequence[ToolCallRequest],
+        state: LoopState,
+        results: dict[str, ToolResult],
+        journal: Journal | None,
+    ) -> AsyncIterator[Event]:
+        """The events of the calls of `turn`. In a durable run, those whose results were recorded before a crash
+        go straight into `results` instead: not run again, and nothing of them is sent again."""
+        if journal is None:
+            return self.execute_tools(calls, state.context)
+        for call_id, result in recorded_results(journal, calls).items():
+            results[call_id] = result
+            del state.open_calls[call_id]
+            if result.status is ToolStatus.OK:
+                state.context.succeeded.add(result.name)
+        left = [c for c in calls if c.call_id not in results]
+        return self.execute_durably(turn, left, state.context, journal)
+
+    def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
+        return self._merged([self.executor.execute(c, run) for c in calls], run)
+
+    async def execute_durably(
+        self, turn: int, calls: Sequence[ToolCallRequest], run: RunContext, journal: Journal
+    ) -> AsyncIterator[Event]:
+        """`execute_tools` for a durable run: the intents of the unsafe calls are committed before any call starts,
+        and each result before it is passed on. A call whose intent was recorded before a crash (and no result) is
+        resumed (`Executor.resume`): run again if it is safe to repeat, else `outcome_unknown`, never sent again."""
+        executor = self.executor
+        cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
+        await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
+        sources = [
+            journal.recording(turn, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run))
+            for c in calls
+        ]
+        async for event in self._merged(sources, run):
+            yield event
+
+    async def _merged(self, sources: Sequence[AsyncIterator[Event]], run: RunContext) -> AsyncIterator[Event]:
         # A call whose tool ignores its cancellation is abandoned when the run stops, `abandon_after_s` after its
         # cancel (`service.aio`): CancelRun, deadlines and drains are not held up by it. Its own hard timeout is
         # not bounded that way (that would cost every call a task of its own): the run's deadline is.
         calls_of_turn = merge(
-            *(self.executor.execute(c, run) for c in calls),
+            *sources,
             abandon_after_s=self.abandon_after_s,
             name=f"tool calls of run {run.run_id}",
             fields={"run_id": run.run_id},
         )
         async for event in calls_of_turn:
             yield event
-
-
-def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
-    return [
-        ToolCallRequest(call_id=b["id"], name=b["name"], input=b["input"], parse_error=end.bad_inputs.get(b["id"]))
-        for b in end.content
-        if b["type"] == "tool_use"
-    ]
-
-
-def not_run(call: ToolCallRequest, why: str) -> ToolResult:
-    """The result of a call the loop did not run."""
-    return ToolResult(
-        call_id=call.call_id,
-        name=call.name,
-        status=ToolStatus.REJECTED,
-        duration_s=0.0,
-        error=f"not run: {why}",
-        attempts=0,
-    )
-
-
-def tool_result_block(result: ToolResult) -> dict[str, Any]:
-    """What the model reads: the data as JSON, or the error; a partial result says it is partial."""
-    if result.status is ToolStatus.OK and result.answered_by:  # the model should know whose answer it reads
-        body = json.dumps({"answered_by": result.answered_by, "data": result.data})
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    if result.status is ToolStatus.OK:
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": json.dumps(result.data)}
-    if result.status is ToolStatus.PARTIAL:
-        body = json.dumps({"partial": True, "note": result.error, "data": result.data})
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
-    if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
-        text = m.plain_text(f"outcome unknown: {result.error}")
-        return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
-    # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
-    text = m.plain_text(f"{result.status.value}: {result.error}")
-    return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

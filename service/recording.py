@@ -17,8 +17,8 @@ from service import redact, telemetry
 from service.events import ExecutionFailed, ToolResult
 from service.events import ToolStatus as S
 from service.policy.attempt import Outcome
-from service.policy.breaker import CircuitBreaker
 from service.policy.call import RunContext, ToolCallRequest
+from service.policy.fleet_breaker import Breaker
 from service.policy.guards import Guards
 from service.records.audit import AuditRecord
 from service.records.deadletter import capture
@@ -121,7 +121,7 @@ class CallRecord:
         if self._attempt is not self._parent:
             telemetry.end_span(self._attempt, exc)
 
-    def attempt_ended(self, outcome: Outcome, breaker: CircuitBreaker | None) -> None:
+    def attempt_ended(self, outcome: Outcome, breaker: Breaker | None) -> None:
         span, parent = self._attempt, self._parent
         if span.is_recording():
             span.set_attribute("tool.attempt", outcome.attempts)

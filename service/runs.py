@@ -1,36 +1,31 @@
-"""The run registry: runs outlive the streams that started them, keep an event log with gapless seqs, and can be
-watched from any seq, cancelled, run in the background, and are forgotten after a retention period.
+"""The run registry: runs outlive the streams that started them, can be found by id or idempotency key, watched,
+cancelled, run in the background, and are forgotten after a retention period. A `Run` and its log are in
+`service/run.py`, the loop that fills the log in `service/driver.py`.
 
 Cancellation contract: a run is driven by its own task (`Run.task`), never by a caller's stream. Callers stop a run
 through its `RunControl` (the run then ends with events saying so); only `RunRegistry.close` cancels driver tasks
 outright, and it waits a bounded time for them: a driver that does not stop is abandoned (`service.aio`). A run ends
 with its closing event and final state even when its driver is cancelled before it first runs.
-
-A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while it is
-behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`) and
-resumes from the log with its last seq.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from service import events as ev
 from service import telemetry
 from service.aio import cancel_and_wait
-from service.coalesce import DELTAS, Coalescer, LoopLoad
+from service.coalesce import LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
+from service.driver import play, stopped
 from service.errors import (
-    AgentError,
     CallerLimited,
     IdempotencyConflict,
     NotFound,
@@ -38,169 +33,17 @@ from service.errors import (
     RunAlreadyEnded,
     RunCancelled,
     RunInterrupted,
-    SubscriberTooSlow,
 )
 from service.loop import AgentLoop, RunSpec
-from service.parts import split
 from service.records.summaries import RunSummary, RunSummaryStore
 from service.retention import Ended, Retention
-from service.state.base import RunRecord, RunStore
+from service.run import Run, RunRecord, RunState
+from service.state.base import RunStore
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
 
 log = logging.getLogger(__name__)
-
-
-class RunState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class Entry(NamedTuple):
-    """A logged event. `first_seq` is set on a delivery that merges several deltas (seqs first_seq..seq). A named
-    tuple rather than a frozen dataclass: one is made per event, and this is three times cheaper to make."""
-
-    seq: int
-    time_ns: int
-    event: ev.Event
-    first_seq: int = 0
-
-
-class Run:
-    def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
-        self.id = spec.run_id
-        self.spec = spec
-        self.control = control
-        self.caller = caller
-        self.idempotency_key = key
-        self.fingerprint = fingerprint
-        self.state = RunState.QUEUED
-        self.created_ns = time.time_ns()
-        self.ended_ns = 0
-        self.ended_at: float | None = None  # registry clock
-        self.log: list[Entry] = []
-        self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
-        self.task: asyncio.Task[None] | None = None
-        self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
-
-    @property
-    def outcome(self) -> ev.FinalResponse | ev.RunFailed | None:
-        last = self.log[-1].event if self.log else None
-        return last if isinstance(last, ev.FinalResponse | ev.RunFailed) else None
-
-    def append(self, event: ev.Event) -> None:
-        """Log an event with the next seq and wake the subscribers. Synchronous on purpose: the driver must not
-        await between events (see `RunControl.scope`)."""
-        log = self.log
-        log.append(Entry(len(log) + 1, time.time_ns(), event))
-        self.bytes += EVENT_BYTES + len(getattr(event, "text", ""))
-        if self._waiters:
-            self._wake()
-
-    def finish(self) -> None:
-        """Set the final state from the last event; called once, by the driver."""
-        outcome = self.outcome
-        if isinstance(outcome, ev.FinalResponse):
-            self.state = RunState.SUCCEEDED
-        elif isinstance(outcome, ev.RunFailed) and outcome.code == "CANCELLED":
-            self.state = RunState.CANCELLED
-        else:
-            self.state = RunState.FAILED
-        self.ended_ns = time.time_ns()
-        self._wake()
-
-    def record(self) -> RunRecord:
-        return RunRecord(
-            self.id,
-            self.caller,
-            self.state.value,
-            len(self.log),
-            self.created_ns,
-            self.ended_ns,
-            self.outcome,
-            self.fingerprint,
-        )
-
-    async def reached(self, seq: int) -> None:
-        """Return once the log holds `seq`, or the run has ended."""
-        while len(self.log) < seq and not self.finished:
-            if self.lost is not None:
-                raise self.lost
-            await self._changed()
-
-    async def ended(self) -> None:
-        """Return once the run has ended."""
-        while not self.finished:
-            if self.lost is not None:
-                raise self.lost
-            await self._changed()
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
-
-    async def _changed(self) -> None:
-        # one future per waiting subscriber: cancelling one subscriber must not wake or cancel the others
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
-
-    async def follow(
-        self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000
-    ) -> AsyncIterator[Entry]:
-        """The events after `after_seq`, then live ones until the run ends. Replaying history is not lagging: a
-        reader counts as behind only by the events logged since it subscribed that it has not read yet."""
-        log = self.log  # appended to, never replaced
-        cursor = after_seq
-        joined = len(log)
-        while True:
-            while cursor < (logged := len(log)):
-                lag = logged - cursor
-                if lag > max_lag and logged - max(cursor, joined) > max_lag and not self.finished:
-                    raise SubscriberTooSlow(self.id, cursor, lag)
-                entry = log[cursor]
-                if lag > coalesce_lag and isinstance(entry.event, DELTAS):
-                    entry = self._merged(cursor)
-                cursor = entry.seq
-                yield entry
-            if self.finished:
-                return
-            if self.lost is not None:
-                raise self.lost
-            await self._changed()
-
-    def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
-        """The run of same-kind, same-turn deltas starting at `index`, as one entry."""
-        first = self.log[index]
-        head = first.event
-        assert isinstance(head, ev.TextDelta | ev.Thinking)
-        parts = [head.text]
-        size = len(head.text)
-        last = first
-        for entry in self.log[index + 1 :]:
-            e = entry.event
-            if type(e) is not type(head) or not isinstance(e, ev.TextDelta | ev.Thinking) or e.turn != head.turn:
-                break
-            if size >= max_bytes:
-                break
-            parts.append(e.text)
-            size += len(e.text)
-            last = entry
-        if last is first:
-            return first
-        merged = replace(head, text="".join(parts))
-        return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
 
 
 class RunRegistry:
@@ -436,11 +279,11 @@ class RunRegistry:
                     await self._background.acquire()
                 except asyncio.CancelledError:
                     # cancelled while queued: our own cancel (CancelRun or shutdown), ended with an event
-                    run.append(_stopped(run))
+                    run.append(stopped(run))
                     return
             try:
                 run.state = RunState.RUNNING
-                await self._play(run)
+                await play(run, self.loop, self.config, clock=self.clock, load=self.load)
             finally:
                 if background:
                     self._background.release()
@@ -452,7 +295,7 @@ class RunRegistry:
         # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
         # without this the run would stay QUEUED, and its followers wait, for ever.
         if not run.finished:
-            run.append(_stopped(run))
+            run.append(stopped(run))
             self._end(run, background)
 
     def _end(self, run: Run, background: bool) -> None:
@@ -489,41 +332,6 @@ class RunRegistry:
         except Exception:
             # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
             log.exception("run summary not written", extra={"run_id": run.id})
-
-    async def _play(self, run: Run) -> None:
-        config = self.config
-        coalescer = Coalescer(
-            run.append,
-            window_s=config.coalesce_window_s,
-            max_window_s=config.coalesce_max_window_s,
-            max_bytes=config.coalesce_max_bytes,
-            clock=self.clock,
-            load=self.load,
-        )
-        if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
-            log.info(
-                "run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)}
-            )
-        try:
-            async for event in self.loop.run(run.spec, run.control, announce=False):
-                if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:
-                    pieces, size = split(event, config.max_event_data_bytes)
-                    run.bytes += size
-                    for piece in pieces:
-                        coalescer.add(piece)
-                else:
-                    coalescer.add(event)
-                if len(run.log) > self.config.max_events_per_run:
-                    run.control.stop_now(
-                        RunInterrupted(f"run {run.id} exceeded {self.config.max_events_per_run} events")
-                    )
-        except Exception:
-            # A bug, not a run failure: INTERNAL with the run id to quote; the log has the traceback.
-            log.exception("run crashed", extra={"run_id": run.id})
-            coalescer.flush()
-            run.append(ev.RunFailed(code="INTERNAL", message=f"internal error in run {run.id}", retryable=False))
-        finally:
-            coalescer.flush()
 
     async def shutdown(self, grace: float) -> None:
         """Give running runs `grace` seconds, then stop them with a retryable error naming each run."""
@@ -573,19 +381,7 @@ class RunRegistry:
             self.sweep()
 
 
-# What an event costs the log besides its text and data: the entry, the event object, the timestamp.
-EVENT_BYTES = 200
-
-
 def _conflict(key: str, run_id: str) -> IdempotencyConflict:
     return IdempotencyConflict(
         f"idempotency_key {key!r} was used by run {run_id} with a different request; use a new key"
     )
-
-
-def _stopped(run: Run) -> ev.RunFailed:
-    """The closing event of a run stopped before it ran: why the control stopped it, else a retryable error."""
-    if run.control.stopping:
-        reason = run.control.stop_reason()
-        return ev.RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
-    return ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True)

@@ -91,6 +91,15 @@ RATE_LIMIT_WAIT = Histogram(
 )
 RATE_LIMITED = Counter("agent_tool_rate_limited_total", "Calls rejected by a rate limit", ["tool"])
 CACHE_HITS = Counter("agent_tool_cache_hits_total", "Calls answered from the result cache", ["tool"])
+STATE_DEGRADED = Counter(
+    "agent_state_degraded_total", "Times a part found the shared state (Redis) unreachable and went local", ["part"]
+)
+STATE_DEGRADED_NOW = Gauge(
+    "agent_state_unreachable",
+    "1 while a part runs on this process's own state, the shared state unreachable",
+    ["part"],
+    multiprocess_mode="livemax",  # 1 while any worker is on its own
+)
 FALLBACKS = Counter("agent_tool_fallbacks_total", "Calls handed to the fallback tool", ["tool", "fallback"])
 DEAD_LETTERS = Counter("agent_tool_dead_letters_total", "Calls that finally failed and were dead-lettered", ["tool"])
 # Under --workers: up is the worst a live worker sees (min), what waits is summed over them (the spool is shared).

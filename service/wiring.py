@@ -29,6 +29,7 @@ from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import resolve
+from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
 from service.records.audit_chain import ENV_VAR, load_keyring
@@ -203,6 +204,7 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Reco
         audit=records.audit,
         dead_letter=records.dead_letter,
         redactor=redactor,
+        shared=build_shared_policy(config),
     )
 
 
@@ -278,3 +280,17 @@ def build_checkpoints(config: Config, *, worker: int | None = None) -> Checkpoin
         timeout_s=config.records.timeout_s,
         recover_interval_s=config.durable.recover_interval_s,
     )
+
+
+def build_shared_policy(config: Config) -> SharedPolicy | None:
+    """Rate limits, fleet breakers and (with `state.shared_cache`) result caches on the shared state, when
+    `state.url` names one; None on memory:// (each process its own, as before)."""
+    if not config.state.shared:
+        return None
+    # imported here: the embedded default never loads the Redis client (nor needs what it needs, e.g. async_timeout
+    # on a Python before 3.11.3)
+    from service.state.redis_client import connect
+    from service.state.redis_limits import RedisPolicyState
+
+    state = RedisPolicyState(connect(config.state), config.state.prefix)
+    return SharedPolicy(state, Reachability("limits", state.ping), cache=config.state.shared_cache)

@@ -231,7 +231,7 @@ async def test_the_caller_is_in_the_run_span_and_the_log_lines(
     svc = await start_service(**token_config(pki))
     async with pki.channel(svc.port) as channel:
         good = [("authorization", "Bearer s3cret-token")]
-        with caplog.at_level("INFO", logger="service.runs"):
+        with caplog.at_level("INFO", logger="service.driver"):
             await events_of(stub(channel).RunAgent(pb.RunAgentRequest(message="hi"), metadata=good))
     run_span = next(s for s in spans.get_finished_spans() if s.name == "run")
     assert run_span.attributes is not None and run_span.attributes["run.caller"] == "batch"

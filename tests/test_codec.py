@@ -18,6 +18,7 @@ SAMPLES: list[ev.Event] = [
     ev.ToolDataPart(call_id="c1", index=0, total=2, json='{"a":'),
     ev.ToolRetry(call_id="c1", attempt=1, max_attempts=3, wait_s=0.5, error="boom"),
     ev.ModelRetry(turn=1, attempt=1, max_attempts=3, wait_s=0.5, error="overloaded"),
+    ev.RunRecovered(step_no=4, turn=1, seq=17, reason="its process stopped"),
     ev.ToolFallback(call_id="c1", primary="a", fallback="b", reason="open"),
     ev.ExecutionFailed(execution_id="exec_1", call_id="c1", tool="echo", message="x"),
     ev.ToolResult(call_id="c1", name="echo", status=ev.ToolStatus.PARTIAL, duration_s=0.25, data=[1], attempts=2),

@@ -22,8 +22,9 @@ from service import events as ev
 from service.control import RunControl
 from service.loop import RunSpec
 from service.redact import TOO_DEEP
-from service.rpc.convert import MAX_DEPTH, run_result, struct, to_proto
-from service.runs import Run
+from service.rpc.convert import run_result, to_proto
+from service.rpc.values import MAX_DEPTH, struct
+from service.run import Run
 from tools.base import JSON, Tool
 
 BIG = 10**400  # beyond a double's range: float(BIG) raises OverflowError
@@ -181,3 +182,11 @@ def test_lone_surrogates_become_replacement_characters_instead_of_raising() -> N
     assert fields["\ufffdk"].list_value.values[1].struct_value.fields["deep"].string_value == "\ufffd"
     assert to_proto(ev.TextDelta(turn=1, text=f"a{half}b"), "run_1", 6).text_delta.text == "a\ufffdb"
     assert struct({half: half})["\ufffd"] == "\ufffd"
+
+
+def test_run_recovered_reaches_the_wire() -> None:
+    event = ev.RunRecovered(step_no=4, turn=1, seq=17, reason="its process stopped")
+    wire = pb.AgentEvent.FromString(to_proto(event, "run_x", 18).SerializeToString())
+    assert wire.WhichOneof("event") == "run_recovered"
+    e = wire.run_recovered
+    assert (e.step_no, e.turn, e.seq, e.reason) == (4, 1, 17, "its process stopped")

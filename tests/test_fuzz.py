@@ -187,10 +187,11 @@ def varint(n: int) -> bytes:
 
 @st.composite
 def unknown_fields(draw: st.DrawFn) -> bytes:
-    """Well-formed protobuf fields the request type does not have (numbers 12 and up): varints and byte strings."""
+    """Well-formed protobuf fields the request type does not have (numbers past its last): varints and byte strings."""
+    first = max(f.number for f in pb.RunAgentRequest.DESCRIPTOR.fields) + 1
     out = b""
     for _ in range(draw(st.integers(1, 5))):
-        number = draw(st.integers(12, 2**29 - 1))
+        number = draw(st.integers(first, 2**29 - 1))
         if draw(st.booleans()):
             out += varint(number << 3) + varint(draw(st.integers(0, 2**64 - 1)))
         else:

@@ -19,12 +19,12 @@ from fake_tools import Count, CountInput, Echo, EchoInput
 from service import codec
 from service import events as ev
 from service.executor import Executor, RunContext, ToolCallRequest
-from service.loop import tool_result_block
 from service.policy.config import resolve
 from service.policy.repeat import outcome_unknown
 from service.records.audit import AuditLog
 from service.records.deadletter import DeadLetterStore
 from service.rpc.convert import to_proto
+from service.turns import tool_result_block
 from tools import ToolConfig, load_tools
 from tools._sandbox import SandboxedTool
 from tools.base import JSON, CallInfo, Tool, ToolError, current_call

@@ -14,7 +14,7 @@ import pytest
 from agent.v1 import agent_pb2 as pb
 from conftest import run_events, run_events_of, stub
 from fake_tools import Stubborn, all_tools
-from service.runs import RunState
+from service.run import RunState
 
 SLOW_TOOL = [
     {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},

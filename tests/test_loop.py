@@ -13,9 +13,10 @@ from fake_tools import EchoInput, all_tools
 from service import events as ev
 from service.config import ModelRetry, Pacing
 from service.executor import Executor
-from service.loop import AgentLoop, RunSpec, tool_result_block
+from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
+from service.turns import tool_result_block
 from tools.base import JSON, Tool
 
 

@@ -158,7 +158,7 @@ def test_failure_rate_costs_the_same_however_full_the_window() -> None:
     """At 1000 calls/s over a 60 s window, summing the window on every failure cost ~1-2 ms each: a third of the
     calls failing took most of the event loop. The rate is kept as a count, never summed."""
     b, clock, _ = breaker(failure_threshold=10**9, failure_rate=0.9, min_calls=10, window_s=60)
-    b.store.load(b.name).outcomes = _Unscannable()
+    b.current.outcomes = _Unscannable()
     for i in range(3_000):
         clock.now += 0.001
         call(b, failed=i % 3 == 0)

@@ -20,7 +20,8 @@ from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
 from service.retention import Ended, Retention
-from service.runs import Entry, RunRegistry, RunState
+from service.run import Entry, RunState
+from service.runs import RunRegistry
 from tools.base import Tool
 
 

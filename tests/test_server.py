@@ -57,6 +57,7 @@ async def test_parallel_tool_calls_interleave_over_grpc(start_service: Any, chan
         ({"message": "hi", "tools": ["echo", "teleport"]}, "unknown tool(s): teleport; available:"),
         ({"message": "hi", "tools": ["echo", "count", "echo"]}, "tools lists echo more than once"),
         ({"message": "hi", "on_disconnect": 7}, "unknown on_disconnect 7: CANCEL or CONTINUE"),
+        ({"message": "hi", "durability": 5}, "unknown durability 5: DURABLE or NOT_DURABLE"),
         ({"message": "hi", "idempotency_key": "k" * 257}, "idempotency_key is 257 bytes; the limit is 256 bytes"),
         ({"message": "hi", "metadata": {"": "v"}}, "metadata has an empty key"),
         ({"message": "hi", "model": "m" * 257}, "model is 257 bytes; a model id has at most 256 bytes"),

@@ -19,7 +19,7 @@ from fake_tools import all_tools
 from service.aio import cancel_and_wait
 from service.records.summaries import RunSummary
 from service.rpc.server import Service
-from service.runs import RunState
+from service.run import RunState
 from service.state import redis_runs
 from tools.base import JSON, Tool
 

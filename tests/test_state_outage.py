@@ -21,7 +21,7 @@ from test_shared_runs import GATED, covered, read_until, replicas
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from service.rpc.server import SERVICE_NAME
-from service.runs import RunState
+from service.run import RunState
 from service.wiring import STATE_HEALTH
 
 

@@ -49,10 +49,16 @@ class BreakerPolicy(_Strict):
     window_s: float = Field(default=60.0, gt=0, description="the window of the failure rate")
     min_calls: int = Field(default=10, ge=1, description="calls in the window before the rate counts")
     cooldown_s: float = Field(default=30.0, ge=0, description="open this long, then half-open: one trial call")
+    scope: Literal["fleet", "process"] = Field(
+        default="fleet",
+        description="fleet: one breaker for every replica and worker sharing state.url (redis://), as the upstream "
+        "they call is one; process: this process's own, for failures local to it; on memory:// both are the process's",
+    )
 
 
 class RateLimitPolicy(_Strict):
-    """A token bucket per tool: a call over the rate waits its turn or is refused with RATE_LIMITED."""
+    """A token bucket per tool: a call over the rate waits its turn or is refused with RATE_LIMITED. With a shared
+    state.url (redis://) the bucket is the fleet's: the rate holds for all replicas and workers together."""
 
     rate_per_s: float = Field(gt=0, description="sustained calls per second")
     burst: int = Field(default=1, ge=1, description="calls allowed at once above the sustained rate")
@@ -63,10 +69,14 @@ class RateLimitPolicy(_Strict):
 
 
 class CachePolicy(_Strict):
-    """Results of a tool without side effects, per input (canonical JSON)."""
+    """Results of a tool without side effects, per input (canonical JSON); the fleet's with state.shared_cache."""
 
     ttl_s: float = Field(gt=0, description="how long a result is served from the cache")
-    max_entries: int = Field(default=1024, ge=1, description="inputs kept; the least recently used go first")
+    max_entries: int = Field(
+        default=1024,
+        ge=1,
+        description="inputs kept in a process; the least recently used go first (shared: only the TTL bounds them)",
+    )
 
 
 class ToolPolicy(_Strict):

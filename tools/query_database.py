@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
-from tools.policy import TimeoutPolicy, ToolPolicy
+from tools.policy import BreakerPolicy, TimeoutPolicy, ToolPolicy
 
 DEMO_SQL = Path(__file__).parent / "data" / "demo.sql"
 _WORKER = Path(__file__).with_name("_sqlite_worker.py")
@@ -133,7 +133,12 @@ class QueryDatabase(Tool[QueryInput]):
     Input: ClassVar[type[BaseModel]] = QueryInput
     # Read-only, so safe to repeat; not cached, because the data under it changes. The call ends at
     # options.timeout_s; this hard timeout is the executor's backstop.
-    policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=10), side_effects="none", slow_s=2)
+    policy: ClassVar[ToolPolicy] = ToolPolicy(
+        timeout=TimeoutPolicy(seconds=10),
+        breaker=BreakerPolicy(scope="process"),  # a database file of this pod's: its failures are this process's
+        side_effects="none",
+        slow_s=2,
+    )
 
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))

@@ -18,7 +18,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tools.base import JSON, Tool, ToolConfig
-from tools.policy import CachePolicy, TimeoutPolicy, ToolPolicy
+from tools.policy import BreakerPolicy, CachePolicy, TimeoutPolicy, ToolPolicy
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "docs"
 
@@ -79,7 +79,10 @@ class SearchDocuments(Tool[SearchInput]):
     streaming: ClassVar[bool] = True
     # The shipped documents change only with a release: the same query gets the same matches, so cache them.
     policy: ClassVar[ToolPolicy] = ToolPolicy(
-        timeout=TimeoutPolicy(seconds=10, mode="soft"), side_effects="none", cache=CachePolicy(ttl_s=300)
+        timeout=TimeoutPolicy(seconds=10, mode="soft"),
+        breaker=BreakerPolicy(scope="process"),  # an index on this pod's disk: its failures are this process's
+        side_effects="none",
+        cache=CachePolicy(ttl_s=300),
     )
 
     def __init__(self, config: ToolConfig) -> None:

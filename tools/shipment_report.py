@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tools._sandbox import SandboxedTool, SandboxOptions
 from tools.base import JSON, ToolConfig, ToolError
-from tools.policy import TimeoutPolicy, ToolPolicy
+from tools.policy import BreakerPolicy, TimeoutPolicy, ToolPolicy
 from tools.query_database import QueryDatabase
 
 PROGRAM = Path(__file__).parent / "data" / "programs" / "shipment_report.py"
@@ -49,7 +49,12 @@ class ShipmentReport(SandboxedTool[ReportInput]):
     Options: ClassVar[type[SandboxOptions]] = Options
     # Read-only, so safe to repeat. The sandbox stops the program after options.timeout_s (10 s); this hard timeout
     # is the executor's backstop around it.
-    policy: ClassVar[ToolPolicy] = ToolPolicy(timeout=TimeoutPolicy(seconds=15), side_effects="none", slow_s=3)
+    policy: ClassVar[ToolPolicy] = ToolPolicy(
+        timeout=TimeoutPolicy(seconds=15),
+        breaker=BreakerPolicy(scope="process"),  # a sandbox on this machine: its failures are this process's
+        side_effects="none",
+        slow_s=3,
+    )
 
     def __init__(self, config: ToolConfig) -> None:
         super().__init__(config)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from tools.base import JSON, Tool, ToolConfig, ToolError
-from tools.policy import CachePolicy, TimeoutPolicy, ToolPolicy
+from tools.policy import BreakerPolicy, CachePolicy, TimeoutPolicy, ToolPolicy
 from tools.query_database import Options, QueryDatabase, QueryInput
 from tools.shipment_tracker import TrackingInput
 
@@ -29,7 +29,10 @@ class TrackingSnapshot(Tool[TrackingInput]):
     )
     Input: ClassVar[type[BaseModel]] = TrackingInput
     policy: ClassVar[ToolPolicy] = ToolPolicy(
-        timeout=TimeoutPolicy(seconds=10), side_effects="none", cache=CachePolicy(ttl_s=60)
+        timeout=TimeoutPolicy(seconds=10),
+        breaker=BreakerPolicy(scope="process"),  # the local operations database: its failures are this process's
+        side_effects="none",
+        cache=CachePolicy(ttl_s=60),
     )
 
     def __init__(self, config: ToolConfig) -> None:

@@ -2,10 +2,12 @@
 cool-down; then half-open, where one trial call decides between closed and open again.
 
 Our own rather than a library's: Python's breakers are sync-only (pybreaker), unmaintained (aiobreaker), in-memory
-only (circuitbreaker) or pin old Redis clients with non-atomic updates (purgatory). State lives behind the small
-`BreakerStore` protocol (in memory by default) so a shared store can come later, and time comes from an injectable
-clock so tests need no sleeping. Only failures that are the tool's fault are recorded: the executor never reports
-validation or dependency refusals here.
+only (circuitbreaker) or pin old Redis clients with non-atomic updates (purgatory). This one is the process's own
+(`scope: process`, the embedded default, and the fleet breaker's stand-in while the shared state is unreachable);
+`fleet_breaker.py` is the fleet's, changed only by atomic scripts in the shared store (a load/save store behind this
+class could not be: two replicas would each load closed, and each let a trial through). Time comes from an
+injectable clock so tests need no sleeping. Only failures that are the tool's fault are recorded: the executor never
+reports validation or dependency refusals here.
 
 Every admitted call gets a `Permit`: the epoch it was admitted in (counted up on every change of state) and whether
 it holds the half-open trial slot. Only the slot's holder frees it, and a verdict counts only in the epoch its call
@@ -23,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from tools.policy import BreakerPolicy
 
@@ -53,35 +54,17 @@ class BreakerState:
     failures: int = 0  # how many of `outcomes` failed: kept as they come and go, never summed per call
 
 
-class BreakerStore(Protocol):
-    """Where breaker state lives. The in-memory store serves one process; a Redis store would serve replicas."""
-
-    def load(self, name: str) -> BreakerState: ...
-
-    def save(self, name: str, state: BreakerState) -> None: ...
-
-
-class MemoryBreakerStore:
-    def __init__(self) -> None:
-        self._states: dict[str, BreakerState] = {}
-
-    def load(self, name: str) -> BreakerState:
-        return self._states.setdefault(name, BreakerState())
-
-    def save(self, name: str, state: BreakerState) -> None:
-        self._states[name] = state
-
-
 Transition = Callable[[str, State, State], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Permit:
-    """An admitted call's ticket, handed back with its verdict: the epoch it was admitted in, and whether it holds
-    the half-open trial slot."""
+    """An admitted call's ticket, handed back with its verdict: the epoch it was admitted in, whether it holds the
+    half-open trial slot, and whether the fleet's breaker gave it (`fleet_breaker.py`) or this process's."""
 
     epoch: int
     trial: bool = False
+    shared: bool = False
 
 
 class CircuitBreaker:
@@ -93,26 +76,25 @@ class CircuitBreaker:
         name: str,
         policy: BreakerPolicy,
         *,
-        store: BreakerStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_transition: Transition | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
-        self.store = store or MemoryBreakerStore()
+        self.current = BreakerState()  # this process's, held here: nothing else reads or writes it
         self.clock = clock
         self.on_transition = on_transition
 
     @property
     def state(self) -> State:
-        s = self.store.load(self.name)
+        s = self.current
         if s.state is State.OPEN and self.clock() - s.opened_at >= self.policy.cooldown_s:
             return State.HALF_OPEN
         return s.state
 
     def allow(self) -> Permit | None:
         """A permit for one call, or None when the circuit refuses it."""
-        s = self.store.load(self.name)
+        s = self.current
         if s.state is State.CLOSED:
             return Permit(s.epoch)
         if s.state is State.OPEN:
@@ -120,14 +102,12 @@ class CircuitBreaker:
                 return None
             self._move(s, State.HALF_OPEN)
         if s.trial_in_flight:  # half-open: one trial call at a time
-            self.store.save(self.name, s)
             return None
         s.trial_in_flight = True
-        self.store.save(self.name, s)
         return Permit(s.epoch, trial=True)
 
     def success(self, permit: Permit) -> None:
-        s = self.store.load(self.name)
+        s = self.current
         if permit.epoch != s.epoch:  # admitted in an earlier state: see the module docstring
             return
         s.consecutive_failures = 0
@@ -136,10 +116,9 @@ class CircuitBreaker:
             s.outcomes.clear()
             s.failures = 0
             self._move(s, State.CLOSED)
-        self.store.save(self.name, s)
 
     def failure(self, permit: Permit) -> None:
-        s = self.store.load(self.name)
+        s = self.current
         if permit.epoch != s.epoch:
             return
         s.consecutive_failures += 1
@@ -147,15 +126,13 @@ class CircuitBreaker:
         if s.state is State.HALF_OPEN or (s.state is State.CLOSED and self._tripped(s)):
             s.opened_at = self.clock()
             self._move(s, State.OPEN)
-        self.store.save(self.name, s)
 
     def release(self, permit: Permit) -> None:
         """The call ended without a verdict (cancelled): if it held the half-open trial slot, the next caller may
         try. Any other call leaves the slot alone: it may be another call's."""
-        s = self.store.load(self.name)
+        s = self.current
         if permit.trial and permit.epoch == s.epoch:
             s.trial_in_flight = False
-            self.store.save(self.name, s)
 
     def _remember(self, s: BreakerState, *, failed: bool) -> None:
         now = self.clock()

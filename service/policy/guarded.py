@@ -4,7 +4,8 @@ each wait, then one `Outcome`; what happens on the way is told to the call's obs
 
 A retry is not made when it cannot help: the failure opened the circuit, the run's deadline comes before the backoff
 ends, or chunks already reached the caller (a retry would repeat them). A half-open breaker's trial slot is released
-by the attempt that holds it when that attempt is cancelled.
+by the attempt that holds it when that attempt is cancelled (the fleet's breaker: awaited on the way out; if that
+await is cancelled too, the slot frees itself at its deadline).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 from service.events import Event, ToolRetry
 from service.events import ToolStatus as S
 from service.policy.attempt import ChunkCounter, Outcome, attempt, attempt_stream
-from service.policy.breaker import CircuitBreaker, State
+from service.policy.breaker import CircuitBreaker, Permit, State
+from service.policy.fleet import FleetLimiter
+from service.policy.fleet_breaker import Breaker
 from service.policy.guards import Guards
 from service.policy.limiter import RateLimiter
 from service.policy.observer import CallObserver
@@ -43,10 +46,14 @@ async def guarded(
     attempts = policy.retry.attempts
     outcome = Outcome(S.ERROR)
     for number in range(1, attempts + 1):
-        permit = breaker.allow() if breaker is not None else None
-        if breaker is not None and permit is None:
-            yield refused_by(breaker, name, number, outcome)
-            return
+        permit = None
+        if breaker is not None:
+            # the process's own breaker answers at once, the fleet's is awaited: the embedded default gains a type
+            # check per attempt, not an await
+            permit = breaker.allow() if isinstance(breaker, CircuitBreaker) else await breaker.allow()
+            if permit is None:
+                yield refused_by(breaker, name, number, outcome)
+                return
         observer.attempt_started(number)
         chunks_before = counter.n
         call = CallInfo(run_id=run_id, call_id=call_id, attempt=number)
@@ -71,12 +78,15 @@ async def guarded(
                 )
         except BaseException as exc:
             if breaker is not None and permit is not None:
-                breaker.release(permit)
+                await release(breaker, permit)
             observer.attempt_aborted(exc)
             raise
         outcome.attempts = number
         if breaker is not None and permit is not None:
-            breaker.failure(permit) if unwell(outcome) else breaker.success(permit)
+            if isinstance(breaker, CircuitBreaker):
+                breaker.failure(permit) if unwell(outcome) else breaker.success(permit)
+            else:
+                await (breaker.failure(permit) if unwell(outcome) else breaker.success(permit))
         observer.attempt_ended(outcome, breaker)
         final = outcome.ok or not outcome.retryable or number == attempts
         if final or counter.n > chunks_before:  # chunks already reached the caller: a retry would repeat them
@@ -94,7 +104,7 @@ async def guarded(
     yield outcome
 
 
-async def rate_limit(tool: str, limiter: RateLimiter, observer: CallObserver) -> Outcome | None:
+async def rate_limit(tool: str, limiter: RateLimiter | FleetLimiter, observer: CallObserver) -> Outcome | None:
     """Take rate-limit capacity (waiting if the policy says so), or the rate_limited outcome."""
     waited = await limiter.acquire()
     observer.rate_limited(tool, waited)
@@ -108,7 +118,15 @@ async def rate_limit(tool: str, limiter: RateLimiter, observer: CallObserver) ->
     )
 
 
-def refused_by(breaker: CircuitBreaker, tool: str, number: int, last: Outcome) -> Outcome:
+async def release(breaker: Breaker, permit: Permit) -> None:
+    """The attempt holding `permit` was cancelled: no verdict (a trial frees its slot)."""
+    if isinstance(breaker, CircuitBreaker):
+        breaker.release(permit)
+    else:
+        await breaker.release(permit)
+
+
+def refused_by(breaker: Breaker, tool: str, number: int, last: Outcome) -> Outcome:
     """The answer of a call whose attempt `number` the breaker refused."""
     if number > 1:  # refused while this call waited to retry: the failure it had is its answer
         last.error += f"; not retried: {tool}'s circuit refused the call ({breaker.state.value})"
@@ -129,7 +147,7 @@ def unwell(outcome: Outcome) -> bool:
 
 
 def not_retried(
-    tool: str, breaker: CircuitBreaker | None, wait: float, remaining: Callable[[], float | None] | None
+    tool: str, breaker: Breaker | None, wait: float, remaining: Callable[[], float | None] | None
 ) -> str | None:
     """Why a retryable failure is not retried after all, or None: the failure opened the circuit (the retry would be
     refused), or the run's deadline comes before the backoff ends (the run would be stopped while waiting, and the

@@ -7,8 +7,8 @@ after `max_wait_s` is refused at once, not after waiting `max_wait_s` for nothin
 before: `wait_for(acquire(), max_wait_s)` cannot know in advance). A waiter cancelled before its turn gives its token
 back when no one waits behind it (later waiters keep their turns: a token given back from the middle of the line
 would be taken twice). Time comes from the injected `clock` and `sleep` (aiolimiter read the event loop's clock, so
-the executor's injected clock never refilled it). `limits` (`async+redis://`) is the way to a shared limiter later,
-behind the same `acquire()`.
+the executor's injected clock never refilled it). This bucket is the process's; `fleet.py` has the fleet's, the
+same bucket as one script in Redis behind the same `acquire()`, and this one as its stand-in while Redis is away.
 """
 
 from __future__ import annotations

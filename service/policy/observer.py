@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from service.policy.attempt import Outcome
-from service.policy.breaker import CircuitBreaker
+from service.policy.fleet_breaker import Breaker
 
 
 class CallObserver(Protocol):
@@ -19,7 +19,7 @@ class CallObserver(Protocol):
     def attempt_started(self, number: int) -> None:
         """Attempt `number` (1-based) begins: the breaker let it through."""
 
-    def attempt_ended(self, outcome: Outcome, breaker: CircuitBreaker | None) -> None:
+    def attempt_ended(self, outcome: Outcome, breaker: Breaker | None) -> None:
         """The attempt ended as `outcome`; `breaker` has counted it."""
 
     def attempt_aborted(self, exc: BaseException) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from service.events import Event, ToolResultChunk
 from service.events import ToolStatus as S
 from service.policy.attempt import ChunkCounter, Outcome
-from service.policy.cache import cache_key
+from service.policy.cache import ResultCache, cache_key
 from service.policy.call import RunContext, ToolCallRequest
 from service.policy.fallback import fall_back, usable
 from service.policy.guarded import guarded
@@ -47,7 +47,7 @@ class Pipeline:
         key = ""
         if cache is not None:
             key = cache_key(tool.name, args)
-            hit, value = cache.get(key)
+            hit, value = cache.get(key) if isinstance(cache, ResultCache) else await cache.get(key)
             if hit:
                 observer.cache_hit(tool.name)
                 if tool.streaming:
@@ -91,5 +91,8 @@ class Pipeline:
                     else:
                         yield item
         if cache is not None and outcome.status is S.OK and not outcome.answered_by:
-            cache.put(key, outcome.data)
+            if isinstance(cache, ResultCache):
+                cache.put(key, outcome.data)
+            else:
+                await cache.put(key, outcome.data)
         yield outcome

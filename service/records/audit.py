@@ -34,9 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from service import redact
 from service.records.audit_chain import FIELDS, GENESIS, Keyring, head_mac, load_keyring, row_mac
@@ -50,8 +48,9 @@ from service.records.audit_verify import (
     read_head,
     verify,
 )
-from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url, storable
-from service.redact import Redactor, safe_json
+from service.records.rows import AuditRecord, audit_row
+from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url
+from service.redact import Redactor
 
 __all__ = ["DEFAULT_FILE", "AuditLog", "AuditRecord", "Verdict", "main", "verify"]
 
@@ -89,46 +88,6 @@ CREATE TABLE IF NOT EXISTS audit_head (
 """
 # Columns that logs written before keys lack, added when such a log is opened.
 _ADDED = (("audit", "key_id"), ("audit_head", "key_id"), ("audit_head", "mac"))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class AuditRecord:
-    """One tool call as the executor saw it. `data` is the JSON result; its size is measured on the writer thread."""
-
-    ts: float
-    run_id: str
-    metadata: dict[str, str]
-    tool: str
-    call_id: str
-    input: Any
-    status: str
-    duration_s: float
-    attempts: int
-    cache_hit: bool
-    answered_by: str
-    data: Any = None
-    error: str = ""
-    trace_id: str = ""  # kept (and signed) by the PostgreSQL log; the SQLite file has no column for it
-
-
-def audit_row(r: AuditRecord, redactor: Redactor) -> dict[str, Any]:
-    """A record as the chain's fields store it (all but `seq`): redacted, JSON columns as ASCII text (safe_json
-    escapes), text from the model made storable, the result's size measured."""
-    size = len(safe_json(r.data)) if r.status in ("ok", "partial") else len(storable(r.error).encode())
-    return {
-        "ts": r.ts,
-        "run_id": storable(r.run_id),
-        "metadata": safe_json(redactor.value(dict(r.metadata))),
-        "tool": storable(r.tool),
-        "call_id": storable(r.call_id),
-        "input": safe_json(redactor.value(r.input)),
-        "status": r.status,
-        "duration_s": r.duration_s,
-        "result_bytes": size,
-        "attempts": r.attempts,
-        "cache_hit": int(r.cache_hit),
-        "answered_by": storable(r.answered_by),
-    }
 
 
 class AuditLog:

@@ -20,14 +20,14 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from dataclasses import fields as dataclass_fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 from service import redact, telemetry
-from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url, storable
-from service.redact import Redactor, safe_json
+from service.records.rows import DeadLetter, letter_row
+from service.records.sqlite import add_db_arguments, cli_db_path, cli_records_url, connect, display_url
+from service.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +50,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_created ON dead_letters (created_at);
 """
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DeadLetter:
-    execution_id: str
-    created_at: float
-    run_id: str
-    call_id: str
-    tool: str
-    input: dict[str, Any]
-    status: str
-    error_type: str
-    message: str
-    traceback: str
-    attempts: int
-    trace_id: str = ""
-
-
-def letter_row(letter: DeadLetter, redactor: Redactor) -> dict[str, Any]:
-    """A letter as stored: input as JSON text, input, message and traceback redacted, text made storable."""
-    # Not asdict(): it deep-copies the input, and hostile input can be nested too deeply for that.
-    row = {f.name: getattr(letter, f.name) for f in dataclass_fields(letter)}
-    row = {name: storable(v) if type(v) is str else v for name, v in row.items()}  # see storable()
-    row["input"] = safe_json(redactor.value(letter.input))
-    row["message"] = storable(redactor.text(letter.message))
-    row["traceback"] = storable(redactor.text(letter.traceback))
-    return row
 
 
 def new_execution_id() -> str:

@@ -28,10 +28,10 @@ from typing import Any
 import psycopg
 
 from service import redact
-from service.records.audit import AuditRecord, audit_row
 from service.records.audit_chain import FIELDS, GENESIS, Keyring, head_mac, row_mac
 from service.records.audit_verify import Head, Verdict, walk
 from service.records.postgres import Conn, PgRecords, advisory_key
+from service.records.rows import AuditRecord, audit_row
 from service.redact import Redactor
 
 log = logging.getLogger("service.records.audit")

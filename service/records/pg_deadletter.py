@@ -19,9 +19,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from service import redact
-from service.records.deadletter import DeadLetter, letter_row
 from service.records.pg_audit import pg_text
 from service.records.postgres import UNREACHABLE, Conn, PgRecords
+from service.records.rows import DeadLetter, letter_row
 from service.redact import Redactor
 
 log = logging.getLogger("service.records.deadletter")

@@ -86,6 +86,9 @@ class Renderer:
                     "33", f"↻ model turn {e.turn} retry {e.attempt}/{e.max_attempts} in {_ms(e.wait)}: {e.error}"
                 )
             )
+        elif kind == "run_recovered":
+            e = event.run_recovered
+            self._line(self._style("33", f"↻ run recovered after turn {e.turn} (step {e.step_no}): {e.reason}"))
         elif kind == "tool_fallback":
             e = event.tool_fallback
             self._line(self._style("33", f"⇢ {e.primary} failed, falling back to {e.fallback}: {e.reason}"))

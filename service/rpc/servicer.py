@@ -31,10 +31,12 @@ from service.errors import (
     SubscriberTooSlow,
 )
 from service.models.base import ToolSpec
-from service.rpc.convert import run_result, run_state, run_to_proto, struct, to_proto
+from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
 from service.rpc.status import end_call, streaming, unary
 from service.rpc.validate import Validator, fingerprint
-from service.runs import Run, RunRegistry, RunState
+from service.rpc.values import struct
+from service.run import Run, RunState
+from service.runs import RunRegistry
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         caller = self.caller()
         key = request.idempotency_key
         digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
-        spec = self.validator.run_spec(request, run_id, caller)
+        spec = self.validator.run_spec(request, run_id, caller, background=background)
         deadline = None
         remaining = context.time_remaining()
         # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it

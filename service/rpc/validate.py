@@ -10,11 +10,12 @@ from typing import Any
 from agent.v1 import agent_pb2 as pb
 from service.callers import Caller
 from service.config import Config, Limits
-from service.errors import InvalidRequest, PermissionDenied, ToolUnavailable
+from service.errors import DurabilityUnavailable, InvalidRequest, PermissionDenied, ToolUnavailable
 from service.loop import RunSpec
 from tools.base import Tool
 
 _ON_DISCONNECT = frozenset(pb.RunAgentRequest.OnDisconnect.values())
+_DURABILITY = frozenset(pb.RunAgentRequest.Durability.values())
 
 
 class Validator:
@@ -22,16 +23,27 @@ class Validator:
     that work here; `unavailable` says why each of the others does not."""
 
     def __init__(
-        self, config: Config, tools: Mapping[str, Tool[Any]], unavailable: Mapping[str, str], default_model: str
+        self,
+        config: Config,
+        tools: Mapping[str, Tool[Any]],
+        unavailable: Mapping[str, str],
+        default_model: str,
+        *,
+        durable: bool = False,
     ) -> None:
+        """`durable`: whether this server checkpoints runs; without it no run is durable and a request that asks
+        for one explicitly is refused, rather than given a run that would silently not survive a crash."""
         self.config = config
         self.tools = tools
         self.unavailable = unavailable
         self.default_model = default_model
+        self.durable = durable
 
-    def run_spec(self, request: pb.RunAgentRequest, run_id: str, caller: Caller) -> RunSpec:
-        """The run `request` asks for, as `caller` may have it; InvalidRequest, PermissionDenied or
-        ToolUnavailable saying what is wrong otherwise."""
+    def run_spec(
+        self, request: pb.RunAgentRequest, run_id: str, caller: Caller, *, background: bool = False
+    ) -> RunSpec:
+        """The run `request` asks for, as `caller` may have it (`background`: through SubmitRun); InvalidRequest,
+        PermissionDenied or ToolUnavailable saying what is wrong otherwise."""
         limits = self.config.limits
         runs = self.config.runs
         if not request.message.strip():
@@ -65,6 +77,13 @@ class Validator:
             raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
         if request.on_disconnect not in _ON_DISCONNECT:
             raise InvalidRequest(f"unknown on_disconnect {request.on_disconnect}: CANCEL or CONTINUE")
+        if request.durability not in _DURABILITY:
+            raise InvalidRequest(f"unknown durability {request.durability}: DURABLE or NOT_DURABLE (unset: default)")
+        if request.durability == pb.RunAgentRequest.DURABLE and not self.durable:
+            raise DurabilityUnavailable(
+                "durability DURABLE: this server does not checkpoint runs yet, so the run would not survive a crash; "
+                "send NOT_DURABLE or leave durability unset"
+            )
         key_bytes = len(request.idempotency_key.encode())
         if key_bytes > limits.max_idempotency_key_bytes:
             raise InvalidRequest(
@@ -89,6 +108,7 @@ class Validator:
             metadata={**metadata, "caller": caller.name},
             max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
+            durable=self.durable and durable(request, background=background),
         )
 
     @staticmethod
@@ -99,6 +119,14 @@ class Validator:
         if not 1 <= value <= maximum:
             raise InvalidRequest(f"{name} must be between 1 and {maximum}, got {value}")
         return value
+
+
+def durable(request: pb.RunAgentRequest, *, background: bool) -> bool:
+    """Whether the run is checkpointed: as asked, else when it outlives its call (CONTINUE, SubmitRun), whose caller
+    is not there to retry it when the server dies."""
+    if request.durability != pb.RunAgentRequest.DURABILITY_UNSPECIFIED:
+        return bool(request.durability == pb.RunAgentRequest.DURABLE)
+    return background or bool(request.on_disconnect == pb.RunAgentRequest.CONTINUE)
 
 
 def _some(names: list[str], shown: int = 10) -> str:

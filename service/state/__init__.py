@@ -1,1 +1,2 @@
-"""Shared run state: the store protocol (base.py) and its Redis implementation."""
+"""Shared live state on Redis: the run store protocol (base.py) and its Redis implementation, and the policies'
+shared state (redis_limits.py: rate limits, breakers, result caches)."""

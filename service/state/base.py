@@ -12,31 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from service import events as ev
 from service.config import CallerConfig
 
 if TYPE_CHECKING:
     from service.control import RunControl
     from service.loop import RunSpec
-    from service.runs import Run
-
-
-class RunRecord(NamedTuple):
-    """What a store knows of a run without reading its log: enough for `GetRun`."""
-
-    run_id: str
-    caller: str
-    state: str  # a RunState value
-    last_seq: int
-    created_ns: int
-    ended_ns: int
-    outcome: ev.FinalResponse | ev.RunFailed | None
-    fingerprint: str = ""
-    owner: str = ""  # the instance id of the process that drives it
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
+    from service.run import Run, RunRecord
 
 
 class Admission(NamedTuple):

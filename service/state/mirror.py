@@ -10,8 +10,7 @@ from service import events as ev
 from service.control import RunControl
 from service.errors import AgentError, StateUnavailable
 from service.loop import RunSpec
-from service.runs import EVENT_BYTES, Entry, Run, RunState
-from service.state.base import RunRecord
+from service.run import EVENT_BYTES, Entry, Run, RunRecord, RunState
 
 
 class SharedRun(Run):

@@ -1,19 +1,7 @@
 """Runs shared through Redis (`state.url: redis://…`): any replica answers GetRun, WatchRun and CancelRun for any
-run, and idempotency keys and caller quotas hold for the fleet.
-
-Keys, all under `state.prefix`:
-
-    run:{id}                hash: caller, state, owner, created_ns, ended_ns, fingerprint, key, last_seq, outcome,
-                            cancel_requested
-    run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py)
-    idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
-    caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
-    caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
-    run-control:{instance}  pub/sub channel of the process that drives a run: "<run id> now|after_turn"
-
-A run ending sets `runs.retention_s` TTLs on its hash, stream and key; until then they carry `runs.max_run_s` more, so
-that the runs of a process that died are forgotten too. A dead process's runs stop counting against their caller's
-concurrency when their leases (`LEASE_S`, renewed by the owner every third of it) run out.
+run, and idempotency keys and caller quotas hold for the fleet. Its keys, and how long they are kept:
+`redis_layout.py`. A dead process's runs stop counting against their caller's concurrency when their leases
+(`LEASE_S`, renewed by the owner every third of it) run out.
 
 Watchers on this replica share one mirror per run (`MirrorRun`), filled by one task with blocking XREADs: the
 history first (XREAD from 0-<n> returns at once what is there), then live entries as they are added. No polling.
@@ -28,31 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from service import codec, telemetry
 from service import events as ev
+from service import telemetry
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
 from service.errors import RunInterrupted, StateUnavailable
 from service.loop import RunSpec
-from service.runs import Entry, Run
-from service.state.base import Admission, RunRecord
+from service.run import Run, RunRecord
+from service.state.base import Admission
 from service.state.mirror import MirrorRun, SharedRun
 from service.state.redis_client import ADMIT, RENEW, connect
+from service.state.redis_layout import Layout, log_entries, run_record, stream_entries
 from service.state.redis_ship import Shipper
-
-if TYPE_CHECKING:
-    from service.runs import Run as _Run
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +50,14 @@ class RedisRunStore:
     def __init__(
         self, config: StateConfig, *, retention_s: float, max_run_s: float, on_health: Callable[[bool], Awaitable[None]]
     ) -> None:
-        self.prefix = config.prefix
-        self.retention_s = retention_s
-        self.live_ttl_s = max(1, int(max_run_s + retention_s))
+        self.instance = secrets.token_hex(6)
+        self.layout = Layout(
+            config.prefix, self.instance, retention_s=retention_s, live_ttl_s=max(1, int(max_run_s + retention_s))
+        )
         self.client = connect(config)
         self.reader = connect(config, read_timeout_s=BLOCK_S + config.timeout_s)  # blocking reads and pub/sub
-        self.instance = secrets.token_hex(6)
         self.up = True
-        self.shipper = Shipper(self)
+        self.shipper = Shipper(self.client, self.layout, failed=self.failed, reached=self.reached, settled=self.settled)
         self._on_health = on_health
         self._on_cancel: Callable[[str, bool], None] = lambda run_id, after_turn: None
         self._admit = self.client.register_script(ADMIT)
@@ -82,20 +66,6 @@ class RedisRunStore:
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
         self._mirrors: dict[str, MirrorRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-
-    # keys
-
-    def run_key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}"
-
-    def events_key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}:events"
-
-    def _caller_key(self, caller: str, what: str) -> str:
-        return f"{self.prefix}caller:{caller}:{what}"
-
-    def _channel(self, instance: str) -> str:
-        return f"{self.prefix}run-control:{instance}"
 
     # lifecycle
 
@@ -187,7 +157,9 @@ class RedisRunStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.ping()
         for caller, ids in by_caller.items():
-            await self._renew(keys=[self._caller_key(caller, "active")], args=[int(LEASE_S * 1000), *ids], client=pipe)
+            await self._renew(
+                keys=[self.layout.caller_key(caller, "active")], args=[int(LEASE_S * 1000), *ids], client=pipe
+            )
         await pipe.execute()
 
     # runs driven here
@@ -195,23 +167,23 @@ class RedisRunStore:
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         self._on_cancel = callback
 
-    async def admit(self, run: _Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
+    async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         caller = run.caller
-        fields = self.fields_of(run, 0, ended=False)
+        fields = self.layout.fields_of(run, 0, ended=False)
         fields.update(owner=self.instance, created_ns=run.created_ns, fingerprint=fingerprint, key=key)
         flat = [part for pair in fields.items() for part in pair]
         answer = await self._call(
             self._admit(
                 keys=[
-                    f"{self.prefix}idem:{caller}:{key}",
-                    self.run_key(run.id),
-                    self._caller_key(caller, "active"),
-                    self._caller_key(caller, "starts"),
+                    self.layout.idem_key(caller, key),
+                    self.layout.run_key(run.id),
+                    self.layout.caller_key(caller, "active"),
+                    self.layout.caller_key(caller, "starts"),
                 ],
                 args=[
                     run.id,
                     key,
-                    self.live_ttl_s * 1000,
+                    self.layout.live_ttl_s * 1000,
                     -1 if limits.max_concurrent_runs is None else limits.max_concurrent_runs,
                     -1 if limits.runs_per_minute is None else limits.runs_per_minute,
                     int(LEASE_S * 1000),
@@ -239,40 +211,13 @@ class RedisRunStore:
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.shipper.note)
 
-    def fields_of(self, run: _Run, last_seq: int, *, ended: bool) -> dict[Any, Any]:
-        """The hash fields a shipment writes; the full record, so that a Redis restarted empty gets it back."""
-        fields: dict[Any, Any] = {
-            "caller": run.caller,
-            "state": run.state.value if ended or not run.finished else "running",
-            "owner": self.instance,
-            "created_ns": run.created_ns,
-            "fingerprint": run.fingerprint,
-            "key": run.idempotency_key,
-            "last_seq": last_seq,
-        }
-        if ended:
-            fields["ended_ns"] = run.ended_ns
-            outcome = run.outcome
-            if outcome is not None:
-                fields["outcome"] = codec.dumps(outcome).decode()
-        return fields
-
-    def ended_commands(self, pipe: Pipeline, run: _Run) -> None:
-        """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""
-        ttl = max(1, int(self.retention_s))
-        pipe.expire(self.run_key(run.id), ttl)
-        pipe.expire(self.events_key(run.id), ttl)
-        if run.idempotency_key:
-            pipe.expire(f"{self.prefix}idem:{run.caller}:{run.idempotency_key}", ttl)
-        pipe.zrem(self._caller_key(run.caller, "active"), run.id)
-
-    def settled(self, run: _Run) -> None:
+    def settled(self, run: Run) -> None:
         self._live.pop(run.id, None)
 
     async def _listen(self) -> None:
         """Cancel requests for the runs of this process: on its channel, and (after every (re)subscription) in the
         runs' hashes, for a request published while it was not listening."""
-        channel = self._channel(self.instance)
+        channel = self.layout.channel(self.instance)
         while True:
             pubsub = self.reader.pubsub()
             try:
@@ -295,7 +240,7 @@ class RedisRunStore:
             return
         pipe = self.client.pipeline(transaction=False)
         for run_id in ids:
-            pipe.hget(self.run_key(run_id), "cancel_requested")
+            pipe.hget(self.layout.run_key(run_id), "cancel_requested")
         for run_id, mode in zip(ids, await pipe.execute(), strict=True):
             if mode:
                 self._on_cancel(run_id, mode == b"after_turn")
@@ -303,8 +248,8 @@ class RedisRunStore:
     # runs driven elsewhere
 
     async def record(self, run_id: str) -> RunRecord | None:
-        fields = await self._call(self.client.hgetall(self.run_key(run_id)))
-        return None if not fields else _record(run_id, fields)
+        fields = await self._call(self.client.hgetall(self.layout.run_key(run_id)))
+        return None if not fields else run_record(run_id, fields)
 
     async def mirror(self, record: RunRecord) -> Run:
         mirror = self._mirrors.get(record.run_id)
@@ -316,7 +261,7 @@ class RedisRunStore:
 
     async def _feed(self, mirror: MirrorRun) -> None:
         """Fill `mirror` from its stream until its last event: blocking reads, history first."""
-        key = self.events_key(mirror.id)
+        key = self.layout.events_key(mirror.id)
         while not mirror.finished and mirror.lost is None:
             try:
                 read = await self.reader.xread(
@@ -326,7 +271,7 @@ class RedisRunStore:
                 self.failed("watch", exc)
                 await asyncio.sleep(PROBE_S)
                 continue
-            entries = [entry for _, fields in _read(read) for entry in _entries(fields)]
+            entries = [entry for _, fields in stream_entries(read) for entry in log_entries(fields)]
             if entries:
                 mirror.extend(entries)
                 continue
@@ -346,9 +291,9 @@ class RedisRunStore:
     async def _driven(self, mirror: MirrorRun) -> bool:
         """Whether a process still holds the run's lease (checked when its stream is quiet for a blocking read)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.zscore(self._caller_key(mirror.caller, "active"), mirror.id)
+        pipe.zscore(self.layout.caller_key(mirror.caller, "active"), mirror.id)
         pipe.time()
-        pipe.hget(self.run_key(mirror.id), "state")
+        pipe.hget(self.layout.run_key(mirror.id), "state")
         expiry, (seconds, micros), state = await pipe.execute()
         if state in (b"succeeded", b"failed", b"cancelled"):
             return True  # its last events are on their way
@@ -357,8 +302,8 @@ class RedisRunStore:
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         mode = "after_turn" if after_turn else "now"
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.run_key(record.run_id), "cancel_requested", mode)
-        pipe.publish(self._channel(record.owner), f"{record.run_id} {mode}")
+        pipe.hset(self.layout.run_key(record.run_id), "cancel_requested", mode)
+        pipe.publish(self.layout.channel(record.owner), f"{record.run_id} {mode}")
         await self._call(pipe.execute())
         if wait_s > 0:
             await self._until_ended(record, wait_s)
@@ -371,50 +316,12 @@ class RedisRunStore:
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             answer = await self._call(
                 self.reader.xread(
-                    {self.events_key(record.run_id): last}, count=READ_COUNT, block=max(1, int(left * 1000))
+                    {self.layout.events_key(record.run_id): last}, count=READ_COUNT, block=max(1, int(left * 1000))
                 )
             )
             if not answer:
                 return
             entries = answer[0][1]
             last = entries[-1][0]
-            if isinstance(_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
+            if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return
-
-
-def _read(answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of an XREAD of one stream: a list of [key, entries] pairs (RESP2), a map (RESP3), or None."""
-    if not answer:
-        return []
-    if isinstance(answer, dict):
-        return list(next(iter(answer.values()))[0])
-    return list(answer[0][1])
-
-
-def _entries(fields: dict[bytes, bytes]) -> list[Entry]:
-    """The log entries one stream entry carries (see `redis_ship`)."""
-    first = int(fields[b"f"])
-    times = fields[b"t"].split(b",")
-    events = json.loads(fields[b"e"])
-    return [
-        Entry(first + i, int(stamp), codec.from_dict(event))
-        for i, (stamp, event) in enumerate(zip(times, events, strict=True))
-    ]
-
-
-def _record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
-    def text(name: str) -> str:
-        return fields.get(name.encode(), b"").decode()
-
-    outcome = codec.loads(fields[b"outcome"]) if b"outcome" in fields else None
-    return RunRecord(
-        run_id,
-        text("caller"),
-        text("state") or "queued",
-        int(text("last_seq") or 0),
-        int(text("created_ns") or 0),
-        int(text("ended_ns") or 0),
-        outcome if isinstance(outcome, ev.FinalResponse | ev.RunFailed) else None,
-        text("fingerprint"),
-        text("owner"),
-    )

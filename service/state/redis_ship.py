@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError, ResponseError
@@ -29,8 +29,10 @@ from redis.exceptions import RedisError, ResponseError
 from service import codec, telemetry
 
 if TYPE_CHECKING:
-    from service.runs import Run
-    from service.state.redis_runs import RedisRunStore
+    import redis.asyncio as redis
+
+    from service.run import Run
+    from service.state.redis_layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,22 @@ BACKOFF_S = (0.05, 2.0)
 
 
 class Shipper:
-    def __init__(self, store: RedisRunStore) -> None:
-        self.store = store
+    def __init__(
+        self,
+        client: redis.Redis,
+        layout: Layout,
+        *,
+        failed: Callable[[str, BaseException], None],
+        reached: Callable[[], None],
+        settled: Callable[[Run], None],
+    ) -> None:
+        """`failed` and `reached` report each round to the store's health; `settled(run)` is told once all of an
+        ended run is in Redis."""
+        self.client = client
+        self.layout = layout
+        self._failed = failed
+        self._reached = reached
+        self._settled = settled
         self.pending: dict[str, Run] = {}
         self.shipped: dict[str, int] = {}  # run id -> seqs 1..n known to be in the stream
         self._wake = asyncio.Event()
@@ -90,13 +106,13 @@ class Shipper:
                     self.pending.setdefault(run_id, run)
                 self._resync = True
                 telemetry.STATE_UNSHIPPED.set(self.unshipped())
-                self.store.failed("ship", exc)
+                self._failed("ship", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_S[1])
                 self._wake.set()
                 continue
             backoff = BACKOFF_S[0]
-            self.store.reached()
+            self._reached()
             for run in more:
                 self.pending.setdefault(run.id, run)
             if self.pending:
@@ -108,18 +124,18 @@ class Shipper:
     async def _catch_up(self, batch: dict[str, Run]) -> None:
         """After a failure: where each stream really ends (the last transaction may or may not have landed, and a
         Redis restarted without its data has nothing)."""
-        store = self.store
-        pipe = store.client.pipeline(transaction=False)
+        layout = self.layout
+        pipe = self.client.pipeline(transaction=False)
         ids = list(batch)
         for run_id in ids:
-            pipe.xrevrange(store.events_key(run_id), count=1)
+            pipe.xrevrange(layout.events_key(run_id), count=1)
         for run_id, last in zip(ids, await pipe.execute(), strict=True):
             self.shipped[run_id] = int(last[0][0].split(b"-")[1]) if last else 0
 
     async def _ship(self, batch: dict[str, Run]) -> list[Run]:
         """Ship one round; the runs with entries left over for the next."""
-        store = self.store
-        pipe = store.client.pipeline(transaction=True)
+        layout = self.layout
+        pipe = self.client.pipeline(transaction=True)
         room = MAX_BYTES
         progress: list[tuple[Run, int, bool]] = []  # a run, its seqs in this round's transaction, whether it ends
         left: list[Run] = []
@@ -142,17 +158,17 @@ class Shipper:
                 encoded = codec.dumps_many([entry.event for entry in entries])
                 room -= len(encoded)
             last = start + len(entries)
-            events_key = store.events_key(run.id)
+            events_key = layout.events_key(run.id)
             if entries:
                 # one stream entry for the run's new events, its id the last seq (see the module)
                 times = ",".join([str(entry.time_ns) for entry in entries])
                 pipe.xadd(events_key, {"f": start + 1, "t": times, "e": encoded}, id=f"0-{last}")
             done = last == len(run.log) and run.finished
-            pipe.hset(store.run_key(run.id), mapping=store.fields_of(run, last, ended=done))
+            pipe.hset(layout.run_key(run.id), mapping=layout.fields_of(run, last, ended=done))
             if done:
-                store.ended_commands(pipe, run)
+                layout.ended_commands(pipe, run)
             else:
-                pipe.expire(events_key, store.live_ttl_s)  # a stream whose driver dies is forgotten too
+                pipe.expire(events_key, layout.live_ttl_s)  # a stream whose driver dies is forgotten too
                 if last < len(run.log):
                     left.append(run)
             progress.append((run, last, done))
@@ -165,7 +181,7 @@ class Shipper:
         for run, last, done in progress:
             if done:
                 self.shipped.pop(run.id, None)
-                store.settled(run)
+                self._settled(run)
             else:
                 self.shipped[run.id] = last
         return left

@@ -36,7 +36,7 @@ TOOL_STATUS_CANCELLED: ToolStatus
 TOOL_STATUS_OUTCOME_UNKNOWN: ToolStatus
 
 class RunAgentRequest(_message.Message):
-    __slots__ = ("message", "system", "model", "max_turns", "tools", "metadata", "max_tokens", "idempotency_key", "on_disconnect", "max_tool_calls", "max_output_tokens")
+    __slots__ = ("message", "system", "model", "max_turns", "tools", "metadata", "max_tokens", "idempotency_key", "on_disconnect", "max_tool_calls", "max_output_tokens", "durability")
     class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ON_DISCONNECT_UNSPECIFIED: _ClassVar[RunAgentRequest.OnDisconnect]
@@ -45,6 +45,14 @@ class RunAgentRequest(_message.Message):
     ON_DISCONNECT_UNSPECIFIED: RunAgentRequest.OnDisconnect
     CANCEL: RunAgentRequest.OnDisconnect
     CONTINUE: RunAgentRequest.OnDisconnect
+    class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DURABILITY_UNSPECIFIED: _ClassVar[RunAgentRequest.Durability]
+        DURABLE: _ClassVar[RunAgentRequest.Durability]
+        NOT_DURABLE: _ClassVar[RunAgentRequest.Durability]
+    DURABILITY_UNSPECIFIED: RunAgentRequest.Durability
+    DURABLE: RunAgentRequest.Durability
+    NOT_DURABLE: RunAgentRequest.Durability
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +71,7 @@ class RunAgentRequest(_message.Message):
     ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
     message: str
     system: str
     model: str
@@ -74,10 +83,11 @@ class RunAgentRequest(_message.Message):
     on_disconnect: RunAgentRequest.OnDisconnect
     max_tool_calls: int
     max_output_tokens: int
-    def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., on_disconnect: _Optional[_Union[RunAgentRequest.OnDisconnect, str]] = ..., max_tool_calls: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+    durability: RunAgentRequest.Durability
+    def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., on_disconnect: _Optional[_Union[RunAgentRequest.OnDisconnect, str]] = ..., max_tool_calls: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., durability: _Optional[_Union[RunAgentRequest.Durability, str]] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry", "tool_data_part")
+    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry", "tool_data_part", "run_recovered")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +108,7 @@ class AgentEvent(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_RETRY_FIELD_NUMBER: _ClassVar[int]
     TOOL_DATA_PART_FIELD_NUMBER: _ClassVar[int]
+    RUN_RECOVERED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -118,7 +129,8 @@ class AgentEvent(_message.Message):
     error: Error
     model_retry: ModelRetry
     tool_data_part: ToolDataPart
-    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ..., tool_data_part: _Optional[_Union[ToolDataPart, _Mapping]] = ...) -> None: ...
+    run_recovered: RunRecovered
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ..., tool_data_part: _Optional[_Union[ToolDataPart, _Mapping]] = ..., run_recovered: _Optional[_Union[RunRecovered, _Mapping]] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("model", "tools", "max_turns")
@@ -275,6 +287,18 @@ class ModelRetry(_message.Message):
     wait: _duration_pb2.Duration
     error: str
     def __init__(self, turn: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RunRecovered(_message.Message):
+    __slots__ = ("step_no", "turn", "seq", "reason")
+    STEP_NO_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    step_no: int
+    turn: int
+    seq: int
+    reason: str
+    def __init__(self, step_no: _Optional[int] = ..., turn: _Optional[int] = ..., seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("turn", "input_tokens", "output_tokens", "total_input_tokens", "total_output_tokens")

@@ -1,0 +1,58 @@
+"""A run's driver loop: the agent loop's events into the run's log as they come, text deltas coalesced, large tool
+data in parts, the number of events bounded, and a crash ended as INTERNAL. This is the per-event path of a run:
+nothing is looked up in it per event that can be looked up once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from service import events as ev
+from service.coalesce import Coalescer, LoopLoad
+from service.config import RunsConfig
+from service.errors import RunInterrupted
+from service.loop import AgentLoop
+from service.parts import split
+from service.run import Run
+
+log = logging.getLogger(__name__)
+
+
+async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable[[], float], load: LoopLoad) -> None:
+    """Drive `run` through `loop` to its last event."""
+    coalescer = Coalescer(
+        run.append,
+        window_s=config.coalesce_window_s,
+        max_window_s=config.coalesce_max_window_s,
+        max_bytes=config.coalesce_max_bytes,
+        clock=clock,
+        load=load,
+    )
+    if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
+        log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
+    try:
+        async for event in loop.run(run.spec, run.control, announce=False):
+            if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:
+                pieces, size = split(event, config.max_event_data_bytes)
+                run.bytes += size
+                for piece in pieces:
+                    coalescer.add(piece)
+            else:
+                coalescer.add(event)
+            if len(run.log) > config.max_events_per_run:
+                run.control.stop_now(RunInterrupted(f"run {run.id} exceeded {config.max_events_per_run} events"))
+    except Exception:
+        # A bug, not a run failure: INTERNAL with the run id to quote; the log has the traceback.
+        log.exception("run crashed", extra={"run_id": run.id})
+        coalescer.flush()
+        run.append(ev.RunFailed(code="INTERNAL", message=f"internal error in run {run.id}", retryable=False))
+    finally:
+        coalescer.flush()
+
+
+def stopped(run: Run) -> ev.RunFailed:
+    """The closing event of a run stopped before it ran: why the control stopped it, else a retryable error."""
+    if run.control.stopping:
+        reason = run.control.stop_reason()
+        return ev.RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
+    return ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True)

@@ -1,0 +1,190 @@
+"""One durable run's checkpoints, as the agent loop writes and replays them (decision 0001, consequences 4 and 5).
+
+The loop records three kinds of step (`service/durable/base.py`): a model turn once it has ended, a tool call once it
+has its result, and, before a call that is not safe to repeat starts, the intent to make it. A process that takes
+over a run builds a `Journal` from the steps the run recorded, and the loop asks it on its way through again: the
+`TurnEnd` of a recorded turn (the model is not asked again), the result of a recorded call (the call is not run
+again, and none of its events is sent again), and whether a call with no result was intended (it may have happened).
+
+A run without a journal pays for none of this: the loop tests for `None` at a turn's end and at a turn's tool calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from service import codec
+from service.durable.base import CheckpointStore, DurableRun, Step, StepKind
+from service.events import Event, RunRecovered, ToolResult
+from service.models import base as m
+from service.policy.call import ToolCallRequest
+
+FORMAT = 1
+"""The layout of the step values written here; a reader meeting a newer one refuses it (rather than replay half)."""
+
+CRASHED = "the process driving the run stopped before the run ended"
+
+
+def _no_seq() -> int:
+    return 0
+
+
+class Journal:
+    """The checkpoints of one durable run: those recorded before (replayed), and the writing of new ones. Made by
+    `start` for a new run, or by `resume` for a run another process (or this one before a restart) drove."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        run: DurableRun,
+        *,
+        fresh: bool,
+        last_seq: Callable[[], int] = _no_seq,
+        why: str = CRASHED,
+    ) -> None:
+        self.store = store
+        self.run = run
+        self.run_id = run.run_id
+        self.fresh = fresh
+        self.last_seq = last_seq  # the run's last event seq, written with each step (recovery resumes after it)
+        self.why = why
+        self.step_no = 0
+        self._turns: dict[int, m.TurnEnd] = {}
+        self._results: dict[str, ToolResult] = {}
+        self._intents: set[str] = set()
+        self._last: Step | None = None
+        for step in run.steps:
+            self._replay(step)
+
+    @classmethod
+    def start(
+        cls,
+        store: CheckpointStore,
+        *,
+        run_id: str,
+        caller: str,
+        request: dict[str, Any],
+        background: bool = False,
+        last_seq: Callable[[], int] = _no_seq,
+    ) -> Journal:
+        """The journal of a new run; `open` records the run (`request`: its RunSpec as JSON) before it goes on."""
+        run = DurableRun(
+            run_id=run_id, caller=caller, owner=store.owner, state="running", request=request, background=background
+        )
+        return cls(store, run, fresh=True, last_seq=last_seq)
+
+    @classmethod
+    def resume(
+        cls, store: CheckpointStore, run: DurableRun, *, last_seq: Callable[[], int] = _no_seq, why: str = CRASHED
+    ) -> Journal:
+        """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps."""
+        return cls(store, run, fresh=False, last_seq=last_seq, why=why)
+
+    def _replay(self, step: Step) -> None:
+        value = step.value
+        if value.get("v", FORMAT) > FORMAT:
+            raise ValueError(f"step {step.step_no} of run {step.run_id} has format {value['v']}; this reads {FORMAT}")
+        self.step_no = max(self.step_no, step.step_no)
+        self._last = step if self._last is None or step.step_no > self._last.step_no else self._last
+        if step.kind == "turn":
+            self._turns[int(value["turn"])] = m.TurnEnd(
+                stop_reason=value["stop_reason"],
+                content=value["content"],
+                input_tokens=value["input_tokens"],
+                output_tokens=value["output_tokens"],
+                bad_inputs=value.get("bad_inputs", {}),
+            )
+        elif step.kind == "tool":
+            result = codec.from_dict(value["result"])
+            if not isinstance(result, ToolResult):
+                raise ValueError(f"step {step.step_no} of run {step.run_id}: a tool step holds a {result.kind}")
+            self._results[result.call_id] = result
+        elif step.kind == "intent":
+            self._intents.add(value["call_id"])
+        else:
+            raise ValueError(f"step {step.step_no} of run {step.run_id} is of an unknown kind {step.kind!r}")
+
+    # What the loop asks on its way through a recovered run.
+
+    def turn(self, turn: int) -> m.TurnEnd | None:
+        """The recorded end of model turn `turn`, or None when it must be requested (again)."""
+        return self._turns.get(turn)
+
+    def result(self, call_id: str) -> ToolResult | None:
+        """The recorded result of a call: it is not run again, and nothing of it is sent again."""
+        return self._results.get(call_id)
+
+    def intended(self, call_id: str) -> bool:
+        """Whether an unsafe call's intent was recorded: with no result, it may have happened."""
+        return call_id in self._intents
+
+    async def open(self) -> RunRecovered | None:
+        """A new run: recorded as this process's, before its first model turn. A resumed one: the `RunRecovered`
+        event the loop sends before anything else, saying from which checkpoint it goes on and why."""
+        if self.fresh:
+            await self.store.begin(self.run)
+            return None
+        last = self._last
+        return RunRecovered(
+            step_no=0 if last is None else last.step_no,
+            turn=max(self._turns, default=0),
+            seq=0 if last is None else last.seq,
+            reason=self.why,
+        )
+
+    # What the loop records.
+
+    async def turn_ended(self, turn: int, end: m.TurnEnd) -> None:
+        value = {
+            "v": FORMAT,
+            "turn": turn,
+            "stop_reason": end.stop_reason,
+            "content": end.content,
+            "input_tokens": end.input_tokens,
+            "output_tokens": end.output_tokens,
+            "bad_inputs": end.bad_inputs,
+        }
+        await self._put("turn", f"turn:{turn}", value)
+        self._turns[turn] = end
+
+    async def intend(self, turn: int, calls: Sequence[ToolCallRequest]) -> None:
+        """Record the intents of `calls` (unsafe calls about to start); returns once all are committed."""
+        for call in calls:
+            value = {"v": FORMAT, "turn": turn, "call_id": call.call_id, "name": call.name, "input": call.input}
+            await self._put("intent", f"call:{call.call_id}", value)
+            self._intents.add(call.call_id)
+
+    async def recording(self, turn: int, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """A call's events, its result recorded (committed) before it is passed on: a result the caller has seen is
+        never replaced by another after a crash."""
+        async with aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if type(event) is ToolResult:
+                    value = {"v": FORMAT, "turn": turn, "result": codec.to_dict(event)}
+                    await self._put("tool", f"call:{event.call_id}", value)
+                    self._results[event.call_id] = event
+                yield event
+
+    async def end(self, state: str) -> None:
+        """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
+        "failed" or "cancelled". It is not to be recovered any more."""
+        await self.store.end(self.run_id, state)
+
+    async def _put(self, kind: StepKind, key: str, value: dict[str, Any]) -> None:
+        # numbered before the await: the steps of concurrent calls get distinct numbers in the order they ended
+        self.step_no += 1
+        await self.store.put(
+            Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
+        )
+
+
+def recorded_results(journal: Journal, calls: Iterable[ToolCallRequest]) -> dict[str, ToolResult]:
+    """The recorded results among `calls`, by call id."""
+    found = {}
+    for call in calls:
+        result = journal.result(call.call_id)
+        if result is not None:
+            found[call.call_id] = result
+    return found

@@ -1,0 +1,193 @@
+"""One run: its state and its event log, with gapless seqs, which any number of subscribers follow from any seq.
+
+A subscriber reads the log through a cursor, so a slow one costs no memory and never slows the run: while it is
+behind, consecutive text deltas are merged for it, and past `max_lag` events it is dropped (`SubscriberTooSlow`) and
+resumes from the log with its last seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import NamedTuple
+
+from service import events as ev
+from service.coalesce import DELTAS
+from service.control import RunControl
+from service.errors import AgentError, SubscriberTooSlow
+from service.loop import RunSpec
+
+# What an event costs the log besides its text and data: the entry, the event object, the timestamp.
+EVENT_BYTES = 200
+
+
+class RunState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunRecord(NamedTuple):
+    """What a store knows of a run without reading its log: enough for `GetRun`."""
+
+    run_id: str
+    caller: str
+    state: str  # a RunState value
+    last_seq: int
+    created_ns: int
+    ended_ns: int
+    outcome: ev.FinalResponse | ev.RunFailed | None
+    fingerprint: str = ""
+    owner: str = ""  # the instance id of the process that drives it
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+class Entry(NamedTuple):
+    """A logged event. `first_seq` is set on a delivery that merges several deltas (seqs first_seq..seq). A named
+    tuple rather than a frozen dataclass: one is made per event, and this is three times cheaper to make."""
+
+    seq: int
+    time_ns: int
+    event: ev.Event
+    first_seq: int = 0
+
+
+class Run:
+    def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
+        self.id = spec.run_id
+        self.spec = spec
+        self.control = control
+        self.caller = caller
+        self.idempotency_key = key
+        self.fingerprint = fingerprint
+        self.state = RunState.QUEUED
+        self.created_ns = time.time_ns()
+        self.ended_ns = 0
+        self.ended_at: float | None = None  # registry clock
+        self.log: list[Entry] = []
+        self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
+        self.task: asyncio.Task[None] | None = None
+        self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+    @property
+    def outcome(self) -> ev.FinalResponse | ev.RunFailed | None:
+        last = self.log[-1].event if self.log else None
+        return last if isinstance(last, ev.FinalResponse | ev.RunFailed) else None
+
+    def append(self, event: ev.Event) -> None:
+        """Log an event with the next seq and wake the subscribers. Synchronous on purpose: the driver must not
+        await between events (see `RunControl.scope`)."""
+        log = self.log
+        log.append(Entry(len(log) + 1, time.time_ns(), event))
+        self.bytes += EVENT_BYTES + len(getattr(event, "text", ""))
+        if self._waiters:
+            self._wake()
+
+    def finish(self) -> None:
+        """Set the final state from the last event; called once, by the driver."""
+        outcome = self.outcome
+        if isinstance(outcome, ev.FinalResponse):
+            self.state = RunState.SUCCEEDED
+        elif isinstance(outcome, ev.RunFailed) and outcome.code == "CANCELLED":
+            self.state = RunState.CANCELLED
+        else:
+            self.state = RunState.FAILED
+        self.ended_ns = time.time_ns()
+        self._wake()
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            self.id,
+            self.caller,
+            self.state.value,
+            len(self.log),
+            self.created_ns,
+            self.ended_ns,
+            self.outcome,
+            self.fingerprint,
+        )
+
+    async def reached(self, seq: int) -> None:
+        """Return once the log holds `seq`, or the run has ended."""
+        while len(self.log) < seq and not self.finished:
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
+
+    async def ended(self) -> None:
+        """Return once the run has ended."""
+        while not self.finished:
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def _changed(self) -> None:
+        # one future per waiting subscriber: cancelling one subscriber must not wake or cancel the others
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def follow(
+        self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000
+    ) -> AsyncIterator[Entry]:
+        """The events after `after_seq`, then live ones until the run ends. Replaying history is not lagging: a
+        reader counts as behind only by the events logged since it subscribed that it has not read yet."""
+        log = self.log  # appended to, never replaced
+        cursor = after_seq
+        joined = len(log)
+        while True:
+            while cursor < (logged := len(log)):
+                lag = logged - cursor
+                if lag > max_lag and logged - max(cursor, joined) > max_lag and not self.finished:
+                    raise SubscriberTooSlow(self.id, cursor, lag)
+                entry = log[cursor]
+                if lag > coalesce_lag and isinstance(entry.event, DELTAS):
+                    entry = self._merged(cursor)
+                cursor = entry.seq
+                yield entry
+            if self.finished:
+                return
+            if self.lost is not None:
+                raise self.lost
+            await self._changed()
+
+    def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
+        """The run of same-kind, same-turn deltas starting at `index`, as one entry."""
+        first = self.log[index]
+        head = first.event
+        assert isinstance(head, ev.TextDelta | ev.Thinking)
+        parts = [head.text]
+        size = len(head.text)
+        last = first
+        for entry in self.log[index + 1 :]:
+            e = entry.event
+            if type(e) is not type(head) or not isinstance(e, ev.TextDelta | ev.Thinking) or e.turn != head.turn:
+                break
+            if size >= max_bytes:
+                break
+            parts.append(e.text)
+            size += len(e.text)
+            last = entry
+        if last is first:
+            return first
+        merged = replace(head, text="".join(parts))
+        return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)

@@ -1,0 +1,118 @@
+"""Where a shared run lives in Redis, for how long, and how its record and events are written there and read back.
+
+Keys, all under `state.prefix`:
+
+    run:{id}                hash: caller, state, owner, created_ns, ended_ns, fingerprint, key, last_seq, outcome,
+                            cancel_requested
+    run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py)
+    idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
+    caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
+    caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
+    run-control:{instance}  pub/sub channel of the process that drives a run: "<run id> now|after_turn"
+
+A run ending sets `runs.retention_s` TTLs on its hash, stream and key; until then they carry `runs.max_run_s` more, so
+that the runs of a process that died are forgotten too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+
+from service import codec
+from service import events as ev
+from service.run import Entry, Run, RunRecord
+
+
+class Layout:
+    """The keys of this store (`prefix`) and the record fields this process (`instance`) writes."""
+
+    def __init__(self, prefix: str, instance: str, *, retention_s: float, live_ttl_s: int) -> None:
+        self.prefix = prefix
+        self.instance = instance
+        self.retention_s = retention_s
+        self.live_ttl_s = live_ttl_s
+
+    def run_key(self, run_id: str) -> str:
+        return f"{self.prefix}run:{run_id}"
+
+    def events_key(self, run_id: str) -> str:
+        return f"{self.prefix}run:{run_id}:events"
+
+    def idem_key(self, caller: str, key: str) -> str:
+        return f"{self.prefix}idem:{caller}:{key}"
+
+    def caller_key(self, caller: str, what: str) -> str:
+        return f"{self.prefix}caller:{caller}:{what}"
+
+    def channel(self, instance: str) -> str:
+        return f"{self.prefix}run-control:{instance}"
+
+    def fields_of(self, run: Run, last_seq: int, *, ended: bool) -> dict[Any, Any]:
+        """The hash fields a shipment writes; the full record, so that a Redis restarted empty gets it back."""
+        fields: dict[Any, Any] = {
+            "caller": run.caller,
+            "state": run.state.value if ended or not run.finished else "running",
+            "owner": self.instance,
+            "created_ns": run.created_ns,
+            "fingerprint": run.fingerprint,
+            "key": run.idempotency_key,
+            "last_seq": last_seq,
+        }
+        if ended:
+            fields["ended_ns"] = run.ended_ns
+            outcome = run.outcome
+            if outcome is not None:
+                fields["outcome"] = codec.dumps(outcome).decode()
+        return fields
+
+    def ended_commands(self, pipe: Pipeline, run: Run) -> None:
+        """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""
+        ttl = max(1, int(self.retention_s))
+        pipe.expire(self.run_key(run.id), ttl)
+        pipe.expire(self.events_key(run.id), ttl)
+        if run.idempotency_key:
+            pipe.expire(self.idem_key(run.caller, run.idempotency_key), ttl)
+        pipe.zrem(self.caller_key(run.caller, "active"), run.id)
+
+
+def stream_entries(answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of an XREAD of one stream: a list of [key, entries] pairs (RESP2), a map (RESP3), or None."""
+    if not answer:
+        return []
+    if isinstance(answer, dict):
+        return list(next(iter(answer.values()))[0])
+    return list(answer[0][1])
+
+
+def log_entries(fields: dict[bytes, bytes]) -> list[Entry]:
+    """The log entries one stream entry carries (see `redis_ship`)."""
+    first = int(fields[b"f"])
+    times = fields[b"t"].split(b",")
+    events = json.loads(fields[b"e"])
+    return [
+        Entry(first + i, int(stamp), codec.from_dict(event))
+        for i, (stamp, event) in enumerate(zip(times, events, strict=True))
+    ]
+
+
+def run_record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
+    """A run's record from its hash."""
+
+    def text(name: str) -> str:
+        return fields.get(name.encode(), b"").decode()
+
+    outcome = codec.loads(fields[b"outcome"]) if b"outcome" in fields else None
+    return RunRecord(
+        run_id,
+        text("caller"),
+        text("state") or "queued",
+        int(text("last_seq") or 0),
+        int(text("created_ns") or 0),
+        int(text("ended_ns") or 0),
+        outcome if isinstance(outcome, ev.FinalResponse | ev.RunFailed) else None,
+        text("fingerprint"),
+        text("owner"),
+    )

@@ -1,0 +1,133 @@
+"""A run's bookkeeping between model turns: the conversation and totals the loop keeps, the budget checks before a
+turn's tool calls, and what the model reads of a tool call's result. Pure functions and plain state: the loop
+(`service/loop.py`) is the story of the turns; this is what it keeps and how it counts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from service import telemetry
+from service.control import RunControl
+from service.errors import BudgetExceeded, DeadlineExceeded
+from service.events import ToolResult, ToolStatus, Usage
+from service.executor import RunContext, ToolCallRequest
+from service.models import base as m
+from service.spec import RunSpec
+
+
+@dataclass
+class Totals:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: int = 0
+
+
+class LoopState:
+    """What one run accumulates: the conversation, totals, and the tool calls in flight."""
+
+    def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
+        self.started = started
+        self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
+        self.totals = Totals()
+        self.context = RunContext(
+            run_id=spec.run_id,
+            offered=frozenset(spec.tools),
+            metadata=spec.metadata,
+            trace_context=spec.trace_context,
+            remaining=control.remaining if control.deadline is not None else None,
+        )
+        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
+        self.tools_started = started
+        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
+
+    def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
+        """Add a model turn to the history and return the assistant message's content: the continuation of a paused
+        turn is more of the same message (and its answer the text of all of it)."""
+        if self.paused:  # a new message in its place: requests already made share the old one
+            last = self.history[-1]
+            self.history[-1] = {**last, "content": [*last["content"], *end.content]}
+        else:
+            self.history.append({"role": "assistant", "content": end.content})
+        # A paused turn that asked for tools is a tool turn: left as it stands, its tool_use blocks would go back
+        # without results, which the API refuses, and the caller would never see the calls end.
+        self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
+        content: list[dict[str, Any]] = self.history[-1]["content"]
+        return content
+
+
+def check_budgets(spec: RunSpec, totals: Totals, new_calls: int, control: RunControl) -> None:
+    """Before a turn's tool calls start: refuse them when a per-run limit or the deadline says they cannot run."""
+    if spec.max_tool_calls is not None and totals.tool_calls + new_calls > spec.max_tool_calls:
+        raise BudgetExceeded(
+            f"the model asked for {new_calls} more tool call(s) after {totals.tool_calls}; "
+            f"max_tool_calls={spec.max_tool_calls}"
+        )
+    if spec.max_output_tokens is not None and totals.output_tokens > spec.max_output_tokens:
+        raise BudgetExceeded(
+            f"the run produced {totals.output_tokens} output tokens; max_output_tokens={spec.max_output_tokens}"
+        )
+    remaining = control.remaining()
+    if remaining is not None and remaining < control.min_tool_budget_s:
+        raise DeadlineExceeded(f"not starting {new_calls} tool call(s): only {max(remaining, 0):.3f} s left")
+
+
+def stop_if_asked(control: RunControl) -> None:
+    """At the end of a turn: raise the reason the run was asked to stop after it, if it was."""
+    after_turn = control.after_turn_reason()
+    if after_turn is not None:
+        raise after_turn
+
+
+def counted(turn: int, end: m.TurnEnd, totals: Totals) -> Usage:
+    """A model turn's tokens added to the run's totals, and the `Usage` event that says so."""
+    totals.input_tokens += end.input_tokens
+    totals.output_tokens += end.output_tokens
+    telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
+    telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
+    return Usage(
+        turn=turn,
+        input_tokens=end.input_tokens,
+        output_tokens=end.output_tokens,
+        total_input_tokens=totals.input_tokens,
+        total_output_tokens=totals.output_tokens,
+    )
+
+
+def tool_calls_of(end: m.TurnEnd) -> list[ToolCallRequest]:
+    return [
+        ToolCallRequest(call_id=b["id"], name=b["name"], input=b["input"], parse_error=end.bad_inputs.get(b["id"]))
+        for b in end.content
+        if b["type"] == "tool_use"
+    ]
+
+
+def not_run(call: ToolCallRequest, why: str) -> ToolResult:
+    """The result of a call the loop did not run."""
+    return ToolResult(
+        call_id=call.call_id,
+        name=call.name,
+        status=ToolStatus.REJECTED,
+        duration_s=0.0,
+        error=f"not run: {why}",
+        attempts=0,
+    )
+
+
+def tool_result_block(result: ToolResult) -> dict[str, Any]:
+    """What the model reads: the data as JSON, or the error; a partial result says it is partial."""
+    if result.status is ToolStatus.OK and result.answered_by:  # the model should know whose answer it reads
+        body = json.dumps({"answered_by": result.answered_by, "data": result.data})
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
+    if result.status is ToolStatus.OK:
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": json.dumps(result.data)}
+    if result.status is ToolStatus.PARTIAL:
+        body = json.dumps({"partial": True, "note": result.error, "data": result.data})
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": body}
+    if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
+        text = m.plain_text(f"outcome unknown: {result.error}")
+        return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
+    # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
+    text = m.plain_text(f"{result.status.value}: {result.error}")
+    return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
