@@ -5,7 +5,8 @@ model turn, ~1 KB tool results), checkpointed by our batched fenced writer or by
     python -m bench.durable_cost ours:pg --w 100 --s 20 --pg postgresql://127.0.0.1/scratch
     python -m bench.durable_cost dbos:sqlite:json:wal --w 1 --s 200     # DBOS: `pip install dbos` first
 
-Configurations: `none`, `ours:pg`, `ours:sqlite`, `dbos:pg|sqlite` plus knobs `:json` (JSON serializer), `:t8`
+Configurations: `none`, `store:pg`, `store:sqlite` (the service's checkpoint stores, service/durable/), `ours:pg`,
+`ours:sqlite` (the spike's writer), `dbos:pg|sqlite` plus knobs `:json` (JSON serializer), `:t8`
 (8 executor threads, pool 8), `:wal` (SQLite engine in WAL, synchronous=NORMAL). DBOS keeps its tables in the
 database it is given: point `--pg` at a scratch database. Not part of `make bench`: DBOS is no dependency of ours.
 """
@@ -21,6 +22,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 TURN = {"role": "assistant", "text": "t" * 1900, "stop": "tool_use", "usage": {"in": 1200, "out": 300}}
@@ -193,6 +195,52 @@ def dbos_runner(kind: list[str], pg: str, tmp: str, wall: list[float]) -> Any:
     return run_one
 
 
+async def open_store(backend: str, pg: str, tmp: str) -> Any:
+    """The service's own checkpoint store; on PostgreSQL in a scratch schema of `pg`."""
+    from urllib.parse import quote
+
+    if backend == "sqlite":
+        from service.durable.sqlite import SqliteCheckpointStore
+
+        store: Any = SqliteCheckpointStore(Path(tmp) / "durable.db", "bench")
+    else:
+        import psycopg
+
+        from service.durable.postgres import PgCheckpointStore
+
+        schema = f"durable_cost_{uuid.uuid4().hex[:8]}"
+        async with await psycopg.AsyncConnection.connect(pg, autocommit=True) as conn:
+            await conn.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in pg else "?"
+        store = PgCheckpointStore(f"{pg}{sep}options={quote(f'-csearch_path={schema}')}", "bench")
+        store.schema = schema
+    await store.open()
+    return store
+
+
+async def drop_schema(pg: str, schema: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg, autocommit=True) as conn:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def store_runner(store: Any, wall: list[float]) -> Any:
+    from service.durable.base import DurableRun, Step
+
+    async def run_one(n: int) -> None:
+        rid = uuid.uuid4().hex
+        await store.begin(DurableRun(run_id=rid, caller="bench", owner="", state="running", request={"n": n}))
+        for i in range(n):
+            t = time.perf_counter()
+            value = await body(i)
+            await store.put(Step(run_id=rid, step_no=i + 1, kind="turn", key=f"turn:{i}", value=value, seq=i))
+            wall.append(time.perf_counter() - t)
+        await store.end(rid, "completed")
+
+    return run_one
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return 1000 * xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
@@ -202,8 +250,12 @@ async def main(a: argparse.Namespace) -> None:
     kind, wall, lags = a.config.split(":"), [], []
     tmp = tempfile.mkdtemp(prefix="durable-cost-")
     writer: Writer | None = None
+    store: Any = None
     if kind[0] == "dbos":
         run_one = dbos_runner(kind, a.pg, tmp, wall)
+    elif kind[0] == "store":
+        store = await open_store(kind[1], a.pg, tmp)
+        run_one = store_runner(store, wall)
     else:
         if kind[0] == "ours":
             writer = PgWriter(a.pg) if kind[1] == "pg" else SqliteWriter(os.path.join(tmp, "ours.sqlite"))
@@ -241,6 +293,10 @@ async def main(a: argparse.Namespace) -> None:
     out.update(checkpoints_per_s=n / elapsed, wall_p50_ms=pct(wall, 50), wall_p99_ms=pct(wall, 99))
     out.update(loop_lag_p99_ms=pct(lags, 99), loadavg_1m=os.getloadavg()[0])
     print(json.dumps(out), flush=True)
+    if store is not None:
+        await store.aclose()
+        if kind[1] == "pg":
+            await drop_schema(a.pg, store.schema)
     if writer:
         if writer.task:
             writer.task.cancel()

@@ -20,6 +20,10 @@ from grpc_health.v1.health_pb2 import HealthCheckResponse
 from service import redact, telemetry
 from service.callers import CallerLimits
 from service.config import Config
+from service.durable.base import CheckpointStore
+from service.durable.executor_id import executor_id
+from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
+from service.durable.sqlite import SqliteCheckpointStore
 from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
@@ -253,6 +257,28 @@ def build_records(config: Config) -> Records:
         dead_letter=PgDeadLetterStore(database, retention_s=retention_s),
         summaries=PgRunSummaryStore(database),
         database=database,
+    )
+
+
+def build_checkpoints(config: Config, *, worker: int | None = None) -> CheckpointStore:
+    """The durable runs' checkpoint store, not yet open: in the PostgreSQL records database with `records.url` (a
+    fleet: dead peers' runs are recovered), else a SQLite file under data_dir (one node: its own runs after a
+    restart). Owned by this process's executor id (`worker`: its index under --workers N, each needs its own)."""
+    owner = executor_id(config.data_dir, config.durable.executor_id, worker=worker)
+    if config.records.url is None:
+        return SqliteCheckpointStore(
+            config.data_dir / DURABLE_FILE,
+            owner,
+            synchronous=config.durable.sqlite_synchronous,
+            recover_interval_s=config.durable.recover_interval_s,
+        )
+    from service.durable.postgres import PgCheckpointStore  # psycopg only when the config asks for PostgreSQL
+
+    return PgCheckpointStore(
+        config.records.url,
+        owner,
+        timeout_s=config.records.timeout_s,
+        recover_interval_s=config.durable.recover_interval_s,
     )
 
 

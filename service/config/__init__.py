@@ -16,7 +16,15 @@ from service.config.base import Section
 from service.config.callers import AuthConfig, CallerConfig
 from service.config.model import ModelConfig, ModelRetry, Pacing
 from service.config.server import GcConfig, KeepaliveConfig, Limits, Redaction, TlsConfig, address
-from service.config.stores import AuditConfig, DeadLetterConfig, RecordsConfig, RunsConfig, StateConfig, StoreConfig
+from service.config.stores import (
+    AuditConfig,
+    DeadLetterConfig,
+    DurableConfig,
+    RecordsConfig,
+    RunsConfig,
+    StateConfig,
+    StoreConfig,
+)
 
 __all__ = [
     "AuditConfig",
@@ -25,6 +33,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeadLetterConfig",
+    "DurableConfig",
     "ENV_VARS",
     "GcConfig",
     "KeepaliveConfig",
@@ -81,6 +90,7 @@ class Config(Section):
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     state: StateConfig = StateConfig()
     records: RecordsConfig = RecordsConfig()
+    durable: DurableConfig = DurableConfig()
     workers: int = Field(
         default=1,
         ge=1,
@@ -111,6 +121,7 @@ ENV_VARS = {
     "workers": "AGENT_WORKERS",
     "state.url": "AGENT_STATE_URL",  # from a Secret on Kubernetes: the URL may carry a password
     "records.url": "AGENT_RECORDS_URL",
+    "durable.executor_id": "AGENT_EXECUTOR_ID",
 }
 
 

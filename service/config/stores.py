@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -144,3 +145,27 @@ class RecordsConfig(Section):
         if self.url is not None and not self.url.startswith(("postgresql://", "postgres://")):
             raise ValueError(f"records.url {self.url!r}: postgresql://… (unset for the SQLite files)")
         return self
+
+
+class DurableConfig(Section):
+    """Durable runs' checkpoints (docs/decisions/0001-durable-execution-engine.md): in the records database, so in
+    PostgreSQL with `records.url`, else a SQLite file under data_dir (one node)."""
+
+    executor_id: str | None = Field(
+        default=None,
+        description="this process's name as the owner of the durable runs it drives (AGENT_EXECUTOR_ID; e.g. a "
+        "StatefulSet's pod name); unset: one made on the first start and kept in data_dir, so a restarted process "
+        "continues its own runs; never the same for two live processes",
+    )
+    recover_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="how often each process looks for runs to continue: those of a peer found dead (its advisory lock "
+        "free), and those a draining peer handed over (also announced at once)",
+    )
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="NORMAL",
+        description="SQLite checkpoints: NORMAL survives a kill of the process, FULL also a power cut (an fsync per "
+        "batch)",
+    )

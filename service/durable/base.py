@@ -54,15 +54,19 @@ class CheckpointStore(Protocol):
         """Record `step`; returns once committed (batched with other runs' steps). Idempotent on (run_id, step_no).
         Raises TakenOver when this process no longer owns the run."""
 
-    async def end(self, run_id: str, state: str) -> None: ...
+    async def end(self, run_id: str, state: str) -> None:
+        """Record the run's final state; returns once committed. Fenced like `put`: raises TakenOver when this
+        process no longer owns the run (its new owner ends it)."""
 
     async def load(self, run_id: str) -> DurableRun | None:
         """The run and its steps, in step order."""
 
     async def release(self, run_id: str) -> None:
-        """Give the run up (drain): owner cleared, so a peer claims it at once."""
+        """Give the run up (drain): owner cleared, so a peer claims it at once (this process's own `recover` never
+        takes it back; its next start may). Nothing happens for a run this process does not own."""
 
     async def recover(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
         """Run until cancelled: hand `resume` every running run this process should continue — its own left from
         before a restart (same owner id), those released by a draining peer, and those of a peer found dead — each
-        claimed first (the claim is the fence: the old owner's writes are refused from then on)."""
+        claimed first (the claim is the fence: the old owner's writes are refused from then on). `resume` is awaited
+        for one run after the other: it starts the run (a task of its own) and returns."""

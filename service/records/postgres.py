@@ -117,6 +117,35 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX run_summaries_ended ON run_summaries (ended_ns);
         """,
     ),
+    # service/durable/postgres.py; JSON as text in `request` and `value`, in the version `format` says
+    Migration(
+        2,
+        "durable runs and their checkpoints",
+        """
+        CREATE TABLE durable_runs (
+            run_id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            state TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            background BOOLEAN NOT NULL,
+            request TEXT NOT NULL,
+            format SMALLINT NOT NULL DEFAULT 1,
+            created TIMESTAMPTZ NOT NULL DEFAULT now(),
+            updated TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE INDEX durable_runs_running ON durable_runs (owner) WHERE state = 'running';
+        CREATE TABLE run_steps (
+            run_id TEXT NOT NULL,
+            step_no INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            value TEXT NOT NULL,
+            format SMALLINT NOT NULL DEFAULT 1,
+            PRIMARY KEY (run_id, step_no)
+        );
+        """,
+    ),
 )
 
 

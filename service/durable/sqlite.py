@@ -1,0 +1,207 @@
+"""The checkpoint store of one node (no `records.url`): a SQLite file under data_dir in WAL mode, written by one thread
+of its own in batches (batching.py). `synchronous=NORMAL` by default: a commit survives `kill -9` of the process, not
+a power cut (`durable.sqlite_synchronous: FULL` for that, at the price of an fsync per batch).
+
+One node means no dead peers to detect: at `open` the process finds its own running runs left from before a restart
+(same executor id) and `recover` hands them over, with any run released at a drain. A lock file per executor id
+keeps a second live process with the same id (a copy of the same data_dir) from driving the same runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from service.durable.base import DurableRun, Step, StepKind
+from service.durable.batching import FORMAT, Batch, BatchingStore, decode, encode
+from service.records.sqlite import connect
+
+DEFAULT_FILE = "durable.db"
+T = TypeVar("T")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS durable_runs (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    background INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    format INTEGER NOT NULL DEFAULT {FORMAT},
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS durable_runs_running ON durable_runs (owner) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS run_steps (
+    run_id TEXT NOT NULL,
+    step_no INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    format INTEGER NOT NULL DEFAULT {FORMAT},
+    PRIMARY KEY (run_id, step_no)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+class ExecutorIdInUse(RuntimeError):
+    """Another live process holds this executor id (two processes on one data_dir need ids of their own)."""
+
+
+class SqliteCheckpointStore(BatchingStore):
+    def __init__(self, path: Path, owner: str, *, synchronous: str = "NORMAL", recover_interval_s: float = 1.0) -> None:
+        super().__init__(owner, recover_interval_s=recover_interval_s)
+        self.path = path
+        self._synchronous = synchronous
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durable-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    async def open(self) -> None:
+        await self._on_thread(self._open)
+        self._start_writer()
+
+    async def aclose(self) -> None:
+        await self._stop_writer()
+        if self._db is not None:
+            await self._on_thread(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    async def load(self, run_id: str) -> DurableRun | None:
+        return await self._on_thread(self._load, run_id)
+
+    # --- on the store's thread -----------------------------------------------------------------------------------
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(f"{self.path.name}.{self.owner}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ExecutorIdInUse(f"executor id {self.owner!r} is held by a live process on {self.path}") from None
+        self._lock_fd = fd
+        db = connect(self.path)
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.executescript(_SCHEMA)
+        self._db = db
+        rows = db.execute(
+            "SELECT run_id FROM durable_runs WHERE state = 'running' AND owner = ? ORDER BY created", (self.owner,)
+        ).fetchall()
+        self._leftovers = [r[0] for r in rows]
+
+    def _write_sync(self, batch: Batch) -> None:
+        db = self._db
+        assert db is not None
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (r.run_id, self.owner, r.state, r.caller, r.background, encode(r.request), now, now)
+                    for r in batch.begins
+                ],
+            )
+            fenced = sorted(set(batch.fenced))
+            if fenced:  # the write lock is held: nobody claims between this look and the writes
+                marks = ",".join("?" * len(fenced))
+                rows = db.execute(
+                    f"SELECT run_id FROM durable_runs WHERE owner = ? AND run_id IN ({marks})", (self.owner, *fenced)
+                ).fetchall()
+                batch.owned = {r[0] for r in rows}
+            db.executemany(
+                "INSERT OR IGNORE INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (s.run_id, s.step_no, s.kind, s.key, s.seq, encode(s.value))
+                    for s in batch.steps
+                    if s.run_id in batch.owned
+                ],
+            )
+            db.executemany(
+                "UPDATE durable_runs SET state = ?, updated = ? WHERE run_id = ?",
+                [(state, now, run_id) for run_id, state in batch.ends if run_id in batch.owned],
+            )
+            db.executemany(
+                "UPDATE durable_runs SET owner = '', updated = ? WHERE run_id = ? AND owner = ? AND state = 'running'",
+                [(now, run_id, self.owner) for run_id in batch.releases],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _claim_sync(self, leftovers: list[str], skip: list[str]) -> list[str]:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            marks = ",".join("?" * len(skip))
+            released = [
+                r[0]
+                for r in db.execute(
+                    f"UPDATE durable_runs SET owner = ?, updated = ? "
+                    f"WHERE state = 'running' AND owner = '' AND run_id NOT IN ({marks}) RETURNING run_id",
+                    (self.owner, time.time(), *skip),
+                ).fetchall()
+            ]
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return leftovers + released
+
+    def _load(self, run_id: str) -> DurableRun | None:
+        db = self._db
+        assert db is not None
+        row = db.execute(
+            "SELECT owner, state, caller, background, request, format FROM durable_runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        steps = db.execute(
+            "SELECT step_no, kind, key, seq, value, format FROM run_steps WHERE run_id = ? ORDER BY step_no", (run_id,)
+        ).fetchall()
+        return DurableRun(
+            run_id=run_id,
+            owner=row[0],
+            state=row[1],
+            caller=row[2],
+            background=bool(row[3]),
+            request=decode(row[4], row[5]),
+            steps=[
+                Step(run_id=run_id, step_no=n, kind=cast(StepKind, kind), key=key, seq=seq, value=decode(value, fmt))
+                for n, kind, key, seq, value, fmt in steps
+            ],
+        )
+
+    # --- the backend's part of BatchingStore ----------------------------------------------------------------------
+
+    async def _write(self, batch: Batch) -> None:
+        await self._on_thread(self._write_sync, batch)
+        if batch.releases:
+            self._wake.set()
+
+    async def _claim(self) -> list[str]:
+        leftovers, self._leftovers = self._leftovers, []
+        return await self._on_thread(self._claim_sync, leftovers, self._not_mine())
