@@ -65,6 +65,7 @@ class Server:
     port: int
     log_path: Path
     health_port: int | None = None  # a supervisor of workers says it serves here once every worker does
+    metrics_port: int | None = None  # the service's /metrics (with workers, the supervisor's, for all of them)
     ps: psutil.Process = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,13 +138,14 @@ def start(
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
-    health_port = None
+    health_port = metrics_port = None
     if system in SERVICE_RUNS:
         extra = dict(config or {})
         if extra.get("workers", 1) > 1:
             health_port = free_port()
             extra["health_listen"] = f"127.0.0.1:{health_port}"
-        config_path = write_service_config(workload, workdir / system, port, free_port(), SERVICE_RUNS[system], extra)
+        metrics_port = free_port()
+        config_path = write_service_config(workload, workdir / system, port, metrics_port, SERVICE_RUNS[system], extra)
         cmd = ["-m", "service", "--config", str(config_path), "--log-level", "WARNING"]
     elif system == "bare":
         cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec, "--start-cpu-us", str(start_cpu_us)]
@@ -153,7 +155,7 @@ def start(
     log_path = workdir / f"{system}-{workload.kind}{f'-{start_cpu_us:g}us' if start_cpu_us else ''}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([python, *cmd], cwd=root, env=child_env(root), stdout=subprocess.DEVNULL, stderr=log)
-    server = Server(system, proc, port, log_path, health_port)
+    server = Server(system, proc, port, log_path, health_port, metrics_port)
     try:
         wait_ready(server, timeout)
     except BaseException:

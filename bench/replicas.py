@@ -26,22 +26,22 @@ import secrets
 import statistics
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import h2load, stats
-from bench.h2bench import Rounds
+from bench import h2bench, h2load, stats
 from bench.h2load import Load
 from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
 from bench.procs import ROOT, Server, start
-from bench.versus import EachServer
-from bench.workload import timeline
+from bench.workload import Workload, timeline
 
 REDIS_URL = os.environ.get("AGENT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAVES = 3  # streams per connection in the sustained run: C in flight, each connection starting its next as one ends
 STAGES = ("state", "workers")
+OK_RUNS = 'agent_runs_total{outcome="OK"}'
 
 
 @dataclass(frozen=True)
@@ -119,23 +119,64 @@ def loads(c: int, proto: str) -> list[Load]:
     return [Load(c, c, 1), Load(WAVES * c, c, 1)]
 
 
-class Measure(EachServer):
-    """`EachServer` with what this stage adds to a round: completed streams/s and workload events/s of the
-    sustained run, and the Redis server's CPU over the round (all its clients': Redis may be shared)."""
+class Measure:
+    """One round on one server (the measure for `take_turns`): before the server's first round one stream through a
+    real client; then h2load runs `loads(c)`. h2load reads no trailers, so a call the service refused (HTTP 200,
+    then UNAVAILABLE in the trailers) counts as a success there: each run's streams are checked against the runs the
+    service completed with status OK (`agent_runs_total{outcome="OK"}` on its /metrics, all workers'), and the
+    shortfall is the round's `failed_streams`. Completed streams/s count only those. A round with failed streams
+    measures the failures (a refused call ends at once) and leaves the ratios, as a saturated one does."""
 
-    def __init__(self, make: Any, redis_url: str, events_per_stream: int) -> None:
-        super().__init__(make)
-        self.redis_url, self.events_per_stream = redis_url, events_per_stream
+    def __init__(self, path: str, body: Path, workload: Workload, deadline: float, redis_url: str) -> None:
+        self.path, self.body, self.workload, self.deadline, self.redis_url = path, body, workload, deadline, redis_url
+        self.events_per_stream = len(timeline(workload))
+        self.validated: dict[int, dict[str, Any]] = {}
 
     def __call__(self, server: Server, c: int, deadline: float) -> dict[str, Any]:
-        redis0 = redis_cpu_s(self.redis_url)
-        row = super().__call__(server, c, deadline)
-        redis1 = redis_cpu_s(self.redis_url)
-        row["streams_per_s"] = row["req_per_s"]
-        row["events_per_s"] = row["req_per_s"] * self.events_per_stream
+        if server.port not in self.validated:
+            self.validated[server.port] = h2load.validate(server, self.body, self.workload, False, self.deadline)
+        time.sleep(0.3)  # the previous round's connections are closed
+        cpu0, redis0 = server.cpu_s(), redis_cpu_s(self.redis_url)
+        runs, ok = [], []
+        for load in loads(c, server.proto):
+            before = runs_ok(server)
+            runs.append(h2load.run(self.path, server, self.body, load, deadline))
+            ok.append(settled_ok(server, before, runs[-1]["requests"]["total"]))
+        cpu, redis1 = server.cpu_s() - cpu0, redis_cpu_s(self.redis_url)
+        row = h2bench.row(runs, cpu, self.events_per_stream, c)
+        failed = sum(r["requests"]["total"] for r in runs) - sum(ok)
+        if failed:
+            row["errors"] += failed
+            row["error_kinds"]["not OK (the service's completed runs)"] = failed
+        row["failed_streams"] = failed
+        row["failed"] = failed > 0
+        row["streams_per_s"] = ok[-1] / runs[-1]["finished_s"]
+        row["events_per_s"] = row["streams_per_s"] * self.events_per_stream
+        row["loadavg_1m"] = os.getloadavg()[0]
         if redis0 is not None and redis1 is not None:
             row["redis_cpu_us_per_call"] = (redis1 - redis0) / row["calls"] * 1e6
         return row
+
+
+def runs_ok(server: Server) -> int:
+    """How many runs the service has completed with status OK, from its /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(OK_RUNS)))
+
+
+def settled_ok(server: Server, before: int, calls: int, within_s: float = 5.0) -> int:
+    """The runs completed OK since `before`, once all `calls` are or the count stops moving (a run is counted as it
+    settles, just after its stream ends)."""
+    deadline = time.monotonic() + within_s
+    last = -1
+    while True:
+        done = runs_ok(server) - before
+        if done >= calls or done == last or time.monotonic() > deadline:
+            return done
+        last = done
+        time.sleep(0.2)
 
 
 def redis_cpu_s(url: str) -> float | None:
@@ -183,12 +224,10 @@ def compare(
 ) -> dict[str, Any]:
     """Both variants of `comparison` at each of its levels, taking turns; their rows and per-round ratios."""
     body = h2load.request_file(workdir)
-    events = len(timeline(plan.workload))
     variants = (comparison.baseline, comparison.candidate)
     out: dict[str, Any] = {"title": comparison.title, "levels": {}}
     for c in levels_for(plan, comparison):
-        make = partial(Rounds, path, body, plan.workload, loads, plan.deadline_s)
-        measure = Measure(make, redis_url, events)
+        measure = Measure(path, body, plan.workload, plan.deadline_s, redis_url)
         starters = {
             v.name: partial(start, "service", plan.workload, workdir / v.name, config=v.config(redis_url, prefix))
             for v in variants
@@ -210,14 +249,20 @@ def compare(
     return out
 
 
+def _left_out(r: dict[str, Any]) -> bool:
+    return bool(r.get("saturated") or r.get("failed"))
+
+
 def _ratios(cand: dict[str, Any], base: dict[str, Any], key: str) -> tuple[list[float], int]:
+    """The per-round ratios of the rounds in which h2load was not saturated and no stream failed, on either side;
+    and how many rounds were left out."""
     pairs = list(zip(base["rounds"], cand["rounds"], strict=True))
-    kept = [(b, n) for b, n in pairs if not (b.get("saturated") or n.get("saturated"))]
+    kept = [(b, n) for b, n in pairs if not (_left_out(b) or _left_out(n))]
     return [n[key] / b[key] for b, n in kept if b.get(key)], len(pairs) - len(kept)
 
 
 def figure(label: str, key: str, unit: str, cand: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    ratios, saturated = _ratios(cand, base, key)
+    ratios, left_out = _ratios(cand, base, key)
     return {
         "figure": label,
         "key": key,
@@ -226,7 +271,7 @@ def figure(label: str, key: str, unit: str, cand: dict[str, Any], base: dict[str
         "candidate": cand[key],
         "ratios": ratios,
         "ratio": statistics.median(ratios) if ratios else None,
-        "saturated": saturated,
+        "left_out": left_out,
         "rounds": len(base["rounds"]),
     }
 
@@ -234,19 +279,24 @@ def figure(label: str, key: str, unit: str, cand: dict[str, Any], base: dict[str
 def goal(
     label: str, key: str, bound: float, higher: bool, cand: dict[str, Any], base: dict[str, Any]
 ) -> dict[str, Any]:
-    """A goal's verdict on the median per-round ratio; "(spread straddles)" when some round says otherwise."""
-    ratios, saturated = _ratios(cand, base, key)
+    """A goal's verdict on the median of the per-round ratios, saying how many rounds meet it when not all do, and
+    how many rounds were left out (h2load saturated, or streams failed)."""
+    ratios, left_out = _ratios(cand, base, key)
     name = f"{label} {'≥' if higher else '≤' if bound != 1 else '<'} {bound:g}×"
+    rounds = len(base["rounds"])
     if not ratios:
-        return {"goal": name, "value": "-", "ratio": None, "verdict": f"not run: {saturated} rounds saturated"}
+        verdict = f"not run: every round left out (h2load saturated or streams failed, {rounds}/{rounds})"
+        return {"goal": name, "value": "-", "ratio": None, "ratios": [], "verdict": verdict, "left_out": left_out}
     med = statistics.median(ratios)
     met = [(r >= bound) if higher else (r <= bound if bound != 1 else r < 1) for r in ratios]
     ok = (med >= bound) if higher else (med <= bound if bound != 1 else med < 1)
     verdict = "pass" if ok else "**miss**"
     if not all(m == ok for m in met):
         verdict += f" ({sum(met)}/{len(met)} rounds meet it)"
+    if left_out:
+        verdict += f", {left_out}/{rounds} rounds left out"
     value = f"{med:.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
-    return {"goal": name, "ratio": med, "ratios": ratios, "value": value, "verdict": verdict, "saturated": saturated}
+    return {"goal": name, "ratio": med, "ratios": ratios, "value": value, "verdict": verdict, "left_out": left_out}
 
 
 def stage(
@@ -314,12 +364,17 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
         "",
         f"A round on one server: h2load with C streams on C connections (time to first byte, per connection), then "
         f"{results['waves']} × C streams on those C connections one after the other (C in flight: request times, "
-        f"completed streams/s; events/s = streams/s × {results['events_per_stream']} workload events). A ratio is the "
-        "candidate ÷ the baseline, the median of the per-round ratios (lowest–highest round); rounds in which h2load "
-        f"used more than {results['saturated_pct']:.0f} % of a core leave the ratios. h2load reports no percentile of "
-        "the time to first byte, so its max (the slowest of C connections, above the p99) stands for the p99. Server "
-        "CPU is the service's processes' (the supervisor and its workers); Redis CPU is the Redis server's over the "
-        "round, whoever else used it.",
+        f"completed streams/s; events/s = streams/s × {results['events_per_stream']} workload events).",
+        "",
+        "A ratio is the candidate ÷ the baseline, the median of the per-round ratios (lowest–highest round). A round "
+        f"leaves the ratios when h2load used more than {results['saturated_pct']:.0f} % of a core, or when streams "
+        "failed on either side: h2load reads no trailers, so each run's streams are checked against the runs the "
+        "service completed with status OK (its /metrics), and a refused call, which ends at once, would flatter the "
+        "figures; completed streams/s count only the OK ones.",
+        "",
+        "h2load reports no percentile of the time to first byte, so its max (the slowest of C connections, above the "
+        "p99) stands for the p99. Server CPU is the service's processes' (the supervisor and its workers); Redis CPU "
+        "is the Redis server's over the round, whoever else used it.",
     ]
     for comp in results["comparisons"].values():
         for c, level in comp["levels"].items():
@@ -329,7 +384,7 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
             base, cand = level["rows"][names[0]], level["rows"][names[1]]
             lines += [
                 "",
-                f"| figure | {names[0]} | {names[1]} | {names[1]} ÷ {names[0]} | per round | sat. |",
+                f"| figure | {names[0]} | {names[1]} | {names[1]} ÷ {names[0]} | per round | left out |",
                 "|---|---:|---:|---:|---|---:|",
             ]
             for f in level["figures"]:
@@ -339,21 +394,28 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
                 per_round = " ".join(f"{x:.2f}" for x in f["ratios"])
                 lines.append(
                     f"| {f['figure']} | {_num(f['baseline'], f['unit'])} | {_num(f['candidate'], f['unit'])} | "
-                    f"{ratio} | {per_round} | {f['saturated']}/{f['rounds']} |"
+                    f"{ratio} | {per_round} | {f['left_out']}/{f['rounds']} |"
                 )
             lines += [
                 "",
-                "| round | " + " | ".join(f"{n}: h2load CPU, load avg" for n in names) + " |",
+                "| round | " + " | ".join(f"{n}: h2load CPU, load avg, failed streams" for n in names) + " |",
                 "|---|---|---|",
             ]
             for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
                 cells = [
-                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}"
+                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
+                    f"{r['failed_streams']}{' of ' + str(r['calls']) if r['failed_streams'] else ''}"
                     for r in (b, n)
                 ]
                 lines.append(f"| {i} | " + " | ".join(cells) + " |")
-    errors = sum(r.get("errors", 0) for r in _rounds(results))
-    lines += ["", f"Errors over all h2load rounds: {errors}. Every server's first stream went through a real client."]
+    rounds = _rounds(results)
+    failed = sum(r["failed_streams"] for r in rounds)
+    errors = sum(r.get("errors", 0) for r in rounds) - failed
+    lines += [
+        "",
+        f"Streams not completed OK over all rounds: {failed} of {sum(r['calls'] for r in rounds)} (errors h2load saw "
+        f"itself: {errors}). Every server's first stream went through a real client.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -23,8 +23,9 @@ from bench.replicas import goal  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rows(*values: float, saturated: tuple[int, ...] = ()) -> dict[str, Any]:
-    return {"rounds": [{"streams_per_s": v, "saturated": i in saturated} for i, v in enumerate(values)]}
+def rows(*values: float, saturated: tuple[int, ...] = (), failed: tuple[int, ...] = ()) -> dict[str, Any]:
+    rounds = [{"streams_per_s": v, "saturated": i in saturated, "failed": i in failed} for i, v in enumerate(values)]
+    return {"rounds": rounds}
 
 
 def test_a_goal_reads_the_median_of_the_per_round_ratios() -> None:
@@ -40,11 +41,15 @@ def test_a_goal_reads_the_median_of_the_per_round_ratios() -> None:
     assert goal("ttfb", "streams_per_s", 1.0, False, rows(9, 9), rows(10, 10))["verdict"] == "pass"
 
 
-def test_saturated_rounds_leave_a_goal() -> None:
+def test_saturated_rounds_and_rounds_with_failed_streams_leave_a_goal() -> None:
     # the round in which h2load was saturated (on either side) would have said "miss"
     kept = goal("streams/s", "streams_per_s", 1.5, True, rows(160, 50, 170, saturated=(1,)), rows(100, 100, 100))
-    assert kept["ratios"] == pytest.approx([1.6, 1.7]) and kept["saturated"] == 1 and kept["verdict"] == "pass"
-    gone = goal("streams/s", "streams_per_s", 1.5, True, rows(160, 150), rows(100, 100, saturated=(0, 1)))
+    assert kept["ratios"] == pytest.approx([1.6, 1.7]) and kept["left_out"] == 1
+    assert kept["verdict"] == "pass, 1/3 rounds left out"
+    # refused calls end at once: the baseline's round with failed streams would have read 3x
+    failed = goal("streams/s", "streams_per_s", 1.5, True, rows(120, 300, 130), rows(100, 100, 100, failed=(1,)))
+    assert failed["ratios"] == pytest.approx([1.2, 1.3]) and failed["verdict"] == "**miss**, 1/3 rounds left out"
+    gone = goal("streams/s", "streams_per_s", 1.5, True, rows(160, 150), rows(100, 100, saturated=(0,), failed=(1,)))
     assert gone["ratio"] is None and gone["verdict"].startswith("not run")
 
 
@@ -74,13 +79,15 @@ async def test_smoke_run_pairs_redis_with_memory_and_two_workers_with_one(
             for row in level["rows"].values():
                 assert row["errors"] == 0 and row["succeeded"] == row["calls"] > 0
                 assert row["streams_per_s"] > 0 and row["server_cpu_us_per_call"] > 0
+                # every stream h2load counted, the service completed OK (h2load reads no trailers)
+                assert all(r["failed_streams"] == 0 and not r["failed"] for r in row["rounds"])
                 for r in row["rounds"]:
                     assert "loadavg_1m" in r and 0 < r["load_cpu_pct"] < 400
                     assert r["saturated"] is (r["load_cpu_pct"] > results["saturated_pct"])
             # every round read the Redis server's CPU, the memory:// ones too (Redis may have other clients)
             assert all("redis_cpu_us_per_call" in r for row in level["rows"].values() for r in row["rounds"])
             for g in level["goals"]:
-                assert len(g["ratios"]) + g["saturated"] == 2 and g["verdict"], g
+                assert len(g["ratios"]) + g["left_out"] == 2 and g["verdict"], g
     assert not expected, f"comparisons not run: {expected}"
     table = out.read_text()
     assert "## Shared state: redis:// ÷ memory://, C = 5" in table
