@@ -64,6 +64,8 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    health_port: int | None = None  # a supervisor of workers says it serves here once every worker does
+    metrics_port: int | None = None  # the service's /metrics (with workers, the supervisor's, for all of them)
     ps: psutil.Process = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,8 +82,15 @@ class Server:
         return "sse" if self.system.startswith("sse") else "grpc"
 
     def cpu_s(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        """The process's CPU time and its live children's: with `--workers` the supervisor serves nothing and its
+        workers do it all. A child that exits between two readings drops out of the sum, so read it over spans in
+        which the workers live throughout (a worker restart shows in its log)."""
+        total = 0.0
+        for ps in (self.ps, *self.ps.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = ps.cpu_times()
+                total += t.user + t.system
+        return total
 
     def thread_cpu_s(self) -> float:
         """CPU time of the process's live threads, to the nanosecond where Linux has `schedstat` (psutil's figure
@@ -119,16 +128,25 @@ def start(
     start_cpu_us: float = 0,
     root: Path = ROOT,
     python: str = sys.executable,
+    config: dict[str, Any] | None = None,
 ) -> Server:
     """`start_cpu_us`: the bare server spends this much CPU at each call's start (`bench.bare_grpc`). `root` and
     `python`: the checkout and interpreter the system runs from (`bench.versus` starts another checkout's service
-    with that checkout's own venv)."""
+    with that checkout's own venv). `config`: top-level sections of the service's config (e.g. `state`,
+    `workers`, as `bench.replicas` compares them); with `workers` above 1 the server is ready once the supervisor's
+    health port says every worker serves."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
+    health_port = metrics_port = None
     if system in SERVICE_RUNS:
-        config = write_service_config(workload, workdir / system, port, free_port(), SERVICE_RUNS[system])
-        cmd = ["-m", "service", "--config", str(config), "--log-level", "WARNING"]
+        extra = dict(config or {})
+        if extra.get("workers", 1) > 1:
+            health_port = free_port()
+            extra["health_listen"] = f"127.0.0.1:{health_port}"
+        metrics_port = free_port()
+        config_path = write_service_config(workload, workdir / system, port, metrics_port, SERVICE_RUNS[system], extra)
+        cmd = ["-m", "service", "--config", str(config_path), "--log-level", "WARNING"]
     elif system == "bare":
         cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec, "--start-cpu-us", str(start_cpu_us)]
     else:
@@ -137,7 +155,7 @@ def start(
     log_path = workdir / f"{system}-{workload.kind}{f'-{start_cpu_us:g}us' if start_cpu_us else ''}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([python, *cmd], cwd=root, env=child_env(root), stdout=subprocess.DEVNULL, stderr=log)
-    server = Server(system, proc, port, log_path)
+    server = Server(system, proc, port, log_path, health_port, metrics_port)
     try:
         wait_ready(server, timeout)
     except BaseException:
@@ -164,13 +182,17 @@ def _ready(server: Server) -> bool:
                 return bool(resp.status == 200)
         except OSError:
             return False
-    return asyncio.run(_grpc_serving(server.target))
+    if server.health_port is None:
+        return asyncio.run(_grpc_serving(server.target))
+    # the supervisor's health says "" serves from its start, and the service's name once every worker serves
+    return asyncio.run(_grpc_serving(f"127.0.0.1:{server.health_port}", "agent.v1.AgentService"))
 
 
-async def _grpc_serving(target: str) -> bool:
+async def _grpc_serving(target: str, service: str = "") -> bool:
+    request = health_pb2.HealthCheckRequest(service=service)
     async with grpc.aio.insecure_channel(target) as channel:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
         except grpc.aio.AioRpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,6 +1,8 @@
 """The benchmark orchestrator: starts each system in its own process, drives it from a separate load process at
 each concurrency level (h2load first, `bench.h2bench`; then the Python load for what h2load cannot see), then
-writes the table and plots. `python -m bench [--smoke | --full] [--out DIR]`; the method is in bench/README.md.
+writes the table and plots. `python -m bench [--smoke | --full] [--out DIR] [--stages main,replicas]`; the method
+is in bench/README.md. The `replicas` stages (`bench.replicas`: redis:// against memory://, two workers against one)
+write `replicas.md` beside `results.md`.
 
 Every load run is bounded: a per-level deadline cuts streams that have not finished (the naive SSE pattern
 serialises all streams, so its deadline is short and its figures are then lower bounds).
@@ -30,6 +32,8 @@ import psutil
 from bench import h2bench, report, stats
 from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
 from bench.procs import NAIVE, ROOT, SYSTEMS, UNPACED, RssSampler, Server, child_env, start
+
+STAGES = ("main", "replicas")
 
 
 def load_cmd(server: Server, streams: int, deadline: float, hold: bool = False) -> list[str]:
@@ -280,13 +284,30 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--full", action="store_true", help="add C = 5000")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results, or bench/results/smoke)")
     parser.add_argument("--levels", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 1,100")
+    parser.add_argument(
+        "--stages",
+        type=lambda s: set(s.split(",")),
+        default=set(STAGES),
+        help="main (every stage of results.md), replicas (replicas.md: needs Redis, else skipped with a note)",
+    )
     args = parser.parse_args(argv)
+    if unknown := args.stages - set(STAGES):
+        parser.error(f"unknown stages {sorted(unknown)}: {', '.join(STAGES)}")
     plan = PLANS["smoke" if args.smoke else "full" if args.full else "default"]
     if args.levels:
         plan = replace(plan, levels=args.levels)
     out = args.out or ROOT / "bench" / "results" / ("smoke" if args.smoke else "")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    if "main" in args.stages:
+        main_stages(plan, out)
+    if "replicas" in args.stages:
+        from bench import replicas  # it pairs through bench.versus, which imports this module
+
+        replicas.run(plan, out / "replicas.md")
+
+
+def main_stages(plan: Plan, out: Path) -> None:
     started = time.monotonic()
     results: dict[str, Any] = {
         "mode": plan.mode,

@@ -112,10 +112,15 @@ def pacing_ms(w: Workload) -> dict[str, float]:
 
 
 def write_service_config(
-    w: Workload, folder: Path, port: int, metrics_port: int, runs: dict[str, Any] | None = None
+    w: Workload,
+    folder: Path,
+    port: int,
+    metrics_port: int,
+    runs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Scenario and config files for `python -m service --config`; returns the config path. `runs` overrides the
-    service's `runs:` section (e.g. coalescing off)."""
+    service's `runs:` section (e.g. coalescing off); `extra` sets other top-level sections (`state`, `workers`)."""
     folder.mkdir(parents=True, exist_ok=True)
     scenario_path = folder / f"scenario-{w.kind}.yaml"
     scenario_path.write_text(yaml.safe_dump(scenario(w), sort_keys=False))
@@ -131,6 +136,7 @@ def write_service_config(
     }
     if runs:
         config["runs"] = runs
+    config |= extra or {}
     path = folder / f"config-{w.kind}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -1,0 +1,476 @@
+"""The replica benchmarks of issue 16: the same checkout's service under two configs, taking turns through h2load.
+
+    python -m bench.replicas [--smoke] [--out FILE.md] [--redis-url URL] [--prefix PREFIX] [--stages state,workers]
+
+- *state*: `state.url: redis://…` against `memory://` at C = 100 and 1000. Goals: time to first byte ≤ 1.3×,
+  events/s ≥ 0.7×.
+- *workers*: `--workers 2` against one worker, both on the Redis state, at C = 1000. Goals: completed streams/s
+  ≥ 1.5×, time to first byte lower.
+
+A round on one server is two h2load runs of the paced workload: C streams on C connections (the time to first byte,
+h2load's per connection), then `WAVES` × C streams on the same C connections one after the other, so that C streams
+stay in flight and new ones start as others end (completed streams/s, events/s, request times). Every Redis server
+runs under a fresh `state.prefix`, whose keys are deleted at the end. Each server is validated by a real client before
+its first round; the pairing, ratios and saturation flags are `bench.versus`'s (method in bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import resource
+import secrets
+import statistics
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench import h2bench, h2load, stats
+from bench.h2load import Load
+from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
+from bench.procs import ROOT, Server, start
+from bench.workload import Workload, timeline
+
+REDIS_URL = os.environ.get("AGENT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+WAVES = 3  # streams per connection in the sustained run: C in flight, each connection starting its next as one ends
+STAGES = ("state", "workers")
+OK_RUNS = 'agent_runs_total{outcome="OK"}'
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One config of the service: where its state lives and how many worker processes serve."""
+
+    name: str
+    label: str
+    redis: bool
+    workers: int = 1
+
+    def config(self, redis_url: str, prefix: str) -> dict[str, Any]:
+        state = {"url": redis_url, "prefix": f"{prefix}{self.name}:"} if self.redis else {"url": "memory://"}
+        return {"state": state, "workers": self.workers}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate against a baseline at some levels, and the goals the issue sets: (label, key, bound, higher)
+    where `higher` means the candidate must be at least `bound` times the baseline, else at most."""
+
+    name: str
+    title: str
+    candidate: Variant
+    baseline: Variant
+    levels: tuple[int, ...]
+    goals: tuple[tuple[str, str, float, bool], ...]
+
+
+MEMORY = Variant("memory", "memory://", redis=False)
+REDIS = Variant("redis", "redis://", redis=True)
+ONE = Variant("workers-1", "1 worker, redis://", redis=True)
+TWO = Variant("workers-2", "--workers 2, redis://", redis=True, workers=2)
+COMPARISONS = {
+    "state": Comparison(
+        "state",
+        "Shared state: redis:// ÷ memory://",
+        REDIS,
+        MEMORY,
+        (100, 1000),
+        (
+            ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
+            ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
+            ("events/s", "events_per_s", 0.7, True),
+        ),
+    ),
+    "workers": Comparison(
+        "workers",
+        "Workers: --workers 2 ÷ 1 worker (both redis://)",
+        TWO,
+        ONE,
+        (1000,),
+        (
+            ("completed streams/s", "streams_per_s", 1.5, True),
+            ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.0, False),
+            ("time to first byte, mean", "ttfb_mean_ms", 1.0, False),
+        ),
+    ),
+}
+# every figure of the tables, the candidate ÷ the baseline: (label, key, unit)
+FIGURES = (
+    ("time to first byte, mean", "ttfb_mean_ms", "ms"),
+    ("time to first byte, max", "ttfb_max_ms", "ms"),
+    ("request p50 (sustained)", "req_p50_ms", "ms"),
+    ("request p99 (sustained)", "req_p99_ms", "ms"),
+    ("completed streams/s", "streams_per_s", "/s"),
+    ("events/s", "events_per_s", "/s"),
+    ("server CPU per stream (all processes)", "server_cpu_us_per_call", "µs"),
+    ("Redis CPU per stream", "redis_cpu_us_per_call", "µs"),
+)
+
+
+def loads(c: int, proto: str) -> list[Load]:
+    """The time to first byte (C streams on C connections), then `WAVES` × C on C connections, one at a time each."""
+    return [Load(c, c, 1), Load(WAVES * c, c, 1)]
+
+
+class Measure:
+    """One round on one server (the measure for `take_turns`): before the server's first round one stream through a
+    real client; then h2load runs `loads(c)`. h2load reads no trailers, so a call the service refused (HTTP 200,
+    then UNAVAILABLE in the trailers) counts as a success there: each run's streams are checked against the runs the
+    service completed with status OK (`agent_runs_total{outcome="OK"}` on its /metrics, all workers'), and the
+    shortfall is the round's `failed_streams`. Completed streams/s count only those. A round with failed streams
+    measures the failures (a refused call ends at once) and leaves the ratios, as a saturated one does."""
+
+    def __init__(self, path: str, body: Path, workload: Workload, deadline: float, redis_url: str) -> None:
+        self.path, self.body, self.workload, self.deadline, self.redis_url = path, body, workload, deadline, redis_url
+        self.events_per_stream = len(timeline(workload))
+        self.validated: dict[int, dict[str, Any]] = {}
+
+    def __call__(self, server: Server, c: int, deadline: float) -> dict[str, Any]:
+        if server.port not in self.validated:
+            self.validated[server.port] = h2load.validate(server, self.body, self.workload, False, self.deadline)
+        time.sleep(0.3)  # the previous round's connections are closed
+        cpu0, redis0 = server.cpu_s(), redis_cpu_s(self.redis_url)
+        runs, ok = [], []
+        for load in loads(c, server.proto):
+            before = runs_ok(server)
+            runs.append(h2load.run(self.path, server, self.body, load, deadline))
+            ok.append(settled_ok(server, before, runs[-1]["requests"]["total"]))
+        cpu, redis1 = server.cpu_s() - cpu0, redis_cpu_s(self.redis_url)
+        row = h2bench.row(runs, cpu, self.events_per_stream, c)
+        failed = sum(r["requests"]["total"] for r in runs) - sum(ok)
+        if failed:
+            row["errors"] += failed
+            row["error_kinds"]["not OK (the service's completed runs)"] = failed
+        row["failed_streams"] = failed
+        row["failed"] = failed > 0
+        row["streams_per_s"] = ok[-1] / runs[-1]["finished_s"]
+        row["events_per_s"] = row["streams_per_s"] * self.events_per_stream
+        row["loadavg_1m"] = os.getloadavg()[0]
+        if redis0 is not None and redis1 is not None:
+            row["redis_cpu_us_per_call"] = (redis1 - redis0) / row["calls"] * 1e6
+        return row
+
+
+def runs_ok(server: Server) -> int:
+    """How many runs the service has completed with status OK, from its /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(OK_RUNS)))
+
+
+def settled_ok(server: Server, before: int, calls: int, within_s: float = 5.0) -> int:
+    """The runs completed OK since `before`, once all `calls` are or the count stops moving (a run is counted as it
+    settles, just after its stream ends)."""
+    deadline = time.monotonic() + within_s
+    last = -1
+    while True:
+        done = runs_ok(server) - before
+        if done >= calls or done == last or time.monotonic() > deadline:
+            return done
+        last = done
+        time.sleep(0.2)
+
+
+def redis_cpu_s(url: str) -> float | None:
+    """The Redis server's own CPU time (`INFO cpu`), or None when it does not answer."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2) as client:
+            info = client.info("cpu")
+    except redis.RedisError:
+        return None
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def redis_answers(url: str) -> str | None:
+    """None when Redis at `url` answers PING, else why not."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        return f"Redis at {url} does not answer ({exc})"
+    return None
+
+
+def delete_keys(url: str, prefix: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    return len(keys)
+
+
+def levels_for(plan: Plan, comparison: Comparison) -> tuple[int, ...]:
+    if plan.mode == "smoke":
+        return plan.h2load_levels or (5,)
+    return comparison.levels
+
+
+def compare(
+    plan: Plan, workdir: Path, path: str, comparison: Comparison, redis_url: str, prefix: str
+) -> dict[str, Any]:
+    """Both variants of `comparison` at each of its levels, taking turns; their rows and per-round ratios."""
+    body = h2load.request_file(workdir)
+    variants = (comparison.baseline, comparison.candidate)
+    out: dict[str, Any] = {"title": comparison.title, "levels": {}}
+    for c in levels_for(plan, comparison):
+        measure = Measure(path, body, plan.workload, plan.deadline_s, redis_url)
+        starters = {
+            v.name: partial(start, "service", plan.workload, workdir / v.name, config=v.config(redis_url, prefix))
+            for v in variants
+        }
+        rows = {name: stats.combine(r) for name, r in take_turns(starters, c, plan, measure).items()}
+        base, cand = rows[comparison.baseline.name], rows[comparison.candidate.name]
+        figures = [figure(label, key, unit, cand, base) for label, key, unit in FIGURES if key in base["rounds"][0]]
+        goals = [goal(label, key, bound, higher, cand, base) for label, key, bound, higher in comparison.goals]
+        out["levels"][str(c)] = {"rows": rows, "figures": figures, "goals": goals}
+        for v in variants:
+            r = rows[v.name]
+            say(
+                f"{comparison.name} {v.name:9} C={c:<5} ttfb mean {r['ttfb_mean_ms']:7.1f} max {r['ttfb_max_ms']:7.1f} "
+                f"ms, {r['streams_per_s']:6.0f} streams/s, {r['server_cpu_us_per_call']:6.0f} µs CPU/stream, "
+                f"h2load {r['load_cpu_pct']:3.0f} %, errors {r['errors']} (median of {len(r['rounds'])})"
+            )
+        for g in goals:
+            say(f"  C={c} {g['goal']}: {g['value']} ({g['verdict']})")
+    return out
+
+
+def _left_out(r: dict[str, Any]) -> bool:
+    return bool(r.get("saturated") or r.get("failed"))
+
+
+def _ratios(cand: dict[str, Any], base: dict[str, Any], key: str) -> tuple[list[float], int]:
+    """The per-round ratios of the rounds in which h2load was not saturated and no stream failed, on either side;
+    and how many rounds were left out."""
+    pairs = list(zip(base["rounds"], cand["rounds"], strict=True))
+    kept = [(b, n) for b, n in pairs if not (_left_out(b) or _left_out(n))]
+    return [n[key] / b[key] for b, n in kept if b.get(key)], len(pairs) - len(kept)
+
+
+def figure(label: str, key: str, unit: str, cand: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    ratios, left_out = _ratios(cand, base, key)
+    return {
+        "figure": label,
+        "key": key,
+        "unit": unit,
+        "baseline": base[key],
+        "candidate": cand[key],
+        "ratios": ratios,
+        "ratio": statistics.median(ratios) if ratios else None,
+        "left_out": left_out,
+        "rounds": len(base["rounds"]),
+    }
+
+
+def goal(
+    label: str, key: str, bound: float, higher: bool, cand: dict[str, Any], base: dict[str, Any]
+) -> dict[str, Any]:
+    """A goal's verdict on the median of the per-round ratios, saying how many rounds meet it when not all do, and
+    how many rounds were left out (h2load saturated, or streams failed)."""
+    ratios, left_out = _ratios(cand, base, key)
+    name = f"{label} {'≥' if higher else '≤' if bound != 1 else '<'} {bound:g}×"
+    rounds = len(base["rounds"])
+    if not ratios:
+        verdict = f"not run: every round left out (h2load saturated or streams failed, {rounds}/{rounds})"
+        return {"goal": name, "value": "-", "ratio": None, "ratios": [], "verdict": verdict, "left_out": left_out}
+    med = statistics.median(ratios)
+    met = [(r >= bound) if higher else (r <= bound if bound != 1 else r < 1) for r in ratios]
+    ok = (med >= bound) if higher else (med <= bound if bound != 1 else med < 1)
+    verdict = "pass" if ok else "**miss**"
+    if not all(m == ok for m in met):
+        verdict += f" ({sum(met)}/{len(met)} rounds meet it)"
+    if left_out:
+        verdict += f", {left_out}/{rounds} rounds left out"
+    value = f"{med:.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+    return {"goal": name, "ratio": med, "ratios": ratios, "value": value, "verdict": verdict, "left_out": left_out}
+
+
+def stage(
+    plan: Plan, workdir: Path, redis_url: str = REDIS_URL, prefix: str | None = None, only: Any = STAGES
+) -> dict[str, Any]:
+    """Both comparisons, or a note saying why they did not run (no h2load, no Redis)."""
+    path = h2load.find()
+    why = f"h2load not found: {h2load.HINT}" if path is None else redis_answers(redis_url)
+    if path is None or why is not None:
+        say(f"replica benchmarks skipped: {why}")
+        return {"skipped": why}
+    prefix = prefix or f"bench:{secrets.token_hex(4)}:"
+    results: dict[str, Any] = {
+        "version": h2load.version(path),
+        "saturated_pct": SATURATED_PCT,
+        "waves": WAVES,
+        "events_per_stream": len(timeline(plan.workload)),
+        "redis_version": _redis_version(redis_url),
+        "comparisons": {},
+    }
+    try:
+        for name in only:
+            results["comparisons"][name] = compare(plan, workdir / name, path, COMPARISONS[name], redis_url, prefix)
+    finally:
+        with contextlib.suppress(Exception):  # the keys expire by TTL anyway
+            results["keys_deleted"] = delete_keys(redis_url, prefix)
+    return results
+
+
+def _redis_version(url: str) -> str:
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=2) as client:
+        return str(client.info("server")["redis_version"])
+
+
+def _rounds(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        r
+        for comp in results.get("comparisons", {}).values()
+        for level in comp["levels"].values()
+        for row in level["rows"].values()
+        for r in row["rounds"]
+    ]
+
+
+def _num(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
+
+
+def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
+    """The tables: every comparison's goals, then its figures with the per-round ratios and each round's load."""
+    if "skipped" in results:
+        return f"# Replica benchmarks\n\n**Not run.** {results['skipped']}\n"
+    m = machine
+    lines = [
+        "# Replica benchmarks (issue 16): shared state and workers, paired",
+        "",
+        f"{results['date']}, `python -m bench.replicas`, the {results['mode']} plan, {results['elapsed_s'] / 60:.0f} "
+        f"min, at `{results['commit'][:7]}`.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']:.1f} GiB, Python {m['python']}, grpcio "
+        f"{m['grpcio']}, {m['platform']}; {results['version']}; Redis {results['redis_version']} on the same machine. "
+        f"Load average (1 min): {results['loadavg'][0]:.1f} at the start, {results['loadavg'][1]:.1f} at the end.",
+        "",
+        f"A round on one server: h2load with C streams on C connections (time to first byte, per connection), then "
+        f"{results['waves']} × C streams on those C connections one after the other (C in flight: request times, "
+        f"completed streams/s; events/s = streams/s × {results['events_per_stream']} workload events).",
+        "",
+        "A ratio is the candidate ÷ the baseline, the median of the per-round ratios (lowest–highest round). A round "
+        f"leaves the ratios when h2load used more than {results['saturated_pct']:.0f} % of a core, or when streams "
+        "failed on either side: h2load reads no trailers, so each run's streams are checked against the runs the "
+        "service completed with status OK (its /metrics), and a refused call, which ends at once, would flatter the "
+        "figures; completed streams/s count only the OK ones.",
+        "",
+        "h2load reports no percentile of the time to first byte, so its max (the slowest of C connections, above the "
+        "p99) stands for the p99. Server CPU is the service's processes' (the supervisor and its workers); Redis CPU "
+        "is the Redis server's over the round, whoever else used it.",
+    ]
+    for comp in results["comparisons"].values():
+        for c, level in comp["levels"].items():
+            lines += ["", f"## {comp['title']}, C = {c}", "", "| goal | measured | result |", "|---|---:|---|"]
+            lines += [f"| {g['goal']} | {g['value']} | {g['verdict']} |" for g in level["goals"]]
+            names = list(level["rows"])
+            base, cand = level["rows"][names[0]], level["rows"][names[1]]
+            lines += [
+                "",
+                f"| figure | {names[0]} | {names[1]} | {names[1]} ÷ {names[0]} | per round | left out |",
+                "|---|---:|---:|---:|---|---:|",
+            ]
+            for f in level["figures"]:
+                ratio = (
+                    "-" if f["ratio"] is None else f"{f['ratio']:.2f} ({min(f['ratios']):.2f}–{max(f['ratios']):.2f})"
+                )
+                per_round = " ".join(f"{x:.2f}" for x in f["ratios"])
+                lines.append(
+                    f"| {f['figure']} | {_num(f['baseline'], f['unit'])} | {_num(f['candidate'], f['unit'])} | "
+                    f"{ratio} | {per_round} | {f['left_out']}/{f['rounds']} |"
+                )
+            lines += [
+                "",
+                "| round | " + " | ".join(f"{n}: h2load CPU, load avg, failed streams" for n in names) + " |",
+                "|---|---|---|",
+            ]
+            for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
+                cells = [
+                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
+                    f"{r['failed_streams']}{' of ' + str(r['calls']) if r['failed_streams'] else ''}"
+                    for r in (b, n)
+                ]
+                lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    rounds = _rounds(results)
+    failed = sum(r["failed_streams"] for r in rounds)
+    errors = sum(r.get("errors", 0) for r in rounds) - failed
+    lines += [
+        "",
+        f"Streams not completed OK over all rounds: {failed} of {sum(r['calls'] for r in rounds)} (errors h2load saw "
+        f"itself: {errors}). Every server's first stream went through a real client.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], machine: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(results, machine))
+    out.with_suffix(".json").write_text(json.dumps(results | {"machine": machine}, indent=1) + "\n")
+
+
+def run(
+    plan: Plan, out: Path, redis_url: str = REDIS_URL, prefix: str | None = None, only: Any = STAGES
+) -> dict[str, Any]:
+    """The stages into `out` (Markdown) and the rounds beside it (JSON); what `python -m bench` calls too."""
+    import subprocess
+
+    from bench.run import machine
+
+    date = dt.datetime.now(dt.UTC)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+    started = time.monotonic()
+    loadavg = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="agent-replicas-") as tmp:
+        results = stage(plan, Path(tmp), redis_url, prefix, only)
+    loadavg.append(os.getloadavg()[0])
+    results |= {
+        "mode": plan.mode,
+        "date": f"{date:%Y-%m-%d %H:%M} UTC",
+        "commit": commit.stdout.strip() or "?",
+        "loadavg": loadavg,
+        "elapsed_s": time.monotonic() - started,
+    }
+    write(results, machine(), out)
+    say(f"replica benchmarks done in {results['elapsed_s']:.0f} s: {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="C = 5, two rounds (a test; seconds)")
+    parser.add_argument("--out", type=Path, help="the Markdown file (default bench/results/<date>-replicas.md)")
+    parser.add_argument("--redis-url", default=REDIS_URL, help=f"the Redis to share state through ({REDIS_URL})")
+    parser.add_argument("--prefix", help="the Redis key prefix of this run (default bench:<random>:)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="state,workers")
+    args = parser.parse_args(argv)
+    only = [s for s in args.stages.split(",") if s]
+    if unknown := set(only) - set(STAGES):
+        parser.error(f"unknown stages {sorted(unknown)}: {', '.join(STAGES)}")
+    plan = PLANS["smoke" if args.smoke else "default"]
+    out = args.out or ROOT / "bench" / "results" / f"{dt.datetime.now(dt.UTC):%Y-%m-%d}-replicas.md"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # C = 1000 connections; the children inherit it
+    results = run(plan, out, args.redis_url, args.prefix, only)
+    if "skipped" in results:
+        raise SystemExit(f"not run: {results['skipped']}")
+
+
+if __name__ == "__main__":
+    main()
