@@ -110,6 +110,12 @@ class StateConfig(Section):
     timeout_s: float = Field(
         default=2.0, gt=0, description="connect and command timeout; beyond it the store counts as unreachable"
     )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Redis connections a process keeps at most per client; past it a command waits up to timeout_s "
+        "for one rather than failing",
+    )
     shared_cache: bool = Field(
         default=False, description="with redis://, tools' result caches are shared by the fleet rather than per process"
     )

@@ -66,4 +66,10 @@ def connect(config: StateConfig, *, read_timeout_s: float | None = None) -> redi
         options["ssl_ca_certs"] = None if config.tls_ca_file is None else str(config.tls_ca_file)
         options["ssl_certfile"] = None if config.tls_cert_file is None else str(config.tls_cert_file)
         options["ssl_keyfile"] = None if config.tls_key_file is None else str(config.tls_key_file)
-    return redis.Redis.from_url(config.url, **options)
+    # A pool that makes a caller wait for a free connection (up to timeout_s) rather than fail: redis-py's default
+    # pool raises "Too many connections" past its cap, which a burst of run starts reached at C=1000 and which then
+    # read as Redis being unreachable (runs refused UNAVAILABLE, the store marked down).
+    pool = redis.BlockingConnectionPool.from_url(
+        config.url, max_connections=config.max_connections, timeout=config.timeout_s, **options
+    )
+    return redis.Redis.from_pool(pool)
