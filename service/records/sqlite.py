@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 from service.config import StoreConfig, load_config
@@ -39,10 +40,24 @@ def connect(path: Path) -> sqlite3.Connection:
             if part.stat().st_mode & 0o077:
                 part.chmod(0o600)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
+    _set_wal(conn)
+    conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+def _set_wal(conn: sqlite3.Connection, tries: int = 100) -> None:
+    """WAL mode, retried: two processes opening one new file at once (the workers of `--workers` starting together)
+    race to change its journal mode, and SQLite answers the loser "database is locked" at once, without waiting
+    out busy_timeout, since waiting there could deadlock. Start-up code: a blocking sleep is fine."""
+    for attempt in range(tries):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.01 * (1 + attempt % 5))
 
 
 def storable(text: str) -> str:
