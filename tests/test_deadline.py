@@ -102,9 +102,12 @@ async def test_the_run_ends_before_a_real_clients_deadline(
     """The run's deadline on the server, as the real client's header gave it, against the client's own deadline:
     read as soon as the run starts, then the call is cancelled, so no deadline is waited for."""
     svc = await start_service(SLOW_TOOL)
+    channel = channel_to(svc)
+    # connected and warm first: what is measured is the deadline's trip, not a first call's set-up on a busy machine
+    await stub(channel).ListTools(pb.ListToolsRequest())
     loop = asyncio.get_running_loop()
     sent = loop.time()  # the client's deadline is set after this: `sent + timeout` is at or before it
-    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"), timeout=timeout)
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="go"), timeout=timeout)
     first = await call.read()
     deadline = svc.registry.get(first.run_id).control.deadline
     call.cancel()
