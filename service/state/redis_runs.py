@@ -288,8 +288,9 @@ class RedisRunStore:
         run started without admission on another replica a moment ago)."""
         record = await self._record_now(run_id)
         wait_s = self.config.record_wait_s
-        if record is None and wait_s > 0 and await self.watch.appeared(self.layout.events_key(run_id), wait_s):
-            record = await self._record_now(run_id)
+        if record is None and wait_s > 0:
+            await self.watch.appeared(self.layout.events_key(run_id), wait_s)
+            record = await self._record_now(run_id)  # read again whatever the wait saw: the run may be mirrored now
         return record
 
     async def _record_now(self, run_id: str) -> RunRecord | None:
