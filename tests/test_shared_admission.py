@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis.asyncio as aioredis
 import test_state_outage
 from backends import RedisNamespace
@@ -17,6 +18,7 @@ from test_state_outage import OwnRedis, eventually
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
+from service.config import StateConfig
 from service.state.redis_runs import RedisRunStore
 
 own_redis = test_state_outage.own_redis  # the fixture: a redis-server of this test's own
@@ -109,3 +111,9 @@ async def test_the_runs_watched_on_b_share_one_blocking_connection(
         await eventually(lambda: not b.registry.store.watch.follows)  # type: ignore[union-attr]
     finally:
         await admin.aclose()
+
+
+def test_a_probe_slower_than_a_third_of_the_lease_is_refused() -> None:
+    assert StateConfig(lease_s=3, probe_s=1).probe_s == 1
+    with pytest.raises(ValueError, match="more than a third of state.lease_s"):
+        StateConfig(lease_s=3, probe_s=1.5)

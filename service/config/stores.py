@@ -130,7 +130,8 @@ class StateConfig(Section):
         default=1.0,
         gt=0,
         le=60,
-        description="how often a process renews its leases' clock and pings a store it lost; at most lease_s / 3",
+        description="how often a process sees whether its leases are due (every lease_s / 3) and pings a store it "
+        "lost; at most lease_s / 3",
     )
     ship_linger_s: float = Field(
         default=0.005,
