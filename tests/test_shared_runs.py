@@ -56,7 +56,13 @@ def covered(events: list[pb.AgentEvent]) -> list[int]:
 
 
 async def replicas(
-    start_service: Any, tmp_path: Path, ns: RedisNamespace, turns: list[dict[str, Any]], n: int = 2, **config: Any
+    start_service: Any,
+    tmp_path: Path,
+    ns: RedisNamespace,
+    turns: list[dict[str, Any]],
+    n: int = 2,
+    state_options: dict[str, Any] | None = None,
+    **config: Any,
 ) -> tuple[list[Service], asyncio.Event]:
     """`n` services on one Redis prefix, each with its own data dir, sharing one gate."""
     opened = asyncio.Event()
@@ -68,7 +74,7 @@ async def replicas(
                 turns,
                 tools=tools,
                 data_dir=tmp_path / f"replica{i}",
-                state={"url": ns.url, "prefix": ns.prefix},
+                state={"url": ns.url, "prefix": ns.prefix, **(state_options or {})},
                 **config,
             )
         )
@@ -258,12 +264,11 @@ async def test_a_callers_concurrency_and_rate_hold_across_replicas(
 
 
 async def test_a_dead_replicas_runs_release_their_callers_slot_and_their_watchers(
-    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace, monkeypatch: pytest.MonkeyPatch
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
 ) -> None:
-    monkeypatch.setattr(redis_runs, "LEASE_S", 1.0)
-    monkeypatch.setattr(redis_runs, "BLOCK_S", 0.2)
     limits = {"anonymous": {"name": "anonymous", "max_concurrent_runs": 1}}
-    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED, auth=limits)
+    quick = {"lease_s": 1.0, "probe_s": 0.2, "read_block_s": 0.2}
+    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED, auth=limits, state_options=quick)
     on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
     run_id = (await on_a.SubmitRun(pb.RunAgentRequest(message="go"))).run_id
     seen: list[pb.AgentEvent] = []

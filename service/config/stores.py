@@ -119,6 +119,41 @@ class StateConfig(Section):
     shared_cache: bool = Field(
         default=False, description="with redis://, tools' result caches are shared by the fleet rather than per process"
     )
+    lease_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="a run's lease on its caller's concurrency, renewed by its process every third of it: a dead "
+        "process's runs free their slots, and their watchers elsewhere are told, this long after it stopped at most",
+    )
+    probe_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="how often a process sees whether its leases are due (every lease_s / 3) and pings a store it "
+        "lost; at most lease_s / 3",
+    )
+    ship_linger_s: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="a shipment to Redis waits this long for more events after the first: a round costs ~0.3 ms of "
+        "CPU whatever it carries; watchers on other replicas see events this much later",
+    )
+    read_block_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="one blocking XREAD of the watched streams waits this long; a stream quiet this long has its "
+        "driver's lease checked",
+    )
+    record_wait_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="a run started without idempotency key or caller quota is recorded with its first events; a "
+        "replica asked about an unknown run id waits this long for its record before NOT_FOUND",
+    )
 
     @property
     def shared(self) -> bool:
@@ -128,6 +163,11 @@ class StateConfig(Section):
     def _known_scheme(self) -> StateConfig:
         if not self.url.startswith(("memory://", "redis://", "rediss://", "unix://")):
             raise ValueError(f"state.url {self.url!r}: memory://, redis://, rediss:// or unix:// (a Redis socket)")
+        if self.probe_s > self.lease_s / 3:
+            raise ValueError(
+                f"state.probe_s {self.probe_s:g} is more than a third of state.lease_s {self.lease_s:g}: the probe "
+                "renews the leases, every third of a lease, so that one missed renewal does not lose them"
+            )
         return self
 
 

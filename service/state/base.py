@@ -39,12 +39,14 @@ class RunStore(Protocol):
         """Call `callback(run_id, after_turn)` when another replica asks to cancel a run this process drives."""
 
     async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
-        """Atomically: the run this caller's key names, if any; else the caller's quotas; else record `run`."""
+        """Atomically: the run this caller's key names, if any; else the caller's quotas; else record `run` (with no
+        key and no quota, nothing is checked: the store may record it with its first events)."""
 
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
 
-    async def record(self, run_id: str) -> RunRecord | None: ...
+    async def record(self, run_id: str) -> RunRecord | None:
+        """The run's record; none yet: waits briefly for one shipped with a just-started run's first events."""
 
     async def mirror(self, record: RunRecord) -> Run:
         """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""

@@ -50,6 +50,33 @@ return 0
 """
 
 
+# A run's record, its retention while it runs and its lease, written with its first shipment (redis_ship.py): the
+# admission script wrote them already, unless the run needed no admission (no idempotency key, no caller quota).
+# KEYS: run hash, events stream, caller's active set; ARGV: TTL ms, lease ms, run id, then the hash's fields.
+RECORD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 0
+"""
+
+# What GetRun reads: the record, and how far the run's stream goes (the record's last_seq is written only when the
+# run's state changes, not with every shipment). Only the last entry's id comes back, not its events. Flagged
+# no-writes (Redis 7): it runs on a read-only replica, and while writes are paused.
+READ = """#!lua flags=no-writes
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return false end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local seq = ''
+if last[1] then seq = last[1][1] end
+return {fields, seq}
+"""
+
+
 def connect(config: StateConfig, *, read_timeout_s: float | None = None) -> redis.Redis:
     """A client for `config.url`; `read_timeout_s` longer than the command timeout for blocking reads."""
     options: dict[str, Any] = {

@@ -4,7 +4,8 @@ Keys, all under `state.prefix`:
 
     run:{id}                hash: caller, state, owner, created_ns, ended_ns, fingerprint, key, last_seq, outcome,
                             cancel_requested
-    run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py)
+    run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py);
+                            the record's last_seq is written when the state changes, the stream's last id is current
     idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
     caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
     caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
@@ -24,6 +25,7 @@ from redis.asyncio.client import Pipeline
 from service import codec
 from service import events as ev
 from service.run import Entry, Run, RunRecord
+from service.state.redis_client import RECORD
 
 
 class Layout:
@@ -50,11 +52,16 @@ class Layout:
     def channel(self, instance: str) -> str:
         return f"{self.prefix}run-control:{instance}"
 
+    @staticmethod
+    def state_of(run: Run, *, ended: bool) -> str:
+        """The state a record says: a run whose last events are not all shipped yet is still running there."""
+        return run.state.value if ended or not run.finished else "running"
+
     def fields_of(self, run: Run, last_seq: int, *, ended: bool) -> dict[Any, Any]:
         """The hash fields a shipment writes; the full record, so that a Redis restarted empty gets it back."""
         fields: dict[Any, Any] = {
             "caller": run.caller,
-            "state": run.state.value if ended or not run.finished else "running",
+            "state": self.state_of(run, ended=ended),
             "owner": self.instance,
             "created_ns": run.created_ns,
             "fingerprint": run.fingerprint,
@@ -67,6 +74,12 @@ class Layout:
             if outcome is not None:
                 fields["outcome"] = codec.dumps(outcome).decode()
         return fields
+
+    def record_commands(self, pipe: Pipeline, run: Run, last_seq: int, *, ended: bool, lease_ms: int) -> None:
+        """In the transaction of a run's first shipment: its whole record, TTLs and lease (`redis_client.RECORD`)."""
+        flat = [part for pair in self.fields_of(run, last_seq, ended=ended).items() for part in pair]
+        keys = [self.run_key(run.id), self.events_key(run.id), self.caller_key(run.caller, "active")]
+        pipe.eval(RECORD, len(keys), *keys, self.live_ttl_s * 1000, lease_ms, run.id, *flat)
 
     def ended_commands(self, pipe: Pipeline, run: Run) -> None:
         """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""
@@ -85,6 +98,15 @@ def stream_entries(answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     if isinstance(answer, dict):
         return list(next(iter(answer.values()))[0])
     return list(answer[0][1])
+
+
+def stream_entries_by_key(answer: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """The entries of an XREAD of several streams, by stream key, in either protocol's shape (see above)."""
+    if not answer:
+        return []
+    if isinstance(answer, dict):
+        return [(key, list(value[0])) for key, value in answer.items()]
+    return [(key, list(entries)) for key, entries in answer]
 
 
 def log_entries(fields: dict[bytes, bytes]) -> list[Entry]:

@@ -1,21 +1,26 @@
 """Runs shared through Redis (`state.url: redis://…`): any replica answers GetRun, WatchRun and CancelRun for any
 run, and idempotency keys and caller quotas hold for the fleet. Its keys, and how long they are kept:
 `redis_layout.py`. A dead process's runs stop counting against their caller's concurrency when their leases
-(`LEASE_S`, renewed by the owner every third of it) run out.
+(`state.lease_s`, renewed by the owner every third of it) run out.
 
-Watchers on this replica share one mirror per run (`MirrorRun`), filled by one task with blocking XREADs: the
-history first (XREAD from 0-<n> returns at once what is there), then live entries as they are added. No polling.
+A run with an idempotency key or a caller with quotas is admitted by one script before it starts (a round trip
+before the first event). Any other run starts at once: nothing needs checking, and its record goes to Redis with its
+first shipment; a replica asked about it before that lands waits for it (`state.record_wait_s`).
+
+Watchers on this replica share one mirror per run (`MirrorRun`), and all mirrors one blocking reader
+(`redis_watch.StreamReader`): the history first, then live entries as they are added. No polling.
 
 Redis unreachable: runs in flight keep going and are shipped when it is back (`redis_ship.Shipper`); new runs, and
 calls about runs this process does not drive, are refused with UNAVAILABLE (`StateUnavailable`); the store is marked
 down (log line, `agent_state_store_up` 0, the health service `agent.v1.StateStore` NOT_SERVING) until a probe or a
-write reaches it again, which it tries every `PROBE_S`.
+write reaches it again, which it tries every `state.probe_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -34,16 +39,14 @@ from service.loop import RunSpec
 from service.run import Run, RunRecord
 from service.state.base import Admission
 from service.state.mirror import MirrorRun, SharedRun
-from service.state.redis_client import ADMIT, RENEW, connect
+from service.state.redis_client import ADMIT, READ, RENEW, connect
 from service.state.redis_layout import Layout, log_entries, run_record, stream_entries
 from service.state.redis_ship import Shipper
+from service.state.redis_watch import READ_COUNT, Entries, Follow, StreamReader
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 30.0  # a dead process's runs hold their caller's concurrency this long at most
-PROBE_S = 1.0  # how often a process pings a store it lost (and renews leases, every LEASE_S / 3)
-BLOCK_S = 5.0  # one blocking XREAD waits this long before it asks again
-READ_COUNT = 1000
+ENDED = (b"succeeded", b"failed", b"cancelled")
 
 
 class RedisRunStore:
@@ -54,17 +57,37 @@ class RedisRunStore:
         self.layout = Layout(
             config.prefix, self.instance, retention_s=retention_s, live_ttl_s=max(1, int(max_run_s + retention_s))
         )
+        self.config = config
         self.client = connect(config)
-        self.reader = connect(config, read_timeout_s=BLOCK_S + config.timeout_s)  # blocking reads and pub/sub
+        # blocking reads and pub/sub
+        self.reader = connect(config, read_timeout_s=config.read_block_s + config.timeout_s)
         self.up = True
-        self.shipper = Shipper(self.client, self.layout, failed=self.failed, reached=self.reached, settled=self.settled)
+        self.lease_ms = int(config.lease_s * 1000)
+        self.shipper = Shipper(
+            self.client,
+            self.layout,
+            failed=self.failed,
+            reached=self.reached,
+            settled=self.settled,
+            linger_s=config.ship_linger_s,
+            lease_ms=self.lease_ms,
+        )
+        self.watch = StreamReader(
+            self.client,
+            self.reader,
+            block_s=config.read_block_s,
+            retry_s=config.probe_s,
+            failed=self.failed,
+            quiet=self._check_quiet,
+        )
         self._on_health = on_health
         self._on_cancel: Callable[[str, bool], None] = lambda run_id, after_turn: None
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
+        self._read = self.client.register_script(READ)
         self._renew_now = False
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
-        self._mirrors: dict[str, MirrorRun] = {}
+        self._mirrors: dict[str, MirrorRun] = {}  # by their stream's key
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # lifecycle
@@ -72,11 +95,19 @@ class RedisRunStore:
     async def start(self) -> None:
         try:
             await self.client.ping()
+            # loaded ahead: Redis takes an EVALSHA it does not know for a write (held while writes are paused)
+            await self.client.script_load(READ)
         except (RedisError, OSError) as exc:
             self.failed("connect", exc)  # serve anyway: the probe reconnects, runs are refused until then
         else:
             telemetry.STATE_UP.set(1)
-        for name, job in (("shipper", self.shipper.run_forever), ("control", self._listen), ("probe", self._probe)):
+        jobs = (
+            ("shipper", self.shipper.run_forever),
+            ("control", self._listen),
+            ("probe", self._probe),
+            ("reader", self.watch.run_forever),
+        )
+        for name, job in jobs:
             self._spawn(job(), f"state store {name}")
 
     async def close(self, flush_s: float = 5.0) -> None:
@@ -84,6 +115,7 @@ class RedisRunStore:
         if not await self.shipper.flushed(flush_s):
             log.warning("closing with events not shipped", extra={"unshipped": self.shipper.unshipped()})
         await cancel_and_wait(list(self._tasks), 5.0)
+        await self.watch.close()
         await self.client.aclose()
         await self.reader.aclose()
 
@@ -113,14 +145,16 @@ class RedisRunStore:
             telemetry.STATE_UP.set(1)
             log.info("state store reachable again")
             self._spawn(self._on_health(True), "state store health")
+            self.shipper.resync()
             self.shipper.note_all(self._live.values())
             self._renew_now = True  # a Redis restarted empty has lost the leases: at the probe's next round
 
     def _unavailable(self, exc: BaseException | None = None) -> StateUnavailable:
         if exc is not None:
             self.failed("request", exc)
+        retry_s = self.config.probe_s * 2
         return StateUnavailable(
-            f"the shared run state cannot be reached from this replica; retry in {PROBE_S * 2:g} s or on another"
+            f"the shared run state cannot be reached from this replica; retry in {retry_s:g} s or on another"
         )
 
     async def _call(self, what: Awaitable[Any]) -> Any:
@@ -136,8 +170,8 @@ class RedisRunStore:
     async def _probe(self) -> None:
         renewed = 0.0
         while True:
-            await asyncio.sleep(PROBE_S)
-            due = time.monotonic() - renewed >= LEASE_S / 3
+            await asyncio.sleep(self.config.probe_s)
+            due = time.monotonic() - renewed >= self.config.lease_s / 3
             if self.up and not due and not self._renew_now:
                 continue
             self._renew_now = False
@@ -157,9 +191,7 @@ class RedisRunStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.ping()
         for caller, ids in by_caller.items():
-            await self._renew(
-                keys=[self.layout.caller_key(caller, "active")], args=[int(LEASE_S * 1000), *ids], client=pipe
-            )
+            await self._renew(keys=[self.layout.caller_key(caller, "active")], args=[self.lease_ms, *ids], client=pipe)
         await pipe.execute()
 
     # runs driven here
@@ -169,6 +201,10 @@ class RedisRunStore:
 
     async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         caller = run.caller
+        if not key and limits.max_concurrent_runs is None and limits.runs_per_minute is None and self.up:
+            # nothing to check: the record goes with the run's first shipment (the module), no round trip first
+            self._live[run.id] = run
+            return Admission()
         fields = self.layout.fields_of(run, 0, ended=False)
         fields.update(owner=self.instance, created_ns=run.created_ns, fingerprint=fingerprint, key=key)
         flat = [part for pair in fields.items() for part in pair]
@@ -186,7 +222,7 @@ class RedisRunStore:
                     self.layout.live_ttl_s * 1000,
                     -1 if limits.max_concurrent_runs is None else limits.max_concurrent_runs,
                     -1 if limits.runs_per_minute is None else limits.runs_per_minute,
-                    int(LEASE_S * 1000),
+                    self.lease_ms,
                     *flat,
                 ],
             )
@@ -229,7 +265,7 @@ class RedisRunStore:
                         self._on_cancel(run_id, mode == "after_turn")
             except (RedisError, OSError) as exc:
                 self.failed("control", exc)
-                await asyncio.sleep(PROBE_S)
+                await asyncio.sleep(self.config.probe_s)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -248,56 +284,70 @@ class RedisRunStore:
     # runs driven elsewhere
 
     async def record(self, run_id: str) -> RunRecord | None:
-        fields = await self._call(self.client.hgetall(self.layout.run_key(run_id)))
-        return None if not fields else run_record(run_id, fields)
+        """The run's record; if there is none yet, what its first shipment brings within `state.record_wait_s` (a
+        run started without admission on another replica a moment ago)."""
+        record = await self._record_now(run_id)
+        wait_s = self.config.record_wait_s
+        if record is None and wait_s > 0:
+            await self.watch.appeared(self.layout.events_key(run_id), wait_s)
+            record = await self._record_now(run_id)  # read again whatever the wait saw: the run may be mirrored now
+        return record
+
+    async def _record_now(self, run_id: str) -> RunRecord | None:
+        answer = await self._call(self._read(keys=[self.layout.run_key(run_id), self.layout.events_key(run_id)]))
+        if not answer:
+            return None
+        flat, last = answer
+        record = run_record(run_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        if last:  # the stream is current, the record's last_seq only as of its last change of state
+            record = record._replace(last_seq=max(record.last_seq, int(last.split(b"-")[1])))
+        return record
 
     async def mirror(self, record: RunRecord) -> Run:
-        mirror = self._mirrors.get(record.run_id)
+        key = self.layout.events_key(record.run_id)
+        mirror = self._mirrors.get(key)
         if mirror is None:
-            mirror = self._mirrors[record.run_id] = MirrorRun(record)
-            task = self._spawn(self._feed(mirror), f"mirror {record.run_id}")
-            task.add_done_callback(lambda _: self._mirrors.pop(record.run_id, None))
+            mirror = self._mirrors[key] = MirrorRun(record)
+            self.watch.follow(key, 0, functools.partial(self._fill, mirror))
         return mirror
 
-    async def _feed(self, mirror: MirrorRun) -> None:
-        """Fill `mirror` from its stream until its last event: blocking reads, history first."""
-        key = self.layout.events_key(mirror.id)
-        while not mirror.finished and mirror.lost is None:
-            try:
-                read = await self.reader.xread(
-                    {key: f"0-{len(mirror.log)}"}, count=READ_COUNT, block=int(BLOCK_S * 1000)
-                )
-            except (RedisError, OSError) as exc:
-                self.failed("watch", exc)
-                await asyncio.sleep(PROBE_S)
-                continue
-            entries = [entry for _, fields in stream_entries(read) for entry in log_entries(fields)]
-            if entries:
-                mirror.extend(entries)
-                continue
-            try:
-                alive = await self._driven(mirror)
-            except (RedisError, OSError) as exc:
-                self.failed("watch", exc)
-                continue
-            if not alive:
-                mirror.give_up(
-                    RunInterrupted(
-                        f"run {mirror.id} stopped at seq {len(mirror.log)}: the replica that drove it stopped "
-                        "renewing its lease (it died or lost Redis for longer than the lease)"
-                    )
-                )
+    def _fill(self, mirror: MirrorRun, entries: Entries) -> None:
+        mirror.extend([entry for _, fields in entries for entry in log_entries(fields)])
+        if mirror.finished or mirror.lost is not None:
+            self._unfollow(mirror)
 
-    async def _driven(self, mirror: MirrorRun) -> bool:
-        """Whether a process still holds the run's lease (checked when its stream is quiet for a blocking read)."""
+    def _unfollow(self, mirror: MirrorRun) -> None:
+        key = self.layout.events_key(mirror.id)
+        self.watch.stop(key)
+        self._mirrors.pop(key, None)
+
+    async def _check_quiet(self, follows: list[Follow]) -> None:
+        """The mirrors whose streams were quiet for a blocking read: each is given up if no process holds its run's
+        lease any more (its driver died, or lost Redis for longer than the lease)."""
+        mirrors = [mirror for follow in follows if (mirror := self._mirrors.get(follow.key)) is not None]
+        if not mirrors:
+            return
         pipe = self.client.pipeline(transaction=False)
-        pipe.zscore(self.layout.caller_key(mirror.caller, "active"), mirror.id)
         pipe.time()
-        pipe.hget(self.layout.run_key(mirror.id), "state")
-        expiry, (seconds, micros), state = await pipe.execute()
-        if state in (b"succeeded", b"failed", b"cancelled"):
-            return True  # its last events are on their way
-        return expiry is not None and float(expiry) > seconds * 1000 + micros // 1000
+        for mirror in mirrors:
+            pipe.zscore(self.layout.caller_key(mirror.caller, "active"), mirror.id)
+            pipe.hget(self.layout.run_key(mirror.id), "state")
+        try:
+            (seconds, micros), *answers = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.failed("watch", exc)
+            return
+        now_ms = seconds * 1000 + micros // 1000
+        for mirror, expiry, state in zip(mirrors, answers[::2], answers[1::2], strict=True):
+            if state in ENDED or (expiry is not None and float(expiry) > now_ms):
+                continue  # ended (its last events are on their way), or still driven
+            mirror.give_up(
+                RunInterrupted(
+                    f"run {mirror.id} stopped at seq {len(mirror.log)}: the replica that drove it stopped "
+                    "renewing its lease (it died or lost Redis for longer than the lease)"
+                )
+            )
+            self._unfollow(mirror)
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         mode = "after_turn" if after_turn else "now"
@@ -312,16 +362,16 @@ class RedisRunStore:
     async def _until_ended(self, record: RunRecord, wait_s: float) -> None:
         """Wait (up to `wait_s`) for the run's last event, reading its stream from where the record left it."""
         deadline = asyncio.get_running_loop().time() + wait_s
-        last = f"0-{record.last_seq}"
+        last: str | bytes = f"0-{record.last_seq}"
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             answer = await self._call(
                 self.reader.xread(
                     {self.layout.events_key(record.run_id): last}, count=READ_COUNT, block=max(1, int(left * 1000))
                 )
             )
-            if not answer:
+            entries = stream_entries(answer)
+            if not entries:
                 return
-            entries = answer[0][1]
             last = entries[-1][0]
             if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return

@@ -3,9 +3,11 @@
 A run's driver appends to its in-process log and notes the run here (a dict insertion); one task per process ships
 what is new of every noted run in one MULTI/EXEC per round: one XADD a run for all its new events, with the explicit
 id `0-<last seq>` and fields `f` (its first seq), `t` (their times) and `e` (a JSON array of them); Redis refuses an
-id not above the stream's last, so no second writer can interleave seqs. Then the run's hash (state, last seq) and,
-once the run has ended and all of it is out, the retention TTLs and the release of the caller's concurrency. Stream
-and hash change in one transaction, so a reader that sees the last event also sees the final state.
+id not above the stream's last, so no second writer can interleave seqs. With a run's first shipment goes its whole
+record, TTLs and lease (a run started without admission has none yet); after that its hash is written only when its
+state changes, and once the run has ended and all of it is out, the retention TTLs and the release of the caller's
+concurrency. Stream and hash change in one transaction, so a reader that sees the last event also sees the final
+state, and one that sees the first event sees the record.
 
 One stream entry per event was the first design: redis-py spends ~0.1 ms of CPU packing and parsing each command,
 which for an unpaced run cost several times the event's own cost on the loop (events/s fell by 10x); an entry per
@@ -30,15 +32,13 @@ from service import codec, telemetry
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
+    from redis.asyncio.client import Pipeline
 
     from service.run import Run
     from service.state.redis_layout import Layout
 
 log = logging.getLogger(__name__)
 
-# A round waits this long for more events after the first: a round costs ~0.3 ms of CPU whatever it carries, and an
-# unpaced run logs an event every few microseconds; watchers elsewhere see events this much later.
-LINGER_S = 0.005
 MAX_BYTES = 1 << 20  # of events' JSON a round: bounds one transaction (tool data can be 256 KiB an event)
 BACKOFF_S = (0.05, 2.0)
 
@@ -52,16 +52,22 @@ class Shipper:
         failed: Callable[[str, BaseException], None],
         reached: Callable[[], None],
         settled: Callable[[Run], None],
+        linger_s: float,
+        lease_ms: int,
     ) -> None:
         """`failed` and `reached` report each round to the store's health; `settled(run)` is told once all of an
-        ended run is in Redis."""
+        ended run is in Redis. A round waits `linger_s` for more events after the first: it costs ~0.3 ms of CPU
+        whatever it carries, and an unpaced run logs an event every few microseconds."""
         self.client = client
         self.layout = layout
         self._failed = failed
         self._reached = reached
         self._settled = settled
+        self.linger_s = linger_s
+        self.lease_ms = lease_ms
         self.pending: dict[str, Run] = {}
         self.shipped: dict[str, int] = {}  # run id -> seqs 1..n known to be in the stream
+        self.recorded: dict[str, str] = {}  # run id -> the state its record in Redis says
         self._wake = asyncio.Event()
         self._resync = False
         self._idle = asyncio.Event()
@@ -78,6 +84,11 @@ class Shipper:
         for run in runs:
             self.note(run)
 
+    def resync(self) -> None:
+        """Ask Redis where each stream ends before the next round, and write the records anew: after it was out of
+        reach it may have restarted empty."""
+        self._resync = True
+
     def unshipped(self) -> int:
         return sum(len(run.log) - self.shipped.get(run_id, 0) for run_id, run in self.pending.items())
 
@@ -93,7 +104,7 @@ class Shipper:
         backoff = BACKOFF_S[0]
         while True:
             await self._wake.wait()
-            await asyncio.sleep(LINGER_S)
+            await asyncio.sleep(self.linger_s)
             self._wake.clear()
             batch, self.pending = self.pending, {}
             try:
@@ -131,13 +142,25 @@ class Shipper:
             pipe.xrevrange(layout.events_key(run_id), count=1)
         for run_id, last in zip(ids, await pipe.execute(), strict=True):
             self.shipped[run_id] = int(last[0][0].split(b"-")[1]) if last else 0
+            self.recorded.pop(run_id, None)
+
+    def _record(self, pipe: Pipeline, run: Run, last: int, done: bool) -> str:
+        """The run's record in this round's transaction: whole with its first shipment, then when its state changed
+        (not with every shipment: a command less per run and round). The state it says."""
+        state = self.layout.state_of(run, ended=done)
+        recorded = self.recorded.get(run.id)
+        if recorded is None:
+            self.layout.record_commands(pipe, run, last, ended=done, lease_ms=self.lease_ms)
+        elif recorded != state:
+            pipe.hset(self.layout.run_key(run.id), mapping=self.layout.fields_of(run, last, ended=done))
+        return state
 
     async def _ship(self, batch: dict[str, Run]) -> list[Run]:
         """Ship one round; the runs with entries left over for the next."""
         layout = self.layout
         pipe = self.client.pipeline(transaction=True)
         room = MAX_BYTES
-        progress: list[tuple[Run, int, bool]] = []  # a run, its seqs in this round's transaction, whether it ends
+        progress: list[tuple[Run, int, bool, str]] = []  # a run, its seqs in this round, whether it ends, its state
         left: list[Run] = []
         for run in batch.values():
             if room <= 0:
@@ -164,24 +187,24 @@ class Shipper:
                 times = ",".join([str(entry.time_ns) for entry in entries])
                 pipe.xadd(events_key, {"f": start + 1, "t": times, "e": encoded}, id=f"0-{last}")
             done = last == len(run.log) and run.finished
-            pipe.hset(layout.run_key(run.id), mapping=layout.fields_of(run, last, ended=done))
+            state = self._record(pipe, run, last, done)
             if done:
                 layout.ended_commands(pipe, run)
-            else:
-                pipe.expire(events_key, layout.live_ttl_s)  # a stream whose driver dies is forgotten too
-                if last < len(run.log):
-                    left.append(run)
-            progress.append((run, last, done))
+            elif last < len(run.log):
+                left.append(run)
+            progress.append((run, last, done, state))
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, ConnectionError | TimeoutError):
                 raise result
             # "equal or smaller than the target stream top item": already there (a retried transaction)
             if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
                 log.warning("the state store refused a write: %s", result)
-        for run, last, done in progress:
+        for run, last, done, state in progress:
             if done:
                 self.shipped.pop(run.id, None)
+                self.recorded.pop(run.id, None)
                 self._settled(run)
             else:
                 self.shipped[run.id] = last
+                self.recorded[run.id] = state
         return left
