@@ -38,10 +38,11 @@ from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummary, RunSummaryStore
 from service.retention import Ended, Retention
 from service.run import Run, RunRecord, RunState
-from service.state.base import RunStore
+from service.state.base import RunLookup, RunStore
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
+    from service.state.sqlite_runs import SqliteRunLog
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,15 @@ class RunRegistry:
         load: LoopLoad | None = None,
         store: RunStore | None = None,
         summaries: RunSummaryStore | None = None,
+        runlog: SqliteRunLog | None = None,
     ) -> None:
         """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
-        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten."""
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `runlog`
+        (without `store`): where durable runs' records and events are kept across a restart of this process."""
         self.loop = loop
         self.store = store
+        self.runlog = runlog if store is None else None
+        self.elsewhere: RunLookup | None = store if store is not None else runlog  # runs this process does not hold
         self.summaries = summaries
         self._summary_writes: set[asyncio.Task[None]] = set()
         if store is not None:
@@ -109,9 +114,11 @@ class RunRegistry:
         fingerprint: str = "",
         deadline: float | None = None,
         background: bool = False,
+        durable: bool = False,
     ) -> tuple[Run, bool]:
         """Start a run for `caller` within its quotas, or return the one its idempotency key names (wherever it
-        runs, with a shared store). True when a new run was started."""
+        runs, with a shared store). True when a new run was started. `durable` (or `spec.durable`): its record and
+        events are kept across a restart (with the embedded run log; a shared store keeps every run's)."""
         existing = self.find(caller.name, key, fingerprint)
         if existing is not None:
             return existing, False
@@ -122,7 +129,13 @@ class RunRegistry:
             if refused is not None:
                 raise CallerLimited(refused)
             run, created = self.start(
-                spec, caller=caller.name, key=key, fingerprint=fingerprint, deadline=deadline, background=background
+                spec,
+                caller=caller.name,
+                key=key,
+                fingerprint=fingerprint,
+                deadline=deadline,
+                background=background,
+                durable=durable,
             )
             if created and run.task is not None:
                 limits.started(caller)
@@ -157,7 +170,7 @@ class RunRegistry:
         try:
             return self.get(run_id, caller).record()
         except NotFound:
-            record = None if self.store is None else await self.store.record(run_id)
+            record = None if self.elsewhere is None else await self.elsewhere.record(run_id)
             if record is None and self.summaries is not None:
                 summary = await self.summaries.get(run_id)
                 if summary is not None:
@@ -175,17 +188,18 @@ class RunRegistry:
             return record
 
     async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
-        """The run to follow: this process's own, else a mirror of the one another process drives. A caller may
-        have seen, from the driving process, a seq not yet shipped here: up to a second is given for it to arrive."""
+        """The run to follow: this process's own, else a mirror of the one another process drives (or drove, before
+        a restart). A caller may have seen, from the driving process, a seq not yet shipped here: up to a second is
+        given for it to arrive."""
         try:
             return self.get(run_id, caller)
         except NotFound:
-            if self.store is None:
+            if self.elsewhere is None:
                 raise
-            record = await self.store.record(run_id)
+            record = await self.elsewhere.record(run_id)
             if record is None or record.caller != caller:
                 raise
-            mirror = await self.store.mirror(record)
+            mirror = await self.elsewhere.mirror(record)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await mirror.reached(after_seq)
@@ -194,12 +208,12 @@ class RunRegistry:
     async def cancel_elsewhere(self, record: RunRecord, *, after_turn: bool) -> RunRecord:
         """Cancel a run another process drives: the store reaches its owner; the final record when the run ends
         within a second (IMMEDIATE), else the record as it stands."""
-        assert self.store is not None
+        assert self.elsewhere is not None
         if record.state == RunState.CANCELLED.value:
             return record
         if record.finished:
             raise RunAlreadyEnded(f"run {record.run_id} already ended ({record.state}); nothing to cancel")
-        return await self.store.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
+        return await self.elsewhere.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
 
     def _cancel_requested(self, run_id: str, after_turn: bool) -> None:
         run = self.runs.get(run_id)
@@ -214,7 +228,14 @@ class RunRegistry:
             )
 
     def _new_run(
-        self, spec: RunSpec, caller: str, key: str, fingerprint: str, deadline: float | None, store: RunStore | None
+        self,
+        spec: RunSpec,
+        caller: str,
+        key: str,
+        fingerprint: str,
+        deadline: float | None,
+        store: RunStore | None,
+        durable: bool = False,
     ) -> Run:
         now = asyncio.get_running_loop().time()
         limit = now + self.config.max_run_s
@@ -222,9 +243,11 @@ class RunRegistry:
             deadline=limit if deadline is None else min(deadline, limit),
             min_tool_budget_s=self.config.min_tool_budget_s,
         )
-        if store is None:
-            return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        if store is not None:
+            return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        if self.runlog is not None and (durable or spec.durable):
+            return self.runlog.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
 
     def _launch(self, run: Run, background: bool) -> None:
         run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
@@ -248,13 +271,14 @@ class RunRegistry:
         fingerprint: str = "",
         deadline: float | None = None,
         background: bool = False,
+        durable: bool = False,
     ) -> tuple[Run, bool]:
         """Start a run (or return the one this caller's idempotency key names). True when a new run was started."""
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
         self._check_queue(background)
-        run = self._new_run(spec, caller, key, fingerprint, deadline, None)
+        run = self._new_run(spec, caller, key, fingerprint, deadline, None, durable)
         self._launch(run, background)
         return run, True
 
@@ -362,8 +386,8 @@ class RunRegistry:
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
         if self._summary_writes:
             await asyncio.wait(self._summary_writes, timeout=5.0)
-        if self.store is not None:
-            await self.store.close()  # after the runs: their last events are shipped first
+        if self.elsewhere is not None:
+            await self.elsewhere.close()  # after the runs: their last events are shipped (or written) first
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""

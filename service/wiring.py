@@ -47,6 +47,8 @@ from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
 from service.state.base import RunStore
+from service.state.sqlite_runs import FILE as RUN_LOG_FILE
+from service.state.sqlite_runs import SqliteRunLog
 from tools import load_tools
 from tools.base import Tool
 
@@ -77,7 +79,8 @@ async def start(
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
     summaries = records.summaries if config.records.url is not None else None
-    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
+    runlog = None if store is not None else build_run_log(config)
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, runlog=runlog)
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -257,6 +260,17 @@ def build_records(config: Config) -> Records:
         dead_letter=PgDeadLetterStore(database, retention_s=retention_s),
         summaries=PgRunSummaryStore(database),
         database=database,
+    )
+
+
+def build_run_log(config: Config) -> SqliteRunLog:
+    """The durable runs' records and events on one node (memory:// run state): data_dir/runs.db, opened when the
+    first durable run is logged or a run this process does not hold is looked up."""
+    return SqliteRunLog(
+        config.data_dir / RUN_LOG_FILE,
+        retention_s=config.runs.retention_s,
+        max_run_s=config.runs.max_run_s,
+        synchronous=config.durable.sqlite_synchronous,
     )
 
 

@@ -33,7 +33,7 @@ from service.errors import (
 from service.models.base import ToolSpec
 from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
 from service.rpc.status import end_call, streaming, unary
-from service.rpc.validate import Validator, fingerprint
+from service.rpc.validate import Validator, durable, fingerprint
 from service.rpc.values import struct
 from service.run import Run, RunState
 from service.runs import RunRegistry
@@ -130,9 +130,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             run = self.registry.get(self.run_id(request.run_id), caller=caller)
         except NotFound:
-            if self.registry.store is None:
+            if self.registry.elsewhere is None:
                 raise
-            record = await self.registry.record(request.run_id, caller)  # driven by another process
+            # driven by another process, or (embedded run log) by this one before a restart
+            record = await self.registry.record(request.run_id, caller)
             record = await self.registry.cancel_elsewhere(record, after_turn=after_turn)
             return pb.CancelRunResponse(run_id=record.run_id, state=run_state(RunState(record.state)))
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
@@ -195,6 +196,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             fingerprint=digest,
             deadline=deadline,
             background=background,
+            durable=durable(request, background=background),  # the rule, also while nothing checkpoints
         )
 
     async def _stream(

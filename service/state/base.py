@@ -28,7 +28,22 @@ class Admission(NamedTuple):
     refused: str = ""
 
 
-class RunStore(Protocol):
+class RunLookup(Protocol):
+    """Where the registry finds the runs it does not hold: the shared store (another replica drives them), or the
+    embedded default's run log (`sqlite_runs.SqliteRunLog`: a durable run this process drove before a restart)."""
+
+    async def record(self, run_id: str) -> RunRecord | None: ...
+
+    async def mirror(self, record: RunRecord) -> Run:
+        """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""
+
+    async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
+        """Ask the driving process to cancel; wait up to `wait_s` for the run to end and return its record."""
+
+    async def close(self) -> None: ...
+
+
+class RunStore(RunLookup, Protocol):
     """A run-state store shared by the replicas. Every method may raise `StateUnavailable` when the store cannot be
     reached, except `shipped`, which never wait on it (the driving process ships in the background)."""
 
@@ -43,13 +58,3 @@ class RunStore(Protocol):
 
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
-
-    async def record(self, run_id: str) -> RunRecord | None: ...
-
-    async def mirror(self, record: RunRecord) -> Run:
-        """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""
-
-    async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
-        """Ask the driving process to cancel; wait up to `wait_s` for the run to end and return its record."""
-
-    async def close(self) -> None: ...
