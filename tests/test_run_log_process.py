@@ -1,0 +1,118 @@
+"""The embedded default across `kill -9`: a real `python -m service` on a data_dir, no Redis or PostgreSQL. Its durable
+runs (CONTINUE, SubmitRun) answer GetRun and WatchRun after a restart on the same data_dir, with the very events and
+seqs 1..k the first process logged; a plain run is not kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from agent.v1 import agent_pb2 as pb
+from conftest import stub
+
+# slow enough that a run is still going when the process is killed, fast enough for a short test
+CONFIG = "model:\n  pacing: {first_token_ms: 20, token_interval_ms: 30}\nshutdown_grace_s: 1\n"
+
+
+async def serve(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service", "--config", str(config), "--listen", "127.0.0.1:0"),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENT_DATA_DIR": str(tmp_path / "var"), "ANTHROPIC_API_KEY": ""},
+    )
+    assert proc.stderr is not None
+    while True:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, "the service exited before serving"
+        record = json.loads(line)
+        if record["msg"] == "serving":
+            return proc, int(record["port"])
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+
+def seqs(events: list[pb.AgentEvent]) -> list[int]:
+    """The seqs a stream covered: a replay merges consecutive deltas into one delivery (first_seq..seq)."""
+    return [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)]
+
+
+def text(events: list[pb.AgentEvent]) -> str:
+    return "".join(e.text_delta.text for e in events if e.WhichOneof("event") == "text_delta")
+
+
+def whole(events: list[pb.AgentEvent]) -> list[pb.AgentEvent]:
+    """The events that are never merged (compared as messages: a Struct's bytes depend on its map's order)."""
+    return [e for e in events if e.WhichOneof("event") not in ("text_delta", "thinking")]
+
+
+async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) -> None:
+    proc, port = await serve(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            agent = stub(channel)
+            done = [
+                e
+                async for e in agent.RunAgent(
+                    pb.RunAgentRequest(message="first", on_disconnect=pb.RunAgentRequest.CONTINUE)
+                )
+            ]
+            assert done[-1].WhichOneof("event") == "final_response"
+            plain = [e async for e in agent.RunAgent(pb.RunAgentRequest(message="plain"))]
+            submitted = await agent.SubmitRun(pb.RunAgentRequest(message="background"))
+            call = agent.RunAgent(pb.RunAgentRequest(message="cut", on_disconnect=pb.RunAgentRequest.CONTINUE))
+            seen: list[pb.AgentEvent] = []
+            async for event in call:
+                seen.append(event)
+                if len(seen) == 6:
+                    break
+            call.cancel()
+            await asyncio.sleep(0.1)  # the writer's linger is 5 ms: what was logged by now is on disk
+            await kill(proc)
+        cut_id = seen[0].run_id
+
+        proc, port = await serve(tmp_path)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            agent = stub(channel)
+            record = await agent.GetRun(pb.GetRunRequest(run_id=done[0].run_id))
+            assert record.state == pb.Run.SUCCEEDED and record.last_seq == len(done)
+            replay = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=done[0].run_id))]
+            assert seqs(replay) == list(range(1, len(done) + 1))
+            assert (text(replay), whole(replay)) == (text(done), whole(done))
+
+            cut = await agent.GetRun(pb.GetRunRequest(run_id=cut_id))
+            assert cut.last_seq >= len(seen), "every event a caller saw 100 ms before the kill is kept"
+            assert cut.state in (pb.Run.RUNNING, pb.Run.QUEUED)
+            watch = agent.WatchRun(pb.WatchRunRequest(run_id=cut_id, after_seq=0))
+            replayed: list[pb.AgentEvent] = []
+            try:
+                async for event in watch:
+                    replayed.append(event)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and "not driven" in (exc.details() or "")
+            assert seqs(replayed) == list(range(1, cut.last_seq + 1)), "1..k, no gap"
+            assert text(replayed).startswith(text(seen)) and whole(replayed)[: len(whole(seen))] == whole(seen)
+
+            bg = await agent.GetRun(pb.GetRunRequest(run_id=submitted.run_id))
+            assert bg.last_seq >= 1
+            try:
+                await agent.GetRun(pb.GetRunRequest(run_id=plain[0].run_id))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+            else:
+                raise AssertionError("a plain (CANCEL) run is not kept across a restart")
+        print(f"\nkept across kill -9: {cut.last_seq} events of the cut run ({len(seen)} seen before the kill)")
+    finally:
+        await kill(proc)
