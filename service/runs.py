@@ -42,6 +42,8 @@ from service.state.base import RunLookup, RunStore
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
+    from service.durable.journal import Journal
+    from service.durable_runs import DurableRuns
     from service.state.sqlite_runs import SqliteRunLog
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,15 @@ class RunRegistry:
         load: LoopLoad | None = None,
         store: RunStore | None = None,
         summaries: RunSummaryStore | None = None,
+        durable: DurableRuns | None = None,
         runlog: SqliteRunLog | None = None,
     ) -> None:
         """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
-        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `runlog`
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `durable`:
+        checkpoints the runs whose spec is durable, continues claimed ones (None: no run is durable). `runlog`
         (without `store`): where durable runs' records and events are kept across a restart of this process."""
         self.loop = loop
+        self.durable = durable
         self.store = store
         self.runlog = runlog if store is None else None
         self.elsewhere: RunLookup | None = store if store is not None else runlog  # runs this process does not hold
@@ -114,11 +119,9 @@ class RunRegistry:
         fingerprint: str = "",
         deadline: float | None = None,
         background: bool = False,
-        durable: bool = False,
     ) -> tuple[Run, bool]:
         """Start a run for `caller` within its quotas, or return the one its idempotency key names (wherever it
-        runs, with a shared store). True when a new run was started. `durable` (or `spec.durable`): its record and
-        events are kept across a restart (with the embedded run log; a shared store keeps every run's)."""
+        runs, with a shared store). True when a new run was started."""
         existing = self.find(caller.name, key, fingerprint)
         if existing is not None:
             return existing, False
@@ -129,13 +132,7 @@ class RunRegistry:
             if refused is not None:
                 raise CallerLimited(refused)
             run, created = self.start(
-                spec,
-                caller=caller.name,
-                key=key,
-                fingerprint=fingerprint,
-                deadline=deadline,
-                background=background,
-                durable=durable,
+                spec, caller=caller.name, key=key, fingerprint=fingerprint, deadline=deadline, background=background
             )
             if created and run.task is not None:
                 limits.started(caller)
@@ -228,14 +225,7 @@ class RunRegistry:
             )
 
     def _new_run(
-        self,
-        spec: RunSpec,
-        caller: str,
-        key: str,
-        fingerprint: str,
-        deadline: float | None,
-        store: RunStore | None,
-        durable: bool = False,
+        self, spec: RunSpec, caller: str, key: str, fingerprint: str, deadline: float | None, store: RunStore | None
     ) -> Run:
         now = asyncio.get_running_loop().time()
         limit = now + self.config.max_run_s
@@ -245,18 +235,26 @@ class RunRegistry:
         )
         if store is not None:
             return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        if self.runlog is not None and (durable or spec.durable):
+        if self.runlog is not None and spec.durable:  # kept across a restart; the others stay in memory only
             return self.runlog.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
         return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
 
-    def _launch(self, run: Run, background: bool) -> None:
-        run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+    def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
+        """Drive a durable run claimed from a process that stopped (`DurableRuns`): its log already holds what was
+        kept of it, and its journal's `run_recovered` event comes next."""
+        self._launch(run, background, journal, announce=False)
+
+    def _launch(self, run: Run, background: bool, journal: Journal | None = None, *, announce: bool = True) -> None:
+        if announce:
+            run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+        if journal is None and self.durable is not None:
+            journal = self.durable.journal(run, background=background)
         self.runs[run.id] = run
         if run.idempotency_key:
             self._keys[(run.caller, run.idempotency_key)] = run.id
         if background:
             self._background_runs += 1
-        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task = asyncio.create_task(self._drive(run, background, journal), name=f"run {run.id}")
         run.task.add_done_callback(functools.partial(self._driver_done, run, background))
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
@@ -271,14 +269,13 @@ class RunRegistry:
         fingerprint: str = "",
         deadline: float | None = None,
         background: bool = False,
-        durable: bool = False,
     ) -> tuple[Run, bool]:
         """Start a run (or return the one this caller's idempotency key names). True when a new run was started."""
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
         self._check_queue(background)
-        run = self._new_run(spec, caller, key, fingerprint, deadline, None, durable)
+        run = self._new_run(spec, caller, key, fingerprint, deadline, None)
         self._launch(run, background)
         return run, True
 
@@ -294,7 +291,7 @@ class RunRegistry:
         else:
             run.control.stop_now(reason)
 
-    async def _drive(self, run: Run, background: bool) -> None:
+    async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         telemetry.ACTIVE_RUNS.inc()
         try:
@@ -307,7 +304,7 @@ class RunRegistry:
                     return
             try:
                 run.state = RunState.RUNNING
-                await play(run, self.loop, self.config, clock=self.clock, load=self.load)
+                await play(run, self.loop, self.config, clock=self.clock, load=self.load, journal=journal)
             finally:
                 if background:
                     self._background.release()
@@ -318,14 +315,17 @@ class RunRegistry:
     def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
         # without this the run would stay QUEUED, and its followers wait, for ever.
-        if not run.finished:
+        if not run.finished and run.lost is None:
             run.append(stopped(run))
             self._end(run, background)
 
     def _end(self, run: Run, background: bool) -> None:
-        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line."""
+        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line. A
+        durable run handed over (`run.lost`) has not ended: it goes on elsewhere, and nothing more is logged here."""
         if background:
             self._background_runs -= 1
+        if run.lost is not None:
+            return
         if run.outcome is None:
             run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
         run.finish()
@@ -358,12 +358,18 @@ class RunRegistry:
             log.exception("run summary not written", extra={"run_id": run.id})
 
     async def shutdown(self, grace: float) -> None:
-        """Give running runs `grace` seconds, then stop them with a retryable error naming each run."""
+        """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and
+        stop the others with a retryable error naming each run."""
+        if self.durable is not None:
+            await self.durable.stop_recovering()
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         if live:
             _, pending = await asyncio.wait(live, timeout=grace)
             if pending:
                 log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
+        if self.durable is not None:
+            durable = [r for r in self.runs.values() if r.spec.durable and r.task is not None and not r.task.done()]
+            await self.durable.hand_over(durable)
         for run in self.runs.values():
             if not run.finished:
                 reason = RunInterrupted(
@@ -388,6 +394,8 @@ class RunRegistry:
             await asyncio.wait(self._summary_writes, timeout=5.0)
         if self.elsewhere is not None:
             await self.elsewhere.close()  # after the runs: their last events are shipped (or written) first
+        if self.durable is not None:
+            await self.durable.aclose()
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""

@@ -45,12 +45,14 @@ def registry(path: Path, *, pacing_ms: float = 0, clock: Clock | None = None, **
     return RunRegistry(AgentLoop(model, Executor(all_tools())), runs, runlog=runlog)
 
 
-def spec(run_id: str) -> RunSpec:
-    return RunSpec(run_id=run_id, message="m", model="x", system=None, max_turns=5, max_tokens=10, tools=("echo",))
+def spec(run_id: str, *, durable: bool = False) -> RunSpec:
+    return RunSpec(
+        run_id=run_id, message="m", model="x", system=None, max_turns=5, max_tokens=10, tools=("echo",), durable=durable
+    )
 
 
 async def finished(reg: RunRegistry, run_id: str, *, durable: bool, caller: str = "alice") -> list[ev.Event]:
-    run, _ = reg.start(spec(run_id), caller=caller, durable=durable)
+    run, _ = reg.start(spec(run_id, durable=durable), caller=caller)
     await run.ended()
     return [entry.event for entry in run.log]
 
@@ -87,7 +89,7 @@ async def test_flush_commits_what_the_run_logged_before_it_returns(tmp_path: Pat
     path = tmp_path / "runs.db"
     reg = registry(path, pacing_ms=5)
     try:
-        run, _ = reg.start(spec("run_f"), caller="alice", durable=True)
+        run, _ = reg.start(spec("run_f", durable=True), caller="alice")
         await run.reached(8)
         assert reg.runlog is not None
         flushed = len(run.log)  # the run goes on logging while flush waits: what it had logged when asked
@@ -126,7 +128,7 @@ async def test_an_orphaned_run_is_replayed_then_unavailable_and_a_resumed_one_go
     await log.flush(run)
     await log.close()  # the process "dies" with the run running
 
-    log = SqliteRunLog(path, retention_s=60, max_run_s=600)
+    log = SqliteRunLog(path, retention_s=60, max_run_s=600, resume_wait_s=0)  # nothing resumes it here
     try:
         record = await log.record("run_o")
         assert record is not None and (record.state, record.last_seq) == ("queued", 6)
@@ -158,7 +160,7 @@ async def test_the_log_costs_microseconds_per_event(tmp_path: Path) -> None:
 
     async def cpu_per_event(durable: bool, reg: RunRegistry, n: int) -> float:
         before, events = time.process_time(), 0
-        runs = [reg.start(spec(f"run_{durable}_{i}"), caller="a", durable=durable)[0] for i in range(n)]
+        runs = [reg.start(spec(f"run_{durable}_{i}", durable=durable), caller="a")[0] for i in range(n)]
         for run in runs:
             await run.ended()
             events += len(run.log)

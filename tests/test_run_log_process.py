@@ -1,6 +1,6 @@
 """The embedded default across `kill -9`: a real `python -m service` on a data_dir, no Redis or PostgreSQL. Its durable
 runs (CONTINUE, SubmitRun) answer GetRun and WatchRun after a restart on the same data_dir, with the very events and
-seqs 1..k the first process logged; a plain run is not kept."""
+seqs 1..k the first process logged, and go on from their last checkpoint to their end; a plain run is not kept."""
 
 from __future__ import annotations
 
@@ -94,25 +94,26 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
 
             cut = await agent.GetRun(pb.GetRunRequest(run_id=cut_id))
             assert cut.last_seq >= len(seen), "every event a caller saw 100 ms before the kill is kept"
-            assert cut.state in (pb.Run.RUNNING, pb.Run.QUEUED)
-            watch = agent.WatchRun(pb.WatchRunRequest(run_id=cut_id, after_seq=0))
-            replayed: list[pb.AgentEvent] = []
-            try:
-                async for event in watch:
-                    replayed.append(event)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and "not driven" in (exc.details() or "")
-            assert seqs(replayed) == list(range(1, cut.last_seq + 1)), "1..k, no gap"
+            # resumed at start from its last checkpoint: replayed from 1, then live to its end, with no gap
+            replayed = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=cut_id, after_seq=0))]
+            assert seqs(replayed) == list(range(1, replayed[-1].seq + 1)), "1..n, no gap"
             assert text(replayed).startswith(text(seen)) and whole(replayed)[: len(whole(seen))] == whole(seen)
+            kinds = [e.WhichOneof("event") for e in replayed]
+            assert kinds.count("run_recovered") == 1 and kinds.count("run_started") == 1
+            assert kinds[-1] == "final_response"
+            assert (await agent.GetRun(pb.GetRunRequest(run_id=cut_id))).state == pb.Run.SUCCEEDED
 
-            bg = await agent.GetRun(pb.GetRunRequest(run_id=submitted.run_id))
-            assert bg.last_seq >= 1
+            background = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))]
+            assert seqs(background) == list(range(1, background[-1].seq + 1))
+            assert background[-1].WhichOneof("event") == "final_response"
             try:
                 await agent.GetRun(pb.GetRunRequest(run_id=plain[0].run_id))
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.NOT_FOUND
             else:
                 raise AssertionError("a plain (CANCEL) run is not kept across a restart")
-        print(f"\nkept across kill -9: {cut.last_seq} events of the cut run ({len(seen)} seen before the kill)")
+        print(
+            f"\nkill -9: {cut.last_seq} events kept of the cut run ({len(seen)} seen), {len(replayed)} after resuming"
+        )
     finally:
         await kill(proc)

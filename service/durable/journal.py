@@ -11,7 +11,7 @@ A run without a journal pays for none of this: the loop tests for `None` at a tu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -43,8 +43,12 @@ class Journal:
         fresh: bool,
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        # awaited before each step and the end are written: the run's events up to then are kept (its log then
+        # reaches every step's seq, and its closing event precedes its recorded end)
+        self.before_step = before_step
         self.run = run
         self.run_id = run.run_id
         self.fresh = fresh
@@ -68,19 +72,26 @@ class Journal:
         request: dict[str, Any],
         background: bool = False,
         last_seq: Callable[[], int] = _no_seq,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> Journal:
         """The journal of a new run; `open` records the run (`request`: its RunSpec as JSON) before it goes on."""
         run = DurableRun(
             run_id=run_id, caller=caller, owner=store.owner, state="running", request=request, background=background
         )
-        return cls(store, run, fresh=True, last_seq=last_seq)
+        return cls(store, run, fresh=True, last_seq=last_seq, before_step=before_step)
 
     @classmethod
     def resume(
-        cls, store: CheckpointStore, run: DurableRun, *, last_seq: Callable[[], int] = _no_seq, why: str = CRASHED
+        cls,
+        store: CheckpointStore,
+        run: DurableRun,
+        *,
+        last_seq: Callable[[], int] = _no_seq,
+        why: str = CRASHED,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> Journal:
         """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps."""
-        return cls(store, run, fresh=False, last_seq=last_seq, why=why)
+        return cls(store, run, fresh=False, last_seq=last_seq, why=why, before_step=before_step)
 
     def _replay(self, step: Step) -> None:
         value = step.value
@@ -170,14 +181,17 @@ class Journal:
     async def end(self, state: str) -> None:
         """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
         "failed" or "cancelled". It is not to be recovered any more."""
+        if self.before_step is not None:
+            await self.before_step()
         await self.store.end(self.run_id, state)
 
     async def _put(self, kind: StepKind, key: str, value: dict[str, Any]) -> None:
         # numbered before the await: the steps of concurrent calls get distinct numbers in the order they ended
         self.step_no += 1
-        await self.store.put(
-            Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
-        )
+        step = Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
+        if self.before_step is not None:
+            await self.before_step()
+        await self.store.put(step)
 
 
 def recorded_results(journal: Journal, calls: Iterable[ToolCallRequest]) -> dict[str, ToolResult]:

@@ -33,7 +33,7 @@ from service.errors import (
 from service.models.base import ToolSpec
 from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
 from service.rpc.status import end_call, streaming, unary
-from service.rpc.validate import Validator, durable, fingerprint
+from service.rpc.validate import Validator, fingerprint
 from service.rpc.values import struct
 from service.run import Run, RunState
 from service.runs import RunRegistry
@@ -71,7 +71,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.anonymous = anonymous
         self.caller_limits = caller_limits
         self.tool_specs = tool_specs
-        self.validator = Validator(config, self.tools, self.unavailable, default_model)
+        durable = registry.durable is not None
+        self.validator = Validator(config, self.tools, self.unavailable, default_model, durable=durable)
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
@@ -196,7 +197,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             fingerprint=digest,
             deadline=deadline,
             background=background,
-            durable=durable(request, background=background),  # the issue's rule, also while nothing checkpoints
         )
 
     async def _stream(

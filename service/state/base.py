@@ -43,7 +43,19 @@ class RunLookup(Protocol):
     async def close(self) -> None: ...
 
 
-class RunStore(RunLookup, Protocol):
+class RunKeeper(RunLookup, Protocol):
+    """A store that keeps runs' logs beyond this process, from which a durable run it claims goes on."""
+
+    async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
+        """A durable run claimed from a process that stopped, to drive here from now on: its log holds the events
+        the store has of it (seqs 1..n; empty when the store has none), and new ones are kept after them. Or the
+        run's final state when the store has its end already."""
+
+    async def flushed(self, within_s: float) -> bool:
+        """Wait (up to `within_s`) until what this process logged is in the store; False when it is not."""
+
+
+class RunStore(RunKeeper, Protocol):
     """A run-state store shared by the replicas. Every method may raise `StateUnavailable` when the store cannot be
     reached, except `shipped`, which never wait on it (the driving process ships in the background)."""
 

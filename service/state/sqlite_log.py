@@ -97,14 +97,20 @@ class LogWriter:
     def unwritten(self) -> int:
         return sum(len(run.log) - self.written.get(run_id, 0) for run_id, run in self.pending.items())
 
-    async def close(self, within_s: float = 5.0) -> None:
-        """Write what is left (up to `within_s`), then stop."""
-        if self._task is None:
-            return
+    async def idle(self, within_s: float) -> bool:
+        """Wait (up to `within_s`, without the linger) until everything noted is written; False when it is not."""
         self._urgent.set()
         try:
             await asyncio.wait_for(self._idle.wait(), within_s)
         except TimeoutError:
+            return False
+        return True
+
+    async def close(self, within_s: float = 5.0) -> None:
+        """Write what is left (up to `within_s`), then stop."""
+        if self._task is None:
+            return
+        if not await self.idle(within_s):
             log.warning("closing with run events not written", extra={"unwritten": self.unwritten()})
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)

@@ -15,6 +15,7 @@ by a dead process `runs.max_run_s` longer. Reads filter by it; expired rows are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FILE = "runs.db"
 SWEEP_S = 60.0
+# A process resumes its own durable runs as it starts (`DurableRuns`); a WatchRun that comes in meanwhile waits this
+# long after the start for the run to be resumed, and follows it live then, rather than be told to come back.
+RESUME_WAIT_S = 5.0
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -72,8 +76,10 @@ class SqliteRunLog:
         max_run_s: float,
         synchronous: str = "NORMAL",
         clock: Callable[[], float] = time.time,
+        resume_wait_s: float = RESUME_WAIT_S,
     ) -> None:
         """`clock`: wall time, for retention that outlives the process."""
+        self.resume_wait_s = resume_wait_s
         self.path = path
         self.retention_s = retention_s
         self.live_s = max_run_s + retention_s
@@ -83,6 +89,9 @@ class SqliteRunLog:
         self._db: sqlite3.Connection | None = None
         self._swept = 0.0
         self.writer = LogWriter(self._write)
+        self._born = time.monotonic()
+        self._resumed: dict[str, Run] = {}  # runs revived in this process, by id, until they end
+        self._revival = asyncio.Event()
 
     # --- what the registry asks --------------------------------------------------------------------------------------
 
@@ -119,15 +128,46 @@ class SqliteRunLog:
             return None
         return record, await self._on_thread(self._entries, run_id, record.last_seq)
 
+    async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
+        """A durable run claimed after a restart (`DurableRuns`), its log holding what the last process kept of it
+        (empty when nothing was); or its final state when its closing event was kept (its end not yet recorded)."""
+        found = await self.history(spec.run_id)
+        if found is not None and found[0].finished:
+            return found[0].state
+        fingerprint, entries = ("", []) if found is None else (found[0].fingerprint, found[1])
+        run = self.new_run(spec, control, caller=caller, key="", fingerprint=fingerprint, history=entries)
+        self._resumed = {run_id: r for run_id, r in self._resumed.items() if not r.finished}
+        self._resumed[run.id] = run
+        self._revival.set()
+        self._revival = asyncio.Event()
+        return run
+
+    async def flushed(self, within_s: float) -> bool:
+        """Wait (up to `within_s`) until every event noted so far is committed; False when it is not."""
+        return await self.writer.idle(within_s)
+
     async def mirror(self, record: RunRecord) -> Run:
-        """The run as its log holds it. One that no process drives any more (it was running when its process
-        stopped and has not been resumed) ends its followers' streams, once they have read the log, with UNAVAILABLE:
-        they watch again once it is resumed."""
+        """The run as its log holds it; the live run itself if it was resumed here (or is, soon after the start).
+        One that no process drives any more (it was running when its process stopped and has not been resumed) ends
+        its followers' streams, once they have read the log, with UNAVAILABLE: they watch again once it is."""
+        if not record.finished:
+            resumed = await self._resumed_soon(record.run_id)
+            if resumed is not None:
+                return resumed
         mirror = MirrorRun(record)
         mirror.extend(await self._on_thread(self._entries, record.run_id, record.last_seq), ended_ns=record.ended_ns)
         if not mirror.finished:
             mirror.give_up(_not_driven(record))
         return mirror
+
+    async def _resumed_soon(self, run_id: str) -> Run | None:
+        while (run := self._resumed.get(run_id)) is None:
+            left = self._born + self.resume_wait_s - time.monotonic()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._revival.wait(), left)
+        return run
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         """A run this process does not hold: ended (the registry answers that) or waiting to be resumed."""
