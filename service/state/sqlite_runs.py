@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import time
@@ -58,10 +59,11 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_expires ON runs (expires);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    time_ns INTEGER NOT NULL,
-    event BLOB NOT NULL,  -- codec JSON, UTF-8
-    PRIMARY KEY (run_id, seq)
+    last_seq INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    times TEXT NOT NULL,  -- the events' time_ns, comma-separated
+    events BLOB NOT NULL,  -- codec.dumps_many: a JSON array of the events first_seq..last_seq
+    PRIMARY KEY (run_id, last_seq)
 ) WITHOUT ROWID;
 PRAGMA user_version = 1;
 """
@@ -214,9 +216,21 @@ class SqliteRunLog:
                     for c in chunks
                 ],
             )
+            # one row per run and round, as the Redis shipper's one stream entry: a row and an encoder call per event
+            # cost a third more CPU per event (measured: +21 against +14 µs)
             db.executemany(
-                "INSERT OR IGNORE INTO events (run_id, seq, time_ns, event) VALUES (?, ?, ?, ?)",
-                [(c.run_id, e.seq, e.time_ns, codec.dumps(e.event)) for c in chunks for e in c.entries],
+                "INSERT OR IGNORE INTO events (run_id, last_seq, first_seq, times, events) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.run_id,
+                        c.last_seq,
+                        c.entries[0].seq,
+                        ",".join([str(e.time_ns) for e in c.entries]),
+                        codec.dumps_many([e.event for e in c.entries]),
+                    )
+                    for c in chunks
+                    if c.entries
+                ],
             )
             if now - self._swept > SWEEP_S:
                 self._swept = now
@@ -237,8 +251,10 @@ class SqliteRunLog:
         caller, state, last_seq, created_ns, ended_ns, fingerprint = row
         outcome = None
         if state in ("succeeded", "failed", "cancelled") and last_seq:
-            last = db.execute("SELECT event FROM events WHERE run_id = ? AND seq = ?", (run_id, last_seq)).fetchone()
-            event = codec.loads(last[0]) if last else None
+            last = db.execute(
+                "SELECT events FROM events WHERE run_id = ? AND last_seq = ?", (run_id, last_seq)
+            ).fetchone()
+            event = codec.from_dict(json.loads(last[0])[-1]) if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
 
@@ -247,9 +263,14 @@ class SqliteRunLog:
         if db is None:
             return []
         rows = db.execute(
-            "SELECT seq, time_ns, event FROM events WHERE run_id = ? AND seq <= ? ORDER BY seq", (run_id, last_seq)
+            "SELECT first_seq, times, events FROM events WHERE run_id = ? AND last_seq <= ? ORDER BY last_seq",
+            (run_id, last_seq),
         ).fetchall()
-        return [Entry(seq, time_ns, codec.loads(event)) for seq, time_ns, event in rows]
+        entries = []
+        for first, times, events in rows:
+            for seq, (time_ns, event) in enumerate(zip(times.split(","), json.loads(events), strict=True), first):
+                entries.append(Entry(seq, int(time_ns), codec.from_dict(event)))
+        return entries
 
 
 def _not_driven(record: RunRecord) -> StateUnavailable:
