@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
 DRAINED = "was handed over: the server driving it is shutting down"
 
 
@@ -60,6 +61,10 @@ class DurableRuns:
         self._continuer = continuer
         await self.store.open()
         self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
+        # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT_S):
+                await self.store.looked.wait()
 
     def journal(self, run: Run, *, background: bool) -> Journal | None:
         """The journal of a run about to start, if it is durable."""
