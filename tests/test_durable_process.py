@@ -109,21 +109,23 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
         yield server
 
 
-async def start_run(port: int) -> tuple[str, asyncio.Task[None]]:
-    """A run that outlives its call (CONTINUE: durable by default), its stream read in the background."""
+async def start_run(port: int) -> tuple[str, asyncio.Task[grpc.aio.AioRpcError | None]]:
+    """A run that outlives its call (CONTINUE: durable by default), its stream read in the background to its end
+    (the task's result: the status it ended with, None for OK)."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     call = stub(channel).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
     first = await call.read()
     assert first.HasField("run_started")
 
-    async def drain() -> None:
+    async def drain() -> grpc.aio.AioRpcError | None:
         try:
             while await call.read() is not grpc.aio.EOF:
                 pass
-        except grpc.aio.AioRpcError:
-            pass  # its process was killed
+        except grpc.aio.AioRpcError as exc:
+            return exc
         finally:
             await channel.close()
+        return None
 
     return first.run_id, asyncio.create_task(drain())
 
@@ -199,5 +201,43 @@ async def test_kill_9_in_a_fleet_the_survivor_takes_the_run_over(
         assert recovered == next(e for e in live if e.HasField("run_recovered"))
         # after what Redis held of the dead process's log (at least its turn 1 and both tool calls)
         assert recovered.seq > recovered.run_recovered.seq > 0
+    finally:
+        await fleet.stop()
+
+
+async def test_a_drained_process_hands_its_run_to_the_peer(
+    tmp_path: Path, fake: FakeAnthropic, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
+) -> None:
+    """SIGTERM with a run that cannot finish within the grace: the caller's stream ends UNAVAILABLE saying where to
+    WatchRun from, the process exits cleanly, and the peer continues the run at once (released, not failed)."""
+    fleet = Fleet(
+        tmp_path,
+        fake,
+        state={"url": redis_ns.url, "prefix": redis_ns.prefix},
+        records={"url": postgres_schema.url},
+    )
+    try:
+        fleet.hold()
+        draining, port_a = await fleet.start("a")
+        _, port_b = await fleet.start("b")
+        run_id, stream = await start_run(port_a)
+        await asyncio.wait_for(fleet.both_started(), 15)
+        draining.send_signal(signal.SIGTERM)
+        ended = await asyncio.wait_for(stream, 15)
+        assert await asyncio.wait_for(draining.wait(), 15) == 0
+        fleet.release()
+        assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE
+        details = str(ended.details())
+        assert "handed over" in details and "after_seq=" in details
+        after_seq = int(details.rpartition("after_seq=")[2].rstrip(")"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as channel:
+            rest = [
+                e
+                async for e in stub(channel).WatchRun(
+                    pb.WatchRunRequest(run_id=run_id, after_seq=after_seq), timeout=30
+                )
+            ]
+        assert rest[0].seq == after_seq + 1 and rest[0].HasField("run_recovered")
+        check_continued(fleet, await watch(port_b, run_id))
     finally:
         await fleet.stop()
