@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -165,6 +166,9 @@ async def test_kill_9_and_restart_on_the_same_data_dir_continues_the_run(tmp_pat
         events = await watch(port, run_id)
         assert [e.WhichOneof("event") for e in events[:2]] == ["run_started", "run_recovered"]
         check_continued(fleet, events)
+        with sqlite3.connect(tmp_path / "node" / "deadletter.db") as db:  # for reconciliation
+            letters = db.execute("SELECT run_id, tool, status, error_type FROM dead_letters").fetchall()
+        assert letters == [(run_id, "effect", "outcome_unknown", "OutcomeUnknown")]
     finally:
         await fleet.stop()
 
