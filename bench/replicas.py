@@ -85,6 +85,12 @@ REDIS = Variant("redis", "redis://", redis=True)
 ONE = Variant("workers-1", "1 worker, redis://", redis=True)
 TWO = Variant("workers-2", "--workers 2, redis://", redis=True, workers=2)
 DURABLE = Variant("durable", "durable (SQLite checkpoints), memory://", redis=False, durable=True)
+# the goals of a backend that must cost little (issues 16 and 18): first byte at most 1.3x, events/s at least 0.7x
+AT_SIMILAR_COST = (
+    ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
+    ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
+    ("events/s", "events_per_s", 0.7, True),
+)
 COMPARISONS = {
     "state": Comparison(
         "state",
@@ -92,11 +98,7 @@ COMPARISONS = {
         REDIS,
         MEMORY,
         (100, 1000),
-        (
-            ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
-            ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
-            ("events/s", "events_per_s", 0.7, True),
-        ),
+        AT_SIMILAR_COST,
     ),
     "workers": Comparison(
         "workers",
@@ -116,11 +118,7 @@ COMPARISONS = {
         DURABLE,
         MEMORY,
         (100, 1000),
-        (
-            ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
-            ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
-            ("events/s", "events_per_s", 0.7, True),
-        ),
+        AT_SIMILAR_COST,
     ),
 }
 # every figure of the tables, the candidate ÷ the baseline: (label, key, unit)
