@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,6 +54,8 @@ class DurableRuns:
         self.config = config
         self.shared = shared
         self._recovery: asyncio.Task[None] | None = None
+        # the journals of the runs driven here, while they are (a run's task holds its journal)
+        self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
         self._continuer: Continuer | None = None
 
     async def start(self, continuer: Continuer) -> None:
@@ -71,7 +74,7 @@ class DurableRuns:
         if not run.spec.durable:
             return None
         entries = run.log  # appended to, never replaced
-        return Journal.start(
+        journal = self._journals[run.id] = Journal.start(
             self.store,
             run_id=run.id,
             caller=run.caller,
@@ -79,6 +82,7 @@ class DurableRuns:
             background=background,
             last_seq=lambda: len(entries),
         )
+        return journal
 
     async def _resume(self, stored: DurableRun) -> None:
         assert self._continuer is not None
@@ -88,7 +92,7 @@ class DurableRuns:
             await self.store.end(stored.run_id, run)
             return
         entries = run.log
-        journal = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
+        journal = self._journals[run.id] = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
         log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
         self._continuer.adopt(run, journal, background=stored.background)
 
@@ -118,7 +122,7 @@ class DurableRuns:
         streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
         to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
         tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
-        runs = [r for r in runs if r.spec.durable and r.task is not None and not r.task.done()]
+        runs = [r for r in runs if r.task is not None and not r.task.done() and self._recorded(r)]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
@@ -132,6 +136,12 @@ class DurableRuns:
                 await self.store.release(run.id)
             except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
                 log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    def _recorded(self, run: Run) -> bool:
+        """Whether `run` is durable and recorded: one still queued, or not yet recorded, has nothing a peer could
+        continue, and is interrupted as a run that is not durable."""
+        journal = self._journals.get(run.id)
+        return journal is not None and journal.recorded
 
     async def aclose(self) -> None:
         await self.stop_recovering()

@@ -79,6 +79,7 @@ class Journal:
         self.run = run
         self.run_id = run.run_id
         self.fresh = fresh
+        self.recorded = not fresh  # whether the run is in the store (a new one: once `open` has recorded it)
         self.last_seq = last_seq  # the run's last event seq, written with each step (recovery resumes after it)
         self.why = why
         self.step_no = 0
@@ -156,6 +157,7 @@ class Journal:
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
             await _written(functools.partial(self.store.begin, self.run))
+            self.recorded = True
             return None
         last = self._last
         return RunRecovered(
