@@ -27,6 +27,7 @@ from service.control import RunControl
 from service.durable.base import CheckpointStore, DurableRun
 from service.durable.journal import Journal
 from service.errors import RunHandedOver
+from service.events import Event, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
 DRAINED = "was handed over: the server driving it is shutting down"
+
+
+def _step_key(event: Event) -> str | None:
+    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`."""
+    if type(event) is Usage:
+        return f"turn:{event.turn}"
+    if type(event) is ToolResult:
+        return f"call:{event.call_id}"
+    return None
 
 
 class Continuer(Protocol):
@@ -93,6 +103,7 @@ class DurableRuns:
             return
         entries = run.log
         journal = self._journals[run.id] = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
+        journal.logged = {key for e in entries if (key := _step_key(e.event))}
         log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
         self._continuer.adopt(run, journal, background=stored.background)
 
