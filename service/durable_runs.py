@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,7 @@ from service.control import RunControl
 from service.durable.base import CheckpointStore, DurableRun
 from service.durable.journal import Journal
 from service.errors import RunHandedOver
+from service.events import Event, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
@@ -36,7 +38,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
 DRAINED = "was handed over: the server driving it is shutting down"
+
+
+def _step_key(event: Event) -> str | None:
+    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`."""
+    if type(event) is Usage:
+        return f"turn:{event.turn}"
+    if type(event) is ToolResult:
+        return f"call:{event.call_id}"
+    return None
 
 
 class Continuer(Protocol):
@@ -63,6 +75,8 @@ class DurableRuns:
         self.shared = shared
         self.flush = flush
         self._recovery: asyncio.Task[None] | None = None
+        # the journals of the runs driven here, while they are (a run's task holds its journal)
+        self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
         self._continuer: Continuer | None = None
 
     async def start(self, continuer: Continuer) -> None:
@@ -71,13 +85,17 @@ class DurableRuns:
         self._continuer = continuer
         await self.store.open()
         self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
+        # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT_S):
+                await self.store.looked.wait()
 
     def journal(self, run: Run, *, background: bool) -> Journal | None:
         """The journal of a run about to start, if it is durable."""
         if not run.spec.durable:
             return None
         entries = run.log  # appended to, never replaced
-        return Journal.start(
+        journal = self._journals[run.id] = Journal.start(
             self.store,
             run_id=run.id,
             caller=run.caller,
@@ -86,6 +104,7 @@ class DurableRuns:
             last_seq=lambda: len(entries),
             before_step=self._flush(run),
         )
+        return journal
 
     async def _resume(self, stored: DurableRun) -> None:
         assert self._continuer is not None
@@ -95,7 +114,10 @@ class DurableRuns:
             await self.store.end(stored.run_id, run)
             return
         entries = run.log
-        journal = Journal.resume(self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run))
+        journal = self._journals[run.id] = Journal.resume(
+            self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run)
+        )
+        journal.logged = {key for e in entries if (key := _step_key(e.event))}
         log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
         self._continuer.adopt(run, journal, background=stored.background)
 
@@ -124,10 +146,11 @@ class DurableRuns:
             self._recovery = None
 
     async def hand_over(self, runs: Sequence[Run]) -> None:
-        """Give `runs` up at a drain, not failed: each stops where it is (its streams end RUN_HANDED_OVER), its
-        events are out (in the shared store), and then it is released for a peer to claim at once. A
-        checkpoint the stop cut off is either committed before the release or not at all; a tool call it cut off
-        is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        """Give the durable ones of `runs` still going up at a drain, not failed: each stops where it is (its
+        streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
+        to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
+        tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        runs = [r for r in runs if r.task is not None and not r.task.done() and self._recorded(r)]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
@@ -141,6 +164,12 @@ class DurableRuns:
                 await self.store.release(run.id)
             except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
                 log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    def _recorded(self, run: Run) -> bool:
+        """Whether `run` is durable and recorded: one still queued, or not yet recorded, has nothing a peer could
+        continue, and is interrupted as a run that is not durable."""
+        journal = self._journals.get(run.id)
+        return journal is not None and journal.recorded
 
     async def aclose(self) -> None:
         await self.stop_recovering()
