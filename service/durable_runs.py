@@ -5,8 +5,8 @@ and the hand-over of its own at a drain.
 The registry launches a run with `journal(run)` (None: not durable, today's fast path, nothing paid); the loop
 checkpoints each finished model turn and tool call through it (never per event). `start` opens the checkpoint store
 and keeps looking for runs to continue (`CheckpointStore.recover`); each claimed run is rebuilt from its recorded
-request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first. Where its earlier
-events are (the shared run store on a fleet, so its seqs go on from there) is the registry's business (`revived`).
+request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first; its earlier events
+are read back from the shared run store on a fleet, so that its seqs go on from there (`_revived`).
 
 A process that loses a run (a peer claimed it, or this process released it at a drain) stops driving it at once and
 sends nothing more: its streams end UNAVAILABLE with RUN_HANDED_OVER and the seq to WatchRun after.
@@ -154,7 +154,8 @@ class DurableRuns:
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
-        for run in runs:
+        for run in runs:  # before the cancel, so that the driver ends nothing: the seq named is then at most what
+            # a stream has sent when it ends (it sends the whole log first): a WatchRun from it repeats, never skips
             run.give_up(RunHandedOver(run.id, len(run.log), DRAINED))
         await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
         if self.shared is not None and not await self.shared.flushed(5.0):
