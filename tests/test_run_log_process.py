@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -36,6 +37,18 @@ async def serve(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
         record = json.loads(line)
         if record["msg"] == "serving":
             return proc, int(record["port"])
+
+
+def files_after_the_kill(data_dir: Path, run_id: str) -> tuple[int, list[int]]:
+    """What the killed process left on disk of a run: the last seq of its gapless log in runs.db, and the seqs its
+    checkpoints in durable.db were taken at."""
+    with sqlite3.connect(data_dir / "runs.db") as db:
+        rows = db.execute("SELECT first_seq, last_seq FROM events WHERE run_id = ? ORDER BY last_seq", (run_id,))
+        logged = [seq for first, last in rows for seq in range(first, last + 1)]
+    assert logged == list(range(1, len(logged) + 1))
+    with sqlite3.connect(data_dir / "durable.db") as db:
+        steps = [seq for (seq,) in db.execute("SELECT seq FROM run_steps WHERE run_id = ?", (run_id,))]
+    return len(logged), steps
 
 
 async def kill(proc: asyncio.subprocess.Process) -> None:
@@ -76,12 +89,14 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
             seen: list[pb.AgentEvent] = []
             async for event in call:
                 seen.append(event)
-                if len(seen) == 6:
+                if event.WhichOneof("event") == "tool_result":  # past two checkpoints: turn 1 and this result
                     break
             call.cancel()
             await asyncio.sleep(0.1)  # the writer's linger is 5 ms: what was logged by now is on disk
             await kill(proc)
         cut_id = seen[0].run_id
+        kept, steps = files_after_the_kill(tmp_path / "var", cut_id)
+        assert steps and kept >= max(steps), "the log reaches every checkpoint's seq (flushed before each)"
 
         proc, port = await serve(tmp_path)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
