@@ -51,6 +51,17 @@ def files_after_the_kill(data_dir: Path, run_id: str) -> tuple[int, list[int]]:
     return len(logged), steps
 
 
+async def written(path: Path, run_id: str, seq: int) -> None:
+    def reached() -> bool:
+        with sqlite3.connect(path) as db:
+            row = db.execute("SELECT last_seq FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None and row[0] >= seq
+
+    async with asyncio.timeout(10):
+        while not await asyncio.to_thread(reached):  # noqa: ASYNC110 (written by another process)
+            await asyncio.sleep(0.01)
+
+
 async def kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.send_signal(signal.SIGKILL)
@@ -92,7 +103,8 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
                 if event.WhichOneof("event") == "tool_result":  # past two checkpoints: turn 1 and this result
                     break
             call.cancel()
-            await asyncio.sleep(0.1)  # the writer's linger is 5 ms: what was logged by now is on disk
+            # the writer lingers 5 ms; on a loaded machine its round may take longer: kill once it is out
+            await written(tmp_path / "var" / "runs.db", seen[-1].run_id, seen[-1].seq)
             await kill(proc)
         cut_id = seen[0].run_id
         kept, steps = files_after_the_kill(tmp_path / "var", cut_id)
@@ -108,7 +120,7 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
             assert (text(replay), whole(replay)) == (text(done), whole(done))
 
             cut = await agent.GetRun(pb.GetRunRequest(run_id=cut_id))
-            assert cut.last_seq >= len(seen), "every event a caller saw 100 ms before the kill is kept"
+            assert cut.last_seq >= len(seen), "every event written before the kill is kept"
             # resumed at start from its last checkpoint: replayed from 1, then live to its end, with no gap
             replayed = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=cut_id, after_seq=0))]
             assert seqs(replayed) == list(range(1, replayed[-1].seq + 1)), "1..n, no gap"
