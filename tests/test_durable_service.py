@@ -38,6 +38,7 @@ async def test_a_durable_run_is_checkpointed_per_model_turn_and_tool_call_not_pe
     channel = channel_to(svc)
     events = await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)
     assert events[-1].HasField("final_response")
+    await asyncio.wait_for(svc.registry.get(events[0].run_id).task, 5)  # its end is recorded after its last event
     await run_events(channel)  # CANCEL, the default: not durable, nothing recorded
     runs, steps = checkpoints(tmp_path)
     assert [state for _, state in runs] == ["succeeded"]
@@ -82,6 +83,7 @@ async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
     assert second_tools["sleep"].started == 0  # never sent again
     assert len(model.requests) == 1  # turn 2 only: turn 1 was recorded
     assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
+    await asyncio.wait_for(again.registry.get(submitted.run_id).task, 5)  # its end is recorded after its last event
     assert checkpoints(tmp_path)[0][0][1] == "succeeded"
 
 
