@@ -165,6 +165,7 @@ async def test_two_processes_on_one_data_dir_each_checkpoint_under_an_id_of_thei
     for svc in (first, second):
         events = await run_events(channel_to(svc), on_disconnect=pb.RunAgentRequest.CONTINUE)
         assert events[-1].HasField("final_response")
+        await asyncio.wait_for(svc.registry.get(events[0].run_id).task, 5)  # its end is recorded after its last event
     runs, _ = checkpoints(tmp_path)
     assert len({owner for owner, _ in runs}) == 2 and {state for _, state in runs} == {"succeeded"}
 
