@@ -9,7 +9,7 @@ from typing import Any
 
 from service import events as ev
 from service.control import RunControl
-from service.errors import StateUnavailable
+from service.errors import RunHandedOver, StateUnavailable
 from service.loop import RunSpec
 from service.run import EVENT_BYTES, Entry, Run, RunRecord, RunState
 
@@ -43,6 +43,8 @@ class SharedRun(Run):
         async with aclosing(entries):  # type: ignore[type-var]
             async for entry in entries:
                 while entry.seq > self.stored:
+                    if isinstance(self.lost, RunHandedOver):  # this stream was sent seqs up to entry.seq - 1
+                        raise self.lost.at(entry.seq - 1)
                     if self.lost is not None:
                         raise self.lost
                     await self._changed()
