@@ -206,3 +206,23 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
         assert found is not None and [e.seq for e in found[1]] == [1, 2, 3]
     finally:
         await log.close()
+
+
+async def test_a_durable_runs_streams_are_sent_only_what_the_file_holds(tmp_path: Path) -> None:
+    """No caller may hold a seq a restart would reuse: past `run_started` (which a restart makes the same), a durable
+    stream is sent an event once a round has committed it."""
+    reg = registry(tmp_path / "runs.db", pacing_ms=1)
+    try:
+        run, _ = reg.start(spec("run_s", durable=True), caller="alice")
+        assert reg.runlog is not None
+        sent = 0
+        async for entry in run.follow(0, coalesce_lag=10_000):
+            sent += 1
+            if entry.seq == 1:
+                assert reg.runlog.writer.rounds == 0  # the first event at once, before any write
+                continue
+            record = await reg.runlog.record("run_s")
+            assert record is not None and record.last_seq >= entry.seq
+        assert sent == len(run.log) > 10
+    finally:
+        await reg.close()

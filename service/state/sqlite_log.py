@@ -1,12 +1,14 @@
 """The writer of the embedded run log (`sqlite_runs.py`): the durable runs' records and events go to data_dir/runs.db
 behind the runs' backs, so that after `kill -9` and a restart GetRun and WatchRun still answer for them.
 
-A durable run's driver appends to its in-process log as every run does (its own streams never wait on the disk) and
-notes the run here: a dict insertion. One task per process collects what is new of every noted run after a short
-linger and hands it to the database thread as one transaction; the JSON encoding of the events happens there too,
-so the loop pays only the note and its share of the hand-off. `flush(run)` skips the linger and returns once every
-event the run had logged when it was called is committed: a checkpoint calls it first, so that the log of a run
-recovered from that checkpoint reaches at least the checkpoint's seq (no gap between the two).
+A durable run's driver appends to its in-process log as every run does (the driver never waits on the disk) and
+notes the run here: a dict insertion. Its streams are sent an event once a round has committed it (the first,
+`run_started`, at once), so that no caller holds a seq a restarted process would reuse for another event. One task
+per process collects what is new of every noted run after a short linger and hands it to the database thread as one
+transaction; the JSON encoding of the events happens there too, so the loop pays only the note and its share of the
+hand-off. `flush(run)` skips the linger and returns once every event the run had logged when it was called is
+committed: a checkpoint calls it first, so that the log of a run recovered from that checkpoint reaches at least the
+checkpoint's seq (no gap between the two).
 
 A failed write (disk full, I/O error) keeps the runs noted, is logged, and is retried with a backoff: the events wait
 in the runs' own logs meanwhile (no copy), and flush waits with them.
@@ -51,9 +53,13 @@ class LoggedRun(SharedRun):
 
     def __init__(self, *args: Any, history: Sequence[Entry] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Its streams are sent only what the file holds (`SharedRun.follow`), but for seq 1, `run_started`, sent at
+        # once: a run resumed with nothing kept starts its new log with the very same event.
+        self.stored = 1
         if history:  # a run resumed after a restart: its log goes on after what the last process logged
             self.log.extend(history)
             self.created_ns = history[0].time_ns
+            self.stored = len(history)
 
 
 class LogWriter:
@@ -143,6 +149,8 @@ class LogWriter:
             backoff = BACKOFF_S[0]
             self.rounds += 1
             for chunk, run in zip(chunks, batch.values(), strict=True):
+                if isinstance(run, SharedRun):
+                    run.mark_stored(chunk.last_seq)  # its streams may be sent these now
                 if run.finished and chunk.last_seq == len(run.log) and run.id not in self.pending:
                     self.written.pop(run.id, None)  # all of it is on disk: nothing more to remember
                 else:
