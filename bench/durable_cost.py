@@ -5,7 +5,9 @@ model turn, ~1 KB tool results), checkpointed by our batched fenced writer or by
     python -m bench.durable_cost ours:pg --w 100 --s 20 --pg postgresql://127.0.0.1/scratch
     python -m bench.durable_cost dbos:sqlite:json:wal --w 1 --s 200     # DBOS: `pip install dbos` first
 
-Configurations: `none`, `store:pg`, `store:sqlite` (the service's checkpoint stores, service/durable/), `ours:pg`,
+Configurations: `none`, `store:pg`, `store:sqlite` (the service's checkpoint stores, service/durable/), with
+`:log` the one node's run log too (service/state/sqlite_runs.py: each step logs `--events` events to data_dir/runs.db
+and flushes them before its checkpoint, as a durable run does), `ours:pg`,
 `ours:sqlite` (the spike's writer), `dbos:pg|sqlite` plus knobs `:json` (JSON serializer), `:t8`
 (8 executor threads, pool 8), `:wal` (SQLite engine in WAL, synchronous=NORMAL). DBOS keeps its tables in the
 database it is given: point `--pg` at a scratch database. Not part of `make bench`: DBOS is no dependency of ours.
@@ -218,6 +220,20 @@ async def open_store(backend: str, pg: str, tmp: str) -> Any:
     return store
 
 
+def open_runlog(tmp: str) -> Any:
+    from service.state.sqlite_runs import SqliteRunLog
+
+    return SqliteRunLog(Path(tmp) / "runs.db", retention_s=900, max_run_s=3600)
+
+
+async def close_store(store: Any, runlog: Any, pg: str | None) -> None:
+    if runlog is not None:
+        await runlog.close()
+    await store.aclose()
+    if pg is not None:
+        await drop_schema(pg, store.schema)
+
+
 async def drop_schema(pg: str, schema: str) -> None:
     import psycopg
 
@@ -225,16 +241,32 @@ async def drop_schema(pg: str, schema: str) -> None:
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def store_runner(store: Any, wall: list[float]) -> Any:
+def store_runner(store: Any, wall: list[float], runlog: Any = None, events: int = 0) -> Any:
+    """Runs of `n` checkpoints; with `events`, each step first logs that many text deltas in the run's log (in
+    memory, and with `runlog` on disk too, flushed before the checkpoint)."""
+    from service.control import RunControl
     from service.durable.base import DurableRun, Step
+    from service.events import TextDelta
+    from service.run import Run
+    from service.spec import RunSpec
 
     async def run_one(n: int) -> None:
         rid = uuid.uuid4().hex
+        spec = RunSpec(run_id=rid, message="m", model="x", system=None, max_turns=n, max_tokens=1, tools=())
+        if runlog is None:
+            run = Run(spec, RunControl(), caller="bench", key="", fingerprint="")
+        else:
+            run = runlog.new_run(spec, RunControl(), caller="bench", key="", fingerprint="")
         await store.begin(DurableRun(run_id=rid, caller="bench", owner="", state="running", request={"n": n}))
         for i in range(n):
             t = time.perf_counter()
             value = await body(i)
-            await store.put(Step(run_id=rid, step_no=i + 1, kind="turn", key=f"turn:{i}", value=value, seq=i))
+            for _ in range(events):
+                run.append(TextDelta(turn=i, text="a few words "))
+            seq = len(run.log)
+            if runlog is not None:
+                await runlog.flush(run)
+            await store.put(Step(run_id=rid, step_no=i + 1, kind="turn", key=f"turn:{i}", value=value, seq=seq))
             wall.append(time.perf_counter() - t)
         await store.end(rid, "completed")
 
@@ -251,11 +283,13 @@ async def main(a: argparse.Namespace) -> None:
     tmp = tempfile.mkdtemp(prefix="durable-cost-")
     writer: Writer | None = None
     store: Any = None
+    runlog: Any = None
     if kind[0] == "dbos":
         run_one = dbos_runner(kind, a.pg, tmp, wall)
     elif kind[0] == "store":
         store = await open_store(kind[1], a.pg, tmp)
-        run_one = store_runner(store, wall)
+        runlog = open_runlog(tmp) if "log" in kind else None
+        run_one = store_runner(store, wall, runlog, a.events)
     else:
         if kind[0] == "ours":
             writer = PgWriter(a.pg) if kind[1] == "pg" else SqliteWriter(os.path.join(tmp, "ours.sqlite"))
@@ -289,14 +323,12 @@ async def main(a: argparse.Namespace) -> None:
     await asyncio.gather(*(run_one(a.s) for _ in range(a.w)))
     cpu, elapsed, n = time.process_time() - cpu, time.perf_counter() - t0, a.w * a.s
     tick.cancel()
-    out = {"config": a.config, "w": a.w, "s": a.s, "cpu_ms_per_checkpoint": 1000 * cpu / n}
+    out = {"config": a.config, "w": a.w, "s": a.s, "events": a.events, "cpu_ms_per_checkpoint": 1000 * cpu / n}
     out.update(checkpoints_per_s=n / elapsed, wall_p50_ms=pct(wall, 50), wall_p99_ms=pct(wall, 99))
     out.update(loop_lag_p99_ms=pct(lags, 99), loadavg_1m=os.getloadavg()[0])
     print(json.dumps(out), flush=True)
     if store is not None:
-        await store.aclose()
-        if kind[1] == "pg":
-            await drop_schema(a.pg, store.schema)
+        await close_store(store, runlog, a.pg if kind[1] == "pg" else None)
     if writer:
         if writer.task:
             writer.task.cancel()
@@ -310,5 +342,6 @@ if __name__ == "__main__":
     p.add_argument("config")
     p.add_argument("--w", type=int, default=100, help="runs in flight")
     p.add_argument("--s", type=int, default=20, help="checkpoints per run")
+    p.add_argument("--events", type=int, default=0, help="events a step logs before its checkpoint (store:…)")
     p.add_argument("--pg", default=os.environ.get("AGENT_RECORDS_URL", "postgresql://127.0.0.1:5432/test"))
     asyncio.run(main(p.parse_args()))

@@ -38,10 +38,13 @@ from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummary, RunSummaryStore
 from service.retention import Ended, Retention
 from service.run import Run, RunRecord, RunState
-from service.state.base import RunStore
+from service.state.base import RunLookup, RunStore
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
+    from service.durable.journal import Journal
+    from service.durable_runs import DurableRuns
+    from service.state.sqlite_runs import SqliteRunLog
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,18 @@ class RunRegistry:
         load: LoopLoad | None = None,
         store: RunStore | None = None,
         summaries: RunSummaryStore | None = None,
+        durable: DurableRuns | None = None,
+        runlog: SqliteRunLog | None = None,
     ) -> None:
         """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
-        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten."""
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `durable`:
+        checkpoints the runs whose spec is durable, continues claimed ones (None: no run is durable). `runlog`
+        (without `store`): where durable runs' records and events are kept across a restart of this process."""
         self.loop = loop
+        self.durable = durable
         self.store = store
+        self.runlog = runlog if store is None else None
+        self.elsewhere: RunLookup | None = store if store is not None else runlog  # runs this process does not hold
         self.summaries = summaries
         self._summary_writes: set[asyncio.Task[None]] = set()
         if store is not None:
@@ -115,6 +125,8 @@ class RunRegistry:
         existing = self.find(caller.name, key, fingerprint)
         if existing is not None:
             return existing, False
+        if self.durable is not None:
+            self.durable.check(spec)  # before any quota or key is taken
         store = self.store
         if store is None:
             # check and count in one synchronous step: no other start of this caller can pass in between
@@ -127,6 +139,8 @@ class RunRegistry:
             if created and run.task is not None:
                 limits.started(caller)
                 run.task.add_done_callback(lambda _: limits.ended(caller))
+            if created and background and self.durable is not None:
+                await self.durable.record(run)  # SubmitRun answers once its run would survive a crash
             return run, created
         self._check_queue(background)
         run = self._new_run(spec, caller.name, key, fingerprint, deadline, store)
@@ -150,6 +164,8 @@ class RunRegistry:
         if admitted.refused:
             raise CallerLimited(admitted.refused)
         self._launch(run, background)
+        if background and self.durable is not None:
+            await self.durable.record(run)
         return run, True
 
     async def record(self, run_id: str, caller: str) -> RunRecord:
@@ -157,7 +173,7 @@ class RunRegistry:
         try:
             return self.get(run_id, caller).record()
         except NotFound:
-            record = None if self.store is None else await self.store.record(run_id)
+            record = None if self.elsewhere is None else await self.elsewhere.record(run_id)
             if record is None and self.summaries is not None:
                 summary = await self.summaries.get(run_id)
                 if summary is not None:
@@ -175,17 +191,18 @@ class RunRegistry:
             return record
 
     async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
-        """The run to follow: this process's own, else a mirror of the one another process drives. A caller may
-        have seen, from the driving process, a seq not yet shipped here: up to a second is given for it to arrive."""
+        """The run to follow: this process's own, else a mirror of the one another process drives (or drove, before
+        a restart). A caller may have seen, from the driving process, a seq not yet shipped here: up to a second is
+        given for it to arrive."""
         try:
             return self.get(run_id, caller)
         except NotFound:
-            if self.store is None:
+            if self.elsewhere is None:
                 raise
-            record = await self.store.record(run_id)
+            record = await self.elsewhere.record(run_id)
             if record is None or record.caller != caller:
                 raise
-            mirror = await self.store.mirror(record)
+            mirror = await self.elsewhere.mirror(record)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await mirror.reached(after_seq)
@@ -194,12 +211,12 @@ class RunRegistry:
     async def cancel_elsewhere(self, record: RunRecord, *, after_turn: bool) -> RunRecord:
         """Cancel a run another process drives: the store reaches its owner; the final record when the run ends
         within a second (IMMEDIATE), else the record as it stands."""
-        assert self.store is not None
+        assert self.elsewhere is not None
         if record.state == RunState.CANCELLED.value:
             return record
         if record.finished:
             raise RunAlreadyEnded(f"run {record.run_id} already ended ({record.state}); nothing to cancel")
-        return await self.store.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
+        return await self.elsewhere.cancel(record, after_turn=after_turn, wait_s=0.0 if after_turn else 1.0)
 
     def _cancel_requested(self, run_id: str, after_turn: bool) -> None:
         run = self.runs.get(run_id)
@@ -222,18 +239,28 @@ class RunRegistry:
             deadline=limit if deadline is None else min(deadline, limit),
             min_tool_budget_s=self.config.min_tool_budget_s,
         )
-        if store is None:
-            return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
-        return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        if store is not None:
+            return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        if self.runlog is not None and spec.durable:  # kept across a restart; the others stay in memory only
+            return self.runlog.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
+        return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
 
-    def _launch(self, run: Run, background: bool) -> None:
-        run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+    def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
+        """Drive a durable run claimed from a process that stopped (`DurableRuns`): its log already holds what was
+        kept of it, and its journal's `run_recovered` event comes next."""
+        self._launch(run, background, journal, announce=False)
+
+    def _launch(self, run: Run, background: bool, journal: Journal | None = None, *, announce: bool = True) -> None:
+        if announce:
+            run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+        if journal is None and self.durable is not None:
+            journal = self.durable.journal(run, background=background)
         self.runs[run.id] = run
         if run.idempotency_key:
             self._keys[(run.caller, run.idempotency_key)] = run.id
         if background:
             self._background_runs += 1
-        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task = asyncio.create_task(self._drive(run, background, journal), name=f"run {run.id}")
         run.task.add_done_callback(functools.partial(self._driver_done, run, background))
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
@@ -270,7 +297,7 @@ class RunRegistry:
         else:
             run.control.stop_now(reason)
 
-    async def _drive(self, run: Run, background: bool) -> None:
+    async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         telemetry.ACTIVE_RUNS.inc()
         try:
@@ -283,7 +310,7 @@ class RunRegistry:
                     return
             try:
                 run.state = RunState.RUNNING
-                await play(run, self.loop, self.config, clock=self.clock, load=self.load)
+                await play(run, self.loop, self.config, clock=self.clock, load=self.load, journal=journal)
             finally:
                 if background:
                     self._background.release()
@@ -294,17 +321,21 @@ class RunRegistry:
     def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
         # without this the run would stay QUEUED, and its followers wait, for ever.
-        if not run.finished:
+        if not run.finished and run.lost is None:
             run.append(stopped(run))
             self._end(run, background)
 
     def _end(self, run: Run, background: bool) -> None:
-        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line."""
+        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line. A
+        durable run handed over (`run.lost`) has not ended: it goes on elsewhere, and nothing more is logged here."""
         if background:
             self._background_runs -= 1
-        if run.outcome is None:
-            run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
-        run.finish()
+        if run.lost is not None:
+            return
+        if not run.finished:  # a durable run is finished by its driver, at its closing event
+            if run.outcome is None:
+                run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
+            run.finish()
         run.ended_at = self.clock()
         self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
         if self.retention.bytes > self.config.max_retained_bytes:
@@ -334,12 +365,17 @@ class RunRegistry:
             log.exception("run summary not written", extra={"run_id": run.id})
 
     async def shutdown(self, grace: float) -> None:
-        """Give running runs `grace` seconds, then stop them with a retryable error naming each run."""
+        """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and
+        stop the others with a retryable error naming each run."""
+        if self.durable is not None:
+            await self.durable.stop_recovering()
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         if live:
             _, pending = await asyncio.wait(live, timeout=grace)
             if pending:
                 log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
+        if self.durable is not None:
+            await self.durable.hand_over(list(self.runs.values()))
         for run in self.runs.values():
             if not run.finished:
                 reason = RunInterrupted(
@@ -362,8 +398,10 @@ class RunRegistry:
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
         if self._summary_writes:
             await asyncio.wait(self._summary_writes, timeout=5.0)
-        if self.store is not None:
-            await self.store.close()  # after the runs: their last events are shipped first
+        if self.elsewhere is not None:
+            await self.elsewhere.close()  # after the runs: their last events are shipped (or written) first
+        if self.durable is not None:
+            await self.durable.aclose()
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""

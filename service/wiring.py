@@ -24,6 +24,7 @@ from service.durable.base import CheckpointStore
 from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
 from service.durable.sqlite import SqliteCheckpointStore
+from service.durable_runs import DurableRuns
 from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
@@ -47,6 +48,8 @@ from service.rpc.server import HealthServicer, Service, start_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
 from service.state.base import RunStore
+from service.state.sqlite_runs import FILE as RUN_LOG_FILE
+from service.state.sqlite_runs import SqliteRunLog
 from tools import load_tools
 from tools.base import Tool
 
@@ -61,9 +64,10 @@ async def start(
     metrics: bool = True,
     tools: dict[str, Tool[Any]] | None = None,
     model: Model | None = None,
+    worker: int | None = None,
 ) -> Service:
     """Build the service from `config` and start serving. `tools` and `model` replace the ones the config describes
-    (tests pass their own)."""
+    (tests pass their own); `worker`: this process's index under --workers N."""
     tools = build_tools(config) if tools is None else tools
     warn_unavailable(tools)
     model = build_model(config) if model is None else model
@@ -77,7 +81,12 @@ async def start(
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
     summaries = records.summaries if config.records.url is not None else None
-    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
+    runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
+    kept = store if store is not None else runlog
+    flush = None if runlog is None else runlog.flush
+    durable = DurableRuns(build_checkpoints(config, worker=worker), config.runs, shared=kept, flush=flush)
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
+    await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,
@@ -257,6 +266,17 @@ def build_records(config: Config) -> Records:
         dead_letter=PgDeadLetterStore(database, retention_s=retention_s),
         summaries=PgRunSummaryStore(database),
         database=database,
+    )
+
+
+def build_run_log(config: Config) -> SqliteRunLog:
+    """The durable runs' records and events on one node (memory:// run state): data_dir/runs.db, opened when the
+    first durable run is logged or a run this process does not hold is looked up."""
+    return SqliteRunLog(
+        config.data_dir / RUN_LOG_FILE,
+        retention_s=config.runs.retention_s,
+        max_run_s=config.runs.max_run_s,
+        synchronous=config.durable.sqlite_synchronous,
     )
 
 

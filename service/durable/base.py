@@ -3,6 +3,7 @@ composition root from `records.url` (SQLite file by default, PostgreSQL for a fl
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -35,6 +36,10 @@ class DurableRun:
     steps: list[Step] = field(default_factory=list)
 
 
+class ExecutorIdInUse(RuntimeError):
+    """Another live process holds this executor id (two processes on one data_dir need ids of their own)."""
+
+
 class TakenOver(Exception):
     """The store refused a write: another process owns the run now (this one was thought dead). The run must stop at
     once and emit nothing more: its new owner continues it."""
@@ -42,6 +47,7 @@ class TakenOver(Exception):
 
 class CheckpointStore(Protocol):
     owner: str  # this process's executor id
+    looked: asyncio.Event  # set once `recover` has made its first look (and resumed what it claimed)
 
     async def open(self) -> None: ...
 

@@ -74,6 +74,9 @@ class BatchingStore:
         self._released: set[str] = set()
         self._leftovers: list[str] = []  # its own running runs from before a restart, found at `open`
         self._wake = asyncio.Event()
+        # set once `recover` has looked the first time: a process serves its own runs left from before a restart
+        # from its first call on, not a moment later
+        self.looked = asyncio.Event()
 
     # --- the protocol -------------------------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class BatchingStore:
                 await self._claim_and_resume(resume)
             except Exception:  # the database away (or a bug): the runs stay where they are for the next look
                 log.exception("durable runs could not be recovered now; trying again")
+            self.looked.set()
             await self._wait_for_work()
 
     async def _claim_and_resume(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
@@ -117,8 +121,10 @@ class BatchingStore:
             log.info("durable run claimed", extra={"run_id": run_id, "steps": len(run.steps)})
             try:
                 await resume(run)
-            except Exception:
-                log.exception("resuming a durable run failed", extra={"run_id": run_id})
+            except Exception:  # e.g. the shared run store away: ours still, so the next look tries it again
+                log.exception("resuming a durable run failed; trying again", extra={"run_id": run_id})
+                self._driving.discard(run_id)
+                self._leftovers.append(run_id)
 
     async def load(self, run_id: str) -> DurableRun | None:
         raise NotImplementedError

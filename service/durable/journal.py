@@ -11,20 +11,51 @@ A run without a journal pays for none of this: the loop tests for `None` at a tu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_delay, stop_never
+from tenacity import wait_exponential_jitter as backoff
+
 from service import codec
-from service.durable.base import CheckpointStore, DurableRun, Step, StepKind
+from service.durable.base import CheckpointStore, DurableRun, Step, StepKind, TakenOver
 from service.events import Event, RunRecovered, ToolResult
 from service.models import base as m
 from service.policy.call import ToolCallRequest
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 """The layout of the step values written here; a reader meeting a newer one refuses it (rather than replay half)."""
 
 CRASHED = "the process driving the run stopped before the run ended"
+END_RETRY_S = 30.0
+"""How long the end of a run is retried: the run has ended meanwhile; an end never recorded leaves the run to be
+continued by a restart or a peer, which replays it to its (recorded) last turn and sends its closing event again."""
+
+
+async def _written(write: Callable[[], Awaitable[None]], stop_after_s: float | None = None) -> None:
+    """`write()`, and again with backoff while the store fails (the database away): the run waits for it, as a step
+    must be recorded before the run goes on (the write is idempotent on its step number). Never a write that was
+    refused (TakenOver). The run's deadline and cancellation bound the wait; `stop_after_s` too, when given."""
+    try:
+        await write()  # the usual case, without building a retrier per checkpoint
+        return
+    except TakenOver:
+        raise
+    except Exception as exc:
+        log.warning("a checkpoint could not be written; retrying", extra={"error": str(exc) or type(exc).__name__})
+    async for attempt in AsyncRetrying(
+        retry=retry_if_not_exception_type(TakenOver),
+        wait=backoff(multiplier=0.05, max=2.0, jitter=0.05),
+        stop=stop_after_delay(stop_after_s) if stop_after_s is not None else stop_never,
+        reraise=True,
+    ):
+        with attempt:
+            await write()
 
 
 def _no_seq() -> int:
@@ -43,11 +74,20 @@ class Journal:
         fresh: bool,
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        # awaited before each step and the end are written: the run's events up to then are kept (its log then
+        # reaches every step's seq, and its closing event precedes its recorded end)
+        self.before_step = before_step
         self.run = run
         self.run_id = run.run_id
         self.fresh = fresh
+        self.recorded = not fresh  # whether the run is in the store (a new one: once `open` has recorded it)
+        # the steps whose event the run's log holds, by key: "turn:N" (its `usage`), "call:ID" (its `tool_result`);
+        # None: all recorded ones. A step recorded just before a crash may never have reached the log: its event is
+        # then sent on the way through (`unlogged`)
+        self.logged: set[str] | None = None
         self.last_seq = last_seq  # the run's last event seq, written with each step (recovery resumes after it)
         self.why = why
         self.step_no = 0
@@ -68,19 +108,26 @@ class Journal:
         request: dict[str, Any],
         background: bool = False,
         last_seq: Callable[[], int] = _no_seq,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> Journal:
         """The journal of a new run; `open` records the run (`request`: its RunSpec as JSON) before it goes on."""
         run = DurableRun(
             run_id=run_id, caller=caller, owner=store.owner, state="running", request=request, background=background
         )
-        return cls(store, run, fresh=True, last_seq=last_seq)
+        return cls(store, run, fresh=True, last_seq=last_seq, before_step=before_step)
 
     @classmethod
     def resume(
-        cls, store: CheckpointStore, run: DurableRun, *, last_seq: Callable[[], int] = _no_seq, why: str = CRASHED
+        cls,
+        store: CheckpointStore,
+        run: DurableRun,
+        *,
+        last_seq: Callable[[], int] = _no_seq,
+        why: str = CRASHED,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> Journal:
         """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps."""
-        return cls(store, run, fresh=False, last_seq=last_seq, why=why)
+        return cls(store, run, fresh=False, last_seq=last_seq, why=why, before_step=before_step)
 
     def _replay(self, step: Step) -> None:
         value = step.value
@@ -116,6 +163,12 @@ class Journal:
         """The recorded result of a call: it is not run again, and nothing of it is sent again."""
         return self._results.get(call_id)
 
+    def unlogged(self, key: str) -> bool:
+        """Whether a recorded step's event is missing from the run's log ("turn:N", "call:ID"): its process died
+        between recording it and logging the event. It is sent then (the step is not done again), so that the
+        caller's record of tokens and side effects is whole."""
+        return self.logged is not None and key not in self.logged
+
     def intended(self, call_id: str) -> bool:
         """Whether an unsafe call's intent was recorded: with no result, it may have happened."""
         return call_id in self._intents
@@ -124,7 +177,7 @@ class Journal:
         """A new run: recorded as this process's, before its first model turn. A resumed one: the `RunRecovered`
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
-            await self.store.begin(self.run)
+            await self.record()
             return None
         last = self._last
         return RunRecovered(
@@ -135,6 +188,12 @@ class Journal:
         )
 
     # What the loop records.
+
+    async def record(self) -> None:
+        """Record a new run as this process's (once; `open` does it unless done before)."""
+        if not self.recorded:
+            await _written(functools.partial(self.store.begin, self.run))
+            self.recorded = True
 
     async def turn_ended(self, turn: int, end: m.TurnEnd) -> None:
         value = {
@@ -169,15 +228,23 @@ class Journal:
 
     async def end(self, state: str) -> None:
         """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
-        "failed" or "cancelled". It is not to be recovered any more."""
-        await self.store.end(self.run_id, state)
+        "failed" or "cancelled". It is not to be recovered any more (unless the store stays away: see END_RETRY_S)."""
+        try:
+            if self.before_step is not None:
+                await self.before_step()
+            await _written(functools.partial(self.store.end, self.run_id, state), END_RETRY_S)
+        except TakenOver:
+            raise
+        except Exception:
+            log.exception("the end of a durable run could not be recorded", extra={"run_id": self.run_id})
 
     async def _put(self, kind: StepKind, key: str, value: dict[str, Any]) -> None:
         # numbered before the await: the steps of concurrent calls get distinct numbers in the order they ended
         self.step_no += 1
-        await self.store.put(
-            Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
-        )
+        step = Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
+        if self.before_step is not None:
+            await self.before_step()
+        await _written(functools.partial(self.store.put, step))
 
 
 def recorded_results(journal: Journal, calls: Iterable[ToolCallRequest]) -> dict[str, ToolResult]:

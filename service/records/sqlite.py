@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from service.config import StoreConfig, load_config
@@ -44,6 +45,20 @@ def connect(path: Path) -> sqlite3.Connection:
     _set_wal(conn)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an autocommit connection (`connect`): the write lock taken at once (IMMEDIATE, so a
+    busy database waits out busy_timeout here rather than fail at the first write), rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _set_wal(conn: sqlite3.Connection, tries: int = 100) -> None:

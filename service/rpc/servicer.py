@@ -71,7 +71,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.anonymous = anonymous
         self.caller_limits = caller_limits
         self.tool_specs = tool_specs
-        self.validator = Validator(config, self.tools, self.unavailable, default_model)
+        durable = registry.durable is not None
+        self.validator = Validator(config, self.tools, self.unavailable, default_model, durable=durable)
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""
@@ -130,9 +131,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             run = self.registry.get(self.run_id(request.run_id), caller=caller)
         except NotFound:
-            if self.registry.store is None:
+            if self.registry.elsewhere is None:
                 raise
-            record = await self.registry.record(request.run_id, caller)  # driven by another process
+            # driven by another process, or (embedded run log) by this one before a restart
+            record = await self.registry.record(request.run_id, caller)
             record = await self.registry.cancel_elsewhere(record, after_turn=after_turn)
             return pb.CancelRunResponse(run_id=record.run_id, state=run_state(RunState(record.state)))
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success

@@ -28,7 +28,36 @@ class Admission(NamedTuple):
     refused: str = ""
 
 
-class RunStore(Protocol):
+class RunLookup(Protocol):
+    """Where the registry finds the runs it does not hold: the shared store (another replica drives them), or the
+    embedded default's run log (`sqlite_runs.SqliteRunLog`: a durable run this process drove before a restart)."""
+
+    async def record(self, run_id: str) -> RunRecord | None:
+        """The run's record; none yet: a shared store waits briefly for one shipped with a just-started run's first
+        events."""
+
+    async def mirror(self, record: RunRecord) -> Run:
+        """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""
+
+    async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
+        """Ask the driving process to cancel; wait up to `wait_s` for the run to end and return its record."""
+
+    async def close(self) -> None: ...
+
+
+class RunKeeper(RunLookup, Protocol):
+    """A store that keeps runs' logs beyond this process, from which a durable run it claims goes on."""
+
+    async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
+        """A durable run claimed from a process that stopped, to drive here from now on: its log holds the events
+        the store has of it (seqs 1..n; empty when the store has none), and new ones are kept after them. Or the
+        run's final state when the store has its end already."""
+
+    async def flushed(self, within_s: float) -> bool:
+        """Wait (up to `within_s`) until what this process logged is in the store; False when it is not."""
+
+
+class RunStore(RunKeeper, Protocol):
     """A run-state store shared by the replicas. Every method may raise `StateUnavailable` when the store cannot be
     reached, except `shipped`, which never wait on it (the driving process ships in the background)."""
 
@@ -44,14 +73,3 @@ class RunStore(Protocol):
 
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
-
-    async def record(self, run_id: str) -> RunRecord | None:
-        """The run's record; none yet: waits briefly for one shipped with a just-started run's first events."""
-
-    async def mirror(self, record: RunRecord) -> Run:
-        """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""
-
-    async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
-        """Ask the driving process to cancel; wait up to `wait_s` for the run to end and return its record."""
-
-    async def close(self) -> None: ...

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError, ResponseError
 
 from service import codec, telemetry
+from service.state.mirror import SharedRun
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
@@ -199,7 +200,14 @@ class Shipper:
             # "equal or smaller than the target stream top item": already there (a retried transaction)
             if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
                 log.warning("the state store refused a write: %s", result)
+        self._landed(progress)
+        return left
+
+    def _landed(self, progress: list[tuple[Run, int, bool, str]]) -> None:
+        """A round's transaction is in: each run's seqs up to `last` are stored (its streams may have them)."""
         for run, last, done, state in progress:
+            if isinstance(run, SharedRun):
+                run.mark_stored(last)
             if done:
                 self.shipped.pop(run.id, None)
                 self.recorded.pop(run.id, None)
@@ -207,4 +215,3 @@ class Shipper:
             else:
                 self.shipped[run.id] = last
                 self.recorded[run.id] = state
-        return left

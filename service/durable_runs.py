@@ -1,0 +1,232 @@
+"""Durable runs in the service (issue 18; decision 0001): which runs are checkpointed, the journal each one is driven
+with, the continuation of the runs this process claims (its own after a restart, a dead peer's, a draining peer's),
+and the hand-over of its own at a drain.
+
+The registry launches a run with `journal(run)` (None: not durable, today's fast path, nothing paid); the loop
+checkpoints each finished model turn and tool call through it (never per event). `start` opens the checkpoint store
+and keeps looking for runs to continue (`CheckpointStore.recover`); each claimed run is rebuilt from its recorded
+request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first; its earlier events
+are read back from the shared run store on a fleet, so that its seqs go on from there (`_revived`).
+
+A process that loses a run (a peer claimed it, or this process released it at a drain) stops driving it at once and
+sends nothing more: its streams end UNAVAILABLE with RUN_HANDED_OVER and the seq to WatchRun after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from service.aio import cancel_and_wait
+from service.config import RunsConfig
+from service.control import RunControl
+from service.durable.base import CheckpointStore, DurableRun, ExecutorIdInUse
+from service.durable.journal import Journal
+from service.errors import RecordsUnavailable, RunHandedOver
+from service.events import Event, ToolResult, Usage
+from service.loop import AgentLoop
+from service.run import Run
+from service.spec import RunSpec
+
+if TYPE_CHECKING:
+    from service.state.base import RunKeeper
+
+log = logging.getLogger(__name__)
+
+START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
+DRAINED = "was handed over: the server driving it is shutting down"
+
+
+def _step_key(event: Event) -> str | None:
+    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`."""
+    if type(event) is Usage:
+        return f"turn:{event.turn}"
+    if type(event) is ToolResult:
+        return f"call:{event.call_id}"
+    return None
+
+
+class Continuer(Protocol):
+    """What `DurableRuns` needs of the registry to continue a claimed run (`service.runs.RunRegistry`)."""
+
+    def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
+        """Drive `run` with `journal` from here on."""
+
+
+class DurableRuns:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        config: RunsConfig,
+        *,
+        shared: RunKeeper | None = None,
+        flush: Callable[[Run], Awaitable[None]] | None = None,
+    ) -> None:
+        """`shared`: where the events of a run a dead peer (or this process before a restart) drove are kept: the
+        fleet's run store, or one node's run log (None: nowhere). `flush(run)`: returns once the events the run has
+        logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log."""
+        self.store = store
+        self.config = config
+        self.shared = shared
+        self.flush = flush
+        self._recovery: asyncio.Task[None] | None = None
+        # the journals of the runs driven here, while they are (a run's task holds its journal)
+        self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
+        self._continuer: Continuer | None = None
+        self.ready = False  # the store is open: durable runs may start
+
+    async def start(self, continuer: Continuer) -> None:
+        """Open the store, then keep continuing the runs this process claims (at once for its own left from before
+        a restart, within `durable.recover_interval_s` for a dead peer's). A store that cannot be opened (the
+        records database away) does not stop the service: durable runs are refused until it opens, in the
+        background."""
+        self._continuer = continuer
+        try:
+            await self._open()
+        except Exception as exc:
+            log.warning(
+                "the checkpoint store cannot be opened; durable runs are refused until it can",
+                extra={"error": str(exc) or type(exc).__name__},
+            )
+            self._recovery = asyncio.create_task(self._open_later(), name="durable recovery")
+            return
+        self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
+        # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT_S):
+                await self.store.looked.wait()
+
+    async def _open(self) -> None:
+        try:
+            await self.store.open()
+        except ExecutorIdInUse:
+            # another live process on this data_dir has the kept id (tests, or two processes meant as one): this one
+            # takes an id of its own, not kept, so its runs left by a crash go on only where a peer claims them
+            kept, self.store.owner = self.store.owner, f"{self.store.owner}-{secrets.token_hex(3)}"
+            log.warning(
+                "executor id in use by another live process; using another (set durable.executor_id per process)",
+                extra={"executor_id": kept, "using": self.store.owner},
+            )
+            await self.store.open()
+        self.ready = True
+
+    async def _open_later(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+            except Exception:
+                delay = min(2 * delay, 30.0)
+                continue
+            log.info("the checkpoint store is open; durable runs are taken again")
+            await self.store.recover(self._resume)
+
+    def check(self, spec: RunSpec) -> None:
+        """Refuse a durable run while the checkpoint store is not open (UNAVAILABLE, retryable), rather than start a
+        run that would not survive a crash; a run that is not durable goes on as ever."""
+        if spec.durable and not self.ready:
+            raise RecordsUnavailable(
+                "durable runs cannot start now: the records database that keeps their checkpoints does not answer; "
+                "retry in a few seconds, or send durability NOT_DURABLE"
+            )
+
+    def journal(self, run: Run, *, background: bool) -> Journal | None:
+        """The journal of a run about to start, if it is durable."""
+        if not run.spec.durable:
+            return None
+        entries = run.log  # appended to, never replaced
+        journal = self._journals[run.id] = Journal.start(
+            self.store,
+            run_id=run.id,
+            caller=run.caller,
+            request=run.spec.to_json(),
+            background=background,
+            last_seq=lambda: len(entries),
+            before_step=self._flush(run),
+        )
+        return journal
+
+    async def _resume(self, stored: DurableRun) -> None:
+        assert self._continuer is not None
+        spec = RunSpec.from_json(stored.request)
+        run = await self._revived(spec, stored.caller)
+        if isinstance(run, str):
+            await self.store.end(stored.run_id, run)
+            return
+        entries = run.log
+        journal = self._journals[run.id] = Journal.resume(
+            self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run)
+        )
+        journal.logged = {key for e in entries if (key := _step_key(e.event))}
+        log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
+        self._continuer.adopt(run, journal, background=stored.background)
+
+    def _flush(self, run: Run) -> Callable[[], Awaitable[None]] | None:
+        return None if self.flush is None else functools.partial(self.flush, run)
+
+    async def _revived(self, spec: RunSpec, caller: str) -> Run | str:
+        """The run to drive again, its log holding what was kept of it: on a fleet its events in the shared store, on
+        one node those in its run log (data_dir/runs.db), so that its seqs go on from there. Or
+        the final state of a run whose closing event was out before the crash (its end not yet recorded)."""
+        limit = asyncio.get_running_loop().time() + self.config.max_run_s
+        control = RunControl(deadline=limit, min_tool_budget_s=self.config.min_tool_budget_s)
+        if self.shared is not None:
+            run = await self.shared.revive(spec, control, caller=caller)
+            if isinstance(run, str) or run.log:
+                return run
+        else:
+            run = Run(spec, control, caller=caller, key="", fingerprint="")
+        run.append(AgentLoop.started(spec))
+        return run
+
+    async def stop_recovering(self) -> None:
+        """At a drain: claim nothing more (the runs to continue are a peer's to take now)."""
+        if self._recovery is not None:
+            await cancel_and_wait([self._recovery], 5.0)
+            self._recovery = None
+
+    async def hand_over(self, runs: Sequence[Run]) -> None:
+        """Give the durable ones of `runs` still going up at a drain, not failed: each stops where it is (its
+        streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
+        to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
+        tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        runs = [r for r in runs if r.task is not None and not r.task.done() and not r.finished and self._recorded(r)]
+        if not runs:
+            return
+        log.warning("handing durable runs over", extra={"runs": len(runs)})
+        for run in runs:  # before the cancel, so that the driver ends nothing: the seq named is then at most what
+            # a stream has sent when it ends (it sends the whole log first): a WatchRun from it repeats, never skips
+            run.give_up(RunHandedOver(run.id, len(run.log), DRAINED))
+        await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
+        if self.shared is not None and not await self.shared.flushed(5.0):
+            log.warning("handing runs over with events not shipped: a peer continues after the last one shipped")
+        for run in runs:
+            try:
+                await self.store.release(run.id)
+            except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
+                log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    async def record(self, run: Run) -> None:
+        """Record a new durable run now rather than when its driver starts it: a background run, before SubmitRun
+        answers with its id (a crash after the answer must not lose it, queued or not)."""
+        journal = self._journals.get(run.id)
+        if journal is not None:
+            await journal.record()
+
+    def _recorded(self, run: Run) -> bool:
+        """Whether `run` is durable and recorded: one still queued, or not yet recorded, has nothing a peer could
+        continue, and is interrupted as a run that is not durable."""
+        journal = self._journals.get(run.id)
+        return journal is not None and journal.recorded
+
+    async def aclose(self) -> None:
+        await self.stop_recovering()
+        with contextlib.suppress(Exception):
+            await self.store.aclose()

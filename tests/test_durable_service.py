@@ -1,0 +1,211 @@
+"""Durable runs in the service on one node (the embedded default: checkpoints in a SQLite file under data_dir): what a
+durable run records, and a drain that hands a run over to the next start instead of failing it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from backends import RedisNamespace
+
+from agent.v1 import agent_pb2 as pb
+from conftest import ECHO_THEN_ANSWER, run_events, stub
+from fake_tools import all_tools
+from service.durable.sqlite import DEFAULT_FILE
+
+SLOW_TOOL = [
+    {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},
+    {"text": "done"},
+]
+
+
+def checkpoints(tmp_path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(run owner, state) of every durable run and (run id, kind) of every step, as the file holds them."""
+    with sqlite3.connect(tmp_path / "var" / DEFAULT_FILE) as db:
+        runs = db.execute("SELECT owner, state FROM durable_runs ORDER BY created").fetchall()
+        steps = db.execute("SELECT run_id, kind FROM run_steps ORDER BY run_id, step_no").fetchall()
+    return runs, steps
+
+
+async def test_a_durable_run_is_checkpointed_per_model_turn_and_tool_call_not_per_event(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    svc = await start_service(ECHO_THEN_ANSWER)
+    channel = channel_to(svc)
+    events = await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)
+    assert events[-1].HasField("final_response")
+    await asyncio.wait_for(svc.registry.get(events[0].run_id).task, 5)  # its end is recorded after its last event
+    await run_events(channel)  # CANCEL, the default: not durable, nothing recorded
+    runs, steps = checkpoints(tmp_path)
+    assert [state for _, state in runs] == ["succeeded"]
+    # echo may change something (unsafe): its intent is committed before it runs
+    assert [kind for _, kind in steps] == ["turn", "intent", "tool", "turn"]
+    assert len(events) > len(steps)  # deltas and the rest are not checkpointed
+
+
+async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The drained stream ends UNAVAILABLE (RUN_HANDED_OVER, where to watch from); the run is released, not failed;
+    the next start on the data_dir claims it: turn 1 is not requested again, the sleep call it cut off (unsafe) is
+    not run again but ends OUTCOME_UNKNOWN, and the run finishes."""
+    first_tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=first_tools)
+    submitted = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))
+    await asyncio.wait_for(first_tools["sleep"].running.wait(), 5)
+    watch = stub(channel_to(svc)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))
+    seen = []
+    drain = asyncio.create_task(svc.drain(grace=0.1))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for event in watch:
+            seen.append(event)
+    await drain
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
+    assert not any(e.HasField("error") for e in seen)  # not failed: it goes on elsewhere
+    assert checkpoints(tmp_path)[0] == [("", "running")]  # released: any process may claim it
+
+    second_tools = all_tools()
+    again = await start_service(SLOW_TOOL, tools=second_tools)
+    model = again.registry.loop.model
+    watched = [e async for e in stub(channel_to(again)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))]
+    # its log goes on from the events kept in data_dir/runs.db: those seen before the drain, then run_recovered
+    assert watched[: len(seen)] == seen
+    recovered = watched[len(seen)]
+    assert recovered.run_recovered.turn == 1 and recovered.run_recovered.step_no == 2  # turn 1, the intent
+    result = next(e.tool_result for e in watched if e.HasField("tool_result"))
+    assert result.status == pb.TOOL_STATUS_OUTCOME_UNKNOWN and "sleep" in result.error
+    assert watched[-1].final_response.text == "done"
+    assert second_tools["sleep"].started == 0  # never sent again
+    assert len(model.requests) == 1  # turn 2 only: turn 1 was recorded
+    assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
+    await asyncio.wait_for(again.registry.get(submitted.run_id).task, 5)  # its end is recorded after its last event
+    assert checkpoints(tmp_path)[0][0][1] == "succeeded"
+
+
+async def test_a_process_whose_run_was_claimed_stops_it_at_once_and_says_where_it_goes_on(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The claim is the fence: once another owner is recorded (as a peer that thought this process dead writes
+    it), the next checkpoint is refused, the run stops with no closing event, and its stream ends UNAVAILABLE."""
+    tools = all_tools()
+    turns = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 0.3}}]}, {"text": "never sent from here"}]
+    svc = await start_service(turns, tools=tools)
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
+    seen = []
+    async for event in call:
+        seen.append(event)
+        if event.HasField("tool_call"):
+            break
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)
+    with sqlite3.connect(tmp_path / "var" / DEFAULT_FILE) as db:
+        db.execute("UPDATE durable_runs SET owner = 'peer'")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for event in call:
+            seen.append(event)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "claimed by another process" in str(ended.value.details())
+    assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
+    assert not any(e.HasField("tool_result") or e.HasField("error") for e in seen)  # its result is the peer's
+    assert len(svc.registry.loop.model.requests) == 1
+
+
+async def test_submit_run_answers_once_its_run_is_recorded_and_a_drain_hands_a_queued_one_over(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """A queued background run is recorded before SubmitRun answers: a crash after the answer does not lose it, and
+    a drain hands it over with the running one."""
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools, runs={"background_max_concurrent": 1})
+    running = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="first"))
+    queued = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="second"))
+    assert len(checkpoints(tmp_path)[0]) == 2  # both recorded as SubmitRun answered (the second waits for a slot)
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)
+    await svc.drain(grace=0.1)
+    for submitted in (running, queued):
+        assert svc.registry.get(submitted.run_id).lost is not None  # handed over, not ended here
+    assert checkpoints(tmp_path)[0] == [("", "running"), ("", "running")]
+
+
+async def test_a_durable_run_ends_with_its_closing_event_not_after_its_end_is_recorded(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """A chaos finding: the run's state (GetRun, the shared record) waited for the checkpoint of its end, so a
+    crash in between left it RUNNING for good. Now the run has ended as its closing event is logged."""
+    svc = await start_service(ECHO_THEN_ANSWER)
+    store = svc.registry.durable.store
+    recording, release = asyncio.Event(), asyncio.Event()
+    end = store.end
+
+    async def slow_end(run_id: str, state: str) -> None:
+        recording.set()
+        await release.wait()
+        await end(run_id, state)
+
+    store.end = slow_end
+    events = await run_events(channel_to(svc), on_disconnect=pb.RunAgentRequest.CONTINUE)
+    await asyncio.wait_for(recording.wait(), 5)
+    got = await stub(channel_to(svc)).GetRun(pb.GetRunRequest(run_id=events[0].run_id))
+    assert got.state == pb.Run.SUCCEEDED  # while its end is not recorded yet
+    assert checkpoints(tmp_path)[0][0][1] == "running"
+    release.set()
+    await asyncio.wait_for(svc.registry.get(events[0].run_id).task, 5)
+    assert checkpoints(tmp_path)[0][0][1] == "succeeded"
+
+
+async def test_two_processes_on_one_data_dir_each_checkpoint_under_an_id_of_their_own(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The kept executor id is held by the first; the second takes another (and says so) rather than not start."""
+    first, second = await start_service(ECHO_THEN_ANSWER), await start_service(ECHO_THEN_ANSWER)
+    for svc in (first, second):
+        events = await run_events(channel_to(svc), on_disconnect=pb.RunAgentRequest.CONTINUE)
+        assert events[-1].HasField("final_response")
+        await asyncio.wait_for(svc.registry.get(events[0].run_id).task, 5)  # its end is recorded after its last event
+    runs, _ = checkpoints(tmp_path)
+    assert len({owner for owner, _ in runs}) == 2 and {state for _, state in runs} == {"succeeded"}
+
+
+async def test_durable_runs_are_refused_while_their_database_is_away_and_the_others_run(
+    start_service: Any, channel_to: Any
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        away = f"postgresql://postgres@127.0.0.1:{probe.getsockname()[1]}/test"
+    svc = await start_service(ECHO_THEN_ANSWER, records={"url": away, "timeout_s": 0.5})
+    channel = channel_to(svc)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "NOT_DURABLE" in str(refused.value.details())
+    events = await run_events(channel)  # CANCEL: not durable, runs as ever
+    assert events[-1].HasField("final_response")
+
+
+async def test_a_durable_runs_stream_is_sent_only_what_the_shared_store_holds(
+    start_service: Any, channel_to: Any, redis_ns: RedisNamespace
+) -> None:
+    """A chaos finding: a caller had been sent seqs the dying process had not shipped, and the process continuing
+    the run from the store's last seq sent other events under them. Every event a durable run's stream sends is in
+    Redis first."""
+    import redis.asyncio as redis
+
+    turns = [{"text": " ".join(f"w{i}" for i in range(40)), "tool_calls": [{"name": "echo", "input": {"text": "x"}}]}]
+    svc = await start_service([*turns, {"text": "done"}], state={"url": redis_ns.url, "prefix": redis_ns.prefix})
+    client = redis.Redis.from_url(redis_ns.url)
+    try:
+        call = stub(channel_to(svc)).RunAgent(
+            pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE)
+        )
+        checked = 0
+        async for event in call:
+            last = await client.xrevrange(f"{redis_ns.prefix}run:{event.run_id}:events", count=1)
+            assert last and int(last[0][0].split(b"-")[1]) >= event.seq, f"seq {event.seq} sent before it was stored"
+            checked += 1
+        assert checked > 10 and event.HasField("final_response")
+    finally:
+        await client.aclose()
