@@ -1,0 +1,235 @@
+"""What the chaos harness asserts once the runs are over, from what it saw rather than from the service's word:
+
+- every run reached a terminal state, and it is SUCCEEDED (the model and the tools never fail here: a run that
+  failed or was lost failed because of a crash);
+- every run's log is gapless 1..last_seq and the same from every replica (`WatchRun(after_seq=0)`), and the seqs
+  its caller was sent across its reconnections were gapless too;
+- no model turn was requested again after the attempt the run recorded (the model's own count, `model.py`);
+- an unsafe call (a POST) reached the upstream at most once, and one cut off by a crash is reported OUTCOME_UNKNOWN;
+  no call reached the upstream that is not in its run's log (a cut-off turn's tool call never runs);
+- the time from a kill to each `run_recovered` event that followed it (p50/p99), for the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+
+from agent.v1 import agent_pb2 as pb
+from bench.chaos.clients import Seen
+from bench.chaos.effects import Effects
+from bench.chaos.model import MARK, ChaosModel
+
+OUTCOME_UNKNOWN = pb.TOOL_STATUS_OUTCOME_UNKNOWN
+
+
+@dataclass
+class RunLog:
+    """One run as the fleet tells it after the chaos: its record and its whole log from each live replica."""
+
+    seen: Seen
+    state: int = pb.Run.STATE_UNSPECIFIED
+    last_seq: int = 0
+    logs: dict[str, list[pb.AgentEvent]] = field(default_factory=dict)  # replica name -> events
+    problem: str = ""  # why the fleet could not tell (GetRun or WatchRun failed)
+    record_lag: int = 0  # GetRun answers that were not terminal yet after WatchRun had sent the run's end
+
+    @property
+    def events(self) -> list[pb.AgentEvent]:
+        return next(iter(self.logs.values()), [])
+
+
+@dataclass
+class Report:
+    runs: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    kills: int = 0
+    model_requests: int = 0
+    turns_requested_again: int = 0  # requests for a turn the crash cut off before it was recorded: allowed
+    model_after_recorded: int = 0  # requests for a turn after its recorded attempt: must be 0
+    unsafe_calls: int = 0
+    unsafe_max_executions: int = 0
+    unsafe_interrupted: int = 0
+    outcome_unknown: int = 0
+    safe_calls: int = 0
+    safe_repeats: int = 0  # safe calls run more than once (allowed: at least once)
+    recovered: int = 0
+    resume_s: list[float] = field(default_factory=list)
+    caller_breaks: int = 0
+    record_lags: int = 0  # runs whose GetRun trailed their log's end (not a violation: it caught up)
+    violations: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "states": self.states,
+            "kills": self.kills,
+            "model_requests": self.model_requests,
+            "turns_requested_again": self.turns_requested_again,
+            "model_requests_after_recorded_turn": self.model_after_recorded,
+            "unsafe_calls": self.unsafe_calls,
+            "unsafe_max_executions_per_call": self.unsafe_max_executions,
+            "unsafe_interrupted": self.unsafe_interrupted,
+            "outcome_unknown": self.outcome_unknown,
+            "safe_calls": self.safe_calls,
+            "safe_calls_repeated": self.safe_repeats,
+            "run_recovered_events": self.recovered,
+            "kill_to_resume_p50_s": _quantile(self.resume_s, 0.5),
+            "kill_to_resume_p99_s": _quantile(self.resume_s, 0.99),
+            "kill_to_resume_max_s": max(self.resume_s, default=None),
+            "caller_stream_breaks": self.caller_breaks,
+            "runs_whose_record_trailed_the_log": self.record_lags,
+            "violations": len(self.violations),
+        }
+
+
+def check(runs: list[RunLog], model: ChaosModel, effects: Effects, kills: list[float]) -> Report:
+    report = Report(runs=len(runs), kills=len(kills), caller_breaks=sum(len(r.seen.breaks) for r in runs))
+    report.record_lags = sum(r.record_lag > 0 for r in runs)
+    for run in runs:
+        name = pb.Run.State.Name(run.state)
+        report.states[name] = report.states.get(name, 0) + 1
+        _check_end(run, report)
+        _check_logs(run, report)
+        _check_turns(run, model, report)
+        _check_resumption(run, sorted(kills), report)
+    _check_effects(runs, effects, report)
+    report.model_requests = sum(sum(t.attempts.values()) for t in model.runs.values())
+    if model.unknown_requests:
+        report.violations.append(f"{model.unknown_requests} model request(s) named no chaos run")
+    return report
+
+
+def _check_end(run: RunLog, report: Report) -> None:
+    seen = run.seen
+    if run.problem:
+        report.violations.append(f"{seen.label} ({seen.run_id or 'no run id'}): {run.problem}")
+    elif run.state != pb.Run.SUCCEEDED:
+        state = pb.Run.State.Name(run.state)
+        report.violations.append(f"{seen.label} {seen.run_id}: ended {state}, not SUCCEEDED ({seen.error or '-'})")
+    if not seen.end:
+        report.violations.append(f"{seen.label} {seen.run_id}: its caller saw no end ({seen.error or 'no error'})")
+
+
+def _check_logs(run: RunLog, report: Report) -> None:
+    seen, expected = run.seen, list(range(1, run.last_seq + 1))
+    for replica, events in run.logs.items():
+        covered = [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)]
+        if covered != expected:
+            report.violations.append(
+                f"{seen.label} {seen.run_id}: log from {replica} is not 1..{run.last_seq}: {_gaps(covered)}"
+            )
+    bodies = {replica: canonical(events) for replica, events in run.logs.items()}
+    if len({tuple(b) for b in bodies.values()}) > 1:
+        report.violations.append(f"{seen.label} {seen.run_id}: the replicas' logs differ: {_first_difference(bodies)}")
+    if seen.received and seen.received != list(range(1, len(seen.received) + 1)):
+        report.violations.append(f"{seen.label} {seen.run_id}: its caller was sent {_gaps(seen.received)}")
+
+
+def _check_turns(run: RunLog, model: ChaosModel, report: Report) -> None:
+    turns = model.runs.get(run.seen.label)
+    if turns is None:
+        return
+    recorded = {turn: set(attempts) for turn, attempts in turns.recorded.items()}
+    final = [e.final_response.text for e in run.events if e.HasField("final_response")]
+    marks = MARK.findall(final[-1]) if final else []
+    if marks and int(marks[-1][0]) == model.turns:
+        recorded.setdefault(model.turns, set()).add(int(marks[-1][1]))
+    for turn, requests in sorted(turns.attempts.items()):
+        kept = recorded.get(turn, set())
+        report.turns_requested_again += requests - 1
+        if len(kept) > 1:
+            report.violations.append(f"{run.seen.label}: turn {turn} forked, attempts {sorted(kept)} both kept")
+        if kept and requests > max(kept):
+            report.model_after_recorded += requests - max(kept)
+            report.violations.append(
+                f"{run.seen.label} {run.seen.run_id}: turn {turn} requested {requests - max(kept)} more time(s) after "
+                f"its recorded attempt {max(kept)}"
+            )
+
+
+def _check_resumption(run: RunLog, kills: list[float], report: Report) -> None:
+    for event in run.events:
+        if not event.HasField("run_recovered"):
+            continue
+        report.recovered += 1
+        at = event.time.ToNanoseconds() / 1e9
+        before = [k for k in kills if k <= at]
+        if before:
+            report.resume_s.append(at - before[-1])
+
+
+def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None:
+    results: dict[str, pb.ToolResult] = {}
+    for run in runs:
+        for event in run.events:
+            if event.HasField("tool_result"):
+                results[f"{event.run_id}:{event.tool_result.call_id}"] = event.tool_result
+    if effects.without_key:
+        report.violations.append(f"{effects.without_key} tool request(s) carried no Idempotency-Key")
+    for key, effect in sorted(effects.by_key.items()):
+        result = results.get(key)
+        if effect.kind == "safe":
+            report.safe_calls += 1
+            report.safe_repeats += effect.executions > 1
+        else:
+            report.unsafe_calls += 1
+            report.unsafe_max_executions = max(report.unsafe_max_executions, effect.executions)
+            report.unsafe_interrupted += effect.interrupted > 0
+            if effect.executions > 1:
+                report.violations.append(f"unsafe call {key} executed {effect.executions} times")
+            if effect.interrupted and result is not None and result.status != OUTCOME_UNKNOWN:
+                status = pb.ToolStatus.Name(result.status)
+                report.violations.append(f"unsafe call {key} was cut off mid-flight but reported {status}")
+        if result is None:
+            report.violations.append(
+                f"{effect.kind} call {key} reached the upstream {effect.executions} time(s) but has no tool_result "
+                "in its run's log"
+            )
+    report.outcome_unknown = sum(r.status == OUTCOME_UNKNOWN for r in results.values())
+
+
+def canonical(events: list[pb.AgentEvent]) -> list[tuple[object, ...]]:
+    """A log in a form two replicas must agree on: a replay may merge a stretch of text (or thinking) deltas into one
+    event (`first_seq`..`seq`) or not, depending on how far behind the reader was, so such stretches are compared
+    as their seqs and whole text; every other event as its bytes."""
+    out: list[tuple[object, ...]] = []
+    for e in events:
+        kind = e.WhichOneof("event")
+        if kind in ("text_delta", "thinking"):
+            delta = getattr(e, kind)
+            first = e.first_seq or e.seq
+            if out and out[-1][:2] == (kind, delta.turn) and out[-1][3] == first - 1:
+                out[-1] = (kind, delta.turn, out[-1][2], e.seq, out[-1][4] + delta.text)
+                continue
+            out.append((kind, delta.turn, first, e.seq, delta.text))
+        else:
+            # as JSON with sorted keys, not bytes: a Struct's map fields serialise in no fixed order
+            out.append((e.seq, json.dumps(json_format.MessageToDict(e), sort_keys=True)))
+    return out
+
+
+def _first_difference(bodies: dict[str, list[tuple[object, ...]]]) -> str:
+    (a, left), (b, right) = list(bodies.items())[:2]
+    for i, (x, y) in enumerate(zip(left, right, strict=False)):
+        if x != y:
+            return f"item {i}: {a} has {str(x)[:150]} where {b} has {str(y)[:150]}"
+    return f"{a} has {len(left)} items, {b} {len(right)}"
+
+
+def _gaps(seqs: list[int]) -> str:
+    """A short account of how a seq list departs from 1..n: first few out-of-place seqs."""
+    bad = [(i + 1, s) for i, s in enumerate(seqs) if s != i + 1][:3]
+    return f"{len(seqs)} seqs, first misplaced (position, seq): {bad}" if bad else f"{len(seqs)} seqs, short"
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
