@@ -10,7 +10,9 @@ from collections.abc import Callable
 from service import events as ev
 from service.coalesce import Coalescer, LoopLoad
 from service.config import RunsConfig
-from service.errors import RunInterrupted
+from service.durable.base import TakenOver
+from service.durable.journal import Journal
+from service.errors import RunHandedOver, RunInterrupted
 from service.loop import AgentLoop
 from service.parts import split
 from service.run import Run
@@ -18,8 +20,17 @@ from service.run import Run
 log = logging.getLogger(__name__)
 
 
-async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable[[], float], load: LoopLoad) -> None:
-    """Drive `run` through `loop` to its last event."""
+async def play(
+    run: Run,
+    loop: AgentLoop,
+    config: RunsConfig,
+    *,
+    clock: Callable[[], float],
+    load: LoopLoad,
+    journal: Journal | None = None,
+) -> None:
+    """Drive `run` through `loop` to its last event (`journal`: a durable run's checkpoints). A durable run another
+    process has claimed stops at once, with no closing event: its followers are told it goes on elsewhere."""
     coalescer = Coalescer(
         run.append,
         window_s=config.coalesce_window_s,
@@ -31,7 +42,7 @@ async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
     try:
-        async for event in loop.run(run.spec, run.control, announce=False):
+        async for event in loop.run(run.spec, run.control, announce=False, journal=journal):
             if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:
                 pieces, size = split(event, config.max_event_data_bytes)
                 run.bytes += size
@@ -41,6 +52,10 @@ async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable
                 coalescer.add(event)
             if len(run.log) > config.max_events_per_run:
                 run.control.stop_now(RunInterrupted(f"run {run.id} exceeded {config.max_events_per_run} events"))
+    except TakenOver:
+        log.warning("durable run taken over by another process; stopped here", extra={"run_id": run.id})
+        coalescer.flush()
+        run.give_up(RunHandedOver(run.id, len(run.log), "was claimed by another process"))
     except Exception:
         # A bug, not a run failure: INTERNAL with the run id to quote; the log has the traceback.
         log.exception("run crashed", extra={"run_id": run.id})

@@ -15,7 +15,9 @@ they are data the model reads (`tools.base.ToolError`).
     │   │                         stream, or failed mid-turn
     │   ├── ModelRequestFailed    INVALID_ARGUMENT: the model API rejected the request; FAILED_PRECONDITION: it
     │   │                         refused the server's own credentials or account (the caller is not at fault)
-    │   └── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
+    │   ├── RunInterrupted        UNAVAILABLE (retryable): the server is shutting down
+    │   └── RunHandedOver         UNAVAILABLE (retryable): a durable run goes on in another process (drain, takeover);
+    │                             this stream ends, WatchRun from `after_seq` follows it there
     └── RequestError          refuses a call as sent; no run starts (or none is touched)
         ├── InvalidRequest        INVALID_ARGUMENT: the message says what to change
         ├── Unauthenticated       UNAUTHENTICATED: no valid credentials where they are required
@@ -115,6 +117,23 @@ class RunInterrupted(RunError):
     code = "UNAVAILABLE"
     reason = "RUN_INTERRUPTED"
     retryable = True
+
+
+class RunHandedOver(RunError):
+    """This process no longer drives a durable run: it released it at a drain, or another process claimed it (this
+    one was thought dead). The run is not over: its new owner continues it, and a WatchRun from `last_seq` (on any
+    replica of a fleet; on this node after its restart) follows it there."""
+
+    code = "UNAVAILABLE"
+    reason = "RUN_HANDED_OVER"
+    retryable = True
+
+    def __init__(self, run_id: str, last_seq: int, why: str) -> None:
+        super().__init__(
+            f"run {run_id} {why}; it goes on elsewhere: follow it with "
+            f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
+        )
+        self.last_seq = last_seq
 
 
 class RunCancelled(RunError):

@@ -108,6 +108,13 @@ class Run:
         self.ended_ns = time.time_ns()
         self._wake()
 
+    def give_up(self, why: AgentError) -> None:
+        """The log cannot be continued here (a mirror's store lost it; a durable run went on in another process):
+        followers get `why` once they have read what is here."""
+        self.lost = why
+        if self._waiters:
+            self._wake()
+
     def record(self) -> RunRecord:
         return RunRecord(
             self.id,

@@ -42,6 +42,8 @@ from service.state.base import RunStore
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
+    from service.durable.journal import Journal
+    from service.durable_runs import DurableRuns
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,13 @@ class RunRegistry:
         load: LoopLoad | None = None,
         store: RunStore | None = None,
         summaries: RunSummaryStore | None = None,
+        durable: DurableRuns | None = None,
     ) -> None:
         """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
-        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten."""
+        `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `durable`:
+        checkpoints the runs whose spec is durable, continues claimed ones (None: no run is durable)."""
         self.loop = loop
+        self.durable = durable
         self.store = store
         self.summaries = summaries
         self._summary_writes: set[asyncio.Task[None]] = set()
@@ -226,14 +231,22 @@ class RunRegistry:
             return Run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
         return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
 
-    def _launch(self, run: Run, background: bool) -> None:
-        run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+    def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
+        """Drive a durable run claimed from a process that stopped (`DurableRuns`): its log already holds what was
+        kept of it, and its journal's `run_recovered` event comes next."""
+        self._launch(run, background, journal, announce=False)
+
+    def _launch(self, run: Run, background: bool, journal: Journal | None = None, *, announce: bool = True) -> None:
+        if announce:
+            run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
+        if journal is None and self.durable is not None:
+            journal = self.durable.journal(run, background=background)
         self.runs[run.id] = run
         if run.idempotency_key:
             self._keys[(run.caller, run.idempotency_key)] = run.id
         if background:
             self._background_runs += 1
-        run.task = asyncio.create_task(self._drive(run, background), name=f"run {run.id}")
+        run.task = asyncio.create_task(self._drive(run, background, journal), name=f"run {run.id}")
         run.task.add_done_callback(functools.partial(self._driver_done, run, background))
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
@@ -270,7 +283,7 @@ class RunRegistry:
         else:
             run.control.stop_now(reason)
 
-    async def _drive(self, run: Run, background: bool) -> None:
+    async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         telemetry.ACTIVE_RUNS.inc()
         try:
@@ -283,7 +296,7 @@ class RunRegistry:
                     return
             try:
                 run.state = RunState.RUNNING
-                await play(run, self.loop, self.config, clock=self.clock, load=self.load)
+                await play(run, self.loop, self.config, clock=self.clock, load=self.load, journal=journal)
             finally:
                 if background:
                     self._background.release()
@@ -294,14 +307,17 @@ class RunRegistry:
     def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
         # without this the run would stay QUEUED, and its followers wait, for ever.
-        if not run.finished:
+        if not run.finished and run.lost is None:
             run.append(stopped(run))
             self._end(run, background)
 
     def _end(self, run: Run, background: bool) -> None:
-        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line."""
+        """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line. A
+        durable run handed over (`run.lost`) has not ended: it goes on elsewhere, and nothing more is logged here."""
         if background:
             self._background_runs -= 1
+        if run.lost is not None:
+            return
         if run.outcome is None:
             run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
         run.finish()
@@ -334,12 +350,18 @@ class RunRegistry:
             log.exception("run summary not written", extra={"run_id": run.id})
 
     async def shutdown(self, grace: float) -> None:
-        """Give running runs `grace` seconds, then stop them with a retryable error naming each run."""
+        """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and
+        stop the others with a retryable error naming each run."""
+        if self.durable is not None:
+            await self.durable.stop_recovering()
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         if live:
             _, pending = await asyncio.wait(live, timeout=grace)
             if pending:
                 log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
+        if self.durable is not None:
+            durable = [r for r in self.runs.values() if r.spec.durable and r.task is not None and not r.task.done()]
+            await self.durable.hand_over(durable)
         for run in self.runs.values():
             if not run.finished:
                 reason = RunInterrupted(
@@ -364,6 +386,8 @@ class RunRegistry:
             await asyncio.wait(self._summary_writes, timeout=5.0)
         if self.store is not None:
             await self.store.close()  # after the runs: their last events are shipped first
+        if self.durable is not None:
+            await self.durable.aclose()
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""

@@ -24,6 +24,7 @@ from service.durable.base import CheckpointStore
 from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
 from service.durable.sqlite import SqliteCheckpointStore
+from service.durable_runs import DurableRuns
 from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
@@ -61,9 +62,10 @@ async def start(
     metrics: bool = True,
     tools: dict[str, Tool[Any]] | None = None,
     model: Model | None = None,
+    worker: int | None = None,
 ) -> Service:
     """Build the service from `config` and start serving. `tools` and `model` replace the ones the config describes
-    (tests pass their own)."""
+    (tests pass their own); `worker`: this process's index under --workers N."""
     tools = build_tools(config) if tools is None else tools
     warn_unavailable(tools)
     model = build_model(config) if model is None else model
@@ -77,7 +79,9 @@ async def start(
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
     summaries = records.summaries if config.records.url is not None else None
-    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
+    durable = DurableRuns(build_checkpoints(config, worker=worker), config.runs, shared=store)
+    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable)
+    await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
     servicer = AgentServicer(
         registry,

@@ -38,6 +38,7 @@ class MemoryCheckpoints:
         self.ledger = ledger
         self.owner = owner
         self.puts = 0
+        self.looked = asyncio.Event()
 
     async def open(self) -> None:
         pass
@@ -83,3 +84,4 @@ class MemoryCheckpoints:
         for run_id, run in list(self.ledger.runs.items()):
             if run.state == "running" and run.owner in ("", self.owner):
                 await resume(self.claim(run_id))
+        self.looked.set()

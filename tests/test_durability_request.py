@@ -46,3 +46,21 @@ def test_a_server_that_cannot_checkpoint_makes_no_run_durable_and_refuses_to_pro
     with pytest.raises(DurabilityUnavailable, match="does not checkpoint runs yet") as info:
         validator.run_spec(R(message="hi", durability=R.DURABLE), "run_3", caller)
     assert info.value.code == "FAILED_PRECONDITION"
+
+
+@pytest.mark.parametrize(
+    ("default", "durability", "on_disconnect", "durable"),
+    [
+        ("durable", R.DURABILITY_UNSPECIFIED, R.CANCEL, True),  # the caller's policy: every run of it
+        ("not_durable", R.DURABILITY_UNSPECIFIED, R.CONTINUE, False),
+        ("not_durable", R.DURABLE, R.CANCEL, True),  # the request's word wins
+        ("durable", R.NOT_DURABLE, R.CONTINUE, False),
+    ],
+)
+def test_a_callers_durability_is_the_default_of_its_requests(
+    default: str, durability: int, on_disconnect: int, durable: bool
+) -> None:
+    validator = Validator(Config(), all_tools(), {}, "m", durable=True)
+    caller = Caller("risk", CallerConfig(name="risk", durability=default), "none")  # type: ignore[arg-type]
+    request = R(message="hi", durability=durability, on_disconnect=on_disconnect)  # type: ignore[arg-type]
+    assert validator.run_spec(request, "run_1", caller).durable is durable

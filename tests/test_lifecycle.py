@@ -298,7 +298,8 @@ async def test_unary_failure_is_a_status(start_service: Any, channel_to: Any) ->
 async def test_drain_interrupts_background_runs_with_a_retryable_error(start_service: Any, channel_to: Any) -> None:
     svc = await start_service(SLOW_TOOL)
     channel = channel_to(svc)
-    submitted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+    request = pb.RunAgentRequest(message="go", durability=pb.RunAgentRequest.NOT_DURABLE)  # durable: handed over
+    submitted = await stub(channel).SubmitRun(request)
     await asyncio.sleep(0.1)
     watch = stub(channel).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))
     seen: list[pb.AgentEvent] = []
@@ -348,7 +349,9 @@ async def test_cancel_run_and_drain_do_not_wait_for_a_tool_that_ignores_cancella
         assert result.status == pb.TOOL_STATUS_CANCELLED and seen[-1].error.code == "CANCELLED"
 
         stubborn.running.clear()
-        interrupted = await stub(channel).SubmitRun(pb.RunAgentRequest(message="go"))
+        interrupted = await stub(channel).SubmitRun(
+            pb.RunAgentRequest(message="go", durability=pb.RunAgentRequest.NOT_DURABLE)
+        )
         await asyncio.wait_for(stubborn.running.wait(), 5)
         started = time.monotonic()
         drain = asyncio.create_task(svc.drain(grace=0.1))

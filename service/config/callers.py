@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from service.config.base import Section
@@ -30,6 +32,12 @@ class CallerConfig(Section):
         ge=1,
         description="runs started in a sliding minute (refused requests do not count); beyond it RESOURCE_EXHAUSTED "
         "saying when to retry; unset: no limit",
+    )
+    durability: Literal["durable", "not_durable"] | None = Field(
+        default=None,
+        description="this caller's runs when a request leaves `durability` unset: checkpointed (durable: they survive "
+        "the crash of their process) or not; unset: durable only the runs that outlive their call (on_disconnect "
+        "CONTINUE, SubmitRun)",
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@ composition root from `records.url` (SQLite file by default, PostgreSQL for a fl
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -42,6 +43,7 @@ class TakenOver(Exception):
 
 class CheckpointStore(Protocol):
     owner: str  # this process's executor id
+    looked: asyncio.Event  # set once `recover` has made its first look (and resumed what it claimed)
 
     async def open(self) -> None: ...
 

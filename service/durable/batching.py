@@ -74,6 +74,9 @@ class BatchingStore:
         self._released: set[str] = set()
         self._leftovers: list[str] = []  # its own running runs from before a restart, found at `open`
         self._wake = asyncio.Event()
+        # set once `recover` has looked the first time: a process serves its own runs left from before a restart
+        # from its first call on, not a moment later
+        self.looked = asyncio.Event()
 
     # --- the protocol -------------------------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class BatchingStore:
                 await self._claim_and_resume(resume)
             except Exception:  # the database away (or a bug): the runs stay where they are for the next look
                 log.exception("durable runs could not be recovered now; trying again")
+            self.looked.set()
             await self._wait_for_work()
 
     async def _claim_and_resume(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:

@@ -71,7 +71,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self.anonymous = anonymous
         self.caller_limits = caller_limits
         self.tool_specs = tool_specs
-        self.validator = Validator(config, self.tools, self.unavailable, default_model)
+        durable = registry.durable is not None
+        self.validator = Validator(config, self.tools, self.unavailable, default_model, durable=durable)
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""

@@ -108,7 +108,7 @@ class Validator:
             metadata={**metadata, "caller": caller.name},
             max_tool_calls=self._limit(request, "max_tool_calls", runs.max_tool_calls),
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
-            durable=self.durable and durable(request, background=background),
+            durable=self.durable and durable(request, background=background, default=caller.config.durability),
         )
 
     @staticmethod
@@ -121,11 +121,13 @@ class Validator:
         return value
 
 
-def durable(request: pb.RunAgentRequest, *, background: bool) -> bool:
-    """Whether the run is checkpointed: as asked, else when it outlives its call (CONTINUE, SubmitRun), whose caller
-    is not there to retry it when the server dies."""
+def durable(request: pb.RunAgentRequest, *, background: bool, default: str | None = None) -> bool:
+    """Whether the run is checkpointed: as asked, else as the caller's `durability` says, else when it outlives its
+    call (CONTINUE, SubmitRun), whose caller is not there to retry it when the server dies."""
     if request.durability != pb.RunAgentRequest.DURABILITY_UNSPECIFIED:
         return bool(request.durability == pb.RunAgentRequest.DURABLE)
+    if default is not None:
+        return default == "durable"
     return background or bool(request.on_disconnect == pb.RunAgentRequest.CONTINUE)
 
 

@@ -348,7 +348,7 @@ def work(
             status.write(b"serving\n")
 
     async def start_worker(config: Config) -> Service:
-        return await start(config, metrics=False)
+        return await start(config, metrics=False, worker=index)  # its own executor id for durable runs
 
     try:
         asyncio.run(serve(config, start_worker, on_serving=serving))

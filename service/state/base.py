@@ -46,6 +46,14 @@ class RunStore(Protocol):
 
     async def record(self, run_id: str) -> RunRecord | None: ...
 
+    async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
+        """A durable run claimed from a process that stopped, to drive here from now on: its log holds the events
+        the store has of it (seqs 1..n; empty when the store has none), and new ones are shipped after them. Or the
+        run's final state when the store has its end already."""
+
+    async def flushed(self, within_s: float) -> bool:
+        """Wait (up to `within_s`) until what this process logged is in the store; False when it is not."""
+
     async def mirror(self, record: RunRecord) -> Run:
         """A `Run` whose log is filled from the store: the same entries and seqs the driving process logged."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from service import events as ev
 from service.control import RunControl
-from service.errors import AgentError, StateUnavailable
+from service.errors import StateUnavailable
 from service.loop import RunSpec
 from service.run import EVENT_BYTES, Entry, Run, RunRecord, RunState
 
@@ -60,10 +60,4 @@ class MirrorRun(Run):
             self.finish()
             self.ended_ns = ended_ns or self.log[-1].time_ns
         elif self._waiters:
-            self._wake()
-
-    def give_up(self, why: AgentError) -> None:
-        """The log cannot be continued: followers get `why` once they have read what is here."""
-        self.lost = why
-        if self._waiters:
             self._wake()

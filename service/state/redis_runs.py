@@ -211,6 +211,38 @@ class RedisRunStore:
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.shipper.note)
 
+    async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
+        pipe = self.client.pipeline(transaction=True)  # hash and stream as of one moment
+        pipe.hgetall(self.layout.run_key(spec.run_id))
+        pipe.xrange(self.layout.events_key(spec.run_id))
+        fields, stream = await self._call(pipe.execute())
+        record = run_record(spec.run_id, fields) if fields else None
+        if record is not None and record.finished:
+            return record.state
+        key = fields.get(b"key", b"").decode() if fields else ""
+        run = SharedRun(
+            spec,
+            control,
+            caller=caller,
+            key=key,
+            fingerprint=record.fingerprint if record else "",
+            shipped=self.shipper.note,
+        )
+        if record is not None:
+            run.created_ns = record.created_ns
+        for _, entry_fields in stream:
+            for entry in log_entries(entry_fields):
+                if entry.seq != len(run.log) + 1:
+                    break  # a stream is gapless by construction (explicit ids): anything else is not ours to extend
+                run.log.append(entry)
+        self.shipper.shipped[run.id] = len(run.log)
+        self._live[run.id] = run
+        self._renew_now = True  # the dead owner's lease on the caller's concurrency becomes this process's
+        return run
+
+    async def flushed(self, within_s: float) -> bool:
+        return await self.shipper.flushed(within_s)
+
     def settled(self, run: Run) -> None:
         self._live.pop(run.id, None)
 

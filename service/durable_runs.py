@@ -1,0 +1,138 @@
+"""Durable runs in the service (issue 18; decision 0001): which runs are checkpointed, the journal each one is driven
+with, the continuation of the runs this process claims (its own after a restart, a dead peer's, a draining peer's),
+and the hand-over of its own at a drain.
+
+The registry launches a run with `journal(run)` (None: not durable, today's fast path, nothing paid); the loop
+checkpoints each finished model turn and tool call through it (never per event). `start` opens the checkpoint store
+and keeps looking for runs to continue (`CheckpointStore.recover`); each claimed run is rebuilt from its recorded
+request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first. Where its earlier
+events are (the shared run store on a fleet, so its seqs go on from there) is the registry's business (`revived`).
+
+A process that loses a run (a peer claimed it, or this process released it at a drain) stops driving it at once and
+sends nothing more: its streams end UNAVAILABLE with RUN_HANDED_OVER and the seq to WatchRun after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from service.aio import cancel_and_wait
+from service.config import RunsConfig
+from service.control import RunControl
+from service.durable.base import CheckpointStore, DurableRun
+from service.durable.journal import Journal
+from service.errors import RunHandedOver
+from service.loop import AgentLoop
+from service.run import Run
+from service.spec import RunSpec
+
+if TYPE_CHECKING:
+    from service.state.base import RunStore
+
+log = logging.getLogger(__name__)
+
+START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
+DRAINED = "was handed over: the server driving it is shutting down"
+
+
+class Continuer(Protocol):
+    """What `DurableRuns` needs of the registry to continue a claimed run (`service.runs.RunRegistry`)."""
+
+    def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
+        """Drive `run` with `journal` from here on."""
+
+
+class DurableRuns:
+    def __init__(self, store: CheckpointStore, config: RunsConfig, *, shared: RunStore | None = None) -> None:
+        """`shared`: the fleet's run store, which holds the events of a run a dead peer drove (None: one node)."""
+        self.store = store
+        self.config = config
+        self.shared = shared
+        self._recovery: asyncio.Task[None] | None = None
+        self._continuer: Continuer | None = None
+
+    async def start(self, continuer: Continuer) -> None:
+        """Open the store, then keep continuing the runs this process claims (at once for its own left from before
+        a restart, within `durable.recover_interval_s` for a dead peer's)."""
+        self._continuer = continuer
+        await self.store.open()
+        self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
+        # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT_S):
+                await self.store.looked.wait()
+
+    def journal(self, run: Run, *, background: bool) -> Journal | None:
+        """The journal of a run about to start, if it is durable."""
+        if not run.spec.durable:
+            return None
+        entries = run.log  # appended to, never replaced
+        return Journal.start(
+            self.store,
+            run_id=run.id,
+            caller=run.caller,
+            request=run.spec.to_json(),
+            background=background,
+            last_seq=lambda: len(entries),
+        )
+
+    async def _resume(self, stored: DurableRun) -> None:
+        assert self._continuer is not None
+        spec = RunSpec.from_json(stored.request)
+        run = await self._revived(spec, stored.caller)
+        if isinstance(run, str):
+            await self.store.end(stored.run_id, run)
+            return
+        entries = run.log
+        journal = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
+        log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
+        self._continuer.adopt(run, journal, background=stored.background)
+
+    async def _revived(self, spec: RunSpec, caller: str) -> Run | str:
+        """The run to drive again, its log holding what was kept of it: on a fleet its events in the shared store,
+        so that its seqs go on from there; on one node nothing survived the process (a fresh log, seqs from 1). Or
+        the final state of a run whose closing event was out before the crash (its end not yet recorded)."""
+        limit = asyncio.get_running_loop().time() + self.config.max_run_s
+        control = RunControl(deadline=limit, min_tool_budget_s=self.config.min_tool_budget_s)
+        if self.shared is not None:
+            run = await self.shared.revive(spec, control, caller=caller)
+            if isinstance(run, str) or run.log:
+                return run
+        else:
+            run = Run(spec, control, caller=caller, key="", fingerprint="")
+        run.append(AgentLoop.started(spec))
+        return run
+
+    async def stop_recovering(self) -> None:
+        """At a drain: claim nothing more (the runs to continue are a peer's to take now)."""
+        if self._recovery is not None:
+            await cancel_and_wait([self._recovery], 5.0)
+            self._recovery = None
+
+    async def hand_over(self, runs: Sequence[Run]) -> None:
+        """Give `runs` up at a drain, not failed: each stops where it is (its streams end RUN_HANDED_OVER), its
+        events are out (in the shared store), and then it is released for a peer to claim at once. A
+        checkpoint the stop cut off is either committed before the release or not at all; a tool call it cut off
+        is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        if not runs:
+            return
+        log.warning("handing durable runs over", extra={"runs": len(runs)})
+        for run in runs:
+            run.give_up(RunHandedOver(run.id, len(run.log), DRAINED))
+        await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
+        if self.shared is not None and not await self.shared.flushed(5.0):
+            log.warning("handing runs over with events not shipped: a peer continues after the last one shipped")
+        for run in runs:
+            try:
+                await self.store.release(run.id)
+            except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
+                log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    async def aclose(self) -> None:
+        await self.stop_recovering()
+        with contextlib.suppress(Exception):
+            await self.store.aclose()

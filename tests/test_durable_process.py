@@ -1,0 +1,203 @@
+"""Durable runs across `kill -9`, with real server processes (`python -m service`): a fake Anthropic API on loopback
+counts the model requests, the `effect` tools count their executions in files. One node restarted on its data_dir
+continues its run; in a fleet (Redis + PostgreSQL) the surviving process takes the dead one's run over.
+
+In both: no model turn is requested twice, the unsafe call the kill cut off is not run again but reported
+OUTCOME_UNKNOWN, the safe one runs again (with the same idempotency key), and the run finishes with gapless seqs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from backends import PostgresSchema, RedisNamespace
+
+from agent.v1 import agent_pb2 as pb
+from conftest import stub
+from fake_anthropic import FakeAnthropic
+
+TESTS = Path(__file__).parent
+
+
+class Fleet:
+    """Server processes of one test, all on one config but each with a data_dir of its own (by name)."""
+
+    def __init__(self, tmp_path: Path, fake: FakeAnthropic, **sections: Any) -> None:
+        self.tmp_path = tmp_path
+        self.fake = fake
+        self.effects = {name: tmp_path / f"{name}.log" for name in ("effect", "effect_safe")}
+        self.config = tmp_path / "config.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": "127.0.0.1:0",
+                    "metrics_listen": "127.0.0.1:0",
+                    "shutdown_grace_s": 1,
+                    "model": {"provider": "anthropic", "retry": {"attempts": 1}},
+                    "tool_modules": ["effect_tool", "effect_safe_tool"],
+                    "tools": {name: {"log": str(path)} for name, path in self.effects.items()},
+                    "durable": {"recover_interval_s": 0.5},
+                    **sections,
+                }
+            )
+        )
+        self.procs: list[Any] = []
+        self.readers: list[asyncio.Task[bytes]] = []
+
+    async def start(self, name: str) -> tuple[Any, int]:
+        env = {
+            **os.environ,
+            "AGENT_DATA_DIR": str(self.tmp_path / name),
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": self.fake.base_url,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "--config", str(self.config), stderr=asyncio.subprocess.PIPE, env=env
+        )
+        self.procs.append(proc)
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            port = None
+            async for line in proc.stderr:
+                if (record := json.loads(line))["msg"] == "serving":
+                    port = int(record["port"])
+                    break
+        assert port is not None, "the service exited before serving"
+        self.readers.append(asyncio.create_task(proc.stderr.read()))  # keeps its pipe drained
+        return proc, port
+
+    def hold(self) -> None:
+        for path in self.effects.values():
+            path.with_name(path.name + ".hold").touch()
+
+    def release(self) -> None:
+        for path in self.effects.values():
+            path.with_name(path.name + ".hold").unlink()
+
+    def executions(self, tool: str) -> list[str]:
+        path = self.effects[tool]
+        return path.read_text().split() if path.exists() else []
+
+    async def both_started(self) -> None:
+        while not (self.executions("effect") and self.executions("effect_safe")):  # noqa: ASYNC110 (another process)
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAnthropic]:
+    async with FakeAnthropic() as server:
+        server.script_turn("Working.", tool_uses=[("effect", {"text": "a"}), ("effect_safe", {"text": "b"})])
+        server.script_turn("done")
+        yield server
+
+
+async def start_run(port: int) -> tuple[str, asyncio.Task[None]]:
+    """A run that outlives its call (CONTINUE: durable by default), its stream read in the background."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call = stub(channel).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
+    first = await call.read()
+    assert first.HasField("run_started")
+
+    async def drain() -> None:
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError:
+            pass  # its process was killed
+        finally:
+            await channel.close()
+
+    return first.run_id, asyncio.create_task(drain())
+
+
+async def watch(port: int, run_id: str) -> list[pb.AgentEvent]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return [e async for e in stub(channel).WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=30)]
+
+
+def check_continued(fleet: Fleet, events: list[pb.AgentEvent]) -> None:
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds.count("run_recovered") == 1, kinds
+    results = {e.tool_result.name: e.tool_result for e in events if e.HasField("tool_result")}
+    assert results["effect"].status == pb.TOOL_STATUS_OUTCOME_UNKNOWN
+    assert results["effect_safe"].status == pb.TOOL_STATUS_OK
+    assert events[-1].final_response.text == "done"
+    assert [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)] == list(range(1, events[-1].seq + 1))
+    assert len(fleet.fake.requests) == 2  # turn 1 before the kill, turn 2 after: none requested twice
+    assert len(fleet.executions("effect")) == 1  # the unsafe call: never sent again
+    safe = fleet.executions("effect_safe")
+    assert len(safe) == 2 and safe[0] == safe[1]  # at least once, with the same idempotency key (run id:call id)
+    assert safe[0].startswith(events[0].run_id + ":")
+
+
+async def test_kill_9_and_restart_on_the_same_data_dir_continues_the_run(tmp_path: Path, fake: FakeAnthropic) -> None:
+    fleet = Fleet(tmp_path, fake)
+    try:
+        fleet.hold()
+        proc, port = await fleet.start("node")
+        run_id, stream = await start_run(port)
+        await asyncio.wait_for(fleet.both_started(), 15)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await stream
+        fleet.release()
+        _, port = await fleet.start("node")
+        events = await watch(port, run_id)
+        assert [e.WhichOneof("event") for e in events[:2]] == ["run_started", "run_recovered"]
+        check_continued(fleet, events)
+    finally:
+        await fleet.stop()
+
+
+async def test_kill_9_in_a_fleet_the_survivor_takes_the_run_over(
+    tmp_path: Path, fake: FakeAnthropic, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
+) -> None:
+    fleet = Fleet(
+        tmp_path,
+        fake,
+        state={"url": redis_ns.url, "prefix": redis_ns.prefix},
+        records={"url": postgres_schema.url},
+    )
+    try:
+        fleet.hold()
+        doomed, port_a = await fleet.start("a")
+        _, port_b = await fleet.start("b")
+        run_id, stream = await start_run(port_a)
+        await asyncio.wait_for(fleet.both_started(), 15)
+        watcher = asyncio.create_task(watch(port_b, run_id))  # from the survivor, opened before the kill
+        await asyncio.sleep(0.2)
+        doomed.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await doomed.wait()
+        await stream
+        fleet.release()
+        live = await asyncio.wait_for(watcher, 30)
+        took = time.monotonic() - killed
+        assert took < 5, f"the run went on {took:.1f} s after the kill"
+        check_continued(fleet, live)
+        after = await watch(port_b, run_id)  # the whole log, once more, from the store
+        check_continued(fleet, after)
+        recovered = next(e for e in after if e.HasField("run_recovered"))
+        assert recovered == next(e for e in live if e.HasField("run_recovered"))
+        # after what Redis held of the dead process's log (at least its turn 1 and both tool calls)
+        assert recovered.seq > recovered.run_recovered.seq > 0
+    finally:
+        await fleet.stop()

@@ -1,0 +1,83 @@
+"""Durable runs in the service on one node (the embedded default: checkpoints in a SQLite file under data_dir): what a
+durable run records, and a drain that hands a run over to the next start instead of failing it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.v1 import agent_pb2 as pb
+from conftest import ECHO_THEN_ANSWER, run_events, stub
+from fake_tools import all_tools
+from service.durable.sqlite import DEFAULT_FILE
+
+SLOW_TOOL = [
+    {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},
+    {"text": "done"},
+]
+
+
+def checkpoints(tmp_path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(run owner, state) of every durable run and (run id, kind) of every step, as the file holds them."""
+    with sqlite3.connect(tmp_path / "var" / DEFAULT_FILE) as db:
+        runs = db.execute("SELECT owner, state FROM durable_runs ORDER BY created").fetchall()
+        steps = db.execute("SELECT run_id, kind FROM run_steps ORDER BY run_id, step_no").fetchall()
+    return runs, steps
+
+
+async def test_a_durable_run_is_checkpointed_per_model_turn_and_tool_call_not_per_event(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    svc = await start_service(ECHO_THEN_ANSWER)
+    channel = channel_to(svc)
+    events = await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)
+    assert events[-1].HasField("final_response")
+    await run_events(channel)  # CANCEL, the default: not durable, nothing recorded
+    runs, steps = checkpoints(tmp_path)
+    assert [state for _, state in runs] == ["succeeded"]
+    # echo may change something (unsafe): its intent is committed before it runs
+    assert [kind for _, kind in steps] == ["turn", "intent", "tool", "turn"]
+    assert len(events) > len(steps)  # deltas and the rest are not checkpointed
+
+
+async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The drained stream ends UNAVAILABLE (RUN_HANDED_OVER, where to watch from); the run is released, not failed;
+    the next start on the data_dir claims it: turn 1 is not requested again, the sleep call it cut off (unsafe) is
+    not run again but ends OUTCOME_UNKNOWN, and the run finishes."""
+    first_tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=first_tools)
+    submitted = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))
+    await asyncio.wait_for(first_tools["sleep"].running.wait(), 5)
+    watch = stub(channel_to(svc)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))
+    seen = []
+    drain = asyncio.create_task(svc.drain(grace=0.1))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for event in watch:
+            seen.append(event)
+    await drain
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
+    assert not any(e.HasField("error") for e in seen)  # not failed: it goes on elsewhere
+    assert checkpoints(tmp_path)[0] == [("", "running")]  # released: any process may claim it
+
+    second_tools = all_tools()
+    again = await start_service(SLOW_TOOL, tools=second_tools)
+    model = again.registry.loop.model
+    watched = [e async for e in stub(channel_to(again)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))]
+    kinds = [e.WhichOneof("event") for e in watched]
+    assert kinds[:2] == ["run_started", "run_recovered"]
+    assert watched[1].run_recovered.turn == 1 and watched[1].run_recovered.step_no == 2  # turn 1, the intent
+    result = next(e.tool_result for e in watched if e.HasField("tool_result"))
+    assert result.status == pb.TOOL_STATUS_OUTCOME_UNKNOWN and "sleep" in result.error
+    assert watched[-1].final_response.text == "done"
+    assert second_tools["sleep"].started == 0  # never sent again
+    assert len(model.requests) == 1  # turn 2 only: turn 1 was recorded
+    assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
+    assert checkpoints(tmp_path)[0][0][1] == "succeeded"
