@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from backends import PostgresSchema, RedisNamespace
 
 from bench.chaos.__main__ import render
@@ -17,10 +16,6 @@ from bench.chaos.harness import Plan, run_chaos
 SHORT = Plan(replicas=2, in_flight=4, duration_s=9, kill_every_s=4, restart_after_s=0.5, settle_s=25, seed=7)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="temporary: durable runs are not wired yet (issue 18, branch h/durable); a killed replica's runs are lost",
-)
 async def test_runs_survive_kill_9_of_their_replica(
     tmp_path: Path, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
 ) -> None:
