@@ -67,7 +67,8 @@ def render(report: Report, plan: Plan) -> str:
         f"{f['turns_requested_again']}; after a recorded turn {f['model_requests_after_recorded_turn']} (must be 0)",
         f"  unsafe calls {f['unsafe_calls']}: max executions per call {f['unsafe_max_executions_per_call']} "
         f"(must be <= 1), cut off mid-flight {f['unsafe_interrupted']}; "
-        f"OUTCOME_UNKNOWN reported {f['outcome_unknown']}",
+        f"OUTCOME_UNKNOWN reported {f['outcome_unknown']} ({f['outcome_unknown_never_reached_upstream']} of them "
+        "had not reached the upstream)",
         f"  safe calls {f['safe_calls']}, run more than once {f['safe_calls_repeated']} (allowed)",
         f"  run_recovered {f['run_recovered_events']}; kill to resumption p50 {_s(f['kill_to_resume_p50_s'])}, "
         f"p99 {_s(f['kill_to_resume_p99_s'])}, max {_s(f['kill_to_resume_max_s'])}",

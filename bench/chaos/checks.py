@@ -55,6 +55,7 @@ class Report:
     unsafe_max_executions: int = 0
     unsafe_interrupted: int = 0
     outcome_unknown: int = 0
+    unknown_not_sent: int = 0  # of those, calls the upstream never saw (the crash came between intent and send)
     safe_calls: int = 0
     safe_repeats: int = 0  # safe calls run more than once (allowed: at least once)
     recovered: int = 0
@@ -75,6 +76,7 @@ class Report:
             "unsafe_max_executions_per_call": self.unsafe_max_executions,
             "unsafe_interrupted": self.unsafe_interrupted,
             "outcome_unknown": self.outcome_unknown,
+            "outcome_unknown_never_reached_upstream": self.unknown_not_sent,
             "safe_calls": self.safe_calls,
             "safe_calls_repeated": self.safe_repeats,
             "run_recovered_events": self.recovered,
@@ -190,7 +192,9 @@ def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None
                 f"{effect.kind} call {key} reached the upstream {effect.executions} time(s) but has no tool_result "
                 "in its run's log"
             )
-    report.outcome_unknown = sum(r.status == OUTCOME_UNKNOWN for r in results.values())
+    unknown = [key for key, r in results.items() if r.status == OUTCOME_UNKNOWN]
+    report.outcome_unknown = len(unknown)
+    report.unknown_not_sent = sum(key not in effects.by_key for key in unknown)
 
 
 def canonical(events: list[pb.AgentEvent]) -> list[tuple[object, ...]]:

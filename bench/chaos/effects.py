@@ -31,6 +31,9 @@ class Effects:
         self.by_key: dict[str, Effect] = {}
         self.without_key = 0  # requests that carried no Idempotency-Key: a violation of the tools' contract
         self.per_kind: dict[str, int] = defaultdict(int)
+        # unsafe calls being held right now: key -> the caller's port, so that the harness can kill that very caller
+        self.unsafe_in_flight: dict[str, int] = {}
+        self.unsafe_arrived = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -60,11 +63,16 @@ class Effects:
         effect = self.by_key.setdefault(key, Effect(kind))
         effect.executions += 1  # the side effect happens on arrival, as an upstream's write would
         effect.paths.add(request.path)
+        if kind == "unsafe" and request.transport is not None:
+            self.unsafe_in_flight[key] = request.transport.get_extra_info("peername")[1]
+            self.unsafe_arrived.set()
         try:
             await asyncio.sleep(self.hold_s)
         except asyncio.CancelledError:  # aiohttp cancels the handler of a lost connection when so configured
             effect.interrupted += 1
             raise
+        finally:
+            self.unsafe_in_flight.pop(key, None)
         if request.transport is None or request.transport.is_closing():
             effect.interrupted += 1
         return web.json_response({"key": key, "kind": kind, "execution": effect.executions})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +109,15 @@ class Fleet:
         replica._drain = asyncio.create_task(_drain(proc, replica.workdir / "service.log", serving))
         replica.port = await asyncio.wait_for(serving, ready_within_s)
         replica.started_at = time.time()
+
+    def holding(self, port: int) -> Replica | None:
+        """The live replica with a connection from local port `port` (to the effect counter, say)."""
+        for replica in self.live():
+            assert replica.proc is not None
+            with contextlib.suppress(psutil.Error):
+                if any(c.laddr and c.laddr.port == port for c in psutil.Process(replica.proc.pid).net_connections()):
+                    return replica
+        return None
 
     def kill(self, replica: Replica) -> float:
         """SIGKILL, at once: no drain, no hand-over, as the OOM killer or a lost node does. Returns the wall time."""

@@ -31,6 +31,9 @@ class Plan:
     in_flight: int = 12  # runs in flight at any time (half streamed with CONTINUE, half submitted)
     duration_s: float = 60.0  # how long replicas are killed
     kill_every_s: float = 5.0  # mean time between two kills (uniform within ±40 %)
+    # every other kill waits (up to kill_every_s) for an unsafe call to reach the upstream and kills its caller then,
+    # so that the rounds always cover a side effect cut off mid-flight; the others land at random
+    aim: bool = True
     restart_after_s: float = 1.0  # a killed replica starts again this long after its kill
     settle_s: float = 90.0  # after the chaos, how long the runs have to end
     turns: int = 3  # model turns per run (all but the last call two tools)
@@ -53,7 +56,7 @@ async def run_chaos(workdir: Path, backends: Backends, plan: Plan, say: Callable
         say(f"chaos: {plan.replicas} replicas serving ({', '.join(r.target for r in fleet.replicas)})")
         callers = Callers(fleet, plan.in_flight, seed=plan.seed)
         driving = asyncio.create_task(callers.run())
-        kills = await _kill_loop(fleet, plan, rng, say)
+        kills = await _kill_loop(fleet, effects, plan, rng, say)
         callers.stop()
         await asyncio.wait({driving}, timeout=plan.settle_s)
         if not driving.done():
@@ -72,7 +75,9 @@ async def run_chaos(workdir: Path, backends: Backends, plan: Plan, say: Callable
         await effects.stop()
 
 
-async def _kill_loop(fleet: Fleet, plan: Plan, rng: random.Random, say: Callable[[str], None]) -> list[float]:
+async def _kill_loop(
+    fleet: Fleet, effects: Effects, plan: Plan, rng: random.Random, say: Callable[[str], None]
+) -> list[float]:
     """SIGKILL a random live replica (never the last one) every ~`kill_every_s` for `duration_s`; each is started
     again `restart_after_s` later. Returns the kill times, once every replica serves again."""
     kills: list[float] = []
@@ -83,13 +88,29 @@ async def _kill_loop(fleet: Fleet, plan: Plan, rng: random.Random, say: Callable
         live = fleet.live()
         if time.monotonic() >= end or len(live) < 2:
             continue
-        victim = rng.choice(live)
+        aimed = plan.aim and len(kills) % 2 == 1
+        found = await _caller_of_unsafe_call(fleet, effects, plan.kill_every_s) if aimed else None
+        victim = found or rng.choice(live)
         target = victim.target
         kills.append(fleet.kill(victim))
-        say(f"chaos: t={plan.duration_s - (end - time.monotonic()):5.1f} s kill -9 {victim.name} ({target})")
+        how = "mid unsafe call" if found else "at random"
+        say(f"chaos: t={plan.duration_s - (end - time.monotonic()):5.1f} s kill -9 {victim.name} ({target}) {how}")
         restarts.append(asyncio.create_task(_restart_later(fleet, victim, plan.restart_after_s)))
     await asyncio.gather(*restarts)
     return kills
+
+
+async def _caller_of_unsafe_call(fleet: Fleet, effects: Effects, within_s: float) -> Replica | None:
+    """The live replica that has an unsafe call at the upstream right now, waiting up to `within_s` for one."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for port in list(effects.unsafe_in_flight.values()):
+            if (replica := fleet.holding(port)) is not None and len(fleet.live()) >= 2:
+                return replica
+        effects.unsafe_arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(effects.unsafe_arrived.wait(), max(0.0, deadline - time.monotonic()))
+    return None
 
 
 async def _restart_later(fleet: Fleet, replica: Replica, after_s: float) -> None:
