@@ -63,6 +63,8 @@ class Report:
     caller_breaks: int = 0
     record_lags: int = 0  # runs whose GetRun trailed their log's end (not a violation: it caught up)
     violations: list[str] = field(default_factory=list)
+    # the violations that are calls whose result the log never got (finding F1 of /work/notes/chaos-findings.md)
+    unlogged_results: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -167,10 +169,16 @@ def _check_resumption(run: RunLog, kills: list[float], report: Report) -> None:
 
 def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None:
     results: dict[str, pb.ToolResult] = {}
+    calls: dict[str, int] = {}  # key -> seq of its tool_call event
+    recoveries: dict[str, int] = {}  # run id -> run_recovered events
     for run in runs:
         for event in run.events:
             if event.HasField("tool_result"):
                 results[f"{event.run_id}:{event.tool_result.call_id}"] = event.tool_result
+            elif event.HasField("tool_call"):
+                calls[f"{event.run_id}:{event.tool_call.call_id}"] = event.seq
+            elif event.HasField("run_recovered"):
+                recoveries[event.run_id] = recoveries.get(event.run_id, 0) + 1
     if effects.without_key:
         report.violations.append(f"{effects.without_key} tool request(s) carried no Idempotency-Key")
     for key, effect in sorted(effects.by_key.items()):
@@ -188,10 +196,13 @@ def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None
                 status = pb.ToolStatus.Name(result.status)
                 report.violations.append(f"unsafe call {key} was cut off mid-flight but reported {status}")
         if result is None:
-            report.violations.append(
-                f"{effect.kind} call {key} reached the upstream {effect.executions} time(s) but has no tool_result "
-                "in its run's log"
+            logged = f"its tool_call is at seq {calls[key]}" if key in calls else "no tool_call either"
+            report.unlogged_results.append(
+                f"{effect.kind} call {key} ({', '.join(sorted(effect.paths))}) reached the upstream "
+                f"{effect.executions} time(s) but its run's log has no tool_result for it ({logged}; the run was "
+                f"recovered {recoveries.get(key.partition(':')[0], 0)} time(s))"
             )
+            report.violations.append(report.unlogged_results[-1])
     unknown = [key for key, r in results.items() if r.status == OUTCOME_UNKNOWN]
     report.outcome_unknown = len(unknown)
     report.unknown_not_sent = sum(key not in effects.by_key for key in unknown)
