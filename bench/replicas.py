@@ -6,6 +6,9 @@
   events/s ≥ 0.7×.
 - *workers*: `--workers 2` against one worker, both on the Redis state, at C = 1000. Goals: completed streams/s
   ≥ 1.5×, time to first byte lower.
+- *durable* (issue 18): every run durable (checkpoints in the embedded SQLite file) against none, both memory://,
+  at C = 100 and 1000. Goals: time to first byte ≤ 1.3×, events/s ≥ 0.7×; the extra server CPU and the file's bytes
+  per checkpoint write are reported.
 
 A round on one server is two h2load runs of the paced workload: C streams on C connections (the time to first byte,
 h2load's per connection), then `WAVES` × C streams on the same C connections one after the other, so that C streams
@@ -23,6 +26,7 @@ import json
 import os
 import resource
 import secrets
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -40,7 +44,10 @@ from bench.workload import Workload, timeline
 
 REDIS_URL = os.environ.get("AGENT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAVES = 3  # streams per connection in the sustained run: C in flight, each connection starting its next as one ends
-STAGES = ("state", "workers")
+STAGES = ("state", "workers", "durable")
+# what a durable run of the paced workload writes, each committed before it goes on: the run's row, turn 1, the
+# intent of its (unsafe) tool call, the call's result, turn 2, the run's end
+CHECKPOINTS_PER_RUN = 6
 OK_RUNS = 'agent_runs_total{outcome="OK"}'
 
 
@@ -52,10 +59,12 @@ class Variant:
     label: str
     redis: bool
     workers: int = 1
+    durable: bool = False  # every run checkpointed (the anonymous caller's default; h2load sends one request)
 
     def config(self, redis_url: str, prefix: str) -> dict[str, Any]:
         state = {"url": redis_url, "prefix": f"{prefix}{self.name}:"} if self.redis else {"url": "memory://"}
-        return {"state": state, "workers": self.workers}
+        durable = {"auth": {"anonymous": {"name": "anonymous", "durability": "durable"}}} if self.durable else {}
+        return {"state": state, "workers": self.workers, **durable}
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,13 @@ MEMORY = Variant("memory", "memory://", redis=False)
 REDIS = Variant("redis", "redis://", redis=True)
 ONE = Variant("workers-1", "1 worker, redis://", redis=True)
 TWO = Variant("workers-2", "--workers 2, redis://", redis=True, workers=2)
+DURABLE = Variant("durable", "durable (SQLite checkpoints), memory://", redis=False, durable=True)
+# the goals of a backend that must cost little (issues 16 and 18): first byte at most 1.3x, events/s at least 0.7x
+AT_SIMILAR_COST = (
+    ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
+    ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
+    ("events/s", "events_per_s", 0.7, True),
+)
 COMPARISONS = {
     "state": Comparison(
         "state",
@@ -82,11 +98,7 @@ COMPARISONS = {
         REDIS,
         MEMORY,
         (100, 1000),
-        (
-            ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.3, False),
-            ("time to first byte, mean", "ttfb_mean_ms", 1.3, False),
-            ("events/s", "events_per_s", 0.7, True),
-        ),
+        AT_SIMILAR_COST,
     ),
     "workers": Comparison(
         "workers",
@@ -99,6 +111,14 @@ COMPARISONS = {
             ("time to first byte, max (stands for p99)", "ttfb_max_ms", 1.0, False),
             ("time to first byte, mean", "ttfb_mean_ms", 1.0, False),
         ),
+    ),
+    "durable": Comparison(
+        "durable",
+        "Durable runs: every run checkpointed (SQLite) ÷ none (both memory://)",
+        DURABLE,
+        MEMORY,
+        (100, 1000),
+        AT_SIMILAR_COST,
     ),
 }
 # every figure of the tables, the candidate ÷ the baseline: (label, key, unit)
@@ -237,6 +257,8 @@ def compare(
         figures = [figure(label, key, unit, cand, base) for label, key, unit in FIGURES if key in base["rounds"][0]]
         goals = [goal(label, key, bound, higher, cand, base) for label, key, bound, higher in comparison.goals]
         out["levels"][str(c)] = {"rows": rows, "figures": figures, "goals": goals}
+        if comparison.candidate.durable:
+            out["levels"][str(c)]["checkpoint"] = checkpoint_cost(cand, base, workdir / comparison.candidate.name)
         for v in variants:
             r = rows[v.name]
             say(
@@ -247,6 +269,19 @@ def compare(
         for g in goals:
             say(f"  C={c} {g['goal']}: {g['value']} ({g['verdict']})")
     return out
+
+
+def checkpoint_cost(cand: dict[str, Any], base: dict[str, Any], workdir: Path) -> dict[str, float]:
+    """The durable server's extra CPU per checkpoint write (the medians' difference per stream, over the writes of a
+    run), and the checkpoint file's bytes per write so far (every level's runs are in it: it is cumulative)."""
+    extra_us = (cand["server_cpu_us_per_call"] - base["server_cpu_us_per_call"]) / CHECKPOINTS_PER_RUN
+    files = list(workdir.rglob("durable.db*"))  # with its WAL
+    size = sum(f.stat().st_size for f in files)
+    rows = 0
+    for db in (f for f in files if f.name == "durable.db"):
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows += sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("durable_runs", "run_steps"))
+    return {"cpu_us": extra_us, "bytes": size / rows if rows else 0.0, "rows": rows}
 
 
 def _left_out(r: dict[str, Any]) -> bool:
@@ -401,6 +436,14 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
                 "| round | " + " | ".join(f"{n}: h2load CPU, load avg, failed streams" for n in names) + " |",
                 "|---|---|---|",
             ]
+            if "checkpoint" in level:
+                cost = level["checkpoint"]
+                lines += [
+                    "",
+                    f"Per checkpoint write ({CHECKPOINTS_PER_RUN} a run): {cost['cpu_us']:.0f} µs of extra server CPU "
+                    f"(the medians' difference per stream ÷ {CHECKPOINTS_PER_RUN}); {cost['bytes']:.0f} bytes of "
+                    f"SQLite file per row ({cost['rows']:,} rows so far).",
+                ]
             for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
                 cells = [
                     f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
@@ -458,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="the Markdown file (default bench/results/<date>-replicas.md)")
     parser.add_argument("--redis-url", default=REDIS_URL, help=f"the Redis to share state through ({REDIS_URL})")
     parser.add_argument("--prefix", help="the Redis key prefix of this run (default bench:<random>:)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="state,workers")
+    parser.add_argument("--stages", default=",".join(STAGES), help="state,workers,durable")
     args = parser.parse_args(argv)
     only = [s for s in args.stages.split(",") if s]
     if unknown := set(only) - set(STAGES):

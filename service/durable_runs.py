@@ -114,10 +114,11 @@ class DurableRuns:
             self._recovery = None
 
     async def hand_over(self, runs: Sequence[Run]) -> None:
-        """Give `runs` up at a drain, not failed: each stops where it is (its streams end RUN_HANDED_OVER), its
-        events are out (in the shared store), and then it is released for a peer to claim at once. A
-        checkpoint the stop cut off is either committed before the release or not at all; a tool call it cut off
-        is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        """Give the durable ones of `runs` still going up at a drain, not failed: each stops where it is (its
+        streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
+        to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
+        tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
+        runs = [r for r in runs if r.spec.durable and r.task is not None and not r.task.done()]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})

@@ -360,8 +360,7 @@ class RunRegistry:
             if pending:
                 log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
         if self.durable is not None:
-            durable = [r for r in self.runs.values() if r.spec.durable and r.task is not None and not r.task.done()]
-            await self.durable.hand_over(durable)
+            await self.durable.hand_over(list(self.runs.values()))
         for run in self.runs.values():
             if not run.finished:
                 reason = RunInterrupted(

@@ -1,6 +1,6 @@
 """The replica benchmarks (`bench.replicas`): their goal verdicts on made-up rounds, and their smoke mode end to end
-against the real Redis (redis:// against memory://, two workers against one), so that `make bench`'s issue 16
-stages do not rot."""
+against the real Redis (redis:// against memory://, two workers against one, durable runs against none), so that
+`make bench`'s issue 16 and 18 stages do not rot."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ async def test_smoke_run_pairs_redis_with_memory_and_two_workers_with_one(
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["machine"]["cpu_model"] and results["keys_deleted"] > 0  # the Redis servers wrote under the prefix
-    expected = {"state": {"memory", "redis"}, "workers": {"workers-1", "workers-2"}}
+    expected = {"state": {"memory", "redis"}, "workers": {"workers-1", "workers-2"}, "durable": {"memory", "durable"}}
     for name, comparison in results["comparisons"].items():
         for level in comparison["levels"].values():
             assert set(level["rows"]) == expected.pop(name)
@@ -93,3 +93,6 @@ async def test_smoke_run_pairs_redis_with_memory_and_two_workers_with_one(
     assert "## Shared state: redis:// ÷ memory://, C = 5" in table
     assert "## Workers: --workers 2 ÷ 1 worker (both redis://), C = 5" in table
     assert "| completed streams/s ≥ 1.5× |" in table
+    assert "## Durable runs: every run checkpointed (SQLite) ÷ none (both memory://), C = 5" in table
+    cost = results["comparisons"]["durable"]["levels"]["5"]["checkpoint"]
+    assert cost["rows"] > 0 and cost["bytes"] > 0  # the durable server's runs were checkpointed

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from service import events as ev
 from service.config import Pacing
 from service.control import RunControl
-from service.durable.base import TakenOver
+from service.durable.base import DurableRun, Step, TakenOver
 from service.durable.journal import FORMAT, Journal
 from service.errors import RunCancelled
 from service.executor import Executor
@@ -323,3 +323,43 @@ async def test_a_durable_run_that_fails_or_is_stopped_is_left_ended(tmp_path: Pa
     assert isinstance(events[-1], ev.RunFailed) and events[-1].code == "CANCELLED"
     assert ledger.runs["run_s"].state == "cancelled"
     await proc.aclose()
+
+
+class Flaky(MemoryCheckpoints):
+    """A store whose database is away for its first `failures` writes of each kind (a PostgreSQL restart)."""
+
+    def __init__(self, ledger: Ledger, owner: str, failures: int) -> None:
+        super().__init__(ledger, owner)
+        self.failures = {"begin": failures, "put": failures, "end": failures}
+
+    def _away(self, kind: str) -> None:
+        if self.failures[kind] > 0:
+            self.failures[kind] -= 1
+            raise ConnectionError("the records database does not answer")
+
+    async def begin(self, run: DurableRun) -> None:
+        self._away("begin")
+        await super().begin(run)
+
+    async def put(self, step: Step) -> None:
+        self._away("put")
+        await super().put(step)
+
+    async def end(self, run_id: str, state: str) -> None:
+        self._away("end")
+        await super().end(run_id, state)
+
+
+async def test_a_checkpoint_the_database_failed_is_written_again_before_the_run_goes_on(tmp_path: Path) -> None:
+    """Not a crash of the run: it waits for the database (with backoff) and records each step once, in order."""
+    ledger = Ledger()
+    process = Process(ledger, "p1", tmp_path)
+    process.store = Flaky(ledger, "p1", failures=2)
+    spec = make_spec()
+    events = await process.collect(spec, process.journal(spec))
+    assert final(events).turns == 3
+    run = ledger.load(RUN)
+    assert run is not None and run.state == "succeeded"
+    assert [s.step_no for s in run.steps] == list(range(1, 9))
+    assert process.pay.without_intent == 0 and sum(process.pay.runs.values()) == 2
+    await process.aclose()

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -109,21 +110,23 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
         yield server
 
 
-async def start_run(port: int) -> tuple[str, asyncio.Task[None]]:
-    """A run that outlives its call (CONTINUE: durable by default), its stream read in the background."""
+async def start_run(port: int) -> tuple[str, asyncio.Task[grpc.aio.AioRpcError | None]]:
+    """A run that outlives its call (CONTINUE: durable by default), its stream read in the background to its end
+    (the task's result: the status it ended with, None for OK)."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     call = stub(channel).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
     first = await call.read()
     assert first.HasField("run_started")
 
-    async def drain() -> None:
+    async def drain() -> grpc.aio.AioRpcError | None:
         try:
             while await call.read() is not grpc.aio.EOF:
                 pass
-        except grpc.aio.AioRpcError:
-            pass  # its process was killed
+        except grpc.aio.AioRpcError as exc:
+            return exc
         finally:
             await channel.close()
+        return None
 
     return first.run_id, asyncio.create_task(drain())
 
@@ -163,41 +166,70 @@ async def test_kill_9_and_restart_on_the_same_data_dir_continues_the_run(tmp_pat
         events = await watch(port, run_id)
         assert [e.WhichOneof("event") for e in events[:2]] == ["run_started", "run_recovered"]
         check_continued(fleet, events)
+        with sqlite3.connect(tmp_path / "node" / "deadletter.db") as db:  # for reconciliation
+            letters = db.execute("SELECT run_id, tool, status, error_type FROM dead_letters").fetchall()
+        assert letters == [(run_id, "effect", "outcome_unknown", "OutcomeUnknown")]
     finally:
         await fleet.stop()
 
 
-async def test_kill_9_in_a_fleet_the_survivor_takes_the_run_over(
+@pytest.fixture
+async def shared(
     tmp_path: Path, fake: FakeAnthropic, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
-) -> None:
+) -> AsyncIterator[Fleet]:
+    """Processes on one Redis prefix and one PostgreSQL schema."""
     fleet = Fleet(
-        tmp_path,
-        fake,
-        state={"url": redis_ns.url, "prefix": redis_ns.prefix},
-        records={"url": postgres_schema.url},
+        tmp_path, fake, state={"url": redis_ns.url, "prefix": redis_ns.prefix}, records={"url": postgres_schema.url}
     )
-    try:
-        fleet.hold()
-        doomed, port_a = await fleet.start("a")
-        _, port_b = await fleet.start("b")
-        run_id, stream = await start_run(port_a)
-        await asyncio.wait_for(fleet.both_started(), 15)
-        watcher = asyncio.create_task(watch(port_b, run_id))  # from the survivor, opened before the kill
-        await asyncio.sleep(0.2)
-        doomed.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        await doomed.wait()
-        await stream
-        fleet.release()
-        live = await asyncio.wait_for(watcher, 30)
-        took = time.monotonic() - killed
-        assert took < 5, f"the run went on {took:.1f} s after the kill"
-        check_continued(fleet, live)
-        after = await watch(port_b, run_id)  # the whole log, once more, from the store
-        check_continued(fleet, after)
-        recovered = next(e for e in after if e.HasField("run_recovered"))
-        assert recovered == next(e for e in live if e.HasField("run_recovered"))
-        # after what Redis held of the dead process's log (at least its turn 1 and both tool calls)
-        assert recovered.seq > recovered.run_recovered.seq > 0
-    finally:
-        await fleet.stop()
+    yield fleet
+    await fleet.stop()
+
+
+async def two_with_a_run_mid_call(fleet: Fleet) -> tuple[Any, int, str, asyncio.Task[grpc.aio.AioRpcError | None]]:
+    """Processes a and b, a run on a with both its tool calls running (held): a, b's port, the run, its stream."""
+    fleet.hold()
+    proc_a, port_a = await fleet.start("a")
+    _, port_b = await fleet.start("b")
+    run_id, stream = await start_run(port_a)
+    await asyncio.wait_for(fleet.both_started(), 15)
+    return proc_a, port_b, run_id, stream
+
+
+async def test_kill_9_in_a_fleet_the_survivor_takes_the_run_over(shared: Fleet) -> None:
+    doomed, port_b, run_id, stream = await two_with_a_run_mid_call(shared)
+    watcher = asyncio.create_task(watch(port_b, run_id))  # from the survivor, opened before the kill
+    await asyncio.sleep(0.2)
+    doomed.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await doomed.wait()
+    await stream
+    shared.release()
+    live = await asyncio.wait_for(watcher, 30)
+    took = time.monotonic() - killed
+    assert took < 5, f"the run went on {took:.1f} s after the kill"
+    check_continued(shared, live)
+    after = await watch(port_b, run_id)  # the whole log, once more, from the store
+    check_continued(shared, after)
+    recovered = next(e for e in after if e.HasField("run_recovered"))
+    assert recovered == next(e for e in live if e.HasField("run_recovered"))
+    # after what Redis held of the dead process's log (at least its turn 1 and both tool calls)
+    assert recovered.seq > recovered.run_recovered.seq > 0
+
+
+async def test_a_drained_process_hands_its_run_to_the_peer(shared: Fleet) -> None:
+    """SIGTERM with a run that cannot finish within the grace: the caller's stream ends UNAVAILABLE saying where to
+    WatchRun from, the process exits cleanly, and the peer continues the run at once (released, not failed)."""
+    draining, port_b, run_id, stream = await two_with_a_run_mid_call(shared)
+    draining.send_signal(signal.SIGTERM)
+    ended = await asyncio.wait_for(stream, 15)
+    assert await asyncio.wait_for(draining.wait(), 15) == 0
+    shared.release()
+    assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE
+    details = str(ended.details())
+    assert "handed over" in details and "after_seq=" in details
+    after_seq = int(details.rpartition("after_seq=")[2].rstrip(")"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as channel:
+        request = pb.WatchRunRequest(run_id=run_id, after_seq=after_seq)
+        rest = [e async for e in stub(channel).WatchRun(request, timeout=30)]
+    assert rest[0].seq == after_seq + 1 and rest[0].HasField("run_recovered")
+    check_continued(shared, await watch(port_b, run_id))

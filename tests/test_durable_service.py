@@ -81,3 +81,30 @@ async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
     assert len(model.requests) == 1  # turn 2 only: turn 1 was recorded
     assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
     assert checkpoints(tmp_path)[0][0][1] == "succeeded"
+
+
+async def test_a_process_whose_run_was_claimed_stops_it_at_once_and_says_where_it_goes_on(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The claim is the fence: once another owner is recorded (as a peer that thought this process dead writes
+    it), the next checkpoint is refused, the run stops with no closing event, and its stream ends UNAVAILABLE."""
+    tools = all_tools()
+    turns = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 0.3}}]}, {"text": "never sent from here"}]
+    svc = await start_service(turns, tools=tools)
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE))
+    seen = []
+    async for event in call:
+        seen.append(event)
+        if event.HasField("tool_call"):
+            break
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)
+    with sqlite3.connect(tmp_path / "var" / DEFAULT_FILE) as db:
+        db.execute("UPDATE durable_runs SET owner = 'peer'")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for event in call:
+            seen.append(event)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "claimed by another process" in str(ended.value.details())
+    assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
+    assert not any(e.HasField("tool_result") or e.HasField("error") for e in seen)  # its result is the peer's
+    assert len(svc.registry.loop.model.requests) == 1

@@ -121,8 +121,10 @@ class BatchingStore:
             log.info("durable run claimed", extra={"run_id": run_id, "steps": len(run.steps)})
             try:
                 await resume(run)
-            except Exception:
-                log.exception("resuming a durable run failed", extra={"run_id": run_id})
+            except Exception:  # e.g. the shared run store away: ours still, so the next look tries it again
+                log.exception("resuming a durable run failed; trying again", extra={"run_id": run_id})
+                self._driving.discard(run_id)
+                self._leftovers.append(run_id)
 
     async def load(self, run_id: str) -> DurableRun | None:
         raise NotImplementedError

@@ -11,20 +11,51 @@ A run without a journal pays for none of this: the loop tests for `None` at a tu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_not_exception_type, stop_after_delay, stop_never
+from tenacity import wait_exponential_jitter as backoff
+
 from service import codec
-from service.durable.base import CheckpointStore, DurableRun, Step, StepKind
+from service.durable.base import CheckpointStore, DurableRun, Step, StepKind, TakenOver
 from service.events import Event, RunRecovered, ToolResult
 from service.models import base as m
 from service.policy.call import ToolCallRequest
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 """The layout of the step values written here; a reader meeting a newer one refuses it (rather than replay half)."""
 
 CRASHED = "the process driving the run stopped before the run ended"
+END_RETRY_S = 30.0
+"""How long the end of a run is retried: the run has ended meanwhile; an end never recorded leaves the run to be
+continued by a restart or a peer, which replays it to its (recorded) last turn and sends its closing event again."""
+
+
+async def _written(write: Callable[[], Awaitable[None]], stop_after_s: float | None = None) -> None:
+    """`write()`, and again with backoff while the store fails (the database away): the run waits for it, as a step
+    must be recorded before the run goes on (the write is idempotent on its step number). Never a write that was
+    refused (TakenOver). The run's deadline and cancellation bound the wait; `stop_after_s` too, when given."""
+    try:
+        await write()  # the usual case, without building a retrier per checkpoint
+        return
+    except TakenOver:
+        raise
+    except Exception as exc:
+        log.warning("a checkpoint could not be written; retrying", extra={"error": str(exc) or type(exc).__name__})
+    async for attempt in AsyncRetrying(
+        retry=retry_if_not_exception_type(TakenOver),
+        wait=backoff(multiplier=0.05, max=2.0, jitter=0.05),
+        stop=stop_after_delay(stop_after_s) if stop_after_s is not None else stop_never,
+        reraise=True,
+    ):
+        with attempt:
+            await write()
 
 
 def _no_seq() -> int:
@@ -124,7 +155,7 @@ class Journal:
         """A new run: recorded as this process's, before its first model turn. A resumed one: the `RunRecovered`
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
-            await self.store.begin(self.run)
+            await _written(functools.partial(self.store.begin, self.run))
             return None
         last = self._last
         return RunRecovered(
@@ -169,15 +200,19 @@ class Journal:
 
     async def end(self, state: str) -> None:
         """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
-        "failed" or "cancelled". It is not to be recovered any more."""
-        await self.store.end(self.run_id, state)
+        "failed" or "cancelled". It is not to be recovered any more (unless the store stays away: see END_RETRY_S)."""
+        try:
+            await _written(functools.partial(self.store.end, self.run_id, state), END_RETRY_S)
+        except TakenOver:
+            raise
+        except Exception:
+            log.exception("the end of a durable run could not be recorded", extra={"run_id": self.run_id})
 
     async def _put(self, kind: StepKind, key: str, value: dict[str, Any]) -> None:
         # numbered before the await: the steps of concurrent calls get distinct numbers in the order they ended
         self.step_no += 1
-        await self.store.put(
-            Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
-        )
+        step = Step(run_id=self.run_id, step_no=self.step_no, kind=kind, key=key, value=value, seq=self.last_seq())
+        await _written(functools.partial(self.store.put, step))
 
 
 def recorded_results(journal: Journal, calls: Iterable[ToolCallRequest]) -> dict[str, ToolResult]:
