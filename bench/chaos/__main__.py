@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-after", type=float, default=Plan.restart_after_s)
     parser.add_argument("--settle", type=float, default=Plan.settle_s, help="seconds the runs have to end after")
     parser.add_argument("--seed", type=int, default=Plan.seed)
+    parser.add_argument(
+        "--embedded", action="store_true", help="one replica on the embedded default (SQLite, no Redis/PostgreSQL)"
+    )
     parser.add_argument("--workdir", type=Path, help="replicas' data and logs (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="write the figures and violations here")
     args = parser.parse_args(argv)
     plan = Plan(
-        replicas=args.replicas,
+        replicas=1 if args.embedded else args.replicas,
         in_flight=args.runs,
         duration_s=args.duration,
         kill_every_s=args.kill_every,
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         workdir = args.workdir or Path(tmp)
-        report = asyncio.run(_round(workdir, plan))
+        report = asyncio.run(_round(workdir, plan, args.embedded))
         print(render(report, plan))
         if args.json:
             args.json.write_text(json.dumps(as_json(report, plan), indent=2) + "\n")
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report.violations else 0
 
 
-async def _round(workdir: Path, plan: Plan) -> Report:
+async def _round(workdir: Path, plan: Plan, embedded: bool) -> Report:
+    if embedded:
+        return await run_chaos(workdir, None, plan)
     async with own_backends(REDIS_URL, POSTGRES_URL) as backends:
         return await run_chaos(workdir, backends, plan)
 

@@ -47,7 +47,9 @@ class Replica:
         return self.proc is not None and self.proc.returncode is None and self.port != 0
 
 
-def write_config(workdir: Path, backends: Backends, model_url: str, effects_url: str) -> Path:
+def write_config(workdir: Path, backends: Backends | None, model_url: str, effects_url: str) -> Path:
+    """The replicas' config; with no `backends`, the embedded default (one node: run state in memory, checkpoints
+    and records in SQLite under data_dir)."""
     host = effects_url.removeprefix("http://")
     config: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -58,12 +60,13 @@ def write_config(workdir: Path, backends: Backends, model_url: str, effects_url:
             "timeout_s": 10,
             "retry": {"attempts": 5, "initial_backoff_s": 0.05, "max_backoff_s": 0.5},
         },
-        "state": {"url": backends.redis_url, "prefix": backends.redis_prefix},
-        "records": {"url": backends.postgres_url},
         "durable": {"recover_interval_s": 0.5},
         "tools": {"http_request": {"allow_hosts": [host], "timeout_s": 5}},
         "runs": {"background_max_concurrent": 64},
     }
+    if backends is not None:
+        config["state"] = {"url": backends.redis_url, "prefix": backends.redis_prefix}
+        config["records"] = {"url": backends.postgres_url}
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -42,7 +42,10 @@ class Plan:
     seed: int = 0
 
 
-async def run_chaos(workdir: Path, backends: Backends, plan: Plan, say: Callable[[str], None] = print) -> Report:
+async def run_chaos(workdir: Path, backends: Backends | None, plan: Plan, say: Callable[[str], None] = print) -> Report:
+    """One round; with `backends` None, one embedded replica (SQLite, no Redis) killed and restarted."""
+    if backends is None and plan.replicas != 1:
+        raise ValueError("the embedded default is one node: replicas must be 1 without Redis and PostgreSQL")
     rng = random.Random(plan.seed)
     effects, model = Effects(plan.hold_s), None
     fleet: Fleet | None = None
@@ -78,18 +81,19 @@ async def run_chaos(workdir: Path, backends: Backends, plan: Plan, say: Callable
 async def _kill_loop(
     fleet: Fleet, effects: Effects, plan: Plan, rng: random.Random, say: Callable[[str], None]
 ) -> list[float]:
-    """SIGKILL a random live replica (never the last one) every ~`kill_every_s` for `duration_s`; each is started
-    again `restart_after_s` later. Returns the kill times, once every replica serves again."""
+    """SIGKILL a random live replica (never the last one, unless there is only one) every ~`kill_every_s` for
+    `duration_s`; each is started again `restart_after_s` later. Returns the kill times, once every replica serves
+    again."""
     kills: list[float] = []
     restarts: list[asyncio.Task[None]] = []
     end = time.monotonic() + plan.duration_s
     while (left := end - time.monotonic()) > 0:
         await asyncio.sleep(min(left, plan.kill_every_s * rng.uniform(0.6, 1.4)))
         live = fleet.live()
-        if time.monotonic() >= end or len(live) < 2:
+        if time.monotonic() >= end or len(live) < min(2, plan.replicas):
             continue
         aimed = plan.aim and len(kills) % 2 == 1
-        found = await _caller_of_unsafe_call(fleet, effects, plan.kill_every_s) if aimed else None
+        found = await _caller_of_unsafe_call(fleet, effects, plan) if aimed else None
         victim = found or rng.choice(live)
         target = victim.target
         kills.append(fleet.kill(victim))
@@ -100,12 +104,12 @@ async def _kill_loop(
     return kills
 
 
-async def _caller_of_unsafe_call(fleet: Fleet, effects: Effects, within_s: float) -> Replica | None:
-    """The live replica that has an unsafe call at the upstream right now, waiting up to `within_s` for one."""
-    deadline = time.monotonic() + within_s
+async def _caller_of_unsafe_call(fleet: Fleet, effects: Effects, plan: Plan) -> Replica | None:
+    """The live replica that has an unsafe call at the upstream right now, waiting up to `kill_every_s` for one."""
+    deadline = time.monotonic() + plan.kill_every_s
     while time.monotonic() < deadline:
         for port in list(effects.unsafe_in_flight.values()):
-            if (replica := fleet.holding(port)) is not None and len(fleet.live()) >= 2:
+            if (replica := fleet.holding(port)) is not None and len(fleet.live()) >= min(2, plan.replicas):
                 return replica
         effects.unsafe_arrived.clear()
         with contextlib.suppress(TimeoutError):
