@@ -77,7 +77,7 @@ def render(report: Report, plan: Plan) -> str:
         f"  safe calls {f['safe_calls']}, run more than once {f['safe_calls_repeated']} (allowed)",
         f"  run_recovered {f['run_recovered_events']}; kill to resumption p50 {_s(f['kill_to_resume_p50_s'])}, "
         f"p99 {_s(f['kill_to_resume_p99_s'])}, max {_s(f['kill_to_resume_max_s'])}",
-        f"  violations: {len(report.violations)}",
+        f"  violations: {len(report.violations)} {f['violations_by_kind'] or ''}",
     ]
     lines += [f"    - {v}" for v in report.violations[:50]]
     if len(report.violations) > 50:

@@ -25,6 +25,21 @@ from bench.chaos.effects import Effects
 from bench.chaos.model import MARK, ChaosModel
 
 OUTCOME_UNKNOWN = pb.TOOL_STATUS_OUTCOME_UNKNOWN
+TERMINAL = ("final_response", "error")
+
+KINDS = {
+    "lost": "a run that did not end (the fleet cannot tell, or its caller never saw an end)",
+    "failed": "a run that ended other than SUCCEEDED",
+    "record_stuck": "GetRun not terminal 5 s after the run's log ended",
+    "seq_rewound": "the log went back below a seq its caller had been sent (WatchRun OUT_OF_RANGE)",
+    "log_gap": "a log not gapless 1..last_seq, or the caller's seqs not",
+    "log_differs": "two replicas' logs of a run differ",
+    "model_repeat": "a model turn requested after its recorded attempt, or two attempts kept",
+    "unsafe_repeat": "an unsafe call that reached the upstream twice",
+    "unsafe_unreported": "an unsafe call cut off mid-flight but not reported OUTCOME_UNKNOWN",
+    "unlogged_result": "a call that reached the upstream with no tool_result in its run's log",
+    "harness": "something the harness did not expect (no idempotency key, a request naming no run)",
+}
 
 
 @dataclass
@@ -63,8 +78,12 @@ class Report:
     caller_breaks: int = 0
     record_lags: int = 0  # runs whose GetRun trailed their log's end (not a violation: it caught up)
     violations: list[str] = field(default_factory=list)
-    # the violations that are calls whose result the log never got (finding F1 of /work/notes/chaos-findings.md)
-    unlogged_results: list[str] = field(default_factory=list)
+    by_kind: dict[str, list[str]] = field(default_factory=dict)  # the same violations by kind (KINDS)
+
+    def violate(self, kind: str, text: str) -> None:
+        assert kind in KINDS, kind
+        self.violations.append(text)
+        self.by_kind.setdefault(kind, []).append(text)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -88,6 +107,7 @@ class Report:
             "caller_stream_breaks": self.caller_breaks,
             "runs_whose_record_trailed_the_log": self.record_lags,
             "violations": len(self.violations),
+            "violations_by_kind": {kind: len(texts) for kind, texts in sorted(self.by_kind.items())},
         }
 
 
@@ -104,19 +124,26 @@ def check(runs: list[RunLog], model: ChaosModel, effects: Effects, kills: list[f
     _check_effects(runs, effects, report)
     report.model_requests = sum(sum(t.attempts.values()) for t in model.runs.values())
     if model.unknown_requests:
-        report.violations.append(f"{model.unknown_requests} model request(s) named no chaos run")
+        report.violate("harness", f"{model.unknown_requests} model request(s) named no chaos run")
     return report
 
 
 def _check_end(run: RunLog, report: Report) -> None:
     seen = run.seen
     if run.problem:
-        report.violations.append(f"{seen.label} ({seen.run_id or 'no run id'}): {run.problem}")
+        report.violate("lost", f"{seen.label} ({seen.run_id or 'no run id'}): {run.problem}")
     elif run.state != pb.Run.SUCCEEDED:
         state = pb.Run.State.Name(run.state)
-        report.violations.append(f"{seen.label} {seen.run_id}: ended {state}, not SUCCEEDED ({seen.error or '-'})")
+        events = run.events
+        last = events[-1].WhichOneof("event") if events else "nothing"
+        detail = f"GetRun last_seq {run.last_seq}; the log has {len(events)} events, the last a {last}"
+        if state == "RUNNING" and last in TERMINAL:
+            report.violate("record_stuck", f"{seen.label} {seen.run_id}: GetRun says RUNNING after its end ({detail})")
+        else:
+            report.violate("failed", f"{seen.label} {seen.run_id}: ended {state} ({seen.error or '-'}; {detail})")
     if not seen.end:
-        report.violations.append(f"{seen.label} {seen.run_id}: its caller saw no end ({seen.error or 'no error'})")
+        kind = "seq_rewound" if seen.error.startswith("OUT_OF_RANGE") else "lost"
+        report.violate(kind, f"{seen.label} {seen.run_id}: its caller saw no end ({seen.error or 'no error'})")
 
 
 def _check_logs(run: RunLog, report: Report) -> None:
@@ -124,14 +151,16 @@ def _check_logs(run: RunLog, report: Report) -> None:
     for replica, events in run.logs.items():
         covered = [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)]
         if covered != expected:
-            report.violations.append(
-                f"{seen.label} {seen.run_id}: log from {replica} is not 1..{run.last_seq}: {_gaps(covered)}"
+            report.violate(
+                "log_gap", f"{seen.label} {seen.run_id}: log from {replica} is not 1..{run.last_seq}: {_gaps(covered)}"
             )
     bodies = {replica: canonical(events) for replica, events in run.logs.items()}
     if len({tuple(b) for b in bodies.values()}) > 1:
-        report.violations.append(f"{seen.label} {seen.run_id}: the replicas' logs differ: {_first_difference(bodies)}")
+        report.violate(
+            "log_differs", f"{seen.label} {seen.run_id}: the replicas' logs differ: {_first_difference(bodies)}"
+        )
     if seen.received and seen.received != list(range(1, len(seen.received) + 1)):
-        report.violations.append(f"{seen.label} {seen.run_id}: its caller was sent {_gaps(seen.received)}")
+        report.violate("log_gap", f"{seen.label} {seen.run_id}: its caller was sent {_gaps(seen.received)}")
 
 
 def _check_turns(run: RunLog, model: ChaosModel, report: Report) -> None:
@@ -147,12 +176,13 @@ def _check_turns(run: RunLog, model: ChaosModel, report: Report) -> None:
         kept = recorded.get(turn, set())
         report.turns_requested_again += requests - 1
         if len(kept) > 1:
-            report.violations.append(f"{run.seen.label}: turn {turn} forked, attempts {sorted(kept)} both kept")
+            report.violate("model_repeat", f"{run.seen.label}: turn {turn} forked, attempts {sorted(kept)} both kept")
         if kept and requests > max(kept):
             report.model_after_recorded += requests - max(kept)
-            report.violations.append(
+            report.violate(
+                "model_repeat",
                 f"{run.seen.label} {run.seen.run_id}: turn {turn} requested {requests - max(kept)} more time(s) after "
-                f"its recorded attempt {max(kept)}"
+                f"its recorded attempt {max(kept)}",
             )
 
 
@@ -180,7 +210,7 @@ def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None
             elif event.HasField("run_recovered"):
                 recoveries[event.run_id] = recoveries.get(event.run_id, 0) + 1
     if effects.without_key:
-        report.violations.append(f"{effects.without_key} tool request(s) carried no Idempotency-Key")
+        report.violate("harness", f"{effects.without_key} tool request(s) carried no Idempotency-Key")
     for key, effect in sorted(effects.by_key.items()):
         result = results.get(key)
         if effect.kind == "safe":
@@ -191,18 +221,18 @@ def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None
             report.unsafe_max_executions = max(report.unsafe_max_executions, effect.executions)
             report.unsafe_interrupted += effect.interrupted > 0
             if effect.executions > 1:
-                report.violations.append(f"unsafe call {key} executed {effect.executions} times")
+                report.violate("unsafe_repeat", f"unsafe call {key} executed {effect.executions} times")
             if effect.interrupted and result is not None and result.status != OUTCOME_UNKNOWN:
                 status = pb.ToolStatus.Name(result.status)
-                report.violations.append(f"unsafe call {key} was cut off mid-flight but reported {status}")
+                report.violate("unsafe_unreported", f"unsafe call {key} was cut off mid-flight but reported {status}")
         if result is None:
             logged = f"its tool_call is at seq {calls[key]}" if key in calls else "no tool_call either"
-            report.unlogged_results.append(
+            report.violate(
+                "unlogged_result",
                 f"{effect.kind} call {key} ({', '.join(sorted(effect.paths))}) reached the upstream "
                 f"{effect.executions} time(s) but its run's log has no tool_result for it ({logged}; the run was "
-                f"recovered {recoveries.get(key.partition(':')[0], 0)} time(s))"
+                f"recovered {recoveries.get(key.partition(':')[0], 0)} time(s))",
             )
-            report.violations.append(report.unlogged_results[-1])
     unknown = [key for key, r in results.items() if r.status == OUTCOME_UNKNOWN]
     report.outcome_unknown = len(unknown)
     report.unknown_not_sent = sum(key not in effects.by_key for key in unknown)

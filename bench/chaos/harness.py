@@ -31,8 +31,8 @@ class Plan:
     in_flight: int = 12  # runs in flight at any time (half streamed with CONTINUE, half submitted)
     duration_s: float = 60.0  # how long replicas are killed
     kill_every_s: float = 5.0  # mean time between two kills (uniform within ±40 %)
-    # every other kill waits (up to kill_every_s) for an unsafe call to reach the upstream and kills its caller then,
-    # so that the rounds always cover a side effect cut off mid-flight; the others land at random
+    # every other kill, the first among them, waits (up to kill_every_s) for an unsafe call to reach the upstream and
+    # kills its caller then, so that a round always covers a side effect cut off mid-flight; the others are random
     aim: bool = True
     restart_after_s: float = 1.0  # a killed replica starts again this long after its kill
     settle_s: float = 90.0  # after the chaos, how long the runs have to end
@@ -92,7 +92,7 @@ async def _kill_loop(
         live = fleet.live()
         if time.monotonic() >= end or len(live) < min(2, plan.replicas):
             continue
-        aimed = plan.aim and len(kills) % 2 == 1
+        aimed = plan.aim and len(kills) % 2 == 0
         found = await _caller_of_unsafe_call(fleet, effects, plan) if aimed else None
         victim = found or rng.choice(live)
         target = victim.target
