@@ -5,8 +5,8 @@ and the hand-over of its own at a drain.
 The registry launches a run with `journal(run)` (None: not durable, today's fast path, nothing paid); the loop
 checkpoints each finished model turn and tool call through it (never per event). `start` opens the checkpoint store
 and keeps looking for runs to continue (`CheckpointStore.recover`); each claimed run is rebuilt from its recorded
-request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first. Where its earlier
-events are (the shared run store on a fleet, so its seqs go on from there) is the registry's business (`revived`).
+request and handed to the registry with a `Journal.resume`, whose `run_recovered` event goes first; its earlier events
+are read back from the shared run store on a fleet, so that its seqs go on from there (`_revived`).
 
 A process that loses a run (a peer claimed it, or this process released it at a drain) stops driving it at once and
 sends nothing more: its streams end UNAVAILABLE with RUN_HANDED_OVER and the seq to WatchRun after.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,6 +27,7 @@ from service.control import RunControl
 from service.durable.base import CheckpointStore, DurableRun
 from service.durable.journal import Journal
 from service.errors import RunHandedOver
+from service.events import Event, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
@@ -37,6 +39,15 @@ log = logging.getLogger(__name__)
 
 START_WAIT_S = 10.0  # at most, for the first look: a database that does not answer leaves it to the next ones
 DRAINED = "was handed over: the server driving it is shutting down"
+
+
+def _step_key(event: Event) -> str | None:
+    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`."""
+    if type(event) is Usage:
+        return f"turn:{event.turn}"
+    if type(event) is ToolResult:
+        return f"call:{event.call_id}"
+    return None
 
 
 class Continuer(Protocol):
@@ -53,6 +64,8 @@ class DurableRuns:
         self.config = config
         self.shared = shared
         self._recovery: asyncio.Task[None] | None = None
+        # the journals of the runs driven here, while they are (a run's task holds its journal)
+        self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
         self._continuer: Continuer | None = None
 
     async def start(self, continuer: Continuer) -> None:
@@ -71,7 +84,7 @@ class DurableRuns:
         if not run.spec.durable:
             return None
         entries = run.log  # appended to, never replaced
-        return Journal.start(
+        journal = self._journals[run.id] = Journal.start(
             self.store,
             run_id=run.id,
             caller=run.caller,
@@ -79,6 +92,7 @@ class DurableRuns:
             background=background,
             last_seq=lambda: len(entries),
         )
+        return journal
 
     async def _resume(self, stored: DurableRun) -> None:
         assert self._continuer is not None
@@ -88,7 +102,8 @@ class DurableRuns:
             await self.store.end(stored.run_id, run)
             return
         entries = run.log
-        journal = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
+        journal = self._journals[run.id] = Journal.resume(self.store, stored, last_seq=lambda: len(entries))
+        journal.logged = {key for e in entries if (key := _step_key(e.event))}
         log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
         self._continuer.adopt(run, journal, background=stored.background)
 
@@ -118,11 +133,12 @@ class DurableRuns:
         streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
         to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
         tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
-        runs = [r for r in runs if r.spec.durable and r.task is not None and not r.task.done()]
+        runs = [r for r in runs if r.task is not None and not r.task.done() and self._recorded(r)]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
-        for run in runs:
+        for run in runs:  # before the cancel, so that the driver ends nothing: the seq named is then at most what
+            # a stream has sent when it ends (it sends the whole log first): a WatchRun from it repeats, never skips
             run.give_up(RunHandedOver(run.id, len(run.log), DRAINED))
         await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
         if self.shared is not None and not await self.shared.flushed(5.0):
@@ -132,6 +148,12 @@ class DurableRuns:
                 await self.store.release(run.id)
             except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
                 log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    def _recorded(self, run: Run) -> bool:
+        """Whether `run` is durable and recorded: one still queued, or not yet recorded, has nothing a peer could
+        continue, and is interrupted as a run that is not durable."""
+        journal = self._journals.get(run.id)
+        return journal is not None and journal.recorded
 
     async def aclose(self) -> None:
         await self.stop_recovering()

@@ -219,6 +219,8 @@ class AgentLoop:
                 if journal is not None:
                     await journal.turn_ended(turn, end)
                 yield counted(turn, end, totals)
+            elif journal is not None and journal.unlogged(f"turn:{turn}"):
+                yield counted(turn, end, totals)  # recorded, but its `usage` never reached the log: sent now
             else:  # recorded before a crash: not requested again, and its events are in the log already
                 totals.input_tokens += end.input_tokens
                 totals.output_tokens += end.output_tokens
@@ -289,27 +291,37 @@ class AgentLoop:
         journal: Journal | None,
     ) -> AsyncIterator[Event]:
         """The events of the calls of `turn`. In a durable run, those whose results were recorded before a crash
-        go straight into `results` instead: not run again, and nothing of them is sent again."""
+        go straight into `results` instead: not run again, and nothing of them is sent again (but a result that
+        never reached the log, first)."""
         if journal is None:
             return self.execute_tools(calls, state.context)
-        for call_id, result in recorded_results(journal, calls).items():
+        recorded = recorded_results(journal, calls)
+        for call_id, result in recorded.items():
             results[call_id] = result
             del state.open_calls[call_id]
             if result.status is ToolStatus.OK:
                 state.context.succeeded.add(result.name)
         left = [c for c in calls if c.call_id not in results]
-        return self.execute_durably(turn, left, state.context, journal)
+        unlogged = [r for r in recorded.values() if journal.unlogged(f"call:{r.call_id}")]
+        return self.execute_durably(turn, left, state.context, journal, unlogged)
 
     def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
         return self._merged([self.executor.execute(c, run) for c in calls], run)
 
     async def execute_durably(
-        self, turn: int, calls: Sequence[ToolCallRequest], run: RunContext, journal: Journal
+        self,
+        turn: int,
+        calls: Sequence[ToolCallRequest],
+        run: RunContext,
+        journal: Journal,
+        unlogged: Sequence[ToolResult] = (),
     ) -> AsyncIterator[Event]:
         """`execute_tools` for a durable run: the intents of the unsafe calls are committed before any call starts,
         and each result before it is passed on. A call whose intent was recorded before a crash (and no result) is
         resumed (`Executor.resume`): run again if it is safe to repeat, else `outcome_unknown`, never sent again."""
+        for result in unlogged:  # recorded results the crash kept from the log
+            yield result
         executor = self.executor
         cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
         await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])

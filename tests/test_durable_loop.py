@@ -363,3 +363,43 @@ async def test_a_checkpoint_the_database_failed_is_written_again_before_the_run_
     assert [s.step_no for s in run.steps] == list(range(1, 9))
     assert process.pay.without_intent == 0 and sum(process.pay.runs.values()) == 2
     await process.aclose()
+
+
+@pytest.mark.parametrize("recorded", [3, 4, 5, 7])
+async def test_recorded_steps_whose_events_never_reached_the_log_are_sent_not_done_again(
+    tmp_path: Path, recorded: int
+) -> None:
+    """The process died between recording a step and logging its event (a chaos finding): the log the run goes
+    on from lacks that `tool_result` (or `usage`). The continuation sends those events (each once, the recorded
+    value), runs nothing again and requests no recorded turn again; the events the log has are not sent again."""
+    ledger, original, first = await full_run(tmp_path)
+    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")
+    second = Process(ledger, "p2", tmp_path)
+    claimed = second.store.claim(RUN, first=recorded)
+    journal = Journal.resume(second.store, claimed)
+    recorded_keys = {s.key for s in claimed.steps if s.kind != "intent"}
+    lost = sorted(recorded_keys)[-1]  # one step's event missing from the log; the others' there
+    journal.logged = recorded_keys - {lost}
+    events = await second.collect(RunSpec.from_json(claimed.request), journal, announce=False)
+
+    resent = [e for e in events if isinstance(e, ev.Usage | ev.ToolResult)]
+    kind, _, name = lost.partition(":")
+    if kind == "turn":
+        sent_again: list[Any] = [e for e in resent if isinstance(e, ev.Usage) and e.turn == int(name)]
+    else:
+        sent_again = [e for e in resent if isinstance(e, ev.ToolResult) and e.call_id == name]
+    assert len(sent_again) == 1, (lost, resent)
+    if kind == "call":
+        (before,) = [r for r in results(original) if r.call_id == name]
+        assert sent_again[0] == before  # the recorded result, as the model got it
+    others = recorded_keys - {lost}
+    assert not [e for e in resent if f"call:{getattr(e, 'call_id', '')}" in others]
+    turns = {s.key for s in claimed.steps if s.kind == "turn"}
+    assert len(second.model.requests) == 3 - len(turns)  # no recorded turn requested again
+    blocks = [b for s in claimed.steps if s.kind == "turn" for b in s.value["content"] if b["type"] == "tool_use"]
+    texts = {b["id"]: b["input"]["text"] for b in blocks}
+    done = {texts[key.partition(":")[2]] for key in recorded_keys if key.startswith("call:")}
+    assert not done & set(second.pay.runs + second.look.runs)  # no recorded call run again
+    assert final(events).turns == 3
+    await first.aclose()
+    await second.aclose()

@@ -108,3 +108,19 @@ async def test_a_process_whose_run_was_claimed_stops_it_at_once_and_says_where_i
     assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
     assert not any(e.HasField("tool_result") or e.HasField("error") for e in seen)  # its result is the peer's
     assert len(svc.registry.loop.model.requests) == 1
+
+
+async def test_a_drain_interrupts_a_durable_run_still_queued_as_nothing_of_it_is_recorded(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools, runs={"background_max_concurrent": 1})
+    running = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="first"))
+    queued = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="second"))
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)
+    await svc.drain(grace=0.1)
+    assert svc.registry.get(queued.run_id).outcome.code == "UNAVAILABLE"  # type: ignore[union-attr]
+    assert svc.registry.get(running.run_id).lost is not None  # handed over, not ended here
+    # the running one released; the queued one (which may have begun as the first let go of its slot) not left
+    # running for a peer: it ended here
+    assert [r for r in checkpoints(tmp_path)[0] if r[1] == "running"] == [("", "running")]

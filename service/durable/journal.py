@@ -79,6 +79,11 @@ class Journal:
         self.run = run
         self.run_id = run.run_id
         self.fresh = fresh
+        self.recorded = not fresh  # whether the run is in the store (a new one: once `open` has recorded it)
+        # the steps whose event the run's log holds, by key: "turn:N" (its `usage`), "call:ID" (its `tool_result`);
+        # None: all recorded ones. A step recorded just before a crash may never have reached the log: its event is
+        # then sent on the way through (`unlogged`)
+        self.logged: set[str] | None = None
         self.last_seq = last_seq  # the run's last event seq, written with each step (recovery resumes after it)
         self.why = why
         self.step_no = 0
@@ -147,6 +152,12 @@ class Journal:
         """The recorded result of a call: it is not run again, and nothing of it is sent again."""
         return self._results.get(call_id)
 
+    def unlogged(self, key: str) -> bool:
+        """Whether a recorded step's event is missing from the run's log ("turn:N", "call:ID"): its process died
+        between recording it and logging the event. It is sent then (the step is not done again), so that the
+        caller's record of tokens and side effects is whole."""
+        return self.logged is not None and key not in self.logged
+
     def intended(self, call_id: str) -> bool:
         """Whether an unsafe call's intent was recorded: with no result, it may have happened."""
         return call_id in self._intents
@@ -156,6 +167,7 @@ class Journal:
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
             await _written(functools.partial(self.store.begin, self.run))
+            self.recorded = True
             return None
         last = self._last
         return RunRecovered(
