@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from backends import PostgresSchema, RedisNamespace
 
-from bench.chaos.__main__ import render
 from bench.chaos.fleet import Backends
-from bench.chaos.harness import Plan, run_chaos
+from bench.chaos.harness import Plan, render, run_chaos
 
 # Violations found by the harness and open in the service (/work/notes/chaos-findings.md; docs/chaos.md): the test
 # xfails when they are all it finds, and fails on any other. Temporary: each goes once issue 18's resume fixes it.

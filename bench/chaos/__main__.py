@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos.checks import Report
-from bench.chaos.harness import Plan, own_backends, run_chaos
+from bench.chaos.harness import Plan, own_backends, render, run_chaos
 
 REDIS_URL = os.environ.get("AGENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("AGENT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -62,29 +62,6 @@ async def _round(workdir: Path, plan: Plan, embedded: bool) -> Report:
         return await run_chaos(workdir, backends, plan)
 
 
-def render(report: Report, plan: Plan) -> str:
-    f = report.figures()
-    lines = [
-        f"chaos: {plan.replicas} replicas, {plan.in_flight} runs in flight, {plan.duration_s:g} s of kill -9 every "
-        f"~{plan.kill_every_s:g} s",
-        f"  runs {f['runs']}: {f['states']}; kills {f['kills']}; caller stream breaks {f['caller_stream_breaks']}",
-        f"  model requests {f['model_requests']}; turns requested again after a crash "
-        f"{f['turns_requested_again']}; after a recorded turn {f['model_requests_after_recorded_turn']} (must be 0)",
-        f"  unsafe calls {f['unsafe_calls']}: max executions per call {f['unsafe_max_executions_per_call']} "
-        f"(must be <= 1), cut off mid-flight {f['unsafe_interrupted']}; "
-        f"OUTCOME_UNKNOWN reported {f['outcome_unknown']} ({f['outcome_unknown_never_reached_upstream']} of them "
-        "had not reached the upstream)",
-        f"  safe calls {f['safe_calls']}, run more than once {f['safe_calls_repeated']} (allowed)",
-        f"  run_recovered {f['run_recovered_events']}; kill to resumption p50 {_s(f['kill_to_resume_p50_s'])}, "
-        f"p99 {_s(f['kill_to_resume_p99_s'])}, max {_s(f['kill_to_resume_max_s'])}",
-        f"  violations: {len(report.violations)} {f['violations_by_kind'] or ''}",
-    ]
-    lines += [f"    - {v}" for v in report.violations[:50]]
-    if len(report.violations) > 50:
-        lines.append(f"    … and {len(report.violations) - 50} more")
-    return "\n".join(lines)
-
-
 def as_json(report: Report, plan: Plan) -> dict[str, Any]:
     return {
         "plan": plan.__dict__,
@@ -97,10 +74,6 @@ def as_json(report: Report, plan: Plan) -> dict[str, Any]:
             "python": platform.python_version(),
         },
     }
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} s"
 
 
 def _cpu() -> str:
