@@ -18,7 +18,8 @@ from bench.chaos.harness import Plan, render, run_chaos
 KNOWN_OPEN = {
     "unlogged_result": "F1: a recorded call's tool_result is never logged if the crash falls before its event",
     "seq_rewound": "F3: a caller sent seqs the dead replica had not shipped sees the new owner reuse them",
-    "record_stuck": "F4: GetRun stays RUNNING for a run whose log ended",
+    "record_stuck": "F4: GetRun stays RUNNING for a run whose end a kill kept from the shared record",
+    "lost_unstarted": "F5: a run admitted (SubmitRun answered) and lost when its replica died before it started",
 }
 
 SHORT = Plan(replicas=2, in_flight=4, duration_s=9, kill_every_s=4, restart_after_s=0.5, settle_s=25, seed=7)

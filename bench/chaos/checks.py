@@ -29,6 +29,7 @@ TERMINAL = ("final_response", "error")
 
 KINDS = {
     "lost": "a run that did not end (the fleet cannot tell, or its caller never saw an end)",
+    "lost_unstarted": "a run lost before its first event: admitted, then its replica died (stopped at seq 0)",
     "failed": "a run that ended other than SUCCEEDED",
     "record_stuck": "GetRun not terminal 5 s after the run's log ended",
     "seq_rewound": "the log went back below a seq its caller had been sent (WatchRun OUT_OF_RANGE)",
@@ -130,8 +131,9 @@ def check(runs: list[RunLog], model: ChaosModel, effects: Effects, kills: list[f
 
 def _check_end(run: RunLog, report: Report) -> None:
     seen = run.seen
+    lost = "lost_unstarted" if "stopped at seq 0" in run.problem else "lost"
     if run.problem:
-        report.violate("lost", f"{seen.label} ({seen.run_id or 'no run id'}): {run.problem}")
+        report.violate(lost, f"{seen.label} ({seen.run_id or 'no run id'}): {run.problem}")
     elif run.state != pb.Run.SUCCEEDED:
         state = pb.Run.State.Name(run.state)
         events = run.events
@@ -142,7 +144,7 @@ def _check_end(run: RunLog, report: Report) -> None:
         else:
             report.violate("failed", f"{seen.label} {seen.run_id}: ended {state} ({seen.error or '-'}; {detail})")
     if not seen.end:
-        kind = "seq_rewound" if seen.error.startswith("OUT_OF_RANGE") else "lost"
+        kind = "seq_rewound" if seen.error.startswith("OUT_OF_RANGE") else lost
         report.violate(kind, f"{seen.label} {seen.run_id}: its caller saw no end ({seen.error or 'no error'})")
 
 
