@@ -388,7 +388,7 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
         return f"# Replica benchmarks\n\n**Not run.** {results['skipped']}\n"
     m = machine
     lines = [
-        "# Replica benchmarks (issue 16): shared state and workers, paired",
+        "# Replica and durable-run benchmarks (issues 16 and 18), paired",
         "",
         f"{results['date']}, `python -m bench.replicas`, the {results['mode']} plan, {results['elapsed_s'] / 60:.0f} "
         f"min, at `{results['commit'][:7]}`.",
@@ -436,6 +436,13 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
                 "| round | " + " | ".join(f"{n}: h2load CPU, load avg, failed streams" for n in names) + " |",
                 "|---|---|---|",
             ]
+            for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
+                cells = [
+                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
+                    f"{r['failed_streams']}{' of ' + str(r['calls']) if r['failed_streams'] else ''}"
+                    for r in (b, n)
+                ]
+                lines.append(f"| {i} | " + " | ".join(cells) + " |")
             if "checkpoint" in level:
                 cost = level["checkpoint"]
                 lines += [
@@ -444,13 +451,6 @@ def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
                     f"(the medians' difference per stream ÷ {CHECKPOINTS_PER_RUN}); {cost['bytes']:.0f} bytes of "
                     f"SQLite file per row ({cost['rows']:,} rows so far).",
                 ]
-            for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
-                cells = [
-                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
-                    f"{r['failed_streams']}{' of ' + str(r['calls']) if r['failed_streams'] else ''}"
-                    for r in (b, n)
-                ]
-                lines.append(f"| {i} | " + " | ".join(cells) + " |")
     rounds = _rounds(results)
     failed = sum(r["failed_streams"] for r in rounds)
     errors = sum(r.get("errors", 0) for r in rounds) - failed
