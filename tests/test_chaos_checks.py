@@ -93,3 +93,15 @@ def test_a_turn_requested_after_its_recorded_attempt_is_caught() -> None:
     repeated._reply(request())  # turn 1 again, after it was recorded
     repeated._reply(request("c0 turn 1 attempt 1: …"))
     assert round_of({"r0": clean_log()}, model=repeated) == ["model_repeat"]
+
+
+def test_a_seq_the_caller_was_sent_may_not_name_another_event_later() -> None:
+    seen = Seen("c0", "stream", run_id=RUN, received=[1, 2], end="final_response", events=clean_log()[:2])
+    rewritten = clean_log()
+    rewritten[1] = event(2, text_delta=pb.TextDelta(turn=1, text="other"))
+    effects = Effects()
+    effects.by_key[KEY] = Effect("unsafe", executions=1)
+    for log, kinds in ((clean_log(), []), (rewritten, ["seq_rewound"])):
+        run = RunLog(seen, state=pb.Run.SUCCEEDED, last_seq=6, logs={"r0": log})
+        report = check([run], ChaosModel("http://effects"), effects, kills=[])
+        assert sorted(report.by_kind) == kinds

@@ -163,6 +163,12 @@ def _check_logs(run: RunLog, report: Report) -> None:
         )
     if seen.received and seen.received != list(range(1, len(seen.received) + 1)):
         report.violate("log_gap", f"{seen.label} {seen.run_id}: its caller was sent {_gaps(seen.received)}")
+    elif seen.events and run.logs:
+        # what the caller was sent must be the log's start: a seq it was sent may not name another event later
+        sent, logged = canonical(seen.events), next(iter(bodies.values()))
+        if not _starts(logged, sent):
+            bodies = {"the caller": sent, "the log": logged}
+            report.violate("seq_rewound", f"{seen.label} {seen.run_id}: {_first_difference(bodies)}")
 
 
 def _check_turns(run: RunLog, model: ChaosModel, report: Report) -> None:
@@ -258,6 +264,21 @@ def canonical(events: list[pb.AgentEvent]) -> list[tuple[object, ...]]:
             # as JSON with sorted keys, not bytes: a Struct's map fields serialise in no fixed order
             out.append((e.seq, json.dumps(json_format.MessageToDict(e), sort_keys=True)))
     return out
+
+
+def _starts(log: list[tuple[object, ...]], head: list[tuple[object, ...]]) -> bool:
+    """Whether `head` is the start of `log`, its last item possibly the start of a stretch of deltas (a caller that
+    stopped reading mid-turn)."""
+    if not head or len(head) > len(log):
+        return not head
+    *whole, last = head
+    if log[: len(whole)] != whole:
+        return False
+    full = log[len(whole)]
+    if last == full:
+        return True
+    # a delta stretch (kind, turn, first, last seq, text) cut short
+    return len(last) == 5 and last[:3] == full[:3] and str(full[4]).startswith(str(last[4]))
 
 
 def _first_difference(bodies: dict[str, list[tuple[object, ...]]]) -> str:

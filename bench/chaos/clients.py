@@ -31,6 +31,7 @@ class Seen:
     mode: str  # "stream" or "submit"
     run_id: str = ""
     received: list[int] = field(default_factory=list)  # every seq the caller was sent, in order (merged deltas span)
+    events: list[pb.AgentEvent] = field(default_factory=list)  # what it was sent, across its reconnections
     end: str = ""  # "final_response" or "error", from the last event; "" if the caller never saw one
     error: str = ""  # the run's error event (code: message), or the status that stopped the caller
     breaks: list[str] = field(default_factory=list)  # the statuses of the calls that broke under the caller
@@ -113,6 +114,7 @@ class Callers:
         async for event in call:
             seen.run_id = seen.run_id or event.run_id
             seen.received.extend(range(event.first_seq or event.seq, event.seq + 1))
+            seen.events.append(event)
             kind = event.WhichOneof("event")
             if kind in ("final_response", "error"):
                 seen.end = kind
