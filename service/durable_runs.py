@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Protocol
 from service.aio import cancel_and_wait
 from service.config import RunsConfig
 from service.control import RunControl
-from service.durable.base import CheckpointStore, DurableRun
+from service.durable.base import CheckpointStore, DurableRun, ExecutorIdInUse
 from service.durable.journal import Journal
-from service.errors import RunHandedOver
+from service.errors import RecordsUnavailable, RunHandedOver
 from service.events import Event, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
@@ -67,17 +68,63 @@ class DurableRuns:
         # the journals of the runs driven here, while they are (a run's task holds its journal)
         self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
         self._continuer: Continuer | None = None
+        self.ready = False  # the store is open: durable runs may start
 
     async def start(self, continuer: Continuer) -> None:
         """Open the store, then keep continuing the runs this process claims (at once for its own left from before
-        a restart, within `durable.recover_interval_s` for a dead peer's)."""
+        a restart, within `durable.recover_interval_s` for a dead peer's). A store that cannot be opened (the
+        records database away) does not stop the service: durable runs are refused until it opens, in the
+        background."""
         self._continuer = continuer
-        await self.store.open()
+        try:
+            await self._open()
+        except Exception as exc:
+            log.warning(
+                "the checkpoint store cannot be opened; durable runs are refused until it can",
+                extra={"error": str(exc) or type(exc).__name__},
+            )
+            self._recovery = asyncio.create_task(self._open_later(), name="durable recovery")
+            return
         self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
         # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_WAIT_S):
                 await self.store.looked.wait()
+
+    async def _open(self) -> None:
+        try:
+            await self.store.open()
+        except ExecutorIdInUse:
+            # another live process on this data_dir has the kept id (tests, or two processes meant as one): this one
+            # takes an id of its own, not kept, so its runs left by a crash go on only where a peer claims them
+            kept, self.store.owner = self.store.owner, f"{self.store.owner}-{secrets.token_hex(3)}"
+            log.warning(
+                "executor id in use by another live process; using another (set durable.executor_id per process)",
+                extra={"executor_id": kept, "using": self.store.owner},
+            )
+            await self.store.open()
+        self.ready = True
+
+    async def _open_later(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+            except Exception:
+                delay = min(2 * delay, 30.0)
+                continue
+            log.info("the checkpoint store is open; durable runs are taken again")
+            await self.store.recover(self._resume)
+
+    def check(self, spec: RunSpec) -> None:
+        """Refuse a durable run while the checkpoint store is not open (UNAVAILABLE, retryable), rather than start a
+        run that would not survive a crash; a run that is not durable goes on as ever."""
+        if spec.durable and not self.ready:
+            raise RecordsUnavailable(
+                "durable runs cannot start now: the records database that keeps their checkpoints does not answer; "
+                "retry in a few seconds, or send durability NOT_DURABLE"
+            )
 
     def journal(self, run: Run, *, background: bool) -> Journal | None:
         """The journal of a run about to start, if it is durable."""

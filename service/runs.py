@@ -120,6 +120,8 @@ class RunRegistry:
         existing = self.find(caller.name, key, fingerprint)
         if existing is not None:
             return existing, False
+        if self.durable is not None:
+            self.durable.check(spec)  # before any quota or key is taken
         store = self.store
         if store is None:
             # check and count in one synchronous step: no other start of this caller can pass in between

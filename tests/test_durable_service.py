@@ -4,6 +4,7 @@ durable run records, and a drain that hands a run over to the next start instead
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,30 @@ async def test_a_drain_interrupts_a_durable_run_still_queued_as_nothing_of_it_is
     # the running one released; the queued one (which may have begun as the first let go of its slot) not left
     # running for a peer: it ended here
     assert [r for r in checkpoints(tmp_path)[0] if r[1] == "running"] == [("", "running")]
+
+
+async def test_two_processes_on_one_data_dir_each_checkpoint_under_an_id_of_their_own(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """The kept executor id is held by the first; the second takes another (and says so) rather than not start."""
+    first, second = await start_service(ECHO_THEN_ANSWER), await start_service(ECHO_THEN_ANSWER)
+    for svc in (first, second):
+        events = await run_events(channel_to(svc), on_disconnect=pb.RunAgentRequest.CONTINUE)
+        assert events[-1].HasField("final_response")
+    runs, _ = checkpoints(tmp_path)
+    assert len({owner for owner, _ in runs}) == 2 and {state for _, state in runs} == {"succeeded"}
+
+
+async def test_durable_runs_are_refused_while_their_database_is_away_and_the_others_run(
+    start_service: Any, channel_to: Any
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        away = f"postgresql://postgres@127.0.0.1:{probe.getsockname()[1]}/test"
+    svc = await start_service(ECHO_THEN_ANSWER, records={"url": away, "timeout_s": 0.5})
+    channel = channel_to(svc)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "NOT_DURABLE" in str(refused.value.details())
+    events = await run_events(channel)  # CANCEL: not durable, runs as ever
+    assert events[-1].HasField("final_response")

@@ -193,6 +193,8 @@ async def service_process() -> AsyncIterator[tuple[int, int, Path, list[dict[str
             "metrics_listen": "127.0.0.1:0",
             "data_dir": str(home / "var"),
             "tool_modules": ["reach_tools", "hold_tool"],
+            # one user for the service and its programs: RLIMIT_NPROC counts the service's threads too (security.md)
+            "tools": {"reach": {"max_processes": 32}},
             "model": {"provider": "scripted", "scenario": str(home / "scenario.json")},
         }
         (home / "config.json").write_text(json.dumps(config))  # YAML is a superset of JSON

@@ -36,6 +36,10 @@ class DurableRun:
     steps: list[Step] = field(default_factory=list)
 
 
+class ExecutorIdInUse(RuntimeError):
+    """Another live process holds this executor id (two processes on one data_dir need ids of their own)."""
+
+
 class TakenOver(Exception):
     """The store refused a write: another process owns the run now (this one was thought dead). The run must stop at
     once and emit nothing more: its new owner continues it."""

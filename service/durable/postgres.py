@@ -30,7 +30,7 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
-from service.durable.base import DurableRun, Step, StepKind
+from service.durable.base import DurableRun, ExecutorIdInUse, Step, StepKind
 from service.durable.batching import Batch, BatchingStore, decode, encode
 from service.errors import RecordsUnavailable
 from service.records.postgres import UNREACHABLE, migrate
@@ -104,7 +104,15 @@ class PgCheckpointStore(BatchingStore):
 
     async def open(self) -> None:
         """Connect, migrate, take this executor id's lock (waiting up to `timeout_s` for a peer that is claiming
-        this id's runs right now; an id held by a live process is an error), and note this id's running runs."""
+        this id's runs right now; an id held by a live process is an error), and note this id's running runs. A
+        failed open leaves nothing open (it may be tried again)."""
+        try:
+            await self._open()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _open(self) -> None:
         self._control = await self._connect()
         await migrate(self._control)
         schema = await self._one(self._control, "SELECT current_schema()", ())
@@ -169,7 +177,7 @@ class PgCheckpointStore(BatchingStore):
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(self.timeout_s * 1000)}ms'")
                 await conn.execute(f"SELECT pg_advisory_lock({_OWNER_KEY})", (self.owner,))
         except psycopg.errors.LockNotAvailable:
-            raise RuntimeError(f"executor id {self.owner!r} is held by another live process") from None
+            raise ExecutorIdInUse(f"executor id {self.owner!r} is held by another live process") from None
 
     async def _control_conn(self) -> Conn:
         """The control connection; a lost one is replaced, and this id's lock taken again on the new one (runs a peer

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from service.durable.base import DurableRun, Step, StepKind
+from service.durable.base import DurableRun, ExecutorIdInUse, Step, StepKind
 from service.durable.batching import FORMAT, Batch, BatchingStore, decode, encode
 from service.records.sqlite import connect
 
@@ -52,10 +52,6 @@ CREATE TABLE IF NOT EXISTS run_steps (
 ) WITHOUT ROWID;
 PRAGMA user_version = 1;
 """
-
-
-class ExecutorIdInUse(RuntimeError):
-    """Another live process holds this executor id (two processes on one data_dir need ids of their own)."""
 
 
 class SqliteCheckpointStore(BatchingStore):
