@@ -16,7 +16,6 @@ from bench.chaos.harness import Plan, render, run_chaos
 # Violations found by the harness and open in the service (/work/notes/chaos-findings.md; docs/chaos.md): the test
 # xfails when they are all it finds, and fails on any other. Temporary: each goes once issue 18's resume fixes it.
 KNOWN_OPEN = {
-    "unlogged_result": "F1: a recorded call's tool_result is never logged if the crash falls before its event",
     "seq_rewound": "F3: a caller sent seqs the dead replica had not shipped sees the new owner reuse them",
     "record_stuck": "F4: GetRun stays RUNNING for a run whose end a kill kept from the shared record",
     "lost_unstarted": "F5: a run admitted (SubmitRun answered) and lost when its replica died before it started",
