@@ -38,6 +38,7 @@ KINDS = {
     "model_repeat": "a model turn requested after its recorded attempt, or two attempts kept",
     "unsafe_repeat": "an unsafe call that reached the upstream twice",
     "unsafe_unreported": "an unsafe call cut off mid-flight but not reported OUTCOME_UNKNOWN",
+    "unknown_not_dead_lettered": "an OUTCOME_UNKNOWN call with no OutcomeUnknown dead letter for reconciliation",
     "unlogged_result": "a call that reached the upstream with no tool_result in its run's log",
     "harness": "something the harness did not expect (no idempotency key, a request naming no run)",
 }
@@ -71,6 +72,7 @@ class Report:
     unsafe_max_executions: int = 0
     unsafe_interrupted: int = 0
     outcome_unknown: int = 0
+    unknown_dead_lettered: int | None = None  # of those, dead-lettered as OutcomeUnknown (None: not read)
     unknown_not_sent: int = 0  # of those, calls the upstream never saw (the crash came between intent and send)
     safe_calls: int = 0
     safe_repeats: int = 0  # safe calls run more than once (allowed: at least once)
@@ -99,6 +101,7 @@ class Report:
             "unsafe_interrupted": self.unsafe_interrupted,
             "outcome_unknown": self.outcome_unknown,
             "outcome_unknown_never_reached_upstream": self.unknown_not_sent,
+            "outcome_unknown_dead_lettered": self.unknown_dead_lettered,
             "safe_calls": self.safe_calls,
             "safe_calls_repeated": self.safe_repeats,
             "run_recovered_events": self.recovered,
@@ -112,7 +115,14 @@ class Report:
         }
 
 
-def check(runs: list[RunLog], model: ChaosModel, effects: Effects, kills: list[float]) -> Report:
+def check(
+    runs: list[RunLog],
+    model: ChaosModel,
+    effects: Effects,
+    kills: list[float],
+    dead_letters: set[str] | None = None,
+) -> Report:
+    """`dead_letters`: the keys dead-lettered as OutcomeUnknown (None: not read, as on one node)."""
     report = Report(runs=len(runs), kills=len(kills), caller_breaks=sum(len(r.seen.breaks) for r in runs))
     report.record_lags = sum(r.record_lag > 0 for r in runs)
     for run in runs:
@@ -122,7 +132,7 @@ def check(runs: list[RunLog], model: ChaosModel, effects: Effects, kills: list[f
         _check_logs(run, report)
         _check_turns(run, model, report)
         _check_resumption(run, sorted(kills), report)
-    _check_effects(runs, effects, report)
+    _check_effects(runs, effects, report, dead_letters)
     report.model_requests = sum(sum(t.attempts.values()) for t in model.runs.values())
     if model.unknown_requests:
         report.violate("harness", f"{model.unknown_requests} model request(s) named no chaos run")
@@ -205,7 +215,7 @@ def _check_resumption(run: RunLog, kills: list[float], report: Report) -> None:
             report.resume_s.append(at - before[-1])
 
 
-def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None:
+def _check_effects(runs: list[RunLog], effects: Effects, report: Report, dead_letters: set[str] | None) -> None:
     results: dict[str, pb.ToolResult] = {}
     calls: dict[str, int] = {}  # key -> seq of its tool_call event
     recoveries: dict[str, int] = {}  # run id -> run_recovered events
@@ -244,6 +254,11 @@ def _check_effects(runs: list[RunLog], effects: Effects, report: Report) -> None
     unknown = [key for key, r in results.items() if r.status == OUTCOME_UNKNOWN]
     report.outcome_unknown = len(unknown)
     report.unknown_not_sent = sum(key not in effects.by_key for key in unknown)
+    if dead_letters is not None:
+        report.unknown_dead_lettered = sum(key in dead_letters for key in unknown)
+    for key in unknown if dead_letters is not None else ():
+        if key not in dead_letters:
+            report.violate("unknown_not_dead_lettered", f"call {key} ended OUTCOME_UNKNOWN but was not dead-lettered")
 
 
 def canonical(events: list[pb.AgentEvent]) -> list[tuple[object, ...]]:

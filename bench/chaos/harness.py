@@ -68,8 +68,9 @@ async def run_chaos(workdir: Path, backends: Backends | None, plan: Plan, say: C
             with contextlib.suppress(asyncio.CancelledError):
                 await driving
         runs = await _collect(fleet, callers)
-        report = check(runs, model, effects, kills)
-        return report
+        await fleet.stop()  # SIGTERM: each replica drains and writes what its records spool still holds
+        dead = await _dead_letters(backends.postgres_url) if backends is not None else None
+        return check(runs, model, effects, kills, dead_letters=dead)
     finally:
         if fleet is not None:
             await fleet.stop()
@@ -151,6 +152,15 @@ async def _collect(fleet: Fleet, callers: Callers) -> list[RunLog]:
     return runs
 
 
+async def _dead_letters(postgres_url: str) -> set[str]:
+    """The `run_id:call_id` of every call dead-lettered as OutcomeUnknown in the fleet's records database."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        cursor = await conn.execute("SELECT run_id, call_id FROM dead_letters WHERE error_type = 'OutcomeUnknown'")
+        return {f"{run_id}:{call_id}" for run_id, call_id in await cursor.fetchall()}
+
+
 async def _record(stub: agent_pb2_grpc.AgentServiceStub, run: RunLog) -> tuple[int, int]:
     """GetRun's state and last seq, once they agree with the log just read: a replica's record of a run another
     drove may trail its log by a moment (counted in `record_lag`, polled for up to 5 s)."""
@@ -178,7 +188,7 @@ def render(report: Report, plan: Plan) -> str:
         f"  unsafe calls {f['unsafe_calls']}: max executions per call {f['unsafe_max_executions_per_call']} "
         f"(must be <= 1), cut off mid-flight {f['unsafe_interrupted']}; "
         f"OUTCOME_UNKNOWN reported {f['outcome_unknown']} ({f['outcome_unknown_never_reached_upstream']} of them "
-        "had not reached the upstream)",
+        f"had not reached the upstream; dead-lettered {_n(f['outcome_unknown_dead_lettered'])})",
         f"  safe calls {f['safe_calls']}, run more than once {f['safe_calls_repeated']} (allowed)",
         f"  run_recovered {f['run_recovered_events']}; kill to resumption p50 {_s(f['kill_to_resume_p50_s'])}, "
         f"p99 {_s(f['kill_to_resume_p99_s'])}, max {_s(f['kill_to_resume_max_s'])}",
@@ -188,6 +198,10 @@ def render(report: Report, plan: Plan) -> str:
     if len(report.violations) > 50:
         lines.append(f"    … and {len(report.violations) - 50} more")
     return "\n".join(lines)
+
+
+def _n(value: int | None) -> str:
+    return "not read" if value is None else str(value)
 
 
 def _s(value: float | None) -> str:
