@@ -50,12 +50,17 @@ async def play(
                     coalescer.add(piece)
             else:
                 coalescer.add(event)
+                if journal is not None and (type(event) is ev.FinalResponse or type(event) is ev.RunFailed):
+                    # ended: its state goes out with its closing event, not after its end's checkpoint (a crash in
+                    # between would leave the shared record running for good)
+                    run.finish()
             if len(run.log) > config.max_events_per_run:
                 run.control.stop_now(RunInterrupted(f"run {run.id} exceeded {config.max_events_per_run} events"))
     except TakenOver:
         log.warning("durable run taken over by another process; stopped here", extra={"run_id": run.id})
         coalescer.flush()
-        run.give_up(RunHandedOver(run.id, len(run.log), "was claimed by another process"))
+        if not run.finished:  # else only its end's checkpoint was refused: the run has ended here
+            run.give_up(RunHandedOver(run.id, len(run.log), "was claimed by another process"))
     except Exception:
         # A bug, not a run failure: INTERNAL with the run id to quote; the log has the traceback.
         log.exception("run crashed", extra={"run_id": run.id})

@@ -180,7 +180,7 @@ class DurableRuns:
         streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
         to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
         tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
-        runs = [r for r in runs if r.task is not None and not r.task.done() and self._recorded(r)]
+        runs = [r for r in runs if r.task is not None and not r.task.done() and not r.finished and self._recorded(r)]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
@@ -195,6 +195,13 @@ class DurableRuns:
                 await self.store.release(run.id)
             except Exception:  # the database away: the run stays ours, and a peer claims it once this process is gone
                 log.exception("a durable run could not be released", extra={"run_id": run.id})
+
+    async def record(self, run: Run) -> None:
+        """Record a new durable run now rather than when its driver starts it: a background run, before SubmitRun
+        answers with its id (a crash after the answer must not lose it, queued or not)."""
+        journal = self._journals.get(run.id)
+        if journal is not None:
+            await journal.record()
 
     def _recorded(self, run: Run) -> bool:
         """Whether `run` is durable and recorded: one still queued, or not yet recorded, has nothing a peer could

@@ -134,6 +134,8 @@ class RunRegistry:
             if created and run.task is not None:
                 limits.started(caller)
                 run.task.add_done_callback(lambda _: limits.ended(caller))
+            if created and background and self.durable is not None:
+                await self.durable.record(run)  # SubmitRun answers once its run would survive a crash
             return run, created
         self._check_queue(background)
         run = self._new_run(spec, caller.name, key, fingerprint, deadline, store)
@@ -157,6 +159,8 @@ class RunRegistry:
         if admitted.refused:
             raise CallerLimited(admitted.refused)
         self._launch(run, background)
+        if background and self.durable is not None:
+            await self.durable.record(run)
         return run, True
 
     async def record(self, run_id: str, caller: str) -> RunRecord:
@@ -320,9 +324,10 @@ class RunRegistry:
             self._background_runs -= 1
         if run.lost is not None:
             return
-        if run.outcome is None:
-            run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
-        run.finish()
+        if not run.finished:  # a durable run is finished by its driver, at its closing event
+            if run.outcome is None:
+                run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
+            run.finish()
         run.ended_at = self.clock()
         self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
         if self.retention.bytes > self.config.max_retained_bytes:

@@ -166,8 +166,7 @@ class Journal:
         """A new run: recorded as this process's, before its first model turn. A resumed one: the `RunRecovered`
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
-            await _written(functools.partial(self.store.begin, self.run))
-            self.recorded = True
+            await self.record()
             return None
         last = self._last
         return RunRecovered(
@@ -178,6 +177,12 @@ class Journal:
         )
 
     # What the loop records.
+
+    async def record(self) -> None:
+        """Record a new run as this process's (once; `open` does it unless done before)."""
+        if not self.recorded:
+            await _written(functools.partial(self.store.begin, self.run))
+            self.recorded = True
 
     async def turn_ended(self, turn: int, end: m.TurnEnd) -> None:
         value = {
