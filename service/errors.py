@@ -133,7 +133,11 @@ class RunHandedOver(RunError):
             f"run {run_id} {why}; it goes on elsewhere: follow it with "
             f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
         )
-        self.last_seq = last_seq
+        self.run_id, self.last_seq, self.why = run_id, last_seq, why
+
+    def at(self, seq: int) -> RunHandedOver:
+        """The same, for a stream that was sent seqs up to `seq` only."""
+        return RunHandedOver(self.run_id, seq, self.why)
 
 
 class RunCancelled(RunError):

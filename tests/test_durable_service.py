@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from backends import RedisNamespace
 
 from agent.v1 import agent_pb2 as pb
 from conftest import ECHO_THEN_ANSWER, run_events, stub
@@ -179,3 +180,28 @@ async def test_durable_runs_are_refused_while_their_database_is_away_and_the_oth
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "NOT_DURABLE" in str(refused.value.details())
     events = await run_events(channel)  # CANCEL: not durable, runs as ever
     assert events[-1].HasField("final_response")
+
+
+async def test_a_durable_runs_stream_is_sent_only_what_the_shared_store_holds(
+    start_service: Any, channel_to: Any, redis_ns: RedisNamespace
+) -> None:
+    """A chaos finding: a caller had been sent seqs the dying process had not shipped, and the process continuing
+    the run from the store's last seq sent other events under them. Every event a durable run's stream sends is in
+    Redis first."""
+    import redis.asyncio as redis
+
+    turns = [{"text": " ".join(f"w{i}" for i in range(40)), "tool_calls": [{"name": "echo", "input": {"text": "x"}}]}]
+    svc = await start_service([*turns, {"text": "done"}], state={"url": redis_ns.url, "prefix": redis_ns.prefix})
+    client = redis.Redis.from_url(redis_ns.url)
+    try:
+        call = stub(channel_to(svc)).RunAgent(
+            pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE)
+        )
+        checked = 0
+        async for event in call:
+            last = await client.xrevrange(f"{redis_ns.prefix}run:{event.run_id}:events", count=1)
+            assert last and int(last[0][0].split(b"-")[1]) >= event.seq, f"seq {event.seq} sent before it was stored"
+            checked += 1
+        assert checked > 10 and event.HasField("final_response")
+    finally:
+        await client.aclose()

@@ -235,7 +235,7 @@ class RedisRunStore:
                 if entry.seq != len(run.log) + 1:
                     break  # a stream is gapless by construction (explicit ids): anything else is not ours to extend
                 run.log.append(entry)
-        self.shipper.shipped[run.id] = len(run.log)
+        self.shipper.shipped[run.id] = run.stored = len(run.log)
         self._live[run.id] = run
         self._renew_now = True  # the dead owner's lease on the caller's concurrency becomes this process's
         return run

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError, ResponseError
 
 from service import codec, telemetry
+from service.state.mirror import SharedRun
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
@@ -178,10 +179,16 @@ class Shipper:
             # "equal or smaller than the target stream top item": already there (a retried transaction)
             if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
                 log.warning("the state store refused a write: %s", result)
+        self._landed(progress)
+        return left
+
+    def _landed(self, progress: list[tuple[Run, int, bool]]) -> None:
+        """A round's transaction is in: each run's seqs up to `last` are stored (its streams may have them)."""
         for run, last, done in progress:
+            if isinstance(run, SharedRun):
+                run.mark_stored(last)
             if done:
                 self.shipped.pop(run.id, None)
                 self._settled(run)
             else:
                 self.shipped[run.id] = last
-        return left
