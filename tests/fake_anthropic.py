@@ -11,7 +11,9 @@ the real API), scripted by tests, so that the real SDK and everything above it c
 
 Tests import it as `from fake_anthropic import FakeAnthropic` (pytest puts `tests/` on the path). Each request to
 `POST /v1/messages` takes the next scripted reply; with none left it answers HTTP 400 (an
-`invalid_request_error` naming the problem, not retryable, so a test fails fast rather than hangs).
+`invalid_request_error` naming the problem, not retryable, so a test fails fast rather than hangs). A fake given
+`on_request` calls it with each request's body first, so that the reply can depend on the conversation (the chaos
+harness, `bench/chaos/`, answers many runs at once that way): it scripts the reply the request then takes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import itertools
 import json
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +114,8 @@ class FakeAnthropic:
     """The server. `start()` / `stop()` or `async with`; `base_url` once started; scripted replies are used in
     order; `requests` records every request; `disconnected` is set when a client drops a stream mid-reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_request: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_request = on_request
         self.requests: list[RecordedRequest] = []
         self.disconnected = asyncio.Event()
         self._replies: deque[_Reply] = deque()
@@ -344,6 +347,8 @@ class FakeAnthropic:
             path=request.path, headers={k.lower(): v for k, v in request.headers.items()}, body=body
         )
         self.requests.append(record)
+        if self.on_request is not None:  # scripts this request's reply, with no await before it is taken
+            self.on_request(body)
         if not self._replies:
             error = _error_body("invalid_request_error", "FakeAnthropic: no scripted reply left for this request")
             return web.json_response(error, status=400)
