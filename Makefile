@@ -54,7 +54,7 @@ layers: ## The import contract alone: the core imports no grpc, protobuf or gene
 
 check: lint proto-check docs-check test ## Everything CI runs: lint, types, generated/ and docs fresh, tests (the import contract among them)
 
-bench: h2load ## Benchmark C=1,100,1000 against the baselines, then redis vs memory and 2 workers vs 1 (ARGS=--full adds C=5000)
+bench: h2load a2a-venv ## Benchmark C=1,100,1000 against the baselines, then redis vs memory and 2 workers vs 1 (ARGS=--full adds C=5000)
 	$(PYTHON) -m bench $(ARGS)
 
 bench-smoke: h2load ## Tiny benchmark run (CI runs it through the tests), into bench/results/smoke/
@@ -66,6 +66,12 @@ bench-replicas: h2load ## Only the replica stages (Redis state, workers) into be
 chaos: ## A minute of kill -9 against 3 replicas on the local Redis and PostgreSQL (ARGS: see python -m bench.chaos -h)
 	$(PYTHON) -m bench.chaos --json bench/results/chaos.json $(ARGS)
 
+# The A2A SDK baseline's own venv: the SDK pins its own grpc and protobuf, which the service's venv must not take.
+A2A_VENV := .a2a-venv
+a2a-venv: ## Build .a2a-venv with a2a-sdk[grpc], the benchmark's A2A SDK baseline (bench/a2a_baseline.py)
+	test -x $(A2A_VENV)/bin/python || python3 -m venv $(A2A_VENV)
+	$(A2A_VENV)/bin/python -m pip install -q 'a2a-sdk[grpc]>=1.3,<2' 'grpcio-health-checking>=1.85,<2' 'pyyaml>=6,<7'
+
 # h2load drives the benchmark's gRPC and SSE load; without it the bench runs and says its rows were skipped.
 h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this is root with apt-get
 	@command -v h2load >/dev/null && exit 0; \
@@ -76,4 +82,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas chaos h2load layers
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas chaos chaos h2load a2a-venv layers

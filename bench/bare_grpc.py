@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
+from bench.serving import serve_until_stopped
 from bench.workload import Step, timeline, workload_arg
 from service.config import Limits
 from service.rpc.server import pending_rpc_options
@@ -71,17 +70,7 @@ async def serve(port: int, steps: list[Step], start_cpu_s: float = 0.0) -> None:
     # the service's queue for calls not yet taken up (`pending_rpc_options`): configuration, not agent machinery
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *pending_rpc_options(Limits())])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps, start_cpu_s), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot listen on port {port}")
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_until_stopped(server, port)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from bench.workload import Workload, timeline
 
 PACED = ("service", "bare", "sse-async")
 # coalescing merges text deltas at the source: only a system that sends one message per event has an exact count
-EXACT = {"bare", "service-raw", "sse-async"}
+EXACT = {"bare", "service-raw", "sse-async", "a2a"}
 START_EVENTS = 4  # a call that starts, sends one text delta and ends: run_started, text, usage, final_response
 
 
@@ -95,12 +95,18 @@ def paced(plan: Plan, workdir: Path, path: str) -> dict[str, Any]:
     to a connection (request times), on the paced workload; the systems take turns as in the Python-load stage."""
     body = h2load.request_file(workdir)
     levels = plan.h2load_levels or plan.levels
-    out: dict[str, Any] = {"levels": list(levels), "rows": {s: [] for s in PACED}, "validation": {}}
+    systems = PACED
+    if h2load.a2a_available():
+        h2load.a2a_request_file(workdir)
+        systems = (*PACED, "a2a")
+    else:
+        say(f"no A2A SDK venv at {h2load.A2A_PYTHON}, so its rows were skipped: `make a2a-venv` builds it")
+    out: dict[str, Any] = {"levels": list(levels), "rows": {s: [] for s in systems}, "validation": {}}
     for c in levels:
         measure = Rounds(path, body, plan.workload, partial(paced_loads, plan), plan.deadline_s)
-        rounds = take_turns({s: partial(start, s, plan.workload, workdir) for s in PACED}, c, plan, measure)
+        rounds = take_turns({s: partial(start, s, plan.workload, workdir) for s in systems}, c, plan, measure)
         out["validation"] |= measure.validated
-        for system in PACED:
+        for system in systems:
             out["rows"][system].append(r := stats.combine(rounds[system]))
             say(
                 f"h2load {system:9} C={c:<5} ttfb mean {r['ttfb_mean_ms']:7.1f} max {r['ttfb_max_ms']:7.1f} ms, "

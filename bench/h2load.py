@@ -27,11 +27,12 @@ from typing import Any
 import grpc
 
 from agent.v1 import agent_pb2 as pb
-from bench.procs import Server
+from bench.procs import A2A_PYTHON, Server, child_env
 from bench.workload import Workload, timeline
 
 HINT = "install Debian's nghttp2-client (`apt-get install nghttp2-client`, or `make bench` as root does it)"
 METHOD = "/agent.v1.AgentService/RunAgent"
+A2A_METHOD = "/lf.a2a.v1.A2AService/SendStreamingMessage"
 REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 
 
@@ -74,13 +75,34 @@ def request_file(folder: Path) -> Path:
     return path
 
 
+def a2a_available() -> bool:
+    return A2A_PYTHON.exists()
+
+
+def a2a_request_file(folder: Path) -> Path:
+    """The A2A `SendMessageRequest` h2load posts to the A2A SDK's server, written by the SDK's own venv."""
+    path = folder / "a2a-request.bin"
+    _a2a("request", str(path))
+    return path
+
+
+def _a2a(*args: str) -> str:
+    cmd = [str(A2A_PYTHON), "-m", "bench.a2a_baseline", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env(), timeout=120).stdout
+
+
+def body_for(server: Server, body: Path) -> Path:
+    """The request file `server` gets: the A2A server's own request beside the service's."""
+    return body.with_name("a2a-request.bin") if server.system == "a2a" else body
+
+
 def command(h2load: str, server: Server, body: Path, load: Load, deadline: float, log: Path) -> list[str]:
     cmd = [h2load, "-n", str(load.streams), "-c", str(load.connections), "-m", str(load.per_connection), "-t", "1"]
     cmd += ["-T", f"{deadline:g}", "--log-file", str(log)]
     if server.proto == "sse":
         return [*cmd, "--h1", f"{server.target}?message=hello"]
-    cmd += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
-    return [*cmd, f"http://{server.target}{METHOD}"]
+    cmd += ["-d", str(body_for(server, body)), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    return [*cmd, f"http://{server.target}{A2A_METHOD if server.system == 'a2a' else METHOD}"]
 
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -177,6 +199,9 @@ def validate(server: Server, body: Path, workload: Workload, exact: bool, deadli
     RuntimeError when the status is not OK (200 over SSE) or the events are not the workload's."""
     if server.proto == "sse":
         status, events, size = _sse_stream(server.target, deadline)
+    elif server.system == "a2a":  # A2A's messages decode only in the SDK's venv
+        got = json.loads(_a2a("validate", server.target, str(body_for(server, body)), f"{deadline:g}"))
+        status, events, size = got["status"], [tuple(e) for e in got["events"]], got["body_bytes"]
     else:
         status, events, size = _grpc_stream(server.target, body.read_bytes()[5:], deadline)
     problems = [] if status in ("OK", "200") else [f"status {status}"]

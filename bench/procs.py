@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.workload import Workload, write_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
+# the A2A SDK baseline runs from its own venv (`make a2a-venv`): the SDK pins its own grpc and protobuf
+A2A_PYTHON = ROOT / ".a2a-venv" / "bin" / "python"
 SYSTEMS = ("service", "bare", "sse-async", "sse-sync")
 NAIVE = "sse-sync"  # serialises its streams: at C > 1 its runs are cut at a short deadline
 UNPACED = ("service", "service-raw", "bare")
@@ -40,6 +42,7 @@ LABELS = {
     "bare": "bare grpc.aio (limit)",
     "sse-async": "FastAPI SSE, async gen",
     "sse-sync": "FastAPI SSE, sync gen (naive)",
+    "a2a": "A2A SDK gRPC server",
 }
 
 
@@ -147,6 +150,9 @@ def start(
         metrics_port = free_port()
         config_path = write_service_config(workload, workdir / system, port, metrics_port, SERVICE_RUNS[system], extra)
         cmd = ["-m", "service", "--config", str(config_path), "--log-level", "WARNING"]
+    elif system == "a2a":
+        python = str(A2A_PYTHON)
+        cmd = ["-m", "bench.a2a_baseline", "serve", "--port", str(port), "--workload", spec]
     elif system == "bare":
         cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec, "--start-cpu-us", str(start_cpu_us)]
     else:

@@ -90,11 +90,15 @@ class Coalescer:
         return min(self.max_window_s, max(widened, load.lag_s))
 
     def add(self, event: ev.Event) -> None:
-        window = self.window()
-        if window <= 0 or not isinstance(event, DELTAS):
-            self.flush()
-            self.append(event)
+        # per event: the window is worked out for deltas only, and there is nothing to flush unless a delta waits
+        if isinstance(event, DELTAS) and (window := self.window()) > 0:
+            self._merge(event, window)
             return
+        if self.pending is not None or self.timer is not None:
+            self.flush()
+        self.append(event)
+
+    def _merge(self, event: ev.TextDelta | ev.Thinking, window: float) -> None:
         pending = self.pending
         if pending is not None and (type(pending) is not type(event) or pending.turn != event.turn):
             self.flush()

@@ -340,8 +340,9 @@ class RunRegistry:
         self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
         if self.retention.bytes > self.config.max_retained_bytes:
             self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
-        telemetry.RUNS.labels(run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
-        log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
+        telemetry.child(telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
+        if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
+            log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
         if self.summaries is not None:
             task = asyncio.create_task(self._summarize(self.summaries, run), name=f"summary {run.id}")
             self._summary_writes.add(task)

@@ -155,19 +155,32 @@ def test_every_event_type_has_the_metric_kind_of_its_oneof_field() -> None:
         assert to_proto(event, "run_x", 1).WhichOneof("event") == event.kind
 
 
-async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> None:
+class _Context:
+    """Enough of a servicer context for a stream that succeeds: no deadline, no status set."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end(start_service: StartService) -> None:
     def sent(kind: str) -> float:
         return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
 
-    before = sent("text_delta"), sent("usage")
-    counts = _SentCounts()
-    for _ in range(_SentCounts.every):
-        counts.add(ev.TextDelta)
-    assert sent("text_delta") == before[0] + _SentCounts.every  # a full batch is added at once
-    counts.add(ev.Usage)
-    assert sent("usage") == before[1]
-    counts.flush()  # the stream ended
-    assert sent("usage") == before[1] + 1
+    words = " ".join(f"w{i}" for i in range(2 * _SentCounts.every))
+    svc = await start_service([{"text": words}], runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10_000})
+    before = sent("text_delta"), sent("final_response")
+    stream = svc.servicer.RunAgent(pb.RunAgentRequest(message="go"), _Context())
+    seen: list[str] = []
+    try:
+        while len(seen) < _SentCounts.every + 1:
+            seen.append(str((await anext(stream)).WhichOneof("event")))
+        # the first batch went to the counter while the stream is still going, the rest waits for its batch or end
+        assert 0 < sent("text_delta") - before[0] < seen.count("text_delta")
+        seen += [str(e.WhichOneof("event")) async for e in stream]
+    finally:
+        await stream.aclose()
+    assert sent("text_delta") - before[0] == seen.count("text_delta") > _SentCounts.every
+    assert sent("final_response") - before[1] == 1  # the stream ended: the last, partial batch is counted too
 
 
 async def test_a_wrapped_handler_wrapped_again_gets_one_layer_running_both_checks_outer_first() -> None:

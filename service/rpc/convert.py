@@ -23,23 +23,19 @@ def to_proto(
     per-token path. Never raises for the text an event carries: a lone surrogate (half an emoji, as `json.loads`
     reads the escape "\\ud83d" from a remote body or a model's tool input) cannot be encoded as UTF-8, and protobuf
     refuses the string; such events are built again with U+FFFD in its place."""
-    try:
-        return _to_proto(event, run_id, seq, time_ns, first_seq)
-    except UnicodeEncodeError:
-        return _to_proto(_scrubbed(event), run_id, seq, time_ns, first_seq)
-
-
-def _to_proto(event: ev.Event, run_id: str, seq: int, time_ns: int | None, first_seq: int) -> pb.AgentEvent:
     out = pb.AgentEvent(run_id=run_id, seq=seq)
     if first_seq:
         out.first_seq = first_seq
     stamp = out.time
     stamp.seconds, stamp.nanos = divmod(time.time_ns() if time_ns is None else time_ns, 1_000_000_000)
-    if type(event) is ev.TextDelta:
-        delta = out.text_delta
-        delta.turn, delta.text = event.turn, event.text
-    else:
-        _set_payload(out, event)
+    try:  # in this function, not a wrapper: one call less per event
+        if type(event) is ev.TextDelta:
+            delta = out.text_delta
+            delta.turn, delta.text = event.turn, event.text
+        else:
+            _set_payload(out, event)
+    except UnicodeEncodeError:
+        return to_proto(_scrubbed(event), run_id, seq, time_ns=time_ns, first_seq=first_seq)
     return out
 
 

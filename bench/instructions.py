@@ -1,0 +1,130 @@
+"""Instructions per call start and per event, in-process, counted by valgrind's callgrind: a figure that other
+processes on the machine do not move, unlike CPU or wall time. `python -m bench.instructions [--system service]`
+prints JSON; it runs itself under `valgrind --tool=callgrind --instr-atstart=no` twice per figure and switches the
+count on (`callgrind_control -i on`) only around the measured part, after imports and the server's set-up.
+
+- **start**: `runs` short calls (the run's start, one text delta, its end) through the servicer, `in_flight` at a
+  time, each stream read to its end; the count over the runs, per run.
+- **event**: the same with `events` unpaced events per run; (long run − short run) / the events it adds.
+
+Each figure is the difference of two counts (`runs` and 2 × `runs` calls), so the switching and whatever else is
+constant drops out. The gRPC layer is not in it (no server, no wire): it is the service's own work, the part this
+code controls. The service runs with coalescing off, so that every event is one message, as in the bare server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.workload import Workload
+
+SHORT_EVENTS = 4  # run_started, one text delta, usage, final_response
+
+
+async def _drive(system: str, events: int, runs: int, in_flight: int) -> None:
+    import grpc  # noqa: F401  (imported before counting, as everything the measured part touches)
+
+    from agent.v1 import agent_pb2 as pb
+    from bench.bare_grpc import BareServicer
+    from bench.procs import SERVICE_RUNS
+    from bench.startcost import _Context
+    from bench.workload import timeline, write_service_config
+    from service.config import load_config
+    from service.rpc.server import tune_gc
+    from service.wiring import start
+
+    workload = Workload().unpaced(events)
+    request = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
+    context: Any = _Context()
+    with tempfile.TemporaryDirectory(prefix="agent-instr-") as tmp:
+        service = None
+        if system == "service":
+            config = load_config(write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"]))
+            service = await start(config, metrics=False)
+            tune_gc(config.gc)
+            open_stream = lambda: service.servicer.RunAgent(request, context)  # noqa: E731
+        else:
+            bare = BareServicer(timeline(workload))
+            open_stream = lambda: bare.RunAgent(request, context)  # noqa: E731
+
+        async def one() -> int:
+            return sum([1 async for _ in open_stream()])
+
+        async def batch(n: int) -> None:
+            for i in range(0, n, in_flight):
+                got = await asyncio.gather(*(one() for _ in range(min(in_flight, n - i))))
+                assert all(g == events for g in got), got
+
+        await batch(in_flight)  # warm-up: caches, first-call paths
+        _count(True)
+        await batch(runs)
+        _count(False)
+        if service is not None:
+            await service.server.stop(0)
+            await service.close()
+
+
+def _count(on: bool) -> None:
+    if os.environ.get("AGENT_INSTR_INNER"):
+        flag = "on" if on else "off"
+        subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
+
+
+def count(system: str, events: int, runs: int, in_flight: int) -> int:
+    """Instructions callgrind counted over the measured part of one inner run."""
+    with tempfile.TemporaryDirectory(prefix="agent-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+        cmd += [sys.executable, "-m", "bench.instructions", "--inner", system, str(events), str(runs), str(in_flight)]
+        env = dict(os.environ, AGENT_INSTR_INNER="1", PYTHONMALLOC="malloc", GRPC_VERBOSITY="ERROR")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        match = re.search(r"Collected : (\d+)", done.stderr)
+        if match is None:
+            raise RuntimeError(f"no count in callgrind's output: {done.stderr[-2000:]}")
+        return int(match[1])
+
+
+def measure(system: str, runs: int, in_flight: int, events: int) -> dict[str, Any]:
+    short = (count(system, SHORT_EVENTS, 2 * runs, in_flight) - count(system, SHORT_EVENTS, runs, in_flight)) / runs
+    long = (count(system, events, 2 * runs, in_flight) - count(system, events, runs, in_flight)) / runs
+    return {
+        "system": system,
+        "runs": runs,
+        "in_flight": in_flight,
+        "events": events,
+        "instructions_per_start": round(short),
+        "instructions_per_event": round((long - short) / (events - SHORT_EVENTS)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", choices=("service", "bare"), default="service")
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--in-flight", type=int, default=20)
+    parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--inner", nargs=4, metavar=("SYSTEM", "EVENTS", "RUNS", "IN_FLIGHT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        system, events, runs, in_flight = args.inner
+        asyncio.run(_drive(system, int(events), int(runs), int(in_flight)))
+        return
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("valgrind is missing: apt-get install valgrind")
+    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events)))
+
+
+if __name__ == "__main__":
+    main()
