@@ -82,4 +82,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas chaos chaos h2load a2a-venv layers
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas chaos h2load a2a-venv layers
