@@ -28,6 +28,7 @@ async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable
         clock=clock,
         load=load,
     )
+    run.control.inbox.emit = coalescer.add  # steering acknowledged in the log's order (service/interact.py)
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
     try:

@@ -45,6 +45,7 @@ from service.turns import (
     check_budgets,
     counted,
     not_run,
+    steer,
     stop_if_asked,
     tool_calls_of,
     tool_result_block,
@@ -201,6 +202,7 @@ class AgentLoop:
         for turn in range(1, spec.max_turns + 1):
             end = None if journal is None else journal.turn(turn)
             if end is None:
+                steer(state, control.inbox)
                 request = m.TurnRequest(
                     model=spec.model,
                     system=spec.system,
@@ -235,6 +237,8 @@ class AgentLoop:
                     yield not_run(call, "the model's turn was stopped (refusal)")
                 state.open_calls = {}
                 calls = []
+            if not calls and control.inbox.has_inputs:
+                continue  # steering came while the model answered: the answer to it is the one that counts
             if not calls:
                 yield FinalResponse(
                     text="".join(b["text"] for b in answer if b["type"] == "text"),
@@ -302,7 +306,11 @@ class AgentLoop:
 
     def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
-        return self._merged([self.executor.execute(c, run) for c in calls], run)
+        return self._merged([self._stoppable(c, self.executor.execute(c, run), run) for c in calls], run)
+
+    def _stoppable(self, call: ToolCallRequest, events: AsyncIterator[Event], run: RunContext) -> AsyncIterator[Event]:
+        """`events` of `call`, which CancelToolCall may stop (`Inbox.cancellable`)."""
+        return events if run.inbox is None else run.inbox.cancellable(call.call_id, call.name, events, self.clock)
 
     async def execute_durably(
         self, turn: int, calls: Sequence[ToolCallRequest], run: RunContext, journal: Journal
@@ -314,7 +322,10 @@ class AgentLoop:
         cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
         await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
         sources = [
-            journal.recording(turn, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run))
+            journal.recording(
+                turn,
+                self._stoppable(c, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run), run),
+            )
             for c in calls
         ]
         async for event in self._merged(sources, run):

@@ -18,8 +18,10 @@ from typing import Any
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
+from service.approvals import Approvals
 from service.callers import CallerLimits
 from service.config import Config
+from service.deliver import Deliveries
 from service.durable.base import CheckpointStore
 from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
@@ -87,6 +89,7 @@ async def start(
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
+        deliveries=Deliveries(registry, frozenset(config.approvals.approvers)),
     )
     service = await start_server(
         config,
@@ -205,7 +208,16 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Reco
         dead_letter=records.dead_letter,
         redactor=redactor,
         shared=build_shared_policy(config),
+        approvals=build_approvals(config, records),
     )
+
+
+def build_approvals(config: Config, records: Records) -> Approvals | None:
+    """The approval policy, when any tool or caller asks for approvals (else the executor skips the step)."""
+    callers = {c.name: c for c in [*config.auth.callers, config.auth.anonymous]}
+    if not config.approvals.tools and not any(c.require_approval for c in callers.values()):
+        return None
+    return Approvals(config.approvals, callers, audit=records.audit)
 
 
 def build_records(config: Config) -> Records:
