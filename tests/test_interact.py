@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import sys
 from typing import Any
 
 import grpc
@@ -361,3 +362,42 @@ async def test_a_client_sending_faster_than_the_run_reads_is_bounded(start_servi
     texts = [b["text"] for b in svc.model.requests[-1].messages[-1]["content"] if b["type"] == "text"]
     assert texts == [f"note {i}" for i in range(16)]  # all of them, in order, in the next request
     assert of("final_response", events)
+
+
+async def test_the_cli_asks_the_person_and_takes_a_correction(start_service: Any) -> None:
+    turns = [
+        {"text": "Echo it.", "tool_calls": [{"name": "echo", "input": {"text": "hi"}}]},
+        {"text": "Now wait.", "tool_calls": [{"name": "sleep", "input": {"seconds": 0.5}}]},
+        {"text": "Done: {results}"},
+    ]
+    svc = await start_service(turns, **ALWAYS)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service.client", "--target", f"127.0.0.1:{svc.port}", "-i", "--tools", "echo,sleep", "go"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    shown = b""
+
+    async def until_shown(text: bytes) -> None:
+        nonlocal shown
+        while text not in shown:
+            chunk = await asyncio.wait_for(proc.stdout.read(1024), 30)  # type: ignore[union-attr]
+            assert chunk, f"the client ended before {text!r}: {shown.decode()}"
+            shown += chunk
+
+    await until_shown(b"approve? ")
+    proc.stdin.write(b"e not json\n")  # the person mistypes: asked again, nothing sent
+    await until_shown(b"not JSON")
+    proc.stdin.write(b'e {"text": "bye"}\n')
+    await until_shown("→ sleep".encode())
+    proc.stdin.write(b"use last quarter\n")
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = (shown + out).decode()
+    assert proc.returncode == 0, err.decode()
+    assert "? echo" in text and "needs approval" in text
+    assert "✓ approved by anonymous: edited" in text and "← echo ok" in text
+    assert "» input from anonymous: use last quarter" in text
+    assert {"type": "text", "text": "use last quarter"} in svc.model.requests[-1].messages[-1]["content"]
