@@ -19,8 +19,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.errors import InvalidRequest, NotNow, PermissionDenied, TooManyInputs
 from service.events import Event, InputReceived, ToolResult, ToolStatus
+from service.policy.admit import describe
 
 ASAP = "asap"
 AFTER_TURN = "after_turn"
@@ -106,7 +109,8 @@ class Inbox:
             try:
                 waiting.validate(decision.edited_input)
             except Exception as exc:
-                raise InvalidRequest(f"edited_input refused by the tool; the call still waits: {exc}"[:1000]) from exc
+                why = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+                raise InvalidRequest(f"edited_input refused by the tool; the call still waits: {why}"[:1000]) from exc
         waiting.future.set_result(decision)
         self.settled(call_id, decision.by)
 

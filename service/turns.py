@@ -145,6 +145,13 @@ def tool_result_block(result: ToolResult) -> dict[str, Any]:
     if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
         text = m.plain_text(f"outcome unknown: {result.error}")
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
+    if result.status is ToolStatus.DENIED:  # already says it: "denied by <who>: <reason>"
+        return {
+            "type": "tool_result",
+            "tool_use_id": result.call_id,
+            "content": m.plain_text(result.error),
+            "is_error": True,
+        }
     # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
     text = m.plain_text(f"{result.status.value}: {result.error}")
     return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

@@ -93,7 +93,7 @@ async def test_a_denied_call_never_runs_and_the_model_reads_why(start_service: A
     (result,) = of("tool_result", events)
     assert result.status == pb.TOOL_STATUS_DENIED and result.error == "denied by anonymous: not today"
     last = svc.model.requests[-1].messages[-1]["content"][0]
-    assert last["is_error"] and "denied by anonymous: not today" in last["content"]
+    assert last["is_error"] and last["content"] == "denied by anonymous: not today"
     # the request and the decision are in the audit log, each with the identity that made it, then the call
     await svc.executor.audit.flush()
     with sqlite3.connect(svc.config.data_dir / AUDIT_FILE) as conn:

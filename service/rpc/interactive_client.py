@@ -59,8 +59,12 @@ async def converse(
         call = agent_pb2_grpc.AgentServiceStub(channel).Interact(timeout=args.timeout, metadata=metadata)
         await call.write(pb.ClientMessage(start=request))
         person = asyncio.create_task(_person(call, typed, waiting, out))
+        prompted = False
         try:
             while (event := await call.read()) is not grpc.aio.EOF:
+                if prompted:
+                    out.write("\n")  # the prompt was left open on its line
+                    prompted = False
                 if args.json:
                     out.write(json.dumps({"seq": event.seq, "event": event.WhichOneof("event")}) + "\n")
                 renderer.event(event)
@@ -68,6 +72,7 @@ async def converse(
                 if kind == "approval_required":
                     waiting.append(event.approval_required.call_id)
                     out.write(PROMPT)
+                    prompted = True
                 elif kind == "approval_decided" and event.approval_decided.call_id in waiting:
                     waiting.remove(event.approval_decided.call_id)
                 out.flush()
