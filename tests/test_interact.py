@@ -272,9 +272,14 @@ def start(**request: Any) -> pb.ClientMessage:
 
 
 async def test_interact_starts_a_run_and_carries_its_decisions(start_service: Any, channel_to: Any) -> None:
-    svc = await start_service(ECHO, **ALWAYS)
+    turns = [  # a second turn that takes a while: the run is still going when the second decision comes
+        *ECHO[:1],
+        {"text": "Wait.", "tool_calls": [{"name": "sleep", "input": {"seconds": 0.5}}]},
+        {"text": "Done."},
+    ]
+    svc = await start_service(turns, **ALWAYS)
     call = stub(channel_to(svc)).Interact()
-    await call.write(start(message="go", tools=["echo"]))
+    await call.write(start(message="go", tools=["echo", "sleep"]))
     seen: list[pb.AgentEvent] = []
     asked = (await read_until(call, "approval_required", seen)).approval_required
     # nonsense now: an error event with seq 0 naming it, and the run goes on

@@ -164,6 +164,10 @@ async def _notes(
             done, _ = await asyncio.wait((get, ended), return_when=asyncio.FIRST_COMPLETED)
             if get not in done:
                 get.cancel()
+                while not notes.empty():  # refusals of messages read before the end still go out
+                    note = notes.get_nowait()
+                    if isinstance(note, pb.AgentEvent):
+                        yield note
                 return
             note = get.result()
             if isinstance(note, AgentError):
