@@ -406,3 +406,35 @@ async def test_the_cli_asks_the_person_and_takes_a_correction(start_service: Any
     assert "✓ approved by anonymous: edited" in text and "← echo ok" in text
     assert "» input from anonymous: use last quarter" in text
     assert {"type": "text", "text": "use last quarter"} in svc.model.requests[-1].messages[-1]["content"]
+
+
+async def test_a_call_waiting_for_approval_holds_up_no_other_call(start_service: Any, channel_to: Any) -> None:
+    turns = [
+        {
+            "text": "Both.",
+            "tool_calls": [{"name": "echo", "input": {"text": "held"}}, {"name": "sleep", "input": {"seconds": 0.05}}],
+        },
+        {"text": "Done: {results}"},
+    ]
+    svc = await start_service(turns, **ALWAYS)
+    api = stub(channel_to(svc))
+    call = api.RunAgent(pb.RunAgentRequest(message="go", tools=["echo", "sleep"]))
+    seen: list[pb.AgentEvent] = []
+    asked = (await until(call, "approval_required", seen)).approval_required
+    slept = await until(call, "tool_result", seen)  # the other call ends while this one waits
+    assert slept.tool_result.name == "sleep" and slept.tool_result.status == pb.TOOL_STATUS_OK
+    await resolve(api, seen[0].run_id, asked.call_id, True)
+    events = await rest(call, seen)
+    assert of("tool_result", events)[-1].name == "echo" and of("final_response", events)
+
+
+async def test_leaving_an_interact_stream_keeps_on_disconnect(start_service: Any, channel_to: Any) -> None:
+    svc = await start_service(ECHO, **ALWAYS)
+    call = stub(channel_to(svc)).Interact()
+    await call.write(start(message="go", tools=["echo"]))  # on_disconnect CANCEL, the default
+    seen: list[pb.AgentEvent] = []
+    await read_until(call, "approval_required", seen)
+    call.cancel()
+    run = svc.registry.get(seen[0].run_id)
+    await asyncio.wait_for(run.ended(), 5)
+    assert run.outcome is not None and run.outcome.code == "CANCELLED"  # type: ignore[union-attr]
