@@ -438,3 +438,17 @@ async def test_leaving_an_interact_stream_keeps_on_disconnect(start_service: Any
     run = svc.registry.get(seen[0].run_id)
     await asyncio.wait_for(run.ended(), 5)
     assert run.outcome is not None and run.outcome.code == "CANCELLED"  # type: ignore[union-attr]
+
+
+async def test_a_callers_rights_can_require_approval(start_service: Any, channel_to: Any) -> None:
+    config = token_callers(timeout_s=0.2)
+    config["auth"]["callers"][0]["require_approval"] = ["echo"]  # alice's echo calls wait; bob's do not
+    svc = await start_service(ECHO, **config)
+    api = stub(channel_to(svc))
+    request = pb.RunAgentRequest(message="go", tools=["echo"])
+    alice = [e async for e in api.RunAgent(request, metadata=as_caller("alice"))]
+    bob = [e async for e in api.RunAgent(request, metadata=as_caller("bob"))]
+    (asked,) = of("approval_required", alice)
+    assert asked.reason == "caller alice needs approval for echo" and list(asked.approvers) == ["alice"]
+    assert of("tool_result", alice)[0].status == pb.TOOL_STATUS_DENIED
+    assert not of("approval_required", bob) and of("tool_result", bob)[0].status == pb.TOOL_STATUS_OK
