@@ -234,6 +234,8 @@ class TooManyInputs(RequestError):
 class Relayed(RequestError):
     """Another replica refused a message for a run it drives: its status and message, passed on."""
 
+    reason = "RELAYED"  # the instance carries the driving replica's own
+
     def __init__(self, message: str, *, code: str, reason: str) -> None:
         super().__init__(message)
         self.code = code

@@ -173,10 +173,8 @@ class Inbox:
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    task = running.task
-                    if not running.cancelled_by or task is None or task.cancelling() > 1:
+                    if not _took_own_cancel(running):
                         raise
-                    task.uncancel()  # ours, and ours alone: the call ends with a result, the run goes on
                     break
                 finally:
                     running.stepping = False
@@ -192,5 +190,15 @@ class Inbox:
                 error=f"cancelled by {running.cancelled_by} (CancelToolCall); the call was stopped",
             )
         finally:
+            running.task = None  # a traceback keeps this frame: it must not keep the task (a cycle) too
             self._running.pop(call_id, None)
             self._ended.add(call_id)
+
+
+def _took_own_cancel(running: _Running) -> bool:
+    """Whether the CancelledError in a call's step is CancelToolCall's alone; if so, taken back from the task (the
+    call ends with a result, the run goes on). No local here or in the caller holds the task: see `cancellable`."""
+    if not running.cancelled_by or running.task is None or running.task.cancelling() > 1:
+        return False
+    running.task.uncancel()
+    return True

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
+from test_gc_hygiene import cyclic_frames_of_ours
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
@@ -452,3 +453,30 @@ async def test_a_callers_rights_can_require_approval(start_service: Any, channel
     assert asked.reason == "caller alice needs approval for echo" and list(asked.approvers) == ["alice"]
     assert of("tool_result", alice)[0].status == pb.TOOL_STATUS_DENIED
     assert not of("approval_required", bob) and of("tool_result", bob)[0].status == pb.TOOL_STATUS_OK
+
+
+async def test_a_cancelled_call_and_a_decided_approval_leave_no_cycles(start_service: Any, channel_to: Any) -> None:
+    turns = [
+        {
+            "text": "Both.",
+            "tool_calls": [{"name": "echo", "input": {"text": "x"}}, {"name": "sleep", "input": {"seconds": 30}}],
+        },
+        {"text": "Done."},
+    ]
+    svc = await start_service(turns, **ALWAYS)
+    api = stub(channel_to(svc))
+
+    async def body() -> None:
+        call = api.RunAgent(pb.RunAgentRequest(message="go", tools=["echo", "sleep"]))
+        seen: list[pb.AgentEvent] = []
+        asked = (await until(call, "approval_required", seen)).approval_required
+        await resolve(api, seen[0].run_id, asked.call_id, False)
+        await asyncio.wait_for(svc.tools["sleep"].running.wait(), 5)
+        while not [e for e in seen if e.WhichOneof("event") == "tool_call_ready" and e.tool_call_ready.name == "sleep"]:
+            await until(call, "tool_call_ready", seen)
+        ready = [e.tool_call_ready for e in seen if e.WhichOneof("event") == "tool_call_ready"]
+        sleep_id = next(r.call_id for r in ready if r.name == "sleep")
+        await api.CancelToolCall(pb.CancelToolCallRequest(run_id=seen[0].run_id, call_id=sleep_id))
+        assert of("final_response", await rest(call, seen))
+
+    assert await cyclic_frames_of_ours(body) == []
