@@ -30,7 +30,7 @@ from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
-from service.policy.config import resolve
+from service.policy.config import PolicyError, resolve
 from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
@@ -208,13 +208,17 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Reco
         dead_letter=records.dead_letter,
         redactor=redactor,
         shared=build_shared_policy(config),
-        approvals=build_approvals(config, records),
+        approvals=build_approvals(config, records, tools),
     )
 
 
-def build_approvals(config: Config, records: Records) -> Approvals | None:
-    """The approval policy, when any tool or caller asks for approvals (else the executor skips the step)."""
+def build_approvals(config: Config, records: Records, tools: Mapping[str, Tool[Any]]) -> Approvals | None:
+    """The approval policy, when any tool or caller asks for approvals (else the executor skips the step). A name
+    that is no tool is refused at start, as `policies` are: a typo must not leave a tool without its approvals."""
     callers = {c.name: c for c in [*config.auth.callers, config.auth.anonymous]}
+    named = {*config.approvals.tools, *(t for c in callers.values() for t in c.require_approval)}
+    if named - set(tools):
+        raise PolicyError(f"approvals name unknown tools: {', '.join(sorted(named - set(tools)))}")
     if not config.approvals.tools and not any(c.require_approval for c in callers.values()):
         return None
     return Approvals(config.approvals, callers, audit=records.audit)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from conftest import make_config
+from fake_tools import all_tools
 from service.approvals import Approvals, holds, resolve_pointer, why_needed
 from service.config import ApprovalsConfig, CallerConfig
 from service.config.approvals import Condition, ToolApproval
 from service.interact import Decision
+from service.policy.config import PolicyError
+from service.wiring import build_approvals
 
 PAYMENT = {"amount": 1500, "currency": "EUR", "to": [{"host": "pay.example.com"}], "a/b": {"~x": 1}}
 
@@ -79,3 +84,13 @@ def test_who_may_decide() -> None:
     assert "two-party" in (refuse(Decision(True, "alice")) or "")
     assert refuse(Decision(False, "alice")) is None  # the caller may still deny its own call
     assert "neither" in (refuse(Decision(True, "mallory")) or "")
+
+
+def test_approvals_naming_no_tool_stop_the_start(tmp_path: Path) -> None:
+    records: Any = None  # never reached: the names are checked first
+    for config in (
+        {"approvals": {"tools": {"ehco": {"approval": "always"}}}},
+        {"auth": {"anonymous": {"name": "anonymous", "require_approval": ["ehco"]}}},
+    ):
+        with pytest.raises(PolicyError, match="unknown tools: ehco"):
+            build_approvals(make_config(tmp_path, **config), records, all_tools())
