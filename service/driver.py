@@ -10,7 +10,7 @@ from collections.abc import Callable
 from service import events as ev
 from service.coalesce import Coalescer, LoopLoad
 from service.config import RunsConfig
-from service.errors import RunInterrupted
+from service.errors import RunAlreadyEnded, RunInterrupted
 from service.loop import AgentLoop
 from service.parts import split
 from service.run import Run
@@ -28,7 +28,14 @@ async def play(run: Run, loop: AgentLoop, config: RunsConfig, *, clock: Callable
         clock=clock,
         load=load,
     )
-    run.control.inbox.emit = coalescer.add  # steering acknowledged in the log's order (service/interact.py)
+
+    def acknowledge(event: ev.Event) -> None:
+        # steering acknowledged in the log's order (service/interact.py); never after the closing event
+        if run.outcome is not None:
+            raise RunAlreadyEnded(f"run {run.id} has ended; the input was not taken")
+        coalescer.add(event)
+
+    run.control.inbox.emit = acknowledge
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
     try:

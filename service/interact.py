@@ -124,8 +124,8 @@ class Inbox:
             raise TooManyInputs(
                 f"the run has {self.max_inputs} inputs it has not read yet, its bound; send again once it has"
             )
+        self.emit(InputReceived(text=steer.text, when=steer.when, sent_by=steer.by))  # raises once the run ended
         self._inputs.append(steer)
-        self.emit(InputReceived(text=steer.text, when=steer.when, sent_by=steer.by))
 
     def take_inputs(self, *, asap_only: bool) -> list[Steer]:
         """The texts due now: all at a turn's boundary, only the ASAP ones within a turn (a paused turn's next
