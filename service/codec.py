@@ -46,6 +46,8 @@ def from_dict(data: dict[str, Any]) -> ev.Event:
         values["status"] = ev.ToolStatus(values["status"])
     if "tools" in values and cls is ev.RunStarted:
         values["tools"] = tuple(values["tools"])
+    if "approvers" in values and cls is ev.ApprovalRequired:
+        values["approvers"] = tuple(values["approvers"])
     try:
         return cls(**values)  # type: ignore[no-any-return]
     except TypeError as exc:

@@ -11,6 +11,7 @@ import asyncio
 from types import TracebackType
 
 from service.errors import DeadlineExceeded, RunError
+from service.interact import Inbox
 
 
 class RunControl:
@@ -22,6 +23,7 @@ class RunControl:
         self._stop: RunError | None = None
         self._after_turn: RunError | None = None
         self._scope: asyncio.Timeout | None = None
+        self.inbox = Inbox()  # what else reaches the run from outside: approvals, steering, stopping one call
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (negative when passed), or None without a deadline."""

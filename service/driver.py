@@ -12,7 +12,7 @@ from service.coalesce import Coalescer, LoopLoad
 from service.config import RunsConfig
 from service.durable.base import TakenOver
 from service.durable.journal import Journal
-from service.errors import RunHandedOver, RunInterrupted
+from service.errors import RunAlreadyEnded, RunHandedOver, RunInterrupted
 from service.loop import AgentLoop
 from service.parts import split
 from service.run import Run
@@ -39,6 +39,14 @@ async def play(
         clock=clock,
         load=load,
     )
+
+    def acknowledge(event: ev.Event) -> None:
+        # steering acknowledged in the log's order (service/interact.py); never after the closing event
+        if run.outcome is not None:
+            raise RunAlreadyEnded(f"run {run.id} has ended; the input was not taken")
+        coalescer.add(event)
+
+    run.control.inbox.emit = acknowledge
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
     try:

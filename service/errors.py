@@ -30,6 +30,10 @@ they are data the model reads (`tools.base.ToolError`).
         ├── ToolUnavailable       FAILED_PRECONDITION: a tool that cannot work on this server
         ├── DurabilityUnavailable FAILED_PRECONDITION: a durable run asked of a server that cannot checkpoint
         ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
+        ├── NotNow                FAILED_PRECONDITION: an interaction that makes no sense now (no such call waits
+        │                         for approval, it was decided already, it is not running)
+        ├── TooManyInputs         RESOURCE_EXHAUSTED: a run's steering inputs not yet read are at their bound
+        ├── Relayed               the refusal (its status) of the replica that drives the run (deliver.py)
         ├── AfterSeqOutOfRange    OUT_OF_RANGE: a seq the run has not logged
         ├── ServerDraining        UNAVAILABLE: the server is shutting down; retry on another replica
         ├── RecordsUnavailable    UNAVAILABLE (retry later): the records database (records.url) does not answer
@@ -236,6 +240,29 @@ class ToolUnavailable(RequestError):
 class RunAlreadyEnded(RequestError):
     code = "FAILED_PRECONDITION"
     reason = "RUN_ALREADY_ENDED"
+
+
+class NotNow(RequestError):
+    """An approval, input or tool cancel for a run that has nothing it applies to now (`service/interact.py`)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "NOT_NOW"
+
+
+class TooManyInputs(RequestError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "TOO_MANY_INPUTS"
+
+
+class Relayed(RequestError):
+    """Another replica refused a message for a run it drives: its status and message, passed on."""
+
+    reason = "RELAYED"  # the instance carries the driving replica's own
+
+    def __init__(self, message: str, *, code: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 class AfterSeqOutOfRange(RequestError):

@@ -21,6 +21,8 @@ class ToolStatus(enum.Enum):
     # A call not safe to repeat was cut off (its process died) before its result was recorded: whether its side
     # effect happened is not known, and it was not sent again. Only `Executor.resume` reports it (`policy/repeat.py`).
     OUTCOME_UNKNOWN = "outcome_unknown"
+    # The call needed approval (`service/approvals.py`) and was denied, or nobody decided in time: it never ran.
+    DENIED = "denied"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -187,6 +189,44 @@ class RunRecovered:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ApprovalRequired:
+    """A call waits for a decision until `deadline` (wall clock, seconds since the epoch); `input` is validated."""
+
+    kind: ClassVar[str] = "approval_required"
+
+    call_id: str
+    name: str
+    input: dict[str, Any]
+    reason: str
+    deadline: float
+    approvers: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ApprovalDecided:
+    """`decided_by` is the identity that decided ("timeout" when nobody did); `edited_input` the approved edit."""
+
+    kind: ClassVar[str] = "approval_decided"
+
+    call_id: str
+    approved: bool
+    decided_by: str
+    reason: str
+    edited_input: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InputReceived:
+    """Steering text accepted for the model (`when`: "asap" or "after_turn"); the event's seq names it."""
+
+    kind: ClassVar[str] = "input_received"
+
+    text: str
+    when: str
+    sent_by: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class FinalResponse:
     kind: ClassVar[str] = "final_response"
 
@@ -226,6 +266,9 @@ Event = (
     | Usage
     | ModelRetry
     | RunRecovered
+    | ApprovalRequired
+    | ApprovalDecided
+    | InputReceived
     | FinalResponse
     | RunFailed
 )

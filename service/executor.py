@@ -2,6 +2,7 @@
 `tool_retry`, `tool_fallback` and `execution_failed`, then one `tool_result`. The stages, in order:
 
     admit        unknown tool, bad JSON, input validation, `requires`  → rejected (the tool never runs)  policy/admit
+    approval     the call waits for a decision when policy says so     → denied (never runs)   service/approvals
     cache        idempotent tools, per input, for a TTL                → ok, cache_hit               policy/pipeline
     rate limit   wait up to max_wait, or reject                        → rate_limited                policy/guarded
     breaker      checked before every attempt                          → circuit_open                policy/guarded
@@ -30,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+from service.approvals import Approvals, Approved
 from service.events import Event, ToolCallReady, ToolResult
 from service.events import ToolStatus as S
 from service.policy.admit import admit, describe
@@ -68,8 +70,10 @@ class Executor:
         shared: SharedPolicy | None = None,
         shared_clock: Callable[[], float] | None = None,
         redactor: Redactor | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         self.tools = tools
+        self.approvals = approvals
         self.timeout_s = timeout_s
         self.clock = clock
         self.sleep = sleep
@@ -131,12 +135,22 @@ class Executor:
             else:
                 tool, args = admitted
                 yield ToolCallReady(call_id=call.call_id, name=call.name, input=call.input)
-                outcome = Outcome(S.ERROR)
-                async for item in self.pipelines[tool.name].run(call, run, args, record, self.sleep):
-                    if isinstance(item, Outcome):
-                        outcome = item
-                    else:
-                        yield item
+                denied: Outcome | None = None
+                if self.approvals is not None:
+                    async for step in self.approvals.review(call, tool, args, run):
+                        if isinstance(step, Outcome):
+                            denied = step
+                        elif isinstance(step, Approved):
+                            call, args = step.call, step.args  # an approver's edit, validated again
+                        else:
+                            yield step
+                outcome = denied or Outcome(S.ERROR)
+                if denied is None:
+                    async for item in self.pipelines[tool.name].run(call, run, args, record, self.sleep):
+                        if isinstance(item, Outcome):
+                            outcome = item
+                        else:
+                            yield item
                 if outcome.status in DEAD_LETTER_ON:
                     failed = await record.dead_letter(outcome)
                     if failed is not None:

@@ -45,6 +45,7 @@ from service.turns import (
     check_budgets,
     counted,
     not_run,
+    steer,
     stop_if_asked,
     tool_calls_of,
     tool_result_block,
@@ -201,6 +202,7 @@ class AgentLoop:
         for turn in range(1, spec.max_turns + 1):
             end = None if journal is None else journal.turn(turn)
             if end is None:
+                steer(state, control.inbox)
                 request = m.TurnRequest(
                     model=spec.model,
                     system=spec.system,
@@ -237,6 +239,8 @@ class AgentLoop:
                     yield not_run(call, "the model's turn was stopped (refusal)")
                 state.open_calls = {}
                 calls = []
+            if not calls and control.inbox.has_inputs:
+                continue  # steering came while the model answered: the answer to it is the one that counts
             if not calls:
                 yield FinalResponse(
                     text="".join(b["text"] for b in answer if b["type"] == "text"),
@@ -253,12 +257,7 @@ class AgentLoop:
             results: dict[str, ToolResult] = {}
             state.open_calls = {c.call_id: c.name for c in calls}
             state.tools_started = self.clock()
-            async for event in self._calls(turn, calls, state, results, journal):
-                if isinstance(event, ToolResult):
-                    results[event.call_id] = event
-                    state.open_calls.pop(event.call_id, None)
-                    if event.status is ToolStatus.OK:
-                        state.context.succeeded.add(event.name)
+            async for event in self._noted_calls(turn, calls, state, results, journal):
                 yield event
             state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
             stop_if_asked(control)
@@ -281,6 +280,23 @@ class AgentLoop:
             trace_context=trace_context,
             control=control,
         )
+
+    async def _noted_calls(
+        self,
+        turn: int,
+        calls: Sequence[ToolCallRequest],
+        state: LoopState,
+        results: dict[str, ToolResult],
+        journal: Journal | None,
+    ) -> AsyncIterator[Event]:
+        """`_calls`' events, each result noted in `results` and the run's state as it comes."""
+        async for event in self._calls(turn, calls, state, results, journal):
+            if isinstance(event, ToolResult):
+                results[event.call_id] = event
+                state.open_calls.pop(event.call_id, None)
+                if event.status is ToolStatus.OK:
+                    state.context.succeeded.add(event.name)
+            yield event
 
     def _calls(
         self,
@@ -307,7 +323,11 @@ class AgentLoop:
 
     def execute_tools(self, calls: Sequence[ToolCallRequest], run: RunContext) -> AsyncIterator[Event]:
         """Run all calls of a turn concurrently; their events interleave, told apart by call id."""
-        return self._merged([self.executor.execute(c, run) for c in calls], run)
+        return self._merged([self._stoppable(c, self.executor.execute(c, run), run) for c in calls], run)
+
+    def _stoppable(self, call: ToolCallRequest, events: AsyncIterator[Event], run: RunContext) -> AsyncIterator[Event]:
+        """`events` of `call`, which CancelToolCall may stop (`Inbox.cancellable`)."""
+        return events if run.inbox is None else run.inbox.cancellable(call.call_id, call.name, events, self.clock)
 
     async def execute_durably(
         self,
@@ -326,7 +346,10 @@ class AgentLoop:
         cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
         await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
         sources = [
-            journal.recording(turn, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run))
+            journal.recording(
+                turn,
+                self._stoppable(c, executor.resume(c, run) if c.call_id in cut_off else executor.execute(c, run), run),
+            )
             for c in calls
         ]
         async for event in self._merged(sources, run):

@@ -13,6 +13,7 @@ from service.control import RunControl
 from service.errors import BudgetExceeded, DeadlineExceeded
 from service.events import ToolResult, ToolStatus, Usage
 from service.executor import RunContext, ToolCallRequest
+from service.interact import Inbox
 from service.models import base as m
 from service.spec import RunSpec
 
@@ -37,6 +38,7 @@ class LoopState:
             metadata=spec.metadata,
             trace_context=spec.trace_context,
             remaining=control.remaining if control.deadline is not None else None,
+            inbox=control.inbox,
         )
         self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
         self.tools_started = started
@@ -55,6 +57,21 @@ class LoopState:
         self.paused = end.stop_reason == "pause_turn" and not any(b["type"] == "tool_use" for b in end.content)
         content: list[dict[str, Any]] = self.history[-1]["content"]
         return content
+
+
+def steer(state: LoopState, inbox: Inbox) -> None:
+    """Steering texts due now (`Inbox.take_inputs`), as the user's words before the next model request: added to
+    the last user message (after its tool results), or a user message of their own after the model's."""
+    texts = inbox.take_inputs(asap_only=state.paused)
+    if not texts:
+        return
+    blocks = [{"type": "text", "text": s.text} for s in texts]
+    last = state.history[-1]
+    if last["role"] == "user":  # a new message in its place: requests already made share the old one
+        state.history[-1] = {**last, "content": [*last["content"], *blocks]}
+    else:
+        state.history.append({"role": "user", "content": blocks})
+        state.paused = False  # the model's paused message is followed by the user's: its next turn is a new one
 
 
 def check_budgets(spec: RunSpec, totals: Totals, new_calls: int, control: RunControl) -> None:
@@ -128,6 +145,13 @@ def tool_result_block(result: ToolResult) -> dict[str, Any]:
     if result.status is ToolStatus.OUTCOME_UNKNOWN:  # not a failure to work around: a side effect to check first
         text = m.plain_text(f"outcome unknown: {result.error}")
         return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}
+    if result.status is ToolStatus.DENIED:  # already says it: "denied by <who>: <reason>"
+        return {
+            "type": "tool_result",
+            "tool_use_id": result.call_id,
+            "content": m.plain_text(result.error),
+            "is_error": True,
+        }
     # a tool's error may quote what it was given or read (a remote body, a program's stderr): it goes back as UTF-8
     text = m.plain_text(f"{result.status.value}: {result.error}")
     return {"type": "tool_result", "tool_use_id": result.call_id, "content": text, "is_error": True}

@@ -18,8 +18,10 @@ from typing import Any
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
+from service.approvals import Approvals
 from service.callers import CallerLimits
 from service.config import Config
+from service.deliver import Deliveries
 from service.durable.base import CheckpointStore
 from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
@@ -29,7 +31,7 @@ from service.executor import Executor
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
-from service.policy.config import resolve
+from service.policy.config import PolicyError, resolve
 from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
@@ -96,6 +98,7 @@ async def start(
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
+        deliveries=Deliveries(registry, frozenset(config.approvals.approvers)),
     )
     service = await start_server(
         config,
@@ -214,7 +217,20 @@ def build_executor(tools: Mapping[str, Tool[Any]], config: Config, records: Reco
         dead_letter=records.dead_letter,
         redactor=redactor,
         shared=build_shared_policy(config),
+        approvals=build_approvals(config, records, tools),
     )
+
+
+def build_approvals(config: Config, records: Records, tools: Mapping[str, Tool[Any]]) -> Approvals | None:
+    """The approval policy, when any tool or caller asks for approvals (else the executor skips the step). A name
+    that is no tool is refused at start, as `policies` are: a typo must not leave a tool without its approvals."""
+    callers = {c.name: c for c in [*config.auth.callers, config.auth.anonymous]}
+    named = {*config.approvals.tools, *(t for c in callers.values() for t in c.require_approval)}
+    if named - set(tools):
+        raise PolicyError(f"approvals name unknown tools: {', '.join(sorted(named - set(tools)))}")
+    if not config.approvals.tools and not any(c.require_approval for c in callers.values()):
+        return None
+    return Approvals(config.approvals, callers, audit=records.audit)
 
 
 def build_records(config: Config) -> Records:

@@ -22,6 +22,11 @@ SAMPLES: list[ev.Event] = [
     ev.ToolFallback(call_id="c1", primary="a", fallback="b", reason="open"),
     ev.ExecutionFailed(execution_id="exec_1", call_id="c1", tool="echo", message="x"),
     ev.ToolResult(call_id="c1", name="echo", status=ev.ToolStatus.PARTIAL, duration_s=0.25, data=[1], attempts=2),
+    ev.ApprovalRequired(
+        call_id="c1", name="echo", input={"amount": 5}, reason="rule", deadline=1.5e9, approvers=("a", "b")
+    ),
+    ev.ApprovalDecided(call_id="c1", approved=True, decided_by="a", reason="ok", edited_input={"amount": 4}),
+    ev.InputReceived(text="use last quarter", when="asap", sent_by="a"),
     ev.Usage(turn=1, input_tokens=1, output_tokens=2, total_input_tokens=3, total_output_tokens=4),
     ev.FinalResponse(
         text="done", stop_reason="end_turn", turns=1, tool_calls=1, input_tokens=1, output_tokens=2, duration_s=1.5

@@ -38,7 +38,12 @@ async def serve(tmp_path: Path, name: str, ns: RedisNamespace) -> tuple[Any, int
             }
         )
     )
-    env = {**os.environ, "AGENT_DATA_DIR": str(tmp_path / name), "ANTHROPIC_API_KEY": ""}
+    return await launch(config, tmp_path / name)
+
+
+async def launch(config: Path, data_dir: Path) -> tuple[Any, int]:
+    """`python -m service --config CONFIG` with its data in `data_dir`, offline; the process and its port."""
+    env = {**os.environ, "AGENT_DATA_DIR": str(data_dir), "ANTHROPIC_API_KEY": ""}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "--config", str(config), stderr=asyncio.subprocess.PIPE, env=env
     )

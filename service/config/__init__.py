@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from service.config.approvals import ApprovalsConfig
 from service.config.base import Section
 from service.config.callers import AuthConfig, CallerConfig
 from service.config.model import ModelConfig, ModelRetry, Pacing
@@ -27,6 +28,7 @@ from service.config.stores import (
 )
 
 __all__ = [
+    "ApprovalsConfig",
     "AuditConfig",
     "AuthConfig",
     "CallerConfig",
@@ -72,6 +74,7 @@ class Config(Section):
     reflection: bool = Field(default=True, description="gRPC server reflection (grpcurl needs no proto files)")
     tls: TlsConfig | None = Field(default=None, description="TLS on `listen`; with client_ca_file, mutual TLS")
     auth: AuthConfig = AuthConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     health_listen: str | None = Field(
         default=None, description="extra plaintext port serving only grpc.health.v1 (probes without credentials)"
     )

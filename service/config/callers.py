@@ -24,6 +24,9 @@ class CallerConfig(Section):
         default_factory=list, description="hex SHA-256 of bearer tokens (never the tokens themselves)"
     )
     tools: list[str] | None = Field(default=None, description="tools this caller may use; all when unset")
+    require_approval: list[str] = Field(
+        default_factory=list, description="tools whose every call in this caller's runs waits for approval"
+    )
     max_concurrent_runs: int | None = Field(
         default=None, ge=1, description="runs in progress at once; beyond it RESOURCE_EXHAUSTED; unset: no limit"
     )

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
+
+if TYPE_CHECKING:
+    from service.interact import Inbox
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -20,6 +23,7 @@ class RunContext:
     succeeded: set[str] = field(default_factory=set)  # tools that have returned OK in this run
     trace_context: otel_context.Context | None = None  # the run's span: parent of every tool_call span
     remaining: Callable[[], float | None] | None = None  # seconds to the run's deadline (None: no deadline)
+    inbox: Inbox | None = None  # approvals, steering and tool cancels from outside (service/interact.py)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

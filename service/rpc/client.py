@@ -57,7 +57,9 @@ class Renderer:
 
     def event(self, event: pb.AgentEvent) -> None:
         kind = event.WhichOneof("event")
-        if kind == "run_started":
+        if kind in _INTERACTION:
+            self._interaction(event, kind)
+        elif kind == "run_started":
             e = event.run_started
             self._line(self._style("2", f"run {event.run_id} · {e.model} · tools: {', '.join(e.tools) or 'none'}"))
         elif kind == "thinking":
@@ -113,9 +115,29 @@ class Renderer:
                 f"tokens, {_ms(e.duration)}"
             )
             self._line(self._style("2", summary))
-        elif kind == "error":
+
+    def _interaction(self, event: pb.AgentEvent, kind: str) -> None:
+        """Approvals, steering, refusals (`-i`, or another party's, seen in the log) and errors."""
+        if kind == "approval_required":
+            e = event.approval_required
+            args = json.dumps(_ints(json_format.MessageToDict(e.input)), separators=(",", ":"))
+            who = ", ".join(e.approvers) or "nobody"
+            self._line(self._style("35", f"? {e.name} {args[:200]} needs approval ({e.reason}); may decide: {who}"))
+        elif kind == "approval_decided":
+            e = event.approval_decided
+            verdict = "approved" if e.approved else "denied"
+            why = f": {e.reason}" if e.reason else ""
+            self._line(self._style("35", f"✓ {verdict} by {e.decided_by}{why}"))
+        elif kind == "input_received":
+            self._line(self._style("35", f"» input from {event.input_received.sent_by}: {event.input_received.text}"))
+        elif event.seq == 0:  # Interact: a message of ours the run could not take; the run goes on
+            self._line(self._style("33", f"refused: {event.error.message}"))
+        else:
             e = event.error
             self._line(self._style("31", f"error {e.code}: {e.message}" + (" (retryable)" if e.retryable else "")))
+
+
+_INTERACTION = frozenset({"approval_required", "approval_decided", "input_received", "error"})
 
 
 def _token(path: str | None) -> str:
@@ -125,6 +147,20 @@ def _token(path: str | None) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     return os.environ.get("AGENT_TOKEN", "").strip()
+
+
+def _request(args: argparse.Namespace) -> pb.RunAgentRequest:
+    request = pb.RunAgentRequest(message=args.message, tools=args.tools or [], model=args.model or "")
+    if args.max_turns is not None:
+        request.max_turns = args.max_turns
+    if args.system is not None:
+        request.system = args.system
+    return request
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    token = _token(args.token_file)
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
@@ -149,14 +185,13 @@ def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
 
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
-    request = pb.RunAgentRequest(message=args.message, tools=args.tools or [], model=args.model or "")
-    if args.max_turns is not None:
-        request.max_turns = args.max_turns
-    if args.system is not None:
-        request.system = args.system
+    if args.interactive:
+        from service.rpc.interactive_client import converse  # noqa: PLC0415  (only this mode needs it)
+
+        return await converse(args, _request(args), _channel(args), _metadata(args), out)
+    request = _request(args)
     renderer = Renderer(out, color=not args.no_color and out.isatty())
-    token = _token(args.token_file)
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = _metadata(args)
     async with _channel(args) as channel:
         call = agent_pb2_grpc.AgentServiceStub(channel).RunAgent(request, timeout=args.timeout, metadata=metadata)
         try:
@@ -183,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int)
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--no-color", action="store_true")
+    parser.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="talk to the run (Interact): answer approvals (y, n REASON, e JSON) and type corrections",
+    )
     env = os.environ.get
     parser.add_argument("--ca-file", default=env("AGENT_TLS_CA"), help="CA of the server's certificate: use TLS")
     parser.add_argument("--cert-file", default=env("AGENT_TLS_CERT"), help="client certificate, for mutual TLS")

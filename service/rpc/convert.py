@@ -103,6 +103,23 @@ def _set_occasional(out: pb.AgentEvent, event: ev.Event) -> None:
             out.run_recovered.CopyFrom(
                 pb.RunRecovered(step_no=event.step_no, turn=event.turn, seq=event.seq, reason=event.reason)
             )
+        case ev.ApprovalRequired():
+            required = out.approval_required
+            required.call_id, required.name, required.reason = event.call_id, event.name, event.reason
+            required.input.SetInParent()
+            fill_struct(required.input, event.input, 1)
+            required.deadline.CopyFrom(_timestamp(int(event.deadline * 1e9)))
+            required.approvers.extend(event.approvers)
+        case ev.ApprovalDecided():
+            decided = out.approval_decided
+            decided.call_id, decided.approved = event.call_id, event.approved
+            decided.decided_by, decided.reason = event.decided_by, event.reason
+            if event.edited_input is not None:
+                fill_struct(decided.edited_input, event.edited_input, 1)
+        case ev.InputReceived():
+            out.input_received.CopyFrom(
+                pb.InputReceived(text=event.text, when=_INPUT_WHEN[event.when], sent_by=event.sent_by)
+            )
         case ev.Usage():
             out.usage.CopyFrom(
                 pb.Usage(
@@ -161,6 +178,7 @@ def _set_tool_data(out: pb.AgentEvent, event: ev.ToolResultChunk | ev.ToolDataPa
             set_value(out.tool_result.data, event.data, 0)
 
 
+_INPUT_WHEN = {"asap": pb.ASAP, "after_turn": pb.AFTER_TURN}
 _TOOL_STATUS = {status: pb.ToolStatus.Value(f"TOOL_STATUS_{status.name}") for status in ev.ToolStatus}
 
 

@@ -21,6 +21,7 @@ from service import telemetry
 from service.callers import Caller, CallerLimits, current_caller
 from service.config import Config
 from service.deadline import run_margin_s
+from service.deliver import Deliveries
 from service.errors import (
     AfterSeqOutOfRange,
     InvalidRequest,
@@ -32,6 +33,7 @@ from service.errors import (
 )
 from service.models.base import ToolSpec
 from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
+from service.rpc.interact import InteractRpcs
 from service.rpc.status import end_call, streaming, unary
 from service.rpc.validate import Validator, fingerprint
 from service.rpc.values import struct
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 _CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
         registry: RunRegistry,
@@ -57,10 +59,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
         default_model: str,
         clock: Callable[[], float] = time.perf_counter,
+        deliveries: Deliveries | None = None,
     ) -> None:
         """`anonymous`: the caller of calls that name none (auth off). `tool_specs`: the tools as the model sees them,
         by name; `default_model`: the model of a request that names none."""
         self.registry = registry
+        self.deliveries = deliveries  # approvals, steering, tool cancels to runs (rpc/interact.py)
         self.clock = clock  # for the time to first event
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
         self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}

@@ -10,7 +10,7 @@ own log in memory as well and ships the entries to the store behind its back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from service.config import CallerConfig
 
@@ -66,6 +66,13 @@ class RunStore(RunKeeper, Protocol):
 
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(run_id, after_turn)` when another replica asks to cancel a run this process drives."""
+
+    def on_message(self, callback: Callable[[str, dict[str, Any]], dict[str, str]]) -> None:
+        """Call `callback(run_id, message)` for an interaction message (`deliver`) for a run this process drives;
+        its return value (empty, or a refusal's code and message) is the answer."""
+
+    async def deliver(self, record: RunRecord, message: dict[str, Any], *, wait_s: float = 2.0) -> dict[str, str]:
+        """Carry `message` to the process driving the run; its answer (StateUnavailable when none comes)."""
 
     async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         """Atomically: the run this caller's key names, if any; else the caller's quotas; else record `run` (with no

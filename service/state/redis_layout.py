@@ -9,7 +9,9 @@ Keys, all under `state.prefix`:
     idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
     caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
     caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
-    run-control:{instance}  pub/sub channel of the process that drives a run: "<run id> now|after_turn"
+    run-control:{instance}  pub/sub channel of the process that drives a run: "<run id> now|after_turn", or
+                            "<run id> interact <reply key> <json>" for an approval, input or tool cancel
+    reply:{token}           list: the driving process's answer to one such message (expires after 30 s)
 
 A run ending sets `runs.retention_s` TTLs on its hash, stream and key; until then they carry `runs.max_run_s` more, so
 that the runs of a process that died are forgotten too.
@@ -48,6 +50,9 @@ class Layout:
 
     def caller_key(self, caller: str, what: str) -> str:
         return f"{self.prefix}caller:{caller}:{what}"
+
+    def reply_key(self, token: str) -> str:
+        return f"{self.prefix}reply:{token}"
 
     def channel(self, instance: str) -> str:
         return f"{self.prefix}run-control:{instance}"

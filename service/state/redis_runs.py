@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import time
@@ -47,6 +48,7 @@ from service.state.redis_watch import READ_COUNT, Entries, Follow, StreamReader
 log = logging.getLogger(__name__)
 
 ENDED = (b"succeeded", b"failed", b"cancelled")
+REPLY_TTL_S = 30  # an answer nobody took (its asker gave up) is gone after this
 
 
 class RedisRunStore:
@@ -82,6 +84,10 @@ class RedisRunStore:
         )
         self._on_health = on_health
         self._on_cancel: Callable[[str, bool], None] = lambda run_id, after_turn: None
+        self._on_message: Callable[[str, dict[str, Any]], dict[str, str]] = lambda run_id, message: {
+            "code": "UNAVAILABLE",
+            "message": "this replica takes no messages for runs",
+        }
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
         self._read = self.client.register_script(READ)
@@ -199,6 +205,18 @@ class RedisRunStore:
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         self._on_cancel = callback
 
+    def on_message(self, callback: Callable[[str, dict[str, Any]], dict[str, str]]) -> None:
+        self._on_message = callback
+
+    def _message(self, run_id: str, rest: str) -> None:
+        """An interaction message (`deliver`) for a run of this process: applied, and the answer sent back."""
+        reply_key, _, payload = rest.partition(" ")
+        answer = self._on_message(run_id, json.loads(payload))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(reply_key, json.dumps(answer))
+        pipe.expire(reply_key, REPLY_TTL_S)
+        self._spawn(self._call(pipe.execute()), f"reply {run_id}")
+
     async def admit(self, run: Run, *, key: str, fingerprint: str, limits: CallerConfig) -> Admission:
         caller = run.caller
         if not key and limits.max_concurrent_runs is None and limits.runs_per_minute is None and self.up:
@@ -294,7 +312,10 @@ class RedisRunStore:
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         run_id, _, mode = message["data"].decode().partition(" ")
-                        self._on_cancel(run_id, mode == "after_turn")
+                        if mode.startswith("interact "):
+                            self._message(run_id, mode.removeprefix("interact "))
+                        else:
+                            self._on_cancel(run_id, mode == "after_turn")
             except (RedisError, OSError) as exc:
                 self.failed("control", exc)
                 await asyncio.sleep(self.config.probe_s)
@@ -390,6 +411,21 @@ class RedisRunStore:
         if wait_s > 0:
             await self._until_ended(record, wait_s)
         return await self.record(record.run_id) or record
+
+    async def deliver(self, record: RunRecord, message: dict[str, Any], *, wait_s: float = 2.0) -> dict[str, str]:
+        """Carry `message` to the process driving the run (on its control channel) and wait for its answer, on a
+        list of its own: empty when applied, else the refusal's code and message."""
+        reply_key = self.layout.reply_key(secrets.token_hex(8))
+        payload = json.dumps(message, separators=(",", ":"))
+        channel = self.layout.channel(record.owner)
+        heard = await self._call(self.client.publish(channel, f"{record.run_id} interact {reply_key} {payload}"))
+        if not heard:
+            raise StateUnavailable(f"the replica driving run {record.run_id} is not listening; retry shortly")
+        answer = await self._call(self.reader.blpop([reply_key], timeout=wait_s))
+        if answer is None:
+            raise StateUnavailable(f"the replica driving run {record.run_id} did not answer within {wait_s:g} s")
+        reply: dict[str, str] = json.loads(answer[1])
+        return reply
 
     async def _until_ended(self, record: RunRecord, wait_s: float) -> None:
         """Wait (up to `wait_s`) for the run's last event, reading its stream from where the record left it."""

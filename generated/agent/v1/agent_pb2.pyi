@@ -24,6 +24,13 @@ class ToolStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOOL_STATUS_CIRCUIT_OPEN: _ClassVar[ToolStatus]
     TOOL_STATUS_CANCELLED: _ClassVar[ToolStatus]
     TOOL_STATUS_OUTCOME_UNKNOWN: _ClassVar[ToolStatus]
+    TOOL_STATUS_DENIED: _ClassVar[ToolStatus]
+
+class InputWhen(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_WHEN_UNSPECIFIED: _ClassVar[InputWhen]
+    ASAP: _ClassVar[InputWhen]
+    AFTER_TURN: _ClassVar[InputWhen]
 TOOL_STATUS_UNSPECIFIED: ToolStatus
 TOOL_STATUS_OK: ToolStatus
 TOOL_STATUS_ERROR: ToolStatus
@@ -34,6 +41,10 @@ TOOL_STATUS_RATE_LIMITED: ToolStatus
 TOOL_STATUS_CIRCUIT_OPEN: ToolStatus
 TOOL_STATUS_CANCELLED: ToolStatus
 TOOL_STATUS_OUTCOME_UNKNOWN: ToolStatus
+TOOL_STATUS_DENIED: ToolStatus
+INPUT_WHEN_UNSPECIFIED: InputWhen
+ASAP: InputWhen
+AFTER_TURN: InputWhen
 
 class RunAgentRequest(_message.Message):
     __slots__ = ("message", "system", "model", "max_turns", "tools", "metadata", "max_tokens", "idempotency_key", "on_disconnect", "max_tool_calls", "max_output_tokens", "durability")
@@ -87,7 +98,7 @@ class RunAgentRequest(_message.Message):
     def __init__(self, message: _Optional[str] = ..., system: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_tokens: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., on_disconnect: _Optional[_Union[RunAgentRequest.OnDisconnect, str]] = ..., max_tool_calls: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., durability: _Optional[_Union[RunAgentRequest.Durability, str]] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry", "tool_data_part", "run_recovered")
+    __slots__ = ("run_id", "seq", "time", "first_seq", "run_started", "thinking", "text_delta", "tool_call", "tool_call_delta", "tool_call_ready", "tool_result_chunk", "tool_retry", "tool_fallback", "tool_result", "execution_failed", "usage", "final_response", "error", "model_retry", "tool_data_part", "run_recovered", "approval_required", "approval_decided", "input_received")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +120,9 @@ class AgentEvent(_message.Message):
     MODEL_RETRY_FIELD_NUMBER: _ClassVar[int]
     TOOL_DATA_PART_FIELD_NUMBER: _ClassVar[int]
     RUN_RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -130,7 +144,10 @@ class AgentEvent(_message.Message):
     model_retry: ModelRetry
     tool_data_part: ToolDataPart
     run_recovered: RunRecovered
-    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ..., tool_data_part: _Optional[_Union[ToolDataPart, _Mapping]] = ..., run_recovered: _Optional[_Union[RunRecovered, _Mapping]] = ...) -> None: ...
+    approval_required: ApprovalRequired
+    approval_decided: ApprovalDecided
+    input_received: InputReceived
+    def __init__(self, run_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seq: _Optional[int] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_delta: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., tool_call_ready: _Optional[_Union[ToolCallReady, _Mapping]] = ..., tool_result_chunk: _Optional[_Union[ToolResultChunk, _Mapping]] = ..., tool_retry: _Optional[_Union[ToolRetry, _Mapping]] = ..., tool_fallback: _Optional[_Union[ToolFallback, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., execution_failed: _Optional[_Union[ExecutionFailed, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_retry: _Optional[_Union[ModelRetry, _Mapping]] = ..., tool_data_part: _Optional[_Union[ToolDataPart, _Mapping]] = ..., run_recovered: _Optional[_Union[RunRecovered, _Mapping]] = ..., approval_required: _Optional[_Union[ApprovalRequired, _Mapping]] = ..., approval_decided: _Optional[_Union[ApprovalDecided, _Mapping]] = ..., input_received: _Optional[_Union[InputReceived, _Mapping]] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("model", "tools", "max_turns")
@@ -469,3 +486,141 @@ class RunResult(_message.Message):
     last_seq: int
     data_omitted: bool
     def __init__(self, run_id: _Optional[str] = ..., final_response: _Optional[_Union[FinalResponse, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallRecord, _Mapping]]] = ..., last_seq: _Optional[int] = ..., data_omitted: _Optional[bool] = ...) -> None: ...
+
+class ApprovalRequired(_message.Message):
+    __slots__ = ("call_id", "name", "input", "reason", "deadline", "approvers")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    APPROVERS_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    name: str
+    input: _struct_pb2.Struct
+    reason: str
+    deadline: _timestamp_pb2.Timestamp
+    approvers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reason: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., approvers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ApprovalDecided(_message.Message):
+    __slots__ = ("call_id", "approved", "decided_by", "reason", "edited_input")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EDITED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    approved: bool
+    decided_by: str
+    reason: str
+    edited_input: _struct_pb2.Struct
+    def __init__(self, call_id: _Optional[str] = ..., approved: _Optional[bool] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., edited_input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class InputReceived(_message.Message):
+    __slots__ = ("text", "when", "sent_by")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    SENT_BY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    when: InputWhen
+    sent_by: str
+    def __init__(self, text: _Optional[str] = ..., when: _Optional[_Union[InputWhen, str]] = ..., sent_by: _Optional[str] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("call_id", "reason", "edited_input")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EDITED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    reason: str
+    edited_input: _struct_pb2.Struct
+    def __init__(self, call_id: _Optional[str] = ..., reason: _Optional[str] = ..., edited_input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("run_id", "after_seq")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    after_seq: int
+    def __init__(self, run_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class ClientMessage(_message.Message):
+    __slots__ = ("start", "attach", "approve", "deny", "send_input", "cancel_tool", "cancel_run")
+    START_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    SEND_INPUT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_TOOL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_RUN_FIELD_NUMBER: _ClassVar[int]
+    start: RunAgentRequest
+    attach: AttachRequest
+    approve: Decision
+    deny: Decision
+    send_input: SendInputRequest
+    cancel_tool: CancelToolCallRequest
+    cancel_run: CancelRunRequest
+    def __init__(self, start: _Optional[_Union[RunAgentRequest, _Mapping]] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ..., approve: _Optional[_Union[Decision, _Mapping]] = ..., deny: _Optional[_Union[Decision, _Mapping]] = ..., send_input: _Optional[_Union[SendInputRequest, _Mapping]] = ..., cancel_tool: _Optional[_Union[CancelToolCallRequest, _Mapping]] = ..., cancel_run: _Optional[_Union[CancelRunRequest, _Mapping]] = ...) -> None: ...
+
+class ResolveApprovalRequest(_message.Message):
+    __slots__ = ("run_id", "call_id", "decision", "reason", "edited_input")
+    class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERDICT_UNSPECIFIED: _ClassVar[ResolveApprovalRequest.Verdict]
+        APPROVE: _ClassVar[ResolveApprovalRequest.Verdict]
+        DENY: _ClassVar[ResolveApprovalRequest.Verdict]
+    VERDICT_UNSPECIFIED: ResolveApprovalRequest.Verdict
+    APPROVE: ResolveApprovalRequest.Verdict
+    DENY: ResolveApprovalRequest.Verdict
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EDITED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    call_id: str
+    decision: ResolveApprovalRequest.Verdict
+    reason: str
+    edited_input: _struct_pb2.Struct
+    def __init__(self, run_id: _Optional[str] = ..., call_id: _Optional[str] = ..., decision: _Optional[_Union[ResolveApprovalRequest.Verdict, str]] = ..., reason: _Optional[str] = ..., edited_input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ResolveApprovalResponse(_message.Message):
+    __slots__ = ("run_id", "call_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    call_id: str
+    def __init__(self, run_id: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
+
+class SendInputRequest(_message.Message):
+    __slots__ = ("run_id", "text", "when")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    text: str
+    when: InputWhen
+    def __init__(self, run_id: _Optional[str] = ..., text: _Optional[str] = ..., when: _Optional[_Union[InputWhen, str]] = ...) -> None: ...
+
+class SendInputResponse(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CancelToolCallRequest(_message.Message):
+    __slots__ = ("run_id", "call_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    call_id: str
+    def __init__(self, run_id: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
+
+class CancelToolCallResponse(_message.Message):
+    __slots__ = ("run_id", "call_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    call_id: str
+    def __init__(self, run_id: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...

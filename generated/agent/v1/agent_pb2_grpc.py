@@ -69,6 +69,26 @@ class AgentServiceStub:
                 request_serializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
                 response_deserializer=agent_dot_v1_dot_agent__pb2.RunResult.FromString,
                 _registered_method=True)
+        self.Interact = channel.stream_stream(
+                '/agent.v1.AgentService/Interact',
+                request_serializer=agent_dot_v1_dot_agent__pb2.ClientMessage.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.AgentEvent.FromString,
+                _registered_method=True)
+        self.ResolveApproval = channel.unary_unary(
+                '/agent.v1.AgentService/ResolveApproval',
+                request_serializer=agent_dot_v1_dot_agent__pb2.ResolveApprovalRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.ResolveApprovalResponse.FromString,
+                _registered_method=True)
+        self.SendInput = channel.unary_unary(
+                '/agent.v1.AgentService/SendInput',
+                request_serializer=agent_dot_v1_dot_agent__pb2.SendInputRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.SendInputResponse.FromString,
+                _registered_method=True)
+        self.CancelToolCall = channel.unary_unary(
+                '/agent.v1.AgentService/CancelToolCall',
+                request_serializer=agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -126,6 +146,39 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Interact(self, request_iterator, context):
+        """Talks with a run while it works (docs/interactive.md): the first message starts a run (`start`) or attaches to
+        one (`attach`); later ones approve or deny a tool call waiting for approval, steer the run, stop one tool call or
+        the run. The server streams the run's events, and an `error` event with seq 0 (not part of the run's log) for
+        a message that makes no sense now; the run goes on. A malformed message ends the call with INVALID_ARGUMENT.
+        Closing the client side keeps `on_disconnect`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveApproval(self, request, context):
+        """Decides on a tool call waiting for approval, from any replica: the run's caller (unless two-party control
+        forbids it) or a configured approver.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendInput(self, request, context):
+        """Steers a running run: the text goes to the model as a user message (acknowledged by `input_received`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelToolCall(self, request, context):
+        """Stops one tool call of a running run: it ends TOOL_STATUS_CANCELLED, the model reads that, the run goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +216,26 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RunAgentUnary,
                     request_deserializer=agent_dot_v1_dot_agent__pb2.RunAgentRequest.FromString,
                     response_serializer=agent_dot_v1_dot_agent__pb2.RunResult.SerializeToString,
+            ),
+            'Interact': grpc.stream_stream_rpc_method_handler(
+                    servicer.Interact,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.ClientMessage.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.AgentEvent.SerializeToString,
+            ),
+            'ResolveApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveApproval,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.ResolveApprovalRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.ResolveApprovalResponse.SerializeToString,
+            ),
+            'SendInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendInput,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.SendInputRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.SendInputResponse.SerializeToString,
+            ),
+            'CancelToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelToolCall,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +427,114 @@ class AgentService:
             '/agent.v1.AgentService/RunAgentUnary',
             agent_dot_v1_dot_agent__pb2.RunAgentRequest.SerializeToString,
             agent_dot_v1_dot_agent__pb2.RunResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Interact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agent.v1.AgentService/Interact',
+            agent_dot_v1_dot_agent__pb2.ClientMessage.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.AgentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/ResolveApproval',
+            agent_dot_v1_dot_agent__pb2.ResolveApprovalRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.ResolveApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/SendInput',
+            agent_dot_v1_dot_agent__pb2.SendInputRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.SendInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/CancelToolCall',
+            agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,
