@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
 from google.protobuf import json_format
-from test_auth import SLOW, as_caller, two_token_callers
+from test_auth import SLOW, Pki, as_caller, mtls_config, two_token_callers
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
+from service import telemetry
 from service.http.status import HTTP_STATUS, http_status
 from service.rpc.server import Service
 
@@ -257,3 +260,54 @@ def test_every_grpc_code_has_its_http_status() -> None:
     codes = [code.name for code in grpc.StatusCode]
     assert sorted(HTTP_STATUS) == sorted(codes)
     assert all(http_status(c) != 500 for c in codes if c not in ("UNKNOWN", "INTERNAL", "DATA_LOSS"))
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+def tls_client(svc: Service, pki: Pki, identity: str | None = None, *, rogue: bool = False) -> httpx.AsyncClient:
+    context = ssl.create_default_context()
+    pki.ca.configure_trust(context)
+    if identity is not None:
+        (pki.other_ca if rogue else pki.ca).issue_cert(identity, common_name=identity).configure_cert(context)
+    return httpx.AsyncClient(base_url=f"https://localhost:{svc.http_port}", verify=context, timeout=10)
+
+
+async def test_mtls_identifies_the_caller_over_http_too(start_service: Any, certs: Pki) -> None:
+    pki = certs
+    svc = await start_http(start_service, **mtls_config(pki))
+    async with tls_client(svc, pki, "risk.callers.internal") as http:
+        events = await stream_all(http, "POST", "/v1/runs:stream", json={"message": "hi"})
+    assert svc.registry.get(events[0].message().run_id).caller == "risk-engine"
+    async with tls_client(svc, pki, "audit.callers.internal") as http:  # the auditor's rights: echo and sleep
+        assert (await http.post("/v1/runs", json={"message": "hi", "tools": ["fail"]})).status_code == 403
+    for identity in (None, "stranger.callers.internal"):  # no certificate (a browser), or nobody configured
+        async with tls_client(svc, pki, identity) as http:
+            response = await http.get("/v1/tools")
+            assert (response.status_code, response.json()["code"]) == (401, "UNAUTHENTICATED"), identity
+    async with tls_client(svc, pki, "risk.callers.internal", rogue=True) as http:
+        with pytest.raises(httpx.HTTPError):  # a certificate is verified when one is presented
+            await http.get("/v1/tools")
+
+
+async def test_a_callers_traceparent_is_the_parent_of_the_run(start_service: Any, spans: Any) -> None:
+    svc = await start_http(start_service)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with client(svc) as http:
+        headers = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+        await stream_all(http, "POST", "/v1/runs:stream", json={"message": "hi"}, headers=headers)
+    finished = spans.get_finished_spans()
+    server = next(s for s in finished if s.name == "POST /v1/runs:stream")
+    run = next(s for s in finished if s.name == "run")
+    assert format(server.context.trace_id, "032x") == trace_id and format(server.parent.span_id, "016x") == parent_id
+    assert run.context.trace_id == server.context.trace_id and run.parent.span_id == server.context.span_id
+
+
+async def test_requests_are_counted_by_route_and_status(start_service: Any) -> None:
+    svc = await start_http(start_service)
+    before = telemetry.HTTP_REQUESTS.labels("/v1/runs/{run_id}", "404")._value.get()
+    async with client(svc) as http:
+        await http.get("/v1/runs/run_nope")
+    assert telemetry.HTTP_REQUESTS.labels("/v1/runs/{run_id}", "404")._value.get() == before + 1

@@ -34,6 +34,8 @@ HEADERS = [
 class EventStream(Response):
     """A Starlette `Response` in name only (routes return one): it answers by `__call__` alone."""
 
+    _send: Send  # the ASGI send of the response, set when it starts
+
     def __init__(
         self,
         api: AgentApi,
@@ -56,27 +58,35 @@ class EventStream(Response):
         self.timeout_s = timeout_s
         self.sent = 0
         self.gone = False
+        self.started = False  # the headers are sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        headers = list(HEADERS)
-        headers.append((b"x-run-id", self.run.id.encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, send, task))
+        self._send = send
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self._events(send)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._events()
+            await self._body(b"", more=False)
         except TimeoutError:  # the request's own timeout: end the body; a reconnect resumes
-            await send({"type": "http.response.body", "body": comment("request timeout"), "more_body": False})
+            await self._body(comment("request timeout"), more=False)
         except asyncio.CancelledError:
             if not self.gone or task.uncancel() > 0:
                 raise  # not (only) the caller leaving: the server is stopping
         finally:
             watcher.cancel()
 
-    async def _events(self, send: Send) -> None:
+    async def _body(self, body: bytes, *, more: bool = True) -> None:
+        """Send `body`; the headers go with the first one, so that (as over gRPC) the first byte is the first event
+        (or heartbeat), and a client's time to first byte measures the run, not the handshake."""
+        if not self.started:
+            self.started = True
+            headers = [*HEADERS, (b"x-run-id", self.run.id.encode())]
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _events(self) -> None:
         run = self.run
         runs = self.api.config.runs
         counts = telemetry.SentCounts()
@@ -87,15 +97,15 @@ class EventStream(Response):
                 ):
                     counts.add(type(entry.event))
                     self.sent += 1
-                    await send({"type": "http.response.body", "body": frame(entry, run.id), "more_body": True})
+                    await self._body(frame(entry, run.id))
         except SubscriberTooSlow as exc:
             # the client is told in a comment and resumes with Last-Event-ID (EventSource reconnects by itself)
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
-            await send({"type": "http.response.body", "body": comment(exc.message), "more_body": True})
+            await self._body(comment(exc.message))
         finally:
             counts.flush()
 
-    async def _watch(self, receive: Receive, send: Send, stream: asyncio.Task[Any]) -> None:
+    async def _watch(self, receive: Receive, stream: asyncio.Task[Any]) -> None:
         """Until the caller leaves (then cancel the stream), a heartbeat each `heartbeat_s` nothing was sent in."""
         seen = self.sent
         while True:
@@ -104,7 +114,7 @@ class EventStream(Response):
                     message = await receive()
             except TimeoutError:
                 if self.sent == seen:
-                    await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                    await self._body(HEARTBEAT)
                 seen = self.sent
                 continue
             if message["type"] == "http.disconnect":

@@ -33,14 +33,14 @@ class Authenticator:
     def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller of this call: certificate first, then bearer token; anonymous unless auth is required."""
         auth = context.auth_context()
+        # a certificate with SANs is named by them alone: its CN counts only when it has none (RFC 6125), or a CA
+        # that checks the SANs it signs but not the CN would let any holder name itself after a configured caller
         names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
         return self.identify_by([n.decode(errors="replace") for n in names], context.invocation_metadata() or ())
 
     def identify_by(self, names: Sequence[str], metadata: Sequence[tuple[str, Any]]) -> Caller:
         """The caller from what any transport can tell: the client certificate's identities (`names`, as below)
         and the request's headers (`metadata`, lower-case names)."""
-        # a certificate with SANs is named by them alone: its CN counts only when it has none (RFC 6125), or a CA
-        # that checks the SANs it signs but not the CN would let any holder name itself after a configured caller
         for value in names:
             caller = self._by_identity.get(value)
             if caller is not None:
