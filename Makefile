@@ -63,6 +63,9 @@ bench-smoke: h2load ## Tiny benchmark run (CI runs it through the tests), into b
 bench-replicas: h2load ## Only the replica stages (Redis state, workers) into bench/results/<date>-replicas.md
 	$(PYTHON) -m bench.replicas $(ARGS)
 
+bench-sse: h2load ## The HTTP face against the gRPC face and FastAPI SSE into bench/results/<date>-sse-face.md
+	$(PYTHON) -m bench.sse_face --out bench/results/$$(date -u +%Y-%m-%d)-sse-face $(ARGS)
+
 # h2load drives the benchmark's gRPC and SSE load; without it the bench runs and says its rows were skipped.
 h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this is root with apt-get
 	@command -v h2load >/dev/null && exit 0; \
@@ -73,4 +76,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas h2load layers
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas bench-sse h2load layers
