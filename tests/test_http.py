@@ -341,3 +341,18 @@ async def test_a_callers_limits_hold_over_http_as_over_grpc(start_service: Any, 
         second = await http.post("/v1/runs:stream", json={"message": "hi"}, headers=dict(as_caller("a")))
         assert (second.status_code, second.json()["code"]) == (429, "RESOURCE_EXHAUSTED")
         await http.post(f"/v1/runs/{first.json()['runId']}:cancel", headers=dict(as_caller("a")))
+
+
+async def test_a_bug_is_answered_as_internal_json_and_logged(
+    start_service: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = await start_http(start_service)
+
+    def broken(caller: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(svc.servicer.api, "list_tools", broken)
+    async with client(svc) as http:
+        response = await http.get("/v1/tools")
+    assert (response.status_code, response.json()["code"]) == (500, "INTERNAL")
+    assert "a bug" not in response.text and any(r.getMessage() == "http request failed" for r in caplog.records)

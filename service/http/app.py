@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -28,10 +28,12 @@ from service.callers import Caller, bind_caller
 from service.config import Config
 from service.errors import AgentError, DeadlineExceeded, InvalidRequest
 from service.http.sse import message_json
-from service.http.status import error_of
+from service.http.status import error_body, error_of
 from service.http.stream import EventStream
 from service.rpc.auth import Authenticator
 from service.rpc.convert import run_state, run_to_proto
+
+log = logging.getLogger(__name__)
 
 PEER_NAMES = "peer_names"  # the connection's client-certificate identities, in the request's state (server.py)
 TIMEOUT_HEADERS = ("request-timeout", "x-request-timeout")  # seconds; the HTTP face's grpc-timeout
@@ -43,32 +45,24 @@ Handler = Callable[[Request, Caller, float | None], Awaitable[Response]]
 class HttpFace:
     """The routes, bound to the application layer and the authenticator the composition root built."""
 
-    def __init__(
-        self,
-        api: AgentApi,
-        authenticator: Authenticator,
-        config: Config,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, api: AgentApi, authenticator: Authenticator, config: Config) -> None:
         self.api = api
         self.authenticator = authenticator
         self.config = config
-        self.clock = clock
 
     def app(self) -> ASGIApp:
         """The routes as an ASGI app: a bare Starlette `Router`, since every route maps its own errors and
         `Starlette`'s two default middlewares wrap each send of every stream (a measurable share of an event's
         cost); uvicorn answers an exception that escapes anyway with a 500. CORS only when origins are listed."""
-        routes = [
-            Route("/v1/runs:stream", self._route("/v1/runs:stream", self.run_stream), methods=["POST"]),
-            Route("/v1/runs", self._route("/v1/runs", self.submit), methods=["POST"]),
-            Route("/v1/runs/{run_id}/events", self._route("/v1/runs/{run_id}/events", self.events), methods=["GET"]),
-            Route("/v1/runs/{run_id}:cancel", self._route("/v1/runs/{run_id}:cancel", self.cancel), methods=["POST"]),
-            Route("/v1/runs/{run_id}", self._route("/v1/runs/{run_id}", self.get_run), methods=["GET"]),
-            Route("/v1/tools", self._route("/v1/tools", self.list_tools), methods=["GET"]),
+        table: list[tuple[str, str, Handler]] = [
+            ("POST", "/v1/runs:stream", self.run_stream),
+            ("POST", "/v1/runs", self.submit),
+            ("GET", "/v1/runs/{run_id}/events", self.events),
+            ("POST", "/v1/runs/{run_id}:cancel", self.cancel),
+            ("GET", "/v1/runs/{run_id}", self.get_run),
+            ("GET", "/v1/tools", self.list_tools),
         ]
-        router = Router(routes=routes)
+        router = Router(routes=[Route(path, self._route(path, h), methods=[m]) for m, path, h in table])
         if not self.config.http.cors_origins:  # no CORS headers at all unless origins are listed
             return router
         return CORSMiddleware(
@@ -91,6 +85,9 @@ class HttpFace:
             except AgentError as exc:
                 status, body = error_of(exc.with_traceback(None))
                 response = Response(body, status, media_type=JSON)
+            except Exception:  # a bug of ours: logged, answered as the gRPC face answers one (INTERNAL)
+                log.exception("http request failed", extra={"route": route})
+                response = Response(error_body("INTERNAL", "internal error"), 500, media_type=JSON)
             telemetry.child(requests, route, str(response.status_code)).inc()
             return response
 
