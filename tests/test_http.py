@@ -356,3 +356,15 @@ async def test_a_bug_is_answered_as_internal_json_and_logged(
         response = await http.get("/v1/tools")
     assert (response.status_code, response.json()["code"]) == (500, "INTERNAL")
     assert "a bug" not in response.text and any(r.getMessage() == "http request failed" for r in caplog.records)
+
+
+async def test_the_request_timeout_ends_a_watch_but_not_the_run(start_service: Any) -> None:
+    svc = await start_http(start_service, SLOW)
+    async with client(svc) as http:
+        run_id = (await http.post("/v1/runs", json={"message": "hi"})).json()["runId"]
+        headers = {"request-timeout": "0.3"}
+        async with http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers) as response:
+            seen = [e async for e in sse_events(response)]
+        assert seen[-1].comment == "request timeout" and seen[0].event == "run_started"
+        assert not svc.registry.get(run_id).finished
+        await http.post(f"/v1/runs/{run_id}:cancel")
