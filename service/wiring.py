@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
@@ -26,8 +26,6 @@ from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
 from service.durable.sqlite import SqliteCheckpointStore
 from service.executor import Executor
-from service.http.app import HttpFace
-from service.http.server import HttpServer
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
@@ -52,6 +50,9 @@ from service.runs import RunRegistry
 from service.state.base import RunStore
 from tools import load_tools
 from tools.base import Tool
+
+if TYPE_CHECKING:
+    from service.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ async def start(
         default_model=model.default_model,
     )
     servicer = AgentServicer(api, anonymous=authenticator.anonymous)
-    # bound before the gRPC server starts: a port in use fails the start before anything serves
-    http = HttpServer(HttpFace(api, authenticator, config).app(), config) if config.http_listen else None
+    http = build_http(api, authenticator, config) if config.http_listen else None
     service = await start_server(
         config,
         servicer,
@@ -111,6 +111,16 @@ async def start(
         records.database.on_health = records_health.changed_soon
         await records_health.attach(service.health, records.database.up)
     return service
+
+
+def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> HttpServer:
+    """The HTTP face, its socket bound here, before the gRPC server starts: a port in use fails the start before
+    anything serves."""
+    # imported here: a service without `http_listen` loads nothing of Starlette or uvicorn
+    from service.http.app import HttpFace
+    from service.http.server import HttpServer
+
+    return HttpServer(HttpFace(api, authenticator, config).app(), config)
 
 
 STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,3 +370,10 @@ async def test_the_request_timeout_ends_a_watch_but_not_the_run(start_service: A
         assert seen[-1].comment == "request timeout" and seen[0].event == "run_started"
         assert not svc.registry.get(run_id).finished
         await http.post(f"/v1/runs/{run_id}:cancel")
+
+
+def test_a_service_without_http_listen_loads_no_http_stack() -> None:
+    stack = "('starlette', 'uvicorn', 'httptools')"
+    probe = f"import sys, service.wiring; print(sorted(m for m in sys.modules if m.split('.')[0] in {stack}))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -24,12 +24,14 @@ from service import hardening, telemetry
 from service.aio import abandoned
 from service.config import Config, GcConfig, KeepaliveConfig, Limits
 from service.executor import Executor
-from service.http.server import HttpServer
 from service.models.base import Model
 from service.rpc.auth import server_credentials
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
 from tools.base import Tool
+
+if TYPE_CHECKING:
+    from service.http.server import HttpServer  # the HTTP face, imported only where it is built (wiring.py)
 
 log = logging.getLogger(__name__)
 
