@@ -72,6 +72,9 @@ a2a-venv: ## Build .a2a-venv with a2a-sdk[grpc], the benchmark's A2A SDK baselin
 	test -x $(A2A_VENV)/bin/python || python3 -m venv $(A2A_VENV)
 	$(A2A_VENV)/bin/python -m pip install -q 'a2a-sdk[grpc]>=1.3,<2' 'grpcio-health-checking>=1.85,<2' 'pyyaml>=6,<7'
 
+bench-sse: h2load ## The HTTP face against the gRPC face and FastAPI SSE into bench/results/<date>-sse-face.md
+	$(PYTHON) -m bench.sse_face --out bench/results/$$(date -u +%Y-%m-%d)-sse-face $(ARGS)
+
 # h2load drives the benchmark's gRPC and SSE load; without it the bench runs and says its rows were skipped.
 h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this is root with apt-get
 	@command -v h2load >/dev/null && exit 0; \
@@ -82,4 +85,4 @@ h2load: ## Install h2load (Debian's nghttp2-client) when it is missing and this 
 		echo "nghttp2-client (sudo apt-get install nghttp2-client); until then the h2load rows are skipped"; \
 	fi
 
-.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas chaos h2load a2a-venv layers
+.PHONY: help install proto proto-check docs docs-check run lint fmt test check bench bench-smoke bench-replicas bench-sse chaos h2load a2a-venv layers

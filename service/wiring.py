@@ -3,8 +3,8 @@ module builds its siblings; follow `start` to see the whole service.
 
     tools ─┐
     model ─┼─ executor (policies, audit, dead letters, redaction) ─ loop ─ registry ─┐
-           │                                                                         ├─ servicer ─ gRPC server
-    config ┴─ authenticator, caller limits ──────────────────────────────────────────┘
+           │                                                                         ├─ api ─┬─ servicer ─ gRPC server
+    config ┴─ authenticator, caller limits ──────────────────────────────────────────┘       └─ HTTP face (uvicorn)
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
+from service.api import AgentApi
 from service.approvals import Approvals
 from service.callers import CallerLimits
 from service.config import Config
@@ -55,6 +56,9 @@ from service.state.sqlite_runs import SqliteRunLog
 from tools import load_tools
 from tools.base import Tool
 
+if TYPE_CHECKING:
+    from service.http.server import HttpServer
+
 log = logging.getLogger(__name__)
 
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
@@ -90,16 +94,17 @@ async def start(
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
-    servicer = AgentServicer(
+    api = AgentApi(
         registry,
         tools,
         config,
-        anonymous=authenticator.anonymous,
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
-        deliveries=Deliveries(registry, frozenset(config.approvals.approvers)),
     )
+    deliveries = Deliveries(registry, frozenset(config.approvals.approvers))
+    servicer = AgentServicer(api, anonymous=authenticator.anonymous, deliveries=deliveries)
+    http = build_http(api, authenticator, config) if config.http_listen else None
     service = await start_server(
         config,
         servicer,
@@ -109,6 +114,7 @@ async def start(
         executor=executor,
         tools=tools,
         metrics=metrics,
+        http=http,
     )
     if store is not None:
         await health.attach(service.health, store.up)
@@ -117,6 +123,16 @@ async def start(
         records.database.on_health = records_health.changed_soon
         await records_health.attach(service.health, records.database.up)
     return service
+
+
+def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> HttpServer:
+    """The HTTP face, its socket bound here, before the gRPC server starts: a port in use fails the start before
+    anything serves."""
+    # imported here: a service without `http_listen` loads nothing of Starlette or uvicorn
+    from service.http.app import HttpFace
+    from service.http.server import HttpServer
+
+    return HttpServer(HttpFace(api, authenticator, config).app(), config)
 
 
 STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached

@@ -34,8 +34,7 @@ from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.convert import to_proto
 from service.rpc.interceptors import RejectUndecodable, wrap_handler
 from service.rpc.server import pending_rpc_options, tune_gc
-from service.rpc.servicer import _SentCounts
-from service.telemetry import JsonFormatter, setup_logging
+from service.telemetry import JsonFormatter, SentCounts, setup_logging
 from service.wiring import start
 
 
@@ -166,20 +165,20 @@ async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end(start_s
     def sent(kind: str) -> float:
         return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
 
-    words = " ".join(f"w{i}" for i in range(2 * _SentCounts.every))
+    words = " ".join(f"w{i}" for i in range(2 * SentCounts.every))
     svc = await start_service([{"text": words}], runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10_000})
     before = sent("text_delta"), sent("final_response")
     stream = svc.servicer.RunAgent(pb.RunAgentRequest(message="go"), _Context())
     seen: list[str] = []
     try:
-        while len(seen) < _SentCounts.every + 1:
+        while len(seen) < SentCounts.every + 1:
             seen.append(str((await anext(stream)).WhichOneof("event")))
         # the first batch went to the counter while the stream is still going, the rest waits for its batch or end
         assert 0 < sent("text_delta") - before[0] < seen.count("text_delta")
         seen += [str(e.WhichOneof("event")) async for e in stream]
     finally:
         await stream.aclose()
-    assert sent("text_delta") - before[0] == seen.count("text_delta") > _SentCounts.every
+    assert sent("text_delta") - before[0] == seen.count("text_delta") > SentCounts.every
     assert sent("final_response") - before[1] == 1  # the stream ended: the last, partial batch is counted too
 
 
