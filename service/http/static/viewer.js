@@ -1,0 +1,490 @@
+// The run viewer: starts or opens a run and renders its events live from GET v1/runs/{id}/events.
+// fetch() streaming rather than EventSource: EventSource can send neither an Authorization header nor a POST, and
+// putting the token in the URL would leak it into logs. Resume is what EventSource does: Last-Event-ID = last seq.
+// Every model or tool text is put in the page with textContent, never innerHTML (it is untrusted).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TERMINAL = new Set(["final_response", "error"]);
+const RECONNECT_MS = [250, 500, 1000, 2000, 5000];
+
+// Protobuf JSON names fields in lowerCamelCase unless the server keeps the proto names: read either.
+const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+const get = (obj, name, fallback) => {
+  if (obj == null) return fallback;
+  const value = obj[name] !== undefined ? obj[name] : obj[camel(name)];
+  return value === undefined ? fallback : value;
+};
+const num = (value) => Number(value || 0); // uint64 fields arrive as strings
+const ms = (duration) => (duration ? Math.round(parseFloat(duration) * 1000) : 0); // "0.212s"
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function brief(value, limit = 300) {
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return text && text.length > limit ? text.slice(0, limit) + " …" : text || "";
+}
+
+// --- storage: the token and, per run, the events seen so far (so a reload redraws them and resumes after them) ---
+
+const store = {
+  token: () => sessionStorage.getItem("viewer:token") || "",
+  setToken: (t) => sessionStorage.setItem("viewer:token", t),
+  lastSeq: (runId) => num(sessionStorage.getItem(`viewer:${runId}:seq`)),
+  events(runId) {
+    try {
+      return JSON.parse(sessionStorage.getItem(`viewer:${runId}:events`) || "[]");
+    } catch {
+      return [];
+    }
+  },
+  save(runId, events, lastSeq) {
+    try {
+      sessionStorage.setItem(`viewer:${runId}:events`, JSON.stringify(events));
+      sessionStorage.setItem(`viewer:${runId}:seq`, String(lastSeq));
+    } catch {
+      // Over the storage quota: keep nothing, so a reload replays the run from its start rather than from a seq
+      // whose events it could not redraw.
+      sessionStorage.removeItem(`viewer:${runId}:events`);
+      sessionStorage.removeItem(`viewer:${runId}:seq`);
+    }
+  },
+};
+
+async function api(path, init = {}) {
+  const headers = new Headers(init.headers || {});
+  const token = store.token();
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(path, { ...init, headers });
+  if (!response.ok) throw await apiError(response);
+  return response;
+}
+
+async function apiError(response) {
+  let body = {};
+  try {
+    body = await response.json();
+  } catch {
+    // not JSON (a proxy's page): the status says enough
+  }
+  const error = new Error(`${body.code || response.status}: ${body.message || response.statusText}`);
+  error.status = response.status;
+  return error;
+}
+
+function notice(text) {
+  $("notice").textContent = text || "";
+  $("notice").hidden = !text;
+}
+
+// --- SSE over fetch: parse text/event-stream (https://html.spec.whatwg.org/#event-stream-interpretation) ---
+
+async function* sse(body, signal) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = { id: null, type: "message", data: [] };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || signal.aborted) return;
+      buffer += value;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop(); // a line still coming (a lone trailing \r is taken as an end: harmless here)
+      for (const line of lines) {
+        if (line === "") {
+          if (event.data.length) yield { id: event.id, type: event.type, data: event.data.join("\n") };
+          event = { id: null, type: "message", data: [] };
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let value = colon < 0 ? "" : line.slice(colon + 1);
+          if (value.startsWith(" ")) value = value.slice(1);
+          if (field === "data") event.data.push(value);
+          else if (field === "event") event.type = value;
+          else if (field === "id") event.id = value;
+        }
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+// --- one watched run ---
+
+class RunView {
+  constructor(runId) {
+    this.runId = runId;
+    this.events = store.events(runId);
+    this.lastSeq = this.events.length ? store.lastSeq(runId) : 0;
+    this.calls = new Map();
+    this.turnText = new Map();
+    this.ended = false;
+    this.abort = new AbortController();
+    this.reset();
+    for (const record of this.events) this.render(record);
+  }
+
+  reset() {
+    $("run").hidden = false;
+    $("run-id").textContent = this.runId;
+    for (const id of ["answer", "calls", "events", "run-model"]) $(id).replaceChildren();
+    $("final").replaceChildren();
+    $("final").hidden = true;
+    this.state("RUNNING");
+  }
+
+  state(name) {
+    $("run-state").textContent = name.toLowerCase();
+    $("run-state").className = `badge state-${name.toLowerCase()}`;
+    $("cancel").disabled = ["SUCCEEDED", "FAILED", "CANCELLED"].includes(name);
+  }
+
+  conn(text) {
+    $("conn").textContent = text;
+  }
+
+  stop() {
+    this.abort.abort();
+  }
+
+  // Follows the run until its last event, reconnecting after the last seq seen whenever the stream breaks.
+  async follow() {
+    for (let attempt = 0; !this.ended && !this.abort.signal.aborted; attempt++) {
+      try {
+        this.conn(attempt ? "reconnecting…" : "connecting…");
+        const headers = this.lastSeq ? { "Last-Event-ID": String(this.lastSeq) } : {};
+        const response = await api(`v1/runs/${encodeURIComponent(this.runId)}/events`, {
+          headers,
+          signal: this.abort.signal,
+        });
+        this.conn("live");
+        for await (const message of sse(response.body, this.abort.signal)) {
+          this.receive(message);
+          attempt = 0;
+        }
+      } catch (error) {
+        if (this.abort.signal.aborted) return;
+        if (error.status && error.status < 500 && error.status !== 429) {
+          notice(error.message); // not found, denied, bad request: trying again changes nothing
+          this.conn("");
+          return;
+        }
+      }
+      if (!this.ended) await new Promise((r) => setTimeout(r, RECONNECT_MS[Math.min(attempt, 4)]));
+    }
+    this.conn(this.ended ? "ended" : "");
+  }
+
+  receive(message) {
+    const event = JSON.parse(message.data);
+    const seq = num(get(event, "seq")) || num(message.id);
+    if (seq <= this.lastSeq) return; // already drawn (a replay overlapping what a reload restored)
+    const kind = message.type !== "message" ? message.type : Object.keys(event).find((k) => typeof event[k] === "object" && k !== "time");
+    const first = num(get(event, "first_seq")) || seq;
+    const data = get(event, kind, {});
+    const record = { seq, first, kind, time: get(event, "time"), data };
+    this.lastSeq = seq;
+    this.events.push(record);
+    store.save(this.runId, this.events, this.lastSeq);
+    this.render(record);
+  }
+
+  render(record) {
+    this.logRow(record);
+    const handler = this[`on_${record.kind}`];
+    if (handler) handler.call(this, record.data, record);
+    if (TERMINAL.has(record.kind)) {
+      this.ended = true;
+      this.conn("ended");
+    }
+  }
+
+  logRow(record) {
+    const row = el("li", `ev ev-${record.kind}`);
+    row.dataset.seq = String(record.seq);
+    row.dataset.firstSeq = String(record.first);
+    row.append(el("span", "seq", record.first < record.seq ? `${record.first}–${record.seq}` : record.seq));
+    row.append(el("span", "kind", record.kind));
+    row.append(el("span", "what", brief(record.data, 160)));
+    if (isBreaker(record.kind, record.data)) row.append(el("span", "mark breaker", "breaker"));
+    if (record.kind === "execution_failed") row.append(el("span", "mark deadletter", "dead letter"));
+    $("events").append(row);
+    $("event-count").textContent = `${this.events.length} (last seq ${record.seq})`;
+  }
+
+  // --- the event kinds ---
+
+  on_run_started(d) {
+    $("run-model").textContent = `${get(d, "model", "")} · tools: ${(get(d, "tools", []) || []).join(", ")}`;
+  }
+
+  on_thinking(d) {
+    this.turnBlock(get(d, "turn", 0), "thinking").append(document.createTextNode(get(d, "text", "")));
+  }
+
+  on_text_delta(d) {
+    this.turnBlock(get(d, "turn", 0), "text").append(document.createTextNode(get(d, "text", "")));
+  }
+
+  turnBlock(turn, part) {
+    const key = `${turn}:${part}`;
+    if (!this.turnText.has(key)) {
+      const block = el("p", `turn ${part}`);
+      block.dataset.turn = String(turn);
+      $("answer").append(block);
+      this.turnText.set(key, block);
+    }
+    return this.turnText.get(key);
+  }
+
+  call(callId, name) {
+    if (!this.calls.has(callId)) {
+      const card = el("li", "call running");
+      card.dataset.callId = callId;
+      const head = el("div", "call-head");
+      const title = el("strong", "name", name || "?");
+      const status = el("span", "badge status", "forming");
+      head.append(title, el("code", "call-id", callId), status);
+      const input = el("pre", "input");
+      const log = el("ul", "call-log");
+      card.append(head, input, log);
+      $("calls").append(card);
+      this.calls.set(callId, { card, title, status, input, log, parts: [] });
+    }
+    return this.calls.get(callId);
+  }
+
+  line(callId, className, text) {
+    const row = el("li", className, text);
+    this.call(callId).log.append(row);
+    return row;
+  }
+
+  on_tool_call(d) {
+    this.call(get(d, "call_id"), get(d, "name"));
+  }
+
+  on_tool_call_delta(d) {
+    this.call(get(d, "call_id")).input.append(document.createTextNode(get(d, "partial_json", "")));
+  }
+
+  on_tool_call_ready(d, record) {
+    const c = this.call(get(d, "call_id"), get(d, "name"));
+    c.input.textContent = JSON.stringify(get(d, "input", {}), null, 1);
+    c.status.textContent = "running";
+    c.started = record && record.time ? Date.parse(record.time) : null;
+  }
+
+  on_tool_data_part(d) {
+    const c = this.call(get(d, "call_id"));
+    c.parts.push(get(d, "json", ""));
+    this.line(get(d, "call_id"), "part", `data part ${num(get(d, "index")) + 1}/${num(get(d, "total"))}`);
+  }
+
+  on_tool_result_chunk(d) {
+    const total = get(d, "total");
+    const label = `chunk ${num(get(d, "index")) + 1}${total !== undefined ? "/" + total : ""}`;
+    this.line(get(d, "call_id"), "chunk", `${label}: ${brief(this.data(d))}`);
+  }
+
+  on_tool_retry(d) {
+    const text = `retry ${get(d, "attempt", 0)}/${get(d, "max_attempts", 0)} in ${ms(get(d, "wait"))} ms: ${get(d, "error", "")}`;
+    this.line(get(d, "call_id"), "retry", text);
+  }
+
+  on_tool_fallback(d) {
+    const c = this.call(get(d, "call_id"));
+    const row = this.line(get(d, "call_id"), "fallback", `fallback ${get(d, "primary")} → ${get(d, "fallback")}: ${get(d, "reason", "")}`);
+    if (isBreaker("tool_fallback", d)) {
+      row.append(el("span", "mark breaker", "breaker"));
+      c.card.classList.add("breaker");
+    }
+  }
+
+  on_tool_result(d) {
+    const c = this.call(get(d, "call_id"), get(d, "name"));
+    const status = String(get(d, "status", "TOOL_STATUS_OK")).replace("TOOL_STATUS_", "").toLowerCase();
+    c.card.classList.remove("running");
+    c.card.classList.add(`status-${status}`);
+    c.status.textContent = status;
+    c.status.className = `badge status status-${status}`;
+    const facts = [`${ms(get(d, "duration"))} ms`];
+    if (num(get(d, "attempts")) > 1) facts.push(`${get(d, "attempts")} attempts`);
+    if (get(d, "cache_hit")) facts.push("cached");
+    if (get(d, "answered_by")) facts.push(`answered by ${get(d, "answered_by")}`);
+    const row = this.line(get(d, "call_id"), "result", `${status} in ${facts.join(", ")}`);
+    if (status === "circuit_open") {
+      row.append(el("span", "mark breaker", "breaker open"));
+      c.card.classList.add("breaker");
+    }
+    const error = get(d, "error");
+    if (error) this.line(get(d, "call_id"), "error", error);
+    const data = this.data(d);
+    if (data !== undefined) {
+      const details = el("details", "data");
+      details.append(el("summary", null, brief(data, 120)), el("pre", null, JSON.stringify(data, null, 1)));
+      c.log.append(details);
+    }
+  }
+
+  // The data of a result or chunk: inline, or joined from the tool_data_part events just before it.
+  data(d) {
+    if (num(get(d, "data_parts")) > 0) {
+      const c = this.call(get(d, "call_id"));
+      const joined = c.parts.join("");
+      c.parts = [];
+      try {
+        return JSON.parse(joined);
+      } catch {
+        return joined;
+      }
+    }
+    return get(d, "data");
+  }
+
+  on_execution_failed(d) {
+    const c = this.call(get(d, "call_id"), get(d, "tool"));
+    const row = this.line(get(d, "call_id"), "deadletter", `dead letter ${get(d, "execution_id")}: ${get(d, "message", "")}`);
+    row.append(el("span", "mark deadletter", "dead letter"));
+    c.card.classList.add("deadletter");
+  }
+
+  on_model_retry(d) {
+    this.turnBlock(get(d, "turn", 0), "notice").textContent =
+      `model retry ${get(d, "attempt", 0)}/${get(d, "max_attempts", 0)} in ${ms(get(d, "wait"))} ms: ${get(d, "error", "")}`;
+  }
+
+  on_run_recovered(d) {
+    $("answer").append(el("p", "turn notice", `recovered from step ${get(d, "step_no")}: ${get(d, "reason", "")}`));
+  }
+
+  on_usage(d) {
+    $("run-model").dataset.tokens = `${num(get(d, "total_input_tokens"))} in / ${num(get(d, "total_output_tokens"))} out`;
+  }
+
+  on_final_response(d) {
+    const box = $("final");
+    box.className = "final ok";
+    box.replaceChildren(
+      el("h3", null, "Final answer"),
+      el("p", "final-text", get(d, "text", "")),
+      el(
+        "p",
+        "stats",
+        `${get(d, "stop_reason", "")} · ${get(d, "turns", 0)} turn(s), ${get(d, "tool_calls", 0)} tool call(s), ` +
+          `${num(get(d, "input_tokens"))} in / ${num(get(d, "output_tokens"))} out tokens, ${ms(get(d, "duration"))} ms`,
+      ),
+    );
+    box.hidden = false;
+    this.state("SUCCEEDED");
+  }
+
+  on_error(d) {
+    const box = $("final");
+    const code = get(d, "code", "UNKNOWN");
+    box.className = "final failed";
+    box.replaceChildren(el("h3", null, `Error ${code}`), el("p", null, get(d, "message", "")));
+    if (get(d, "retryable")) box.append(el("p", "stats", "retryable"));
+    box.hidden = false;
+    this.state(code === "CANCELLED" ? "CANCELLED" : "FAILED");
+  }
+}
+
+function isBreaker(kind, d) {
+  if (kind === "tool_result") return String(get(d, "status", "")).endsWith("CIRCUIT_OPEN");
+  if (kind === "tool_fallback") return /circuit/i.test(get(d, "reason", ""));
+  return false;
+}
+
+// --- the page ---
+
+let current = null;
+
+function open(runId) {
+  if (current) current.stop();
+  notice("");
+  current = runId ? new RunView(runId) : null;
+  if (!current) {
+    $("run").hidden = true;
+    return;
+  }
+  if (location.hash !== `#run=${runId}`) history.replaceState(null, "", `#run=${encodeURIComponent(runId)}`);
+  if (!current.ended) current.follow();
+}
+
+function runFromHash() {
+  const match = /^#run=(.+)$/.exec(location.hash);
+  return match ? decodeURIComponent(match[1]) : "";
+}
+
+async function loadTools() {
+  try {
+    const body = await (await api("v1/tools")).json();
+    const box = $("tools");
+    box.querySelectorAll("label").forEach((n) => n.remove());
+    for (const tool of body.tools || []) {
+      const label = el("label", "tool");
+      const box_ = el("input");
+      box_.type = "checkbox";
+      box_.value = tool.name;
+      label.title = tool.description || "";
+      label.append(box_, document.createTextNode(" " + tool.name));
+      box.append(label);
+    }
+  } catch (error) {
+    notice(`tools: ${error.message}`);
+  }
+}
+
+async function start(event) {
+  event.preventDefault();
+  const tools = [...$("tools").querySelectorAll("input:checked")].map((n) => n.value);
+  $("start").disabled = true;
+  try {
+    const response = await api("v1/runs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ message: $("message").value, tools }),
+    });
+    const body = await response.json();
+    open(get(body, "run_id"));
+  } catch (error) {
+    notice(error.message);
+  } finally {
+    $("start").disabled = false;
+  }
+}
+
+async function cancel() {
+  if (!current) return;
+  try {
+    await api(`v1/runs/${encodeURIComponent(current.runId)}:cancel`, { method: "POST" });
+  } catch (error) {
+    notice(error.message);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("token").value = store.token();
+  $("token").addEventListener("change", () => {
+    store.setToken($("token").value);
+    loadTools();
+  });
+  $("start-form").addEventListener("submit", start);
+  $("open-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    open($("open-id").value.trim());
+  });
+  $("cancel").addEventListener("click", cancel);
+  window.addEventListener("hashchange", () => {
+    if (runFromHash() !== (current && current.runId)) open(runFromHash());
+  });
+  loadTools();
+  if (runFromHash()) open(runFromHash());
+});
