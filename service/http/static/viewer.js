@@ -255,9 +255,16 @@ class RunView {
       const log = el("ul", "call-log");
       card.append(head, input, log);
       $("calls").append(card);
-      this.calls.set(callId, { card, title, status, input, log, parts: [] });
+      this.calls.set(callId, { card, head, title, status, input, log, parts: [] });
     }
     return this.calls.get(callId);
+  }
+
+  // A breaker or dead-letter mark on the call's card, once.
+  mark(c, kind, label) {
+    if (c.card.classList.contains(kind)) return;
+    c.card.classList.add(kind);
+    c.head.append(el("span", `mark ${kind}`, label));
   }
 
   line(callId, className, text) {
@@ -300,11 +307,8 @@ class RunView {
 
   on_tool_fallback(d) {
     const c = this.call(get(d, "call_id"));
-    const row = this.line(get(d, "call_id"), "fallback", `fallback ${get(d, "primary")} → ${get(d, "fallback")}: ${get(d, "reason", "")}`);
-    if (isBreaker("tool_fallback", d)) {
-      row.append(el("span", "mark breaker", "breaker"));
-      c.card.classList.add("breaker");
-    }
+    this.line(get(d, "call_id"), "fallback", `fallback ${get(d, "primary")} → ${get(d, "fallback")}: ${get(d, "reason", "")}`);
+    if (isBreaker("tool_fallback", d)) this.mark(c, "breaker", "breaker open");
   }
 
   on_tool_result(d) {
@@ -318,11 +322,8 @@ class RunView {
     if (num(get(d, "attempts")) > 1) facts.push(`${get(d, "attempts")} attempts`);
     if (get(d, "cache_hit")) facts.push("cached");
     if (get(d, "answered_by")) facts.push(`answered by ${get(d, "answered_by")}`);
-    const row = this.line(get(d, "call_id"), "result", `${status} in ${facts.join(", ")}`);
-    if (status === "circuit_open") {
-      row.append(el("span", "mark breaker", "breaker open"));
-      c.card.classList.add("breaker");
-    }
+    this.line(get(d, "call_id"), "result", `${status} in ${facts.join(", ")}`);
+    if (status === "circuit_open") this.mark(c, "breaker", "breaker open");
     const error = get(d, "error");
     if (error) this.line(get(d, "call_id"), "error", error);
     const data = this.data(d);
@@ -350,9 +351,8 @@ class RunView {
 
   on_execution_failed(d) {
     const c = this.call(get(d, "call_id"), get(d, "tool"));
-    const row = this.line(get(d, "call_id"), "deadletter", `dead letter ${get(d, "execution_id")}: ${get(d, "message", "")}`);
-    row.append(el("span", "mark deadletter", "dead letter"));
-    c.card.classList.add("deadletter");
+    this.line(get(d, "call_id"), "deadletter", `dead letter ${get(d, "execution_id")}: ${get(d, "message", "")}`);
+    this.mark(c, "deadletter", "dead letter");
   }
 
   on_model_retry(d) {
@@ -369,11 +369,13 @@ class RunView {
   }
 
   on_final_response(d) {
+    // The answer is the last turn's text, already drawn as it streamed: mark it rather than print it twice.
+    const last = this.turnText.get(`${get(d, "turns", 0)}:text`);
+    if (last && last.textContent === get(d, "text", "")) last.classList.add("final-turn");
+    else $("answer").append(el("p", "turn text final-turn", get(d, "text", "")));
     const box = $("final");
     box.className = "final ok";
     box.replaceChildren(
-      el("h3", null, "Final answer"),
-      el("p", "final-text", get(d, "text", "")),
       el(
         "p",
         "stats",
