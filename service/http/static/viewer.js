@@ -1,7 +1,7 @@
 // The run viewer: starts or opens a run and renders its events live from GET v1/runs/{id}/events.
 // fetch() streaming rather than EventSource: EventSource can send neither an Authorization header nor a POST, and
 // putting the token in the URL would leak it into logs. Resume is what EventSource does: Last-Event-ID = last seq.
-// Every model or tool text is put in the page with textContent, never innerHTML (it is untrusted).
+// Model and tool text is untrusted: it only ever goes into the page as text (textContent, text nodes).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -35,23 +35,29 @@ function brief(value, limit = 300) {
 const store = {
   token: () => sessionStorage.getItem("viewer:token") || "",
   setToken: (t) => sessionStorage.setItem("viewer:token", t),
-  lastSeq: (runId) => num(sessionStorage.getItem(`viewer:${runId}:seq`)),
+  lastSeq: (runId) => num(sessionStorage.getItem(`viewer:run:${runId}:seq`)),
   events(runId) {
     try {
-      return JSON.parse(sessionStorage.getItem(`viewer:${runId}:events`) || "[]");
+      return JSON.parse(sessionStorage.getItem(`viewer:run:${runId}:events`) || "[]");
     } catch {
       return [];
     }
   },
+  // Only the open run is kept: it is the one a reload comes back to, and the tab's storage is small (~5 MB).
+  forgetOthers(runId) {
+    for (const key of Object.keys(sessionStorage)) {
+      if (key.startsWith("viewer:run:") && !key.startsWith(`viewer:run:${runId}:`)) sessionStorage.removeItem(key);
+    }
+  },
   save(runId, events, lastSeq) {
     try {
-      sessionStorage.setItem(`viewer:${runId}:events`, JSON.stringify(events));
-      sessionStorage.setItem(`viewer:${runId}:seq`, String(lastSeq));
+      sessionStorage.setItem(`viewer:run:${runId}:events`, JSON.stringify(events));
+      sessionStorage.setItem(`viewer:run:${runId}:seq`, String(lastSeq));
     } catch {
       // Over the storage quota: keep nothing, so a reload replays the run from its start rather than from a seq
       // whose events it could not redraw.
-      sessionStorage.removeItem(`viewer:${runId}:events`);
-      sessionStorage.removeItem(`viewer:${runId}:seq`);
+      sessionStorage.removeItem(`viewer:run:${runId}:events`);
+      sessionStorage.removeItem(`viewer:run:${runId}:seq`);
     }
   },
 };
@@ -120,6 +126,7 @@ async function* sse(body, signal) {
 class RunView {
   constructor(runId) {
     this.runId = runId;
+    store.forgetOthers(runId);
     this.events = store.events(runId);
     this.lastSeq = this.events.length ? store.lastSeq(runId) : 0;
     this.calls = new Map();
@@ -187,6 +194,7 @@ class RunView {
     if (seq <= this.lastSeq) return; // already drawn (a replay overlapping what a reload restored)
     const kind = message.type !== "message" ? message.type : Object.keys(event).find((k) => typeof event[k] === "object" && k !== "time");
     const first = num(get(event, "first_seq")) || seq;
+    if (first !== this.lastSeq + 1) notice(`events ${this.lastSeq + 1}–${first - 1} of this run were not received`);
     const data = get(event, kind, {});
     const record = { seq, first, kind, time: get(event, "time"), data };
     this.lastSeq = seq;
@@ -474,10 +482,8 @@ async function cancel() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("token").value = store.token();
-  $("token").addEventListener("change", () => {
-    store.setToken($("token").value);
-    loadTools();
-  });
+  $("token").addEventListener("input", () => store.setToken($("token").value));
+  $("token").addEventListener("change", loadTools);
   $("start-form").addEventListener("submit", start);
   $("open-form").addEventListener("submit", (e) => {
     e.preventDefault();
