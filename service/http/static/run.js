@@ -58,6 +58,7 @@ export class RunView {
 
   stop() {
     this.abort.abort();
+    this.save();
   }
 
   // Follows the run until its last event, reconnecting after the last seq seen whenever the stream breaks.
@@ -99,8 +100,22 @@ export class RunView {
     const record = { seq, first, kind, time: get(event, "time"), data };
     this.lastSeq = seq;
     this.events.push(record);
-    store.save(this.runId, this.events, this.lastSeq);
     this.render(record);
+    this.saveSoon();
+  }
+
+  // Writing every event to storage would copy the whole run per event; a few times a second is enough, since the
+  // events and the last seq are saved together (a reload resumes after what was saved, whatever came since), and
+  // the page saves at once when it is left (`save`, on pagehide) or the run ends.
+  saveSoon() {
+    if (this.ended) this.save();
+    else if (!this.saveTimer) this.saveTimer = setTimeout(() => this.save(), 200);
+  }
+
+  save() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = null;
+    store.save(this.runId, this.events, this.lastSeq);
   }
 
   render(record) {

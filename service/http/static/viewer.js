@@ -78,6 +78,7 @@ document.addEventListener("DOMContentLoaded", () => {
     open($("open-id").value.trim());
   });
   $("cancel").addEventListener("click", cancel);
+  window.addEventListener("pagehide", () => current && current.save());
   window.addEventListener("hashchange", () => {
     if (runFromHash() !== (current && current.runId)) open(runFromHash());
   });
