@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The agent service image: `docker build -t agent-service:0.1.0 .`, then
-# `docker run --rm -p 50051:50051 -p 9464:9464 agent-service:0.1.0` serves the offline demo (scripted model, demo
-# database); add `-e ANTHROPIC_API_KEY=…` for Claude. See docs/operations.md.
+# `docker run --rm -p 50051:50051 -p 8080:8080 -p 9464:9464 agent-service:0.1.0` serves the offline demo (scripted
+# model, demo database) over gRPC and HTTP; add `-e ANTHROPIC_API_KEY=…` for Claude. See docs/operations.md.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Build stage: a virtualenv with the service and its dependencies (wheels only; no compiler in the final image).
@@ -27,9 +27,10 @@ ENV PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     GRPC_VERBOSITY=ERROR \
-    AGENT_DATA_DIR=/var/lib/agent
+    AGENT_DATA_DIR=/var/lib/agent \
+    AGENT_HTTP_LISTEN=0.0.0.0:8080
 USER 10001:10001
 WORKDIR /var/lib/agent
-# gRPC (with grpc.health.v1 for probes) and Prometheus /metrics: service.config.Config's defaults.
-EXPOSE 50051 9464
+# gRPC (with grpc.health.v1 for probes), the HTTP face (docs/http.md) and Prometheus /metrics.
+EXPOSE 50051 8080 9464
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "service"]

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from service import redact
+from service.events import Event
 from service.redact import Redactor
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ MODEL_TOKENS = Counter(
     "agent_model_tokens_total", "Tokens of completed model turns, as the model reported them", ["kind"]
 )  # kind: input, output; no model label: the model is the caller's to name
 EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
+# the HTTP face's requests (the gRPC face's are counted by the RPC's own status): `route` is the route's template
+HTTP_REQUESTS = Counter("agent_http_requests_total", "HTTP face requests by route and status", ["route", "status"])
 # Each worker's own loop, by `pid`: a sum means nothing, and a saturated worker must show beside an idle one.
 LOOP_LAG = Gauge(
     "agent_event_loop_lag_seconds", "How late the event loop wakes a timer (smoothed)", multiprocess_mode="liveall"
@@ -368,3 +371,27 @@ def setup_logging(level: str = "INFO", fields: Mapping[str, Any] | None = None) 
 def context_with(span: trace.Span) -> Any:
     """An OpenTelemetry context whose current span is `span`: the explicit parent for child spans."""
     return trace.set_span_in_context(span)
+
+
+class SentCounts:
+    """The events-sent counter for one stream: counted locally by event type and added to the Prometheus counter
+    every `every` events and when the stream ends, since a labelled `inc()` per event (a lock each time) was a
+    measurable share of the per-event cost."""
+
+    every = 64
+
+    def __init__(self) -> None:
+        self.counts: dict[type[Event], int] = {}
+        self.pending = 0
+
+    def add(self, kind: type[Event]) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.pending += 1
+        if self.pending >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        for kind, n in self.counts.items():
+            child(EVENTS, kind.kind).inc(n)
+        self.counts.clear()
+        self.pending = 0

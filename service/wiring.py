@@ -3,8 +3,8 @@ module builds its siblings; follow `start` to see the whole service.
 
     tools ─┐
     model ─┼─ executor (policies, audit, dead letters, redaction) ─ loop ─ registry ─┐
-           │                                                                         ├─ servicer ─ gRPC server
-    config ┴─ authenticator, caller limits ──────────────────────────────────────────┘
+           │                                                                         ├─ api ─┬─ servicer ─ gRPC server
+    config ┴─ authenticator, caller limits ──────────────────────────────────────────┘       └─ HTTP face (uvicorn)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
+from service.api import AgentApi
 from service.callers import CallerLimits
 from service.config import Config
 from service.durable.base import CheckpointStore
@@ -25,6 +26,8 @@ from service.durable.executor_id import executor_id
 from service.durable.sqlite import DEFAULT_FILE as DURABLE_FILE
 from service.durable.sqlite import SqliteCheckpointStore
 from service.executor import Executor
+from service.http.app import HttpFace
+from service.http.server import HttpServer
 from service.loop import AgentLoop
 from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
@@ -79,15 +82,17 @@ async def start(
     summaries = records.summaries if config.records.url is not None else None
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries)
     authenticator = Authenticator(config.auth)
-    servicer = AgentServicer(
+    api = AgentApi(
         registry,
         tools,
         config,
-        anonymous=authenticator.anonymous,
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
     )
+    servicer = AgentServicer(api, anonymous=authenticator.anonymous)
+    # bound before the gRPC server starts: a port in use fails the start before anything serves
+    http = HttpServer(HttpFace(api, authenticator, config).app(), config) if config.http_listen else None
     service = await start_server(
         config,
         servicer,
@@ -97,6 +102,7 @@ async def start(
         executor=executor,
         tools=tools,
         metrics=metrics,
+        http=http,
     )
     if store is not None:
         await health.attach(service.health, store.up)

@@ -243,14 +243,19 @@ def test_ports_and_probes_match_the_service_defaults(tmp_path: Path) -> None:
     grpc_port, metrics_port = port_of(Config().listen), port_of(Config().metrics_listen)
     config = config_from_configmap(tmp_path)
     assert (port_of(config.listen), port_of(config.metrics_listen)) == (grpc_port, metrics_port)
+    assert config.http_listen is not None  # the manifests turn the HTTP face on (off by default)
+    http_port = port_of(config.http_listen)
     c = container()
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+    service_ports = {p["name"]: p["port"] for p in resource("Service")["spec"]["ports"]}
+    assert service_ports == ports
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == grpc_port, probe
     service_name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
     assert c["readinessProbe"]["grpc"]["service"] == service_name
     policy_ports = {p["port"] for rule in resource("NetworkPolicy")["spec"]["ingress"] for p in rule["ports"]}
-    assert policy_ports == {grpc_port, metrics_port}
+    assert policy_ports == {grpc_port, http_port, metrics_port}
 
 
 def test_drain_fits_in_the_termination_grace_period(tmp_path: Path) -> None:
@@ -357,7 +362,8 @@ def test_dockerfile_user_is_the_deployments_non_root_user() -> None:
 
 def test_dockerfile_ports_and_entrypoint_match_the_service() -> None:
     exposed = {int(p.split("/")[0]) for p in one(final_stage(), "EXPOSE").split()}
-    assert exposed == {port_of(Config().listen), port_of(Config().metrics_listen)}
+    http = one(final_stage(), "ENV").split("AGENT_HTTP_LISTEN=")[1].split()[0]  # the image turns the HTTP face on
+    assert exposed == {port_of(Config().listen), port_of(http), port_of(Config().metrics_listen)}
     entrypoint = json.loads(one(final_stage(), "ENTRYPOINT"))  # exec form: signals reach the service (drain)
     assert entrypoint[-2:] == ["-m", "service"] and entrypoint[0].endswith("python")
     assert "service" in (ROOT / "service" / "__main__.py").read_text()

@@ -10,9 +10,9 @@ import sys
 
 import service
 
-# Above the core: the transport, the module that wires it to the core, the CLI entry, and the shim that keeps
-# `python -m service.client` working.
-TOP = ("service.rpc", "service.wiring", "service.__main__", "service.client")
+# Above the core: the transports (gRPC and HTTP), the application layer both call, the module that wires them to the
+# core, the CLI entry, and the shim that keeps `python -m service.client` working.
+TOP = ("service.rpc", "service.http", "service.api", "service.wiring", "service.__main__", "service.client")
 FORBIDDEN = ("grpc", "google.protobuf", "agent")
 
 # Imports each module in turn and reports the first one after which a forbidden package is loaded.

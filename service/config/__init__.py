@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from service.config.base import Section
 from service.config.callers import AuthConfig, CallerConfig
 from service.config.model import ModelConfig, ModelRetry, Pacing
-from service.config.server import GcConfig, KeepaliveConfig, Limits, Redaction, TlsConfig, address
+from service.config.server import GcConfig, HttpConfig, KeepaliveConfig, Limits, Redaction, TlsConfig, address
 from service.config.stores import (
     AuditConfig,
     DeadLetterConfig,
@@ -36,6 +36,7 @@ __all__ = [
     "DurableConfig",
     "ENV_VARS",
     "GcConfig",
+    "HttpConfig",
     "KeepaliveConfig",
     "Limits",
     "ModelConfig",
@@ -75,6 +76,10 @@ class Config(Section):
     health_listen: str | None = Field(
         default=None, description="extra plaintext port serving only grpc.health.v1 (probes without credentials)"
     )
+    http_listen: str | None = Field(
+        default=None, description="HTTP address HOST:PORT of the JSON and Server-Sent Events face; off when unset"
+    )
+    http: HttpConfig = HttpConfig()
     model: ModelConfig = ModelConfig()
     limits: Limits = Limits()
     keepalive: KeepaliveConfig = KeepaliveConfig()
@@ -100,7 +105,7 @@ class Config(Section):
     redaction: Redaction = Redaction()
     gc: GcConfig = GcConfig()
 
-    addresses = field_validator("listen", "metrics_listen", "health_listen")(address)
+    addresses = field_validator("listen", "metrics_listen", "health_listen", "http_listen")(address)
 
     @model_validator(mode="after")
     def _certificates_need_mutual_tls(self) -> Config:
@@ -117,6 +122,7 @@ class Config(Section):
 ENV_VARS = {
     "listen": "AGENT_LISTEN",
     "metrics_listen": "AGENT_METRICS_LISTEN",
+    "http_listen": "AGENT_HTTP_LISTEN",
     "data_dir": "AGENT_DATA_DIR",
     "workers": "AGENT_WORKERS",
     "state.url": "AGENT_STATE_URL",  # from a Secret on Kubernetes: the URL may carry a password

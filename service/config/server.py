@@ -119,6 +119,23 @@ class TlsConfig(Section):
     client_ca_file: Path | None = Field(default=None, description="enables client certificates (mutual TLS)")
 
 
+class HttpConfig(Section):
+    """The HTTP face (`http_listen`): JSON and Server-Sent Events over HTTP/1.1 (docs/http.md). It serves with
+    `tls` when that is set, asking for a client certificate without requiring one (a browser has none; such a caller
+    presents a bearer token instead)."""
+
+    heartbeat_s: float = Field(
+        default=15.0, gt=0, description="an SSE comment on a quiet stream this often, to keep proxies from closing it"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins a browser may call from (exact, e.g. https://ops.example.com); none: no CORS headers",
+    )
+    max_streams: int = Field(
+        default=10_000, ge=1, description="open HTTP connections at most; past this, new requests get 503"
+    )
+
+
 # HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one ([::]); empty for every interface (metrics).
 _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.%\w-]+\]|[\w.-]*):(\d{1,5})")
 
@@ -126,7 +143,9 @@ _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.%\w-]+\]|[\w.-]*):(\d{1,5})")
 def address(value: str | None, info: ValidationInfo) -> str | None:
     """Checked with the rest of the config: otherwise a bad address shows only when the server binds it, as a
     traceback (for metrics, after the gRPC port is taken)."""
-    if value is None or (info.field_name != "metrics_listen" and value.startswith(("unix:", "unix-abstract:"))):
+    if value is None or (
+        info.field_name not in ("metrics_listen", "http_listen") and value.startswith(("unix:", "unix-abstract:"))
+    ):
         return value  # grpc also serves on Unix domain sockets
     match = _ADDRESS.fullmatch(value)
     if match is None or int(match.group(1)) > 65535:

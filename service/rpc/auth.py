@@ -36,11 +36,16 @@ class Authenticator:
         # a certificate with SANs is named by them alone: its CN counts only when it has none (RFC 6125), or a CA
         # that checks the SANs it signs but not the CN would let any holder name itself after a configured caller
         names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
+        return self.identify_by([n.decode(errors="replace") for n in names], context.invocation_metadata() or ())
+
+    def identify_by(self, names: Sequence[str], metadata: Sequence[tuple[str, Any]]) -> Caller:
+        """The caller from what any transport can tell: the client certificate's identities (`names`, as below)
+        and the request's headers (`metadata`, lower-case names)."""
         for value in names:
-            caller = self._by_identity.get(value.decode(errors="replace"))
+            caller = self._by_identity.get(value)
             if caller is not None:
                 return Caller(caller.name, caller, "mtls")
-        token = _bearer(context.invocation_metadata() or ())
+        token = _bearer(metadata)
         if token is not None:
             digest = hashlib.sha256(token.encode()).hexdigest()
             for known, caller in self._by_token.items():
@@ -49,7 +54,7 @@ class Authenticator:
             raise Unauthenticated("the bearer token is not valid")
         if self.config.required:
             if names:
-                presented = names[0].decode(errors="replace")
+                presented = names[0]
                 raise Unauthenticated(f"the client certificate ({presented}) belongs to no configured caller")
             raise Unauthenticated("credentials required: a client certificate or an `authorization: Bearer` token")
         return self.anonymous

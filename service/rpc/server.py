@@ -24,6 +24,7 @@ from service import hardening, telemetry
 from service.aio import abandoned
 from service.config import Config, GcConfig, KeepaliveConfig, Limits
 from service.executor import Executor
+from service.http.server import HttpServer
 from service.models.base import Model
 from service.rpc.auth import server_credentials
 from service.rpc.servicer import AgentServicer
@@ -64,7 +65,12 @@ class Service:
     metrics_server: WSGIServer | None = None  # prometheus_client's, serving /metrics from its own thread
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    http: HttpServer | None = None  # the HTTP face, on this event loop (`http_listen`)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     @property
     def metrics_port(self) -> int | None:
@@ -75,7 +81,7 @@ class Service:
         a retryable error event naming each run, let the streams send it, and stop the server."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace, "active_streams": len(self.servicer.streams)})
-        self.servicer.draining = True
+        self.servicer.api.draining = True
         await self.health.enter_graceful_shutdown()
         await self.registry.shutdown(grace)
         streams = list(self.servicer.streams)
@@ -88,6 +94,8 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.http is not None:
+            await self.http.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.metrics_server is not None:
@@ -111,6 +119,7 @@ async def start_server(
     executor: Executor,
     tools: Mapping[str, Tool[Any]],
     metrics: bool = True,
+    http: HttpServer | None = None,
 ) -> Service:
     """Serve `servicer` (with health and reflection) where `config` says, and /metrics unless `metrics` is False.
     The other parts are the servicer's, handed over to be closed with the service."""
@@ -144,6 +153,8 @@ async def start_server(
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror or exc}") from exc
     await server.start()
+    if http is not None:
+        await http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -168,6 +179,7 @@ async def start_server(
         metrics_server=metrics_server,
         health_server=health_server,
         health_port=health_port,
+        http=http,
     )
 
 

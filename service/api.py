@@ -1,0 +1,159 @@
+"""The application layer both faces call (`service/rpc/` for gRPC, `service/http/` for HTTP): start, watch, cancel and
+look up runs, and list tools, for a caller the face has identified. It speaks the wire contract (protobuf requests)
+but knows no transport: a face reads its deadline, caller and request off its own protocol and hands them here, and
+raises what this raises (`service/errors.py`) into its own status mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from agent.v1 import agent_pb2 as pb
+from service.callers import Caller, CallerLimits
+from service.config import Config
+from service.deadline import run_margin_s
+from service.errors import AfterSeqOutOfRange, InvalidRequest, NotFound, RunAlreadyEnded, RunCancelled, ServerDraining
+from service.models.base import ToolSpec
+from service.rpc.validate import Validator, fingerprint
+from service.rpc.values import struct
+from service.run import Run, RunRecord, RunState
+from service.runs import RunRegistry
+from tools.base import Tool
+
+_CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
+
+
+class AgentApi:
+    """What a call may do with runs, whatever carried it. `streams` holds the tasks of every face's open streams, so
+    that a drain waits for the streams of both."""
+
+    def __init__(
+        self,
+        registry: RunRegistry,
+        tools: Mapping[str, Tool[Any]],
+        config: Config,
+        *,
+        caller_limits: CallerLimits,
+        tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
+        default_model: str,
+    ) -> None:
+        """`tool_specs`: the tools as the model sees them, by name; `default_model`: the model of a request that
+        names none."""
+        self.registry = registry
+        # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
+        self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
+        self.unavailable = {name: tool.unavailable for name, tool in tools.items() if tool.unavailable}
+        self.config = config
+        self.draining = False
+        self.streams: set[asyncio.Task[Any]] = set()
+        self.caller_limits = caller_limits
+        self.tool_specs = tool_specs
+        self.validator = Validator(config, self.tools, self.unavailable, default_model)
+
+    def list_tools(self, caller: Caller) -> list[pb.ToolInfo]:
+        allowed = [name for name in self.tools if caller.may_use(name)]
+        # the loop's specs: each tool's JSON Schema is generated once, not per call
+        return [
+            pb.ToolInfo(
+                name=spec.name,
+                description=spec.description,
+                input_schema=struct(spec.input_schema),
+                streaming=self.tools[spec.name].streaming,
+            )
+            for spec in self.tool_specs(allowed)
+        ]
+
+    async def start(
+        self, request: pb.RunAgentRequest, caller: Caller, *, remaining_s: float | None, background: bool
+    ) -> tuple[Run, bool]:
+        """Start the run `request` asks for (or find the one its idempotency key names); True when started here.
+        `remaining_s`: the time left of the call's deadline, None without one."""
+        if self.draining:
+            raise ServerDraining("the server is shutting down; retry on another replica")
+        run_id = f"run_{secrets.token_hex(12)}"  # 96 random bits; uuid4() costs 5x more
+        key = request.idempotency_key
+        digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
+        spec = self.validator.run_spec(request, run_id, caller, background=background)
+        deadline = None
+        # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
+        if remaining_s is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
+            margin = run_margin_s(remaining_s, self.config.runs.deadline_margin_s)
+            deadline = asyncio.get_running_loop().time() + remaining_s - margin
+        return await self.registry.open(
+            spec,
+            caller=caller,
+            limits=self.caller_limits,
+            key=key,
+            fingerprint=digest,
+            deadline=deadline,
+            background=background,
+        )
+
+    async def watch(self, run_id: str, caller: Caller, after_seq: int) -> Run:
+        """The run to follow after `after_seq`; OUT_OF_RANGE for a seq it has not logged."""
+        if after_seq < 0:
+            raise InvalidRequest(f"after_seq must not be negative, got {after_seq}")
+        run = await self.registry.watch(_required(run_id), caller.name, after_seq)
+        logged = len(run.log)
+        if after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
+            where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
+            raise AfterSeqOutOfRange(f"after_seq={after_seq}, but run {run.id} {where}")
+        return run
+
+    async def cancel(self, run_id: str, caller: Caller, mode: int) -> tuple[str, RunState]:
+        """Cancel a run (IMMEDIATE or AFTER_TURN, `pb.CancelRunRequest.Mode`); its id and state after."""
+        if mode not in _CANCEL_MODES:
+            raise InvalidRequest(f"unknown mode {mode}: IMMEDIATE or AFTER_TURN")
+        after_turn = mode == pb.CancelRunRequest.AFTER_TURN
+        try:
+            run = self.registry.get(_required(run_id), caller=caller.name)
+        except NotFound:
+            if self.registry.store is None:
+                raise
+            record = await self.registry.record(run_id, caller.name)  # driven by another process
+            record = await self.registry.cancel_elsewhere(record, after_turn=after_turn)
+            return record.run_id, RunState(record.state)
+        if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
+            return run.id, run.state
+        if run.finished:
+            raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
+        self.registry.cancel(run, after_turn=after_turn)
+        if not after_turn and run.task is not None:
+            # usually done within milliseconds: answer with the final state when it is there
+            await asyncio.wait([run.task], timeout=1.0)
+        return run.id, run.state
+
+    async def record(self, run_id: str, caller: Caller) -> RunRecord:
+        return await self.registry.record(_required(run_id), caller.name)
+
+    @contextlib.contextmanager
+    def streaming(self, run: Run, *, owner: bool) -> Iterator[None]:
+        """Around a face's loop over `run.follow(...)`: counts the stream for the drain, and, when the stream
+        `owner`s the run (it started it and on_disconnect is CANCEL), stops the run if the stream ends early. A
+        context manager rather than a wrapping generator: that would cost a hop per event."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams.add(task)
+        try:
+            yield
+        except BaseException as exc:
+            # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
+            # the transport waits to send an event the stream yielded (it then closes the generator, not the task).
+            # Any other exception is a bug of ours that ends the call: nobody is left to read an owned run either.
+            if owner and not run.finished:
+                left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+                why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
+                run.control.stop_now(RunCancelled(why))
+            raise
+        finally:
+            self.streams.discard(task)
+
+
+def _required(run_id: str) -> str:
+    if not run_id:
+        raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
+    return run_id

@@ -1,0 +1,207 @@
+"""The HTTP face's routes (docs/http.md): each identifies the caller, reads its request as protobuf JSON and calls the
+application layer (`service/api.py`) the gRPC servicer calls; an AgentError becomes the JSON error `status.py`
+maps. Runs stream as Server-Sent Events (`stream.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from opentelemetry import propagate, trace
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from agent.v1 import agent_pb2 as pb
+from service import telemetry
+from service.api import AgentApi
+from service.callers import Caller, bind_caller
+from service.config import Config
+from service.errors import AgentError, DeadlineExceeded, InvalidRequest
+from service.http import viewer
+from service.http.sse import message_json
+from service.http.status import error_of
+from service.http.stream import EventStream
+from service.rpc.auth import Authenticator
+from service.rpc.convert import run_state, run_to_proto
+
+PEER_NAMES = "peer_names"  # the connection's client-certificate identities, in the request's state (server.py)
+TIMEOUT_HEADERS = ("request-timeout", "x-request-timeout")  # seconds; the HTTP face's grpc-timeout
+JSON = "application/json"
+
+Handler = Callable[[Request, Caller, float | None], Awaitable[Response]]
+
+
+class HttpFace:
+    """The routes, bound to the application layer and the authenticator the composition root built."""
+
+    def __init__(
+        self,
+        api: AgentApi,
+        authenticator: Authenticator,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api = api
+        self.authenticator = authenticator
+        self.config = config
+        self.clock = clock
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/runs:stream", self._route("/v1/runs:stream", self.run_stream), methods=["POST"]),
+            Route("/v1/runs", self._route("/v1/runs", self.submit), methods=["POST"]),
+            Route("/v1/runs/{run_id}/events", self._route("/v1/runs/{run_id}/events", self.events), methods=["GET"]),
+            Route("/v1/runs/{run_id}:cancel", self._route("/v1/runs/{run_id}:cancel", self.cancel), methods=["POST"]),
+            Route("/v1/runs/{run_id}", self._route("/v1/runs/{run_id}", self.get_run), methods=["GET"]),
+            Route("/v1/tools", self._route("/v1/tools", self.list_tools), methods=["GET"]),
+            *viewer.routes(),  # the run viewer's page (docs/viewer.md): public, it calls the routes above
+        ]
+        middleware = []
+        if self.config.http.cors_origins:  # no CORS headers at all unless origins are listed
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=self.config.http.cors_origins,
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["authorization", "content-type", "last-event-id", "traceparent", *TIMEOUT_HEADERS],
+                )
+            )
+        return Starlette(routes=routes, middleware=middleware)
+
+    def _route(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """`handler` behind the face's common steps: deadline, caller, trace span, error mapping and metrics."""
+        requests = telemetry.HTTP_REQUESTS
+
+        async def serve(request: Request) -> Response:
+            try:
+                remaining = _timeout(request)
+                caller = self.identify(request)
+                with _span(request, route):
+                    response = await handler(request, caller, remaining)
+            except AgentError as exc:
+                status, body = error_of(exc.with_traceback(None))
+                response = Response(body, status, media_type=JSON)
+            telemetry.child(requests, route, str(response.status_code)).inc()
+            return response
+
+        return serve
+
+    def identify(self, request: Request) -> Caller:
+        names = request.scope.get("state", {}).get(PEER_NAMES, ())
+        metadata = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        caller = self.authenticator.identify_by(names, metadata)
+        bind_caller(caller)  # for what the run reads of its caller, as under the gRPC face
+        return caller
+
+    async def run_stream(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        message = _parse(await self._body(request), pb.RunAgentRequest())
+        run, created = await self.api.start(message, caller, remaining_s=remaining, background=False)
+        owner = created and message.on_disconnect != pb.RunAgentRequest.CONTINUE
+        return EventStream(self.api, run, 0, owner=owner, heartbeat_s=self.config.http.heartbeat_s)
+
+    async def events(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        after = request.headers.get("last-event-id") or request.query_params.get("after_seq") or "0"
+        try:
+            after_seq = int(after)
+        except ValueError:
+            raise InvalidRequest(f"Last-Event-ID or after_seq must be a seq (an integer), got {after!r}") from None
+        run = await self.api.watch(request.path_params["run_id"], caller, after_seq)
+        return EventStream(
+            self.api, run, after_seq, owner=False, heartbeat_s=self.config.http.heartbeat_s, timeout_s=remaining
+        )
+
+    async def submit(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        message = _parse(await self._body(request), pb.RunAgentRequest())
+        async with _deadline(remaining):
+            run, _ = await self.api.start(message, caller, remaining_s=None, background=True)
+        return _json(pb.SubmitRunResponse(run_id=run.id, state=run_state(run.state)))
+
+    async def get_run(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        async with _deadline(remaining):
+            return _json(run_to_proto(await self.api.record(request.path_params["run_id"], caller)))
+
+    async def cancel(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        body = await self._body(request)
+        mode = _parse(body, pb.CancelRunRequest()).mode if body.strip() else pb.CancelRunRequest.IMMEDIATE
+        async with _deadline(remaining):
+            run_id, state = await self.api.cancel(request.path_params["run_id"], caller, mode)
+        return _json(pb.CancelRunResponse(run_id=run_id, state=run_state(state)))
+
+    async def list_tools(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        return _json(pb.ListToolsResponse(tools=self.api.list_tools(caller)))
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused past the gRPC face's receive limit before more of it is read."""
+        limit = self.config.limits.max_receive_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _parse(body: bytes, message: Any) -> Any:
+    try:
+        return json_format.Parse(body or b"{}", message)
+    except json_format.ParseError as exc:
+        raise InvalidRequest(f"the body is not a {message.DESCRIPTOR.name} in protobuf JSON: {exc}") from None
+
+
+def _json(message: Message) -> Response:
+    return Response(message_json(message), media_type=JSON)
+
+
+def _timeout(request: Request) -> float | None:
+    """The call's deadline as the seconds left: `Request-Timeout` (or `X-Request-Timeout`), like gRPC's header."""
+    for name in TIMEOUT_HEADERS:
+        value = request.headers.get(name)
+        if value is not None:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not math.isfinite(seconds) or seconds <= 0:
+                raise InvalidRequest(f"{name} must be a positive number of seconds, got {value!r}")
+            return seconds
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _deadline(remaining: float | None) -> Any:
+    if remaining is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(remaining):
+            yield
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request's timeout ({remaining:g} s) passed") from None
+
+
+@contextlib.contextmanager
+def _span(request: Request, route: str) -> Iterator[None]:
+    """A server span, the child of the caller's `traceparent`, current while the handler starts the run (whose
+    span becomes its child). Nothing when tracing is off: the no-op path costs a header parse otherwise."""
+    if not telemetry.tracing_enabled():
+        yield
+        return
+    parent = propagate.extract(dict(request.headers))
+    with telemetry.tracer().start_as_current_span(
+        f"{request.method} {route}", context=parent, kind=trace.SpanKind.SERVER, attributes={"http.route": route}
+    ):
+        yield

@@ -1,0 +1,45 @@
+"""The one map from the service's errors to an HTTP response: the status that matches the error's gRPC code (as
+Google's HTTP/JSON APIs map them) and a JSON body `{code, message, details}`."""
+
+from __future__ import annotations
+
+import json
+
+from service.errors import AgentError
+
+HTTP_STATUS = {
+    "OK": 200,
+    "CANCELLED": 499,  # "client closed request", as nginx and Google's APIs use it
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+}
+MAX_MESSAGE = 2000  # characters, as the gRPC face's status details
+
+
+def http_status(code: str) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+def error_body(code: str, message: str, reason: str | None = None) -> bytes:
+    """`details` carries a `google.rpc.ErrorInfo` with the error's stable reason, as in Google's JSON errors."""
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    details = [] if reason is None else [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason}]
+    return json.dumps({"code": code, "message": message, "details": details}).encode()
+
+
+def error_of(exc: AgentError) -> tuple[int, bytes]:
+    return http_status(exc.code), error_body(exc.code, exc.message, exc.reason)
