@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, stub
 from fake_tools import policy_tools
+from service.callers import token_hash
 from service.http import viewer
 from service.rpc.server import Service
 from service.wiring import start
@@ -168,6 +169,27 @@ async def test_a_run_started_over_grpc_is_opened_by_id(
 
     await page.goto(base_url(svc) + "/#run=run_unknown")
     await expect(page.locator("#notice")).to_contain_text("NOT_FOUND", timeout=WAIT_MS)
+
+
+async def test_the_token_field_authenticates_every_call_across_a_reload(start_service: Any, page: Page) -> None:
+    callers = [{"name": "ops", "token_sha256": [token_hash("s3cret")], "tools": ["echo"]}]
+    svc = await start_service(auth={"required": True, "callers": callers}, http_listen="127.0.0.1:0")
+    sent: list[str | None] = []
+    page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+    await page.goto(base_url(svc) + "/")
+    await expect(page.locator("#notice")).to_contain_text("tools: UNAUTHENTICATED", timeout=WAIT_MS)
+
+    await page.fill("#token", "s3cret")
+    await page.locator("#token").blur()
+    await expect(page.locator("#tools label")).to_have_text(["echo"], timeout=WAIT_MS)  # this caller's tools
+    await expect(page.locator("#notice")).to_be_hidden()
+    await page.click("#start")
+    await expect(page.locator("#answer .final-turn")).to_contain_text("The answer:", timeout=WAIT_MS)
+
+    await page.reload()  # the token is kept for the tab, and the run redrawn from it without a new call
+    await expect(page.locator("#token")).to_have_value("s3cret")
+    await expect(page.locator("#answer .final-turn")).to_contain_text("The answer:", timeout=WAIT_MS)
+    assert sent[0] is None and set(sent[1:]) == {"Bearer s3cret"} and len(sent) >= 4, sent
 
 
 def test_the_page_and_its_files_are_served_with_a_strict_content_security_policy() -> None:

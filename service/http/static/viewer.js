@@ -21,20 +21,22 @@ function runFromHash() {
   return match ? decodeURIComponent(match[1]) : "";
 }
 
+// The tools this caller may use (so they change with the token); a failure here is most often a missing token.
 async function loadTools() {
+  const box = $("tools");
+  box.querySelectorAll("label").forEach((n) => n.remove());
   try {
     const body = await (await api("v1/tools")).json();
-    const box = $("tools");
-    box.querySelectorAll("label").forEach((n) => n.remove());
     for (const tool of body.tools || []) {
       const label = el("label", "tool");
-      const box_ = el("input");
-      box_.type = "checkbox";
-      box_.value = tool.name;
+      const tick = el("input");
+      tick.type = "checkbox";
+      tick.value = tool.name;
       label.title = tool.description || "";
-      label.append(box_, document.createTextNode(" " + tool.name));
+      label.append(tick, document.createTextNode(" " + tool.name));
       box.append(label);
     }
+    if ($("notice").textContent.startsWith("tools: ")) notice("");
   } catch (error) {
     notice(`tools: ${error.message}`);
   }
