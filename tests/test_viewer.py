@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -123,6 +123,29 @@ async def test_a_demo_run_is_drawn_live_and_survives_a_reload(page: Page, tmp_pa
         await svc.close()
 
 
+async def test_a_dropped_stream_is_resumed_after_the_last_seq_drawn(start_service: Any, page: Page) -> None:
+    svc = await start_service(http_listen="127.0.0.1:0")
+    asked_after: list[str | None] = []
+
+    async def drop_the_first_stream_after_five_events(route: Route) -> None:
+        asked_after.append(route.request.headers.get("last-event-id"))
+        if len(asked_after) > 1:
+            await route.continue_()
+            return
+        response = await route.fetch()  # the unpaced run ends at once, so this is the whole stream
+        frames = (await response.text()).split("\n\n")
+        await route.fulfill(response=response, body="\n\n".join(frames[:5]) + "\n\n")
+
+    await page.route("**/events", drop_the_first_stream_after_five_events)
+    await page.goto(base_url(svc) + "/")
+    await page.click("#start")
+    await expect(page.locator("#answer .final-turn")).to_contain_text("The answer:", timeout=WAIT_MS)
+    run_id = (await page.text_content("#run-id")) or ""
+    assert asked_after == [None, "5"]
+    assert_each_seq_once(await seqs_drawn(page), svc.registry.get(run_id).record().last_seq)
+
+
+SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"><b>bold</b>"
 # The first call fails twice (one retry), which opens flaky's breaker and dead-letters it; the second is refused.
 FAILING = [
@@ -169,6 +192,18 @@ async def test_a_run_started_over_grpc_is_opened_by_id(
 
     await page.goto(base_url(svc) + "/#run=run_unknown")
     await expect(page.locator("#notice")).to_contain_text("NOT_FOUND", timeout=WAIT_MS)
+
+
+async def test_cancel_run_stops_the_running_tool_and_ends_the_run(start_service: Any, page: Page) -> None:
+    svc = await start_service(SLOW, http_listen="127.0.0.1:0")
+    await page.goto(base_url(svc) + "/")
+    await page.click("#start")
+    await expect(page.locator(".call .status")).to_have_text(["running"], timeout=WAIT_MS)
+    await page.click("#cancel")
+    await expect(page.locator("#run-state")).to_have_text("cancelled", timeout=WAIT_MS)
+    await expect(page.locator(".call .status")).to_have_text(["cancelled"])
+    await expect(page.locator("#final")).to_contain_text("Error CANCELLED")
+    await expect(page.locator("#cancel")).to_be_disabled()
 
 
 async def test_the_token_field_authenticates_every_call_across_a_reload(start_service: Any, page: Page) -> None:

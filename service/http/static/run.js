@@ -128,16 +128,28 @@ export class RunView {
     }
   }
 
+  // When an event happened, from the run's first event: "+1.234 s".
+  since(time) {
+    const at = Date.parse(time);
+    if (Number.isNaN(at)) return "";
+    if (this.t0 === undefined) this.t0 = at;
+    return `+${((at - this.t0) / 1000).toFixed(3)} s`;
+  }
+
   logRow(record) {
     const row = el("li", `ev ev-${record.kind}`);
     row.dataset.seq = String(record.seq);
     row.dataset.firstSeq = String(record.first);
     row.append(el("span", "seq", record.first < record.seq ? `${record.first}–${record.seq}` : record.seq));
+    row.append(el("span", "at", this.since(record.time)));
     row.append(el("span", "kind", record.kind));
     row.append(el("span", "what", brief(record.data, 160)));
     if (isBreaker(record.kind, record.data)) row.append(el("span", "mark breaker", "breaker"));
     if (record.kind === "execution_failed") row.append(el("span", "mark deadletter", "dead letter"));
-    $("events").append(row);
+    const list = $("events");
+    const following = list.scrollTop + list.clientHeight >= list.scrollHeight - 4; // at the end: stay there
+    list.append(row);
+    if (following) list.scrollTop = list.scrollHeight;
     $("event-count").textContent = `${this.events.length} (last seq ${record.seq})`;
   }
 
