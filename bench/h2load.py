@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from agent.v1 import agent_pb2 as pb
-from bench.procs import Server
+from bench.procs import SSE_FACE, Server
 from bench.workload import Workload, timeline
 
 HINT = "install Debian's nghttp2-client (`apt-get install nghttp2-client`, or `make bench` as root does it)"
@@ -77,6 +78,10 @@ def request_file(folder: Path) -> Path:
 def command(h2load: str, server: Server, body: Path, load: Load, deadline: float, log: Path) -> list[str]:
     cmd = [h2load, "-n", str(load.streams), "-c", str(load.connections), "-m", str(load.per_connection), "-t", "1"]
     cmd += ["-T", f"{deadline:g}", "--log-file", str(log)]
+    if server.system == SSE_FACE:  # the HTTP face: POST the request in protobuf JSON
+        json_body = body.with_name("run-agent-request.json")
+        json_body.write_text(json_format.MessageToJson(REQUEST))
+        return [*cmd, "--h1", "-d", str(json_body), "-H", "content-type: application/json", server.target]
     if server.proto == "sse":
         return [*cmd, "--h1", f"{server.target}?message=hello"]
     cmd += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
@@ -175,7 +180,9 @@ def check(events: list[tuple[str, str]], workload: Workload, exact: bool) -> lis
 def validate(server: Server, body: Path, workload: Workload, exact: bool, deadline: float) -> dict[str, Any]:
     """One stream through a real client, before h2load's: the gRPC call posts `body`'s very message. Raises
     RuntimeError when the status is not OK (200 over SSE) or the events are not the workload's."""
-    if server.proto == "sse":
+    if server.system == SSE_FACE:
+        status, events, size = _face_stream(server.target, deadline)
+    elif server.proto == "sse":
         status, events, size = _sse_stream(server.target, deadline)
     else:
         status, events, size = _grpc_stream(server.target, body.read_bytes()[5:], deadline)
@@ -210,4 +217,20 @@ def _sse_stream(url: str, deadline: float) -> tuple[str, list[tuple[str, str]], 
             if line.startswith(b"data:"):
                 data = json.loads(line[5:])
                 events.append((data["kind"], data.get("text", "") if data["kind"] == "text_delta" else ""))
+        return str(resp.status), events, size
+
+
+def _face_stream(url: str, deadline: float) -> tuple[str, list[tuple[str, str]], int]:
+    """The service's HTTP face: the same request as over gRPC, events named by `event:`, data in protobuf JSON."""
+    body = json_format.MessageToJson(REQUEST).encode()
+    post = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    events, size, kind = [], 0, ""
+    with urllib.request.urlopen(post, timeout=deadline) as resp:
+        for line in resp:
+            size += len(line)
+            if line.startswith(b"event:"):
+                kind = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data = json.loads(line[5:])
+                events.append((kind, data["textDelta"].get("text", "") if kind == "text_delta" else ""))
         return str(resp.status), events, size

@@ -26,17 +26,20 @@ from bench.workload import Workload, write_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("service", "bare", "sse-async", "sse-sync")
+SSE_FACE = "service-sse"  # `port` is its HTTP port
 NAIVE = "sse-sync"  # serialises its streams: at C > 1 its runs are cut at a short deadline
 UNPACED = ("service", "service-raw", "bare")
 # Service variants: the `runs:` config each one runs with. Coalescing off makes the service send one message per
 # text delta, as the baselines do, for a like-for-like unpaced comparison.
 SERVICE_RUNS: dict[str, dict[str, Any]] = {
     "service": {},
+    "service-sse": {},  # the same service, driven through its HTTP face (`bench.sse_face`)
     "service-raw": {"coalesce_window_s": 0, "subscriber_coalesce_lag": 1_000_000},
 }
 LABELS = {
     "service": "agent service",
     "service-raw": "agent service, coalescing off",
+    "service-sse": "agent service, SSE face",
     "bare": "bare grpc.aio (limit)",
     "sse-async": "FastAPI SSE, async gen",
     "sse-sync": "FastAPI SSE, sync gen (naive)",
@@ -73,13 +76,15 @@ class Server:
 
     @property
     def target(self) -> str:
+        if self.system == SSE_FACE:
+            return f"http://127.0.0.1:{self.port}/v1/runs:stream"
         if self.system.startswith("sse"):
             return f"http://127.0.0.1:{self.port}/run"
         return f"127.0.0.1:{self.port}"
 
     @property
     def proto(self) -> str:
-        return "sse" if self.system.startswith("sse") else "grpc"
+        return "sse" if self.system.startswith("sse") or self.system == SSE_FACE else "grpc"
 
     def cpu_s(self) -> float:
         """The process's CPU time and its live children's: with `--workers` the supervisor serves nothing and its
@@ -139,12 +144,15 @@ def start(
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(workload.as_dict())
     health_port = metrics_port = None
+    http_port = free_port() if system == SSE_FACE else 0  # the server's `port` then: the face under test
     if system in SERVICE_RUNS:
         extra = dict(config or {})
         if extra.get("workers", 1) > 1:
             health_port = free_port()
             extra["health_listen"] = f"127.0.0.1:{health_port}"
         metrics_port = free_port()
+        if http_port:
+            extra["http_listen"] = f"127.0.0.1:{http_port}"
         config_path = write_service_config(workload, workdir / system, port, metrics_port, SERVICE_RUNS[system], extra)
         cmd = ["-m", "service", "--config", str(config_path), "--log-level", "WARNING"]
     elif system == "bare":
@@ -155,7 +163,7 @@ def start(
     log_path = workdir / f"{system}-{workload.kind}{f'-{start_cpu_us:g}us' if start_cpu_us else ''}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([python, *cmd], cwd=root, env=child_env(root), stdout=subprocess.DEVNULL, stderr=log)
-    server = Server(system, proc, port, log_path, health_port, metrics_port)
+    server = Server(system, proc, http_port or port, log_path, health_port, metrics_port)
     try:
         wait_ready(server, timeout)
     except BaseException:
@@ -177,8 +185,9 @@ def wait_ready(server: Server, timeout: float) -> None:
 
 def _ready(server: Server) -> bool:
     if server.proto == "sse":
+        path = "/v1/tools" if server.system == SSE_FACE else "/health"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=1) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=1) as resp:
                 return bool(resp.status == 200)
         except OSError:
             return False

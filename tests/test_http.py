@@ -280,7 +280,8 @@ async def test_mtls_identifies_the_caller_over_http_too(start_service: Any, cert
     svc = await start_http(start_service, **mtls_config(pki))
     async with tls_client(svc, pki, "risk.callers.internal") as http:
         events = await stream_all(http, "POST", "/v1/runs:stream", json={"message": "hi"})
-    assert svc.registry.get(events[0].message().run_id).caller == "risk-engine"
+    run = svc.registry.get(events[0].message().run_id)
+    assert run.caller == "risk-engine" and run.spec.metadata["caller"] == "risk-engine"  # as audit records it
     async with tls_client(svc, pki, "audit.callers.internal") as http:  # the auditor's rights: echo and sleep
         assert (await http.post("/v1/runs", json={"message": "hi", "tools": ["fail"]})).status_code == 403
     for identity in (None, "stranger.callers.internal"):  # no certificate (a browser), or nobody configured
@@ -311,3 +312,19 @@ async def test_requests_are_counted_by_route_and_status(start_service: Any) -> N
     async with client(svc) as http:
         await http.get("/v1/runs/run_nope")
     assert telemetry.HTTP_REQUESTS.labels("/v1/runs/{run_id}", "404")._value.get() == before + 1
+
+
+async def test_a_drain_ends_open_streams_with_the_runs_error_and_refuses_new_runs(start_service: Any) -> None:
+    svc = await start_http(start_service, SLOW)
+    async with client(svc) as http, http.stream("POST", "/v1/runs:stream", json={"message": "hi"}) as response:
+        events = sse_events(response)
+        async for event in events:
+            if event.event == "tool_call":
+                break
+        svc.servicer.api.draining = True
+        refused = await http.post("/v1/runs", json={"message": "hi"})
+        assert (refused.status_code, refused.json()["code"]) == (503, "UNAVAILABLE")
+        drained = asyncio.create_task(svc.drain(grace=0))
+        rest = [e async for e in events if e.comment is None]
+        await drained
+    assert rest[-1].event == "error" and rest[-1].message().error.code == "UNAVAILABLE"

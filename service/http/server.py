@@ -19,6 +19,8 @@ from service.config import Config
 from service.http.app import PEER_NAMES
 
 log = logging.getLogger(__name__)
+# uvicorn says "Started server process" and "Finished server process" at INFO: in this process they would be wrong
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 class HttpServer:
