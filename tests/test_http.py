@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import json_format
-from test_auth import SLOW, Pki, as_caller, mtls_config, two_token_callers
+from test_auth import SLOW, Pki, as_caller, code_of, mtls_config, two_token_callers
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
@@ -328,3 +328,16 @@ async def test_a_drain_ends_open_streams_with_the_runs_error_and_refuses_new_run
         rest = [e async for e in events if e.comment is None]
         await drained
     assert rest[-1].event == "error" and rest[-1].message().error.code == "UNAVAILABLE"
+
+
+async def test_a_callers_limits_hold_over_http_as_over_grpc(start_service: Any, channel_to: Any) -> None:
+    svc = await start_http(start_service, SLOW, **two_token_callers(max_concurrent_runs=1))
+    async with client(svc) as http:
+        first = await http.post("/v1/runs", json={"message": "hi"}, headers=dict(as_caller("a")))
+        assert first.status_code == 200
+        # the one run a may have, started over HTTP, counts over gRPC too, and the other way round
+        code = await code_of(stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="hi"), metadata=as_caller("a")))
+        assert code[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        second = await http.post("/v1/runs:stream", json={"message": "hi"}, headers=dict(as_caller("a")))
+        assert (second.status_code, second.json()["code"]) == (429, "RESOURCE_EXHAUSTED")
+        await http.post(f"/v1/runs/{first.json()['runId']}:cancel", headers=dict(as_caller("a")))

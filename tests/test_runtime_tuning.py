@@ -34,8 +34,7 @@ from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.convert import to_proto
 from service.rpc.interceptors import RejectUndecodable, wrap_handler
 from service.rpc.server import pending_rpc_options, tune_gc
-from service.rpc.servicer import _SentCounts
-from service.telemetry import JsonFormatter, setup_logging
+from service.telemetry import JsonFormatter, SentCounts, setup_logging
 from service.wiring import start
 
 
@@ -160,10 +159,10 @@ async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end() -> No
         return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
 
     before = sent("text_delta"), sent("usage")
-    counts = _SentCounts()
-    for _ in range(_SentCounts.every):
+    counts = SentCounts()
+    for _ in range(SentCounts.every):
         counts.add(ev.TextDelta)
-    assert sent("text_delta") == before[0] + _SentCounts.every  # a full batch is added at once
+    assert sent("text_delta") == before[0] + SentCounts.every  # a full batch is added at once
     counts.add(ev.Usage)
     assert sent("usage") == before[1]
     counts.flush()  # the stream ended

@@ -59,6 +59,7 @@ class EventStream(Response):
         self.sent = 0
         self.gone = False
         self.started = False  # the headers are sent
+        self.ended = False  # the last of the body is sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -80,6 +81,9 @@ class EventStream(Response):
     async def _body(self, body: bytes, *, more: bool = True) -> None:
         """Send `body`; the headers go with the first one, so that (as over gRPC) the first byte is the first event
         (or heartbeat), and a client's time to first byte measures the run, not the handshake."""
+        if self.ended:  # a heartbeat racing the end of the body
+            return
+        self.ended = not more
         if not self.started:
             self.started = True
             headers = [*HEADERS, (b"x-run-id", self.run.id.encode())]
