@@ -49,6 +49,9 @@ fmt: ## Format the code
 test: ## Run the tests (pytest's "no tests collected", exit 5, counts as a pass)
 	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
+screenshot: ## Rewrite docs/viewer.png: the run viewer's test in a headless chromium, keeping its screenshot
+	UPDATE_SCREENSHOT=1 $(PYTHON) -m pytest tests/test_viewer.py -k demo_run
+
 layers: ## The import contract alone: the core imports no grpc, protobuf or generated code (a test)
 	$(PYTHON) -m pytest tests/test_layers.py
 

@@ -27,6 +27,7 @@ from service.api import AgentApi
 from service.callers import Caller, bind_caller
 from service.config import Config
 from service.errors import AgentError, DeadlineExceeded, InvalidRequest
+from service.http import viewer
 from service.http.sse import message_json
 from service.http.status import error_body, error_of
 from service.http.stream import EventStream
@@ -62,7 +63,9 @@ class HttpFace:
             ("GET", "/v1/runs/{run_id}", self.get_run),
             ("GET", "/v1/tools", self.list_tools),
         ]
-        router = Router(routes=[Route(path, self._route(path, h), methods=[m]) for m, path, h in table])
+        routes = [Route(path, self._route(path, h), methods=[m]) for m, path, h in table]
+        # the run viewer's page (docs/viewer.md): public, it calls the routes above
+        router = Router(routes=[*routes, *viewer.routes()])
         if not self.config.http.cors_origins:  # no CORS headers at all unless origins are listed
             return router
         return CORSMiddleware(
