@@ -35,7 +35,7 @@ from service.errors import (
     RunInterrupted,
 )
 from service.loop import AgentLoop, RunSpec
-from service.records.summaries import RunSummary, RunSummaryStore
+from service.records.summaries import RunSummaryStore, write_summary
 from service.retention import Ended, Retention
 from service.run import Run, RunRecord, RunState
 from service.state.base import RunLookup, RunStore
@@ -344,26 +344,9 @@ class RunRegistry:
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
         if self.summaries is not None:
-            task = asyncio.create_task(self._summarize(self.summaries, run), name=f"summary {run.id}")
+            task = asyncio.create_task(write_summary(self.summaries, run), name=f"summary {run.id}")
             self._summary_writes.add(task)
             task.add_done_callback(self._summary_writes.discard)
-
-    async def _summarize(self, summaries: RunSummaryStore, run: Run) -> None:
-        record = run.record()
-        summary = RunSummary(
-            run_id=run.id,
-            caller=run.caller,
-            state=record.state,
-            last_seq=record.last_seq,
-            created_ns=record.created_ns,
-            ended_ns=record.ended_ns,
-            outcome=record.outcome,
-        )
-        try:
-            await summaries.put(summary)
-        except Exception:
-            # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
-            log.exception("run summary not written", extra={"run_id": run.id})
 
     async def shutdown(self, grace: float) -> None:
         """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and

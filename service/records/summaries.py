@@ -9,16 +9,22 @@ run ends, by the replica that drove it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service import codec
 from service import events as ev
 from service.records.sqlite import connect, storable
+
+if TYPE_CHECKING:
+    from service.run import Run
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "summaries.db"
 COLUMNS = ("run_id", "caller", "state", "last_seq", "created_ns", "ended_ns", "outcome", "trace_id")
@@ -43,6 +49,25 @@ class RunSummaryStore(Protocol):
     async def get(self, run_id: str) -> RunSummary | None: ...
 
     async def aclose(self) -> None: ...
+
+
+async def write_summary(summaries: RunSummaryStore, run: Run) -> None:
+    """An ended run's summary, for `GetRun` once the live state forgot the run; a failure is logged, not raised."""
+    record = run.record()
+    summary = RunSummary(
+        run_id=run.id,
+        caller=run.caller,
+        state=record.state,
+        last_seq=record.last_seq,
+        created_ns=record.created_ns,
+        ended_ns=record.ended_ns,
+        outcome=record.outcome,
+    )
+    try:
+        await summaries.put(summary)
+    except Exception:
+        # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
+        log.exception("run summary not written", extra={"run_id": run.id})
 
 
 def summary_row(summary: RunSummary) -> dict[str, Any]:
