@@ -120,10 +120,12 @@ async def test_the_run_ends_before_a_real_clients_deadline(
 async def test_a_short_deadline_gets_its_error_event_before_it_cuts_the_stream(
     start_service: Any, channel_to: Any
 ) -> None:
-    svc = await start_service(SLOW_TOOL)
+    # a margin of 0.3 s, not the default 50 ms: what is tested is that the run's error event comes before the cut,
+    # which a 2-core machine running the suite's other tests cannot promise within 50 ms
+    svc = await start_service(SLOW_TOOL, runs={"deadline_margin_s": 0.3})
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"), timeout=1.009)  # sent as 1.01 s
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"), timeout=3.009)  # sent as 3.01 s
     events: list[pb.AgentEvent] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for event in call:
@@ -131,4 +133,4 @@ async def test_a_short_deadline_gets_its_error_event_before_it_cuts_the_stream(
     got = loop.time()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert events[-1].error.code == "DEADLINE_EXCEEDED"
-    assert got < sent + 1.009
+    assert got < sent + 3.009
