@@ -337,14 +337,16 @@ class AgentLoop:
         journal: Journal,
         unlogged: Sequence[ToolResult] = (),
     ) -> AsyncIterator[Event]:
-        """`execute_tools` for a durable run: the intents of the unsafe calls are committed before any call starts,
-        and each result before it is passed on. A call whose intent was recorded before a crash (and no result) is
-        resumed (`Executor.resume`): run again if it is safe to repeat, else `outcome_unknown`, never sent again."""
+        """`execute_tools` for a durable run: the executor commits an unsafe call's intent before it starts (after
+        its approval), and each result is committed before it is passed on. A call whose intent was recorded before
+        a crash (and no result) is resumed (`Executor.resume`): run again if it is safe to repeat, else
+        `outcome_unknown`, never sent again."""
         for result in unlogged:  # recorded results the crash kept from the log
             yield result
         executor = self.executor
+        journal.calls_turn = turn
+        run = replace(run, journal=journal)
         cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
-        await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
         sources = [
             journal.recording(
                 turn,
