@@ -5,6 +5,7 @@ never OUTCOME_UNKNOWN; denied, it never runs. A decision recorded before the kil
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,5 +100,38 @@ async def test_a_decision_sent_to_the_restarted_process_applies(
         (result,) = of("tool_result", events)
         assert (result.call_id, result.status) == (first.call_id, status)
         assert len(fleet.executions("effect")) == runs
+    finally:
+        await fleet.stop()
+
+
+async def test_a_decision_recorded_before_the_kill_applies_without_asking_again(
+    tmp_path: Path, fake: FakeAnthropic
+) -> None:
+    """Approved on the first process, the (safe) call started and was cut off by the kill: the restarted process runs
+    it again under the recorded approval, with no new `approval_required`."""
+    fleet = fleet_asking_for("effect_safe", tmp_path, fake)
+    try:
+        fleet.hold()
+        proc, port = await fleet.start("node")
+        run_id, stream = await start_run(port)
+        (first,) = of("approval_required", await watch_until(port, run_id, asked))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = pb.ResolveApprovalRequest(run_id=run_id, call_id=first.call_id, decision=APPROVE)
+            await stub(channel).ResolveApproval(request)
+        async with asyncio.timeout(15):
+            while not fleet.executions("effect_safe"):  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.02)
+        proc.kill()
+        await proc.wait()
+        await stream
+        fleet.release()
+        _, port = await fleet.start("node")
+        events = await watch_until(port, run_id, lambda seen: False)
+        recovered = next(i for i, e in enumerate(events) if e.HasField("run_recovered"))
+        assert not of("approval_required", events[recovered:]), "a recorded decision is not asked for again"
+        assert [r.status for r in of("tool_result", events)] == [pb.TOOL_STATUS_OK]
+        assert events[-1].final_response.text == "done"
+        runs = fleet.executions("effect_safe")
+        assert len(runs) == 2 and runs[0] == runs[1]  # cut off, then again with the same idempotency key
     finally:
         await fleet.stop()
