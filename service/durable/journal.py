@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -94,6 +94,7 @@ class Journal:
         self.why = why
         self.step_no = 0
         self._turns: dict[int, m.TurnEnd] = {}
+        self._steered: dict[int, list[str]] = {}  # turn → the steering texts its request read first
         self._results: dict[str, ToolResult] = {}
         self._intents: set[str] = set()
         self._asked: dict[str, float] = {}  # call id → the deadline of its approval request
@@ -148,6 +149,7 @@ class Journal:
                 output_tokens=value["output_tokens"],
                 bad_inputs=value.get("bad_inputs", {}),
             )
+            self._steered[int(value["turn"])] = value.get("steered", [])
         elif step.kind == "tool":
             result = codec.from_dict(value["result"])
             if not isinstance(result, ToolResult):
@@ -169,6 +171,10 @@ class Journal:
     def turn(self, turn: int) -> m.TurnEnd | None:
         """The recorded end of model turn `turn`, or None when it must be requested (again)."""
         return self._turns.get(turn)
+
+    def steered(self, turn: int) -> list[str]:
+        """The steering texts the request of recorded turn `turn` read (added to the history before it)."""
+        return self._steered.get(turn, [])
 
     def result(self, call_id: str) -> ToolResult | None:
         """The recorded result of a call: it is not run again, and nothing of it is sent again."""
@@ -214,7 +220,8 @@ class Journal:
             await _written(functools.partial(self.store.begin, self.run))
             self.recorded = True
 
-    async def turn_ended(self, turn: int, end: m.TurnEnd) -> None:
+    async def turn_ended(self, turn: int, end: m.TurnEnd, steered: Sequence[str] = ()) -> None:
+        """Record model turn `turn`, with the steering texts its request read first (`steered`)."""
         value = {
             "v": FORMAT,
             "turn": turn,
@@ -223,9 +230,11 @@ class Journal:
             "input_tokens": end.input_tokens,
             "output_tokens": end.output_tokens,
             "bad_inputs": end.bad_inputs,
+            "steered": list(steered),
         }
         await self._put("turn", f"turn:{turn}", value)
         self._turns[turn] = end
+        self._steered[turn] = list(steered)
 
     async def intend(self, call: ToolCallRequest) -> None:
         """Record the intent of `call`, an unsafe call about to start (after its approval, if it needed one);
