@@ -87,7 +87,9 @@ async def decided_after_restart(fleet: Fleet, decision: Any) -> tuple[list[pb.Ag
 
 
 @pytest.mark.parametrize(
-    ("decision", "status", "runs"), [(APPROVE, pb.TOOL_STATUS_OK, 1), (DENY, pb.TOOL_STATUS_DENIED, 0)], ids=str
+    ("decision", "status", "runs"),
+    [(APPROVE, pb.TOOL_STATUS_OK, 1), (DENY, pb.TOOL_STATUS_DENIED, 0)],
+    ids=["approve", "deny"],
 )
 async def test_a_decision_sent_to_the_restarted_process_applies(
     tmp_path: Path, fake: FakeAnthropic, decision: Any, status: Any, runs: int
