@@ -4,9 +4,9 @@ configured approvers), and what happens meanwhile. The call waits on a future of
 nobody deciding within `timeout_s` denies it. The model reads a denial as the call's result ("denied by <who>:
 <reason>"). Every request and decision is audited with the identity that made it.
 
-A waiting approval is one durable step in the making (docs/interactive.md): its request is an event in the log, its
-decision a message to the run; a durable run would checkpoint the request and replay a recorded decision instead of
-waiting again.
+In a durable run the request (with its deadline) and the decision are checkpoints of the run's journal: a run resumed
+after a restart asks again with the original deadline, or applies a recorded decision without asking
+(docs/interactive.md, Durability).
 """
 
 from __future__ import annotations
@@ -171,7 +171,53 @@ class Approvals:
         reason = self.reason(call.name, document, caller)
         if reason is None or inbox is None:
             return
-        deadline = self.clock() + self.config.timeout_s
+        journal = run.journal
+        decision = None if journal is None else journal.decided(call.call_id)
+        if decision is None:
+            async for step in self._wait(call, tool, run, inbox, document, reason):
+                if isinstance(step, Decision):
+                    decision = step
+                else:
+                    yield step
+            assert decision is not None
+            if journal is not None:
+                await journal.decide(call.call_id, decision)  # before anyone hears of it, or the call goes on
+            announce = True
+        else:  # decided before a restart: applied again, nobody is asked again (its event resent if the crash lost it)
+            announce = journal is not None and journal.unlogged(f"decided:{call.call_id}")
+        edited = decision.edited_input
+        if announce:
+            APPROVALS.labels(call.name, _label(decision)).inc()
+            status = "approved" if decision.approved else "denied"
+            self._audit(run, call, edited or document, status, decision.by, decision.reason)
+            yield ApprovalDecided(
+                call_id=call.call_id,
+                approved=decision.approved,
+                decided_by=decision.by,
+                reason=decision.reason,
+                edited_input=edited,
+            )
+        if not decision.approved:
+            why = f"denied by {decision.by}" + (f": {decision.reason}" if decision.reason else "")
+            yield Outcome(S.DENIED, error=why, attempts=0)
+        elif edited is not None:
+            yield Approved(ToolCallRequest(call_id=call.call_id, name=call.name, input=edited), tool.validate(edited))
+        else:
+            yield Approved(call, args)
+
+    async def _wait(
+        self, call: ToolCallRequest, tool: Tool[Any], run: RunContext, inbox: Inbox, document: Any, reason: str
+    ) -> AsyncIterator[Event | Decision]:
+        """`ApprovalRequired`, then the `Decision` (a timeout's at the deadline). In a durable run the request and
+        its deadline are committed before the wait, and a wait resumed after a restart asks again with the recorded
+        deadline: it keeps counting from the first request."""
+        caller = run.metadata.get("caller", "")
+        journal = run.journal
+        deadline = None if journal is None else journal.asked(call.call_id)
+        if deadline is None:
+            deadline = self.clock() + self.config.timeout_s
+            if journal is not None:
+                await journal.ask(call.call_id, deadline)
         future = inbox.expect(call.call_id, refuse=self.refuse(caller), validate=tool.validate)
         asked = time.monotonic()
         self._audit(run, call, document, "approval_required", caller, reason)
@@ -184,30 +230,13 @@ class Approvals:
             approvers=self.may_decide(caller),
         )
         try:
-            decision = await asyncio.wait_for(future, self.config.timeout_s)
+            decision = await asyncio.wait_for(future, max(0.0, deadline - self.clock()))
         except TimeoutError:
             decision = Decision(False, TIMEOUT, f"nobody decided within {self.config.timeout_s:g} s")
         finally:
             inbox.settled(call.call_id, TIMEOUT)  # a no-op once decided
         APPROVAL_WAIT.observe(time.monotonic() - asked)
-        APPROVALS.labels(call.name, _label(decision)).inc()
-        edited = decision.edited_input
-        status = "approved" if decision.approved else "denied"
-        self._audit(run, call, edited or document, status, decision.by, decision.reason)
-        yield ApprovalDecided(
-            call_id=call.call_id,
-            approved=decision.approved,
-            decided_by=decision.by,
-            reason=decision.reason,
-            edited_input=edited,
-        )
-        if not decision.approved:
-            why = f"denied by {decision.by}" + (f": {decision.reason}" if decision.reason else "")
-            yield Outcome(S.DENIED, error=why, attempts=0)
-        elif edited is not None:
-            yield Approved(ToolCallRequest(call_id=call.call_id, name=call.name, input=edited), tool.validate(edited))
-        else:
-            yield Approved(call, args)
+        yield decision
 
     def _audit(self, run: RunContext, call: ToolCallRequest, document: Any, status: str, who: str, why: str) -> None:
         if self.audit is None:

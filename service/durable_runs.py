@@ -29,7 +29,7 @@ from service.control import RunControl
 from service.durable.base import CheckpointStore, DurableRun, ExecutorIdInUse
 from service.durable.journal import Journal
 from service.errors import RecordsUnavailable, RunHandedOver
-from service.events import Event, ToolResult, Usage
+from service.events import ApprovalDecided, Event, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
@@ -44,11 +44,14 @@ DRAINED = "was handed over: the server driving it is shutting down"
 
 
 def _step_key(event: Event) -> str | None:
-    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`."""
+    """The key of the step an event of the log stands for (Step.key): a turn's `usage`, a call's `tool_result`, an
+    approval's `approval_decided`."""
     if type(event) is Usage:
         return f"turn:{event.turn}"
     if type(event) is ToolResult:
         return f"call:{event.call_id}"
+    if type(event) is ApprovalDecided:
+        return f"decided:{event.call_id}"
     return None
 
 

@@ -145,6 +145,8 @@ class Executor:
                         else:
                             yield step
                 outcome = denied or Outcome(S.ERROR)
+                if denied is None and run.journal is not None and not self.repeat_safe(call):
+                    await run.journal.intend(call)  # after its approval: a crash while it waited is no unknown outcome
                 if denied is None:
                     async for item in self.pipelines[tool.name].run(call, run, args, record, self.sleep):
                         if isinstance(item, Outcome):

@@ -46,6 +46,7 @@ from service.turns import (
     counted,
     not_run,
     steer,
+    steered,
     stop_if_asked,
     tool_calls_of,
     tool_result_block,
@@ -202,7 +203,7 @@ class AgentLoop:
         for turn in range(1, spec.max_turns + 1):
             end = None if journal is None else journal.turn(turn)
             if end is None:
-                steer(state, control.inbox)
+                texts = steer(state, control.inbox)
                 request = m.TurnRequest(
                     model=spec.model,
                     system=spec.system,
@@ -219,13 +220,16 @@ class AgentLoop:
                         yield event
                 assert end is not None, "a model turn ends with TurnEnd"
                 if journal is not None:
-                    await journal.turn_ended(turn, end)
+                    await journal.turn_ended(turn, end, texts)
                 yield counted(turn, end, totals)
-            elif journal is not None and journal.unlogged(f"turn:{turn}"):
-                yield counted(turn, end, totals)  # recorded, but its `usage` never reached the log: sent now
-            else:  # recorded before a crash: not requested again, and its events are in the log already
-                totals.input_tokens += end.input_tokens
-                totals.output_tokens += end.output_tokens
+            else:  # recorded before a crash: not requested again; the steering its request read goes in again
+                assert journal is not None
+                steered(state, journal.steered(turn))
+                if journal.unlogged(f"turn:{turn}"):
+                    yield counted(turn, end, totals)  # recorded, but its `usage` never reached the log: sent now
+                else:  # its events are in the log already
+                    totals.input_tokens += end.input_tokens
+                    totals.output_tokens += end.output_tokens
             answer = state.record(end)
             if state.paused:
                 # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
@@ -337,14 +341,16 @@ class AgentLoop:
         journal: Journal,
         unlogged: Sequence[ToolResult] = (),
     ) -> AsyncIterator[Event]:
-        """`execute_tools` for a durable run: the intents of the unsafe calls are committed before any call starts,
-        and each result before it is passed on. A call whose intent was recorded before a crash (and no result) is
-        resumed (`Executor.resume`): run again if it is safe to repeat, else `outcome_unknown`, never sent again."""
+        """`execute_tools` for a durable run: the executor commits an unsafe call's intent before it starts (after
+        its approval), and each result is committed before it is passed on. A call whose intent was recorded before
+        a crash (and no result) is resumed (`Executor.resume`): run again if it is safe to repeat, else
+        `outcome_unknown`, never sent again."""
         for result in unlogged:  # recorded results the crash kept from the log
             yield result
         executor = self.executor
+        journal.calls_turn = turn
+        run = replace(run, journal=journal)
         cut_off = {c.call_id for c in calls if journal.intended(c.call_id)}
-        await journal.intend(turn, [c for c in calls if c.call_id not in cut_off and not executor.repeat_safe(c)])
         sources = [
             journal.recording(
                 turn,

@@ -59,13 +59,20 @@ class LoopState:
         return content
 
 
-def steer(state: LoopState, inbox: Inbox) -> None:
-    """Steering texts due now (`Inbox.take_inputs`), as the user's words before the next model request: added to
-    the last user message (after its tool results), or a user message of their own after the model's."""
-    texts = inbox.take_inputs(asap_only=state.paused)
+def steer(state: LoopState, inbox: Inbox) -> list[str]:
+    """Steering texts due now (`Inbox.take_inputs`), as the user's words before the next model request (`steered`).
+    Returns them (a durable run records them with the turn, and replays them with it)."""
+    texts = [s.text for s in inbox.take_inputs(asap_only=state.paused)]
+    steered(state, texts)
+    return texts
+
+
+def steered(state: LoopState, texts: list[str]) -> None:
+    """`texts` added to the last user message (after its tool results), or a user message of their own after the
+    model's."""
     if not texts:
         return
-    blocks = [{"type": "text", "text": s.text} for s in texts]
+    blocks = [{"type": "text", "text": text} for text in texts]
     last = state.history[-1]
     if last["role"] == "user":  # a new message in its place: requests already made share the old one
         state.history[-1] = {**last, "content": [*last["content"], *blocks]}

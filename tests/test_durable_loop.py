@@ -21,6 +21,7 @@ from service.durable.base import DurableRun, Step, TakenOver
 from service.durable.journal import FORMAT, Journal
 from service.errors import RunCancelled
 from service.executor import Executor
+from service.interact import Steer
 from service.loop import AgentLoop, RunSpec
 from service.models.scripted import Scenario, ScriptedModel
 from service.records.deadletter import DeadLetterStore
@@ -232,7 +233,7 @@ async def test_a_run_replayed_after_a_crash_repeats_nothing_recorded(tmp_path: P
     await second.aclose()
 
 
-async def test_parallel_unsafe_calls_are_all_intended_before_any_starts(tmp_path: Path) -> None:
+async def test_parallel_unsafe_calls_are_each_intended_before_it_starts(tmp_path: Path) -> None:
     ledger = Ledger()
     proc = Process(ledger, "p1", tmp_path)
     proc.model.scenario = Scenario.model_validate(
@@ -269,11 +270,15 @@ async def test_a_run_taken_over_stops_at_once_and_says_nothing_more(tmp_path: Pa
     with pytest.raises(TakenOver):
         async for event in proc.loop.run(spec, journal=proc.journal(spec)):
             seen.append(event)
-    assert not any(isinstance(e, ev.ToolResult | ev.FinalResponse | ev.RunFailed) for e in seen)
+    # `look` (safe, no intent to wait for) may have ended before the takeover; nothing of `pay` or the run after it
+    assert not any(isinstance(e, ev.FinalResponse | ev.RunFailed) for e in seen)
+    assert not any(isinstance(e, ev.ToolResult) and e.name == "pay" for e in seen)
     assert len(proc.model.requests) == 1
     run = ledger.load(RUN)
     assert run is not None and run.owner == "p2" and run.state == "running"
-    assert [s.kind for s in run.steps] == ["turn", "intent"]  # nothing of p1's after the claim
+    assert [s.kind for s in run.steps][:2] == ["turn", "intent"]
+    paid = run.steps[1].key
+    assert [s.kind for s in run.steps if s.key == paid] == ["intent"]  # nothing of p1's after the claim
     await proc.aclose()
 
 
@@ -401,5 +406,31 @@ async def test_recorded_steps_whose_events_never_reached_the_log_are_sent_not_do
     done = {texts[key.partition(":")[2]] for key in recorded_keys if key.startswith("call:")}
     assert not done & set(second.pay.runs + second.look.runs)  # no recorded call run again
     assert final(events).turns == 3
+    await first.aclose()
+    await second.aclose()
+
+
+@pytest.mark.parametrize("recorded", [1, 5])
+async def test_steering_read_before_a_crash_is_in_the_resumed_runs_history(tmp_path: Path, recorded: int) -> None:
+    """A text sent before turn 1 is recorded with that turn: the process that continues the run after turn 1 (or
+    turn 2) asks the model with the very history the first one would have (the text in it, once)."""
+    ledger = Ledger()
+    first = Process(ledger, "p1", tmp_path)
+    spec = make_spec()
+    control = RunControl()
+    control.inbox.emit = lambda event: None  # no registry logs its input_received here
+    control.inbox.send(Steer(text="only pay in euros", when="ASAP", by="alice"))
+    events = [e async for e in first.loop.run(spec, control, journal=first.journal(spec))]
+    assert final(events).turns == 3
+    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")
+    second = Process(ledger, "p2", tmp_path)
+    claimed = second.store.claim(RUN, first=recorded)
+    assert claimed.steps[-1].kind == "turn" and claimed.steps[0].value["steered"] == ["only pay in euros"]
+    await second.collect(spec, Journal.resume(second.store, claimed), announce=False)
+    asked = len(first.model.requests) - len(second.model.requests)
+    # its first request (later ones hold tool_use ids the second model made up anew)
+    assert second.model.requests[0].messages == first.model.requests[asked].messages
+    said = [b["text"] for msg in second.model.requests[0].messages for b in msg["content"] if b["type"] == "text"]
+    assert said.count("only pay in euros") == 1
     await first.aclose()
     await second.aclose()

@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-StepKind = Literal["turn", "tool", "intent"]
+StepKind = Literal["turn", "tool", "intent", "asked", "decided"]
 """`turn`: a model turn's result (its TurnEnd: content blocks, stop reason, usage) — never requested again once
 recorded. `tool`: a tool call's result (the ToolResult as the model gets it) — never run again. `intent`: written and
 committed before an unsafe tool call starts; an intent with no `tool` step after it means the call may have happened
-(OUTCOME_UNKNOWN on recovery)."""
+(OUTCOME_UNKNOWN on recovery). `asked`: a call's approval was requested (with its deadline), before the run waits
+for it; `decided`: its decision, before the call goes on (docs/interactive.md, Durability)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

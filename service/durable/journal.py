@@ -1,7 +1,8 @@
 """One durable run's checkpoints, as the agent loop writes and replays them (decision 0001, consequences 4 and 5).
 
-The loop records three kinds of step (`service/durable/base.py`): a model turn once it has ended, a tool call once it
-has its result, and, before a call that is not safe to repeat starts, the intent to make it. A process that takes
+The loop records these steps (`service/durable/base.py`): a model turn once it has ended, a tool call once it has
+its result, a call's approval request and its decision (`service/approvals.py`), and, before a call that is not
+safe to repeat starts (after its approval), the intent to make it. A process that takes
 over a run builds a `Journal` from the steps the run recorded, and the loop asks it on its way through again: the
 `TurnEnd` of a recorded turn (the model is not asked again), the result of a recorded call (the call is not run
 again, and none of its events is sent again), and whether a call with no result was intended (it may have happened).
@@ -23,6 +24,7 @@ from tenacity import wait_exponential_jitter as backoff
 from service import codec
 from service.durable.base import CheckpointStore, DurableRun, Step, StepKind, TakenOver
 from service.events import Event, RunRecovered, ToolResult
+from service.interact import Decision
 from service.models import base as m
 from service.policy.call import ToolCallRequest
 
@@ -92,8 +94,12 @@ class Journal:
         self.why = why
         self.step_no = 0
         self._turns: dict[int, m.TurnEnd] = {}
+        self._steered: dict[int, list[str]] = {}  # turn → the steering texts its request read first
         self._results: dict[str, ToolResult] = {}
         self._intents: set[str] = set()
+        self._asked: dict[str, float] = {}  # call id → the deadline of its approval request
+        self._decided: dict[str, Decision] = {}
+        self.calls_turn = 0  # the turn whose tool calls run now (`execute_durably`), for their intents
         self._last: Step | None = None
         for step in run.steps:
             self._replay(step)
@@ -143,6 +149,7 @@ class Journal:
                 output_tokens=value["output_tokens"],
                 bad_inputs=value.get("bad_inputs", {}),
             )
+            self._steered[int(value["turn"])] = value.get("steered", [])
         elif step.kind == "tool":
             result = codec.from_dict(value["result"])
             if not isinstance(result, ToolResult):
@@ -150,6 +157,12 @@ class Journal:
             self._results[result.call_id] = result
         elif step.kind == "intent":
             self._intents.add(value["call_id"])
+        elif step.kind == "asked":
+            self._asked[value["call_id"]] = float(value["deadline"])
+        elif step.kind == "decided":
+            self._decided[value["call_id"]] = Decision(
+                approved=value["approved"], by=value["by"], reason=value["reason"], edited_input=value["edited_input"]
+            )
         else:
             raise ValueError(f"step {step.step_no} of run {step.run_id} is of an unknown kind {step.kind!r}")
 
@@ -158,6 +171,10 @@ class Journal:
     def turn(self, turn: int) -> m.TurnEnd | None:
         """The recorded end of model turn `turn`, or None when it must be requested (again)."""
         return self._turns.get(turn)
+
+    def steered(self, turn: int) -> list[str]:
+        """The steering texts the request of recorded turn `turn` read (added to the history before it)."""
+        return self._steered.get(turn, [])
 
     def result(self, call_id: str) -> ToolResult | None:
         """The recorded result of a call: it is not run again, and nothing of it is sent again."""
@@ -172,6 +189,14 @@ class Journal:
     def intended(self, call_id: str) -> bool:
         """Whether an unsafe call's intent was recorded: with no result, it may have happened."""
         return call_id in self._intents
+
+    def asked(self, call_id: str) -> float | None:
+        """The deadline of a call's recorded approval request (a wait resumed keeps it), or None."""
+        return self._asked.get(call_id)
+
+    def decided(self, call_id: str) -> Decision | None:
+        """A call's recorded approval decision: applied again on the way through, nobody is asked again."""
+        return self._decided.get(call_id)
 
     async def open(self) -> RunRecovered | None:
         """A new run: recorded as this process's, before its first model turn. A resumed one: the `RunRecovered`
@@ -195,7 +220,8 @@ class Journal:
             await _written(functools.partial(self.store.begin, self.run))
             self.recorded = True
 
-    async def turn_ended(self, turn: int, end: m.TurnEnd) -> None:
+    async def turn_ended(self, turn: int, end: m.TurnEnd, steered: Sequence[str] = ()) -> None:
+        """Record model turn `turn`, with the steering texts its request read first (`steered`)."""
         value = {
             "v": FORMAT,
             "turn": turn,
@@ -204,16 +230,36 @@ class Journal:
             "input_tokens": end.input_tokens,
             "output_tokens": end.output_tokens,
             "bad_inputs": end.bad_inputs,
+            "steered": list(steered),
         }
         await self._put("turn", f"turn:{turn}", value)
         self._turns[turn] = end
+        self._steered[turn] = list(steered)
 
-    async def intend(self, turn: int, calls: Sequence[ToolCallRequest]) -> None:
-        """Record the intents of `calls` (unsafe calls about to start); returns once all are committed."""
-        for call in calls:
-            value = {"v": FORMAT, "turn": turn, "call_id": call.call_id, "name": call.name, "input": call.input}
-            await self._put("intent", f"call:{call.call_id}", value)
-            self._intents.add(call.call_id)
+    async def intend(self, call: ToolCallRequest) -> None:
+        """Record the intent of `call`, an unsafe call about to start (after its approval, if it needed one);
+        returns once committed."""
+        value = {"v": FORMAT, "turn": self.calls_turn, "call_id": call.call_id, "name": call.name, "input": call.input}
+        await self._put("intent", f"call:{call.call_id}", value)
+        self._intents.add(call.call_id)
+
+    async def ask(self, call_id: str, deadline: float) -> None:
+        """Record that `call_id` waits for approval until `deadline` (wall clock), before the wait starts."""
+        await self._put("asked", f"asked:{call_id}", {"v": FORMAT, "call_id": call_id, "deadline": deadline})
+        self._asked[call_id] = deadline
+
+    async def decide(self, call_id: str, decision: Decision) -> None:
+        """Record the decision on `call_id` (a timeout's too), before the call goes on or is denied."""
+        value = {
+            "v": FORMAT,
+            "call_id": call_id,
+            "approved": decision.approved,
+            "by": decision.by,
+            "reason": decision.reason,
+            "edited_input": decision.edited_input,
+        }
+        await self._put("decided", f"decided:{call_id}", value)
+        self._decided[call_id] = decision
 
     async def recording(self, turn: int, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         """A call's events, its result recorded (committed) before it is passed on: a result the caller has seen is

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 
 if TYPE_CHECKING:
+    from service.durable.journal import Journal
     from service.interact import Inbox
 
 
@@ -24,6 +25,7 @@ class RunContext:
     trace_context: otel_context.Context | None = None  # the run's span: parent of every tool_call span
     remaining: Callable[[], float | None] | None = None  # seconds to the run's deadline (None: no deadline)
     inbox: Inbox | None = None  # approvals, steering and tool cancels from outside (service/interact.py)
+    journal: Journal | None = None  # a durable run's checkpoints: its approvals and unsafe calls' intents
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
