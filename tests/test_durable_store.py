@@ -9,8 +9,10 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,6 +428,23 @@ def test_executor_id_is_kept_in_data_dir_and_can_be_set(tmp_path: Path) -> None:
     assert executor_id(tmp_path / "var", "agent-0") == "agent-0"
     with pytest.raises(ValueError):
         executor_id(tmp_path / "var", "has space")
+
+
+def test_workers_starting_together_on_a_new_data_dir_share_one_whole_id(tmp_path: Path) -> None:
+    # --workers N starts N processes at once on one data_dir: none may read the kept id before it is written whole
+    # (an O_EXCL create then write once showed a peer the empty file, and that worker refused to start).
+    for attempt in range(40):
+        data_dir = tmp_path / f"var{attempt}"
+        start = threading.Barrier(8)
+
+        def one() -> str:
+            start.wait()
+            return executor_id(data_dir)
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda _: one(), range(8)))
+        assert len(set(ids)) == 1 and ids[0], ids
+        assert sorted(p.name for p in data_dir.iterdir()) == ["executor_id"]  # no drafts left behind
 
 
 def test_the_composition_root_picks_the_store_from_records_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,10 +33,16 @@ def _kept(data_dir: Path) -> str:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
     made = f"{host}-{secrets.token_hex(4)}"
-    try:  # O_EXCL: of two processes starting together on one data_dir, both end up with the first one's id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole to a private name, then linked into place: link() fails if the name exists, so of two processes
+    # starting together on one data_dir both end up with the first one's id, and neither can read a half-written file
+    # (an O_EXCL create is visible, empty, before its write lands: a peer once read '' there).
+    draft = data_dir / f".{FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(made + "\n")
+    try:
+        os.link(draft, path)
     except FileExistsError:
         return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(made + "\n")
+    finally:
+        draft.unlink()
     return made
