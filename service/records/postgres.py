@@ -146,6 +146,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "the durable queue of SubmitRun runs",
+        """
+        CREATE SEQUENCE durable_queue_seq;
+        ALTER TABLE durable_runs ADD COLUMN queue_seq BIGINT;
+        CREATE INDEX durable_runs_queued ON durable_runs (queue_seq) WHERE state = 'queued';
+        """,
+    ),
 )
 
 
