@@ -49,7 +49,8 @@ async def fleet(
     fleet = Fleet(
         tmp_path,
         fake,
-        state={"url": redis_ns.url, "prefix": redis_ns.prefix},
+        # a short lease: a watcher of a queued run (no process holds it) must not take it for a dead one's
+        state={"url": redis_ns.url, "prefix": redis_ns.prefix, "lease_s": 1, "probe_s": 0.3, "read_block_s": 0.5},
         records={"url": postgres_schema.url},
         runs=ONE_SLOT,
         durable=DURABLE,
@@ -123,9 +124,14 @@ async def test_runs_queue_fleet_wide_show_positions_spread_and_cancel(
     assert cancelled.state == pb.Run.CANCELLED
     after = await get(port_a, ids[2:])
     assert [(r.state, r.queue_position) for r in after] == [(pb.Run.CANCELLED, 0), (pb.Run.QUEUED, 1)]
+    watcher = asyncio.create_task(watch(port_b, ids[3]))  # from the replica that did not take it, while queued
+    await asyncio.sleep(2)  # past the lease the submitting replica took for it (real time, in the servers)
+    assert not watcher.done()
     fleet.release()
     final = await until_ended(port_b, ids)
     assert [r.state for r in final] == [pb.Run.SUCCEEDED, pb.Run.SUCCEEDED, pb.Run.CANCELLED, pb.Run.SUCCEEDED]
+    watched = await asyncio.wait_for(watcher, 30)
+    assert watched[0].HasField("run_started") and watched[-1].final_response.text == "done"
     assert ids[2] not in runs_started(fleet)  # never started: no tool call, no model request
     assert len(fleet.fake.requests) == 6
     log: list[pb.AgentEvent] = []
