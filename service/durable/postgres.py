@@ -94,12 +94,16 @@ RETURNING run_id
 # is exact (concurrent inserts would each count the others out); claims use the database's own queue primitive, FOR
 # UPDATE SKIP LOCKED, so two processes never claim one run and neither waits for the other.
 _QUEUE_KEY = "hashtextextended(current_schema() || '.agent-durable-queue', 0)"
+# the NOTIFY in the same statement, only for a row inserted (delivered at the commit)
 _ENQUEUE = """
-INSERT INTO durable_runs (run_id, owner, state, caller, background, request, queue_seq)
-SELECT %s, '', 'queued', %s, true, %s, nextval('durable_queue_seq')
-WHERE (SELECT count(*) FROM durable_runs WHERE state = 'queued') < %s
-ON CONFLICT (run_id) DO NOTHING
-RETURNING run_id
+WITH ins AS (
+    INSERT INTO durable_runs (run_id, owner, state, caller, background, request, queue_seq)
+    SELECT %s, '', 'queued', %s, true, %s, nextval('durable_queue_seq')
+    WHERE (SELECT count(*) FROM durable_runs WHERE state = 'queued') < %s
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id
+)
+SELECT pg_notify(%s, %s) FROM ins
 """
 _CLAIM_QUEUED = """
 UPDATE durable_runs d SET owner = %s, state = 'running', updated = now()
@@ -196,13 +200,12 @@ class PgCheckpointStore(BatchingStore):
     async def enqueue(self, run: DurableRun, *, limit: int) -> bool:
         async with self._control_lock:
             conn = await self._control_conn()
-            async with conn.transaction():
+            # one round trip: BEGIN, the lock, the insert and COMMIT pipelined (half the CPU of four)
+            async with conn.pipeline(), conn.transaction():
                 await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
-                cursor = await conn.execute(_ENQUEUE, (run.run_id, run.caller, encode(run.request), limit))
-                if await cursor.fetchone() is None:
-                    return False
-                await conn.execute("SELECT pg_notify(%s, %s)", (self._channel, QUEUED))  # sent at the commit
-        return True
+                params = (run.run_id, run.caller, encode(run.request), limit, self._channel, QUEUED)
+                cursor = await conn.execute(_ENQUEUE, params)
+            return await cursor.fetchone() is not None
 
     async def queued(self) -> int:
         async with self._control_lock:
@@ -212,17 +215,19 @@ class PgCheckpointStore(BatchingStore):
     async def claim_queued(self, count: int, *, max_running: int | None = None) -> list[DurableRun]:
         async with self._control_lock:
             conn = await self._control_conn()
-            async with conn.transaction():
-                if max_running is not None:  # the fleet's cap: claims in turn, so that two cannot both fill it
+            if max_running is None:  # one autocommit statement
+                cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
+            else:
+                async with conn.transaction():  # the fleet's cap: claims in turn, so that two cannot both fill it
                     await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
                     running = await self._one(
                         conn, "SELECT count(*) FROM durable_runs WHERE state = 'running' AND background", ()
                     )
                     count = min(count, max_running - int(running))
-                if count <= 0:
-                    return []
-                cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
-                rows = sorted(await cursor.fetchall(), key=lambda r: r[5])  # oldest first
+                    if count <= 0:
+                        return []
+                    cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
+            rows = sorted(await cursor.fetchall(), key=lambda r: r[5])  # oldest first
         claimed = [
             DurableRun(
                 run_id=r[0], caller=r[1], owner=self.owner, state="running", background=r[2], request=decode(r[3], r[4])
