@@ -26,7 +26,7 @@ import functools
 import logging
 import secrets
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from service.aio import cancel_and_wait
@@ -35,8 +35,8 @@ from service.control import RunControl
 from service.driver import stopped
 from service.durable.base import CheckpointStore, DurableQueue, DurableRun, ExecutorIdInUse
 from service.durable.journal import Journal
-from service.errors import QueueFull, RecordsUnavailable, RunCancelled, RunHandedOver, StateUnavailable
-from service.events import ApprovalDecided, Event, ToolResult, Usage
+from service.errors import AgentError, QueueFull, RecordsUnavailable, RunCancelled, RunHandedOver, StateUnavailable
+from service.events import ApprovalDecided, Event, RunFailed, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
@@ -232,35 +232,61 @@ class DurableRuns:
         """Whether a SubmitRun run with `spec` waits in the fleet's queue (rather than in this process's)."""
         return self.queue is not None and spec.durable
 
-    async def enqueue(self, run: Run, kept: Callable[[], Awaitable[None]]) -> None:
-        """Queue a new durable SubmitRun run for whichever process has a slot: `kept()` returns once its record and
-        first event are in the shared run store (the claimer goes on from there), then the run is queued. QueueFull
-        when the fleet's queue is full."""
+    async def room(self) -> None:
+        """QueueFull when the fleet's queue is full, before anything of a new run is written (`enqueue` checks it
+        again, exactly)."""
+        assert self.queue is not None
+        with _database("queued"):
+            if await self.queue.queued() >= self.durable_config.queue_max:
+                raise _full(self.durable_config.queue_max)
+
+    async def enqueue(self, run: Run) -> None:
+        """Queue a new durable SubmitRun run for whichever process has a slot, once its record and first event are
+        in the shared run store (the claimer goes on from there). QueueFull when the fleet's queue filled since
+        `room`; then, as on any failure, the run ends here as the caller is answered, so that its record does not
+        say QUEUED for good."""
         assert self.queue is not None
         limit = self.durable_config.queue_max
-        if await self.queue.queued() >= limit:  # before anything is written; enqueue checks it again exactly
-            raise _full(limit)
-        try:
-            async with asyncio.timeout(5.0):
-                await kept()
-        except TimeoutError:
-            raise StateUnavailable("the shared run state cannot be reached; retry in a few seconds") from None
         queued = DurableRun(
             run_id=run.id, caller=run.caller, owner="", state="queued", request=run.spec.to_json(), background=True
         )
-        if not await self.queue.enqueue(queued, limit=limit):
-            raise _full(limit)
+        try:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._kept(run)
+            except TimeoutError:
+                raise StateUnavailable("the shared run state cannot be reached; retry in a few seconds") from None
+            with _database("queued"):
+                if not await self.queue.enqueue(queued, limit=limit):
+                    raise _full(limit)
+        except AgentError as exc:
+            run.append(RunFailed(code=exc.code, message=exc.message, retryable=True))
+            run.finish()
+            raise
         self.queue.queue_wake.set()
+
+    async def _kept(self, run: Run) -> None:
+        """Return once the run's log so far is in the store that outlives this process."""
+        if isinstance(run, SharedRun):
+            await run.kept()
+        elif self.flush is not None:
+            await self.flush(run)
 
     async def position(self, run_id: str) -> int:
         """The run's place in the fleet's queue (1: next), 0 when not queued (or no fleet queue)."""
-        return 0 if self.queue is None else await self.queue.queue_position(run_id)
+        if self.queue is None:
+            return 0
+        with _database("looked up in the queue"):
+            return await self.queue.queue_position(run_id)
 
     async def cancel_queued(self, run_id: str) -> bool:
         """Cancel a run waiting in the fleet's queue, from any process: it never starts, and its log ends with its
         cancellation. False when it is not queued (any more: a process claimed it)."""
-        if self.queue is None or not await self.queue.cancel_queued(run_id):
+        if self.queue is None:
             return False
+        with _database("cancelled"):
+            if not await self.queue.cancel_queued(run_id):
+                return False
         stored = await self.store.load(run_id)
         if stored is None or self.shared is None:
             return True
@@ -346,3 +372,16 @@ class DurableRuns:
 
 def _full(limit: int) -> QueueFull:
     return QueueFull(f"the durable queue is full ({limit} runs waiting in the fleet); retry later")
+
+
+@contextlib.contextmanager
+def _database(what: str) -> Iterator[None]:
+    """The records database failing under a queue operation: UNAVAILABLE to the caller (retryable), not INTERNAL."""
+    try:
+        yield
+    except AgentError:
+        raise
+    except Exception as exc:
+        raise RecordsUnavailable(
+            f"the run cannot be {what} now: the records database that keeps the queue does not answer; retry shortly"
+        ) from exc

@@ -39,7 +39,6 @@ from service.records.summaries import RunSummaryStore, write_summary
 from service.retention import Ended, Retention
 from service.run import Run, RunRecord, RunState
 from service.state.base import RunLookup, RunStore
-from service.state.mirror import SharedRun
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
@@ -177,6 +176,7 @@ class RunRegistry:
         with its first event, then queued in the checkpoint store; whichever process has a free slot claims it, and
         this one holds nothing of it (GetRun, WatchRun and CancelRun find it in the shared store as any other's)."""
         assert self.durable is not None
+        await self.durable.room()
         store = self.store
         run = self._new_run(spec, caller.name, key, fingerprint, None, store)
         if store is not None:
@@ -186,17 +186,10 @@ class RunRegistry:
             if admitted.refused:
                 raise CallerLimited(admitted.refused)
         run.append(self.loop.started(spec))
-        await self.durable.enqueue(run, functools.partial(self._kept, run))
+        await self.durable.enqueue(run)
         if store is not None:
             store.forget(run)
         return run, True
-
-    async def _kept(self, run: Run) -> None:
-        """Return once the run's log so far is in the store that outlives this process (the claimer reads it)."""
-        if isinstance(run, SharedRun):
-            await run.kept()
-        elif self.runlog is not None:
-            await self.runlog.flush(run)
 
     def background_free(self) -> int:
         return self.config.background_max_concurrent - self._background_runs

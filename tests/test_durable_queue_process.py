@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +43,27 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
 
 
 @pytest.fixture
-async def fleet(
+async def make_fleet(
     tmp_path: Path, fake: FakeAnthropic, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
-) -> AsyncIterator[Fleet]:
-    fleet = Fleet(
-        tmp_path,
-        fake,
-        # a short lease: a watcher of a queued run (no process holds it) must not take it for a dead one's
-        state={"url": redis_ns.url, "prefix": redis_ns.prefix, "lease_s": 1, "probe_s": 0.3, "read_block_s": 0.5},
-        records={"url": postgres_schema.url},
-        runs=ONE_SLOT,
-        durable=DURABLE,
-    )
-    yield fleet
-    await fleet.stop()
+) -> AsyncIterator[Callable[..., Fleet]]:
+    fleets: list[Fleet] = []
+
+    def make(**durable: Any) -> Fleet:
+        fleet = Fleet(
+            tmp_path,
+            fake,
+            # a short lease: a watcher of a queued run (no process holds it) must not take it for a dead one's
+            state={"url": redis_ns.url, "prefix": redis_ns.prefix, "lease_s": 1, "probe_s": 0.3, "read_block_s": 0.5},
+            records={"url": postgres_schema.url},
+            runs=ONE_SLOT,
+            durable={**DURABLE, **durable},
+        )
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        await fleet.stop()
 
 
 async def submit(port: int, n: int, *, fleet: bool = True) -> list[str]:
@@ -106,15 +113,20 @@ async def watch(port: int, run_id: str) -> list[pb.AgentEvent]:
 
 
 async def test_runs_queue_fleet_wide_show_positions_spread_and_cancel(
-    fleet: Fleet, postgres_schema: PostgresSchema
+    make_fleet: Callable[..., Fleet], postgres_schema: PostgresSchema
 ) -> None:
+    fleet = make_fleet(queue_max=2)
     fleet.hold()
     _, port_a = await fleet.start("a")
     _, port_b = await fleet.start("b")
-    ids = await submit(port_a, 4)
-    await started(fleet, 2)  # one slot on each process: the two oldest run, one on each
+    ids = await submit(port_a, 2)
+    await started(fleet, 2)  # one slot on each process: one run on each
+    ids += await submit(port_a, 2)  # then two wait
     await asyncio.sleep(0.3)  # a third claim would have happened by now (each wake-up claims at once)
     assert runs_started(fleet) == set(ids[:2])
+    with pytest.raises(grpc.aio.AioRpcError) as full:  # two wait: the fleet's queue is full, from either replica
+        await submit(port_b, 1)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     seen = await get(port_b, ids)
     assert [r.state for r in seen] == [pb.Run.RUNNING, pb.Run.RUNNING, pb.Run.QUEUED, pb.Run.QUEUED]
     assert [r.queue_position for r in seen] == [0, 0, 1, 2]
@@ -150,7 +162,10 @@ async def test_runs_queue_fleet_wide_show_positions_spread_and_cancel(
         assert [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)] == list(range(1, events[-1].seq + 1))
 
 
-async def test_kill_9_of_the_process_holding_a_claimed_run_the_peer_finishes_it(fleet: Fleet) -> None:
+async def test_kill_9_of_the_process_holding_a_claimed_run_the_peer_finishes_it(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet()
     fleet.hold()
     proc_a, port_a = await fleet.start("a")
     _, port_b = await fleet.start("b")
