@@ -82,10 +82,12 @@ class DurableRuns:
         shared: RunKeeper | None = None,
         flush: Callable[[Run], Awaitable[None]] | None = None,
         durable: DurableConfig | None = None,
+        queue: bool = False,
     ) -> None:
         """`shared`: where the events of a run a dead peer (or this process before a restart) drove are kept: the
         fleet's run store, or one node's run log (None: nowhere). `flush(run)`: returns once the events the run has
-        logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log."""
+        logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log. `queue`:
+        durable SubmitRun runs wait in the store's queue (when it keeps one), not in this process's."""
         self.store = store
         self.config = config
         self.shared = shared
@@ -97,7 +99,7 @@ class DurableRuns:
         self.ready = False  # the store is open: durable runs may start
         self.durable_config = durable if durable is not None else DurableConfig()
         # the fleet's queue of durable SubmitRun runs, when the store keeps one (else the process's own queue)
-        self.queue: DurableQueue | None = store if isinstance(store, DurableQueue) else None
+        self.queue: DurableQueue | None = store if queue and isinstance(store, DurableQueue) else None
         self._queue_task: asyncio.Task[None] | None = None
 
     async def start(self, continuer: Continuer) -> None:
@@ -296,10 +298,9 @@ class DurableRuns:
         run.control.stop_now(RunCancelled("cancelled by CancelRun while queued"))
         run.append(stopped(run))
         run.finish()
-        if isinstance(run, SharedRun):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await run.kept()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self._kept(run)
         log.info("queued durable run cancelled", extra={"run_id": run_id})
         return True
 

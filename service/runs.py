@@ -128,7 +128,7 @@ class RunRegistry:
         if self.durable is not None:
             self.durable.check(spec)  # before any quota or key is taken
             if background and self.durable.queues(spec):
-                return await self._enqueue(spec, caller, key, fingerprint)
+                return await self._enqueue(spec, caller, limits, key, fingerprint)
         store = self.store
         if store is None:
             # check and count in one synchronous step: no other start of this caller can pass in between
@@ -171,7 +171,9 @@ class RunRegistry:
             raise _conflict(key, record.run_id)
         return other if other is not None else await store.mirror(record)
 
-    async def _enqueue(self, spec: RunSpec, caller: Caller, key: str, fingerprint: str) -> tuple[Run, bool]:
+    async def _enqueue(
+        self, spec: RunSpec, caller: Caller, limits: CallerLimits, key: str, fingerprint: str
+    ) -> tuple[Run, bool]:
         """A durable SubmitRun run into the fleet's queue (`DurableRuns.enqueue`): recorded in the shared run store
         with its first event, then queued in the checkpoint store; whichever process has a free slot claims it, and
         this one holds nothing of it (GetRun, WatchRun and CancelRun find it in the shared store as any other's)."""
@@ -185,6 +187,8 @@ class RunRegistry:
                 return await self._existing(store, admitted.existing, key, fingerprint), False
             if admitted.refused:
                 raise CallerLimited(admitted.refused)
+        elif (refused := limits.admit(caller)) is not None:  # one node: checked, not counted while it waits
+            raise CallerLimited(refused)
         run.append(self.loop.started(spec))
         await self.durable.enqueue(run)
         if store is not None:

@@ -208,3 +208,44 @@ async def test_one_node_queued_runs_survive_kill_9_and_a_restart(tmp_path: Path,
         assert runs_started(fleet) == set(ids)
     finally:
         await fleet.stop()
+
+
+async def test_one_node_store_queue_positions_cancel_and_kill_9(tmp_path: Path, fake: FakeAnthropic) -> None:
+    """`durable.queue: store` on one node: the queue is in the SQLite file; GetRun shows positions, a queued run is
+    cancelled without starting, and after `kill -9` and a restart the running run is continued, the queued one runs."""
+    fleet = Fleet(tmp_path, fake, runs=ONE_SLOT, durable={**DURABLE, "queue": "store"})
+    try:
+        fleet.hold()
+        proc, port = await fleet.start("node")
+        ids = await submit(port, 3)
+        await started(fleet, 1)
+        watcher = asyncio.create_task(watch(port, ids[2]))  # while queued: waits for its claim, not UNAVAILABLE
+        runs = await get(port, ids)
+        assert [(r.state, r.queue_position) for r in runs] == [
+            (pb.Run.RUNNING, 0),
+            (pb.Run.QUEUED, 1),
+            (pb.Run.QUEUED, 2),
+        ]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = await stub(channel).CancelRun(pb.CancelRunRequest(run_id=ids[1]), timeout=10)
+        assert answer.state == pb.Run.CANCELLED
+        assert [r.queue_position for r in await get(port, ids[1:])] == [0, 1]
+        await asyncio.sleep(0.3)
+        assert not watcher.done()
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await watcher  # its server died
+        fleet.release()
+        _, port = await fleet.start("node")
+        final = await until_ended(port, ids)
+        assert [r.state for r in final] == [pb.Run.SUCCEEDED, pb.Run.CANCELLED, pb.Run.SUCCEEDED]
+        assert runs_started(fleet) == {ids[0], ids[2]}
+        continued, queued = await watch(port, ids[0]), await watch(port, ids[2])
+        assert any(e.HasField("run_recovered") for e in continued)
+        assert not any(e.HasField("run_recovered") for e in queued)
+        for log in (continued, queued):
+            assert log[-1].final_response.text == "done"
+            assert [s for e in log for s in range(e.first_seq or e.seq, e.seq + 1)] == list(range(1, log[-1].seq + 1))
+    finally:
+        await fleet.stop()

@@ -1,41 +1,61 @@
-"""The fleet's durable queue in the PostgreSQL checkpoint store (`DurableQueue`): oldest first, each run claimed by one
-process however many claim at once (FOR UPDATE SKIP LOCKED), a fleet-wide bound on what waits and an optional cap on
-what runs, queue positions the same from every process, a queued run cancelled before anyone claims it, and an
-enqueue announced to the peers (NOTIFY)."""
+"""The durable queue in the checkpoint stores (`DurableQueue`; PostgreSQL for a fleet, SQLite for one node): oldest
+first, each run claimed by one process however many claim at once (FOR UPDATE SKIP LOCKED), a fleet-wide bound on
+what waits and an optional cap on what runs, queue positions the same from every process, a queued run cancelled
+before anyone claims it, and an enqueue announced to the peers (NOTIFY)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.durable.base import DurableQueue, DurableRun
 from service.durable.postgres import PgCheckpointStore
+from service.durable.sqlite import SqliteCheckpointStore
 
 
-@pytest.fixture
-async def stores(postgres_schema: Any) -> AsyncIterator[Callable[[str], Any]]:
-    opened: list[PgCheckpointStore] = []
+async def _opened(make: Callable[[str], Any]) -> AsyncIterator[Callable[[str], Any]]:
+    opened: list[Any] = []
 
-    async def make(owner: str) -> PgCheckpointStore:
-        store = PgCheckpointStore(postgres_schema.url, owner, recover_interval_s=60)
+    async def open_(owner: str) -> Any:
+        store = make(owner)
         await store.open()
         opened.append(store)
         return store
 
-    yield make
+    yield open_
     for store in reversed(opened):
         await store.aclose()
+
+
+@pytest.fixture
+async def stores(postgres_schema: Any) -> AsyncIterator[Callable[[str], Any]]:
+    """PostgreSQL stores of several processes."""
+    async for make in _opened(lambda owner: PgCheckpointStore(postgres_schema.url, owner, recover_interval_s=60)):
+        yield make
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def either(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[str], Any]]:
+    """Stores of either kind; SQLite's share one file (one node: two owners stand for two lives of one process)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_schema").url
+        make: Callable[[str], Any] = lambda owner: PgCheckpointStore(url, owner, recover_interval_s=60)  # noqa: E731
+    else:
+        make = lambda owner: SqliteCheckpointStore(tmp_path / "durable.db", owner, recover_interval_s=60)  # noqa: E731
+    async for open_ in _opened(make):
+        yield open_
 
 
 def queued(run_id: str) -> DurableRun:
     return DurableRun(run_id=run_id, caller="c", owner="", state="queued", request={"run_id": run_id}, background=True)
 
 
-async def test_claims_are_oldest_first_and_positions_follow(stores: Any) -> None:
-    a, b = await stores("a"), await stores("b")
+async def test_claims_are_oldest_first_and_positions_follow(either: Any) -> None:
+    a, b = await either("a"), await either("b")
     assert isinstance(a, DurableQueue)
     for i in range(5):
         assert await a.enqueue(queued(f"r{i}"), limit=100)
@@ -67,8 +87,8 @@ async def test_concurrent_claimers_never_claim_one_run_twice(stores: Any) -> Non
     assert sum(1 for got in claimed if got) >= 2  # and the claimers did share the work
 
 
-async def test_the_fleet_wide_bounds(stores: Any) -> None:
-    a, b = await stores("a"), await stores("b")
+async def test_the_fleet_wide_bounds(either: Any) -> None:
+    a, b = await either("a"), await either("b")
     assert await a.enqueue(queued("r1"), limit=2) and await b.enqueue(queued("r2"), limit=2)
     assert not await a.enqueue(queued("r3"), limit=2)  # full: nothing written
     assert await a.load("r3") is None
@@ -78,8 +98,8 @@ async def test_the_fleet_wide_bounds(stores: Any) -> None:
     assert [r.run_id for r in await b.claim_queued(5, max_running=2)] == ["r2"]
 
 
-async def test_a_queued_run_is_cancelled_once_and_never_claimed(stores: Any) -> None:
-    a, b = await stores("a"), await stores("b")
+async def test_a_queued_run_is_cancelled_once_and_never_claimed(either: Any) -> None:
+    a, b = await either("a"), await either("b")
     for run_id in ("r1", "r2"):
         await a.enqueue(queued(run_id), limit=10)
     assert await b.cancel_queued("r1")

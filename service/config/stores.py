@@ -210,6 +210,12 @@ class DurableConfig(Section):
         description="how often each process looks for runs to continue: those of a peer found dead (its advisory lock "
         "free), and those a draining peer handed over (also announced at once)",
     )
+    queue: Literal["auto", "store", "process"] = Field(
+        default="auto",
+        description="where durable SubmitRun runs wait for a slot: store, in the checkpoint store (the fleet's queue "
+        "in PostgreSQL; on one node the SQLite file, GetRun then shows positions); process, in this process's queue "
+        "(runs.background_max_queued); auto: store with records.url, else process",
+    )
     queue_max: int = Field(
         default=10_000,
         ge=0,
