@@ -209,7 +209,8 @@ class DurableRuns:
             queue.queue_wake.clear()  # before the look: a wake-up during it makes another look
             try:
                 free = self._continuer.background_free()
-                claimed = [] if free <= 0 else await queue.claim_queued(free, max_running=self._max_running())
+                cap = self.durable_config.queue_max_running
+                claimed = [] if free <= 0 else await queue.claim_queued(free, max_running=cap)
                 for stored in claimed:
                     try:
                         await self._resume(stored, queued=True)
@@ -221,9 +222,6 @@ class DurableRuns:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll_s):
                     await queue.queue_wake.wait()
-
-    def _max_running(self) -> int | None:
-        return self.durable_config.queue_max_running
 
     def slot_freed(self) -> None:
         """A background run ended here: look at the queue again at once."""
