@@ -122,6 +122,9 @@ async def start(
         records_health = HealthReport(RECORDS_HEALTH)
         records.database.on_health = records_health.changed_soon
         await records_health.attach(service.health, records.database.up)
+        quarantine_health = HealthReport(RECORDS_QUARANTINE_HEALTH)
+        records.database.on_quarantine = lambda count: quarantine_health.changed_soon(count == 0)
+        await quarantine_health.attach(service.health, records.database.quarantined == 0)
     return service
 
 
@@ -137,6 +140,8 @@ def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> H
 
 STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
 RECORDS_HEALTH = "agent.v1.RecordsStore"  # NOT_SERVING while records spool locally (PostgreSQL unreachable)
+# NOT_SERVING while records PostgreSQL kept refusing wait in the spool's quarantine for an operator
+RECORDS_QUARANTINE_HEALTH = "agent.v1.RecordsQuarantine"
 
 
 class HealthReport:
