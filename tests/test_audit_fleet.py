@@ -1,6 +1,7 @@
 """One audit chain for a fleet on PostgreSQL records, signed with keys the operator gives (docs/audit.md): two real
-server processes sharing a key make one chain `verify` accepts; a row signed by a key `verify` is not given fails
-clearly; a rotated ring (old keys kept for checking) verifies; a replica without a given key refuses to start."""
+server processes sharing a key make one chain `verify` accepts, their dead letters listed together; a row signed
+by a key `verify` is not given fails clearly; a rotated ring (old keys kept for checking) verifies; a replica
+without a given key refuses to start."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from test_records_pg import record
 
 from conftest import run_events
 from fake_anthropic import FakeAnthropic
-from service.records import audit
+from service.records import audit, deadletter
 from service.records.audit_chain import parse_keys
 from service.records.pg_audit import PgAuditLog
 from service.records.postgres import PgRecords
@@ -47,7 +48,9 @@ async def write(pg: PostgresSchema, folder: Path, keys: str, n: int, writer: str
 async def test_two_server_processes_with_one_key_make_one_chain_that_verify_accepts(
     tmp_path: Path, postgres_schema: PostgresSchema, capsys: Any
 ) -> None:
+    """And their dead letters are listed together: the `effect` tool's log is a folder, so its call fails in both."""
     key_file = audit_key_file(tmp_path)
+    (tmp_path / "effect.log").mkdir()
     async with FakeAnthropic() as fake:
         for _ in range(2):  # one run on each process: a call of `effect`, then the answer
             fake.script_turn("Working.", tool_uses=[("effect", {"text": "a"})])
@@ -63,11 +66,14 @@ async def test_two_server_processes_with_one_key_make_one_chain_that_verify_acce
                 run_ids.append(events[0].run_id)
         finally:
             await fleet.stop()  # SIGTERM: each flushes its audit batch before it exits
-    chain = rows(postgres_schema, "SELECT seq, run_id, key_id FROM audit ORDER BY seq")
-    assert chain == [(1, run_ids[0], "fleet-1"), (2, run_ids[1], "fleet-1")]  # one chain, both processes' rows
+    chain = rows(postgres_schema, "SELECT seq, run_id, status, key_id FROM audit ORDER BY seq")
+    assert chain == [(1, run_ids[0], "error", "fleet-1"), (2, run_ids[1], "error", "fleet-1")]  # one chain, both
     assert not any((tmp_path / name / "audit.key").exists() for name in ("a", "b"))  # no key of their own
     assert audit.main(["verify", "--url", postgres_schema.url, "--key-file", str(key_file)]) == 0
     assert "2 row(s), hash chain intact, MACs valid (key fleet-1)" in capsys.readouterr().out
+    assert deadletter.main(["list", "--url", postgres_schema.url]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"run={run_id}" in listed for run_id in run_ids) and listed.count("effect  error") == 2, listed
 
 
 async def test_a_row_signed_by_a_key_verify_was_not_given_fails_clearly(
