@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from backends import PostgresSchema, RedisNamespace
+from backends import PostgresSchema, RedisNamespace, audit_key_file
 from test_durable_process import Fleet
 
 from agent.v1 import agent_pb2 as pb
@@ -55,6 +55,7 @@ async def make_fleet(
             # a short lease: a watcher of a queued run (no process holds it) must not take it for a dead one's
             state={"url": redis_ns.url, "prefix": redis_ns.prefix, "lease_s": 1, "probe_s": 0.3, "read_block_s": 0.5},
             records={"url": postgres_schema.url},
+            audit={"key_file": str(audit_key_file(tmp_path))},  # one audit chain in PostgreSQL: one key for both
             runs=ONE_SLOT,
             durable={**DURABLE, **durable},
         )
