@@ -90,7 +90,11 @@ async def start(
     runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
     kept = store if store is not None else runlog
     flush = None if runlog is None else runlog.flush
-    durable = DurableRuns(build_checkpoints(config, worker=worker), config.runs, shared=kept, flush=flush)
+    queue = config.durable.queue == "store" or (config.durable.queue == "auto" and config.records.url is not None)
+    if runlog is not None:
+        runlog.store_queue = queue
+    checkpoints = build_checkpoints(config, worker=worker)
+    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue)
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)

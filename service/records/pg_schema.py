@@ -114,6 +114,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    # the durable queue of SubmitRun runs (service/durable/postgres.py): queued rows, oldest first by queue_seq
+    Migration(
+        3,
+        "the durable queue of SubmitRun runs",
+        """
+        CREATE SEQUENCE durable_queue_seq;
+        ALTER TABLE durable_runs ADD COLUMN queue_seq BIGINT;
+        CREATE INDEX durable_runs_queued ON durable_runs (queue_seq) WHERE state = 'queued';
+        """,
+    ),
 )
 
 
