@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service import events as ev
-from service import telemetry
+from service import tally, telemetry
 from service.aio import cancel_and_wait
 from service.coalesce import LoopLoad
 from service.config import RunsConfig
@@ -299,7 +299,7 @@ class RunRegistry:
 
     async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
-        telemetry.ACTIVE_RUNS.inc()
+        tally.add(telemetry.ACTIVE, 1)
         try:
             if background:
                 try:
@@ -315,7 +315,7 @@ class RunRegistry:
                 if background:
                     self._background.release()
         finally:
-            telemetry.ACTIVE_RUNS.dec()
+            tally.add(telemetry.ACTIVE, -1)
             self._end(run, background)
 
     def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
@@ -340,7 +340,7 @@ class RunRegistry:
         self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
         if self.retention.bytes > self.config.max_retained_bytes:
             self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
-        telemetry.child(telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
+        tally.add((telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK"))
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
         if self.summaries is not None:
