@@ -7,9 +7,9 @@ raises what this raises (`service/errors.py`) into its own status mapping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from agent.v1 import agent_pb2 as pb
@@ -153,27 +153,37 @@ class AgentApi:
             record = record._replace(queue_position=await durable.position(record.run_id))
         return record
 
-    @contextlib.contextmanager
-    def streaming(self, run: Run, *, owner: bool) -> Iterator[None]:
-        """Around a face's loop over `run.follow(...)`: counts the stream for the drain, and, when the stream
-        `owner`s the run (it started it and on_disconnect is CANCEL), stops the run if the stream ends early. A
-        context manager rather than a wrapping generator: that would cost a hop per event."""
+    def streaming(self, run: Run, *, owner: bool) -> Streaming:
+        """Around a face's loop over the run's log: counts the stream for the drain, and, when the stream `owner`s
+        the run (it started it and on_disconnect is CANCEL), stops the run if the stream ends early."""
+        return Streaming(self.streams, run, owner)
+
+
+class Streaming:
+    """`AgentApi.streaming`: a class, not a `contextlib.contextmanager`, which would cost every stream a generator
+    and its wrapper; nor a generator wrapping the stream, which would cost a hop per event."""
+
+    __slots__ = ("streams", "run", "owner", "task")
+
+    def __init__(self, streams: set[asyncio.Task[Any]], run: Run, owner: bool) -> None:
+        self.streams, self.run, self.owner = streams, run, owner
+
+    def __enter__(self) -> None:
         task = asyncio.current_task()
         assert task is not None
+        self.task = task
         self.streams.add(task)
-        try:
-            yield
-        except BaseException as exc:
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.streams.discard(self.task)
+        run = self.run
+        if exc is not None and self.owner and not run.finished:
             # A disconnect lands as CancelledError while the stream waits for the run, and as GeneratorExit while
             # the transport waits to send an event the stream yielded (it then closes the generator, not the task).
             # Any other exception is a bug of ours that ends the call: nobody is left to read an owned run either.
-            if owner and not run.finished:
-                left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
-                why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
-                run.control.stop_now(RunCancelled(why))
-            raise
-        finally:
-            self.streams.discard(task)
+            left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
+            run.control.stop_now(RunCancelled(why))
 
 
 def _required(run_id: str) -> str:

@@ -91,7 +91,7 @@ class Coalescer:
 
     def add(self, event: ev.Event) -> None:
         # per event: the window is worked out for deltas only, and there is nothing to flush unless a delta waits
-        if isinstance(event, DELTAS) and (window := self.window()) > 0:
+        if self.window_s > 0 and isinstance(event, DELTAS) and (window := self.window()) > 0:
             self._merge(event, window)
             return
         if self.pending is not None or self.timer is not None:

@@ -49,20 +49,21 @@ async def play(
     run.control.inbox.emit = acknowledge
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
+    add, logged, max_events = coalescer.add, run.log, config.max_events_per_run  # looked up once, not per event
     try:
         async for event in loop.run(run.spec, run.control, announce=False, journal=journal):
             if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:
                 pieces, size = split(event, config.max_event_data_bytes)
                 run.bytes += size
                 for piece in pieces:
-                    coalescer.add(piece)
+                    add(piece)
             else:
-                coalescer.add(event)
+                add(event)
                 if journal is not None and (type(event) is ev.FinalResponse or type(event) is ev.RunFailed):
                     # ended: its state goes out with its closing event, not after its end's checkpoint (a crash in
                     # between would leave the shared record running for good)
                     run.finish()
-            if len(run.log) > config.max_events_per_run:
+            if len(logged) > max_events:
                 run.control.stop_now(RunInterrupted(f"run {run.id} exceeded {config.max_events_per_run} events"))
     except TakenOver:
         log.warning("durable run taken over by another process; stopped here", extra={"run_id": run.id})

@@ -55,6 +55,11 @@ async def stream_turn(
                 try:
                     async with aclosing(model.stream_turn(request)) as stream:
                         async for event in stream:
+                            # most of a turn's events are text: mapped here, without a call
+                            if type(event) is m.TextDelta:
+                                emitted = True
+                                yield TextDelta(turn=turn, text=event.text)
+                                continue
                             mapped = _map_model_event(turn, event)
                             emitted = emitted or not isinstance(mapped, m.TurnEnd)
                             yield mapped

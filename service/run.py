@@ -17,7 +17,7 @@ from typing import NamedTuple
 from service import events as ev
 from service.coalesce import DELTAS
 from service.control import RunControl
-from service.errors import AgentError, SubscriberTooSlow
+from service.errors import AgentError, RunHandedOver, SubscriberTooSlow
 from service.loop import RunSpec
 
 # What an event costs the log besides its text and data: the entry, the event object, the timestamp.
@@ -78,6 +78,10 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
         self._waiters: list[asyncio.Future[None]] = []
+
+    # A durable run shared with a store sends its readers only what the store holds (`state/mirror.py`).
+    stored_only = False
+    stored = 0
 
     @property
     def finished(self) -> bool:
@@ -154,39 +158,34 @@ class Run:
         self._waiters.append(waiter)
         await waiter
 
+    def cursor(self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000) -> Cursor:
+        """A reader of the log after `after_seq` (see `follow`), read without a generator: a face's stream reads it
+        inline, one async-generator hop less per event."""
+        return Cursor(self, after_seq, coalesce_lag, max_lag)
+
     async def follow(
         self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000
     ) -> AsyncIterator[Entry]:
         """The events after `after_seq`, then live ones until the run ends. Replaying history is not lagging: a
         reader counts as behind only by the events logged since it subscribed that it has not read yet."""
-        log = self.log  # appended to, never replaced
-        cursor = after_seq
-        joined = len(log)
+        cursor = Cursor(self, after_seq, coalesce_lag, max_lag)
         while True:
-            while cursor < (logged := len(log)):
-                lag = logged - cursor
-                if lag > max_lag and logged - max(cursor, joined) > max_lag and not self.finished:
-                    raise SubscriberTooSlow(self.id, cursor, lag)
-                entry = log[cursor]
-                if lag > coalesce_lag and isinstance(entry.event, DELTAS):
-                    entry = self._merged(cursor)
-                cursor = entry.seq
-                yield entry
-            if self.finished:
+            entry = cursor.take()
+            if entry is None:
+                if await cursor.more():
+                    continue
                 return
-            if self.lost is not None:
-                raise self.lost
-            await self._changed()
+            yield entry
 
-    def _merged(self, index: int, max_bytes: int = 64 * 1024) -> Entry:
-        """The run of same-kind, same-turn deltas starting at `index`, as one entry."""
+    def _merged(self, index: int, end: int, max_bytes: int = 64 * 1024) -> Entry:
+        """The run of same-kind, same-turn deltas starting at `index` (and before `end`), as one entry."""
         first = self.log[index]
         head = first.event
         assert isinstance(head, ev.TextDelta | ev.Thinking)
         parts = [head.text]
         size = len(head.text)
         last = first
-        for entry in self.log[index + 1 :]:
+        for entry in self.log[index + 1 : end]:
             e = entry.event
             if type(e) is not type(head) or not isinstance(e, ev.TextDelta | ev.Thinking) or e.turn != head.turn:
                 break
@@ -199,3 +198,49 @@ class Run:
             return first
         merged = replace(head, text="".join(parts))
         return Entry(seq=last.seq, time_ns=last.time_ns, event=merged, first_seq=first.seq)
+
+
+class Cursor:
+    """One reader's place in a run's log: `take` the next entry (None when there is none yet), `more` waits for
+    one. While the reader is more than `coalesce_lag` behind, consecutive deltas are merged for it; past `max_lag`
+    events it is dropped (`SubscriberTooSlow`). Replaying history is not lagging: a reader counts as behind only by
+    the events logged since it subscribed. A run whose readers get only what its store holds (`stored_only`) is
+    read up to `stored`."""
+
+    __slots__ = ("run", "log", "at", "joined", "coalesce_lag", "max_lag")
+
+    def __init__(self, run: Run, after_seq: int, coalesce_lag: int, max_lag: int) -> None:
+        self.run = run
+        self.log = run.log  # appended to, never replaced
+        self.at = after_seq
+        self.joined = len(run.log)
+        self.coalesce_lag = coalesce_lag
+        self.max_lag = max_lag
+
+    def take(self) -> Entry | None:
+        log, at, run = self.log, self.at, self.run
+        logged = len(log) if not run.stored_only else min(len(log), run.stored)
+        if at >= logged:
+            return None
+        lag = logged - at
+        if lag > self.max_lag and logged - max(at, self.joined) > self.max_lag and not run.finished:
+            raise SubscriberTooSlow(run.id, at, lag)
+        entry = log[at]
+        if lag > self.coalesce_lag and isinstance(entry.event, DELTAS):
+            entry = run._merged(at, logged)
+        self.at = entry.seq
+        return entry
+
+    async def more(self) -> bool:
+        """After `take` found nothing: False once the run has ended and all of it was read, else True once there may
+        be more. Raises why the log cannot go on here (`Run.lost`)."""
+        run = self.run
+        if run.finished and self.at >= len(self.log):
+            return False
+        lost = run.lost
+        if lost is not None:
+            if self.at < len(self.log) and isinstance(lost, RunHandedOver):
+                raise lost.at(self.at)  # this reader was sent seqs up to `at` only
+            raise lost
+        await run._changed()
+        return True

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service import events as ev
-from service import telemetry
+from service import tally, telemetry
 from service.aio import cancel_and_wait
 from service.coalesce import LoopLoad
 from service.config import RunsConfig
@@ -136,11 +136,16 @@ class RunRegistry:
             if refused is not None:
                 raise CallerLimited(refused)
             run, created = self.start(
-                spec, caller=caller.name, key=key, fingerprint=fingerprint, deadline=deadline, background=background
+                spec,
+                caller=caller.name,
+                key=key,
+                fingerprint=fingerprint,
+                deadline=deadline,
+                background=background,
+                on_done=functools.partial(limits.ended, caller),  # in the driver's one done callback
             )
-            if created and run.task is not None:
+            if created:
                 limits.started(caller)
-                run.task.add_done_callback(lambda _: limits.ended(caller))
             if created and background and self.durable is not None:
                 await self.durable.record(run)  # SubmitRun answers once its run would survive a crash
             return run, created
@@ -280,7 +285,15 @@ class RunRegistry:
         kept of it, and its journal's `run_recovered` event comes next."""
         self._launch(run, background, journal, announce=False)
 
-    def _launch(self, run: Run, background: bool, journal: Journal | None = None, *, announce: bool = True) -> None:
+    def _launch(
+        self,
+        run: Run,
+        background: bool,
+        journal: Journal | None = None,
+        *,
+        announce: bool = True,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         if announce:
             run.append(self.loop.started(run.spec))  # at once: the first event does not wait for the driver task
         if journal is None and self.durable is not None:
@@ -291,7 +304,7 @@ class RunRegistry:
         if background:
             self._background_runs += 1
         run.task = asyncio.create_task(self._drive(run, background, journal), name=f"run {run.id}")
-        run.task.add_done_callback(functools.partial(self._driver_done, run, background))
+        run.task.add_done_callback(functools.partial(self._driver_done, run, background, on_done))
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
             self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
@@ -305,14 +318,16 @@ class RunRegistry:
         fingerprint: str = "",
         deadline: float | None = None,
         background: bool = False,
+        on_done: Callable[[], None] | None = None,
     ) -> tuple[Run, bool]:
-        """Start a run (or return the one this caller's idempotency key names). True when a new run was started."""
+        """Start a run (or return the one this caller's idempotency key names). True when a new run was started;
+        `on_done` is then called once its driver task is done."""
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
         self._check_queue(background)
         run = self._new_run(spec, caller, key, fingerprint, deadline, None)
-        self._launch(run, background)
+        self._launch(run, background, on_done=on_done)
         return run, True
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
@@ -329,7 +344,7 @@ class RunRegistry:
 
     async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
-        telemetry.ACTIVE_RUNS.inc()
+        tally.add(telemetry.ACTIVE, 1)
         try:
             if background:
                 try:
@@ -345,15 +360,21 @@ class RunRegistry:
                 if background:
                     self._background.release()
         finally:
-            telemetry.ACTIVE_RUNS.dec()
+            tally.add(telemetry.ACTIVE, -1)
             self._end(run, background)
 
-    def _driver_done(self, run: Run, background: bool, task: asyncio.Task[None]) -> None:
+    def _driver_done(
+        self, run: Run, background: bool, on_done: Callable[[], None] | None, task: asyncio.Task[None]
+    ) -> None:
         # A task cancelled before its first step never runs its coroutine, so `_drive` (and its finally) never ran:
         # without this the run would stay QUEUED, and its followers wait, for ever.
-        if not run.finished and run.lost is None:
-            run.append(stopped(run))
-            self._end(run, background)
+        try:
+            if not run.finished and run.lost is None:
+                run.append(stopped(run))
+                self._end(run, background)
+        finally:
+            if on_done is not None:  # one done callback per run, not one per party that waits for its end
+                on_done()
 
     def _end(self, run: Run, background: bool) -> None:
         """The end of a run's bookkeeping: its closing event if it has none, final state, metrics and log line. A
@@ -372,7 +393,7 @@ class RunRegistry:
         self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
         if self.retention.bytes > self.config.max_retained_bytes:
             self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
-        telemetry.child(telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK").inc()
+        tally.add((telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK"))
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
         if self.summaries is not None:

@@ -29,7 +29,7 @@ from typing import Any
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from service import redact
+from service import redact, tally
 from service.events import Event
 from service.redact import Redactor
 
@@ -133,6 +133,11 @@ STATE_UNSHIPPED = Gauge(
     "Events logged here and not yet in the shared store",
     multiprocess_mode="livesum",
 )
+
+
+# The counters added to per call go through `tally` (service/tally.py): no lock per call, flushed at each scrape.
+ACTIVE = (ACTIVE_RUNS,)
+TOKENS_IN, TOKENS_OUT = (MODEL_TOKENS, "input"), (MODEL_TOKENS, "output")
 
 
 UNKNOWN_TOOL = "(unknown)"
@@ -381,10 +386,10 @@ def context_with(span: trace.Span) -> Any:
 
 
 class SentCounts:
-    """The events-sent counter for one stream: counted locally by event type and added to the Prometheus counter
-    once the stream's seq passes `due` (every `every` events) and when the stream ends, since a labelled `inc()` per
-    event (a lock each time) was a measurable share of the per-event cost. The gRPC stream counts into `counts`
-    inline (its per-event path); the HTTP face calls `add`."""
+    """The events-sent counter for one stream: counted locally by event type and added to the counter (through
+    `tally`) once the stream's seq passes `due` (every `every` events) and when the stream ends, since a labelled
+    `inc()` per event (a lock each time) was a measurable share of the per-event cost. The gRPC stream counts into
+    `counts` inline (its per-event path); the HTTP face calls `add`."""
 
     every = 64
 
@@ -401,6 +406,6 @@ class SentCounts:
 
     def flush(self, seq: int = 0) -> None:
         for kind, n in self.counts.items():
-            child(EVENTS, kind.kind).inc(n)
+            tally.add((EVENTS, kind.kind), n)
         self.counts.clear()
         self.due = seq + self.every

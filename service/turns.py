@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service import telemetry
+from service import tally, telemetry
 from service.control import RunControl
 from service.errors import BudgetExceeded, DeadlineExceeded
 from service.events import ToolResult, ToolStatus, Usage
@@ -108,8 +108,8 @@ def counted(turn: int, end: m.TurnEnd, totals: Totals) -> Usage:
     """A model turn's tokens added to the run's totals, and the `Usage` event that says so."""
     totals.input_tokens += end.input_tokens
     totals.output_tokens += end.output_tokens
-    telemetry.child(telemetry.MODEL_TOKENS, "input").inc(end.input_tokens)
-    telemetry.child(telemetry.MODEL_TOKENS, "output").inc(end.output_tokens)
+    tally.add(telemetry.TOKENS_IN, end.input_tokens)
+    tally.add(telemetry.TOKENS_OUT, end.output_tokens)
     return Usage(
         turn=turn,
         input_tokens=end.input_tokens,

@@ -25,7 +25,7 @@ from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
 from conftest import StartService, make_config
 from service import events as ev
-from service import telemetry
+from service import tally, telemetry
 from service.config import AuthConfig, GcConfig, Limits, Pacing
 from service.models import base as m
 from service.models.scripted import REQUESTS_KEPT, Scenario, ScriptedModel
@@ -163,6 +163,7 @@ class _Context:
 
 async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end(start_service: StartService) -> None:
     def sent(kind: str) -> float:
+        tally.flush()  # what a scrape does first
         return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
 
     words = " ".join(f"w{i}" for i in range(2 * SentCounts.every))

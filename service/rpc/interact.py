@@ -25,6 +25,7 @@ from service.aio import merge
 from service.deliver import Deliveries, Message
 from service.errors import AfterSeqOutOfRange, AgentError, InvalidRequest, RunAlreadyEnded
 from service.interact import AFTER_TURN, ASAP
+from service.rpc.runstream import follow_opened
 from service.rpc.status import streaming, unary
 from service.run import Run
 
@@ -38,14 +39,13 @@ _WHEN = {pb.INPUT_WHEN_UNSPECIFIED: ASAP, pb.ASAP: ASAP, pb.AFTER_TURN: AFTER_TU
 
 class InteractRpcs:
     """The servicer's interactive RPCs; the servicer gives `registry`, `deliveries`, `caller()`, `run_id()`,
-    `_start()` and `_stream()`."""
+    and `_start()`; the run's events come from `runstream.follow_opened`."""
 
     registry: RunRegistry
     deliveries: Deliveries | None
     caller: Callable[[], Caller]
     run_id: Callable[[str], str]
     _start: Callable[..., Awaitable[tuple[Run, bool]]]
-    _stream: Callable[..., AsyncIterator[pb.AgentEvent]]
 
     def _deliveries(self) -> Deliveries:
         if self.deliveries is None:
@@ -108,7 +108,7 @@ class InteractRpcs:
         reader = asyncio.create_task(self._read(requests, opened, notes), name="interact reader")
         try:
             async with contextlib.aclosing(
-                merge(self._stream(open_run, context), _notes(notes, opened), name="interact")
+                merge(follow_opened(self, open_run, context), _notes(notes, opened), name="interact")
             ) as events:
                 async for event in events:
                     yield event

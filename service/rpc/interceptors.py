@@ -49,8 +49,14 @@ def wrap_handler(
             inner, earlier = guarded
             checks += earlier
         streams_by_yield = kind.endswith("_stream") and inspect.isasyncgenfunction(inner)
-        wrapped: Any = _streaming(inner, checks) if streams_by_yield else _unary(inner, checks)
-        wrapped._guarded = (inner, checks)
+        own = getattr(inner, "with_checks", None) if streams_by_yield and inspect.ismethod(inner) else None
+        wrapped: Any
+        if own is not None:  # a run's stream (`runstream.run_stream`) runs the checks itself: no layer per message
+            wrapped = own(inner.__self__, checks)
+            wrapped.__func__._guarded = (inner, checks)
+        else:
+            wrapped = _streaming(inner, checks) if streams_by_yield else _unary(inner, checks)
+            wrapped._guarded = (inner, checks)
         return make(wrapped, request_deserializer or handler.request_deserializer, handler.response_serializer)
     return handler
 

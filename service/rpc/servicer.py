@@ -6,27 +6,23 @@ its status. It is thin on purpose: runs live in `service/runs.py`, the loop in `
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
-from service import events as ev
-from service import telemetry
 from service.api import AgentApi
 from service.callers import Caller, current_caller
 from service.deliver import Deliveries
-from service.errors import InvalidRequest, RunCancelled, SubscriberTooSlow
-from service.rpc.convert import run_result, run_state, run_to_proto, to_proto
+from service.errors import InvalidRequest, RunCancelled
+from service.rpc.convert import run_result, run_state, run_to_proto
 from service.rpc.interact import InteractRpcs
-from service.rpc.status import end_call, streaming, unary
+from service.rpc.runstream import ended_with_failure, run_stream
+from service.rpc.status import unary
 from service.run import Run
-
-log = logging.getLogger(__name__)
 
 
 class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
@@ -64,22 +60,18 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
     async def ListTools(self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext) -> pb.ListToolsResponse:
         return pb.ListToolsResponse(tools=self.api.list_tools(self.caller()))
 
-    @streaming
-    def RunAgent(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
-        received = self.clock()
+    async def _open_run(self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext) -> tuple[Run, int, bool]:
+        run, created = await self._start(request, context, background=False)
+        return run, 0, created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
 
-        async def opened() -> tuple[Run, int, bool]:
-            run, created = await self._start(request, context, background=False)
-            return run, 0, created and request.on_disconnect != pb.RunAgentRequest.CONTINUE
+    async def _open_watch(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[Run, int, bool]:
+        return await self.api.watch(request.run_id, self.caller(), request.after_seq), request.after_seq, False
 
-        return self._stream(opened, context, received=received)
-
-    @streaming
-    def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
-        async def opened() -> tuple[Run, int, bool]:
-            return await self.api.watch(request.run_id, self.caller(), request.after_seq), request.after_seq, False
-
-        return self._stream(opened, context)
+    # one async generator each, from the checks to the status (service/rpc/runstream.py)
+    RunAgent = run_stream(_open_run, timed=True)
+    WatchRun = run_stream(_open_watch)
 
     @unary
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
@@ -108,7 +100,7 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
             if created and not run.finished and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
                 run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
             raise
-        if _ended_with_failure(run, context):
+        if ended_with_failure(run, context):
             return None
         return run_result(run)
 
@@ -116,48 +108,3 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext, *, background: bool
     ) -> tuple[Run, bool]:
         return await self.api.start(request, self.caller(), remaining_s=context.time_remaining(), background=background)
-
-    async def _stream(
-        self,
-        opened: Callable[[], Awaitable[tuple[Run, int, bool]]],
-        context: grpc.aio.ServicerContext,
-        *,
-        received: float | None = None,
-    ) -> AsyncIterator[pb.AgentEvent]:
-        """Open the run (`opened`: the run, the seq to send after, and whether this stream owns it), send its log
-        from there, live, then end with the run's status. An owner's disconnect cancels the run (on_disconnect=CANCEL).
-        Opened here, inside the stream, so that a start that awaits the shared store costs no extra hop per event."""
-        run, after_seq, owner = await opened()
-        runs = self.config.runs
-        sent = telemetry.SentCounts()
-        counts = sent.counts
-        try:
-            with self.api.streaming(run, owner=owner):
-                async for entry in run.follow(
-                    after_seq, coalesce_lag=runs.subscriber_coalesce_lag, max_lag=runs.subscriber_max_lag
-                ):
-                    event = entry.event
-                    message = to_proto(event, run.id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
-                    kind = type(event)
-                    counts[kind] = counts.get(kind, 0) + 1  # counted here, not through a method: the per-event path
-                    if entry.seq >= sent.due:
-                        sent.flush(entry.seq)
-                    yield message
-                    if received is not None:  # grpc asks for the next message once it has sent this one
-                        telemetry.FIRST_EVENT.observe(self.clock() - received)
-                        received = None
-        except SubscriberTooSlow as exc:
-            log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
-            raise  # RESOURCE_EXHAUSTED, telling it where to resume
-        finally:
-            sent.flush()
-        _ended_with_failure(run, context)
-
-
-def _ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:
-    """True when the run failed; the call then ends with the failure's status code and message."""
-    outcome = run.outcome
-    if isinstance(outcome, ev.RunFailed):
-        end_call(context, outcome.code, outcome.message)
-        return True
-    return False

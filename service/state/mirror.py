@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from typing import Any
 
 from service import events as ev
 from service.control import RunControl
-from service.errors import RunHandedOver, StateUnavailable
+from service.errors import StateUnavailable
 from service.loop import RunSpec
 from service.run import EVENT_BYTES, Entry, Run, RunRecord, RunState
 
@@ -27,6 +26,7 @@ class SharedRun(Run):
         super().__init__(*args, **kwargs)
         self.changed = shipped
         self.stored = 0  # seqs 1..stored are in the store
+        self.stored_only = self.spec.durable  # its readers' `Cursor` stops at `stored`
 
     def mark_stored(self, seq: int) -> None:
         """The shipper has put seqs up to `seq` in the store."""
@@ -40,21 +40,6 @@ class SharedRun(Run):
         seq = len(self.log)
         while self.stored < seq:
             await self._changed()
-
-    def follow(self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000) -> AsyncIterator[Entry]:
-        entries = super().follow(after_seq, coalesce_lag=coalesce_lag, max_lag=max_lag)
-        return self._stored_only(entries) if self.spec.durable else entries
-
-    async def _stored_only(self, entries: AsyncIterator[Entry]) -> AsyncIterator[Entry]:
-        async with aclosing(entries):  # type: ignore[type-var]
-            async for entry in entries:
-                while entry.seq > self.stored:
-                    if isinstance(self.lost, RunHandedOver):  # this stream was sent seqs up to entry.seq - 1
-                        raise self.lost.at(entry.seq - 1)
-                    if self.lost is not None:
-                        raise self.lost
-                    await self._changed()
-                yield entry
 
     def append(self, event: ev.Event) -> None:
         super().append(event)

@@ -1,0 +1,57 @@
+"""Per-call counters kept as ints and passed to Prometheus at each scrape (service/tally.py): a scrape sees every
+count added before it, and a count is passed on once."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, Counter, Gauge
+
+from service import tally
+
+CALLS = Counter("test_tally_calls_total", "a tallied counter", ["outcome"])
+OPEN = Gauge("test_tally_open", "a tallied gauge")
+
+
+def test_a_scrape_sees_every_count_added_before_it_and_each_once() -> None:
+    ok, failed = (CALLS, "OK"), (CALLS, "FAILED")
+    before = REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) or 0.0
+    for _ in range(3):
+        tally.add(ok)
+    tally.add(failed, 2)
+    assert CALLS.labels("OK")._value.get() == before  # no lock taken per call: not passed on yet
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) == before + 3
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) == before + 3  # once, not twice
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "FAILED"}) == 2
+    tally.add(ok)
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) == before + 4
+
+
+def test_a_gauge_goes_up_and_down_and_shows_the_net_at_a_scrape() -> None:
+    start = REGISTRY.get_sample_value("test_tally_open")
+    tally.add((OPEN,), 1)
+    tally.add((OPEN,), 1)
+    assert REGISTRY.get_sample_value("test_tally_open") == start + 2
+    tally.add((OPEN,), -1)
+    tally.add((OPEN,), -1)
+    assert REGISTRY.get_sample_value("test_tally_open") == start
+
+
+def test_scrapes_on_other_threads_while_counts_are_added_lose_nothing() -> None:
+    key = (CALLS, "RACED")
+    before = REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "RACED"}) or 0.0
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            tally.flush()
+
+    scrapers = [threading.Thread(target=scrape) for _ in range(2)]
+    for thread in scrapers:
+        thread.start()
+    for _ in range(20_000):
+        tally.add(key)
+    stop.set()
+    for thread in scrapers:
+        thread.join()
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "RACED"}) == before + 20_000
