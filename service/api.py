@@ -16,7 +16,16 @@ from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
 from service.config import Config
 from service.deadline import run_margin_s
-from service.errors import AfterSeqOutOfRange, InvalidRequest, NotFound, RunAlreadyEnded, RunCancelled, ServerDraining
+from service.errors import (
+    AfterSeqOutOfRange,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RunAlreadyEnded,
+    RunCancelled,
+    ServerDraining,
+)
+from service.listing import RunQuery, decode_token, encode_token, key_of, merge, page_size
 from service.models.base import ToolSpec
 from service.rpc.validate import Validator, fingerprint
 from service.rpc.values import struct
@@ -25,6 +34,8 @@ from service.runs import RunRegistry
 from tools.base import Tool
 
 _CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
+# Run.State values as RunState values ("queued"…): the enum names, lower case
+_LISTED_STATES = {number: name.lower() for name, number in pb.Run.State.items() if number}
 
 
 class AgentApi:
@@ -127,6 +138,22 @@ class AgentApi:
             # usually done within milliseconds: answer with the final state when it is there
             await asyncio.wait([run.task], timeout=1.0)
         return run.id, run.state
+
+    async def list_runs(self, request: pb.ListRunsRequest, caller: Caller) -> tuple[list[RunRecord], str]:
+        """A page of runs, newest first, and the token of the next page ("" on the last). Another caller's runs
+        only for an `admin` caller."""
+        whose = request.caller or caller.name
+        if whose != caller.name and not caller.config.admin:
+            raise PermissionDenied(f"caller {caller.name} may list only its own runs (listing others' needs admin)")
+        unknown = [s for s in request.states if s not in _LISTED_STATES]
+        if unknown:
+            raise InvalidRequest(f"unknown run state(s) {unknown}: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED")
+        size = page_size(request.page_size)
+        query = RunQuery(
+            whose, frozenset(_LISTED_STATES[s] for s in request.states), decode_token(request.page_token), size + 1
+        )
+        records, more = merge(await self.registry.list_runs(query), size)
+        return records, encode_token(key_of(records[-1])) if more else ""
 
     async def record(self, run_id: str, caller: Caller) -> RunRecord:
         return await self.registry.record(_required(run_id), caller.name)

@@ -86,7 +86,9 @@ async def start(
     store = await build_run_store(config, health)
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
-    summaries = records.summaries if config.records.url is not None else None
+    # (`runs.keep_summaries` asks for them in the SQLite file too: one node whose GetRun and ListRuns outlive retention)
+    keep = config.runs.keep_summaries
+    summaries = records.summaries if (config.records.url is not None if keep is None else keep) else None
     runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
     kept = store if store is not None else runlog
     flush = None if runlog is None else runlog.flush
