@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
@@ -33,6 +33,9 @@ from service.run import Run, RunRecord, RunState
 from service.runs import RunRegistry
 from tools.base import Tool
 
+if TYPE_CHECKING:
+    from service.push.pusher import Pusher
+
 _CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
 # Run.State values as RunState values ("queued"…): the enum names, lower case
 _LISTED_STATES = {number: name.lower() for name, number in pb.Run.State.items() if number}
@@ -51,9 +54,11 @@ class AgentApi:
         caller_limits: CallerLimits,
         tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
         default_model: str,
+        push: Pusher | None = None,
     ) -> None:
         """`tool_specs`: the tools as the model sees them, by name; `default_model`: the model of a request that
-        names none."""
+        names none; `push`: takes SubmitRun's callbacks (None: a callback is refused)."""
+        self.push = push
         self.registry = registry
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
         self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
@@ -95,15 +100,31 @@ class AgentApi:
         if remaining_s is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
             margin = run_margin_s(remaining_s, self.config.runs.deadline_margin_s)
             deadline = asyncio.get_running_loop().time() + remaining_s - margin
-        return await self.registry.open(
-            spec,
-            caller=caller,
-            limits=self.caller_limits,
-            key=key,
-            fingerprint=digest,
-            deadline=deadline,
-            background=background,
-        )
+        callback = request.callback if request.HasField("callback") else None
+        if callback is not None:
+            if not background:
+                raise InvalidRequest("callback is for SubmitRun only: a streaming call sees the run's end itself")
+            if self.push is None:
+                raise InvalidRequest("this server pushes no callbacks")
+            # registered before the run starts, so that its end cannot come first
+            await self.push.register(run_id, caller.name, callback.url, callback.secret)
+        try:
+            run, created = await self.registry.open(
+                spec,
+                caller=caller,
+                limits=self.caller_limits,
+                key=key,
+                fingerprint=digest,
+                deadline=deadline,
+                background=background,
+            )
+        except BaseException:
+            if callback is not None and self.push is not None:
+                await asyncio.shield(self.push.forget(run_id))
+            raise
+        if callback is not None and self.push is not None and not created:
+            await self.push.forget(run_id)  # the idempotency key named a run that has its own callback
+        return run, created
 
     async def watch(self, run_id: str, caller: Caller, after_seq: int) -> Run:
         """The run to follow after `after_seq`; OUT_OF_RANGE for a seq it has not logged."""

@@ -34,6 +34,10 @@ from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import PolicyError, resolve
 from service.policy.shared import Reachability, SharedPolicy
+from service.push.guard import UrlGuard
+from service.push.pusher import Pusher
+from service.push.store import DEFAULT_FILE as PUSH_FILE
+from service.push.store import DeliveryStore, SqliteDeliveryStore
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
 from service.records.audit_chain import ENV_VAR, load_keyring
@@ -96,6 +100,7 @@ async def start(
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
+    push = build_push(config, records, registry)
     api = AgentApi(
         registry,
         tools,
@@ -103,6 +108,7 @@ async def start(
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
+        push=push,
     )
     deliveries = Deliveries(registry, frozenset(config.approvals.approvers))
     servicer = AgentServicer(api, anonymous=authenticator.anonymous, deliveries=deliveries)
@@ -118,6 +124,8 @@ async def start(
         metrics=metrics,
         http=http,
     )
+    service.push = push
+    await push.start()
     if store is not None:
         await health.attach(service.health, store.up)
     if records.database is not None:
@@ -125,6 +133,26 @@ async def start(
         records.database.on_health = records_health.changed_soon
         await records_health.attach(service.health, records.database.up)
     return service
+
+
+def build_push(config: Config, records: Records, registry: RunRegistry) -> Pusher:
+    """Completion push: deliveries in the records store (PostgreSQL with `records.url`, else data_dir/push.db),
+    scheduled when a run driven here ends."""
+    if records.database is not None:
+        from service.push.pg_store import PgDeliveryStore  # psycopg only when the config asks for PostgreSQL
+
+        store: DeliveryStore = PgDeliveryStore(records.database)
+    else:
+        store = SqliteDeliveryStore(config.data_dir / PUSH_FILE)
+    push = Pusher(
+        store,
+        UrlGuard(config.push),
+        config.push,
+        lookup=registry.record,
+        max_wait_for_run_s=config.runs.max_run_s + config.runs.retention_s,
+    )
+    registry.on_end(push.ended)
+    return push
 
 
 def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> HttpServer:
