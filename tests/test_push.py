@@ -224,3 +224,41 @@ async def test_replicas_claim_each_delivery_once_on_postgres(postgres_schema: Po
     assert [d.delivery_id for d in await stores[0].claim(now + 1, lease, 10)] == [claimed[0]]
     for db in databases:
         await db.release()
+
+
+async def test_a_run_that_ended_unnoticed_is_found_and_a_lost_one_expires(tmp_path: Path) -> None:
+    """The process that ended a run died before scheduling its delivery: the periodic look schedules it from the run's
+    record; a delivery whose run is gone for good expires."""
+    from service import events as ev
+    from service.errors import NotFound
+    from service.run import RunRecord
+
+    async def dns(host: str, port: int) -> list[str]:
+        return ["93.184.215.14"]
+
+    final = ev.FinalResponse(
+        text="done", stop_reason="end_turn", turns=1, tool_calls=0, input_tokens=1, output_tokens=1, duration_s=0.1
+    )
+
+    async def lookup(run_id: str, caller: str) -> RunRecord:
+        if run_id == "run_gone":
+            raise NotFound(run_id)
+        return RunRecord(run_id, caller, "succeeded", 5, 1, 2, final)
+
+    now = [time.time()]
+    config = PushConfig()
+    store = SqliteDeliveryStore(tmp_path / "push.db")
+    pusher = Pusher(store, UrlGuard(config, dns), config, lookup=lookup, max_wait_for_run_s=3600, clock=lambda: now[0])
+    for run_id in ("run_ended", "run_gone"):
+        await pusher.register(run_id, "anonymous", "https://hooks.example/x", "s")
+    await pusher._reconcile()  # just registered: not looked at yet
+    assert (await store.get(delivery_id("run_ended"))).state == "waiting"  # type: ignore[union-attr]
+    now[0] += 60
+    await pusher._reconcile()
+    ended = await store.get(delivery_id("run_ended"))
+    assert ended is not None and ended.state == "pending" and json.loads(ended.body or "")["state"] == "SUCCEEDED"
+    assert (await store.get(delivery_id("run_gone"))).state == "waiting"  # type: ignore[union-attr]
+    now[0] += 3600
+    await pusher._reconcile()
+    assert (await store.get(delivery_id("run_gone"))).state == "expired"  # type: ignore[union-attr]
+    await pusher.aclose()
