@@ -188,16 +188,32 @@ async def _no_lookup(run_id: str, caller: str) -> Any:
 
 
 async def test_a_pending_delivery_survives_a_restart(start_service: Any, channel_to: Any, receiver: Receiver) -> None:
+    await restart_with_a_delivery_pending(start_service, channel_to, receiver)  # data_dir's push.db
+
+
+async def test_a_pending_delivery_survives_a_restart_on_postgres(
+    postgres_schema: PostgresSchema, start_service: Any, channel_to: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    # another data_dir after the restart: what resumes is in PostgreSQL, not on this node's disk
+    await restart_with_a_delivery_pending(
+        start_service, channel_to, receiver, records={"url": postgres_schema.url}, data_dir=tmp_path / "elsewhere"
+    )
+
+
+async def restart_with_a_delivery_pending(
+    start_service: Any, channel_to: Any, receiver: Receiver, **after: Any
+) -> None:
     receiver.answers = [500] * 1000
     push = {**LOOPBACK_OK, "initial_backoff_s": 0.3, "max_backoff_s": 0.3}
-    first = await start_service(push=push)
+    records = {"records": after["records"]} if "records" in after else {}
+    first = await start_service(push=push, **records)
     run_id = await submit(first, channel_to, receiver.url)
     await receiver.wait_for(1)
     await first.server.stop(0)
     await first.close()
     tries = len(receiver.got)
     receiver.answers = []
-    second = await start_service(push=push)  # the same data_dir: the same push.db
+    second = await start_service(push=push, **after)
     delivery = await settled(second, run_id)
     assert len(receiver.got) == tries + 1 and delivery.attempts == tries + 1
     assert {h["Agent-Delivery"] for h, _ in receiver.got} == {delivery_id(run_id)}
