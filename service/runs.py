@@ -201,10 +201,15 @@ class RunRegistry:
         process's runs, the shared store's, the summaries of ended ones."""
         pages = [newest((run.record() for run in self.runs.values() if run.caller == query.caller), query)]
         if self.store is not None:
-            pages.append(await self.store.list_runs(query))
+            pages.append(self._current(await self.store.list_runs(query), query))
         if self.summaries is not None:
             pages.append(await self.summaries.list_runs(query))
         return pages
+
+    def _current(self, records: list[RunRecord], query: RunQuery) -> list[RunRecord]:
+        """The store's records, a run driven here as it is now: its ending may not be shipped yet."""
+        current = [run.record() if (run := self.runs.get(r.run_id)) is not None else r for r in records]
+        return [record for record in current if query.admits(record)]
 
     async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
         """The run to follow: this process's own, else a mirror of the one another process drives (or drove, before

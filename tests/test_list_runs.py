@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import redis.asyncio as redis
 from backends import PostgresSchema, RedisNamespace
 
 from agent.v1 import agent_pb2 as pb
@@ -146,6 +147,21 @@ async def test_list_runs_on_redis_and_postgres_across_replicas(
         for i in range(2)
     ]
     await exercise(replicas, channel_to, opened)
+    # the live state forgets the runs (Redis keys expired, the processes swept them): PostgreSQL's summaries list them
+    expected = await all_pages(stub(channel_to(replicas[0])), "alice")
+    for svc in replicas:
+        if svc.registry._summary_writes:  # each ended run's summary is written behind its end
+            await asyncio.wait(svc.registry._summary_writes)
+        await svc.registry.summaries._records.settle()  # type: ignore[union-attr]
+        svc.registry.runs.clear()
+    client = redis.Redis.from_url(redis_ns.url)
+    keys = [key async for key in client.scan_iter(match=f"{redis_ns.prefix}*", count=1000)]
+    await client.delete(*keys)
+    await client.aclose()
+    got = await all_pages(stub(channel_to(replicas[1])), "alice", page_size=3)
+    missing = [r for r in expected if r not in got]
+    debug = [(r, await replicas[0].registry.summaries.get(r)) for r in missing]
+    assert got == expected, debug
 
 
 async def test_list_runs_over_http(start_service: Any, tmp_path: Path) -> None:
