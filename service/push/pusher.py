@@ -197,7 +197,13 @@ class Pusher:
         now = self._now_ns()
         lease = now + int((self.config.timeout_s + 30) * 1e9)  # outlives the try, so no other sender starts it
         for delivery in await self.store.claim(now, lease, free):
-            self._spawn(self._send(delivery), f"push send {delivery.delivery_id}")
+            self._spawn(self._send_logged(delivery), f"push send {delivery.delivery_id}")
+
+    async def _send_logged(self, delivery: Delivery) -> None:
+        try:
+            await self._send(delivery)
+        except Exception:  # the store failed us: the lease runs out, and the delivery is claimed again then
+            log.exception("callback try not recorded", extra={"run_id": delivery.run_id})
 
     async def _send(self, delivery: Delivery) -> None:
         async with self._sends:
