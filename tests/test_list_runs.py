@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 import redis.asyncio as redis
-from backends import PostgresSchema, RedisNamespace
+from backends import PostgresSchema, RedisNamespace, audit_key_file
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
@@ -143,6 +143,7 @@ async def test_list_runs_on_redis_and_postgres_across_replicas(
             data_dir=tmp_path / f"replica{i}",
             state={"url": redis_ns.url, "prefix": redis_ns.prefix},
             records={"url": postgres_schema.url},
+            audit={"key_file": audit_key_file(tmp_path)},
         )
         for i in range(2)
     ]

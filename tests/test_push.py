@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
-from backends import PostgresSchema
+from backends import PostgresSchema, audit_key_file
 from prometheus_client import REGISTRY
 
 from agent.v1 import agent_pb2 as pb
@@ -196,7 +196,12 @@ async def test_a_pending_delivery_survives_a_restart_on_postgres(
 ) -> None:
     # another data_dir after the restart: what resumes is in PostgreSQL, not on this node's disk
     await restart_with_a_delivery_pending(
-        start_service, channel_to, receiver, records={"url": postgres_schema.url}, data_dir=tmp_path / "elsewhere"
+        start_service,
+        channel_to,
+        receiver,
+        records={"url": postgres_schema.url},
+        audit={"key_file": audit_key_file(tmp_path)},
+        data_dir=tmp_path / "elsewhere",
     )
 
 
@@ -205,7 +210,7 @@ async def restart_with_a_delivery_pending(
 ) -> None:
     receiver.answers = [500] * 1000
     push = {**LOOPBACK_OK, "initial_backoff_s": 0.3, "max_backoff_s": 0.3}
-    records = {"records": after["records"]} if "records" in after else {}
+    records = {k: after[k] for k in ("records", "audit") if k in after}
     first = await start_service(push=push, **records)
     run_id = await submit(first, channel_to, receiver.url)
     await receiver.wait_for(1)

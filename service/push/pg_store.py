@@ -1,4 +1,4 @@
-"""Callback deliveries in the PostgreSQL records database (`callback_deliveries`, migration 3): every replica claims
+"""Callback deliveries in the PostgreSQL records database (`callback_deliveries`, migration 4): every replica claims
 from one table, and a claim skips the rows another replica is claiming (FOR UPDATE SKIP LOCKED), so each delivery
 is sent by one replica at a time. Not spooled like the other records: a claim needs the database, and a delivery
 registered while it is away is refused (UNAVAILABLE) rather than kept where no other replica sees it."""

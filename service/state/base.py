@@ -84,3 +84,7 @@ class RunStore(RunKeeper, Protocol):
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         """ListRuns' runs the store still keeps (live, or ended within retention), newest first."""
+
+    def forget(self, run: Run) -> None:
+        """Stop keeping `run` here (its lease, its shipping): it waits in the durable queue for whichever process
+        claims it. Called once its log is in the store."""
