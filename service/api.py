@@ -10,13 +10,22 @@ import asyncio
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
 from service.config import Config
 from service.deadline import run_margin_s
-from service.errors import AfterSeqOutOfRange, InvalidRequest, NotFound, RunAlreadyEnded, RunCancelled, ServerDraining
+from service.errors import (
+    AfterSeqOutOfRange,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RunAlreadyEnded,
+    RunCancelled,
+    ServerDraining,
+)
+from service.listing import RunQuery, decode_token, encode_token, key_of, merge, page_size
 from service.models.base import ToolSpec
 from service.rpc.validate import Validator, fingerprint
 from service.rpc.values import struct
@@ -24,7 +33,12 @@ from service.run import Run, RunRecord, RunState
 from service.runs import RunRegistry
 from tools.base import Tool
 
+if TYPE_CHECKING:
+    from service.push.pusher import Pusher
+
 _CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())
+# Run.State values as RunState values ("queued"…): the enum names, lower case
+_LISTED_STATES = {number: name.lower() for name, number in pb.Run.State.items() if number}
 
 
 class AgentApi:
@@ -40,9 +54,11 @@ class AgentApi:
         caller_limits: CallerLimits,
         tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
         default_model: str,
+        push: Pusher | None = None,
     ) -> None:
         """`tool_specs`: the tools as the model sees them, by name; `default_model`: the model of a request that
-        names none."""
+        names none; `push`: takes SubmitRun's callbacks (None: a callback is refused)."""
+        self.push = push
         self.registry = registry
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
         self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
@@ -84,15 +100,31 @@ class AgentApi:
         if remaining_s is not None and not background and request.on_disconnect != pb.RunAgentRequest.CONTINUE:
             margin = run_margin_s(remaining_s, self.config.runs.deadline_margin_s)
             deadline = asyncio.get_running_loop().time() + remaining_s - margin
-        return await self.registry.open(
-            spec,
-            caller=caller,
-            limits=self.caller_limits,
-            key=key,
-            fingerprint=digest,
-            deadline=deadline,
-            background=background,
-        )
+        callback = request.callback if request.HasField("callback") else None
+        if callback is not None:
+            if not background:
+                raise InvalidRequest("callback is for SubmitRun only: a streaming call sees the run's end itself")
+            if self.push is None:
+                raise InvalidRequest("this server pushes no callbacks")
+            # registered before the run starts, so that its end cannot come first
+            await self.push.register(run_id, caller.name, callback.url, callback.secret)
+        try:
+            run, created = await self.registry.open(
+                spec,
+                caller=caller,
+                limits=self.caller_limits,
+                key=key,
+                fingerprint=digest,
+                deadline=deadline,
+                background=background,
+            )
+        except BaseException:
+            if callback is not None and self.push is not None:
+                await asyncio.shield(self.push.forget(run_id))
+            raise
+        if callback is not None and self.push is not None and not created:
+            await self.push.forget(run_id)  # the idempotency key named a run that has its own callback
+        return run, created
 
     async def watch(self, run_id: str, caller: Caller, after_seq: int) -> Run:
         """The run to follow after `after_seq`; OUT_OF_RANGE for a seq it has not logged."""
@@ -129,6 +161,22 @@ class AgentApi:
             # usually done within milliseconds: answer with the final state when it is there
             await asyncio.wait([run.task], timeout=1.0)
         return run.id, run.state
+
+    async def list_runs(self, request: pb.ListRunsRequest, caller: Caller) -> tuple[list[RunRecord], str]:
+        """A page of runs, newest first, and the token of the next page ("" on the last). Another caller's runs
+        only for an `admin` caller."""
+        whose = request.caller or caller.name
+        if whose != caller.name and not caller.config.admin:
+            raise PermissionDenied(f"caller {caller.name} may list only its own runs (listing others' needs admin)")
+        unknown = [s for s in request.states if s not in _LISTED_STATES]
+        if unknown:
+            raise InvalidRequest(f"unknown run state(s) {unknown}: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED")
+        size = page_size(request.page_size)
+        query = RunQuery(
+            whose, frozenset(_LISTED_STATES[s] for s in request.states), decode_token(request.page_token), size + 1
+        )
+        records, more = merge(await self.registry.list_runs(query), size)
+        return records, encode_token(key_of(records[-1])) if more else ""
 
     async def _cancel_queued(self, record: RunRecord) -> RunRecord:
         """A run waiting in the fleet's durable queue is cancelled there (it never starts); one a process claimed

@@ -21,7 +21,7 @@ they are data the model reads (`tools.base.ToolError`).
     └── RequestError          refuses a call as sent; no run starts (or none is touched)
         ├── InvalidRequest        INVALID_ARGUMENT: the message says what to change
         ├── Unauthenticated       UNAUTHENTICATED: no valid credentials where they are required
-        ├── PermissionDenied      PERMISSION_DENIED: a tool outside the caller's rights
+        ├── PermissionDenied      PERMISSION_DENIED: a tool outside the caller's rights, another's runs
         ├── CallerLimited         RESOURCE_EXHAUSTED: the caller's concurrent runs or runs per minute
         ├── QueueFull             RESOURCE_EXHAUSTED: the background queue
         ├── SubscriberTooSlow     RESOURCE_EXHAUSTED: a stream fell too far behind its run and was dropped

@@ -34,6 +34,7 @@ from service.errors import (
     RunCancelled,
     RunInterrupted,
 )
+from service.listing import RunQuery, newest
 from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummaryStore, write_summary
 from service.retention import Ended, Retention
@@ -85,6 +86,11 @@ class RunRegistry:
         self._background = asyncio.Semaphore(config.background_max_concurrent)
         self._background_runs = 0  # running or queued
         self._janitor: asyncio.Task[None] | None = None
+        self._on_end: list[Callable[[Run, bool], None]] = []
+
+    def on_end(self, callback: Callable[[Run, bool], None]) -> None:
+        """Call `callback(run, background)` when a run driven here ends (not when it is handed over)."""
+        self._on_end.append(callback)
 
     def get(self, run_id: str, caller: str | None = None) -> Run:
         """The run `run_id`; with `caller`, only if that caller started it: another caller's run is NotFound with
@@ -224,6 +230,21 @@ class RunRegistry:
             if record is None or record.caller != caller:
                 raise
             return record
+
+    async def list_runs(self, query: RunQuery) -> list[list[RunRecord]]:
+        """What each place that keeps runs answers to a ListRuns query (`service/listing.py` merges them): this
+        process's runs, the shared store's, the summaries of ended ones."""
+        pages = [newest((run.record() for run in self.runs.values() if run.caller == query.caller), query)]
+        if self.store is not None:
+            pages.append(self._current(await self.store.list_runs(query), query))
+        if self.summaries is not None:
+            pages.append(await self.summaries.list_runs(query))
+        return pages
+
+    def _current(self, records: list[RunRecord], query: RunQuery) -> list[RunRecord]:
+        """The store's records, a run driven here as it is now: its ending may not be shipped yet."""
+        current = [run.record() if (run := self.runs.get(r.run_id)) is not None else r for r in records]
+        return [record for record in current if query.admits(record)]
 
     async def watch(self, run_id: str, caller: str, after_seq: int = 0) -> Run:
         """The run to follow: this process's own, else a mirror of the one another process drives (or drove, before
@@ -400,6 +421,8 @@ class RunRegistry:
             task = asyncio.create_task(write_summary(self.summaries, run), name=f"summary {run.id}")
             self._summary_writes.add(task)
             task.add_done_callback(self._summary_writes.discard)
+        for callback in self._on_end:
+            callback(run, background)
 
     async def shutdown(self, grace: float) -> None:
         """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and

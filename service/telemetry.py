@@ -127,6 +127,11 @@ STATE_UP = Gauge(
     "1 while the shared run-state store answers, 0 while it cannot be reached",
     multiprocess_mode="livemin",
 )
+PUSH_DELIVERIES = Counter(
+    "agent_push_deliveries_total",
+    "Completion push attempts by outcome: delivered (2xx), failed (retried later), refused (the SSRF guard), expired",
+    ["outcome"],
+)
 STATE_ERRORS = Counter("agent_state_store_errors_total", "Failed operations on the shared run-state store")
 STATE_UNSHIPPED = Gauge(
     "agent_state_unshipped_events",

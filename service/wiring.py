@@ -34,6 +34,10 @@ from service.models.base import Model
 from service.models.scripted import Scenario, ScriptedModel
 from service.policy.config import PolicyError, resolve
 from service.policy.shared import Reachability, SharedPolicy
+from service.push.guard import UrlGuard
+from service.push.pusher import Pusher
+from service.push.store import DEFAULT_FILE as PUSH_FILE
+from service.push.store import DeliveryStore, SqliteDeliveryStore
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
 from service.records.audit_chain import ENV_VAR, AuditKeyError, load_keyring
@@ -86,7 +90,9 @@ async def start(
     store = await build_run_store(config, health)
     # run summaries answer GetRun after the live state forgot a run: for the fleet when they are in PostgreSQL (a
     # process's own SQLite file would answer for its own runs only, and memory:// keeps today's behaviour)
-    summaries = records.summaries if config.records.url is not None else None
+    # (`runs.keep_summaries` asks for them in the SQLite file too: one node whose GetRun and ListRuns outlive retention)
+    keep = config.runs.keep_summaries
+    summaries = records.summaries if (config.records.url is not None if keep is None else keep) else None
     runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
     kept = store if store is not None else runlog
     flush = None if runlog is None else runlog.flush
@@ -98,6 +104,7 @@ async def start(
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
+    push = build_push(config, records, registry)
     api = AgentApi(
         registry,
         tools,
@@ -105,6 +112,7 @@ async def start(
         caller_limits=CallerLimits(),
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
+        push=push,
     )
     deliveries = Deliveries(registry, frozenset(config.approvals.approvers))
     servicer = AgentServicer(api, anonymous=authenticator.anonymous, deliveries=deliveries)
@@ -120,6 +128,8 @@ async def start(
         metrics=metrics,
         http=http,
     )
+    service.push = push
+    await push.start()
     if store is not None:
         await health.attach(service.health, store.up)
     if records.database is not None:
@@ -130,6 +140,26 @@ async def start(
         records.database.on_quarantine = lambda count: quarantine_health.changed_soon(count == 0)
         await quarantine_health.attach(service.health, records.database.quarantined == 0)
     return service
+
+
+def build_push(config: Config, records: Records, registry: RunRegistry) -> Pusher:
+    """Completion push: deliveries in the records store (PostgreSQL with `records.url`, else data_dir/push.db),
+    scheduled when a run driven here ends."""
+    if records.database is not None:
+        from service.push.pg_store import PgDeliveryStore  # psycopg only when the config asks for PostgreSQL
+
+        store: DeliveryStore = PgDeliveryStore(records.database)
+    else:
+        store = SqliteDeliveryStore(config.data_dir / PUSH_FILE)
+    push = Pusher(
+        store,
+        UrlGuard(config.push),
+        config.push,
+        lookup=registry.record,
+        max_wait_for_run_s=config.runs.max_run_s + config.runs.retention_s,
+    )
+    registry.on_end(push.ended)
+    return push
 
 
 def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> HttpServer:

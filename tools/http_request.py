@@ -399,3 +399,12 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
 
 def create(config: ToolConfig) -> HttpRequest:
     return HttpRequest(config)
+
+
+# The SSRF guard's parts, shared with the completion push (service/push/guard.py): one rule for every URL the service
+# requests on someone's behalf, and one pinned connection so that a second DNS answer cannot swap the address.
+non_public = _non_public
+within = _within
+ip_or_none = _ip_or_none
+PINNED = _PINNED
+PinnedTransport = _PinnedTransport

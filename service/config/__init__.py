@@ -16,6 +16,7 @@ from service.config.approvals import ApprovalsConfig
 from service.config.base import Section
 from service.config.callers import AuthConfig, CallerConfig
 from service.config.model import ModelConfig, ModelRetry, Pacing
+from service.config.push import PushConfig
 from service.config.server import GcConfig, HttpConfig, KeepaliveConfig, Limits, Redaction, TlsConfig, address
 from service.config.stores import (
     AuditConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "ModelConfig",
     "ModelRetry",
     "Pacing",
+    "PushConfig",
     "RecordsConfig",
     "Redaction",
     "RunsConfig",
@@ -99,6 +101,7 @@ class Config(Section):
     state: StateConfig = StateConfig()
     records: RecordsConfig = RecordsConfig()
     durable: DurableConfig = DurableConfig()
+    push: PushConfig = PushConfig()
     workers: int = Field(
         default=1,
         ge=1,

@@ -36,6 +36,9 @@ class CallerConfig(Section):
         description="runs started in a sliding minute (refused requests do not count); beyond it RESOURCE_EXHAUSTED "
         "saying when to retry; unset: no limit",
     )
+    admin: bool = Field(
+        default=False, description="may list another caller's runs (ListRuns `caller`, GET /v1/runs?caller=)"
+    )
     durability: Literal["durable", "not_durable"] | None = Field(
         default=None,
         description="this caller's runs when a request leaves `durability` unset: checkpointed (durable: they survive "

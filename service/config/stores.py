@@ -85,6 +85,11 @@ class RunsConfig(Section):
     subscriber_max_lag: int = Field(default=10_000, ge=1, description="a stream this far behind is dropped")
     max_tool_calls: int = Field(default=200, ge=1, description="largest max_tool_calls a request may ask for")
     max_output_tokens: int = Field(default=1_000_000, ge=1, description="largest max_output_tokens")
+    keep_summaries: bool | None = Field(
+        default=None,
+        description="write each ended run's summary to the records store, so that GetRun and ListRuns answer for it "
+        "after `retention_s`; unset: only when records.url is set (the SQLite file costs a synced write per run)",
+    )
 
 
 class StateConfig(Section):

@@ -32,7 +32,7 @@ from service.http.sse import message_json
 from service.http.status import error_body, error_of
 from service.http.stream import EventStream
 from service.rpc.auth import Authenticator
-from service.rpc.convert import run_state, run_to_proto
+from service.rpc.convert import list_runs_response, run_state, run_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class HttpFace:
         table: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/runs:stream", self.run_stream),
             ("POST", "/v1/runs", self.submit),
+            ("GET", "/v1/runs", self.list_runs),
             ("GET", "/v1/runs/{run_id}/events", self.events),
             ("POST", "/v1/runs/{run_id}:cancel", self.cancel),
             ("GET", "/v1/runs/{run_id}", self.get_run),
@@ -129,6 +130,18 @@ class HttpFace:
     async def get_run(self, request: Request, caller: Caller, remaining: float | None) -> Response:
         async with _deadline(remaining):
             return _json(run_to_proto(await self.api.record(request.path_params["run_id"], caller)))
+
+    async def list_runs(self, request: Request, caller: Caller, remaining: float | None) -> Response:
+        """`?state=RUNNING&state=QUEUED&page_size=&page_token=&caller=`: ListRuns' fields as query parameters."""
+        params = request.query_params
+        message = pb.ListRunsRequest(caller=params.get("caller", ""), page_token=params.get("page_token", ""))
+        try:
+            message.states.extend(pb.Run.State.Value(s.upper()) for s in params.getlist("state") if s)
+            message.page_size = int(params.get("page_size") or 0)
+        except ValueError as exc:
+            raise InvalidRequest(f"bad query: {exc} (state: QUEUED…CANCELLED; page_size: 1–500)") from None
+        async with _deadline(remaining):
+            return _json(list_runs_response(*await self.api.list_runs(message, caller)))
 
     async def cancel(self, request: Request, caller: Caller, remaining: float | None) -> Response:
         body = await self._body(request)

@@ -124,6 +124,31 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX durable_runs_queued ON durable_runs (queue_seq) WHERE state = 'queued';
         """,
     ),
+    # ListRuns (service/listing.py) and completion push (service/push/): times in ns since the epoch
+    Migration(
+        4,
+        "run listing and callback deliveries",
+        """
+        CREATE INDEX run_summaries_caller ON run_summaries (caller, created_ns, run_id);
+        CREATE TABLE callback_deliveries (
+            delivery_id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL UNIQUE,
+            caller TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            state TEXT NOT NULL,
+            body TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_ns BIGINT NOT NULL,
+            ended_ns BIGINT NOT NULL DEFAULT 0,
+            next_ns BIGINT NOT NULL DEFAULT 0,
+            lease_ns BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX callback_deliveries_due ON callback_deliveries (next_ns) WHERE state = 'pending';
+        CREATE INDEX callback_deliveries_waiting ON callback_deliveries (created_ns) WHERE state = 'waiting';
+        """,
+    ),
 )
 
 

@@ -4,14 +4,18 @@ so (`RecordsUnavailable`, UNAVAILABLE), rather than NOT_FOUND for a run that may
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import dict_row
 
 from service.errors import RecordsUnavailable
 from service.records.pg_audit import pg_text
 from service.records.postgres import UNREACHABLE, Conn, PgRecords
-from service.records.summaries import COLUMNS, RunSummary, summary_of, summary_row
+from service.records.summaries import COLUMNS, RunSummary, list_sql, summary_of, summary_row
+
+if TYPE_CHECKING:
+    from service.listing import RunQuery
+    from service.run import RunRecord
 
 _INSERT = (
     f"INSERT INTO run_summaries ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
@@ -30,16 +34,25 @@ class PgRunSummaryStore:
         await self._records.write("summary", [{k: pg_text(v) for k, v in summary_row(summary).items()}])
 
     async def get(self, run_id: str) -> RunSummary | None:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM run_summaries WHERE run_id = %s"
+        rows = await self._select(sql, [run_id])
+        return summary_of(rows[0]) if rows else None
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        sql, params = list_sql(query, "%s")
+        return [summary_of(row).record() for row in await self._select(sql, params)]
+
+    async def _select(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
         if not self._records.up:
             raise RecordsUnavailable("the records database does not answer; retry later")
         try:
             async with self._records.connection() as conn:
                 cursor = conn.cursor(row_factory=dict_row)
-                await cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM run_summaries WHERE run_id = %s", (run_id,))
-                row = await cursor.fetchone()
+                await cursor.execute(sql.encode(), params)
+                rows: list[dict[str, Any]] = await cursor.fetchall()
+                return rows
         except UNREACHABLE as exc:
             raise RecordsUnavailable("the records database does not answer; retry later") from exc
-        return None if row is None else summary_of(row)
 
     async def aclose(self) -> None:
         pass

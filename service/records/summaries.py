@@ -22,7 +22,8 @@ from service import events as ev
 from service.records.sqlite import connect, storable
 
 if TYPE_CHECKING:
-    from service.run import Run
+    from service.listing import RunQuery
+    from service.run import Run, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,22 @@ class RunSummary:
     outcome: ev.FinalResponse | ev.RunFailed | None
     trace_id: str = ""
 
+    def record(self) -> RunRecord:
+        from service.run import RunRecord  # here: service.run imports this module, through the loop and executor
+
+        return RunRecord(
+            self.run_id, self.caller, self.state, self.last_seq, self.created_ns, self.ended_ns, self.outcome
+        )
+
 
 class RunSummaryStore(Protocol):
     async def put(self, summary: RunSummary) -> None:
         """Keep `summary`; a second put of the same run changes nothing (a handed-over run may end twice)."""
 
     async def get(self, run_id: str) -> RunSummary | None: ...
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """ListRuns' ended runs (`service/listing.py`), newest first."""
 
     async def aclose(self) -> None: ...
 
@@ -77,6 +88,22 @@ def summary_row(summary: RunSummary) -> dict[str, Any]:
     return {**{k: storable(v) if type(v) is str else v for k, v in row.items()}, "outcome": outcome}
 
 
+def list_sql(query: RunQuery, mark: str) -> tuple[str, list[Any]]:
+    """The SELECT of `query` with `mark` as the placeholder (`?` or `%s`); the caller's index serves it."""
+    where, params = ["caller = {m}"], [query.caller]  # type: list[str], list[Any]
+    if query.states:
+        where.append(f"state IN ({', '.join(['{m}'] * len(query.states))})")
+        params += sorted(query.states)
+    if query.before is not None:
+        where.append("(created_ns, run_id) < ({m}, {m})")
+        params += [query.before[0], query.before[1]]
+    sql = (
+        f"SELECT {', '.join(COLUMNS)} FROM run_summaries WHERE {' AND '.join(where)} "
+        "ORDER BY created_ns DESC, run_id DESC LIMIT {m}"
+    )
+    return sql.replace("{m}", mark), [*params, query.limit]
+
+
 def summary_of(row: dict[str, Any]) -> RunSummary:
     outcome = None if row["outcome"] is None else codec.loads(row["outcome"])
     if outcome is not None and not isinstance(outcome, ev.FinalResponse | ev.RunFailed):
@@ -95,6 +122,7 @@ CREATE TABLE IF NOT EXISTS run_summaries (
     outcome TEXT,
     trace_id TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS run_summaries_caller ON run_summaries (caller, created_ns, run_id);
 """
 
 
@@ -118,6 +146,16 @@ class SqliteRunSummaryStore:
             return None if found is None else summary_of(dict(zip(COLUMNS, found, strict=True)))
 
         result: RunSummary | None = await self._run(read)
+        return result
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        sql, params = list_sql(query, "?")
+
+        def read(conn: sqlite3.Connection) -> list[RunRecord]:
+            rows = conn.execute(sql, params).fetchall()
+            return [summary_of(dict(zip(COLUMNS, row, strict=True))).record() for row in rows]
+
+        result: list[RunRecord] = await self._run(read)
         return result
 
     async def aclose(self) -> None:

@@ -207,11 +207,12 @@ def run_state(state: RunState) -> int:
     return int(_RUN_STATE[state])
 
 
-def run_to_proto(run: Run | RunRecord) -> pb.Run:
-    """GetRun's answer, from a run of this process or another's record."""
+def run_to_proto(run: Run | RunRecord, *, caller: bool = False) -> pb.Run:
+    """GetRun's answer, from a run of this process or another's record; with `caller`, its caller too (ListRuns)."""
     record = run.record() if isinstance(run, Run) else run
     out = pb.Run(
         run_id=record.run_id,
+        caller=record.caller if caller else "",
         state=_RUN_STATE[RunState(record.state)],
         last_seq=record.last_seq,
         created=_timestamp(record.created_ns),
@@ -227,6 +228,10 @@ def run_to_proto(run: Run | RunRecord) -> pb.Run:
         else:
             out.error.CopyFrom(field.error)
     return out
+
+
+def list_runs_response(records: list[RunRecord], next_page_token: str) -> pb.ListRunsResponse:
+    return pb.ListRunsResponse(runs=[run_to_proto(r, caller=True) for r in records], next_page_token=next_page_token)
 
 
 # A unary answer's budget for tool inputs and data, well under the 4 MiB gRPC clients accept by default.

@@ -32,6 +32,7 @@ from tools.base import Tool
 
 if TYPE_CHECKING:
     from service.http.server import HttpServer  # the HTTP face, imported only where it is built (wiring.py)
+    from service.push.pusher import Pusher
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Service:
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     http: HttpServer | None = None  # the HTTP face, on this event loop (`http_listen`)
+    push: Pusher | None = None  # completion push's sender, closed after the runs (their ends schedule deliveries)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -105,6 +107,8 @@ class Service:
             await asyncio.to_thread(self.metrics_server.shutdown)
             self.metrics_server.server_close()
         await self.registry.close()
+        if self.push is not None:
+            await self.push.aclose()
         await self.model.aclose()
         await self.executor.aclose()  # flushes the audit queue
         for tool in self.tools.values():

@@ -18,7 +18,7 @@ from service.api import AgentApi
 from service.callers import Caller, current_caller
 from service.deliver import Deliveries
 from service.errors import InvalidRequest, RunCancelled
-from service.rpc.convert import run_result, run_state, run_to_proto
+from service.rpc.convert import list_runs_response, run_result, run_state, run_to_proto
 from service.rpc.interact import InteractRpcs
 from service.rpc.runstream import ended_with_failure, run_stream
 from service.rpc.status import unary
@@ -86,6 +86,10 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
     @unary
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
         return run_to_proto(await self.api.record(request.run_id, self.caller()))
+
+    @unary
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        return list_runs_response(*await self.api.list_runs(request, self.caller()))
 
     @unary
     async def RunAgentUnary(

@@ -16,6 +16,7 @@ from service.config import CallerConfig
 
 if TYPE_CHECKING:
     from service.control import RunControl
+    from service.listing import RunQuery
     from service.loop import RunSpec
     from service.run import Run, RunRecord
 
@@ -80,6 +81,9 @@ class RunStore(RunKeeper, Protocol):
 
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """ListRuns' runs the store still keeps (live, or ended within retention), newest first."""
 
     def forget(self, run: Run) -> None:
         """Stop keeping `run` here (its lease, its shipping): it waits in the durable queue for whichever process

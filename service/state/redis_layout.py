@@ -9,6 +9,7 @@ Keys, all under `state.prefix`:
     idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
     caller:{name}:active    sorted set: the caller's runs in progress, scored by lease expiry (ms, Redis's clock)
     caller:{name}:starts    sorted set: the caller's starts of the last minute, scored by start time
+    caller:{name}:runs      sorted set: the caller's runs still kept, scored by creation (µs): ListRuns' index
     run-control:{instance}  pub/sub channel of the process that drives a run: "<run id> now|after_turn", or
                             "<run id> interact <reply key> <json>" for an approval, input or tool cancel
     reply:{token}           list: the driving process's answer to one such message (expires after 30 s)
@@ -83,8 +84,13 @@ class Layout:
     def record_commands(self, pipe: Pipeline, run: Run, last_seq: int, *, ended: bool, lease_ms: int) -> None:
         """In the transaction of a run's first shipment: its whole record, TTLs and lease (`redis_client.RECORD`)."""
         flat = [part for pair in self.fields_of(run, last_seq, ended=ended).items() for part in pair]
-        keys = [self.run_key(run.id), self.events_key(run.id), self.caller_key(run.caller, "active")]
-        pipe.eval(RECORD, len(keys), *keys, self.live_ttl_s * 1000, lease_ms, run.id, *flat)
+        keys = [
+            self.run_key(run.id),
+            self.events_key(run.id),
+            self.caller_key(run.caller, "active"),
+            self.caller_key(run.caller, "runs"),
+        ]
+        pipe.eval(RECORD, len(keys), *keys, self.live_ttl_s * 1000, lease_ms, run.id, run.created_ns // 1000, *flat)
 
     def ended_commands(self, pipe: Pipeline, run: Run) -> None:
         """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import json
 import logging
 import secrets
@@ -36,6 +37,7 @@ from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
 from service.errors import RunInterrupted, StateUnavailable
+from service.listing import RunQuery, key_of
 from service.loop import RunSpec
 from service.run import Run, RunRecord
 from service.state.base import Admission
@@ -357,13 +359,35 @@ class RedisRunStore:
 
     async def _record_now(self, run_id: str) -> RunRecord | None:
         answer = await self._call(self._read(keys=[self.layout.run_key(run_id), self.layout.events_key(run_id)]))
-        if not answer:
-            return None
-        flat, last = answer
-        record = run_record(run_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-        if last:  # the stream is current, the record's last_seq only as of its last change of state
-            record = record._replace(last_seq=max(record.last_seq, int(last.split(b"-")[1])))
-        return record
+        return _read_record(run_id, answer)
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """From the caller's run index, newest first, in batches until the page is full: a state filter may skip
+        many, and a run whose record expired is skipped (its summary answers for it)."""
+        index = self.layout.caller_key(query.caller, "runs")
+        top: str | int = "+inf" if query.before is None else query.before[0] // 1000  # the same µs: filtered below
+        batch = max(2 * query.limit, 32)
+        found: list[RunRecord] = []
+        offset = 0
+        while len(found) < query.limit:
+            ids = await self._call(
+                self.client.zrange(index, top, "-inf", desc=True, byscore=True, offset=offset, num=batch)
+            )
+            if not ids:
+                break
+            offset += len(ids)
+            pipe = self.client.pipeline(transaction=False)
+            names = [raw.decode() for raw in ids]
+            for run_id in names:
+                # the script's text, not its sha: a Redis restarted since `start` would answer NOSCRIPT in a pipeline
+                pipe.eval(READ, 2, self.layout.run_key(run_id), self.layout.events_key(run_id))
+            for run_id, answer in zip(names, await self._call(pipe.execute()), strict=True):
+                record = _read_record(run_id, answer)
+                if record is not None and query.admits(record):
+                    found.append(record)
+            if len(ids) < batch:
+                break
+        return heapq.nlargest(query.limit, found, key=key_of)
 
     async def mirror(self, record: RunRecord) -> Run:
         key = self.layout.events_key(record.run_id)
@@ -452,3 +476,14 @@ class RedisRunStore:
             last = entries[-1][0]
             if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return
+
+
+def _read_record(run_id: str, answer: Any) -> RunRecord | None:
+    """A record from the READ script's answer (None: no record)."""
+    if not answer:
+        return None
+    flat, last = answer
+    record = run_record(run_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+    if last:  # the stream is current, the record's last_seq only as of its last change of state
+        record = record._replace(last_seq=max(record.last_seq, int(last.split(b"-")[1])))
+    return record

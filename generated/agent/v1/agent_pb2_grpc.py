@@ -89,6 +89,11 @@ class AgentServiceStub:
                 request_serializer=agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.SerializeToString,
                 response_deserializer=agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/agent.v1.AgentService/ListRuns',
+                request_serializer=agent_dot_v1_dot_agent__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -179,6 +184,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """The caller's runs, newest first: live ones from the run state, ended ones from the run summaries, each once.
+        Paged by an opaque token that stays valid while new runs start (docs/push.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +249,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CancelToolCall,
                     request_deserializer=agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.FromString,
                     response_serializer=agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.ListRunsRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.ListRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +553,33 @@ class AgentService:
             '/agent.v1.AgentService/CancelToolCall',
             agent_dot_v1_dot_agent__pb2.CancelToolCallRequest.SerializeToString,
             agent_dot_v1_dot_agent__pb2.CancelToolCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.AgentService/ListRuns',
+            agent_dot_v1_dot_agent__pb2.ListRunsRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
