@@ -61,6 +61,8 @@ class Entry(NamedTuple):
 
 
 class Run:
+    ahead = 0  # how far its streams may run past its kept log (`state.mirror.SharedRun`); see `resume_after`
+
     def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
         self.id = spec.run_id
         self.spec = spec
@@ -126,6 +128,19 @@ class Run:
             self.outcome,
             self.fingerprint,
         )
+
+    def resume_after(self, after_seq: int) -> int:
+        """Where a WatchRun(after_seq) starts. The streams of a run with `ahead` send events before its log is kept,
+        so a caller may hold seqs up to `ahead` past a crash's last kept one, which the process that recovered the run
+        gave to other events from its `run_recovered` on. An after_seq that may be such a seq (within `ahead` of a
+        `run_recovered` at or before it) starts at that `run_recovered`: it tells the caller to drop what it holds
+        after the event's `seq`. A caller that held the same events gets them again, unchanged (same seqs)."""
+        if not self.ahead or after_seq <= 0:
+            return after_seq
+        for entry in self.log[max(0, after_seq - self.ahead) : after_seq]:
+            if type(entry.event) is ev.RunRecovered:
+                return entry.seq - 1
+        return after_seq
 
     async def reached(self, seq: int) -> None:
         """Return once the log holds `seq`, or the run has ended."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.scripted import Scenario, ScriptedModel
 from service.runs import RunRegistry
+from service.state.sqlite_log import AHEAD
 from service.state.sqlite_runs import SqliteRunLog
 
 TURNS = [
@@ -208,21 +210,75 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
         await log.close()
 
 
-async def test_a_durable_runs_streams_are_sent_only_what_the_file_holds(tmp_path: Path) -> None:
-    """No caller may hold a seq a restart would reuse: past `run_started` (which a restart makes the same), a durable
-    stream is sent an event once a round has committed it."""
-    reg = registry(tmp_path / "runs.db", pacing_ms=1)
+async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for_it(tmp_path: Path) -> None:
+    """A durable stream is sent events as they form, while no round has committed them (up to AHEAD past the file);
+    its closing event only once the file holds it: a caller that saw the end, a restart keeps the end."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    real, gate = log._write_sync, threading.Event()
+
+    def held(chunks: Any) -> None:
+        gate.wait(10)
+        real(chunks)
+
+    log._write_sync = held  # type: ignore[method-assign]
+    run = log.new_run(spec("run_a", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    stream = aiter(run.follow(0, coalesce_lag=10_000))
     try:
-        run, _ = reg.start(spec("run_s", durable=True), caller="alice")
-        assert reg.runlog is not None
-        sent = 0
-        async for entry in run.follow(0, coalesce_lag=10_000):
-            sent += 1
-            if entry.seq == 1:
-                assert reg.runlog.writer.rounds == 0  # the first event at once, before any write
-                continue
-            record = await reg.runlog.record("run_s")
-            assert record is not None and record.last_seq >= entry.seq
-        assert sent == len(run.log) > 10
+        for i in range(AHEAD + 10):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        got = [(await asyncio.wait_for(anext(stream), 1)).seq for _ in range(AHEAD + 1)]
+        assert got == list(range(1, AHEAD + 2)) and log.writer.rounds == 0  # none of them is in the file yet
+        ahead = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not ahead.done(), "no further than AHEAD past the file"
+        gate.set()
+        assert (await asyncio.wait_for(ahead, 5)).seq == AHEAD + 2
+        for _ in range(8):
+            await asyncio.wait_for(anext(stream), 1)
+        await asyncio.wait_for(log.flush(run), 5)  # all out: the next round is the end's
+        gate.clear()
+        run.append(
+            ev.FinalResponse(
+                text="done",
+                stop_reason="end_turn",
+                turns=1,
+                tool_calls=0,
+                input_tokens=0,
+                output_tokens=0,
+                duration_s=0,
+            )
+        )
+        run.finish()
+        end = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not end.done(), "the closing event waits for the file"
+        gate.set()
+        assert type((await asyncio.wait_for(end, 5)).event) is ev.FinalResponse
+        record = await log.record("run_a")
+        assert record is not None and record.state == "succeeded"
     finally:
-        await reg.close()
+        gate.set()
+        await stream.aclose()
+        await log.close()
+
+
+async def test_a_watch_from_a_seq_a_crash_may_have_lost_starts_at_run_recovered(tmp_path: Path) -> None:
+    """After a restart a caller may hold seqs up to AHEAD past the last kept one, which the resumed run gave to other
+    events: a WatchRun from such a seq starts at the `run_recovered` (which tells it what to drop); others as asked."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    try:
+        run = log.new_run(spec("run_r", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+        for i in range(9):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        run.append(ev.RunRecovered(step_no=1, turn=1, seq=4, reason="crash"))  # seq 10: 1..9 were kept
+        for i in range(AHEAD + 20):
+            run.append(ev.TextDelta(text=f"u{i}", turn=2))
+        assert [run.resume_after(m) for m in (0, 5, 9)] == [0, 5, 9]
+        assert [run.resume_after(m) for m in (10, 11, 9 + AHEAD)] == [9, 9, 9]
+        assert run.resume_after(10 + AHEAD) == 10 + AHEAD  # beyond what the dead process can have sent
+        plain = log.new_run(spec("run_p"), RunControl(), caller="alice", key="", fingerprint="")
+        plain.log.extend(run.log)
+        plain.ahead = 0  # the fleet's runs: their streams never go ahead of the store
+        assert plain.resume_after(11) == 11
+    finally:
+        await log.close()

@@ -77,7 +77,8 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
     @streaming
     def WatchRun(self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AgentEvent]:
         async def opened() -> tuple[Run, int, bool]:
-            return await self.api.watch(request.run_id, self.caller(), request.after_seq), request.after_seq, False
+            run, after_seq = await self.api.watch(request.run_id, self.caller(), request.after_seq)
+            return run, after_seq, False
 
         return self._stream(opened, context)
 

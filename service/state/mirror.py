@@ -23,6 +23,11 @@ class SharedRun(Run):
     then reused for another event. It costs a durable run's streams the shipping round (~5 ms), and they wait while
     the store is away; other runs' streams are sent at once, as ever."""
 
+    # How far past the store a durable run's streams may go (0: not at all, the fleet's rule). One node sets it
+    # (sqlite_log.AHEAD): its streams send events as they form, and a restart re-streams the lost tail
+    # (`resume_after`). The closing event always waits for the store: a caller that saw the end, the end is kept.
+    ahead = 0
+
     def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.changed = shipped
@@ -42,7 +47,8 @@ class SharedRun(Run):
     async def _stored_only(self, entries: AsyncIterator[Entry]) -> AsyncIterator[Entry]:
         async with aclosing(entries):  # type: ignore[type-var]
             async for entry in entries:
-                while entry.seq > self.stored:
+                limit = 0 if isinstance(entry.event, ev.FinalResponse | ev.RunFailed) else self.ahead
+                while entry.seq > self.stored + limit:
                     if isinstance(self.lost, RunHandedOver):  # this stream was sent seqs up to entry.seq - 1
                         raise self.lost.at(entry.seq - 1)
                     if self.lost is not None:

@@ -2,8 +2,10 @@
 behind the runs' backs, so that after `kill -9` and a restart GetRun and WatchRun still answer for them.
 
 A durable run's driver appends to its in-process log as every run does (the driver never waits on the disk) and
-notes the run here: a dict insertion. Its streams are sent an event once a round has committed it (the first,
-`run_started`, at once), so that no caller holds a seq a restarted process would reuse for another event. One task
+notes the run here: a dict insertion. Its streams are sent its events as they form, up to AHEAD past what a round has
+committed; its closing event once committed. A caller may so hold seqs that a crash lost and a restarted process
+gives to other events: that process's `run_recovered` is at most AHEAD seqs before them, and a WatchRun from such a
+seq starts at it (`Run.resume_after`), which tells the caller what to drop. One task
 per process collects what is new of every noted run after a short linger and hands it to the database thread as one
 transaction; the JSON encoding of the events happens there too, so the loop pays only the note and its share of the
 hand-off. `flush(run)` skips the linger and returns once every event the run had logged when it was called is
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 # (never those before its last checkpoint: see `flush`).
 LINGER_S = 0.005
 BACKOFF_S = (0.05, 2.0)
+# How many events a durable run's streams may send past what the file holds: they wait beyond it (a run far ahead of
+# its writer; the disk away). Also how far back of a caller's after_seq a restart's `run_recovered` is looked for.
+AHEAD = 512
 
 
 class Chunk(NamedTuple):
@@ -51,10 +56,11 @@ class Chunk(NamedTuple):
 class LoggedRun(SharedRun):
     """A durable run driven here whose record and events the writer keeps on disk (a dict insertion per change)."""
 
+    ahead = AHEAD  # its streams go ahead of the file (see the module's doc)
+
     def __init__(self, *args: Any, history: Sequence[Entry] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Its streams are sent only what the file holds (`SharedRun.follow`), but for seq 1, `run_started`, sent at
-        # once: a run resumed with nothing kept starts its new log with the very same event.
+        # seq 1, `run_started`, counts as kept: a run resumed with nothing kept starts its new log with the same event
         self.stored = 1
         if history:  # a run resumed after a restart: its log goes on after what the last process logged
             self.log.extend(history)

@@ -33,7 +33,7 @@ from service.loop import RunSpec
 from service.records.sqlite import connect, transaction
 from service.run import Entry, Run, RunRecord
 from service.state.mirror import MirrorRun
-from service.state.sqlite_log import Chunk, LoggedRun, LogWriter
+from service.state.sqlite_log import AHEAD, Chunk, LoggedRun, LogWriter
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class SqliteRunLog:
             if resumed is not None:
                 return resumed
         mirror = MirrorRun(record)
+        mirror.ahead = AHEAD  # its driver's streams went ahead of this log: a WatchRun may start before a recovery
         mirror.extend(await self._on_thread(self._entries, record.run_id, record.last_seq), ended_ns=record.ended_ns)
         if not mirror.finished:
             mirror.give_up(_not_driven(record))
