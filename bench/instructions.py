@@ -7,6 +7,9 @@ count on (`callgrind_control -i on`) only around the measured part, after import
   time, each stream read to its end; the count over the runs, per run.
 - **event**: the same with `events` unpaced events per run; (long run − short run) / the events it adds.
 
+`--system service-durable`: the same calls with `on_disconnect: CONTINUE`, durable by default: the run's row, its
+checkpoint per model turn and its end in data_dir/durable.db, its events in the run log (docs/durability.md).
+
 Each figure is the difference of two counts (`runs` and 2 × `runs` calls), so the switching and whatever else is
 constant drops out. The gRPC layer is not in it (no server, no wire): it is the service's own work, the part this
 code controls. The service runs with coalescing off, so that every event is one message, as in the bare server.
@@ -45,10 +48,12 @@ async def _drive(system: str, events: int, runs: int, in_flight: int) -> None:
 
     workload = Workload().unpaced(events)
     request = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
+    if system == "service-durable":
+        request.on_disconnect = pb.RunAgentRequest.CONTINUE
     context: Any = _Context()
     with tempfile.TemporaryDirectory(prefix="agent-instr-") as tmp:
         service = None
-        if system == "service":
+        if system.startswith("service"):
             config = load_config(write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"]))
             service = await start(config, metrics=False)
             tune_gc(config.gc)
@@ -111,7 +116,7 @@ def measure(system: str, runs: int, in_flight: int, events: int) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", choices=("service", "bare"), default="service")
+    parser.add_argument("--system", choices=("service", "service-durable", "bare"), default="service")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--events", type=int, default=100)

@@ -89,8 +89,12 @@ async def start(
     summaries = records.summaries if config.records.url is not None else None
     runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
     kept = store if store is not None else runlog
+    checkpoints = build_checkpoints(config, worker=worker)
     flush = None if runlog is None else runlog.flush
-    durable = DurableRuns(build_checkpoints(config, worker=worker), config.runs, shared=kept, flush=flush)
+    if runlog is not None and isinstance(checkpoints, SqliteCheckpointStore):
+        runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
+        flush = None
+    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush)
     registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)

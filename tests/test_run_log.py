@@ -17,6 +17,8 @@ from fake_tools import all_tools
 from service import events as ev
 from service.config import Pacing, RunsConfig
 from service.control import RunControl
+from service.durable.base import DurableRun, Step
+from service.durable.sqlite import SqliteCheckpointStore
 from service.errors import NotFound, StateUnavailable
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
@@ -192,11 +194,11 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
     log = SqliteRunLog(path, retention_s=60, max_run_s=600)
     real, failures = log._write_sync, [1]
 
-    def failing(chunks: Any) -> None:
+    def failing(chunks: Any, riders: Any = ()) -> None:
         if failures:
             failures.pop()
             raise sqlite3.OperationalError("disk I/O error")
-        real(chunks)
+        real(chunks, riders)
 
     log._write_sync = failing  # type: ignore[method-assign]
     try:
@@ -216,9 +218,9 @@ async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for
     log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
     real, gate = log._write_sync, threading.Event()
 
-    def held(chunks: Any) -> None:
+    def held(chunks: Any, riders: Any = ()) -> None:
         gate.wait(10)
-        real(chunks)
+        real(chunks, riders)
 
     log._write_sync = held  # type: ignore[method-assign]
     run = log.new_run(spec("run_a", durable=True), RunControl(), caller="alice", key="", fingerprint="")
@@ -282,3 +284,65 @@ async def test_a_watch_from_a_seq_a_crash_may_have_lost_starts_at_run_recovered(
         assert plain.resume_after(11) == 11
     finally:
         await log.close()
+
+
+async def joined(tmp_path: Path) -> tuple[SqliteCheckpointStore, SqliteRunLog]:
+    store = SqliteCheckpointStore(tmp_path / "durable.db", "node-1")
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    log.join(store)
+    await store.open()
+    return store, log
+
+
+async def test_a_checkpoint_commits_with_the_events_before_it_in_one_transaction(tmp_path: Path) -> None:
+    """One node: the log's tables are in durable.db, and a checkpoint rides the log's next round: no flush first, one
+    commit for the events and the step; a step that fails to write takes its round's events back with it."""
+    store, log = await joined(tmp_path)
+    try:
+        run = log.new_run(spec("run_j", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+        await store.begin(DurableRun(run_id="run_j", caller="alice", owner="node-1", state="running", request={}))
+        rounds = log.writer.rounds
+        for i in range(5):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        await store.put(Step(run_id="run_j", step_no=1, kind="turn", key="turn:1", value={"v": 1}, seq=len(run.log)))
+        assert log.writer.rounds == rounds + 1, "one round: the events and the step together"
+        assert not (tmp_path / "runs.db").exists()
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (5,)
+            assert db.execute("SELECT seq FROM run_steps WHERE run_id = 'run_j'").fetchall() == [(5,)]
+
+        real = store.write_in
+
+        def failing(db: sqlite3.Connection, batch: Any) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store.write_in = failing  # type: ignore[method-assign]
+        run.append(ev.TextDelta(text="lost with the step", turn=2))
+        step = Step(run_id="run_j", step_no=2, kind="turn", key="turn:2", value={"v": 2}, seq=len(run.log))
+        with pytest.raises(sqlite3.OperationalError):
+            await store.put(step)
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (5,)
+        store.write_in = real  # type: ignore[method-assign]
+        await asyncio.wait_for(store.put(step), 5)  # the caller's retry; the round's events come with it
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (6,)
+    finally:
+        await log.close()
+        await store.aclose()
+
+
+async def test_a_runs_db_of_an_earlier_version_is_copied_into_the_joined_file(tmp_path: Path) -> None:
+    earlier = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    run = earlier.new_run(spec("run_e", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    run.append(ev.TextDelta(text="kept", turn=1))
+    await earlier.flush(run)
+    await earlier.close()
+    store, log = await joined(tmp_path)
+    try:
+        found = await log.history("run_e")
+        assert found is not None and [e.seq for e in found[1]] == [1]
+        assert not (tmp_path / "runs.db").exists() and (tmp_path / "runs.db.copied").exists()
+    finally:
+        await log.close()
+        await store.aclose()

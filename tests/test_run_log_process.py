@@ -40,9 +40,9 @@ async def serve(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 def files_after_the_kill(data_dir: Path, run_id: str) -> tuple[int, list[int]]:
-    """What the killed process left on disk of a run: the last seq of its gapless log in runs.db, and the seqs its
-    checkpoints in durable.db were taken at."""
-    with sqlite3.connect(data_dir / "runs.db") as db:
+    """What the killed process left on disk of a run: the last seq of its gapless log, and the seqs its checkpoints
+    were taken at (both in durable.db: one transaction for a checkpoint and the events before it)."""
+    with sqlite3.connect(data_dir / "durable.db") as db:
         rows = db.execute("SELECT first_seq, last_seq FROM events WHERE run_id = ? ORDER BY last_seq", (run_id,))
         logged = [seq for first, last in rows for seq in range(first, last + 1)]
     assert logged == list(range(1, len(logged) + 1))
@@ -104,7 +104,7 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
                     break
             call.cancel()
             # the writer lingers 5 ms; on a loaded machine its round may take longer: kill once it is out
-            await written(tmp_path / "var" / "runs.db", seen[-1].run_id, seen[-1].seq)
+            await written(tmp_path / "var" / "durable.db", seen[-1].run_id, seen[-1].seq)
             await kill(proc)
         cut_id = seen[0].run_id
         kept, steps = files_after_the_kill(tmp_path / "var", cut_id)

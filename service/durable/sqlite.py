@@ -15,7 +15,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -62,6 +62,9 @@ class SqliteCheckpointStore(BatchingStore):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durable-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # set by the one node's run log when it keeps its tables in this file (`SqliteRunLog.join`): each batch
+        # then rides the log's next round, one transaction with the events before it (no flush of their own first)
+        self.rider: Callable[[Batch], Awaitable[None]] | None = None
 
     async def open(self) -> None:
         await self._on_thread(self._open)
@@ -106,45 +109,49 @@ class SqliteCheckpointStore(BatchingStore):
     def _write_sync(self, batch: Batch) -> None:
         db = self._db
         assert db is not None
-        now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (r.run_id, self.owner, r.state, r.caller, r.background, encode(r.request), now, now)
-                    for r in batch.begins
-                ],
-            )
-            fenced = sorted(set(batch.fenced))
-            if fenced:  # the write lock is held: nobody claims between this look and the writes
-                marks = ",".join("?" * len(fenced))
-                rows = db.execute(
-                    f"SELECT run_id FROM durable_runs WHERE owner = ? AND run_id IN ({marks})", (self.owner, *fenced)
-                ).fetchall()
-                batch.owned = {r[0] for r in rows}
-            db.executemany(
-                "INSERT OR IGNORE INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (s.run_id, s.step_no, s.kind, s.key, s.seq, encode(s.value))
-                    for s in batch.steps
-                    if s.run_id in batch.owned
-                ],
-            )
-            db.executemany(
-                "UPDATE durable_runs SET state = ?, updated = ? WHERE run_id = ?",
-                [(state, now, run_id) for run_id, state in batch.ends if run_id in batch.owned],
-            )
-            db.executemany(
-                "UPDATE durable_runs SET owner = '', updated = ? WHERE run_id = ? AND owner = ? AND state = 'running'",
-                [(now, run_id, self.owner) for run_id in batch.releases],
-            )
+            self.write_in(db, batch)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+    def write_in(self, db: sqlite3.Connection, batch: Batch) -> None:
+        """The batch's rows, inside a write transaction the caller holds (on this store's thread)."""
+        now = time.time()
+        db.executemany(
+            "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
+            "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.run_id, self.owner, r.state, r.caller, r.background, encode(r.request), now, now)
+                for r in batch.begins
+            ],
+        )
+        fenced = sorted(set(batch.fenced))
+        if fenced:  # the write lock is held: nobody claims between this look and the writes
+            marks = ",".join("?" * len(fenced))
+            rows = db.execute(
+                f"SELECT run_id FROM durable_runs WHERE owner = ? AND run_id IN ({marks})", (self.owner, *fenced)
+            ).fetchall()
+            batch.owned = {r[0] for r in rows}
+        db.executemany(
+            "INSERT OR IGNORE INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (s.run_id, s.step_no, s.kind, s.key, s.seq, encode(s.value))
+                for s in batch.steps
+                if s.run_id in batch.owned
+            ],
+        )
+        db.executemany(
+            "UPDATE durable_runs SET state = ?, updated = ? WHERE run_id = ?",
+            [(state, now, run_id) for run_id, state in batch.ends if run_id in batch.owned],
+        )
+        db.executemany(
+            "UPDATE durable_runs SET owner = '', updated = ? WHERE run_id = ? AND owner = ? AND state = 'running'",
+            [(now, run_id, self.owner) for run_id in batch.releases],
+        )
 
     def _claim_sync(self, leftovers: list[str], skip: list[str]) -> list[str]:
         db = self._db
@@ -194,7 +201,10 @@ class SqliteCheckpointStore(BatchingStore):
     # --- the backend's part of BatchingStore ----------------------------------------------------------------------
 
     async def _write(self, batch: Batch) -> None:
-        await self._on_thread(self._write_sync, batch)
+        if self.rider is not None:
+            await self.rider(batch)
+        else:
+            await self._on_thread(self._write_sync, batch)
         if batch.releases:
             self._wake.set()
 

@@ -69,9 +69,11 @@ class LoggedRun(SharedRun):
 
 
 class LogWriter:
-    def __init__(self, write: Callable[[list[Chunk]], Awaitable[None]]) -> None:
-        """`write(chunks)`: commit one round in one transaction (on the database's own thread)."""
+    def __init__(self, write: Callable[[list[Chunk], list[Any]], Awaitable[None]]) -> None:
+        """`write(chunks, riders)`: commit one round in one transaction (on the database's own thread), with the
+        riders' writes (`ride`) in it."""
         self._write = write
+        self._riders: list[tuple[Any, asyncio.Future[None]]] = []
         self.pending: dict[str, Run] = {}
         self.written: dict[str, int] = {}  # run id -> seqs 1..n committed
         self.rounds = 0
@@ -106,6 +108,20 @@ class LogWriter:
         self._urgent.set()
         await fut
 
+    async def ride(self, payload: Any) -> None:
+        """Commit `payload` (a batch of checkpoints) in the next round, at once (no linger), with every event noted
+        before: one transaction where a flush then a checkpoint took two. Returns once committed; raises what the
+        round raised (the round is retried, the rider is not: its caller retries)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._riders.append((payload, fut))
+        self._urgent.set()
+        if not self._wake.is_set():
+            self._wake.set()
+            self._idle.clear()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="run log writer")
+        await fut
+
     def unwritten(self) -> int:
         return sum(len(run.log) - self.written.get(run_id, 0) for run_id, run in self.pending.items())
 
@@ -129,6 +145,8 @@ class LogWriter:
         self._task = None
         for *_, fut in self._waiters:
             fut.cancel()
+        for _, fut in self._riders:
+            fut.cancel()
 
     async def _run_forever(self) -> None:
         backoff = BACKOFF_S[0]
@@ -140,10 +158,18 @@ class LogWriter:
             self._wake.clear()
             self._urgent.clear()
             batch, self.pending = self.pending, {}
+            riders, self._riders = self._riders, []
             chunks = [self._chunk(run) for run in batch.values()]
             try:
-                await self._write(chunks)
-            except Exception:
+                await self._write(chunks, [payload for payload, _ in riders])
+            except asyncio.CancelledError:
+                for _, fut in riders:
+                    fut.cancel()
+                raise
+            except Exception as exc:
+                for _, fut in riders:
+                    if not fut.done():
+                        fut.set_exception(exc)
                 log.exception("run events not written; retrying", extra={"runs": len(batch)})
                 for run_id, run in batch.items():
                     self.pending.setdefault(run_id, run)
@@ -154,6 +180,9 @@ class LogWriter:
                 continue
             backoff = BACKOFF_S[0]
             self.rounds += 1
+            for _, fut in riders:
+                if not fut.done():
+                    fut.set_result(None)
             for chunk, run in zip(chunks, batch.values(), strict=True):
                 if isinstance(run, SharedRun):
                     run.mark_stored(chunk.last_seq)  # its streams may be sent these now
