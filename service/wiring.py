@@ -95,14 +95,17 @@ async def start(
         runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
         flush = None
     durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush)
-    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
+    limits = CallerLimits()  # the registry counts the runs it resumes after a restart in them too
+    registry = RunRegistry(
+        loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog, limits=limits
+    )
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
     api = AgentApi(
         registry,
         tools,
         config,
-        caller_limits=CallerLimits(),
+        caller_limits=limits,
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
     )

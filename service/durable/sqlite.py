@@ -178,7 +178,8 @@ class SqliteCheckpointStore(BatchingStore):
         db = self._db
         assert db is not None
         row = db.execute(
-            "SELECT owner, state, caller, background, request, format FROM durable_runs WHERE run_id = ?", (run_id,)
+            "SELECT owner, state, caller, background, request, format, created FROM durable_runs WHERE run_id = ?",
+            (run_id,),
         ).fetchone()
         if row is None:
             return None
@@ -192,6 +193,7 @@ class SqliteCheckpointStore(BatchingStore):
             caller=row[2],
             background=bool(row[3]),
             request=decode(row[4], row[5]),
+            created=row[6],
             steps=[
                 Step(run_id=run_id, step_no=n, kind=cast(StepKind, kind), key=key, seq=seq, value=decode(value, fmt))
                 for n, kind, key, seq, value, fmt in steps

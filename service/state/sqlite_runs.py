@@ -157,7 +157,9 @@ class SqliteRunLog:
         if found is not None and found[0].finished:
             return found[0].state
         fingerprint, entries = ("", []) if found is None else (found[0].fingerprint, found[1])
-        run = self.new_run(spec, control, caller=caller, key="", fingerprint=fingerprint, history=entries)
+        # its idempotency key too: the same key sent after the restart attaches to it (RunRegistry.find)
+        key = "" if found is None else await self._on_thread(self._key, spec.run_id)
+        run = self.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint, history=entries)
         self._resumed = {run_id: r for run_id, r in self._resumed.items() if not r.finished}
         self._resumed[run.id] = run
         self._revival.set()
@@ -291,6 +293,11 @@ class SqliteRunLog:
             event = codec.from_dict(json.loads(last[0])[-1]) if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
+
+    def _key(self, run_id: str) -> str:
+        db = self._open(create=False)
+        row = None if db is None else db.execute("SELECT idem_key FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return "" if row is None else str(row[0])
 
     def _entries(self, run_id: str, last_seq: int) -> list[Entry]:
         db = self._open(create=False)
