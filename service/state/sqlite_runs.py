@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 import time
@@ -64,7 +63,7 @@ CREATE TABLE IF NOT EXISTS events (
     last_seq INTEGER NOT NULL,
     first_seq INTEGER NOT NULL,
     times TEXT NOT NULL,  -- the events' time_ns, comma-separated
-    events BLOB NOT NULL,  -- codec.dumps_many: a JSON array of the events first_seq..last_seq
+    events BLOB NOT NULL,  -- codec.dumps_packed: a JSON array of the events first_seq..last_seq
     PRIMARY KEY (run_id, last_seq)
 ) WITHOUT ROWID;
 """
@@ -262,7 +261,7 @@ class SqliteRunLog:
                         c.last_seq,
                         c.entries[0].seq,
                         ",".join([str(e.time_ns) for e in c.entries]),
-                        codec.dumps_many([e.event for e in c.entries]),
+                        codec.dumps_packed([e.event for e in c.entries]),
                     )
                     for c in chunks
                     if c.entries
@@ -290,7 +289,7 @@ class SqliteRunLog:
             last = db.execute(
                 "SELECT events FROM events WHERE run_id = ? AND last_seq = ?", (run_id, last_seq)
             ).fetchone()
-            event = codec.from_dict(json.loads(last[0])[-1]) if last else None
+            event = codec.loads_packed(last[0])[-1] if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
 
@@ -309,8 +308,10 @@ class SqliteRunLog:
         ).fetchall()
         entries = []
         for first, times, events in rows:
-            for seq, (time_ns, event) in enumerate(zip(times.split(","), json.loads(events), strict=True), first):
-                entries.append(Entry(seq, int(time_ns), codec.from_dict(event)))
+            for seq, (time_ns, event) in enumerate(
+                zip(times.split(","), codec.loads_packed(events), strict=True), first
+            ):
+                entries.append(Entry(seq, int(time_ns), event))
         return entries
 
 
