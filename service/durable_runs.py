@@ -177,7 +177,7 @@ class DurableRuns:
 
     async def _revived(self, spec: RunSpec, caller: str, created: float = 0.0) -> Run | str:
         """The run to drive again, its log holding what was kept of it: on a fleet its events in the shared store, on
-        one node those in its run log (data_dir/runs.db), so that its seqs go on from there. Or
+        one node those in its run log (data_dir/durable.db), so that its seqs go on from there. Or
         the final state of a run whose closing event was out before the crash (its end not yet recorded). Its
         deadline is `runs.max_run_s` from its first start (`created`, wall time, kept with the run), not from now:
         a run that crashes and resumes again and again still ends on time."""

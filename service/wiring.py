@@ -309,8 +309,8 @@ def build_records(config: Config) -> Records:
 
 
 def build_run_log(config: Config) -> SqliteRunLog:
-    """The durable runs' records and events on one node (memory:// run state): data_dir/runs.db, opened when the
-    first durable run is logged or a run this process does not hold is looked up."""
+    """The durable runs' records and events on one node (memory:// run state): in data_dir/durable.db once joined
+    to the SQLite checkpoint store (`start`), else data_dir/runs.db, opened when first used."""
     return SqliteRunLog(
         config.data_dir / RUN_LOG_FILE,
         retention_s=config.runs.retention_s,

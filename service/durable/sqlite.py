@@ -5,6 +5,9 @@ a power cut (`durable.sqlite_synchronous: FULL` for that, at the price of an fsy
 One node means no dead peers to detect: at `open` the process finds its own running runs left from before a restart
 (same executor id) and `recover` hands them over, with any run released at a drain. A lock file per executor id
 keeps a second live process with the same id (a copy of the same data_dir) from driving the same runs.
+
+The run log of one node keeps its tables in this file too (`SqliteRunLog.join`): a batch then commits in the log's
+round, one transaction with the events before its steps (`rider`, `write_in`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The run log of the embedded default (`state.url: memory://`): the durable runs' records and events in
-data_dir/runs.db, so that one process restarted after `kill -9` answers GetRun, WatchRun and CancelRun for them.
+data_dir/durable.db beside their checkpoints (`join`; runs.db when it stands alone, as in tests), so that one process
+restarted after `kill -9` answers GetRun, WatchRun and CancelRun for them.
 
 Only durable runs are kept here (those that outlive their caller's stream, or ask to be; see `RunRegistry.open`):
 the others stay on the in-memory path at its old cost. A run driven here is served from memory as before; the file
 is read only for runs this process does not hold (after a restart, or after memory forgot them). It is written by
-`sqlite_log.LogWriter` in batches, on one thread of its own that also serves the reads (one connection, so a read
-sees every committed round), opened on first use: a process with no durable run never creates the file.
+`sqlite_log.LogWriter` in batches, on one thread that also serves the reads (one connection, so a read sees every
+committed round): joined, the checkpoint store's connection and thread, and each checkpoint rides a round.
 
 WAL with `synchronous=NORMAL` (`durable.sqlite_synchronous`), like the checkpoints: a commit survives `kill -9` of
 the process, not a power cut. Retention as in memory: an ended run is kept `runs.retention_s`; a run left running
