@@ -165,7 +165,7 @@ async def test_kill_9_and_restart_on_the_same_data_dir_continues_the_run(tmp_pat
         _, port = await fleet.start("node")
         events = await watch(port, run_id)
         recovered = next(e for e in events if e.HasField("run_recovered"))
-        # what was logged up to the last checkpoint before the kill is kept (data_dir/runs.db), run_recovered after it
+        # what was logged up to the last checkpoint before the kill is kept (durable.db), run_recovered after it
         assert events[0].HasField("run_started") and 0 < recovered.run_recovered.seq < recovered.seq
         check_continued(fleet, events)
         with sqlite3.connect(tmp_path / "node" / "deadletter.db") as db:  # for reconciliation

@@ -1,6 +1,7 @@
-"""The embedded run log (data_dir/runs.db): durable runs' records and events outlive the registry that drove them,
-non-durable runs never touch the file, flush commits before a checkpoint, retention forgets, an orphaned run's log
-is served and then said to be unavailable, and a resumed run goes on with the next seq."""
+"""The embedded run log (in data_dir/durable.db, or runs.db alone): durable runs' records and events outlive the
+registry that drove them, non-durable runs never touch the file, flush commits before a checkpoint, retention
+forgets, an orphaned run's log is served and then said to be unavailable, a resumed run goes on with the next seq,
+a durable stream goes ahead of the file, and a checkpoint commits with the events before it."""
 
 from __future__ import annotations
 
