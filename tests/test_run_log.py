@@ -347,3 +347,31 @@ async def test_a_runs_db_of_an_earlier_version_is_copied_into_the_joined_file(tm
     finally:
         await log.close()
         await store.aclose()
+
+
+async def test_a_lagging_durable_streams_merged_deltas_wait_for_the_file(tmp_path: Path) -> None:
+    """Past the file a stream sends single events only (a caller drops a replaced one seq by seq): a stretch merged
+    for a reader that lags is sent once the file holds it."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    real, gate = log._write_sync, threading.Event()
+
+    def held(chunks: Any, riders: Any = ()) -> None:
+        gate.wait(10)
+        real(chunks, riders)
+
+    log._write_sync = held  # type: ignore[method-assign]
+    run = log.new_run(spec("run_m", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    for i in range(10):
+        run.append(ev.TextDelta(text=f"t{i}", turn=1))
+    stream = aiter(run.follow(0, coalesce_lag=2))
+    try:
+        merged = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not merged.done()
+        gate.set()
+        entry = await asyncio.wait_for(merged, 5)
+        assert (entry.first_seq, entry.seq) == (1, 10)
+    finally:
+        gate.set()
+        await stream.aclose()
+        await log.close()

@@ -25,7 +25,8 @@ class SharedRun(Run):
 
     # How far past the store a durable run's streams may go (0: not at all, the fleet's rule). One node sets it
     # (sqlite_log.AHEAD): its streams send events as they form, and a restart re-streams the lost tail
-    # (`resume_after`). The closing event always waits for the store: a caller that saw the end, the end is kept.
+    # (`resume_after`). The closing event always waits for the store: a caller that saw the end, the end is kept;
+    # so does a stretch of merged deltas.
     ahead = 0
 
     def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
@@ -47,7 +48,10 @@ class SharedRun(Run):
     async def _stored_only(self, entries: AsyncIterator[Entry]) -> AsyncIterator[Entry]:
         async with aclosing(entries):  # type: ignore[type-var]
             async for entry in entries:
-                limit = 0 if isinstance(entry.event, ev.FinalResponse | ev.RunFailed) else self.ahead
+                # a merged stretch (a lagging reader's, first_seq set) is sent ahead of the store never: a caller
+                # holds single events past the store only, so one a restart replaced can be dropped seq by seq
+                merged = entry.first_seq or isinstance(entry.event, ev.FinalResponse | ev.RunFailed)
+                limit = 0 if merged else self.ahead
                 while entry.seq > self.stored + limit:
                     if isinstance(self.lost, RunHandedOver):  # this stream was sent seqs up to entry.seq - 1
                         raise self.lost.at(entry.seq - 1)
