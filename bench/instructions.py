@@ -9,6 +9,8 @@ count on (`callgrind_control -i on`) only around the measured part, after import
 
 `--system service-durable`: the same calls with `on_disconnect: CONTINUE`, durable by default: the run's row, its
 checkpoint per model turn and its end in data_dir/durable.db, its events in the run log (docs/durability.md).
+With `--state redis://…` the service keeps its runs in that Redis (under a fresh prefix, deleted at the end), and
+the count goes on until its shipper has sent every run's events and end: what the shared state adds to a run.
 
 Each figure is the difference of two counts (`runs` and 2 × `runs` calls), so the switching and whatever else is
 constant drops out. The gRPC layer is not in it (no server, no wire): it is the service's own work, the part this
@@ -34,7 +36,7 @@ from bench.workload import Workload
 SHORT_EVENTS = 4  # run_started, one text delta, usage, final_response
 
 
-async def _drive(system: str, events: int, runs: int, in_flight: int) -> None:
+async def _drive(system: str, events: int, runs: int, in_flight: int, state: str = "") -> None:
     import grpc  # noqa: F401  (imported before counting, as everything the measured part touches)
 
     from agent.v1 import agent_pb2 as pb
@@ -53,8 +55,12 @@ async def _drive(system: str, events: int, runs: int, in_flight: int) -> None:
     context: Any = _Context()
     with tempfile.TemporaryDirectory(prefix="agent-instr-") as tmp:
         service = None
+        prefix = f"bench:instr:{os.getpid()}:"
         if system.startswith("service"):
-            config = load_config(write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"]))
+            extra = {"state": {"url": state, "prefix": prefix}} if state else None
+            config = load_config(
+                write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"], extra=extra)
+            )
             service = await start(config, metrics=False)
             tune_gc(config.gc)
             open_stream = lambda: service.servicer.RunAgent(request, context)  # noqa: E731
@@ -70,13 +76,22 @@ async def _drive(system: str, events: int, runs: int, in_flight: int) -> None:
                 got = await asyncio.gather(*(one() for _ in range(min(in_flight, n - i))))
                 assert all(g == events for g in got), got
 
+        store: Any = service.registry.store if service is not None else None
         await batch(in_flight)  # warm-up: caches, first-call paths
+        if store is not None:
+            await store.shipper.flushed(60)
         _count(True)
         await batch(runs)
+        if store is not None:
+            await store.shipper.flushed(60)  # the runs' shipping counts too
         _count(False)
         if service is not None:
             await service.server.stop(0)
             await service.close()
+        if state:
+            from bench.replicas import delete_keys
+
+            delete_keys(state, prefix)
 
 
 def _count(on: bool) -> None:
@@ -85,12 +100,13 @@ def _count(on: bool) -> None:
         subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
 
 
-def count(system: str, events: int, runs: int, in_flight: int) -> int:
+def count(system: str, events: int, runs: int, in_flight: int, state: str = "") -> int:
     """Instructions callgrind counted over the measured part of one inner run."""
     with tempfile.TemporaryDirectory(prefix="agent-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         cmd += [sys.executable, "-m", "bench.instructions", "--inner", system, str(events), str(runs), str(in_flight)]
+        cmd += ["--state", state] if state else []
         env = dict(os.environ, AGENT_INSTR_INNER="1", PYTHONMALLOC="malloc", GRPC_VERBOSITY="ERROR")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0:
@@ -101,16 +117,22 @@ def count(system: str, events: int, runs: int, in_flight: int) -> int:
         return int(match[1])
 
 
-def measure(system: str, runs: int, in_flight: int, events: int) -> dict[str, Any]:
-    short = (count(system, SHORT_EVENTS, 2 * runs, in_flight) - count(system, SHORT_EVENTS, runs, in_flight)) / runs
-    long = (count(system, events, 2 * runs, in_flight) - count(system, events, runs, in_flight)) / runs
+def measure(system: str, runs: int, in_flight: int, events: int, state: str = "") -> dict[str, Any]:
+    def per_run(n_events: int) -> float:
+        return (
+            count(system, n_events, 2 * runs, in_flight, state) - count(system, n_events, runs, in_flight, state)
+        ) / runs
+
+    short = per_run(SHORT_EVENTS)
+    long = per_run(events) if events != SHORT_EVENTS else short
     return {
         "system": system,
+        "state": state or "memory://",
         "runs": runs,
         "in_flight": in_flight,
         "events": events,
         "instructions_per_start": round(short),
-        "instructions_per_event": round((long - short) / (events - SHORT_EVENTS)),
+        "instructions_per_event": round((long - short) / (events - SHORT_EVENTS)) if events != SHORT_EVENTS else None,
     }
 
 
@@ -120,15 +142,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--state", default="", help="a redis:// URL: the service's runs there (default: memory://)")
     parser.add_argument("--inner", nargs=4, metavar=("SYSTEM", "EVENTS", "RUNS", "IN_FLIGHT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         system, events, runs, in_flight = args.inner
-        asyncio.run(_drive(system, int(events), int(runs), int(in_flight)))
+        asyncio.run(_drive(system, int(events), int(runs), int(in_flight), args.state))
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is missing: apt-get install valgrind")
-    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events)))
+    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state)))
 
 
 if __name__ == "__main__":

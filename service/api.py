@@ -118,6 +118,8 @@ class AgentApi:
             if self.registry.elsewhere is None:  # driven by another process, or (run log) by this one before a restart
                 raise
             record = await self.registry.record(run_id, caller.name)  # driven by another process
+            if record.state == RunState.QUEUED.value:
+                record = await self._cancel_queued(record)
             record = await self.registry.cancel_elsewhere(record, after_turn=after_turn)
             return record.run_id, RunState(record.state)
         if run.state is RunState.CANCELLED:  # idempotent: cancelling a cancelled run is a success
@@ -130,8 +132,28 @@ class AgentApi:
             await asyncio.wait([run.task], timeout=1.0)
         return run.id, run.state
 
+    async def _cancel_queued(self, record: RunRecord) -> RunRecord:
+        """A run waiting in the fleet's durable queue is cancelled there (it never starts); one a process claimed
+        just now is cancelled as any running run, once its new owner has recorded itself (within a second)."""
+        durable = self.registry.durable
+        if durable is None or durable.queue is None:
+            return record
+        if await durable.cancel_queued(record.run_id):
+            return record._replace(state=RunState.CANCELLED.value)
+        for _ in range(20):  # claimed meanwhile: its claimer's first shipment names it as the owner
+            await asyncio.sleep(0.05)
+            record = await self.registry.record(record.run_id, record.caller)
+            if record.state != RunState.QUEUED.value:
+                break
+        return record
+
     async def record(self, run_id: str, caller: Caller) -> RunRecord:
-        return await self.registry.record(_required(run_id), caller.name)
+        record = await self.registry.record(_required(run_id), caller.name)
+        durable = self.registry.durable
+        if record.state == RunState.QUEUED.value and durable is not None and durable.queue is not None:
+            # from the checkpoint store, which holds the fleet's queue: the same answer from every replica
+            record = record._replace(queue_position=await durable.position(record.run_id))
+        return record
 
     @contextlib.contextmanager
     def streaming(self, run: Run, *, owner: bool) -> Iterator[None]:

@@ -10,6 +10,12 @@ are read back from the shared run store on a fleet, so that its seqs go on from 
 
 A process that loses a run (a peer claimed it, or this process released it at a drain) stops driving it at once and
 sends nothing more: its streams end UNAVAILABLE with RUN_HANDED_OVER and the seq to WatchRun after.
+
+The durable queue (a store that is a `DurableQueue`: PostgreSQL): a durable SubmitRun run is recorded in the shared
+run store (its record and `run_started`) and queued in the checkpoint store, and no process holds it; each process
+claims queued runs, oldest first, while it has free background slots (`_serve_queue`), and drives a claimed run as
+it would continue one (`_resume`), without a `run_recovered` event: it never ran. Woken by a peer's enqueue (NOTIFY),
+by a slot freed here, and every `durable.queue_poll_s` in case a notification was lost.
 """
 
 from __future__ import annotations
@@ -21,19 +27,21 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from service.aio import cancel_and_wait
-from service.config import RunsConfig
+from service.config import DurableConfig, RunsConfig
 from service.control import RunControl
-from service.durable.base import CheckpointStore, DurableRun, ExecutorIdInUse
+from service.driver import stopped
+from service.durable.base import CheckpointStore, DurableQueue, DurableRun, ExecutorIdInUse
 from service.durable.journal import Journal
-from service.errors import RecordsUnavailable, RunHandedOver
-from service.events import ApprovalDecided, Event, ToolResult, Usage
+from service.errors import AgentError, QueueFull, RecordsUnavailable, RunCancelled, RunHandedOver, StateUnavailable
+from service.events import ApprovalDecided, Event, RunFailed, ToolResult, Usage
 from service.loop import AgentLoop
 from service.run import Run
 from service.spec import RunSpec
+from service.state.mirror import SharedRun
 
 if TYPE_CHECKING:
     from service.state.base import RunKeeper
@@ -62,6 +70,9 @@ class Continuer(Protocol):
     def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
         """Drive `run` with `journal` from here on."""
 
+    def background_free(self) -> int:
+        """How many more background runs this process may run now (`runs.background_max_concurrent`)."""
+
 
 class DurableRuns:
     def __init__(
@@ -71,10 +82,13 @@ class DurableRuns:
         *,
         shared: RunKeeper | None = None,
         flush: Callable[[Run], Awaitable[None]] | None = None,
+        durable: DurableConfig | None = None,
+        queue: bool = False,
     ) -> None:
         """`shared`: where the events of a run a dead peer (or this process before a restart) drove are kept: the
         fleet's run store, or one node's run log (None: nowhere). `flush(run)`: returns once the events the run has
-        logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log."""
+        logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log. `queue`:
+        durable SubmitRun runs wait in the store's queue (when it keeps one), not in this process's."""
         self.store = store
         self.config = config
         self.shared = shared
@@ -84,6 +98,10 @@ class DurableRuns:
         self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
         self._continuer: Continuer | None = None
         self.ready = False  # the store is open: durable runs may start
+        self.durable_config = durable if durable is not None else DurableConfig()
+        # the fleet's queue of durable SubmitRun runs, when the store keeps one (else the process's own queue)
+        self.queue: DurableQueue | None = store if queue and isinstance(store, DurableQueue) else None
+        self._queue_task: asyncio.Task[None] | None = None
 
     async def start(self, continuer: Continuer) -> None:
         """Open the store, then keep continuing the runs this process claims (at once for its own left from before
@@ -101,6 +119,7 @@ class DurableRuns:
             self._recovery = asyncio.create_task(self._open_later(), name="durable recovery")
             return
         self._recovery = asyncio.create_task(self.store.recover(self._resume), name="durable recovery")
+        self._serve()
         # its own runs left from before a restart are in the registry before it serves (WatchRun finds them)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_WAIT_S):
@@ -130,6 +149,7 @@ class DurableRuns:
                 delay = min(2 * delay, 30.0)
                 continue
             log.info("the checkpoint store is open; durable runs are taken again")
+            self._serve()
             await self.store.recover(self._resume)
 
     def check(self, spec: RunSpec) -> None:
@@ -157,7 +177,8 @@ class DurableRuns:
         )
         return journal
 
-    async def _resume(self, stored: DurableRun) -> None:
+    async def _resume(self, stored: DurableRun, *, queued: bool = False) -> None:
+        """Drive a claimed run here: continued (`run_recovered` first), or `queued`: claimed from the queue."""
         assert self._continuer is not None
         spec = RunSpec.from_json(stored.request)
         run = await self._revived(spec, stored.caller, stored.created)
@@ -166,11 +187,121 @@ class DurableRuns:
             return
         entries = run.log
         journal = self._journals[run.id] = Journal.resume(
-            self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run)
+            self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run), announce=not queued
         )
         journal.logged = {key for e in entries if (key := _step_key(e.event))}
-        log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
+        if queued:
+            log.info("queued durable run claimed", extra={"run_id": run.id})
+        else:
+            log.info("durable run continued", extra={"run_id": run.id, "steps": len(stored.steps)})
         self._continuer.adopt(run, journal, background=stored.background)
+
+    # --- the durable queue ----------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        if self.queue is not None and self._queue_task is None:
+            self._queue_task = asyncio.create_task(self._serve_queue(self.queue), name="durable queue")
+
+    async def _serve_queue(self, queue: DurableQueue) -> None:
+        """Claim queued runs while this process has free background slots, oldest first, and start them."""
+        assert self._continuer is not None
+        poll_s = self.durable_config.queue_poll_s
+        while True:
+            queue.queue_wake.clear()  # before the look: a wake-up during it makes another look
+            try:
+                free = self._continuer.background_free()
+                cap = self.durable_config.queue_max_running
+                claimed = [] if free <= 0 else await queue.claim_queued(free, max_running=cap)
+                for stored in claimed:
+                    try:
+                        await self._resume(stored, queued=True)
+                    except Exception:  # the shared run store away: the run is ours, recovery starts it later
+                        log.exception("a claimed queued run could not start yet", extra={"run_id": stored.run_id})
+                        queue.resume_later(stored.run_id)
+            except Exception:  # the database away: the runs stay queued for the next look
+                log.exception("the durable queue could not be read now; trying again")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_s):
+                    await queue.queue_wake.wait()
+
+    def slot_freed(self) -> None:
+        """A background run ended here: look at the queue again at once."""
+        if self.queue is not None:
+            self.queue.queue_wake.set()
+
+    def queues(self, spec: RunSpec) -> bool:
+        """Whether a SubmitRun run with `spec` waits in the fleet's queue (rather than in this process's)."""
+        return self.queue is not None and spec.durable
+
+    async def room(self) -> None:
+        """QueueFull when the fleet's queue is full, before anything of a new run is written (`enqueue` checks it
+        again, exactly)."""
+        assert self.queue is not None
+        with _database("queued"):
+            if await self.queue.queued() >= self.durable_config.queue_max:
+                raise _full(self.durable_config.queue_max)
+
+    async def enqueue(self, run: Run) -> None:
+        """Queue a new durable SubmitRun run for whichever process has a slot, once its record and first event are
+        in the shared run store (the claimer goes on from there). QueueFull when the fleet's queue filled since
+        `room`; then, as on any failure, the run ends here as the caller is answered, so that its record does not
+        say QUEUED for good."""
+        assert self.queue is not None
+        limit = self.durable_config.queue_max
+        queued = DurableRun(
+            run_id=run.id, caller=run.caller, owner="", state="queued", request=run.spec.to_json(), background=True
+        )
+        try:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._kept(run)
+            except TimeoutError:
+                raise StateUnavailable("the shared run state cannot be reached; retry in a few seconds") from None
+            with _database("queued"):
+                if not await self.queue.enqueue(queued, limit=limit):
+                    raise _full(limit)
+        except AgentError as exc:
+            run.append(RunFailed(code=exc.code, message=exc.message, retryable=True))
+            run.finish()
+            raise
+        self.queue.queue_wake.set()
+
+    async def _kept(self, run: Run) -> None:
+        """Return once the run's log so far is in the store that outlives this process."""
+        if isinstance(run, SharedRun):
+            await run.kept()
+        elif self.flush is not None:
+            await self.flush(run)
+
+    async def position(self, run_id: str) -> int:
+        """The run's place in the fleet's queue (1: next), 0 when not queued (or no fleet queue)."""
+        if self.queue is None:
+            return 0
+        with _database("looked up in the queue"):
+            return await self.queue.queue_position(run_id)
+
+    async def cancel_queued(self, run_id: str) -> bool:
+        """Cancel a run waiting in the fleet's queue, from any process: it never starts, and its log ends with its
+        cancellation. False when it is not queued (any more: a process claimed it)."""
+        if self.queue is None:
+            return False
+        with _database("cancelled"):
+            if not await self.queue.cancel_queued(run_id):
+                return False
+        stored = await self.store.load(run_id)
+        if stored is None or self.shared is None:
+            return True
+        run = await self._revived(RunSpec.from_json(stored.request), stored.caller)
+        if isinstance(run, str):
+            return True
+        run.control.stop_now(RunCancelled("cancelled by CancelRun while queued"))
+        run.append(stopped(run))
+        run.finish()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self._kept(run)
+        log.info("queued durable run cancelled", extra={"run_id": run_id})
+        return True
 
     def _flush(self, run: Run) -> Callable[[], Awaitable[None]] | None:
         return None if self.flush is None else functools.partial(self.flush, run)
@@ -194,7 +325,10 @@ class DurableRuns:
         return run
 
     async def stop_recovering(self) -> None:
-        """At a drain: claim nothing more (the runs to continue are a peer's to take now)."""
+        """At a drain: claim nothing more (the runs to continue, and the queued ones, are a peer's to take now)."""
+        if self._queue_task is not None:
+            await cancel_and_wait([self._queue_task], 5.0)
+            self._queue_task = None
         if self._recovery is not None:
             await cancel_and_wait([self._recovery], 5.0)
             self._recovery = None
@@ -237,3 +371,20 @@ class DurableRuns:
         await self.stop_recovering()
         with contextlib.suppress(Exception):
             await self.store.aclose()
+
+
+def _full(limit: int) -> QueueFull:
+    return QueueFull(f"the durable queue is full ({limit} runs waiting in the fleet); retry later")
+
+
+@contextlib.contextmanager
+def _database(what: str) -> Iterator[None]:
+    """The records database failing under a queue operation: UNAVAILABLE to the caller (retryable), not INTERNAL."""
+    try:
+        yield
+    except AgentError:
+        raise
+    except Exception as exc:
+        raise RecordsUnavailable(
+            f"the run cannot be {what} now: the records database that keeps the queue does not answer; retry shortly"
+        ) from exc

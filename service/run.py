@@ -44,6 +44,7 @@ class RunRecord(NamedTuple):
     outcome: ev.FinalResponse | ev.RunFailed | None
     fingerprint: str = ""
     owner: str = ""  # the instance id of the process that drives it
+    queue_position: int = 0  # a run waiting in the fleet's durable queue: its place (1: next); else 0
 
     @property
     def finished(self) -> bool:

@@ -130,6 +130,8 @@ class RunRegistry:
             return existing, False
         if self.durable is not None:
             self.durable.check(spec)  # before any quota or key is taken
+            if background and self.durable.queues(spec):
+                return await self._enqueue(spec, caller, limits, key, fingerprint)
         store = self.store
         if store is None:
             # check and count in one synchronous step: no other start of this caller can pass in between
@@ -155,21 +157,49 @@ class RunRegistry:
         finally:
             self._background_runs -= background
         if admitted.existing:
-            other = self.runs.get(admitted.existing)
-            record = other.record() if other is not None else await store.record(admitted.existing)
-            if record is None:
-                raise NotFound(
-                    f"idempotency_key {key!r} names run {admitted.existing}, which was forgotten; use a new key"
-                )
-            if record.fingerprint != fingerprint:
-                raise _conflict(key, record.run_id)
-            return (other if other is not None else await store.mirror(record)), False
+            return await self._existing(store, admitted.existing, key, fingerprint), False
         if admitted.refused:
             raise CallerLimited(admitted.refused)
         self._launch(run, background)
         if background and self.durable is not None:
             await self.durable.record(run)
         return run, True
+
+    async def _existing(self, store: RunStore, run_id: str, key: str, fingerprint: str) -> Run:
+        other = self.runs.get(run_id)
+        record = other.record() if other is not None else await store.record(run_id)
+        if record is None:
+            raise NotFound(f"idempotency_key {key!r} names run {run_id}, which was forgotten; use a new key")
+        if record.fingerprint != fingerprint:
+            raise _conflict(key, record.run_id)
+        return other if other is not None else await store.mirror(record)
+
+    async def _enqueue(
+        self, spec: RunSpec, caller: Caller, limits: CallerLimits, key: str, fingerprint: str
+    ) -> tuple[Run, bool]:
+        """A durable SubmitRun run into the fleet's queue (`DurableRuns.enqueue`): recorded in the shared run store
+        with its first event, then queued in the checkpoint store; whichever process has a free slot claims it, and
+        this one holds nothing of it (GetRun, WatchRun and CancelRun find it in the shared store as any other's)."""
+        assert self.durable is not None
+        await self.durable.room()
+        store = self.store
+        run = self._new_run(spec, caller.name, key, fingerprint, None, store)
+        if store is not None:
+            admitted = await store.admit(run, key=key, fingerprint=fingerprint, limits=caller.config)
+            if admitted.existing:
+                return await self._existing(store, admitted.existing, key, fingerprint), False
+            if admitted.refused:
+                raise CallerLimited(admitted.refused)
+        elif (refused := limits.admit(caller)) is not None:  # one node: checked, not counted while it waits
+            raise CallerLimited(refused)
+        run.append(self.loop.started(spec))
+        await self.durable.enqueue(run)
+        if store is not None:
+            store.forget(run)
+        return run, True
+
+    def background_free(self) -> int:
+        return self.config.background_max_concurrent - self._background_runs
 
     async def record(self, run_id: str, caller: str) -> RunRecord:
         """What GetRun answers: this process's run, else the shared store's record of it, else its summary."""
@@ -338,6 +368,8 @@ class RunRegistry:
         durable run handed over (`run.lost`) has not ended: it goes on elsewhere, and nothing more is logged here."""
         if background:
             self._background_runs -= 1
+            if self.durable is not None:
+                self.durable.slot_freed()  # a queued run may start here now
         if run.lost is not None:
             return
         if not run.finished:  # a durable run is finished by its driver, at its closing event

@@ -116,6 +116,11 @@ RECORDS_PENDING = Gauge(
     "Records waiting in the local spool for the records database",
     multiprocess_mode="livemax",
 )
+RECORDS_QUARANTINED = Gauge(
+    "agent_records_quarantined",
+    "Records the records database kept refusing, kept in the local spool's quarantine for an operator",
+    multiprocess_mode="livemax",  # the workers of a machine share the spool file
+)
 # the shared run-state store (state.url redis://); absent from a memory:// service's scrape until it sets them
 STATE_UP = Gauge(
     "agent_state_store_up",

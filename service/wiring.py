@@ -36,7 +36,7 @@ from service.policy.config import PolicyError, resolve
 from service.policy.shared import Reachability, SharedPolicy
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
-from service.records.audit_chain import ENV_VAR, load_keyring
+from service.records.audit_chain import ENV_VAR, AuditKeyError, load_keyring
 from service.records.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.records.deadletter import DeadLetterStore
 from service.records.spool import DEFAULT_FILE as SPOOL_FILE
@@ -91,10 +91,13 @@ async def start(
     kept = store if store is not None else runlog
     checkpoints = build_checkpoints(config, worker=worker)
     flush = None if runlog is None else runlog.flush
+    queue = config.durable.queue == "store" or (config.durable.queue == "auto" and config.records.url is not None)
+    if runlog is not None:
+        runlog.store_queue = queue
     if runlog is not None and isinstance(checkpoints, SqliteCheckpointStore):
         runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
         flush = None
-    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush)
+    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue)
     limits = CallerLimits()  # the registry counts the runs it resumes after a restart in them too
     registry = RunRegistry(
         loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog, limits=limits
@@ -129,6 +132,9 @@ async def start(
         records_health = HealthReport(RECORDS_HEALTH)
         records.database.on_health = records_health.changed_soon
         await records_health.attach(service.health, records.database.up)
+        quarantine_health = HealthReport(RECORDS_QUARANTINE_HEALTH)
+        records.database.on_quarantine = lambda count: quarantine_health.changed_soon(count == 0)
+        await quarantine_health.attach(service.health, records.database.quarantined == 0)
     return service
 
 
@@ -144,6 +150,8 @@ def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> H
 
 STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
 RECORDS_HEALTH = "agent.v1.RecordsStore"  # NOT_SERVING while records spool locally (PostgreSQL unreachable)
+# NOT_SERVING while records PostgreSQL kept refusing wait in the spool's quarantine for an operator
+RECORDS_QUARANTINE_HEALTH = "agent.v1.RecordsQuarantine"
 
 
 class HealthReport:
@@ -261,6 +269,13 @@ def build_records(config: Config) -> Records:
     table for every replica, spooled under data_dir while it is away), else SQLite files under data_dir. They redact
     with the process-wide redactor (`build_executor` installs the config's)."""
     audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
+    if config.records.url is not None and config.audit.key_file is None and not os.environ.get(ENV_VAR):
+        # One chain for the fleet needs one key the operator gives: a key made per replica splits trust (verify
+        # needs each, lost with the pod's emptyDir), and one kept in the database sits beside the rows it guards.
+        raise AuditKeyError(
+            "records.url is PostgreSQL, one audit chain for every replica, so its key must be given too: set "
+            f"audit.key_file (a mounted Secret) or {ENV_VAR} (docs/audit.md#on-postgresql)"
+        )
     keyring = load_keyring(config.audit.key_file, audit_path)
     retention_s = None if config.dead_letter.retention_days is None else config.dead_letter.retention_days * 86400
     if config.records.url is None:
@@ -281,13 +296,6 @@ def build_records(config: Config) -> Records:
     from service.records.pg_summaries import PgRunSummaryStore
     from service.records.postgres import PgRecords
 
-    if config.audit.key_file is None and not os.environ.get(ENV_VAR):
-        log.warning(
-            "the audit log is in PostgreSQL but its key is the one beside this replica's data_dir: every replica then "
-            "signs with a key of its own, which verify needs too; give all replicas one key (audit.key_file or %s)",
-            ENV_VAR,
-            extra={"key_id": keyring.active},
-        )
     database = PgRecords(
         config.records.url,
         spool_path=config.data_dir / SPOOL_FILE,

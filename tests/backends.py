@@ -13,6 +13,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -78,3 +79,17 @@ def postgres_schema() -> Iterator[PostgresSchema]:
     yield PostgresSchema(f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}", schema)
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# One audit key for every process of a test's fleet: with records on PostgreSQL the service refuses to start without
+# one given (docs/audit.md#on-postgresql).
+AUDIT_KEYS = "fleet-1:" + "5" * 64
+
+
+def audit_key_file(folder: Path, text: str = AUDIT_KEYS) -> Path:
+    """A key file (0600) with `text`, in `folder`: the `audit.key_file` of a service on PostgreSQL records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"audit-{secrets.token_hex(3)}.key"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path

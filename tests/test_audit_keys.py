@@ -18,7 +18,15 @@ import pytest
 from test_audit import record
 
 from service.records.audit import AuditLog, main, verify
-from service.records.audit_chain import ENV_VAR, AuditKeyError, Keyring, load_keyring, parse_keys, row_mac
+from service.records.audit_chain import (
+    ENV_VAR,
+    AuditKeyError,
+    Keyring,
+    load_keyring,
+    parse_keys,
+    read_key_file,
+    row_mac,
+)
 
 SECRET_1 = "1" * 64
 SECRET_2 = "2" * 64
@@ -298,3 +306,27 @@ def test_the_row_mac_format_is_pinned() -> None:
     assert mac == row_mac(SECRET_1.encode(), "k1", dict(reversed(fields.items())), "ab" * 32)
     assert mac != row_mac(SECRET_1.encode(), "k2", fields, "ab" * 32)
     assert mac == "04785b2db1daa23adcd30c35ebc35ff795f3f24c969904469428496022cf63fc"
+
+
+@pytest.mark.parametrize(
+    ("mode", "group", "warned"),
+    [
+        (0o600, "own", False),
+        (0o440, "own", False),  # a Kubernetes Secret under the pod's fsGroup: root-owned, readable by our group
+        (0o440, "other", True),  # readable by a group this process is not
+        (0o604, "own", True),  # readable by anyone
+    ],
+)
+def test_a_key_file_open_to_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, group: str, warned: bool
+) -> None:
+    path = _key_file(tmp_path, f"k1:{SECRET_1}")
+    gid = os.getegid() if group == "own" else os.getegid() + 4242
+    if gid != os.stat(path).st_gid:
+        if os.geteuid() != 0:
+            pytest.skip("changing a file's group to one this user is not in needs root")
+        os.chown(path, -1, gid)
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="service.records.audit_chain"):
+        assert read_key_file(path).active == "k1"
+    assert any("open to other users" in r.getMessage() for r in caplog.records) is warned

@@ -317,6 +317,21 @@ def test_a_fleet_shares_its_state_and_records(tmp_path: Path, monkeypatch: pytes
     assert config.records.url == "postgresql://agent@agent-pg-rw.data:5432/agent"
 
 
+def test_every_replica_signs_the_audit_chain_with_the_key_from_one_secret(tmp_path: Path) -> None:
+    """With records on PostgreSQL the service refuses to start without a given key: the ConfigMap names the file,
+    and the Deployment mounts it there from a Secret (required, readable by the pod's group only)."""
+    key_file = config_from_configmap(tmp_path).audit.key_file
+    assert key_file is not None
+    mount = next(m for m in container()["volumeMounts"] if m["mountPath"] == str(key_file.parent))
+    assert mount["readOnly"] is True
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret = volume["secret"]
+    assert not secret.get("optional", False) and secret["defaultMode"] & 0o007 == 0
+    assert [item["path"] for item in secret["items"]] == [key_file.name]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # the group read_key_file trusts
+
+
 SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "summary": ["_count"]}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from backends import PostgresSchema, RedisNamespace
+from backends import PostgresSchema, RedisNamespace, audit_key_file
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
@@ -181,7 +181,11 @@ async def shared(
 ) -> AsyncIterator[Fleet]:
     """Processes on one Redis prefix and one PostgreSQL schema."""
     fleet = Fleet(
-        tmp_path, fake, state={"url": redis_ns.url, "prefix": redis_ns.prefix}, records={"url": postgres_schema.url}
+        tmp_path,
+        fake,
+        state={"url": redis_ns.url, "prefix": redis_ns.prefix},
+        records={"url": postgres_schema.url},
+        audit={"key_file": str(audit_key_file(tmp_path))},
     )
     yield fleet
     await fleet.stop()

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from backends import RedisNamespace
+from backends import RedisNamespace, audit_key_file
 
 from agent.v1 import agent_pb2 as pb
 from conftest import ECHO_THEN_ANSWER, run_events, stub
@@ -172,12 +172,14 @@ async def test_two_processes_on_one_data_dir_each_checkpoint_under_an_id_of_thei
 
 
 async def test_durable_runs_are_refused_while_their_database_is_away_and_the_others_run(
-    start_service: Any, channel_to: Any
+    start_service: Any, channel_to: Any, tmp_path: Path
 ) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         away = f"postgresql://postgres@127.0.0.1:{probe.getsockname()[1]}/test"
-    svc = await start_service(ECHO_THEN_ANSWER, records={"url": away, "timeout_s": 0.5})
+    svc = await start_service(
+        ECHO_THEN_ANSWER, records={"url": away, "timeout_s": 0.5}, audit={"key_file": audit_key_file(tmp_path)}
+    )
     channel = channel_to(svc)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await run_events(channel, on_disconnect=pb.RunAgentRequest.CONTINUE)

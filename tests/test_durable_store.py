@@ -430,19 +430,22 @@ def test_executor_id_is_kept_in_data_dir_and_can_be_set(tmp_path: Path) -> None:
         executor_id(tmp_path / "var", "has space")
 
 
+def _after(start: threading.Barrier, call: Callable[[Path], str]) -> Callable[[Path], str]:
+    def together(data_dir: Path) -> str:
+        start.wait()
+        return call(data_dir)
+
+    return together
+
+
 def test_workers_starting_together_on_a_new_data_dir_share_one_whole_id(tmp_path: Path) -> None:
     # --workers N starts N processes at once on one data_dir: none may read the kept id before it is written whole
     # (an O_EXCL create then write once showed a peer the empty file, and that worker refused to start).
     for attempt in range(40):
         data_dir = tmp_path / f"var{attempt}"
         start = threading.Barrier(8)
-
-        def one() -> str:
-            start.wait()
-            return executor_id(data_dir)
-
         with ThreadPoolExecutor(8) as pool:
-            ids = list(pool.map(lambda _: one(), range(8)))
+            ids = list(pool.map(_after(start, executor_id), [data_dir] * 8))
         assert len(set(ids)) == 1 and ids[0], ids
         assert sorted(p.name for p in data_dir.iterdir()) == ["executor_id"]  # no drafts left behind
 

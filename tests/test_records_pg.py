@@ -265,7 +265,7 @@ FAIL_THEN_ANSWER = [
 
 
 async def test_a_service_on_postgresql_records_its_calls_there(
-    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema
+    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema, key_file: Path, keyring: Keyring
 ) -> None:
     overrides = {"flaky": {"retry": {"attempts": 2, "initial_backoff_s": 0.001}}}
     svc = await start_service(
@@ -273,6 +273,7 @@ async def test_a_service_on_postgresql_records_its_calls_there(
         tools=policy_tools(failures=99),
         policies=overrides,
         records={"url": postgres_schema.url},
+        audit={"key_file": key_file},
     )
     events = await run_events(channel_to(svc), metadata={"caller": "billing"})
     failed = [e.execution_failed for e in events if e.HasField("execution_failed")]
@@ -284,9 +285,9 @@ async def test_a_service_on_postgresql_records_its_calls_there(
     assert rows == [(events[0].run_id, "flaky", "error", 2)]
     letters = sql(postgres_schema, "SELECT execution_id, run_id FROM dead_letters")
     assert letters == [(failed[0].execution_id, events[0].run_id)]
-    keys = parse_keys((svc.config.data_dir / "audit.key").read_text(), "key")
-    assert verify_pg(postgres_schema.url, keys).ok
+    assert verify_pg(postgres_schema.url, keyring).ok
     assert not (svc.config.data_dir / "audit.db").exists()  # nothing went to the SQLite file
+    assert not (svc.config.data_dir / "audit.key").exists()  # nor was a key of this replica's own made
 
 
 async def test_text_postgresql_refuses_does_not_lose_the_batch(

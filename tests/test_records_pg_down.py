@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from backends import PostgresSchema
+from backends import PostgresSchema, audit_key_file
 from test_records_pg import FAIL_THEN_ANSWER, KEYS, letter, record, summary
 
 from conftest import run_events
@@ -172,7 +172,7 @@ async def test_a_spool_left_by_a_stopped_process_is_sent_by_the_next_start(
 
 
 async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
-    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema, keyring: Keyring
+    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema, keyring: Keyring, tmp_path: Path
 ) -> None:
     overrides = {"flaky": {"retry": {"attempts": 2, "initial_backoff_s": 0.001}}}
     away = f"postgresql://postgres@127.0.0.1:{unused_port()}/test"
@@ -181,6 +181,7 @@ async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
         tools=policy_tools(failures=99),
         policies=overrides,
         records={"url": away, "timeout_s": 0.5},
+        audit={"key_file": audit_key_file(tmp_path, KEYS)},
     )
     events = await run_events(channel_to(svc))
     assert events[-1].HasField("final_response")  # the run went on without its records database
@@ -192,8 +193,7 @@ async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
 
     back = PgRecords(postgres_schema.url, spool_path=spool_path)
     await back.open()
-    keys = parse_keys((svc.config.data_dir / "audit.key").read_text(), "key")
-    log, dead = PgAuditLog(back, keyring=keys), PgDeadLetterStore(back)
+    log, dead = PgAuditLog(back, keyring=keyring), PgDeadLetterStore(back)
     PgRunSummaryStore(back)
     await asyncio.wait_for(back.settle(), 30)
     await log.aclose()
@@ -201,7 +201,7 @@ async def test_a_service_whose_postgresql_is_away_runs_on_and_spools(
     assert rows(postgres_schema, "SELECT run_id, tool FROM audit") == [(events[0].run_id, "flaky")]
     assert rows(postgres_schema, "SELECT execution_id FROM dead_letters") == [(failed.execution_id,)]
     assert rows(postgres_schema, "SELECT run_id, state FROM run_summaries") == [(events[0].run_id, "succeeded")]
-    assert verify_pg(postgres_schema.url, keys).ok
+    assert verify_pg(postgres_schema.url, keyring).ok
 
 
 def test_workers_sharing_a_spool_drain_it_one_at_a_time(tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ async def _health(channel: Any, name: str) -> int:
 
 
 async def test_health_says_when_records_spool_and_when_postgresql_is_back(
-    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema
+    start_service: Any, channel_to: Any, postgres_schema: PostgresSchema, tmp_path: Path
 ) -> None:
     """`agent.v1.RecordsStore` goes NOT_SERVING while PostgreSQL cannot be reached and SERVING once it answers again,
     on its own; the main service stays SERVING throughout (a replica whose records spool still runs)."""
@@ -238,7 +238,11 @@ async def test_health_says_when_records_spool_and_when_postgresql_is_back(
     forwarder = Forwarder()
     await forwarder.start()
     await forwarder.stop()  # the port is known, nothing answers on it yet
-    svc = await start_service(FAIL_THEN_ANSWER, records={"url": forwarder.url(postgres_schema), "timeout_s": 0.5})
+    svc = await start_service(
+        FAIL_THEN_ANSWER,
+        records={"url": forwarder.url(postgres_schema), "timeout_s": 0.5},
+        audit={"key_file": audit_key_file(tmp_path)},
+    )
     channel = channel_to(svc)
     try:
         assert await _health(channel, "agent.v1.RecordsStore") == not_serving

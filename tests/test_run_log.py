@@ -375,3 +375,23 @@ async def test_a_lagging_durable_streams_merged_deltas_wait_for_the_file(tmp_pat
         gate.set()
         await stream.aclose()
         await log.close()
+
+
+async def test_a_run_in_the_store_queue_is_followed_from_its_claim(tmp_path: Path) -> None:
+    """`durable.queue: store`: a run logged as queued is not one a dead process left (UNAVAILABLE) but one the queue
+    hands over later: a watcher waits for it, past the start's window, and follows it once it is revived."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600, resume_wait_s=0)
+    log.store_queue = True
+    try:
+        run = log.new_run(spec("run_q"), RunControl(), caller="alice", key="", fingerprint="")
+        run.append(ev.RunStarted(model="x", tools=(), max_turns=5))
+        await log.flush(run)
+        record = await log.record("run_q")
+        assert record is not None and record.state == "queued"
+        following = asyncio.create_task(log.mirror(record))
+        await asyncio.sleep(0.05)
+        assert not following.done()
+        revived = await log.revive(spec("run_q"), RunControl(), caller="alice")
+        assert await asyncio.wait_for(following, 5) is revived
+    finally:
+        await log.close()

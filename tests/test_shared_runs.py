@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from backends import RedisNamespace
+from backends import RedisNamespace, audit_key_file
 from pydantic import BaseModel
 
 from agent.v1 import agent_pb2 as pb
@@ -292,7 +292,13 @@ async def test_get_run_on_b_answers_from_postgresql_once_redis_forgot_the_run(
 ) -> None:
     # postgres_schema first: its schema is dropped after the services (set up later, closed first) wrote to it
     (a, b), opened = await replicas(
-        start_service, tmp_path, redis_ns, GATED, records={"url": postgres_schema.url}, runs={"retention_s": 1}
+        start_service,
+        tmp_path,
+        redis_ns,
+        GATED,
+        records={"url": postgres_schema.url},
+        audit={"key_file": audit_key_file(tmp_path)},
+        runs={"retention_s": 1},
     )
     on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
     opened.set()

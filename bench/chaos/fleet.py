@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -67,6 +68,12 @@ def write_config(workdir: Path, backends: Backends | None, model_url: str, effec
     if backends is not None:
         config["state"] = {"url": backends.redis_url, "prefix": backends.redis_prefix}
         config["records"] = {"url": backends.postgres_url}
+        # one audit chain for the fleet needs one key, given (the service refuses to make one per replica)
+        workdir.mkdir(parents=True, exist_ok=True)
+        key_file = workdir / "audit.key"
+        key_file.write_text(f"chaos:{secrets.token_hex(32)}\n")
+        key_file.chmod(0o600)
+        config["audit"] = {"key_file": str(key_file)}
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -210,6 +210,31 @@ class DurableConfig(Section):
         description="how often each process looks for runs to continue: those of a peer found dead (its advisory lock "
         "free), and those a draining peer handed over (also announced at once)",
     )
+    queue: Literal["auto", "store", "process"] = Field(
+        default="auto",
+        description="where durable SubmitRun runs wait for a slot: store, in the checkpoint store (the fleet's queue "
+        "in PostgreSQL; on one node the SQLite file, GetRun then shows positions); process, in this process's queue "
+        "(runs.background_max_queued); auto: store with records.url, else process",
+    )
+    queue_max: int = Field(
+        default=10_000,
+        ge=0,
+        description="durable SubmitRun runs waiting in the checkpoint store's queue, for the whole fleet (one node: "
+        "this process); beyond it RESOURCE_EXHAUSTED",
+    )
+    queue_max_running: int | None = Field(
+        default=None,
+        ge=1,
+        description="durable SubmitRun runs running at once in the whole fleet (each process also keeps to "
+        "runs.background_max_concurrent); unset: no fleet-wide cap",
+    )
+    queue_poll_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="how often each process looks at the durable queue when nothing woke it (PostgreSQL NOTIFY or "
+        "a slot freed here wake it at once): the safety net for a lost notification",
+    )
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         default="NORMAL",
         description="SQLite checkpoints: NORMAL survives a kill of the process, FULL also a power cut (an fsync per "

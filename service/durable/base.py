@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 StepKind = Literal["turn", "tool", "intent", "asked", "decided"]
 """`turn`: a model turn's result (its TurnEnd: content blocks, stop reason, usage) — never requested again once
@@ -78,3 +78,33 @@ class CheckpointStore(Protocol):
         before a restart (same owner id), those released by a draining peer, and those of a peer found dead — each
         claimed first (the claim is the fence: the old owner's writes are refused from then on). `resume` is awaited
         for one run after the other: it starts the run (a task of its own) and returns."""
+
+
+@runtime_checkable
+class DurableQueue(Protocol):
+    """A checkpoint store that also keeps the fleet's queue of durable SubmitRun runs (PostgreSQL): a queued run is a
+    `durable_runs` row in state "queued" with no owner, until a process with a free slot claims it (state "running",
+    owner itself) and drives it as it would continue a run; from then on the dead-peer recovery covers it. A store
+    without it (SQLite, one node) leaves SubmitRun on the process's own queue."""
+
+    queue_wake: asyncio.Event  # set when a peer enqueued (NOTIFY); the queue's user sets it too (a slot freed here)
+
+    async def enqueue(self, run: DurableRun, *, limit: int) -> bool:
+        """Queue `run` (state "queued", owner ""); returns once committed and announced. False, and nothing
+        written, when `limit` runs are queued already (fleet-wide)."""
+
+    async def queued(self) -> int:
+        """How many runs are queued (fleet-wide)."""
+
+    async def claim_queued(self, count: int, *, max_running: int | None = None) -> list[DurableRun]:
+        """Claim up to `count` queued runs, oldest first, for this process (each claimed by one process only); with
+        `max_running`, no more than keeps the fleet's running background runs at most that many."""
+
+    async def queue_position(self, run_id: str) -> int:
+        """The run's place in the queue, 1 for the next to be claimed; 0 when it is not queued."""
+
+    async def cancel_queued(self, run_id: str) -> bool:
+        """End a queued run as cancelled before any process claims it; False when it is not queued (any more)."""
+
+    def resume_later(self, run_id: str) -> None:
+        """A run claimed here that could not start now: `recover` continues it at its next look."""

@@ -126,6 +126,13 @@ class BatchingStore:
                 self._driving.discard(run_id)
                 self._leftovers.append(run_id)
 
+    def resume_later(self, run_id: str) -> None:
+        """A run claimed here whose start failed (the shared run store away): ours still, so no peer takes it; the
+        next look of `recover` continues it."""
+        self._driving.discard(run_id)
+        self._leftovers.append(run_id)
+        self._wake.set()
+
     async def load(self, run_id: str) -> DurableRun | None:
         raise NotImplementedError
 

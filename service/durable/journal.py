@@ -77,8 +77,10 @@ class Journal:
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
         before_step: Callable[[], Awaitable[None]] | None = None,
+        announce: bool = True,
     ) -> None:
         self.store = store
+        self.announce = announce  # a resumed run's `open` says so (run_recovered); not a run claimed from the queue
         # awaited before each step and the end are written: the run's events up to then are kept (its log then
         # reaches every step's seq, and its closing event precedes its recorded end)
         self.before_step = before_step
@@ -131,9 +133,11 @@ class Journal:
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
         before_step: Callable[[], Awaitable[None]] | None = None,
+        announce: bool = True,
     ) -> Journal:
-        """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps."""
-        return cls(store, run, fresh=False, last_seq=last_seq, why=why, before_step=before_step)
+        """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps; or,
+        `announce` False, of a run claimed from the durable queue (recorded, never started: nothing to recover)."""
+        return cls(store, run, fresh=False, last_seq=last_seq, why=why, before_step=before_step, announce=announce)
 
     def _replay(self, step: Step) -> None:
         value = step.value
@@ -203,6 +207,8 @@ class Journal:
         event the loop sends before anything else, saying from which checkpoint it goes on and why."""
         if self.fresh:
             await self.record()
+            return None
+        if not self.announce:
             return None
         last = self._last
         return RunRecovered(

@@ -90,6 +90,39 @@ WHERE state = 'running' AND owner = %s AND NOT (run_id = ANY(%s))
 RETURNING run_id
 """
 
+# The durable queue (base.DurableQueue). Enqueues take a transaction-scoped advisory lock so that the fleet-wide bound
+# is exact (concurrent inserts would each count the others out); claims use the database's own queue primitive, FOR
+# UPDATE SKIP LOCKED, so two processes never claim one run and neither waits for the other.
+_QUEUE_KEY = "hashtextextended(current_schema() || '.agent-durable-queue', 0)"
+# the NOTIFY in the same statement, only for a row inserted (delivered at the commit)
+_ENQUEUE = """
+WITH ins AS (
+    INSERT INTO durable_runs (run_id, owner, state, caller, background, request, queue_seq)
+    SELECT %s, '', 'queued', %s, true, %s, nextval('durable_queue_seq')
+    WHERE (SELECT count(*) FROM durable_runs WHERE state = 'queued') < %s
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id
+)
+SELECT pg_notify(%s, %s) FROM ins
+"""
+_CLAIM_QUEUED = """
+UPDATE durable_runs d SET owner = %s, state = 'running', updated = now()
+FROM (
+    SELECT run_id FROM durable_runs WHERE state = 'queued' ORDER BY queue_seq LIMIT %s FOR UPDATE SKIP LOCKED
+) q
+WHERE d.run_id = q.run_id
+RETURNING d.run_id, d.caller, d.background, d.request, d.format, d.queue_seq
+"""
+_POSITION = """
+SELECT count(*) FROM durable_runs
+WHERE state = 'queued' AND queue_seq <= (SELECT queue_seq FROM durable_runs WHERE run_id = %s AND state = 'queued')
+"""
+# a row being claimed is locked: this waits for the claim's commit, then finds the run running and changes nothing
+_CANCEL_QUEUED = """
+UPDATE durable_runs SET state = 'cancelled', updated = now() WHERE run_id = %s AND state = 'queued' RETURNING run_id
+"""
+QUEUED = "queued"  # the payload of the NOTIFY that announces an enqueued run (a drain's release sends '')
+
 
 class PgCheckpointStore(BatchingStore):
     def __init__(self, url: str, owner: str, *, timeout_s: float = 5.0, recover_interval_s: float = 1.0) -> None:
@@ -101,6 +134,7 @@ class PgCheckpointStore(BatchingStore):
         self._control_lock = asyncio.Lock()
         self._channel = ""
         self.listening = asyncio.Event()  # set once `recover` hears of releases (tests wait for it)
+        self.queue_wake = asyncio.Event()
 
     async def open(self) -> None:
         """Connect, migrate, take this executor id's lock (waiting up to `timeout_s` for a peer that is claiming
@@ -162,6 +196,58 @@ class PgCheckpointStore(BatchingStore):
                 for n, kind, key, seq, value, fmt in steps
             ],
         )
+
+    # --- the durable queue (base.DurableQueue) ------------------------------------------------------------------
+
+    async def enqueue(self, run: DurableRun, *, limit: int) -> bool:
+        async with self._control_lock:
+            conn = await self._control_conn()
+            # one round trip: BEGIN, the lock, the insert and COMMIT pipelined (half the CPU of four)
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
+                params = (run.run_id, run.caller, encode(run.request), limit, self._channel, QUEUED)
+                cursor = await conn.execute(_ENQUEUE, params)
+            return await cursor.fetchone() is not None
+
+    async def queued(self) -> int:
+        async with self._control_lock:
+            conn = await self._control_conn()
+            return int(await self._one(conn, "SELECT count(*) FROM durable_runs WHERE state = 'queued'", ()))
+
+    async def claim_queued(self, count: int, *, max_running: int | None = None) -> list[DurableRun]:
+        async with self._control_lock:
+            conn = await self._control_conn()
+            if max_running is None:  # one autocommit statement
+                cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
+            else:
+                async with conn.transaction():  # the fleet's cap: claims in turn, so that two cannot both fill it
+                    await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
+                    running = await self._one(
+                        conn, "SELECT count(*) FROM durable_runs WHERE state = 'running' AND background", ()
+                    )
+                    count = min(count, max_running - int(running))
+                    if count <= 0:
+                        return []
+                    cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
+            rows = sorted(await cursor.fetchall(), key=lambda r: r[5])  # oldest first
+        claimed = [
+            DurableRun(
+                run_id=r[0], caller=r[1], owner=self.owner, state="running", background=r[2], request=decode(r[3], r[4])
+            )
+            for r in rows
+        ]
+        self._driving.update(r.run_id for r in claimed)
+        return claimed
+
+    async def queue_position(self, run_id: str) -> int:
+        async with self._control_lock:
+            conn = await self._control_conn()
+            return int(await self._one(conn, _POSITION, (run_id,)))
+
+    async def cancel_queued(self, run_id: str) -> bool:
+        async with self._control_lock:
+            conn = await self._control_conn()
+            return await self._one(conn, _CANCEL_QUEUED, (run_id,)) is not None
 
     # --- connections ------------------------------------------------------------------------------------------
 
@@ -308,8 +394,11 @@ class PgCheckpointStore(BatchingStore):
             try:
                 if conn is None:
                     conn = await self._listening()
-                async for _ in conn.notifies():
-                    self._wake.set()
+                async for notify in conn.notifies():
+                    if notify.payload == QUEUED:
+                        self.queue_wake.set()
+                    else:
+                        self._wake.set()
             except (RecordsUnavailable, *UNREACHABLE):
                 await asyncio.sleep(self.recover_interval_s)
             finally:

@@ -2,6 +2,11 @@
 of its own in batches (batching.py). `synchronous=NORMAL` by default: a commit survives `kill -9` of the process, not
 a power cut (`durable.sqlite_synchronous: FULL` for that, at the price of an fsync per batch).
 
+The durable queue (base.DurableQueue) with `durable.queue: store`: queued runs are rows in state "queued", oldest
+first by rowid; every statement runs on the store's one thread, and claims in a BEGIN IMMEDIATE transaction (the
+file's write lock: a second process on the same file, which only a misconfiguration makes, still claims each run
+once). Wake-ups are the in-process event `queue_wake`.
+
 One node means no dead peers to detect: at `open` the process finds its own running runs left from before a restart
 (same executor id) and `recover` hands them over, with any run released at a drain. A lock file per executor id
 keeps a second live process with the same id (a copy of the same data_dir) from driving the same runs.
@@ -18,7 +23,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -43,6 +48,7 @@ CREATE TABLE IF NOT EXISTS durable_runs (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS durable_runs_running ON durable_runs (owner) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS durable_runs_queued ON durable_runs (state) WHERE state = 'queued';
 CREATE TABLE IF NOT EXISTS run_steps (
     run_id TEXT NOT NULL,
     step_no INTEGER NOT NULL,
@@ -68,6 +74,7 @@ class SqliteCheckpointStore(BatchingStore):
         # set by the one node's run log when it keeps its tables in this file (`SqliteRunLog.join`): each batch
         # then rides the log's next round, one transaction with the events before it (no flush of their own first)
         self.rider: Callable[[Batch], Awaitable[None]] | None = None
+        self.queue_wake = asyncio.Event()
 
     async def open(self) -> None:
         await self._on_thread(self._open)
@@ -85,6 +92,25 @@ class SqliteCheckpointStore(BatchingStore):
 
     async def load(self, run_id: str) -> DurableRun | None:
         return await self._on_thread(self._load, run_id)
+
+    # --- the durable queue ---------------------------------------------------------------------------------------
+
+    async def enqueue(self, run: DurableRun, *, limit: int) -> bool:
+        return await self._on_thread(self._enqueue_sync, run, limit)
+
+    async def queued(self) -> int:
+        return await self._on_thread(self._count_sync)
+
+    async def claim_queued(self, count: int, *, max_running: int | None = None) -> list[DurableRun]:
+        claimed = await self._on_thread(self._claim_queued_sync, count, max_running)
+        self._driving.update(r.run_id for r in claimed)
+        return claimed
+
+    async def queue_position(self, run_id: str) -> int:
+        return await self._on_thread(self._position_sync, run_id)
+
+    async def cancel_queued(self, run_id: str) -> bool:
+        return await self._on_thread(self._cancel_queued_sync, run_id)
 
     # --- on the store's thread -----------------------------------------------------------------------------------
 
@@ -177,6 +203,72 @@ class SqliteCheckpointStore(BatchingStore):
             raise
         return leftovers + released
 
+    def _enqueue_sync(self, run: DurableRun, limit: int) -> bool:
+        db = self._db
+        assert db is not None
+        with _immediate(db):
+            if self._count_sync() >= limit:
+                return False
+            now = time.time()
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
+                "updated) VALUES (?, '', 'queued', ?, 1, ?, ?, ?)",
+                (run.run_id, run.caller, encode(run.request), now, now),
+            )
+            return cursor.rowcount == 1
+
+    def _count_sync(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("SELECT count(*) FROM durable_runs WHERE state = 'queued'").fetchone()[0])
+
+    def _claim_queued_sync(self, count: int, max_running: int | None) -> list[DurableRun]:
+        db = self._db
+        assert db is not None
+        with _immediate(db):
+            if max_running is not None:
+                running = db.execute("SELECT count(*) FROM durable_runs WHERE state = 'running' AND background")
+                count = min(count, max_running - int(running.fetchone()[0]))
+            if count <= 0:
+                return []
+            rows = db.execute(
+                "SELECT run_id, caller, background, request, format FROM durable_runs WHERE state = 'queued' "
+                "ORDER BY rowid LIMIT ?",
+                (count,),
+            ).fetchall()
+            db.executemany(
+                "UPDATE durable_runs SET owner = ?, state = 'running', updated = ? WHERE run_id = ?",
+                [(self.owner, time.time(), r[0]) for r in rows],
+            )
+        return [
+            DurableRun(
+                run_id=r[0],
+                caller=r[1],
+                owner=self.owner,
+                state="running",
+                background=bool(r[2]),
+                request=decode(r[3], r[4]),
+            )
+            for r in rows
+        ]
+
+    def _position_sync(self, run_id: str) -> int:
+        assert self._db is not None
+        row = self._db.execute(
+            "SELECT count(*) FROM durable_runs WHERE state = 'queued' "
+            "AND rowid <= (SELECT rowid FROM durable_runs WHERE run_id = ? AND state = 'queued')",
+            (run_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def _cancel_queued_sync(self, run_id: str) -> bool:
+        assert self._db is not None
+        with _immediate(self._db):
+            cursor = self._db.execute(
+                "UPDATE durable_runs SET state = 'cancelled', updated = ? WHERE run_id = ? AND state = 'queued'",
+                (time.time(), run_id),
+            )
+            return cursor.rowcount == 1
+
     def _load(self, run_id: str) -> DurableRun | None:
         db = self._db
         assert db is not None
@@ -216,3 +308,17 @@ class SqliteCheckpointStore(BatchingStore):
     async def _claim(self) -> list[str]:
         leftovers, self._leftovers = self._leftovers, []
         return await self._on_thread(self._claim_sync, leftovers, self._not_mine())
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the file's write lock at its start (BEGIN IMMEDIATE): what it read is what it
+    changes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

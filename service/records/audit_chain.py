@@ -132,10 +132,14 @@ def parse_keys(text: str, source: str) -> Keyring:
 def read_key_file(path: Path) -> Keyring:
     try:
         text = path.read_text()
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError as exc:
         raise AuditKeyError(f"cannot read audit key file {path}: {exc.strerror or exc}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    mode = st.st_mode
+    # Group access is fine when the group is this process's own: a Kubernetes Secret mounted with the pod's fsGroup
+    # (= runAsGroup) is root-owned and group-readable, the only way the service's user can read it there.
+    shared = stat.S_IRWXO | (0 if st.st_gid == os.getegid() else stat.S_IRWXG)
+    if mode & shared:
         log.warning(
             "the audit key file is open to other users: whoever reads it can rewrite the audit log unnoticed",
             extra={"key_file": str(path), "mode": oct(mode & 0o777)},

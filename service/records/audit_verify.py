@@ -19,6 +19,7 @@ from service.records.audit_chain import (
     ENV_VAR,
     FIELDS,
     GENESIS,
+    AuditKeyError,
     Keyring,
     head_mac,
     legacy_hash,
@@ -194,7 +195,9 @@ def add_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key-file",
         type=Path,
-        help=f"keys to check with (default: ${ENV_VAR}, audit.key_file, audit.key beside the database)",
+        action="append",
+        help=f"keys to check with, repeatable: one key ring of all the files' entries (default: ${ENV_VAR}, "
+        "audit.key_file, audit.key beside the database)",
     )
     parser.add_argument(
         "--anchor",
@@ -207,8 +210,19 @@ def add_key_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_keyring(args: argparse.Namespace, db_path: Path) -> Keyring:
     """`--key-file`, else the keys the service would use: AGENT_AUDIT_KEY, `audit.key_file` from `--config` /
     AGENT_CONFIG, `audit.key` beside the database. Never generates one."""
-    if args.key_file is not None:
-        return read_key_file(args.key_file)
+    if args.key_file:
+        return merge_keyrings([read_key_file(path) for path in args.key_file])
     config_file = args.config or (Path(os.environ["AGENT_CONFIG"]) if os.environ.get("AGENT_CONFIG") else None)
     key_file = load_config(config_file).audit.key_file if args.db is None or config_file else None
     return verifier_keyring(key_file, db_path) or Keyring({}, "", f"no key file beside {db_path}")
+
+
+def merge_keyrings(rings: list[Keyring]) -> Keyring:
+    """One ring of several files' keys (replicas that each had one, or retired keys kept apart from the current).
+    An id given twice must name the same secret: which of two secrets it means would be a guess."""
+    keys: dict[str, bytes] = {}
+    for ring in rings:
+        for key_id, secret in ring.keys.items():
+            if keys.setdefault(key_id, secret) != secret:
+                raise AuditKeyError(f"key id {key_id!r} has different secrets in {', '.join(r.source for r in rings)}")
+    return Keyring(keys, rings[-1].active, ", ".join(r.source for r in rings))

@@ -9,6 +9,11 @@ Unreachable: a write that fails (or that finds the database down already) goes t
 SQLite file under data_dir) instead, and the pump task writes the spool to PostgreSQL, oldest first, once it answers
 again. While anything is spooled, new writes go behind it, so the audit rows of this process keep their order. The
 state is logged on each change and exported as `agent_records_up` and `agent_records_pending`.
+
+Refused: a batch PostgreSQL refuses for what it holds (`PERMANENT`: a value out of range, a constraint) goes to the
+spool too, and the drain sends a refused run of entries one by one, so the others go in. An entry refused
+`max_refusals` times in a row is moved to the spool file's quarantine (`spool.py`), logged, counted in
+`agent_records_quarantined` and told to `on_quarantine`; the drain goes on behind it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,11 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from service import telemetry
-from service.records.spool import Spool
+from service.records.pg_schema import MIGRATIONS as MIGRATIONS
+from service.records.pg_schema import Migration as Migration
+from service.records.pg_schema import advisory_key as advisory_key
+from service.records.pg_schema import migrate as migrate
+from service.records.spool import Entry, Spool
 
 log = logging.getLogger(__name__)
 
@@ -41,149 +49,14 @@ _DRAIN_BATCH = 500
 # server): records then spool. Any other error (a bug, data PostgreSQL refuses) is raised: spooling it would retry
 # it for ever.
 UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError, TimeoutError)
+# What says "the database will not take this record", however often it is sent: the data (DataError: a number out of
+# range, text it cannot store; UnicodeError: text the driver cannot encode) or a constraint (IntegrityError).
+# Not a bug of the writer's (ProgrammingError: a missing column would refuse every record, and must be fixed, not
+# quarantined record by record).
+PERMANENT = (psycopg.DataError, psycopg.IntegrityError, UnicodeError)
 # psycopg_pool retries a lost connection with a doubling delay until this many seconds, then gives up on it until
 # the next request grows the pool again: a short cycle bounds how long recovery waits after the database is back.
 _RECONNECT_CYCLE_S = 8.0
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-# Append only: a migration that has shipped is never edited (replicas of the old version may be running it).
-# Text columns rather than JSONB for input and metadata: the audit MAC covers the text as stored, byte for byte.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "audit log, dead letters, run summaries",
-        """
-        CREATE TABLE audit (
-            seq BIGINT PRIMARY KEY,
-            ts DOUBLE PRECISION NOT NULL,
-            run_id TEXT NOT NULL,
-            metadata TEXT NOT NULL,
-            tool TEXT NOT NULL,
-            call_id TEXT NOT NULL,
-            input TEXT NOT NULL,
-            status TEXT NOT NULL,
-            duration_s DOUBLE PRECISION NOT NULL,
-            result_bytes BIGINT NOT NULL,
-            attempts INTEGER NOT NULL,
-            cache_hit INTEGER NOT NULL,
-            answered_by TEXT NOT NULL,
-            trace_id TEXT NOT NULL,
-            record_id TEXT NOT NULL UNIQUE,
-            prev_hash TEXT NOT NULL,
-            hash TEXT NOT NULL,
-            key_id TEXT
-        );
-        CREATE INDEX audit_run ON audit (run_id);
-        CREATE TABLE audit_head (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            seq BIGINT NOT NULL,
-            hash TEXT NOT NULL,
-            key_id TEXT,
-            mac TEXT
-        );
-        CREATE TABLE dead_letters (
-            execution_id TEXT PRIMARY KEY,
-            created_at DOUBLE PRECISION NOT NULL,
-            run_id TEXT NOT NULL,
-            call_id TEXT NOT NULL,
-            tool TEXT NOT NULL,
-            input TEXT NOT NULL,
-            status TEXT NOT NULL,
-            error_type TEXT NOT NULL,
-            message TEXT NOT NULL,
-            traceback TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            trace_id TEXT NOT NULL
-        );
-        CREATE INDEX dead_letters_created ON dead_letters (created_at);
-        CREATE INDEX dead_letters_tool ON dead_letters (tool, created_at);
-        CREATE TABLE run_summaries (
-            run_id TEXT PRIMARY KEY,
-            caller TEXT NOT NULL,
-            state TEXT NOT NULL,
-            last_seq BIGINT NOT NULL,
-            created_ns BIGINT NOT NULL,
-            ended_ns BIGINT NOT NULL,
-            outcome TEXT,
-            trace_id TEXT NOT NULL
-        );
-        CREATE INDEX run_summaries_ended ON run_summaries (ended_ns);
-        """,
-    ),
-    # service/durable/postgres.py; JSON as text in `request` and `value`, in the version `format` says
-    Migration(
-        2,
-        "durable runs and their checkpoints",
-        """
-        CREATE TABLE durable_runs (
-            run_id TEXT PRIMARY KEY,
-            owner TEXT NOT NULL,
-            state TEXT NOT NULL,
-            caller TEXT NOT NULL,
-            background BOOLEAN NOT NULL,
-            request TEXT NOT NULL,
-            format SMALLINT NOT NULL DEFAULT 1,
-            created TIMESTAMPTZ NOT NULL DEFAULT now(),
-            updated TIMESTAMPTZ NOT NULL DEFAULT now()
-        );
-        CREATE INDEX durable_runs_running ON durable_runs (owner) WHERE state = 'running';
-        CREATE TABLE run_steps (
-            run_id TEXT NOT NULL,
-            step_no INTEGER NOT NULL,
-            kind TEXT NOT NULL,
-            key TEXT NOT NULL,
-            seq BIGINT NOT NULL,
-            value TEXT NOT NULL,
-            format SMALLINT NOT NULL DEFAULT 1,
-            PRIMARY KEY (run_id, step_no)
-        );
-        """,
-    ),
-)
-
-
-def advisory_key(name: str) -> str:
-    """SQL for a 64-bit advisory-lock key private to the current schema (advisory locks are database-wide, and
-    several services, or tests, may share a database under different schemas)."""
-    return f"hashtextextended(current_schema() || '.{name}', 0)"
-
-
-async def migrate(conn: Conn) -> list[int]:
-    """Apply the migrations this database lacks, in one transaction under an advisory lock; the versions applied.
-    A second replica starting at the same moment waits for the lock, then finds nothing left to do."""
-    async with conn.transaction():
-        await conn.execute(f"SELECT pg_advisory_xact_lock({advisory_key('agent-records-migrations')})")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        cursor = await conn.execute("SELECT version FROM schema_migrations")
-        done = {int(row[0]) for row in await cursor.fetchall()}
-        applied = []
-        for migration in MIGRATIONS:
-            if migration.version in done:
-                continue
-            await conn.execute(migration.sql.encode())  # no parameters: several statements in one go
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
-            )
-            applied.append(migration.version)
-    newest = max(done, default=0)
-    if newest > MIGRATIONS[-1].version:
-        log.warning(
-            "the records database was migrated by a newer version; this one uses the tables it knows",
-            extra={"schema_version": newest, "known_version": MIGRATIONS[-1].version},
-        )
-    if applied:
-        log.info("records database migrated", extra={"applied": applied})
-    return applied
 
 
 class PgRecords:
@@ -200,6 +73,7 @@ class PgRecords:
         pool_max: int = 8,
         timeout_s: float = 5.0,
         retry_s: float = 1.0,
+        max_refusals: int = 3,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
@@ -221,6 +95,9 @@ class PgRecords:
         self._spool_path = spool_path
         self._spool: Spool | None = None
         self._spooled = 0  # entries in the spool file, as of this process's last look
+        self.quarantined = 0  # entries in the spool file's quarantine, as of this process's last look
+        self.max_refusals = max_refusals
+        self._refusals: dict[int, int] = {}  # spool entry id: refusals in a row
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-spool")
         self._retry_s = retry_s
         self._wake = asyncio.Event()
@@ -232,6 +109,7 @@ class PgRecords:
         self._closed = False
         # told of each change of reachability (the composition root shows it on the gRPC health service)
         self.on_health: Callable[[bool], None] | None = None
+        self.on_quarantine: Callable[[int], None] | None = None  # told the quarantine's size when it changes
         telemetry.RECORDS_UP.set(0)
 
     def register(self, kind: str, writer: Writer, *, owner: bool = True) -> PgRecords:
@@ -255,9 +133,15 @@ class PgRecords:
             await self.pool.open(wait=False)
             self._spool = await self._on_disk(Spool, self._spool_path)
             self._spooled = await self._on_disk(self._spool.count)
+            self.quarantined = await self._on_disk(self._spool.quarantine_count)
             self._set_pending()
             if self._spooled:
                 log.warning("records wait in the local spool from an earlier run", extra={"pending": self._spooled})
+            if self.quarantined:
+                log.error(
+                    "records are quarantined in the local spool: see python -m service.records.spool list",
+                    extra={"quarantined": self.quarantined, "spool": str(self._spool_path)},
+                )
             await self._ensure_up()
             self._pump = asyncio.get_running_loop().create_task(self._pump_loop(), name="records-pump")
             self._opened = True
@@ -274,6 +158,11 @@ class PgRecords:
                 return
             except UNREACHABLE as exc:
                 self._went_down(exc)
+            except PERMANENT as exc:  # the drain finds the record refused, and quarantines it if it stays refused
+                log.warning(
+                    "records database refused a batch; it goes to the local spool",
+                    extra={"kind": kind, "records": len(bodies), "error": _error(exc)},
+                )
         await self._spill(kind, bodies)
 
     async def settle(self) -> None:
@@ -323,6 +212,7 @@ class PgRecords:
 
     def _set_pending(self) -> None:
         telemetry.RECORDS_PENDING.set(self._spooled)
+        telemetry.RECORDS_QUARANTINED.set(self.quarantined)
 
     async def _ensure_up(self) -> bool:
         try:
@@ -362,6 +252,10 @@ class PgRecords:
             self._wake.clear()
             if not (self.up or self._spooled):
                 await self._ensure_up()  # a probe while idle: `up` is right when the next record comes
+            elif not self._spooled and self._spool is not None:  # entries an operator replayed from the quarantine
+                self._spooled = await self._on_disk(self._spool.count)
+                if self.quarantined:
+                    self._quarantine_is(await self._on_disk(self._spool.quarantine_count))
             if self._spooled and (self.up or await self._ensure_up()):
                 try:
                     await self._drain()
@@ -371,6 +265,59 @@ class PgRecords:
                     log.exception("records spool drain failed", extra={"pending": self._spooled})
             if not self._spooled:
                 self._drained.set()
+
+    async def _send(self, spool: Spool, writer: Writer, run: list[Entry]) -> bool:
+        """Write `run` in one transaction and remove it from the spool; refused, each entry on its own, so the others
+        go in. False when an entry was refused and stays spooled for another try."""
+        try:
+            await self._write_now(writer, [e.body for e in run])
+        except PERMANENT as exc:
+            if len(run) == 1:
+                return await self._refused(spool, run[0], exc)
+            for entry in run:
+                try:
+                    await self._write_now(writer, [entry.body])
+                except PERMANENT as one:
+                    if not await self._refused(spool, entry, one):
+                        return False
+                    continue
+                self._refusals.pop(entry.id, None)
+                await self._on_disk(spool.remove, [entry.id])
+            return True
+        for entry in run:
+            self._refusals.pop(entry.id, None)
+        await self._on_disk(spool.remove, [e.id for e in run])
+        return True
+
+    async def _write_now(self, writer: Writer, bodies: list[dict[str, Any]]) -> None:
+        async with asyncio.timeout(self.timeout_s), self.pool.connection() as conn:
+            await writer(conn, bodies)
+
+    async def _refused(self, spool: Spool, entry: Entry, exc: BaseException) -> bool:
+        """Count a refusal of `entry`; at `max_refusals` in a row move it to the quarantine (True: the drain goes
+        on). Fewer: False, the entry is tried again on the pump's next round (a constraint being fixed meanwhile)."""
+        refusals = self._refusals.get(entry.id, 0) + 1
+        fields = {"kind": entry.kind, "spool_id": entry.id, "refusals": refusals, "error": _error(exc)}
+        if refusals < self.max_refusals:
+            self._refusals[entry.id] = refusals
+            log.warning("records database refused a spooled record; it is tried again", extra=fields)
+            return False
+        self._refusals.pop(entry.id, None)
+        await self._on_disk(spool.quarantine, entry.id, _error(exc), refusals)
+        self._quarantine_is(await self._on_disk(spool.quarantine_count))
+        log.error(
+            "record quarantined: the records database keeps refusing it; the spool goes on behind it "
+            "(python -m service.records.spool list, show, replay)",
+            extra={**fields, "quarantined": self.quarantined, "spool": str(self._spool_path)},
+        )
+        return True
+
+    def _quarantine_is(self, count: int) -> None:
+        if count != self.quarantined:
+            self.quarantined = count
+            self._set_pending()
+            if self.on_quarantine is not None:
+                self.on_quarantine(count)
 
     async def _drain(self) -> None:
         """Send the spool to the database, oldest first, each run of one kind in one transaction; an entry leaves
@@ -395,9 +342,8 @@ class PgRecords:
                     if writer is None:  # a kind no store of this process writes: left for one that does
                         log.error("spooled records of an unknown kind", extra={"kind": run[0].kind})
                         return
-                    async with asyncio.timeout(self.timeout_s), self.pool.connection() as conn:
-                        await writer(conn, [e.body for e in run])
-                    await self._on_disk(spool.remove, [e.id for e in run])
+                    if not await self._send(spool, writer, run):
+                        return  # an entry refused, to be tried again: those behind it wait, in order
                     start = end
                 self._spooled = await self._on_disk(spool.count)
                 self._set_pending()
@@ -405,3 +351,7 @@ class PgRecords:
         finally:
             spool.unlock()
             self._set_pending()
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]

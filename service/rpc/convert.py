@@ -215,6 +215,7 @@ def run_to_proto(run: Run | RunRecord) -> pb.Run:
         state=_RUN_STATE[RunState(record.state)],
         last_seq=record.last_seq,
         created=_timestamp(record.created_ns),
+        queue_position=record.queue_position,
     )
     if record.ended_ns:
         out.ended.CopyFrom(_timestamp(record.ended_ns))

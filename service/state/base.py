@@ -80,3 +80,7 @@ class RunStore(RunKeeper, Protocol):
 
     def new_run(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> Run:
         """A run to drive here whose log the store ships, in the background, as it grows (never waiting on it)."""
+
+    def forget(self, run: Run) -> None:
+        """Stop keeping `run` here (its lease, its shipping): it waits in the durable queue for whichever process
+        claims it. Called once its log is in the store."""

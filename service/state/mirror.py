@@ -41,6 +41,12 @@ class SharedRun(Run):
             if self._waiters:
                 self._wake()
 
+    async def kept(self) -> None:
+        """Return once the store holds every entry logged so far (bound it with a timeout: the store may be away)."""
+        seq = len(self.log)
+        while self.stored < seq:
+            await self._changed()
+
     def follow(self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000) -> AsyncIterator[Entry]:
         entries = super().follow(after_seq, coalesce_lag=coalesce_lag, max_lag=max_lag)
         return self._stored_only(entries) if self.spec.durable else entries

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -99,4 +100,46 @@ def connect(config: StateConfig, *, read_timeout_s: float | None = None) -> redi
     pool = redis.BlockingConnectionPool.from_url(
         config.url, max_connections=config.max_connections, timeout=config.timeout_s, **options
     )
+    pool.connection_class = _PACKED_IN_C.get(pool.connection_class, pool.connection_class)
     return redis.Redis.from_pool(pool)
+
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # an older hiredis, or none: redis-py's own packing
+    _hiredis_pack = None  # type: ignore[assignment]
+
+
+class _PackInC:
+    """Commands packed by hiredis, in C, as redis-py's synchronous client does (its `HiredisRespSerializer`); its
+    asyncio client packs them in Python, argument by argument: at C=1000 that was a fifth of a Redis replica's CPU
+    on the start path (the runs' first shipments, bench/startcost.py --state)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):  # "CONFIG GET": a command of several words, as redis-py splits it
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [_hiredis_pack(args)]
+        except TypeError:  # a memoryview, or a value of no Redis type: redis-py packs it, or says what is wrong
+            return super().pack_command(*args)  # type: ignore[misc,no-any-return]
+
+
+class _Packed(_PackInC, Connection):
+    pass
+
+
+class _PackedSSL(_PackInC, SSLConnection):
+    pass
+
+
+class _PackedUnix(_PackInC, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED_IN_C: dict[type, type] = (
+    {}
+    if _hiredis_pack is None
+    else {Connection: _Packed, SSLConnection: _PackedSSL, UnixDomainSocketConnection: _PackedUnix}
+)

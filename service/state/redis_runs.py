@@ -48,6 +48,7 @@ from service.state.redis_watch import READ_COUNT, Entries, Follow, StreamReader
 log = logging.getLogger(__name__)
 
 ENDED = (b"succeeded", b"failed", b"cancelled")
+QUEUED = b"queued"
 REPLY_TTL_S = 30  # an answer nobody took (its asker gave up) is gone after this
 
 
@@ -300,6 +301,14 @@ class RedisRunStore:
     def settled(self, run: Run) -> None:
         self._live.pop(run.id, None)
 
+    def forget(self, run: Run) -> None:
+        """A run recorded here that another process will drive (the durable queue: whichever claims it): its lease
+        is no longer renewed here, and nothing more of it is shipped from here."""
+        self._live.pop(run.id, None)
+        self.shipper.pending.pop(run.id, None)
+        self.shipper.shipped.pop(run.id, None)
+        self.shipper.recorded.pop(run.id, None)
+
     async def _listen(self) -> None:
         """Cancel requests for the runs of this process: on its channel, and (after every (re)subscription) in the
         runs' hashes, for a request published while it was not listening."""
@@ -392,8 +401,8 @@ class RedisRunStore:
             return
         now_ms = seconds * 1000 + micros // 1000
         for mirror, expiry, state in zip(mirrors, answers[::2], answers[1::2], strict=True):
-            if state in ENDED or (expiry is not None and float(expiry) > now_ms):
-                continue  # ended (its last events are on their way), or still driven
+            if state in ENDED or state == QUEUED or (expiry is not None and float(expiry) > now_ms):
+                continue  # ended (its last events are on their way), still driven, or waiting in the durable queue
             mirror.give_up(
                 RunInterrupted(
                     f"run {mirror.id} stopped at seq {len(mirror.log)}: the replica that drove it stopped "

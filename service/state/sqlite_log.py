@@ -58,14 +58,29 @@ class LoggedRun(SharedRun):
 
     ahead = AHEAD  # its streams go ahead of the file (see the module's doc)
 
-    def __init__(self, *args: Any, history: Sequence[Entry] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        history: Sequence[Entry] = (),
+        flush: Callable[[Run], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._flush = flush
         # seq 1, `run_started`, counts as kept: a run resumed with nothing kept starts its new log with the same event
         self.stored = 1
         if history:  # a run resumed after a restart: its log goes on after what the last process logged
             self.log.extend(history)
             self.created_ns = history[0].time_ns
             self.stored = len(history)
+
+    async def kept(self) -> None:
+        """Return once the file holds every entry logged so far: `stored` counts seq 1 as kept before it is, so the
+        writer is asked (a queued SubmitRun answers once its record is in the file, not a round later)."""
+        if self._flush is None:
+            await super().kept()
+        else:
+            await self._flush(self)
 
 
 class LogWriter:

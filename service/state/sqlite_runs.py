@@ -95,6 +95,9 @@ class SqliteRunLog:
         self.writer = LogWriter(self._write)
         self._born = time.monotonic()
         self._resumed: dict[str, Run] = {}  # runs revived in this process, by id, until they end
+        # durable SubmitRun runs wait in the checkpoint store's queue (`durable.queue: store`), not in the process:
+        # a run logged as queued is then one that the queue hands to this process later, not one lost with it
+        self.store_queue = False
         self._revival = asyncio.Event()
         self._joined: SqliteCheckpointStore | None = None
         self._closed = False
@@ -130,7 +133,14 @@ class SqliteRunLog:
         """A durable run to drive here, its log kept on disk as it grows; `history`: the entries a previous process
         logged for it (a run resumed after a restart goes on from there, with the next seq)."""
         run = LoggedRun(
-            spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.writer.note, history=history
+            spec,
+            control,
+            caller=caller,
+            key=key,
+            fingerprint=fingerprint,
+            shipped=self.writer.note,
+            history=history,
+            flush=self.writer.flush,
         )
         if history:
             self.writer.resumed(run)
@@ -175,7 +185,9 @@ class SqliteRunLog:
         One that no process drives any more (it was running when its process stopped and has not been resumed) ends
         its followers' streams, once they have read the log, with UNAVAILABLE: they watch again once it is."""
         if not record.finished:
-            resumed = await self._resumed_soon(record.run_id)
+            # a run waiting in the durable queue (durable.queue: store) is followed from its claim, however late
+            queued = self.store_queue and record.state == "queued"
+            resumed = await self._resumed_soon(record.run_id, forever=queued)
             if resumed is not None:
                 return resumed
         mirror = MirrorRun(record)
@@ -185,8 +197,11 @@ class SqliteRunLog:
             mirror.give_up(_not_driven(record))
         return mirror
 
-    async def _resumed_soon(self, run_id: str) -> Run | None:
+    async def _resumed_soon(self, run_id: str, *, forever: bool = False) -> Run | None:
         while (run := self._resumed.get(run_id)) is None:
+            if forever:
+                await self._revival.wait()
+                continue
             left = self._born + self.resume_wait_s - time.monotonic()
             if left <= 0:
                 return None
