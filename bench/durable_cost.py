@@ -7,7 +7,8 @@ model turn, ~1 KB tool results), checkpointed by our batched fenced writer or by
 
 Configurations: `none`, `store:pg`, `store:sqlite` (the service's checkpoint stores, service/durable/), with
 `:log` the one node's run log too (service/state/sqlite_runs.py: each step logs `--events` events to data_dir/runs.db
-and flushes them before its checkpoint, as a durable run does), `ours:pg`,
+and flushes them before its checkpoint, as a durable run did), `:log:joined` (the log's tables in durable.db, each
+checkpoint committed with the events before it in one transaction, no flush: what the service does now), `ours:pg`,
 `ours:sqlite` (the spike's writer), `dbos:pg|sqlite` plus knobs `:json` (JSON serializer), `:t8`
 (8 executor threads, pool 8), `:wal` (SQLite engine in WAL, synchronous=NORMAL). DBOS keeps its tables in the
 database it is given: point `--pg` at a scratch database. Not part of `make bench`: DBOS is no dependency of ours.
@@ -264,7 +265,7 @@ def store_runner(store: Any, wall: list[float], runlog: Any = None, events: int 
             for _ in range(events):
                 run.append(TextDelta(turn=i, text="a few words "))
             seq = len(run.log)
-            if runlog is not None:
+            if runlog is not None and runlog._joined is None:
                 await runlog.flush(run)
             await store.put(Step(run_id=rid, step_no=i + 1, kind="turn", key=f"turn:{i}", value=value, seq=seq))
             wall.append(time.perf_counter() - t)
@@ -289,6 +290,8 @@ async def main(a: argparse.Namespace) -> None:
     elif kind[0] == "store":
         store = await open_store(kind[1], a.pg, tmp)
         runlog = open_runlog(tmp) if "log" in kind else None
+        if runlog is not None and "joined" in kind:
+            runlog.join(store)
         run_one = store_runner(store, wall, runlog, a.events)
     else:
         if kind[0] == "ours":

@@ -7,6 +7,8 @@ count on (`callgrind_control -i on`) only around the measured part, after import
   time, each stream read to its end; the count over the runs, per run.
 - **event**: the same with `events` unpaced events per run; (long run − short run) / the events it adds.
 
+`--system service-durable`: the same calls with `on_disconnect: CONTINUE`, durable by default: the run's row, its
+checkpoint per model turn and its end in data_dir/durable.db, its events in the run log (docs/durability.md).
 With `--state redis://…` the service keeps its runs in that Redis (under a fresh prefix, deleted at the end), and
 the count goes on until its shipper has sent every run's events and end: what the shared state adds to a run.
 
@@ -48,11 +50,13 @@ async def _drive(system: str, events: int, runs: int, in_flight: int, state: str
 
     workload = Workload().unpaced(events)
     request = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
+    if system == "service-durable":
+        request.on_disconnect = pb.RunAgentRequest.CONTINUE
     context: Any = _Context()
     with tempfile.TemporaryDirectory(prefix="agent-instr-") as tmp:
         service = None
         prefix = f"bench:instr:{os.getpid()}:"
-        if system == "service":
+        if system.startswith("service"):
             extra = {"state": {"url": state, "prefix": prefix}} if state else None
             config = load_config(
                 write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"], extra=extra)
@@ -134,7 +138,7 @@ def measure(system: str, runs: int, in_flight: int, events: int, state: str = ""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", choices=("service", "bare"), default="service")
+    parser.add_argument("--system", choices=("service", "service-durable", "bare"), default="service")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--events", type=int, default=100)

@@ -273,15 +273,20 @@ def compare(
 
 def checkpoint_cost(cand: dict[str, Any], base: dict[str, Any], workdir: Path) -> dict[str, float]:
     """The durable server's extra CPU per checkpoint write (the medians' difference per stream, over the writes of a
-    run), and the checkpoint file's bytes per write so far (every level's runs are in it: it is cumulative)."""
+    run), and the checkpoint tables' bytes per write so far (every level's runs are in them: it is cumulative). The
+    file also holds the run log (its events), since one transaction writes both: `log_bytes` per checkpoint row."""
     extra_us = (cand["server_cpu_us_per_call"] - base["server_cpu_us_per_call"]) / CHECKPOINTS_PER_RUN
-    files = list(workdir.rglob("durable.db*"))  # with its WAL
-    size = sum(f.stat().st_size for f in files)
-    rows = 0
-    for db in (f for f in files if f.name == "durable.db"):
+    rows, size, log_size = 0, 0, 0
+    for db in workdir.rglob("durable.db"):
         with contextlib.closing(sqlite3.connect(db)) as conn:
             rows += sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("durable_runs", "run_steps"))
-    return {"cpu_us": extra_us, "bytes": size / rows if rows else 0.0, "rows": rows}
+            for name, pages in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"):
+                if name.startswith(("durable_runs", "run_steps", "sqlite_autoindex_durable_runs")):
+                    size += pages
+                elif name.startswith(("runs", "events", "sqlite_autoindex_runs")):
+                    log_size += pages
+    per = (lambda n: n / rows) if rows else (lambda n: 0.0)
+    return {"cpu_us": extra_us, "bytes": per(size), "log_bytes": per(log_size), "rows": rows}
 
 
 def _left_out(r: dict[str, Any]) -> bool:

@@ -126,16 +126,18 @@ class AgentApi:
             await self.push.forget(run_id)  # the idempotency key named a run that has its own callback
         return run, created
 
-    async def watch(self, run_id: str, caller: Caller, after_seq: int) -> Run:
-        """The run to follow after `after_seq`; OUT_OF_RANGE for a seq it has not logged."""
+    async def watch(self, run_id: str, caller: Caller, after_seq: int) -> tuple[Run, int]:
+        """The run to follow and the seq to follow it after: `after_seq`, or before a `run_recovered` that may have
+        replaced it (`Run.resume_after`); OUT_OF_RANGE for a seq it has not logged."""
         if after_seq < 0:
             raise InvalidRequest(f"after_seq must not be negative, got {after_seq}")
         run = await self.registry.watch(_required(run_id), caller.name, after_seq)
+        after_seq = run.resume_after(after_seq)
         logged = len(run.log)
         if after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
             where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
             raise AfterSeqOutOfRange(f"after_seq={after_seq}, but run {run.id} {where}")
-        return run
+        return run, after_seq
 
     async def cancel(self, run_id: str, caller: Caller, mode: int) -> tuple[str, RunState]:
         """Cancel a run (IMMEDIATE or AFTER_TURN, `pb.CancelRunRequest.Mode`); its id and state after."""

@@ -76,7 +76,14 @@ class CallerLimits:
             self._last_minute(caller.name).append(self.clock())
 
     def ended(self, caller: Caller) -> None:
-        self.active[caller.name] = max(0, self.active.get(caller.name, 0) - 1)
+        self.ended_named(caller.name)
+
+    def resumed(self, name: str) -> None:
+        """A run of this caller resumed after a restart: in progress again (its start was counted before)."""
+        self.active[name] = self.active.get(name, 0) + 1
+
+    def ended_named(self, name: str) -> None:
+        self.active[name] = max(0, self.active.get(name, 0) - 1)
 
     def _last_minute(self, name: str) -> deque[float]:
         """The caller's starts of the last 60 s (older ones are dropped here)."""

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -180,7 +181,7 @@ class DurableRuns:
         """Drive a claimed run here: continued (`run_recovered` first), or `queued`: claimed from the queue."""
         assert self._continuer is not None
         spec = RunSpec.from_json(stored.request)
-        run = await self._revived(spec, stored.caller)
+        run = await self._revived(spec, stored.caller, stored.created)
         if isinstance(run, str):
             await self.store.end(stored.run_id, run)
             return
@@ -305,11 +306,14 @@ class DurableRuns:
     def _flush(self, run: Run) -> Callable[[], Awaitable[None]] | None:
         return None if self.flush is None else functools.partial(self.flush, run)
 
-    async def _revived(self, spec: RunSpec, caller: str) -> Run | str:
+    async def _revived(self, spec: RunSpec, caller: str, created: float = 0.0) -> Run | str:
         """The run to drive again, its log holding what was kept of it: on a fleet its events in the shared store, on
-        one node those in its run log (data_dir/runs.db), so that its seqs go on from there. Or
-        the final state of a run whose closing event was out before the crash (its end not yet recorded)."""
-        limit = asyncio.get_running_loop().time() + self.config.max_run_s
+        one node those in its run log (data_dir/durable.db), so that its seqs go on from there. Or
+        the final state of a run whose closing event was out before the crash (its end not yet recorded). Its
+        deadline is `runs.max_run_s` from its first start (`created`, wall time, kept with the run), not from now:
+        a run that crashes and resumes again and again still ends on time."""
+        ran_s = max(0.0, time.time() - created) if created else 0.0
+        limit = asyncio.get_running_loop().time() + self.config.max_run_s - ran_s
         control = RunControl(deadline=limit, min_tool_budget_s=self.config.min_tool_budget_s)
         if self.shared is not None:
             run = await self.shared.revive(spec, control, caller=caller)

@@ -22,6 +22,7 @@ from service.loop import RunSpec
 
 # What an event costs the log besides its text and data: the entry, the event object, the timestamp.
 EVENT_BYTES = 200
+_CLOSING = (ev.FinalResponse, ev.RunFailed)  # a run's last event
 
 
 class RunState(enum.Enum):
@@ -62,6 +63,8 @@ class Entry(NamedTuple):
 
 
 class Run:
+    ahead = 0  # how far its streams may run past its kept log (`state.mirror.SharedRun`); see `resume_after`
+
     def __init__(self, spec: RunSpec, control: RunControl, *, caller: str, key: str, fingerprint: str) -> None:
         self.id = spec.run_id
         self.spec = spec
@@ -131,6 +134,19 @@ class Run:
             self.outcome,
             self.fingerprint,
         )
+
+    def resume_after(self, after_seq: int) -> int:
+        """Where a WatchRun(after_seq) starts. The streams of a run with `ahead` send events before its log is kept,
+        so a caller may hold seqs up to `ahead` past a crash's last kept one, which the process that recovered the run
+        gave to other events from its `run_recovered` on. An after_seq that may be such a seq (within `ahead` of a
+        `run_recovered` at or before it) starts at that `run_recovered`: it tells the caller to drop what it holds
+        after the event's `seq`. A caller that held the same events gets them again, unchanged (same seqs)."""
+        if not self.ahead or after_seq <= 0:
+            return after_seq
+        for entry in self.log[max(0, after_seq - self.ahead) : after_seq]:
+            if type(entry.event) is ev.RunRecovered:
+                return entry.seq - 1
+        return after_seq
 
     async def reached(self, seq: int) -> None:
         """Return once the log holds `seq`, or the run has ended."""
@@ -219,15 +235,24 @@ class Cursor:
 
     def take(self) -> Entry | None:
         log, at, run = self.log, self.at, self.run
-        logged = len(log) if not run.stored_only else min(len(log), run.stored)
+        logged = len(log)
+        kept = logged
+        if run.stored_only:
+            kept = min(logged, run.stored)
+            logged = min(logged, kept + run.ahead)
         if at >= logged:
             return None
         lag = logged - at
         if lag > self.max_lag and logged - max(at, self.joined) > self.max_lag and not run.finished:
             raise SubscriberTooSlow(run.id, at, lag)
         entry = log[at]
-        if lag > self.coalesce_lag and isinstance(entry.event, DELTAS):
-            entry = run._merged(at, logged)
+        if at >= kept:  # past what the store holds (a run with `ahead`): single events only, and never the end
+            if isinstance(entry.event, _CLOSING):  # a caller that saw the end, the end is kept
+                return None
+        elif kept - at > self.coalesce_lag and isinstance(entry.event, DELTAS):
+            # merged only within what is kept: a caller holds single events past the store, so a restart that
+            # replaced them (`resume_after`) can be dropped seq by seq
+            entry = run._merged(at, kept)
         self.at = entry.seq
         return entry
 

@@ -62,11 +62,14 @@ class RunRegistry:
         summaries: RunSummaryStore | None = None,
         durable: DurableRuns | None = None,
         runlog: SqliteRunLog | None = None,
+        limits: CallerLimits | None = None,
     ) -> None:
         """`store`: the shared run-state store (None: this process alone keeps its runs, as with memory://).
         `summaries`: where each run's summary goes when it ends, for GetRun once the run is forgotten. `durable`:
         checkpoints the runs whose spec is durable, continues claimed ones (None: no run is durable). `runlog`
-        (without `store`): where durable runs' records and events are kept across a restart of this process."""
+        (without `store`): where durable runs' records and events are kept across a restart of this process.
+        `limits`: the callers' in-process quotas (without `store`), which a run resumed here counts toward."""
+        self.limits = limits if store is None else None
         self.loop = loop
         self.durable = durable
         self.store = store
@@ -303,8 +306,13 @@ class RunRegistry:
 
     def adopt(self, run: Run, journal: Journal, *, background: bool) -> None:
         """Drive a durable run claimed from a process that stopped (`DurableRuns`): its log already holds what was
-        kept of it, and its journal's `run_recovered` event comes next."""
+        kept of it, and its journal's `run_recovered` event comes next. It counts toward its caller's
+        max_concurrent_runs as it did before the restart (one node; a fleet's count is in the shared store)."""
         self._launch(run, background, journal, announce=False)
+        limits = self.limits
+        if limits is not None and run.task is not None:
+            limits.resumed(run.caller)
+            run.task.add_done_callback(lambda _: limits.ended_named(run.caller))
 
     def _launch(
         self,

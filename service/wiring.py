@@ -95,13 +95,19 @@ async def start(
     summaries = records.summaries if (config.records.url is not None if keep is None else keep) else None
     runlog = None if store is not None else build_run_log(config)  # one node: durable runs' events on disk
     kept = store if store is not None else runlog
+    checkpoints = build_checkpoints(config, worker=worker)
     flush = None if runlog is None else runlog.flush
     queue = config.durable.queue == "store" or (config.durable.queue == "auto" and config.records.url is not None)
     if runlog is not None:
         runlog.store_queue = queue
-    checkpoints = build_checkpoints(config, worker=worker)
+    if runlog is not None and isinstance(checkpoints, SqliteCheckpointStore):
+        runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
+        flush = None
     durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue)
-    registry = RunRegistry(loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog)
+    limits = CallerLimits()  # the registry counts the runs it resumes after a restart in them too
+    registry = RunRegistry(
+        loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog, limits=limits
+    )
     await durable.start(registry)  # its own runs from before a restart go on at once, a dead peer's when found
     authenticator = Authenticator(config.auth)
     push = build_push(config, records, registry)
@@ -109,7 +115,7 @@ async def start(
         registry,
         tools,
         config,
-        caller_limits=CallerLimits(),
+        caller_limits=limits,
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
         push=push,
@@ -341,8 +347,8 @@ def build_records(config: Config) -> Records:
 
 
 def build_run_log(config: Config) -> SqliteRunLog:
-    """The durable runs' records and events on one node (memory:// run state): data_dir/runs.db, opened when the
-    first durable run is logged or a run this process does not hold is looked up."""
+    """The durable runs' records and events on one node (memory:// run state): in data_dir/durable.db once joined
+    to the SQLite checkpoint store (`start`), else data_dir/runs.db, opened when first used."""
     return SqliteRunLog(
         config.data_dir / RUN_LOG_FILE,
         retention_s=config.runs.retention_s,

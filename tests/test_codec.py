@@ -53,3 +53,14 @@ def test_an_unknown_kind_or_field_is_refused_loudly() -> None:
         codec.loads(b'{"kind": "text_delta", "turn": 1, "text": "x", "colour": "red"}')
     with pytest.raises(ValueError, match="JSON object"):
         codec.loads(b"[1]")
+
+
+def test_packed_events_come_back_equal_and_in_order() -> None:
+    """The run log's form: stretches of same-kind, same-turn deltas as one element; anything else as one each."""
+    deltas = [ev.TextDelta(turn=2, text=t) for t in ("a", "", "b😀")]
+    events = [*SAMPLES, *deltas, ev.Thinking(turn=2, text="x"), ev.TextDelta(turn=3, text="c"), *SAMPLES[:3]]
+    raw = codec.dumps_packed(events)
+    assert codec.loads_packed(raw) == events
+    assert [type(e) for e in codec.loads_packed(raw)] == [type(e) for e in events]
+    assert raw.count(b'"texts"') == 7  # SAMPLES's 2, the 3 deltas as one, thinking, turn 3, SAMPLES[:3]'s 2
+    assert codec.loads_packed(codec.dumps_many(events)) == events  # rows written before: read as ever

@@ -165,7 +165,7 @@ async def test_kill_9_and_restart_on_the_same_data_dir_continues_the_run(tmp_pat
         _, port = await fleet.start("node")
         events = await watch(port, run_id)
         recovered = next(e for e in events if e.HasField("run_recovered"))
-        # what was logged up to the last checkpoint before the kill is kept (data_dir/runs.db), run_recovered after it
+        # what was logged up to the last checkpoint before the kill is kept (durable.db), run_recovered after it
         assert events[0].HasField("run_started") and 0 < recovered.run_recovered.seq < recovered.seq
         check_continued(fleet, events)
         with sqlite3.connect(tmp_path / "node" / "deadletter.db") as db:  # for reconciliation
@@ -240,3 +240,53 @@ async def test_a_drained_process_hands_its_run_to_the_peer(shared: Fleet) -> Non
     # from the first seq the stream was not sent (events stored as the drain flushed them, then run_recovered)
     assert rest[0].seq == after_seq + 1 and any(e.HasField("run_recovered") for e in rest)
     check_continued(shared, await watch(port_b, run_id))
+
+
+async def test_after_kill_9_a_resumed_run_keeps_its_key_quota_and_deadline(tmp_path: Path, fake: FakeAnthropic) -> None:
+    """One node, restarted on its data_dir with the run resumed (its safe call running again, held): the run's
+    idempotency key attaches to it, it counts toward the caller's max_concurrent_runs, and it ends at runs.max_run_s
+    from its first start, not from the restart."""
+    max_run_s = 12.0  # long enough for a restart on a loaded machine within it
+    fleet = Fleet(
+        tmp_path,
+        fake,
+        auth={"anonymous": {"name": "anonymous", "max_concurrent_runs": 1}},
+        runs={"max_run_s": max_run_s},
+    )
+    request = pb.RunAgentRequest(message="go", on_disconnect=pb.RunAgentRequest.CONTINUE, idempotency_key="k1")
+    try:
+        fleet.hold()
+        proc, port = await fleet.start("node")
+        started = time.time()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = stub(channel).RunAgent(request)
+            run_id = (await call.read()).run_id
+            await asyncio.wait_for(fleet.both_started(), 15)
+            await asyncio.sleep(max(0.0, started + 3.0 - time.time()))  # a fresh deadline: 3 s later and more
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            call.cancel()
+        _, port = await fleet.start("node")  # its effect_safe call runs again, and waits (held)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            agent = stub(channel)
+            other = pb.RunAgentRequest(message="other", on_disconnect=pb.RunAgentRequest.CONTINUE, idempotency_key="k2")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await agent.RunAgent(other).read()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, "the resumed run counts"
+            again = agent.RunAgent(request)
+            assert (await again.read()).run_id == run_id, "the key attaches to the resumed run"
+            again.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:  # the stream ends with the run's failure
+                async for _ in agent.WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=30):
+                    pass
+            ended = time.time()
+            record = await agent.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and record.state == pb.Run.FAILED
+        took = record.ended.ToDatetime().timestamp() - started
+        assert took < max_run_s + 2, f"ended {took:.1f} s after its first start: its deadline was not kept"
+        print(
+            f"\nresumed run ended {took:.1f} s after its first start (max_run_s {max_run_s:g}), {ended - started:.1f}"
+        )
+    finally:
+        fleet.release()
+        await fleet.stop()

@@ -74,7 +74,7 @@ async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
     again = await start_service(SLOW_TOOL, tools=second_tools)
     model = again.registry.loop.model
     watched = [e async for e in stub(channel_to(again)).WatchRun(pb.WatchRunRequest(run_id=submitted.run_id))]
-    # its log goes on from the events kept in data_dir/runs.db: those seen before the drain, then run_recovered
+    # its log goes on from the events kept in data_dir/durable.db: those seen before the drain, then run_recovered
     assert watched[: len(seen)] == seen
     recovered = watched[len(seen)]
     assert recovered.run_recovered.turn == 1 and recovered.run_recovered.step_no == 2  # turn 1, the intent

@@ -1,11 +1,13 @@
-"""The embedded run log (data_dir/runs.db): durable runs' records and events outlive the registry that drove them,
-non-durable runs never touch the file, flush commits before a checkpoint, retention forgets, an orphaned run's log
-is served and then said to be unavailable, and a resumed run goes on with the next seq."""
+"""The embedded run log (in data_dir/durable.db, or runs.db alone): durable runs' records and events outlive the
+registry that drove them, non-durable runs never touch the file, flush commits before a checkpoint, retention
+forgets, an orphaned run's log is served and then said to be unavailable, a resumed run goes on with the next seq,
+a durable stream goes ahead of the file, and a checkpoint commits with the events before it."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,14 @@ from fake_tools import all_tools
 from service import events as ev
 from service.config import Pacing, RunsConfig
 from service.control import RunControl
+from service.durable.base import DurableRun, Step
+from service.durable.sqlite import SqliteCheckpointStore
 from service.errors import NotFound, StateUnavailable
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models.scripted import Scenario, ScriptedModel
 from service.runs import RunRegistry
+from service.state.sqlite_log import AHEAD
 from service.state.sqlite_runs import SqliteRunLog
 
 TURNS = [
@@ -190,11 +195,11 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
     log = SqliteRunLog(path, retention_s=60, max_run_s=600)
     real, failures = log._write_sync, [1]
 
-    def failing(chunks: Any) -> None:
+    def failing(chunks: Any, riders: Any = ()) -> None:
         if failures:
             failures.pop()
             raise sqlite3.OperationalError("disk I/O error")
-        real(chunks)
+        real(chunks, riders)
 
     log._write_sync = failing  # type: ignore[method-assign]
     try:
@@ -208,24 +213,168 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
         await log.close()
 
 
-async def test_a_durable_runs_streams_are_sent_only_what_the_file_holds(tmp_path: Path) -> None:
-    """No caller may hold a seq a restart would reuse: past `run_started` (which a restart makes the same), a durable
-    stream is sent an event once a round has committed it."""
-    reg = registry(tmp_path / "runs.db", pacing_ms=1)
+async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for_it(tmp_path: Path) -> None:
+    """A durable stream is sent events as they form, while no round has committed them (up to AHEAD past the file);
+    its closing event only once the file holds it: a caller that saw the end, a restart keeps the end."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    real, gate = log._write_sync, threading.Event()
+
+    def held(chunks: Any, riders: Any = ()) -> None:
+        gate.wait(10)
+        real(chunks, riders)
+
+    log._write_sync = held  # type: ignore[method-assign]
+    run = log.new_run(spec("run_a", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    stream = aiter(run.follow(0, coalesce_lag=10_000))
     try:
-        run, _ = reg.start(spec("run_s", durable=True), caller="alice")
-        assert reg.runlog is not None
-        sent = 0
-        async for entry in run.follow(0, coalesce_lag=10_000):
-            sent += 1
-            if entry.seq == 1:
-                assert reg.runlog.writer.rounds == 0  # the first event at once, before any write
-                continue
-            record = await reg.runlog.record("run_s")
-            assert record is not None and record.last_seq >= entry.seq
-        assert sent == len(run.log) > 10
+        for i in range(AHEAD + 10):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        got = [(await asyncio.wait_for(anext(stream), 1)).seq for _ in range(AHEAD + 1)]
+        assert got == list(range(1, AHEAD + 2)) and log.writer.rounds == 0  # none of them is in the file yet
+        ahead = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not ahead.done(), "no further than AHEAD past the file"
+        gate.set()
+        assert (await asyncio.wait_for(ahead, 5)).seq == AHEAD + 2
+        for _ in range(8):
+            await asyncio.wait_for(anext(stream), 1)
+        await asyncio.wait_for(log.flush(run), 5)  # all out: the next round is the end's
+        gate.clear()
+        run.append(
+            ev.FinalResponse(
+                text="done",
+                stop_reason="end_turn",
+                turns=1,
+                tool_calls=0,
+                input_tokens=0,
+                output_tokens=0,
+                duration_s=0,
+            )
+        )
+        run.finish()
+        end = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not end.done(), "the closing event waits for the file"
+        gate.set()
+        assert type((await asyncio.wait_for(end, 5)).event) is ev.FinalResponse
+        record = await log.record("run_a")
+        assert record is not None and record.state == "succeeded"
     finally:
-        await reg.close()
+        gate.set()
+        await stream.aclose()
+        await log.close()
+
+
+async def test_a_watch_from_a_seq_a_crash_may_have_lost_starts_at_run_recovered(tmp_path: Path) -> None:
+    """After a restart a caller may hold seqs up to AHEAD past the last kept one, which the resumed run gave to other
+    events: a WatchRun from such a seq starts at the `run_recovered` (which tells it what to drop); others as asked."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    try:
+        run = log.new_run(spec("run_r", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+        for i in range(9):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        run.append(ev.RunRecovered(step_no=1, turn=1, seq=4, reason="crash"))  # seq 10: 1..9 were kept
+        for i in range(AHEAD + 20):
+            run.append(ev.TextDelta(text=f"u{i}", turn=2))
+        assert [run.resume_after(m) for m in (0, 5, 9)] == [0, 5, 9]
+        assert [run.resume_after(m) for m in (10, 11, 9 + AHEAD)] == [9, 9, 9]
+        assert run.resume_after(10 + AHEAD) == 10 + AHEAD  # beyond what the dead process can have sent
+        plain = log.new_run(spec("run_p"), RunControl(), caller="alice", key="", fingerprint="")
+        plain.log.extend(run.log)
+        plain.ahead = 0  # the fleet's runs: their streams never go ahead of the store
+        assert plain.resume_after(11) == 11
+    finally:
+        await log.close()
+
+
+async def joined(tmp_path: Path) -> tuple[SqliteCheckpointStore, SqliteRunLog]:
+    store = SqliteCheckpointStore(tmp_path / "durable.db", "node-1")
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    log.join(store)
+    await store.open()
+    return store, log
+
+
+async def test_a_checkpoint_commits_with_the_events_before_it_in_one_transaction(tmp_path: Path) -> None:
+    """One node: the log's tables are in durable.db, and a checkpoint rides the log's next round: no flush first, one
+    commit for the events and the step; a step that fails to write takes its round's events back with it."""
+    store, log = await joined(tmp_path)
+    try:
+        run = log.new_run(spec("run_j", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+        await store.begin(DurableRun(run_id="run_j", caller="alice", owner="node-1", state="running", request={}))
+        rounds = log.writer.rounds
+        for i in range(5):
+            run.append(ev.TextDelta(text=f"t{i}", turn=1))
+        await store.put(Step(run_id="run_j", step_no=1, kind="turn", key="turn:1", value={"v": 1}, seq=len(run.log)))
+        assert log.writer.rounds == rounds + 1, "one round: the events and the step together"
+        assert not (tmp_path / "runs.db").exists()
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (5,)
+            assert db.execute("SELECT seq FROM run_steps WHERE run_id = 'run_j'").fetchall() == [(5,)]
+
+        real = store.write_in
+
+        def failing(db: sqlite3.Connection, batch: Any) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store.write_in = failing  # type: ignore[method-assign]
+        run.append(ev.TextDelta(text="lost with the step", turn=2))
+        step = Step(run_id="run_j", step_no=2, kind="turn", key="turn:2", value={"v": 2}, seq=len(run.log))
+        with pytest.raises(sqlite3.OperationalError):
+            await store.put(step)
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (5,)
+        store.write_in = real  # type: ignore[method-assign]
+        await asyncio.wait_for(store.put(step), 5)  # the caller's retry; the round's events come with it
+        with sqlite3.connect(tmp_path / "durable.db") as db:
+            assert db.execute("SELECT last_seq FROM runs WHERE run_id = 'run_j'").fetchone() == (6,)
+    finally:
+        await log.close()
+        await store.aclose()
+
+
+async def test_a_runs_db_of_an_earlier_version_is_copied_into_the_joined_file(tmp_path: Path) -> None:
+    earlier = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    run = earlier.new_run(spec("run_e", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    run.append(ev.TextDelta(text="kept", turn=1))
+    await earlier.flush(run)
+    await earlier.close()
+    store, log = await joined(tmp_path)
+    try:
+        found = await log.history("run_e")
+        assert found is not None and [e.seq for e in found[1]] == [1]
+        assert not (tmp_path / "runs.db").exists() and (tmp_path / "runs.db.copied").exists()
+    finally:
+        await log.close()
+        await store.aclose()
+
+
+async def test_a_lagging_durable_streams_merged_deltas_wait_for_the_file(tmp_path: Path) -> None:
+    """Past the file a stream sends single events only (a caller drops a replaced one seq by seq): a stretch merged
+    for a reader that lags is sent once the file holds it."""
+    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
+    real, gate = log._write_sync, threading.Event()
+
+    def held(chunks: Any, riders: Any = ()) -> None:
+        gate.wait(10)
+        real(chunks, riders)
+
+    log._write_sync = held  # type: ignore[method-assign]
+    run = log.new_run(spec("run_m", durable=True), RunControl(), caller="alice", key="", fingerprint="")
+    for i in range(10):
+        run.append(ev.TextDelta(text=f"t{i}", turn=1))
+    stream = aiter(run.follow(0, coalesce_lag=2))
+    try:
+        merged = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not merged.done()
+        gate.set()
+        entry = await asyncio.wait_for(merged, 5)
+        assert (entry.first_seq, entry.seq) == (1, 10)
+    finally:
+        gate.set()
+        await stream.aclose()
+        await log.close()
 
 
 async def test_a_run_in_the_store_queue_is_followed_from_its_claim(tmp_path: Path) -> None:

@@ -40,9 +40,9 @@ async def serve(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 def files_after_the_kill(data_dir: Path, run_id: str) -> tuple[int, list[int]]:
-    """What the killed process left on disk of a run: the last seq of its gapless log in runs.db, and the seqs its
-    checkpoints in durable.db were taken at."""
-    with sqlite3.connect(data_dir / "runs.db") as db:
+    """What the killed process left on disk of a run: the last seq of its gapless log, and the seqs its checkpoints
+    were taken at (both in durable.db: one transaction for a checkpoint and the events before it)."""
+    with sqlite3.connect(data_dir / "durable.db") as db:
         rows = db.execute("SELECT first_seq, last_seq FROM events WHERE run_id = ? ORDER BY last_seq", (run_id,))
         logged = [seq for first, last in rows for seq in range(first, last + 1)]
     assert logged == list(range(1, len(logged) + 1))
@@ -104,7 +104,7 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
                     break
             call.cancel()
             # the writer lingers 5 ms; on a loaded machine its round may take longer: kill once it is out
-            await written(tmp_path / "var" / "runs.db", seen[-1].run_id, seen[-1].seq)
+            await written(tmp_path / "var" / "durable.db", seen[-1].run_id, seen[-1].seq)
             await kill(proc)
         cut_id = seen[0].run_id
         kept, steps = files_after_the_kill(tmp_path / "var", cut_id)
@@ -142,5 +142,41 @@ async def test_kill_9_and_restart_keeps_durable_runs_answerable(tmp_path: Path) 
         print(
             f"\nkill -9: {cut.last_seq} events kept of the cut run ({len(seen)} seen), {len(replayed)} after resuming"
         )
+    finally:
+        await kill(proc)
+
+
+async def test_a_caller_sent_events_the_kill_lost_is_told_and_sent_the_run_again(tmp_path: Path) -> None:
+    """A durable stream is sent events before the file holds them: killed just after one, the restarted process may
+    have given those seqs to other events. The caller's WatchRun from its last seq then starts at `run_recovered`
+    (at or before that seq), and what it holds before it plus what it is sent is exactly the run's log."""
+    proc, port = await serve(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = stub(channel).RunAgent(pb.RunAgentRequest(message="cut", on_disconnect=pb.RunAgentRequest.CONTINUE))
+            seen: list[pb.AgentEvent] = []
+            async for event in call:
+                seen.append(event)
+                if event.WhichOneof("event") == "text_delta" and len(seen) > 3:
+                    await kill(proc)  # at once: the writer lingers 5 ms, so this delta is most likely not kept
+                    break
+            call.cancel()
+        run_id, last = seen[0].run_id, seen[-1].seq
+        kept, _ = files_after_the_kill(tmp_path / "var", run_id)
+        proc, port = await serve(tmp_path)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            agent = stub(channel)
+            rest = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=last), timeout=30)]
+            whole_log = [e async for e in agent.WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=30)]
+        first = rest[0].first_seq or rest[0].seq
+        if kept < last:  # the kill lost what the caller was sent last: it is told, from the recovery on
+            assert rest[0].HasField("run_recovered") and first == kept + 1 <= last
+        else:
+            assert first == last + 1
+        merged = [e for e in seen if e.seq < first] + rest
+        assert seqs(merged) == seqs(whole_log) == list(range(1, whole_log[-1].seq + 1))
+        assert (text(merged), whole(merged)) == (text(whole_log), whole(whole_log))
+        assert whole_log[-1].WhichOneof("event") == "final_response"
+        print(f"\nkill -9 after seq {last} was sent: {kept} kept, WatchRun(after_seq={last}) went on from {first}")
     finally:
         await kill(proc)

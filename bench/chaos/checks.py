@@ -79,6 +79,7 @@ class Report:
     recovered: int = 0
     resume_s: list[float] = field(default_factory=list)
     caller_breaks: int = 0
+    caller_resent: int = 0  # seqs a caller was sent again after a restart (one node: ahead of the log), dropped first
     record_lags: int = 0  # runs whose GetRun trailed their log's end (not a violation: it caught up)
     violations: list[str] = field(default_factory=list)
     by_kind: dict[str, list[str]] = field(default_factory=dict)  # the same violations by kind (KINDS)
@@ -109,6 +110,7 @@ class Report:
             "kill_to_resume_p99_s": _quantile(self.resume_s, 0.99),
             "kill_to_resume_max_s": max(self.resume_s, default=None),
             "caller_stream_breaks": self.caller_breaks,
+            "caller_seqs_resent": self.caller_resent,
             "runs_whose_record_trailed_the_log": self.record_lags,
             "violations": len(self.violations),
             "violations_by_kind": {kind: len(texts) for kind, texts in sorted(self.by_kind.items())},
@@ -124,6 +126,7 @@ def check(
 ) -> Report:
     """`dead_letters`: the keys dead-lettered as OutcomeUnknown (None: not read, as on one node)."""
     report = Report(runs=len(runs), kills=len(kills), caller_breaks=sum(len(r.seen.breaks) for r in runs))
+    report.caller_resent = sum(r.seen.resent for r in runs)
     report.record_lags = sum(r.record_lag > 0 for r in runs)
     for run in runs:
         name = pb.Run.State.Name(run.state)

@@ -35,6 +35,7 @@ class Seen:
     end: str = ""  # "final_response" or "error", from the last event; "" if the caller never saw one
     error: str = ""  # the run's error event (code: message), or the status that stopped the caller
     breaks: list[str] = field(default_factory=list)  # the statuses of the calls that broke under the caller
+    resent: int = 0  # seqs sent again after a restart (one node), the held ones dropped
     started: float = 0.0
     ended: float = 0.0
 
@@ -113,7 +114,14 @@ class Callers:
     async def _read(self, seen: Seen, call: AsyncIterator[pb.AgentEvent]) -> None:
         async for event in call:
             seen.run_id = seen.run_id or event.run_id
-            seen.received.extend(range(event.first_seq or event.seq, event.seq + 1))
+            first = event.first_seq or event.seq
+            if seen.received and first <= seen.received[-1]:
+                # one node: a restart re-sends from its run_recovered, which may replace seqs the dead process sent
+                # ahead of its log; a careful caller drops what it holds from that seq on (embedded-durability.md)
+                seen.resent += seen.received[-1] - first + 1
+                del seen.received[first - 1 :]
+                seen.events = [e for e in seen.events if e.seq < first]
+            seen.received.extend(range(first, event.seq + 1))
             seen.events.append(event)
             kind = event.WhichOneof("event")
             if kind in ("final_response", "error"):

@@ -182,7 +182,8 @@ def render(report: Report, plan: Plan) -> str:
     lines = [
         f"chaos: {plan.replicas} replicas, {plan.in_flight} runs in flight, {plan.duration_s:g} s of kill -9 every "
         f"~{plan.kill_every_s:g} s",
-        f"  runs {f['runs']}: {f['states']}; kills {f['kills']}; caller stream breaks {f['caller_stream_breaks']}",
+        f"  runs {f['runs']}: {f['states']}; kills {f['kills']}; caller stream breaks {f['caller_stream_breaks']}; "
+        f"seqs re-sent after a restart {f['caller_seqs_resent']}",
         f"  model requests {f['model_requests']}; turns requested again after a crash "
         f"{f['turns_requested_again']}; after a recorded turn {f['model_requests_after_recorded_turn']} (must be 0)",
         f"  unsafe calls {f['unsafe_calls']}: max executions per call {f['unsafe_max_executions_per_call']} "

@@ -35,6 +35,7 @@ class DurableRun:
     request: dict[str, Any]  # the RunSpec as JSON, to rebuild the run elsewhere
     background: bool = False
     steps: list[Step] = field(default_factory=list)
+    created: float = 0.0  # wall time of its first start (0: unknown): a resumed run keeps its deadline from it
 
 
 class ExecutorIdInUse(RuntimeError):

@@ -171,7 +171,8 @@ class PgCheckpointStore(BatchingStore):
             conn = await self._control_conn()
             async with conn.transaction():  # one snapshot for the run and its steps
                 cursor = await conn.execute(
-                    "SELECT owner, state, caller, background, request, format FROM durable_runs WHERE run_id = %s",
+                    "SELECT owner, state, caller, background, request, format, extract(epoch FROM created)::float8 "
+                    "FROM durable_runs WHERE run_id = %s",
                     (run_id,),
                 )
                 row = await cursor.fetchone()
@@ -189,6 +190,7 @@ class PgCheckpointStore(BatchingStore):
             caller=row[2],
             background=row[3],
             request=decode(row[4], row[5]),
+            created=row[6] or 0.0,
             steps=[
                 Step(run_id=run_id, step_no=n, kind=cast(StepKind, kind), key=key, seq=seq, value=decode(value, fmt))
                 for n, kind, key, seq, value, fmt in steps

@@ -10,6 +10,9 @@ once). Wake-ups are the in-process event `queue_wake`.
 One node means no dead peers to detect: at `open` the process finds its own running runs left from before a restart
 (same executor id) and `recover` hands them over, with any run released at a drain. A lock file per executor id
 keeps a second live process with the same id (a copy of the same data_dir) from driving the same runs.
+
+The run log of one node keeps its tables in this file too (`SqliteRunLog.join`): a batch then commits in the log's
+round, one transaction with the events before its steps (`rider`, `write_in`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -68,6 +71,9 @@ class SqliteCheckpointStore(BatchingStore):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durable-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # set by the one node's run log when it keeps its tables in this file (`SqliteRunLog.join`): each batch
+        # then rides the log's next round, one transaction with the events before it (no flush of their own first)
+        self.rider: Callable[[Batch], Awaitable[None]] | None = None
         self.queue_wake = asyncio.Event()
 
     async def open(self) -> None:
@@ -132,45 +138,49 @@ class SqliteCheckpointStore(BatchingStore):
     def _write_sync(self, batch: Batch) -> None:
         db = self._db
         assert db is not None
-        now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (r.run_id, self.owner, r.state, r.caller, r.background, encode(r.request), now, now)
-                    for r in batch.begins
-                ],
-            )
-            fenced = sorted(set(batch.fenced))
-            if fenced:  # the write lock is held: nobody claims between this look and the writes
-                marks = ",".join("?" * len(fenced))
-                rows = db.execute(
-                    f"SELECT run_id FROM durable_runs WHERE owner = ? AND run_id IN ({marks})", (self.owner, *fenced)
-                ).fetchall()
-                batch.owned = {r[0] for r in rows}
-            db.executemany(
-                "INSERT OR IGNORE INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (s.run_id, s.step_no, s.kind, s.key, s.seq, encode(s.value))
-                    for s in batch.steps
-                    if s.run_id in batch.owned
-                ],
-            )
-            db.executemany(
-                "UPDATE durable_runs SET state = ?, updated = ? WHERE run_id = ?",
-                [(state, now, run_id) for run_id, state in batch.ends if run_id in batch.owned],
-            )
-            db.executemany(
-                "UPDATE durable_runs SET owner = '', updated = ? WHERE run_id = ? AND owner = ? AND state = 'running'",
-                [(now, run_id, self.owner) for run_id in batch.releases],
-            )
+            self.write_in(db, batch)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+    def write_in(self, db: sqlite3.Connection, batch: Batch) -> None:
+        """The batch's rows, inside a write transaction the caller holds (on this store's thread)."""
+        now = time.time()
+        db.executemany(
+            "INSERT OR IGNORE INTO durable_runs (run_id, owner, state, caller, background, request, created, "
+            "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.run_id, self.owner, r.state, r.caller, r.background, encode(r.request), now, now)
+                for r in batch.begins
+            ],
+        )
+        fenced = sorted(set(batch.fenced))
+        if fenced:  # the write lock is held: nobody claims between this look and the writes
+            marks = ",".join("?" * len(fenced))
+            rows = db.execute(
+                f"SELECT run_id FROM durable_runs WHERE owner = ? AND run_id IN ({marks})", (self.owner, *fenced)
+            ).fetchall()
+            batch.owned = {r[0] for r in rows}
+        db.executemany(
+            "INSERT OR IGNORE INTO run_steps (run_id, step_no, kind, key, seq, value) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (s.run_id, s.step_no, s.kind, s.key, s.seq, encode(s.value))
+                for s in batch.steps
+                if s.run_id in batch.owned
+            ],
+        )
+        db.executemany(
+            "UPDATE durable_runs SET state = ?, updated = ? WHERE run_id = ?",
+            [(state, now, run_id) for run_id, state in batch.ends if run_id in batch.owned],
+        )
+        db.executemany(
+            "UPDATE durable_runs SET owner = '', updated = ? WHERE run_id = ? AND owner = ? AND state = 'running'",
+            [(now, run_id, self.owner) for run_id in batch.releases],
+        )
 
     def _claim_sync(self, leftovers: list[str], skip: list[str]) -> list[str]:
         db = self._db
@@ -263,7 +273,8 @@ class SqliteCheckpointStore(BatchingStore):
         db = self._db
         assert db is not None
         row = db.execute(
-            "SELECT owner, state, caller, background, request, format FROM durable_runs WHERE run_id = ?", (run_id,)
+            "SELECT owner, state, caller, background, request, format, created FROM durable_runs WHERE run_id = ?",
+            (run_id,),
         ).fetchone()
         if row is None:
             return None
@@ -277,6 +288,7 @@ class SqliteCheckpointStore(BatchingStore):
             caller=row[2],
             background=bool(row[3]),
             request=decode(row[4], row[5]),
+            created=row[6],
             steps=[
                 Step(run_id=run_id, step_no=n, kind=cast(StepKind, kind), key=key, seq=seq, value=decode(value, fmt))
                 for n, kind, key, seq, value, fmt in steps
@@ -286,7 +298,10 @@ class SqliteCheckpointStore(BatchingStore):
     # --- the backend's part of BatchingStore ----------------------------------------------------------------------
 
     async def _write(self, batch: Batch) -> None:
-        await self._on_thread(self._write_sync, batch)
+        if self.rider is not None:
+            await self.rider(batch)
+        else:
+            await self._on_thread(self._write_sync, batch)
         if batch.releases:
             self._wake.set()
 

@@ -116,7 +116,7 @@ class HttpFace:
             after_seq = int(after)
         except ValueError:
             raise InvalidRequest(f"Last-Event-ID or after_seq must be a seq (an integer), got {after!r}") from None
-        run = await self.api.watch(request.path_params["run_id"], caller, after_seq)
+        run, after_seq = await self.api.watch(request.path_params["run_id"], caller, after_seq)
         return EventStream(
             self.api, run, after_seq, owner=False, heartbeat_s=self.config.http.heartbeat_s, timeout_s=remaining
         )

@@ -99,6 +99,7 @@ class InteractRpcs:
             if first is not None and kind == "attach":
                 run_id, after = self.run_id(first.attach.run_id), first.attach.after_seq
                 run = await self.registry.watch(run_id, self.caller().name, after)
+                after = run.resume_after(after)
                 if after > len(run.log):
                     raise AfterSeqOutOfRange(f"after_seq={after}, but run {run.id} is at seq {len(run.log)}")
                 opened.set_result(run)

@@ -67,7 +67,8 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
     async def _open_watch(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> tuple[Run, int, bool]:
-        return await self.api.watch(request.run_id, self.caller(), request.after_seq), request.after_seq, False
+        run, after_seq = await self.api.watch(request.run_id, self.caller(), request.after_seq)
+        return run, after_seq, False
 
     # one async generator each, from the checks to the status (service/rpc/runstream.py)
     RunAgent = run_stream(_open_run, timed=True)

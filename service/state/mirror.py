@@ -22,6 +22,12 @@ class SharedRun(Run):
     then reused for another event. It costs a durable run's streams the shipping round (~5 ms), and they wait while
     the store is away; other runs' streams are sent at once, as ever."""
 
+    # How far past the store a durable run's streams may go (0: not at all, the fleet's rule). One node sets it
+    # (sqlite_log.AHEAD): its streams send events as they form, and a restart re-streams the lost tail
+    # (`resume_after`). The closing event always waits for the store: a caller that saw the end, the end is kept;
+    # so does a stretch of merged deltas.
+    ahead = 0
+
     def __init__(self, *args: Any, shipped: Callable[[Run], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.changed = shipped

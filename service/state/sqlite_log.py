@@ -2,8 +2,10 @@
 behind the runs' backs, so that after `kill -9` and a restart GetRun and WatchRun still answer for them.
 
 A durable run's driver appends to its in-process log as every run does (the driver never waits on the disk) and
-notes the run here: a dict insertion. Its streams are sent an event once a round has committed it (the first,
-`run_started`, at once), so that no caller holds a seq a restarted process would reuse for another event. One task
+notes the run here: a dict insertion. Its streams are sent its events as they form, up to AHEAD past what a round has
+committed; its closing event once committed. A caller may so hold seqs that a crash lost and a restarted process
+gives to other events: that process's `run_recovered` is at most AHEAD seqs before them, and a WatchRun from such a
+seq starts at it (`Run.resume_after`), which tells the caller what to drop. One task
 per process collects what is new of every noted run after a short linger and hands it to the database thread as one
 transaction; the JSON encoding of the events happens there too, so the loop pays only the note and its share of the
 hand-off. `flush(run)` skips the linger and returns once every event the run had logged when it was called is
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 # (never those before its last checkpoint: see `flush`).
 LINGER_S = 0.005
 BACKOFF_S = (0.05, 2.0)
+# How many events a durable run's streams may send past what the file holds: they wait beyond it (a run far ahead of
+# its writer; the disk away). Also how far back of a caller's after_seq a restart's `run_recovered` is looked for.
+AHEAD = 512
 
 
 class Chunk(NamedTuple):
@@ -51,21 +56,39 @@ class Chunk(NamedTuple):
 class LoggedRun(SharedRun):
     """A durable run driven here whose record and events the writer keeps on disk (a dict insertion per change)."""
 
-    def __init__(self, *args: Any, history: Sequence[Entry] = (), **kwargs: Any) -> None:
+    ahead = AHEAD  # its streams go ahead of the file (see the module's doc)
+
+    def __init__(
+        self,
+        *args: Any,
+        history: Sequence[Entry] = (),
+        flush: Callable[[Run], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        # Its streams are sent only what the file holds (`SharedRun.follow`), but for seq 1, `run_started`, sent at
-        # once: a run resumed with nothing kept starts its new log with the very same event.
+        self._flush = flush
+        # seq 1, `run_started`, counts as kept: a run resumed with nothing kept starts its new log with the same event
         self.stored = 1
         if history:  # a run resumed after a restart: its log goes on after what the last process logged
             self.log.extend(history)
             self.created_ns = history[0].time_ns
             self.stored = len(history)
 
+    async def kept(self) -> None:
+        """Return once the file holds every entry logged so far: `stored` counts seq 1 as kept before it is, so the
+        writer is asked (a queued SubmitRun answers once its record is in the file, not a round later)."""
+        if self._flush is None:
+            await super().kept()
+        else:
+            await self._flush(self)
+
 
 class LogWriter:
-    def __init__(self, write: Callable[[list[Chunk]], Awaitable[None]]) -> None:
-        """`write(chunks)`: commit one round in one transaction (on the database's own thread)."""
+    def __init__(self, write: Callable[[list[Chunk], list[Any]], Awaitable[None]]) -> None:
+        """`write(chunks, riders)`: commit one round in one transaction (on the database's own thread), with the
+        riders' writes (`ride`) in it."""
         self._write = write
+        self._riders: list[tuple[Any, asyncio.Future[None]]] = []
         self.pending: dict[str, Run] = {}
         self.written: dict[str, int] = {}  # run id -> seqs 1..n committed
         self.rounds = 0
@@ -100,6 +123,20 @@ class LogWriter:
         self._urgent.set()
         await fut
 
+    async def ride(self, payload: Any) -> None:
+        """Commit `payload` (a batch of checkpoints) in the next round, at once (no linger), with every event noted
+        before: one transaction where a flush then a checkpoint took two. Returns once committed; raises what the
+        round raised (the round is retried, the rider is not: its caller retries)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._riders.append((payload, fut))
+        self._urgent.set()
+        if not self._wake.is_set():
+            self._wake.set()
+            self._idle.clear()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="run log writer")
+        await fut
+
     def unwritten(self) -> int:
         return sum(len(run.log) - self.written.get(run_id, 0) for run_id, run in self.pending.items())
 
@@ -123,6 +160,8 @@ class LogWriter:
         self._task = None
         for *_, fut in self._waiters:
             fut.cancel()
+        for _, fut in self._riders:
+            fut.cancel()
 
     async def _run_forever(self) -> None:
         backoff = BACKOFF_S[0]
@@ -134,10 +173,18 @@ class LogWriter:
             self._wake.clear()
             self._urgent.clear()
             batch, self.pending = self.pending, {}
+            riders, self._riders = self._riders, []
             chunks = [self._chunk(run) for run in batch.values()]
             try:
-                await self._write(chunks)
-            except Exception:
+                await self._write(chunks, [payload for payload, _ in riders])
+            except asyncio.CancelledError:
+                for _, fut in riders:
+                    fut.cancel()
+                raise
+            except Exception as exc:
+                for _, fut in riders:
+                    if not fut.done():
+                        fut.set_exception(exc)
                 log.exception("run events not written; retrying", extra={"runs": len(batch)})
                 for run_id, run in batch.items():
                     self.pending.setdefault(run_id, run)
@@ -148,6 +195,9 @@ class LogWriter:
                 continue
             backoff = BACKOFF_S[0]
             self.rounds += 1
+            for _, fut in riders:
+                if not fut.done():
+                    fut.set_result(None)
             for chunk, run in zip(chunks, batch.values(), strict=True):
                 if isinstance(run, SharedRun):
                     run.mark_stored(chunk.last_seq)  # its streams may be sent these now

@@ -1,11 +1,12 @@
 """The run log of the embedded default (`state.url: memory://`): the durable runs' records and events in
-data_dir/runs.db, so that one process restarted after `kill -9` answers GetRun, WatchRun and CancelRun for them.
+data_dir/durable.db beside their checkpoints (`join`; runs.db when it stands alone, as in tests), so that one process
+restarted after `kill -9` answers GetRun, WatchRun and CancelRun for them.
 
 Only durable runs are kept here (those that outlive their caller's stream, or ask to be; see `RunRegistry.open`):
 the others stay on the in-memory path at its old cost. A run driven here is served from memory as before; the file
 is read only for runs this process does not hold (after a restart, or after memory forgot them). It is written by
-`sqlite_log.LogWriter` in batches, on one thread of its own that also serves the reads (one connection, so a read
-sees every committed round), opened on first use: a process with no durable run never creates the file.
+`sqlite_log.LogWriter` in batches, on one thread that also serves the reads (one connection, so a read sees every
+committed round): joined, the checkpoint store's connection and thread, and each checkpoint rides a round.
 
 WAL with `synchronous=NORMAL` (`durable.sqlite_synchronous`), like the checkpoints: a commit survives `kill -9` of
 the process, not a power cut. Retention as in memory: an ended run is kept `runs.retention_s`; a run left running
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 import time
@@ -28,12 +28,14 @@ from typing import Any, TypeVar
 from service import codec
 from service import events as ev
 from service.control import RunControl
+from service.durable.batching import Batch
+from service.durable.sqlite import SqliteCheckpointStore
 from service.errors import StateUnavailable
 from service.loop import RunSpec
 from service.records.sqlite import connect, transaction
 from service.run import Entry, Run, RunRecord
 from service.state.mirror import MirrorRun
-from service.state.sqlite_log import Chunk, LoggedRun, LogWriter
+from service.state.sqlite_log import AHEAD, Chunk, LoggedRun, LogWriter
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ SWEEP_S = 60.0
 RESUME_WAIT_S = 5.0
 T = TypeVar("T")
 
-_SCHEMA = """
+_LOG_TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     caller TEXT NOT NULL,
@@ -62,11 +64,11 @@ CREATE TABLE IF NOT EXISTS events (
     last_seq INTEGER NOT NULL,
     first_seq INTEGER NOT NULL,
     times TEXT NOT NULL,  -- the events' time_ns, comma-separated
-    events BLOB NOT NULL,  -- codec.dumps_many: a JSON array of the events first_seq..last_seq
+    events BLOB NOT NULL,  -- codec.dumps_packed: a JSON array of the events first_seq..last_seq
     PRIMARY KEY (run_id, last_seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
 """
+_SCHEMA = _LOG_TABLES + "PRAGMA user_version = 1;\n"
 
 
 class SqliteRunLog:
@@ -97,6 +99,24 @@ class SqliteRunLog:
         # a run logged as queued is then one that the queue hands to this process later, not one lost with it
         self.store_queue = False
         self._revival = asyncio.Event()
+        self._joined: SqliteCheckpointStore | None = None
+        self._closed = False
+
+    def join(self, store: SqliteCheckpointStore) -> None:
+        """Keep the log's tables in the checkpoint store's file, on its connection and thread (before either is
+        used): a checkpoint then commits in the log's next round, with the run's events before it, in one
+        transaction (measured: one commit and one thread hop per checkpoint, where a flush and the checkpoint took
+        two each). A runs.db left by an earlier version is copied in at the first open."""
+        self._joined = store
+        self._thread = store._thread
+        store.rider = self._ride
+
+    async def _ride(self, batch: Batch) -> None:
+        assert self._joined is not None
+        if self._closed:  # at shutdown, after the log: the store's own transaction
+            await self._on_thread(self._joined._write_sync, batch)
+        else:
+            await self.writer.ride(batch)
 
     # --- what the registry asks --------------------------------------------------------------------------------------
 
@@ -113,7 +133,14 @@ class SqliteRunLog:
         """A durable run to drive here, its log kept on disk as it grows; `history`: the entries a previous process
         logged for it (a run resumed after a restart goes on from there, with the next seq)."""
         run = LoggedRun(
-            spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.writer.note, history=history
+            spec,
+            control,
+            caller=caller,
+            key=key,
+            fingerprint=fingerprint,
+            shipped=self.writer.note,
+            history=history,
+            flush=self.writer.flush,
         )
         if history:
             self.writer.resumed(run)
@@ -140,7 +167,9 @@ class SqliteRunLog:
         if found is not None and found[0].finished:
             return found[0].state
         fingerprint, entries = ("", []) if found is None else (found[0].fingerprint, found[1])
-        run = self.new_run(spec, control, caller=caller, key="", fingerprint=fingerprint, history=entries)
+        # its idempotency key too: the same key sent after the restart attaches to it (RunRegistry.find)
+        key = "" if found is None else await self._on_thread(self._key, spec.run_id)
+        run = self.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint, history=entries)
         self._resumed = {run_id: r for run_id, r in self._resumed.items() if not r.finished}
         self._resumed[run.id] = run
         self._revival.set()
@@ -162,6 +191,7 @@ class SqliteRunLog:
             if resumed is not None:
                 return resumed
         mirror = MirrorRun(record)
+        mirror.ahead = AHEAD  # its driver's streams went ahead of this log: a WatchRun may start before a recovery
         mirror.extend(await self._on_thread(self._entries, record.run_id, record.last_seq), ended_ns=record.ended_ns)
         if not mirror.finished:
             mirror.give_up(_not_driven(record))
@@ -185,6 +215,9 @@ class SqliteRunLog:
 
     async def close(self) -> None:
         await self.writer.close()
+        self._closed = True
+        if self._joined is not None:
+            return  # the connection and the thread are the checkpoint store's: it closes them
         if self._db is not None:
             await self._on_thread(self._db.close)
             self._db = None
@@ -195,10 +228,17 @@ class SqliteRunLog:
     async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    async def _write(self, chunks: list[Chunk]) -> None:
-        await self._on_thread(self._write_sync, chunks)
+    async def _write(self, chunks: list[Chunk], riders: list[Batch]) -> None:
+        await self._on_thread(self._write_sync, chunks, riders)
 
     def _open(self, create: bool) -> sqlite3.Connection | None:
+        if self._joined is not None:
+            if self._db is None and self._joined._db is not None:
+                db = self._joined._db
+                db.executescript(_LOG_TABLES)
+                _copy_earlier(db, self.path)
+                self._db = db
+            return self._db
         if self._db is None and (create or self.path.exists()):
             db = connect(self.path)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -206,11 +246,14 @@ class SqliteRunLog:
             self._db = db
         return self._db
 
-    def _write_sync(self, chunks: list[Chunk]) -> None:
+    def _write_sync(self, chunks: list[Chunk], riders: Sequence[Batch] = ()) -> None:
         db = self._open(create=True)
         assert db is not None
         now = self.clock()
         with transaction(db):
+            for batch in riders:  # after the events of this round, in the same transaction: never ahead of them
+                assert self._joined is not None
+                self._joined.write_in(db, batch)
             db.executemany(
                 "INSERT INTO runs (run_id, caller, fingerprint, idem_key, state, created_ns, ended_ns, last_seq, "
                 "expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
@@ -234,7 +277,7 @@ class SqliteRunLog:
                         c.last_seq,
                         c.entries[0].seq,
                         ",".join([str(e.time_ns) for e in c.entries]),
-                        codec.dumps_many([e.event for e in c.entries]),
+                        codec.dumps_packed([e.event for e in c.entries]),
                     )
                     for c in chunks
                     if c.entries
@@ -262,9 +305,14 @@ class SqliteRunLog:
             last = db.execute(
                 "SELECT events FROM events WHERE run_id = ? AND last_seq = ?", (run_id, last_seq)
             ).fetchone()
-            event = codec.from_dict(json.loads(last[0])[-1]) if last else None
+            event = codec.loads_packed(last[0])[-1] if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
+
+    def _key(self, run_id: str) -> str:
+        db = self._open(create=False)
+        row = None if db is None else db.execute("SELECT idem_key FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return "" if row is None else str(row[0])
 
     def _entries(self, run_id: str, last_seq: int) -> list[Entry]:
         db = self._open(create=False)
@@ -276,9 +324,30 @@ class SqliteRunLog:
         ).fetchall()
         entries = []
         for first, times, events in rows:
-            for seq, (time_ns, event) in enumerate(zip(times.split(","), json.loads(events), strict=True), first):
-                entries.append(Entry(seq, int(time_ns), codec.from_dict(event)))
+            for seq, (time_ns, event) in enumerate(
+                zip(times.split(","), codec.loads_packed(events), strict=True), first
+            ):
+                entries.append(Entry(seq, int(time_ns), event))
         return entries
+
+
+def _copy_earlier(db: sqlite3.Connection, path: Path) -> None:
+    """Copy the rows of a runs.db an earlier version kept apart into this file (once: it is renamed after)."""
+    if not path.exists():
+        return
+    try:
+        db.execute("ATTACH DATABASE ? AS earlier", (str(path),))
+        try:
+            with transaction(db):
+                db.execute("INSERT OR IGNORE INTO main.runs SELECT * FROM earlier.runs")
+                db.execute("INSERT OR IGNORE INTO main.events SELECT * FROM earlier.events")
+        finally:
+            db.execute("DETACH DATABASE earlier")
+        path.rename(path.with_name(path.name + ".copied"))
+    except (OSError, sqlite3.Error):  # another worker on this data_dir copied it first
+        log.warning("the run log of an earlier version was not copied", extra={"from": str(path)}, exc_info=True)
+        return
+    log.info("the run log of an earlier version was copied in", extra={"from": str(path)})
 
 
 def _not_driven(record: RunRecord) -> StateUnavailable:
