@@ -223,7 +223,7 @@ class Cursor:
     the events logged since it subscribed. A run whose readers get only what its store holds (`stored_only`) is
     read up to `stored`."""
 
-    __slots__ = ("run", "log", "at", "joined", "coalesce_lag", "max_lag")
+    __slots__ = ("run", "log", "at", "joined", "coalesce_lag", "max_lag", "hold")
 
     def __init__(self, run: Run, after_seq: int, coalesce_lag: int, max_lag: int) -> None:
         self.run = run
@@ -232,6 +232,7 @@ class Cursor:
         self.joined = len(run.log)
         self.coalesce_lag = coalesce_lag
         self.max_lag = max_lag
+        self.hold = 0  # a merged stretch waits until the store holds seqs up to here (runs with `ahead`)
 
     def take(self) -> Entry | None:
         log, at, run = self.log, self.at, self.run
@@ -246,13 +247,17 @@ class Cursor:
         if lag > self.max_lag and logged - max(at, self.joined) > self.max_lag and not run.finished:
             raise SubscriberTooSlow(run.id, at, lag)
         entry = log[at]
-        if at >= kept:  # past what the store holds (a run with `ahead`): single events only, and never the end
-            if isinstance(entry.event, _CLOSING):  # a caller that saw the end, the end is kept
+        if lag > self.coalesce_lag and isinstance(entry.event, DELTAS):
+            if kept < logged:
+                # a merged stretch is sent only once kept: past the store a caller holds single events, so those a
+                # restart replaced (`resume_after`) can be dropped seq by seq; it waits for the store to reach the
+                # stretch's end as it is now, not as it grows (the store could trail a busy run for ever)
+                self.hold = max(self.hold, logged)
+            if kept < self.hold:
                 return None
-        elif kept - at > self.coalesce_lag and isinstance(entry.event, DELTAS):
-            # merged only within what is kept: a caller holds single events past the store, so a restart that
-            # replaced them (`resume_after`) can be dropped seq by seq
             entry = run._merged(at, kept)
+        elif at >= kept and isinstance(entry.event, _CLOSING):  # a caller that saw the end, the end is kept
+            return None
         self.at = entry.seq
         return entry
 
