@@ -288,18 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no audit log at {path}", file=sys.stderr)
         return 2
     if args.command == "verify":
-        try:
-            anchors = [parse_anchor(a) for a in args.anchor]
-            keyring = cli_keyring(args, path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        verdict = verify(path, keyring, anchors=anchors)
-        if not verdict.ok:
-            print(f"TAMPERED {path}: {verdict.problem} ({verdict.rows} row(s) verified before it)", file=sys.stderr)
-            return 1
-        print(f"ok {path}: {verdict.summary()}")
-        return 0
+        return _verify(args, path, str(path), lambda keyring, anchors: verify(path, keyring, anchors=anchors))
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         if args.command == "head":
@@ -334,23 +323,28 @@ def _main_pg(args: argparse.Namespace, url: str, key_path: Path) -> int:
             for line in pg_audit.tail_pg(url, args.n):
                 print(line)
             return 0
-        try:
-            anchors = [parse_anchor(a) for a in args.anchor]
-            keyring = cli_keyring(args, key_path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        verdict = pg_audit.verify_pg(url, keyring, anchors=anchors)
+        return _verify(args, key_path, display_url(url), lambda k, anchors: pg_audit.verify_pg(url, k, anchors=anchors))
     except psycopg.OperationalError as exc:
         print(f"cannot read {display_url(url)}: {exc}", file=sys.stderr)
         return 2
+
+
+def _verify(
+    args: argparse.Namespace, key_path: Path, where: str, walk: Callable[[Keyring, list[tuple[int, str]]], Verdict]
+) -> int:
+    """`verify`'s exit code: 0 when the chain holds, 1 when it does not, 2 when its anchors or keys cannot be used.
+    `walk` checks the log (a file's or PostgreSQL's) with the keys and anchors; `where` names it."""
+    try:
+        anchors = [parse_anchor(a) for a in args.anchor]
+        keyring = cli_keyring(args, key_path)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verdict = walk(keyring, anchors)
     if not verdict.ok:
-        print(
-            f"TAMPERED {display_url(url)}: {verdict.problem} ({verdict.rows} row(s) verified before it)",
-            file=sys.stderr,
-        )
+        print(f"TAMPERED {where}: {verdict.problem} ({verdict.rows} row(s) verified before it)", file=sys.stderr)
         return 1
-    print(f"ok {display_url(url)}: {verdict.summary()}")
+    print(f"ok {where}: {verdict.summary()}")
     return 0
 
 
