@@ -40,7 +40,7 @@ from service.push.store import DEFAULT_FILE as PUSH_FILE
 from service.push.store import DeliveryStore, SqliteDeliveryStore
 from service.records.audit import DEFAULT_FILE as AUDIT_FILE
 from service.records.audit import AuditLog
-from service.records.audit_chain import ENV_VAR, AuditKeyError, load_keyring
+from service.records.audit_chain import load_keyring, require_given_key
 from service.records.deadletter import DEFAULT_FILE as DEAD_LETTER_FILE
 from service.records.deadletter import DeadLetterStore
 from service.records.spool import DEFAULT_FILE as SPOOL_FILE
@@ -299,13 +299,7 @@ def build_records(config: Config) -> Records:
     table for every replica, spooled under data_dir while it is away), else SQLite files under data_dir. They redact
     with the process-wide redactor (`build_executor` installs the config's)."""
     audit_path = sqlite_path(config.audit, config.data_dir, AUDIT_FILE)
-    if config.records.url is not None and config.audit.key_file is None and not os.environ.get(ENV_VAR):
-        # One chain for the fleet needs one key the operator gives: a key made per replica splits trust (verify
-        # needs each, lost with the pod's emptyDir), and one kept in the database sits beside the rows it guards.
-        raise AuditKeyError(
-            "records.url is PostgreSQL, one audit chain for every replica, so its key must be given too: set "
-            f"audit.key_file (a mounted Secret) or {ENV_VAR} (docs/audit.md#on-postgresql)"
-        )
+    require_given_key(config.records.url, config.audit.key_file)
     keyring = load_keyring(config.audit.key_file, audit_path)
     retention_s = None if config.dead_letter.retention_days is None else config.dead_letter.retention_days * 86400
     if config.records.url is None:

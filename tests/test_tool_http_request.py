@@ -1,6 +1,6 @@
 """http_request against a real aiohttp server on 127.0.0.1: requests, caps, redirects re-checked hop by hop, and the
 address rules (names resolved first, non-public addresses refused unless allowed, the connection pinned to the
-checked address). DNS is stood in for by replacing the tool's `_resolve`, so no test needs a network."""
+checked address). DNS is stood in for by replacing the resolver of the tool's guard, so no test needs a network."""
 
 from __future__ import annotations
 
@@ -200,13 +200,13 @@ def make(tmp_path: Path, **options: Any) -> HttpRequest:
 def fake_dns(tool: HttpRequest, answers: dict[str, list[str]]) -> list[str]:
     """Answer lookups for `answers`' names from it (others as usual); returns the list of names looked up."""
     looked_up: list[str] = []
-    real = tool._resolve
+    real = tool._guard.resolver
 
     async def resolve(host: str, port: int) -> list[str]:
         looked_up.append(host)
         return answers[host] if host in answers else await real(host, port)
 
-    tool._resolve = resolve  # type: ignore[method-assign]
+    tool._guard.resolver = resolve
     return looked_up
 
 
@@ -378,7 +378,7 @@ async def test_unresolvable_host_is_a_retryable_error(tmp_path: Path) -> None:
     async def no_answer(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    tool._resolve = no_answer  # type: ignore[method-assign]
+    tool._guard.resolver = no_answer
     try:
         with pytest.raises(ToolError, match="cannot resolve gone.test: .*Name or service not known") as caught:
             await call(tool, url="http://gone.test/")

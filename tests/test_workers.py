@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from backends import RedisNamespace
+from backends import PostgresSchema, RedisNamespace
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -340,6 +340,22 @@ async def test_workers_without_shared_state_refuse_to_start(
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2, err.decode()
     assert expected in err.decode() and "Traceback" not in err.decode()
+
+
+async def test_records_on_postgresql_without_a_given_key_are_refused_once_before_any_worker_starts(
+    tmp_path: Path, redis_ns: RedisNamespace, postgres_schema: PostgresSchema
+) -> None:
+    """Every worker would refuse the config alike: the supervisor says so once, as one process would, and exits."""
+    config = _config(tmp_path, redis_ns, f"records: {{url: '{postgres_schema.url}'}}\n")
+    proc = await _spawn(tmp_path, config, "--workers", "2", env={"AGENT_AUDIT_KEY": ""})  # empty: no key
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    message = "its key must be given too: set audit.key_file (a mounted Secret) or AGENT_AUDIT_KEY"
+    assert text.count(message) == 1, text  # was once per worker
+    assert "error: cannot start: records.url is PostgreSQL" in text and "Traceback" not in text
+    assert '"worker started"' not in text  # refused before any worker ran
+    assert not (tmp_path / "var" / "audit.key").exists()
 
 
 def test_the_reserved_port_is_shared_by_reuseport_sockets_only() -> None:

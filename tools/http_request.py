@@ -3,10 +3,9 @@ and capped in size and time.
 
 Hostile targets: the host is resolved before connecting and every address it resolves to must be public, unless
 the operator allowed it (`allow_private` CIDRs, or the URL's host is an IP literal that is itself on `allow_hosts`);
-loopback, link-local (cloud metadata 169.254.169.254), private, shared, unspecified, multicast and reserved
-addresses are refused. The connection then goes to the address that was checked (`_PinnedBackend`), never to a
-second lookup, so DNS rebinding cannot swap it; TLS still verifies (and sends SNI for) the host name. Redirects are
-followed up to `follow_redirects` hops, each hop checked like the first request.
+the connection then goes to the addresses that were checked, never to a second lookup (the SSRF guard of
+`tools/_addresses.py` and `tools/_pinned.py`, which the completion push shares). Redirects are followed up to
+`follow_redirects` hops, each hop checked like the first request.
 
 Every request carries the call's idempotency key (`tools.base.current_call()`) in an `Idempotency-Key` header, so
 that an upstream that honours it recognises a request sent again (a retry, or a run recovered after a crash). A GET
@@ -16,31 +15,23 @@ changes nothing (HTTP's safe method); a POST is unsafe to repeat unless the oper
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import socket
-import typing
-from collections.abc import Mapping
-from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tools._addresses import DEFAULT_PORTS, AddressGuard, Refused, networks
 from tools._http_body import ACCEPT_ENCODING, read_capped, shown
+from tools._pinned import connect_only_to, pinned_client
 from tools.base import JSON, Tool, ToolConfig, ToolError, current_call
 from tools.policy import BreakerPolicy, RetryPolicy, SideEffects, TimeoutPolicy, ToolPolicy
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHOWN_HEADERS = ("content-type", "content-length", "location")
 _MAX_BODY_BYTES = 1024 * 1024
 # Headers that must not follow a redirect to another origin.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Options(BaseModel):
@@ -74,11 +65,7 @@ class Options(BaseModel):
     @field_validator("allow_private")
     @classmethod
     def _parse_networks(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"bad allow_private entry {entry!r}: {exc}") from exc
+        networks(entries, "allow_private")  # raises ValueError with the entry in the message
         return entries
 
 
@@ -112,7 +99,7 @@ class RequestInput(BaseModel):
             url = httpx.URL(value)
         except httpx.InvalidURL as exc:
             raise ValueError(f"invalid URL: {exc}") from exc
-        if url.scheme not in _DEFAULT_PORTS or not url.host:
+        if url.scheme not in DEFAULT_PORTS or not url.host:
             raise ValueError("url must be an absolute http:// or https:// URL")
         return value
 
@@ -172,16 +159,14 @@ class HttpRequest(Tool[RequestInput]):
     def __init__(self, config: ToolConfig) -> None:
         self._options = Options.model_validate(dict(config.options))
         self._allowed = {_parse_host_entry(entry) for entry in self._options.allow_hosts}
-        self._private: list[IPNetwork] = [ipaddress.ip_network(n, strict=False) for n in self._options.allow_private]
-        # trust_env=False: proxy variables from the environment must not route requests around the allow-list.
-        # Redirects are followed here, not by httpx, so that each hop is checked.
-        self._client = httpx.AsyncClient(
-            transport=_PinnedTransport(),
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(self._options.timeout_s),
-            headers={"Accept-Encoding": ACCEPT_ENCODING},
+        # An IP literal passes: it is on allow_hosts (checked first), so the operator named the address.
+        self._guard = AddressGuard(
+            self._options.allow_private,
+            refusal="; refused (an operator can allow the network with tools.http_request.allow_private)",
+            literals_pass=True,
         )
+        # Redirects are followed here, not by the client, so that each hop is checked.
+        self._client = pinned_client(httpx.Timeout(self._options.timeout_s), {"Accept-Encoding": ACCEPT_ENCODING})
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -200,40 +185,19 @@ class HttpRequest(Tool[RequestInput]):
 
     def _check_allowed(self, url: httpx.URL, what: str = "host") -> None:
         host = url.host.lower()
-        port = url.port or _DEFAULT_PORTS[url.scheme]
+        port = url.port or DEFAULT_PORTS[url.scheme]
         if (host, None) in self._allowed or (host, port) in self._allowed:
             return
         shown = host if url.port is None else f"{host}:{port}"
         allowed = ", ".join(self._options.allow_hosts) or "nothing is allowed"
         raise ToolError(f"{what} {shown} is not on the allow-list (allowed: {allowed})")
 
-    async def _resolve(self, host: str, port: int) -> list[str]:
-        """The addresses `host` resolves to (a separate method so that tests can stand in for DNS)."""
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
     async def _checked_addresses(self, url: httpx.URL) -> tuple[str, ...]:
         """Resolve the URL's host and refuse it unless every address is public or allowed."""
-        host = url.raw_host.decode("ascii")
         try:
-            addresses = await self._resolve(host, url.port or _DEFAULT_PORTS[url.scheme])
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ToolError(f"cannot resolve {url.host}: {exc}", retryable=True) from exc
-        if not addresses:
-            raise ToolError(f"cannot resolve {url.host}: no addresses", retryable=True)
-        literal = _ip_or_none(host) is not None  # an IP literal on allow_hosts: the operator named the address
-        for address in addresses:
-            ip = _ip_or_none(address.split("%", 1)[0])
-            if ip is None:
-                raise ToolError(f"{url.host} resolved to {address!r}, which is not an IP address")
-            kind = _non_public(ip)
-            if kind is None or literal or any(_within(ip, network) for network in self._private):
-                continue
-            raise ToolError(
-                f"{url.host} resolves to {ip}, a {kind} address; refused (an operator can allow the network with "
-                "tools.http_request.allow_private)"
-            )
-        return tuple(addresses)
+            return await self._guard.addresses(url)
+        except Refused as exc:
+            raise ToolError(str(exc), retryable=exc.unresolved) from exc
 
     async def run(self, args: RequestInput) -> JSON:
         url = httpx.URL(args.url)
@@ -258,12 +222,9 @@ class HttpRequest(Tool[RequestInput]):
         method, body, headers = args.method, args.json_body, self._headers(args)
         hops = 0
         while True:
-            token = _PINNED.set({url.raw_host.decode("ascii"): await self._checked_addresses(url)})
-            try:
+            with connect_only_to(url, await self._checked_addresses(url)):
                 request = self._client.build_request(method, url, headers=headers, json=body)
                 response = await self._client.send(request, stream=True)
-            finally:
-                _PINNED.reset(token)
             try:
                 location = response.headers.get("location")
                 if not (response.is_redirect and location and self._options.follow_redirects):
@@ -303,108 +264,10 @@ def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
         target = url.join(location)
     except httpx.InvalidURL as exc:
         raise ToolError(f"redirect to an invalid URL {location[:200]!r}: {exc}") from exc
-    if target.scheme not in _DEFAULT_PORTS or not target.host:
+    if target.scheme not in DEFAULT_PORTS or not target.host:
         raise ToolError(f"redirect to {location[:200]!r} refused: only http:// and https:// URLs are followed")
     return target
 
 
-def _ip_or_none(text: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _non_public(ip: IPAddress) -> str | None:
-    """What kind of non-public address `ip` is (loopback, link-local…), or None for a public one."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-        elif ip.sixtofour is not None:  # 2002:a9fe:a9fe::/48 routes, through a 6to4 relay, to 169.254.169.254
-            inner = _non_public(ip.sixtofour)
-            return None if inner is None else f"{inner} (6to4)"
-        elif ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks; Python calls it global
-            return "site-local"
-    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    return None if ip.is_global else "non-public"
-
-
-def _within(ip: IPAddress, network: IPNetwork) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and network.version == 4:
-        ip = ip.ipv4_mapped
-    return ip.version == network.version and ip in network
-
-
-# The checked addresses of the host being requested, per task: the transport connects only to these.
-_PINNED: ContextVar[Mapping[str, tuple[str, ...]] | None] = ContextVar("http_request_pinned", default=None)
-
-
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Connects to the addresses `_checked_addresses` approved for the host, never to a fresh DNS answer; a host
-    with no approved addresses is not connected to at all. TLS is started by httpcore with the host name, so SNI
-    and certificate checks are unchanged."""
-
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = (_PINNED.get() or {}).get(host)
-        if not addresses:
-            raise httpcore.ConnectError(f"{host}: no checked address to connect to")
-        failure: Exception | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used by http_request")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class _PinnedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a connection pool whose network backend is `_PinnedBackend`. httpx has no public
-    parameter for the backend, so the pool is replaced after construction (the tests fail if that stops working)."""
-
-    def __init__(self) -> None:
-        super().__init__(trust_env=False)
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_PinnedBackend(),
-        )
-
-
 def create(config: ToolConfig) -> HttpRequest:
     return HttpRequest(config)
-
-
-# The SSRF guard's parts, shared with the completion push (service/push/guard.py): one rule for every URL the service
-# requests on someone's behalf, and one pinned connection so that a second DNS answer cannot swap the address.
-non_public = _non_public
-within = _within
-ip_or_none = _ip_or_none
-PINNED = _PINNED
-PinnedTransport = _PinnedTransport

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from pydantic import Field, field_validator
 
 from service.config.base import Section
+from tools._addresses import networks
 
 
 class PushConfig(Section):
@@ -32,9 +31,5 @@ class PushConfig(Section):
     @field_validator("allow_private")
     @classmethod
     def _networks(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"bad push.allow_private entry {entry!r}: {exc}") from exc
+        networks(entries, "push.allow_private")  # raises ValueError with the entry in the message
         return entries

@@ -14,9 +14,9 @@ dead, and its runs are claimed, then the lock freed again (a restarting owner of
 rather than a blocking wait on each peer's lock: that would cost a connection per peer per process. A drain's
 `release` is announced by NOTIFY, so peers claim released runs at once rather than at their next look.
 
-Connections: the writer's, the control one (own lock, claims, loads; one statement at a time under an asyncio lock)
-and, while `recover` runs, a listener (LISTEN). Not the records pool: its spool is for records that can wait; a
-checkpoint either commits or its run learns that it did not (`RecordsUnavailable`).
+Connections: the writer's, the control one (own lock, claims, loads, the durable queue of pg_queue.py; one statement
+at a time under an asyncio lock) and, while `recover` runs, a listener (LISTEN). Not the records pool: its spool is
+for records that can wait; a checkpoint either commits or its run learns that it did not (`RecordsUnavailable`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
+from service.durable import pg_queue
 from service.durable.base import DurableRun, ExecutorIdInUse, Step, StepKind
 from service.durable.batching import Batch, BatchingStore, decode, encode
 from service.errors import RecordsUnavailable
@@ -89,39 +90,6 @@ UPDATE durable_runs SET owner = %s, updated = now()
 WHERE state = 'running' AND owner = %s AND NOT (run_id = ANY(%s))
 RETURNING run_id
 """
-
-# The durable queue (base.DurableQueue). Enqueues take a transaction-scoped advisory lock so that the fleet-wide bound
-# is exact (concurrent inserts would each count the others out); claims use the database's own queue primitive, FOR
-# UPDATE SKIP LOCKED, so two processes never claim one run and neither waits for the other.
-_QUEUE_KEY = "hashtextextended(current_schema() || '.agent-durable-queue', 0)"
-# the NOTIFY in the same statement, only for a row inserted (delivered at the commit)
-_ENQUEUE = """
-WITH ins AS (
-    INSERT INTO durable_runs (run_id, owner, state, caller, background, request, queue_seq)
-    SELECT %s, '', 'queued', %s, true, %s, nextval('durable_queue_seq')
-    WHERE (SELECT count(*) FROM durable_runs WHERE state = 'queued') < %s
-    ON CONFLICT (run_id) DO NOTHING
-    RETURNING run_id
-)
-SELECT pg_notify(%s, %s) FROM ins
-"""
-_CLAIM_QUEUED = """
-UPDATE durable_runs d SET owner = %s, state = 'running', updated = now()
-FROM (
-    SELECT run_id FROM durable_runs WHERE state = 'queued' ORDER BY queue_seq LIMIT %s FOR UPDATE SKIP LOCKED
-) q
-WHERE d.run_id = q.run_id
-RETURNING d.run_id, d.caller, d.background, d.request, d.format, d.queue_seq
-"""
-_POSITION = """
-SELECT count(*) FROM durable_runs
-WHERE state = 'queued' AND queue_seq <= (SELECT queue_seq FROM durable_runs WHERE run_id = %s AND state = 'queued')
-"""
-# a row being claimed is locked: this waits for the claim's commit, then finds the run running and changes nothing
-_CANCEL_QUEUED = """
-UPDATE durable_runs SET state = 'cancelled', updated = now() WHERE run_id = %s AND state = 'queued' RETURNING run_id
-"""
-QUEUED = "queued"  # the payload of the NOTIFY that announces an enqueued run (a drain's release sends '')
 
 
 class PgCheckpointStore(BatchingStore):
@@ -197,57 +165,29 @@ class PgCheckpointStore(BatchingStore):
             ],
         )
 
-    # --- the durable queue (base.DurableQueue) ------------------------------------------------------------------
+    # --- the durable queue (base.DurableQueue, pg_queue.py), on the control connection ----------------------------
 
     async def enqueue(self, run: DurableRun, *, limit: int) -> bool:
         async with self._control_lock:
-            conn = await self._control_conn()
-            # one round trip: BEGIN, the lock, the insert and COMMIT pipelined (half the CPU of four)
-            async with conn.pipeline(), conn.transaction():
-                await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
-                params = (run.run_id, run.caller, encode(run.request), limit, self._channel, QUEUED)
-                cursor = await conn.execute(_ENQUEUE, params)
-            return await cursor.fetchone() is not None
+            return await pg_queue.enqueue(await self._control_conn(), run, limit, self._channel)
 
     async def queued(self) -> int:
         async with self._control_lock:
-            conn = await self._control_conn()
-            return int(await self._one(conn, "SELECT count(*) FROM durable_runs WHERE state = 'queued'", ()))
+            return await pg_queue.queued(await self._control_conn())
 
     async def claim_queued(self, count: int, *, max_running: int | None = None) -> list[DurableRun]:
         async with self._control_lock:
-            conn = await self._control_conn()
-            if max_running is None:  # one autocommit statement
-                cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
-            else:
-                async with conn.transaction():  # the fleet's cap: claims in turn, so that two cannot both fill it
-                    await conn.execute(f"SELECT pg_advisory_xact_lock({_QUEUE_KEY})")
-                    running = await self._one(
-                        conn, "SELECT count(*) FROM durable_runs WHERE state = 'running' AND background", ()
-                    )
-                    count = min(count, max_running - int(running))
-                    if count <= 0:
-                        return []
-                    cursor = await conn.execute(_CLAIM_QUEUED, (self.owner, count))
-            rows = sorted(await cursor.fetchall(), key=lambda r: r[5])  # oldest first
-        claimed = [
-            DurableRun(
-                run_id=r[0], caller=r[1], owner=self.owner, state="running", background=r[2], request=decode(r[3], r[4])
-            )
-            for r in rows
-        ]
+            claimed = await pg_queue.claim(await self._control_conn(), self.owner, count, max_running)
         self._driving.update(r.run_id for r in claimed)
         return claimed
 
     async def queue_position(self, run_id: str) -> int:
         async with self._control_lock:
-            conn = await self._control_conn()
-            return int(await self._one(conn, _POSITION, (run_id,)))
+            return await pg_queue.position(await self._control_conn(), run_id)
 
     async def cancel_queued(self, run_id: str) -> bool:
         async with self._control_lock:
-            conn = await self._control_conn()
-            return await self._one(conn, _CANCEL_QUEUED, (run_id,)) is not None
+            return await pg_queue.cancel(await self._control_conn(), run_id)
 
     # --- connections ------------------------------------------------------------------------------------------
 
@@ -395,7 +335,7 @@ class PgCheckpointStore(BatchingStore):
                 if conn is None:
                     conn = await self._listening()
                 async for notify in conn.notifies():
-                    if notify.payload == QUEUED:
+                    if notify.payload == pg_queue.QUEUED:
                         self.queue_wake.set()
                     else:
                         self._wake.set()

@@ -1,40 +1,29 @@
-"""The callback URL's SSRF guard: the rule `tools.http_request` applies to its hosts (every address a host resolves
-to must be public, unless its network is allowed), checked when SubmitRun takes the URL and again before every send,
-whose connection then goes to the checked addresses only (a later DNS answer cannot point it inward)."""
+"""The callback URL's guard: its form (scheme, length, no credentials), then the SSRF guard `tools.http_request`
+applies to its hosts (`tools/_addresses.py`: every address a host resolves to must be public, unless its network is
+allowed), checked when SubmitRun takes the URL and again before every send, whose connection then goes to the checked
+addresses only (a later DNS answer cannot point it inward)."""
 
 from __future__ import annotations
-
-import asyncio
-import ipaddress
-import socket
-from collections.abc import Awaitable, Callable
 
 import httpx
 
 from service.config import PushConfig
-from tools.http_request import ip_or_none, non_public, within
+from tools._addresses import DEFAULT_PORTS, AddressGuard, Refused, Resolver, resolve
 
-_PORTS = {"http": 80, "https": 443}
+__all__ = ["MAX_URL_BYTES", "Refused", "UrlGuard"]
+
 MAX_URL_BYTES = 2048
-
-Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-class Refused(Exception):
-    """The URL may not be called; the message says why, for the caller."""
-
-
-async def resolve(host: str, port: int) -> list[str]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class UrlGuard:
     def __init__(self, config: PushConfig, resolver: Resolver = resolve) -> None:
         """`resolver`: the host's addresses (tests stand in for DNS)."""
         self.config = config
-        self.resolver = resolver
-        self.private = [ipaddress.ip_network(n, strict=False) for n in config.allow_private]
+        self.hosts = AddressGuard(
+            config.allow_private,
+            refusal=": callbacks go to public addresses only (an operator can allow a network with push.allow_private)",
+            resolver=resolver,
+        )
 
     def parse(self, url: str) -> httpx.URL:
         """The URL, if its form is acceptable (scheme, host, no credentials in it)."""
@@ -44,7 +33,7 @@ class UrlGuard:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise Refused(f"invalid url: {exc}") from None
-        schemes = ("https",) if self.config.require_https else tuple(_PORTS)
+        schemes = ("https",) if self.config.require_https else tuple(DEFAULT_PORTS)
         if parsed.scheme not in schemes or not parsed.host:
             raise Refused(f"the url must be an absolute {' or '.join(s + '://' for s in schemes)} URL")
         if parsed.userinfo:
@@ -53,21 +42,4 @@ class UrlGuard:
 
     async def addresses(self, url: httpx.URL) -> tuple[str, ...]:
         """The addresses to connect to, all of them allowed; Refused otherwise (DNS failure included)."""
-        host = url.raw_host.decode("ascii")
-        try:
-            found = await self.resolver(host, url.port or _PORTS[url.scheme])
-        except (OSError, UnicodeError) as exc:
-            raise Refused(f"cannot resolve {url.host}: {exc}") from None
-        if not found:
-            raise Refused(f"cannot resolve {url.host}: no addresses")
-        for address in found:
-            ip = ip_or_none(address.split("%", 1)[0])
-            if ip is None:
-                raise Refused(f"{url.host} resolved to {address!r}, which is not an IP address")
-            kind = non_public(ip)
-            if kind is not None and not any(within(ip, network) for network in self.private):
-                raise Refused(
-                    f"{url.host} resolves to {ip}, a {kind} address: callbacks go to public addresses only (an "
-                    "operator can allow a network with push.allow_private)"
-                )
-        return tuple(found)
+        return await self.hosts.addresses(url)

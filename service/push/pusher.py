@@ -33,7 +33,7 @@ from service.config import PushConfig
 from service.errors import InvalidRequest, NotFound, RecordsUnavailable
 from service.push.guard import Refused, UrlGuard
 from service.push.store import Delivery, DeliveryStore
-from tools.http_request import PINNED, PinnedTransport
+from tools._pinned import connect_only_to, pinned_client
 
 if TYPE_CHECKING:
     from service.run import Run, RunRecord
@@ -113,9 +113,7 @@ class Pusher:
         self.wait = wait_exponential_jitter(
             multiplier=config.initial_backoff_s, max=config.max_backoff_s, jitter=config.initial_backoff_s
         )
-        self.client = httpx.AsyncClient(
-            transport=PinnedTransport(), follow_redirects=False, trust_env=False, timeout=config.timeout_s
-        )
+        self.client = pinned_client(config.timeout_s)
         self._wake = asyncio.Event()
         self._sends = asyncio.Semaphore(_SENDS)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -244,14 +242,12 @@ class Pusher:
             addresses = await self.guard.addresses(url)  # again: the host may resolve elsewhere now (DNS rebinding)
         except Refused as exc:
             return "refused", str(exc)
-        token = PINNED.set({url.raw_host.decode("ascii"): addresses})
         try:
-            async with self.client.stream("POST", url, content=body, headers=headers) as response:
-                status = response.status_code
+            with connect_only_to(url, addresses):
+                async with self.client.stream("POST", url, content=body, headers=headers) as response:
+                    status = response.status_code
         except httpx.HTTPError as exc:
             return "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            PINNED.reset(token)
         if 200 <= status < 300:
             return "delivered", ""
         return "failed", f"the receiver answered {status}"

@@ -40,6 +40,7 @@ from service import redact
 from service.records.audit_chain import FIELDS, GENESIS, Keyring, head_mac, load_keyring, row_mac
 from service.records.audit_verify import (
     Head,
+    HeadLog,
     Verdict,
     add_key_arguments,
     cli_keyring,
@@ -116,10 +117,9 @@ class AuditLog:
         self._pending: deque[AuditRecord] = deque()
         self._max = queue_size
         self._interval = interval_s
-        self._head_interval = head_log_interval_s
-        self._clock = clock
         self._head = read_head(self._conn)
-        self._log_head("start")
+        self._heads = HeadLog(head_log_interval_s, clock, path=str(path))
+        self._heads.log(self._head, "start")
         self._appended = 0
         self._handled = 0
         self._wake = threading.Event()
@@ -175,7 +175,7 @@ class AuditLog:
         self._wake.set()
         self._writer.join()
         self._conn.close()
-        self._log_head("close")
+        self._heads.log(self._head, "close")
 
     def _migrate(self) -> None:
         """Give a log written before keys the key columns, and sign its head at once: its rows stay as written
@@ -207,23 +207,6 @@ class AuditLog:
         )
         return head
 
-    def _log_head(self, at: str) -> None:
-        """The head as a log line: kept by the log system, out of the database's reach, it lets `verify --anchor`
-        find a log rewritten whole, or cut back to an older head."""
-        self._head_logged_at = self._clock()
-        self._logged_head = self._head
-        head = self._head or Head(0, GENESIS, None, None)
-        log.info(
-            "audit chain head",
-            extra={
-                "path": str(self.path),
-                "at": at,
-                "audit_seq": head.seq,
-                "audit_hash": head.hash,
-                "key_id": head.key_id,
-            },
-        )
-
     def _write_loop(self) -> None:
         while True:
             self._wake.wait(self._interval)
@@ -238,12 +221,7 @@ class AuditLog:
                 self._handled += len(batch)
             if closing:
                 return
-            if (
-                self._head_interval is not None
-                and self._head != self._logged_head
-                and self._clock() - self._head_logged_at >= self._head_interval
-            ):
-                self._log_head("interval")
+            self._heads.moved(self._head)
 
     def _commit(self, records: list[AuditRecord]) -> None:
         redactor = self._redactor or redact.active()
@@ -288,18 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no audit log at {path}", file=sys.stderr)
         return 2
     if args.command == "verify":
-        try:
-            anchors = [parse_anchor(a) for a in args.anchor]
-            keyring = cli_keyring(args, path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        verdict = verify(path, keyring, anchors=anchors)
-        if not verdict.ok:
-            print(f"TAMPERED {path}: {verdict.problem} ({verdict.rows} row(s) verified before it)", file=sys.stderr)
-            return 1
-        print(f"ok {path}: {verdict.summary()}")
-        return 0
+        return _verify(args, path, str(path), lambda keyring, anchors: verify(path, keyring, anchors=anchors))
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         if args.command == "head":
@@ -334,23 +301,28 @@ def _main_pg(args: argparse.Namespace, url: str, key_path: Path) -> int:
             for line in pg_audit.tail_pg(url, args.n):
                 print(line)
             return 0
-        try:
-            anchors = [parse_anchor(a) for a in args.anchor]
-            keyring = cli_keyring(args, key_path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        verdict = pg_audit.verify_pg(url, keyring, anchors=anchors)
+        return _verify(args, key_path, display_url(url), lambda k, anchors: pg_audit.verify_pg(url, k, anchors=anchors))
     except psycopg.OperationalError as exc:
         print(f"cannot read {display_url(url)}: {exc}", file=sys.stderr)
         return 2
+
+
+def _verify(
+    args: argparse.Namespace, key_path: Path, where: str, walk: Callable[[Keyring, list[tuple[int, str]]], Verdict]
+) -> int:
+    """`verify`'s exit code: 0 when the chain holds, 1 when it does not, 2 when its anchors or keys cannot be used.
+    `walk` checks the log (a file's or PostgreSQL's) with the keys and anchors; `where` names it."""
+    try:
+        anchors = [parse_anchor(a) for a in args.anchor]
+        keyring = cli_keyring(args, key_path)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verdict = walk(keyring, anchors)
     if not verdict.ok:
-        print(
-            f"TAMPERED {display_url(url)}: {verdict.problem} ({verdict.rows} row(s) verified before it)",
-            file=sys.stderr,
-        )
+        print(f"TAMPERED {where}: {verdict.problem} ({verdict.rows} row(s) verified before it)", file=sys.stderr)
         return 1
-    print(f"ok {display_url(url)}: {verdict.summary()}")
+    print(f"ok {where}: {verdict.summary()}")
     return 0
 
 

@@ -200,6 +200,19 @@ def load_keyring(key_file: Path | None, db_path: Path, *, env: Mapping[str, str]
     return keyring
 
 
+def require_given_key(records_url: str | None, key_file: Path | None, *, env: Mapping[str, str] | None = None) -> None:
+    """Refuse records on PostgreSQL (`records_url`) without a key the operator gave: one chain for the fleet needs one
+    key, and a key made per replica splits trust (verify needs each, lost with the pod's emptyDir), while one kept in
+    the database sits beside the rows it guards. Each process checks as it builds its records; a supervisor checks
+    once before it starts its workers, which would all fail alike."""
+    env = os.environ if env is None else env
+    if records_url is not None and key_file is None and not env.get(ENV_VAR):
+        raise AuditKeyError(
+            "records.url is PostgreSQL, one audit chain for every replica, so its key must be given too: set "
+            f"audit.key_file (a mounted Secret) or {ENV_VAR} (docs/audit.md#on-postgresql)"
+        )
+
+
 def verifier_keyring(key_file: Path | None, db_path: Path, *, env: Mapping[str, str] | None = None) -> Keyring | None:
     """The checker's keys: as the writer's, but never generated; None when there are none (keyed rows then fail
     with "unknown key id")."""

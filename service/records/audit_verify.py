@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -30,6 +31,7 @@ from service.records.audit_chain import (
 )
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+_head_log = logging.getLogger("service.records.audit")  # the writers' logger, whichever store
 
 
 class Head(NamedTuple):
@@ -39,6 +41,31 @@ class Head(NamedTuple):
     hash: str
     key_id: str | None
     mac: str | None
+
+
+class HeadLog:
+    """The chain's head as a log line at start, every `interval_s` when it moved, and at close: kept by the log system,
+    out of the database's reach, it lets `verify --anchor` find a log rewritten whole, or cut back to an older head.
+    `where`: the fields that name the log. Both audit logs (`audit.py`, `pg_audit.py`) keep one."""
+
+    def __init__(self, interval_s: float | None, clock: Callable[[], float], **where: str) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.where = where
+        self.logged: Head | None = None
+        self.logged_at = float("-inf")
+
+    def log(self, head: Head | None, at: str) -> None:
+        self.logged_at = self.clock()
+        self.logged = head
+        shown = head or Head(0, GENESIS, None, None)
+        extra = {"at": at, "audit_seq": shown.seq, "audit_hash": shown.hash, "key_id": shown.key_id}
+        _head_log.info("audit chain head", extra={**self.where, **extra})
+
+    def moved(self, head: Head | None) -> None:
+        """Log `head` if it moved since it was last logged, `interval_s` ago or more."""
+        if self.interval_s is not None and head != self.logged and self.clock() - self.logged_at >= self.interval_s:
+            self.log(head, "interval")
 
 
 def columns(conn: sqlite3.Connection, table: str) -> set[str]:

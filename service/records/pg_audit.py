@@ -29,7 +29,7 @@ import psycopg
 
 from service import redact
 from service.records.audit_chain import FIELDS, GENESIS, Keyring, head_mac, row_mac
-from service.records.audit_verify import Head, Verdict, walk
+from service.records.audit_verify import Head, HeadLog, Verdict, walk
 from service.records.postgres import Conn, PgRecords, advisory_key
 from service.records.rows import AuditRecord, audit_row
 from service.redact import Redactor
@@ -68,11 +68,8 @@ class PgAuditLog:
         self._pending: deque[AuditRecord] = deque()
         self._max = queue_size
         self._interval = interval_s
-        self._head_interval = head_log_interval_s
-        self._clock = clock
         self._head: Head | None = None
-        self._logged_head: Head | None = None
-        self._head_logged_at = float("-inf")
+        self._heads = HeadLog(head_log_interval_s, clock, store="postgresql")
         self._appended = 0
         self._handled = 0
         self._wake = asyncio.Event()
@@ -124,7 +121,7 @@ class PgAuditLog:
         if self._writer is not None:
             self._wake.set()
             await self._writer
-        self._log_head("close")
+        self._heads.log(self._head, "close")  # the head this writer last saw
         await self._records.release()
 
     def _start(self) -> None:
@@ -135,7 +132,7 @@ class PgAuditLog:
         with contextlib.suppress(Exception):
             async with self._records.connection() as conn:
                 self._head = await read_head(conn)
-        self._log_head("start")
+        self._heads.log(self._head, "start")
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
@@ -153,12 +150,7 @@ class PgAuditLog:
                 self._progress.set()
             if closing:
                 return
-            if (
-                self._head_interval is not None
-                and self._head != self._logged_head
-                and self._clock() - self._head_logged_at >= self._head_interval
-            ):
-                self._log_head("interval")
+            self._heads.moved(self._head)
 
     def _prepare(self, records: list[AuditRecord]) -> list[dict[str, Any]]:
         redactor = self._redactor or redact.active()
@@ -203,22 +195,6 @@ class PgAuditLog:
             prev = row["hash"] = row_mac(key, key_id, row, prev)
             values.append([row[n] for n in _COLUMNS])
         return values, Head(seq, prev, key_id, head_mac(key, key_id, seq, prev))
-
-    def _log_head(self, at: str) -> None:
-        """The head this writer last saw, as a log line kept out of the database's reach (`verify --anchor`)."""
-        self._head_logged_at = self._clock()
-        self._logged_head = self._head
-        head = self._head or Head(0, GENESIS, None, None)
-        log.info(
-            "audit chain head",
-            extra={
-                "store": "postgresql",
-                "at": at,
-                "audit_seq": head.seq,
-                "audit_hash": head.hash,
-                "key_id": head.key_id,
-            },
-        )
 
 
 async def read_head(conn: Conn) -> Head | None:

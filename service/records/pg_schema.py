@@ -114,7 +114,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
-    # the durable queue of SubmitRun runs (service/durable/postgres.py): queued rows, oldest first by queue_seq
+    # the durable queue of SubmitRun runs (service/durable/pg_queue.py): queued rows, oldest first by queue_seq
     Migration(
         3,
         "the durable queue of SubmitRun runs",

@@ -2,6 +2,8 @@
 that one machine's cores all serve. `workers: 1` (the default) runs none of this: the one process serves itself.
 
 The supervisor serves no RPC. It
+- refuses once, before any worker starts, a config every worker would refuse alike (records on PostgreSQL with no
+  audit key given);
 - reserves the port: a socket bound with SO_REUSEPORT to `listen` and never listened on, held for its lifetime. On
   port 0 the kernel picks the port there, and every worker binds that one; a worker restarted later finds it still
   ours; a port held by another program fails here, before any worker starts;
@@ -45,6 +47,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from service import hardening
 from service.config import Config
+from service.records.audit_chain import AuditKeyError, require_given_key
 from service.rpc.server import SERVICE_NAME, HealthServicer, Service, StartupError, listen_on, serve
 from service.telemetry import setup_logging
 from tools._children import track, untrack
@@ -320,6 +323,12 @@ def supervise(config: Config, *, log_level: str) -> int:
     except WorkersError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        # what would stop every worker alike is said once, here, as a single process says it
+        require_given_key(config.records.url, config.audit.key_file)
+    except AuditKeyError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return 1
     try:
         return asyncio.run(Supervisor(config, log_level=log_level).run())
     except StartupError as exc:
