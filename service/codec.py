@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+from collections.abc import Callable
 from typing import Any
 
 from service import events as ev
@@ -16,21 +18,34 @@ from service import events as ev
 _CLASSES: dict[str, type[Any]] = {cls.kind: cls for cls in ev.Event.__args__}
 
 
-# each event class's field names: `dataclasses.fields` builds its tuple on every call, a third of an event's encoding
-_FIELDS: dict[type[Any], tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES.values()
-}
+def _plan(cls: type[Any]) -> tuple[Callable[[Any], tuple[Any, ...]], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """How `to_dict` reads an event class: one getter for all its fields (a C call, not a `getattr` and two
+    `isinstance` a field: that was most of an event's encoding), its field names, and the fields that may need
+    converting: a tool status to its value, a tuple (a field typed so, or `Any`) to a list."""
+    fields = dataclasses.fields(cls)
+    names = tuple(f.name for f in fields)
+    if len(names) == 1:
+        one = operator.attrgetter(names[0])
+        get: Callable[[Any], tuple[Any, ...]] = lambda event: (one(event),)  # noqa: E731
+    else:
+        get = operator.attrgetter(*names) if names else lambda event: ()
+    statuses = tuple(f.name for f in fields if "ToolStatus" in str(f.type))
+    tuples = tuple(f.name for f in fields if str(f.type).startswith("tuple") or "Any" in str(f.type))
+    return get, names, statuses, tuples
+
+
+_PLANS = {cls: _plan(cls) for cls in _CLASSES.values()}
 
 
 def to_dict(event: ev.Event) -> dict[str, Any]:
+    get, names, statuses, tuples = _PLANS[type(event)]
     out: dict[str, Any] = {"kind": event.kind}
-    for name in _FIELDS[type(event)]:
-        value = getattr(event, name)
-        if isinstance(value, ev.ToolStatus):
-            value = value.value
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[name] = value
+    out.update(zip(names, get(event), strict=True))
+    for name in statuses:
+        out[name] = out[name].value
+    for name in tuples:
+        if isinstance(out[name], tuple):
+            out[name] = list(out[name])
     return out
 
 
