@@ -3,7 +3,12 @@ run summary in the records database. `{"kind": …, <fields>}`; a tool's status 
 JSON-able when it gets here (`service/parts.py` made it so before it was logged).
 
 JSON rather than pickle: another replica (of another version, during a rolling deploy) reads what this one wrote,
-and a store's contents must never be able to run code in the reader."""
+and a store's contents must never be able to run code in the reader.
+
+Encoded by orjson: the standard library's encoder cost ~85,000 instructions for a short run's four events, more
+than a third of shipping them to Redis (callgrind); orjson ~8,000. The standard library writes what orjson refuses
+(an integer past 64 bits), and reads everything: orjson would read such an integer as a float. One difference: a
+NaN or infinity in tool data is written as null (the standard library wrote NaN, which is not JSON)."""
 
 from __future__ import annotations
 
@@ -13,9 +18,19 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from service import events as ev
 
 _CLASSES: dict[str, type[Any]] = {cls.kind: cls for cls in ev.Event.__args__}
+_OPTIONS = orjson.OPT_NON_STR_KEYS  # an int key becomes a string, as the standard library does
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=_OPTIONS)
+    except orjson.JSONEncodeError:  # an integer past 64 bits: the standard library writes it
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _plan(cls: type[Any]) -> tuple[Callable[[Any], tuple[Any, ...]], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -71,7 +86,7 @@ def from_dict(data: dict[str, Any]) -> ev.Event:
 
 def dumps_many(events: list[ev.Event]) -> bytes:
     """Several events as one JSON array, in one call of the encoder (cheaper than joining `dumps` of each)."""
-    return json.dumps([to_dict(e) for e in events], ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps([to_dict(e) for e in events])
 
 
 _PACKED = {ev.TextDelta: "text_delta", ev.Thinking: "thinking"}
@@ -97,7 +112,7 @@ def dumps_packed(events: list[ev.Event]) -> bytes:
             continue
         last = texts = None
         out.append(to_dict(event))
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(out)
 
 
 def loads_packed(raw: bytes | str) -> list[ev.Event]:
@@ -115,7 +130,7 @@ def loads_packed(raw: bytes | str) -> list[ev.Event]:
 
 
 def dumps(event: ev.Event) -> bytes:
-    return json.dumps(to_dict(event), ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(to_dict(event))
 
 
 def loads(raw: bytes | str) -> ev.Event:
