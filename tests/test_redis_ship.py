@@ -82,6 +82,7 @@ class Shipping:
         self.task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await self.task
+        await self.shipper.close()
         await self.client.aclose()
 
     async def stored(self, run: Run) -> list[tuple[int, ev.Event]]:

@@ -113,6 +113,7 @@ class RedisRunStore:
             log.warning("closing with events not shipped", extra={"unshipped": self.shipper.unshipped()})
         await cancel_and_wait(list(self._tasks), 5.0)
         await self.watch.close()
+        await self.shipper.close()
         await self.client.aclose()
         await self.reader.aclose()
 
