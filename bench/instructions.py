@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,11 @@ from bench.workload import Workload
 SHORT_EVENTS = 4  # run_started, one text delta, usage, final_response
 
 
-async def _drive(system: str, events: int, runs: int, in_flight: int, state: str = "") -> None:
+async def _drive(
+    system: str, events: int, runs: int, in_flight: int, state: str = "", mark: Callable[[bool], None] | None = None
+) -> None:
+    """`mark(True)` and `mark(False)` around the measured part (default: switch callgrind's count on and off)."""
+    mark = mark or _count
     import grpc  # noqa: F401  (imported before counting, as everything the measured part touches)
 
     from agent.v1 import agent_pb2 as pb
@@ -80,11 +85,11 @@ async def _drive(system: str, events: int, runs: int, in_flight: int, state: str
         await batch(in_flight)  # warm-up: caches, first-call paths
         if store is not None:
             await store.shipper.flushed(60)
-        _count(True)
+        mark(True)
         await batch(runs)
         if store is not None:
             await store.shipper.flushed(60)  # the runs' shipping counts too
-        _count(False)
+        mark(False)
         if service is not None:
             await service.server.stop(0)
             await service.close()

@@ -51,29 +51,6 @@ return 0
 """
 
 
-# A run's record, its retention while it runs and its lease, written with its first shipment (redis_ship.py): the
-# admission script wrote them already, unless the run needed no admission (no idempotency key, no caller quota).
-# The caller's run index (ListRuns) gets the run, scored by its creation in microseconds (exact in a double, unlike
-# nanoseconds), and loses the runs older than the TTL, whose records are gone: trimmed by one run in 16 (a random id
-# ending in 0), since the trim cost about as much as the rest of the index (~5 µs of Redis a run, measured).
-# KEYS: run hash, events stream, caller's active set, caller's run index; ARGV: TTL ms, lease ms, run id, created µs,
-# then the hash's fields.
-RECORD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
-if string.sub(ARGV[3], -1) == '0' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', (now - tonumber(ARGV[1])) * 1000)
-end
-redis.call('PEXPIRE', KEYS[4], ARGV[1])
-return 0
-"""
-
 # What GetRun reads: the record, and how far the run's stream goes (the record's last_seq is written only when the
 # run's state changes, not with every shipment). Only the last entry's id comes back, not its events. Flagged
 # no-writes (Redis 7): it runs on a read-only replica, and while writes are paused.

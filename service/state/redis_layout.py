@@ -23,12 +23,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from redis.asyncio.client import Pipeline
-
 from service import codec
 from service import events as ev
 from service.run import Entry, Run, RunRecord
-from service.state.redis_client import RECORD
 
 
 class Layout:
@@ -81,25 +78,12 @@ class Layout:
                 fields["outcome"] = codec.dumps(outcome).decode()
         return fields
 
-    def record_commands(self, pipe: Pipeline, run: Run, last_seq: int, *, ended: bool, lease_ms: int) -> None:
-        """In the transaction of a run's first shipment: its whole record, TTLs and lease (`redis_client.RECORD`)."""
-        flat = [part for pair in self.fields_of(run, last_seq, ended=ended).items() for part in pair]
-        keys = [
-            self.run_key(run.id),
-            self.events_key(run.id),
-            self.caller_key(run.caller, "active"),
-            self.caller_key(run.caller, "runs"),
-        ]
-        pipe.eval(RECORD, len(keys), *keys, self.live_ttl_s * 1000, lease_ms, run.id, run.created_ns // 1000, *flat)
-
-    def ended_commands(self, pipe: Pipeline, run: Run) -> None:
-        """In the transaction that ships a run's last entries: retention, and the caller's concurrency back."""
-        ttl = max(1, int(self.retention_s))
-        pipe.expire(self.run_key(run.id), ttl)
-        pipe.expire(self.events_key(run.id), ttl)
-        if run.idempotency_key:
-            pipe.expire(self.idem_key(run.caller, run.idempotency_key), ttl)
-        pipe.zrem(self.caller_key(run.caller, "active"), run.id)
+    def ship_keys(self, run: Run) -> tuple[str, str, str, str]:
+        """The keys a shipment of `run` may write (`redis_ship.SHIP`): its hash and stream, its caller's active set and
+        run index."""
+        prefix = f"{self.prefix}run:{run.id}"
+        caller = f"{self.prefix}caller:{run.caller}:"
+        return prefix, prefix + ":events", caller + "active", caller + "runs"
 
 
 def stream_entries(answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -7,8 +7,9 @@ A run with an idempotency key or a caller with quotas is admitted by one script 
 before the first event). Any other run starts at once: nothing needs checking, and its record goes to Redis with its
 first shipment; a replica asked about it before that lands waits for it (`state.record_wait_s`).
 
-Watchers on this replica share one mirror per run (`MirrorRun`), and all mirrors one blocking reader
-(`redis_watch.StreamReader`): the history first, then live entries as they are added. No polling.
+Runs another process drives are read through `redis_remote.RemoteRuns`: watchers on this replica share one mirror
+per run (`MirrorRun`), and all mirrors one blocking reader (`redis_watch.StreamReader`): the history first, then
+live entries as they are added. No polling.
 
 Redis unreachable: runs in flight keep going and are shipped when it is back (`redis_ship.Shipper`); new runs, and
 calls about runs this process does not drive, are refused with UNAVAILABLE (`StateUnavailable`); the store is marked
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import heapq
 import json
 import logging
 import secrets
@@ -31,26 +30,23 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from service import events as ev
 from service import telemetry
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
-from service.errors import RunInterrupted, StateUnavailable
-from service.listing import RunQuery, key_of
+from service.errors import StateUnavailable
+from service.listing import RunQuery
 from service.loop import RunSpec
 from service.run import Run, RunRecord
 from service.state.base import Admission
-from service.state.mirror import MirrorRun, SharedRun
+from service.state.mirror import SharedRun
 from service.state.redis_client import ADMIT, READ, RENEW, connect
-from service.state.redis_layout import Layout, log_entries, run_record, stream_entries
+from service.state.redis_layout import Layout, log_entries, run_record
+from service.state.redis_remote import RemoteRuns
 from service.state.redis_ship import Shipper
-from service.state.redis_watch import READ_COUNT, Entries, Follow, StreamReader
 
 log = logging.getLogger(__name__)
 
-ENDED = (b"succeeded", b"failed", b"cancelled")
-QUEUED = b"queued"
 REPLY_TTL_S = 30  # an answer nobody took (its asker gave up) is gone after this
 
 
@@ -77,14 +73,8 @@ class RedisRunStore:
             linger_s=config.ship_linger_s,
             lease_ms=self.lease_ms,
         )
-        self.watch = StreamReader(
-            self.client,
-            self.reader,
-            block_s=config.read_block_s,
-            retry_s=config.probe_s,
-            failed=self.failed,
-            quiet=self._check_quiet,
-        )
+        self.remote = RemoteRuns(config, self.layout, self.client, self.reader, call=self._call, failed=self.failed)
+        self.watch = self.remote.watch
         self._on_health = on_health
         self._on_cancel: Callable[[str, bool], None] = lambda run_id, after_turn: None
         self._on_message: Callable[[str, dict[str, Any]], dict[str, str]] = lambda run_id, message: {
@@ -93,10 +83,8 @@ class RedisRunStore:
         }
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
-        self._read = self.client.register_script(READ)
         self._renew_now = False
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
-        self._mirrors: dict[str, MirrorRun] = {}  # by their stream's key
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # lifecycle
@@ -125,6 +113,7 @@ class RedisRunStore:
             log.warning("closing with events not shipped", extra={"unshipped": self.shipper.unshipped()})
         await cancel_and_wait(list(self._tasks), 5.0)
         await self.watch.close()
+        await self.shipper.close()
         await self.client.aclose()
         await self.reader.aclose()
 
@@ -345,145 +334,19 @@ class RedisRunStore:
             if mode:
                 self._on_cancel(run_id, mode == b"after_turn")
 
-    # runs driven elsewhere
+    # runs driven elsewhere (`redis_remote`)
 
     async def record(self, run_id: str) -> RunRecord | None:
-        """The run's record; if there is none yet, what its first shipment brings within `state.record_wait_s` (a
-        run started without admission on another replica a moment ago)."""
-        record = await self._record_now(run_id)
-        wait_s = self.config.record_wait_s
-        if record is None and wait_s > 0:
-            await self.watch.appeared(self.layout.events_key(run_id), wait_s)
-            record = await self._record_now(run_id)  # read again whatever the wait saw: the run may be mirrored now
-        return record
-
-    async def _record_now(self, run_id: str) -> RunRecord | None:
-        answer = await self._call(self._read(keys=[self.layout.run_key(run_id), self.layout.events_key(run_id)]))
-        return _read_record(run_id, answer)
+        return await self.remote.record(run_id)
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
-        """From the caller's run index, newest first, in batches until the page is full: a state filter may skip
-        many, and a run whose record expired is skipped (its summary answers for it)."""
-        index = self.layout.caller_key(query.caller, "runs")
-        top: str | int = "+inf" if query.before is None else query.before[0] // 1000  # the same µs: filtered below
-        batch = max(2 * query.limit, 32)
-        found: list[RunRecord] = []
-        offset = 0
-        while len(found) < query.limit:
-            ids = await self._call(
-                self.client.zrange(index, top, "-inf", desc=True, byscore=True, offset=offset, num=batch)
-            )
-            if not ids:
-                break
-            offset += len(ids)
-            pipe = self.client.pipeline(transaction=False)
-            names = [raw.decode() for raw in ids]
-            for run_id in names:
-                # the script's text, not its sha: a Redis restarted since `start` would answer NOSCRIPT in a pipeline
-                pipe.eval(READ, 2, self.layout.run_key(run_id), self.layout.events_key(run_id))
-            for run_id, answer in zip(names, await self._call(pipe.execute()), strict=True):
-                record = _read_record(run_id, answer)
-                if record is not None and query.admits(record):
-                    found.append(record)
-            if len(ids) < batch:
-                break
-        return heapq.nlargest(query.limit, found, key=key_of)
+        return await self.remote.list_runs(query)
 
     async def mirror(self, record: RunRecord) -> Run:
-        key = self.layout.events_key(record.run_id)
-        mirror = self._mirrors.get(key)
-        if mirror is None:
-            mirror = self._mirrors[key] = MirrorRun(record)
-            self.watch.follow(key, 0, functools.partial(self._fill, mirror))
-        return mirror
-
-    def _fill(self, mirror: MirrorRun, entries: Entries) -> None:
-        mirror.extend([entry for _, fields in entries for entry in log_entries(fields)])
-        if mirror.finished or mirror.lost is not None:
-            self._unfollow(mirror)
-
-    def _unfollow(self, mirror: MirrorRun) -> None:
-        key = self.layout.events_key(mirror.id)
-        self.watch.stop(key)
-        self._mirrors.pop(key, None)
-
-    async def _check_quiet(self, follows: list[Follow]) -> None:
-        """The mirrors whose streams were quiet for a blocking read: each is given up if no process holds its run's
-        lease any more (its driver died, or lost Redis for longer than the lease)."""
-        mirrors = [mirror for follow in follows if (mirror := self._mirrors.get(follow.key)) is not None]
-        if not mirrors:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        pipe.time()
-        for mirror in mirrors:
-            pipe.zscore(self.layout.caller_key(mirror.caller, "active"), mirror.id)
-            pipe.hget(self.layout.run_key(mirror.id), "state")
-        try:
-            (seconds, micros), *answers = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self.failed("watch", exc)
-            return
-        now_ms = seconds * 1000 + micros // 1000
-        for mirror, expiry, state in zip(mirrors, answers[::2], answers[1::2], strict=True):
-            if state in ENDED or state == QUEUED or (expiry is not None and float(expiry) > now_ms):
-                continue  # ended (its last events are on their way), still driven, or waiting in the durable queue
-            mirror.give_up(
-                RunInterrupted(
-                    f"run {mirror.id} stopped at seq {len(mirror.log)}: the replica that drove it stopped "
-                    "renewing its lease (it died or lost Redis for longer than the lease)"
-                )
-            )
-            self._unfollow(mirror)
+        return await self.remote.mirror(record)
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
-        mode = "after_turn" if after_turn else "now"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.layout.run_key(record.run_id), "cancel_requested", mode)
-        pipe.publish(self.layout.channel(record.owner), f"{record.run_id} {mode}")
-        await self._call(pipe.execute())
-        if wait_s > 0:
-            await self._until_ended(record, wait_s)
-        return await self.record(record.run_id) or record
+        return await self.remote.cancel(record, after_turn=after_turn, wait_s=wait_s)
 
     async def deliver(self, record: RunRecord, message: dict[str, Any], *, wait_s: float = 2.0) -> dict[str, str]:
-        """Carry `message` to the process driving the run (on its control channel) and wait for its answer, on a
-        list of its own: empty when applied, else the refusal's code and message."""
-        reply_key = self.layout.reply_key(secrets.token_hex(8))
-        payload = json.dumps(message, separators=(",", ":"))
-        channel = self.layout.channel(record.owner)
-        heard = await self._call(self.client.publish(channel, f"{record.run_id} interact {reply_key} {payload}"))
-        if not heard:
-            raise StateUnavailable(f"the replica driving run {record.run_id} is not listening; retry shortly")
-        answer = await self._call(self.reader.blpop([reply_key], timeout=wait_s))
-        if answer is None:
-            raise StateUnavailable(f"the replica driving run {record.run_id} did not answer within {wait_s:g} s")
-        reply: dict[str, str] = json.loads(answer[1])
-        return reply
-
-    async def _until_ended(self, record: RunRecord, wait_s: float) -> None:
-        """Wait (up to `wait_s`) for the run's last event, reading its stream from where the record left it."""
-        deadline = asyncio.get_running_loop().time() + wait_s
-        last: str | bytes = f"0-{record.last_seq}"
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            answer = await self._call(
-                self.reader.xread(
-                    {self.layout.events_key(record.run_id): last}, count=READ_COUNT, block=max(1, int(left * 1000))
-                )
-            )
-            entries = stream_entries(answer)
-            if not entries:
-                return
-            last = entries[-1][0]
-            if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
-                return
-
-
-def _read_record(run_id: str, answer: Any) -> RunRecord | None:
-    """A record from the READ script's answer (None: no record)."""
-    if not answer:
-        return None
-    flat, last = answer
-    record = run_record(run_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-    if last:  # the stream is current, the record's last_seq only as of its last change of state
-        record = record._replace(last_seq=max(record.last_seq, int(last.split(b"-")[1])))
-    return record
+        return await self.remote.deliver(record, message, wait_s=wait_s)

@@ -1,13 +1,17 @@
 """The shipper: sends the entries of the runs this process drives to their Redis streams, behind the runs' backs.
 
 A run's driver appends to its in-process log and notes the run here (a dict insertion); one task per process ships
-what is new of every noted run in one MULTI/EXEC per round: one XADD a run for all its new events, with the explicit
-id `0-<last seq>` and fields `f` (its first seq), `t` (their times) and `e` (a JSON array of them); Redis refuses an
-id not above the stream's last, so no second writer can interleave seqs. With a run's first shipment goes its whole
-record, TTLs and lease (a run started without admission has none yet); after that its hash is written only when its
-state changes, and once the run has ended and all of it is out, the retention TTLs and the release of the caller's
-concurrency. Stream and hash change in one transaction, so a reader that sees the last event also sees the final
-state, and one that sees the first event sees the record.
+what is new of every noted run in one call of the `SHIP` script per round: one XADD a run for all its new events,
+with the explicit id `0-<last seq>` and fields `f` (its first seq), `t` (their times) and `e` (a JSON array of them);
+Redis refuses an id not above the stream's last, so no second writer can interleave seqs. With a run's first shipment
+goes its whole record, TTLs, lease and place in its caller's run index (a run started without admission has none
+yet); after that its hash is written only when its state changes, and once the run has ended and all of it is out,
+the retention TTLs and the release of the caller's concurrency. A script runs atomically, so a reader that sees the
+last event also sees the final state, and one that sees the first event sees the record.
+
+One script call a round, rather than a MULTI/EXEC of the same commands: redis-py reads a transaction's replies one by
+one (a `QUEUED` for each command, each under an asyncio timeout of its own), which cost the service more than the
+commands themselves; a script call is one command and one reply, packed in C (`redis_client`).
 
 One stream entry per event was the first design: redis-py spends ~0.1 ms of CPU packing and parsing each command,
 which for an unpaced run cost several times the event's own cost on the loop (events/s fell by 10x); an entry per
@@ -24,24 +28,76 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from service import codec, telemetry
 from service.state.mirror import SharedRun
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
-    from redis.asyncio.client import Pipeline
 
     from service.run import Run
     from service.state.redis_layout import Layout
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 1 << 20  # of events' JSON a round: bounds one transaction (tool data can be 256 KiB an event)
+MAX_BYTES = 1 << 20  # of events' JSON a round: bounds one script call (tool data can be 256 KiB an event)
 BACKOFF_S = (0.05, 2.0)
+
+# A round: for each run, its new events (XADD, id 0-<last seq>), its record when written (HSET); with its first
+# shipment its TTLs while it runs, its lease on its caller's concurrency, its place in the caller's run index (ListRuns,
+# scored by creation in µs, exact in a double unlike ns; the index loses the runs older than the TTL, whose records
+# are gone, trimmed by one run in 16 (a random id ending in 0): the trim cost about as much as the rest of the index);
+# once it ended, the retention TTLs and the lease given back. A first shipment that is also the last sets the
+# retention at once and takes no lease. Errors are collected, not raised: one run's refused write (an XADD of seqs a
+# lost reply's round already stored: "equal or smaller than the target stream top item") must not stop the others'.
+# KEYS, per run: hash, stream, caller's active set, caller's run index[, idempotency key when `what` has k].
+# ARGV: live TTL ms, lease ms, retention ms; then per run: id, last seq ('' for no events), first seq, times, events,
+# what (r: first shipment, e: ended, k: idempotency key), created µs, n, n hash fields and values.
+SHIP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live, lease, keep = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local refused = {}
+local function call(...)
+  local answer = redis.pcall(...)
+  if type(answer) == 'table' and answer.err and not string.find(answer.err, 'equal or smaller', 1, true) then
+    refused[#refused + 1] = answer.err
+  end
+end
+local a, k = 4, 1
+while a <= #ARGV do
+  local id, last, what, n = ARGV[a], ARGV[a + 1], ARGV[a + 5], tonumber(ARGV[a + 7])
+  local hash, stream, active, index = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local first, ended = string.find(what, 'r', 1, true), string.find(what, 'e', 1, true)
+  k = k + 4
+  if last ~= '' then call('XADD', stream, '0-' .. last, 'f', ARGV[a + 2], 't', ARGV[a + 3], 'e', ARGV[a + 4]) end
+  if n > 0 then call('HSET', hash, unpack(ARGV, a + 8, a + 7 + n)) end
+  if first then
+    call('ZADD', index, ARGV[a + 6], id)
+    if string.sub(id, -1) == '0' then call('ZREMRANGEBYSCORE', index, '-inf', (now - tonumber(live)) * 1000) end
+    call('PEXPIRE', index, live)
+  end
+  if ended then
+    call('PEXPIRE', hash, keep)
+    call('PEXPIRE', stream, keep)
+    if string.find(what, 'k', 1, true) then
+      call('PEXPIRE', KEYS[k], keep)
+      k = k + 1
+    end
+    call('ZREM', active, id)
+  elseif first then
+    call('PEXPIRE', hash, live)
+    call('PEXPIRE', stream, live)
+    call('ZADD', active, now + lease, id)
+    call('PEXPIRE', active, lease)
+  end
+  a = a + 8 + n
+end
+return refused
+"""
 
 
 class Shipper:
@@ -69,6 +125,10 @@ class Shipper:
         self.pending: dict[str, Run] = {}
         self.shipped: dict[str, int] = {}  # run id -> seqs 1..n known to be in the stream
         self.recorded: dict[str, str] = {}  # run id -> the state its record in Redis says
+        # a connection of its own for the rounds (one task sends them, one at a time): a call through the pool cost
+        # ~410,000 instructions in redis-py and asyncio, on a held connection ~280,000 (callgrind)
+        self._own = client.client()
+        self._script = self._own.register_script(SHIP)
         self._wake = asyncio.Event()
         self._resync = False
         self._idle = asyncio.Event()
@@ -100,6 +160,10 @@ class Shipper:
         except TimeoutError:
             return False
         return True
+
+    async def close(self) -> None:
+        """Give the shipper's connection back (after `run_forever` is stopped)."""
+        await self._own.aclose()
 
     async def run_forever(self) -> None:
         backoff = BACKOFF_S[0]
@@ -134,7 +198,7 @@ class Shipper:
                 self._idle.set()
 
     async def _catch_up(self, batch: dict[str, Run]) -> None:
-        """After a failure: where each stream really ends (the last transaction may or may not have landed, and a
+        """After a failure: where each stream really ends (the last round may or may not have landed, and a
         Redis restarted without its data has nothing)."""
         layout = self.layout
         pipe = self.client.pipeline(transaction=False)
@@ -145,21 +209,20 @@ class Shipper:
             self.shipped[run_id] = int(last[0][0].split(b"-")[1]) if last else 0
             self.recorded.pop(run_id, None)
 
-    def _record(self, pipe: Pipeline, run: Run, last: int, done: bool) -> str:
-        """The run's record in this round's transaction: whole with its first shipment, then when its state changed
-        (not with every shipment: a command less per run and round). The state it says."""
+    def _record(self, run: Run, last: int, done: bool) -> tuple[str, list[Any]]:
+        """The run's record in this round: whole with its first shipment, then when its state changed (not with
+        every shipment: an HSET less per run and round). The state it says, and the hash's fields and values."""
         state = self.layout.state_of(run, ended=done)
-        recorded = self.recorded.get(run.id)
-        if recorded is None:
-            self.layout.record_commands(pipe, run, last, ended=done, lease_ms=self.lease_ms)
-        elif recorded != state:
-            pipe.hset(self.layout.run_key(run.id), mapping=self.layout.fields_of(run, last, ended=done))
-        return state
+        if self.recorded.get(run.id) == state:
+            return state, []
+        fields = self.layout.fields_of(run, last, ended=done)
+        return state, [part for pair in fields.items() for part in pair]
 
     async def _ship(self, batch: dict[str, Run]) -> list[Run]:
-        """Ship one round; the runs with entries left over for the next."""
+        """Ship one round (one call of `SHIP`); the runs with entries left over for the next."""
         layout = self.layout
-        pipe = self.client.pipeline(transaction=True)
+        keys: list[Any] = []
+        args: list[Any] = [layout.live_ttl_s * 1000, self.lease_ms, max(1000, int(layout.retention_s * 1000))]
         room = MAX_BYTES
         progress: list[tuple[Run, int, bool, str]] = []  # a run, its seqs in this round, whether it ends, its state
         left: list[Run] = []
@@ -182,24 +245,26 @@ class Shipper:
                 encoded = codec.dumps_many([entry.event for entry in entries])
                 room -= len(encoded)
             last = start + len(entries)
-            events_key = layout.events_key(run.id)
+            done = last == len(run.log) and run.finished
+            state, fields = self._record(run, last, done)
+            what = ("r" if run.id not in self.recorded else "") + ("e" if done else "")
+            keys += layout.ship_keys(run)
+            if done and run.idempotency_key:
+                what += "k"
+                keys.append(layout.idem_key(run.caller, run.idempotency_key))
             if entries:
                 # one stream entry for the run's new events, its id the last seq (see the module)
                 times = ",".join([str(entry.time_ns) for entry in entries])
-                pipe.xadd(events_key, {"f": start + 1, "t": times, "e": encoded}, id=f"0-{last}")
-            done = last == len(run.log) and run.finished
-            state = self._record(pipe, run, last, done)
-            if done:
-                layout.ended_commands(pipe, run)
-            elif last < len(run.log):
+                args += (run.id, last, start + 1, times, encoded, what, run.created_ns // 1000, len(fields), *fields)
+            else:
+                args += (run.id, "", "", "", "", what, run.created_ns // 1000, len(fields), *fields)
+            if not done and last < len(run.log):
                 left.append(run)
             progress.append((run, last, done, state))
-        for result in await pipe.execute(raise_on_error=False):
-            if isinstance(result, ConnectionError | TimeoutError):
-                raise result
-            # "equal or smaller than the target stream top item": already there (a retried transaction)
-            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                log.warning("the state store refused a write: %s", result)
+        if not keys:
+            return left
+        for refusal in await self._script(keys=keys, args=args):
+            log.warning("the state store refused a write: %s", refusal.decode(errors="replace"))
         self._landed(progress)
         return left
 
