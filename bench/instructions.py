@@ -100,8 +100,9 @@ def _count(on: bool) -> None:
         subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
 
 
-def count(system: str, events: int, runs: int, in_flight: int, state: str = "") -> int:
-    """Instructions callgrind counted over the measured part of one inner run."""
+def count(system: str, events: int, runs: int, in_flight: int, state: str = "", keep: str = "") -> int:
+    """Instructions callgrind counted over the measured part of one inner run; its output is copied into the folder
+    `keep` when given (`callgrind_annotate --inclusive=yes FILE` lists the functions by their inclusive count)."""
     with tempfile.TemporaryDirectory(prefix="agent-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
@@ -111,17 +112,19 @@ def count(system: str, events: int, runs: int, in_flight: int, state: str = "") 
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, Path(keep) / f"callgrind.{system}.{events}ev.{runs}runs.out")
         match = re.search(r"Collected : (\d+)", done.stderr)
         if match is None:
             raise RuntimeError(f"no count in callgrind's output: {done.stderr[-2000:]}")
         return int(match[1])
 
 
-def measure(system: str, runs: int, in_flight: int, events: int, state: str = "") -> dict[str, Any]:
+def measure(system: str, runs: int, in_flight: int, events: int, state: str = "", keep: str = "") -> dict[str, Any]:
     def per_run(n_events: int) -> float:
-        return (
-            count(system, n_events, 2 * runs, in_flight, state) - count(system, n_events, runs, in_flight, state)
-        ) / runs
+        twice = count(system, n_events, 2 * runs, in_flight, state, keep)
+        return (twice - count(system, n_events, runs, in_flight, state, keep)) / runs
 
     short = per_run(SHORT_EVENTS)
     long = per_run(events) if events != SHORT_EVENTS else short
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--state", default="", help="a redis:// URL: the service's runs there (default: memory://)")
+    parser.add_argument("--keep", default="", help="a folder to keep callgrind's output files in, for a profile")
     parser.add_argument("--inner", nargs=4, metavar=("SYSTEM", "EVENTS", "RUNS", "IN_FLIGHT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -151,7 +155,7 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is missing: apt-get install valgrind")
-    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state)))
+    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state, args.keep)))
 
 
 if __name__ == "__main__":
