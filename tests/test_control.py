@@ -68,7 +68,7 @@ async def test_a_cancel_from_outside_stays_a_cancel_with_or_without_the_deadline
         entered = asyncio.Event()
         scope = None
 
-        async def body(passed: bool = deadline_passed) -> None:
+        async def body(passed: bool = deadline_passed, entered: asyncio.Event = entered) -> None:
             nonlocal scope
             loop = asyncio.get_running_loop()
             scope = RunControl(deadline=loop.time() + (-1 if passed else 3600)).scope()
