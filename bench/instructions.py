@@ -38,7 +38,13 @@ SHORT_EVENTS = 4  # run_started, one text delta, usage, final_response
 
 
 async def _drive(
-    system: str, events: int, runs: int, in_flight: int, state: str = "", mark: Callable[[bool], None] | None = None
+    system: str,
+    events: int,
+    runs: int,
+    in_flight: int,
+    state: str = "",
+    summaries: bool = False,
+    mark: Callable[[bool], None] | None = None,
 ) -> None:
     """`mark(True)` and `mark(False)` around the measured part (default: switch callgrind's count on and off)."""
     mark = mark or _count
@@ -63,9 +69,10 @@ async def _drive(
         prefix = f"bench:instr:{os.getpid()}:"
         if system.startswith("service"):
             extra = {"state": {"url": state, "prefix": prefix}} if state else None
-            config = load_config(
-                write_service_config(workload, Path(tmp), 0, 0, SERVICE_RUNS["service-raw"], extra=extra)
+            runs_config = (
+                {**SERVICE_RUNS["service-raw"], "keep_summaries": True} if summaries else SERVICE_RUNS["service-raw"]
             )
+            config = load_config(write_service_config(workload, Path(tmp), 0, 0, runs_config, extra=extra))
             service = await start(config, metrics=False)
             tune_gc(config.gc)
             open_stream = lambda: service.servicer.RunAgent(request, context)  # noqa: E731
@@ -85,10 +92,14 @@ async def _drive(
         await batch(in_flight)  # warm-up: caches, first-call paths
         if store is not None:
             await store.shipper.flushed(60)
+        if service is not None:
+            await service.registry.summary_writer.flushed(60)
         mark(True)
         await batch(runs)
         if store is not None:
             await store.shipper.flushed(60)  # the runs' shipping counts too
+        if service is not None:
+            await service.registry.summary_writer.flushed(60)  # and so do their summaries' writes
         mark(False)
         if service is not None:
             await service.server.stop(0)
@@ -105,34 +116,43 @@ def _count(on: bool) -> None:
         subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
 
 
-def count(system: str, events: int, runs: int, in_flight: int, state: str = "") -> int:
-    """Instructions callgrind counted over the measured part of one inner run."""
+def count(
+    system: str, events: int, runs: int, in_flight: int, state: str = "", keep: str = "", summaries: bool = False
+) -> int:
+    """Instructions callgrind counted over the measured part of one inner run; its output is copied into the folder
+    `keep` when given (`callgrind_annotate --inclusive=yes FILE` lists the functions by their inclusive count)."""
     with tempfile.TemporaryDirectory(prefix="agent-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         cmd += [sys.executable, "-m", "bench.instructions", "--inner", system, str(events), str(runs), str(in_flight)]
         cmd += ["--state", state] if state else []
+        cmd += ["--summaries"] if summaries else []
         env = dict(os.environ, AGENT_INSTR_INNER="1", PYTHONMALLOC="malloc", GRPC_VERBOSITY="ERROR")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, Path(keep) / f"callgrind.{system}.{events}ev.{runs}runs.out")
         match = re.search(r"Collected : (\d+)", done.stderr)
         if match is None:
             raise RuntimeError(f"no count in callgrind's output: {done.stderr[-2000:]}")
         return int(match[1])
 
 
-def measure(system: str, runs: int, in_flight: int, events: int, state: str = "") -> dict[str, Any]:
+def measure(
+    system: str, runs: int, in_flight: int, events: int, state: str = "", keep: str = "", summaries: bool = False
+) -> dict[str, Any]:
     def per_run(n_events: int) -> float:
-        return (
-            count(system, n_events, 2 * runs, in_flight, state) - count(system, n_events, runs, in_flight, state)
-        ) / runs
+        twice = count(system, n_events, 2 * runs, in_flight, state, keep, summaries)
+        return (twice - count(system, n_events, runs, in_flight, state, keep, summaries)) / runs
 
     short = per_run(SHORT_EVENTS)
     long = per_run(events) if events != SHORT_EVENTS else short
     return {
         "system": system,
         "state": state or "memory://",
+        "summaries": summaries,
         "runs": runs,
         "in_flight": in_flight,
         "events": events,
@@ -148,15 +168,19 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--state", default="", help="a redis:// URL: the service's runs there (default: memory://)")
+    parser.add_argument("--summaries", action="store_true", help="runs.keep_summaries: each run's summary to SQLite")
+    parser.add_argument("--keep", default="", help="a folder to keep callgrind's output files in, for a profile")
     parser.add_argument("--inner", nargs=4, metavar=("SYSTEM", "EVENTS", "RUNS", "IN_FLIGHT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         system, events, runs, in_flight = args.inner
-        asyncio.run(_drive(system, int(events), int(runs), int(in_flight), args.state))
+        asyncio.run(_drive(system, int(events), int(runs), int(in_flight), args.state, args.summaries))
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is missing: apt-get install valgrind")
-    print(json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state)))
+    print(
+        json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state, args.keep, args.summaries))
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from service.errors import (
     RunInterrupted,
 )
 from service.loop import AgentLoop, RunSpec
-from service.records.summaries import RunSummaryStore, write_summary
+from service.records.summaries import RunSummaryStore, SummaryWriter
 from service.retention import Ended, Retention
 from service.run import Run, RunState
 from service.run_lookups import RunLookups, conflict
@@ -73,7 +73,7 @@ class RunRegistry(RunLookups):
         self.runlog = runlog if store is None else None
         self.elsewhere: RunLookup | None = store if store is not None else runlog  # runs this process does not hold
         self.summaries = summaries
-        self._summary_writes: set[asyncio.Task[None]] = set()
+        self.summary_writer = SummaryWriter(lambda: self.summaries)  # one task and one write per batch of ends
         if store is not None:
             store.on_cancel(self._cancel_requested)
         self.config = config
@@ -335,9 +335,7 @@ class RunRegistry(RunLookups):
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
         if self.summaries is not None:
-            task = asyncio.create_task(write_summary(self.summaries, run), name=f"summary {run.id}")
-            self._summary_writes.add(task)
-            task.add_done_callback(self._summary_writes.discard)
+            self.summary_writer.add(run)
         for callback in self._on_end:
             callback(run, background)
 
@@ -373,8 +371,7 @@ class RunRegistry(RunLookups):
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
         await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
-        if self._summary_writes:
-            await asyncio.wait(self._summary_writes, timeout=5.0)
+        await self.summary_writer.flushed(timeout_s=5.0)
         if self.elsewhere is not None:
             await self.elsewhere.close()  # after the runs: their last events are shipped (or written) first
         if self.durable is not None:

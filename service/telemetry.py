@@ -12,7 +12,6 @@ variables are read by the SDK itself.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextvars
 import functools
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -49,18 +48,22 @@ ACTIVE_RUNS = Gauge("agent_active_runs", "Runs in progress", multiprocess_mode="
 FIRST_EVENT_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 )  # fmt: skip
-FIRST_EVENT = Histogram(
-    "agent_time_to_first_event_seconds",
-    "From the start of a RunAgent call to its first event sent",
-    buckets=FIRST_EVENT_BUCKETS,
+FIRST_EVENT = tally.histogram(  # observed once per call: through a tally (service/tally.py), no lock per call
+    Histogram(
+        "agent_time_to_first_event_seconds",
+        "From the start of a RunAgent call to its first event sent",
+        buckets=FIRST_EVENT_BUCKETS,
+    )
 )
 # 50 ms to 10 min: a turn streams a whole answer, and its retries (three tries of up to model.timeout_s, 120 s, each)
 # are in it; with the tools' buckets every turn longer than a minute fell in +Inf.
 MODEL_TURN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
-MODEL_TURN = Histogram(
-    "agent_model_turn_duration_seconds",
-    "Model turn latency, first request to end of stream",
-    buckets=MODEL_TURN_BUCKETS,
+MODEL_TURN = tally.histogram(
+    Histogram(
+        "agent_model_turn_duration_seconds",
+        "Model turn latency, first request to end of stream",
+        buckets=MODEL_TURN_BUCKETS,
+    )
 )
 MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after a retryable failure")
 MODEL_TOKENS = Counter(
@@ -150,7 +153,6 @@ UNKNOWN_TOOL = "(unknown)"
 makes up would otherwise be a new series (and a new entry in `child`'s cache) for as long as the process lives."""
 
 
-@functools.cache
 @functools.lru_cache(maxsize=4096)  # label sets are few (tools, event kinds, outcomes); bounded all the same
 def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, looked up once per label set: `labels()` takes a lock, checks and joins the labels
@@ -162,37 +164,6 @@ def child(metric: Any, *labels: str) -> Any:
 def record_tool_call(tool: str, outcome: str, seconds: float) -> None:
     child(TOOL_CALLS, tool, outcome).inc()
     child(TOOL_LATENCY, tool).observe(seconds)
-
-
-def multiprocess() -> bool:
-    """Whether metrics go to the workers' shared folder (prometheus_client reads the same variable at import)."""
-    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
-
-
-OBSERVE_PERIOD_S = 1.0
-"""How often, under `--workers N`, a gauge read by a function is written to its file: Prometheus scrapes every 15 s
-or more, and the reads are of in-memory state."""
-
-_observed: list[tuple[Any, Callable[[], float]]] = []
-
-
-def observe(gauge: Any, read: Callable[[], float]) -> None:
-    """`gauge` (a child of a Gauge) shows `read()`. One process reads it at each scrape (`set_function`); a worker
-    cannot, as the scrape happens in the supervisor, which reads only the workers' files, so `keep_observed` writes
-    it there every `OBSERVE_PERIOD_S`."""
-    if not multiprocess():
-        gauge.set_function(read)
-        return
-    gauge.set(read())
-    _observed.append((gauge, read))
-
-
-async def keep_observed(period_s: float = OBSERVE_PERIOD_S) -> None:
-    """Write every `observe`d gauge every `period_s` until cancelled (under `--workers N` only)."""
-    while True:
-        await asyncio.sleep(period_s)
-        for gauge, read in _observed:
-            gauge.set(read())
 
 
 _tracer: trace.Tracer = trace.NoOpTracer()

@@ -4,6 +4,7 @@ turn's tool calls, and what the model reads of a tool call's result. Pure functi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,20 @@ class LoopState:
 
     def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
         self.started = started
+        self.spec = spec
+        self.control = control
         self.history: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": spec.message}]}]
         self.totals = Totals()
-        self.context = RunContext(
+        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
+        self.tools_started = started
+        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
+
+    @functools.cached_property
+    def context(self) -> RunContext:
+        """What the tool calls know of the run: made at the first call, as a run that calls no tool needs none (a
+        frozen dataclass of eight fields costs about as much as the rest of this state)."""
+        spec, control = self.spec, self.control
+        return RunContext(
             run_id=spec.run_id,
             offered=frozenset(spec.tools),
             metadata=spec.metadata,
@@ -40,9 +52,6 @@ class LoopState:
             remaining=control.remaining if control.deadline is not None else None,
             inbox=control.inbox,
         )
-        self.open_calls: dict[str, str] = {}  # call id → tool name: begun (in the model's turn) and not ended
-        self.tools_started = started
-        self.paused = False  # the last turn ended with pause_turn (and asked for no tool call)
 
     def record(self, end: m.TurnEnd) -> list[dict[str, Any]]:
         """Add a model turn to the history and return the assistant message's content: the continuation of a paused

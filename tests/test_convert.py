@@ -190,3 +190,27 @@ def test_run_recovered_reaches_the_wire() -> None:
     assert wire.WhichOneof("event") == "run_recovered"
     e = wire.run_recovered
     assert (e.step_no, e.turn, e.seq, e.reason) == (4, 1, 17, "its process stopped")
+
+
+def test_usage_and_final_response_reach_the_wire_whole_even_with_every_field_zero() -> None:
+    usage = ev.Usage(turn=2, input_tokens=10, output_tokens=20, total_input_tokens=30, total_output_tokens=40)
+    final = ev.FinalResponse(
+        text="done", stop_reason="end_turn", turns=2, tool_calls=1, input_tokens=30, output_tokens=40, duration_s=1.25
+    )
+    expected = {
+        "usage": pb.Usage(turn=2, input_tokens=10, output_tokens=20, total_input_tokens=30, total_output_tokens=40),
+        "final_response": pb.FinalResponse(
+            text="done", stop_reason="end_turn", turns=2, tool_calls=1, input_tokens=30, output_tokens=40
+        ),
+    }
+    expected["final_response"].duration.FromNanoseconds(1_250_000_000)
+    for event in (usage, final):
+        wire = pb.AgentEvent.FromString(to_proto(event, "run_x", 3).SerializeToString())
+        assert getattr(wire, wire.WhichOneof("event")) == expected[event.kind]
+    zero_usage = ev.Usage(turn=0, input_tokens=0, output_tokens=0, total_input_tokens=0, total_output_tokens=0)
+    zero_final = ev.FinalResponse(
+        text="", stop_reason="", turns=0, tool_calls=0, input_tokens=0, output_tokens=0, duration_s=0.0
+    )
+    for event in (zero_usage, zero_final):
+        wire = pb.AgentEvent.FromString(to_proto(event, "run_x", 3).SerializeToString())
+        assert wire.WhichOneof("event") == event.kind  # the event is there though each of its fields is a default

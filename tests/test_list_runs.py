@@ -151,8 +151,7 @@ async def test_list_runs_on_redis_and_postgres_across_replicas(
     # the live state forgets the runs (Redis keys expired, the processes swept them): PostgreSQL's summaries list them
     expected = await all_pages(stub(channel_to(replicas[0])), "alice")
     for svc in replicas:
-        if svc.registry._summary_writes:  # each ended run's summary is written behind its end
-            await asyncio.wait(svc.registry._summary_writes)
+        await svc.registry.summary_writer.flushed()  # each ended run's summary is written behind its end
         await svc.registry.summaries._records.settle()  # type: ignore[union-attr]
         svc.registry.runs.clear()
     client = redis.Redis.from_url(redis_ns.url)

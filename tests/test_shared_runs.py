@@ -4,6 +4,7 @@ started on A is seen, watched, cancelled and re-attached to on B, and a caller's
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +307,7 @@ async def test_get_run_on_b_answers_from_postgresql_once_redis_forgot_the_run(
     run_id = done[0].run_id
     await a.registry.store.shipper.flushed(5)  # type: ignore[union-attr]
     got = await on_b.GetRun(pb.GetRunRequest(run_id=run_id))
-    await asyncio.gather(*a.registry._summary_writes)
+    await a.registry.summary_writer.flushed()
     client = aioredis.Redis.from_url(redis_ns.url)
     try:
         assert await client.delete(f"{redis_ns.prefix}run:{run_id}", f"{redis_ns.prefix}run:{run_id}:events") == 2
@@ -325,6 +326,10 @@ class Summaries:
     async def put(self, summary: RunSummary) -> None:
         self.kept.setdefault(summary.run_id, summary)
 
+    async def put_many(self, summaries: Sequence[RunSummary]) -> None:
+        for summary in summaries:
+            await self.put(summary)
+
     async def get(self, run_id: str) -> RunSummary | None:
         return self.kept.get(run_id)
 
@@ -337,7 +342,7 @@ async def test_get_run_answers_from_the_summary_once_the_run_is_forgotten(start_
     got = await on.GetRun(pb.GetRunRequest(run_id=first[0].run_id))
     [e async for e in on.RunAgent(pb.RunAgentRequest(message="two"))]
     assert svc.registry.sweep() == 1  # the first is forgotten: one run kept
-    await asyncio.gather(*svc.registry._summary_writes)
+    await svc.registry.summary_writer.flushed()
     assert first[0].run_id not in svc.registry.runs and first[0].run_id in summaries.kept
     assert await on.GetRun(pb.GetRunRequest(run_id=first[0].run_id)) == got
     svc.registry.summaries = None

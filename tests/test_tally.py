@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from service import tally
 
@@ -55,3 +55,29 @@ def test_scrapes_on_other_threads_while_counts_are_added_lose_nothing() -> None:
     for thread in scrapers:
         thread.join()
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "RACED"}) == before + 20_000
+
+
+TIMES = Histogram("test_tally_seconds", "a tallied histogram", buckets=(0.001, 0.01, 0.1, 1))
+SAME = Histogram("test_tally_reference_seconds", "the same, observed as usual", buckets=(0.001, 0.01, 0.1, 1))
+
+
+def samples(name: str) -> dict[str, float]:
+    family = next(f for f in REGISTRY.collect() if f.name == name)
+    return {s.labels.get("le", s.name.removeprefix(name)): s.value for s in family.samples if "created" not in s.name}
+
+
+def test_a_tallied_histogram_scrapes_as_prometheus_client_would_observe_it() -> None:
+    tallied = tally.histogram(TIMES)
+    amounts = [0.0, 0.0005, 0.001, 0.002, 0.01, 0.5, 1.0, 7.0, 0.001]  # on a bound: counted in that bucket (le)
+    for amount in amounts[:4]:
+        tallied.observe(amount)
+        SAME.observe(amount)
+    assert TIMES._sum.get() == 0  # no lock taken per observation: not passed on yet
+    assert samples("test_tally_seconds") == samples("test_tally_reference_seconds")
+    for amount in amounts[4:]:
+        tallied.observe(amount)
+        SAME.observe(amount)
+    scraped = samples("test_tally_seconds")
+    assert scraped == samples("test_tally_reference_seconds")
+    assert scraped["_count"] == len(amounts) and scraped["+Inf"] == len(amounts)
+    assert samples("test_tally_seconds") == scraped  # each observation passed on once

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service import telemetry
+from service import tally, telemetry
 from service.policy.breaker import CircuitBreaker, State
 from service.policy.cache import ResultCache
 from service.policy.fleet import FleetCache, FleetLimiter
@@ -57,7 +57,7 @@ def build_guards(
             )
         # read at each scrape rather than set at each transition: an open circuit turns half-open when its cooldown
         # ends, with no call (and so no transition) to say so, and a shared store changes under other replicas' calls
-        telemetry.observe(telemetry.CIRCUIT_STATE.labels(name), lambda: breaker.state.gauge)
+        tally.observe(telemetry.CIRCUIT_STATE.labels(name), lambda: breaker.state.gauge)
         guards.breaker = breaker
     if policy.rate_limit is not None:
         limiter = RateLimiter(policy.rate_limit, clock=clock, sleep=sleep)

@@ -4,6 +4,7 @@ so (`RecordsUnavailable`, UNAVAILABLE), rather than NOT_FOUND for a run that may
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import dict_row
@@ -31,7 +32,10 @@ class PgRunSummaryStore:
 
     async def put(self, summary: RunSummary) -> None:
         """Idempotent: the first summary of a run stays."""
-        await self._records.write("summary", [{k: pg_text(v) for k, v in summary_row(summary).items()}])
+        await self.put_many([summary])
+
+    async def put_many(self, summaries: Sequence[RunSummary]) -> None:
+        await self._records.write("summary", [{k: pg_text(v) for k, v in summary_row(s).items()} for s in summaries])
 
     async def get(self, run_id: str) -> RunSummary | None:
         sql = f"SELECT {', '.join(COLUMNS)} FROM run_summaries WHERE run_id = %s"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,9 @@ class RunSummaryStore(Protocol):
     async def put(self, summary: RunSummary) -> None:
         """Keep `summary`; a second put of the same run changes nothing (a handed-over run may end twice)."""
 
+    async def put_many(self, summaries: Sequence[RunSummary]) -> None:
+        """`put` each of `summaries`, in one write."""
+
     async def get(self, run_id: str) -> RunSummary | None: ...
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
@@ -62,10 +65,10 @@ class RunSummaryStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def write_summary(summaries: RunSummaryStore, run: Run) -> None:
-    """An ended run's summary, for `GetRun` once the live state forgot the run; a failure is logged, not raised."""
+def summary_of_run(run: Run) -> RunSummary:
+    """An ended run's summary, for `GetRun` once the live state forgot the run."""
     record = run.record()
-    summary = RunSummary(
+    return RunSummary(
         run_id=run.id,
         caller=run.caller,
         state=record.state,
@@ -74,11 +77,45 @@ async def write_summary(summaries: RunSummaryStore, run: Run) -> None:
         ended_ns=record.ended_ns,
         outcome=record.outcome,
     )
-    try:
-        await summaries.put(summary)
-    except Exception:
-        # GetRun answers from the live state meanwhile; once that forgets the run it is NOT_FOUND
-        log.exception("run summary not written", extra={"run_id": run.id})
+
+
+class SummaryWriter:
+    """Writes ended runs' summaries in the background, in batches: one task while there are summaries to write, not
+    one per run, and one `put_many` per batch (in SQLite one transaction, so one synced commit for the batch rather
+    than one per run). A failed batch is logged, not raised: GetRun answers from the live state meanwhile, and once
+    that forgets the runs it is NOT_FOUND. `store()` is read at each batch (None: nothing to write to)."""
+
+    BATCH = 500  # runs in one write: a burst of ends is not one unbounded transaction
+
+    def __init__(self, store: Callable[[], RunSummaryStore | None]) -> None:
+        self._store = store
+        self._due: list[RunSummary] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, run: Run) -> None:
+        self._due.append(summary_of_run(run))
+        if self._task is None:
+            self._task = asyncio.create_task(self._write(), name="run summaries")
+
+    async def _write(self) -> None:
+        try:
+            while self._due:  # what ended during a write goes in the next batch
+                batch, self._due = self._due[: self.BATCH], self._due[self.BATCH :]
+                store = self._store()
+                if store is None:
+                    continue
+                try:
+                    await store.put_many(batch)
+                except Exception:
+                    ids = [s.run_id for s in batch[:10]]
+                    log.exception("run summaries not written", extra={"runs": len(batch), "run_ids": ids})
+        finally:
+            self._task = None
+
+    async def flushed(self, timeout_s: float | None = None) -> None:
+        """Return once every summary added so far is written (or its write failed), or after `timeout_s`."""
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=timeout_s)
 
 
 def summary_row(summary: RunSummary) -> dict[str, Any]:
@@ -135,9 +172,22 @@ class SqliteRunSummaryStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summaries")
 
     async def put(self, summary: RunSummary) -> None:
-        row = summary_row(summary)
+        await self.put_many([summary])
+
+    async def put_many(self, summaries: Sequence[RunSummary]) -> None:
+        rows = [[row[n] for n in COLUMNS] for row in map(summary_row, summaries)]
         sql = f"INSERT OR IGNORE INTO run_summaries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-        await self._run(lambda conn: conn.execute(sql, [row[n] for n in COLUMNS]))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN")  # one transaction: one synced commit for the batch
+            try:
+                conn.executemany(sql, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._run(insert)
 
     async def get(self, run_id: str) -> RunSummary | None:
         def read(conn: sqlite3.Connection) -> RunSummary | None:

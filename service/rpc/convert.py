@@ -51,6 +51,19 @@ def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
             started = out.run_started
             started.model, started.max_turns = event.model, event.max_turns
             started.tools.extend(event.tools)
+        case ev.Usage():  # one a turn, and a final response a run: set in place, before the rare kinds' cases
+            usage = out.usage  # present once a field is set, even to its default (tests/test_convert.py)
+            usage.turn, usage.input_tokens, usage.output_tokens = event.turn, event.input_tokens, event.output_tokens
+            usage.total_input_tokens, usage.total_output_tokens = event.total_input_tokens, event.total_output_tokens
+        case ev.FinalResponse():
+            final = out.final_response
+            final.text, final.stop_reason, final.turns = event.text, event.stop_reason, event.turns
+            final.tool_calls, final.input_tokens, final.output_tokens = (
+                event.tool_calls,
+                event.input_tokens,
+                event.output_tokens,
+            )
+            final.duration.FromNanoseconds(int(event.duration_s * 1e9))
         case ev.ToolCall():
             out.tool_call.CopyFrom(pb.ToolCall(turn=event.turn, call_id=event.call_id, name=event.name))
         case ev.ToolCallReady():
@@ -119,28 +132,6 @@ def _set_occasional(out: pb.AgentEvent, event: ev.Event) -> None:
         case ev.InputReceived():
             out.input_received.CopyFrom(
                 pb.InputReceived(text=event.text, when=_INPUT_WHEN[event.when], sent_by=event.sent_by)
-            )
-        case ev.Usage():
-            out.usage.CopyFrom(
-                pb.Usage(
-                    turn=event.turn,
-                    input_tokens=event.input_tokens,
-                    output_tokens=event.output_tokens,
-                    total_input_tokens=event.total_input_tokens,
-                    total_output_tokens=event.total_output_tokens,
-                )
-            )
-        case ev.FinalResponse():
-            out.final_response.CopyFrom(
-                pb.FinalResponse(
-                    text=event.text,
-                    stop_reason=event.stop_reason,
-                    turns=event.turns,
-                    tool_calls=event.tool_calls,
-                    input_tokens=event.input_tokens,
-                    output_tokens=event.output_tokens,
-                    duration=_duration(event.duration_s),
-                )
             )
         case ev.RunFailed():
             out.error.CopyFrom(pb.Error(code=event.code, message=event.message, retryable=event.retryable))

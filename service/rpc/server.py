@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
-from service import hardening, telemetry
+from service import hardening, tally, telemetry
 from service.aio import abandoned
 from service.config import Config, GcConfig, KeepaliveConfig, Limits
 from service.executor import Executor
@@ -268,9 +268,7 @@ async def serve(
         raise StartupError(f"cannot start: {exc}") from exc
     tune_gc(config.gc)
     # under --workers N a worker's gauges read at the scrape are written to its metrics files instead
-    observer = (
-        asyncio.create_task(telemetry.keep_observed(), name="observed-gauges") if telemetry.multiprocess() else None
-    )
+    observer = asyncio.create_task(tally.keep_observed(), name="observed-gauges") if tally.multiprocess() else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
