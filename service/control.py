@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any
 
 from service.errors import DeadlineExceeded, RunError
 from service.interact import Inbox
@@ -23,7 +22,7 @@ class RunControl:
         self.min_tool_budget_s = min_tool_budget_s
         self._stop: RunError | None = None
         self._after_turn: RunError | None = None
-        self._scope: _Scope | None = None
+        self._scope: asyncio.Timeout | None = None
         self.inbox = Inbox()  # what else reaches the run from outside: approvals, steering, stopping one call
 
     def remaining(self) -> float | None:
@@ -40,7 +39,7 @@ class RunControl:
         """End the run as soon as possible with `reason`; the first reason wins."""
         if self._stop is None:
             self._stop = reason
-        if self._scope is not None and not self._scope.fired:
+        if self._scope is not None and not self._scope.expired():
             self._scope.reschedule(asyncio.get_running_loop().time())
 
     def stop_after_turn(self, reason: RunError) -> None:
@@ -65,57 +64,27 @@ class RunControl:
 
 
 class _Scope:
-    """`RunControl.scope()`: the run's deadline kept as `asyncio.timeout_at` keeps one (when it passes, the task is
-    cancelled and the body exits with TimeoutError), which `stop_now` fires early. Written out rather than wrapping an
-    `asyncio.Timeout`: its state checks and the wrapper's coroutines cost every run about as much again as its timer
-    (39,000 instructions a run against 17,000 for the timer alone, callgrind). The cancel bookkeeping is Timeout's
-    (Python 3.12's, which 3.11's is a case of): a cancel of the task from elsewhere, during or after the deadline,
-    stays a CancelledError."""
-
-    __slots__ = ("control", "fired", "_task", "_cancelling", "_handle")
+    """`RunControl.scope()`: an `asyncio.timeout_at` that the control can fire early. A class rather than an
+    `asynccontextmanager`, which would cost every run a generator and its bookkeeping."""
 
     def __init__(self, control: RunControl) -> None:
         self.control = control
-        self.fired = False  # the deadline or `stop_now` ended the body, rather than the body raising TimeoutError
-        self._task: asyncio.Task[Any] | None = None
-        self._cancelling = 0
-        self._handle: asyncio.Handle | None = None
+        self.timeout = asyncio.timeout_at(control.deadline)
 
-    async def __aenter__(self) -> _Scope:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a run's scope is entered inside a task")
-        self._task, self._cancelling = task, task.cancelling()
-        control = self.control
-        control._scope = self
-        if control._stop is not None:
-            self.reschedule(asyncio.get_running_loop().time())
-        elif control.deadline is not None:
-            self.reschedule(control.deadline)
-        return self
+    @property
+    def fired(self) -> bool:
+        """Whether the deadline or `stop_now` ended the body, rather than the body raising TimeoutError itself."""
+        return self.timeout.expired()
 
-    def reschedule(self, when: float) -> None:
-        """Fire at `when` (the loop's clock; at once when it has passed) instead."""
-        if self._handle is not None:
-            self._handle.cancel()
-        loop = asyncio.get_running_loop()
-        self._handle = loop.call_soon(self._fire) if when <= loop.time() else loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        assert self._task is not None
-        self._handle = None
-        self.fired = True
-        self._task.cancel()
+    async def __aenter__(self) -> asyncio.Timeout:
+        scope = await self.timeout.__aenter__()
+        self.control._scope = scope
+        if self.control._stop is not None:
+            scope.reschedule(asyncio.get_running_loop().time())
+        return scope
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.control._scope = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        # never suppresses; our own cancel, with no other one asked for meanwhile, leaves as TimeoutError
-        task = self._task
-        ours = self.fired and task is not None and task.uncancel() <= self._cancelling  # uncancel() whenever fired
-        if ours and kind is not None and issubclass(kind, asyncio.CancelledError):
-            raise TimeoutError from exc
+        await self.timeout.__aexit__(kind, exc, tb)  # never suppresses: an expired scope raises TimeoutError
