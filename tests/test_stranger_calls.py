@@ -3,14 +3,23 @@ get now: a clear refusal with the right status, never UNKNOWN or INTERNAL for th
 
 from __future__ import annotations
 
+import base64
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from backends import PostgresSchema, audit_key_file
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
+from service.listing import encode_token
+
+
+def forged(text: str) -> str:
+    """A page token of the form the server gives, naming what it never would."""
+    return "v1." + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 async def refused(call: Any) -> grpc.aio.AioRpcError:
@@ -38,3 +47,42 @@ async def test_a_bug_in_a_handler_ends_the_call_with_internal_not_unknown(
         assert "a bug" in err.details() and "RuntimeError" not in err.details()
     logged = [r for r in caplog.records if r.getMessage() == "call failed: a bug"]
     assert len(logged) == 2 and all(r.exc_info and r.levelno == logging.ERROR for r in logged)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        forged(f"{2**64}:run_x"),  # SQLite: OverflowError, the call ended UNKNOWN
+        forged("-5:run_x"),
+        forged("12:run_\x00x"),  # PostgreSQL refuses a NUL in text
+    ],
+)
+async def test_a_forged_page_token_is_refused_before_the_stores_see_it(
+    start_service: Any, channel_to: Any, token: str
+) -> None:
+    svc = await start_service(runs={"keep_summaries": True})  # the SQLite summaries answer ListRuns too
+    api = stub(channel_to(svc))
+    await api.RunAgentUnary(pb.RunAgentRequest(message="hi"))
+    err = await refused(api.ListRuns(pb.ListRunsRequest(page_token=token)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is not one this server gave" in err.details()
+    real = encode_token((1, "run_0123456789abcdef01234567"))  # a real token still pages
+    assert not (await api.ListRuns(pb.ListRunsRequest(page_token=real))).runs
+
+
+async def test_a_run_id_with_a_nul_is_invalid_argument_on_postgres_records(
+    postgres_schema: PostgresSchema, start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    svc = await start_service(records={"url": postgres_schema.url}, audit={"key_file": audit_key_file(tmp_path)})
+    api = stub(channel_to(svc))
+    bad = "run_\x00x"
+    calls = {  # GetRun and CancelRun reached PostgreSQL's summaries and ended UNKNOWN (psycopg's DataError)
+        "GetRun": api.GetRun(pb.GetRunRequest(run_id=bad)),
+        "CancelRun": api.CancelRun(pb.CancelRunRequest(run_id=bad)),
+        "WatchRun": api.WatchRun(pb.WatchRunRequest(run_id=bad)).read(),
+        "SendInput": api.SendInput(pb.SendInputRequest(run_id=bad, text="hi")),
+        "ListRuns": api.ListRuns(pb.ListRunsRequest(page_token=forged("12:run_\x00x"))),
+    }
+    for name, call in calls.items():
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
