@@ -3,6 +3,7 @@ get now: a clear refusal with the right status, never UNKNOWN or INTERNAL for th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from backends import PostgresSchema, audit_key_file
+from test_interact import TWO_SLEEPS
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
@@ -86,3 +88,24 @@ async def test_a_run_id_with_a_nul_is_invalid_argument_on_postgres_records(
     for name, call in calls.items():
         err = await refused(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
+
+
+async def test_interact_cancel_run_without_a_mode_cancels_at_once_as_cancel_run_does(
+    start_service: Any, channel_to: Any
+) -> None:
+    svc = await start_service(TWO_SLEEPS)
+    call = stub(channel_to(svc)).Interact()
+    await call.write(pb.ClientMessage(start=pb.RunAgentRequest(message="go", tools=["sleep", "echo"])))
+    await asyncio.wait_for(svc.tools["sleep"].running.wait(), 5)
+    await call.write(pb.ClientMessage(cancel_run=pb.CancelRunRequest()))  # was INVALID_ARGUMENT "unknown mode 0"
+    events = [event async for event in _until_end(call)]
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    assert events[-1].error.code == "CANCELLED"
+
+
+async def _until_end(call: Any) -> Any:
+    try:
+        while (event := await call.read()) is not grpc.aio.EOF:
+            yield event
+    except grpc.aio.AioRpcError:
+        return

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 NOTES_QUEUED = 16  # refusals not yet sent on one stream; the reader waits beyond it (backpressure)
 _WHEN = {pb.INPUT_WHEN_UNSPECIFIED: ASAP, pb.ASAP: ASAP, pb.AFTER_TURN: AFTER_TURN}
+_CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())  # unset is IMMEDIATE, as for CancelRun
 
 
 class InteractRpcs:
@@ -192,7 +193,7 @@ def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
             return Message("cancel", identity, call_id=call_id(message.cancel_tool.call_id))
         case "cancel_run":
             mode = message.cancel_run.mode
-            if mode not in (pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN):
+            if mode not in _CANCEL_MODES:
                 raise InvalidRequest(f"unknown cancel_run mode {mode}: IMMEDIATE or AFTER_TURN")
             return bool(mode == pb.CancelRunRequest.AFTER_TURN)
         case "start" | "attach":
