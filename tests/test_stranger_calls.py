@@ -109,3 +109,17 @@ async def _until_end(call: Any) -> Any:
             yield event
     except grpc.aio.AioRpcError:
         return
+
+
+@pytest.mark.parametrize("url", ["https://1.1.1.1:99999/hook", "https://1.1.1.1:0/hook"])
+async def test_a_callback_url_with_a_port_no_socket_has_is_refused(
+    start_service: Any, channel_to: Any, url: str
+) -> None:
+    """Taken before, it failed every delivery try with an OverflowError ("callback try not recorded") until expiry."""
+    svc = await start_service()
+    err = await refused(
+        stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="hi", callback=pb.Callback(url=url)))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "port must be from 1 to 65535" in err.details()
+    assert not svc.registry.runs
