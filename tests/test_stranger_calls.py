@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from backends import PostgresSchema, audit_key_file
 from test_interact import TWO_SLEEPS
@@ -122,4 +123,23 @@ async def test_a_callback_url_with_a_port_no_socket_has_is_refused(
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "port must be from 1 to 65535" in err.details()
+    assert not svc.registry.runs
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"message": "caf\xe9"}', "not UTF-8"),  # was 500 INTERNAL
+        (b"[]", "must be a JSON object"),  # was taken as {}: "message must not be empty"
+        (b'"message"', "must be a JSON object"),  # was "no field named m"
+        (b"null", "must be a JSON object"),
+    ],
+)
+async def test_an_http_body_that_is_no_json_object_is_a_400(start_service: Any, body: bytes, says: str) -> None:
+    svc = await start_service(http_listen="127.0.0.1:0")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
+        for route in ("/v1/runs", "/v1/runs:stream"):
+            answer = await http.post(route, content=body)
+            assert answer.status_code == 400, (route, answer.text)
+            assert answer.json()["code"] == "INVALID_ARGUMENT" and says in answer.json()["message"]
     assert not svc.registry.runs

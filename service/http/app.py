@@ -167,10 +167,17 @@ class HttpFace:
 
 
 def _parse(body: bytes, message: Any) -> Any:
+    name = message.DESCRIPTOR.name
     try:
-        return json_format.Parse(body or b"{}", message)
+        text = body.decode() if body else "{}"
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not UTF-8 (JSON is): {exc}") from None
+    if not text.lstrip().startswith("{"):  # Parse would take [] as {} and "abc" as an object of one-letter fields
+        raise InvalidRequest(f"the body must be a JSON object: a {name} in protobuf JSON")
+    try:
+        return json_format.Parse(text, message)
     except json_format.ParseError as exc:
-        raise InvalidRequest(f"the body is not a {message.DESCRIPTOR.name} in protobuf JSON: {exc}") from None
+        raise InvalidRequest(f"the body is not a {name} in protobuf JSON: {exc}") from None
 
 
 def _json(message: Message) -> Response:
