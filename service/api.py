@@ -169,7 +169,10 @@ class AgentApi:
         only for an `admin` caller."""
         whose = request.caller or caller.name
         if whose != caller.name and not caller.config.admin:
-            raise PermissionDenied(f"caller {caller.name} may list only its own runs (listing others' needs admin)")
+            raise PermissionDenied(
+                f"caller {caller.name} may list only its own runs (listing others' needs admin)",
+                reason="LISTING_NOT_PERMITTED",
+            )
         unknown = [s for s in request.states if s not in _LISTED_STATES]
         if unknown:
             raise InvalidRequest(f"unknown run state(s) {unknown}: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED")

@@ -143,3 +143,12 @@ async def test_an_http_body_that_is_no_json_object_is_a_400(start_service: Any, 
             assert answer.status_code == 400, (route, answer.text)
             assert answer.json()["code"] == "INVALID_ARGUMENT" and says in answer.json()["message"]
     assert not svc.registry.runs
+
+
+async def test_listing_another_callers_runs_is_refused_with_its_own_reason(start_service: Any) -> None:
+    svc = await start_service(http_listen="127.0.0.1:0")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
+        answer = await http.get("/v1/runs", params={"caller": "someone-else"})
+    assert answer.status_code == 403 and answer.json()["code"] == "PERMISSION_DENIED"
+    # was TOOL_NOT_PERMITTED, the reason of a request naming a tool outside the caller's rights
+    assert answer.json()["details"][0]["reason"] == "LISTING_NOT_PERMITTED"
