@@ -12,7 +12,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import trustme
 from backends import PostgresSchema, audit_key_file
+from cryptography.hazmat.primitives import serialization
+from test_auth import Pki
 from test_interact import TWO_SLEEPS
 
 from agent.v1 import agent_pb2 as pb
@@ -152,3 +155,36 @@ async def test_listing_another_callers_runs_is_refused_with_its_own_reason(start
     assert answer.status_code == 403 and answer.json()["code"] == "PERMISSION_DENIED"
     # was TOOL_NOT_PERMITTED, the reason of a request naming a tool outside the caller's rights
     assert answer.json()["details"][0]["reason"] == "LISTING_NOT_PERMITTED"
+
+
+@pytest.mark.parametrize("wrong", ["swapped", "not_pem", "encrypted_key", "ca_not_pem"])
+async def test_tls_files_that_cannot_serve_stop_the_start_naming_them(
+    start_service: Any, tmp_path: Path, wrong: str
+) -> None:
+    """grpc only fails to add the port, which the start reported as "the port is in use, or the address is not this
+    host's"."""
+    pki = Pki(tmp_path)
+    tls = {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)}
+    if wrong == "swapped":
+        tls = {"cert_file": tls["key_file"], "key_file": tls["cert_file"]}
+    elif wrong == "not_pem":
+        (tmp_path / "notes.txt").write_text("not a certificate\n")
+        tls["cert_file"] = str(tmp_path / "notes.txt")
+    elif wrong == "encrypted_key":
+        key = trustme.CA().issue_cert("localhost").private_key_pem.bytes()
+        loaded = serialization.load_pem_private_key(key, password=None)
+        encrypted = loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pass phrase"),
+        )
+        (tmp_path / "encrypted.key").write_bytes(encrypted)
+        tls["key_file"] = str(tmp_path / "encrypted.key")
+    else:
+        (tmp_path / "ca.txt").write_text("not a certificate\n")
+        tls["client_ca_file"] = str(tmp_path / "ca.txt")
+    with pytest.raises(OSError) as refused:
+        await start_service(tls=tls)
+    said = str(refused.value)
+    assert ("tls.client_ca_file" if wrong == "ca_not_pem" else "tls.cert_file") in said, said
+    assert "port is in use" not in said
