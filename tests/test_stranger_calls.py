@@ -188,3 +188,15 @@ async def test_tls_files_that_cannot_serve_stop_the_start_naming_them(
     said = str(refused.value)
     assert ("tls.client_ca_file" if wrong == "ca_not_pem" else "tls.cert_file") in said, said
     assert "port is in use" not in said
+
+
+async def test_a_page_on_a_listed_origin_may_read_the_streams_run_id(start_service: Any) -> None:
+    svc = await start_service(http_listen="127.0.0.1:0", http={"cors_origins": ["http://app.example"]})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
+        headers = {"origin": "http://app.example"}
+        async with http.stream("POST", "/v1/runs:stream", json={"message": "hi"}, headers=headers) as answer:
+            assert answer.headers["access-control-allow-origin"] == "http://app.example"
+            # without it a browser hides X-Run-Id from the page's script
+            assert "x-run-id" in answer.headers["access-control-expose-headers"].lower()
+            assert answer.headers["x-run-id"].startswith("run_")
+            await answer.aread()

@@ -74,6 +74,7 @@ class HttpFace:
             allow_origins=self.config.http.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "last-event-id", "traceparent", *TIMEOUT_HEADERS],
+            expose_headers=["x-run-id"],  # a page on another origin reads the stream's run id from it
         )
 
     def _route(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
