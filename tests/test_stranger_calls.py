@@ -15,11 +15,12 @@ import pytest
 import trustme
 from backends import PostgresSchema, audit_key_file
 from cryptography.hazmat.primitives import serialization
+from pydantic import ValidationError
 from test_auth import Pki
 from test_interact import TWO_SLEEPS
 
 from agent.v1 import agent_pb2 as pb
-from conftest import stub
+from conftest import make_config, stub
 from service.listing import encode_token
 
 
@@ -200,3 +201,18 @@ async def test_a_page_on_a_listed_origin_may_read_the_streams_run_id(start_servi
             assert "x-run-id" in answer.headers["access-control-expose-headers"].lower()
             assert answer.headers["x-run-id"].startswith("run_")
             await answer.aread()
+
+
+@pytest.mark.parametrize("listen", ["unix:", "unix://", "unix-abstract:"])
+def test_a_unix_listen_address_without_a_path_is_refused(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ValidationError) as refused:  # grpc served on it, on no socket a client could find
+        make_config(tmp_path, listen=listen)
+    assert "names no socket: unix:PATH" in str(refused.value)
+
+
+async def test_a_unix_socket_in_a_missing_folder_is_not_called_a_port_in_use(
+    start_service: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(OSError) as refused:
+        await start_service(listen=f"unix:{tmp_path}/missing/agent.sock")
+    assert "the socket's folder is missing" in str(refused.value), refused.value

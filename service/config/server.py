@@ -146,6 +146,8 @@ def address(value: str | None, info: ValidationInfo) -> str | None:
     if value is None or (
         info.field_name not in ("metrics_listen", "http_listen") and value.startswith(("unix:", "unix-abstract:"))
     ):
+        if value is not None and value.partition(":")[2] in ("", "//"):  # grpc would serve, on no socket one can find
+            raise ValueError(f"{info.field_name} {value!r} names no socket: unix:PATH, e.g. unix:/run/agent.sock")
         return value  # grpc also serves on Unix domain sockets
     match = _ADDRESS.fullmatch(value)
     if match is None or int(match.group(1)) > 65535:
