@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,30 @@ async def test_a_unix_socket_in_a_missing_folder_is_not_called_a_port_in_use(
     with pytest.raises(OSError) as refused:
         await start_service(listen=f"unix:{tmp_path}/missing/agent.sock")
     assert "the socket's folder is missing" in str(refused.value), refused.value
+
+
+async def test_interact_calls_cut_by_their_clients_leave_no_task_behind(start_service: Any, channel_to: Any) -> None:
+    """Each cut call left a task waiting on its refusal queue forever (until the collector found the cycle)."""
+
+    def waiting_on_a_queue() -> int:
+        return sum(1 for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "Queue.get")  # type: ignore[union-attr]
+
+    svc = await start_service(TWO_SLEEPS)
+    before = waiting_on_a_queue()
+    gc.disable()  # the leak must not depend on when the collector runs
+    try:
+        calls = []
+        for _ in range(5):
+            call = stub(channel_to(svc)).Interact()
+            await call.write(pb.ClientMessage(start=pb.RunAgentRequest(message="go", tools=["sleep", "echo"])))
+            calls.append((call, (await call.read()).run_id))
+        for call, run_id in calls:
+            call.cancel()
+            await asyncio.wait_for(svc.registry.runs[run_id].ended(), 5)
+        for _ in range(500):
+            if waiting_on_a_queue() == before:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting_on_a_queue() == before
+    finally:
+        gc.enable()

@@ -160,6 +160,7 @@ async def _notes(
     """The stream's own events (refusals), until its run ends; a malformed message's error ends the call."""
     run = await opened
     ended = asyncio.ensure_future(run.ended())
+    get: asyncio.Future[pb.AgentEvent | AgentError] | None = None
     try:
         while True:
             get = asyncio.ensure_future(notes.get())
@@ -175,8 +176,10 @@ async def _notes(
             if isinstance(note, AgentError):
                 raise note
             yield note
-    finally:
+    finally:  # the call may end while both wait (a client gone): a pending get would outlive it
         ended.cancel()
+        if get is not None:
+            get.cancel()
 
 
 def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
