@@ -244,3 +244,10 @@ async def test_interact_calls_cut_by_their_clients_leave_no_task_behind(start_se
         assert waiting_on_a_queue() == before
     finally:
         gc.enable()
+
+
+async def test_an_http_body_with_a_byte_order_mark_is_taken(start_service: Any) -> None:
+    svc = await start_service(http_listen="127.0.0.1:0")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
+        answer = await http.post("/v1/runs", content='\ufeff{"message": "hi"}'.encode())
+    assert answer.status_code == 200, answer.text

@@ -170,7 +170,7 @@ class HttpFace:
 def _parse(body: bytes, message: Any) -> Any:
     name = message.DESCRIPTOR.name
     try:
-        text = body.decode() if body else "{}"
+        text = body.decode("utf-8-sig") if body else "{}"  # a BOM (PowerShell sends one) is no part of the JSON
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the body is not UTF-8 (JSON is): {exc}") from None
     if not text.lstrip().startswith("{"):  # Parse would take [] as {} and "abc" as an object of one-letter fields
