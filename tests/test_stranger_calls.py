@@ -251,3 +251,25 @@ async def test_an_http_body_with_a_byte_order_mark_is_taken(start_service: Any) 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
         answer = await http.post("/v1/runs", content='\ufeff{"message": "hi"}'.encode())
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("first_valid", [False, True])
+async def test_interact_bytes_that_are_no_client_message_are_invalid_argument(
+    start_service: Any, channel_to: Any, first_valid: bool
+) -> None:
+    """The unary calls had this (interceptors.RejectUndecodable); Interact ended UNKNOWN, "Unexpected DecodeError"."""
+    svc = await start_service(TWO_SLEEPS)
+    raw = channel_to(svc).stream_stream(
+        "/agent.v1.AgentService/Interact", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    call = raw()
+    if first_valid:
+        start = pb.ClientMessage(start=pb.RunAgentRequest(message="go", tools=["sleep", "echo"]))
+        await call.write(start.SerializeToString())
+        await call.read()  # run_started
+    await call.write(b"\xff\xff\xff\xff")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "not a valid agent.v1.ClientMessage" in err.value.details()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 
 from agent.v1 import agent_pb2 as pb
 from service.aio import merge
@@ -90,7 +91,10 @@ class InteractRpcs:
         opened: asyncio.Future[Run] = asyncio.get_running_loop().create_future()
 
         async def open_run() -> tuple[Run, int, bool]:
-            first = await anext(requests, None)
+            try:
+                first = await anext(requests, None)
+            except DecodeError as exc:
+                raise undecodable(exc) from None
             kind = None if first is None else first.WhichOneof("message")
             if first is not None and kind == "start":
                 run, created = await self._start(first.start, context, background=False)
@@ -142,6 +146,8 @@ class InteractRpcs:
                     await notes.put(pb.AgentEvent(run_id=run.id, error=pb.Error(code=exc.code, message=text)))
         except AgentError as exc:
             await notes.put(exc)
+        except DecodeError as exc:
+            await notes.put(undecodable(exc))
 
     async def _cancel_run(self, run: Run, *, after_turn: bool) -> None:
         """cancel_run on Interact: as CancelRun, for the stream's run (driven here or by another replica)."""
@@ -203,6 +209,11 @@ def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
             raise InvalidRequest(f"{kind} only as the first message of an Interact stream")
         case _:
             raise InvalidRequest("an empty ClientMessage: set one of its fields")
+
+
+def undecodable(exc: DecodeError) -> InvalidRequest:
+    """A client message whose bytes are no ClientMessage (grpc's default: UNKNOWN, "Unexpected DecodeError")."""
+    return InvalidRequest(f"a message is not a valid agent.v1.ClientMessage: {exc}")
 
 
 def call_id(value: str) -> str:
