@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -273,3 +274,21 @@ async def test_interact_bytes_that_are_no_client_message_are_invalid_argument(
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "not a valid agent.v1.ClientMessage" in err.value.details()
+
+
+async def test_http_max_streams_serves_that_many_connections_at_once(start_service: Any) -> None:
+    svc = await start_service(TWO_SLEEPS, http_listen="127.0.0.1:0", http={"max_streams": 2})
+    base = f"http://127.0.0.1:{svc.http_port}"
+    request = {"message": "go", "tools": ["sleep", "echo"]}
+    async with contextlib.AsyncExitStack() as held:
+        lines = []  # held, or the collector's closing of a dropped iterator closes its stream
+        for _ in range(2):  # uvicorn counted the connection asking among the open ones: the second got 503
+            http = await held.enter_async_context(httpx.AsyncClient(base_url=base, timeout=10))
+            answer = await held.enter_async_context(http.stream("POST", "/v1/runs:stream", json=request))
+            assert answer.status_code == 200
+            lines.append(answer.aiter_lines())
+            await anext(lines[-1])
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            assert (await http.get("/v1/tools")).status_code == 503  # the third connection
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        assert (await http.get("/v1/tools")).status_code == 200  # the two are closed

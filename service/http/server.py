@@ -41,7 +41,8 @@ class HttpServer:
                 ssl_ca_certs=None if tls is None or tls.client_ca_file is None else str(tls.client_ca_file),
                 # asked for, checked when given, not required: a browser has none and sends a bearer token
                 ssl_cert_reqs=ssl.CERT_OPTIONAL if tls is not None and tls.client_ca_file else ssl.CERT_NONE,
-                limit_concurrency=config.http.max_streams,
+                # uvicorn counts the connection asking among the open ones: N + 1 lets N be served at once
+                limit_concurrency=config.http.max_streams + 1,
                 h11_max_incomplete_event_size=config.limits.max_header_bytes,
                 timeout_graceful_shutdown=2,
                 backlog=4096,
