@@ -292,3 +292,36 @@ async def test_http_max_streams_serves_that_many_connections_at_once(start_servi
             assert (await http.get("/v1/tools")).status_code == 503  # the third connection
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         assert (await http.get("/v1/tools")).status_code == 200  # the two are closed
+
+
+async def test_http_headers_past_max_header_bytes_get_431(start_service: Any) -> None:
+    """httptools reads a head of any size (a 20 MB header was taken whole): memory at a client's will."""
+    svc = await start_service(http_listen="127.0.0.1:0", limits={"max_header_bytes": 4096})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
+        answer = await http.get("/v1/tools", headers={"x-big": "a" * 100_000})
+        assert answer.status_code == 431 and answer.json()["code"] == "RESOURCE_EXHAUSTED"
+        big_body = {"message": "hi", "system": "s" * 60_000}  # a large body is no large head
+        assert (await http.post("/v1/runs", json=big_body)).status_code == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.http_port)
+    try:  # a head sent in small pieces is counted across them
+        writer.write(b"GET /v1/tools HTTP/1.1\r\nhost: x\r\n")
+        for _ in range(5):  # past 4096 bytes with the last piece, and nothing written after it
+            writer.write(b"x-piece: " + b"p" * 1000 + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0)
+        assert (await asyncio.wait_for(reader.read(100), 10)).startswith(b"HTTP/1.1 431")
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.http_port)
+    try:  # two requests on one connection, each under the bound, the second after a body: both served
+        body = b'{"message": "hi"}'
+        post = b"POST /v1/runs HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        writer.write(post + b"GET /v1/tools HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"p" * 3000 + b"\r\n\r\n")
+        await writer.drain()
+        seen = b""
+        while seen.count(b"HTTP/1.1 200") < 2:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, seen[:300]
+            seen += chunk
+    finally:
+        writer.close()

@@ -27,7 +27,10 @@ class Limits(Section):
     max_header_bytes: int = Field(
         default=16 * 1024,
         ge=1024,
-        description="gRPC request headers (grpc metadata); a fixed cut-off, RESOURCE_EXHAUSTED above it",
+        description=(
+            "gRPC request headers (grpc metadata); a fixed cut-off, RESOURCE_EXHAUSTED above it; on the HTTP face, "
+            "a request line and headers above it get 431"
+        ),
     )
     max_receive_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="gRPC receive limit: a larger request gets RESOURCE_EXHAUSTED"
