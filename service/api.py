@@ -131,7 +131,7 @@ class AgentApi:
         replaced it (`Run.resume_after`); OUT_OF_RANGE for a seq it has not logged."""
         if after_seq < 0:
             raise InvalidRequest(f"after_seq must not be negative, got {after_seq}")
-        run = await self.registry.watch(_required(run_id), caller.name, after_seq)
+        run = await self.registry.watch(required_run_id(run_id), caller.name, after_seq)
         after_seq = run.resume_after(after_seq)
         logged = len(run.log)
         if after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
@@ -145,7 +145,7 @@ class AgentApi:
             raise InvalidRequest(f"unknown mode {mode}: IMMEDIATE or AFTER_TURN")
         after_turn = mode == pb.CancelRunRequest.AFTER_TURN
         try:
-            run = self.registry.get(_required(run_id), caller=caller.name)
+            run = self.registry.get(required_run_id(run_id), caller=caller.name)
         except NotFound:
             if self.registry.elsewhere is None:  # driven by another process, or (run log) by this one before a restart
                 raise
@@ -169,7 +169,10 @@ class AgentApi:
         only for an `admin` caller."""
         whose = request.caller or caller.name
         if whose != caller.name and not caller.config.admin:
-            raise PermissionDenied(f"caller {caller.name} may list only its own runs (listing others' needs admin)")
+            raise PermissionDenied(
+                f"caller {caller.name} may list only its own runs (listing others' needs admin)",
+                reason="LISTING_NOT_PERMITTED",
+            )
         unknown = [s for s in request.states if s not in _LISTED_STATES]
         if unknown:
             raise InvalidRequest(f"unknown run state(s) {unknown}: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED")
@@ -196,7 +199,7 @@ class AgentApi:
         return record
 
     async def record(self, run_id: str, caller: Caller) -> RunRecord:
-        record = await self.registry.record(_required(run_id), caller.name)
+        record = await self.registry.record(required_run_id(run_id), caller.name)
         durable = self.registry.durable
         if record.state == RunState.QUEUED.value and durable is not None and durable.queue is not None:
             # from the checkpoint store, which holds the fleet's queue: the same answer from every replica
@@ -236,7 +239,9 @@ class Streaming:
             run.control.stop_now(RunCancelled(why))
 
 
-def _required(run_id: str) -> str:
+def required_run_id(run_id: str) -> str:
     if not run_id:
         raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
+    if not run_id.isprintable():  # no run has such an id, and PostgreSQL refuses a NUL in a text it is compared with
+        raise InvalidRequest(f"run_id {run_id[:100]!r} is not a run id: run ids are printable text")
     return run_id

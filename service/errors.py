@@ -183,10 +183,15 @@ class Unauthenticated(RequestError):
 
 
 class PermissionDenied(RequestError):
-    """The caller may not do this (a tool outside its rights)."""
+    """The caller may not do this: a tool outside its rights (the default reason), another caller's runs, a decision
+    two-party control keeps for someone else."""
 
     code = "PERMISSION_DENIED"
     reason = "TOOL_NOT_PERMITTED"
+
+    def __init__(self, message: str, *, reason: str = "TOOL_NOT_PERMITTED") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CallerLimited(RequestError):

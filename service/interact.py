@@ -103,7 +103,7 @@ class Inbox:
             raise NotNow(f"no call {call_id!r} waits for approval in this run")
         refused = waiting.refuse(decision)
         if refused is not None:
-            raise PermissionDenied(refused)
+            raise PermissionDenied(refused, reason="DECISION_NOT_PERMITTED")
         if decision.edited_input is not None:
             if not decision.approved:
                 raise InvalidRequest("edited_input goes with an approval, not a denial")

@@ -92,6 +92,11 @@ def decode_token(token: str) -> Key | None:
     body = token.removeprefix(_TOKEN_PREFIX)
     try:
         created, _, run_id = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode().partition(":")
-        return int(created), run_id
+        key = int(created), run_id
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
+    # a key no run has: the stores compare it as a 64-bit integer and text (SQLite raises OverflowError past 2**63,
+    # PostgreSQL refuses a NUL in text), so a forged one must not reach them
+    if not (0 <= key[0] < 2**63 and run_id.isprintable()):
+        raise bad
+    return key

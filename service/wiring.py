@@ -10,6 +10,7 @@ module builds its siblings; follow `start` to see the whole service.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Mapping
@@ -78,6 +79,7 @@ async def start(
 ) -> Service:
     """Build the service from `config` and start serving. `tools` and `model` replace the ones the config describes
     (tests pass their own); `worker`: this process's index under --workers N."""
+    make_data_dir(config)
     tools = build_tools(config) if tools is None else tools
     warn_unavailable(tools)
     model = build_model(config) if model is None else model
@@ -245,10 +247,24 @@ def build_model(config: Config) -> Model:
     return ScriptedModel(scenario, pacing=config.model.pacing)
 
 
+def make_data_dir(config: Config) -> None:
+    """Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
+    already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (records/sqlite.py).
+    One that cannot be made or written stops the start saying which folder and what to do."""
+    folder = config.data_dir
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise OSError(
+            f"data_dir {str(folder.absolute())!r} cannot be made or written ({exc.strerror}): set AGENT_DATA_DIR, "
+            "or data_dir in the config, to a folder this user may write"
+        ) from exc
+
+
 def build_tools(config: Config) -> dict[str, Tool[Any]]:
-    # Private to the service when made here (0700): it holds the audit log and the dead letters. A folder that is
-    # already there keeps its mode (a volume's is the platform's); the databases in it are 0600 (records/sqlite.py).
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_data_dir(config)
     return load_tools(config.data_dir, config.tools, extra_modules=config.tool_modules)
 
 

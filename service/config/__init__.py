@@ -62,7 +62,12 @@ class Config(Section):
     listen: str = Field(default="0.0.0.0:50051", description="gRPC address HOST:PORT (or unix:PATH)")
     metrics_listen: str = Field(default="0.0.0.0:9464", description="Prometheus /metrics address HOST:PORT")
     data_dir: Path = Field(
-        default=Path("var"), description="demo database, search index, audit log and dead letters (made 0700)"
+        default=Path("var"),
+        description=(
+            "demo database, search index, audit log and dead letters (made 0700); unset, where the working folder "
+            "cannot be written (or is /, whose var is the system's): $XDG_STATE_HOME/agent-service, else "
+            "~/.local/state/agent-service"
+        ),
     )
     system_prompt: str = Field(
         default=(
@@ -161,7 +166,23 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
                 target = raw[section] = dict(found) if isinstance(found, dict) else {}
             target[name] = os.environ[var]
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw.setdefault("data_dir", default_data_dir())
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def default_data_dir() -> Path:
+    """The data folder when nothing names one: `var` in the working folder, as `make run` in a checkout has it. Where
+    that cannot be made or written (a shared folder, a read-only one) or the working folder is `/` (a service
+    manager's default, where `var` is the system's /var), the user's state folder: the offline demo starts wherever
+    it is run from."""
+    here = Path("var")
+    try:
+        cwd = Path.cwd()
+        if cwd != Path(cwd.anchor) and os.access(here if here.exists() else cwd, os.W_OK | os.X_OK):
+            return here
+        return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "agent-service"
+    except (OSError, RuntimeError):  # the working folder was removed; no home to find
+        return here

@@ -27,7 +27,10 @@ class Limits(Section):
     max_header_bytes: int = Field(
         default=16 * 1024,
         ge=1024,
-        description="gRPC request headers (grpc metadata); a fixed cut-off, RESOURCE_EXHAUSTED above it",
+        description=(
+            "gRPC request headers (grpc metadata); a fixed cut-off, RESOURCE_EXHAUSTED above it; on the HTTP face, "
+            "a request line and headers above it get 431"
+        ),
     )
     max_receive_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="gRPC receive limit: a larger request gets RESOURCE_EXHAUSTED"
@@ -146,6 +149,8 @@ def address(value: str | None, info: ValidationInfo) -> str | None:
     if value is None or (
         info.field_name not in ("metrics_listen", "http_listen") and value.startswith(("unix:", "unix-abstract:"))
     ):
+        if value is not None and value.partition(":")[2] in ("", "//"):  # grpc would serve, on no socket one can find
+            raise ValueError(f"{info.field_name} {value!r} names no socket: unix:PATH, e.g. unix:/run/agent.sock")
         return value  # grpc also serves on Unix domain sockets
     match = _ADDRESS.fullmatch(value)
     if match is None or int(match.group(1)) > 65535:

@@ -74,6 +74,7 @@ class HttpFace:
             allow_origins=self.config.http.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "last-event-id", "traceparent", *TIMEOUT_HEADERS],
+            expose_headers=["x-run-id"],  # a page on another origin reads the stream's run id from it
         )
 
     def _route(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -167,10 +168,17 @@ class HttpFace:
 
 
 def _parse(body: bytes, message: Any) -> Any:
+    name = message.DESCRIPTOR.name
     try:
-        return json_format.Parse(body or b"{}", message)
+        text = body.decode("utf-8-sig") if body else "{}"  # a BOM (PowerShell sends one) is no part of the JSON
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not UTF-8 (JSON is): {exc}") from None
+    if not text.lstrip().startswith("{"):  # Parse would take [] as {} and "abc" as an object of one-letter fields
+        raise InvalidRequest(f"the body must be a JSON object: a {name} in protobuf JSON")
+    try:
+        return json_format.Parse(text, message)
     except json_format.ParseError as exc:
-        raise InvalidRequest(f"the body is not a {message.DESCRIPTOR.name} in protobuf JSON: {exc}") from None
+        raise InvalidRequest(f"the body is not a {name} in protobuf JSON: {exc}") from None
 
 
 def _json(message: Message) -> Response:

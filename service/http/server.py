@@ -35,13 +35,14 @@ class HttpServer:
         self.server = _Server(
             uvicorn.Config(
                 app,
-                http=_protocol(),
+                http=_protocol(config.limits.max_header_bytes),
                 ssl_certfile=None if tls is None else str(tls.cert_file),
                 ssl_keyfile=None if tls is None else str(tls.key_file),
                 ssl_ca_certs=None if tls is None or tls.client_ca_file is None else str(tls.client_ca_file),
                 # asked for, checked when given, not required: a browser has none and sends a bearer token
                 ssl_cert_reqs=ssl.CERT_OPTIONAL if tls is not None and tls.client_ca_file else ssl.CERT_NONE,
-                limit_concurrency=config.http.max_streams,
+                # uvicorn counts the connection asking among the open ones: N + 1 lets N be served at once
+                limit_concurrency=config.http.max_streams + 1,
                 h11_max_incomplete_event_size=config.limits.max_header_bytes,
                 timeout_graceful_shutdown=2,
                 backlog=4096,
@@ -77,12 +78,17 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _protocol() -> type[Any]:
+def _protocol(max_head_bytes: int) -> type[Any]:
     """uvicorn's HTTP/1.1 protocol on httptools (a parser in C; h11's, in Python, costs more per request), noting
     the client certificate's identities in each request's state: uvicorn puts no TLS information in the ASGI scope,
-    and the app sees nothing of the transport."""
+    and the app sees nothing of the transport. A request line and headers longer than `max_head_bytes` get 431 and
+    the connection is closed: httptools has no bound of its own (a 20 MB header was read whole)."""
 
     class PeerProtocol(HttpToolsProtocol):
+        in_head = True  # reading a request line and headers
+        head_bytes = 0  # of them so far
+        tail = b""  # the last bytes of the head so far: its end may span two reads
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
@@ -90,7 +96,34 @@ def _protocol() -> type[Any]:
             if peer:
                 self.app_state = {**self.app_state, PEER_NAMES: peer_names(peer)}
 
+        def data_received(self, data: bytes) -> None:
+            if self.in_head:  # counted before the parser keeps it; the body after the head's end is not
+                window = self.tail + data
+                end = window.find(b"\r\n\r\n")
+                self.head_bytes += len(data) if end < 0 else end + 4 - len(self.tail)
+                if self.head_bytes > max_head_bytes:
+                    self.transport.write(_HEAD_TOO_LARGE)
+                    self.transport.close()
+                    return
+                self.tail = window[-3:] if end < 0 else b""
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:  # the next request's head follows (its first read may go uncounted)
+            self.in_head, self.head_bytes, self.tail = True, 0, b""
+            super().on_message_complete()
+
     return PeerProtocol
+
+
+_TOO_LARGE_BODY = b'{"code": "RESOURCE_EXHAUSTED", "message": "the request line and headers are too large"}'
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
 
 
 def peer_names(cert: dict[str, Any]) -> list[str]:

@@ -38,6 +38,8 @@ class UrlGuard:
             raise Refused(f"the url must be an absolute {' or '.join(s + '://' for s in schemes)} URL")
         if parsed.userinfo:
             raise Refused("the url must not carry credentials; sign with the callback's secret instead")
+        if parsed.port is not None and not 0 < parsed.port < 65536:  # httpx takes any; a send would then raise
+            raise Refused(f"the url's port must be from 1 to 65535, got {parsed.port}")
         return parsed
 
     async def addresses(self, url: httpx.URL) -> tuple[str, ...]:

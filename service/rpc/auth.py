@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -108,13 +109,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return None
 
 
+def check_tls_files(tls: TlsConfig) -> None:
+    """OSError saying which file is wrong when the certificate, its key or the client CA cannot serve: grpc would
+    only fail to add the port, which the start reports as a port in use. An encrypted key is refused, not prompted
+    for on the terminal."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise OSError(
+            f"tls.cert_file {str(tls.cert_file)!r} and tls.key_file {str(tls.key_file)!r} are not a PEM certificate "
+            f"chain and its unencrypted private key: {exc}"
+        ) from exc
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+        except ssl.SSLError as exc:
+            raise OSError(f"tls.client_ca_file {str(tls.client_ca_file)!r} holds no PEM certificate: {exc}") from exc
+
+
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """TLS; with a client CA, mutual TLS: grpc either requires and verifies a client certificate at the handshake or
     does not ask for one at all (no "request but verify" mode), so health checks for probes that carry no
     certificate are served on `health_listen`, a port of their own."""
+    key, cert = tls.key_file.read_bytes(), tls.cert_file.read_bytes()  # a missing file: an error naming it
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    check_tls_files(tls)
     return grpc.ssl_server_credentials(
-        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )

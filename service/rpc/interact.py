@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 
 from agent.v1 import agent_pb2 as pb
 from service.aio import merge
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 NOTES_QUEUED = 16  # refusals not yet sent on one stream; the reader waits beyond it (backpressure)
 _WHEN = {pb.INPUT_WHEN_UNSPECIFIED: ASAP, pb.ASAP: ASAP, pb.AFTER_TURN: AFTER_TURN}
+_CANCEL_MODES = frozenset(pb.CancelRunRequest.Mode.values())  # unset is IMMEDIATE, as for CancelRun
 
 
 class InteractRpcs:
@@ -89,7 +91,10 @@ class InteractRpcs:
         opened: asyncio.Future[Run] = asyncio.get_running_loop().create_future()
 
         async def open_run() -> tuple[Run, int, bool]:
-            first = await anext(requests, None)
+            try:
+                first = await anext(requests, None)
+            except DecodeError as exc:
+                raise undecodable(exc) from None
             kind = None if first is None else first.WhichOneof("message")
             if first is not None and kind == "start":
                 run, created = await self._start(first.start, context, background=False)
@@ -141,6 +146,8 @@ class InteractRpcs:
                     await notes.put(pb.AgentEvent(run_id=run.id, error=pb.Error(code=exc.code, message=text)))
         except AgentError as exc:
             await notes.put(exc)
+        except DecodeError as exc:
+            await notes.put(undecodable(exc))
 
     async def _cancel_run(self, run: Run, *, after_turn: bool) -> None:
         """cancel_run on Interact: as CancelRun, for the stream's run (driven here or by another replica)."""
@@ -159,6 +166,7 @@ async def _notes(
     """The stream's own events (refusals), until its run ends; a malformed message's error ends the call."""
     run = await opened
     ended = asyncio.ensure_future(run.ended())
+    get: asyncio.Future[pb.AgentEvent | AgentError] | None = None
     try:
         while True:
             get = asyncio.ensure_future(notes.get())
@@ -174,8 +182,10 @@ async def _notes(
             if isinstance(note, AgentError):
                 raise note
             yield note
-    finally:
+    finally:  # the call may end while both wait (a client gone): a pending get would outlive it
         ended.cancel()
+        if get is not None:
+            get.cancel()
 
 
 def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
@@ -192,13 +202,18 @@ def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
             return Message("cancel", identity, call_id=call_id(message.cancel_tool.call_id))
         case "cancel_run":
             mode = message.cancel_run.mode
-            if mode not in (pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN):
+            if mode not in _CANCEL_MODES:
                 raise InvalidRequest(f"unknown cancel_run mode {mode}: IMMEDIATE or AFTER_TURN")
             return bool(mode == pb.CancelRunRequest.AFTER_TURN)
         case "start" | "attach":
             raise InvalidRequest(f"{kind} only as the first message of an Interact stream")
         case _:
             raise InvalidRequest("an empty ClientMessage: set one of its fields")
+
+
+def undecodable(exc: DecodeError) -> InvalidRequest:
+    """A client message whose bytes are no ClientMessage (grpc's default: UNKNOWN, "Unexpected DecodeError")."""
+    return InvalidRequest(f"a message is not a valid agent.v1.ClientMessage: {exc}")
 
 
 def call_id(value: str) -> str:

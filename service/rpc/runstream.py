@@ -23,7 +23,7 @@ from service import telemetry
 from service.errors import AgentError, SubscriberTooSlow
 from service.rpc.convert import to_proto
 from service.rpc.interceptors import Check
-from service.rpc.status import end_call, refuse
+from service.rpc.status import end_call, fail, refuse
 from service.run import Run
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
             if not boundary:
                 raise
             refuse(context, exc)
+        except Exception:
+            if not boundary:
+                raise
+            fail(context, opener.__qualname__)
 
     return stream
 

@@ -233,7 +233,11 @@ def listen_on(server: grpc.aio.Server, address: str, credentials: grpc.ServerCre
             return int(server.add_insecure_port(address))
         return int(server.add_secure_port(address, credentials))
     except RuntimeError as exc:  # grpc says only "Failed to bind to address", and to ask its debug log why
-        raise OSError(f"cannot listen on {address}: the port is in use, or the address is not this host's") from exc
+        if address.startswith(("unix:", "unix-abstract:")):
+            why = "the socket's folder is missing or cannot be written, or another server holds the socket"
+        else:
+            why = "the port is in use, or the address is not this host's"
+        raise OSError(f"cannot listen on {address}: {why}") from exc
 
 
 def tune_gc(config: GcConfig) -> None:

@@ -14,10 +14,10 @@ import grpc
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
-from service.api import AgentApi
+from service.api import AgentApi, required_run_id
 from service.callers import Caller, current_caller
 from service.deliver import Deliveries
-from service.errors import InvalidRequest, RunCancelled
+from service.errors import RunCancelled
 from service.rpc.convert import list_runs_response, run_result, run_state, run_to_proto
 from service.rpc.interact import InteractRpcs
 from service.rpc.runstream import ended_with_failure, run_stream
@@ -49,9 +49,7 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         return self.api.streams
 
     def run_id(self, run_id: str) -> str:
-        if not run_id:
-            raise InvalidRequest("run_id is required: the id RunAgent's first event or SubmitRun returned")
-        return run_id
+        return required_run_id(run_id)
 
     def caller(self) -> Caller:
         """This call's caller, as the auth interceptor identified it (anonymous when auth is off)."""

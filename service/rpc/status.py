@@ -1,5 +1,7 @@
 """The one map from the service's errors to a call's gRPC status: an `errors.AgentError` ends the call with the status
-its `code` names and its message. Handlers raise; `unary` and `streaming` catch at the boundary.
+its `code` names and its message. Handlers raise; `unary` and `streaming` catch at the boundary. Any other exception
+is a bug: it is logged with its traceback and the call ends with INTERNAL (grpc's default would be UNKNOWN, with the
+exception's class in the message), as the HTTP face answers one.
 
 The status is set rather than raised with `context.abort`: grpc keeps the exception abort raises, and with it the
 handler's frames, in a reference cycle that only the collector frees (tests/test_gc_hygiene.py).
@@ -8,6 +10,7 @@ handler's frames, in a reference cycle that only the collector frees (tests/test
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -15,7 +18,10 @@ import grpc
 
 from service.errors import AgentError
 
+log = logging.getLogger(__name__)
+
 MAX_DETAILS = 2000  # characters of a status message
+INTERNAL_MESSAGE = "internal error: the server failed on this call (a bug); its log has the traceback"
 
 _S = TypeVar("_S")
 _Q = TypeVar("_Q")
@@ -36,6 +42,12 @@ def refuse(context: grpc.aio.ServicerContext, error: AgentError) -> None:
     end_call(context, error.code, error.message)
 
 
+def fail(context: grpc.aio.ServicerContext, handler: str) -> None:
+    """End the call with INTERNAL for the exception being handled, a bug: logged with its traceback."""
+    log.exception("call failed: a bug", extra={"handler": handler})
+    end_call(context, "INTERNAL", INTERNAL_MESSAGE)
+
+
 def unary(
     handler: Callable[[_S, _Q, grpc.aio.ServicerContext], Awaitable[_R]],
 ) -> Callable[[_S, _Q, grpc.aio.ServicerContext], Awaitable[_R | None]]:
@@ -47,6 +59,9 @@ def unary(
             return await handler(self, request, context)
         except AgentError as exc:
             refuse(context, exc)
+            return None
+        except Exception:
+            fail(context, handler.__qualname__)
             return None
 
     return handle
@@ -66,5 +81,7 @@ def streaming(
                 yield message
         except AgentError as exc:
             refuse(context, exc)
+        except Exception:
+            fail(context, opener.__qualname__)
 
     return handle
