@@ -7,8 +7,9 @@ and a store's contents must never be able to run code in the reader.
 
 Encoded by orjson: the standard library's encoder cost ~85,000 instructions for a short run's four events, more
 than a third of shipping them to Redis (callgrind); orjson ~8,000. The standard library writes what orjson refuses
-(an integer past 64 bits), and reads everything: orjson would read such an integer as a float. One difference: a
-NaN or infinity in tool data is written as null (the standard library wrote NaN, which is not JSON)."""
+(an integer past 64 bits), and reads everything: orjson would read such an integer as a float. A NaN or an
+infinity never reaches it: `service/parts.py` spells them as strings before tool data is logged (orjson would write
+null)."""
 
 from __future__ import annotations
 

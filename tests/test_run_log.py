@@ -213,9 +213,8 @@ async def test_the_writer_retries_a_failed_round_without_losing_events(tmp_path:
         await log.close()
 
 
-async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for_it(tmp_path: Path) -> None:
-    """A durable stream is sent events as they form, while no round has committed them (up to AHEAD past the file);
-    its closing event only once the file holds it: a caller that saw the end, a restart keeps the end."""
+def held_log(tmp_path: Path) -> tuple[SqliteRunLog, threading.Event]:
+    """A run log whose writing thread waits until the returned gate is set: what the file holds stays put."""
     log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
     real, gate = log._write_sync, threading.Event()
 
@@ -224,6 +223,13 @@ async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for
         real(chunks, riders)
 
     log._write_sync = held  # type: ignore[method-assign]
+    return log, gate
+
+
+async def test_a_durable_runs_streams_go_ahead_of_the_file_and_its_end_waits_for_it(tmp_path: Path) -> None:
+    """A durable stream is sent events as they form, while no round has committed them (up to AHEAD past the file);
+    its closing event only once the file holds it: a caller that saw the end, a restart keeps the end."""
+    log, gate = held_log(tmp_path)
     run = log.new_run(spec("run_a", durable=True), RunControl(), caller="alice", key="", fingerprint="")
     stream = aiter(run.follow(0, coalesce_lag=10_000))
     try:
@@ -352,14 +358,7 @@ async def test_a_runs_db_of_an_earlier_version_is_copied_into_the_joined_file(tm
 async def test_a_lagging_durable_streams_merged_deltas_wait_for_the_file(tmp_path: Path) -> None:
     """Past the file a stream sends single events only (a caller drops a replaced one seq by seq): a stretch merged
     for a reader that lags is sent once the file holds it."""
-    log = SqliteRunLog(tmp_path / "runs.db", retention_s=60, max_run_s=600)
-    real, gate = log._write_sync, threading.Event()
-
-    def held(chunks: Any, riders: Any = ()) -> None:
-        gate.wait(10)
-        real(chunks, riders)
-
-    log._write_sync = held  # type: ignore[method-assign]
+    log, gate = held_log(tmp_path)
     run = log.new_run(spec("run_m", durable=True), RunControl(), caller="alice", key="", fingerprint="")
     for i in range(10):
         run.append(ev.TextDelta(text=f"t{i}", turn=1))
