@@ -62,7 +62,10 @@ class Observer(Protocol):
 class Histogram:
     """A prometheus_client Histogram without labels, observed here: a count per bucket and the sum, folded into the
     metric's own bucket values (non-cumulative, as its `observe` keeps them) at each flush. What a scrape shows is
-    the metric's own output: the same name, buckets, `_count`, `_sum` and `_created`."""
+    the metric's own output: the same name, buckets, `_count`, `_sum` and `_created`. It reads the metric's private
+    `_upper_bounds`, `_buckets` and `_sum` (prometheus_client has no public way to add n observations at once);
+    tests/test_tally.py compares its scrape with the metric's own `observe`, so a release that renames them fails
+    there, not in production."""
 
     __slots__ = ("metric", "bounds", "counts", "sum", "_done", "_done_sum")
 
