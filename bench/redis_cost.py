@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -48,7 +50,9 @@ def _stats(client: redis.Redis) -> tuple[dict[str, tuple[int, float]], float]:
     return commands, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-def measure(runs: int, in_flight: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def own_redis() -> Iterator[str]:
+    """A redis-server of this measurement's own, on a free port, without persistence: its URL."""
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="agent-redis-cost-") as tmp:
         server = subprocess.Popen(
@@ -65,12 +69,20 @@ def measure(runs: int, in_flight: int) -> dict[str, Any]:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.02)
-            seen: list[tuple[dict[str, tuple[int, float]], float]] = []
-            mark = lambda on: seen.append(_stats(client))  # noqa: E731
-            asyncio.run(_drive("service", SHORT_EVENTS, runs, in_flight, url, mark=mark))
+            client.close()
+            yield url
         finally:
             server.terminate()
             server.wait()
+
+
+def measure(runs: int, in_flight: int) -> dict[str, Any]:
+    with own_redis() as url:
+        client = redis.Redis.from_url(url)
+        seen: list[tuple[dict[str, tuple[int, float]], float]] = []
+        mark = lambda on: seen.append(_stats(client))  # noqa: E731
+        asyncio.run(_drive("service", SHORT_EVENTS, runs, in_flight, url, mark=mark))
+        client.close()
     (before, cpu_before), (after, cpu_after) = seen
     per_command = {}
     for name, (calls, usec) in after.items():
