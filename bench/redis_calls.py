@@ -26,19 +26,8 @@ import redis
 from bench import h2load
 from bench.h2load import Load
 from bench.procs import Server, start
-from bench.redis_cost import SCRIPTED, own_redis
+from bench.redis_cost import SCRIPTED, counters, own_redis
 from bench.workload import Workload
-
-
-def _counters(client: redis.Redis) -> dict[str, Any]:
-    stats, cpu = client.info("stats"), client.info("cpu")
-    return {
-        "commands": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()},
-        "usec": {k.removeprefix("cmdstat_"): float(v["usec"]) for k, v in client.info("commandstats").items()},
-        "connections": int(stats["total_connections_received"]),
-        "processed": int(stats["total_commands_processed"]),
-        "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
-    }
 
 
 def _cpu_by_process(server: Server) -> dict[int, float]:
@@ -90,13 +79,13 @@ def measure(streams: int, connections: int, workers: int) -> dict[str, Any]:
         try:
             client = redis.Redis.from_url(url)
             body = h2load.request_file(workdir)
-            before = _counters(client)
+            before = counters(client)
             load = Load(streams, connections, 1)
             cpu = _cpu_by_process(server)
             with _Connections(server) as conns:
                 out = h2load.run(path, server, body, load, deadline=300)
             cpu = {pid: round(after_s - cpu.get(pid, 0.0), 2) for pid, after_s in _cpu_by_process(server).items()}
-            after = _counters(client)
+            after = counters(client)
             clients = Counter(f"{entry.get('name') or '-'} {entry.get('cmd')}" for entry in client.client_list())
             client.close()
         finally:
@@ -117,7 +106,7 @@ def measure(streams: int, connections: int, workers: int) -> dict[str, Any]:
         "streams": streams,
         "connections": connections,
         "workers": workers,
-        "h2load_succeeded": out.get("succeeded"),
+        "h2load_succeeded": out["requests"].get("succeeded"),
         "per_stream": {
             "commands": per_command,
             "processed": round((after["processed"] - before["processed"]) / streams, 2),

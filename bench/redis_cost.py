@@ -50,6 +50,18 @@ def _stats(client: redis.Redis) -> tuple[dict[str, tuple[int, float]], float]:
     return commands, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
+def counters(client: redis.Redis) -> dict[str, Any]:
+    """Redis's own counters: commands by name (calls, usec), connections accepted, commands processed, CPU s."""
+    stats, cpu, commands = client.info("stats"), client.info("cpu"), client.info("commandstats").items()
+    return {
+        "commands": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in commands},
+        "usec": {k.removeprefix("cmdstat_"): float(v["usec"]) for k, v in commands},
+        "connections": int(stats["total_connections_received"]),
+        "processed": int(stats["total_commands_processed"]),
+        "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+    }
+
+
 @contextlib.contextmanager
 def own_redis() -> Iterator[str]:
     """A redis-server of this measurement's own, on a free port, without persistence: its URL."""

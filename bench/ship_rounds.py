@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from bench.redis_cost import own_redis
+from bench.redis_cost import counters, own_redis
 from service import events as ev
 from service.config import CallerConfig, GcConfig, StateConfig
 from service.control import RunControl
@@ -85,17 +85,6 @@ def _instrument(shipper: Any) -> list[dict[str, float]]:
     return rounds
 
 
-def _server_stats(client: redis.Redis) -> dict[str, Any]:
-    commands = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
-    stats, cpu = client.info("stats"), client.info("cpu")
-    return {
-        "commands": commands,
-        "connections": int(stats["total_connections_received"]),
-        "processed": int(stats["total_commands_processed"]),
-        "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
-    }
-
-
 async def measure(url: str, runs: int, events: int, ramp_s: float) -> dict[str, Any]:
     from service.state.redis_runs import RedisRunStore
 
@@ -108,7 +97,7 @@ async def measure(url: str, runs: int, events: int, ramp_s: float) -> dict[str, 
     await store.start()
     rounds = _instrument(store.shipper)
     probe = redis.Redis.from_url(url)
-    before = _server_stats(probe)
+    before = counters(probe)
     cpu = time.process_time()
     lags: list[float] = []
     stop = asyncio.Event()
@@ -135,7 +124,7 @@ async def measure(url: str, runs: int, events: int, ramp_s: float) -> dict[str, 
     cpu = time.process_time() - cpu
     stop.set()
     await ticker
-    after = _server_stats(probe)
+    after = counters(probe)
     await store.close()
     probe.close()
     per_command = {
