@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -48,7 +50,21 @@ def _stats(client: redis.Redis) -> tuple[dict[str, tuple[int, float]], float]:
     return commands, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-def measure(runs: int, in_flight: int) -> dict[str, Any]:
+def counters(client: redis.Redis) -> dict[str, Any]:
+    """Redis's own counters: commands by name (calls, usec), connections accepted, commands processed, CPU s."""
+    stats, cpu, commands = client.info("stats"), client.info("cpu"), client.info("commandstats").items()
+    return {
+        "commands": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in commands},
+        "usec": {k.removeprefix("cmdstat_"): float(v["usec"]) for k, v in commands},
+        "connections": int(stats["total_connections_received"]),
+        "processed": int(stats["total_commands_processed"]),
+        "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+    }
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[str]:
+    """A redis-server of this measurement's own, on a free port, without persistence: its URL."""
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="agent-redis-cost-") as tmp:
         server = subprocess.Popen(
@@ -65,12 +81,20 @@ def measure(runs: int, in_flight: int) -> dict[str, Any]:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.02)
-            seen: list[tuple[dict[str, tuple[int, float]], float]] = []
-            mark = lambda on: seen.append(_stats(client))  # noqa: E731
-            asyncio.run(_drive("service", SHORT_EVENTS, runs, in_flight, url, mark=mark))
+            client.close()
+            yield url
         finally:
             server.terminate()
             server.wait()
+
+
+def measure(runs: int, in_flight: int) -> dict[str, Any]:
+    with own_redis() as url:
+        client = redis.Redis.from_url(url)
+        seen: list[tuple[dict[str, tuple[int, float]], float]] = []
+        mark = lambda on: seen.append(_stats(client))  # noqa: E731
+        asyncio.run(_drive("service", SHORT_EVENTS, runs, in_flight, url, mark=mark))
+        client.close()
     (before, cpu_before), (after, cpu_after) = seen
     per_command = {}
     for name, (calls, usec) in after.items():

@@ -1,14 +1,17 @@
 """The shipper against the real Redis: a round of many runs lands each run's events gapless with its record, TTLs,
 lease and index entry; a round re-sent (its reply lost) adds nothing twice; one run's refused write does not stop
-the others'; and a Redis restarted empty (its scripts gone too) gets every event back."""
+the others'; a Redis restarted empty (its scripts gone too) gets every event back; and a large round yields to the
+loop while it is prepared and spaces the next by what it cost."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backends import RedisNamespace
@@ -21,7 +24,7 @@ from service.loop import RunSpec
 from service.run import Run
 from service.state.redis_client import connect
 from service.state.redis_layout import Layout, log_entries, run_record
-from service.state.redis_ship import Shipper
+from service.state.redis_ship import MAX_REST_S, REST_PER_HELD, SLICE, Shipper
 
 RETENTION_S = 60.0
 LIVE_TTL_S = 600
@@ -209,3 +212,72 @@ async def test_a_redis_restarted_empty_gets_every_event_back(tmp_path: Path, own
             await shipping.check(run)
     finally:
         await shipping.close()
+
+
+async def test_a_large_round_lets_a_start_behind_it_go_before_its_call(shipping: Shipping) -> None:
+    """A round of hundreds of runs is prepared in slices: what waits on the loop runs before the round's call."""
+    shipper = shipping.shipper
+    order: list[str] = []
+    script = shipper._script
+
+    async def call(**kwargs: Any) -> Any:
+        order.append("call")
+        return await script(**kwargs)
+
+    shipper._script = call  # type: ignore[assignment]
+    runs = [new_run() for _ in range(3 * SLICE)]
+    for run in runs:
+        grow(run, 1)
+    asyncio.get_running_loop().call_soon(order.append, "start")  # queued behind the round
+    assert await shipper._ship({run.id: run for run in runs}) == []
+    assert order == ["start", "call"]
+    for run in runs:
+        await shipping.check(run)
+
+
+async def test_a_round_that_held_the_loop_long_is_followed_by_a_longer_wait(shipping: Shipping) -> None:
+    """The wait before a round is linger_s, or REST_PER_HELD times the loop time of the round before, up to
+    MAX_REST_S. Clock readings 5 ms apart: a round of one run holds the loop in two stretches, 10 ms."""
+    ticks = itertools.count()
+    waits: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    shipper = Shipper(
+        shipping.client,
+        shipping.layout,
+        failed=lambda what, exc: None,
+        reached=lambda: None,
+        settled=lambda run: None,
+        linger_s=0.001,
+        lease_ms=LEASE_MS,
+        clock=lambda: next(ticks) * 0.005,
+        pause=pause,
+    )
+    task = asyncio.ensure_future(shipper.run_forever())
+    try:
+        run = new_run()
+        for deltas in (1, 1):
+            grow(run, deltas)
+            shipper.note(run)
+            assert await shipper.flushed(20)
+        assert shipper.held_s == pytest.approx(0.010)
+        assert waits == [0.001, pytest.approx(REST_PER_HELD * 0.010)]
+        many = [new_run() for _ in range(3 * SLICE)]
+        for other in many:
+            grow(other, 1)
+        shipper.note_all(many)
+        assert await shipper.flushed(20)
+        grow(run, 1, end=True)
+        shipper.note(run)
+        assert await shipper.flushed(20)
+        assert waits[-1] == MAX_REST_S  # the large round held the loop 25 ms: capped
+        for each in [run, *many]:
+            await shipping.check(each)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await shipper.close()

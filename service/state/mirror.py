@@ -19,8 +19,8 @@ class SharedRun(Run):
 
     A durable run's streams are sent only what the store holds (`stored`): should this process die, the process
     that continues the run goes on from the store's last seq, and a caller must never have been sent a seq that is
-    then reused for another event. It costs a durable run's streams the shipping round (~5 ms), and they wait while
-    the store is away; other runs' streams are sent at once, as ever."""
+    then reused for another event. It costs a durable run's streams the shipping round (~5 ms; under load up to
+    `redis_ship.MAX_REST_S` more), and they wait while the store is away; other runs' streams are sent at once."""
 
     # How far past the store a durable run's streams may go (0: not at all, the fleet's rule). One node sets it
     # (sqlite_log.AHEAD): its streams send events as they form, and a restart re-streams the lost tail

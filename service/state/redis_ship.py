@@ -17,6 +17,14 @@ One stream entry per event was the first design: redis-py spends ~0.1 ms of CPU 
 which for an unpaced run cost several times the event's own cost on the loop (events/s fell by 10x); an entry per
 round makes that cost per round, however many events it carries.
 
+Under load a round waits longer than `linger_s`: at least `REST_PER_HELD` times as long as the round before held the
+event loop (building its call, taking in its reply), at most `MAX_REST_S`. With 1000 paced runs started over a
+second (bench/ship_rounds.py) a round came every ~20 ms with ~250 runs of one event each, held the loop ~2-6 ms
+(up to 50 ms), and cost Redis an XADD a run: ~28 a run of 35 events. Rounds spaced by their own cost keep the
+shipper's share of the loop bounded and carry more events an entry as the load grows. A round's runs are prepared
+in slices of `SLICE` with a yield between them, so a large round does not hold the loop in one stretch; each run's
+commands still go in one script call, which the guarantees above need.
+
 Entries logged while Redis cannot be reached stay where they are, in the runs' logs (the buffer is those logs: no
 copy, bounded by `runs.max_events_per_run` a run; `agent_state_unshipped_events` counts them). The shipper retries
 with a backoff and, before it ships again, asks each stream how far it got: a reply lost with the connection, or a
@@ -27,7 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -45,6 +54,9 @@ log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20  # of events' JSON a round: bounds one script call (tool data can be 256 KiB an event)
 BACKOFF_S = (0.05, 2.0)
+REST_PER_HELD = 4  # a round waits this many times as long as the one before held the loop: <= 1/5 of the loop
+MAX_REST_S = 0.05  # ... but no longer: how much later, under load, watchers elsewhere and durable streams see events
+SLICE = 100  # runs prepared between two yields to the loop
 
 # A round: for each run, its new events (XADD, id 0-<last seq>), its record when written (HSET); with its first
 # shipment its TTLs while it runs, its lease on its caller's concurrency, its place in the caller's run index (ListRuns,
@@ -111,10 +123,13 @@ class Shipper:
         settled: Callable[[Run], None],
         linger_s: float,
         lease_ms: int,
+        clock: Callable[[], float] = time.perf_counter,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`failed` and `reached` report each round to the store's health; `settled(run)` is told once all of an
         ended run is in Redis. A round waits `linger_s` for more events after the first: it costs ~0.3 ms of CPU
-        whatever it carries, and an unpaced run logs an event every few microseconds."""
+        whatever it carries, and an unpaced run logs an event every few microseconds; longer after a round that held the
+        loop long (the module). `clock` times those rounds; `pause` is the wait before one (tests inject both)."""
         self.client = client
         self.layout = layout
         self._failed = failed
@@ -122,6 +137,10 @@ class Shipper:
         self._settled = settled
         self.linger_s = linger_s
         self.lease_ms = lease_ms
+        self._clock = clock
+        self._pause = pause
+        self.held_s = 0.0  # how long the last round held the event loop, its slices together
+        self.rest_s = 0.0  # how long the next round waits for more, beyond linger_s (see the module)
         self.pending: dict[str, Run] = {}
         self.shipped: dict[str, int] = {}  # run id -> seqs 1..n known to be in the stream
         self.recorded: dict[str, str] = {}  # run id -> the state its record in Redis says
@@ -169,7 +188,7 @@ class Shipper:
         backoff = BACKOFF_S[0]
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self.linger_s)
+            await self._pause(max(self.linger_s, self.rest_s))
             self._wake.clear()
             batch, self.pending = self.pending, {}
             try:
@@ -226,7 +245,13 @@ class Shipper:
         room = MAX_BYTES
         progress: list[tuple[Run, int, bool, str]] = []  # a run, its seqs in this round, whether it ends, its state
         left: list[Run] = []
-        for run in batch.values():
+        clock = self._clock
+        began, held = clock(), 0.0
+        for count, run in enumerate(batch.values(), 1):
+            if count % SLICE == 0:  # let starts and streams waiting behind a large round go first (the module)
+                held += clock() - began
+                await asyncio.sleep(0)
+                began = clock()
             if room <= 0:
                 left.append(run)
                 continue
@@ -263,9 +288,14 @@ class Shipper:
             progress.append((run, last, done, state))
         if not keys:
             return left
-        for refusal in await self._script(keys=keys, args=args):
+        held += clock() - began
+        refused = await self._script(keys=keys, args=args)
+        began = clock()
+        for refusal in refused:
             log.warning("the state store refused a write: %s", refusal.decode(errors="replace"))
         self._landed(progress)
+        self.held_s = held + clock() - began
+        self.rest_s = min(MAX_REST_S, self.held_s * REST_PER_HELD)
         return left
 
     def _landed(self, progress: list[tuple[Run, int, bool, str]]) -> None:
