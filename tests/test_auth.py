@@ -20,7 +20,7 @@ from conftest import cli, make_config, stub
 from service.callers import Caller, CallerLimits, token_hash
 from service.config import CallerConfig
 from service.errors import Unauthenticated
-from service.rpc.auth import Authenticator
+from service.rpc.auth import Authenticator, AuthInterceptor
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 
@@ -469,3 +469,31 @@ def test_the_certificate_is_read_only_when_it_can_matter() -> None:
     with pytest.raises(Unauthenticated, match=r"certificate \(risk.callers.internal\) belongs to no configured"):
         required.identify(context)
     assert context.auth_reads == 2
+
+
+async def test_the_checks_are_set_at_registration_not_run_by_grpc_per_call(
+    start_service: Any, channel_to: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from service.rpc.interceptors import RejectUndecodable
+
+    async def per_call(*args: Any) -> None:
+        raise AssertionError("grpc ran an interceptor on a call")
+
+    monkeypatch.setattr(AuthInterceptor, "intercept_service", per_call)
+    monkeypatch.setattr(RejectUndecodable, "intercept_service", per_call)
+    svc = await start_service(**two_token_callers())
+    channel = channel_to(svc)
+    api = stub(channel)
+    assert (await code_of(api.ListTools(pb.ListToolsRequest())))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert [
+        e.WhichOneof("event") async for e in api.RunAgent(pb.RunAgentRequest(message="hi"), metadata=as_caller("a"))
+    ]
+    undecodable = channel.unary_unary("/agent.v1.AgentService/ListTools")(b"\xff", metadata=as_caller("a"))
+    assert (await code_of(undecodable))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    listing = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    assert (await code_of(events_of(listing)))[0] == grpc.StatusCode.UNAUTHENTICATED  # reflection is guarded too
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # and health is not
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -102,10 +102,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_OPEN_METHODS):
+        return self.guard(details.method, await continuation(details))
+
+    def guard(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """`handler` authenticating its calls first (`interceptors.Registrar` sets it at registration)."""
+        if handler is None or method.startswith(_OPEN_METHODS):
             return handler
-        return self._wrapped.get(details.method, handler, lambda: wrap_handler(handler, self._authenticate))
+        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, self._authenticate))
 
     def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> AgentError | None:
         try:
