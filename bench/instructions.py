@@ -15,6 +15,12 @@ the count goes on until its shipper has sent every run's events and end: what th
 Each figure is the difference of two counts (`runs` and 2 × `runs` calls), so the switching and whatever else is
 constant drops out. The gRPC layer is not in it (no server, no wire): it is the service's own work, the part this
 code controls. The service runs with coalescing off, so that every event is one message, as in the bare server.
+
+`--live`: the whole server process instead (`python -m service`, or `bench.bare_grpc` with `--system bare`) under
+callgrind, grpc's own work and the interceptors included, while h2load sends it short calls, `in_flight` at a time
+on one connection: the count over `runs` calls and over 2 × `runs` (switched on and dumped with `callgrind_control`
+around each h2load run, after a warm-up), per call. Every thread of the process counts, so the keepalive and metrics
+X
 """
 
 from __future__ import annotations
@@ -140,6 +146,64 @@ def count(
         return int(match[1])
 
 
+def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[int, int]:
+    """The live server's instructions over `runs` short calls and over 2 × `runs` (see the module's docstring)."""
+    from bench import h2load, procs
+
+    path = h2load.find()
+    if path is None:
+        sys.exit(f"h2load is missing: {h2load.HINT}")
+    with tempfile.TemporaryDirectory(prefix="agent-live-") as tmp:
+        folder = Path(tmp)
+        out = folder / "callgrind.out"
+        # procs.start runs `python -m …`: this wrapper makes that python run under callgrind, counting switched off
+        wrapper = folder / "python-under-callgrind"
+        valgrind = f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out}"
+        wrapper.write_text(f'#!/bin/sh\nexec {valgrind} {sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+        name = "service-raw" if system == "service" else system
+        workload = Workload().unpaced(SHORT_EVENTS)
+        server = procs.start(name, workload, folder, timeout=600, python=str(wrapper))
+        try:
+            body = h2load.request_file(folder)
+            pid = str(server.proc.pid)
+
+            def calls(n: int) -> None:
+                done = h2load.run(path, server, body, h2load.Load(n, 1, in_flight), deadline=600)
+                if done["requests"].get("succeeded") != n:
+                    raise RuntimeError(f"not every call succeeded: {done['requests']}")
+
+            calls(in_flight)  # warm-up: caches, first-call paths
+            counts = []
+            for n in (runs, 2 * runs):
+                subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+                calls(n)
+                subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+                subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)  # dumps, zeroes
+                dumps = sorted(folder.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+                match = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.MULTILINE)
+                if match is None:
+                    raise RuntimeError(f"no totals in {dumps[-1]}")
+                counts.append(int(match[1]))
+                if keep:
+                    Path(keep).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(dumps[-1], Path(keep) / f"callgrind.live.{system}.{n}runs.out")
+        finally:
+            server.stop()
+        return counts[0], counts[1]
+
+
+def measure_live(system: str, runs: int, in_flight: int, keep: str = "") -> dict[str, Any]:
+    once, twice = live_count(system, runs, in_flight, keep)
+    return {
+        "system": system,
+        "live": True,
+        "runs": runs,
+        "in_flight": in_flight,
+        "instructions_per_start": round((twice - once) / runs),
+    }
+
+
 def measure(
     system: str, runs: int, in_flight: int, events: int, state: str = "", keep: str = "", summaries: bool = False
 ) -> dict[str, Any]:
@@ -169,6 +233,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--state", default="", help="a redis:// URL: the service's runs there (default: memory://)")
     parser.add_argument("--summaries", action="store_true", help="runs.keep_summaries: each run's summary to SQLite")
+    parser.add_argument("--live", action="store_true", help="the whole server process under h2load's short calls")
     parser.add_argument("--keep", default="", help="a folder to keep callgrind's output files in, for a profile")
     parser.add_argument("--inner", nargs=4, metavar=("SYSTEM", "EVENTS", "RUNS", "IN_FLIGHT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,6 +243,9 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is missing: apt-get install valgrind")
+    if args.live:
+        print(json.dumps(measure_live(args.system, args.runs, args.in_flight, args.keep)))
+        return
     print(
         json.dumps(measure(args.system, args.runs, args.in_flight, args.events, args.state, args.keep, args.summaries))
     )

@@ -19,6 +19,8 @@ from agent.v1 import agent_pb2 as pb
 from conftest import cli, make_config, stub
 from service.callers import Caller, CallerLimits, token_hash
 from service.config import CallerConfig
+from service.errors import Unauthenticated
+from service.rpc.auth import Authenticator, AuthInterceptor
 
 SLOW = [{"tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}, {"text": "never"}]
 
@@ -436,3 +438,62 @@ async def test_the_cli_client_speaks_mutual_tls(start_service: Any, pki: Pki, tm
     assert svc.registry.get(json.loads(out.splitlines()[0])["runId"]).caller == "risk-engine"
     code, _, err = await cli(svc.port, *tls, "hi", host="localhost")
     assert code == 1 and "--cert-file and --key-file go together" in err
+
+
+class _Context:
+    """What `Authenticator.identify` reads of a grpc context, counting reads of the certificate's names."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata
+        self.auth_reads = 0
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        self.auth_reads += 1
+        return {"x509_common_name": [b"risk.callers.internal"]}
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+
+def test_the_certificate_is_read_only_when_it_can_matter() -> None:
+    from service.config.callers import AuthConfig
+
+    open_server, context = Authenticator(AuthConfig()), _Context()
+    assert open_server.identify(context).name == "anonymous"
+    assert context.auth_reads == 0  # no caller known by a certificate, none required: its names change nothing
+    with pytest.raises(Unauthenticated, match="the bearer token is not valid"):
+        open_server.identify(_Context((("authorization", "Bearer nope"),)))
+    by_cert = Authenticator(AuthConfig(callers=[CallerConfig(name="risk", cert_identities=["risk.callers.internal"])]))
+    assert by_cert.identify(context).name == "risk"
+    required = Authenticator(AuthConfig(required=True))
+    with pytest.raises(Unauthenticated, match=r"certificate \(risk.callers.internal\) belongs to no configured"):
+        required.identify(context)
+    assert context.auth_reads == 2
+
+
+async def test_the_checks_are_set_at_registration_not_run_by_grpc_per_call(
+    start_service: Any, channel_to: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from service.rpc.interceptors import RejectUndecodable
+
+    async def per_call(*args: Any) -> None:
+        raise AssertionError("grpc ran an interceptor on a call")
+
+    monkeypatch.setattr(AuthInterceptor, "intercept_service", per_call)
+    monkeypatch.setattr(RejectUndecodable, "intercept_service", per_call)
+    svc = await start_service(**two_token_callers())
+    channel = channel_to(svc)
+    api = stub(channel)
+    assert (await code_of(api.ListTools(pb.ListToolsRequest())))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert [
+        e.WhichOneof("event") async for e in api.RunAgent(pb.RunAgentRequest(message="hi"), metadata=as_caller("a"))
+    ]
+    undecodable = channel.unary_unary("/agent.v1.AgentService/ListTools")(b"\xff", metadata=as_caller("a"))
+    assert (await code_of(undecodable))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    listing = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    assert (await code_of(events_of(listing)))[0] == grpc.StatusCode.UNAUTHENTICATED  # reflection is guarded too
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # and health is not
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -15,7 +15,7 @@ from service.config import ModelRetry, Pacing
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
-from service.models.scripted import Scenario, ScriptedModel
+from service.models.scripted import Scenario, ScriptedModel, json_length
 from service.turns import tool_result_block
 from tools.base import JSON, Tool
 
@@ -546,3 +546,21 @@ def test_a_tool_error_quoting_a_lone_surrogate_goes_back_to_the_model_as_utf8() 
     """A tool's error may quote what it read (a remote body, a program's stderr); the history must stay UTF-8."""
     result = ev.ToolResult(call_id="c", name="t", status=ev.ToolStatus.ERROR, duration_s=0, error="bad \ud800 byte")
     assert tool_result_block(result)["content"] == "error: bad \ufffd byte"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hello"}],
+        [
+            {"role": "user", "content": 'naïve ☃ "quoted"\n'},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "x", "input": {"n": 1.5}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [1, None, True]}]},
+        ],
+        [],
+    ],
+)
+def test_the_scripted_token_estimate_reads_the_request_as_json_dumps_writes_it(messages: list[Any]) -> None:
+    assert json_length(messages) == len(json.dumps(messages))
+    with pytest.raises(TypeError):  # what json.dumps refuses
+        json_length([{"content": object()}])

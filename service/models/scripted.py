@@ -19,6 +19,7 @@ conversation is, not to how often it was called.
 
 from __future__ import annotations
 
+import _json
 import asyncio
 import functools
 import json
@@ -167,7 +168,7 @@ class ScriptedModel:
         yield TurnEnd(
             stop_reason="tool_use" if calls else "end_turn",
             content=content,
-            input_tokens=len(json.dumps(list(request.messages))) // 4,
+            input_tokens=json_length(list(request.messages)) // 4,
             output_tokens=emitted,
         )
 
@@ -179,6 +180,19 @@ class ScriptedModel:
             return None
         self._failures[index] = seen + 1
         return turn.fail
+
+
+# `json.dumps` makes a new encoder on every call: about 20,000 instructions for a one-message request, against about
+# 8,000 for one C encoder made once and called with the same settings (json.dumps' defaults). No circular check: a
+# turn's messages are a tree of JSON values.
+_ENCODE = _json.make_encoder(
+    None, json.JSONEncoder().default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+)
+
+
+def json_length(value: Any) -> int:
+    """`len(json.dumps(value))`, for the token estimate: the model reports about four characters a token."""
+    return len("".join(_ENCODE(value, 0)))
 
 
 def _json_pieces(value: dict[str, Any], parts: int = 3) -> list[str]:

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from agent.v1 import agent_pb2, agent_pb2_grpc
@@ -26,6 +26,7 @@ from service.config import Config, GcConfig, KeepaliveConfig, Limits
 from service.executor import Executor
 from service.models.base import Model
 from service.rpc.auth import server_credentials
+from service.rpc.interceptors import guarded_server
 from service.rpc.servicer import AgentServicer
 from service.runs import RunRegistry
 from tools.base import Tool
@@ -129,13 +130,14 @@ async def start_server(
 ) -> Service:
     """Serve `servicer` (with health and reflection) where `config` says, and /metrics unless `metrics` is False.
     The other parts are the servicer's, handed over to be closed with the service."""
-    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(config))
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    server, register = guarded_server(interceptors, server_options(config))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, register)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, register)
     if config.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        # what `reflection.enable_server_reflection` does for an aio server, which it tells by the server's class
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), register)
     credentials = None if config.tls is None else server_credentials(config.tls)
     if credentials is None and any(c.token_sha256 for c in config.auth.callers):
         log.warning(
