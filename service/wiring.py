@@ -105,7 +105,9 @@ async def start(
     if runlog is not None and isinstance(checkpoints, SqliteCheckpointStore):
         runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
         flush = None
-    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue)
+    durable = DurableRuns(
+        checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue, one_node=store is None
+    )
     limits = CallerLimits()  # the registry counts the runs it resumes after a restart in them too
     registry = RunRegistry(
         loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog, limits=limits
