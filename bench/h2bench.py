@@ -158,7 +158,10 @@ def server_cpu(plan: Plan, workdir: Path, path: str) -> dict[str, Any]:
 
 
 def stage(plan: Plan, workdir: Path) -> dict[str, Any]:
-    """Both h2load stages, or a note saying why they did not run and how to make them run."""
+    """The h2load stages (`--workers 2` against FastAPI SSE last: `bench.workers_sse`), or a note saying why they did
+    not run and how to make them run."""
+    from bench import workers_sse  # noqa: PLC0415  (it builds on bench.replicas, which imports this module)
+
     path = h2load.find()
     if path is None:
         note = f"h2load not found, so its rows were skipped: {h2load.HINT}"
@@ -170,4 +173,5 @@ def stage(plan: Plan, workdir: Path) -> dict[str, Any]:
         "streams_per_connection": plan.streams_per_connection,
         "paced": paced(plan, workdir / "h2load", path),
         "cpu": server_cpu(plan, workdir / "h2load-cpu", path),
+        "workers_sse": workers_sse.stage(plan, workdir / "h2load-workers-sse", path),
     }

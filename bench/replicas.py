@@ -40,9 +40,10 @@ from bench import h2bench, h2load, stats
 from bench.h2load import Load
 from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
 from bench.procs import ROOT, Server, start
+from bench.redisbench import REDIS_URL, delete_keys, redis_answers, redis_cpu_s, redis_version
+from bench.replicas_report import markdown
 from bench.workload import Workload, timeline
 
-REDIS_URL = os.environ.get("AGENT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAVES = 3  # streams per connection in the sustained run: C in flight, each connection starting its next as one ends
 STAGES = ("state", "workers", "durable")
 # what a durable run of the paced workload writes, each committed before it goes on: the run's row, turn 1, the
@@ -199,40 +200,6 @@ def settled_ok(server: Server, before: int, calls: int, within_s: float = 5.0) -
         time.sleep(0.2)
 
 
-def redis_cpu_s(url: str) -> float | None:
-    """The Redis server's own CPU time (`INFO cpu`), or None when it does not answer."""
-    import redis
-
-    try:
-        with redis.Redis.from_url(url, socket_timeout=2) as client:
-            info = client.info("cpu")
-    except redis.RedisError:
-        return None
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def redis_answers(url: str) -> str | None:
-    """None when Redis at `url` answers PING, else why not."""
-    import redis
-
-    try:
-        with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        return f"Redis at {url} does not answer ({exc})"
-    return None
-
-
-def delete_keys(url: str, prefix: str) -> int:
-    import redis
-
-    with redis.Redis.from_url(url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i : i + 1000])
-    return len(keys)
-
-
 def levels_for(plan: Plan, comparison: Comparison) -> tuple[int, ...]:
     if plan.mode == "smoke":
         return plan.h2load_levels or (5,)
@@ -286,7 +253,13 @@ def checkpoint_cost(cand: dict[str, Any], base: dict[str, Any], workdir: Path) -
                 elif name.startswith(("runs", "events", "sqlite_autoindex_runs")):
                     log_size += pages
     per = (lambda n: n / rows) if rows else (lambda n: 0.0)
-    return {"cpu_us": extra_us, "bytes": per(size), "log_bytes": per(log_size), "rows": rows}
+    return {
+        "cpu_us": extra_us,
+        "bytes": per(size),
+        "log_bytes": per(log_size),
+        "rows": rows,
+        "per_run": CHECKPOINTS_PER_RUN,
+    }
 
 
 def _left_out(r: dict[str, Any]) -> bool:
@@ -354,7 +327,7 @@ def stage(
         "saturated_pct": SATURATED_PCT,
         "waves": WAVES,
         "events_per_stream": len(timeline(plan.workload)),
-        "redis_version": _redis_version(redis_url),
+        "redis_version": redis_version(redis_url),
         "comparisons": {},
     }
     try:
@@ -364,107 +337,6 @@ def stage(
         with contextlib.suppress(Exception):  # the keys expire by TTL anyway
             results["keys_deleted"] = delete_keys(redis_url, prefix)
     return results
-
-
-def _redis_version(url: str) -> str:
-    import redis
-
-    with redis.Redis.from_url(url, socket_timeout=2) as client:
-        return str(client.info("server")["redis_version"])
-
-
-def _rounds(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        r
-        for comp in results.get("comparisons", {}).values()
-        for level in comp["levels"].values()
-        for row in level["rows"].values()
-        for r in row["rounds"]
-    ]
-
-
-def _num(value: float, unit: str) -> str:
-    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
-
-
-def markdown(results: dict[str, Any], machine: dict[str, Any]) -> str:
-    """The tables: every comparison's goals, then its figures with the per-round ratios and each round's load."""
-    if "skipped" in results:
-        return f"# Replica benchmarks\n\n**Not run.** {results['skipped']}\n"
-    m = machine
-    lines = [
-        "# Replica and durable-run benchmarks (issues 16 and 18), paired",
-        "",
-        f"{results['date']}, `python -m bench.replicas`, the {results['mode']} plan, {results['elapsed_s'] / 60:.0f} "
-        f"min, at `{results['commit'][:7]}`.",
-        "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']:.1f} GiB, Python {m['python']}, grpcio "
-        f"{m['grpcio']}, {m['platform']}; {results['version']}; Redis {results['redis_version']} on the same machine. "
-        f"Load average (1 min): {results['loadavg'][0]:.1f} at the start, {results['loadavg'][1]:.1f} at the end.",
-        "",
-        f"A round on one server: h2load with C streams on C connections (time to first byte, per connection), then "
-        f"{results['waves']} × C streams on those C connections one after the other (C in flight: request times, "
-        f"completed streams/s; events/s = streams/s × {results['events_per_stream']} workload events).",
-        "",
-        "A ratio is the candidate ÷ the baseline, the median of the per-round ratios (lowest–highest round). A round "
-        f"leaves the ratios when h2load used more than {results['saturated_pct']:.0f} % of a core, or when streams "
-        "failed on either side: h2load reads no trailers, so each run's streams are checked against the runs the "
-        "service completed with status OK (its /metrics), and a refused call, which ends at once, would flatter the "
-        "figures; completed streams/s count only the OK ones.",
-        "",
-        "h2load reports no percentile of the time to first byte, so its max (the slowest of C connections, above the "
-        "p99) stands for the p99. Server CPU is the service's processes' (the supervisor and its workers); Redis CPU "
-        "is the Redis server's over the round, whoever else used it.",
-    ]
-    for comp in results["comparisons"].values():
-        for c, level in comp["levels"].items():
-            lines += ["", f"## {comp['title']}, C = {c}", "", "| goal | measured | result |", "|---|---:|---|"]
-            lines += [f"| {g['goal']} | {g['value']} | {g['verdict']} |" for g in level["goals"]]
-            names = list(level["rows"])
-            base, cand = level["rows"][names[0]], level["rows"][names[1]]
-            lines += [
-                "",
-                f"| figure | {names[0]} | {names[1]} | {names[1]} ÷ {names[0]} | per round | left out |",
-                "|---|---:|---:|---:|---|---:|",
-            ]
-            for f in level["figures"]:
-                ratio = (
-                    "-" if f["ratio"] is None else f"{f['ratio']:.2f} ({min(f['ratios']):.2f}–{max(f['ratios']):.2f})"
-                )
-                per_round = " ".join(f"{x:.2f}" for x in f["ratios"])
-                lines.append(
-                    f"| {f['figure']} | {_num(f['baseline'], f['unit'])} | {_num(f['candidate'], f['unit'])} | "
-                    f"{ratio} | {per_round} | {f['left_out']}/{f['rounds']} |"
-                )
-            lines += [
-                "",
-                "| round | " + " | ".join(f"{n}: h2load CPU, load avg, failed streams" for n in names) + " |",
-                "|---|---|---|",
-            ]
-            for i, (b, n) in enumerate(zip(base["rounds"], cand["rounds"], strict=True), 1):
-                cells = [
-                    f"{r['load_cpu_pct']:.0f} %{' sat.' if r['saturated'] else ''}, {r['loadavg_1m']:.1f}, "
-                    f"{r['failed_streams']}{' of ' + str(r['calls']) if r['failed_streams'] else ''}"
-                    for r in (b, n)
-                ]
-                lines.append(f"| {i} | " + " | ".join(cells) + " |")
-            if "checkpoint" in level:
-                cost = level["checkpoint"]
-                lines += [
-                    "",
-                    f"Per checkpoint write ({CHECKPOINTS_PER_RUN} a run): {cost['cpu_us']:.0f} µs of extra server CPU "
-                    f"(the medians' difference per stream ÷ {CHECKPOINTS_PER_RUN}); {cost['bytes']:.0f} bytes of "
-                    f"SQLite file per row ({cost['rows']:,} rows so far).",
-                ]
-    rounds = _rounds(results)
-    failed = sum(r["failed_streams"] for r in rounds)
-    errors = sum(r.get("errors", 0) for r in rounds) - failed
-    lines += [
-        "",
-        f"Streams not completed OK over all rounds: {failed} of {sum(r['calls'] for r in rounds)} (errors h2load saw "
-        f"itself: {errors}). Every server's first stream went through a real client.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def write(results: dict[str, Any], machine: dict[str, Any], out: Path) -> None:

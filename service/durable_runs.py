@@ -84,15 +84,18 @@ class DurableRuns:
         flush: Callable[[Run], Awaitable[None]] | None = None,
         durable: DurableConfig | None = None,
         queue: bool = False,
+        one_node: bool = False,
     ) -> None:
         """`shared`: where the events of a run a dead peer (or this process before a restart) drove are kept: the
         fleet's run store, or one node's run log (None: nowhere). `flush(run)`: returns once the events the run has
         logged are kept; awaited before each checkpoint, so a run continued from it has no gap in its log. `queue`:
-        durable SubmitRun runs wait in the store's queue (when it keeps one), not in this process's."""
+        durable SubmitRun runs wait in the store's queue (when it keeps one), not in this process's. `one_node`: no
+        peer can continue a run (memory:// state), so a drained one waits for this node's next start."""
         self.store = store
         self.config = config
         self.shared = shared
         self.flush = flush
+        self.one_node = one_node
         self._recovery: asyncio.Task[None] | None = None
         # the journals of the runs driven here, while they are (a run's task holds its journal)
         self._journals: weakref.WeakValueDictionary[str, Journal] = weakref.WeakValueDictionary()
@@ -344,7 +347,7 @@ class DurableRuns:
         log.warning("handing durable runs over", extra={"runs": len(runs)})
         for run in runs:  # before the cancel, so that the driver ends nothing: the seq named is then at most what
             # a stream has sent when it ends (it sends the whole log first): a WatchRun from it repeats, never skips
-            run.give_up(RunHandedOver(run.id, len(run.log), DRAINED))
+            run.give_up(RunHandedOver(run.id, len(run.log), DRAINED, one_node=self.one_node))
         await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
         if self.shared is not None and not await self.shared.flushed(5.0):
             log.warning("handing runs over with events not shipped: a peer continues after the last one shipped")

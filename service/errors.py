@@ -132,16 +132,18 @@ class RunHandedOver(RunError):
     reason = "RUN_HANDED_OVER"
     retryable = True
 
-    def __init__(self, run_id: str, last_seq: int, why: str) -> None:
+    def __init__(self, run_id: str, last_seq: int, why: str, *, one_node: bool = False) -> None:
+        """`one_node`: no peer can take the run (memory:// state); its checkpoints and events wait in data_dir for
+        the server's next start there, which continues it."""
+        goes_on = "it goes on when the server starts again on its data_dir" if one_node else "it goes on elsewhere"
         super().__init__(
-            f"run {run_id} {why}; it goes on elsewhere: follow it with "
-            f"WatchRun(run_id={run_id!r}, after_seq={last_seq})"
+            f"run {run_id} {why}; {goes_on}: follow it with WatchRun(run_id={run_id!r}, after_seq={last_seq})"
         )
-        self.run_id, self.last_seq, self.why = run_id, last_seq, why
+        self.run_id, self.last_seq, self.why, self.one_node = run_id, last_seq, why, one_node
 
     def at(self, seq: int) -> RunHandedOver:
         """The same, for a stream that was sent seqs up to `seq` only."""
-        return RunHandedOver(self.run_id, seq, self.why)
+        return RunHandedOver(self.run_id, seq, self.why, one_node=self.one_node)
 
 
 class RunCancelled(RunError):

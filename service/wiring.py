@@ -9,14 +9,11 @@ module builds its siblings; follow `start` to see the whole service.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-
-from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from service import redact, telemetry
 from service.api import AgentApi
@@ -52,8 +49,9 @@ from service.records.summaries import SqliteRunSummaryStore
 from service.redact import Redactor
 from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.interceptors import RejectUndecodable, tracing_interceptors
-from service.rpc.server import HealthServicer, Service, start_server
+from service.rpc.server import Service, start_server
 from service.rpc.servicer import AgentServicer
+from service.rpc.store_health import RECORDS_HEALTH, RECORDS_QUARANTINE_HEALTH, STATE_HEALTH, HealthReport
 from service.runs import RunRegistry
 from service.state.base import RunStore
 from service.state.sqlite_runs import FILE as RUN_LOG_FILE
@@ -65,8 +63,6 @@ if TYPE_CHECKING:
     from service.http.server import HttpServer
 
 log = logging.getLogger(__name__)
-
-SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
 async def start(
@@ -105,7 +101,9 @@ async def start(
     if runlog is not None and isinstance(checkpoints, SqliteCheckpointStore):
         runlog.join(checkpoints)  # one file, one transaction: each checkpoint commits with the events before it
         flush = None
-    durable = DurableRuns(checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue)
+    durable = DurableRuns(
+        checkpoints, config.runs, shared=kept, flush=flush, durable=config.durable, queue=queue, one_node=store is None
+    )
     limits = CallerLimits()  # the registry counts the runs it resumes after a restart in them too
     registry = RunRegistry(
         loop, config.runs, store=store, summaries=summaries, durable=durable, runlog=runlog, limits=limits
@@ -178,38 +176,6 @@ def build_http(api: AgentApi, authenticator: Authenticator, config: Config) -> H
     from service.http.server import HttpServer
 
     return HttpServer(HttpFace(api, authenticator, config).app(), config)
-
-
-STATE_HEALTH = "agent.v1.StateStore"  # NOT_SERVING while the shared run state cannot be reached
-RECORDS_HEALTH = "agent.v1.RecordsStore"  # NOT_SERVING while records spool locally (PostgreSQL unreachable)
-# NOT_SERVING while records PostgreSQL kept refusing wait in the spool's quarantine for an operator
-RECORDS_QUARANTINE_HEALTH = "agent.v1.RecordsQuarantine"
-
-
-class HealthReport:
-    """Carries a store's health to the gRPC health service, which exists only once the server started: under the
-    store's own name, so that probes of the main service (and so traffic) do not depend on it: a replica whose
-    store is away still finishes its runs and (records) spools what it must write."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.health: HealthServicer | None = None
-        self._sets: set[asyncio.Task[None]] = set()
-
-    async def attach(self, health: HealthServicer, up: bool) -> None:
-        self.health = health
-        await self.changed(up)
-
-    async def changed(self, up: bool) -> None:
-        if self.health is not None:
-            await self.health.set(self.name, SERVING if up else NOT_SERVING)
-
-    def changed_soon(self, up: bool) -> None:
-        """`changed`, for a store that notices from synchronous code; in order, the health service's set is quick."""
-        if self.health is not None:
-            task = asyncio.get_running_loop().create_task(self.changed(up))
-            self._sets.add(task)
-            task.add_done_callback(self._sets.discard)
 
 
 async def build_run_store(config: Config, health: HealthReport) -> RunStore | None:

@@ -125,3 +125,16 @@ def test_networks_name_the_setting_and_the_bad_entry() -> None:
     assert [str(n) for n in networks(["10.0.0.1/8", "fd00::/8"], "x.allow_private")] == ["10.0.0.0/8", "fd00::/8"]
     with pytest.raises(ValueError, match=r"bad push.allow_private entry '10.0.0.0/33'"):
         networks(["10.0.0.0/33"], "push.allow_private")
+
+
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+async def test_a_port_out_of_range_is_refused_before_any_lookup(port: int) -> None:
+    # port 0 used to read as unset (the scheme's port), and 65536 went on to the resolver and the connection
+    with pytest.raises(Refused, match=f"^api.test: port {port} is out of range; a port is from 1 to 65535$") as caught:
+        await guard({"api.test": ["93.184.215.14"]}).addresses(httpx.URL(f"https://api.test:{port}/"))
+    assert caught.value.unresolved is False  # not worth a retry
+
+
+async def test_the_ports_at_the_ends_of_the_range_pass() -> None:
+    for port in (1, 65535):
+        assert await guard({"api.test": ["93.184.215.14"]}).addresses(httpx.URL(f"http://api.test:{port}/"))

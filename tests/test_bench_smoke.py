@@ -125,3 +125,21 @@ def check_h2load(h2: dict[str, Any], table: str) -> None:
         flagged = any(r["saturated"] for r in rows[service]["rounds"] + rows["bare"]["rounds"])
         assert h2["cpu"][part]["ratio"] is not None or flagged
     assert "h2load: time to first byte" in table and "Server CPU per call start and per event" in table
+    check_workers_sse(h2["workers_sse"], table, h2["saturated_pct"])
+
+
+def check_workers_sse(ws: dict[str, Any], table: str, saturated_pct: float) -> None:
+    """The service with --workers 2 (redis://) against FastAPI SSE: skipped only where no Redis answers, and never
+    under CI (`AGENT_REQUIRE_BACKENDS=1`), whose machines run one."""
+    if "skipped" in ws:
+        assert "Redis" in ws["skipped"] and os.environ.get("AGENT_REQUIRE_BACKENDS") != "1", ws["skipped"]
+        return
+    assert ws["validation"]["service"]["status"] == "OK" and ws["keys_deleted"] > 0  # its workers wrote to Redis
+    for name, rows in ws["rows"].items():
+        for row in rows:
+            assert row["errors"] == 0 and row["succeeded"] == row["calls"] > 0, (name, row["error_kinds"])
+            assert not any(r["failed"] for r in row["rounds"]) and len(row["rounds"]) == 2
+            assert_saturation_flagged(row["rounds"], saturated_pct)
+    for goals in ws["goals"].values():
+        assert [len(g["ratios"]) + g["left_out"] for g in goals.values()] == [2, 2]
+    assert "### --workers 2 against FastAPI SSE (h2load)" in table and "| agent service, --workers 2 | 5 |" in table

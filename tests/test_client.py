@@ -8,7 +8,10 @@ import os
 import sys
 from typing import Any
 
+import pytest
+
 from conftest import cli
+from service.rpc.client import main
 
 
 async def test_cli_renders_a_run_for_a_person(start_service: Any) -> None:
@@ -56,3 +59,12 @@ async def test_cli_stops_quietly_when_its_reader_leaves(start_service: Any) -> N
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
     assert err.decode() == ""
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+def test_cli_refuses_a_timeout_that_is_not_a_positive_number(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # before: 0 and -5 sent a call already past its deadline (DEADLINE_EXCEEDED at once), inf one with none
+    with pytest.raises(SystemExit) as exited:
+        main(["--timeout", timeout, "hi"])
+    assert exited.value.code == 2  # argparse's usage error, before any connection
+    assert "argument --timeout:" in capsys.readouterr().err

@@ -232,7 +232,7 @@ async def test_a_drained_process_hands_its_run_to_the_peer(shared: Fleet) -> Non
     shared.release()
     assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE
     details = str(ended.details())
-    assert "handed over" in details and "after_seq=" in details
+    assert "handed over" in details and "it goes on elsewhere" in details and "after_seq=" in details
     after_seq = int(details.rpartition("after_seq=")[2].rstrip(")"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as channel:
         request = pb.WatchRunRequest(run_id=run_id, after_seq=after_seq)

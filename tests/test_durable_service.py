@@ -67,6 +67,8 @@ async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
     await drain
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"after_seq={seen[-1].seq}" in str(ended.value.details())
+    # one node (memory:// state): no peer takes the run, the next start on this data_dir does
+    assert "it goes on when the server starts again on its data_dir: follow it" in str(ended.value.details())
     assert not any(e.HasField("error") for e in seen)  # not failed: it goes on elsewhere
     assert checkpoints(tmp_path)[0] == [("", "running")]  # released: any process may claim it
 

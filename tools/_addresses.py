@@ -26,6 +26,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_PORT = 65535
 
 
 class Refused(Exception):
@@ -73,8 +74,11 @@ class AddressGuard:
         self.resolver = resolver
 
     async def addresses(self, url: httpx.URL) -> tuple[str, ...]:
-        """The addresses to connect to for `url`, all of them allowed; Refused otherwise (DNS failure included)."""
+        """The addresses to connect to for `url`, all of them allowed; Refused otherwise (DNS failure included, and a
+        port outside 1–65535, which httpx parses but no connection can use: port 0 would otherwise read as unset)."""
         host = url.raw_host.decode("ascii")
+        if url.port is not None and not 1 <= url.port <= MAX_PORT:
+            raise Refused(f"{url.host}: port {url.port} is out of range; a port is from 1 to {MAX_PORT}")
         try:
             found = await self.resolver(host, url.port or DEFAULT_PORTS[url.scheme])
         except (OSError, UnicodeError) as exc:

@@ -33,7 +33,13 @@ class ModelConfig(Section):
         default="auto", description="auto: anthropic when ANTHROPIC_API_KEY is set, else scripted"
     )
     name: str = Field(
-        default="claude-sonnet-4-6", description="default model for the anthropic provider (requests may name another)"
+        default="claude-sonnet-4-6",
+        description="default model for the anthropic provider (requests may name another, from model.allowed if set)",
+    )
+    allowed: list[str] = Field(
+        default_factory=list,
+        description="the model ids a request may name; empty: any. A request naming another gets INVALID_ARGUMENT "
+        "listing these; one that names none gets model.name, which must then be listed",
     )
     max_tokens: int = Field(default=4096, ge=1, description="output tokens per turn unless the request says")
     timeout_s: float = Field(
@@ -76,4 +82,11 @@ class ModelConfig(Section):
     def _one_kind_of_thinking(self) -> ModelConfig:
         if self.thinking is not None and self.thinking_budget is not None:
             raise ValueError("set model.thinking (adaptive) or model.thinking_budget (manual), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> ModelConfig:
+        # the scripted model answers under its own name (scripted:<scenario>), never model.name
+        if self.allowed and self.provider != "scripted" and self.name not in self.allowed:
+            raise ValueError(f"model.name {self.name!r} is not in model.allowed: requests naming no model would use it")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from typing import Any, TextIO
@@ -158,6 +159,18 @@ def _request(args: argparse.Namespace) -> pb.RunAgentRequest:
     return request
 
 
+def _seconds(text: str) -> float:
+    """A deadline: a positive, finite number of seconds. gRPC takes 0 or less as already past (every call fails at
+    once with DEADLINE_EXCEEDED) and infinity as no deadline at all."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
     token = _token(args.token_file)
     return (("authorization", f"Bearer {token}"),) if token else None
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="model name (server default if unset)")
     parser.add_argument("--system", help="system prompt (server default if unset)")
     parser.add_argument("--max-turns", type=int)
-    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    parser.add_argument("--timeout", type=_seconds, default=300.0, help="deadline in seconds (above 0)")
     parser.add_argument("--no-color", action="store_true")
     parser.add_argument(
         "-i",

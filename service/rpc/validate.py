@@ -38,6 +38,7 @@ class Validator:
         self.unavailable = unavailable
         self.default_model = default_model
         self.durable = durable
+        self.models = frozenset(config.model.allowed)  # empty: any model
 
     def run_spec(
         self, request: pb.RunAgentRequest, run_id: str, caller: Caller, *, background: bool = False
@@ -89,17 +90,12 @@ class Validator:
             raise InvalidRequest(
                 f"idempotency_key is {key_bytes} bytes; the limit is {limits.max_idempotency_key_bytes} bytes"
             )
-        model_bytes = len(request.model.encode())
-        if model_bytes > limits.max_model_bytes:  # it goes into logs, spans and the model request: bounded
-            raise InvalidRequest(
-                f"model is {model_bytes} bytes; a model id has at most {limits.max_model_bytes} bytes "
-                f"(leave it empty for the server's default)"
-            )
+        model = self._model(request)
         metadata = _checked_metadata(request, limits)
         return RunSpec(
             run_id=run_id,
             message=request.message,
-            model=request.model or self.default_model,
+            model=model,
             system=request.system if request.HasField("system") else self.config.system_prompt,
             max_turns=max_turns,
             max_tokens=max_tokens,
@@ -110,6 +106,25 @@ class Validator:
             max_output_tokens=self._limit(request, "max_output_tokens", runs.max_output_tokens),
             durable=self.durable and durable(request, background=background, default=caller.config.durability),
         )
+
+    def _model(self, request: pb.RunAgentRequest) -> str:
+        """The run's model: the one the request names, bounded and on `model.allowed` when that lists any, else the
+        server's default."""
+        model: str = request.model
+        if not model:
+            return self.default_model
+        model_bytes = len(model.encode())
+        if model_bytes > self.config.limits.max_model_bytes:  # it goes into logs, spans and the model request
+            raise InvalidRequest(
+                f"model is {model_bytes} bytes; a model id has at most {self.config.limits.max_model_bytes} bytes "
+                f"(leave it empty for the server's default)"
+            )
+        if self.models and model not in self.models:
+            raise InvalidRequest(
+                f"model {model!r} is not allowed on this server; allowed: {_some(sorted(self.models))} "
+                f"(leave it empty for the server's default, {self.default_model})"
+            )
+        return model
 
     @staticmethod
     def _limit(request: pb.RunAgentRequest, name: str, maximum: int) -> int:
