@@ -148,7 +148,11 @@ class FleetBreaker:
                         self.name, self.policy, self.trial_ttl_s, self._now(), [request for request, _ in batch]
                     )
                 except StateUnavailable as exc:
-                    self._fail(batch, exc)
+                    # the allows that queued meanwhile go on locally at once, as they would once degraded, rather
+                    # than wait out a second timeout; verdicts and releases are still tried, as they always are
+                    waiting = [queued for queued in self._queued if queued[0].kind == "allow"]
+                    self._queued = [queued for queued in self._queued if queued[0].kind != "allow"]
+                    self._fail([*batch, *waiting], exc)
                     batch = []
                     continue
                 for (_, future), answer in zip(batch, answers, strict=True):
