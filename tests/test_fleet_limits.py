@@ -186,6 +186,7 @@ async def call(b: FleetBreaker, *, failed: bool) -> None:
     permit = await b.allow()
     assert permit is not None and permit.shared
     await (b.failure(permit) if failed else b.success(permit))
+    await b.settle()  # a success goes out without the call waiting: the next step must find it counted
 
 
 async def test_a_breaker_opened_through_one_replica_refuses_on_the_other(replica: Replica) -> None:
@@ -233,6 +234,19 @@ async def test_a_cancelled_trial_frees_the_slot_for_another_replica(replica: Rep
     assert await b.allow() is not None
 
 
+async def test_a_trial_admitted_to_a_cancelled_caller_frees_its_slot(replica: Replica) -> None:
+    (a, b), clock, _ = breakers(replica, failure_threshold=1, cooldown_s=5)
+    await call(a, failed=True)
+    clock.now += 5
+    asking = asyncio.ensure_future(a.allow())
+    await asyncio.sleep(0)  # its request is queued: it goes out whatever happens to the caller
+    asking.cancel()
+    await a.settle()
+    assert asking.cancelled()
+    trial = await b.allow()  # the slot the store gave the cancelled caller was handed back
+    assert trial is not None and trial.trial
+
+
 async def test_a_trial_whose_replica_died_is_replaced_after_its_deadline(replica: Replica) -> None:
     (a, b), clock, _ = breakers(replica, failure_threshold=1, cooldown_s=5)
     await call(a, failed=True)
@@ -276,6 +290,17 @@ async def test_the_failure_rate_counts_the_calls_of_every_replica(replica: Repli
     assert await a.allow() is None
 
 
+async def test_verdicts_sent_together_count_in_turn(replica: Replica) -> None:
+    (a, b), clock, moves = breakers(replica, failure_threshold=100, failure_rate=0.5, min_calls=4, window_s=10)
+    permits = await asyncio.gather(*(a.allow() for _ in range(4)))
+    assert all(p is not None for p in permits)
+    first, second, third, fourth = (p for p in permits if p is not None)
+    # queued in one loop turn, so answered by one script run, in turn: 1 of 3 (under min_calls), then 2 of 4
+    await asyncio.gather(a.success(first), a.success(second), a.failure(third), a.failure(fourth))
+    assert a.state is State.OPEN and moves == [("closed", "open")]
+    assert await b.allow() is None
+
+
 async def test_calls_leave_the_shared_window(replica: Replica) -> None:
     (a, b), clock, _ = breakers(replica, failure_threshold=100, failure_rate=0.5, min_calls=4, window_s=10)
     await call(b, failed=True)
@@ -285,6 +310,38 @@ async def test_calls_leave_the_shared_window(replica: Replica) -> None:
     assert b.state is State.CLOSED  # 2 of 5 in the window (3 of 6 with the one that left)
     await call(a, failed=True)
     assert a.state is State.OPEN  # 3 of 6
+
+
+async def test_a_breaker_sends_the_requests_of_one_loop_turn_in_one_script_run(
+    replica: Replica, redis_ns: RedisNamespace
+) -> None:
+    shared = replica()
+    state = shared.state
+    assert isinstance(state, RedisPolicyState)
+    b = FleetBreaker(CircuitBreaker("tool", BreakerPolicy()), shared, trial_ttl_s=30)
+    await call(b, failed=False)  # the scripts are loaded: from here on, one EVALSHA per round trip
+    runs = 0
+    evalsha = state.client.evalsha
+
+    async def counted(*args: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        return await evalsha(*args)
+
+    state.client.evalsha = counted  # type: ignore[method-assign]
+    permits = await asyncio.gather(*(b.allow() for _ in range(10)))
+    assert runs == 1  # ten calls in flight, one round trip to admit them all
+    for permit in permits:
+        assert permit is not None
+        await b.success(permit)  # not waited for: the ten go out together
+    again = await asyncio.gather(*(b.allow() for _ in range(10)))  # asked while the verdicts are out: next batch
+    await b.settle()
+    assert runs == 3 and all(p is not None for p in again)
+    conn = redis.Redis.from_url(redis_ns.url)
+    try:
+        assert await conn.zcard(f"{redis_ns.prefix}breaker:{{tool}}:calls") == 11  # no verdict lost
+    finally:
+        await conn.aclose()
 
 
 # The result cache

@@ -10,6 +10,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -21,7 +22,7 @@ from service.policy.cache import ResultCache
 from service.policy.fleet import FleetCache, FleetLimiter
 from service.policy.fleet_breaker import FleetBreaker
 from service.policy.limiter import RateLimiter
-from service.policy.shared import Reachability, SharedPolicy
+from service.policy.shared import BreakerAnswer, Reachability, SharedPolicy, StateUnavailable
 from service.state.redis_client import connect
 from service.state.redis_limits import RedisPolicyState
 from tools.policy import BreakerPolicy, CachePolicy, RateLimitPolicy
@@ -128,5 +129,43 @@ async def test_calls_go_on_with_local_policies_while_redis_is_down_and_share_aga
         assert again is not None and again.shared
         await breaker.success(again)
         assert await cache.get("k") == (False, None)  # shared again: the new server never saw it
+    finally:
+        await shared.aclose()
+
+
+class Unanswering:
+    """A shared state whose breaker requests fail once `timeout` is set: a store that stopped answering."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+        self.timeout = asyncio.Event()
+
+    async def breaker(self, *_: Any) -> list[BreakerAnswer]:
+        self.asked.append([request.kind for request in _[-1]])
+        await self.timeout.wait()
+        raise StateUnavailable("Timeout reading from 127.0.0.1:6379")
+
+    async def ping(self) -> None:
+        raise StateUnavailable("Connection refused")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_allows_queued_behind_a_request_that_timed_out_go_on_locally_without_waiting_again() -> None:
+    state = Unanswering()
+    never = asyncio.Event()
+    shared = SharedPolicy(state, Reachability("limits", state.ping, sleep=lambda _: never.wait()))  # type: ignore[arg-type]
+    breaker = FleetBreaker(CircuitBreaker("tool", BreakerPolicy()), shared, trial_ttl_s=5)
+    try:
+        first = asyncio.ensure_future(breaker.allow())
+        await asyncio.sleep(0)  # its request goes out
+        later = [asyncio.ensure_future(breaker.allow()) for _ in range(3)]
+        await asyncio.sleep(0)  # theirs wait for the next round trip
+        state.timeout.set()
+        permits = await asyncio.gather(first, *later)
+        assert all(p is not None and not p.shared for p in permits)  # the process's own breaker admitted them
+        assert state.asked == [["allow"]]  # no second round trip to a store that just timed out
+        assert shared.reach.degraded
     finally:
         await shared.aclose()

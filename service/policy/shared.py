@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from service import telemetry
 from service.policy.breaker import State
@@ -49,6 +49,15 @@ class BreakerAnswer:
     cooldown_left_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerRequest:
+    """One request to a shared breaker: admit a call, a call's verdict, or a cancelled trial's release (`epoch`: the
+    permit's)."""
+
+    kind: Literal["allow", "success", "failure", "release"]
+    epoch: int = 0
+
+
 class SharedPolicyState(Protocol):
     """Rate-limit buckets, breaker states and cached results the fleet shares. `now` None: the store's own clock."""
 
@@ -57,15 +66,15 @@ class SharedPolicyState(Protocol):
 
     async def give_back(self, name: str, turn: int) -> None: ...
 
-    async def breaker_allow(
-        self, name: str, policy: BreakerPolicy, trial_ttl_s: float, now: float | None
-    ) -> BreakerAnswer: ...
-
-    async def breaker_verdict(
-        self, name: str, policy: BreakerPolicy, epoch: int, failed: bool, now: float | None
-    ) -> BreakerAnswer: ...
-
-    async def breaker_release(self, name: str, epoch: int) -> None: ...
+    async def breaker(
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        trial_ttl_s: float,
+        now: float | None,
+        requests: Sequence[BreakerRequest],
+    ) -> list[BreakerAnswer]:
+        """The answers to one breaker's requests, each made in turn in one atomic step."""
 
     async def cache_get(self, name: str, key: str) -> bytes | None: ...
 
@@ -149,7 +158,11 @@ class SharedPolicy:
     state: SharedPolicyState
     reach: Reachability
     cache: bool = False
+    senders: set[asyncio.Task[None]] = field(default_factory=set)  # the fleet breakers' requests on their way
 
     async def aclose(self) -> None:
+        # a breaker's verdicts go out without their calls waiting for them: let them arrive before the client closes
+        while self.senders:
+            await asyncio.wait(set(self.senders))
         await self.reach.aclose()
         await self.state.aclose()

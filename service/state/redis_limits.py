@@ -16,13 +16,14 @@ again (a missing bucket means a full one); breakers a day after their last chang
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from service.policy.breaker import State
-from service.policy.shared import BreakerAnswer, StateUnavailable, Take
+from service.policy.shared import BreakerAnswer, BreakerRequest, StateUnavailable, Take
 from tools.policy import BreakerPolicy, RateLimitPolicy
 
 # ARGV[1] is `now` in seconds, or empty for the server's clock. Numbers are stored with all their digits: Lua's own
@@ -85,107 +86,141 @@ end
 return 0
 """
 
-# {admitted, trial, epoch, before, state, cooldown left}. Open past its cool-down: half-open, a new epoch. Half-open:
-# the trial slot is free, or its holder's deadline passed (then a new epoch, so a verdict of the lost trial no longer
-# counts). ARGV: now, cooldown, trial ttl, keep ms.
-_ALLOW = (
+# A breaker's requests in the order this process sent them, each answered {admitted, trial, epoch, before, state,
+# cooldown left}, in one run of the script: allows before a call, verdicts after one, and trials' releases. The
+# breaker's hash is read once and written once, so a batch costs one round trip and one write however many calls it
+# carries, and stays as atomic as one request was. ARGV: now, cooldown, trial ttl, keep ms, window, threshold, rate,
+# min calls, then (kind, epoch) per request: `a` allow, `s`/`f` success/failure, `r` release.
+# Allow: open past its cool-down, half-open in a new epoch; half-open, the trial slot is free or its holder's deadline
+# passed (then a new epoch, so a verdict of the lost trial no longer counts). A verdict counts only in the epoch its
+# call was admitted in (breaker.py's docstring says why). A release frees the slot if its trial still holds it.
+_BREAKER = (
     _PRELUDE
     + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'opened_at', 'trial_until')
+local cooldown, trial_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, threshold, rate, min_calls = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'consecutive', 'seq', 'opened_at', 'trial_until')
 local state = h[1] or 'closed'
 local epoch = tonumber(h[2]) or 0
-local trial_until = tonumber(h[4]) or 0
-local before = state
-if state == 'closed' then return {1, 0, epoch, before, state, '0'} end
-if state == 'open' then
-  local left = tonumber(ARGV[2]) - (now - (tonumber(h[3]) or 0))
-  if left > 0 then return {0, 0, epoch, before, state, num(left)} end
-  state = 'half_open'
-  epoch = epoch + 1
-  trial_until = 0
-end
-local admitted = 0
-if trial_until <= now then
-  if trial_until > 0 then epoch = epoch + 1 end
-  trial_until = now + tonumber(ARGV[3])
-  admitted = 1
-end
-if admitted == 1 or state ~= before then
-  redis.call('HSET', KEYS[1], 'state', state, 'epoch', epoch, 'trial_until', num(trial_until))
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return {admitted, admitted, epoch, before, state, '0'}
-"""
-)
-
-# A call's verdict, counted only in the epoch it was admitted in (breaker.py's docstring says why). ARGV: now, epoch,
-# failed (1/0), window, threshold, rate, min calls, keep ms, cooldown. {counted, 0, epoch, before, state, left}.
-_VERDICT = (
-    _PRELUDE
-    + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'consecutive', 'seq', 'opened_at')
-local state = h[1] or 'closed'
-local epoch = tonumber(h[2]) or 0
-local before = state
-local cooldown = tonumber(ARGV[9])
-if tonumber(ARGV[2]) ~= epoch then
-  local left = 0
-  if state == 'open' then left = cooldown - (now - (tonumber(h[5]) or 0)) end
-  return {0, 0, epoch, before, state, num(left)}
-end
-local failed = ARGV[3] == '1'
 local consecutive = tonumber(h[3]) or 0
-local seq = (tonumber(h[4]) or 0) + 1
-redis.call('ZADD', KEYS[2], num(now), seq)
-if failed then redis.call('ZADD', KEYS[3], num(now), seq) end
-local horizon = '(' .. num(now - tonumber(ARGV[4]))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
-local fields = {}
-if failed then
-  consecutive = consecutive + 1
-  local tripped = false
-  if state == 'closed' then
-    if consecutive >= tonumber(ARGV[5]) then
-      tripped = true
-    else
-      local calls = redis.call('ZCARD', KEYS[2])
-      tripped = calls >= tonumber(ARGV[7]) and redis.call('ZCARD', KEYS[3]) / calls >= tonumber(ARGV[6])
+local seq = tonumber(h[4]) or 0
+local opened_at = tonumber(h[5]) or 0
+local trial_until = tonumber(h[6]) or 0
+local written, counted = false, false
+local out = {}
+-- the batch's outcomes, added to the window's sets in one ZADD each (all at `now`) and trimmed once: before the
+-- sets are counted, and at the end
+local calls, fails = {}, {}
+local function zadd(key, pairs)
+  for i = 1, #pairs, 1000 do  -- unpack's results go on Lua's stack, which holds some 8000
+    redis.call('ZADD', key, unpack(pairs, i, math.min(i + 999, #pairs)))
+  end
+end
+local function add_outcomes()
+  zadd(KEYS[2], calls)
+  zadd(KEYS[3], fails)
+  calls, fails = {}, {}
+  local horizon = '(' .. num(now - window)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', horizon)
+end
+local function reply(admitted, trial, before)
+  local left = 0
+  if state == 'open' then left = cooldown - (now - opened_at) end
+  out[#out + 1] = admitted
+  out[#out + 1] = trial
+  out[#out + 1] = epoch
+  out[#out + 1] = before
+  out[#out + 1] = state
+  out[#out + 1] = num(left)
+end
+local function allow()
+  local before = state
+  if state == 'closed' then return reply(1, 0, before) end
+  if state == 'open' then
+    if cooldown - (now - opened_at) > 0 then return reply(0, 0, before) end
+    state = 'half_open'
+    epoch = epoch + 1
+    trial_until = 0
+    written = true
+  end
+  if trial_until > now then return reply(0, 0, before) end
+  if trial_until > 0 then epoch = epoch + 1 end
+  trial_until = now + trial_ttl
+  written = true
+  return reply(1, 1, before)
+end
+local function verdict(of, failed)
+  local before = state
+  if of ~= epoch then return reply(0, 0, before) end
+  seq = seq + 1
+  calls[#calls + 1] = num(now)
+  calls[#calls + 1] = seq
+  if failed then
+    fails[#fails + 1] = num(now)
+    fails[#fails + 1] = seq
+  end
+  if failed then
+    consecutive = consecutive + 1
+    local tripped = false
+    if state == 'closed' then
+      if consecutive >= threshold then
+        tripped = true
+      else
+        add_outcomes()
+        local n = redis.call('ZCARD', KEYS[2])
+        tripped = n >= min_calls and redis.call('ZCARD', KEYS[3]) / n >= rate
+      end
+    end
+    if state == 'half_open' or tripped then
+      state = 'open'
+      opened_at = now
+      trial_until = 0
+    end
+  else
+    consecutive = 0
+    if state == 'half_open' then
+      redis.call('DEL', KEYS[2], KEYS[3])
+      calls, fails = {}, {}
+      state = 'closed'
+      trial_until = 0
     end
   end
-  if state == 'half_open' or tripped then
-    state = 'open'
-    fields = {'opened_at', num(now), 'trial_until', 0}
-  end
-else
-  consecutive = 0
-  if state == 'half_open' then
-    redis.call('DEL', KEYS[2], KEYS[3])
-    state = 'closed'
-    fields = {'trial_until', 0}
+  if state ~= before then epoch = epoch + 1 end
+  written, counted = true, true
+  return reply(1, 0, before)
+end
+for i = 9, #ARGV, 2 do
+  local kind, of = ARGV[i], tonumber(ARGV[i + 1])
+  if kind == 'a' then
+    allow()
+  elseif kind == 'r' then
+    if state == 'half_open' and of == epoch then
+      trial_until = 0
+      written = true
+    end
+    reply(0, 0, state)
+  else
+    verdict(of, kind == 'f')
   end
 end
-if state ~= before then epoch = epoch + 1 end
-redis.call('HSET', KEYS[1], 'state', state, 'epoch', epoch, 'consecutive', consecutive, 'seq', seq, unpack(fields))
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[8]) end
-local left = 0
-if state == 'open' and before ~= 'open' then left = cooldown end
-return {1, 0, epoch, before, state, num(left)}
+if written then
+  redis.call('HSET', KEYS[1], 'state', state, 'epoch', epoch, 'consecutive', consecutive, 'seq', seq,
+    'opened_at', num(opened_at), 'trial_until', num(trial_until))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+if counted then
+  add_outcomes()
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+end
+return out
 """
 )
-
-# A cancelled trial frees its slot, if it still holds it (same epoch, still half-open).
-_RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'epoch')
-if h[1] == 'half_open' and tonumber(h[2]) == tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'trial_until', 0)
-  return 1
-end
-return 0
-"""
 
 _KEEP_BREAKER_S = 86400.0
 _STATES = {s.value: s for s in State}
+_KINDS = {"allow": "a", "success": "s", "failure": "f", "release": "r"}
 
 
 def _now(now: float | None) -> str:
@@ -212,9 +247,7 @@ class RedisPolicyState:
         self.prefix = prefix
         self._take = client.register_script(_TAKE)
         self._give_back = client.register_script(_GIVE_BACK)
-        self._allow = client.register_script(_ALLOW)
-        self._verdict = client.register_script(_VERDICT)
-        self._release = client.register_script(_RELEASE)
+        self._breaker = client.register_script(_BREAKER)
 
     def _rate_key(self, name: str) -> str:
         return f"{self.prefix}rate:{{{name}}}"  # the braces: a cluster hash tag, a tool's keys in one slot
@@ -244,39 +277,31 @@ class RedisPolicyState:
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
 
-    async def breaker_allow(
-        self, name: str, policy: BreakerPolicy, trial_ttl_s: float, now: float | None
-    ) -> BreakerAnswer:
-        args: list[str | int] = [_now(now), repr(policy.cooldown_s), repr(trial_ttl_s), _keep_ms(policy)]
-        try:
-            return _answer(await self._allow(keys=self._breaker_keys(name)[:1], args=args))
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(str(exc)) from exc
-
-    async def breaker_verdict(
-        self, name: str, policy: BreakerPolicy, epoch: int, failed: bool, now: float | None
-    ) -> BreakerAnswer:
+    async def breaker(
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        trial_ttl_s: float,
+        now: float | None,
+        requests: Sequence[BreakerRequest],
+    ) -> list[BreakerAnswer]:
         args: list[str | int] = [
             _now(now),
-            epoch,
-            int(failed),
+            repr(policy.cooldown_s),
+            repr(trial_ttl_s),
+            _keep_ms(policy),
             repr(policy.window_s),
             policy.failure_threshold,
             repr(policy.failure_rate),
             policy.min_calls,
-            _keep_ms(policy),
-            repr(policy.cooldown_s),
         ]
+        for request in requests:
+            args += (_KINDS[request.kind], request.epoch)
         try:
-            return _answer(await self._verdict(keys=self._breaker_keys(name), args=args))
+            reply = await self._breaker(keys=self._breaker_keys(name), args=args)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-
-    async def breaker_release(self, name: str, epoch: int) -> None:
-        try:
-            await self._release(keys=self._breaker_keys(name)[:1], args=[epoch])
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(str(exc)) from exc
+        return [_answer(reply[i : i + 6]) for i in range(0, len(reply), 6)]
 
     async def cache_get(self, name: str, key: str) -> bytes | None:
         try:
