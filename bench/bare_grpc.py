@@ -20,7 +20,8 @@ from agent.v1 import agent_pb2_grpc
 from bench.serving import serve_until_stopped
 from bench.workload import Step, timeline, workload_arg
 from service.config import Limits
-from service.rpc.server import pending_rpc_options
+from service.rpc.accept import AcceptAhead
+from service.rpc.server import SERVICE_NAME, pending_rpc_options
 
 _PAYLOADS = {
     "run_started": lambda s: {"run_started": pb.RunStarted(model="bare", tools=["bench_sleep"], max_turns=10)},
@@ -66,11 +67,14 @@ class BareServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             yield _event(run_id, seq, step)
 
 
-async def serve(port: int, steps: list[Step], start_cpu_s: float = 0.0) -> None:
-    # the service's queue for calls not yet taken up (`pending_rpc_options`): configuration, not agent machinery
+async def serve(port: int, steps: list[Step], start_cpu_s: float = 0.0, accept_ahead: int = 0) -> None:
+    # the service's queue for calls not yet taken up (`pending_rpc_options`) and how many it takes up at a time
+    # (`AcceptAhead`): transport configuration, not agent machinery
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *pending_rpc_options(Limits())])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps, start_cpu_s), server)
-    await serve_until_stopped(server, port)
+    accept = AcceptAhead(server, accept_ahead, (SERVICE_NAME,))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(BareServicer(steps, start_cpu_s), accept)
+    await serve_until_stopped(server, port, accept.start)
+    await accept.stop()
 
 
 def main() -> None:
@@ -78,8 +82,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workload", type=workload_arg, required=True)
     parser.add_argument("--start-cpu-us", type=float, default=0.0, help="CPU µs each call spends before its stream")
+    parser.add_argument(
+        "--accept-ahead", type=int, default=Limits().accept_ahead, help="as the service's limits.accept_ahead"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, timeline(args.workload), args.start_cpu_us / 1e6))
+    asyncio.run(serve(args.port, timeline(args.workload), args.start_cpu_us / 1e6, args.accept_ahead))
 
 
 if __name__ == "__main__":

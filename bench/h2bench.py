@@ -17,9 +17,11 @@ from bench.plan import SATURATED_PCT, Plan, say, take_turns
 from bench.procs import Server, start
 from bench.workload import Workload, timeline
 
-PACED = ("service", "bare", "sse-async")
+# bare-stock: the bare server as grpc.aio takes up new calls by itself, without `limits.accept_ahead`; "bare" has
+# the service's accept-ahead, so that service ÷ bare measures the agent machinery and not that transport change
+PACED = ("service", "bare", "bare-stock", "sse-async")
 # coalescing merges text deltas at the source: only a system that sends one message per event has an exact count
-EXACT = {"bare", "service-raw", "sse-async", "a2a"}
+EXACT = {"bare", "bare-stock", "service-raw", "sse-async", "a2a"}
 START_EVENTS = 4  # a call that starts, sends one text delta and ends: run_started, text, usage, final_response
 
 

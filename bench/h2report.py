@@ -9,7 +9,8 @@ from bench.procs import LABELS
 from bench.stats import paired_ratio, ratio_cell
 from bench.workers_sse import CLEARLY, SERVICE, SSE
 
-PACED = ("service", "bare", "sse-async", "a2a")  # a2a: only where its venv was built (`make a2a-venv`)
+# a2a: only where its venv was built (`make a2a-venv`); bare-stock: only in runs since `limits.accept_ahead`
+PACED = ("service", "bare", "bare-stock", "sse-async", "a2a")
 A2A_FACTOR = 4.0  # the service's time to first byte at C = 1000 at most a quarter of the A2A SDK server's
 
 

@@ -20,7 +20,8 @@ code controls. The service runs with coalescing off, so that every event is one 
 callgrind, grpc's own work and the interceptors included, while h2load sends it short calls, `in_flight` at a time
 on one connection: the count over `runs` calls and over 2 × `runs` (switched on and dumped with `callgrind_control`
 around each h2load run, after a warm-up), per call. Every thread of the process counts, so the keepalive and metrics
-X
+threads and grpc's poller do too, and the poller's work grows with wall time under valgrind: two live runs of the
+same code differ by up to about 5 %.
 """
 
 from __future__ import annotations

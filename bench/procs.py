@@ -43,6 +43,7 @@ LABELS = {
     "service-raw": "agent service, coalescing off",
     "service-sse": "agent service, SSE face",
     "bare": "bare grpc.aio (limit)",
+    "bare-stock": "bare grpc.aio, grpc's own accept",
     "sse-async": "FastAPI SSE, async gen",
     "sse-sync": "FastAPI SSE, sync gen (naive)",
     "a2a": "A2A SDK gRPC server",
@@ -161,8 +162,10 @@ def start(
     elif system == "a2a":
         python = str(A2A_PYTHON)
         cmd = ["-m", "bench.a2a_baseline", "serve", "--port", str(port), "--workload", spec]
-    elif system == "bare":
+    elif system in ("bare", "bare-stock"):
         cmd = ["-m", "bench.bare_grpc", "--port", str(port), "--workload", spec, "--start-cpu-us", str(start_cpu_us)]
+        if system == "bare-stock":  # grpc.aio taking up one new call per method at a time (service/rpc/accept.py)
+            cmd += ["--accept-ahead", "0"]
     else:
         mode = system.removeprefix("sse-")
         cmd = ["-m", "bench.sse_server", "--port", str(port), "--mode", mode, "--workload", spec]

@@ -119,8 +119,11 @@ async def test_a_service_quarantines_a_refused_dead_letter_shows_it_on_health_an
     second = await run_events(channel)  # later records are not held behind it
     assert second[-1].HasField("final_response")
     spool_path = svc.config.data_dir / "records-spool.db"
-    async with asyncio.timeout(30):
-        while len(sql(postgres_schema, "SELECT run_id FROM run_summaries")) < 2:  # noqa: ASYNC110 (another store)
+    async with asyncio.timeout(30):  # the summaries and the audit rows are written by different tasks
+        while (  # noqa: ASYNC110 (another store)
+            len(sql(postgres_schema, "SELECT run_id FROM run_summaries")) < 2
+            or len(sql(postgres_schema, "SELECT run_id FROM audit")) < 2
+        ):
             await asyncio.sleep(0.05)
     assert sql(postgres_schema, "SELECT run_id FROM audit ORDER BY seq") == [(first[0].run_id,), (second[0].run_id,)]
     assert sql(postgres_schema, "SELECT count(*) FROM dead_letters") == [(0,)]

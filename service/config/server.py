@@ -45,6 +45,14 @@ class Limits(Section):
     max_pending_s: int = Field(
         default=60, ge=1, description="a call not taken up within this many seconds is cancelled (grpc's default: 30)"
     )
+    accept_ahead: int = Field(
+        default=64,
+        ge=0,
+        le=1024,
+        description="requests for new calls kept outstanding with grpc per AgentService method, beyond grpc's own "
+        "one: under a burst of new calls the event loop takes up this many per turn rather than one "
+        "(service/rpc/accept.py); 0 leaves grpc as it is",
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Limits:

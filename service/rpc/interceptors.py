@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from service import telemetry
 from service.errors import AgentError, InvalidRequest
+from service.rpc.accept import AcceptAhead
 from service.rpc.status import refuse
 
 # A check on a call before its handler runs: None to let it through, else the error to end the call with.
@@ -134,7 +135,7 @@ class Registrar:
     server then has no interceptor for grpc.aio to await on every call: its chain, each `intercept_service` and the
     wrapper's look-up cost about 18,000 instructions a call with our two (docs/performance.md, fifth pass)."""
 
-    def __init__(self, server: grpc.aio.Server, guards: Sequence[Any]) -> None:
+    def __init__(self, server: AcceptAhead, guards: Sequence[Any]) -> None:
         self.server = server
         self.guards = tuple(reversed(guards))
 
@@ -160,14 +161,20 @@ class _Guarded(grpc.GenericRpcHandler):  # type: ignore[misc]
         return self.registrar.guard(details.method, self.inner.service(details))
 
 
-def guarded_server(interceptors: Sequence[Any], options: Sequence[tuple[str, Any]]) -> tuple[grpc.aio.Server, Any]:
-    """A server for `interceptors` and what to register its services with: the guards set at registration when every
-    interceptor can set one (`Registrar`); otherwise (tracing's) grpc runs them all on every call, as it would."""
+def guarded_server(
+    interceptors: Sequence[Any], options: Sequence[tuple[str, Any]], accept_ahead: int = 0, services: Sequence[str] = ()
+) -> tuple[grpc.aio.Server, Any, AcceptAhead]:
+    """A server for `interceptors`, what to register its services with, and the `AcceptAhead` that keeps
+    `accept_ahead` more requests for new calls outstanding on each method of `services` once started. The guards
+    are set at registration when every interceptor can set one (`Registrar`); otherwise (tracing's) grpc runs them
+    all on every call, as it would."""
     if all(hasattr(i, "guard") for i in interceptors):
         server = grpc.aio.server(options=list(options))
-        return server, Registrar(server, interceptors)
+        accept = AcceptAhead(server, accept_ahead, services)
+        return server, Registrar(accept, interceptors), accept
     server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
-    return server, server
+    accept = AcceptAhead(server, accept_ahead, services, interceptors)
+    return server, accept, accept
 
 
 def _tolerant(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -25,6 +25,7 @@ from service.aio import abandoned
 from service.config import Config, GcConfig, KeepaliveConfig, Limits
 from service.executor import Executor
 from service.models.base import Model
+from service.rpc.accept import AcceptAhead
 from service.rpc.auth import server_credentials
 from service.rpc.interceptors import guarded_server
 from service.rpc.servicer import AgentServicer
@@ -63,6 +64,7 @@ class Service:
     health: HealthServicer
     port: int
     registry: RunRegistry
+    accept: AcceptAhead
     model: Model
     executor: Executor
     tools: Mapping[str, Tool[Any]]
@@ -99,6 +101,7 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        await self.accept.stop()
         if self.http is not None:
             await self.http.stop()
         if self.health_server is not None:
@@ -130,7 +133,9 @@ async def start_server(
 ) -> Service:
     """Serve `servicer` (with health and reflection) where `config` says, and /metrics unless `metrics` is False.
     The other parts are the servicer's, handed over to be closed with the service."""
-    server, register = guarded_server(interceptors, server_options(config))
+    server, register, accept = guarded_server(
+        interceptors, server_options(config), config.limits.accept_ahead, (SERVICE_NAME,)
+    )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, register)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, register)
@@ -161,6 +166,7 @@ async def start_server(
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror or exc}") from exc
     await server.start()
+    accept.start()
     if http is not None:
         await http.start()
     for name in ("", SERVICE_NAME):
@@ -181,6 +187,7 @@ async def start_server(
         health_servicer,
         port,
         registry,
+        accept,
         model,
         executor,
         tools,
