@@ -8,6 +8,14 @@ sent, a request that goes out even when its caller gives up (a reserved token is
 failure as `StateUnavailable`, which sends the callers to the process's own policies. A general-purpose batcher
 (flushing by size or after a linger, for independent items, often on threads) would add the linger and know nothing
 of the rest, while all of this is a list and one asyncio task.
+
+The fast path: `ask(..., here=True)` and `tell` send from the caller's own task when nothing is queued or out and
+the last batch was a lone request (sparse traffic), sparing a task and two hops through the event loop. Under load,
+requests come in waves (a batch's answers wake its callers together), and the first of a wave going alone would cost
+the rest a round trip: there a task sends, as for any batch. The fast path keeps the order (what comes meanwhile
+queues behind it) but not the going-out of a cancelled caller's request: the caller cancelled during that round trip
+takes its request with it (made or not, its answer is lost), so only a request whose loss costs nothing to speak of
+may take it.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ A = TypeVar("A")
 
 class Batcher(Generic[R, A]):
     """Sends requests through `send` (a batch in, its answers out in the same order, or `StateUnavailable`):
-    `ask` waits for a request's answer, `post` does not.
+    `ask` waits for a request's answer, `tell` and `post` do not need it.
 
     `orphaned(answer)`: the answer of a caller that was cancelled while its request was out (give back what
     it was given). When a batch fails, its callers get `StateUnavailable`, and so do the queued requests that
@@ -54,13 +62,31 @@ class Batcher(Generic[R, A]):
         self.senders = senders
         self._queued: list[tuple[R, asyncio.Future[A] | None]] = []  # not sent yet, in the order they came
         self._sender: asyncio.Task[None] | None = None
+        self._here = False  # a caller's own task has a request out
+        self._lone = True  # the last batch was one request: sparse traffic, where the fast path pays
+        self._idle: list[asyncio.Future[None]] = []  # `settle` waiting for that request's end
 
-    async def ask(self, request: R) -> A:
-        """The request's answer."""
+    async def ask(self, request: R, *, here: bool = False) -> A:
+        """The request's answer. `here`: send it from this task when the fast path is open (see the module's
+        docstring for when, and for what a caller cancelled meanwhile loses)."""
+        if here and self._lone and self._sender is None and not self._here:
+            return await self._send_here(request)
         answer: asyncio.Future[A] = asyncio.get_running_loop().create_future()
         self._queued.append((request, answer))
         self._start()
         return await answer
+
+    async def tell(self, request: R) -> None:
+        """Send a request whose answer its caller does not need: from this task when the fast path is open (the
+        caller then waits for that round trip, which costs less than a task of its own), else posted."""
+        if not self._lone or self._sender is not None or self._here:
+            self.post(request)
+            return
+        try:
+            await self._send_here(request)
+        except StateUnavailable as exc:
+            if self.dropped is not None:
+                self.dropped(request, exc)
 
     def post(self, request: R) -> None:
         """Send the request, in its turn, without waiting for its answer."""
@@ -69,12 +95,36 @@ class Batcher(Generic[R, A]):
 
     async def settle(self) -> None:
         """Until every request made so far has its answer."""
-        while self._sender is not None:
-            await asyncio.shield(self._sender)
+        while self._sender is not None or self._here:
+            if self._sender is not None:
+                await asyncio.shield(self._sender)
+            else:
+                idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._idle.append(idle)
+                await idle
+
+    async def _send_here(self, request: R) -> A:
+        self._here = True
+        try:
+            (answer,) = await self.send([request])
+        except StateUnavailable as exc:
+            self._fail(self._failing_with(), exc)
+            raise
+        except Exception as exc:
+            log.exception("%s of %s: asking the shared state failed", self.part, self.tool, extra={"tool": self.tool})
+            raise self._stranded() from exc
+        finally:
+            self._here = False
+            if self._queued:  # they came while this was out: their turn now
+                self._start()
+            for idle in self._idle:
+                idle.set_result(None)
+            self._idle.clear()
+        return answer
 
     def _start(self) -> None:
-        if self._sender is not None:
-            return  # it takes the queue along
+        if self._sender is not None or self._here:
+            return  # the one out takes the queue along when it is done
         sender = self._sender = asyncio.get_running_loop().create_task(self._drain())
         if self.senders is not None:
             self.senders.add(sender)
@@ -87,6 +137,7 @@ class Batcher(Generic[R, A]):
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
+                self._lone = len(batch) == 1
                 try:
                     answers = await self.send([request for request, _ in batch])
                 except StateUnavailable as exc:

@@ -10,8 +10,15 @@ Requests are batched as `fleet.py`'s limiter batches its takes (`batcher.py`): o
 and those that came while it was out go together in the next one, in the order they came (one script run answers
 them in turn), so a breaker's verdicts keep their order and many calls share a round trip. A call waits for its allow,
 its failure (the retry decision reads the state it leads to) and a trial's verdict or release; a non-trial success
-(it cannot change the state: see `success`) is sent without the call waiting, and `SharedPolicy.aclose` lets it
-arrive.
+(it cannot change the state: see `success`) is sent without the call waiting (but see the fast path below), and
+`SharedPolicy.aclose` lets it arrive.
+
+With nothing else out and sparse traffic, an allow on a circuit this process last saw closed, and a non-trial success,
+go from the caller's own task (`batcher.py`'s fast path: no task, no hop through the loop; the success's call then waits
+for its round trip, as every verdict did before batching). Should the caller be cancelled during that round trip, the
+request may have been made or not: a success lost is one call missing from the window; an allow costs nothing unless
+another replica opened the circuit since and its cool-down ended, and then the trial slot it took frees itself at its
+deadline, as a dead replica's does.
 
 While the shared store is unreachable, calls go through this process's own breaker (the `local` twin): admitted by
 it, their verdicts count there. A shared permit whose verdict cannot be delivered is dropped (one call's worth).
@@ -84,7 +91,8 @@ class FleetBreaker:
         if shared.reach.degraded:
             return self.local.allow()
         try:
-            answer = await self._requests.ask(BreakerRequest("allow"))
+            # known closed, an allow is admitted outside a trial and reserves nothing: it may go from this task
+            answer = await self._requests.ask(BreakerRequest("allow"), here=self._known is State.CLOSED)
         except StateUnavailable as exc:
             shared.reach.failed(exc)
             return self.local.allow()
@@ -98,10 +106,10 @@ class FleetBreaker:
             return
         if not permit.trial:
             # Admitted outside a trial, its success changes no state (closed it stays closed; any other epoch's
-            # verdict counts for nothing), so the call need not wait. It still goes out: it counts in the window and
-            # ends the fleet's run of consecutive failures (another replica's failures count there), so it is never
-            # skipped, even by a circuit this process saw closed.
-            self._requests.post(BreakerRequest("success", permit.epoch))
+            # verdict counts for nothing), so the call need not wait for its answer, nor for a batch out before it.
+            # It still goes out: it counts in the window and ends the fleet's run of consecutive failures (another
+            # replica's failures count there), so it is never skipped, even by a circuit this process saw closed.
+            await self._requests.tell(BreakerRequest("success", permit.epoch))
             return
         await self._verdict(BreakerRequest("success", permit.epoch))
 
