@@ -60,3 +60,20 @@ async def test_a_call_naming_an_unlisted_model_gets_invalid_argument(start_servi
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model 'claude-b' is not allowed on this server; allowed: claude-a" in (info.value.details() or "")
     assert (await run_events(channel_to(svc), message="hi", model="claude-a"))[-1].HasField("final_response")
+
+
+def test_under_auto_the_default_must_be_listed_even_where_the_offline_model_would_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no key here, so auto would run the scripted model; but the same file runs Claude wherever the key is set (a
+    # deployment whose secret comes later), where it could not start: it is refused where it is first tried, saying why
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ValidationError) as refused:
+        ModelConfig(allowed=["claude-a"])
+    assert (
+        "model.name 'claude-sonnet-4-6' is not in model.allowed: requests naming no model would use it wherever "
+        "ANTHROPIC_API_KEY is set (provider auto); list it, name a listed one, or set provider: scripted"
+    ) in str(refused.value)
+    assert ModelConfig(provider="scripted", allowed=["claude-a"]).allowed == ["claude-a"]  # what the message offers
+    with pytest.raises(ValidationError, match=r"would use it; list it or name a listed one \["):
+        ModelConfig(provider="anthropic", allowed=["claude-a"])

@@ -86,7 +86,15 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _default_is_allowed(self) -> ModelConfig:
-        # the scripted model answers under its own name (scripted:<scenario>), never model.name
+        # The scripted model answers under its own name (scripted:<scenario>), never model.name. Under auto the check
+        # holds even with no ANTHROPIC_API_KEY here: the file is the same where the key is set (a deployment whose
+        # secret arrives later), and there it would fail to start; so it fails wherever it is first tried.
         if self.allowed and self.provider != "scripted" and self.name not in self.allowed:
-            raise ValueError(f"model.name {self.name!r} is not in model.allowed: requests naming no model would use it")
+            why = f"model.name {self.name!r} is not in model.allowed: requests naming no model would use it"
+            if self.provider == "auto":
+                raise ValueError(
+                    f"{why} wherever ANTHROPIC_API_KEY is set (provider auto); list it, name a listed one, or set "
+                    "provider: scripted"
+                )
+            raise ValueError(f"{why}; list it or name a listed one")
         return self

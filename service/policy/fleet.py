@@ -4,10 +4,10 @@ with its process-local twin (`limiter.py`, `cache.py`) taking over while the sha
 The limiter keeps the local one's semantics for the fleet: the shared bucket (a token bucket by reservation, on the
 store's clock) answers each call at once with go, the wait for its reserved token, or a refusal when the wait would
 pass `max_wait_s` (or at all, in reject mode). Waiters are served in order: a process sends its callers' requests in
-the order they came, those that came while a request was out together in the next one (one round trip for many
-callers; two commands sent at once on a pool's connections could reach the store in either order), and never wakes a
-later waiter before an earlier one. A waiter cancelled before its turn gives its token back if no one in the fleet
-reserved after it.
+the order they came, those that came while a request was out together in the next one (`batcher.py`: one round trip
+for many callers; two commands sent at once on a pool's connections could reach the store in either order), and never
+wakes a later waiter before an earlier one. A waiter cancelled before its turn gives its token back if no one in the
+fleet reserved after it.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from service.policy.batcher import Batcher
 from service.policy.cache import ResultCache
 from service.policy.limiter import RateLimiter
 from service.policy.shared import SharedPolicy, StateUnavailable, Take
-
-log = logging.getLogger(__name__)
 
 
 class FleetLimiter:
@@ -46,20 +44,15 @@ class FleetLimiter:
         self.shared = shared
         self.clock = clock
         self.sleep = sleep
-        self._queued: list[asyncio.Future[Take]] = []  # callers whose request has not left yet, in arrival order
-        self._sender: asyncio.Task[None] | None = None
+        self._takes: Batcher[None, Take] = Batcher(name, "rate limit", self._take, orphaned=self._give_back)
         self._last_wake = float("-inf")
 
     async def acquire(self) -> float | None:
         shared = self.shared
         if shared.reach.degraded:
             return await self.local.acquire()
-        answer: asyncio.Future[Take] = asyncio.get_running_loop().create_future()
-        self._queued.append(answer)
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send())
         try:
-            take = await answer
+            take = await self._takes.ask(None)
         except StateUnavailable as exc:
             shared.reach.failed(exc)
             return await self.local.acquire()
@@ -77,30 +70,9 @@ class FleetLimiter:
             raise
         return take.wait_s
 
-    async def _send(self) -> None:
-        """Send the queued requests, one round trip at a time, until none are left. Whatever stops it, no caller is
-        left waiting: an answer it cannot give is `StateUnavailable` (the caller goes on locally)."""
-        batch: list[asyncio.Future[Take]] = []
-        try:
-            while self._queued:
-                batch, self._queued = self._queued, []
-                try:
-                    now = self.clock() if self.clock else None
-                    takes = await self.shared.state.take(self.name, self.policy, now, len(batch))
-                except StateUnavailable as exc:
-                    _fail(batch, exc)
-                    continue
-                for answer, take in zip(batch, takes, strict=True):
-                    if answer.done():  # its caller was cancelled while the request was out
-                        await self._give_back(take)
-                    else:
-                        answer.set_result(take)
-        except Exception:
-            log.exception("rate limit of %s: asking the shared state failed", self.name, extra={"tool": self.name})
-        finally:
-            self._sender = None
-            stranded, self._queued = [*batch, *self._queued], []
-            _fail(stranded, StateUnavailable(f"the rate limit of {self.name} could not ask the shared state"))
+    async def _take(self, batch: list[None]) -> list[Take]:
+        now = self.clock() if self.clock else None
+        return await self.shared.state.take(self.name, self.policy, now, len(batch))
 
     async def _give_back(self, take: Take) -> None:
         if not take.wait_s:
@@ -108,12 +80,6 @@ class FleetLimiter:
         # unreachable: the token is lost for the fleet, one call's worth of capacity, refilled at the rate
         with contextlib.suppress(StateUnavailable):
             await self.shared.state.give_back(self.name, take.turn)
-
-
-def _fail(answers: list[asyncio.Future[Take]], exc: StateUnavailable) -> None:
-    for answer in answers:
-        if not answer.done():
-            answer.set_exception(exc)
 
 
 class FleetCache:

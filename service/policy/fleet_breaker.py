@@ -6,11 +6,19 @@ The trial holds its slot until a deadline (the call's timeout and a margin), not
 slot would otherwise keep the circuit half-open and refusing. A later trial admitted after the deadline starts a new
 epoch, so the first one's verdict, if it ever comes, no longer counts.
 
-Requests are batched as `fleet.py`'s limiter batches its takes: one request out at a time per breaker, and those
-that came while it was out go together in the next one, in the order they came (one script run answers them in
-turn), so a breaker's verdicts keep their order and many calls share a round trip. A call waits for its allow, its
-failure (the retry decision reads the state it leads to) and a trial's verdict or release; a non-trial success is
-sent without waiting (it cannot change the state: see `success`), and `SharedPolicy.aclose` lets it arrive.
+Requests are batched as `fleet.py`'s limiter batches its takes (`batcher.py`): one request out at a time per breaker,
+and those that came while it was out go together in the next one, in the order they came (one script run answers
+them in turn), so a breaker's verdicts keep their order and many calls share a round trip. A call waits for its allow,
+its failure (the retry decision reads the state it leads to) and a trial's verdict or release; a non-trial success
+(it cannot change the state: see `success`) is sent without the call waiting (but see the fast path below), and
+`SharedPolicy.aclose` lets it arrive.
+
+With nothing else out and sparse traffic, an allow on a circuit this process last saw closed, and a non-trial success,
+go from the caller's own task (`batcher.py`'s fast path: no task, no hop through the loop; the success's call then waits
+for its round trip, as every verdict did before batching). Should the caller be cancelled during that round trip, the
+request may have been made or not: a success lost is one call missing from the window; an allow costs nothing unless
+another replica opened the circuit since and its cool-down ended, and then the trial slot it took frees itself at its
+deadline, as a dead replica's does.
 
 While the shared store is unreachable, calls go through this process's own breaker (the `local` twin): admitted by
 it, their verdicts count there. A shared permit whose verdict cannot be delivered is dropped (one call's worth).
@@ -19,18 +27,16 @@ it, their verdicts count there. A shared permit whose verdict cannot be delivere
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from service.policy.batcher import Batcher
 from service.policy.breaker import CircuitBreaker, Permit, State, Transition
 from service.policy.shared import BreakerAnswer, BreakerRequest, SharedPolicy, StateUnavailable
 
 log = logging.getLogger(__name__)
-
-_Queued = tuple[BreakerRequest, "asyncio.Future[BreakerAnswer] | None"]  # None: nobody waits for the answer
 
 
 class FleetBreaker:
@@ -55,8 +61,17 @@ class FleetBreaker:
         self.on_transition = on_transition
         self._known = State.CLOSED
         self._half_open_at = 0.0  # on `clock` (or time.monotonic): when a circuit known to be open turns half-open
-        self._queued: list[_Queued] = []  # requests that have not left yet, in the order they came
-        self._sender: asyncio.Task[None] | None = None
+        self._requests: Batcher[BreakerRequest, BreakerAnswer] = Batcher(
+            self.name,
+            "circuit breaker",
+            self._send,
+            orphaned=self._orphaned,
+            # a batch that failed (timed out, most likely): the allows queued meanwhile go on locally at once, as they
+            # would once degraded, rather than wait out a second timeout; verdicts and releases are still tried
+            fails_with=lambda request: request.kind == "allow",
+            dropped=self._dropped,
+            senders=shared.senders,
+        )
 
     @property
     def state(self) -> State:
@@ -76,7 +91,8 @@ class FleetBreaker:
         if shared.reach.degraded:
             return self.local.allow()
         try:
-            answer = await self._ask(BreakerRequest("allow"))
+            # known closed, an allow is admitted outside a trial and reserves nothing: it may go from this task
+            answer = await self._requests.ask(BreakerRequest("allow"), here=self._known is State.CLOSED)
         except StateUnavailable as exc:
             shared.reach.failed(exc)
             return self.local.allow()
@@ -90,10 +106,10 @@ class FleetBreaker:
             return
         if not permit.trial:
             # Admitted outside a trial, its success changes no state (closed it stays closed; any other epoch's
-            # verdict counts for nothing), so the call need not wait. It still goes out: it counts in the window and
-            # ends the fleet's run of consecutive failures (another replica's failures count there), so it is never
-            # skipped, even by a circuit this process saw closed.
-            self._queue(BreakerRequest("success", permit.epoch), None)
+            # verdict counts for nothing), so the call need not wait for its answer, nor for a batch out before it.
+            # It still goes out: it counts in the window and ends the fleet's run of consecutive failures (another
+            # replica's failures count there), so it is never skipped, even by a circuit this process saw closed.
+            await self._requests.tell(BreakerRequest("success", permit.epoch))
             return
         await self._verdict(BreakerRequest("success", permit.epoch))
 
@@ -111,73 +127,31 @@ class FleetBreaker:
         if not permit.trial:
             return
         with contextlib.suppress(StateUnavailable):  # unreachable: the slot frees itself at its deadline
-            await self._ask(BreakerRequest("release", permit.epoch))
+            await self._requests.ask(BreakerRequest("release", permit.epoch))
 
     async def settle(self) -> None:
         """Until every request made so far has its answer (tests; a verdict's call does not wait for it)."""
-        while self._sender is not None:
-            await asyncio.shield(self._sender)
+        await self._requests.settle()
 
     async def _verdict(self, request: BreakerRequest) -> None:
         try:
-            await self._ask(request)
+            await self._requests.ask(request)
         except StateUnavailable as exc:
             self.shared.reach.failed(exc)
 
-    async def _ask(self, request: BreakerRequest) -> BreakerAnswer:
-        answer: asyncio.Future[BreakerAnswer] = asyncio.get_running_loop().create_future()
-        self._queue(request, answer)
-        return await answer
+    async def _send(self, requests: list[BreakerRequest]) -> list[BreakerAnswer]:
+        answers = await self.shared.state.breaker(self.name, self.policy, self.trial_ttl_s, self._now(), requests)
+        for answer in answers:  # in the order the store made them
+            self._learn(answer)
+        return answers
 
-    def _queue(self, request: BreakerRequest, answer: asyncio.Future[BreakerAnswer] | None) -> None:
-        self._queued.append((request, answer))
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send())
-            self.shared.senders.add(self._sender)
-            self._sender.add_done_callback(self.shared.senders.discard)
+    async def _orphaned(self, answer: BreakerAnswer) -> None:
+        if answer.trial:  # admitted to a caller cancelled while its allow was out: free the slot
+            self._requests.post(BreakerRequest("release", answer.epoch))
 
-    async def _send(self) -> None:
-        """Send the queued requests, one batch at a time, until none are left; learn from every answer in order.
-        Whatever stops it, no caller is left waiting: an answer it cannot give is `StateUnavailable`."""
-        batch: list[_Queued] = []
-        try:
-            while self._queued:
-                batch, self._queued = self._queued, []
-                try:
-                    answers = await self.shared.state.breaker(
-                        self.name, self.policy, self.trial_ttl_s, self._now(), [request for request, _ in batch]
-                    )
-                except StateUnavailable as exc:
-                    # the allows that queued meanwhile go on locally at once, as they would once degraded, rather
-                    # than wait out a second timeout; verdicts and releases are still tried, as they always are
-                    waiting = [queued for queued in self._queued if queued[0].kind == "allow"]
-                    self._queued = [queued for queued in self._queued if queued[0].kind != "allow"]
-                    self._fail([*batch, *waiting], exc)
-                    batch = []
-                    continue
-                for (_, future), answer in zip(batch, answers, strict=True):
-                    self._learn(answer)
-                    if future is None:
-                        continue
-                    if not future.done():
-                        future.set_result(answer)
-                    elif answer.trial:  # its caller was cancelled while the request was out: free the slot
-                        self._queued.append((BreakerRequest("release", answer.epoch), None))
-                batch = []
-        except Exception:
-            log.exception("circuit breaker of %s: asking the shared state failed", self.name, extra={"tool": self.name})
-        finally:
-            self._sender = None
-            stranded, self._queued = [*batch, *self._queued], []
-            self._fail(stranded, StateUnavailable(f"the circuit breaker of {self.name} could not ask the shared state"))
-
-    def _fail(self, batch: list[_Queued], exc: StateUnavailable) -> None:
-        for request, future in batch:
-            if future is None:
-                if request.kind != "release":  # a verdict nobody waits for is dropped, as an awaited one would be
-                    self.shared.reach.failed(exc)
-            elif not future.done():
-                future.set_exception(exc)
+    def _dropped(self, request: BreakerRequest, exc: StateUnavailable) -> None:
+        if request.kind != "release":  # a verdict nobody waits for is dropped, as an awaited one would be
+            self.shared.reach.failed(exc)
 
     def _now(self) -> float | None:
         return self.clock() if self.clock is not None else None
