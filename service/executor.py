@@ -148,11 +148,16 @@ class Executor:
                 if denied is None and run.journal is not None and not self.repeat_safe(call):
                     await run.journal.intend(call)  # after its approval: a crash while it waited is no unknown outcome
                 if denied is None:
-                    async for item in self.pipelines[tool.name].run(call, run, args, record, self.sleep):
-                        if isinstance(item, Outcome):
-                            outcome = item
-                        else:
-                            yield item
+                    pipeline = self.pipelines[tool.name]
+                    first = await pipeline.first(call, run, args, record) if pipeline.quick else None
+                    if first is not None and pipeline.done(first):
+                        outcome = first  # the common call: no generator below this one (policy/pipeline.py)
+                    else:
+                        async for item in pipeline.run(call, run, args, record, self.sleep, first=first):
+                            if isinstance(item, Outcome):
+                                outcome = item
+                            else:
+                                yield item
                 if outcome.status in DEAD_LETTER_ON:
                     failed = await record.dead_letter(outcome)
                     if failed is not None:
