@@ -4,13 +4,14 @@ schedules no timer; every other keeps the timeout, the cancel and the values it 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from typing import Any
 
 import pytest
 
 from service.events import ToolStatus
-from service.policy.attempt import attempt, bounded
+from service.policy.attempt import attempt, bounded, to_json
 from tools.base import CallInfo, Tool
 
 CALL = CallInfo(run_id="r", call_id="c", attempt=1)
@@ -138,3 +139,12 @@ async def test_values_and_errors_of_awaited_futures_reach_the_tool() -> None:
         return await ok, caught
 
     assert await bounded(both(), loop.time() + 5) == (7, "'k'")
+
+
+def test_to_json_keeps_json_as_is_and_converts_what_is_not() -> None:
+    rows = {"rows": [{"id": 1, "ok": True, "v": 1.5, "none": None, "tags": ["a", {"b": 2}]}]}
+    assert to_json(rows) is rows  # already JSON: no round trip
+    day = datetime.date(2026, 12, 3)
+    assert to_json({"rows": [{"day": day}]}) == {"rows": [{"day": "2026-12-03"}]}
+    assert to_json([{1: "x"}]) == [{"1": "x"}]  # a key JSON cannot have, as json.dumps writes it
+    assert to_json({"t": (1, 2)}) == {"t": [1, 2]}
