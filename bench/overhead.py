@@ -10,7 +10,8 @@ to nowhere, and the INFO log line the service writes per call at its default log
 `--instructions`: instructions per call instead of times, counted by valgrind's callgrind (`bench/instructions.py`
 does the same for the servicer): a figure a busy machine does not move. Each stack runs under callgrind twice, the
 count switched on around `calls` and 2 × `calls` calls (audit flushes included); the difference per call is the
-stack's cost. `caller` counts the calling thread only (what the p50 waits for), `all` adds the audit writer thread.
+stack's cost. `caller` counts the calling thread only (what the p50 waits for), `all` adds the other threads: the
+audit writer's work, and the polling of the flush between batches, which grows with the machine's load.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
@@ -214,12 +216,18 @@ async def counted(stack: str, calls: int) -> None:
 
     async def go(call: Call, flush: Flush) -> None:
         await measure(call, 200, flush)  # warm-up: caches, first-call paths
+        gc.disable()  # as `measure` times the calls
         _switch(True)
         for start in range(0, calls, 1000):
             for _ in range(min(1000, calls - start)):
                 await call()
-            await flush()
+            # the flush polls until the audit writer is done, as many times as the machine's load makes it: in a
+            # thread of its own, so that the caller's count is the calls' alone (the loop blocks meanwhile)
+            flusher = threading.Thread(target=asyncio.run, args=(flush(),))
+            flusher.start()
+            flusher.join()
         _switch(False)
+        gc.enable()
 
     if stack == "direct":
         await go(direct, nothing)
@@ -235,7 +243,7 @@ def instruction_count(stack: str, calls: int) -> tuple[int, int]:
         out = Path(tmp) / "cg.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
         cmd += [f"--callgrind-out-file={out}", sys.executable, "-m", "bench.overhead", "--inner", stack, str(calls)]
-        env = dict(os.environ, PYTHONMALLOC="malloc")
+        env = dict(os.environ, PYTHONMALLOC="malloc", PYTHONHASHSEED="0")  # the same dict layouts in every run
         subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=1800)
         totals = []
         for path in sorted(Path(tmp).glob("cg.out-*")):  # one file per thread, the caller's (the main thread) first
