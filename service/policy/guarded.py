@@ -170,7 +170,8 @@ def settled(outcome: Outcome, number: int, attempts: int) -> bool:
 
 async def rate_limit(tool: str, limiter: RateLimiter | FleetLimiter, observer: CallObserver) -> Outcome | None:
     """Take rate-limit capacity (waiting if the policy says so), or the rate_limited outcome."""
-    waited = await limiter.acquire()
+    # a token at hand is taken without awaiting `acquire` (the process's own limiter; the fleet's is always awaited)
+    waited = 0.0 if isinstance(limiter, RateLimiter) and limiter.take() else await limiter.acquire()
     observer.rate_limited(tool, waited)
     if waited is not None:
         return None
