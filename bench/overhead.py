@@ -6,6 +6,12 @@ hard timeout, a retry wrapper (3 attempts; the call succeeds on the first), metr
 under a temporary data_dir, written by its background thread) and the `tool_call` span. Rows differ only in
 tracing and logging: the default no-op tracer (production without `OTEL_*` variables), an SDK tracer exporting
 to nowhere, and the INFO log line the service writes per call at its default log level.
+
+`--instructions`: instructions per call instead of times, counted by valgrind's callgrind (`bench/instructions.py`
+does the same for the servicer): a figure a busy machine does not move. Each stack runs under callgrind twice, the
+count switched on around `calls` and 2 × `calls` calls (audit flushes included); the difference per call is the
+stack's cost. `caller` counts the calling thread only (what the p50 waits for), `all` adds the other threads: the
+audit writer's work, and the polling of the flush between batches, which grows with the machine's load.
 """
 
 from __future__ import annotations
@@ -16,8 +22,13 @@ import gc
 import io
 import json
 import logging
+import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
@@ -189,11 +200,88 @@ async def run(calls: int) -> dict[str, Any]:
     return out
 
 
+def _switch(on: bool) -> None:
+    if not os.environ.get("BENCH_OVERHEAD_CALLGRIND"):  # run without valgrind (a test of the driver)
+        return
+    flag = "on" if on else "off"
+    subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
+
+
+async def counted(stack: str, calls: int) -> None:
+    """Inside callgrind: warm up, then `calls` calls of `stack` ("direct" or "executor") with the count on."""
+    logging.getLogger().setLevel(logging.WARNING)
+    tool = Noop()
+    args = tool.validate(CALL.input)
+
+    async def direct() -> Any:
+        return await tool.run(args)
+
+    async def go(call: Call, flush: Flush) -> None:
+        await measure(call, 200, flush)  # warm-up: caches, first-call paths
+        gc.disable()  # as `measure` times the calls
+        _switch(True)
+        last = None
+        for start in range(0, calls, 1000):
+            for _ in range(min(1000, calls - start)):
+                last = await call()
+            # the flush polls until the audit writer is done, as many times as the machine's load makes it: in a
+            # thread of its own, so that the caller's count is the calls' alone (the loop blocks meanwhile)
+            flusher = threading.Thread(target=asyncio.run, args=(flush(),))
+            flusher.start()
+            flusher.join()
+        _switch(False)
+        gc.enable()
+        assert last == {"city": "Lyon", "limit": 5} or last[-1].status.value == "ok", last  # every call counted worked
+
+    if stack == "direct":
+        await go(direct, nothing)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        async with executor_call(tool, Path(tmp)) as (call, flush):
+            await go(call, flush)
+
+
+def instruction_count(stack: str, calls: int) -> tuple[int, int]:
+    """(caller thread, all threads) instructions over `calls` calls of `stack`, in a fresh process under callgrind."""
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-cg-") as tmp:
+        out = Path(tmp) / "cg.out"
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+        cmd += [f"--callgrind-out-file={out}", sys.executable, "-m", "bench.overhead", "--inner", stack, str(calls)]
+        env = dict(os.environ, PYTHONMALLOC="malloc", PYTHONHASHSEED="0", BENCH_OVERHEAD_CALLGRIND="1")
+        subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=1800)
+        totals = []
+        for path in sorted(Path(tmp).glob("cg.out-*")):  # one file per thread, the caller's (the main thread) first
+            match = re.search(r"^totals: (\d+)", path.read_text(), re.MULTILINE)
+            totals.append(int(match[1]) if match else 0)
+        return totals[0], sum(totals)
+
+
+def instructions(calls: int) -> dict[str, Any]:
+    per_call: dict[str, dict[str, float]] = {}
+    for stack in ("direct", "executor"):
+        once, twice = instruction_count(stack, calls), instruction_count(stack, 2 * calls)
+        per_call[stack] = {"caller": (twice[0] - once[0]) / calls, "all": (twice[1] - once[1]) / calls}
+    direct, executor = per_call["direct"], per_call["executor"]
+    return {
+        "calls": calls,
+        "note": STACK,
+        "instructions_per_call": {name: {k: round(v) for k, v in row.items()} for name, row in per_call.items()},
+        "overhead_instructions": {k: round(executor[k] - direct[k]) for k in ("caller", "all")},
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=20000)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=20000, help="calls per row (with --instructions: default 1000)")
+    parser.add_argument("--instructions", action="store_true", help="callgrind's instruction counts, not times")
+    parser.add_argument("--inner", nargs=2, metavar=("STACK", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.calls))))
+    if args.inner:
+        asyncio.run(counted(args.inner[0], int(args.inner[1])))
+    elif args.instructions:
+        print(json.dumps(instructions(1000 if args.calls == 20000 else args.calls)))
+    else:
+        print(json.dumps(asyncio.run(run(args.calls))))
 
 
 if __name__ == "__main__":

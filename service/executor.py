@@ -144,16 +144,25 @@ class Executor:
                             call, args = step.call, step.args  # an approver's edit, validated again
                         else:
                             yield step
-                outcome = denied or Outcome(S.ERROR)
-                if denied is None and run.journal is not None and not self.repeat_safe(call):
-                    await run.journal.intend(call)  # after its approval: a crash while it waited is no unknown outcome
-                if denied is None:
-                    async for item in self.pipelines[tool.name].run(call, run, args, record, self.sleep):
-                        if isinstance(item, Outcome):
-                            outcome = item
-                        else:
-                            yield item
-                if outcome.status in DEAD_LETTER_ON:
+                if denied is not None:
+                    outcome = denied
+                else:
+                    if run.journal is not None and not self.repeat_safe(call):
+                        # after its approval: a crash while it waited is no unknown outcome
+                        await run.journal.intend(call)
+                    pipeline = self.pipelines[tool.name]
+                    first = await pipeline.first(call, run, args, record) if pipeline.quick else None
+                    if first is not None and pipeline.done(first):
+                        outcome = first  # the common call: no generator below this one (policy/pipeline.py)
+                    else:
+                        outcome = Outcome(S.ERROR)
+                        async for item in pipeline.run(call, run, args, record, self.sleep, first=first):
+                            if isinstance(item, Outcome):
+                                outcome = item
+                            else:
+                                yield item
+                # `is not OK` first: a success skips hashing the status (Enum.__hash__ is Python code)
+                if outcome.status is not S.OK and outcome.status in DEAD_LETTER_ON:
                     failed = await record.dead_letter(outcome)
                     if failed is not None:
                         yield failed

@@ -108,7 +108,7 @@ class CallRecord:
         if waited is None:
             telemetry.RATE_LIMITED.labels(tool).inc()
         else:
-            telemetry.child(telemetry.RATE_LIMIT_WAIT, tool).observe(waited)
+            telemetry.tallied(telemetry.RATE_LIMIT_WAIT, tool).observe(waited)
 
     def attempt_started(self, number: int) -> None:
         if number == 1:

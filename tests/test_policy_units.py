@@ -327,3 +327,21 @@ def test_config_overrides_the_tools_policy_field_by_field() -> None:
 def test_bad_policy_config_is_refused(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         resolve(policy_tools(), overrides)
+
+
+async def test_take_spends_the_burst_without_waiting_then_acquire_queues_behind_it() -> None:
+    clock = FakeClock()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    limiter = RateLimiter(RateLimitPolicy(rate_per_s=2, burst=2, max_wait_s=5), clock=clock, sleep=sleep)
+    assert limiter.take() and limiter.take()
+    assert not limiter.take()  # nothing at hand: the caller goes to `acquire`
+    assert await limiter.acquire() == 0.5 and await limiter.acquire() == 1.0  # their turns, in order
+    clock.now += 1.0
+    assert not limiter.take()  # the two tokens that came were the waiters'
+    clock.now += 0.5
+    assert limiter.take()
+    assert waits == [0.5, 1.0]

@@ -33,7 +33,8 @@ def admit(
         args = tool.validate(call.input)
     except Exception as exc:
         return Outcome(S.REJECTED, error=f"invalid input for {call.name}: {invalid(exc, call.name)}")
-    needed = missing(policies[tool.name], run)
+    policy = policies[tool.name]
+    needed = missing(policy, run) if policy.requires else None
     if needed:
         return Outcome(
             S.REJECTED,

@@ -84,6 +84,7 @@ class CircuitBreaker:
         self.current = BreakerState()  # this process's, held here: nothing else reads or writes it
         self.clock = clock
         self.on_transition = on_transition
+        self._closed = Permit(0)  # a permit is immutable: every call of a closed epoch gets the same one
 
     @property
     def state(self) -> State:
@@ -96,7 +97,9 @@ class CircuitBreaker:
         """A permit for one call, or None when the circuit refuses it."""
         s = self.current
         if s.state is State.CLOSED:
-            return Permit(s.epoch)
+            if self._closed.epoch != s.epoch:
+                self._closed = Permit(s.epoch)
+            return self._closed
         if s.state is State.OPEN:
             if self.clock() - s.opened_at < self.policy.cooldown_s:
                 return None

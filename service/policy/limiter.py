@@ -37,17 +37,22 @@ class RateLimiter:
         self._served = 0  # the last turn a waiter took
         self._waiting: dict[int, None] = {}  # the turns of the waiters still waiting, in order
 
-    async def acquire(self) -> float | None:
-        """Take capacity for one call: the seconds waited for it, or None when the call must be rejected."""
+    def take(self) -> bool:
+        """Take a token if one is there now: the common case, which needs no coroutine (`acquire` starts here)."""
         now = self.clock()
-        rate = self.policy.rate_per_s
-        tokens = min(float(self.policy.burst), self._tokens + (now - self._at) * rate)
+        tokens = min(float(self.policy.burst), self._tokens + (now - self._at) * self.policy.rate_per_s)
         self._at = now
         if tokens >= 1:
             self._tokens = tokens - 1
-            return 0.0
-        wait = (1 - tokens) / rate  # until this caller's token has come, the earlier waiters' before it
+            return True
         self._tokens = tokens
+        return False
+
+    async def acquire(self) -> float | None:
+        """Take capacity for one call: the seconds waited for it, or None when the call must be rejected."""
+        if self.take():
+            return 0.0
+        wait = (1 - self._tokens) / self.policy.rate_per_s  # until this caller's token has come, the earlier waiters'
         if self.policy.mode == "reject" or wait > self.policy.max_wait_s:
             return None
         self._tokens -= 1  # reserved: whoever comes next waits behind this caller

@@ -5,7 +5,9 @@
     fallback  on final failure or open circuit, the same input to another tool     (`fallback.py`)
 
 `Pipeline.run` yields the call's events, then one `Outcome`. The stage objects are built once per executor; a call
-allocates only what it must (its chunk counter and outcomes), never a closure or a generator per stage.
+allocates only what it must (its chunk counter and outcomes), never a closure or a generator per stage. A tool that
+answers in one piece and has no cache starts with `Pipeline.first`, a coroutine: most calls end there, with no
+generator at all, and the others go on in `run(first=...)`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from service.events import ToolStatus as S
 from service.policy.attempt import ChunkCounter, Outcome
 from service.policy.cache import ResultCache, cache_key
 from service.policy.call import RunContext, ToolCallRequest
-from service.policy.fallback import fall_back, usable
-from service.policy.guarded import guarded
+from service.policy.fallback import FALLBACK_ON, fall_back, usable
+from service.policy.guarded import first_attempt, guarded, settled
 from service.policy.guards import Guards
 from service.policy.observer import CallObserver
 from tools.base import Tool
@@ -28,12 +30,24 @@ from tools.base import Tool
 class Pipeline:
     """One tool's stages: its guards, and its fallback's tool and guards when its policy names one."""
 
-    __slots__ = ("fallback", "guards", "tool")
+    __slots__ = ("fallback", "guards", "quick", "tool")
 
     def __init__(self, tool: Tool[Any], guards: Guards, fallback: tuple[Tool[Any], Guards] | None = None) -> None:
         self.tool = tool
         self.guards = guards
         self.fallback = fallback
+        self.quick = not tool.streaming and guards.cache is None  # whether calls may start with `first`
+
+    def first(self, call: ToolCallRequest, run: RunContext, args: Any, observer: CallObserver) -> Awaitable[Outcome]:
+        """The rate limit and attempt 1 of a `quick` pipeline's call (`first_attempt`'s coroutine itself, no frame
+        of its own); `done` says whether that is the call's outcome, else `run(first=...)` goes on from it."""
+        return first_attempt(self.tool, args, self.guards, run_id=run.run_id, call_id=call.call_id, observer=observer)
+
+    def done(self, first: Outcome) -> bool:
+        """Whether `first` is the call's outcome: no retry to make and no fallback to try."""
+        return settled(first, 1, self.guards.policy.retry.attempts) and (
+            self.fallback is None or first.status not in FALLBACK_ON
+        )
 
     async def run(
         self,
@@ -42,10 +56,11 @@ class Pipeline:
         args: Any,
         observer: CallObserver,
         sleep: Callable[[float], Awaitable[None]],
+        first: Outcome | None = None,
     ) -> AsyncIterator[Event | Outcome]:
         tool, cache = self.tool, self.guards.cache
         key = ""
-        if cache is not None:
+        if cache is not None and first is None:
             key = cache_key(tool.name, args)
             hit, value = cache.get(key) if isinstance(cache, ResultCache) else await cache.get(key)
             if hit:
@@ -68,6 +83,7 @@ class Pipeline:
             observer=observer,
             remaining=run.remaining,
             sleep=sleep,
+            first=first,
         ):
             if isinstance(item, Outcome):
                 outcome = item
