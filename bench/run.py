@@ -48,13 +48,13 @@ def load_cmd(server: Server, streams: int, deadline: float, hold: bool = False, 
     return [*cmd, "--hold"] if hold else [*cmd, "--go"] if go else cmd
 
 
-def run_load(server: Server, streams: int, deadline: float) -> dict[str, Any]:
-    """The Python load: one process per `STREAMS_PER_LOAD` streams, connected first and then started at once. The
+def run_load(server: Server, streams: int, deadline: float, per_process: int = STREAMS_PER_LOAD) -> dict[str, Any]:
+    """The Python load: one process per `per_process` streams, connected first and then started at once. The
     report joins theirs: every stream's record, the longest measuring window, and as `load_cpu_pct` the busiest
     process's CPU time over its window (all its threads; the interpreter's start and imports left out, which would
     read as a busy load), since each process's own loop is what saturates (`load_cpu_total_s`: all of them)."""
-    shares = [streams // -(-streams // STREAMS_PER_LOAD)] * -(-streams // STREAMS_PER_LOAD)
-    shares[0] += streams - sum(shares)
+    processes = -(-streams // per_process)
+    shares = [streams // processes + (i < streams % processes) for i in range(processes)]
     if len(shares) == 1:
         done = subprocess.run(
             load_cmd(server, streams, deadline), cwd=ROOT, env=child_env(), capture_output=True, timeout=deadline + 60
