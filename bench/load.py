@@ -2,9 +2,11 @@
 and records, per stream, the time to the first event, to the first text token, to the end, and the event count,
 and its own CPU time over the streams (`load_cpu_s`, the orchestrator's saturation check).
 
-`python -m bench.load --proto grpc|sse --target ADDR --streams C [--hold]` prints one JSON object on stdout.
+`python -m bench.load --proto grpc|sse --target ADDR --streams C [--hold | --go]` prints one JSON object on stdout.
 With `--hold` it opens the streams, waits for each one's first event, prints `{"ready": n}`, and cancels them all
 when a line arrives on stdin: the orchestrator measures the server's memory per idle open stream in between.
+With `--go` it connects, prints `{"connected": n}` and starts its streams when a line arrives on stdin: the
+orchestrator starts several load processes at once that way (`bench.run.run_load`), when one would be saturated.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         # Connected before the clock starts: a service-to-service caller keeps its channels open.
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=args.deadline)
         stubs = [agent_pb2_grpc.AgentServiceStub(c) for c in channels]
+    if args.go:  # the orchestrator starts every load process's streams at once
+        print(json.dumps({"connected": n_conn}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if args.proto == "grpc":
         coros = [grpc_stream(stubs[i % n_conn], r, args.deadline, opened[i]) for i, r in enumerate(records)]
     else:
         timeout = aiohttp.ClientTimeout(total=args.deadline)
@@ -161,6 +167,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=0, help="connections to spread over; default C/100")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds before unfinished streams are cut")
     parser.add_argument("--hold", action="store_true", help="hold the streams open until a line on stdin")
+    parser.add_argument("--go", action="store_true", help="connect, then start the streams on a line on stdin")
     args = parser.parse_args()
     raise_fd_limit()
     print(json.dumps(asyncio.run(drive(args))), flush=True)
