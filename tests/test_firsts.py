@@ -12,7 +12,15 @@ import pytest
 
 from agent.v1 import agent_pb2 as pb
 from conftest import StartService, run_events_of, stub
+from service.coalesce import LoopLoad
 from service.rpc.firsts import FirstsFirst
+
+
+def _saturated() -> LoopLoad:
+    """A loop load that reads saturated (no probe moves it)."""
+    load = LoopLoad()
+    load.busy = 1.0
+    return load
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -27,6 +35,7 @@ async def test_a_stream_under_way_holds_until_the_new_call_has_sent_its_first_ev
 ) -> None:
     svc = await start_service(limits={"first_events_first_s": 5})
     firsts = svc.servicer.firsts
+    firsts.load = _saturated()
     call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
     first = await anext(aiter(call))
     assert first.WhichOneof("event") == "run_started"
@@ -45,6 +54,7 @@ async def test_a_hold_lasts_at_most_its_bound(
 ) -> None:
     svc = await start_service(limits={"first_events_first_s": 0.01})
     firsts = svc.servicer.firsts
+    firsts.load = _saturated()
     firsts.pending += 1  # a new call that never sends its first event: the streams under way still move on
     events = await run_events_of(stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello")))
     assert events[-1].WhichOneof("event") == "final_response"
@@ -88,12 +98,24 @@ async def test_a_stream_closed_while_its_first_event_waits_to_be_sent_stops_coun
     assert firsts.pending == 0
 
 
+async def test_a_loop_with_time_to_spare_holds_no_stream(
+    start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
+) -> None:
+    svc = await start_service(limits={"first_events_first_s": 5})
+    firsts = svc.servicer.firsts
+    firsts.load = LoopLoad()  # idle: a steady flow of new calls must not slow the streams under way
+    firsts.pending += 1
+    async with asyncio.timeout(2):  # a hold would last 5 s
+        events = await run_events_of(stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello")))
+    assert events[-1].WhichOneof("event") == "final_response"
+
+
 def test_no_hold_without_a_new_call_or_with_the_hold_off() -> None:
     async def scenario() -> None:
-        off = FirstsFirst(0)
+        off = FirstsFirst(0, _saturated())
         off.pending = 3
         await off.wait()  # the hold is off: returns at once
-        idle = FirstsFirst(5)
+        idle = FirstsFirst(5, _saturated())
         await idle.wait()  # nothing pending: returns at once
         assert off.held == idle.held == 0
 

@@ -57,8 +57,8 @@ class Limits(Section):
         default=0.25,
         ge=0,
         le=5,
-        description="while a new RunAgent call has not sent its first event, streams already under way hold their "
-        "next one, for at most this long: on a saturated event loop new calls start before old streams go on "
+        description="on a saturated event loop, while a new RunAgent call has not sent its first event, streams "
+        "already under way hold their next one, for at most this long: new calls start before old streams go on "
         "(service/rpc/firsts.py); 0 turns the hold off",
     )
 

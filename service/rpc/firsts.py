@@ -11,6 +11,10 @@ merged (the run's coalescer and the subscriber's lag do that). So streams under 
 not sent its first event, for at most `hold_s` at a time: a server that never catches up with its new calls still
 moves every stream on at least that often.
 
+Only a saturated loop holds (`LoopLoad.busy` at `SATURATED_BUSY`, the share at which the coalescer's window is
+widest). Below it every callback runs soon anyway, and under a steady flow of new calls some call is nearly always
+starting: holding then would slow every stream to one event per `hold_s` for nothing.
+
 A hold costs one shared `asyncio.Event` and one timer per spell, not per stream; a stream checks an int per
 event when nothing is pending.
 """
@@ -19,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 
+from service.coalesce import SATURATED_BUSY, LoopLoad
+
 
 class FirstsFirst:
-    __slots__ = ("pending", "held", "hold_s", "_spell", "_timer")
+    __slots__ = ("pending", "held", "hold_s", "load", "_spell", "_timer")
 
-    def __init__(self, hold_s: float) -> None:
+    def __init__(self, hold_s: float, load: LoopLoad) -> None:
         self.pending = 0  # RunAgent calls started that have not sent their first event (the stream counts itself)
         self.held = 0  # streams holding now
         self.hold_s = hold_s
+        self.load = load
         self._spell: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -37,9 +44,10 @@ class FirstsFirst:
             self._release()
 
     async def wait(self) -> None:
-        """What a stream under way waits for before its next event: nothing when no new call is pending. Streams
-        that hold together share one spell, which ends when no call is pending or `hold_s` after it began."""
-        if self.pending == 0 or self.hold_s <= 0:
+        """What a stream under way waits for before its next event: nothing when no new call is pending or the loop
+        is not saturated. Streams that hold together share one spell, which ends when no call is pending or `hold_s`
+        after it began."""
+        if self.pending == 0 or self.hold_s <= 0 or self.load.busy < SATURATED_BUSY:
             return
         spell = self._spell
         if spell is None:

@@ -43,7 +43,8 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         self.caller_limits = api.caller_limits
         self.config = api.config
         self.clock = clock  # for the time to first event
-        self.firsts = FirstsFirst(api.config.limits.first_events_first_s)  # new calls' first events go first
+        # on a saturated loop, new calls' first events go first
+        self.firsts = FirstsFirst(api.config.limits.first_events_first_s, api.registry.load)
         self.anonymous = anonymous
 
     @property
