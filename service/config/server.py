@@ -53,6 +53,14 @@ class Limits(Section):
         "one: under a burst of new calls the event loop takes up this many per turn rather than one "
         "(service/rpc/accept.py); 0 leaves grpc as it is",
     )
+    first_events_first_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=5,
+        description="on a saturated event loop, while a new RunAgent call has not sent its first event, streams "
+        "already under way hold their next one, for at most this long: new calls start before old streams go on "
+        "(service/rpc/firsts.py); 0 turns the hold off",
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Limits:

@@ -57,10 +57,13 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
             if refusal is not None:
                 refuse(context, refusal)
                 return
-        received = self.clock() if timed else None
+        received = self.clock() if timed else 0.0
         api = self.api
         sent = telemetry.SentCounts()
         counts = sent.counts
+        firsts = self.firsts
+        starting = timed  # a new call (RunAgent) holds the streams under way until it has sent its first event
+        firsts.pending += starting
         try:
             run, after_seq, owner = await opener(self, request, context)
             runs = api.config.runs
@@ -80,10 +83,13 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                         counts[kind] = counts.get(kind, 0) + 1  # counted inline, not through a method: per event
                         if entry.seq >= sent.due:
                             sent.flush(entry.seq)
+                        if firsts.pending and not starting:
+                            await firsts.wait()  # a new call's first event goes first (service/rpc/firsts.py)
                         yield message
-                        if received is not None:  # grpc asks for the next message once it has sent this one
+                        if starting:  # grpc asks for the next message once it has sent this one
+                            starting = False
+                            firsts.end()
                             telemetry.FIRST_EVENT.observe(self.clock() - received)
-                            received = None
             except SubscriberTooSlow as exc:
                 log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
                 raise  # RESOURCE_EXHAUSTED, telling it where to resume
@@ -98,6 +104,8 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
             if not boundary:
                 raise
             fail(context, opener.__qualname__)
+        finally:
+            firsts.end(starting)  # when it ended (refused, failed, cancelled) before its first event was sent
 
     return stream
 

@@ -19,6 +19,7 @@ from service.callers import Caller, current_caller
 from service.deliver import Deliveries
 from service.errors import RunCancelled
 from service.rpc.convert import list_runs_response, run_result, run_state, run_to_proto
+from service.rpc.firsts import FirstsFirst
 from service.rpc.interact import InteractRpcs
 from service.rpc.runstream import ended_with_failure, run_stream
 from service.rpc.status import unary
@@ -42,6 +43,8 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         self.caller_limits = api.caller_limits
         self.config = api.config
         self.clock = clock  # for the time to first event
+        # on a saturated loop, new calls' first events go first
+        self.firsts = FirstsFirst(api.config.limits.first_events_first_s, api.registry.load)
         self.anonymous = anonymous
 
     @property
