@@ -75,6 +75,8 @@ class LoopState:
 def steer(state: LoopState, inbox: Inbox) -> list[str]:
     """Steering texts due now (`Inbox.take_inputs`), as the user's words before the next model request (`steered`).
     Returns them (a durable run records them with the turn, and replays them with it)."""
+    if not inbox.has_inputs:  # as nearly every turn: no list to take, nor one to make
+        return []
     texts = [s.text for s in inbox.take_inputs(asap_only=state.paused)]
     steered(state, texts)
     return texts
