@@ -63,6 +63,9 @@ async def stream_turn(
                                 emitted = True
                                 yield TextDelta(turn=turn, text=event.text)
                                 continue
+                            if type(event) is m.TurnEnd:  # the last: neither emitted nor a call begun
+                                yield event
+                                continue
                             mapped = _map_model_event(turn, event)
                             emitted = emitted or not isinstance(mapped, m.TurnEnd)
                             if opened is not None and type(mapped) is ToolCall:

@@ -150,7 +150,8 @@ class ScriptedModel:
                     await asyncio.sleep(delay)
                 yield TextDelta(text=piece)
             content.append({"type": "text", "text": text})
-        offered = {t.name for t in request.tools}
+        # most turns ask for no tool: no set of the offered names to make for them
+        offered = {t.name for t in request.tools} if turn.tool_calls else set()
         calls = [c for c in turn.tool_calls if c.name in offered]
         for call in calls:
             call_id = f"toolu_{secrets.token_hex(10)}"
