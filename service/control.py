@@ -8,7 +8,12 @@ calls are cancelled; the loop then reports which calls were cut short and why th
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
+import time
 from types import TracebackType
+from typing import Any
 
 from service.errors import DeadlineExceeded, RunError
 from service.interact import Inbox
@@ -22,7 +27,7 @@ class RunControl:
         self.min_tool_budget_s = min_tool_budget_s
         self._stop: RunError | None = None
         self._after_turn: RunError | None = None
-        self._scope: asyncio.Timeout | None = None
+        self._scope: Scope | None = None
         self.inbox = Inbox()  # what else reaches the run from outside: approvals, steering, stopping one call
 
     def remaining(self) -> float | None:
@@ -39,8 +44,8 @@ class RunControl:
         """End the run as soon as possible with `reason`; the first reason wins."""
         if self._stop is None:
             self._stop = reason
-        if self._scope is not None and not self._scope.expired():
-            self._scope.reschedule(asyncio.get_running_loop().time())
+        if self._scope is not None and not self._scope.fired:
+            self._scope.fire_soon()
 
     def stop_after_turn(self, reason: RunError) -> None:
         """Let the current turn (its model stream and tool calls) finish, then end the run with `reason`."""
@@ -54,37 +59,141 @@ class RunControl:
         """Why the scope ended the run."""
         return self._stop or DeadlineExceeded("the run's deadline passed before it finished")
 
-    def scope(self) -> _Scope:
+    def scope(self) -> Scope:
         """Runs the body under the deadline; `stop_now` fires it early. Exits with TimeoutError when it fired, and
         `fired` then says so: a TimeoutError raised inside the body (a socket timeout, say) passes through it too.
 
         The task running the body must not await anything outside it while inside (the agent loop is consumed by
         `service.driver`, which only appends events), or the cancellation would land in the wrong place."""
-        return _Scope(self)
+        return Scope(self)
 
 
-class _Scope:
-    """`RunControl.scope()`: an `asyncio.timeout_at` that the control can fire early. A class rather than an
-    `asynccontextmanager`, which would cost every run a generator and its bookkeeping."""
+class Scope:
+    """`RunControl.scope()`: what `asyncio.timeout_at(control.deadline)` does (cancel the task at the deadline, and
+    exit with TimeoutError), and `stop_now` fires it early. The timeout's work is done here rather than by an
+    `asyncio.Timeout` inside (one object and one pair of coroutines per run instead of two), and its deadline waits
+    with the other runs' on one timer (`_Deadlines`)."""
 
     def __init__(self, control: RunControl) -> None:
         self.control = control
-        self.timeout = asyncio.timeout_at(control.deadline)
-
-    @property
-    def fired(self) -> bool:
+        self.fired = False
         """Whether the deadline or `stop_now` ended the body, rather than the body raising TimeoutError itself."""
-        return self.timeout.expired()
+        self._entry: list[Any] | None = None  # its deadline's place in `_deadlines`, while it waits there
+        self._deadlines: _Deadlines | None = None
+        self._handle: asyncio.Handle | None = None  # `stop_now`'s
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
 
-    async def __aenter__(self) -> asyncio.Timeout:
-        scope = await self.timeout.__aenter__()
-        self.control._scope = scope
-        if self.control._stop is not None:
-            scope.reschedule(asyncio.get_running_loop().time())
-        return scope
+    def fire_soon(self) -> None:
+        """End the body at the loop's next turn, as an `asyncio.Timeout` rescheduled to now does."""
+        self._forget_deadline()
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = asyncio.get_running_loop().call_soon(self._fire)
+
+    def _fire(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.fired = True
+        self._handle = None
+
+    def _forget_deadline(self) -> None:
+        if self._entry is not None and self._deadlines is not None:
+            self._entry[2] = None
+            self._entry = None
+            self._deadlines.dropped()
+
+    async def __aenter__(self) -> Scope:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a run's scope is entered in a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        control = self.control
+        control._scope = self
+        if control._stop is not None:
+            self.fire_soon()
+        elif control.deadline is not None:
+            loop = asyncio.get_running_loop()
+            if control.deadline <= loop.time():
+                self.fire_soon()
+            else:
+                self._deadlines = _Deadlines.of(loop)
+                self._entry = self._deadlines.add(control.deadline, self)
+        return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.control._scope = None
-        await self.timeout.__aexit__(kind, exc, tb)  # never suppresses: an expired scope raises TimeoutError
+        self._forget_deadline()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        task, self._task = self._task, None
+        if self.fired:
+            assert task is not None
+            if task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
+                raise TimeoutError from exc  # never suppresses: an expired scope raises TimeoutError
+
+
+# asyncio runs a timer once the loop's clock is within this of its time: the deadlines here are run the same way
+_RESOLUTION = time.get_clock_info("monotonic").resolution
+
+
+class _Deadlines:
+    """The deadlines of an event loop's scopes, on one timer armed for the earliest. A timer per run would push a
+    TimerHandle on the loop's heap (ordered by Python-level comparisons) and leave it there cancelled when the run
+    ends first, as nearly every run does, for the loop to sweep out later: here a run's deadline is a list pushed on
+    a heap of plain values, marked done when its run ends, and swept out in one pass once most entries are done."""
+
+    _current: _Deadlines | None = None  # the running loop's, most likely: one loop per process but in tests
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[list[Any]] = []  # [when, order, scope or None once done]
+        self.order = itertools.count()  # equal deadlines fire in the order they were set, as timers do
+        self.done = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed_at = math.inf
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Deadlines:
+        deadlines = cls._current
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = cls._current = cls(loop)  # a loop left behind keeps its own: its timer holds it
+        return deadlines
+
+    def add(self, when: float, scope: Scope) -> list[Any]:
+        entry = [when, next(self.order), scope]
+        heapq.heappush(self.heap, entry)
+        if when < self.armed_at:
+            self._arm(when)
+        return entry
+
+    def dropped(self) -> None:
+        """An entry was marked done before its deadline; sweep them out when they are most of the heap."""
+        self.done += 1
+        if self.done > 64 and 2 * self.done > len(self.heap):
+            self.heap = [entry for entry in self.heap if entry[2] is not None]
+            heapq.heapify(self.heap)
+            self.done = 0
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.armed_at = when
+        self.timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer, self.armed_at = None, math.inf
+        heap, due = self.heap, self.loop.time() + _RESOLUTION
+        while heap and (heap[0][0] < due or heap[0][2] is None):
+            scope: Scope | None = heapq.heappop(heap)[2]
+            if scope is None:
+                self.done -= 1
+            else:
+                scope._entry = None
+                scope._fire()
+        if heap:
+            self._arm(heap[0][0])

@@ -49,7 +49,9 @@ async def play(
     run.control.inbox.emit = acknowledge
     if log.isEnabledFor(logging.INFO):  # the extras cost a copy of the metadata even when the line is dropped
         log.info("run started", extra={"run_id": run.id, "model": run.spec.model, "metadata": dict(run.spec.metadata)})
-    add, logged, max_events = coalescer.add, run.log, config.max_events_per_run  # looked up once, not per event
+    # looked up once, not per event; with merging off, the coalescer only passes events on: straight to the log
+    add = coalescer.add if config.coalesce_window_s > 0 else run.append
+    logged, max_events = run.log, config.max_events_per_run
     try:
         async for event in loop.run(run.spec, run.control, announce=False, journal=journal):
             if type(event) is ev.ToolResult or type(event) is ev.ToolResultChunk:

@@ -15,12 +15,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
 from service import telemetry
 from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
-from service.control import RunControl
+from service.control import RunControl, Scope
 from service.durable.journal import Journal, recorded_results
 from service.errors import (
     MaxTurnsExceeded,
@@ -28,10 +29,8 @@ from service.errors import (
 )
 from service.events import (
     Event,
-    FinalResponse,
     RunFailed,
     RunStarted,
-    ToolCall,
     ToolResult,
     ToolStatus,
 )
@@ -42,13 +41,12 @@ from service.policy.retry import jittered_backoff
 from service.spec import RunSpec as RunSpec  # where it was defined before: many import it from here
 from service.turns import (
     LoopState,
+    after_turn,
     check_budgets,
     counted,
-    not_run,
+    replayed,
     steer,
-    steered,
     stop_if_asked,
-    tool_calls_of,
     tool_result_block,
 )
 from tools.base import Tool
@@ -151,128 +149,71 @@ class AgentLoop:
         if announce:
             yield self.started(spec)
         scope = control.scope()
-        ended = "succeeded"  # the state a durable run is left in: no more to recover
-        try:
+        ending = _Ending(self, spec, state, scope)
+        with ending:
             async with scope:
-                if journal is not None:
-                    recovered = await journal.open()
-                    if recovered is not None:
-                        yield recovered
-                async for event in self._turns(spec, state, control, journal):
-                    yield event
-        except TimeoutError:
-            if not scope.fired:
-                raise  # not the deadline, nor a stop: a bug, which the registry reports as INTERNAL with its traceback
-            reason = control.stop_reason()
-            for call_id, name in state.open_calls.items():
-                yield ToolResult(
-                    call_id=call_id,
-                    name=name,
-                    status=ToolStatus.CANCELLED,
-                    duration_s=self.clock() - state.tools_started,
-                    error=f"cancelled: {reason.message}",
-                )
-            # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
-            level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
-            log.log(level, "run stopped: %s", reason.message, extra={"run_id": spec.run_id, "code": reason.code})
-            ended = "cancelled" if reason.code == "CANCELLED" else "failed"
-            yield RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable)
-        except RunError as exc:
-            # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
-            for call_id, name in state.open_calls.items():
-                yield ToolResult(
-                    call_id=call_id,
-                    name=name,
-                    status=ToolStatus.REJECTED,
-                    duration_s=0.0,
-                    error=f"not run: {exc.message}",
-                    attempts=0,
-                )
-            log.warning("run failed: %s", exc.message, extra={"run_id": spec.run_id, "code": exc.code})
-            ended = "failed"
-            yield RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable)
+                recovered = await journal.open() if journal is not None else None
+                if recovered is not None:
+                    yield recovered
+                # The turns are played here, not in a generator of their own: that would cost every run one more
+                # generator and every event one more hop through it.
+                specs = self.tool_specs(spec.tools)
+                for turn in range(1, spec.max_turns + 1):
+                    end = None if journal is None else journal.turn(turn)
+                    if end is None:
+                        texts = steer(state, control.inbox)
+                        request = m.TurnRequest(
+                            model=spec.model,
+                            system=spec.system,
+                            messages=list(state.history),
+                            tools=specs,
+                            max_tokens=spec.max_tokens,
+                        )
+                        async for event in self.request_model(
+                            turn, request, trace_context=spec.trace_context, control=control, opened=state.open_calls
+                        ):
+                            if isinstance(event, m.TurnEnd):
+                                end = event
+                            else:
+                                yield event
+                        assert end is not None, "a model turn ends with TurnEnd"
+                        if journal is not None:
+                            await journal.turn_ended(turn, end, texts)
+                        yield counted(turn, end, state.totals)
+                    else:  # recorded before a crash: not requested again (`replayed`)
+                        assert journal is not None
+                        if (usage := replayed(turn, end, state, journal)) is not None:
+                            yield usage
+                    events, calls = after_turn(turn, end, state, self.clock)
+                    for event in events:
+                        yield event
+                    if calls:
+                        async for event in self._tool_turn(turn, calls, state, journal):
+                            yield event
+                    elif calls is None:  # answered: its FinalResponse was the last event
+                        break
+                else:
+                    raise MaxTurnsExceeded(
+                        f"the model did not finish within max_turns={spec.max_turns}; "
+                        "raise max_turns or simplify the request"
+                    )
+        for event in ending.events:
+            yield event
         if journal is not None:
             # after the closing event has gone on: a crash in between recovers the run and sends it again
-            await journal.end(ended)
-
-    async def _turns(
-        self, spec: RunSpec, state: LoopState, control: RunControl, journal: Journal | None
-    ) -> AsyncIterator[Event]:
-        specs = self.tool_specs(spec.tools)
-        totals = state.totals
-        for turn in range(1, spec.max_turns + 1):
-            end = None if journal is None else journal.turn(turn)
-            if end is None:
-                texts = steer(state, control.inbox)
-                request = m.TurnRequest(
-                    model=spec.model,
-                    system=spec.system,
-                    messages=list(state.history),
-                    tools=specs,
-                    max_tokens=spec.max_tokens,
-                )
-                async for event in self.request_model(turn, request, trace_context=spec.trace_context, control=control):
-                    if isinstance(event, m.TurnEnd):
-                        end = event
-                    else:
-                        if type(event) is ToolCall:  # from here on, the call gets a result whatever happens
-                            state.open_calls[event.call_id] = event.name
-                        yield event
-                assert end is not None, "a model turn ends with TurnEnd"
-                if journal is not None:
-                    await journal.turn_ended(turn, end, texts)
-                yield counted(turn, end, totals)
-            else:  # recorded before a crash: not requested again; the steering its request read goes in again
-                assert journal is not None
-                steered(state, journal.steered(turn))
-                if journal.unlogged(f"turn:{turn}"):
-                    yield counted(turn, end, totals)  # recorded, but its `usage` never reached the log: sent now
-                else:  # its events are in the log already
-                    totals.input_tokens += end.input_tokens
-                    totals.output_tokens += end.output_tokens
-            answer = state.record(end)
-            if state.paused:
-                # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
-                stop_if_asked(control)
-                continue
-            calls = tool_calls_of(end)
-            if end.stop_reason == "refusal":
-                # The API stopped the turn for safety: the calls in it are not the model's to make, and none runs.
-                # Each still gets a result, as every call the caller saw begin does.
-                for call in calls:
-                    yield not_run(call, "the model's turn was stopped (refusal)")
-                state.open_calls = {}
-                calls = []
-            if not calls and control.inbox.has_inputs:
-                continue  # steering came while the model answered: the answer to it is the one that counts
-            if not calls:
-                yield FinalResponse(
-                    text="".join(b["text"] for b in answer if b["type"] == "text"),
-                    stop_reason=end.stop_reason,
-                    turns=turn,
-                    tool_calls=totals.tool_calls,
-                    input_tokens=totals.input_tokens,
-                    output_tokens=totals.output_tokens,
-                    duration_s=self.clock() - state.started,
-                )
-                return
-            check_budgets(spec, totals, len(calls), control)
-            totals.tool_calls += len(calls)
-            results: dict[str, ToolResult] = {}
-            state.open_calls = {c.call_id: c.name for c in calls}
-            state.tools_started = self.clock()
-            async for event in self._noted_calls(turn, calls, state, results, journal):
-                yield event
-            state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
-            stop_if_asked(control)
-        raise MaxTurnsExceeded(
-            f"the model did not finish within max_turns={spec.max_turns}; raise max_turns or simplify the request"
-        )
+            await journal.end(ending.state)
 
     def request_model(
-        self, turn: int, request: m.TurnRequest, *, trace_context: Any = None, control: RunControl | None = None
+        self,
+        turn: int,
+        request: m.TurnRequest,
+        *,
+        trace_context: Any = None,
+        control: RunControl | None = None,
+        opened: dict[str, str] | None = None,
     ) -> AsyncIterator[Event | m.TurnEnd]:
-        """One model turn's events, ending with its `TurnEnd` (`service/model_turn.py`)."""
+        """One model turn's events, ending with its `TurnEnd` (`service/model_turn.py`); each call it begins is
+        noted in `opened` (call id → name) as its `ToolCall` goes out."""
         return stream_turn(
             self.model,
             turn,
@@ -283,17 +224,20 @@ class AgentLoop:
             clock=self.clock,
             trace_context=trace_context,
             control=control,
+            opened=opened,
         )
 
-    async def _noted_calls(
-        self,
-        turn: int,
-        calls: Sequence[ToolCallRequest],
-        state: LoopState,
-        results: dict[str, ToolResult],
-        journal: Journal | None,
+    async def _tool_turn(
+        self, turn: int, calls: Sequence[ToolCallRequest], state: LoopState, journal: Journal | None
     ) -> AsyncIterator[Event]:
-        """`_calls`' events, each result noted in `results` and the run's state as it comes."""
+        """The tool calls of `turn`, within the run's budgets: their events, each result noted in the run's state as
+        it comes, then all of them back into the history for the next turn."""
+        spec, control, totals = state.spec, state.control, state.totals
+        check_budgets(spec, totals, len(calls), control)
+        totals.tool_calls += len(calls)
+        results: dict[str, ToolResult] = {}
+        state.open_calls = {c.call_id: c.name for c in calls}
+        state.tools_started = self.clock()
         async for event in self._calls(turn, calls, state, results, journal):
             if isinstance(event, ToolResult):
                 results[event.call_id] = event
@@ -301,6 +245,8 @@ class AgentLoop:
                 if event.status is ToolStatus.OK:
                     state.context.succeeded.add(event.name)
             yield event
+        state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
+        stop_if_asked(control)
 
     def _calls(
         self,
@@ -373,3 +319,65 @@ class AgentLoop:
         )
         async for event in calls_of_turn:
             yield event
+
+
+class _Ending:
+    """How `AgentLoop.run` ends when it is cut short. Around the turns, it takes the TimeoutError of the run's scope
+    (the deadline, or a stop) and a `RunError`, and keeps the events that close the run instead: a result for each
+    call in flight, then `RunFailed`. A context manager rather than `except` clauses, which would take the turns past
+    the complexity allowed for one function, and a generator of their own would cost every event a hop."""
+
+    def __init__(self, loop: AgentLoop, spec: RunSpec, state: LoopState, scope: Scope) -> None:
+        self.loop, self.spec, self.run, self.scope = loop, spec, state, scope
+        self.events: list[Event] = []
+        self.state = "succeeded"  # the state a durable run is left in: no more to recover
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if isinstance(exc, TimeoutError):
+            if not self.scope.fired:
+                return False  # not the deadline, nor a stop: a bug, which the registry reports as INTERNAL
+            self._stopped()
+            return True
+        if isinstance(exc, RunError):
+            self._failed(exc)
+            return True
+        return False
+
+    def _stopped(self) -> None:
+        reason = self.run.control.stop_reason()
+        clock, started = self.loop.clock, self.run.tools_started
+        self.events = [
+            ToolResult(
+                call_id=call_id,
+                name=name,
+                status=ToolStatus.CANCELLED,
+                duration_s=clock() - started,
+                error=f"cancelled: {reason.message}",
+            )
+            for call_id, name in self.run.open_calls.items()
+        ]
+        # a caller's cancel is its choice, not a fault of ours: a warning only for deadlines and shutdowns
+        level = logging.INFO if reason.code == "CANCELLED" else logging.WARNING
+        log.log(level, "run stopped: %s", reason.message, extra={"run_id": self.spec.run_id, "code": reason.code})
+        self.state = "cancelled" if reason.code == "CANCELLED" else "failed"
+        self.events.append(RunFailed(code=reason.code, message=reason.message, retryable=reason.retryable))
+
+    def _failed(self, exc: RunError) -> None:
+        # calls the caller saw begin in a turn that failed, or that a budget stopped: none of them ran
+        self.events = [
+            ToolResult(
+                call_id=call_id,
+                name=name,
+                status=ToolStatus.REJECTED,
+                duration_s=0.0,
+                error=f"not run: {exc.message}",
+                attempts=0,
+            )
+            for call_id, name in self.run.open_calls.items()
+        ]
+        log.warning("run failed: %s", exc.message, extra={"run_id": self.spec.run_id, "code": exc.code})
+        self.state = "failed"
+        self.events.append(RunFailed(code=exc.code, message=exc.message, retryable=exc.retryable))

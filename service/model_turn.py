@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -37,9 +36,12 @@ async def stream_turn(
     clock: Callable[[], float],
     trace_context: Any = None,
     control: RunControl | None = None,
+    opened: dict[str, str] | None = None,
 ) -> AsyncIterator[Event | m.TurnEnd]:
     """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has
-    reached the caller: once a delta is out, a retry would show the caller a different answer."""
+    reached the caller: once a delta is out, a retry would show the caller a different answer. Each call the turn
+    begins is noted in `opened` (call id → name) before its `ToolCall` goes out: from then on, it gets a result
+    whatever happens."""
     emitted = False
     started = clock()
     # without tracing, no span at all: the no-op one still costs every turn its creation and ending
@@ -53,16 +55,24 @@ async def stream_turn(
         for attempt in range(1, retry.attempts + 1):
             try:
                 try:
-                    async with aclosing(model.stream_turn(request)) as stream:
+                    stream = model.stream_turn(request)
+                    try:  # `aclosing`'s work without its object and its two coroutines per turn
                         async for event in stream:
                             # most of a turn's events are text: mapped here, without a call
                             if type(event) is m.TextDelta:
                                 emitted = True
                                 yield TextDelta(turn=turn, text=event.text)
                                 continue
+                            if type(event) is m.TurnEnd:  # the last: neither emitted nor a call begun
+                                yield event
+                                continue
                             mapped = _map_model_event(turn, event)
                             emitted = emitted or not isinstance(mapped, m.TurnEnd)
+                            if opened is not None and type(mapped) is ToolCall:
+                                opened[mapped.call_id] = mapped.name
                             yield mapped
+                    finally:
+                        await stream.aclose()
                     return
                 except TimeoutError as err:
                     raise _timed_out(err) from err

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import tally, telemetry
 from service.control import RunControl
 from service.errors import BudgetExceeded, DeadlineExceeded
-from service.events import ToolResult, ToolStatus, Usage
+from service.events import Event, FinalResponse, ToolResult, ToolStatus, Usage
 from service.executor import RunContext, ToolCallRequest
 from service.interact import Inbox
 from service.models import base as m
 from service.spec import RunSpec
+
+if TYPE_CHECKING:
+    from service.durable.journal import Journal
 
 
 @dataclass
@@ -71,6 +75,8 @@ class LoopState:
 def steer(state: LoopState, inbox: Inbox) -> list[str]:
     """Steering texts due now (`Inbox.take_inputs`), as the user's words before the next model request (`steered`).
     Returns them (a durable run records them with the turn, and replays them with it)."""
+    if not inbox.has_inputs:  # as nearly every turn: no list to take, nor one to make
+        return []
     texts = [s.text for s in inbox.take_inputs(asap_only=state.paused)]
     steered(state, texts)
     return texts
@@ -88,6 +94,52 @@ def steered(state: LoopState, texts: list[str]) -> None:
     else:
         state.history.append({"role": "user", "content": blocks})
         state.paused = False  # the model's paused message is followed by the user's: its next turn is a new one
+
+
+def after_turn(
+    turn: int, end: m.TurnEnd, state: LoopState, clock: Callable[[], float]
+) -> tuple[list[Event], list[ToolCallRequest] | None]:
+    """What a model turn leads to once recorded: the events it closes with, and the tool calls to run now ([] for
+    none: the run goes on to another turn), or None when the run is answered (its `FinalResponse` the last event)."""
+    answer = state.record(end)
+    if state.paused:
+        # The API paused a long turn: sent back as it stands (the assistant message last), it goes on.
+        stop_if_asked(state.control)
+        return [], []
+    calls = tool_calls_of(end)
+    events: list[Event] = []
+    if end.stop_reason == "refusal":
+        # The API stopped the turn for safety: the calls in it are not the model's to make, and none runs. Each
+        # still gets a result, as every call the caller saw begin does.
+        events = [not_run(call, "the model's turn was stopped (refusal)") for call in calls]
+        state.open_calls = {}
+        calls = []
+    if calls or state.control.inbox.has_inputs:
+        return events, calls  # with none, steering came while the model answered: the answer to it is what counts
+    totals = state.totals
+    events.append(
+        FinalResponse(
+            text="".join(b["text"] for b in answer if b["type"] == "text"),
+            stop_reason=end.stop_reason,
+            turns=turn,
+            tool_calls=totals.tool_calls,
+            input_tokens=totals.input_tokens,
+            output_tokens=totals.output_tokens,
+            duration_s=clock() - state.started,
+        )
+    )
+    return events, None
+
+
+def replayed(turn: int, end: m.TurnEnd, state: LoopState, journal: Journal) -> Usage | None:
+    """A turn a durable run recorded before a crash, counted again: the steering its request read goes in again, and
+    its `Usage` event comes back only if it never reached the log (its other events are there already)."""
+    steered(state, journal.steered(turn))
+    if journal.unlogged(f"turn:{turn}"):
+        return counted(turn, end, state.totals)
+    state.totals.input_tokens += end.input_tokens
+    state.totals.output_tokens += end.output_tokens
+    return None
 
 
 def check_budgets(spec: RunSpec, totals: Totals, new_calls: int, control: RunControl) -> None:

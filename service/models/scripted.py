@@ -128,15 +128,6 @@ class ScriptedModel:
         step = self.pacing.token_interval_ms / 1000
         emitted = 0
 
-        async def pace() -> None:
-            nonlocal emitted
-            delay = first_wait if emitted == 0 else step
-            emitted += 1
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif emitted % 64 == 0:  # unpaced: still let other tasks run now and then
-                await asyncio.sleep(0)
-
         if failure is not None and failure.after_tokens == 0:
             await asyncio.sleep(first_wait)
             raise ModelError(failure.message, retryable=failure.retryable, status=failure.status)
@@ -144,7 +135,9 @@ class ScriptedModel:
         content: list[dict[str, Any]] = []
         if turn.thinking:
             for piece in tokens(turn.thinking):
-                await pace()
+                emitted += 1
+                if (delay := _delay(emitted, first_wait, step)) is not None:
+                    await asyncio.sleep(delay)
                 yield ThinkingDelta(text=piece)
             content.append({"type": "thinking", "thinking": turn.thinking, "signature": "scripted"})
         text = _fill(turn.text, request)
@@ -152,17 +145,24 @@ class ScriptedModel:
             for i, piece in enumerate(tokens(text)):
                 if failure is not None and i == failure.after_tokens:
                     raise ModelError(failure.message, retryable=failure.retryable, status=failure.status)
-                await pace()
+                emitted += 1
+                if (delay := _delay(emitted, first_wait, step)) is not None:
+                    await asyncio.sleep(delay)
                 yield TextDelta(text=piece)
             content.append({"type": "text", "text": text})
-        offered = {t.name for t in request.tools}
+        # most turns ask for no tool: no set of the offered names to make for them
+        offered = {t.name for t in request.tools} if turn.tool_calls else set()
         calls = [c for c in turn.tool_calls if c.name in offered]
         for call in calls:
             call_id = f"toolu_{secrets.token_hex(10)}"
-            await pace()
+            emitted += 1
+            if (delay := _delay(emitted, first_wait, step)) is not None:
+                await asyncio.sleep(delay)
             yield ToolUseStart(call_id=call_id, name=call.name)
             for piece in _json_pieces(call.input):
-                await pace()
+                emitted += 1
+                if (delay := _delay(emitted, first_wait, step)) is not None:
+                    await asyncio.sleep(delay)
                 yield ToolUseDelta(call_id=call_id, partial_json=piece)
             content.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call.input})
         yield TurnEnd(
@@ -180,6 +180,15 @@ class ScriptedModel:
             return None
         self._failures[index] = seen + 1
         return turn.fail
+
+
+def _delay(emitted: int, first_wait: float, step: float) -> float | None:
+    """The wait before the `emitted`th token, None for none: a plain call, where a pacing coroutine would cost every
+    token a coroutine and its await. Unpaced, every 64th still lets the other tasks run (`asyncio.sleep(0)`)."""
+    delay = first_wait if emitted == 1 else step
+    if delay > 0:
+        return delay
+    return 0.0 if emitted % 64 == 0 else None
 
 
 # `json.dumps` makes a new encoder on every call: about 20,000 instructions for a one-message request, against about
