@@ -35,7 +35,8 @@ class RunState(enum.Enum):
 
 # Looked up once: reading an enum's member off its class costs about 1,000 instructions (`Run.finished`, asked a few
 # times per call, read three).
-_ENDED = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+_QUEUED = RunState.QUEUED
+_ENDED = _SUCCEEDED, _FAILED, _CANCELLED = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
 
 
 class RunRecord(NamedTuple):
@@ -81,7 +82,7 @@ class Run:
         self.caller = caller
         self.idempotency_key = key
         self.fingerprint = fingerprint
-        self.state = RunState.QUEUED
+        self.state = _QUEUED
         self.created_ns = time.time_ns()
         self.ended_ns = 0
         self.ended_at: float | None = None  # registry clock
@@ -117,13 +118,14 @@ class Run:
         """Set the final state from the last event; called once, by the driver."""
         outcome = self.outcome
         if isinstance(outcome, ev.FinalResponse):
-            self.state = RunState.SUCCEEDED
+            self.state = _SUCCEEDED
         elif isinstance(outcome, ev.RunFailed) and outcome.code == "CANCELLED":
-            self.state = RunState.CANCELLED
+            self.state = _CANCELLED
         else:
-            self.state = RunState.FAILED
+            self.state = _FAILED
         self.ended_ns = time.time_ns()
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def give_up(self, why: AgentError) -> None:
         """The log cannot be continued here (a mirror's store lost it; a durable run went on in another process):
@@ -294,5 +296,8 @@ class Cursor:
             if self.at < len(self.log) and isinstance(lost, RunHandedOver):
                 raise lost.at(self.at)  # this reader was sent seqs up to `at` only
             raise lost
-        await run._changed()
+        # `Run._changed` inline: a coroutine less a wait
+        waiter = asyncio.get_running_loop().create_future()
+        run._waiters.append(waiter)
+        await waiter
         return True
