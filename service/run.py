@@ -199,9 +199,11 @@ class Run:
         while True:
             entry = cursor.take()
             if entry is None:
-                if await cursor.more():
-                    continue
-                return
+                waiter = cursor.more()
+                if waiter is None:
+                    return
+                await waiter
+                continue
             yield entry
 
     def _merged(self, index: int, end: int, max_bytes: int = 64 * 1024) -> Entry:
@@ -285,19 +287,19 @@ class Cursor:
         self.at = entry.seq
         return entry
 
-    async def more(self) -> bool:
-        """After `take` found nothing: False once the run has ended and all of it was read, else True once there may
-        be more. Raises why the log cannot go on here (`Run.lost`)."""
+    def more(self) -> asyncio.Future[None] | None:
+        """After `take` found nothing: None once the run has ended and all of it was read, else a future for the reader
+        to await, done once there may be more (a future, not a coroutine: one object and frame less a wait). Raises
+        why the log cannot go on here (`Run.lost`)."""
         run = self.run
         if run.finished and self.at >= len(self.log):
-            return False
+            return None
         lost = run.lost
         if lost is not None:
             if self.at < len(self.log) and isinstance(lost, RunHandedOver):
                 raise lost.at(self.at)  # this reader was sent seqs up to `at` only
             raise lost
-        # `Run._changed` inline: a coroutine less a wait
+        # as `Run._changed` makes it: one future per waiting reader
         waiter = asyncio.get_running_loop().create_future()
         run._waiters.append(waiter)
-        await waiter
-        return True
+        return waiter

@@ -71,9 +71,11 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                     while True:
                         entry = cursor.take()
                         if entry is None:
-                            if await cursor.more():
-                                continue
-                            break
+                            waiter = cursor.more()
+                            if waiter is None:
+                                break
+                            await waiter
+                            continue
                         event = entry.event
                         message = to_proto(event, run_id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
                         kind = type(event)
