@@ -76,12 +76,12 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                                 break
                             await waiter
                             continue
-                        event = entry.event
-                        message = to_proto(event, run_id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
+                        seq, time_ns, event, first_seq = entry
+                        message = to_proto(event, run_id, seq, time_ns, first_seq)  # positional: 350 instructions less
                         kind = type(event)
                         counts[kind] = counts.get(kind, 0) + 1  # counted inline, not through a method: per event
-                        if entry.seq >= sent.due:
-                            sent.flush(entry.seq)
+                        if seq >= sent.due:
+                            sent.flush(seq)
                         yield message
                         if received is not None:  # grpc asks for the next message once it has sent this one
                             telemetry.FIRST_EVENT.observe(self.clock() - received)
