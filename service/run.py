@@ -33,6 +33,12 @@ class RunState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+# Looked up once: reading an enum's member off its class costs about 1,000 instructions (`Run.finished`, asked a few
+# times per call, read three).
+_QUEUED = RunState.QUEUED
+_ENDED = _SUCCEEDED, _FAILED, _CANCELLED = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
 class RunRecord(NamedTuple):
     """What a store knows of a run without reading its log: enough for `GetRun`."""
 
@@ -62,6 +68,10 @@ class Entry(NamedTuple):
     first_seq: int = 0
 
 
+# `Entry(seq, time_ns, event)` without the named tuple's `__new__`, a Python function: 1,400 instructions less an event
+_entry = tuple.__new__
+
+
 class Run:
     ahead = 0  # how far its streams may run past its kept log (`state.mirror.SharedRun`); see `resume_after`
 
@@ -72,7 +82,7 @@ class Run:
         self.caller = caller
         self.idempotency_key = key
         self.fingerprint = fingerprint
-        self.state = RunState.QUEUED
+        self.state = _QUEUED
         self.created_ns = time.time_ns()
         self.ended_ns = 0
         self.ended_at: float | None = None  # registry clock
@@ -88,18 +98,18 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+        return self.state in _ENDED
 
     @property
     def outcome(self) -> ev.FinalResponse | ev.RunFailed | None:
         last = self.log[-1].event if self.log else None
-        return last if isinstance(last, ev.FinalResponse | ev.RunFailed) else None
+        return last if isinstance(last, _CLOSING) else None  # a tuple: `A | B` would make a union on every call
 
     def append(self, event: ev.Event) -> None:
         """Log an event with the next seq and wake the subscribers. Synchronous on purpose: the driver must not
         await between events (see `RunControl.scope`)."""
         log = self.log
-        log.append(Entry(len(log) + 1, time.time_ns(), event))
+        log.append(_entry(Entry, (len(log) + 1, time.time_ns(), event, 0)))
         self.bytes += EVENT_BYTES + len(getattr(event, "text", ""))
         if self._waiters:
             self._wake()
@@ -108,13 +118,14 @@ class Run:
         """Set the final state from the last event; called once, by the driver."""
         outcome = self.outcome
         if isinstance(outcome, ev.FinalResponse):
-            self.state = RunState.SUCCEEDED
+            self.state = _SUCCEEDED
         elif isinstance(outcome, ev.RunFailed) and outcome.code == "CANCELLED":
-            self.state = RunState.CANCELLED
+            self.state = _CANCELLED
         else:
-            self.state = RunState.FAILED
+            self.state = _FAILED
         self.ended_ns = time.time_ns()
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def give_up(self, why: AgentError) -> None:
         """The log cannot be continued here (a mirror's store lost it; a durable run went on in another process):
@@ -188,9 +199,11 @@ class Run:
         while True:
             entry = cursor.take()
             if entry is None:
-                if await cursor.more():
-                    continue
-                return
+                waiter = cursor.more()
+                if waiter is None:
+                    return
+                await waiter
+                continue
             yield entry
 
     def _merged(self, index: int, end: int, max_bytes: int = 64 * 1024) -> Entry:
@@ -223,7 +236,7 @@ class Cursor:
     the events logged since it subscribed. A run whose readers get only what its store holds (`stored_only`) is
     read up to `stored`."""
 
-    __slots__ = ("run", "log", "at", "joined", "coalesce_lag", "max_lag", "hold")
+    __slots__ = ("run", "log", "at", "joined", "coalesce_lag", "max_lag", "hold", "near")
 
     def __init__(self, run: Run, after_seq: int, coalesce_lag: int, max_lag: int) -> None:
         self.run = run
@@ -233,8 +246,21 @@ class Cursor:
         self.coalesce_lag = coalesce_lag
         self.max_lag = max_lag
         self.hold = 0  # a merged stretch waits until the store holds seqs up to here (runs with `ahead`)
+        # a reader at most this far behind gets the next entry as it is (none for a run read up to its store)
+        self.near = 0 if run.stored_only else min(coalesce_lag, max_lag)
 
     def take(self) -> Entry | None:
+        at = self.at
+        lag = len(self.log) - at
+        if lag <= self.near:  # the per-event path: nothing to merge, hold back or drop for
+            if lag <= 0:
+                return None
+            entry = self.log[at]
+            self.at = entry.seq
+            return entry
+        return self._take()
+
+    def _take(self) -> Entry | None:
         log, at, run = self.log, self.at, self.run
         logged = len(log)
         kept = logged
@@ -261,16 +287,19 @@ class Cursor:
         self.at = entry.seq
         return entry
 
-    async def more(self) -> bool:
-        """After `take` found nothing: False once the run has ended and all of it was read, else True once there may
-        be more. Raises why the log cannot go on here (`Run.lost`)."""
+    def more(self) -> asyncio.Future[None] | None:
+        """After `take` found nothing: None once the run has ended and all of it was read, else a future for the reader
+        to await, done once there may be more (a future, not a coroutine: one object and frame less a wait). Raises
+        why the log cannot go on here (`Run.lost`)."""
         run = self.run
         if run.finished and self.at >= len(self.log):
-            return False
+            return None
         lost = run.lost
         if lost is not None:
             if self.at < len(self.log) and isinstance(lost, RunHandedOver):
                 raise lost.at(self.at)  # this reader was sent seqs up to `at` only
             raise lost
-        await run._changed()
-        return True
+        # as `Run._changed` makes it: one future per waiting reader
+        waiter = asyncio.get_running_loop().create_future()
+        run._waiters.append(waiter)
+        return waiter

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
@@ -375,6 +375,7 @@ class SentCounts:
     `inc()` per event (a lock each time) was a measurable share of the per-event cost. The gRPC stream counts into
     `counts` inline (its per-event path); the HTTP face calls `add`."""
 
+    __slots__ = ("counts", "due", "seen")
     every = 64
 
     def __init__(self) -> None:
@@ -389,7 +390,13 @@ class SentCounts:
             self.flush(self.seen)
 
     def flush(self, seq: int = 0) -> None:
-        for kind, n in self.counts.items():
-            tally.add((EVENTS, kind.kind), n)
-        self.counts.clear()
+        counts = self.counts
+        for kind, n in counts.items():
+            tally.add(_SENT_KEYS[kind], n)
+        counts.clear()
         self.due = seq + self.every
+
+
+# The tally key of each kind's count, made once: the same tuple each time is found in the tally by identity, where a
+# new one is made and compared field by field (with `__slots__`, 3,800 instructions less a short call's stream).
+_SENT_KEYS: dict[type[Event], tuple[Any, str]] = {kind: (EVENTS, kind.kind) for kind in get_args(Event)}

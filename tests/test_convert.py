@@ -12,7 +12,7 @@ import math
 import types
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from pydantic import BaseModel
 
 from agent.v1 import agent_pb2 as pb
@@ -214,3 +214,13 @@ def test_usage_and_final_response_reach_the_wire_whole_even_with_every_field_zer
     for event in (zero_usage, zero_final):
         wire = pb.AgentEvent.FromString(to_proto(event, "run_x", 3).SerializeToString())
         assert wire.WhichOneof("event") == event.kind  # the event is there though each of its fields is a default
+
+
+def test_durations_are_set_as_protobuf_sets_them_from_nanoseconds_negative_ones_too() -> None:
+    for seconds in (0.0, 1.25, 0.000_000_5, 86_400.75, -0.5, -1.25, -3.0):
+        event = ev.FinalResponse(
+            text="", stop_reason="", turns=0, tool_calls=0, input_tokens=0, output_tokens=0, duration_s=seconds
+        )
+        expected = duration_pb2.Duration()
+        expected.FromNanoseconds(int(seconds * 1e9))
+        assert to_proto(event, "run_x", 3).final_response.duration == expected, seconds

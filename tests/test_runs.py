@@ -14,13 +14,14 @@ from fake_tools import Stubborn, all_tools
 from service import aio
 from service import events as ev
 from service.config import Pacing, RunsConfig
+from service.control import RunControl
 from service.errors import QueueFull, SubscriberTooSlow
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
 from service.retention import Ended, Retention
-from service.run import Entry, RunState
+from service.run import Entry, Run, RunState
 from service.runs import RunRegistry
 from tools.base import Tool
 
@@ -89,6 +90,22 @@ async def test_a_reader_that_falls_behind_gets_merged_deltas_then_is_dropped() -
     covered = [s for e in merged for s in range(e.first_seq or e.seq, e.seq + 1)]
     assert covered == list(range(1, len(run.log) + 1))  # merged deliveries still account for every seq
     await reg.close()
+
+
+def test_a_cursor_merges_from_one_past_its_coalesce_lag_and_drops_past_its_max_lag() -> None:
+    run = Run(spec(), RunControl(), caller="a", key="", fingerprint="")
+    for i in range(6):
+        run.append(ev.TextDelta(turn=1, text=f"w{i} "))
+    exact = run.cursor(0, coalesce_lag=6)  # 6 behind: each entry as logged, itself, seq by seq
+    assert [exact.take() for _ in range(7)] == [*run.log, None]
+    merged = run.cursor(0, coalesce_lag=5).take()  # 6 behind: one delivery for all six
+    assert merged is not None and (merged.first_seq, merged.seq, merged.event.text) == (1, 6, "w0 w1 w2 w3 w4 w5 ")
+    late = run.cursor(0, coalesce_lag=10, max_lag=2)
+    assert late.take() is run.log[0]  # 6 behind, past max_lag, but replaying is not lagging
+    for i in range(6, 9):
+        run.append(ev.TextDelta(turn=1, text=f"w{i} "))
+    with pytest.raises(SubscriberTooSlow):  # 3 logged since it joined, unread: past max_lag
+        late.take()
 
 
 async def test_a_slow_reader_of_a_live_run_is_dropped_with_its_resume_point() -> None:

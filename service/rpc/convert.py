@@ -15,15 +15,14 @@ from service.rpc.values import fill_struct, scrub, set_value, struct
 from service.run import Run, RunRecord, RunState
 
 
-def to_proto(
-    event: ev.Event, run_id: str, seq: int, *, time_ns: int | None = None, first_seq: int = 0
-) -> pb.AgentEvent:
+def to_proto(event: ev.Event, run_id: str, seq: int, time_ns: int | None = None, first_seq: int = 0) -> pb.AgentEvent:
     """The one place where domain events become protobuf. Fields are set in place (about twice as fast as building
     sub-messages and copying them), and text deltas, most of a run's events, are tested for first: this is the
     per-token path. Never raises for the text an event carries: a lone surrogate (half an emoji, as `json.loads`
     reads the escape "\\ud83d" from a remote body or a model's tool input) cannot be encoded as UTF-8, and protobuf
     refuses the string; such events are built again with U+FFFD in its place."""
-    out = pb.AgentEvent(run_id=run_id, seq=seq)
+    out = pb.AgentEvent()
+    out.run_id, out.seq = run_id, seq  # 700 instructions less than as keyword arguments
     if first_seq:
         out.first_seq = first_seq
     stamp = out.time
@@ -63,7 +62,7 @@ def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
                 event.input_tokens,
                 event.output_tokens,
             )
-            final.duration.FromNanoseconds(int(event.duration_s * 1e9))
+            _set_duration(final.duration, event.duration_s)
         case ev.ToolCall():
             out.tool_call.CopyFrom(pb.ToolCall(turn=event.turn, call_id=event.call_id, name=event.name))
         case ev.ToolCallReady():
@@ -181,8 +180,16 @@ def _timestamp(time_ns: int | None = None) -> timestamp_pb2.Timestamp:
 
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
+    _set_duration(d, seconds)
     return d
+
+
+def _set_duration(out: duration_pb2.Duration, seconds: float) -> None:
+    """`out.FromNanoseconds(int(seconds * 1e9))` without its two Python calls (1,700 instructions less, once a run)."""
+    whole, nanos = divmod(int(seconds * 1e9), 1_000_000_000)
+    if whole < 0 and nanos:  # negative: nanos negative too, as FromNanoseconds normalizes it
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    out.seconds, out.nanos = whole, nanos
 
 
 def _scrubbed(event: ev.Event) -> ev.Event:

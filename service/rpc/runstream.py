@@ -74,15 +74,17 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                     while True:
                         entry = cursor.take()
                         if entry is None:
-                            if await cursor.more():
-                                continue
-                            break
-                        event = entry.event
-                        message = to_proto(event, run_id, entry.seq, time_ns=entry.time_ns, first_seq=entry.first_seq)
+                            waiter = cursor.more()
+                            if waiter is None:
+                                break
+                            await waiter
+                            continue
+                        seq, time_ns, event, first_seq = entry
+                        message = to_proto(event, run_id, seq, time_ns, first_seq)  # positional: 350 instructions less
                         kind = type(event)
                         counts[kind] = counts.get(kind, 0) + 1  # counted inline, not through a method: per event
-                        if entry.seq >= sent.due:
-                            sent.flush(entry.seq)
+                        if seq >= sent.due:
+                            sent.flush(seq)
                         if firsts.pending and not starting:
                             await firsts.wait()  # a new call's first event goes first (service/rpc/firsts.py)
                         yield message
