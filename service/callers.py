@@ -28,6 +28,11 @@ class Caller:
     def may_use(self, tool: str) -> bool:
         return self.config.tools is None or tool in self.config.tools
 
+    @property
+    def limited(self) -> bool:
+        """Whether `CallerLimits` bounds this caller's runs: a caller with neither limit is not counted."""
+        return self.config.max_concurrent_runs is not None or self.config.runs_per_minute is not None
+
 
 _current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 

@@ -22,6 +22,8 @@ from service.interact import Inbox
 class RunControl:
     """`deadline` is on the event loop's clock (`loop.time()`); None means no deadline."""
 
+    __slots__ = ("deadline", "min_tool_budget_s", "_stop", "_after_turn", "_scope", "inbox")  # one made per run
+
     def __init__(self, *, deadline: float | None = None, min_tool_budget_s: float = 0.05) -> None:
         self.deadline = deadline
         self.min_tool_budget_s = min_tool_budget_s

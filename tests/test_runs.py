@@ -13,9 +13,10 @@ from prometheus_client import REGISTRY
 from fake_tools import Stubborn, all_tools
 from service import aio
 from service import events as ev
-from service.config import Pacing, RunsConfig
+from service.callers import Caller, CallerLimits
+from service.config import CallerConfig, Pacing, RunsConfig
 from service.control import RunControl
-from service.errors import QueueFull, SubscriberTooSlow
+from service.errors import CallerLimited, QueueFull, SubscriberTooSlow
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
@@ -52,6 +53,28 @@ def spec(run_id: str = "run_1", **overrides: Any) -> RunSpec:
 
 
 WORDS = [{"text": " ".join(f"w{i}" for i in range(200))}]
+
+
+async def test_open_checks_and_counts_only_a_limited_callers_runs() -> None:
+    """A caller without quotas is neither checked nor counted (no done callback); one with a quota is counted from
+    its run's start to its driver's end, and refused beyond it."""
+    reg = registry([{"text": "done"}])
+    limits = CallerLimits()
+    free = Caller("free", CallerConfig(name="free"), "none")
+    bound = Caller("bound", CallerConfig(name="bound", max_concurrent_runs=1), "none")
+    assert not free.limited and bound.limited
+    first, created = await reg.open(spec("run_1"), caller=free, limits=limits)
+    assert created and limits.active == {}
+    held, created = await reg.open(spec("run_2"), caller=bound, limits=limits)
+    assert created and limits.active == {"bound": 1}
+    with pytest.raises(CallerLimited):
+        await reg.open(spec("run_3"), caller=bound, limits=limits)
+    assert first.task is not None and held.task is not None
+    await asyncio.wait([first.task, held.task])
+    await asyncio.sleep(0)  # the done callbacks run in the loop's next round
+    assert first.state is held.state is RunState.SUCCEEDED
+    assert limits.active == {"bound": 0}
+    await reg.close()
 
 
 async def test_log_has_gapless_seqs_and_followers_see_it_all() -> None:
