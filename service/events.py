@@ -5,29 +5,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-E = TypeVar("E")
-
-
-def quick_init(cls: type[E]) -> type[E]:
-    """`cls`, a frozen slotted dataclass, with an `__init__` that sets each slot through its descriptor: the one
-    dataclasses writes goes through `object.__setattr__` per field (a frozen class refuses its own), about 1,300
-    instructions a field more (a short call's four events have 17 fields: ~22,000 instructions). Same signature
-    (keyword-only, the same defaults), and the instances are as frozen as before: only `__init__` changes."""
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}  # type: ignore[arg-type]
-    if any(f.default_factory is not MISSING for f in fields(cls)):  # type: ignore[arg-type]
-        raise TypeError(f"{cls.__name__}: quick_init takes plain defaults only")
-    params = ", ".join(f"{n}=_default_{n}" if n in defaults else n for n in names)
-    body = "".join(f"\n    _set_{n}(self, {n})" for n in names) or "\n    pass"
-    scope = {f"_set_{n}": getattr(cls, n).__set__ for n in names} | {f"_default_{n}": v for n, v in defaults.items()}
-    exec(f"def __init__(self, *, {params}) -> None:{body}", scope)  # noqa: S102 - as dataclasses builds its own
-    init = scope["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
+from service.slots import quick_init
 
 
 class ToolStatus(enum.Enum):

@@ -7,11 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.slots import quick_init
+
 SPEC_FORMAT = 1
 """The layout `RunSpec.to_json` writes; `from_json` refuses any other (a newer version's run is not run half-read)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RunSpec:
     """A validated request, in the loop's terms."""
 

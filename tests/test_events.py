@@ -40,3 +40,20 @@ def test_an_event_is_frozen_equal_by_value_and_replaceable() -> None:
         ev.TextDelta(1, "a")  # type: ignore[misc]
     with pytest.raises(TypeError):
         ev.TextDelta(turn=1)  # type: ignore[call-arg]
+
+
+def test_a_run_spec_is_frozen_and_gets_a_fresh_default_per_instance() -> None:
+    from service.spec import RunSpec
+
+    def spec(**more: object) -> RunSpec:
+        base = {"run_id": "r", "message": "m", "model": "x", "system": None, "max_turns": 1, "max_tokens": 1}
+        return RunSpec(**base, tools=(), **more)  # type: ignore[arg-type]
+
+    one, two = spec(), spec()
+    assert one.metadata == {} and one.metadata is not two.metadata  # the factory, per instance
+    assert (one.max_tool_calls, one.durable, one.trace_context) == (None, False, None)
+    assert spec(metadata={"a": "b"}).metadata == {"a": "b"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.model = "other"  # type: ignore[misc]
+    assert dataclasses.replace(one, model="y").model == "y"
+    assert RunSpec.from_json(one.to_json()) == one
