@@ -30,35 +30,59 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
+# a run that goes on: its text comes 50 ms after its start, then its tool sleeps (the test cancels the call)
+HANGS = [{"text": "Calling.", "tool_calls": [{"name": "sleep", "input": {"seconds": 60}}]}, {"text": "never"}]
+PACED = {"pacing": {"first_token_ms": 50, "token_interval_ms": 0}}
+
+
 async def test_a_stream_under_way_holds_until_the_new_call_has_sent_its_first_event(
+    start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
+) -> None:
+    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 5})
+    firsts = svc.servicer.firsts
+    firsts.load = _saturated()
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
+    events = aiter(call)
+    first = await anext(events)
+    assert first.WhichOneof("event") == "run_started"
+    firsts.pending += 1  # a new call, started and not yet sent its first event
+    following = asyncio.ensure_future(anext(events))
+    await _until(lambda: firsts.held == 1)
+    assert not following.done()
+    firsts.end()  # it has sent its first event: the streams under way go on
+    assert (await following).WhichOneof("event") == "text_delta"
+    assert firsts.pending == 0
+    call.cancel()
+
+
+async def test_the_stream_of_an_ended_run_drains_without_holding(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
     svc = await start_service(limits={"first_events_first_s": 5})
     firsts = svc.servicer.firsts
+    client = stub(channel_to(svc))
+    events = await run_events_of(client.RunAgent(pb.RunAgentRequest(message="hello")))
     firsts.load = _saturated()
-    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
-    first = await anext(aiter(call))
-    assert first.WhichOneof("event") == "run_started"
-    firsts.pending += 1  # a new call, started and not yet sent its first event
-    rest = asyncio.ensure_future(run_events_of(call))
-    await _until(lambda: firsts.held == 1)
-    assert not rest.done()
-    firsts.end()  # it has sent its first event: the streams under way go on
-    events = await rest
-    assert events[-1].WhichOneof("event") == "final_response"
-    assert firsts.pending == 0 and firsts.held == 0
+    firsts.pending += 1  # a new call pending; the run has ended: its events are all there, sending them ends the call
+    async with asyncio.timeout(2):  # a hold would last 5 s an event
+        watched = await run_events_of(client.WatchRun(pb.WatchRunRequest(run_id=events[0].run_id)))
+    assert len(watched) == len(events)
+    assert firsts.held == 0
 
 
 async def test_a_hold_lasts_at_most_its_bound(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
-    svc = await start_service(limits={"first_events_first_s": 0.01})
+    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 0.01})
     firsts = svc.servicer.firsts
     firsts.load = _saturated()
     firsts.pending += 1  # a new call that never sends its first event: the streams under way still move on
-    events = await run_events_of(stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello")))
-    assert events[-1].WhichOneof("event") == "final_response"
-    assert firsts.pending == 1 and firsts.held == 0
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
+    async with asyncio.timeout(5):
+        kinds = [(await anext(aiter(call))).WhichOneof("event") for _ in range(3)]
+    assert kinds[:2] == ["run_started", "text_delta"]  # each held 0.01 s at most, the new call still pending
+    assert firsts.pending == 1
+    call.cancel()
 
 
 async def test_every_call_stops_counting_as_new_sent_refused_or_watching(
@@ -101,13 +125,15 @@ async def test_a_stream_closed_while_its_first_event_waits_to_be_sent_stops_coun
 async def test_a_loop_with_time_to_spare_holds_no_stream(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
-    svc = await start_service(limits={"first_events_first_s": 5})
+    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 5})
     firsts = svc.servicer.firsts
     firsts.load = LoopLoad()  # idle: a steady flow of new calls must not slow the streams under way
     firsts.pending += 1
+    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
     async with asyncio.timeout(2):  # a hold would last 5 s
-        events = await run_events_of(stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello")))
-    assert events[-1].WhichOneof("event") == "final_response"
+        kinds = [(await anext(aiter(call))).WhichOneof("event") for _ in range(2)]
+    assert kinds == ["run_started", "text_delta"]
+    call.cancel()
 
 
 def test_no_hold_without_a_new_call_or_with_the_hold_off() -> None:

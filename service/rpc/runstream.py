@@ -85,7 +85,7 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                         counts[kind] = counts.get(kind, 0) + 1  # counted inline, not through a method: per event
                         if seq >= sent.due:
                             sent.flush(seq)
-                        if firsts.pending and not starting:
+                        if firsts.pending and not starting and not run.finished:
                             await firsts.wait()  # a new call's first event goes first (service/rpc/firsts.py)
                         yield message
                         if starting:  # grpc asks for the next message once it has sent this one
