@@ -55,25 +55,7 @@ def run_load(server: Server, streams: int, deadline: float, per_process: int = S
     read as a busy load), since each process's own loop is what saturates (`load_cpu_total_s`: all of them)."""
     processes = -(-streams // per_process)
     shares = [streams // processes + (i < streams % processes) for i in range(processes)]
-    if len(shares) == 1:
-        done = subprocess.run(
-            load_cmd(server, streams, deadline), cwd=ROOT, env=child_env(), capture_output=True, timeout=deadline + 60
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"load process failed: {done.stderr.decode()[-2000:]}")
-        one = dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
-        return one | {"load_cpu_pct": _pct(one), "load_cpu_total_s": one["load_cpu_s"], "load_processes": 1}
-    procs = [
-        subprocess.Popen(
-            load_cmd(server, n, deadline, go=True),
-            cwd=ROOT,
-            env=child_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for n in shares
-    ]
+    procs = [_spawn(load_cmd(server, n, deadline, go=True)) for n in shares]
     try:
         for proc in procs:  # each says it is connected; a process that fails says why on stderr
             assert proc.stdout is not None
@@ -104,6 +86,13 @@ def run_load(server: Server, streams: int, deadline: float, per_process: int = S
         "connections": sum(r["connections"] for r in reports),
         "records": [rec for r in reports for rec in r["records"]],
     }
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """A load process talking over pipes: lines on stdin drive it, its reports come on stdout."""
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _pct(report: dict[str, Any]) -> float:
@@ -201,14 +190,7 @@ def idle(plan: Plan, workdir: Path) -> dict[str, dict[str, Any]]:
 def held(server: Server, streams: int, deadline: float) -> Iterator[int]:
     """Open `streams` streams from a load process and hold them open: yields how many got their first event
     (the load process has connected and opened them all, or reached `deadline`); closes them on exit."""
-    proc = subprocess.Popen(
-        load_cmd(server, streams, deadline, hold=True),
-        cwd=ROOT,
-        env=child_env(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = _spawn(load_cmd(server, streams, deadline, hold=True))
     assert proc.stdin is not None and proc.stdout is not None
     try:
         yield json.loads(proc.stdout.readline() or b'{"ready": 0}')["ready"]

@@ -179,11 +179,15 @@ class Run:
                 waiter.set_result(None)
         self._waiters.clear()
 
-    async def _changed(self) -> None:
-        # one future per waiting subscriber: cancelling one subscriber must not wake or cancel the others
+    def _waiter(self) -> asyncio.Future[None]:
+        """A future done at the next change. One per waiting subscriber: cancelling one subscriber must not wake or
+        cancel the others."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        await waiter
+        return waiter
+
+    async def _changed(self) -> None:
+        await self._waiter()
 
     def cursor(self, after_seq: int = 0, *, coalesce_lag: int = 64, max_lag: int = 10_000) -> Cursor:
         """A reader of the log after `after_seq` (see `follow`), read without a generator: a face's stream reads it
@@ -299,7 +303,4 @@ class Cursor:
             if self.at < len(self.log) and isinstance(lost, RunHandedOver):
                 raise lost.at(self.at)  # this reader was sent seqs up to `at` only
             raise lost
-        # as `Run._changed` makes it: one future per waiting reader
-        waiter = asyncio.get_running_loop().create_future()
-        run._waiters.append(waiter)
-        return waiter
+        return run._waiter()

@@ -121,10 +121,9 @@ class RunRegistry(RunLookups):
             refused = limits.admit(caller) if limited else None
             if refused is not None:
                 raise CallerLimited(refused)
-            self._check_queue(background)  # as `start`, whose `find` was done above
-            run = self._new_run(spec, caller.name, key, fingerprint, deadline, None)
-            # `limits.ended` in the driver's one done callback
-            self._launch(run, background, on_done=functools.partial(limits.ended, caller) if limited else None)
+            # `limits.ended` in the driver's one done callback; the key was looked up above
+            on_done = functools.partial(limits.ended, caller) if limited else None
+            run = self._start_new(spec, caller.name, key, fingerprint, deadline, background, on_done)
             if limited:
                 limits.started(caller)
             if background and self.durable is not None:
@@ -263,10 +262,23 @@ class RunRegistry(RunLookups):
         existing = self.find(caller, key, fingerprint)
         if existing is not None:
             return existing, False
+        return self._start_new(spec, caller, key, fingerprint, deadline, background, on_done), True
+
+    def _start_new(
+        self,
+        spec: RunSpec,
+        caller: str,
+        key: str,
+        fingerprint: str,
+        deadline: float | None,
+        background: bool,
+        on_done: Callable[[], None] | None,
+    ) -> Run:
+        """A new run in this process's memory, launched (its key not found: the caller looked)."""
         self._check_queue(background)
         run = self._new_run(spec, caller, key, fingerprint, deadline, None)
         self._launch(run, background, on_done=on_done)
-        return run, True
+        return run
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
         reason = RunCancelled(

@@ -14,6 +14,7 @@ from agent.v1 import agent_pb2 as pb
 from conftest import StartService, run_events_of, stub
 from service.coalesce import LoopLoad
 from service.rpc.firsts import FirstsFirst
+from service.rpc.server import Service
 
 
 def _saturated() -> LoopLoad:
@@ -35,12 +36,18 @@ HANGS = [{"text": "Calling.", "tool_calls": [{"name": "sleep", "input": {"second
 PACED = {"pacing": {"first_token_ms": 50, "token_interval_ms": 0}}
 
 
+async def _going_on(start_service: StartService, hold_s: float, load: LoopLoad) -> tuple[Service, FirstsFirst]:
+    """A service whose runs go on (`HANGS`, paced), its streams holding at most `hold_s`, its loop reading `load`."""
+    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": hold_s})
+    firsts = svc.servicer.firsts
+    firsts.load = load
+    return svc, firsts
+
+
 async def test_a_stream_under_way_holds_until_the_new_call_has_sent_its_first_event(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
-    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 5})
-    firsts = svc.servicer.firsts
-    firsts.load = _saturated()
+    svc, firsts = await _going_on(start_service, 5, _saturated())
     call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
     events = aiter(call)
     first = await anext(events)
@@ -73,9 +80,7 @@ async def test_the_stream_of_an_ended_run_drains_without_holding(
 async def test_a_hold_lasts_at_most_its_bound(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
-    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 0.01})
-    firsts = svc.servicer.firsts
-    firsts.load = _saturated()
+    svc, firsts = await _going_on(start_service, 0.01, _saturated())
     firsts.pending += 1  # a new call that never sends its first event: the streams under way still move on
     call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
     async with asyncio.timeout(5):
@@ -125,9 +130,8 @@ async def test_a_stream_closed_while_its_first_event_waits_to_be_sent_stops_coun
 async def test_a_loop_with_time_to_spare_holds_no_stream(
     start_service: StartService, channel_to: Callable[..., grpc.aio.Channel]
 ) -> None:
-    svc = await start_service(HANGS, model=PACED, limits={"first_events_first_s": 5})
-    firsts = svc.servicer.firsts
-    firsts.load = LoopLoad()  # idle: a steady flow of new calls must not slow the streams under way
+    # idle: a steady flow of new calls must not slow the streams under way
+    svc, firsts = await _going_on(start_service, 5, LoopLoad())
     firsts.pending += 1
     call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="hello"))
     async with asyncio.timeout(2):  # a hold would last 5 s
