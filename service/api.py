@@ -16,6 +16,7 @@ from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
 from service.config import Config
 from service.deadline import run_margin_s
+from service.ids import new_run_id
 from service.errors import (
     AfterSeqOutOfRange,
     InvalidRequest,
@@ -92,7 +93,7 @@ class AgentApi:
         `remaining_s`: the time left of the call's deadline, None without one."""
         if self.draining:
             raise ServerDraining("the server is shutting down; retry on another replica")
-        run_id = f"run_{os.urandom(12).hex()}"  # 96 random bits, as secrets.token_hex(12) without its three calls
+        run_id = new_run_id()
         key = request.idempotency_key
         digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
         spec = self.validator.run_spec(request, run_id, caller, background=background)
