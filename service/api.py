@@ -7,7 +7,6 @@ raises what this raises (`service/errors.py`) into its own status mapping.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,6 @@ from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
 from service.config import Config
 from service.deadline import run_margin_s
-from service.ids import new_run_id
 from service.errors import (
     AfterSeqOutOfRange,
     InvalidRequest,
@@ -26,6 +24,7 @@ from service.errors import (
     RunCancelled,
     ServerDraining,
 )
+from service.ids import new_run_id
 from service.listing import RunQuery, decode_token, encode_token, key_of, merge, page_size
 from service.models.base import ToolSpec
 from service.rpc.validate import Validator, fingerprint

@@ -22,7 +22,7 @@ def new_run_id() -> str:
         _pool, _at = os.urandom(_ID_BYTES * _BLOCK), 0
     at = _at
     _at = at + _ID_BYTES
-    return f"run_{_pool[at:at + _ID_BYTES].hex()}"
+    return f"run_{_pool[at : at + _ID_BYTES].hex()}"
 
 
 def _forget() -> None:
