@@ -33,7 +33,7 @@ from service.errors import (
 )
 from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummaryStore, SummaryWriter
-from service.retention import Ended, Retention
+from service.retention import Retention
 from service.run import Run, RunState
 from service.run_lookups import RunLookups, conflict
 from service.state.base import RunLookup, RunStore
@@ -339,10 +339,9 @@ class RunRegistry(RunLookups):
             if run.outcome is None:
                 run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
             run.finish()
-        run.ended_at = self.clock()
-        self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
-        if self.retention.bytes > self.config.max_retained_bytes:
-            self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
+        run.ended_at = at = self.clock()
+        if self.retention.add(run.id, run.caller, at, run.bytes):
+            self.sweep()  # over the byte budget: at once
         tally.add((telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK"))
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
@@ -391,15 +390,9 @@ class RunRegistry(RunLookups):
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""
-        drop = self.retention.over(self.clock(), len(self.runs))
-        for ended in drop:
-            run = self.runs.pop(ended.run_id)
-            if run.idempotency_key:
-                self._keys.pop((run.caller, run.idempotency_key), None)
-        return len(drop)
+        return self.retention.sweep(self.clock(), self.runs, self._keys)
 
     async def _sweep_forever(self) -> None:
-        interval = min(30.0, max(0.05, self.config.retention_s / 10))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.retention.interval_s)
             self.sweep()
