@@ -101,10 +101,9 @@ class AgentApi:
         if remaining_s is not None and not background and request.on_disconnect != _CONTINUE:
             margin = run_margin_s(remaining_s, self.config.runs.deadline_margin_s)
             deadline = asyncio.get_running_loop().time() + remaining_s - margin
-        callback = request.callback if request.HasField("callback") else None
+        # `run_spec` refused a callback of a streaming call: only SubmitRun's request is asked for one
+        callback = request.callback if background and request.HasField("callback") else None
         if callback is not None:
-            if not background:
-                raise InvalidRequest("callback is for SubmitRun only: a streaming call sees the run's end itself")
             if self.push is None:
                 raise InvalidRequest("this server pushes no callbacks")
             # registered before the run starts, so that its end cannot come first

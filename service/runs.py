@@ -24,16 +24,10 @@ from service.coalesce import LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
 from service.driver import play, stopped
-from service.errors import (
-    CallerLimited,
-    NotFound,
-    QueueFull,
-    RunCancelled,
-    RunInterrupted,
-)
+from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled, RunInterrupted
 from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummaryStore, SummaryWriter
-from service.retention import Ended, Retention
+from service.retention import Retention
 from service.run import Run, RunState
 from service.run_lookups import RunLookups, conflict
 from service.state.base import RunLookup, RunStore
@@ -45,6 +39,7 @@ if TYPE_CHECKING:
     from service.state.sqlite_runs import SqliteRunLog
 
 log = logging.getLogger(__name__)
+_DoneCallback = Callable[[asyncio.Task[None]], None]
 
 
 class RunRegistry(RunLookups):
@@ -240,8 +235,10 @@ class RunRegistry(RunLookups):
             self._background_runs += 1
         # the loop's own create_task, named there: asyncio.create_task adds two Python calls to name the task
         loop = asyncio.get_running_loop()
-        run.task = loop.create_task(self._drive(run, background, journal), name=f"run {run.id}")
-        run.task.add_done_callback(functools.partial(self._driver_done, run, background, on_done))
+        done = functools.partial(self._driver_done, run, background, on_done)
+        driver = self._drive(run, background, journal, done if on_done is None else None)
+        run.task = loop.create_task(driver, name=f"run {run.id}")
+        run.task.add_done_callback(done)
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._sweep_forever(), name="run janitor")
             self._load_probe = asyncio.create_task(self.load.probe_forever(), name="event loop load probe")
@@ -292,7 +289,11 @@ class RunRegistry(RunLookups):
         else:
             run.control.stop_now(reason)
 
-    async def _drive(self, run: Run, background: bool, journal: Journal | None) -> None:
+    async def _drive(self, run: Run, background: bool, journal: Journal | None, done: _DoneCallback | None) -> None:
+        # Started: from here the finally below ends the run, and `_driver_done` (`done`) would find nothing to do
+        # but call `on_done`; without one it is taken off (a done callback costs a run about 9,000 instructions).
+        if done is not None:
+            run.task.remove_done_callback(done)  # type: ignore[union-attr]  # set before this first step
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         tally.add(telemetry.ACTIVE, 1)
         try:
@@ -339,10 +340,9 @@ class RunRegistry(RunLookups):
             if run.outcome is None:
                 run.append(ev.RunFailed(code="UNAVAILABLE", message=f"run {run.id} was stopped", retryable=True))
             run.finish()
-        run.ended_at = self.clock()
-        self.retention.add(Ended(run.id, run.caller, run.ended_at, run.bytes))
-        if self.retention.bytes > self.config.max_retained_bytes:
-            self.sweep()  # at once: megabytes a run should not wait for the janitor's next round
+        run.ended_at = at = self.clock()
+        if self.retention.add(run.id, run.caller, at, run.bytes):
+            self.sweep()  # over the byte budget: at once
         tally.add((telemetry.RUNS, run.outcome.code if isinstance(run.outcome, ev.RunFailed) else "OK"))
         if log.isEnabledFor(logging.INFO):  # the extras' dict is built before the level check otherwise
             log.info("run ended", extra={"run_id": run.id, "state": run.state.value, "events": len(run.log)})
@@ -391,15 +391,9 @@ class RunRegistry(RunLookups):
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""
-        drop = self.retention.over(self.clock(), len(self.runs))
-        for ended in drop:
-            run = self.runs.pop(ended.run_id)
-            if run.idempotency_key:
-                self._keys.pop((run.caller, run.idempotency_key), None)
-        return len(drop)
+        return self.retention.sweep(self.clock(), self.runs, self._keys)
 
     async def _sweep_forever(self) -> None:
-        interval = min(30.0, max(0.05, self.config.retention_s / 10))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.retention.interval_s)
             self.sweep()

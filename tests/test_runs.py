@@ -21,7 +21,7 @@ from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
 from service.models.scripted import Scenario, ScriptedModel
-from service.retention import Ended, Retention
+from service.retention import Retention
 from service.run import Entry, Run, RunState
 from service.runs import RunRegistry
 from tools.base import Tool
@@ -257,7 +257,8 @@ async def _all(entries: AsyncIterator[Entry]) -> list[Entry]:
 def test_retention_forgets_the_oldest_ended_runs_past_their_age_count_or_bytes() -> None:
     kept = Retention(RunsConfig(retention_s=60, max_retained_runs=4, max_retained_bytes=2**20))
     for i in range(4):
-        kept.add(Ended(f"r{i}", "a", float(i), 300_000))  # 1.2 MB in all: over the 1 MiB budget
+        over = kept.add(f"r{i}", "a", float(i), 300_000)  # 1.2 MB in all: over the 1 MiB budget
+        assert over is (i == 3)
     assert [e.run_id for e in kept.over(now=4, runs=4)] == ["r0"]
     assert kept.bytes == 900_000 and "max_retained_bytes = 1 MiB" in (kept.why_forgotten("r0", "a") or "")
     assert kept.why_forgotten("r0", "b") is None  # another caller's run: nothing said about it
