@@ -391,8 +391,7 @@ class SentCounts:
 
     def flush(self, seq: int = 0) -> None:
         counts = self.counts
-        for kind, n in counts.items():
-            tally.add(_SENT_KEYS[kind], n)
+        tally.add_counts(counts, _SENT_KEYS)
         counts.clear()
         self.due = seq + self.every
 
