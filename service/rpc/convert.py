@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -28,15 +30,15 @@ def to_proto(event: ev.Event, run_id: str, seq: int, time_ns: int | None = None,
     stamp = out.time
     stamp.seconds, stamp.nanos = divmod(time.time_ns() if time_ns is None else time_ns, 1_000_000_000)
     try:  # in this function, not a wrapper: one call less per event
-        kind = type(event)
-        if kind is _TEXT_DELTA:
+        if type(event) is ev.TextDelta:
             delta = out.text_delta
             delta.turn, delta.text = event.turn, event.text
         else:
             # a run's one-a-turn and one-a-run events by their exact type, the rest through `_set_payload`'s match,
             # whose class patterns cost about 550 instructions each before the one that matches (a short call's
-            # four events 65,200 -> 59,200 instructions, measured alone under callgrind)
-            _BY_TYPE.get(kind, _set_payload)(out, event)
+            # four events 65,200 -> 59,700 instructions, measured alone under callgrind)
+            setter: Setter = _BY_TYPE.get(type(event), _set_payload)
+            setter(out, event)
     except UnicodeEncodeError:
         return to_proto(_scrubbed(event), run_id, seq, time_ns=time_ns, first_seq=first_seq)
     return out
@@ -65,8 +67,12 @@ def _set_final_response(out: pb.AgentEvent, event: ev.FinalResponse) -> None:
     _set_duration(final.duration, event.duration_s)
 
 
-_TEXT_DELTA = ev.TextDelta
-_BY_TYPE = {ev.RunStarted: _set_run_started, ev.Usage: _set_usage, ev.FinalResponse: _set_final_response}
+Setter = Callable[[pb.AgentEvent, Any], None]
+_BY_TYPE: dict[type, Setter] = {
+    ev.RunStarted: _set_run_started,
+    ev.Usage: _set_usage,
+    ev.FinalResponse: _set_final_response,
+}
 
 
 def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
