@@ -390,10 +390,14 @@ class SentCounts:
             self.flush(self.seen)
 
     def flush(self, seq: int = 0) -> None:
-        counts = self.counts
-        tally.add_counts(counts, _SENT_KEYS)
-        counts.clear()
+        add_sent(self.counts)
         self.due = seq + self.every
+
+
+def add_sent(counts: dict[type[Event], int]) -> None:
+    """Add `counts`, events sent by kind, to the events-sent counter, and empty it (the gRPC stream's own count)."""
+    tally.add_counts(counts, _SENT_KEYS)
+    counts.clear()
 
 
 # The tally key of each kind's count, made once: the same tuple each time is found in the tally by identity, where a
