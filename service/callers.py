@@ -35,6 +35,7 @@ class Caller:
 
 
 _current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+CALLER = _current  # read directly where a call's cost counts (`auth.AuthInterceptor`): no function call
 
 
 def current_caller(default: Caller | None = None) -> Caller | None:

@@ -370,10 +370,9 @@ def context_with(span: trace.Span) -> Any:
 
 
 class SentCounts:
-    """The events-sent counter for one stream: counted locally by event type and added to the counter (through
-    `tally`) once the stream's seq passes `due` (every `every` events) and when the stream ends, since a labelled
-    `inc()` per event (a lock each time) was a measurable share of the per-event cost. The gRPC stream counts into
-    `counts` inline (its per-event path); the HTTP face calls `add`."""
+    """The events-sent counter for one HTTP stream: counted locally by event type and added to the counter (through
+    `tally`) every `every` events and when the stream ends, since a labelled `inc()` per event (a lock each time) was
+    a measurable share of the per-event cost. The gRPC stream does the same with locals and `add_sent`."""
 
     __slots__ = ("counts", "due", "seen")
     every = 64
@@ -390,11 +389,14 @@ class SentCounts:
             self.flush(self.seen)
 
     def flush(self, seq: int = 0) -> None:
-        counts = self.counts
-        for kind, n in counts.items():
-            tally.add(_SENT_KEYS[kind], n)
-        counts.clear()
+        add_sent(self.counts)
         self.due = seq + self.every
+
+
+def add_sent(counts: dict[type[Event], int]) -> None:
+    """Add `counts`, events sent by kind, to the events-sent counter, and empty it."""
+    tally.add_counts(counts, _SENT_KEYS)
+    counts.clear()
 
 
 # The tally key of each kind's count, made once: the same tuple each time is found in the tally by identity, where a

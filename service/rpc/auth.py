@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from service.callers import Caller, bind_caller
+from service.callers import CALLER, Caller, bind_caller
 from service.config import AuthConfig, TlsConfig
 from service.errors import AgentError, Unauthenticated
 from service.rpc.interceptors import WrapCache, wrap_handler
@@ -30,6 +30,8 @@ class Authenticator:
         self.anonymous = Caller(config.anonymous.name, config.anonymous, "none")
         self._by_identity = {ident: c for c in config.callers for ident in c.cert_identities}
         self._by_token = {digest.lower(): c for c in config.callers for digest in c.token_sha256}
+        # no certificate to read and none required: only an `authorization` header can name another caller
+        self.headers_only = not self._by_identity and not config.required
 
     def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller of this call: certificate first, then bearer token; anonymous unless auth is required."""
@@ -111,8 +113,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return self._wrapped.get(method, handler, lambda: wrap_handler(handler, self._authenticate))
 
     def _authenticate(self, request: Any, context: grpc.aio.ServicerContext) -> AgentError | None:
+        authenticator = self.authenticator
+        if authenticator.headers_only:
+            # The usual call (auth off, or tokens without a certificate) has no `authorization` header and is
+            # anonymous: found by one loop here instead of `identify`, `identify_by` and `_bearer`'s loop, which
+            # unpacks each header (a namedtuple: no fast path for that), and anonymous is not bound, since the
+            # servicer's caller is anonymous when none is bound (`AgentServicer.caller`): 9,800 -> 3,600
+            # instructions a call with five headers, measured alone under callgrind (grpc building them not counted).
+            for header in context.invocation_metadata() or ():
+                if header[0] == "authorization":
+                    break
+            else:
+                if CALLER.get() is not None:  # a caller bound before the call's task began: replaced, as before
+                    bind_caller(authenticator.anonymous)
+                return None
         try:
-            caller = self.authenticator.identify(context)
+            caller = authenticator.identify(context)
         except Unauthenticated as exc:
             return exc.with_traceback(None)  # not its frames: the call ends here
         bind_caller(caller)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -32,10 +34,45 @@ def to_proto(event: ev.Event, run_id: str, seq: int, time_ns: int | None = None,
             delta = out.text_delta
             delta.turn, delta.text = event.turn, event.text
         else:
-            _set_payload(out, event)
+            # a run's one-a-turn and one-a-run events by their exact type, the rest through `_set_payload`'s match,
+            # whose class patterns cost about 550 instructions each before the one that matches (a short call's
+            # four events 65,200 -> 59,700 instructions, measured alone under callgrind)
+            setter: Setter = _BY_TYPE.get(type(event), _set_payload)
+            setter(out, event)
     except UnicodeEncodeError:
         return to_proto(_scrubbed(event), run_id, seq, time_ns=time_ns, first_seq=first_seq)
     return out
+
+
+def _set_run_started(out: pb.AgentEvent, event: ev.RunStarted) -> None:
+    started = out.run_started
+    started.model, started.max_turns = event.model, event.max_turns
+    started.tools.extend(event.tools)
+
+
+def _set_usage(out: pb.AgentEvent, event: ev.Usage) -> None:
+    usage = out.usage  # present once a field is set, even to its default (tests/test_convert.py)
+    usage.turn, usage.input_tokens, usage.output_tokens = event.turn, event.input_tokens, event.output_tokens
+    usage.total_input_tokens, usage.total_output_tokens = event.total_input_tokens, event.total_output_tokens
+
+
+def _set_final_response(out: pb.AgentEvent, event: ev.FinalResponse) -> None:
+    final = out.final_response
+    final.text, final.stop_reason, final.turns = event.text, event.stop_reason, event.turns
+    final.tool_calls, final.input_tokens, final.output_tokens = (
+        event.tool_calls,
+        event.input_tokens,
+        event.output_tokens,
+    )
+    _set_duration(final.duration, event.duration_s)
+
+
+Setter = Callable[[pb.AgentEvent, Any], None]
+_BY_TYPE: dict[type, Setter] = {
+    ev.RunStarted: _set_run_started,
+    ev.Usage: _set_usage,
+    ev.FinalResponse: _set_final_response,
+}
 
 
 def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
@@ -46,23 +83,12 @@ def _set_payload(out: pb.AgentEvent, event: ev.Event) -> None:
         case ev.ToolCallDelta():
             piece = out.tool_call_delta
             piece.call_id, piece.partial_json = event.call_id, event.partial_json
-        case ev.RunStarted():
-            started = out.run_started
-            started.model, started.max_turns = event.model, event.max_turns
-            started.tools.extend(event.tools)
-        case ev.Usage():  # one a turn, and a final response a run: set in place, before the rare kinds' cases
-            usage = out.usage  # present once a field is set, even to its default (tests/test_convert.py)
-            usage.turn, usage.input_tokens, usage.output_tokens = event.turn, event.input_tokens, event.output_tokens
-            usage.total_input_tokens, usage.total_output_tokens = event.total_input_tokens, event.total_output_tokens
+        case ev.RunStarted():  # a subclass of these three, not found by its exact type in `_BY_TYPE`
+            _set_run_started(out, event)
+        case ev.Usage():
+            _set_usage(out, event)
         case ev.FinalResponse():
-            final = out.final_response
-            final.text, final.stop_reason, final.turns = event.text, event.stop_reason, event.turns
-            final.tool_calls, final.input_tokens, final.output_tokens = (
-                event.tool_calls,
-                event.input_tokens,
-                event.output_tokens,
-            )
-            _set_duration(final.duration, event.duration_s)
+            _set_final_response(out, event)
         case ev.ToolCall():
             out.tool_call.CopyFrom(pb.ToolCall(turn=event.turn, call_id=event.call_id, name=event.name))
         case ev.ToolCallReady():
