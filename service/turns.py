@@ -33,7 +33,7 @@ class Totals:
 class LoopState:
     """What one run accumulates: the conversation, totals, and the tool calls in flight."""
 
-    def __init__(self, spec: RunSpec, *, started: float, control: RunControl) -> None:
+    def __init__(self, spec: RunSpec, started: float, control: RunControl) -> None:
         self.started = started
         self.spec = spec
         self.control = control
