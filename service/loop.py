@@ -103,6 +103,7 @@ class AgentLoop:
         self.sleep = sleep
         self.clock = clock
         self._specs: dict[str, m.ToolSpec] = {}
+        self._offers: dict[tuple[str, ...], tuple[m.ToolSpec, ...]] = {}
         # up to 1 s of jitter, as tenacity's default: model turns are retried by many runs at once when the API is down
         self._backoff = jittered_backoff(self.retry.initial_backoff_s, self.retry.max_backoff_s, 1.0)
 
@@ -120,6 +121,16 @@ class AgentLoop:
                     name=name, description=tool.description, input_schema=tool.input_schema()
                 )
         return [self._specs[n] for n in names]
+
+    def _offered(self, names: tuple[str, ...]) -> tuple[m.ToolSpec, ...]:
+        """`tool_specs` of a run, kept per set of names (a few hundred at most): most runs offer the same tools, and
+        working them out again cost every run about 3,000 instructions. A tuple: every request shares it."""
+        specs = self._offers.get(names)
+        if specs is None:
+            if len(self._offers) >= 256:
+                self._offers.clear()
+            specs = self._offers[names] = tuple(self.tool_specs(names))
+        return specs
 
     @_traced
     def run(
@@ -158,7 +169,7 @@ class AgentLoop:
                     yield recovered
                 # The turns are played here, not in a generator of their own: that would cost every run one more
                 # generator and every event one more hop through it.
-                specs = self.tool_specs(spec.tools)
+                specs = self._offered(spec.tools)
                 for turn in range(1, spec.max_turns + 1):
                     end = None if journal is None else journal.turn(turn)
                     if end is None:

@@ -119,7 +119,7 @@ def after_turn(
     totals = state.totals
     events.append(
         FinalResponse(
-            text="".join(b["text"] for b in answer if b["type"] == "text"),
+            text="".join([b["text"] for b in answer if b["type"] == "text"]),  # a list: cheaper to join
             stop_reason=end.stop_reason,
             turns=turn,
             tool_calls=totals.tool_calls,
