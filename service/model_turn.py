@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -25,6 +26,107 @@ log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_S = 60.0
 
 
+class ModelTurn:
+    """One model turn's bookkeeping around the model's stream: its duration (`agent_model_turn_duration_seconds`) and
+    span, what went out of it, and whether a failure is retried. The agent loop iterates the model's stream itself
+    with it (`AgentLoop.run`): a generator layer of its own would cost every run a generator and every event a hop
+    through it (about 10,000 instructions per short run, 1,800 per event). `stream_turn` is the same as a generator.
+
+    As a context manager it spans the turn, retries and waits included; `failed` says what a failure of the stream
+    leads to: raised, or the `ModelRetry` event to send before `delay` s and the next attempt."""
+
+    __slots__ = (
+        "turn",
+        "retry",
+        "backoff",
+        "clock",
+        "control",
+        "opened",
+        "attempt",
+        "emitted",
+        "delay",
+        "started",
+        "span",
+    )
+
+    def __init__(
+        self,
+        turn: int,
+        retry: ModelRetry,
+        backoff: wait_base,
+        clock: Callable[[], float],
+        trace_context: Any = None,
+        control: RunControl | None = None,
+        opened: dict[str, str] | None = None,
+    ) -> None:
+        self.turn, self.retry, self.backoff, self.clock = turn, retry, backoff, clock
+        self.control, self.opened = control, opened
+        self.attempt = 1
+        self.emitted = False  # once anything of the turn is out, a retry would show the caller a different answer
+        self.delay = 0.0
+        self.started = clock()
+        # without tracing, no span at all: the no-op one still costs every turn its creation and ending
+        self.span = (
+            telemetry.tracer().start_span("model_turn", context=trace_context, attributes={"model.turn": turn})
+            if telemetry.tracing_enabled()
+            else None
+        )
+
+    def __enter__(self) -> ModelTurn:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        telemetry.MODEL_TURN.observe(self.clock() - self.started)
+        if self.span is not None:
+            telemetry.end_span(self.span, exc)
+
+    def mapped(self, event: m.ModelEvent) -> Event:
+        """A model event other than its `TurnEnd` as the loop's; a call begun is noted in `opened` before its
+        `ToolCall` goes out: from then on, it gets a result whatever happens."""
+        self.emitted = True
+        if type(event) is m.TextDelta:  # most of a turn's events
+            return TextDelta(turn=self.turn, text=event.text)
+        mapped = _map_model_event(self.turn, event)
+        if self.opened is not None and type(mapped) is ToolCall:
+            self.opened[mapped.call_id] = mapped.name
+        return mapped  # type: ignore[return-value]
+
+    def failed(self, exc: ModelError | TimeoutError) -> ev.ModelRetry:
+        """The `ModelRetry` event to send before the next attempt (after `delay` s), or the run's error raised:
+        retryable failures are retried with backoff only while nothing of the turn has reached the caller."""
+        if isinstance(exc, TimeoutError):
+            timed_out = _timed_out(exc)
+            timed_out.__cause__ = exc  # as `raise … from`
+            exc = timed_out
+        turn, attempt, attempts = self.turn, self.attempt, self.retry.attempts
+        if not exc.retryable:
+            raise model_failure(turn, exc) from exc
+        if self.emitted:
+            raise ModelUnavailable(f"model turn {turn} failed after part of it was streamed: {exc.message}") from exc
+        if attempt == attempts:
+            raise ModelUnavailable(f"model turn {turn} failed after {attempt} attempt(s): {exc.message}") from exc
+        # The model's own word on when to come back beats our guess.
+        delay = exc.retry_after_s or wait_after(self.backoff, attempt)
+        left = self.control.remaining() if self.control is not None else None
+        too_long = bool(exc.retry_after_s) and delay > MAX_RETRY_AFTER_S
+        if too_long or (left is not None and delay >= left):
+            # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked too little:
+            # end it now, retryable, with the model's reason
+            asked = "the model asks to retry" if exc.retry_after_s else "the next try would come"
+            why = "" if too_long or left is None else f", after the run's deadline ({max(left, 0):.1f} s left)"
+            raise ModelUnavailable(
+                f"model turn {turn} failed and {asked} after {delay:.0f} s{why}: {exc.message}"
+            ) from exc
+        telemetry.MODEL_RETRIES.inc()
+        log.warning(
+            "model turn failed, retrying",
+            extra={"turn": turn, "attempt": attempt, "wait_s": round(delay, 3), "error": exc.message},
+        )
+        self.attempt, self.delay = attempt + 1, delay
+        # the caller would otherwise see nothing for as long as the wait and the next try take
+        return ev.ModelRetry(turn=turn, attempt=attempt, max_attempts=attempts, wait_s=delay, error=exc.message)
+
+
 async def stream_turn(
     model: m.Model,
     turn: int,
@@ -38,87 +140,24 @@ async def stream_turn(
     control: RunControl | None = None,
     opened: dict[str, str] | None = None,
 ) -> AsyncIterator[Event | m.TurnEnd]:
-    """Stream one model turn, retrying retryable failures with backoff only while nothing of the turn has
-    reached the caller: once a delta is out, a retry would show the caller a different answer. Each call the turn
-    begins is noted in `opened` (call id → name) before its `ToolCall` goes out: from then on, it gets a result
-    whatever happens."""
-    emitted = False
-    started = clock()
-    # without tracing, no span at all: the no-op one still costs every turn its creation and ending
-    span = (
-        telemetry.tracer().start_span("model_turn", context=trace_context, attributes={"model.turn": turn})
-        if telemetry.tracing_enabled()
-        else None
-    )
-    failure: BaseException | None = None
-    try:
-        for attempt in range(1, retry.attempts + 1):
+    """One model turn's events, ending with its `TurnEnd`, as a generator (`ModelTurn`, which the loop uses
+    without one): retried with backoff on retryable failures only while nothing of the turn has reached the
+    caller; each call the turn begins is noted in `opened` (call id → name) before its `ToolCall` goes out."""
+    with ModelTurn(turn, retry, backoff, clock, trace_context, control, opened) as model_turn:
+        while True:
+            stream = model.stream_turn(request)
             try:
-                try:
-                    stream = model.stream_turn(request)
-                    try:  # `aclosing`'s work without its object and its two coroutines per turn
-                        async for event in stream:
-                            # most of a turn's events are text: mapped here, without a call
-                            if type(event) is m.TextDelta:
-                                emitted = True
-                                yield TextDelta(turn=turn, text=event.text)
-                                continue
-                            if type(event) is m.TurnEnd:  # the last: neither emitted nor a call begun
-                                yield event
-                                continue
-                            mapped = _map_model_event(turn, event)
-                            emitted = emitted or not isinstance(mapped, m.TurnEnd)
-                            if opened is not None and type(mapped) is ToolCall:
-                                opened[mapped.call_id] = mapped.name
-                            yield mapped
-                    finally:
-                        await stream.aclose()
-                    return
-                except TimeoutError as err:
-                    raise _timed_out(err) from err
-            except ModelError as exc:
-                if not exc.retryable:
-                    raise model_failure(turn, exc) from exc
-                if emitted:
-                    raise ModelUnavailable(
-                        f"model turn {turn} failed after part of it was streamed: {exc.message}"
-                    ) from exc
-                if attempt == retry.attempts:
-                    raise ModelUnavailable(
-                        f"model turn {turn} failed after {attempt} attempt(s): {exc.message}"
-                    ) from exc
-                # The model's own word on when to come back beats our guess.
-                delay = exc.retry_after_s or wait_after(backoff, attempt)
-                left = control.remaining() if control is not None else None
-                too_long = bool(exc.retry_after_s) and delay > MAX_RETRY_AFTER_S
-                if too_long or (left is not None and delay >= left):
-                    # a wait past the run's deadline would end it DEADLINE_EXCEEDED, as if the caller had asked
-                    # too little: end it now, retryable, with the model's reason
-                    asked = "the model asks to retry" if exc.retry_after_s else "the next try would come"
-                    why = "" if too_long or left is None else f", after the run's deadline ({max(left, 0):.1f} s left)"
-                    raise ModelUnavailable(
-                        f"model turn {turn} failed and {asked} after {delay:.0f} s{why}: {exc.message}"
-                    ) from exc
-                telemetry.MODEL_RETRIES.inc()
-                log.warning(
-                    "model turn failed, retrying",
-                    extra={"turn": turn, "attempt": attempt, "wait_s": round(delay, 3), "error": exc.message},
-                )
-                # the caller would otherwise see nothing for as long as the wait and the next try take
-                yield ev.ModelRetry(
-                    turn=turn, attempt=attempt, max_attempts=retry.attempts, wait_s=delay, error=exc.message
-                )
-                await sleep(delay)
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        telemetry.MODEL_TURN.observe(clock() - started)
-        if span is not None:
-            telemetry.end_span(span, failure)
-        # This frame holds the exception and the exception's traceback holds this frame: without this, every
-        # cancelled or failed turn leaves a reference cycle for the collector.
-        failure = None
+                try:  # `aclosing`'s work without its object and its two coroutines per turn
+                    async for event in stream:
+                        # its last, `TurnEnd`: neither emitted nor a call begun
+                        yield event if type(event) is m.TurnEnd else model_turn.mapped(event)
+                finally:
+                    await stream.aclose()
+                return
+            except (ModelError, TimeoutError) as exc:
+                retrying = model_turn.failed(exc)
+            yield retrying
+            await sleep(model_turn.delay)
 
 
 def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:
