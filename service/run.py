@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -72,6 +72,11 @@ class Entry(NamedTuple):
 _entry = tuple.__new__
 
 
+def driving(runs: Iterable[Run]) -> list[asyncio.Task[None]]:
+    """The driver tasks of `runs` still going (an ended run's `task` is a finished future, not its task)."""
+    return [r.task for r in runs if isinstance(r.task, asyncio.Task) and not r.task.done()]
+
+
 class Run:
     ahead = 0  # how far its streams may run past its kept log (`state.mirror.SharedRun`); see `resume_after`
 
@@ -88,7 +93,7 @@ class Run:
         self.ended_at: float | None = None  # registry clock
         self.log: list[Entry] = []
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # the driver task; once done, a finished future (runs.py)
         self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
         self._waiters: list[asyncio.Future[None]] = []
 
