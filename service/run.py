@@ -95,7 +95,8 @@ class Run:
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
         self.task: asyncio.Future[None] | None = None  # the driver task; once done, a finished future (runs.py)
         self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
-        self._waiters: list[asyncio.Future[None]] = []
+        # a list only while someone waits: a run kept after its end holds none (one tracked object less a kept run)
+        self._waiters: list[asyncio.Future[None]] | tuple[()] = ()
 
     # A durable run shared with a store sends its readers only what the store holds (`state/mirror.py`).
     stored_only = False
@@ -179,16 +180,19 @@ class Run:
             await self._changed()
 
     def _wake(self) -> None:
-        for waiter in self._waiters:
+        waiters, self._waiters = self._waiters, ()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._waiters.clear()
 
     def _waiter(self) -> asyncio.Future[None]:
         """A future done at the next change. One per waiting subscriber: cancelling one subscriber must not wake or
         cancel the others."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if self._waiters:
+            self._waiters.append(waiter)  # a list when not empty
+        else:
+            self._waiters = [waiter]
         return waiter
 
     async def _changed(self) -> None:
