@@ -93,6 +93,12 @@ async def play(
         run.append(ev.RunFailed(code="INTERNAL", message=f"internal error in run {run.id}", retryable=False))
     finally:
         coalescer.flush()
+        # `acknowledge` held the coalescer and the run: a run kept for watching after its end holds neither
+        run.control.inbox.emit = _ended
+
+
+def _ended(event: ev.Event) -> None:
+    raise RunAlreadyEnded("the run has ended; the input was not taken")
 
 
 def stopped(run: Run) -> ev.RunFailed:

@@ -39,7 +39,7 @@ from service.durable.journal import Journal
 from service.errors import AgentError, QueueFull, RecordsUnavailable, RunCancelled, RunHandedOver, StateUnavailable
 from service.events import ApprovalDecided, Event, RunFailed, ToolResult, Usage
 from service.loop import AgentLoop
-from service.run import Run
+from service.run import Run, driving
 from service.spec import RunSpec
 from service.state.mirror import SharedRun
 
@@ -341,14 +341,15 @@ class DurableRuns:
         streams end RUN_HANDED_OVER), its events are out (in the shared store), and then it is released for a peer
         to claim at once. A checkpoint the stop cut off is either committed before the release or not at all; a
         tool call it cut off is continued as any crash's (run again if safe, else OUTCOME_UNKNOWN)."""
-        runs = [r for r in runs if r.task is not None and not r.task.done() and not r.finished and self._recorded(r)]
+        going = set(driving(runs))
+        runs = [r for r in runs if r.task in going and not r.finished and self._recorded(r)]
         if not runs:
             return
         log.warning("handing durable runs over", extra={"runs": len(runs)})
         for run in runs:  # before the cancel, so that the driver ends nothing: the seq named is then at most what
             # a stream has sent when it ends (it sends the whole log first): a WatchRun from it repeats, never skips
             run.give_up(RunHandedOver(run.id, len(run.log), DRAINED, one_node=self.one_node))
-        await cancel_and_wait([r.task for r in runs if r.task is not None], 5.0)
+        await cancel_and_wait(driving(runs), 5.0)
         if self.shared is not None and not await self.shared.flushed(5.0):
             log.warning("handing runs over with events not shipped: a peer continues after the last one shipped")
         for run in runs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -72,6 +72,11 @@ class Entry(NamedTuple):
 _entry = tuple.__new__
 
 
+def driving(runs: Iterable[Run]) -> list[asyncio.Task[None]]:
+    """The driver tasks of `runs` still going (an ended run's `task` is a finished future, not its task)."""
+    return [r.task for r in runs if isinstance(r.task, asyncio.Task) and not r.task.done()]
+
+
 class Run:
     ahead = 0  # how far its streams may run past its kept log (`state.mirror.SharedRun`); see `resume_after`
 
@@ -88,9 +93,10 @@ class Run:
         self.ended_at: float | None = None  # registry clock
         self.log: list[Entry] = []
         self.bytes = 0  # what the log holds, roughly: see `append`; tool data is added where it is measured
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # the driver task; once done, a finished future (runs.py)
         self.lost: AgentError | None = None  # a mirror whose log cannot be continued: why, for its followers
-        self._waiters: list[asyncio.Future[None]] = []
+        # a list only while someone waits: a run kept after its end holds none (one tracked object less a kept run)
+        self._waiters: list[asyncio.Future[None]] | tuple[()] = ()
 
     # A durable run shared with a store sends its readers only what the store holds (`state/mirror.py`).
     stored_only = False
@@ -174,16 +180,19 @@ class Run:
             await self._changed()
 
     def _wake(self) -> None:
-        for waiter in self._waiters:
+        waiters, self._waiters = self._waiters, ()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._waiters.clear()
 
     def _waiter(self) -> asyncio.Future[None]:
         """A future done at the next change. One per waiting subscriber: cancelling one subscriber must not wake or
         cancel the others."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if self._waiters:
+            self._waiters.append(waiter)  # a list when not empty
+        else:
+            self._waiters = [waiter]
         return waiter
 
     async def _changed(self) -> None:

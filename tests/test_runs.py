@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import types
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +19,7 @@ from service import events as ev
 from service.callers import Caller, CallerLimits
 from service.config import CallerConfig, Pacing, RunsConfig
 from service.control import RunControl
-from service.errors import CallerLimited, QueueFull, SubscriberTooSlow
+from service.errors import CallerLimited, QueueFull, RunAlreadyEnded, SubscriberTooSlow
 from service.executor import Executor
 from service.loop import AgentLoop, RunSpec
 from service.models import base as m
@@ -181,9 +184,10 @@ async def test_a_run_cancelled_before_its_driver_first_runs_still_ends(backgroun
     reg = registry(WORDS, background_max_concurrent=1, background_max_queued=0)
     active = REGISTRY.get_sample_value("agent_active_runs")
     run, _ = reg.start(spec("run_a"), caller="c", background=background)
+    driver = run.task  # once done, the run keeps a finished future in its place
     reg.cancel(run)  # in the same step as start: the driver task is cancelled before its coroutine ever runs
     entries = await asyncio.wait_for(_all(run.follow(0)), 1)
-    assert run.task is not None and run.task.cancelled()
+    assert driver is not None and driver.cancelled()
     assert run.state is RunState.CANCELLED
     assert [type(e.event) for e in entries] == [ev.RunStarted, ev.RunFailed]
     assert entries[-1].event == ev.RunFailed(code="CANCELLED", message="cancelled by CancelRun", retryable=False)
@@ -266,3 +270,27 @@ def test_retention_forgets_the_oldest_ended_runs_past_their_age_count_or_bytes()
     assert "max_retained_runs = 4" in (kept.why_forgotten("r2", None) or "")
     assert [e.run_id for e in kept.over(now=64, runs=1)] == ["r3"]
     assert "retention_s = 60 s" in (kept.why_forgotten("r3", "a") or "")
+
+
+async def test_an_ended_run_kept_for_watching_holds_its_log_not_its_driver() -> None:
+    """Kept runs are scanned by every collection while they are kept (bench.retained): once its driver is done, a
+    run lets go of the driver's task (its coroutine, its context) and of the coalescer, and what stands for the task
+    is done; input for it is refused as for any ended run."""
+    reg = registry([{"text": "done"}])
+    run, _ = await reg.open(spec("run_1"), caller=Caller("c", CallerConfig(name="c"), "none"), limits=CallerLimits())
+    assert run.task is not None
+    driver = weakref.ref(run.task)
+    await asyncio.wait([run.task])
+    await asyncio.sleep(0)  # the done callbacks run in the loop's next round
+    gc.collect()
+    assert reg.get("run_1") is run and run.state is RunState.SUCCEEDED and len(run.log) == 4
+    assert driver() is None
+    assert run.task is not None and run.task.done()
+    await run.task  # a caller waiting for the driver of an ended run returns at once
+    emit = run.control.inbox.emit
+    assert emit is not None
+    with pytest.raises(RunAlreadyEnded):
+        emit(ev.InputReceived(text="too late", when="asap", sent_by="c"))
+    holders = {type(r) for r in gc.get_referrers(run)}  # the driver's closure held it in a cell, the coalescer
+    assert types.CellType not in holders and types.MethodType not in holders  # through its bound `append`
+    await reg.close()
