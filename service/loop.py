@@ -32,7 +32,7 @@ from service.events import (
     ToolStatus,
 )
 from service.executor import Executor, RunContext, ToolCallRequest
-from service.model_turn import ModelTurn, stream_turn
+from service.model_turn import ModelTurn
 from service.models import base as m
 from service.policy.retry import jittered_backoff
 from service.spec import RunSpec as RunSpec  # where it was defined before: many import it from here
@@ -226,30 +226,6 @@ class AgentLoop:
         for event in ending.events:
             yield event
         await ending.ended(journal)
-
-    def request_model(
-        self,
-        turn: int,
-        request: m.TurnRequest,
-        *,
-        trace_context: Any = None,
-        control: RunControl | None = None,
-        opened: dict[str, str] | None = None,
-    ) -> AsyncIterator[Event | m.TurnEnd]:
-        """One model turn's events, ending with its `TurnEnd` (`service/model_turn.py`); each call it begins is
-        noted in `opened` (call id → name) as its `ToolCall` goes out."""
-        return stream_turn(
-            self.model,
-            turn,
-            request,
-            retry=self.retry,
-            backoff=self._backoff,
-            sleep=self.sleep,
-            clock=self.clock,
-            trace_context=trace_context,
-            control=control,
-            opened=opened,
-        )
 
     async def _tool_turn(
         self, turn: int, calls: Sequence[ToolCallRequest], state: LoopState, journal: Journal | None

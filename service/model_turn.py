@@ -4,7 +4,7 @@ with backoff on retryable failures only while nothing of the turn has reached th
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +30,7 @@ class ModelTurn:
     """One model turn's bookkeeping around the model's stream: its duration (`agent_model_turn_duration_seconds`) and
     span, what went out of it, and whether a failure is retried. The agent loop iterates the model's stream itself
     with it (`AgentLoop.run`): a generator layer of its own would cost every run a generator and every event a hop
-    through it (about 10,000 instructions per short run, 1,800 per event). `stream_turn` is the same as a generator.
+    through it (about 10,000 instructions per short run, 1,800 per event).
 
     As a context manager it spans the turn, retries and waits included; `failed` says what a failure of the stream
     leads to: raised, or the `ModelRetry` event to send before `delay` s and the next attempt."""
@@ -125,39 +125,6 @@ class ModelTurn:
         self.attempt, self.delay = attempt + 1, delay
         # the caller would otherwise see nothing for as long as the wait and the next try take
         return ev.ModelRetry(turn=turn, attempt=attempt, max_attempts=attempts, wait_s=delay, error=exc.message)
-
-
-async def stream_turn(
-    model: m.Model,
-    turn: int,
-    request: m.TurnRequest,
-    *,
-    retry: ModelRetry,
-    backoff: wait_base,
-    sleep: Callable[[float], Awaitable[None]],
-    clock: Callable[[], float],
-    trace_context: Any = None,
-    control: RunControl | None = None,
-    opened: dict[str, str] | None = None,
-) -> AsyncIterator[Event | m.TurnEnd]:
-    """One model turn's events, ending with its `TurnEnd`, as a generator (`ModelTurn`, which the loop uses
-    without one): retried with backoff on retryable failures only while nothing of the turn has reached the
-    caller; each call the turn begins is noted in `opened` (call id → name) before its `ToolCall` goes out."""
-    with ModelTurn(turn, retry, backoff, clock, trace_context, control, opened) as model_turn:
-        while True:
-            stream = model.stream_turn(request)
-            try:
-                try:  # `aclosing`'s work without its object and its two coroutines per turn
-                    async for event in stream:
-                        # its last, `TurnEnd`: neither emitted nor a call begun
-                        yield event if type(event) is m.TurnEnd else model_turn.mapped(event)
-                finally:
-                    await stream.aclose()
-                return
-            except (ModelError, TimeoutError) as exc:
-                retrying = model_turn.failed(exc)
-            yield retrying
-            await sleep(model_turn.delay)
 
 
 def _map_model_event(turn: int, event: m.ModelEvent) -> Event | m.TurnEnd:

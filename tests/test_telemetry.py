@@ -348,16 +348,16 @@ def bucket_counts(metric: str) -> dict[str, float]:
 
 async def test_model_turn_histogram_tells_long_turns_apart() -> None:
     # a turn is a whole streamed answer, retries included: minutes for a long one (model.timeout_s is 120 s a try)
-    from service.executor import Executor
-    from service.loop import AgentLoop
-    from service.models import base as m
+    from tenacity import wait_none
+
+    from service.config import ModelRetry
+    from service.model_turn import ModelTurn
 
     async def buckets_counting(seconds: float) -> set[str]:
         times = iter([0.0, seconds])  # the turn's start and end, as the loop's clock reads them
-        loop = AgentLoop(scripted([{"text": "a long answer"}]), Executor({}), clock=lambda: next(times))
         before = bucket_counts("agent_model_turn_duration_seconds")
-        request = m.TurnRequest(model="m", system=None, messages=[], tools=[], max_tokens=10)
-        _ = [e async for e in loop.request_model(1, request)]
+        with ModelTurn(1, ModelRetry(), wait_none(), lambda: next(times)):  # what the loop spans each turn with
+            pass
         after = bucket_counts("agent_model_turn_duration_seconds")
         return {le for le, n in after.items() if n != before[le]}
 
