@@ -76,6 +76,8 @@ class Scope:
     `asyncio.Timeout` inside (one object per run and no coroutine, instead of two objects and two pairs of
     coroutines), and its deadline waits with the other runs' on one timer (`_Deadlines`)."""
 
+    __slots__ = ("control", "fired", "_entry", "_deadlines", "_handle", "_task", "_cancelling")  # one made per run
+
     def __init__(self, control: RunControl) -> None:
         self.control = control
         self.fired = False

@@ -33,10 +33,8 @@ class RunState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-# Looked up once: reading an enum's member off its class costs about 1,000 instructions (`Run.finished`, asked a few
-# times per call, read three).
-_QUEUED = RunState.QUEUED
-_ENDED = _SUCCEEDED, _FAILED, _CANCELLED = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+# Looked up once: reading an enum's member off its class costs about 1,000 instructions.
+_QUEUED, _SUCCEEDED, _FAILED, _CANCELLED = RunState.QUEUED, RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED
 
 
 class RunRecord(NamedTuple):
@@ -102,9 +100,10 @@ class Run:
     stored_only = False
     stored = 0
 
-    @property
-    def finished(self) -> bool:
-        return self.state in _ENDED
+    # Whether the run has ended (its state succeeded, failed or cancelled): set by `finish` alone, the one place that
+    # ends it. A plain attribute, not a property over `state`: it is read a few times per call and event (a short
+    # call 497,100 -> 493,900 instructions).
+    finished = False
 
     @property
     def outcome(self) -> ev.FinalResponse | ev.RunFailed | None:
@@ -129,6 +128,7 @@ class Run:
             self.state = _CANCELLED
         else:
             self.state = _FAILED
+        self.finished = True
         self.ended_ns = time.time_ns()
         if self._waiters:
             self._wake()

@@ -1,6 +1,7 @@
 """The run registry: runs outlive the streams that started them, can be found by id or idempotency key, watched,
 cancelled, run in the background, and are forgotten after a retention period. A `Run` and its log are in
-`service/run.py`, the loop that fills the log in `service/driver.py`.
+`service/run.py`, the loop that fills the log in `service/driver.py`, the lookups in `service/run_lookups.py` and the
+registry's shutdown in `service/run_shutdown.py`.
 
 Cancellation contract: a run is driven by its own task (`Run.task`), never by a caller's stream. Callers stop a run
 through its `RunControl` (the run then ends with events saying so); only `RunRegistry.close` cancels driver tasks
@@ -19,17 +20,17 @@ from typing import TYPE_CHECKING
 
 from service import events as ev
 from service import tally, telemetry
-from service.aio import cancel_and_wait
 from service.coalesce import LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
 from service.driver import play, stopped
-from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled, RunInterrupted
+from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled
 from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummaryStore, SummaryWriter
 from service.retention import Retention
-from service.run import Run, RunState, driving
+from service.run import Run, RunState
 from service.run_lookups import RunLookups, conflict
+from service.run_shutdown import RunShutdown
 from service.state.base import RunLookup, RunStore
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 _DoneCallback = Callable[[asyncio.Task[None]], None]
 
 
-class RunRegistry(RunLookups):
+class RunRegistry(RunLookups, RunShutdown):
     def __init__(
         self,
         loop: AgentLoop,
@@ -357,44 +358,6 @@ class RunRegistry(RunLookups):
             self.summary_writer.add(run)
         for callback in self._on_end:
             callback(run, background)
-
-    async def shutdown(self, grace: float) -> None:
-        """Give running runs `grace` seconds, then hand the durable ones over to another process (`DurableRuns`) and
-        stop the others with a retryable error naming each run."""
-        if self.durable is not None:
-            await self.durable.stop_recovering()
-        live = driving(self.runs.values())
-        if live:
-            _, pending = await asyncio.wait(live, timeout=grace)
-            if pending:
-                log.warning("grace period over; interrupting runs", extra={"runs": len(pending)})
-        if self.durable is not None:
-            await self.durable.hand_over(list(self.runs.values()))
-        for run in self.runs.values():
-            if not run.finished:
-                reason = RunInterrupted(
-                    f"run {run.id} was interrupted: the server is shutting down; retry on another replica"
-                )
-                if run.state is RunState.QUEUED and run.task is not None:
-                    run.control.stop_now(reason)
-                    run.task.cancel()
-                run.control.stop_now(reason)
-        live = driving(self.runs.values())
-        if live:
-            await asyncio.wait(live, timeout=5)
-
-    async def close(self) -> None:
-        """Cancel the runs still going (after `shutdown`, none should be) and the registry's own tasks. A driver
-        that has not stopped after `2 * abandon_after_s` of the loop is abandoned: longer than the calls of a turn
-        wait (1x), so that the layer that can say which calls are stuck is the one that does."""
-        tasks = driving(self.runs.values())
-        tasks += [t for t in (self._janitor, self._load_probe) if t is not None]
-        await cancel_and_wait(tasks, 2 * self.loop.abandon_after_s)
-        await self.summary_writer.flushed(timeout_s=5.0)
-        if self.elsewhere is not None:
-            await self.elsewhere.close()  # after the runs: their last events are shipped (or written) first
-        if self.durable is not None:
-            await self.durable.aclose()
 
     def sweep(self) -> int:
         """Forget the ended runs past their retention, or beyond `max_retained_runs` or `max_retained_bytes`."""
