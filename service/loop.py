@@ -23,7 +23,7 @@ from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
 from service.control import RunControl, Scope
 from service.durable.journal import Journal, recorded_results
-from service.errors import MaxTurnsExceeded, ModelError, RunError
+from service.errors import MaxTurnsExceeded, RunError
 from service.events import (
     Event,
     RunFailed,
@@ -187,16 +187,18 @@ class AgentLoop:
                             while True:
                                 stream = self.model.stream_turn(request)
                                 try:
-                                    try:  # `aclosing`'s work without its object and its two coroutines per turn
-                                        async for said in stream:
-                                            if type(said) is m.TurnEnd:
-                                                end = said
-                                            else:
-                                                yield model_turn.mapped(said)
-                                    finally:
-                                        await stream.aclose()
+                                    async for said in stream:
+                                        if type(said) is m.TurnEnd:
+                                            end = said
+                                        else:
+                                            yield model_turn.mapped(said)
                                     break
-                                except (ModelError, TimeoutError) as exc:
+                                except BaseException as exc:
+                                    # `aclosing`'s work without its object and its two coroutines per turn, and only
+                                    # for a stream cut short: one that ended has nothing to close (its `aclose` cost
+                                    # every turn about 1,500 instructions). Then a model failure is retried (or the
+                                    # run's error raised), anything else raised again (`failed`).
+                                    await stream.aclose()
                                     retrying = model_turn.failed(exc)
                                 yield retrying
                                 await self.sleep(model_turn.delay)
