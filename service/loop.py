@@ -23,7 +23,7 @@ from service.aio import ABANDON_AFTER_S, merge
 from service.config import ModelRetry
 from service.control import RunControl, Scope
 from service.durable.journal import Journal, recorded_results
-from service.errors import MaxTurnsExceeded, ModelError, RunError
+from service.errors import MaxTurnsExceeded, RunError
 from service.events import (
     Event,
     RunFailed,
@@ -49,38 +49,6 @@ from service.turns import (
 from tools.base import Tool
 
 log = logging.getLogger(__name__)
-
-
-_RunMethod = Callable[..., AsyncIterator[Event]]
-
-
-def _traced(run: _RunMethod) -> _RunMethod:
-    """Wrap `AgentLoop.run` in the `run` span, ended ERROR on a failed or cancelled run. The span is passed down
-    explicitly (`RunSpec.trace_context`), never made current: a context set inside a generator would leak into
-    whatever iterates it. Without tracing, `run` is returned unwrapped: one generator layer less on every event."""
-
-    async def in_span(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
-        attributes = {"run.id": spec.run_id, "run.model": spec.model, "run.caller": spec.metadata.get("caller", "")}
-        span = telemetry.tracer().start_span("run", attributes=attributes)
-        spec = replace(spec, trace_context=telemetry.context_with(span))
-        try:
-            async with aclosing(run(self, spec, *args, **kwargs)) as events:  # type: ignore[type-var]
-                async for event in events:
-                    if isinstance(event, RunFailed):
-                        telemetry.end_span(span, f"{event.code}: {event.message}")
-                    yield event
-        except BaseException as exc:
-            telemetry.end_span(span, "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc)
-            raise
-        span.end()  # a no-op (with a debug log) when already ended by a failure
-
-    def traced(self: AgentLoop, spec: RunSpec, *args: Any, **kwargs: Any) -> AsyncIterator[Event]:
-        if telemetry.tracing_enabled():
-            return in_span(self, spec, *args, **kwargs)
-        return run(self, spec, *args, **kwargs)
-
-    traced.__doc__ = run.__doc__
-    return traced
 
 
 class AgentLoop:
@@ -132,7 +100,6 @@ class AgentLoop:
             specs = self._offers[names] = tuple(self.tool_specs(names))
         return specs
 
-    @_traced
     def run(
         self,
         spec: RunSpec,
@@ -151,11 +118,42 @@ class AgentLoop:
         With a `journal` the run is durable: each model turn and tool result is checkpointed before its events go
         on, and an unsafe call's intent before the call starts. A journal of recorded steps (`Journal.resume`)
         replays them first, silently, after a `RunRecovered` event. `TakenOver` from the store ends the run at once,
-        with nothing more sent: another process drives it now."""
+        with nothing more sent: another process drives it now.
+
+        Traced, the run is in the `run` span (`_traced`); untraced, its events come with no generator layer of it."""
+        if telemetry.tracing_enabled():
+            return self._traced(spec, control, announce, journal)
+        return self._untraced(spec, control, announce, journal)
+
+    def _untraced(
+        self, spec: RunSpec, control: RunControl | None, announce: bool, journal: Journal | None
+    ) -> AsyncIterator[Event]:
+        # called by `run` with its arguments by position: a wrapper that passed on `*args, **kwargs` (as a decorator
+        # around `run` did) cost every run about 3,500 instructions more
         state = LoopState(spec, self.clock(), control or RunControl())  # positional: ~1,000 instructions less
         events = self._run(state, journal)
         # the registry announces the run itself: only the other callers pay for a generator that does it
         return _announced(self.started(spec), events) if announce else events
+
+    async def _traced(
+        self, spec: RunSpec, control: RunControl | None, announce: bool, journal: Journal | None
+    ) -> AsyncIterator[Event]:
+        """`run` in the `run` span, ended ERROR on a failed or cancelled run. The span is passed down explicitly
+        (`RunSpec.trace_context`), never made current: a context set inside a generator would leak into whatever
+        iterates it."""
+        attributes = {"run.id": spec.run_id, "run.model": spec.model, "run.caller": spec.metadata.get("caller", "")}
+        span = telemetry.tracer().start_span("run", attributes=attributes)
+        spec = replace(spec, trace_context=telemetry.context_with(span))
+        try:
+            async with aclosing(self._untraced(spec, control, announce, journal)) as events:  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, RunFailed):
+                        telemetry.end_span(span, f"{event.code}: {event.message}")
+                    yield event
+        except BaseException as exc:
+            telemetry.end_span(span, "cancelled" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else exc)
+            raise
+        span.end()  # a no-op (with a debug log) when already ended by a failure
 
     async def _run(self, state: LoopState, journal: Journal | None) -> AsyncIterator[Event]:
         """`run`'s events after its `RunStarted`."""
@@ -189,16 +187,18 @@ class AgentLoop:
                             while True:
                                 stream = self.model.stream_turn(request)
                                 try:
-                                    try:  # `aclosing`'s work without its object and its two coroutines per turn
-                                        async for said in stream:
-                                            if type(said) is m.TurnEnd:
-                                                end = said
-                                            else:
-                                                yield model_turn.mapped(said)
-                                    finally:
-                                        await stream.aclose()
+                                    async for said in stream:
+                                        if type(said) is m.TurnEnd:
+                                            end = said
+                                        else:
+                                            yield model_turn.mapped(said)
                                     break
-                                except (ModelError, TimeoutError) as exc:
+                                except BaseException as exc:
+                                    # `aclosing`'s work without its object and its two coroutines per turn, and only
+                                    # for a stream cut short: one that ended has nothing to close (its `aclose` cost
+                                    # every turn about 1,500 instructions). Then a model failure is retried (or the
+                                    # run's error raised), anything else raised again (`failed`).
+                                    await stream.aclose()
                                     retrying = model_turn.failed(exc)
                                 yield retrying
                                 await self.sleep(model_turn.delay)

@@ -91,9 +91,15 @@ class ModelTurn:
             self.opened[mapped.call_id] = mapped.name
         return mapped  # type: ignore[return-value]
 
-    def failed(self, exc: ModelError | TimeoutError) -> ev.ModelRetry:
+    def failed(self, exc: BaseException) -> ev.ModelRetry:
         """The `ModelRetry` event to send before the next attempt (after `delay` s), or the run's error raised:
-        retryable failures are retried with backoff only while nothing of the turn has reached the caller."""
+        retryable failures are retried with backoff only while nothing of the turn has reached the caller. `exc`
+        raised again when it is not the model's failure (a `ModelError` or `TimeoutError`): a cancel, a bug."""
+        if not isinstance(exc, ModelError | TimeoutError):
+            try:
+                raise exc
+            finally:
+                del exc  # else this frame, in its traceback, holds it: a cycle left for the collector
         if isinstance(exc, TimeoutError):
             timed_out = _timed_out(exc)
             timed_out.__cause__ = exc  # as `raise … from`

@@ -12,6 +12,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from service.slots import quick_init
+
 # Deeper than any tool's schema goes, far below what the JSON encoders, the SDK and protobuf (32 levels, then JSON
 # text) can take: a tool input nested deeper is refused rather than allowed to fail later in one of them.
 MAX_INPUT_DEPTH = 100
@@ -26,7 +28,11 @@ class ToolSpec:
     input_schema: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
+# `TurnRequest` and the model's events below are made for every turn and every event it streams: built through their
+# slots (`quick_init`), as the service's events are. A turn of one text delta costs about 11,600 instructions less
+# (callgrind: a `TurnRequest` and a `TurnEnd` 5,300 each, a `TextDelta` 1,000).
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TurnRequest:
     model: str
     system: str | None
@@ -38,29 +44,34 @@ class TurnRequest:
 # What a model turn streams. `index` is the content block's position in the turn.
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ThinkingDelta:
     text: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TextDelta:
     text: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ToolUseStart:
     call_id: str
     name: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ToolUseDelta:
     call_id: str
     partial_json: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@quick_init
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TurnEnd:
     """The turn is complete. `content` is the assistant message's blocks, ready to go back into the history
     (tool_use blocks carry the parsed `input`; a block whose input cannot be used carries `{}` and is listed in
