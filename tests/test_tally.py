@@ -27,6 +27,15 @@ def test_a_scrape_sees_every_count_added_before_it_and_each_once() -> None:
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) == before + 4
 
 
+def test_a_counted_dict_is_passed_on_at_a_scrape_and_each_count_once() -> None:
+    counts = tally.counted({"done": (CALLS, "COUNTED")})
+    counts["done"] = counts.get("done", 0) + 2
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2  # once, not twice
+    counts["done"] += 1
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 3
+
+
 def test_a_gauge_goes_up_and_down_and_shows_the_net_at_a_scrape() -> None:
     start = REGISTRY.get_sample_value("test_tally_open")
     tally.add((OPEN,), 1)
