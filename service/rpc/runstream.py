@@ -104,16 +104,16 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
             finally:
                 add_sent(counts)
             ended_with_failure(run, context)
-        except AgentError as exc:
+        except Exception as exc:
             if not boundary:
                 raise
-            refuse(context, exc)
-        except Exception:
-            if not boundary:
-                raise
-            fail(context, opener.__qualname__)
+            if isinstance(exc, AgentError):
+                refuse(context, exc)
+            else:
+                fail(context, opener.__qualname__)
         finally:
-            firsts.end(starting)  # when it ended (refused, failed, cancelled) before its first event was sent
+            if starting:  # it ended (refused, failed, cancelled) before its first event was sent; a call less when
+                firsts.end()  # it did not (a short call's stream 110,300 -> 109,300 instructions)
 
     return stream
 
