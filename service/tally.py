@@ -55,31 +55,14 @@ add = _through if _WRITE_THROUGH else _tally
 """`add(key, n)`: count `n` on `key`'s metric, `(metric, *label values)`; a Gauge's count may be negative."""
 
 
-def _through_counts(counts: Mapping[Any, float], keys: Mapping[Any, Key]) -> None:
-    for name, n in counts.items():
-        _through(keys[name], n)
-
-
-def _tally_counts(counts: Mapping[Any, float], keys: Mapping[Any, Key]) -> None:
-    added = _added
-    for name, n in counts.items():
-        key = keys[name]
-        added[key] = added.get(key, 0) + n
-
-
-add_counts = _through_counts if _WRITE_THROUGH else _tally_counts
-"""`add_counts(counts, keys)`: `add(keys[name], n)` for each `name, n` of `counts`, in one call: a stream's events
-sent, by kind, cost one call a stream, not one a kind (a short call's four kinds, counted and flushed: 14,700 ->
-13,500 instructions)."""
-
 _counted: list[tuple[dict[Any, float], Mapping[Any, Key], dict[Any, float]]] = []
 
 
 def counted(keys: Mapping[Any, Key]) -> dict[Any, Any]:
     """A dict to count in by name, `counts[name] = counts.get(name, 0) + n` standing for `add(keys[name], n)`, passed
-    on at each flush: a count in a dict keyed by a class costs less than `add`'s tuple key, and needs no adding up
-    later (`add_counts`). Not under `--workers N`, where counts are written through."""
-    assert not _WRITE_THROUGH, "under --workers counts are written through: add_counts"
+    on at each flush (under `--workers N` every `OBSERVE_PERIOD_S` too, by `keep_observed`): a count per event, where
+    `add` per event would write through under `--workers N`, and a dict of one's own would need adding up later (a
+    stream's events sent by kind: service/sent.py)."""
     counts: dict[Any, float] = {}
     _counted.append((counts, keys, {}))
     return counts
@@ -174,11 +157,13 @@ def observe(gauge: Any, read: Callable[[], float]) -> None:
 
 
 async def keep_observed(period_s: float = OBSERVE_PERIOD_S) -> None:
-    """Write every `observe`d gauge every `period_s` until cancelled (under `--workers N` only)."""
+    """Write every `observe`d gauge and what was `counted` every `period_s` until cancelled (under `--workers N`
+    only)."""
     while True:
         await asyncio.sleep(period_s)
         for gauge, read in _observed:
             gauge.set(read())
+        flush()
 
 
 class _FlushFirst:

@@ -32,7 +32,6 @@ from service import redact, tally
 from service.redact import Redactor
 from service.sent import EVENTS as EVENTS  # the events-sent story: service/sent.py
 from service.sent import SentCounts as SentCounts
-from service.sent import add_sent as add_sent
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,10 @@ count added before it, and a count is passed on once."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import pytest
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from service import tally
@@ -90,3 +92,13 @@ def test_a_tallied_histogram_scrapes_as_prometheus_client_would_observe_it() -> 
     assert scraped == samples("test_tally_reference_seconds")
     assert scraped["_count"] == len(amounts) and scraped["+Inf"] == len(amounts)
     assert samples("test_tally_seconds") == scraped  # each observation passed on once
+
+
+async def test_under_workers_what_was_counted_is_written_every_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed = asyncio.Event()
+    monkeypatch.setattr(tally, "flush", flushed.set)
+    keeper = asyncio.create_task(tally.keep_observed(0.01))
+    try:
+        await asyncio.wait_for(flushed.wait(), 5)
+    finally:
+        keeper.cancel()
