@@ -25,10 +25,12 @@ from service.errors import AgentError, SubscriberTooSlow
 from service.rpc.convert import to_proto
 from service.rpc.interceptors import Check
 from service.rpc.status import end_call, fail, refuse
-from service.run import Cursor, Run
+from service.run import Cursor, Run, RunState
 from service.sent import SENT
 
 log = logging.getLogger(__name__)
+
+_SUCCEEDED = RunState.SUCCEEDED  # a run that succeeded did not fail: its call ends OK, without a look at its outcome
 
 # (servicer, request, context) -> the run, the seq to send after, and whether this stream owns the run
 Opener = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[tuple[Run, int, bool]]]
@@ -97,7 +99,8 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
             except SubscriberTooSlow as exc:
                 log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
                 raise  # RESOURCE_EXHAUSTED, telling it where to resume
-            ended_with_failure(run, context)
+            if run.state is not _SUCCEEDED:  # a call less a stream of a run that succeeded: 2,300 instructions
+                ended_with_failure(run, context)
         except Exception as exc:
             if not boundary:
                 raise
