@@ -22,7 +22,8 @@ EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["
 _SENT_KEYS: dict[type[Event], tuple[Any, str]] = {kind: (EVENTS, kind.kind) for kind in get_args(Event)}
 
 SENT: dict[type[Event], int] = tally.counted(_SENT_KEYS)
-"""Events sent by kind, `SENT[kind] = SENT.get(kind, 0) + 1` for each: written on the event loop's thread only."""
+"""Events sent by kind, `SENT[kind] += 1` for each (every kind there from the start: the `get` of a kind not counted
+yet, a call per event, is not needed): written on the event loop's thread only."""
 
 
 class SentCounts:
@@ -32,7 +33,7 @@ class SentCounts:
     __slots__ = ()
 
     def add(self, kind: type[Event]) -> None:
-        SENT[kind] = SENT.get(kind, 0) + 1
+        SENT[kind] += 1
 
     def flush(self) -> None:
         """Nothing to add at the stream's end: the counts are the tally's."""

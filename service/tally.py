@@ -59,11 +59,11 @@ _counted: list[tuple[dict[Any, float], Mapping[Any, Key], dict[Any, float]]] = [
 
 
 def counted(keys: Mapping[Any, Key]) -> dict[Any, Any]:
-    """A dict to count in by name, `counts[name] = counts.get(name, 0) + n` standing for `add(keys[name], n)`, passed
-    on at each flush (under `--workers N` every `OBSERVE_PERIOD_S` too, by `keep_observed`): a count per event, where
-    `add` per event would write through under `--workers N`, and a dict of one's own would need adding up later (a
-    stream's events sent by kind: service/sent.py)."""
-    counts: dict[Any, float] = {}
+    """A dict to count in by name, each of `keys` at 0 to start, `counts[name] += n` standing for `add(keys[name], n)`
+    (a name not in `keys` is a KeyError), passed on at each flush (under `--workers N` every `OBSERVE_PERIOD_S` too, by
+    `keep_observed`): a count per event, where `add` per event would write through under `--workers N`, and a dict of
+    one's own would need adding up later (a stream's events sent by kind: service/sent.py)."""
+    counts: dict[Any, float] = dict.fromkeys(keys, 0)
     _counted.append((counts, keys, {}))
     return counts
 

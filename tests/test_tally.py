@@ -31,7 +31,8 @@ def test_a_scrape_sees_every_count_added_before_it_and_each_once() -> None:
 
 def test_a_counted_dict_is_passed_on_at_a_scrape_and_each_count_once() -> None:
     counts = tally.counted({"done": (CALLS, "COUNTED")})
-    counts["done"] = counts.get("done", 0) + 2
+    assert counts == {"done": 0}
+    counts["done"] += 2
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2  # once, not twice
     counts["done"] += 1
