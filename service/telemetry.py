@@ -23,14 +23,15 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any, get_args
+from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from service import redact, tally
-from service.events import Event
 from service.redact import Redactor
+from service.sent import EVENTS as EVENTS  # the events-sent story: service/sent.py
+from service.sent import SentCounts as SentCounts
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ MODEL_RETRIES = Counter("agent_model_retries_total", "Model turns retried after 
 MODEL_TOKENS = Counter(
     "agent_model_tokens_total", "Tokens of completed model turns, as the model reported them", ["kind"]
 )  # kind: input, output; no model label: the model is the caller's to name
-EVENTS = Counter("agent_events_sent_total", "Events sent to callers by kind", ["kind"])
 # the HTTP face's requests (the gRPC face's are counted by the RPC's own status): `route` is the route's template
 HTTP_REQUESTS = Counter("agent_http_requests_total", "HTTP face requests by route and status", ["route", "status"])
 # Each worker's own loop, by `pid`: a sum means nothing, and a saturated worker must show beside an idle one.
@@ -367,38 +367,3 @@ def setup_logging(level: str = "INFO", fields: Mapping[str, Any] | None = None) 
 def context_with(span: trace.Span) -> Any:
     """An OpenTelemetry context whose current span is `span`: the explicit parent for child spans."""
     return trace.set_span_in_context(span)
-
-
-class SentCounts:
-    """The events-sent counter for one HTTP stream: counted locally by event type and added to the counter (through
-    `tally`) every `every` events and when the stream ends, since a labelled `inc()` per event (a lock each time) was
-    a measurable share of the per-event cost. The gRPC stream does the same with locals and `add_sent`."""
-
-    __slots__ = ("counts", "due", "seen")
-    every = 64
-
-    def __init__(self) -> None:
-        self.counts: dict[type[Event], int] = {}
-        self.due = self.every
-        self.seen = 0
-
-    def add(self, kind: type[Event]) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.seen += 1
-        if self.seen >= self.due:
-            self.flush(self.seen)
-
-    def flush(self, seq: int = 0) -> None:
-        add_sent(self.counts)
-        self.due = seq + self.every
-
-
-def add_sent(counts: dict[type[Event], int]) -> None:
-    """Add `counts`, events sent by kind, to the events-sent counter, and empty it."""
-    tally.add_counts(counts, _SENT_KEYS)
-    counts.clear()
-
-
-# The tally key of each kind's count, made once: the same tuple each time is found in the tally by identity, where a
-# new one is made and compared field by field (with `__slots__`, 3,800 instructions less a short call's stream).
-_SENT_KEYS: dict[type[Event], tuple[Any, str]] = {kind: (EVENTS, kind.kind) for kind in get_args(Event)}

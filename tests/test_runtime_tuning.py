@@ -34,7 +34,7 @@ from service.rpc.auth import Authenticator, AuthInterceptor
 from service.rpc.convert import to_proto
 from service.rpc.interceptors import RejectUndecodable, wrap_handler
 from service.rpc.server import pending_rpc_options, tune_gc
-from service.telemetry import JsonFormatter, SentCounts, setup_logging
+from service.telemetry import JsonFormatter, setup_logging
 from service.wiring import start
 
 
@@ -161,26 +161,26 @@ class _Context:
         return None
 
 
-async def test_events_sent_are_counted_by_kind_in_batches_and_at_the_end(start_service: StartService) -> None:
+async def test_events_sent_are_counted_by_kind_as_they_are_sent(start_service: StartService) -> None:
     def sent(kind: str) -> float:
         tally.flush()  # what a scrape does first
         return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
 
-    words = " ".join(f"w{i}" for i in range(2 * SentCounts.every))
+    words = " ".join(f"w{i}" for i in range(80))
     svc = await start_service([{"text": words}], runs={"coalesce_window_s": 0, "subscriber_coalesce_lag": 10_000})
     before = sent("text_delta"), sent("final_response")
     stream = svc.servicer.RunAgent(pb.RunAgentRequest(message="go"), _Context())
     seen: list[str] = []
     try:
-        while len(seen) < SentCounts.every + 1:
+        while len(seen) < 65:
             seen.append(str((await anext(stream)).WhichOneof("event")))
-        # the first batch went to the counter while the stream is still going, the rest waits for its batch or end
-        assert 0 < sent("text_delta") - before[0] < seen.count("text_delta")
+        # counted in the tally as sent (service/sent.py): a scrape while the stream is still going sees them all
+        assert sent("text_delta") - before[0] == seen.count("text_delta")
         seen += [str(e.WhichOneof("event")) async for e in stream]
     finally:
         await stream.aclose()
-    assert sent("text_delta") - before[0] == seen.count("text_delta") > SentCounts.every
-    assert sent("final_response") - before[1] == 1  # the stream ended: the last, partial batch is counted too
+    assert sent("text_delta") - before[0] == seen.count("text_delta") > 65  # and those sent after it
+    assert sent("final_response") - before[1] == 1
 
 
 async def test_a_wrapped_handler_wrapped_again_gets_one_layer_running_both_checks_outer_first() -> None:

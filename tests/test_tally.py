@@ -3,8 +3,10 @@ count added before it, and a count is passed on once."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import pytest
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from service import tally
@@ -25,6 +27,16 @@ def test_a_scrape_sees_every_count_added_before_it_and_each_once() -> None:
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "FAILED"}) == 2
     tally.add(ok)
     assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "OK"}) == before + 4
+
+
+def test_a_counted_dict_is_passed_on_at_a_scrape_and_each_count_once() -> None:
+    counts = tally.counted({"done": (CALLS, "COUNTED")})
+    assert counts == {"done": 0}
+    counts["done"] += 2
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 2  # once, not twice
+    counts["done"] += 1
+    assert REGISTRY.get_sample_value("test_tally_calls_total", {"outcome": "COUNTED"}) == 3
 
 
 def test_a_gauge_goes_up_and_down_and_shows_the_net_at_a_scrape() -> None:
@@ -81,3 +93,13 @@ def test_a_tallied_histogram_scrapes_as_prometheus_client_would_observe_it() -> 
     assert scraped == samples("test_tally_reference_seconds")
     assert scraped["_count"] == len(amounts) and scraped["+Inf"] == len(amounts)
     assert samples("test_tally_seconds") == scraped  # each observation passed on once
+
+
+async def test_under_workers_what_was_counted_is_written_every_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed = asyncio.Event()
+    monkeypatch.setattr(tally, "flush", flushed.set)
+    keeper = asyncio.create_task(tally.keep_observed(0.01))
+    try:
+        await asyncio.wait_for(flushed.wait(), 5)
+    finally:
+        keeper.cancel()

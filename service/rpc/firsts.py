@@ -41,9 +41,9 @@ class FirstsFirst:
         self._spell: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def end(self, started: bool = True) -> None:
-        """A call counted in `pending` has sent its first event, or ended without one (`started` False: nothing)."""
-        self.pending -= started
+    def end(self) -> None:
+        """A call counted in `pending` has sent its first event, or ended without one."""
+        self.pending -= 1
         if self.pending == 0 and self._spell is not None:
             self._release()
 

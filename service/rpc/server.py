@@ -306,5 +306,6 @@ async def serve(
         # written by now (the drain closed the audit and dead-letter stores), so end the process here.
         log.warning("exiting without waiting for tasks that ignored their cancellation", extra={"tasks": len(stuck)})
         telemetry.shutdown()
+        tally.flush()  # what was counted since the last flush (under --workers, written through every second)
         logging.shutdown()
         os._exit(0)
