@@ -321,7 +321,7 @@ class RedisRunStore:
                 await asyncio.sleep(self.config.probe_s)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _requested_while_away(self) -> None:
         ids = [run.id for run in self._live.values() if not run.finished]
