@@ -39,9 +39,12 @@ class Rounds:
             exact = server.system in EXACT
             self.validated[server.system] = h2load.validate(server, self.body, self.workload, exact, self.deadline)
         time.sleep(0.3)  # the previous round's connections are closed
-        cpu0 = server.cpu_s()
+        # a server of one process to the nanosecond (schedstat): in 10 ms ticks a small round could read 0 CPU;
+        # with --workers its children do the work, which only the ticks of their process times see
+        read = server.cpu_s if server.ps.children() else server.thread_cpu_s
+        cpu0 = read()
         runs = [h2load.run(self.path, server, self.body, load, deadline) for load in self.loads(c, server.proto)]
-        return row(runs, server.cpu_s() - cpu0, len(timeline(self.workload)), c)
+        return row(runs, read() - cpu0, len(timeline(self.workload)), c)
 
 
 def row(runs: list[dict[str, Any]], server_cpu_s: float, events_per_call: int, c: int) -> dict[str, Any]:
