@@ -24,16 +24,3 @@ _SENT_KEYS: dict[type[Event], tuple[Any, str]] = {kind: (EVENTS, kind.kind) for 
 SENT: dict[type[Event], int] = tally.counted(_SENT_KEYS)
 """Events sent by kind, `SENT[kind] += 1` for each (every kind there from the start: the `get` of a kind not counted
 yet, a call per event, is not needed): written on the event loop's thread only."""
-
-
-class SentCounts:
-    """The events-sent counter for one HTTP stream, counting in `SENT` as the gRPC stream does inline
-    (service/rpc/runstream.py)."""
-
-    __slots__ = ()
-
-    def add(self, kind: type[Event]) -> None:
-        SENT[kind] += 1
-
-    def flush(self) -> None:
-        """Nothing to add at the stream's end: the counts are the tally's."""

@@ -31,7 +31,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from service import redact, tally
 from service.redact import Redactor
 from service.sent import EVENTS as EVENTS  # the events-sent story: service/sent.py
-from service.sent import SentCounts as SentCounts
 
 log = logging.getLogger(__name__)
 

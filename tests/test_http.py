@@ -21,7 +21,7 @@ from test_auth import SLOW, Pki, as_caller, code_of, mtls_config, two_token_call
 
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
-from service import telemetry
+from service import tally, telemetry
 from service.http.status import HTTP_STATUS, http_status
 from service.rpc.server import Service
 
@@ -377,3 +377,16 @@ def test_a_service_without_http_listen_loads_no_http_stack() -> None:
     probe = f"import sys, service.wiring; print(sorted(m for m in sys.modules if m.split('.')[0] in {stack}))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+async def test_events_sent_over_http_are_counted_by_kind(start_service: Any) -> None:
+    def sent(kind: str) -> float:
+        tally.flush()  # what a scrape does first
+        return telemetry.EVENTS.labels(kind)._value.get()  # type: ignore[no-any-return]
+
+    svc = await start_http(start_service)
+    before = sent("run_started"), sent("final_response")
+    async with client(svc) as http:
+        events = await stream_all(http, "POST", "/v1/runs:stream", json={"message": "hi"})
+    assert events[0].event == "run_started" and events[-1].event == "final_response"
+    assert (sent("run_started"), sent("final_response")) == (before[0] + 1, before[1] + 1)

@@ -16,11 +16,11 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service import telemetry
 from service.api import AgentApi
 from service.errors import SubscriberTooSlow
 from service.http.sse import HEARTBEAT, comment, frame
 from service.run import Run
+from service.sent import SENT
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,18 @@ class EventStream(Response):
     async def _events(self) -> None:
         run = self.run
         runs = self.api.config.runs
-        counts = telemetry.SentCounts()
         try:
             with self.api.streaming(run, owner=self.owner):
                 async for entry in run.follow(
                     self.after_seq, coalesce_lag=runs.subscriber_coalesce_lag, max_lag=runs.subscriber_max_lag
                 ):
-                    counts.add(type(entry.event))
+                    SENT[type(entry.event)] += 1  # counted as the gRPC stream counts (service/sent.py)
                     self.sent += 1
                     await self._body(frame(entry, run.id))
         except SubscriberTooSlow as exc:
             # the client is told in a comment and resumes with Last-Event-ID (EventSource reconnects by itself)
             log.warning("slow subscriber dropped", extra={"run_id": run.id, "last_seq": exc.last_seq})
             await self._body(comment(exc.message))
-        finally:
-            counts.flush()
 
     async def _watch(self, receive: Receive, stream: asyncio.Task[Any]) -> None:
         """Until the caller leaves (then cancel the stream), a heartbeat each `heartbeat_s` nothing was sent in."""
