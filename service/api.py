@@ -222,7 +222,7 @@ class Streaming:
         self.streams, self.run, self.owner = streams, run, owner
 
     def __enter__(self) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.run.control.loop)  # with its loop: no getpid (see RunControl)
         assert task is not None
         self.task = task
         self.streams.add(task)

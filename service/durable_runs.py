@@ -316,8 +316,9 @@ class DurableRuns:
         deadline is `runs.max_run_s` from its first start (`created`, wall time, kept with the run), not from now:
         a run that crashes and resumes again and again still ends on time."""
         ran_s = max(0.0, time.time() - created) if created else 0.0
-        limit = asyncio.get_running_loop().time() + self.config.max_run_s - ran_s
-        control = RunControl(deadline=limit, min_tool_budget_s=self.config.min_tool_budget_s)
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.config.max_run_s - ran_s
+        control = RunControl(deadline=limit, min_tool_budget_s=self.config.min_tool_budget_s, loop=loop)
         if self.shared is not None:
             run = await self.shared.revive(spec, control, caller=caller)
             if isinstance(run, str) or run.log:

@@ -188,7 +188,7 @@ class Run:
     def _waiter(self) -> asyncio.Future[None]:
         """A future done at the next change. One per waiting subscriber: cancelling one subscriber must not wake or
         cancel the others."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = (self.control.loop or asyncio.get_running_loop()).create_future()  # no getpid: see RunControl
         if self._waiters:
             self._waiters.append(waiter)  # a list when not empty
         else:

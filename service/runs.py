@@ -195,11 +195,12 @@ class RunRegistry(RunLookups, RunShutdown):
     def _new_run(
         self, spec: RunSpec, caller: str, key: str, fingerprint: str, deadline: float | None, store: RunStore | None
     ) -> Run:
-        now = asyncio.get_running_loop().time()
-        limit = now + self.config.max_run_s
+        loop = asyncio.get_running_loop()  # once a run: its control holds it for the run's other asks
+        limit = loop.time() + self.config.max_run_s
         control = RunControl(
             deadline=limit if deadline is None else min(deadline, limit),
             min_tool_budget_s=self.config.min_tool_budget_s,
+            loop=loop,
         )
         if store is not None:
             return store.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint)
@@ -236,7 +237,7 @@ class RunRegistry(RunLookups, RunShutdown):
         if background:
             self._background_runs += 1
         # the loop's own create_task, named there: asyncio.create_task adds two Python calls to name the task
-        loop = asyncio.get_running_loop()
+        loop = run.control.loop or asyncio.get_running_loop()
         done = functools.partial(self._driver_done, run, background, on_done)
         driver = self._drive(run, background, journal, done if on_done is None else None)
         run.task = loop.create_task(driver, name=f"run {run.id}")
