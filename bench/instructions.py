@@ -19,9 +19,10 @@ code controls. The service runs with coalescing off, so that every event is one 
 `--live`: the whole server process instead (`python -m service`, or `bench.bare_grpc` with `--system bare`) under
 callgrind, grpc's own work and the interceptors included, while h2load sends it short calls, `in_flight` at a time
 on one connection: the count over `runs` calls and over 2 × `runs` (switched on and dumped with `callgrind_control`
-around each h2load run, after a warm-up), per call. Every thread of the process counts, so the keepalive and metrics
-threads and grpc's poller do too, and the poller's work grows with wall time under valgrind: two live runs of the
-same code differ by up to about 5 %.
+around each h2load run, after a warm-up), per call. Two figures: every thread of the process (the keepalive and
+metrics threads and grpc's poller too, whose work grows with wall time under valgrind: two live runs of the same
+code differ by up to about 5 %), and the main thread alone, the event loop's, where the service's own work and
+grpc's per-call Python layer run (callgrind's `--separate-threads=yes`, thread 1).
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def count(
         return int(match[1])
 
 
-def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[int, int]:
-    """The live server's instructions over `runs` short calls and over 2 × `runs` (see the module's docstring)."""
+def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[tuple[int, int], tuple[int, int]]:
+    """The live server's instructions over `runs` short calls and over 2 × `runs` (see the module's docstring): all
+    threads' counts, then the main thread's."""
     from bench import h2load, procs
 
     path = h2load.find()
@@ -159,7 +161,7 @@ def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[
         out = folder / "callgrind.out"
         # procs.start runs `python -m …`: this wrapper makes that python run under callgrind, counting switched off
         wrapper = folder / "python-under-callgrind"
-        valgrind = f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out}"
+        valgrind = f"valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes --callgrind-out-file={out}"
         wrapper.write_text(f'#!/bin/sh\nexec {valgrind} {sys.executable} "$@"\n')
         wrapper.chmod(0o755)
         name = "service-raw" if system == "service" else system
@@ -175,33 +177,52 @@ def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[
                     raise RuntimeError(f"not every call succeeded: {done['requests']}")
 
             calls(in_flight)  # warm-up: caches, first-call paths
-            counts = []
+            every, main = [], []
             for n in (runs, 2 * runs):
+                seen = set(folder.glob("callgrind.out.*"))
                 subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
                 calls(n)
                 subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
                 subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)  # dumps, zeroes
-                dumps = sorted(folder.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
-                match = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.MULTILINE)
-                if match is None:
-                    raise RuntimeError(f"no totals in {dumps[-1]}")
-                counts.append(int(match[1]))
+                dumps = set(folder.glob("callgrind.out.*")) - seen  # one file per thread
+                threads = {_thread(d): _totals(d) for d in dumps}
+                if 1 not in threads:
+                    raise RuntimeError(f"no main thread among the dumps {sorted(d.name for d in dumps)}")
+                every.append(sum(threads.values()))
+                main.append(threads[1])
                 if keep:
                     Path(keep).mkdir(parents=True, exist_ok=True)
-                    shutil.copy(dumps[-1], Path(keep) / f"callgrind.live.{system}.{n}runs.out")
+                    for d in dumps:
+                        shutil.copy(d, Path(keep) / f"callgrind.live.{system}.{n}runs.thread{_thread(d)}.out")
         finally:
             server.stop()
-        return counts[0], counts[1]
+        return (every[0], every[1]), (main[0], main[1])
+
+
+def _thread(dump: Path) -> int:
+    """The thread a dump of `--separate-threads=yes` counts (its `thread:` line; its name ends in `-NN`)."""
+    match = re.search(r"^thread: (\d+)", dump.read_text(), re.MULTILINE) or re.search(r"-(\d+)$", dump.name)
+    if match is None:
+        raise RuntimeError(f"no thread in {dump}")
+    return int(match[1])
+
+
+def _totals(dump: Path) -> int:
+    match = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)  # its header's `summary:` reads 0
+    if match is None:
+        raise RuntimeError(f"no totals in {dump}")
+    return int(match[1])
 
 
 def measure_live(system: str, runs: int, in_flight: int, keep: str = "") -> dict[str, Any]:
-    once, twice = live_count(system, runs, in_flight, keep)
+    (once, twice), (main_once, main_twice) = live_count(system, runs, in_flight, keep)
     return {
         "system": system,
         "live": True,
         "runs": runs,
         "in_flight": in_flight,
         "instructions_per_start": round((twice - once) / runs),
+        "main_thread_instructions_per_start": round((main_twice - main_once) / runs),
     }
 
 
