@@ -18,6 +18,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -39,6 +40,14 @@ REQUEST = pb.RunAgentRequest(message="hello", tools=["bench_sleep"])
 
 def find() -> str | None:
     return shutil.which("h2load")
+
+
+def required() -> str:
+    """h2load's path, or the process ends saying how to install it (a tool that has nothing to measure without it)."""
+    path = find()
+    if path is None:
+        sys.exit(f"h2load is missing: {HINT}")
+    return path
 
 
 def version(path: str) -> str:

@@ -153,20 +153,16 @@ def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[
     threads' counts, then the main thread's."""
     from bench import h2load, procs
 
-    path = h2load.find()
-    if path is None:
-        sys.exit(f"h2load is missing: {h2load.HINT}")
+    path = h2load.required()
     with tempfile.TemporaryDirectory(prefix="agent-live-") as tmp:
         folder = Path(tmp)
         out = folder / "callgrind.out"
         # procs.start runs `python -m …`: this wrapper makes that python run under callgrind, counting switched off
-        wrapper = folder / "python-under-callgrind"
         valgrind = f"valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes --callgrind-out-file={out}"
-        wrapper.write_text(f'#!/bin/sh\nexec {valgrind} {sys.executable} "$@"\n')
-        wrapper.chmod(0o755)
+        wrapper = procs.python_under(folder, "python-under-callgrind", f"{valgrind} {sys.executable}")
         name = "service-raw" if system == "service" else system
         workload = Workload().unpaced(SHORT_EVENTS)
-        server = procs.start(name, workload, folder, timeout=600, python=str(wrapper))
+        server = procs.start(name, workload, folder, timeout=600, python=wrapper)
         try:
             body = h2load.request_file(folder)
             pid = str(server.proc.pid)

@@ -128,6 +128,15 @@ class Server:
                 self.proc.wait()
 
 
+def python_under(folder: Path, name: str, command: str) -> str:
+    """A stand-in for the python that `start` runs (`python=`): a script in `folder` that runs `command` with the
+    server's arguments (`-m …`) after it, e.g. the interpreter under callgrind or cProfile."""
+    script = folder / name
+    script.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def start(
     system: str,
     workload: Workload,
