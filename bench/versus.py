@@ -34,7 +34,7 @@ from bench import h2bench, h2load, stats
 from bench.h2bench import START_EVENTS, Rounds
 from bench.plan import PLANS, SATURATED_PCT, Plan, say, take_turns
 from bench.procs import ROOT, Server, child_env, start
-from bench.run import machine
+from bench.run import machine, measure_level
 from bench.workload import Workload
 
 # the structure issue's figures: time to first byte at these levels, at least five rounds at each
@@ -43,6 +43,7 @@ MIN_ROUNDS = 5
 OVERHEAD_KEYS = ("overhead_p50_us", "overhead_p99_us", "cpu_us_per_call")
 PER_EVENT = "server_cpu_us_per_added_event"
 STAGES = {"paced", "cpu", "overhead"}
+OPTIONAL_STAGES = {"pyload"}  # asked for by name: the Python load's rounds take a few minutes more
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,61 @@ def paced(plan: Plan, workdir: Path, path: str, checkouts: list[Checkout]) -> di
     """Time to first byte and request times on the paced workload at each level, as `h2bench.paced` measures the
     service against the bare server, here old against new."""
     body = h2load.request_file(workdir)
+    loads = partial(h2bench.paced_loads, plan)
+    return _each_level(
+        plan,
+        plan.h2load_levels or plan.levels,
+        checkouts,
+        workdir,
+        lambda: EachServer(partial(Rounds, path, body, plan.workload, loads, plan.deadline_s)),
+        lambda r: (
+            f"ttfb mean {r['ttfb_mean_ms']:7.1f} max {r['ttfb_max_ms']:7.1f} ms, request p99 "
+            f"{r['req_p99_ms']:7.1f} ms, h2load {r['load_cpu_pct']:3.0f} %"
+        ),
+    )
+
+
+def pyload(plan: Plan, workdir: Path, checkouts: list[Checkout]) -> dict[str, Any]:
+    """What h2load cannot see, old against new: the first event's and first token's p99 and the server's CPU per
+    event under the Python load (`bench.run.measure_level`, as the bench's paced stage measures them), the
+    two services taking turns at each level; a round in which a load process was saturated leaves the ratios."""
+    return _each_level(
+        plan,
+        plan.levels,
+        checkouts,
+        workdir,
+        lambda: _python_load,
+        lambda r: (
+            f"Python load: first event p99 {r['first_event_p99_ms']:7.1f} ms, first token p99 "
+            f"{r['first_token_p99_ms']:7.1f} ms, load {r['load_cpu_pct']:3.0f} %"
+        ),
+    )
+
+
+def _each_level(
+    plan: Plan,
+    levels: tuple[int, ...],
+    checkouts: list[Checkout],
+    workdir: Path,
+    measure: Callable[[], Callable[[Server, int, float], dict[str, Any]]],
+    line: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """The two services on the paced workload, taking turns at each level (`measure()` makes a level's measure);
+    each level's rows (medians and rounds) by checkout, and a line said for each."""
     out: dict[str, Any] = {}
-    for c in plan.h2load_levels or plan.levels:
-        loads = partial(h2bench.paced_loads, plan)
-        measure = EachServer(partial(Rounds, path, body, plan.workload, loads, plan.deadline_s))
+    for c in levels:
         starters = {k.name: partial(k.start, "service", plan.workload, workdir) for k in checkouts}
-        rows = {name: stats.combine(r) for name, r in take_turns(starters, c, plan, measure).items()}
+        rows = {name: stats.combine(r) for name, r in take_turns(starters, c, plan, measure()).items()}
         out[str(c)] = rows
         for name, r in rows.items():
-            say(
-                f"{name} C={c:<5} ttfb mean {r['ttfb_mean_ms']:7.1f} max {r['ttfb_max_ms']:7.1f} ms, request p99 "
-                f"{r['req_p99_ms']:7.1f} ms, h2load {r['load_cpu_pct']:3.0f} % (median of {len(r['rounds'])})"
-            )
+            say(f"{name} C={c:<5} {line(r)} (median of {len(r['rounds'])})")
     return out
+
+
+def _python_load(server: Server, c: int, deadline: float) -> dict[str, Any]:
+    row = measure_level(server, c, deadline)
+    # per event in µs: the bench's seconds per 1,000 events read 0.1 s against 0.1 s at one decimal
+    return row | {"loadavg_1m": os.getloadavg()[0], "server_cpu_us_per_event": row["cpu_s_per_1k_events"] * 1000}
 
 
 def server_cpu(plan: Plan, workdir: Path, path: str, checkouts: list[Checkout]) -> dict[str, Any]:
@@ -147,6 +190,11 @@ def overhead(plan: Plan, checkouts: list[Checkout], rounds: int) -> dict[str, An
 
 
 # (section, label, key): every figure compared, new ÷ old; lower is better for all of them
+PYLOAD_FIGURES = (
+    ("first event p99 (Python load)", "first_event_p99_ms", "ms"),
+    ("first token p99 (Python load)", "first_token_p99_ms", "ms"),
+    ("server CPU per event (Python load)", "server_cpu_us_per_event", "µs"),
+)
 PACED_FIGURES = (
     ("time to first byte, mean", "ttfb_mean_ms", "ms"),
     ("time to first byte, max", "ttfb_max_ms", "ms"),
@@ -161,6 +209,9 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     todo: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = []
     for c, rows in results.get("paced", {}).items():
         for label, key, unit in PACED_FIGURES:
+            todo.append((f"{label}, C={c}", key, rows["old"], rows["new"], unit))
+    for c, rows in results.get("pyload", {}).items():
+        for label, key, unit in PYLOAD_FIGURES:
             todo.append((f"{label}, C={c}", key, rows["old"], rows["new"], unit))
     if cpu := results.get("cpu"):
         todo.append(("server CPU per call start (100 in flight)", "server_cpu_us_per_call", *_pair(cpu["start"]), "µs"))
@@ -221,10 +272,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{min(load):.1f}–{max(load):.1f} at the ends of the rounds.",
         "",
         "new ÷ old, the median of the per-round ratios (lowest–highest round); below 1 new is faster. A verdict is",
-        "given only when every unsaturated round agrees; h2load CPU is its busiest round's share of one core",
+        "given only when every unsaturated round agrees; load CPU is the load generator's busiest round's share of one",
+        "core (h2load's; under the Python load, its busiest process's)",
         f"(a round above {results['saturated_pct']:.0f} % is saturated and left out).",
         "",
-        "| figure | old | new | new ÷ old | per round | h2load CPU | sat. | reads |",
+        "| figure | old | new | new ÷ old | per round | load CPU | sat. | reads |",
         "|---|---:|---:|---:|---|---:|---:|---|",
     ]
     for row in results["comparisons"]:
@@ -237,12 +289,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{per_round} | {cpu} | {row['saturated']}/{row['rounds']} | {row['verdict']} |"
         )
     errors = sum(r.get("errors", 0) for r in _all_rounds(results))
-    lines += ["", f"Errors over all h2load rounds: {errors}. Every server's first stream went through a real client."]
+    lines += ["", f"Errors over all rounds: {errors}. Every server's first h2load stream went through a real client."]
     return "\n".join(lines) + "\n"
 
 
 def _all_rounds(results: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [row for level in results.get("paced", {}).values() for row in level.values()]
+    rows = [row for stage in ("paced", "pyload") for level in results.get(stage, {}).values() for row in level.values()]
     if cpu := results.get("cpu"):
         rows += [row for part in ("start", "event") for row in cpu[part]["rows"].values()]
     rows += results.get("overhead", {}).values()
@@ -274,8 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="the Markdown file (default bench/results/<date>-old-vs-new.md)")
     parser.add_argument("--smoke", action="store_true", help="tiny levels and two rounds (a test; seconds)")
     parser.add_argument("--levels", type=_ints, default=LEVELS, help="time to first byte at these C (100,1000)")
-    parser.add_argument("--stages", type=lambda s: set(s.split(",")), default=STAGES, help="paced,cpu,overhead")
+    parser.add_argument(
+        "--stages", type=lambda s: set(s.split(",")), default=STAGES, help="paced,cpu,overhead (default), pyload"
+    )
     args = parser.parse_args(argv)
+    if unknown := args.stages - STAGES - OPTIONAL_STAGES:
+        parser.error(f"unknown stages {sorted(unknown)}: {', '.join(sorted(STAGES | OPTIONAL_STAGES))}")
     plan = plan_for(args.smoke, args.levels)
     path = h2load.find()
     if path is None:
@@ -301,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             results["paced"] = paced(plan, workdir / "paced", path, checkouts)
         if "cpu" in args.stages:
             results["cpu"] = server_cpu(plan, workdir / "cpu", path, checkouts)
+        if "pyload" in args.stages:
+            results["pyload"] = pyload(plan, workdir / "pyload", checkouts)
         if "overhead" in args.stages:
             results["overhead"] = overhead(plan, checkouts, plan.rounds_at(max(LEVELS)))
     results["loadavg"].append(os.getloadavg()[0])

@@ -52,7 +52,8 @@ def test_saturated_rounds_leave_the_ratio() -> None:
 def test_smoke_run_of_a_checkout_against_itself(tmp_path: Path) -> None:
     out = tmp_path / "versus.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.versus", str(ROOT), str(ROOT), "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench.versus", str(ROOT), str(ROOT), "--smoke", "--out", str(out), "--stages"]
+        + ["paced,cpu,overhead,pyload"],
         cwd=ROOT,
         env=dict(os.environ, GRPC_VERBOSITY="ERROR"),
         capture_output=True,
@@ -66,8 +67,11 @@ def test_smoke_run_of_a_checkout_against_itself(tmp_path: Path) -> None:
         for row in level.values():
             assert row["errors"] == 0 and row["succeeded"] == row["calls"] > 0
             assert len(row["rounds"]) == 2 and all("loadavg_1m" in r for r in row["rounds"])
+    for level in results["pyload"].values():  # the Python load's rounds, both checkouts, every stream complete
+        for row in level.values():
+            assert row["errors"] == 0 and len(row["rounds"]) == 2 and row["first_token_p99_ms"] > 0
     figures = {row["figure"]: row for row in results["comparisons"]}
-    assert len(figures) == 8
+    assert len(figures) == 8 + 3 * len(results["pyload"])
     for name, row in figures.items():
         assert row["rounds"] == 2 and row["old"] > 0 and row["new"] > 0, name
         assert len(row["ratios"]) + row["saturated"] == 2, name
