@@ -181,33 +181,30 @@ def live_count(system: str, runs: int, in_flight: int, keep: str = "") -> tuple[
                 subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
                 subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)  # dumps, zeroes
                 dumps = set(folder.glob("callgrind.out.*")) - seen  # one file per thread
-                threads = {_thread(d): _totals(d) for d in dumps}
-                if 1 not in threads:
+                threads = {d: _thread_totals(d) for d in dumps}  # each file read once
+                counts = dict(threads.values())
+                if 1 not in counts:
                     raise RuntimeError(f"no main thread among the dumps {sorted(d.name for d in dumps)}")
-                every.append(sum(threads.values()))
-                main.append(threads[1])
+                every.append(sum(counts.values()))
+                main.append(counts[1])
                 if keep:
                     Path(keep).mkdir(parents=True, exist_ok=True)
-                    for d in dumps:
-                        shutil.copy(d, Path(keep) / f"callgrind.live.{system}.{n}runs.thread{_thread(d)}.out")
+                    for d, (thread, _) in threads.items():
+                        shutil.copy(d, Path(keep) / f"callgrind.live.{system}.{n}runs.thread{thread}.out")
         finally:
             server.stop()
         return (every[0], every[1]), (main[0], main[1])
 
 
-def _thread(dump: Path) -> int:
-    """The thread a dump of `--separate-threads=yes` counts (its `thread:` line; its name ends in `-NN`)."""
-    match = re.search(r"^thread: (\d+)", dump.read_text(), re.MULTILINE) or re.search(r"-(\d+)$", dump.name)
-    if match is None:
-        raise RuntimeError(f"no thread in {dump}")
-    return int(match[1])
-
-
-def _totals(dump: Path) -> int:
-    match = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)  # its header's `summary:` reads 0
-    if match is None:
-        raise RuntimeError(f"no totals in {dump}")
-    return int(match[1])
+def _thread_totals(dump: Path) -> tuple[int, int]:
+    """The thread a dump of `--separate-threads=yes` counts (its `thread:` line, else its name's `-NN`) and its count
+    (`totals:`; the header's `summary:` reads 0 in a dump of a running process)."""
+    text = dump.read_text()
+    thread = re.search(r"^thread: (\d+)", text, re.MULTILINE) or re.search(r"-(\d+)$", dump.name)
+    totals = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+    if thread is None or totals is None:
+        raise RuntimeError(f"no thread or no totals in {dump}")
+    return int(thread[1]), int(totals[1])
 
 
 def measure_live(system: str, runs: int, in_flight: int, keep: str = "") -> dict[str, Any]:

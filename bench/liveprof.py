@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load, procs
+from bench.h2bench import START_EVENTS
 from bench.workload import Workload
-
-SHORT_EVENTS = 4  # run_started, one text delta, usage, final_response: the CPU stage's short call
 
 
 def _serve(out: str, argv: list[str]) -> None:
@@ -44,7 +43,8 @@ def _serve(out: str, argv: list[str]) -> None:
 
     def dump(*_: Any) -> None:
         profile.disable()
-        profile.dump_stats(out)
+        profile.dump_stats(f"{out}.part")
+        os.replace(f"{out}.part", out)  # whole or not there: the measuring process waits for the name
         profile.enable()
 
     signal.signal(signal.SIGUSR1, reset)
@@ -63,8 +63,8 @@ def measure(system: str, calls: int, in_flight: int, top: int) -> dict[str, Any]
         out = folder / "profile.out"
         profiled = f"{sys.executable} -m bench.liveprof --serve {out}"
         wrapper = procs.python_under(folder, "python-under-cprofile", profiled)
-        name = "service-raw" if system == "service" else system
-        server = procs.start(name, Workload().unpaced(SHORT_EVENTS), folder, timeout=120, python=wrapper)
+        name = "service-raw" if system == "service" else system  # the CPU stage's short call, one message an event
+        server = procs.start(name, Workload().unpaced(START_EVENTS), folder, timeout=120, python=wrapper)
         try:
             body = h2load.request_file(folder)
 
@@ -79,9 +79,10 @@ def measure(system: str, calls: int, in_flight: int, top: int) -> dict[str, Any]
             run(calls)
             os.kill(server.proc.pid, signal.SIGUSR2)
             deadline = time.monotonic() + 30
-            while not out.exists() and time.monotonic() < deadline:
+            while not out.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server wrote no profile in 30 s; its log: {server.log_path}")
                 time.sleep(0.05)
-            time.sleep(0.2)  # the dump is written in one go, but by another process: let it finish
         finally:
             server.stop()
         return summarize(system, pstats.Stats(str(out)), calls, in_flight, top)

@@ -31,14 +31,14 @@ def test_inner_driver_plays_whole_calls(system: str) -> None:
 def test_a_live_dump_is_read_by_its_thread_and_its_totals(tmp_path: Path) -> None:
     """The live count's per-thread dumps (`--separate-threads=yes`): the thread from the `thread:` line, the count
     from `totals:`, not from the header's `summary:`, which callgrind writes as 0 in a dump of a running process."""
-    from bench.instructions import _thread, _totals
+    from bench.instructions import _thread_totals
 
     dump = tmp_path / "callgrind.out.1-03"
     dump.write_text(
         "# callgrind format\nversion: 1\npart: 1\nthread: 3\n\nevents: Ir\nsummary: 0\n\nfn=(1) main\n1 5\n"
         "\ntotals: 129361716\n"
     )
-    assert (_thread(dump), _totals(dump)) == (3, 129361716)
+    assert _thread_totals(dump) == (3, 129361716)
     named = tmp_path / "callgrind.out.2-01"  # no `thread:` line: the name's suffix tells
     named.write_text("events: Ir\ntotals: 7\n")
-    assert (_thread(named), _totals(named)) == (1, 7)
+    assert _thread_totals(named) == (1, 7)

@@ -65,3 +65,29 @@ async def test_a_stop_ends_the_body_at_once_and_a_timeout_of_its_own_passes_thro
         async with mine:
             raise TimeoutError("a socket's")
     assert not mine.fired
+
+
+async def test_a_control_that_holds_its_loop_never_asks_asyncio_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's control holds its event loop (the registry gives it): its scope, deadline and stop do not call
+    `asyncio.get_running_loop()`, a getpid() system call each on Python 3.11."""
+    loop = asyncio.get_running_loop()
+    controls = [RunControl(deadline=loop.time() + 0.05, loop=loop), RunControl(deadline=loop.time() + 60, loop=loop)]
+
+    def asked() -> asyncio.AbstractEventLoop:
+        raise AssertionError("asked asyncio for the running loop")
+
+    async def scoped(control: RunControl) -> bool:
+        scope = control.scope()
+        try:
+            async with scope:
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return scope.fired
+        return False
+
+    monkeypatch.setattr(asyncio, "get_running_loop", asked)
+    assert 0 < controls[0].remaining() <= 0.05  # type: ignore[operator]
+    stopping = asyncio.ensure_future(scoped(controls[1]))
+    await asyncio.sleep(0)
+    controls[1].stop_now(RunCancelled("cancelled by CancelRun"))
+    assert await asyncio.gather(scoped(controls[0]), stopping) == [True, True]  # the deadline's, then the stop's
