@@ -351,7 +351,7 @@ def json_handler(stream: Any, fields: Mapping[str, Any] | None = None) -> loggin
 
 def lean_log_records() -> None:
     """The JSON lines carry none of the caller's file, line, thread or process: stop `logging` from working them out
-    for every record (a third of the cost of a log call: 62 -> 41 µs, docs/performance.md). Process-wide."""
+    for every record (a third of the cost of a log call: 62 -> 41 µs, docs/performance-log.md). Process-wide."""
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 

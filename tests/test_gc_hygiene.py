@@ -2,7 +2,7 @@
 the frames it passed through, and a frame that keeps the exception (in a local) closes a cycle that only the cyclic
 collector can free. Every cancelled stream or failed turn would then feed the collector, whose passes stop every
 call in flight (with the collector off, a burst of 100 quiet streams cost about 75 µs less CPU per call; see
-docs/performance.md).
+docs/performance-log.md).
 
 Each case runs one request over real gRPC to its end and lists the frames of the service's own code that only the
 collector could free."""

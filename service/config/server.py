@@ -112,8 +112,8 @@ class KeepaliveConfig(Section):
 class GcConfig(Section):
     """The cyclic garbage collector, tuned once the service has started. Each open stream keeps a few hundred live
     objects, so with the defaults (700, 10, 10) the collector rescans them all again and again: with thousands of
-    runs open this doubled the CPU time of a run's start (docs/performance.md). A young generation of 100,000 objects
-    lets most of a run's objects die before any collection looks at them (a run lives about a second), and keeps
+    runs open this doubled the CPU time of a run's start (docs/performance-log.md). A young generation of 100,000
+    objects lets most of a run's objects die before any collection looks at them (a run lives about a second), and keeps
     collections out of a burst of new calls: the first-event p99 at C=100 fell by 11-22 % against 10,000, for a
     pause of about 3 ms per young collection instead of 0.2 ms, ten times rarer."""
 

@@ -6,7 +6,7 @@ task wakes, starts the call's task, and only then asks the core for the next cal
 connecting at once) new calls are taken up one per wake of that task, each wake behind everything else the loop has
 to do, and they wait in the core meanwhile. Measured on the bare grpc.aio server (`bench/bare_grpc.py`), h2load with
 C = 1000, one stream per connection, 2 CPUs: time to first byte mean 0.57-1.11 s and max 1.8-3.1 s with grpc's one
-request, 0.21-0.29 s and 0.46-0.59 s with 64 more per method (docs/performance.md, "Taking up calls").
+request, 0.21-0.29 s and 0.46-0.59 s with 64 more per method (docs/performance-log.md, "Taking up calls").
 
 grpc has no option for this (neither a channel argument nor a parameter of `grpc.aio.server`), so `AcceptAhead`
 keeps `extra` more requests outstanding per method, and hands each call it gets exactly as grpc's own loop hands

@@ -5,7 +5,7 @@ On a saturated event loop every callback waits behind all the others, and a new 
 loop before its first byte leaves (its take-up, its request message, its first write). Streams already under way
 fill those turns with their next events: at C = 1000 on the paced workload the last calls were taken up 1.6 s
 after the first, behind the tokens of the runs started before them, where the bare server had taken up all of
-them within 0.17 s (docs/performance.md, "Where the tail is"). A caller waiting for a first event waits for
+them within 0.17 s (docs/performance-log.md, "Where the tail is"). A caller waiting for a first event waits for
 everything; a stream under way loses little by holding its next event a moment, and its held text deltas leave
 merged (the run's coalescer and the subscriber's lag do that). So streams under way hold while any new call has
 not sent its first event, for at most `hold_s` at a time: a server that never catches up with its new calls still

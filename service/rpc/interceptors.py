@@ -133,7 +133,7 @@ class Registrar:
     """Stands in for the server in grpc's `add_*_to_server` functions, registering each handler already wrapped by the
     interceptors' `guard(method, handler)`, in the order grpc would wrap it (the first interceptor outermost). The
     server then has no interceptor for grpc.aio to await on every call: its chain, each `intercept_service` and the
-    wrapper's look-up cost about 18,000 instructions a call with our two (docs/performance.md, fifth pass)."""
+    wrapper's look-up cost about 18,000 instructions a call with our two (docs/performance-log.md, fifth pass)."""
 
     def __init__(self, server: AcceptAhead, guards: Sequence[Any]) -> None:
         self.server = server
