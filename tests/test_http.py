@@ -22,8 +22,10 @@ from test_auth import SLOW, Pki, as_caller, code_of, mtls_config, two_token_call
 from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from service import tally, telemetry
+from service.errors import RunInterrupted
 from service.http.status import HTTP_STATUS, http_status
 from service.rpc.server import Service
+from service.run import Run
 
 SLOW_TEXT = [{"text": "one two three four five six seven eight nine ten eleven twelve"}]
 PACED = {"model": {"pacing": {"first_token_ms": 0, "token_interval_ms": 20}}}
@@ -390,3 +392,63 @@ async def test_events_sent_over_http_are_counted_by_kind(start_service: Any) -> 
         events = await stream_all(http, "POST", "/v1/runs:stream", json={"message": "hi"})
     assert events[0].event == "run_started" and events[-1].event == "final_response"
     assert (sent("run_started"), sent("final_response")) == (before[0] + 1, before[1] + 1)
+
+
+async def test_unknown_paths_wrong_methods_and_missing_files_are_refused_as_json(start_service: Any) -> None:
+    svc = await start_http(start_service)
+    async with client(svc) as http:
+        cases = [
+            (http.get("/v1/nope"), 404, "NOT_FOUND", None),
+            (http.get("/static/nope.js"), 404, "NOT_FOUND", None),
+            (http.get("/static/"), 404, "NOT_FOUND", None),
+            (http.delete("/v1/runs"), 405, "UNIMPLEMENTED", "GET, HEAD, POST"),
+            (http.get("/v1/runs:stream"), 405, "UNIMPLEMENTED", "POST"),
+            # not GetRun of a run called "run_x:cancel"
+            (http.get("/v1/runs/run_x:cancel"), 405, "UNIMPLEMENTED", "POST"),
+            (http.put("/v1/tools"), 405, "UNIMPLEMENTED", "GET, HEAD"),
+        ]
+        for request, status, code, allow in cases:
+            response = await request
+            assert (response.status_code, response.json()["code"]) == (status, code), response.text
+            assert response.json()["message"] and response.headers.get("allow") == allow
+        paged = await http.get("/v1/runs", params={"page_size": "abc"})
+        assert paged.status_code == 400 and "invalid literal" not in paged.json()["message"]
+        assert (await http.head("/v1/tools")).status_code == 200
+
+
+def _interrupted_after(entries: int) -> Any:
+    """`Run.follow` that stops after `entries` entries as a mirrored run does when its driver's replica died."""
+    original = Run.follow
+
+    def follow(self: Run, *args: Any, **kwargs: Any) -> Any:
+        async def entries_then_interrupted() -> AsyncIterator[Any]:
+            sent = 0
+            async for entry in original(self, *args, **kwargs):
+                if sent == entries:
+                    break
+                sent += 1
+                yield entry
+            raise RunInterrupted(f"run {self.id} stopped: its replica stopped renewing its lease")
+
+        return entries_then_interrupted()
+
+    return follow
+
+
+async def test_a_stream_that_cannot_go_on_says_why_and_ends_cleanly(
+    start_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = await start_http(start_service, SLOW)
+    async with client(svc) as http:
+        run_id = (await http.post("/v1/runs", json={"message": "hi"})).json()["runId"]
+        monkeypatch.setattr(Run, "follow", _interrupted_after(1))
+        async with http.stream("GET", f"/v1/runs/{run_id}/events") as response:
+            assert response.status_code == 200
+            seen = [e async for e in sse_events(response)]  # a cut body would raise here
+        assert seen[0].event == "run_started"
+        assert seen[-1].comment == f"UNAVAILABLE: run {run_id} stopped: its replica stopped renewing its lease"
+        monkeypatch.setattr(Run, "follow", _interrupted_after(0))
+        refused = await http.get(f"/v1/runs/{run_id}/events")  # nothing sent yet: the error's own status
+        assert (refused.status_code, refused.json()["code"]) == (503, "UNAVAILABLE")
+        assert refused.json()["details"][0]["reason"] == "RUN_INTERRUPTED"
+        await http.post(f"/v1/runs/{run_id}:cancel")

@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent.v1 import agent_pb2 as pb
 from service import telemetry
@@ -64,9 +64,14 @@ class HttpFace:
             ("GET", "/v1/runs/{run_id}", self.get_run),
             ("GET", "/v1/tools", self.list_tools),
         ]
-        routes = [Route(path, self._route(path, h), methods=[m]) for m, path, h in table]
+        by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+        for method, path, handler in table:
+            by_path.setdefault(path, {})[method] = self._route(path, handler)
+        # one route a path, every method: a method the path lacks is answered here (405, JSON), and a path with
+        # a suffix (`/v1/runs/{run_id}:cancel`) is not taken for another's parameter (`GET …:cancel` as a run id)
+        routes = [Route(path, _ByMethod(handlers)) for path, handlers in by_path.items()]
         # the run viewer's page (docs/viewer.md): public, it calls the routes above
-        router = Router(routes=[*routes, *viewer.routes()])
+        router = Router(routes=[*routes, *viewer.routes()], default=_not_found)
         if not self.config.http.cors_origins:  # no CORS headers at all unless origins are listed
             return router
         return CORSMiddleware(
@@ -139,8 +144,11 @@ class HttpFace:
         try:
             message.states.extend(pb.Run.State.Value(s.upper()) for s in params.getlist("state") if s)
             message.page_size = int(params.get("page_size") or 0)
-        except ValueError as exc:
-            raise InvalidRequest(f"bad query: {exc} (state: QUEUED…CANCELLED; page_size: 1–500)") from None
+        except ValueError:
+            raise InvalidRequest(
+                f"bad query {str(params)[:200]!r}: state is one of QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED "
+                "(repeatable); page_size a whole number, 1-500"
+            ) from None
         async with _deadline(remaining):
             return _json(list_runs_response(*await self.api.list_runs(message, caller)))
 
@@ -165,6 +173,33 @@ class HttpFace:
                 raise InvalidRequest(f"the body is larger than {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class _ByMethod:
+    """A path's handler for each method it has (HEAD as GET); any other method is refused as the routes refuse.
+    An ASGI app, not an endpoint function: Starlette would give a function route GET alone and answer every other
+    method itself, in plain text."""
+
+    def __init__(self, handlers: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+        self.handlers = {**handlers, "HEAD": handlers["GET"]} if "GET" in handlers else handlers
+        self.allow = ", ".join(sorted(self.handlers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            body = error_body("UNIMPLEMENTED", f"{request.url.path} takes {self.allow}, not {request.method[:20]}")
+            response = Response(body, 405, media_type=JSON, headers={"Allow": self.allow})
+        else:
+            response = await handler(request)
+        await response(scope, receive, send)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """A path no route has: the routes' JSON error rather than Starlette's plain text."""
+    path = scope.get("path", "")
+    body = error_body("NOT_FOUND", f"no such path: {path[:200]} (the routes: docs/http.md)")
+    await Response(body, 404, media_type=JSON)(scope, receive, send)
 
 
 def _parse(body: bytes, message: Any) -> Any:

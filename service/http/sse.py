@@ -36,7 +36,7 @@ def frame(entry: Entry, run_id: str) -> bytes:
 
 
 def comment(text: str) -> bytes:
-    return b": " + text.replace("\n", " ").encode() + b"\n\n"
+    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"  # SSE ends a line at either
 
 
 def message_json(message: Message) -> str:

@@ -17,13 +17,15 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api import AgentApi
-from service.errors import SubscriberTooSlow
+from service.errors import AgentError, SubscriberTooSlow
 from service.http.sse import HEARTBEAT, comment, frame
+from service.http.status import error_of
 from service.run import Run
 from service.sent import SENT
 
 log = logging.getLogger(__name__)
 
+JSON = b"application/json"
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -72,6 +74,8 @@ class EventStream(Response):
             await self._body(b"", more=False)
         except TimeoutError:  # the request's own timeout: end the body; a reconnect resumes
             await self._body(comment("request timeout"), more=False)
+        except AgentError as exc:  # the stream cannot go on (its run's replica died): said, not cut off
+            await self._refused(exc)
         except asyncio.CancelledError:
             if not self.gone or task.uncancel() > 0:
                 raise  # not (only) the caller leaving: the server is stopping
@@ -89,6 +93,20 @@ class EventStream(Response):
             headers = [*HEADERS, (b"x-run-id", self.run.id.encode())]
             await self._send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _refused(self, exc: AgentError) -> None:
+        """Before any byte, the error's status and JSON body, as any route answers; after, a comment saying why
+        (the status is 200 by then) and the end of the body, so that the client sees an end and not a cut."""
+        log.warning("event stream ended early", extra={"run_id": self.run.id, "code": exc.code, "error": exc.message})
+        if self.started:
+            await self._body(comment(f"{exc.code}: {exc.message}"), more=False)
+            return
+        self.started = self.ended = True
+        self.status_code, body = error_of(exc.with_traceback(None))
+        await self._send(
+            {"type": "http.response.start", "status": self.status_code, "headers": [(b"content-type", JSON)]}
+        )
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _events(self) -> None:
         run = self.run

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
+
+from service.http.status import error_body
 
 STATIC = Path(__file__).with_name("static")
 
@@ -44,7 +47,14 @@ class _StaticFiles(StaticFiles):
                 ]
             await send(message)
 
-        await super().__call__(scope, receive, send_with_headers)
+        try:
+            await super().__call__(scope, receive, send_with_headers)
+        except HTTPException as exc:  # no such file (404) or a method but GET/HEAD (405): raised before any byte
+            code = "NOT_FOUND" if exc.status_code == 404 else "UNIMPLEMENTED"
+            body = error_body(code, f"{exc.detail}: {scope.get('path', '')[:200]}")
+            await Response(body, exc.status_code, media_type="application/json", headers=exc.headers)(
+                scope, receive, send
+            )
 
 
 def routes() -> list[BaseRoute]:
