@@ -192,7 +192,7 @@ class DurableRuns:
         journal = self._journals[run.id] = Journal.resume(
             self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run), announce=not queued
         )
-        journal.logged = {key for e in entries if (key := _step_key(e.event))}
+        journal.note_log([(key, e.seq) for e in entries if (key := _step_key(e.event))])
         if queued:
             log.info("queued durable run claimed", extra={"run_id": run.id})
         else:

@@ -19,6 +19,7 @@ from service.config import Pacing
 from service.control import RunControl
 from service.durable.base import DurableRun, Step, TakenOver
 from service.durable.journal import FORMAT, Journal
+from service.durable_runs import _step_key
 from service.errors import RunCancelled
 from service.executor import Executor
 from service.interact import Steer
@@ -368,6 +369,34 @@ async def test_a_checkpoint_the_database_failed_is_written_again_before_the_run_
     assert [s.step_no for s in run.steps] == list(range(1, 9))
     assert process.pay.without_intent == 0 and sum(process.pay.runs.values()) == 2
     await process.aclose()
+
+
+@pytest.mark.parametrize("recorded", range(1, 9))
+async def test_run_recovered_names_the_last_logged_event_of_a_recorded_step(tmp_path: Path, recorded: int) -> None:
+    """A tool step is recorded just before its `tool_result` is logged, a turn before its `usage`: the process died
+    after logging that event, and the log the run goes on from ends with it. `run_recovered.seq` names it, not the
+    checkpoint's seq before it, since a caller drops what it holds after that seq and the event is not sent again (an
+    outside finding: a kept `tool_result` fell in the dropped stretch)."""
+    ledger, original, first = await full_run(tmp_path)
+    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")
+    second = Process(ledger, "p2", tmp_path)
+    claimed = second.store.claim(RUN, first=recorded)
+    journal = Journal.resume(second.store, claimed)
+    recorded_keys = {s.key for s in claimed.steps if s.kind != "intent"}
+    # the live run's seqs: `original` from run_started (seq 1) on; the log ends with the last recorded step's event
+    keyed = [(key, seq) for seq, event in enumerate(original, start=1) if (key := _step_key(event))]
+    ends = [seq for key, seq in keyed if key in recorded_keys]
+    log_end = max(ends, default=1)
+    journal.note_log([(key, seq) for key, seq in keyed if seq <= log_end])
+    events = await second.collect(RunSpec.from_json(claimed.request), journal, announce=False)
+
+    (recovered,) = [e for e in events if isinstance(e, ev.RunRecovered)]
+    assert recovered.seq == max(ends, default=0)  # the checkpoints' own seqs are 0 in this harness
+    # nothing at or before that seq is sent again: each recorded step's event is the caller's to keep
+    keys_sent = {key for e in events if (key := _step_key(e))}
+    assert not keys_sent & recorded_keys
+    await first.aclose()
+    await second.aclose()
 
 
 @pytest.mark.parametrize("recorded", [3, 4, 5, 7])

@@ -92,6 +92,9 @@ class Journal:
         # None: all recorded ones. A step recorded just before a crash may never have reached the log: its event is
         # then sent on the way through (`unlogged`)
         self.logged: set[str] | None = None
+        # the log's last seq that belongs to a recorded step (`note_log`): a tool step is recorded before its
+        # `tool_result` is logged, a turn before its `usage`, so the last checkpoint's seq may fall short of it
+        self.kept_seq = 0
         self.last_seq = last_seq  # the run's last event seq, written with each step (recovery resumes after it)
         self.why = why
         self.step_no = 0
@@ -184,6 +187,21 @@ class Journal:
         """The recorded result of a call: it is not run again, and nothing of it is sent again."""
         return self._results.get(call_id)
 
+    def note_log(self, keys: Sequence[tuple[str, int]]) -> None:
+        """What the rebuilt log of a resumed run holds of its steps: (key, seq) of each step's event ("turn:N",
+        "call:ID", "decided:ID"). Those of recorded steps are not sent again, so `run_recovered` names the last of
+        them, not only the checkpoint's seq: a caller drops what it holds after that seq and loses none of them."""
+        self.logged = {key for key, _ in keys}
+        self.kept_seq = max((seq for key, seq in keys if self._holds(key)), default=0)
+
+    def _holds(self, key: str) -> bool:
+        kind, _, name = key.partition(":")
+        if kind == "turn":
+            return name.isdigit() and int(name) in self._turns
+        if kind == "call":
+            return name in self._results
+        return kind == "decided" and name in self._decided
+
     def unlogged(self, key: str) -> bool:
         """Whether a recorded step's event is missing from the run's log ("turn:N", "call:ID"): its process died
         between recording it and logging the event. It is sent then (the step is not done again), so that the
@@ -214,7 +232,7 @@ class Journal:
         return RunRecovered(
             step_no=0 if last is None else last.step_no,
             turn=max(self._turns, default=0),
-            seq=0 if last is None else last.seq,
+            seq=max(0 if last is None else last.seq, self.kept_seq),
             reason=self.why,
         )
 
