@@ -277,6 +277,15 @@ async def test_an_unknown_tool_is_answered_with_the_callers_tools_only(start_ser
     code, details = await code_of(events_of(stub(channel_to(svc)).RunAgent(request, metadata=as_caller("a"))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "unknown tool(s): nope; available: echo, sleep (see ListTools)"  # not count, fail, buggy…
+    empty = pb.RunAgentRequest(message="hi", tools=["echo", ""])
+    code, details = await code_of(events_of(stub(channel_to(svc)).RunAgent(empty, metadata=as_caller("a"))))
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tools[1] is an empty name: list tools by name (see ListTools)",
+    )
+    long = pb.RunAgentRequest(message="hi", tools=["x" * 150])
+    code, details = await code_of(events_of(stub(channel_to(svc)).RunAgent(long, metadata=as_caller("a"))))
+    assert details.startswith(f"unknown tool(s): {'x' * 99}…;")  # cut, and said to be
 
 
 async def test_a_certificate_with_sans_is_identified_by_them_never_by_its_cn(start_service: Any, pki: Pki) -> None:

@@ -88,6 +88,10 @@ async def test_a_denied_call_never_runs_and_the_model_reads_why(start_service: A
     call = api.RunAgent(pb.RunAgentRequest(message="go", tools=["echo"]))
     seen: list[pb.AgentEvent] = []
     asked = (await until(call, "approval_required", seen)).approval_required
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # refused, not cut short without a word (an outside finding)
+        await resolve(api, seen[0].run_id, asked.call_id, False, reason="r" * 2001)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "reason is limited to 2000 characters, got 2001"
     await resolve(api, seen[0].run_id, asked.call_id, False, reason="not today")
     events = await rest(call, seen)
     (result,) = of("tool_result", events)

@@ -182,3 +182,34 @@ async def test_leaving_an_interact_stream_keeps_on_disconnect(start_service: Any
     run = svc.registry.get(seen[0].run_id)
     await asyncio.wait_for(run.ended(), 5)
     assert run.outcome is not None and run.outcome.code == "CANCELLED"  # type: ignore[union-attr]
+
+
+async def test_a_message_naming_another_run_is_refused_not_applied_to_this_one(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding: send_input and cancel_run with the run_id of another run acted on the stream's run."""
+    svc = await start_service(TWO_SLEEPS)
+    api = stub(channel_to(svc))
+    other = (await api.SubmitRun(pb.RunAgentRequest(message="other", tools=["sleep", "echo"]))).run_id
+    call = api.Interact()
+    await call.write(start(message="go", tools=["sleep", "echo"]))
+    seen: list[pb.AgentEvent] = []
+    await read_until(call, "run_started", seen)
+    this = seen[0].run_id
+    for message in (
+        pb.ClientMessage(send_input=pb.SendInputRequest(run_id=other, text="for the other run")),
+        pb.ClientMessage(cancel_run=pb.CancelRunRequest(run_id=other)),
+        pb.ClientMessage(cancel_tool=pb.CancelToolCallRequest(run_id="run_nope", call_id="toolu_x")),
+    ):
+        await call.write(message)
+        refused = await read_until(call, "error", seen)
+        assert refused.seq == 0 and refused.error.code == "INVALID_ARGUMENT", refused
+        assert "is not this stream's run" in refused.error.message
+    # naming its own run is fine: this cancel applies
+    await call.write(pb.ClientMessage(cancel_run=pb.CancelRunRequest(run_id=this)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await read_rest(call, seen)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert not of("input_received", seen) and of("error", seen)[-1].code == "CANCELLED"
+    assert not svc.registry.get(other).finished  # the other run was not touched
+    await api.CancelRun(pb.CancelRunRequest(run_id=other))

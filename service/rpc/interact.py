@@ -136,6 +136,7 @@ class InteractRpcs:
             async for message in requests:
                 parsed = client_message(message, identity)  # malformed: InvalidRequest ends the call
                 try:
+                    _for_this_run(message, run.id)
                     if isinstance(parsed, Message):
                         await self._deliveries().send(run.id, parsed)
                     else:
@@ -211,6 +212,20 @@ def client_message(message: pb.ClientMessage, identity: str) -> Message | bool:
             raise InvalidRequest("an empty ClientMessage: set one of its fields")
 
 
+MAX_REASON = 2000
+
+
+def _for_this_run(message: pb.ClientMessage, run_id: str) -> None:
+    """An Interact message acts on the stream's run: a `run_id` naming another is refused, not applied to this one
+    (a caller that meant another run would otherwise steer or cancel the wrong one)."""
+    named = getattr(getattr(message, message.WhichOneof("message") or "", None), "run_id", "")
+    if named and named != run_id:
+        raise InvalidRequest(
+            f"run_id {named[:100]!r} is not this stream's run ({run_id}): on Interact a message acts on the stream's "
+            "run; leave run_id empty, or call SendInput, CancelToolCall or CancelRun for another run"
+        )
+
+
 def undecodable(exc: DecodeError) -> InvalidRequest:
     """A client message whose bytes are no ClientMessage (grpc's default: UNKNOWN, "Unexpected DecodeError")."""
     return InvalidRequest(f"a message is not a valid agent.v1.ClientMessage: {exc}")
@@ -226,9 +241,9 @@ def decision(call: str, reason: str, source: Any, approve: bool, identity: str) 
     edited = MessageToDict(source.edited_input) if source.HasField("edited_input") else None
     if edited is not None and not approve:
         raise InvalidRequest("edited_input goes with an approval, not a denial")
-    return Message(
-        "decide", identity, call_id=call_id(call), approved=approve, reason=reason[:2000], edited_input=edited
-    )
+    if len(reason) > MAX_REASON:  # it goes into the run's log, the model's tool result and the audit record
+        raise InvalidRequest(f"reason is limited to {MAX_REASON} characters, got {len(reason)}")
+    return Message("decide", identity, call_id=call_id(call), approved=approve, reason=reason, edited_input=edited)
 
 
 def steering(request: pb.SendInputRequest, identity: str) -> Message:

@@ -115,6 +115,8 @@ class Validator:
         else:
             if len(set(tools)) == len(tools):
                 return
+        if "" in tools:
+            raise InvalidRequest(f"tools[{tools.index('')}] is an empty name: list tools by name (see ListTools)")
         down = sorted(set(tools) & self.unavailable.keys()) if self.unavailable else []
         if down:
             more = f" (so are {_some(down[1:])})" if len(down) > 1 else ""
@@ -179,7 +181,7 @@ def durable(durability: int, on_disconnect: int, background: bool, default: str 
 def _some(names: list[str], shown: int = 10) -> str:
     """The first names, for a message that goes back in the call's trailers: grpc clients refuse trailers of more
     than 8 KiB by default, and a request may list thousands of names."""
-    text = ", ".join(name[:100] for name in names[:shown])
+    text = ", ".join(name if len(name) <= 100 else f"{name[:99]}…" for name in names[:shown])
     return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
 
 
