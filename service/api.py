@@ -212,6 +212,13 @@ class AgentApi:
         return Streaming(self.streams, run, owner)
 
 
+# A retry after a drop replays the run its idempotency key started, this cancel included: the message says what to do
+CALLER_LEFT = (
+    "the caller cancelled or disconnected (on_disconnect CANCEL); the same idempotency_key replays this run: send a "
+    "new key to run again, or on_disconnect CONTINUE to have a retry attach to the run still going"
+)
+
+
 class Streaming:
     """`AgentApi.streaming`: a class, not a `contextlib.contextmanager`, which would cost every stream a generator
     and its wrapper; nor a generator wrapping the stream, which would cost a hop per event."""
@@ -235,7 +242,7 @@ class Streaming:
             # the transport waits to send an event the stream yielded (it then closes the generator, not the task).
             # Any other exception is a bug of ours that ends the call: nobody is left to read an owned run either.
             left = isinstance(exc, asyncio.CancelledError | GeneratorExit)
-            why = "the caller cancelled or disconnected" if left else "the stream that started the run failed"
+            why = CALLER_LEFT if left else "the stream that started the run failed"
             run.control.stop_now(RunCancelled(why))
 
 

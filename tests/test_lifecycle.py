@@ -61,13 +61,22 @@ async def test_cancel_on_disconnect_is_the_default(start_service: Any, channel_t
     tools = all_tools()
     svc = await start_service(SLOW_TOOL, tools=tools)
     seen: list[pb.AgentEvent] = []
-    call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"))
+    request = pb.RunAgentRequest(message="go", idempotency_key="k")
+    call = stub(channel_to(svc)).RunAgent(request)
     await until(call, "tool_call_ready", seen)
     call.cancel()
     run = svc.registry.get(seen[0].run_id)
     assert run.task is not None
     await asyncio.wait_for(run.task, 5)
     assert run.state.value == "cancelled" and tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
+    # a retry with the key replays that run to its cancel, whose message says what to do instead (an outside
+    # finding: "the caller cancelled or disconnected" read as the retry's own doing)
+    again = stub(channel_to(svc)).RunAgent(request)
+    replay: list[pb.AgentEvent] = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        replay.extend([event async for event in again])
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert "send a new key to run again, or on_disconnect CONTINUE" in err.value.details()
 
 
 async def test_continue_runs_outlive_their_call_and_its_deadline(start_service: Any, channel_to: Any) -> None:

@@ -14,7 +14,7 @@ import grpc
 
 from agent.v1 import agent_pb2 as pb
 from agent.v1 import agent_pb2_grpc
-from service.api import AgentApi, required_run_id
+from service.api import CALLER_LEFT, AgentApi, required_run_id
 from service.callers import Caller, current_caller
 from service.deliver import Deliveries
 from service.errors import RunCancelled
@@ -108,7 +108,7 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         except asyncio.CancelledError:
             # as for the stream: CONTINUE leaves the run going; the same idempotency key attaches to it again
             if created and not run.finished and request.on_disconnect != _CONTINUE:
-                run.control.stop_now(RunCancelled("the caller cancelled or disconnected"))
+                run.control.stop_now(RunCancelled(CALLER_LEFT))
             raise
         if ended_with_failure(run, context):
             return None
