@@ -288,6 +288,44 @@ async def test_a_dead_replicas_runs_release_their_callers_slot_and_their_watcher
     await store.start()  # A comes back, and ships the rest before it closes
 
 
+async def test_a_dead_replicas_run_that_is_not_durable_reads_failed_and_cannot_be_cancelled(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """An outside finding: a run whose replica was killed read RUNNING forever (GetRun, ListRuns) and CancelRun
+    answered RUNNING, though nothing would ever go on with it. Once the lease is gone a run that is not durable reads
+    FAILED (UNAVAILABLE, saying why); a durable one still reads RUNNING: a process continues it."""
+    quick = {"lease_s": 1.0, "probe_s": 0.2, "read_block_s": 0.2}
+    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED, state_options=quick)
+    on_a, on_b = stub(channel_to(a)), stub(channel_to(b))
+    plain = pb.RunAgentRequest(message="go", durability=pb.RunAgentRequest.NOT_DURABLE)
+    kept = pb.RunAgentRequest(message="go", durability=pb.RunAgentRequest.DURABLE)
+    run_id, kept_id = (await on_a.SubmitRun(plain)).run_id, (await on_a.SubmitRun(kept)).run_id
+    for _ in range(200):  # both shipped and seen from B
+        states = [(await on_b.GetRun(pb.GetRunRequest(run_id=i))).state for i in (run_id, kept_id)]
+        if states == [pb.Run.RUNNING] * 2:
+            break
+        await asyncio.sleep(0.02)
+    store = a.registry.store
+    assert isinstance(store, redis_runs.RedisRunStore)
+    await cancel_and_wait(list(store._tasks), 5)  # A goes silent: no shipping, no lease renewal
+    got = await on_b.GetRun(pb.GetRunRequest(run_id=run_id))
+    for _ in range(200):  # the lease (1 s) runs out
+        if got.state != pb.Run.RUNNING:
+            break
+        await asyncio.sleep(0.05)
+        got = await on_b.GetRun(pb.GetRunRequest(run_id=run_id))
+    assert got.state == pb.Run.FAILED and got.error.code == "UNAVAILABLE" and got.error.retryable
+    assert "stopped renewing its lease" in got.error.message and "not durable" in got.error.message
+    assert (await on_b.GetRun(pb.GetRunRequest(run_id=kept_id))).state == pb.Run.RUNNING
+    running = await on_b.ListRuns(pb.ListRunsRequest(states=[pb.Run.RUNNING]))
+    assert [r.run_id for r in running.runs] == [kept_id]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await on_b.CancelRun(pb.CancelRunRequest(run_id=run_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already ended (failed)" in err.value.details()
+    opened.set()
+    await store.start()  # A comes back, and ships the rest before it closes
+
+
 async def test_get_run_on_b_answers_from_postgresql_once_redis_forgot_the_run(
     postgres_schema: Any, start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
 ) -> None:

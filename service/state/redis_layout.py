@@ -3,7 +3,7 @@
 Keys, all under `state.prefix`:
 
     run:{id}                hash: caller, state, owner, created_ns, ended_ns, fingerprint, key, last_seq, outcome,
-                            cancel_requested
+                            cancel_requested, durable (0 or 1)
     run:{id}:events         stream: one entry per shipment of a run's new events, id 0-<last seq> (redis_ship.py);
                             the record's last_seq is written when the state changes, the stream's last id is current
     idem:{caller}:{key}     the run id an idempotency key names (SET NX, in the admission script)
@@ -70,6 +70,9 @@ class Layout:
             "fingerprint": run.fingerprint,
             "key": run.idempotency_key,
             "last_seq": last_seq,
+            # a run that is not durable is continued nowhere if this process dies: its record then reads as failed
+            # once the lease is gone (redis_remote.RemoteRuns._as_left)
+            "durable": int(run.spec.durable),
         }
         if ended:
             fields["ended_ns"] = run.ended_ns

@@ -73,7 +73,25 @@ class RemoteRuns:
 
     async def _record_now(self, run_id: str) -> RunRecord | None:
         answer = await self._call(self._read(keys=[self.layout.run_key(run_id), self.layout.events_key(run_id)]))
-        return _read_record(run_id, answer)
+        record = _read_record(run_id, answer)
+        return None if record is None else (await self._as_left([(record, _unkept(answer))]))[0]
+
+    async def _as_left(self, read: list[tuple[RunRecord, bool]]) -> list[RunRecord]:
+        """The records as their runs stand: a run that is not durable, whose record says running while no process
+        holds its lease any more (its replica died, or lost Redis for longer than the lease), will never go on or
+        end anywhere (no process continues it, unlike a durable one), so it reads as failed, UNAVAILABLE. Its record
+        is left as it is: it expires as the records of a dead process's runs do."""
+        suspects = [record for record, unkept in read if unkept and record.state == "running"]
+        if not suspects:
+            return [record for record, _ in read]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        for record in suspects:
+            pipe.zscore(self.layout.caller_key(record.caller, "active"), record.run_id)
+        (seconds, micros), *expiries = await self._call(pipe.execute())
+        now_ms = seconds * 1000 + micros // 1000
+        left = {r.run_id for r, expiry in zip(suspects, expiries, strict=True) if expiry is None or expiry <= now_ms}
+        return [_left(record) if record.run_id in left else record for record, _ in read]
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         """From the caller's run index, newest first, in batches until the page is full: a state filter may skip
@@ -95,10 +113,12 @@ class RemoteRuns:
             for run_id in names:
                 # the script's text, not its sha: a Redis restarted since `start` would answer NOSCRIPT in a pipeline
                 pipe.eval(READ, 2, self.layout.run_key(run_id), self.layout.events_key(run_id))
-            for run_id, answer in zip(names, await self._call(pipe.execute()), strict=True):
-                record = _read_record(run_id, answer)
-                if record is not None and query.admits(record):
-                    found.append(record)
+            read = [
+                (record, _unkept(answer))
+                for run_id, answer in zip(names, await self._call(pipe.execute()), strict=True)
+                if (record := _read_record(run_id, answer)) is not None
+            ]
+            found.extend(record for record in await self._as_left(read) if query.admits(record))
             if len(ids) < batch:
                 break
         return heapq.nlargest(query.limit, found, key=key_of)
@@ -190,6 +210,30 @@ class RemoteRuns:
             last = entries[-1][0]
             if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return
+
+
+def _unkept(answer: Any) -> bool:
+    """Whether the READ script's answer is the record of a run that is not durable (a record written before the
+    field existed says nothing, and is taken as durable: it is never declared failed)."""
+    if not answer:
+        return False
+    flat = answer[0]
+    return dict(zip(flat[::2], flat[1::2], strict=True)).get(b"durable") == b"0"
+
+
+def _left(record: RunRecord) -> RunRecord:
+    return record._replace(
+        state="failed",
+        outcome=ev.RunFailed(
+            code="UNAVAILABLE",
+            message=(
+                f"run {record.run_id} stopped at seq {record.last_seq}: the replica that drove it stopped renewing "
+                "its lease (it died or lost Redis for longer than the lease), and a run that is not durable is not "
+                "continued elsewhere; start it again"
+            ),
+            retryable=True,
+        ),
+    )
 
 
 def _read_record(run_id: str, answer: Any) -> RunRecord | None:
