@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from service.errors import DeadlineExceeded, RunError
-from service.interact import Inbox
+from service.interact import Decision, Inbox
 
 
 class RunControl:
@@ -64,6 +64,10 @@ class RunControl:
         """Let the current turn (its model stream and tool calls) finish, then end the run with `reason`."""
         if self._after_turn is None:
             self._after_turn = reason
+            # a tool call of this turn waiting for a person would hold the turn's end until its approval deadline
+            self.inbox.close_approvals(
+                Decision(False, "CancelRun", "the run stops after this turn; the call did not run")
+            )
 
     def after_turn_reason(self) -> RunError | None:
         return self._after_turn

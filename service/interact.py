@@ -76,7 +76,7 @@ class Inbox:
     (RESOURCE_EXHAUSTED), so that a client sending faster than the run reads costs bounded memory."""
 
     # one is made per run, and most runs never use it: slots and a list make it about a quarter cheaper to make
-    __slots__ = ("max_inputs", "emit", "_inputs", "_made")
+    __slots__ = ("max_inputs", "emit", "_inputs", "_made", "_closed")
 
     def __init__(self, *, max_inputs: int = 16) -> None:
         self.max_inputs = max_inputs
@@ -84,6 +84,7 @@ class Inbox:
         self.emit: Callable[[Event], None] | None = None
         self._inputs: list[Steer] = []
         self._made: _Calls | None = None  # see `_calls`
+        self._closed: Decision | None = None  # the run stops after its turn: every approval gets this denial
 
     def _calls(self) -> _Calls:
         calls = self._made
@@ -102,7 +103,21 @@ class Inbox:
     ) -> asyncio.Future[Decision]:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._calls().waiting[call_id] = _Waiting(future, refuse, validate)
+        if self._closed is not None:  # no person's rights to check: the run itself declines
+            future.set_result(self._closed)
+            self.settled(call_id, self._closed.by)
         return future
+
+    def close_approvals(self, denial: Decision) -> None:
+        """The run stops after its current turn (CancelRun AFTER_TURN): a call of the turn waiting for approval, or
+        asking for it later, is denied with `denial` rather than held until someone decides or its deadline passes
+        (the turn would otherwise not end before that)."""
+        self._closed = denial
+        if self._made is not None:
+            for call_id, waiting in list(self._made.waiting.items()):
+                if not waiting.future.done():
+                    waiting.future.set_result(denial)
+                    self.settled(call_id, denial.by)
 
     def settled(self, call_id: str, by: str) -> None:
         """The wait for `call_id` is over (decided, timed out or cancelled): later decisions are named as late."""

@@ -108,6 +108,28 @@ async def test_a_denied_call_never_runs_and_the_model_reads_why(start_service: A
     assert decided["decided_by"] == "anonymous" and decided["approval_reason"] == "not today"
 
 
+async def test_cancel_after_the_turn_denies_a_call_waiting_for_approval(start_service: Any, channel_to: Any) -> None:
+    """An outside finding: CancelRun AFTER_TURN while the turn's call waited for a person left the run waiting until
+    the approval's deadline (then the call's deadline); the waiting call is now denied and the run stops."""
+    svc = await start_service(ECHO, approvals={"tools": {"echo": {"approval": "always"}}, "timeout_s": 60})
+    api = stub(channel_to(svc))
+    call = api.RunAgent(pb.RunAgentRequest(message="go", tools=["echo"]))
+    seen: list[pb.AgentEvent] = []
+    asked = (await until(call, "approval_required", seen)).approval_required
+    await api.CancelRun(pb.CancelRunRequest(run_id=seen[0].run_id, mode=pb.CancelRunRequest.AFTER_TURN))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(5):  # not the approval's 60 s
+            async for event in call:
+                seen.append(event)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    events = seen
+    (decided,) = of("approval_decided", events)
+    assert not decided.approved and decided.decided_by == "CancelRun" and decided.call_id == asked.call_id
+    (result,) = of("tool_result", events)
+    assert result.status == pb.TOOL_STATUS_DENIED and "the run stops after this turn" in result.error
+    assert of("error", events)[-1].code == "CANCELLED"
+
+
 async def test_an_edited_input_is_validated_again_and_runs(start_service: Any, channel_to: Any) -> None:
     svc = await start_service(ECHO, **ALWAYS)
     api = stub(channel_to(svc))
