@@ -94,8 +94,8 @@ class AgentApi:
             raise ServerDraining("the server is shutting down; retry on another replica")
         run_id = new_run_id()
         key = request.idempotency_key
-        digest = fingerprint(request) if key else ""  # hashing the request costs; only a key needs it
         spec = self.validator.run_spec(request, run_id, caller, background=background)
+        digest = fingerprint(spec, request) if key else ""  # hashing the request costs; only a key needs it
         deadline = None
         # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
         if remaining_s is not None and not background and request.on_disconnect != _CONTINUE:

@@ -196,6 +196,15 @@ async def test_idempotency_key_attaches_to_the_same_run(start_service: Any, chan
         await run_events(channel, message="something else", idempotency_key="k-1")
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert f"used by run {first[0].run_id} with a different request" in (info.value.details() or "")
+    # the same run asked for in other words is the same request (an outside finding: both were ALREADY_EXISTS)
+    tools = await run_events(channel, message="once", tools=["echo", "sleep"], idempotency_key="k-3")
+    reordered = await run_events(channel, message="once", tools=["sleep", "echo"], idempotency_key="k-3")
+    assert reordered[0].run_id == tools[0].run_id
+    spelled_out = await run_events(channel, message="once", max_turns=10, idempotency_key="k-1")  # 10: the default
+    assert spelled_out[0].run_id == first[0].run_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run_events(channel, message="once", max_turns=9, idempotency_key="k-1")
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 async def test_background_run_to_completion_and_full_queue(start_service: Any, channel_to: Any, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -205,6 +206,16 @@ def _checked_metadata(sent: Mapping[str, str], limits: Limits) -> dict[str, str]
     return metadata
 
 
-def fingerprint(request: pb.RunAgentRequest) -> str:
-    """What an idempotency key promises: the same request. Deterministic serialization, hashed."""
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+def fingerprint(spec: RunSpec, request: pb.RunAgentRequest) -> str:
+    """What an idempotency key promises: the same request, as the run it asks for, not as its bytes: the same tools
+    in another order, or a default sent explicitly (max_turns 10 where unset means 10), ask for the same run (an
+    outside finding: both were ALREADY_EXISTS). The run's id is left out, and so is its durability as resolved (it
+    depends on the RPC: the same request sent to RunAgent and SubmitRun names one run); the request's own
+    durability, on_disconnect and a SubmitRun's callback are added."""
+    run = spec.to_json()
+    del run["run_id"], run["durable"]
+    run["tools"] = sorted(run["tools"])
+    run["on_disconnect"], run["durability"] = request.on_disconnect, request.durability
+    if request.HasField("callback"):
+        run["callback"] = [request.callback.url, request.callback.secret]
+    return hashlib.sha256(json.dumps(run, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
