@@ -55,6 +55,7 @@ class AgentApi:
         caller_limits: CallerLimits,
         tool_specs: Callable[[Sequence[str]], list[ToolSpec]],
         default_model: str,
+        one_model: bool = False,
         push: Pusher | None = None,
     ) -> None:
         """`tool_specs`: the tools as the model sees them, by name; `default_model`: the model of a request that
@@ -70,7 +71,9 @@ class AgentApi:
         self.caller_limits = caller_limits
         self.tool_specs = tool_specs
         durable = registry.durable is not None
-        self.validator = Validator(config, self.tools, self.unavailable, default_model, durable=durable)
+        self.validator = Validator(
+            config, self.tools, self.unavailable, default_model, durable=durable, one_model=one_model
+        )
 
     def list_tools(self, caller: Caller) -> list[pb.ToolInfo]:
         allowed = [name for name in self.tools if caller.may_use(name)]

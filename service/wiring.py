@@ -118,6 +118,7 @@ async def start(
         caller_limits=limits,
         tool_specs=loop.tool_specs,
         default_model=model.default_model,
+        one_model=isinstance(model, ScriptedModel),  # it plays its scenario whatever model a request names
         push=push,
     )
     deliveries = Deliveries(registry, frozenset(config.approvals.approvers))

@@ -59,7 +59,11 @@ async def test_a_call_naming_an_unlisted_model_gets_invalid_argument(start_servi
         await run_events(channel_to(svc), message="hi", model="claude-b")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model 'claude-b' is not allowed on this server; allowed: claude-a" in (info.value.details() or "")
-    assert (await run_events(channel_to(svc), message="hi", model="claude-a"))[-1].HasField("final_response")
+    events = await run_events(channel_to(svc), message="hi", model="claude-a")
+    assert events[-1].HasField("final_response")
+    # the offline model answers, and the run says so, whatever model the request named (an outside finding:
+    # run_started said "claude-a" while the scripted model answered)
+    assert events[0].run_started.model == svc.model.default_model and svc.model.default_model.startswith("scripted:")
 
 
 def test_under_auto_the_default_must_be_listed_even_where_the_offline_model_would_run(

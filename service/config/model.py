@@ -30,7 +30,11 @@ class ModelConfig(Section):
     """The model: Claude through the anthropic SDK, or the offline scripted model."""
 
     provider: Literal["auto", "anthropic", "scripted"] = Field(
-        default="auto", description="auto: anthropic when ANTHROPIC_API_KEY is set, else scripted"
+        default="auto",
+        description=(
+            "auto: anthropic when ANTHROPIC_API_KEY is set, else scripted (the offline model answers every request "
+            "as scripted:<scenario>, whatever model it names; the name is still checked against model.allowed)"
+        ),
     )
     name: str = Field(
         default="claude-sonnet-4-6",

@@ -33,14 +33,19 @@ class Validator:
         default_model: str,
         *,
         durable: bool = False,
+        one_model: bool = False,
     ) -> None:
         """`durable`: whether this server checkpoints runs; without it no run is durable and a request that asks
-        for one explicitly is refused, rather than given a run that would silently not survive a crash."""
+        for one explicitly is refused, rather than given a run that would silently not survive a crash.
+        `one_model`: the server's model serves every request itself, whatever it names (the offline scripted
+        model): a request's model is checked as any other, and the run, its run_started event included, says the
+        model that answers it."""
         self.config = config
         self.tools = tools
         self.unavailable = unavailable
         self.default_model = default_model
         self.durable = durable
+        self.one_model = one_model
         self.models = frozenset(config.model.allowed)  # empty: any model
         self.limits, self.runs = config.limits, config.runs
 
@@ -80,6 +85,7 @@ class Validator:
                 f"idempotency_key is {key_bytes} bytes; the limit is {limits.max_idempotency_key_bytes} bytes"
             )
         model = request.model
+        named = self._model(model) if model else ""  # checked even where the one model answers anyway
         sent = request.metadata
         # a fresh dict, the caller's name added in place; most requests send none, and testing the map is 6x
         # cheaper than copying it empty
@@ -95,7 +101,7 @@ class Validator:
         return RunSpec(
             run_id=run_id,
             message=message,
-            model=self._model(model) if model else self.default_model,
+            model=self.default_model if self.one_model or not model else named,
             system=self.config.system_prompt if system is None else system,
             max_turns=max_turns,
             max_tokens=max_tokens,
