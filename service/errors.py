@@ -24,6 +24,7 @@ they are data the model reads (`tools.base.ToolError`).
         ├── PermissionDenied      PERMISSION_DENIED: a tool outside the caller's rights, another's runs
         ├── CallerLimited         RESOURCE_EXHAUSTED: the caller's concurrent runs or runs per minute
         ├── QueueFull             RESOURCE_EXHAUSTED: the background queue
+        ├── RequestTooLarge       RESOURCE_EXHAUSTED: an HTTP body over the receive limit (HTTP 413)
         ├── SubscriberTooSlow     RESOURCE_EXHAUSTED: a stream fell too far behind its run and was dropped
         ├── NotFound              NOT_FOUND: no such run (or another caller's)
         ├── IdempotencyConflict   ALREADY_EXISTS: the key was used with a different request
@@ -206,6 +207,14 @@ class CallerLimited(RequestError):
 class QueueFull(RequestError):
     code = "RESOURCE_EXHAUSTED"
     reason = "QUEUE_FULL"
+
+
+class RequestTooLarge(RequestError):
+    """A request body over `limits.max_receive_bytes` (the HTTP face; grpc refuses such a message itself, with the
+    same code)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "REQUEST_TOO_LARGE"
 
 
 class SubscriberTooSlow(RequestError):

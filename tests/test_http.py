@@ -411,6 +411,9 @@ async def test_unknown_paths_wrong_methods_and_missing_files_are_refused_as_json
             response = await request
             assert (response.status_code, response.json()["code"]) == (status, code), response.text
             assert response.json()["message"] and response.headers.get("allow") == allow
+        big = await http.post("/v1/runs:stream", content=b"{" + b" " * (4 * 1024 * 1024) + b"}")
+        assert (big.status_code, big.json()["code"]) == (413, "RESOURCE_EXHAUSTED")  # as gRPC says it, as HTTP does
+        assert big.json()["details"][0]["reason"] == "REQUEST_TOO_LARGE" and "4194304" in big.json()["message"]
         paged = await http.get("/v1/runs", params={"page_size": "abc"})
         assert paged.status_code == 400 and "invalid literal" not in paged.json()["message"]
         assert (await http.head("/v1/tools")).status_code == 200

@@ -26,7 +26,7 @@ from service import telemetry
 from service.api import AgentApi
 from service.callers import Caller, bind_caller
 from service.config import Config
-from service.errors import AgentError, DeadlineExceeded, InvalidRequest
+from service.errors import AgentError, DeadlineExceeded, InvalidRequest, RequestTooLarge
 from service.http import viewer
 from service.http.sse import message_json
 from service.http.status import error_body, error_of
@@ -170,7 +170,7 @@ class HttpFace:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise InvalidRequest(f"the body is larger than {limit} bytes")
+                raise RequestTooLarge(f"the body is larger than {limit} bytes (limits.max_receive_bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
 

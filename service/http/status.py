@@ -29,6 +29,11 @@ HTTP_STATUS = {
 MAX_MESSAGE = 2000  # characters, as the gRPC face's status details
 
 
+# Where one gRPC code covers HTTP statuses that differ: a body too large is RESOURCE_EXHAUSTED, as grpc says of an
+# oversized message, but HTTP has its own status for it (a client backing off as from a 429 would send it again)
+BY_REASON = {"REQUEST_TOO_LARGE": 413}
+
+
 def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 500)
 
@@ -42,4 +47,4 @@ def error_body(code: str, message: str, reason: str | None = None) -> bytes:
 
 
 def error_of(exc: AgentError) -> tuple[int, bytes]:
-    return http_status(exc.code), error_body(exc.code, exc.message, exc.reason)
+    return BY_REASON.get(exc.reason) or http_status(exc.code), error_body(exc.code, exc.message, exc.reason)
