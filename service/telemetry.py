@@ -356,11 +356,18 @@ def lean_log_records() -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
+# HTTP clients that log every request's full URL at INFO: a webhook's query-string token, a tool URL's userinfo (an
+# outside finding); the service logs what it needs of its own requests, so theirs are kept to warnings
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+
 def setup_logging(level: str = "INFO", fields: Mapping[str, Any] | None = None) -> None:
     lean_log_records()
     root = logging.getLogger()
     root.handlers[:] = [json_handler(sys.stderr, fields)]
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def context_with(span: trace.Span) -> Any:

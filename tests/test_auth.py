@@ -112,6 +112,26 @@ async def test_mtls_identifies_the_caller_and_refuses_strangers(start_service: A
         assert "belongs to no configured caller" in details
 
 
+async def test_a_token_sent_beside_a_certificate_is_checked_not_ignored(start_service: Any, pki: Pki) -> None:
+    """An outside finding: with mTLS, a bad `authorization` header (or another caller's token) passed unseen."""
+    config = mtls_config(pki)
+    config["auth"]["callers"][0]["token_sha256"] = [token_hash("risk-token")]
+    config["auth"]["callers"][1]["token_sha256"] = [token_hash("audit-token")]
+    svc = await start_service(**config)
+    async with pki.channel(svc.port, identity="risk.callers.internal") as channel:
+        tools = stub(channel).ListTools
+        assert (await code_of(tools(pb.ListToolsRequest(), metadata=[("authorization", "Bearer risk-token")])))[0] == (
+            grpc.StatusCode.OK
+        )
+        for header, why in (
+            ("Bearer bogus", "the bearer token is not valid"),
+            ("Basic Zm9v", "the authorization header must be `Bearer <token>`"),
+            ("Bearer audit-token", "the bearer token names another caller than the client certificate"),
+        ):
+            code, details = await code_of(tools(pb.ListToolsRequest(), metadata=[("authorization", header)]))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and details.startswith(why), (header, details)
+
+
 async def test_health_is_reachable_without_credentials(start_service: Any, pki: Pki) -> None:
     svc = await start_service(**mtls_config(pki))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.health_port}") as channel:

@@ -82,6 +82,23 @@ def test_nothing_configured_is_a_no_op() -> None:
     assert not off.enabled and off.value(data) is data and off.text("a@b.example") == "a@b.example"
 
 
+def test_the_default_config_masks_credentials_a_tool_input_carries() -> None:
+    """An outside finding: http_request's Authorization and Cookie headers were stored as sent in the audit log and
+    dead letters, since nothing was masked by default."""
+    r = Redactor.from_config(Config().redaction)
+    headers = {"Authorization": "Bearer leak-me", "cookie": "c=1", "X-Api-Key": "k", "Accept": "application/json"}
+    assert r.value({"url": "https://x.example", "headers": headers}) == {
+        "url": "https://x.example",
+        "headers": {
+            "Authorization": "[REDACTED]",
+            "cookie": "[REDACTED]",
+            "X-Api-Key": "[REDACTED]",
+            "Accept": "application/json",
+        },
+    }
+    assert not Redactor.from_config(Config.model_validate({"redaction": {"fields": []}}).redaction).enabled
+
+
 def test_config_section_and_bad_patterns() -> None:
     config = Config.model_validate({"redaction": {"fields": ["email"], "patterns": [EMAIL], "mask": "***"}})
     r = Redactor.from_config(config.redaction)

@@ -128,3 +128,19 @@ def test_the_service_log_handler_names_the_run_of_the_context_that_logs(capsys: 
         ("named", "run_other"),
         ("outside", None),
     ]
+
+
+def test_http_clients_request_lines_stay_out_of_the_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """An outside finding: httpx logged every request's full URL at INFO, a webhook's query-string token with it."""
+    root, client = logging.getLogger(), logging.getLogger("httpx")
+    handlers, level, client_level = root.handlers[:], root.level, client.level
+    try:
+        telemetry.setup_logging("DEBUG")
+        client.info('HTTP Request: POST http://127.0.0.1:18281/cb?token=WEBHOOK-SECRET "HTTP/1.1 200 OK"')
+        client.warning("a warning of its own")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        client.setLevel(client_level)
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["msg"] for line in logged] == ["a warning of its own"]

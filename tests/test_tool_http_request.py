@@ -245,6 +245,8 @@ async def test_host_not_on_the_allow_list(tool: HttpRequest, base_url: str, tmp_
         for refusing in (only_other_port, nothing):
             with pytest.raises(ToolError, match="not on the allow-list"):
                 await call(refusing, url=f"{base_url}/json")
+        with pytest.raises(ToolError, match="host 127.0.0.1:0 is not on the allow-list"):  # was named :80
+            await call(only_other_port, url="http://127.0.0.1:0/json")
     finally:
         await only_other_port.aclose()
         await nothing.aclose()
@@ -355,7 +357,9 @@ async def test_non_public_addresses_are_refused(tmp_path: Path, addresses: list[
     tool = make(tmp_path, allow_hosts=["api.test"], allow_private=["10.200.0.0/16"])
     fake_dns(tool, {"api.test": addresses})
     try:
-        with pytest.raises(ToolError, match=f"resolves to .*, a {kind} address; refused") as caught:
+        with pytest.raises(
+            ToolError, match=f"resolves to .*, {'an' if kind[0] in 'aeiou' else 'a'} {kind} address; refused"
+        ) as caught:
             await call(tool, url="http://api.test/")
     finally:
         await tool.aclose()

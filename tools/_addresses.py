@@ -93,7 +93,8 @@ class AddressGuard:
             kind = non_public(ip)
             if kind is None or literal or any(within(ip, network) for network in self.private):
                 continue
-            raise Refused(f"{url.host} resolves to {ip}, a {kind} address{self.refusal}")
+            article = "an" if kind[:1] in "aeiou" else "a"
+            raise Refused(f"{url.host} resolves to {ip}, {article} {kind} address{self.refusal}")
         return tuple(found)
 
 

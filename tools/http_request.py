@@ -185,7 +185,7 @@ class HttpRequest(Tool[RequestInput]):
 
     def _check_allowed(self, url: httpx.URL, what: str = "host") -> None:
         host = url.host.lower()
-        port = url.port or DEFAULT_PORTS[url.scheme]
+        port = DEFAULT_PORTS[url.scheme] if url.port is None else url.port  # port 0 is 0, not the default
         if (host, None) in self._allowed or (host, port) in self._allowed:
             return
         shown = host if url.port is None else f"{host}:{port}"

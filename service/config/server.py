@@ -69,11 +69,20 @@ class Limits(Section):
         return self
 
 
+CREDENTIAL_FIELDS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
 class Redaction(Section):
     """What is masked in logs, spans, audit and dead-letter records (never in what the model or the caller sees)."""
 
     fields: list[str] = Field(
-        default_factory=list, description="keys whose values are masked anywhere in nested data (case-insensitive)"
+        # credentials a tool input may carry (http_request's headers): kept out of the audit log and dead letters
+        # unless an operator lists otherwise (an outside finding: a bearer token was stored as sent)
+        default_factory=lambda: list(CREDENTIAL_FIELDS),
+        description=(
+            "keys whose values are masked anywhere in nested data (case-insensitive); the default masks credential "
+            "headers, and a list given replaces it"
+        ),
     )
     patterns: list[str] = Field(default_factory=list, description="regular expressions masked inside strings")
     mask: str = Field(default="[REDACTED]", description="what a masked value is replaced by")

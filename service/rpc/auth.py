@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from service.callers import CALLER, Caller, bind_caller
-from service.config import AuthConfig, TlsConfig
+from service.config import AuthConfig, CallerConfig, TlsConfig
 from service.errors import AgentError, Unauthenticated
 from service.rpc.interceptors import WrapCache, wrap_handler
 
@@ -46,20 +46,31 @@ class Authenticator:
         for value in names:
             caller = self._by_identity.get(value)
             if caller is not None:
+                # a token sent beside the certificate is checked too: a bad one, or one of another caller (a proxy
+                # adding its own), is refused rather than ignored
+                token = _bearer(metadata)
+                if token is not None and self._by_bearer(token).name != caller.name:
+                    raise Unauthenticated(
+                        f"the bearer token names another caller than the client certificate ({value})"
+                    )
                 return Caller(caller.name, caller, "mtls")
         token = _bearer(metadata)
         if token is not None:
-            digest = hashlib.sha256(token.encode()).hexdigest()
-            for known, caller in self._by_token.items():
-                if hmac.compare_digest(known, digest):
-                    return Caller(caller.name, caller, "token")
-            raise Unauthenticated("the bearer token is not valid")
+            caller = self._by_bearer(token)
+            return Caller(caller.name, caller, "token")
         if self.config.required:
             if names:
                 presented = names[0]
                 raise Unauthenticated(f"the client certificate ({presented}) belongs to no configured caller")
             raise Unauthenticated("credentials required: a client certificate or an `authorization: Bearer` token")
         return self.anonymous
+
+    def _by_bearer(self, token: str) -> CallerConfig:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        for known, caller in self._by_token.items():
+            if hmac.compare_digest(known, digest):
+                return caller
+        raise Unauthenticated("the bearer token is not valid")
 
 
 def _cert_names(context: grpc.aio.ServicerContext) -> list[str]:
