@@ -300,6 +300,7 @@ async def test_http_headers_past_max_header_bytes_get_431(start_service: Any) ->
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=10) as http:
         answer = await http.get("/v1/tools", headers={"x-big": "a" * 100_000})
         assert answer.status_code == 431 and answer.json()["code"] == "RESOURCE_EXHAUSTED"
+        assert answer.json()["details"][0]["reason"] == "HEADERS_TOO_LARGE"  # the body every refusal has
         big_body = {"message": "hi", "system": "s" * 60_000}  # a large body is no large head
         assert (await http.post("/v1/runs", json=big_body)).status_code == 200
     reader, writer = await asyncio.open_connection("127.0.0.1", svc.http_port)

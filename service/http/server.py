@@ -17,6 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Config
 from service.http.app import PEER_NAMES
+from service.http.status import error_body
 
 log = logging.getLogger(__name__)
 # uvicorn says "Started server process" and "Finished server process" at INFO: in this process they would be wrong
@@ -119,7 +120,8 @@ def _protocol(max_head_bytes: int) -> type[Any]:
     return PeerProtocol
 
 
-_TOO_LARGE_BODY = b'{"code": "RESOURCE_EXHAUSTED", "message": "the request line and headers are too large"}'
+# the face's JSON error, as `status.error_body` makes it (built here once: it is sent from the protocol, before any app)
+_TOO_LARGE_BODY = error_body("RESOURCE_EXHAUSTED", "the request line and headers are too large", "HEADERS_TOO_LARGE")
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
