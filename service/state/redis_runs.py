@@ -34,7 +34,7 @@ from service import telemetry
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
-from service.errors import StateUnavailable
+from service.errors import RunCancelled, StateUnavailable
 from service.listing import RunQuery
 from service.loop import RunSpec
 from service.run import Run, RunRecord
@@ -284,6 +284,13 @@ class RedisRunStore:
         self.shipper.shipped[run.id] = run.stored = len(run.log)
         self._live[run.id] = run
         self._renew_now = True  # the dead owner's lease on the caller's concurrency becomes this process's
+        # a CancelRun sent while nobody drove the run went to the dead owner's channel; its mark on the record is
+        # what says so (an outside finding: the run went on here, calling tools, after the cancel was answered)
+        requested = fields.get(b"cancel_requested") if fields else None
+        if requested == b"after_turn":
+            control.stop_after_turn(RunCancelled("cancelled by CancelRun after the current turn"))
+        elif requested:
+            control.stop_now(RunCancelled("cancelled by CancelRun"))
         return run
 
     async def flushed(self, within_s: float) -> bool:
