@@ -97,14 +97,14 @@ def _abandon(task: asyncio.Task[Any], within: float, fields: Mapping[str, Any]) 
 async def merge(
     *sources: AsyncIterator[T],
     buffer: int = 64,
-    abandon_after_s: float = ABANDON_AFTER_S,
+    abandon_after_s: float | Callable[[], float] = ABANDON_AFTER_S,
     name: str | None = None,
     fields: Mapping[str, Any] | None = None,
     on_abandon: Callable[[], object] | None = None,
 ) -> AsyncGenerator[T, None]:
     """Yield items from all `sources` as they arrive; an exception from any source is raised to the consumer.
     `name` (of the tasks reading the sources) and `fields` say what was abandoned, when a source has to be (see
-    `cancel_and_wait`).
+    `cancel_and_wait`); `abandon_after_s` may be asked when the sources are cancelled (a callable).
 
     Written here rather than taken from `aiostream` because the loop's cancellation guarantees hinge on exactly
     this behaviour and it is short.
@@ -139,4 +139,5 @@ async def merge(
                 yield item
     finally:
         item = None  # a source's exception, raised here, has this frame in its traceback: no cycle through it
-        await cancel_and_wait(tasks, abandon_after_s, fields=fields, on_abandon=on_abandon)
+        within = abandon_after_s() if callable(abandon_after_s) else abandon_after_s
+        await cancel_and_wait(tasks, within, fields=fields, on_abandon=on_abandon)

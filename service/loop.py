@@ -10,6 +10,7 @@ then `RunFailed`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -313,12 +314,25 @@ class AgentLoop:
         # not bounded that way (that would cost every call a task of its own): the run's deadline is.
         calls_of_turn = merge(
             *sources,
-            abandon_after_s=self.abandon_after_s,
+            abandon_after_s=functools.partial(_abandon_within, self.abandon_after_s, run.remaining),
             name=f"tool calls of run {run.run_id}",
             fields={"run_id": run.run_id},
         )
         async for event in calls_of_turn:
             yield event
+
+
+# How long a turn's tool calls get to end once the run's deadline has passed: a call that takes its cancel ends within
+# a pass or two of the loop; one that ignores it is abandoned then, not `abandon_after_s` later, since the caller's
+# own deadline is only `runs.deadline_margin_s` away and its `error` event must reach it first (an outside finding:
+# a stubborn tool held the run's end 0.5 s past the deadline, the call ended "Deadline Exceeded" with no `error`
+# event, and the run was recorded CANCELLED)
+PAST_DEADLINE_ABANDON_S = 0.02
+
+
+def _abandon_within(abandon_after_s: float, remaining: Callable[[], float | None] | None) -> float:
+    left = remaining() if remaining is not None else None
+    return min(abandon_after_s, PAST_DEADLINE_ABANDON_S) if left is not None and left <= 0 else abandon_after_s
 
 
 async def _announced(started: RunStarted, events: AsyncIterator[Event]) -> AsyncIterator[Event]:

@@ -245,6 +245,26 @@ async def test_deadline_shorter_than_a_tool_ends_with_an_error_event(start_servi
     assert tools["sleep"].cancelled == 1  # type: ignore[attr-defined]
 
 
+async def test_a_deadline_before_a_tool_that_ignores_its_cancel_still_ends_with_an_error_event(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding: a tool that ignores its cancellation held the run's end `abandon_after_s` (0.5 s) past
+    the run's deadline, the caller's deadline cut the stream first (no `error` event) and the run was recorded
+    CANCELLED. Past its deadline the run abandons such a call at once."""
+    stubborn = Stubborn()
+    turns = [{"tool_calls": [{"name": "stubborn", "input": {"text": "x"}}]}, {"text": "never"}]
+    svc = await start_service(turns, tools={**all_tools(), "stubborn": stubborn})
+    try:
+        seen: list[pb.AgentEvent] = []
+        call = stub(channel_to(svc)).RunAgent(pb.RunAgentRequest(message="go"), timeout=1.0)
+        assert await status_of(call, seen) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert seen[-1].error.code == "DEADLINE_EXCEEDED"  # sent before the caller's deadline cut the stream
+        run = svc.registry.get(seen[0].run_id)
+        assert run.state is RunState.FAILED and stubborn.cancels >= 1
+    finally:
+        stubborn.release.set()
+
+
 def covered(events: list[pb.AgentEvent]) -> list[int]:
     return [s for e in events for s in range(e.first_seq or e.seq, e.seq + 1)]
 
