@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -61,10 +62,27 @@ async def test_cli_stops_quietly_when_its_reader_leaves(start_service: Any) -> N
     assert err.decode() == ""
 
 
-@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon", "1e10"])
 def test_cli_refuses_a_timeout_that_is_not_a_positive_number(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
-    # before: 0 and -5 sent a call already past its deadline (DEADLINE_EXCEEDED at once), inf one with none
+    # before: 0 and -5 sent a call already past its deadline (DEADLINE_EXCEEDED at once), inf one with none, and
+    # 1e10 one whose deadline grpc could not hold (DEADLINE_EXCEEDED at once, an outside finding)
     with pytest.raises(SystemExit) as exited:
         main(["--timeout", timeout, "hi"])
     assert exited.value.code == 2  # argparse's usage error, before any connection
     assert "argument --timeout:" in capsys.readouterr().err
+
+
+async def test_cli_interrupted_says_so_and_exits_130(start_service: Any) -> None:
+    """An outside finding: Ctrl-C during a run printed a traceback (CancelledError, then KeyboardInterrupt)."""
+    svc = await start_service(model={"pacing": {"first_token_ms": 0, "token_interval_ms": 50}})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "service.client", "--target", f"127.0.0.1:{svc.port}", "--json", "hi"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert b"runStarted" in await asyncio.wait_for(proc.stdout.readline(), 30)  # the run is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, err.decode()) == (130, "interrupted\n")

@@ -159,6 +159,9 @@ def _request(args: argparse.Namespace) -> pb.RunAgentRequest:
     return request
 
 
+MAX_TIMEOUT_S = 1e8  # over three years
+
+
 def _seconds(text: str) -> float:
     """A deadline: a positive, finite number of seconds. gRPC takes 0 or less as already past (every call fails at
     once with DEADLINE_EXCEEDED) and infinity as no deadline at all."""
@@ -168,6 +171,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if value > MAX_TIMEOUT_S:  # grpc's deadline arithmetic overflows past about 1e9 s: every call would fail at once
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:.0f} seconds, got {text}")
     return value
 
 
@@ -252,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         # another one when Python flushes stdout on the way out.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the call is cancelled with the client (its run too, unless CONTINUE)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # as a shell reports a process ended by SIGINT
 
 
 if __name__ == "__main__":
