@@ -58,6 +58,9 @@ class _Context:
     def set_details(self, details: str) -> None:
         self.details = details
 
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, bytes], ...]) -> None:
+        self.trailers = metadata
+
     def time_remaining(self) -> float | None:
         return None
 

@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from agent.v1 import agent_pb2 as pb
 from conftest import make_config, run_events, run_events_of, stub
@@ -104,6 +106,30 @@ async def test_a_status_message_quoting_a_huge_run_id_is_cut(start_service: Any,
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # not RESOURCE_EXHAUSTED: the trailers stay small
     details = info.value.details() or ""
     assert details.startswith("no run 'rrr") and details.endswith("…") and len(details) == 2000
+
+
+async def test_a_refusal_carries_its_reason_for_a_program_to_read(start_service: Any, channel_to: Any) -> None:
+    """An outside finding: the docs name reasons (RUN_HANDED_OVER, RUN_INTERRUPTED…) that only the HTTP face sent;
+    over gRPC a client had to parse English. The trailers carry a google.rpc.Status with an ErrorInfo now."""
+    two_turns = [{"text": "Echo.", "tool_calls": [{"name": "echo", "input": {"text": "hi"}}]}, {"text": "Done."}]
+    svc = await start_service(two_turns)
+    service = stub(channel_to(svc))
+    call = service.GetRun(pb.GetRunRequest(run_id="run_nope"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    status = await rpc_status.aio.from_call(call)  # checks the code and message agree with the call's
+    assert status is not None and status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == ("RUN_NOT_FOUND", "agent.v1", {"retryable": "false"})
+    # a run's own failure: its error event's code and retryable, named as the run's failure
+    stream = service.RunAgent(pb.RunAgentRequest(message="hi", tools=["echo"], max_turns=1))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await run_events_of(stream)
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = await rpc_status.aio.from_call(stream)
+    assert status is not None and status.details[0].Unpack(info)
+    assert (info.reason, dict(info.metadata)) == ("RUN_FAILED", {"retryable": "false"})
 
 
 async def test_run_id_and_cancel_mode_are_checked(start_service: Any, channel_to: Any) -> None:

@@ -29,7 +29,10 @@ from service.sent import SENT
 
 log = logging.getLogger(__name__)
 
-_SUCCEEDED = RunState.SUCCEEDED  # a run that succeeded did not fail: its call ends OK, without a look at its outcome
+_SUCCEEDED = RunState.SUCCEEDED
+# a run's `error` event says its code, message and whether a retry may work, not which error it was: its ErrorInfo
+# names the run's failure as such
+RUN_FAILED = "RUN_FAILED"  # a run that succeeded did not fail: its call ends OK, without a look at its outcome
 
 # (servicer, request, context) -> the run, the seq to send after, and whether this stream owns the run
 Opener = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[tuple[Run, int, bool]]]
@@ -120,6 +123,6 @@ def ended_with_failure(run: Run, context: grpc.aio.ServicerContext) -> bool:
     """True when the run failed; the call then ends with the failure's status code and message."""
     outcome = run.outcome
     if isinstance(outcome, ev.RunFailed):
-        end_call(context, outcome.code, outcome.message)
+        end_call(context, outcome.code, outcome.message, reason=RUN_FAILED, retryable=outcome.retryable)
         return True
     return False

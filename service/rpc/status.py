@@ -15,12 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from service.errors import AgentError
 
 log = logging.getLogger(__name__)
 
 MAX_DETAILS = 2000  # characters of a status message
+DOMAIN = "agent.v1"  # ErrorInfo's domain: the service whose reasons these are
+DETAILS_KEY = "grpc-status-details-bin"  # where grpc carries a google.rpc.Status (grpcio-status reads it)
 INTERNAL_MESSAGE = "internal error: the server failed on this call (a bug); its log has the traceback"
 
 _S = TypeVar("_S")
@@ -28,18 +32,35 @@ _Q = TypeVar("_Q")
 _R = TypeVar("_R")
 
 
-def end_call(context: grpc.aio.ServicerContext, code: str, message: str) -> None:
+def end_call(
+    context: grpc.aio.ServicerContext, code: str, message: str, *, reason: str | None = None, retryable: bool = False
+) -> None:
     """End the call with the status named `code` (a gRPC status code name, as errors and `error` events carry it)
     and `message`; the handler then returns (None for a unary call: grpc sends no message with a status that is
-    not OK)."""
-    context.set_code(grpc.StatusCode[code])
+    not OK). With a `reason`, the trailers also carry the status as a `google.rpc.Status` whose one detail is an
+    `ErrorInfo` (reason, domain "agent.v1", metadata retryable "true"/"false"), as the HTTP face's JSON errors do: a
+    program tells RUN_HANDED_OVER from STATE_STORE_UNAVAILABLE without parsing the message
+    (`grpc_status.rpc_status.from_call` reads it)."""
+    status = grpc.StatusCode[code]
     # the details travel in the trailers, which grpc clients refuse past 8 KiB by default (the call would then fail
     # with RESOURCE_EXHAUSTED instead of this status); a message quoting what the caller sent could be longer
-    context.set_details(message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "…")
+    text = message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "…"
+    context.set_code(status)
+    context.set_details(text)
+    if reason is not None:
+        info = error_details_pb2.ErrorInfo(
+            reason=reason, domain=DOMAIN, metadata={"retryable": "true" if retryable else "false"}
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        rich = status_pb2.Status(code=status.value[0], message=text, details=[detail])
+        context.set_trailing_metadata(((DETAILS_KEY, rich.SerializeToString()),))
 
 
 def refuse(context: grpc.aio.ServicerContext, error: AgentError) -> None:
-    end_call(context, error.code, error.message)
+    end_call(
+        context, error.code, error.message, reason=error.reason, retryable=bool(getattr(error, "retryable", False))
+    )
 
 
 def fail(context: grpc.aio.ServicerContext, handler: str) -> None:
