@@ -9,16 +9,23 @@ import logging
 from typing import TYPE_CHECKING
 
 from service.aio import cancel_and_wait
-from service.errors import RunInterrupted
+from service.errors import RunInterrupted, ServerDraining
 from service.run import Run, RunState, driving
 
 if TYPE_CHECKING:
     from service.durable_runs import DurableRuns
     from service.loop import AgentLoop
     from service.records.summaries import SummaryWriter
-    from service.state.base import RunLookup
+    from service.state.base import RunLookup, RunStore
 
 log = logging.getLogger("service.runs")  # the registry's log lines, as they were before the move
+
+
+def _watch_elsewhere(run_id: str) -> ServerDraining:
+    return ServerDraining(
+        f"this replica is shutting down; run {run_id} goes on where it runs: resume with WatchRun from the last seq "
+        "you received, on another replica"
+    )
 
 
 class RunShutdown:
@@ -26,6 +33,7 @@ class RunShutdown:
     runs: dict[str, Run]
     durable: DurableRuns | None
     elsewhere: RunLookup | None
+    store: RunStore | None
     summary_writer: SummaryWriter
     _janitor: asyncio.Task[None] | None
     _load_probe: asyncio.Task[None] | None
@@ -54,6 +62,8 @@ class RunShutdown:
         live = driving(self.runs.values())
         if live:
             await asyncio.wait(live, timeout=5)
+        if self.store is not None:  # streams here following runs that other replicas drive: told, not cut
+            self.store.stop_watching(_watch_elsewhere)
 
     async def close(self) -> None:
         """Cancel the runs still going (after `shutdown`, none should be) and the registry's own tasks. A driver

@@ -355,6 +355,30 @@ async def test_a_cancel_sent_while_nobody_drove_the_run_stops_it_when_revived(
     store.settled(run)
 
 
+async def test_a_draining_replica_tells_its_watchers_of_other_replicas_runs_where_to_go(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """An outside finding: a drain cut WatchRun streams of runs driven elsewhere with "Cancelling all calls"."""
+    (a, b), opened = await replicas(start_service, tmp_path, redis_ns, GATED)
+    run_id = (await stub(channel_to(a)).SubmitRun(pb.RunAgentRequest(message="go"))).run_id
+    seen: list[pb.AgentEvent] = []
+    watch = stub(channel_to(b)).WatchRun(pb.WatchRunRequest(run_id=run_id))
+    await read_until(watch, "tool_call_ready", seen)
+    drain = asyncio.create_task(b.drain(grace=0.1))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for event in watch:
+                seen.append(event)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ended.value.details() or "") and "resume with WatchRun" in (
+            ended.value.details() or ""
+        )
+        assert not a.registry.get(run_id).finished  # the run goes on where it runs
+    finally:
+        await drain
+        opened.set()
+
+
 async def test_get_run_on_b_answers_from_postgresql_once_redis_forgot_the_run(
     postgres_schema: Any, start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
 ) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from service.config import CallerConfig
+from service.errors import AgentError
 
 if TYPE_CHECKING:
     from service.control import RunControl
@@ -64,6 +65,10 @@ class RunStore(RunKeeper, Protocol):
 
     instance: str  # this process's id, written as the owner of the runs it drives
     up: bool  # False while the store cannot be reached (health, metrics)
+
+    def stop_watching(self, why: Callable[[str], AgentError]) -> None:
+        """This process stops: the streams here that follow runs other processes drive end with `why(run_id)`
+        once they have sent what they have, rather than being cut by the server's stop."""
 
     def on_cancel(self, callback: Callable[[str, bool], None]) -> None:
         """Call `callback(run_id, after_turn)` when another replica asks to cancel a run this process drives."""

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from service import events as ev
 from service.config import StateConfig
-from service.errors import RunInterrupted, StateUnavailable
+from service.errors import AgentError, RunInterrupted, StateUnavailable
 from service.listing import RunQuery, key_of
 from service.run import Run, RunRecord
 from service.state.mirror import MirrorRun
@@ -130,6 +130,12 @@ class RemoteRuns:
             mirror = self._mirrors[key] = MirrorRun(record)
             self.watch.follow(key, 0, functools.partial(self._fill, mirror))
         return mirror
+
+    def give_up_all(self, why: Callable[[str], AgentError]) -> None:
+        """End every mirror's followers with `why(run_id)` (this process stops), once they have read what is here."""
+        for mirror in list(self._mirrors.values()):
+            mirror.give_up(why(mirror.id))
+            self._unfollow(mirror)
 
     def _fill(self, mirror: MirrorRun, entries: Entries) -> None:
         mirror.extend([entry for _, fields in entries for entry in log_entries(fields)])

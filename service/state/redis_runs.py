@@ -34,7 +34,7 @@ from service import telemetry
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
 from service.control import RunControl
-from service.errors import RunCancelled, StateUnavailable
+from service.errors import AgentError, RunCancelled, StateUnavailable
 from service.listing import RunQuery
 from service.loop import RunSpec
 from service.run import Run, RunRecord
@@ -351,6 +351,9 @@ class RedisRunStore:
 
     async def mirror(self, record: RunRecord) -> Run:
         return await self.remote.mirror(record)
+
+    def stop_watching(self, why: Callable[[str], AgentError]) -> None:
+        self.remote.give_up_all(why)
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         return await self.remote.cancel(record, after_turn=after_turn, wait_s=wait_s)
