@@ -301,8 +301,13 @@ class RunRegistry(RunLookups, RunShutdown):
             run.task.remove_done_callback(done)  # type: ignore[union-attr,arg-type]  # set before this first step
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         tally.add(telemetry.ACTIVE, 1)
+        # a background run waits for a slot; one continued from a process that stopped was running there and its
+        # callers are following it: it goes on at once, ahead of runs never started (it still counts as one of the
+        # background runs, so no queued run is claimed into its place; an outside finding: recovered runs read
+        # QUEUED and waited 9 s behind newer ones)
+        gated = background and (journal is None or journal.fresh or not journal.announce)
         try:
-            if background:
+            if gated:
                 try:
                     await self._background.acquire()
                 except asyncio.CancelledError:
@@ -313,7 +318,7 @@ class RunRegistry(RunLookups, RunShutdown):
                 run.state = RunState.RUNNING
                 await play(run, self.loop, self.config, clock=self.clock, load=self.load, journal=journal)
             finally:
-                if background:
+                if gated:
                     self._background.release()
         finally:
             tally.add(telemetry.ACTIVE, -1)

@@ -90,6 +90,32 @@ async def test_drain_hands_a_durable_run_over_and_the_next_start_continues_it(
     assert checkpoints(tmp_path)[0][0][1] == "succeeded"
 
 
+async def test_runs_continued_after_a_restart_run_at_once_beyond_the_background_slots(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """An outside finding: continued runs waited for a free background slot (reading QUEUED, 9 s behind runs never
+    started); they were running already, their callers follow them: they go on at once."""
+    slow_twice = [*SLOW_TOOL[:1], {"text": "Again.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]}]
+    first_tools = all_tools()
+    svc = await start_service(slow_twice, tools=first_tools, runs={"background_max_concurrent": 2})
+    ids = [(await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))).run_id for _ in range(2)]
+    for _ in range(200):  # both running their sleep
+        if first_tools["sleep"].started == 2:
+            break
+        await asyncio.sleep(0.02)
+    await svc.drain(grace=0.1)  # both handed over to the next start
+    second_tools = all_tools()
+    again = await start_service(slow_twice, tools=second_tools, runs={"background_max_concurrent": 1})
+    for _ in range(200):  # each goes on to its second turn's sleep (the first's, cut off, is OUTCOME_UNKNOWN)
+        if second_tools["sleep"].started == 2:
+            break
+        await asyncio.sleep(0.02)
+    states = [(await stub(channel_to(again)).GetRun(pb.GetRunRequest(run_id=i))).state for i in ids]
+    assert states == [pb.Run.RUNNING, pb.Run.RUNNING]  # not one of them QUEUED behind the other's 30 s sleep
+    for run_id in ids:
+        await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=run_id))
+
+
 async def test_a_process_whose_run_was_claimed_stops_it_at_once_and_says_where_it_goes_on(
     start_service: Any, channel_to: Any, tmp_path: Path
 ) -> None:
