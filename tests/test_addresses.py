@@ -47,7 +47,8 @@ def guard(answers: dict[str, list[str]], allow_private: list[str] | None = None,
     ],
 )
 async def test_a_non_public_address_is_refused_with_its_kind(address: str, kind: str) -> None:
-    with pytest.raises(Refused, match=f"^api.test resolves to .*, a {kind} address; refused") as caught:
+    article = "an" if kind[0] in "aeiou" else "a"  # "an unspecified address"
+    with pytest.raises(Refused, match=f"^api.test resolves to .*, {article} {kind} address; refused") as caught:
         await guard({"api.test": [address]}).addresses(httpx.URL("https://api.test/"))
     assert caught.value.unresolved is False
     assert str(caught.value).endswith(REFUSAL)
