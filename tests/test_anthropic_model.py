@@ -598,7 +598,7 @@ async def test_lone_surrogates_in_the_turns_text_and_ids_do_not_reach_the_histor
             (
                 "content_block_start",
                 '{"type": "content_block_start", "index": 1, "content_block": '
-                '{"type": "tool_use", "id": "toolu_\\udc00", "name": "query_\\ud800", "input": {}}}',
+                '{"type": "tool_use", "id": "toolu_1", "name": "query_database", "input": {}}}',
             ),
             (
                 "message_delta",
@@ -614,9 +614,9 @@ async def test_lone_surrogates_in_the_turns_text_and_ids_do_not_reach_the_histor
     assert isinstance(end, TurnEnd)
     assert end.content == [
         {"type": "text", "text": "half \ufffd"},
-        {"type": "tool_use", "id": "toolu_\ufffd", "name": "query_\ufffd", "input": {}},
+        {"type": "tool_use", "id": "toolu_1", "name": "query_database", "input": {}},
     ]
-    assert ToolUseStart(call_id="toolu_\ufffd", name="query_\ufffd") in events  # the same id everywhere
+    assert ToolUseStart(call_id="toolu_1", name="query_database") in events
     json.dumps(end.content, ensure_ascii=False).encode()
 
 
@@ -659,6 +659,39 @@ START_TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type
         (
             [("content_block_start", {**START_TEXT, "content_block": {"type": "tool_use", "id": 1, "name": "q"}})],
             "a tool_use block without a string id and name",
+        ),
+        # ids and names go back to the API, which takes neither of these (an outside finding: sent back verbatim)
+        (
+            [
+                (
+                    "content_block_start",
+                    '{"type": "content_block_start", "index": 0, "content_block": '
+                    '{"type": "tool_use", "id": "toolu_\\udc00", "name": "query_\\ud800", "input": {}}}',
+                )
+            ],
+            "a tool_use block whose id or name the API would refuse",
+        ),
+        (
+            [
+                (
+                    "content_block_start",
+                    {**START_TEXT, "content_block": {"type": "tool_use", "id": "bad id/..", "name": "q"}},
+                )
+            ],
+            "a tool_use block whose id or name the API would refuse",
+        ),
+        (
+            [
+                (
+                    "content_block_start",
+                    {**START_TEXT, "content_block": {"type": "tool_use", "id": "t1", "name": "q" * 129}},
+                )
+            ],
+            "a tool_use block whose id or name the API would refuse",
+        ),
+        (
+            [("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 10**20}})],
+            "token count that is not a whole number from 0 to 1000000000",
         ),
     ],
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
@@ -219,6 +220,8 @@ class _Turn:
             call_id, name = start.id, start.name
             if not (isinstance(call_id, str) and call_id and isinstance(name, str)):
                 raise malformed("a tool_use block without a string id and name")
+            if _TOOL_ID.fullmatch(call_id) is None or _TOOL_NAME.fullmatch(name) is None:
+                raise malformed(f"a tool_use block whose id or name the API would refuse: {call_id!r}, {name!r}"[:200])
             # Sent back in the history, which must be UTF-8, and told apart by id there: the API's ids never repeat.
             call_id, name = plain_text(call_id), plain_text(name)
             if any(b.call_id == call_id for b in self.blocks.values()):
@@ -312,8 +315,19 @@ def _parse_input(raw: str) -> tuple[dict[str, Any], str | None]:
     return value, None
 
 
+# No turn counts more tokens than this (a context window is about 1e6): a count beyond it is a broken stream, and
+# would not fit the events' uint32/uint64 fields either (an outside finding: 1e20 failed the call with INTERNAL, and
+# every later GetRun, WatchRun and ListRuns of the caller with it)
+MAX_TOKEN_COUNT = 10**9
+
+# What the API's tool_use ids and tool names are made of: each goes back to it in the next request's history, where
+# anything else would be refused (a 400 blamed on the caller), so a stream with such a block is a broken stream
+_TOOL_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # as the API defines a tool name
+
+
 def _count(value: Any) -> int:
     """A token count from the stream."""
-    if type(value) is not int or value < 0:
-        raise malformed(f"a token count that is not a whole number: {value!r}"[:200])
+    if type(value) is not int or not 0 <= value <= MAX_TOKEN_COUNT:
+        raise malformed(f"a token count that is not a whole number from 0 to {MAX_TOKEN_COUNT}: {value!r}"[:200])
     return value
