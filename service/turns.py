@@ -119,7 +119,7 @@ def after_turn(
     totals = state.totals
     events.append(
         FinalResponse(
-            text="".join([b["text"] for b in answer if b["type"] == "text"]),  # a list: cheaper to join
+            text=bounded_answer("".join([b["text"] for b in answer if b["type"] == "text"])),  # a list: cheaper to join
             stop_reason=end.stop_reason,
             turns=turn,
             tool_calls=totals.tool_calls,
@@ -129,6 +129,22 @@ def after_turn(
         )
     )
     return events, None
+
+
+# The answer in `final_response` is the last turn's text (all of a paused one), in one message: past this it is cut,
+# so that the event stays well inside the 4 MiB a gRPC client accepts by default (an outside finding: a 5 MiB answer
+# failed the caller's stream with RESOURCE_EXHAUSTED). Its text deltas carry all of it.
+ANSWER_BYTES = 1 << 20
+ANSWER_CUT = "\n[cut: the answer is longer than 1 MiB; its text_delta events carry all of it]"
+
+
+def bounded_answer(text: str) -> str:
+    if len(text) <= ANSWER_BYTES // 4:  # no character takes more than 4 bytes: no need to encode to know
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= ANSWER_BYTES:
+        return text
+    return raw[:ANSWER_BYTES].decode("utf-8", "ignore") + ANSWER_CUT
 
 
 def replayed(turn: int, end: m.TurnEnd, state: LoopState, journal: Journal) -> Usage | None:

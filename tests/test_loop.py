@@ -564,3 +564,36 @@ def test_the_scripted_token_estimate_reads_the_request_as_json_dumps_writes_it(m
     assert json_length(messages) == len(json.dumps(messages))
     with pytest.raises(TypeError):  # what json.dumps refuses
         json_length([{"content": object()}])
+
+
+class _LongAnswer:
+    """A model whose one turn answers `text`."""
+
+    default_model = "long"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def stream_turn(self, request: m.TurnRequest) -> AsyncGenerator[m.ModelEvent, None]:
+        yield m.TextDelta(text=self.text)
+        yield m.TurnEnd(
+            stop_reason="end_turn", content=[{"type": "text", "text": self.text}], input_tokens=1, output_tokens=1
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_answer_past_1_mib_is_cut_in_final_response_not_in_its_deltas() -> None:
+    """An outside finding: a 5 MiB answer went out as one final_response, past the 4 MiB a gRPC client accepts."""
+    text = "é" * 600_000  # 1.2 MB of UTF-8, 2 bytes a character
+    loop, _ = make_loop(_LongAnswer(text))
+    events = await collect(loop)
+    assert "".join(d.text for d in of(events, ev.TextDelta)) == text  # the deltas carry all of it
+    (final,) = of(events, ev.FinalResponse)
+    kept, _, note = final.text.partition("\n[cut:")
+    assert len(kept.encode()) <= 1 << 20 and text.startswith(kept) and len(kept) == (1 << 20) // 2
+    assert note.startswith(" the answer is longer than 1 MiB")
+    short = "fine " * 1000
+    (final,) = of(await collect(make_loop(_LongAnswer(short))[0]), ev.FinalResponse)
+    assert final.text == short
