@@ -313,6 +313,10 @@ class RunRegistry(RunLookups, RunShutdown):
                 except asyncio.CancelledError:
                     # cancelled while queued: our own cancel (CancelRun or shutdown), ended with an event
                     run.append(stopped(run))
+                    if journal is not None and isinstance(run.control.stop_reason(), RunCancelled):
+                        # its end recorded, or the next start would continue a run its caller cancelled (an
+                        # outside finding: 2,513 such runs ran to the end after a restart)
+                        await journal.end(RunState.CANCELLED.value)
                     return
             try:
                 run.state = RunState.RUNNING

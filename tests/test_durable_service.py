@@ -116,6 +116,40 @@ async def test_runs_continued_after_a_restart_run_at_once_beyond_the_background_
         await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=run_id))
 
 
+async def test_a_queued_run_cancelled_before_it_started_stays_cancelled_after_a_restart(
+    start_service: Any, channel_to: Any, tmp_path: Path
+) -> None:
+    """An outside finding: a SubmitRun cancelled while it waited for a slot ended CANCELLED, but its durable record
+    stayed running, and the next start on the data_dir continued it to the end (seq 2, its error event, became
+    run_recovered)."""
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools, runs={"background_max_concurrent": 1})
+    api = stub(channel_to(svc))
+    await api.SubmitRun(pb.RunAgentRequest(message="first"))  # takes the one slot
+    queued = (await api.SubmitRun(pb.RunAgentRequest(message="second"))).run_id
+    await api.CancelRun(pb.CancelRunRequest(run_id=queued))
+    run = svc.registry.get(queued)
+    assert run.task is not None
+    await asyncio.wait_for(asyncio.shield(run.task), 5)
+    before = await _watched(stub(channel_to(svc)), queued)
+    assert before[-1].error.code == "CANCELLED"
+    assert [state for _, state in checkpoints(tmp_path)[0]] == ["running", "cancelled"]  # its end is recorded
+    await svc.drain(grace=0.1)
+    again = await start_service(SLOW_TOOL, tools=all_tools(), runs={"background_max_concurrent": 1})
+    assert (await stub(channel_to(again)).GetRun(pb.GetRunRequest(run_id=queued))).state == pb.Run.CANCELLED
+    assert await _watched(stub(channel_to(again)), queued) == before  # its log as it was: nothing after its end
+
+
+async def _watched(api: Any, run_id: str) -> list[pb.AgentEvent]:
+    seen: list[pb.AgentEvent] = []
+    try:
+        async for event in api.WatchRun(pb.WatchRunRequest(run_id=run_id)):
+            seen.append(event)
+    except grpc.aio.AioRpcError:
+        pass  # a run that did not succeed ends its stream with its status
+    return seen
+
+
 async def test_a_process_whose_run_was_claimed_stops_it_at_once_and_says_where_it_goes_on(
     start_service: Any, channel_to: Any, tmp_path: Path
 ) -> None:
