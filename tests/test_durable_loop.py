@@ -371,17 +371,23 @@ async def test_a_checkpoint_the_database_failed_is_written_again_before_the_run_
     await process.aclose()
 
 
+async def crashed_after(tmp_path: Path, recorded: int) -> tuple[list[ev.Event], Process, Process, DurableRun, Journal]:
+    """A full run whose process is taken to have died after committing `recorded` steps, claimed by another: the
+    original run's events, both processes, the claimed run and its resumed journal."""
+    ledger, original, first = await full_run(tmp_path)
+    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")  # it had not ended when its process died
+    second = Process(ledger, "p2", tmp_path)
+    claimed = second.store.claim(RUN, first=recorded)
+    return original, first, second, claimed, Journal.resume(second.store, claimed)
+
+
 @pytest.mark.parametrize("recorded", range(1, 9))
 async def test_run_recovered_names_the_last_logged_event_of_a_recorded_step(tmp_path: Path, recorded: int) -> None:
     """A tool step is recorded just before its `tool_result` is logged, a turn before its `usage`: the process died
     after logging that event, and the log the run goes on from ends with it. `run_recovered.seq` names it, not the
     checkpoint's seq before it, since a caller drops what it holds after that seq and the event is not sent again (an
     outside finding: a kept `tool_result` fell in the dropped stretch)."""
-    ledger, original, first = await full_run(tmp_path)
-    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")
-    second = Process(ledger, "p2", tmp_path)
-    claimed = second.store.claim(RUN, first=recorded)
-    journal = Journal.resume(second.store, claimed)
+    original, first, second, claimed, journal = await crashed_after(tmp_path, recorded)
     recorded_keys = {s.key for s in claimed.steps if s.kind != "intent"}
     # the live run's seqs: `original` from run_started (seq 1) on; the log ends with the last recorded step's event
     keyed = [(key, seq) for seq, event in enumerate(original, start=1) if (key := _step_key(event))]
@@ -406,11 +412,7 @@ async def test_recorded_steps_whose_events_never_reached_the_log_are_sent_not_do
     """The process died between recording a step and logging its event (a chaos finding): the log the run goes
     on from lacks that `tool_result` (or `usage`). The continuation sends those events (each once, the recorded
     value), runs nothing again and requests no recorded turn again; the events the log has are not sent again."""
-    ledger, original, first = await full_run(tmp_path)
-    ledger.runs[RUN] = replace(ledger.runs[RUN], state="running")
-    second = Process(ledger, "p2", tmp_path)
-    claimed = second.store.claim(RUN, first=recorded)
-    journal = Journal.resume(second.store, claimed)
+    original, first, second, claimed, journal = await crashed_after(tmp_path, recorded)
     recorded_keys = {s.key for s in claimed.steps if s.kind != "intent"}
     lost = sorted(recorded_keys)[-1]  # one step's event missing from the log; the others' there
     journal.logged = recorded_keys - {lost}

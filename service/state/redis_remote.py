@@ -90,7 +90,7 @@ class RemoteRuns:
             pipe.zscore(self.layout.caller_key(record.caller, "active"), record.run_id)
         (seconds, micros), *expiries = await self._call(pipe.execute())
         now_ms = seconds * 1000 + micros // 1000
-        left = {r.run_id for r, expiry in zip(suspects, expiries, strict=True) if expiry is None or expiry <= now_ms}
+        left = {r.run_id for r, expiry in zip(suspects, expiries, strict=True) if not _leased(expiry, now_ms)}
         return [_left(record) if record.run_id in left else record for record, _ in read]
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
@@ -165,7 +165,7 @@ class RemoteRuns:
             return
         now_ms = seconds * 1000 + micros // 1000
         for mirror, expiry, state in zip(mirrors, answers[::2], answers[1::2], strict=True):
-            if state in ENDED or state == QUEUED or (expiry is not None and float(expiry) > now_ms):
+            if state in ENDED or state == QUEUED or _leased(expiry, now_ms):
                 continue  # ended (its last events are on their way), still driven, or waiting in the durable queue
             mirror.give_up(
                 RunInterrupted(
@@ -216,6 +216,12 @@ class RemoteRuns:
             last = entries[-1][0]
             if isinstance(log_entries(entries[-1][1])[-1].event, ev.FinalResponse | ev.RunFailed):
                 return
+
+
+def _leased(expiry: Any, now_ms: int) -> bool:
+    """Whether a run's lease (its score in its caller's active set, ms on Redis's clock) still holds: a process
+    drives it."""
+    return expiry is not None and float(expiry) > now_ms
 
 
 def _unkept(answer: Any) -> bool:
