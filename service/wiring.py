@@ -345,6 +345,7 @@ def build_checkpoints(config: Config, *, worker: int | None = None) -> Checkpoin
             owner,
             synchronous=config.durable.sqlite_synchronous,
             recover_interval_s=config.durable.recover_interval_s,
+            keep_ended_s=config.durable.keep_ended_s,
         )
     from service.durable.postgres import PgCheckpointStore  # psycopg only when the config asks for PostgreSQL
 
@@ -353,6 +354,7 @@ def build_checkpoints(config: Config, *, worker: int | None = None) -> Checkpoin
         owner,
         timeout_s=config.records.timeout_s,
         recover_interval_s=config.durable.recover_interval_s,
+        keep_ended_s=config.durable.keep_ended_s,
     )
 
 

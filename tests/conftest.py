@@ -140,6 +140,21 @@ async def cli(
 
 
 @pytest.fixture
+async def opened() -> AsyncIterator[Callable[[Any], Any]]:
+    """Opens stores for the test and closes them after it."""
+    stores: list[Any] = []
+
+    async def open_(store: Any) -> Any:
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in reversed(stores):
+        await store.aclose()
+
+
+@pytest.fixture
 async def fake() -> AsyncIterator[FakeAnthropic]:
     """A local server that speaks the Anthropic Messages API, scripted by the test."""
     async with FakeAnthropic() as server:

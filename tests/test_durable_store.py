@@ -11,7 +11,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,21 +41,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return Backend("postgres", lambda owner, **kw: PgCheckpointStore(url, owner, **kw))
     path = tmp_path / "durable.db"
     return Backend("sqlite", lambda owner, **kw: SqliteCheckpointStore(path, owner, **kw))
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[Callable[[Any], Any]]:
-    """Opens stores for the test and closes them after it."""
-    stores: list[Any] = []
-
-    async def open_(store: Any) -> Any:
-        await store.open()
-        stores.append(store)
-        return store
-
-    yield open_
-    for store in reversed(stores):
-        await store.aclose()
 
 
 def run(run_id: str, **kw: Any) -> DurableRun:

@@ -240,6 +240,12 @@ class DurableConfig(Section):
         description="how often each process looks at the durable queue when nothing woke it (PostgreSQL NOTIFY or "
         "a slot freed here wake it at once): the safety net for a lost notification",
     )
+    keep_ended_s: float | None = Field(
+        default=3600.0,
+        gt=0,
+        description="an ended run's checkpoints (its request and recorded steps, ~10 KB a run) are deleted this long "
+        "after it ended (each process looks once a minute); null: kept for good",
+    )
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         default="NORMAL",
         description="SQLite checkpoints: NORMAL survives a kill of the process, FULL also a power cut (an fsync per "

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,9 @@ from typing import Any
 from service.durable.base import DurableRun, Step, TakenOver
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 60.0
+PRUNE_BATCH = 1000  # runs a prune deletes at most: one short transaction, not a long lock on a big backlog
 
 FORMAT = 1
 """Version of the JSON in `request` and `value`: a reader refuses a newer one rather than misread it."""
@@ -61,9 +66,11 @@ Op = tuple[str, Any, "asyncio.Future[None]"]
 class BatchingStore:
     """The `CheckpointStore` methods over a backend's `_write(batch)` and `_claim()`."""
 
-    def __init__(self, owner: str, *, recover_interval_s: float) -> None:
+    def __init__(self, owner: str, *, recover_interval_s: float, keep_ended_s: float | None = None) -> None:
         self.owner = owner
         self.recover_interval_s = recover_interval_s
+        self.keep_ended_s = keep_ended_s  # None: ended runs' checkpoints are kept for good
+        self._pruned_at = -math.inf  # monotonic time of the last prune
         self.batches = 0  # batches committed: one transaction (or one autocommit statement) each
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -105,6 +112,7 @@ class BatchingStore:
             except Exception:  # the database away (or a bug): the runs stay where they are for the next look
                 log.exception("durable runs could not be recovered now; trying again")
             self.looked.set()
+            await self._prune_now_and_then()
             await self._wait_for_work()
 
     async def _claim_and_resume(self, resume: Callable[[DurableRun], Awaitable[None]]) -> None:
@@ -135,6 +143,27 @@ class BatchingStore:
 
     async def load(self, run_id: str) -> DurableRun | None:
         raise NotImplementedError
+
+    async def prune(self, before: float) -> int:
+        """Delete the checkpoints (request and steps) of runs that ended before `before` (wall time), at most
+        PRUNE_BATCH runs a call; how many. Nothing reads an ended run's checkpoints (its events, in the run log, serve
+        GetRun and WatchRun for `runs.retention_s`), yet each keeps ~10 KB: without this the file only grows."""
+        raise NotImplementedError
+
+    async def _prune_now_and_then(self) -> None:
+        """At most once every PRUNE_EVERY_S, from `recover`'s loop (each process of a fleet: the deletes are
+        idempotent); a failure waits for the next time."""
+        now = time.monotonic()
+        if self.keep_ended_s is None or now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        try:
+            deleted = await self.prune(time.time() - self.keep_ended_s)
+        except Exception:
+            log.exception("ended durable runs' checkpoints could not be deleted now; trying again later")
+            return
+        if deleted:
+            log.info("ended durable runs' checkpoints deleted", extra={"deleted": deleted})
 
     # --- the writer ---------------------------------------------------------------------------------------------
 

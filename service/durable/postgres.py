@@ -32,7 +32,7 @@ from psycopg import sql
 
 from service.durable import pg_queue
 from service.durable.base import DurableRun, ExecutorIdInUse, Step, StepKind
-from service.durable.batching import Batch, BatchingStore, decode, encode
+from service.durable.batching import PRUNE_BATCH, Batch, BatchingStore, decode, encode
 from service.errors import RecordsUnavailable
 from service.records.postgres import UNREACHABLE, migrate
 
@@ -85,6 +85,18 @@ _RELEASE = """
 UPDATE durable_runs SET owner = '', updated = now()
 WHERE run_id = ANY(%s) AND owner = %s AND state = 'running'
 """
+# the oldest ended runs first (index durable_runs_ended), at most a batch, their steps with them in one statement
+_PRUNE = """
+WITH gone AS (
+    DELETE FROM durable_runs WHERE run_id IN (
+        SELECT run_id FROM durable_runs WHERE state NOT IN ('running', 'queued') AND updated < to_timestamp(%s)
+        ORDER BY updated LIMIT %s
+    ) RETURNING run_id
+), steps AS (
+    DELETE FROM run_steps WHERE run_id IN (SELECT run_id FROM gone)
+)
+SELECT count(*) FROM gone
+"""
 _CLAIM = """
 UPDATE durable_runs SET owner = %s, updated = now()
 WHERE state = 'running' AND owner = %s AND NOT (run_id = ANY(%s))
@@ -93,8 +105,16 @@ RETURNING run_id
 
 
 class PgCheckpointStore(BatchingStore):
-    def __init__(self, url: str, owner: str, *, timeout_s: float = 5.0, recover_interval_s: float = 1.0) -> None:
-        super().__init__(owner, recover_interval_s=recover_interval_s)
+    def __init__(
+        self,
+        url: str,
+        owner: str,
+        *,
+        timeout_s: float = 5.0,
+        recover_interval_s: float = 1.0,
+        keep_ended_s: float | None = None,
+    ) -> None:
+        super().__init__(owner, recover_interval_s=recover_interval_s, keep_ended_s=keep_ended_s)
         self.url = url
         self.timeout_s = timeout_s
         self._writer_conn: Conn | None = None
@@ -180,6 +200,10 @@ class PgCheckpointStore(BatchingStore):
             claimed = await pg_queue.claim(await self._control_conn(), self.owner, count, max_running)
         self._driving.update(r.run_id for r in claimed)
         return claimed
+
+    async def prune(self, before: float) -> int:
+        async with self._control_lock:
+            return int(await self._one(await self._control_conn(), _PRUNE, (before, PRUNE_BATCH)))
 
     async def queue_position(self, run_id: str) -> int:
         async with self._control_lock:

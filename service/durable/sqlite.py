@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from service.durable.base import DurableRun, ExecutorIdInUse, Step, StepKind
-from service.durable.batching import FORMAT, Batch, BatchingStore, decode, encode
+from service.durable.batching import FORMAT, PRUNE_BATCH, Batch, BatchingStore, decode, encode
 from service.records.sqlite import connect
 
 DEFAULT_FILE = "durable.db"
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS durable_runs (
 );
 CREATE INDEX IF NOT EXISTS durable_runs_running ON durable_runs (owner) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS durable_runs_queued ON durable_runs (state) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS durable_runs_ended ON durable_runs (updated) WHERE state NOT IN ('running', 'queued');
 CREATE TABLE IF NOT EXISTS run_steps (
     run_id TEXT NOT NULL,
     step_no INTEGER NOT NULL,
@@ -64,8 +65,16 @@ PRAGMA user_version = 1;
 
 
 class SqliteCheckpointStore(BatchingStore):
-    def __init__(self, path: Path, owner: str, *, synchronous: str = "NORMAL", recover_interval_s: float = 1.0) -> None:
-        super().__init__(owner, recover_interval_s=recover_interval_s)
+    def __init__(
+        self,
+        path: Path,
+        owner: str,
+        *,
+        synchronous: str = "NORMAL",
+        recover_interval_s: float = 1.0,
+        keep_ended_s: float | None = None,
+    ) -> None:
+        super().__init__(owner, recover_interval_s=recover_interval_s, keep_ended_s=keep_ended_s)
         self.path = path
         self._synchronous = synchronous
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durable-sqlite")
@@ -92,6 +101,9 @@ class SqliteCheckpointStore(BatchingStore):
 
     async def load(self, run_id: str) -> DurableRun | None:
         return await self._on_thread(self._load, run_id)
+
+    async def prune(self, before: float) -> int:
+        return await self._on_thread(self._prune_sync, before)
 
     # --- the durable queue ---------------------------------------------------------------------------------------
 
@@ -268,6 +280,21 @@ class SqliteCheckpointStore(BatchingStore):
                 (time.time(), run_id),
             )
             return cursor.rowcount == 1
+
+    def _prune_sync(self, before: float) -> int:
+        db = self._db
+        assert db is not None
+        with _immediate(db):
+            gone = [
+                r[0]
+                for r in db.execute(
+                    "SELECT run_id FROM durable_runs WHERE state NOT IN ('running', 'queued') AND updated < ? LIMIT ?",
+                    (before, PRUNE_BATCH),
+                ).fetchall()
+            ]
+            db.executemany("DELETE FROM run_steps WHERE run_id = ?", [(r,) for r in gone])
+            db.executemany("DELETE FROM durable_runs WHERE run_id = ?", [(r,) for r in gone])
+        return len(gone)
 
     def _load(self, run_id: str) -> DurableRun | None:
         db = self._db

@@ -149,6 +149,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX callback_deliveries_waiting ON callback_deliveries (created_ns) WHERE state = 'waiting';
         """,
     ),
+    # ended durable runs' checkpoints are deleted after durable.keep_ended_s (service/durable/postgres.py, prune)
+    Migration(
+        5,
+        "ended durable runs, oldest first",
+        """
+        CREATE INDEX durable_runs_ended ON durable_runs (updated) WHERE state NOT IN ('running', 'queued');
+        """,
+    ),
 )
 
 
