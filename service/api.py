@@ -138,7 +138,7 @@ class AgentApi:
         after_seq = run.resume_after(after_seq)
         logged = len(run.log)
         if after_seq > logged:  # no caller can have seen a seq not logged yet, live run or ended
-            where = f"ended at seq {logged}" if run.finished else f"is running, at seq {logged}"
+            where = f"ended at seq {logged}" if run.finished else f"is {run.state.value}, at seq {logged}"
             raise AfterSeqOutOfRange(f"after_seq={after_seq}, but run {run.id} {where}")
         return run, after_seq
 
@@ -161,8 +161,9 @@ class AgentApi:
             return run.id, run.state
         if run.finished:
             raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
+        queued = run.state is RunState.QUEUED  # no turn to finish: cancelled at once, whatever the mode
         self.registry.cancel(run, after_turn=after_turn)
-        if not after_turn and run.task is not None:
+        if (queued or not after_turn) and run.task is not None:
             # usually done within milliseconds: answer with the final state when it is there
             await asyncio.wait([run.task], timeout=1.0)
         return run.id, run.state

@@ -231,6 +231,13 @@ async def test_background_run_to_completion_and_full_queue(start_service: Any, c
         await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="3"))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "background queue is full" in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as ahead:
+        await anext(aiter(stub(slow_channel).WatchRun(pb.WatchRunRequest(run_id=queued.run_id, after_seq=5))))
+    assert ahead.value.details() == f"after_seq=5, but run {queued.run_id} is queued, at seq 1"
+    # a queued run has no turn to finish: AFTER_TURN cancels it at once, and says so (it answered QUEUED)
+    after_turn = pb.CancelRunRequest(run_id=queued.run_id, mode=pb.CancelRunRequest.AFTER_TURN)
+    assert (await stub(slow_channel).CancelRun(after_turn)).state == pb.Run.CANCELLED
+    assert (await stub(slow_channel).GetRun(pb.GetRunRequest(run_id=queued.run_id))).state == pb.Run.CANCELLED
 
 
 async def test_deadline_shorter_than_a_tool_ends_with_an_error_event(start_service: Any, channel_to: Any) -> None:

@@ -325,6 +325,13 @@ async def test_a_dead_replicas_run_that_is_not_durable_reads_failed_and_cannot_b
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await on_b.CancelRun(pb.CancelRunRequest(run_id=run_id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already ended (failed)" in err.value.details()
+    seen: list[pb.AgentEvent] = []  # a watcher that comes now is told at once, as GetRun tells
+    watch = on_b.WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=10)
+    assert await status_of(watch, seen) == grpc.StatusCode.UNAVAILABLE
+    assert "stopped renewing its lease" in (await watch.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as far:
+        await anext(aiter(on_b.WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=10**6))))
+    assert far.value.code() == grpc.StatusCode.UNAVAILABLE  # that it is gone comes before any seq
     opened.set()
     await store.start()  # A comes back, and ships the rest before it closes
 
