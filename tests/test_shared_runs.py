@@ -18,12 +18,9 @@ from agent.v1 import agent_pb2 as pb
 from conftest import stub
 from fake_tools import all_tools
 from service.aio import cancel_and_wait
-from service.control import RunControl
-from service.errors import RunCancelled
-from service.loop import RunSpec
 from service.records.summaries import RunSummary
 from service.rpc.server import Service
-from service.run import Run, RunState
+from service.run import RunState
 from service.state import redis_runs
 from tools.base import JSON, Tool
 
@@ -334,32 +331,6 @@ async def test_a_dead_replicas_run_that_is_not_durable_reads_failed_and_cannot_b
     assert far.value.code() == grpc.StatusCode.UNAVAILABLE  # that it is gone comes before any seq
     opened.set()
     await store.start()  # A comes back, and ships the rest before it closes
-
-
-@pytest.mark.parametrize(("mode", "after_turn"), [(b"now", False), (b"after_turn", True)])
-async def test_a_cancel_sent_while_nobody_drove_the_run_stops_it_when_revived(
-    start_service: Any, tmp_path: Path, redis_ns: RedisNamespace, mode: bytes, after_turn: bool
-) -> None:
-    """An outside finding: CancelRun between the driver's death and a peer's takeover was answered OK (its mark on
-    the record, its message to the dead owner's channel), and the peer went on with the run, calling tools. The
-    process that revives the run reads the mark and stops it as asked."""
-    ((svc,), _) = await replicas(start_service, tmp_path, redis_ns, GATED, n=1)
-    store = svc.registry.store
-    assert isinstance(store, redis_runs.RedisRunStore)
-    run_id = "run_cancelledwhileaway"
-    fields = {"caller": "anonymous", "state": "running", "owner": "dead", "created_ns": 1, "cancel_requested": mode}
-    client = aioredis.Redis.from_url(redis_ns.url)
-    try:
-        await client.hset(f"{redis_ns.prefix}run:{run_id}", mapping=fields)
-    finally:
-        await client.aclose()
-    spec = RunSpec(run_id=run_id, message="go", model="m", system=None, max_turns=5, max_tokens=100, tools=())
-    control = RunControl()
-    run = await store.revive(spec, control, caller="anonymous")
-    assert isinstance(run, Run) and control.stopping
-    reason = control.after_turn_reason() if after_turn else control.stop_reason()
-    assert isinstance(reason, RunCancelled) and reason.message.startswith("cancelled by CancelRun")
-    store.settled(run)
 
 
 async def test_a_draining_replica_tells_its_watchers_of_other_replicas_runs_where_to_go(

@@ -50,6 +50,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 0
 """
 
+# A cancel's mark on the record and its message to the owner the record names at that moment, in one step: a process
+# that revives the run names itself owner as it reads the mark (`RedisRunStore.revive`), so either it reads this mark
+# or this message reaches it. (The message went to the owner the canceller had read, maybe the dead one a moment
+# before a peer took the run over: an outside finding, the cancel answered OK and lost.)
+# KEYS: the run's hash. ARGV: mode (now | after_turn), channel prefix, run id. Returns the owner told, or nil.
+CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then redis.call('PUBLISH', ARGV[2] .. owner, ARGV[3] .. ' ' .. ARGV[1]) end
+return owner
+"""
+
+# A run taken over (`RedisRunStore.revive`, in the transaction that reads it): the record names this process owner at
+# once, not with its first shipment a moment later, so that a CancelRun from then on reaches it (CANCEL). A run with no
+# record yet gets none here (its first shipment writes it whole).
+TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'owner', ARGV[1]) end
+return 0
+"""
+
 
 # What GetRun reads: the record, and how far the run's stream goes (the record's last_seq is written only when the
 # run's state changes, not with every shipment). Only the last entry's id comes back, not its events. Flagged

@@ -20,7 +20,7 @@ from service.errors import AgentError, RunInterrupted, StateUnavailable
 from service.listing import RunQuery, key_of
 from service.run import Run, RunRecord
 from service.state.mirror import MirrorRun
-from service.state.redis_client import READ
+from service.state.redis_client import CANCEL, READ
 from service.state.redis_layout import Layout, log_entries, run_record, stream_entries
 from service.state.redis_watch import READ_COUNT, Entries, Follow, StreamReader
 
@@ -59,6 +59,7 @@ class RemoteRuns:
             quiet=self._check_quiet,
         )
         self._read = client.register_script(READ)
+        self._cancel = client.register_script(CANCEL)
         self._mirrors: dict[str, MirrorRun] = {}  # by their stream's key
 
     async def record(self, run_id: str) -> RunRecord | None:
@@ -177,10 +178,8 @@ class RemoteRuns:
 
     async def cancel(self, record: RunRecord, *, after_turn: bool, wait_s: float) -> RunRecord:
         mode = "after_turn" if after_turn else "now"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.layout.run_key(record.run_id), "cancel_requested", mode)
-        pipe.publish(self.layout.channel(record.owner), f"{record.run_id} {mode}")
-        await self._call(pipe.execute())
+        channels = self.layout.channel("")
+        await self._call(self._cancel(keys=[self.layout.run_key(record.run_id)], args=[mode, channels, record.run_id]))
         if wait_s > 0:
             await self._until_ended(record, wait_s)
         return await self.record(record.run_id) or record

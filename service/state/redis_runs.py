@@ -40,7 +40,7 @@ from service.loop import RunSpec
 from service.run import Run, RunRecord
 from service.state.base import Admission
 from service.state.mirror import SharedRun
-from service.state.redis_client import ADMIT, READ, RENEW, connect
+from service.state.redis_client import ADMIT, READ, RENEW, TAKE, connect
 from service.state.redis_layout import Layout, log_entries, run_record
 from service.state.redis_remote import RemoteRuns
 from service.state.redis_ship import Shipper
@@ -83,6 +83,7 @@ class RedisRunStore:
         }
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
+        self._take = self.client.register_script(TAKE)
         self._renew_now = False
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -258,10 +259,13 @@ class RedisRunStore:
         return SharedRun(spec, control, caller=caller, key=key, fingerprint=fingerprint, shipped=self.shipper.note)
 
     async def revive(self, spec: RunSpec, control: RunControl, *, caller: str) -> Run | str:
-        pipe = self.client.pipeline(transaction=True)  # hash and stream as of one moment
+        pipe = self.client.pipeline(transaction=True)  # hash and stream as of one moment, and the run named ours
         pipe.hgetall(self.layout.run_key(spec.run_id))
         pipe.xrange(self.layout.events_key(spec.run_id))
-        fields, stream = await self._call(pipe.execute())
+        # from here a CancelRun reaches this process: it marks the record and tells the owner it names in one step
+        # (redis_remote.CANCEL), so a mark not read here comes as a message (this process listens: it drives runs)
+        await self._take(keys=[self.layout.run_key(spec.run_id)], args=[self.instance], client=pipe)  # queued
+        fields, stream, _ = await self._call(pipe.execute())
         record = run_record(spec.run_id, fields) if fields else None
         if record is not None and record.finished:
             return record.state
