@@ -62,6 +62,9 @@ class AgentApi:
         names none; `push`: takes SubmitRun's callbacks (None: a callback is refused)."""
         self.push = push
         self.registry = registry
+        self.load = (
+            registry.load
+        )  # the event loop's busy share, probed by the registry: run deadlines' margins follow it
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
         self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
         self.unavailable = {name: tool.unavailable for name, tool in tools.items() if tool.unavailable}
@@ -102,7 +105,10 @@ class AgentApi:
         deadline = None
         # a CONTINUE run outlives its call, and so the call's deadline: only `runs.max_run_s` bounds it
         if remaining_s is not None and not background and request.on_disconnect != _CONTINUE:
-            margin = run_margin_s(remaining_s, self.config.runs.deadline_margin_s)
+            runs = self.config.runs
+            margin = run_margin_s(
+                remaining_s, runs.deadline_margin_s, busy=self.load.busy, busy_s=runs.deadline_busy_margin_s
+            )
             deadline = asyncio.get_running_loop().time() + remaining_s - margin
         # `run_spec` refused a callback of a streaming call: only SubmitRun's request is asked for one
         callback = request.callback if background and request.HasField("callback") else None

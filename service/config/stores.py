@@ -70,6 +70,12 @@ class RunsConfig(Section):
         ge=0,
         description="the run ends this much before the deadline, plus the rounding of the caller's timeout on the wire",
     )
+    deadline_busy_margin_s: float = Field(
+        default=0.15,
+        ge=0,
+        description="on a busy event loop the run ends up to this much earlier still (none at half a core, all of it "
+        "saturated; at most a quarter of what is left): the error event then waits behind other calls' work",
+    )
     background_max_concurrent: int = Field(default=8, ge=1, description="SubmitRun runs running at once")
     background_max_queued: int = Field(
         default=100, ge=0, description="SubmitRun runs waiting; beyond it RESOURCE_EXHAUSTED"

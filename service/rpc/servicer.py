@@ -46,7 +46,7 @@ class AgentServicer(InteractRpcs, agent_pb2_grpc.AgentServiceServicer):  # type:
         self.config = api.config
         self.clock = clock  # for the time to first event
         # on a saturated loop, new calls' first events go first
-        self.firsts = FirstsFirst(api.config.limits.first_events_first_s, api.registry.load)
+        self.firsts = FirstsFirst(api.config.limits.first_events_first_s, api.load)
         self.anonymous = anonymous
 
     @property
