@@ -177,6 +177,7 @@ class DurableRuns:
             background=background,
             last_seq=lambda: len(entries),
             before_step=self._flush(run),
+            before_end=functools.partial(self._kept, run),
         )
         return journal
 
@@ -190,7 +191,12 @@ class DurableRuns:
             return
         entries = run.log
         journal = self._journals[run.id] = Journal.resume(
-            self.store, stored, last_seq=lambda: len(entries), before_step=self._flush(run), announce=not queued
+            self.store,
+            stored,
+            last_seq=lambda: len(entries),
+            before_step=self._flush(run),
+            before_end=functools.partial(self._kept, run),
+            announce=not queued,
         )
         journal.note_log([(key, e.seq) for e in entries if (key := _step_key(e.event))])
         if queued:

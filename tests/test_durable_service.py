@@ -16,6 +16,7 @@ from backends import RedisNamespace, audit_key_file
 from agent.v1 import agent_pb2 as pb
 from conftest import ECHO_THEN_ANSWER, run_events, stub
 from fake_tools import all_tools
+from service.aio import cancel_and_wait
 from service.durable.sqlite import DEFAULT_FILE
 
 SLOW_TOOL = [
@@ -271,5 +272,37 @@ async def test_a_durable_runs_stream_is_sent_only_what_the_shared_store_holds(
             assert last and int(last[0][0].split(b"-")[1]) >= event.seq, f"seq {event.seq} sent before it was stored"
             checked += 1
         assert checked > 10 and event.HasField("final_response")
+    finally:
+        await client.aclose()
+
+
+async def test_a_durable_runs_end_is_recorded_once_the_shared_store_holds_its_closing_event(
+    start_service: Any, channel_to: Any, redis_ns: RedisNamespace
+) -> None:
+    """A chaos finding (kill -9 on a fleet): a durable run's end was checkpointed before its closing events were in
+    Redis, and the process was killed in between: no process continued the run (its checkpoint said it had ended)
+    and its shared log never ended (its caller saw no end; GetRun said RUNNING until the lease ran out)."""
+    import redis.asyncio as redis
+
+    svc = await start_service(ECHO_THEN_ANSWER, state={"url": redis_ns.url, "prefix": redis_ns.prefix})
+    store, checkpoints_ = svc.registry.store, svc.registry.durable.store
+    client = redis.Redis.from_url(redis_ns.url)
+    stored_at_end: list[int] = []
+    end = checkpoints_.end
+
+    async def checked_end(run_id: str, state: str) -> None:
+        last = await client.xrevrange(f"{redis_ns.prefix}run:{run_id}:events", count=1)
+        stored_at_end.append(int(last[0][0].split(b"-")[1]) if last else 0)
+        await end(run_id, state)
+
+    checkpoints_.end = checked_end
+    try:
+        run_id = (await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))).run_id
+        run = svc.registry.get(run_id)
+        await cancel_and_wait(list(store._tasks), 5)  # nothing more is shipped for now
+        await asyncio.wait_for(run.ended(), 5)  # its closing event is logged here, not in Redis
+        await store.start()  # shipping again
+        await asyncio.wait_for(run.task, 10)
+        assert stored_at_end == [len(run.log)]
     finally:
         await client.aclose()

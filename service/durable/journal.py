@@ -12,6 +12,7 @@ A run without a journal pays for none of this: the loop tests for `None` at a tu
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -77,6 +78,7 @@ class Journal:
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
         before_step: Callable[[], Awaitable[None]] | None = None,
+        before_end: Callable[[], Awaitable[None]] | None = None,
         announce: bool = True,
     ) -> None:
         self.store = store
@@ -84,6 +86,11 @@ class Journal:
         # awaited before each step and the end are written: the run's events up to then are kept (its log then
         # reaches every step's seq, and its closing event precedes its recorded end)
         self.before_step = before_step
+        # awaited before the end is written: the run's closing events are in the store its callers read (on a fleet,
+        # Redis; `before_step` does not wait for it, as a checkpoint ahead of the log is recovered). An outside
+        # finding (chaos, kill -9): an end recorded first, then the process killed, left a run nobody continued
+        # (its checkpoint said ended) and whose shared log never ended (its caller saw no end)
+        self.before_end = before_end or before_step
         self.run = run
         self.run_id = run.run_id
         self.fresh = fresh
@@ -120,12 +127,13 @@ class Journal:
         background: bool = False,
         last_seq: Callable[[], int] = _no_seq,
         before_step: Callable[[], Awaitable[None]] | None = None,
+        before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> Journal:
         """The journal of a new run; `open` records the run (`request`: its RunSpec as JSON) before it goes on."""
         run = DurableRun(
             run_id=run_id, caller=caller, owner=store.owner, state="running", request=request, background=background
         )
-        return cls(store, run, fresh=True, last_seq=last_seq, before_step=before_step)
+        return cls(store, run, fresh=True, last_seq=last_seq, before_step=before_step, before_end=before_end)
 
     @classmethod
     def resume(
@@ -136,11 +144,21 @@ class Journal:
         last_seq: Callable[[], int] = _no_seq,
         why: str = CRASHED,
         before_step: Callable[[], Awaitable[None]] | None = None,
+        before_end: Callable[[], Awaitable[None]] | None = None,
         announce: bool = True,
     ) -> Journal:
         """The journal of a run this process has claimed (`CheckpointStore.recover`), with its recorded steps; or,
         `announce` False, of a run claimed from the durable queue (recorded, never started: nothing to recover)."""
-        return cls(store, run, fresh=False, last_seq=last_seq, why=why, before_step=before_step, announce=announce)
+        return cls(
+            store,
+            run,
+            fresh=False,
+            last_seq=last_seq,
+            why=why,
+            before_step=before_step,
+            before_end=before_end,
+            announce=announce,
+        )
 
     def _replay(self, step: Step) -> None:
         value = step.value
@@ -300,8 +318,11 @@ class Journal:
         """The run has ended (its closing event already passed on) in `state`, its RunState's value: "succeeded",
         "failed" or "cancelled". It is not to be recovered any more (unless the store stays away: see END_RETRY_S)."""
         try:
-            if self.before_step is not None:
-                await self.before_step()
+            if self.before_end is not None:
+                # bounded: a store away for longer leaves the end unrecorded, for a restart or a peer to find the run
+                # ended in it, or to replay it to its recorded last turn and send its closing event again
+                async with asyncio.timeout(END_RETRY_S):
+                    await self.before_end()
             await _written(functools.partial(self.store.end, self.run_id, state), END_RETRY_S)
         except TakenOver:
             raise
