@@ -53,11 +53,18 @@ from typing import Literal
 ModelFailure = Literal["unavailable", "credentials", "rejected", "malformed"]
 
 
+DOMAIN = "agent.v1"
+"""The `domain` of the ErrorInfo every error carries (gRPC trailers, HTTP JSON body): the service whose reasons these
+are."""
+
+
 class AgentError(Exception):
-    """Base of the service's own exceptions: `message` for the caller, `code` and `reason` (see the module)."""
+    """Base of the service's own exceptions: `message` for the caller, `code` and `reason` (see the module);
+    `retryable`: whether the same request may succeed later (the ErrorInfo's metadata says so)."""
 
     code = "INTERNAL"
     reason = "INTERNAL"
+    retryable = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -198,15 +205,20 @@ class PermissionDenied(RequestError):
 
 
 class CallerLimited(RequestError):
-    """The caller is at one of its limits (concurrent runs, runs per minute)."""
+    """The caller is at one of its limits (concurrent runs, runs per minute): retryable, its message says when."""
 
     code = "RESOURCE_EXHAUSTED"
     reason = "CALLER_LIMITED"
+    retryable = True
 
 
 class QueueFull(RequestError):
+    """The background queue is full: retryable once runs leave it (an outside finding: its message said "retry later"
+    while its ErrorInfo said retryable false)."""
+
     code = "RESOURCE_EXHAUSTED"
     reason = "QUEUE_FULL"
+    retryable = True
 
 
 class RequestTooLarge(RequestError):

@@ -169,6 +169,7 @@ async def test_errors_are_json_with_the_status_of_their_grpc_code(start_service:
             assert response.status_code == status, body
             assert body["code"] == (code or "INVALID_ARGUMENT") and body["message"]
             assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+            assert body["details"][0]["domain"] == "agent.v1"
         run_id = (await http.post("/v1/runs", json={"message": "hi"})).json()["runId"]
         past = await http.get(f"/v1/runs/{run_id}/events", headers={"last-event-id": "99"})
         assert (past.status_code, past.json()["code"]) == (400, "OUT_OF_RANGE")
@@ -411,6 +412,9 @@ async def test_unknown_paths_wrong_methods_and_missing_files_are_refused_as_json
             response = await request
             assert (response.status_code, response.json()["code"]) == (status, code), response.text
             assert response.json()["message"] and response.headers.get("allow") == allow
+            (info,) = response.json()["details"]  # as the gRPC face's ErrorInfo (it was [] for a wrong method)
+            assert info["reason"] == ("NO_SUCH_PATH" if status == 404 else "WRONG_METHOD"), info
+            assert (info["domain"], info["metadata"]) == ("agent.v1", {"retryable": "false"})
         big = await http.post("/v1/runs:stream", content=b"{" + b" " * (4 * 1024 * 1024) + b"}")
         assert (big.status_code, big.json()["code"]) == (413, "RESOURCE_EXHAUSTED")  # as gRPC says it, as HTTP does
         assert big.json()["details"][0]["reason"] == "REQUEST_TOO_LARGE" and "4194304" in big.json()["message"]

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from agent.v1 import agent_pb2 as pb
 from conftest import run_events, run_events_of, stub
@@ -227,10 +229,14 @@ async def test_background_run_to_completion_and_full_queue(start_service: Any, c
     await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="1"))
     queued = await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="2"))
     assert queued.state == pb.Run.QUEUED
+    third = stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="3"))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub(slow_channel).SubmitRun(pb.RunAgentRequest(message="3"))
+        await third
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "background queue is full" in (info.value.details() or "")
+    status, full = await rpc_status.aio.from_call(third), error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(full)  # "retry later", and retryable says so too
+    assert (full.reason, dict(full.metadata)) == ("QUEUE_FULL", {"retryable": "true"})
     with pytest.raises(grpc.aio.AioRpcError) as ahead:
         await anext(aiter(stub(slow_channel).WatchRun(pb.WatchRunRequest(run_id=queued.run_id, after_seq=5))))
     assert ahead.value.details() == f"after_seq=5, but run {queued.run_id} is queued, at seq 1"

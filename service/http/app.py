@@ -97,7 +97,7 @@ class HttpFace:
                 response = Response(body, status, media_type=JSON)
             except Exception:  # a bug of ours: logged, answered as the gRPC face answers one (INTERNAL)
                 log.exception("http request failed", extra={"route": route})
-                response = Response(error_body("INTERNAL", "internal error"), 500, media_type=JSON)
+                response = Response(error_body("INTERNAL", "internal error", "INTERNAL"), 500, media_type=JSON)
             telemetry.child(requests, route, str(response.status_code)).inc()
             return response
 
@@ -188,7 +188,9 @@ class _ByMethod:
         request = Request(scope, receive, send)
         handler = self.handlers.get(request.method)
         if handler is None:
-            body = error_body("UNIMPLEMENTED", f"{request.url.path} takes {self.allow}, not {request.method[:20]}")
+            body = error_body(
+                "UNIMPLEMENTED", f"{request.url.path} takes {self.allow}, not {request.method[:20]}", "WRONG_METHOD"
+            )
             response = Response(body, 405, media_type=JSON, headers={"Allow": self.allow})
         else:
             response = await handler(request)
@@ -198,7 +200,7 @@ class _ByMethod:
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """A path no route has: the routes' JSON error rather than Starlette's plain text."""
     path = scope.get("path", "")
-    body = error_body("NOT_FOUND", f"no such path: {path[:200]} (the routes: docs/http.md)")
+    body = error_body("NOT_FOUND", f"no such path: {path[:200]} (the routes: docs/http.md)", "NO_SUCH_PATH")
     await Response(body, 404, media_type=JSON)(scope, receive, send)
 
 

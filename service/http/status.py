@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from service.errors import AgentError
+from service.errors import DOMAIN, AgentError
 
 HTTP_STATUS = {
     "OK": 200,
@@ -38,13 +38,20 @@ def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-def error_body(code: str, message: str, reason: str | None = None) -> bytes:
-    """`details` carries a `google.rpc.ErrorInfo` with the error's stable reason, as in Google's JSON errors."""
+def error_body(code: str, message: str, reason: str, *, retryable: bool = False) -> bytes:
+    """`details` carries a `google.rpc.ErrorInfo` as the gRPC face's trailers do: the error's stable reason, the
+    domain and whether a retry may succeed (an outside finding: the HTTP face gave the reason only)."""
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 1] + "…"
-    details = [] if reason is None else [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason}]
-    return json.dumps({"code": code, "message": message, "details": details}).encode()
+    info = {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": reason,
+        "domain": DOMAIN,
+        "metadata": {"retryable": "true" if retryable else "false"},
+    }
+    return json.dumps({"code": code, "message": message, "details": [info]}).encode()
 
 
 def error_of(exc: AgentError) -> tuple[int, bytes]:
-    return BY_REASON.get(exc.reason) or http_status(exc.code), error_body(exc.code, exc.message, exc.reason)
+    status = BY_REASON.get(exc.reason) or http_status(exc.code)
+    return status, error_body(exc.code, exc.message, exc.reason, retryable=exc.retryable)

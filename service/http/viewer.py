@@ -50,8 +50,10 @@ class _StaticFiles(StaticFiles):
         try:
             await super().__call__(scope, receive, send_with_headers)
         except HTTPException as exc:  # no such file (404) or a method but GET/HEAD (405): raised before any byte
-            code = "NOT_FOUND" if exc.status_code == 404 else "UNIMPLEMENTED"
-            body = error_body(code, f"{exc.detail}: {scope.get('path', '')[:200]}")
+            code, reason = (
+                ("NOT_FOUND", "NO_SUCH_PATH") if exc.status_code == 404 else ("UNIMPLEMENTED", "WRONG_METHOD")
+            )
+            body = error_body(code, f"{exc.detail}: {scope.get('path', '')[:200]}", reason)
             await Response(body, exc.status_code, media_type="application/json", headers=exc.headers)(
                 scope, receive, send
             )

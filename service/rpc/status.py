@@ -18,12 +18,11 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import AgentError
+from service.errors import DOMAIN, AgentError
 
 log = logging.getLogger(__name__)
 
 MAX_DETAILS = 2000  # characters of a status message
-DOMAIN = "agent.v1"  # ErrorInfo's domain: the service whose reasons these are
 DETAILS_KEY = "grpc-status-details-bin"  # where grpc carries a google.rpc.Status (grpcio-status reads it)
 INTERNAL_MESSAGE = "internal error: the server failed on this call (a bug); its log has the traceback"
 
@@ -58,9 +57,7 @@ def end_call(
 
 
 def refuse(context: grpc.aio.ServicerContext, error: AgentError) -> None:
-    end_call(
-        context, error.code, error.message, reason=error.reason, retryable=bool(getattr(error, "retryable", False))
-    )
+    end_call(context, error.code, error.message, reason=error.reason, retryable=error.retryable)
 
 
 def fail(context: grpc.aio.ServicerContext, handler: str) -> None:
