@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from agent.v1 import agent_pb2 as pb
 from service.callers import Caller, CallerLimits
 from service.config import Config
-from service.deadline import run_margin_s
+from service.deadline import MIN_RUN_S, run_margin_s
 from service.errors import (
     AfterSeqOutOfRange,
+    DeadlineTooShort,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -109,6 +110,12 @@ class AgentApi:
             margin = run_margin_s(
                 remaining_s, runs.deadline_margin_s, busy=self.load.busy, busy_s=runs.deadline_busy_margin_s
             )
+            if remaining_s - margin < MIN_RUN_S:
+                raise DeadlineTooShort(
+                    f"the call's deadline is {remaining_s * 1000:.1f} ms away: a run ends {margin * 1000:.1f} ms "
+                    f"before it to send its error event and needs {MIN_RUN_S * 1000:.0f} ms more to start; no run "
+                    "started, give the call more time"
+                )
             deadline = asyncio.get_running_loop().time() + remaining_s - margin
         # `run_spec` refused a callback of a streaming call: only SubmitRun's request is asked for one
         callback = request.callback if background and request.HasField("callback") else None

@@ -31,6 +31,7 @@ they are data the model reads (`tools.base.ToolError`).
         ├── ToolUnavailable       FAILED_PRECONDITION: a tool that cannot work on this server
         ├── DurabilityUnavailable FAILED_PRECONDITION: a durable run asked of a server that cannot checkpoint
         ├── RunAlreadyEnded       FAILED_PRECONDITION: nothing left to cancel
+        ├── DeadlineTooShort      DEADLINE_EXCEEDED: the call's deadline leaves no time for a run and its error event
         ├── NotNow                FAILED_PRECONDITION: an interaction that makes no sense now (no such call waits
         │                         for approval, it was decided already, it is not running)
         ├── TooManyInputs         RESOURCE_EXHAUSTED: a run's steering inputs not yet read are at their bound
@@ -178,6 +179,15 @@ class RequestError(AgentError):
 
     code = "INVALID_ARGUMENT"
     reason = "REQUEST_REFUSED"
+
+
+class DeadlineTooShort(RequestError):
+    """A call whose deadline is nearer than the margin a run keeps before it (service/deadline.py): no run starts.
+    An outside finding: such a run sent `run_started` and then its `error` event after the caller's deadline had
+    cut the stream (deadlines of 1-10 ms)."""
+
+    code = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_TOO_SHORT"
 
 
 class InvalidRequest(RequestError):
