@@ -105,6 +105,14 @@ class RunRegistry(RunLookups, RunShutdown):
         existing = self.find(caller.name, key, fingerprint)
         if existing is not None:
             return existing, False
+        if key and self.runlog is not None:
+            # one node after a restart: a durable run that ended before it is in the run log only
+            logged = await self.runlog.keyed(caller.name, key)
+            existing = self.find(caller.name, key, fingerprint)  # started here meanwhile, by a call with the same key
+            if existing is not None:
+                return existing, False
+            if logged is not None and logged not in self.runs:
+                return await self._existing(self.runlog, logged, key, fingerprint), False
         if self.durable is not None:
             self.durable.check(spec)  # before any quota or key is taken
             if background and self.durable.queues(spec):
@@ -144,7 +152,7 @@ class RunRegistry(RunLookups, RunShutdown):
             await self.durable.record(run)
         return run, True
 
-    async def _existing(self, store: RunStore, run_id: str, key: str, fingerprint: str) -> Run:
+    async def _existing(self, store: RunLookup, run_id: str, key: str, fingerprint: str) -> Run:
         other = self.runs.get(run_id)
         record = other.record() if other is not None else await store.record(run_id)
         if record is None:

@@ -306,3 +306,22 @@ async def test_a_durable_runs_end_is_recorded_once_the_shared_store_holds_its_cl
         assert stored_at_end == [len(run.log)]
     finally:
         await client.aclose()
+
+
+async def test_a_retry_with_the_key_of_a_run_that_ended_before_a_restart_attaches_to_it(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding: after a restart the idempotency key of a durable run that had ended found nothing, and
+    the retry ran the run again, every tool call with it (unsafe ones too)."""
+    svc = await start_service(ECHO_THEN_ANSWER)
+    kept = pb.RunAgentRequest.CONTINUE
+    first = await run_events(channel_to(svc), message="once", on_disconnect=kept, idempotency_key="k-1")
+    assert first[-1].HasField("final_response")
+    await svc.drain(grace=0.1)
+    again = await start_service(ECHO_THEN_ANSWER)
+    retried = await run_events(channel_to(again), message="once", on_disconnect=kept, idempotency_key="k-1")
+    assert retried == first  # the same run, replayed from its log
+    assert again.registry.runs == {}  # and no run started
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await run_events(channel_to(again), message="another", on_disconnect=kept, idempotency_key="k-1")
+    assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS and first[0].run_id in (other.value.details() or "")

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS runs (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_expires ON runs (expires);
+CREATE INDEX IF NOT EXISTS runs_key ON runs (caller, idem_key) WHERE idem_key <> '';
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     last_seq INTEGER NOT NULL,
@@ -152,6 +153,12 @@ class SqliteRunLog:
 
     async def record(self, run_id: str) -> RunRecord | None:
         return await self._on_thread(self._record, run_id)
+
+    async def keyed(self, caller: str, key: str) -> str | None:
+        """The run `caller` started with idempotency key `key`, if the log still keeps it: after a restart the
+        registry's memory has only the runs it resumed, and a retry of one that had ended must find it, not run it
+        again (an outside finding: the retry re-ran every tool call, unsafe ones included)."""
+        return await self._on_thread(self._keyed, caller, key)
 
     async def history(self, run_id: str) -> tuple[RunRecord, list[Entry]] | None:
         """A run's record and all its entries, in seq order (to resume it, or to serve it)."""
@@ -308,6 +315,19 @@ class SqliteRunLog:
             event = codec.loads_packed(last[0])[-1] if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
+
+    def _keyed(self, caller: str, key: str) -> str | None:
+        db = self._open(create=False)
+        row = (
+            None
+            if db is None
+            else db.execute(
+                "SELECT run_id FROM runs WHERE caller = ? AND idem_key = ? AND expires >= ? "
+                "ORDER BY created_ns DESC LIMIT 1",
+                (caller, key, self.clock()),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     def _key(self, run_id: str) -> str:
         db = self._open(create=False)
