@@ -313,3 +313,10 @@ class Cursor:
                 raise lost.at(self.at)  # this reader was sent seqs up to `at` only
             raise lost
         return run._waiter()
+
+
+def ended_state(outcome: ev.FinalResponse | ev.RunFailed) -> str:
+    """The state a run whose closing event is `outcome` ended in (as `Run.finish` sets it), as a record says it."""
+    if isinstance(outcome, ev.FinalResponse):
+        return _SUCCEEDED.value
+    return (_CANCELLED if outcome.code == "CANCELLED" else _FAILED).value

@@ -33,7 +33,7 @@ from service.durable.sqlite import SqliteCheckpointStore
 from service.errors import StateUnavailable
 from service.loop import RunSpec
 from service.records.sqlite import connect, transaction
-from service.run import Entry, Run, RunRecord
+from service.run import Entry, Run, RunRecord, ended_state
 from service.state.mirror import MirrorRun
 from service.state.sqlite_log import AHEAD, Chunk, LoggedRun, LogWriter
 
@@ -44,6 +44,7 @@ SWEEP_S = 60.0
 # A process resumes its own durable runs as it starts (`DurableRuns`); a WatchRun that comes in meanwhile waits this
 # long after the start for the run to be resumed, and follows it live then, rather than be told to come back.
 RESUME_WAIT_S = 5.0
+_ENDED = ("succeeded", "failed", "cancelled")
 T = TypeVar("T")
 
 _LOG_TABLES = """
@@ -308,12 +309,18 @@ class SqliteRunLog:
             return None
         caller, state, last_seq, created_ns, ended_ns, fingerprint = row
         outcome = None
-        if state in ("succeeded", "failed", "cancelled") and last_seq:
+        if last_seq:
             last = db.execute(
-                "SELECT events FROM events WHERE run_id = ? AND last_seq = ?", (run_id, last_seq)
+                "SELECT times, events FROM events WHERE run_id = ? AND last_seq = ?", (run_id, last_seq)
             ).fetchone()
-            event = codec.loads_packed(last[0])[-1] if last else None
+            event = codec.loads_packed(last[1])[-1] if last else None
             outcome = event if isinstance(event, ev.FinalResponse | ev.RunFailed) else None
+            if outcome is not None and state not in _ENDED:
+                # its closing event is kept but its row was written before it ended (the process was killed in
+                # between): it ended as that event says (an outside finding: a queued run cancelled just before a
+                # kill -9 read QUEUED for good, its log ending with its cancellation)
+                state = ended_state(outcome)
+                ended_ns = ended_ns or int(last[0].rsplit(",", 1)[-1])
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
 
     def _keyed(self, caller: str, key: str) -> str | None:
