@@ -385,7 +385,7 @@ class DurableRuns:
 
 
 def _full(limit: int) -> QueueFull:
-    return QueueFull(f"the durable queue is full ({limit} runs waiting in the fleet); retry later")
+    return QueueFull(f"the durable queue is full ({limit} runs waiting, durable.queue_max); retry later")
 
 
 @contextlib.contextmanager

@@ -85,6 +85,11 @@ async def test_bad_config_file_is_a_clear_startup_error(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "invalid config" in err.decode() and "max_turns" in err.decode()
+    # one line, as the README says (pydantic's own text ran over four, with a link to its docs)
+    assert (
+        err.decode() == "error: invalid config: limits.max_turns: Input should be a valid integer, unable to parse "
+        "string as an integer (got 'zero')\n"
+    )
 
 
 async def _fails_to_start(

@@ -170,7 +170,18 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
+        raise ConfigError(f"invalid config: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: ValidationError) -> str:
+    """Each problem as `where: what (got …)` on one line: pydantic's own text runs over several lines and ends each
+    with a link to its docs, where the README promises one `error: …` line (an outside finding)."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        got = f" (got {error['input']!r:.60})" if "input" in error and not isinstance(error["input"], dict) else ""
+        parts.append(f"{where}: {error['msg']}{got}")
+    return "; ".join(parts)
 
 
 def default_data_dir() -> Path:
