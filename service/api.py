@@ -176,6 +176,7 @@ class AgentApi:
             raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
         queued = run.state is RunState.QUEUED  # no turn to finish: cancelled at once, whatever the mode
         self.registry.cancel(run, after_turn=after_turn)
+        await self.registry.keep_cancel(run, after_turn=after_turn)
         if (queued or not after_turn) and run.task is not None:
             # usually done within milliseconds: answer with the final state when it is there
             await asyncio.wait([run.task], timeout=1.0)

@@ -15,7 +15,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from service.errors import DeadlineExceeded, RunError
+from service.errors import DeadlineExceeded, RunCancelled, RunError
 from service.interact import Decision, Inbox
 
 
@@ -242,3 +242,11 @@ class _Deadlines:
                 scope._fire()
         if heap:
             self._arm(heap[0][0])
+
+
+def stop_as_marked(control: RunControl, mode: str | bytes | None) -> None:
+    """Stop a revived run as a CancelRun kept for it asked (`RunKeeper.mark_cancel`): "now", "after_turn" or none."""
+    if mode in ("after_turn", b"after_turn"):
+        control.stop_after_turn(RunCancelled("cancelled by CancelRun after the current turn"))
+    elif mode:
+        control.stop_now(RunCancelled("cancelled by CancelRun"))

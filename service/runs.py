@@ -24,7 +24,7 @@ from service.coalesce import LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
 from service.driver import play, stopped
-from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled
+from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled, StateUnavailable
 from service.loop import AgentLoop, RunSpec
 from service.records.summaries import RunSummaryStore, SummaryWriter
 from service.retention import Retention
@@ -289,6 +289,21 @@ class RunRegistry(RunLookups, RunShutdown):
         run = self._new_run(spec, caller, key, fingerprint, deadline, None)
         self._launch(run, background, on_done=on_done)
         return run
+
+    async def keep_cancel(self, run: Run, *, after_turn: bool) -> None:
+        """Keep a CancelRun of a durable run driven here where it outlives this process (the shared store, or the
+        one node's run log), before the caller is answered: should this process die before the run stops, the one
+        that revives it stops it (an outside finding: an acknowledged AFTER_TURN was lost to a kill -9, and the run
+        went on to its end after the restart). A store away leaves the cancel to this process alone, as before."""
+        kept = self.store if self.store is not None else self.runlog
+        if kept is None or not run.spec.durable or run.finished:
+            return
+        try:
+            await kept.mark_cancel(run.id, after_turn=after_turn)
+        except StateUnavailable as exc:
+            log.warning(
+                "a CancelRun could not be kept beyond this process", extra={"run_id": run.id, "error": str(exc)}
+            )
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
         reason = RunCancelled(

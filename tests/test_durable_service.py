@@ -325,3 +325,22 @@ async def test_a_retry_with_the_key_of_a_run_that_ended_before_a_restart_attache
     with pytest.raises(grpc.aio.AioRpcError) as other:
         await run_events(channel_to(again), message="another", on_disconnect=kept, idempotency_key="k-1")
     assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS and first[0].run_id in (other.value.details() or "")
+
+
+async def test_an_after_turn_cancel_acknowledged_before_a_restart_stops_the_run_after_it(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding: CancelRun AFTER_TURN answered RUNNING, the process was killed before the turn ended, and
+    after the restart the run went on to its end (another model turn, another tool call)."""
+    tools = all_tools()
+    svc = await start_service(SLOW_TOOL, tools=tools)
+    submitted = await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))
+    await asyncio.wait_for(tools["sleep"].running.wait(), 5)
+    after_turn = pb.CancelRunRequest(run_id=submitted.run_id, mode=pb.CancelRunRequest.AFTER_TURN)
+    assert (await stub(channel_to(svc)).CancelRun(after_turn)).state == pb.Run.RUNNING
+    await svc.drain(grace=0.1)  # the run is handed over mid-turn, as a kill -9 leaves it
+    again = await start_service(SLOW_TOOL, tools=all_tools())
+    watched = await _watched(stub(channel_to(again)), submitted.run_id)
+    assert watched[-1].error.code == "CANCELLED", watched[-1]
+    assert watched[-1].error.message == "cancelled by CancelRun after the current turn"
+    assert len(again.registry.loop.model.requests) == 0  # no turn after the one the cancel let end

@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 from backends import RedisNamespace
 from test_shared_runs import GATED, replicas
 
+from agent.v1 import agent_pb2 as pb
+from conftest import stub
 from service.control import RunControl
 from service.errors import RunCancelled
 from service.loop import RunSpec
@@ -77,3 +79,30 @@ async def test_a_cancel_racing_the_takeover_reaches_the_new_owner(
     await store.cancel(read_before, after_turn=True, wait_s=0)
     assert await asyncio.wait_for(heard.get(), 5) == (run_id, True)
     store.settled(run)
+
+
+async def test_a_cancel_of_a_run_driven_here_is_kept_on_its_record_for_a_reviver(
+    start_service: Any, channel_to: Any, tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """An outside finding (one node, the same on a fleet): an acknowledged CancelRun AFTER_TURN lived only in the
+    driving process's memory; killed before the turn ended, the run went on to its end where it was revived. The
+    cancel is kept on the run's Redis record, which `revive` reads; an IMMEDIATE one is never downgraded."""
+    ((svc,), opened) = await replicas(start_service, tmp_path, redis_ns, GATED, n=1)
+    api = stub(channel_to(svc))
+    run_id = (await api.SubmitRun(pb.RunAgentRequest(message="go", durability=pb.RunAgentRequest.DURABLE))).run_id
+    store = svc.registry.store
+    assert isinstance(store, redis_runs.RedisRunStore)
+    await store.shipper.flushed(5)  # its record is in Redis
+    client = aioredis.Redis.from_url(redis_ns.url)
+    try:
+        marks = []
+        for mode in (pb.CancelRunRequest.AFTER_TURN, pb.CancelRunRequest.IMMEDIATE, pb.CancelRunRequest.AFTER_TURN):
+            if mode == pb.CancelRunRequest.AFTER_TURN or not marks:
+                await api.CancelRun(pb.CancelRunRequest(run_id=run_id, mode=mode))
+            else:  # IMMEDIATE ends the run: mark it as the registry does, without waiting for the end
+                await store.mark_cancel(run_id, after_turn=False)
+            marks.append(await client.hget(f"{redis_ns.prefix}run:{run_id}", "cancel_requested"))
+        assert marks == [b"after_turn", b"now", b"now"]
+    finally:
+        await client.aclose()
+        opened.set()

@@ -156,6 +156,7 @@ class InteractRpcs:
             raise RunAlreadyEnded(f"run {run.id} already ended ({run.state.value}); nothing to cancel")
         if self.registry.runs.get(run.id) is run:
             self.registry.cancel(run, after_turn=after_turn)
+            await self.registry.keep_cancel(run, after_turn=after_turn)
         else:
             record = await self.registry.record(run.id, self.caller().name)
             await self.registry.cancel_elsewhere(record, after_turn=after_turn)

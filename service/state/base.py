@@ -58,6 +58,10 @@ class RunKeeper(RunLookup, Protocol):
     async def flushed(self, within_s: float) -> bool:
         """Wait (up to `within_s`) until what this process logged is in the store; False when it is not."""
 
+    async def mark_cancel(self, run_id: str, *, after_turn: bool) -> None:
+        """Keep a CancelRun of a durable run this process drives, so that a process that revives the run after this
+        one died stops it as asked (`revive` reads it). An AFTER_TURN mark never replaces an IMMEDIATE one."""
+
 
 class RunStore(RunKeeper, Protocol):
     """A run-state store shared by the replicas. Every method may raise `StateUnavailable` when the store cannot be

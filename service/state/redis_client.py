@@ -63,6 +63,17 @@ if owner then redis.call('PUBLISH', ARGV[2] .. owner, ARGV[3] .. ' ' .. ARGV[1])
 return owner
 """
 
+# A CancelRun of a run this process drives, kept on its record for whoever revives it should this process die
+# (`RedisRunStore.mark_cancel`); never on a record not shipped yet (its first shipment writes it whole), and an
+# after_turn mark never replaces a now one. KEYS: the run's hash. ARGV: mode.
+MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == 'now' or redis.call('HGET', KEYS[1], 'cancel_requested') ~= 'now' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+end
+return 1
+"""
+
 # A run taken over (`RedisRunStore.revive`, in the transaction that reads it): the record names this process owner at
 # once, not with its first shipment a moment later, so that a CancelRun from then on reaches it (CANCEL). A run with no
 # record yet gets none here (its first shipment writes it whole).

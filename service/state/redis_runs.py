@@ -33,14 +33,14 @@ from redis.exceptions import RedisError
 from service import telemetry
 from service.aio import cancel_and_wait
 from service.config import CallerConfig, StateConfig
-from service.control import RunControl
-from service.errors import AgentError, RunCancelled, StateUnavailable
+from service.control import RunControl, stop_as_marked
+from service.errors import AgentError, StateUnavailable
 from service.listing import RunQuery
 from service.loop import RunSpec
 from service.run import Run, RunRecord
 from service.state.base import Admission
 from service.state.mirror import SharedRun
-from service.state.redis_client import ADMIT, READ, RENEW, TAKE, connect
+from service.state.redis_client import ADMIT, MARK, READ, RENEW, TAKE, connect
 from service.state.redis_layout import Layout, log_entries, run_record
 from service.state.redis_remote import RemoteRuns
 from service.state.redis_ship import Shipper
@@ -84,6 +84,7 @@ class RedisRunStore:
         self._admit = self.client.register_script(ADMIT)
         self._renew = self.client.register_script(RENEW)
         self._take = self.client.register_script(TAKE)
+        self._mark = self.client.register_script(MARK)
         self._renew_now = False
         self._live: dict[str, Run] = {}  # runs driven here, not yet settled in the store
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -290,12 +291,11 @@ class RedisRunStore:
         self._renew_now = True  # the dead owner's lease on the caller's concurrency becomes this process's
         # a CancelRun sent while nobody drove the run went to the dead owner's channel; its mark on the record is
         # what says so (an outside finding: the run went on here, calling tools, after the cancel was answered)
-        requested = fields.get(b"cancel_requested") if fields else None
-        if requested == b"after_turn":
-            control.stop_after_turn(RunCancelled("cancelled by CancelRun after the current turn"))
-        elif requested:
-            control.stop_now(RunCancelled("cancelled by CancelRun"))
+        stop_as_marked(control, fields.get(b"cancel_requested") if fields else None)
         return run
+
+    async def mark_cancel(self, run_id: str, *, after_turn: bool) -> None:
+        await self._call(self._mark(keys=[self.layout.run_key(run_id)], args=["after_turn" if after_turn else "now"]))
 
     async def flushed(self, within_s: float) -> bool:
         return await self.shipper.flushed(within_s)

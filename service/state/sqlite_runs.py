@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from service import codec
 from service import events as ev
-from service.control import RunControl
+from service.control import RunControl, stop_as_marked
 from service.durable.batching import Batch
 from service.durable.sqlite import SqliteCheckpointStore
 from service.errors import StateUnavailable
@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_expires ON runs (expires);
 CREATE INDEX IF NOT EXISTS runs_key ON runs (caller, idem_key) WHERE idem_key <> '';
+CREATE TABLE IF NOT EXISTS cancels (  -- a CancelRun of a running durable run: its mode, now or after_turn
+    run_id TEXT PRIMARY KEY,
+    mode TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     last_seq INTEGER NOT NULL,
@@ -178,11 +182,17 @@ class SqliteRunLog:
         # its idempotency key too: the same key sent after the restart attaches to it (RunRegistry.find)
         key = "" if found is None else await self._on_thread(self._key, spec.run_id)
         run = self.new_run(spec, control, caller=caller, key=key, fingerprint=fingerprint, history=entries)
+        # a CancelRun acknowledged before the crash is applied here (an outside finding: an AFTER_TURN one was
+        # lost, and the run went on to its end after the restart)
+        stop_as_marked(control, await self._on_thread(self._cancel_mark, spec.run_id))
         self._resumed = {run_id: r for run_id, r in self._resumed.items() if not r.finished}
         self._resumed[run.id] = run
         self._revival.set()
         self._revival = asyncio.Event()
         return run
+
+    async def mark_cancel(self, run_id: str, *, after_turn: bool) -> None:
+        await self._on_thread(self._mark_cancel, run_id, "after_turn" if after_turn else "now")
 
     async def flushed(self, within_s: float) -> bool:
         """Wait (up to `within_s`) until every event noted so far is committed; False when it is not."""
@@ -294,6 +304,7 @@ class SqliteRunLog:
             if now - self._swept > SWEEP_S:
                 self._swept = now
                 db.execute("DELETE FROM events WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
+                db.execute("DELETE FROM cancels WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
                 db.execute("DELETE FROM runs WHERE expires < ?", (now,))
 
     def _record(self, run_id: str) -> RunRecord | None:
@@ -322,6 +333,21 @@ class SqliteRunLog:
                 state = ended_state(outcome)
                 ended_ns = ended_ns or int(last[0].rsplit(",", 1)[-1])
         return RunRecord(run_id, caller, state, last_seq, created_ns, ended_ns, outcome, fingerprint)
+
+    def _mark_cancel(self, run_id: str, mode: str) -> None:
+        db = self._open(create=True)
+        assert db is not None
+        with transaction(db):
+            db.execute(
+                "INSERT INTO cancels (run_id, mode) VALUES (?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "mode = CASE WHEN cancels.mode = 'now' THEN 'now' ELSE excluded.mode END",
+                (run_id, mode),
+            )
+
+    def _cancel_mark(self, run_id: str) -> str | None:
+        db = self._open(create=False)
+        row = None if db is None else db.execute("SELECT mode FROM cancels WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def _keyed(self, caller: str, key: str) -> str | None:
         db = self._open(create=False)
