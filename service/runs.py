@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from service import events as ev
 from service import tally, telemetry
+from service.aio import Slots
 from service.coalesce import LoopLoad
 from service.config import RunsConfig
 from service.control import RunControl
@@ -79,7 +80,7 @@ class RunRegistry(RunLookups, RunShutdown):
         self.runs: dict[str, Run] = {}
         self._keys: dict[tuple[str, str], str] = {}
         self.retention = Retention(config)
-        self._background = asyncio.Semaphore(config.background_max_concurrent)
+        self._background = Slots(config.background_max_concurrent)
         self._background_runs = 0  # running or queued
         self._janitor: asyncio.Task[None] | None = None
         self._ended: asyncio.Future[None] | None = None  # stands for the task of every ended run (`_driver_done`)
@@ -325,10 +326,12 @@ class RunRegistry(RunLookups, RunShutdown):
         telemetry.bind_run(run.id)  # every line logged by the run, its tools and its model calls names it
         tally.add(telemetry.ACTIVE, 1)
         # a background run waits for a slot; one continued from a process that stopped was running there and its
-        # callers are following it: it goes on at once, ahead of runs never started (it still counts as one of the
-        # background runs, so no queued run is claimed into its place; an outside finding: recovered runs read
-        # QUEUED and waited 9 s behind newer ones)
+        # callers are following it: it takes a slot at once, over the cap if need be, ahead of runs never started
+        # (an outside finding: recovered runs read QUEUED and waited 9 s behind newer ones), and holds it, so that
+        # no queued run starts in its place (another: runs never started ran beside them past the cap)
         gated = background and (journal is None or journal.fresh or not journal.announce)
+        if background and not gated:
+            self._background.take()
         try:
             if gated:
                 try:
@@ -345,7 +348,7 @@ class RunRegistry(RunLookups, RunShutdown):
                 run.state = RunState.RUNNING
                 await play(run, self.loop, self.config, clock=self.clock, load=self.load, journal=journal)
             finally:
-                if gated:
+                if background:
                     self._background.release()
         finally:
             tally.add(telemetry.ACTIVE, -1)

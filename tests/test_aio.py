@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service import aio
+from service.aio import Slots
 
 
 class Stuck:
@@ -64,3 +65,43 @@ async def test_closing_a_merge_abandons_a_source_that_ignores_its_cancellation(
             assert end.run_id == "run_m" and end.outcome == "returned"  # type: ignore[attr-defined]
     finally:
         stuck.release.set()
+
+
+async def test_slots_can_be_overdrawn_and_let_waiters_in_in_order_below_the_capacity() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    slots.take()  # over the capacity: a continued run goes on at once
+    assert slots.taken == 2
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await slots.acquire()
+        order.append(name)
+
+    first, second = asyncio.create_task(waiter("a")), asyncio.create_task(waiter("b"))
+    await asyncio.sleep(0)
+    slots.release()  # 1 taken: still at the capacity, nobody in
+    await asyncio.sleep(0)
+    assert order == [] and slots.taken == 1
+    slots.release()
+    await first
+    assert order == ["a"] and slots.taken == 1 and not second.done()
+    second.cancel()  # a waiter cancelled while it waits leaves no trace
+    await asyncio.gather(second, return_exceptions=True)
+    slots.release()
+    assert slots.taken == 0
+    await slots.acquire()
+    assert slots.taken == 1
+
+
+async def test_a_slot_granted_to_a_waiter_cancelled_before_it_went_on_goes_to_the_next() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    cancelled = asyncio.create_task(slots.acquire())
+    later = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # granted to the first waiter ...
+    cancelled.cancel()  # ... cancelled before it ran again
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await asyncio.wait_for(later, 1)
+    assert slots.taken == 1

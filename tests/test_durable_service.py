@@ -18,6 +18,7 @@ from conftest import ECHO_THEN_ANSWER, run_events, stub
 from fake_tools import all_tools
 from service.aio import cancel_and_wait
 from service.durable.sqlite import DEFAULT_FILE
+from service.run import RunState
 
 SLOW_TOOL = [
     {"text": "Working.", "tool_calls": [{"name": "sleep", "input": {"seconds": 30}}]},
@@ -113,8 +114,17 @@ async def test_runs_continued_after_a_restart_run_at_once_beyond_the_background_
         await asyncio.sleep(0.02)
     states = [(await stub(channel_to(again)).GetRun(pb.GetRunRequest(run_id=i))).state for i in ids]
     assert states == [pb.Run.RUNNING, pb.Run.RUNNING]  # not one of them QUEUED behind the other's 30 s sleep
+    # and they hold their slots (over the cap of 1): a new run waits until both have ended (another outside
+    # finding: runs never started ran beside continued ones, 4 under a cap of 2)
+    new = (await stub(channel_to(again)).SubmitRun(pb.RunAgentRequest(message="go"))).run_id
+    for _ in range(20):  # its driver's first steps: long enough to start, had a slot been free
+        await asyncio.sleep(0.01)
+    assert again.registry.get(new).state is RunState.QUEUED
     for run_id in ids:
         await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=run_id))
+    await asyncio.wait_for(again.registry.get(new).reached(2), 5)  # let in once both slots were given back
+    assert again.registry.get(new).state is RunState.RUNNING
+    await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=new))
 
 
 async def test_a_queued_run_cancelled_before_it_started_stays_cancelled_after_a_restart(
