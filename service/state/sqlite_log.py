@@ -83,6 +83,9 @@ class LoggedRun(SharedRun):
             await self._flush(self)
 
 
+IDLE_ROUND_S = 60.0
+
+
 class LogWriter:
     def __init__(self, write: Callable[[list[Chunk], list[Any]], Awaitable[None]]) -> None:
         """`write(chunks, riders)`: commit one round in one transaction (on the database's own thread), with the
@@ -98,6 +101,9 @@ class LogWriter:
         self._idle.set()
         self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        # a quiet spell this long gets an empty round, in which the log deletes what has expired: without it an idle
+        # server kept expired runs' rows on disk until its next write (an outside finding: 60,563 events rows)
+        self.idle_round_s = IDLE_ROUND_S
 
     def note(self, run: Run) -> None:
         """`run` has new entries, or ended. Called by the driver for every event: no await, no I/O."""
@@ -163,10 +169,25 @@ class LogWriter:
         for _, fut in self._riders:
             fut.cancel()
 
+    async def _woken(self) -> None:
+        """Until a run is noted; every `idle_round_s` of quiet meanwhile, an empty round (the sweep of what has
+        expired, when due; a failed one waits for the next)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_round_s):
+                    await self._wake.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._write([], [])
+            except Exception:
+                log.exception("expired run events not deleted; trying again later")
+
     async def _run_forever(self) -> None:
         backoff = BACKOFF_S[0]
         while True:
-            await self._wake.wait()
+            await self._woken()
             if not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), LINGER_S)

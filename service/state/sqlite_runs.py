@@ -265,9 +265,15 @@ class SqliteRunLog:
         return self._db
 
     def _write_sync(self, chunks: list[Chunk], riders: Sequence[Batch] = ()) -> None:
+        now = self.clock()
+        if not chunks and not riders:  # the writer's idle round
+            db = self._open(create=False)
+            if db is not None and now - self._swept > SWEEP_S:
+                with transaction(db):
+                    self._sweep(db, now)
+            return
         db = self._open(create=True)
         assert db is not None
-        now = self.clock()
         with transaction(db):
             for batch in riders:  # after the events of this round, in the same transaction: never ahead of them
                 assert self._joined is not None
@@ -302,10 +308,14 @@ class SqliteRunLog:
                 ],
             )
             if now - self._swept > SWEEP_S:
-                self._swept = now
-                db.execute("DELETE FROM events WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
-                db.execute("DELETE FROM cancels WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
-                db.execute("DELETE FROM runs WHERE expires < ?", (now,))
+                self._sweep(db, now)
+
+    def _sweep(self, db: sqlite3.Connection, now: float) -> None:
+        """Delete the runs whose retention has passed, with their events and cancels (in the caller's transaction)."""
+        self._swept = now
+        db.execute("DELETE FROM events WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
+        db.execute("DELETE FROM cancels WHERE run_id IN (SELECT run_id FROM runs WHERE expires < ?)", (now,))
+        db.execute("DELETE FROM runs WHERE expires < ?", (now,))
 
     def _record(self, run_id: str) -> RunRecord | None:
         db = self._open(create=False)
