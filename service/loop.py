@@ -234,6 +234,10 @@ class AgentLoop:
         """The tool calls of `turn`, within the run's budgets: their events, each result noted in the run's state as
         it comes, then all of them back into the history for the next turn."""
         spec, control, totals = state.spec, state.control, state.totals
+        # a turn replayed whole from the journal (a run revived after its process died) is not the turn a pending
+        # CancelRun AFTER_TURN lets end: that is the first the run makes live (an outside finding: a revived run
+        # stopped after its replayed turn, cutting off the answer the cancel had let come)
+        replayed = journal is not None and all(journal.result(c.call_id) is not None for c in calls)
         check_budgets(spec, totals, len(calls), control)
         totals.tool_calls += len(calls)
         results: dict[str, ToolResult] = {}
@@ -247,7 +251,8 @@ class AgentLoop:
                     state.context.succeeded.add(event.name)
             yield event
         state.history.append({"role": "user", "content": [tool_result_block(results[c.call_id]) for c in calls]})
-        stop_if_asked(control)
+        if not replayed:
+            stop_if_asked(control)
 
     def _calls(
         self,

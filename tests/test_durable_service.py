@@ -16,6 +16,7 @@ from backends import RedisNamespace, audit_key_file
 from agent.v1 import agent_pb2 as pb
 from conftest import ECHO_THEN_ANSWER, run_events, stub
 from fake_tools import all_tools
+from service import events as ev
 from service.aio import cancel_and_wait
 from service.durable.sqlite import DEFAULT_FILE
 from service.run import RunState
@@ -354,3 +355,29 @@ async def test_an_after_turn_cancel_acknowledged_before_a_restart_stops_the_run_
     assert watched[-1].error.code == "CANCELLED", watched[-1]
     assert watched[-1].error.message == "cancelled by CancelRun after the current turn"
     assert len(again.registry.loop.model.requests) == 0  # no turn after the one the cancel let end
+
+
+async def test_an_after_turn_cancel_kept_across_a_takeover_lets_the_answer_in_progress_come(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding: CancelRun AFTER_TURN during the model's answer, then the driver killed: the process that
+    revived the run stopped it after the turn it replayed, and the answer the cancel had let come never came."""
+    answer = {"text": " ".join(f"w{i}" for i in range(60))}
+    turns = [{"text": "Echo.", "tool_calls": [{"name": "echo", "input": {"text": "hi"}}]}, answer]
+    paced = {"pacing": {"first_token_ms": 0, "token_interval_ms": 20}}
+    svc = await start_service(turns, model=paced)
+    run_id = (await stub(channel_to(svc)).SubmitRun(pb.RunAgentRequest(message="go"))).run_id
+    run = svc.registry.get(run_id)
+    for _ in range(250):  # into the answer's text: the echo call's result is recorded
+        if sum(isinstance(e.event, ev.TextDelta) for e in run.log) > 3 and any(
+            isinstance(e.event, ev.ToolResult) for e in run.log
+        ):
+            break
+        await asyncio.sleep(0.02)
+    after_turn = pb.CancelRunRequest(run_id=run_id, mode=pb.CancelRunRequest.AFTER_TURN)
+    assert (await stub(channel_to(svc)).CancelRun(after_turn)).state == pb.Run.RUNNING
+    await svc.drain(grace=0.1)  # handed over mid-answer, as a kill -9 leaves it
+    again = await start_service(turns, model=paced)
+    watched = await _watched(stub(channel_to(again)), run_id)
+    assert watched[-1].HasField("final_response"), watched[-1]  # the answer came, as it would have without the kill
+    assert watched[-1].final_response.text == answer["text"]
