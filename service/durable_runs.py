@@ -190,6 +190,9 @@ class DurableRuns:
             await self.store.end(stored.run_id, run)
             return
         entries = run.log
+        # a SubmitRun that waited in this process's queue when it stopped never ran: it waits for a slot again, with
+        # no run_recovered (an outside finding: after a kill -9 every such run started at once, 5 under a cap of 2)
+        queued = queued or (stored.background and not stored.steps and len(entries) <= 1)
         journal = self._journals[run.id] = Journal.resume(
             self.store,
             stored,

@@ -337,6 +337,10 @@ class RunRegistry(RunLookups, RunShutdown):
                 try:
                     await self._background.acquire()
                 except asyncio.CancelledError:
+                    if run.lost is not None:
+                        # handed over at a drain while it waited: its next start (or a peer) takes it as queued (an
+                        # outside finding: the closing event added here made every such SubmitRun end FAILED)
+                        return
                     # cancelled while queued: our own cancel (CancelRun or shutdown), ended with an event
                     run.append(stopped(run))
                     if journal is not None and isinstance(run.control.stop_reason(), RunCancelled):

@@ -381,3 +381,27 @@ async def test_an_after_turn_cancel_kept_across_a_takeover_lets_the_answer_in_pr
     watched = await _watched(stub(channel_to(again)), run_id)
     assert watched[-1].HasField("final_response"), watched[-1]  # the answer came, as it would have without the kill
     assert watched[-1].final_response.text == answer["text"]
+
+
+async def test_runs_queued_when_their_process_stopped_wait_for_a_slot_after_the_restart(
+    start_service: Any, channel_to: Any
+) -> None:
+    """Outside findings (one node): after a kill -9 every SubmitRun that waited for a slot was continued at once on
+    the restart (5 running under a cap of 2), each with a run_recovered though it never ran; and a drain ended every
+    such run FAILED instead of handing it over."""
+    svc = await start_service(SLOW_TOOL, runs={"background_max_concurrent": 1})
+    api = stub(channel_to(svc))
+    ids = [(await api.SubmitRun(pb.RunAgentRequest(message="go"))).run_id for _ in range(3)]
+    running = svc.registry.get(ids[0])
+    await asyncio.wait_for(running.reached(3), 5)  # the first one runs; the other two wait
+    await svc.drain(grace=0.1)
+    again = await start_service(SLOW_TOOL, runs={"background_max_concurrent": 1})
+    continued = again.registry.get(ids[0])  # its cut-off sleep is OUTCOME_UNKNOWN: it ends soon after, SUCCEEDED
+    await asyncio.wait_for(asyncio.shield(continued.ended()), 5)
+    for _ in range(25):  # long enough for the restart to start both waiting runs, had it let them
+        await asyncio.sleep(0.02)
+    states = [again.registry.get(run_id).state for run_id in ids]
+    assert states == [RunState.SUCCEEDED, RunState.RUNNING, RunState.QUEUED], states  # one at a time, in order
+    assert not any(isinstance(e.event, ev.RunRecovered) for i in ids[1:] for e in again.registry.get(i).log)
+    for run_id in ids[1:]:
+        await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=run_id))
