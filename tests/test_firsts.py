@@ -150,3 +150,18 @@ def test_no_hold_without_a_new_call_or_with_the_hold_off() -> None:
         assert off.held == idle.held == 0
 
     asyncio.run(scenario())
+
+
+async def test_a_stream_whose_run_is_near_its_deadline_does_not_hold() -> None:
+    """An outside finding: calls whose deadline fell during a burst of 300 new streams got no error event: their
+    stream held its next event behind the new calls (up to `hold_s`) past the deadline."""
+    firsts = FirstsFirst(5.0, _saturated())
+    firsts.pending = 1  # a new call has not sent its first event
+    now = asyncio.get_running_loop().time()
+    async with asyncio.timeout(1):  # a hold would last 5 s
+        await firsts.wait(now + 4.9)  # the run ends in less than a hold
+    assert firsts.held == 0
+    held = asyncio.ensure_future(firsts.wait(now + 60))  # a run far from its deadline holds as before
+    await _until(lambda: firsts.held == 1)
+    firsts.end()
+    await held

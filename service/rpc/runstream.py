@@ -89,7 +89,8 @@ def _make(opener: Opener, timed: bool, checks: tuple[Check, ...], *, boundary: b
                         message = to_proto(event, run_id, seq, time_ns, first_seq)  # positional: 350 instructions less
                         counts[type(event)] += 1
                         if firsts.pending and not starting and not run.finished:
-                            await firsts.wait()  # a new call's first event goes first (service/rpc/firsts.py)
+                            # a new call's first event goes first (service/rpc/firsts.py), not past the deadline
+                            await firsts.wait(run.control.deadline)
                         yield message
                         if starting:  # grpc asks for the next message once it has sent this one
                             starting = False
