@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.v1 import agent_pb2 as pb
 from conftest import cli, make_config, stub
 from service.callers import Caller, CallerLimits, token_hash
-from service.config import CallerConfig
+from service.config import AuthConfig, CallerConfig
 from service.errors import Unauthenticated
 from service.rpc.auth import Authenticator, AuthInterceptor
 
@@ -526,3 +526,11 @@ async def test_the_checks_are_set_at_registration_not_run_by_grpc_per_call(
     assert (await code_of(events_of(listing)))[0] == grpc.StatusCode.UNAUTHENTICATED  # reflection is guarded too
     health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # and health is not
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_anonymous_rights_given_without_a_name_keep_the_default_name() -> None:
+    """An outside finding: `auth.anonymous: {max_concurrent_runs: 2}` failed with "auth.anonymous.name: Field
+    required", though the docs give the name a default."""
+    auth = AuthConfig.model_validate({"anonymous": {"max_concurrent_runs": 2}})
+    assert (auth.anonymous.name, auth.anonymous.max_concurrent_runs) == ("anonymous", 2)
+    assert AuthConfig.model_validate({"anonymous": {"name": "anon"}}).anonymous.name == "anon"

@@ -92,6 +92,15 @@ async def test_bad_config_file_is_a_clear_startup_error(tmp_path: Path) -> None:
     )
 
 
+def test_a_config_that_is_not_yaml_is_one_line_too(tmp_path: Path) -> None:
+    """An outside finding: a YAML syntax error printed PyYAML's excerpt of the file over five lines."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: [1,\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    assert "\n" not in str(error.value) and "(line 2, column 1)" in str(error.value)
+
+
 async def _fails_to_start(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, config_text: str = DEFAULT_CONFIG
 ) -> str:

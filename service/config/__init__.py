@@ -152,8 +152,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot read config {path}: {_yaml_problem(exc)}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a YAML mapping, not {type(loaded).__name__}")
         raw.update(loaded)
@@ -171,6 +173,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid config: {_one_line(exc)}") from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line, with where it is: PyYAML's own text quotes the file over several lines."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from service.config.base import Section
 
@@ -64,6 +64,15 @@ class AuthConfig(Section):
     anonymous: CallerConfig = Field(
         default_factory=lambda: CallerConfig(name="anonymous"), description="rights of unauthenticated callers"
     )
+
+    @field_validator("anonymous", mode="before")
+    @classmethod
+    def _anonymous_is_named(cls, value: Any) -> Any:
+        """`auth.anonymous` given without a name is named "anonymous", as when it is not given (an outside finding:
+        its name was required as soon as the section was, though its documented default is "anonymous")."""
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "anonymous", **value}
+        return value
 
     @model_validator(mode="after")
     def _callers_are_told_apart(self) -> AuthConfig:
