@@ -132,6 +132,22 @@ async def test_a_refusal_carries_its_reason_for_a_program_to_read(start_service:
     assert (info.reason, dict(info.metadata)) == ("RUN_FAILED", {"retryable": "false"})
 
 
+async def test_an_unknown_method_is_refused_with_its_reason_too(start_service: Any, channel_to: Any) -> None:
+    """An outside finding: grpc's own answer to a method no service has carried no ErrorInfo."""
+    svc = await start_service()
+    call = channel_to(svc).unary_unary("/agent.v1.AgentService/Nope")(b"")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "/agent.v1.AgentService/Nope" in str(
+        refused.value.details()
+    )
+    status, info = await rpc_status.aio.from_call(call), error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("METHOD_NOT_FOUND", "agent.v1")
+    health = health_pb2_grpc.HealthStub(channel_to(svc))  # the services registered before it still answer
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_run_id_and_cancel_mode_are_checked(start_service: Any, channel_to: Any) -> None:
     svc = await start_service()
     service = stub(channel_to(svc))

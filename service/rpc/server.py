@@ -29,6 +29,7 @@ from service.rpc.accept import AcceptAhead
 from service.rpc.auth import server_credentials
 from service.rpc.interceptors import guarded_server
 from service.rpc.servicer import AgentServicer
+from service.rpc.status import UnknownMethods
 from service.runs import RunRegistry
 from tools.base import Tool
 
@@ -143,6 +144,7 @@ async def start_server(
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         # what `reflection.enable_server_reflection` does for an aio server, which it tells by the server's class
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), register)
+    register.add_generic_rpc_handlers((UnknownMethods(),))  # last: asked only about methods no service has
     credentials = None if config.tls is None else server_credentials(config.tls)
     if credentials is None and any(c.token_sha256 for c in config.auth.callers):
         log.warning(

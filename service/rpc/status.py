@@ -103,3 +103,22 @@ def streaming(
             fail(context, opener.__qualname__)
 
     return handle
+
+
+class UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Answers a method this server does not have with UNIMPLEMENTED and an ErrorInfo (METHOD_NOT_FOUND), as every
+    other refusal: grpc's own answer carries no details (an outside finding). Registered last, so it is asked only
+    about a method no service here has; a stream-stream handler that reads nothing fits a call of any arity."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)
+
+        async def refuse_unknown(requests: object, context: grpc.aio.ServicerContext) -> None:
+            end_call(
+                context,
+                "UNIMPLEMENTED",
+                f"no method {method[:200]} on this server (reflection lists the services)",
+                reason="METHOD_NOT_FOUND",
+            )
+
+        return grpc.stream_stream_rpc_method_handler(refuse_unknown)
