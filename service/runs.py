@@ -33,6 +33,7 @@ from service.run import Run, RunState
 from service.run_lookups import RunLookups, conflict
 from service.run_shutdown import RunShutdown
 from service.state.base import RunLookup, RunStore
+from service.state.mirror import MirrorRun
 
 if TYPE_CHECKING:
     from service.callers import Caller, CallerLimits
@@ -113,7 +114,9 @@ class RunRegistry(RunLookups, RunShutdown):
             if existing is not None:
                 return existing, False
             if logged is not None and logged not in self.runs:
-                return await self._existing(self.runlog, logged, key, fingerprint), False
+                # a SubmitRun is answered with the run as it stands, not followed: a run waiting in the store's
+                # queue would be followed only from its claim (found by a test: the answer waited 30 s)
+                return await self._existing(self.runlog, logged, key, fingerprint, follow=not background), False
         if self.durable is not None:
             self.durable.check(spec)  # before any quota or key is taken
             if background and self.durable.queues(spec):
@@ -153,14 +156,16 @@ class RunRegistry(RunLookups, RunShutdown):
             await self.durable.record(run)
         return run, True
 
-    async def _existing(self, store: RunLookup, run_id: str, key: str, fingerprint: str) -> Run:
+    async def _existing(self, store: RunLookup, run_id: str, key: str, fingerprint: str, *, follow: bool = True) -> Run:
         other = self.runs.get(run_id)
         record = other.record() if other is not None else await store.record(run_id)
         if record is None:
             raise NotFound(f"idempotency_key {key!r} names run {run_id}, which was forgotten; use a new key")
         if record.fingerprint != fingerprint:
             raise conflict(key, record.run_id)
-        return other if other is not None else await store.mirror(record)
+        if other is not None:
+            return other
+        return await store.mirror(record) if follow else MirrorRun(record)
 
     async def _enqueue(
         self, spec: RunSpec, caller: Caller, limits: CallerLimits, key: str, fingerprint: str

@@ -4,6 +4,7 @@ durable run records, and a drain that hands a run over to the next start instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from pathlib import Path
@@ -405,3 +406,25 @@ async def test_runs_queued_when_their_process_stopped_wait_for_a_slot_after_the_
     assert not any(isinstance(e.event, ev.RunRecovered) for i in ids[1:] for e in again.registry.get(i).log)
     for run_id in ids[1:]:
         await stub(channel_to(again)).CancelRun(pb.CancelRunRequest(run_id=run_id))
+
+
+async def test_a_key_finds_its_run_while_it_waits_in_the_one_nodes_store_queue(
+    start_service: Any, channel_to: Any
+) -> None:
+    """An outside finding (one node, `durable.queue: store`): SubmitRuns sent again with the key of one that waited in
+    the queue were all queued and all ran; the key now finds the waiting run (through the run log)."""
+    svc = await start_service(SLOW_TOOL, runs={"background_max_concurrent": 1}, durable={"queue": "store"})
+    api = stub(channel_to(svc))
+    first = await api.SubmitRun(pb.RunAgentRequest(message="first"))  # takes the one slot
+    keyed = pb.RunAgentRequest(message="second", idempotency_key="k-q")
+    waiting = await api.SubmitRun(keyed)
+    assert waiting.state == pb.Run.QUEUED
+    async with asyncio.timeout(5):  # answered at once, not once the run is claimed (after the first's 30 s sleep)
+        again = await api.SubmitRun(keyed)
+    assert (again.run_id, again.state) == (waiting.run_id, pb.Run.QUEUED)
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await api.SubmitRun(pb.RunAgentRequest(message="another", idempotency_key="k-q"))
+    assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for run_id in (waiting.run_id, first.run_id):  # not left to the teardown, which would wait out the 30 s sleep
+        with contextlib.suppress(grpc.aio.AioRpcError):  # one that ended meanwhile has nothing to cancel
+            await api.CancelRun(pb.CancelRunRequest(run_id=run_id))
