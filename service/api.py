@@ -63,9 +63,8 @@ class AgentApi:
         names none; `push`: takes SubmitRun's callbacks (None: a callback is refused)."""
         self.push = push
         self.registry = registry
-        self.load = (
-            registry.load
-        )  # the event loop's busy share, probed by the registry: run deadlines' margins follow it
+        # the event loop's busy share, probed by the registry: run deadlines' margins follow it
+        self.load = registry.load
         # a tool that cannot work here is left out of ListTools and of a run's default tools; a run naming it fails
         self.tools = {name: tool for name, tool in tools.items() if not tool.unavailable}
         self.unavailable = {name: tool.unavailable for name, tool in tools.items() if tool.unavailable}

@@ -244,9 +244,14 @@ class _Deadlines:
             self._arm(heap[0][0])
 
 
+def cancel_reason(*, after_turn: bool) -> RunCancelled:
+    """What a run stopped by CancelRun ends with, in either mode (driven here, or revived with a kept cancel)."""
+    return RunCancelled("cancelled by CancelRun after the current turn" if after_turn else "cancelled by CancelRun")
+
+
 def stop_as_marked(control: RunControl, mode: str | bytes | None) -> None:
     """Stop a revived run as a CancelRun kept for it asked (`RunKeeper.mark_cancel`): "now", "after_turn" or none."""
     if mode in ("after_turn", b"after_turn"):
-        control.stop_after_turn(RunCancelled("cancelled by CancelRun after the current turn"))
+        control.stop_after_turn(cancel_reason(after_turn=True))
     elif mode:
-        control.stop_now(RunCancelled("cancelled by CancelRun"))
+        control.stop_now(cancel_reason(after_turn=False))

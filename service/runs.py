@@ -23,7 +23,7 @@ from service import tally, telemetry
 from service.aio import Slots
 from service.coalesce import LoopLoad
 from service.config import RunsConfig
-from service.control import RunControl
+from service.control import RunControl, cancel_reason
 from service.driver import play, stopped
 from service.errors import CallerLimited, NotFound, QueueFull, RunCancelled, StateUnavailable
 from service.loop import AgentLoop, RunSpec
@@ -312,9 +312,7 @@ class RunRegistry(RunLookups, RunShutdown):
             )
 
     def cancel(self, run: Run, *, after_turn: bool = False) -> None:
-        reason = RunCancelled(
-            "cancelled by CancelRun after the current turn" if after_turn else "cancelled by CancelRun"
-        )
+        reason = cancel_reason(after_turn=after_turn)
         if run.state is RunState.QUEUED and run.task is not None:
             run.control.stop_now(reason)
             run.task.cancel()

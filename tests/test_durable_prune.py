@@ -142,3 +142,18 @@ def test_the_composition_root_passes_keep_ended_s(tmp_path: Path) -> None:
     assert build_checkpoints(default).keep_ended_s == 3600.0  # type: ignore[attr-defined]
     kept = Config.model_validate({"data_dir": str(tmp_path), "durable": {"keep_ended_s": None}})
     assert build_checkpoints(kept).keep_ended_s is None  # type: ignore[attr-defined]
+
+
+async def test_one_look_catches_up_a_backlog_a_batch_at_a_time(
+    make: Callable[..., Any], opened: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process ending more runs a minute than one batch holds would never catch up at a batch a look."""
+    store = await opened(make("a", keep_ended_s=1e-6))
+    for i in range(5):
+        await started(store, f"r{i}", steps=1)
+        await store.end(f"r{i}", "succeeded")
+    monkeypatch.setattr(batching, "PRUNE_BATCH", 2)
+    monkeypatch.setattr("service.durable.sqlite.PRUNE_BATCH", 2)
+    monkeypatch.setattr("service.durable.postgres.PRUNE_BATCH", 2)
+    await store._prune_now_and_then()  # one look
+    assert [await store.load(f"r{i}") for i in range(5)] == [None] * 5

@@ -103,6 +103,10 @@ async def test_a_cancel_of_a_run_driven_here_is_kept_on_its_record_for_a_reviver
                 await store.mark_cancel(run_id, after_turn=False)
             marks.append(await client.hget(f"{redis_ns.prefix}run:{run_id}", "cancel_requested"))
         assert marks == [b"after_turn", b"now", b"now"]
+        record = await store.record(run_id)  # a cancel relayed from another replica does not downgrade it either
+        assert record is not None
+        await store.remote.cancel(record, after_turn=True, wait_s=0)
+        assert await client.hget(f"{redis_ns.prefix}run:{run_id}", "cancel_requested") == b"now"
     finally:
         await client.aclose()
         opened.set()

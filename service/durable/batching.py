@@ -145,9 +145,9 @@ class BatchingStore:
         raise NotImplementedError
 
     async def prune(self, before: float) -> int:
-        """Delete the checkpoints (request and steps) of runs that ended before `before` (wall time), at most
-        PRUNE_BATCH runs a call; how many. Nothing reads an ended run's checkpoints (its events, in the run log, serve
-        GetRun and WatchRun for `runs.retention_s`), yet each keeps ~10 KB: without this the file only grows."""
+        """Delete the checkpoints (request and steps) of runs that ended before `before` (wall time), oldest first,
+        at most PRUNE_BATCH runs a call; how many. Nothing reads an ended run's checkpoints (its events, in the run
+        log, serve GetRun and WatchRun for `runs.retention_s`), yet each keeps ~10 KB: without this the file grows."""
         raise NotImplementedError
 
     async def _prune_now_and_then(self) -> None:
@@ -157,11 +157,15 @@ class BatchingStore:
         if self.keep_ended_s is None or now - self._pruned_at < PRUNE_EVERY_S:
             return
         self._pruned_at = now
+        before, deleted = time.time() - self.keep_ended_s, 0
         try:
-            deleted = await self.prune(time.time() - self.keep_ended_s)
+            # a batch at a time (each a short transaction) until one comes back short: a process ending more than a
+            # batch of durable runs a minute would otherwise never catch up
+            while (batch := await self.prune(before)) == PRUNE_BATCH:
+                deleted += batch
+            deleted += batch
         except Exception:
             log.exception("ended durable runs' checkpoints could not be deleted now; trying again later")
-            return
         if deleted:
             log.info("ended durable runs' checkpoints deleted", extra={"deleted": deleted})
 

@@ -288,7 +288,8 @@ class SqliteCheckpointStore(BatchingStore):
             gone = [
                 r[0]
                 for r in db.execute(
-                    "SELECT run_id FROM durable_runs WHERE state NOT IN ('running', 'queued') AND updated < ? LIMIT ?",
+                    "SELECT run_id FROM durable_runs WHERE state NOT IN ('running', 'queued') AND updated < ? "
+                    "ORDER BY updated LIMIT ?",
                     (before, PRUNE_BATCH),
                 ).fetchall()
             ]

@@ -57,7 +57,9 @@ return 0
 # KEYS: the run's hash. ARGV: mode (now | after_turn), channel prefix, run id. Returns the owner told, or nil.
 CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+if ARGV[1] == 'now' or redis.call('HGET', KEYS[1], 'cancel_requested') ~= 'now' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])  -- as MARK: an after_turn never replaces a now
+end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner then redis.call('PUBLISH', ARGV[2] .. owner, ARGV[3] .. ' ' .. ARGV[1]) end
 return owner

@@ -286,7 +286,7 @@ class SqliteRunLog:
                 [
                     (
                         *c[:8],
-                        now + (self.retention_s if c.state in ("succeeded", "failed", "cancelled") else self.live_s),
+                        now + (self.retention_s if c.state in _ENDED else self.live_s),
                     )
                     for c in chunks
                 ],
